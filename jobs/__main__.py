@@ -1,0 +1,41 @@
+"""`python -m jobs <command>`: one entry point for every pipeline stage.
+
+Each command lives in its own module with `add_arguments(parser)` and `main(args)`;
+modules are imported only when their command runs, so `--help` stays fast.
+"""
+
+import argparse
+import importlib
+import sys
+
+# command -> (module, one-line help)
+COMMANDS = {
+    "world": ("jobs.world", "generate the embedded fact world (C4-format corpus, KB, queries) or import one"),
+    "train-model": ("jobs.train_model", "train the tokenizer and a small GPT-2 with DeepSpeed; save checkpoints"),
+    "pipeline": ("jobs.pipeline", "run every stage end to end on the embedded default (what `make run` does)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jobs", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv)  # prints help or a usage error and exits
+    name, rest = argv[0], argv[1:]
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    command_parser = argparse.ArgumentParser(prog=f"python -m jobs {name}", description=help_text)
+    module.add_arguments(command_parser)
+    return module.main(command_parser.parse_args(rest)) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""Train the embedded model: a byte-level BPE tokenizer and a small GPT-2, with DeepSpeed.
+
+No weights can be downloaded here, so the embedded default trains its own model on the fact world.
+`run(config)` (the launcher side) trains the tokenizer, packs the corpus into token blocks and starts
+`deepspeed` with CPU ranks; each rank runs `train_rank` (this module as `__main__`). Checkpoints are
+saved at several steps in Hugging Face format with the optimizer state next to them:
+
+    checkpoints/<checkpoint_id>/
+        config.json, model.safetensors, tokenizer.json, ...   Hugging Face causal LM
+        zero/                                                the DeepSpeed checkpoint (sharded states)
+        optimizer.pt                                         consolidated second moments per parameter
+        manifest.json                                        checkpoint_id, step, lr, optimizer, data seen
+
+Adam-family training uses ZeRO stage 2. Adafactor (factored second moments, as the paper's models)
+uses ZeRO stage 0: ZeRO flattens parameters, which would stop Adafactor from factoring them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EOS = "<|endoftext|>"
+
+
+@dataclass
+class TrainConfig:
+    lake: str = "lake"
+    model_tag: str = "gpt2-fact-world"
+    seed: int = 0
+    # model size (GPT-2 style)
+    n_layer: int = 4
+    n_embd: int = 128
+    n_head: int = 4
+    context: int = 128
+    vocab_size: int = 4096
+    # optimisation
+    optimizer: str = "adam"  # "adam" (AdamW, ZeRO-2) or "adafactor" (torch Adafactor, ZeRO-0)
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.0
+    micro_batch: int = 16  # sequences of `context` tokens per rank and step
+    epochs: float = 6.0
+    checkpoint_fractions: tuple = (0.5, 0.75, 1.0)  # save a checkpoint after these shares of training
+    ranks: int = 2
+    max_steps: int | None = None  # caps the step count (tests)
+
+    @property
+    def model_dir(self) -> Path:
+        return Path(self.lake) / "model"
+
+
+def read_corpus(raw_dir: Path) -> tuple[list[str], int]:
+    """Texts of every C4 partition in file order, and how many lines were unreadable.
+
+    Training only needs text; the tokenize job is the one that quarantines bad lines row by row.
+    """
+    texts, bad = [], 0
+    files = sorted(raw_dir.glob("c4-*.json.gz"))
+    if not files:
+        raise FileNotFoundError(f"no C4 partitions (c4-*.json.gz) under {raw_dir}; run `python -m jobs world` first")
+    for path in files:
+        with gzip.open(path, "rb") as fh:
+            for line in fh:
+                try:
+                    text = json.loads(line)["text"]
+                except (ValueError, KeyError, TypeError):
+                    bad += 1
+                    continue
+                if isinstance(text, str) and text.strip():
+                    texts.append(text)
+                else:
+                    bad += 1
+    return texts, bad
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path):
+    """Byte-level BPE (GPT-2's scheme) trained on the corpus, saved in Hugging Face format."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer(add_prefix_space=False)
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS, bos_token=EOS,
+                                        unk_token=EOS, pad_token=EOS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
+def pack_blocks(tokenizer, texts: list[str], context: int):
+    """Documents joined by EOS and cut into blocks of `context` tokens (int32 tensor [N, context])."""
+    import torch
+
+    ids = []
+    for encoding in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids.extend(encoding)
+        ids.append(tokenizer.eos_token_id)
+    n_blocks = len(ids) // context
+    return torch.tensor(ids[: n_blocks * context], dtype=torch.int32).view(n_blocks, context), len(ids)
+
+
+def deepspeed_config(config: TrainConfig, total_steps: int) -> dict:
+    ds = {
+        "train_micro_batch_size_per_gpu": config.micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "steps_per_print": 10**9,  # our own progress lines instead
+        "zero_optimization": {"stage": 2 if config.optimizer == "adam" else 0},
+        "scheduler": {"type": "WarmupCosineLR",
+                      "params": {"total_num_steps": total_steps, "warmup_num_steps": config.warmup_steps,
+                                 "warmup_type": "linear", "cos_min_ratio": 0.1}},
+    }
+    if config.optimizer == "adam":
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": config.lr, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                       "weight_decay": config.weight_decay, "torch_adam": True}}
+    else:
+        ds["zero_allow_untested_optimizer"] = True
+    return ds
+
+
+def run(config: TrainConfig) -> dict:
+    """Tokenizer + packed data on this side, then `deepspeed` with `config.ranks` CPU ranks."""
+    import torch
+
+    started = time.time()
+    texts, bad_lines = read_corpus(Path(config.lake) / "raw")
+    model_dir = config.model_dir
+    tokenizer = train_tokenizer(texts, config.vocab_size, model_dir / "tokenizer")
+    blocks, n_tokens = pack_blocks(tokenizer, texts, config.context)
+    torch.save(blocks, model_dir / "train_blocks.pt")
+    steps_per_epoch = max(1, len(blocks) // (config.micro_batch * config.ranks))
+    total_steps = max(1, int(round(config.epochs * steps_per_epoch)))
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+    plan = {"config": dataclasses.asdict(config), "total_steps": total_steps, "n_documents": len(texts),
+            "n_tokens": n_tokens, "n_blocks": len(blocks), "skipped_lines": bad_lines,
+            "deepspeed": deepspeed_config(config, total_steps)}
+    (model_dir / "plan.json").write_text(json.dumps(plan, indent=2))
+    print(f"[train-model] corpus: {len(texts)} documents, {n_tokens} tokens, {len(blocks)} blocks of "
+          f"{config.context}; {bad_lines} unreadable lines skipped; {total_steps} steps on {config.ranks} CPU ranks",
+          flush=True)
+
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(config.ranks),
+                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                "--module", "jobs.train_model", "--plan", str(model_dir / "plan.json")]
+    subprocess.run(launcher, env=env, check=True)
+
+    summary = json.loads((model_dir / "train_summary.json").read_text())
+    summary.update(n_documents=len(texts), n_tokens=n_tokens, wall_seconds=round(time.time() - started, 1))
+    (model_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- rank side
+
+def _disable_shm_allreduce():
+    """DeepSpeed would JIT-compile its shared-memory all-reduce (~150 s on 2 cores, once per venv);
+    gloo's all-reduce is plenty for a model this small."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def build_model(config: TrainConfig, vocab_size: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt_config = GPT2Config(vocab_size=vocab_size, n_positions=config.context, n_embd=config.n_embd,
+                            n_layer=config.n_layer, n_head=config.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
+                            attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return GPT2LMHeadModel(gpt_config)
+
+
+def second_moments(engine, model, config: TrainConfig) -> dict:
+    """The optimizer's second moments per named parameter, whole (gathered across ZeRO ranks).
+
+    A collective call under ZeRO: every rank must make it.
+    """
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    state = {}
+    for name, param in model.named_parameters():
+        if config.optimizer == "adam":
+            state[name] = {"exp_avg_sq": safe_get_full_optimizer_state(param, "exp_avg_sq").detach().cpu().clone()}
+        else:
+            held = engine.optimizer.state[param]
+            keys = ("row_var", "col_var") if "row_var" in held else ("variance",)
+            state[name] = {key: held[key].detach().cpu().clone() for key in keys}
+    return state
+
+
+def optimizer_step_count(engine, model, config: TrainConfig) -> int:
+    if config.optimizer == "adam":
+        return engine.global_steps
+    return int(engine.optimizer.state[next(model.parameters())]["step"])
+
+
+def save_checkpoint(engine, model, tokenizer_dir: Path, config: TrainConfig, step: int, tokens_seen: int):
+    import shutil
+
+    import torch
+    import torch.distributed as dist
+
+    checkpoint_id = f"{config.model_tag}-s{config.seed}-step{step:06d}"
+    out = Path(config.lake) / "checkpoints" / checkpoint_id
+    engine.save_checkpoint(str(out / "zero"), tag=f"step{step}")
+    moments = second_moments(engine, model, config)
+    if dist.get_rank() == 0:
+        model.save_pretrained(out, safe_serialization=True)
+        for item in tokenizer_dir.iterdir():
+            shutil.copy(item, out / item.name)
+        group = engine.optimizer.param_groups[0]
+        torch.save({"kind": config.optimizer, "step": optimizer_step_count(engine, model, config),
+                    "lr": group["lr"], "betas": list(group.get("betas", ())), "eps": group["eps"],
+                    "state": moments}, out / "optimizer.pt")
+        manifest = {"checkpoint_id": checkpoint_id, "step": step, "lr": group["lr"],
+                    "optimizer": config.optimizer, "optimizer_hparams": {k: v for k, v in group.items() if k != "params"},
+                    "data_seen_tokens": tokens_seen, "data_seen_sequences": tokens_seen // config.context,
+                    "model_tag": config.model_tag, "seed": config.seed, "zero_stage": 2 if config.optimizer == "adam" else 0,
+                    "zero_tag": f"step{step}", "world_size": dist.get_world_size()}
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+        print(f"[train-model] saved checkpoint {checkpoint_id} (lr={group['lr']:.2e})", flush=True)
+    dist.barrier()
+    return checkpoint_id
+
+
+def train_rank(plan_path: Path):
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    plan = json.loads(plan_path.read_text())
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in plan["config"].items() if k in fields})
+    _disable_shm_allreduce()
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(config.seed)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+
+    tokenizer_dir = config.model_dir / "tokenizer"
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = build_model(config, len(tokenizer))
+    client_optimizer = None
+    if config.optimizer == "adafactor":
+        client_optimizer = torch.optim.Adafactor(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client_optimizer,
+                                           model_parameters=model.parameters(), config=plan["deepspeed"])
+
+    blocks = torch.load(config.model_dir / "train_blocks.pt").long()
+    total_steps = plan["total_steps"]
+    save_at = sorted({max(1, int(round(f * total_steps))) for f in config.checkpoint_fractions})
+    generator = torch.Generator().manual_seed(config.seed)
+    order = torch.randperm(len(blocks), generator=generator)
+    per_step = config.micro_batch * world
+    cursor, saved, started = 0, [], time.time()
+    for step in range(1, total_steps + 1):
+        if cursor + per_step > len(order):  # new epoch, new shuffle (same on every rank)
+            order, cursor = torch.randperm(len(blocks), generator=generator), 0
+        batch = blocks[order[cursor + rank * config.micro_batch: cursor + (rank + 1) * config.micro_batch]]
+        cursor += per_step
+        loss = engine(input_ids=batch, labels=batch).loss
+        engine.backward(loss)
+        engine.step()
+        if rank == 0 and (step % 20 == 0 or step == total_steps):
+            rate = step * per_step * config.context / (time.time() - started)
+            eta = (total_steps - step) * (time.time() - started) / step
+            print(f"[train-model] step {step}/{total_steps} loss {loss.item():.3f} "
+                  f"lr {engine.get_lr()[0]:.2e} {rate:,.0f} tok/s ETA {eta:.0f}s", flush=True)
+        if step in save_at:
+            saved.append(save_checkpoint(engine, model, tokenizer_dir, config, step, step * per_step * config.context))
+    if rank == 0:
+        summary = {"checkpoints": saved, "steps": total_steps, "train_seconds": round(time.time() - started, 1),
+                   "parameters": sum(p.numel() for p in model.parameters()), "final_loss": loss.item()}
+        (config.model_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def add_arguments(parser: argparse.ArgumentParser):
+    defaults = TrainConfig()
+    parser.add_argument("--lake", default=os.environ.get("TRACKSTAR_LAKE_ROOT", defaults.lake))
+    parser.add_argument("--optimizer", choices=["adam", "adafactor"], default=defaults.optimizer)
+    parser.add_argument("--epochs", type=float, default=defaults.epochs)
+    parser.add_argument("--ranks", type=int, default=defaults.ranks)
+    parser.add_argument("--layers", dest="n_layer", type=int, default=defaults.n_layer)
+    parser.add_argument("--width", dest="n_embd", type=int, default=defaults.n_embd)
+    parser.add_argument("--heads", dest="n_head", type=int, default=defaults.n_head)
+    parser.add_argument("--context", type=int, default=defaults.context)
+    parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--micro-batch", type=int, default=defaults.micro_batch)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--max-steps", type=int, default=None)
+
+
+def config_from_args(args) -> TrainConfig:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def main(args):
+    from jobs.model_eval import evaluate_checkpoint
+
+    summary = run(config_from_args(args))
+    final = Path(args.lake) / "checkpoints" / summary["checkpoints"][-1]
+    accuracy = evaluate_checkpoint(final, Path(args.lake) / "world" / "queries.jsonl")
+    print(f"[train-model] {summary['parameters']:,} parameters, {summary['steps']} steps in "
+          f"{summary['train_seconds']}s; checkpoints: {', '.join(summary['checkpoints'])}")
+    print(accuracy.table())
+
+
+if __name__ == "__main__":  # a DeepSpeed rank
+    rank_parser = argparse.ArgumentParser()
+    rank_parser.add_argument("--plan", type=Path, required=True)
+    rank_parser.add_argument("--local_rank", type=int, default=0)  # passed by the launcher
+    train_rank(rank_parser.parse_args().plan)
