@@ -151,7 +151,8 @@ def run(config: TrainConfig) -> dict:
           f"{config.context}; {bad_lines} unreadable lines skipped; {total_steps} steps on {config.ranks} CPU ranks",
           flush=True)
 
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1",
+               TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore::FutureWarning")
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(config.ranks),
                 "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
                 "--module", "jobs.train_model", "--plan", str(model_dir / "plan.json")]
@@ -248,6 +249,13 @@ def train_rank(plan_path: Path):
     import torch
     import torch.distributed as dist
 
+    import logging
+
+    import transformers
+    from deepspeed.utils import logger as deepspeed_logger
+
+    deepspeed_logger.setLevel(logging.WARNING)
+    transformers.utils.logging.disable_progress_bar()
     plan = json.loads(plan_path.read_text())
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in plan["config"].items() if k in fields})
