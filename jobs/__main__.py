@@ -6,7 +6,12 @@ modules are imported only when their command runs, so `--help` stays fast.
 
 import argparse
 import importlib
+import os
 import sys
+
+# Nothing can be fetched from a model hub here: fail fast instead of retrying the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 # command -> (module, one-line help)
 COMMANDS = {

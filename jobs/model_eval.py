@@ -54,8 +54,10 @@ class Accuracy:
 
 def evaluate_checkpoint(checkpoint_dir: Path, queries_path: Path, batch_size: int = 64) -> Accuracy:
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    transformers.utils.logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
     model = AutoModelForCausalLM.from_pretrained(checkpoint_dir).eval()
     queries = [json.loads(line) for line in Path(queries_path).read_text().splitlines() if line.strip()]

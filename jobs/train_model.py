@@ -21,15 +21,13 @@ import argparse
 import dataclasses
 import gzip
 import json
-import math
 import os
-import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from jobs.launch import init_rank, launch_ranks, rank_arguments
+
 EOS = "<|endoftext|>"
 
 
@@ -151,12 +149,7 @@ def run(config: TrainConfig) -> dict:
           f"{config.context}; {bad_lines} unreadable lines skipped; {total_steps} steps on {config.ranks} CPU ranks",
           flush=True)
 
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1",
-               TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore::FutureWarning")
-    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(config.ranks),
-                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-                "--module", "jobs.train_model", "--plan", str(model_dir / "plan.json")]
-    subprocess.run(launcher, env=env, check=True)
+    launch_ranks("jobs.train_model", model_dir / "plan.json", config.ranks)
 
     summary = json.loads((model_dir / "train_summary.json").read_text())
     summary.update(n_documents=len(texts), n_tokens=n_tokens, wall_seconds=round(time.time() - started, 1))
@@ -164,23 +157,7 @@ def run(config: TrainConfig) -> dict:
     return summary
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # ----------------------------------------------------------------------------- rank side
-
-def _disable_shm_allreduce():
-    """DeepSpeed would JIT-compile its shared-memory all-reduce (~150 s on 2 cores, once per venv);
-    gloo's all-reduce is plenty for a model this small."""
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
 
 def build_model(config: TrainConfig, vocab_size: int):
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -247,21 +224,11 @@ def save_checkpoint(engine, model, tokenizer_dir: Path, config: TrainConfig, ste
 def train_rank(plan_path: Path):
     import deepspeed
     import torch
-    import torch.distributed as dist
 
-    import logging
-
-    import transformers
-    from deepspeed.utils import logger as deepspeed_logger
-
-    deepspeed_logger.setLevel(logging.WARNING)
-    transformers.utils.logging.disable_progress_bar()
     plan = json.loads(plan_path.read_text())
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in plan["config"].items() if k in fields})
-    _disable_shm_allreduce()
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = init_rank()
     torch.manual_seed(config.seed)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 
@@ -340,7 +307,4 @@ def main(args):
 
 
 if __name__ == "__main__":  # a DeepSpeed rank
-    rank_parser = argparse.ArgumentParser()
-    rank_parser.add_argument("--plan", type=Path, required=True)
-    rank_parser.add_argument("--local_rank", type=int, default=0)  # passed by the launcher
-    train_rank(rank_parser.parse_args().plan)
+    train_rank(rank_arguments().plan)
