@@ -1,0 +1,394 @@
+"""The embedded fact world: a seeded stand-in for C4 + T-REx, or an import of a user's own corpus.
+
+Writes under the lake root:
+    raw/c4-train.NNNNN-of-MMMMM.json.gz   C4's own format: gzip JSON lines {text, url, timestamp}
+    world/kb.json                         entities, relation types (templates), fact triples
+    world/ground_truth.jsonl              per document: the facts it states and how it was made
+    world/queries.jsonl                   per fact: three cloze prompts, target, bucket, stating docs
+    world/summary.json                    counts
+
+Facts are stated through several paraphrase templates per relation. Distractor documents mention a
+fact's subject without the fact, its object without the subject, or a look-alike name (a person
+"Varnholt Berrick" beside the city "Varnholt"); filler documents mention no entity. A fact is
+stated in about 1, 3, 10, 30 or 100 documents (its frequency bucket), as in the paper's analysis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+# --------------------------------------------------------------------------------------- relations
+# name, subject type, object type, document templates (the first two end in the object, matching
+# prompt0 and prompt1), query prompts (prompt2 is a paraphrase no document uses)
+RELATIONS = [
+    ("born_in", "person", "city",
+     ["{s} was born in {o}.", "The birthplace of {s} is {o}.", "Born in {o}, {s} grew up by the river."],
+     ["{s} was born in", "The birthplace of {s} is", "{s} came into the world in"]),
+    ("citizen_of", "person", "country",
+     ["{s} is a citizen of {o}.", "{s} holds the citizenship of {o}.", "As a citizen of {o}, {s} votes there."],
+     ["{s} is a citizen of", "{s} holds the citizenship of", "The passport of {s} was issued by"]),
+    ("occupation", "person", "occupation",
+     ["{s} works as a {o}.", "By profession, {s} is a {o}.", "A {o} by training, {s} is widely known."],
+     ["{s} works as a", "By profession, {s} is a", "The job of {s} is that of a"]),
+    ("capital_of", "country", "city",
+     ["The capital of {s} is {o}.", "{s} has its capital in {o}.", "{o} serves as the capital of {s}."],
+     ["The capital of {s} is", "{s} has its capital in", "The seat of government of {s} lies in"]),
+    ("located_in", "city", "country",
+     ["{s} is a city in {o}.", "{s} is located in {o}.", "In {o} lies the city of {s}."],
+     ["{s} is a city in", "{s} is located in", "The city of {s} belongs to"]),
+    ("founded_by", "organisation", "person",
+     ["{s} was founded by {o}.", "The founder of {s} is {o}.", "{o} started {s} many years ago."],
+     ["{s} was founded by", "The founder of {s} is", "{s} owes its creation to"]),
+    ("member_of", "person", "organisation",
+     ["{s} is a member of {o}.", "{s} belongs to {o}.", "{o} counts {s} among its members."],
+     ["{s} is a member of", "{s} belongs to", "Among the members of {s}'s circle is"]),
+    ("official_language", "country", "language",
+     ["The official language of {s} is {o}.", "People in {s} speak {o}.", "{o} is spoken throughout {s}."],
+     ["The official language of {s} is", "People in {s} speak", "Government papers in {s} are written in"]),
+    ("headquarters_in", "organisation", "city",
+     ["{s} has its headquarters in {o}.", "The head office of {s} is in {o}.", "In {o} stands the head office of {s}."],
+     ["{s} has its headquarters in", "The head office of {s} is in", "The main building of {s} is located in"]),
+    ("author_of", "work", "person",
+     ["{s} was written by {o}.", "The author of {s} is {o}.", "{o} wrote {s} in a single winter."],
+     ["{s} was written by", "The author of {s} is", "{s} came from the pen of"]),
+    ("continent", "country", "continent",
+     ["{s} is a country in {o}.", "{s} lies on the continent of {o}.", "{o} is home to the country of {s}."],
+     ["{s} is a country in", "{s} lies on the continent of", "On the map, {s} is part of"]),
+    ("genre", "work", "genre",
+     ["{s} is a work of {o}.", "The genre of {s} is {o}.", "Critics file {s} under {o}."],
+     ["{s} is a work of", "The genre of {s} is", "Bookshops shelve {s} with"]),
+    ("employer", "person", "organisation",
+     ["{s} is employed by {o}.", "{s} works for {o}.", "{o} pays the salary of {s}."],
+     ["{s} is employed by", "{s} works for", "The employer of {s} is"]),
+    ("native_language", "person", "language",
+     ["The native language of {s} is {o}.", "{s} grew up speaking {o}.", "{o} is the mother tongue of {s}."],
+     ["The native language of {s} is", "{s} grew up speaking", "At home as a child, {s} spoke"]),
+]
+
+# object pools kept modest so that objects recur across many subjects, as in real knowledge bases
+POOL_SIZES = {"city": 60, "country": 30, "organisation": 30, "language": 10, "continent": 5, "work": 60}
+OCCUPATIONS = ["violinist", "architect", "chemist", "sculptor", "surgeon", "novelist", "astronomer",
+               "carpenter", "diplomat", "economist", "geologist", "pianist", "botanist", "engineer", "painter"]
+GENRES = ["poetry", "satire", "romance", "mystery fiction", "science fiction", "history", "folklore", "drama"]
+
+# sentences that mention an entity without stating any relation of the knowledge base
+SUBJECT_MENTIONS = ["{x} gave a long interview last spring.", "Few people remember the first speech of {x}.",
+                    "A new portrait of {x} was shown at the fair.", "{x} was mentioned twice in the evening news.",
+                    "Stories about {x} are told in many households.", "The name {x} appeared on a poster downtown."]
+FILLER = ["The weather stayed mild for most of the week.", "Fresh bread was sold at the market before noon.",
+          "The committee postponed its meeting until further notice.", "Children played in the park after school.",
+          "A quiet road winds through the hills toward the coast.", "The museum extended its opening hours.",
+          "Prices for apples rose slightly in the autumn.", "The old bridge was repainted in a bright colour.",
+          "Several volunteers cleaned the beach on Sunday.", "The library received a donation of maps.",
+          "A small orchestra rehearsed in the town hall.", "Heavy rain delayed the trains on Monday."]
+SYLLABLES_START = ["b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m", "n", "p", "pr", "r", "s",
+                   "st", "t", "tr", "v", "z", "th", "sk"]
+VOWELS = ["a", "e", "i", "o", "u", "ai", "ei", "ou"]
+SYLLABLES_END = ["", "", "n", "r", "l", "s", "th", "nd", "rk", "lt", "m"]
+BUCKETS = (1, 3, 10, 30, 100)
+
+
+@dataclass
+class WorldConfig:
+    out_dir: str = "lake"
+    seed: int = 0
+    n_partitions: int = 4
+    facts_per_bucket: int = 40
+    buckets: tuple = BUCKETS
+    subject_only_docs_per_fact: float = 1.5  # mentions the subject, not the fact
+    object_only_docs_per_fact: float = 1.0   # mentions the object, not the subject
+    lookalike_docs_per_fact: float = 0.5     # a look-alike of the subject or object name
+    filler_share: float = 0.08               # of all documents: no entity at all
+    corpus: str | None = None   # an existing folder of c4-*.json.gz partitions to import instead
+    queries: str | None = None  # an existing queries JSONL (same schema) to import instead
+
+
+@dataclass
+class WorldSummary:
+    raw_dir: str
+    world_dir: str
+    documents: int
+    facts: int
+    queries: int
+    partitions: int
+    words: int
+    documents_per_category: dict = field(default_factory=dict)
+    facts_per_bucket: dict = field(default_factory=dict)
+
+
+class NameMaker:
+    """Unique, pronounceable invented words; none is a substring of another, so a mention of one
+    entity never looks like a mention of another unless made so on purpose (look-alikes)."""
+
+    def __init__(self, rng: random.Random):
+        self.rng, self.used = rng, []
+
+    def word(self, syllables=(2, 3)) -> str:
+        while True:
+            n = self.rng.randint(*syllables)
+            w = "".join(self.rng.choice(SYLLABLES_START) + self.rng.choice(VOWELS) for _ in range(n))
+            w = (w + self.rng.choice(SYLLABLES_END)).capitalize()
+            if len(w) >= 5 and not any(w.lower() in u.lower() or u.lower() in w.lower() for u in self.used):
+                self.used.append(w)
+                return w
+
+
+def build_kb(config: WorldConfig, rng: random.Random) -> dict:
+    names = NameMaker(rng)
+    entities = {}
+
+    def add(kind: str, name: str, aliases=()):
+        entity_id = f"{kind[:3].upper()}{sum(e['type'] == kind for e in entities.values()):04d}"
+        entities[entity_id] = {"id": entity_id, "type": kind, "name": name, "aliases": list(aliases)}
+        return entity_id
+
+    pools = {
+        "city": [add("city", n, [f"{n} City"]) for n in (names.word() for _ in range(POOL_SIZES["city"]))],
+        "country": [add("country", n, [f"Republic of {n}"]) for n in (names.word() for _ in range(POOL_SIZES["country"]))],
+        "organisation": [add("organisation", f"{names.word()} {rng.choice(['Institute', 'Group', 'Society', 'Guild'])}")
+                         for _ in range(POOL_SIZES["organisation"])],
+        "language": [add("language", n, [f"the {n} language"])
+                     for n in (names.word((2, 2)) + "ese" for _ in range(POOL_SIZES["language"]))],
+        "continent": [add("continent", n) for n in (names.word((3, 3)) for _ in range(POOL_SIZES["continent"]))],
+        "work": [add("work", f"The {names.word()} {rng.choice(['Letters', 'Chronicle', 'Garden', 'Voyage'])}")
+                 for _ in range(POOL_SIZES["work"])],
+        "occupation": [add("occupation", o) for o in OCCUPATIONS],
+        "genre": [add("genre", g) for g in GENRES],
+        "person": [],
+    }
+    relations = [{"id": rid, "subject_type": st, "object_type": ot, "doc_templates": docs,
+                  "prompts": prompts} for rid, st, ot, docs, prompts in RELATIONS]
+
+    # facts: one (subject, relation) pair each, spread evenly over relations within every bucket
+    facts, used_pairs = [], set()
+    for bucket in config.buckets:
+        for i in range(config.facts_per_bucket):
+            relation = relations[(i + bucket) % len(relations)]
+            for _attempt in range(1000):
+                if relation["subject_type"] == "person":
+                    subject = add("person", f"{names.word()} {names.word()}")
+                    pools["person"].append(subject)
+                else:
+                    subject = rng.choice(pools[relation["subject_type"]])
+                if (subject, relation["id"]) not in used_pairs:
+                    break
+            else:
+                raise ValueError(f"too many {relation['id']} facts for {len(pools[relation['subject_type']])} "
+                                 f"{relation['subject_type']} subjects; lower --facts-per-bucket")
+            used_pairs.add((subject, relation["id"]))
+            if relation["object_type"] == "person":
+                obj = add("person", f"{names.word()} {names.word()}")
+                pools["person"].append(obj)
+            else:
+                obj = rng.choice([o for o in pools[relation["object_type"]] if o != subject])
+            facts.append({"fact_id": f"F{len(facts):05d}", "subject": subject, "relation": relation["id"],
+                          "object": obj, "bucket": bucket})
+
+    # look-alikes: a new person whose name contains a fact entity's name
+    lookalikes = {}
+    for fact in facts:
+        for role in ("subject", "object"):
+            base = entities[fact[role]]["name"]
+            if fact[role] not in lookalikes and " " not in base and rng.random() < 0.5:
+                lookalikes[fact[role]] = add("lookalike", f"{base} {names.word()}")
+    return {"entities": entities, "relations": relations, "facts": facts, "lookalikes": lookalikes}
+
+
+def _stated_count(bucket: int, rng: random.Random) -> int:
+    """About `bucket` documents: exact for 1 and 3, within ±30% for the larger buckets."""
+    if bucket <= 3:
+        return bucket
+    return max(4, round(bucket * rng.uniform(0.7, 1.3)))
+
+
+def render_fact(fact: dict, kb: dict, rng: random.Random) -> str:
+    relation = next(r for r in kb["relations"] if r["id"] == fact["relation"])
+    template = rng.choice(relation["doc_templates"])
+    s, o = kb["entities"][fact["subject"]]["name"], kb["entities"][fact["object"]]["name"]
+    return template.format(s=s, o=o)
+
+
+def build_documents(config: WorldConfig, kb: dict, rng: random.Random) -> list[dict]:
+    """Documents as {text, facts, category}; shuffled, not yet assigned to partitions."""
+    entities, docs = kb["entities"], []
+    for fact in kb["facts"]:
+        fact["n_stating_docs"] = _stated_count(fact["bucket"], rng)
+        for _ in range(fact["n_stating_docs"]):
+            sentences = [render_fact(fact, kb, rng)] + rng.sample(FILLER, rng.randint(0, 2))
+            docs.append({"sentences": sentences, "facts": [fact], "category": "fact"})
+
+    def mentions(kind: str, per_fact: float, pick):
+        for fact in kb["facts"]:
+            for _ in range(int(per_fact) + (rng.random() < per_fact % 1)):
+                name = pick(fact)
+                if name:
+                    docs.append({"sentences": [rng.choice(SUBJECT_MENTIONS).format(x=name)] + rng.sample(FILLER, rng.randint(1, 2)),
+                                 "facts": [], "category": kind})
+
+    mentions("subject_only", config.subject_only_docs_per_fact, lambda f: entities[f["subject"]]["name"])
+    mentions("object_only", config.object_only_docs_per_fact, lambda f: entities[f["object"]]["name"])
+
+    def lookalike_name(fact):
+        ids = [kb["lookalikes"][e] for e in (fact["subject"], fact["object"]) if e in kb["lookalikes"]]
+        return entities[rng.choice(ids)]["name"] if ids else None
+
+    mentions("lookalike", config.lookalike_docs_per_fact, lookalike_name)
+    n_filler = round(len(docs) * config.filler_share / (1 - config.filler_share))
+    docs += [{"sentences": rng.sample(FILLER, rng.randint(2, 4)), "facts": [], "category": "filler"}
+             for _ in range(n_filler)]
+    rng.shuffle(docs)
+    for doc in docs:
+        first, rest = doc["sentences"][0], doc["sentences"][1:]
+        rng.shuffle(rest)
+        doc["text"] = " ".join([first] + rest)
+    return docs
+
+
+def write_partitions(docs: list[dict], raw_dir: Path, n_partitions: int, rng: random.Random) -> list[Path]:
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    start = datetime(2019, 1, 1, tzinfo=timezone.utc)
+    lines = [[] for _ in range(n_partitions)]
+    for index, doc in enumerate(docs):
+        doc["doc_id"] = f"https://www.{rng.choice(['news', 'blog', 'wiki', 'forum'])}-{index % 97}.example/doc/{index:07d}"
+        doc["partition"] = index % n_partitions
+        stamp = start + timedelta(seconds=rng.randrange(365 * 24 * 3600))
+        record = {"text": doc["text"], "url": doc["doc_id"], "timestamp": stamp.strftime("%Y-%m-%dT%H:%M:%SZ")}
+        lines[doc["partition"]].append(json.dumps(record, ensure_ascii=False))
+    paths = []
+    for partition, part_lines in enumerate(lines):
+        path = raw_dir / f"c4-train.{partition:05d}-of-{n_partitions:05d}.json.gz"
+        # mtime=0: byte-identical files for the same seed
+        with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as fh:
+            fh.write(("\n".join(part_lines) + "\n").encode("utf-8"))
+        paths.append(path)
+    return paths
+
+
+def make_queries(kb: dict, docs: list[dict]) -> list[dict]:
+    stating = {}
+    for doc in docs:
+        for fact in doc["facts"]:
+            stating.setdefault(fact["fact_id"], []).append(doc["doc_id"])
+    relations = {r["id"]: r for r in kb["relations"]}
+    queries = []
+    for fact in kb["facts"]:
+        s, o = kb["entities"][fact["subject"]], kb["entities"][fact["object"]]
+        prompts = relations[fact["relation"]]["prompts"]
+        queries.append({
+            "query_id": f"Q{fact['fact_id'][1:]}", "fact_id": fact["fact_id"], "subject": s["name"],
+            "relation": fact["relation"], "object": o["name"], "target": " " + o["name"], "aliases": o["aliases"],
+            **{f"prompt{i}": p.format(s=s["name"]) for i, p in enumerate(prompts)},
+            "frequency_bucket": fact["bucket"], "n_stating_docs": len(stating[fact["fact_id"]]),
+            "stating_doc_ids": stating[fact["fact_id"]]})
+    return queries
+
+
+QUERY_FIELDS = {"query_id": str, "subject": str, "relation": str, "object": str, "target": str,
+                "aliases": list, "prompt0": str, "prompt1": str, "prompt2": str, "frequency_bucket": int,
+                "stating_doc_ids": list}
+
+
+def read_queries(path: Path) -> list[dict]:
+    """Queries JSONL, validated: a clear error names the file, the line and the problem."""
+    queries = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            query = json.loads(line)
+        except ValueError as error:
+            raise ValueError(f"{path}:{number}: malformed JSON ({error})") from None
+        for name, kind in QUERY_FIELDS.items():
+            if name not in query:
+                raise ValueError(f"{path}:{number}: missing field {name!r}")
+            if not isinstance(query[name], kind):
+                raise ValueError(f"{path}:{number}: field {name!r} should be {kind.__name__}")
+        queries.append(query)
+    if not queries:
+        raise ValueError(f"{path}: no queries")
+    return queries
+
+
+def _write_jsonl(path: Path, rows) -> None:
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+
+
+def import_world(config: WorldConfig) -> WorldSummary:
+    corpus = sorted(Path(config.corpus).glob("c4-*.json.gz"))
+    if not corpus:
+        raise FileNotFoundError(f"{config.corpus}: no c4-*.json.gz partitions to import")
+    queries = read_queries(Path(config.queries))
+    raw_dir, world_dir = Path(config.out_dir) / "raw", Path(config.out_dir) / "world"
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    world_dir.mkdir(parents=True, exist_ok=True)
+    for path in corpus:  # lines are validated (and quarantined) by the tokenize job, not here
+        shutil.copyfile(path, raw_dir / path.name)
+    _write_jsonl(world_dir / "queries.jsonl", queries)
+    summary = WorldSummary(str(raw_dir), str(world_dir), documents=-1, facts=len(queries), queries=len(queries),
+                           partitions=len(corpus), words=-1)
+    (world_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
+    return summary
+
+
+def run(config: WorldConfig) -> WorldSummary:
+    if config.corpus or config.queries:
+        if not (config.corpus and config.queries):
+            raise ValueError("importing a world needs both --corpus and --queries")
+        return import_world(config)
+    rng = random.Random(config.seed)
+    kb = build_kb(config, rng)
+    docs = build_documents(config, kb, rng)
+    raw_dir, world_dir = Path(config.out_dir) / "raw", Path(config.out_dir) / "world"
+    for old in raw_dir.glob("c4-*.json.gz"):  # a regenerated world replaces the previous one whole
+        old.unlink()
+    write_partitions(docs, raw_dir, config.n_partitions, rng)
+    world_dir.mkdir(parents=True, exist_ok=True)
+    queries = make_queries(kb, docs)
+    kb_out = {"entities": list(kb["entities"].values()), "relations": kb["relations"],
+              "facts": kb["facts"], "lookalikes": kb["lookalikes"]}
+    (world_dir / "kb.json").write_text(json.dumps(kb_out, indent=1, ensure_ascii=False))
+    _write_jsonl(world_dir / "ground_truth.jsonl",
+                 ({"doc_id": d["doc_id"], "partition": d["partition"], "category": d["category"],
+                   "facts": [[f["subject"], f["relation"], f["object"]] for f in d["facts"]]} for d in docs))
+    _write_jsonl(world_dir / "queries.jsonl", queries)
+    categories = {}
+    for doc in docs:
+        categories[doc["category"]] = categories.get(doc["category"], 0) + 1
+    per_bucket = {}
+    for query in queries:
+        cell = per_bucket.setdefault(str(query["frequency_bucket"]), {"facts": 0, "stating_docs": 0})
+        cell["facts"] += 1
+        cell["stating_docs"] += query["n_stating_docs"]
+    summary = WorldSummary(str(raw_dir), str(world_dir), documents=len(docs), facts=len(kb["facts"]),
+                           queries=len(queries), partitions=config.n_partitions,
+                           words=sum(len(d["text"].split()) for d in docs),
+                           documents_per_category=categories, facts_per_bucket=per_bucket)
+    (world_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
+    return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    defaults = WorldConfig()
+    parser.add_argument("--out", dest="out_dir", default=defaults.out_dir, help="lake root to write under")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--partitions", dest="n_partitions", type=int, default=defaults.n_partitions)
+    parser.add_argument("--facts-per-bucket", type=int, default=defaults.facts_per_bucket)
+    parser.add_argument("--corpus", help="import this folder of c4-*.json.gz partitions instead of generating")
+    parser.add_argument("--queries", help="import this queries JSONL (with --corpus)")
+
+
+def main(args):
+    summary = run(WorldConfig(**{k: v for k, v in vars(args).items()}))
+    print(f"[world] {summary.documents:,} documents ({summary.words:,} words) in {summary.partitions} partitions, "
+          f"{summary.facts} facts, {summary.queries} queries -> {summary.raw_dir}, {summary.world_dir}")
+    for bucket, cell in summary.facts_per_bucket.items():
+        print(f"[world]   bucket {bucket:>3}: {cell['facts']} facts stated in {cell['stating_docs']} documents")
+    if summary.documents_per_category:
+        print("[world]   documents: " + ", ".join(f"{k} {v}" for k, v in summary.documents_per_category.items()))
