@@ -1,0 +1,109 @@
+"""Optimizer corrections: u = g / sqrt(V), with V the training optimizer's second moment.
+
+All normalisers work on a gradient in the (out, in) orientation. A *factored* normaliser is a row
+and a column scaling (1/sqrt(V) ≈ a bᵀ), which the hook path folds into the projection matrices
+for free; an *exact* one divides elementwise and needs the per-example gradient itself.
+
+- Adafactor (torch.optim.Adafactor): V = (r cᵀ) / mean(r), clamped below at eps1²; exactly factored
+  (the clamp only bites where V < eps1² ≈ 1.4e-14, which the hook path reports rather than hides).
+- Adam/AdamW: V̂ = exp_avg_sq / (1 - β2^t) and the update divides by sqrt(V̂) + eps, exactly as
+  torch's Adam. Its fast path is the rank-1 Adafactor-style fit V̂ ≈ r cᵀ / Σr (r, c the row and
+  column sums: the fit Adafactor itself would keep), whose error `rank1_error` measures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gradient_kernels.modules import WeightMatrix
+
+
+class MissingOptimizerState(KeyError):
+    def __str__(self):
+        return self.args[0]
+
+
+@dataclass
+class FactoredNormalizer:
+    out_scale: torch.Tensor   # (out,): a
+    in_scale: torch.Tensor    # (in,): b, so that 1/sqrt(V) = a bᵀ
+
+    def divide(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad * self.out_scale[:, None] * self.in_scale[None, :]
+
+
+@dataclass
+class ExactNormalizer:
+    denominator: torch.Tensor  # (out, in): sqrt(V̂) + eps
+
+    def divide(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad / self.denominator
+
+
+def adafactor_normalizer(row_var: torch.Tensor, col_var: torch.Tensor, eps1: float | None,
+                         transposed: bool) -> FactoredNormalizer:
+    """From torch Adafactor's state: row_var (R, 1) and col_var (1, C) in the stored layout."""
+    r, c = row_var.reshape(-1).double(), col_var.reshape(-1).double()
+    eps1 = torch.finfo(torch.float32).eps if eps1 is None else eps1
+    mean_r = r.mean().clamp(min=eps1)
+    row_scale = (mean_r / r.clamp(min=1e-30)).sqrt()
+    col_scale = c.clamp(min=1e-30).rsqrt()
+    if transposed:  # stored (in, out): rows are the input side
+        row_scale, col_scale = col_scale, row_scale
+    return FactoredNormalizer(row_scale.float(), col_scale.float())
+
+
+def adam_denominator(exp_avg_sq: torch.Tensor, step: int, beta2: float, eps: float, transposed: bool) -> torch.Tensor:
+    v = exp_avg_sq.t() if transposed else exp_avg_sq
+    bias_correction2 = 1 - beta2 ** step
+    return (v.double() / bias_correction2).sqrt() + eps
+
+
+def rank1_fit(denominator: torch.Tensor, eps: float) -> FactoredNormalizer:
+    """Adafactor's rank-1 fit of V̂ (recovered from sqrt(V̂) + eps), as row/column scalings."""
+    v = (denominator.double() - eps).clamp(min=0) ** 2
+    r, c = v.sum(1).clamp(min=1e-30), v.sum(0).clamp(min=1e-30)
+    return FactoredNormalizer(r.rsqrt().float(), (r.sum().sqrt() * c.rsqrt()).float())
+
+
+def rank1_error(denominator: torch.Tensor, eps: float) -> float:
+    """Relative Frobenius error of the rank-1 fit of 1/(sqrt(V̂)+eps), the factor gradients get."""
+    exact = 1 / denominator.double()
+    fit = rank1_fit(denominator, eps)
+    approx = fit.out_scale.double()[:, None] * fit.in_scale.double()[None, :]
+    return float((approx - exact).norm() / exact.norm())
+
+
+def normalizers_from_state(optimizer_state: dict, matrices: list[WeightMatrix], kind: str) -> dict:
+    """name -> normaliser, from a consolidated optimizer state (see jobs/checkpoints.py).
+
+    kind: "adafactor" (needs an Adafactor state), "adam-exact" or "adam-factored" (need Adam's
+    exp_avg_sq), "none" (no correction: plain gradients).
+    """
+    if kind == "none":
+        return {}
+    saved_kind = optimizer_state.get("kind")
+    wanted = "adafactor" if kind == "adafactor" else "adam"
+    if saved_kind != wanted:
+        raise ValueError(f"normaliser {kind!r} needs a {wanted} optimizer state, the checkpoint has {saved_kind!r}")
+    state, normalizers = optimizer_state["state"], {}
+    for m in matrices:
+        if m.name not in state:
+            raise MissingOptimizerState(f"optimizer state has no second moment for {m.name!r}")
+        held = state[m.name]
+        if kind == "adafactor":
+            if "row_var" not in held:
+                raise MissingOptimizerState(f"{m.name!r}: Adafactor state has no factored row_var/col_var")
+            eps = optimizer_state.get("eps")
+            eps1 = eps[0] if isinstance(eps, (list, tuple)) else None
+            normalizers[m.name] = adafactor_normalizer(held["row_var"], held["col_var"], eps1, m.stored_transposed)
+            continue
+        if "exp_avg_sq" not in held:
+            raise MissingOptimizerState(f"{m.name!r}: Adam state has no exp_avg_sq")
+        denominator = adam_denominator(held["exp_avg_sq"], optimizer_state["step"], optimizer_state["betas"][1],
+                                       optimizer_state["eps"], m.stored_transposed)
+        normalizers[m.name] = (ExactNormalizer(denominator.float()) if kind == "adam-exact"
+                               else rank1_fit(denominator, optimizer_state["eps"]))
+    return normalizers

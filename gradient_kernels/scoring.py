@@ -1,0 +1,61 @@
+"""Scoring: precondition with R^(-1/2), unit-normalise, dot products, exact top-k.
+
+Each step can be switched off for the paper's ablations; TRAK-style scoring applies R⁻¹ to the
+training side only and keeps raw norms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class FingerprintMismatch(ValueError):
+    """Vectors from different projections (or checkpoints) must never be compared."""
+
+
+def check_same(kind: str, *values: str) -> str:
+    if len(set(values)) != 1:
+        raise FingerprintMismatch(f"{kind} mismatch: {sorted(set(values))}; re-extract with one {kind}")
+    return values[0]
+
+
+@dataclass
+class Preconditioner:
+    """A symmetric block-diagonal matrix (R^(-1/2), or R⁻¹ for TRAK) applied blockwise."""
+
+    blocks: list
+
+    def apply(self, vectors: torch.Tensor) -> torch.Tensor:
+        out, offset = [], 0
+        for block in self.blocks:
+            size = block.shape[0]
+            out.append(vectors[:, offset:offset + size] @ block.to(vectors.device, vectors.dtype))
+            offset += size
+        if offset != vectors.shape[1]:
+            raise ValueError(f"preconditioner covers {offset} coordinates, vectors have {vectors.shape[1]}")
+        return torch.cat(out, dim=1)
+
+
+def prepare(vectors: torch.Tensor, preconditioner: Preconditioner | None = None, unit_norm: bool = True) -> torch.Tensor:
+    """G = R^(-1/2) p, then G / ‖G‖ (either step optional)."""
+    out = preconditioner.apply(vectors) if preconditioner is not None else vectors
+    if unit_norm:
+        out = out / out.norm(dim=1, keepdim=True).clamp(min=1e-30)
+    return out
+
+
+def top_k(queries: torch.Tensor, train: torch.Tensor, k: int, index_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, train indices), each (Q, min(k, N)): the exact k best per query, best first."""
+    scores = queries @ train.T
+    values, indices = scores.topk(min(k, train.shape[0]), dim=1)
+    return values, indices + index_offset
+
+
+def merge_top_k(values_a, indices_a, values_b, indices_b, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of two partial top-k lists over disjoint candidates (the global merge)."""
+    values = torch.cat([values_a, values_b], dim=1)
+    indices = torch.cat([indices_a, indices_b], dim=1)
+    best, where = values.topk(min(k, values.shape[1]), dim=1)
+    return best, indices.gather(1, where)

@@ -1,0 +1,298 @@
+"""gradient_kernels against exact references: full per-example gradients, closed forms, torch's own optimizers."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from gradient_kernels.attribution import token_contributions
+from gradient_kernels.hessian import Autocorrelation, crossing_lambda, damped_inverse_power, mix, spectrum
+from gradient_kernels.hooks import GradientProjector, nonfinite_rows
+from gradient_kernels.losses import document_batch, query_batch
+from gradient_kernels.modules import uniform_k, weight_matrices
+from gradient_kernels.normalizers import (MissingOptimizerState, adam_denominator, normalizers_from_state,
+                                          rank1_error)
+from gradient_kernels.projection import ProjectionSpec, gaussian_projection
+from gradient_kernels.reference import dense_projection, reference_vectors
+from gradient_kernels.scoring import FingerprintMismatch, Preconditioner, check_same, merge_top_k, prepare, top_k
+
+VOCAB = 61
+
+
+def _gpt2():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=24, n_embd=16, n_layer=2, n_head=2,
+                                      resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+
+
+def _llama():  # nn.Linear everywhere, untied output head
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=24,
+                                        tie_word_embeddings=False))
+
+
+def _documents(seed=1, n=5):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, VOCAB, (int(torch.randint(3, 20, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def _train_state(model, kind: str, steps=3) -> dict:
+    """A few real optimizer steps, saved in the consolidated optimizer.pt layout."""
+    if kind == "adam":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0)
+    else:
+        optimizer = torch.optim.Adafactor(model.parameters(), lr=1e-2)
+    for step in range(steps):
+        batch = document_batch(_documents(seed=100 + step, n=4))
+        optimizer.zero_grad()
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long()).logits
+        from gradient_kernels.losses import per_example_loss
+        per_example_loss(logits, batch).sum().backward()
+        optimizer.step()
+    group = optimizer.param_groups[0]
+    state = {}
+    for name, p in model.named_parameters():
+        held = optimizer.state[p]
+        keys = ("exp_avg_sq",) if kind == "adam" else (("row_var", "col_var") if "row_var" in held else ("variance",))
+        state[name] = {key: held[key].clone() for key in keys}
+    return {"kind": kind, "step": steps, "lr": group["lr"], "betas": list(group.get("betas", ())),
+            "eps": group["eps"], "state": state}
+
+
+CASES = [("gpt2", "adafactor"), ("gpt2", "adam-exact"), ("gpt2", "adam-factored"), ("gpt2", "none"),
+         ("llama", "adam-exact"), ("llama", "adafactor")]
+
+
+def _setup(arch, normalizer, k=4, seed=7):
+    model = _gpt2() if arch == "gpt2" else _llama()
+    state = _train_state(model, "adafactor" if normalizer == "adafactor" else "adam")
+    matrices = weight_matrices(model)
+    spec = ProjectionSpec(seed=seed, k=uniform_k(matrices, k), normalizer=normalizer)
+    normalizers = normalizers_from_state(state, matrices, normalizer)
+    return model, spec, normalizers
+
+
+def _rel_err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("arch,normalizer", CASES)
+def test_hook_path_equals_full_per_example_gradients(arch, normalizer):
+    model, spec, normalizers = _setup(arch, normalizer)
+    projector = GradientProjector(model, spec, normalizers)
+    batch = document_batch(_documents())
+    fast = projector(batch)
+    exact = reference_vectors(model, batch, spec, normalizers)
+    assert fast.shape == (5, spec.dim)
+    assert _rel_err(fast, exact) < 1e-4
+    for row in range(5):
+        assert _rel_err(fast[row], exact[row]) < 1e-4
+
+
+def test_covers_every_matrix_kind_and_ties_the_head_once():
+    gpt2_names = [m.name for m in weight_matrices(_gpt2())]
+    assert gpt2_names[-1] == "transformer.wte.weight"  # the tied head: one block under its one parameter
+    assert len(gpt2_names) == 2 * 4 + 1 and len(set(gpt2_names)) == len(gpt2_names)
+    llama = weight_matrices(_llama())
+    assert llama[-1].name == "lm_head.weight" and llama[-1].tied_embedding is None
+    assert not any(m.stored_transposed for m in llama)
+    assert all(m.stored_transposed for m in weight_matrices(_gpt2())[:-1])
+
+
+def test_query_loss_counts_only_target_tokens():
+    model, spec, normalizers = _setup("gpt2", "adam-exact")
+    projector = GradientProjector(model, spec, normalizers)
+    prompts, targets = [[5, 6, 7, 8], [9, 10]], [[11, 12], [13]]
+    batch = query_batch(prompts, targets)
+    assert batch.target_mask.tolist() == [[False] * 4 + [True] * 2, [False, False, True, False, False, False]]
+    fast = projector(batch)
+    assert _rel_err(fast, reference_vectors(model, batch, spec, normalizers)) < 1e-4
+    other_target = projector(query_batch(prompts, [[40, 12], [13]]))
+    assert not torch.allclose(fast[0], other_target[0]) and torch.allclose(fast[1], other_target[1], atol=1e-6)
+
+
+def test_batch_composition_order_and_padding_do_not_change_a_vector():
+    model, spec, normalizers = _setup("gpt2", "adafactor")
+    projector = GradientProjector(model, spec, normalizers)
+    docs = _documents(n=6)
+    together = projector(document_batch(docs))
+    reversed_ = projector(document_batch(docs[::-1])).flip(0)
+    alone = torch.cat([projector(document_batch([d])) for d in docs])
+    padded = projector(document_batch(docs + [[1] * 23]))[:6]  # a long neighbour pads everyone more
+    scale = together.abs().max()
+    for other in (reversed_, alone, padded):
+        assert (together - other).abs().max() <= 1e-5 * scale
+
+
+def test_projection_is_a_pure_function_across_processes():
+    a = gaussian_projection(3, "layer.weight", "out", 8, 50)
+    code = ("import torch,sys; from gradient_kernels.projection import gaussian_projection as g; "
+            "sys.stdout.write(g(3,'layer.weight','out',8,50).numpy().tobytes().hex())")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert a.numpy().tobytes().hex() == other
+    assert abs(float(a.var()) - 1 / 8) < 0.03  # N(0, 1/k)
+    for different in (gaussian_projection(4, "layer.weight", "out", 8, 50), gaussian_projection(3, "layer.bias", "out", 8, 50),
+                      gaussian_projection(3, "layer.weight", "in", 8, 50)):
+        assert not torch.equal(a, different)
+
+
+def test_fingerprint_names_everything_that_changes_vectors():
+    base = ProjectionSpec(seed=1, k={"a": 4, "b": 4}, normalizer="adafactor")
+    assert base.fingerprint() == ProjectionSpec(seed=1, k={"a": 4, "b": 4}, normalizer="adafactor").fingerprint()
+    variants = [ProjectionSpec(seed=2, k={"a": 4, "b": 4}), ProjectionSpec(seed=1, k={"a": 4, "b": 8}),
+                ProjectionSpec(seed=1, k={"a": 4}), ProjectionSpec(seed=1, k={"a": 4, "b": 4}, normalizer="none"),
+                ProjectionSpec(seed=1, k={"a": 4, "b": 4}, dtype="bfloat16")]
+    assert len({v.fingerprint() for v in variants} | {base.fingerprint()}) == 6
+    with pytest.raises(FingerprintMismatch):
+        check_same("projection fingerprint", base.fingerprint(), variants[0].fingerprint())
+
+
+def test_dense_projection_is_the_kronecker_product():
+    u = torch.randn(1, 6, 5)
+    spec = ProjectionSpec(seed=0, k={"w": 3}, normalizer="none")
+    p_out, p_in = gaussian_projection(0, "w", "out", 3, 6), gaussian_projection(0, "w", "in", 3, 5)
+    expected = torch.kron(p_out, p_in) @ u[0].reshape(-1)
+    assert torch.allclose(dense_projection({"w": u}, spec)[0], expected, atol=1e-6)
+
+
+def test_adam_denominator_is_what_torch_adam_divides_by():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    opt = torch.optim.AdamW([w], lr=0.1, betas=(0.9, 0.95), eps=1e-3, weight_decay=0)
+    for _ in range(3):
+        opt.zero_grad()
+        (w ** 3).sum().backward()
+        opt.step()
+    before = w.detach().clone()
+    opt.zero_grad()
+    (w ** 3).sum().backward()
+    opt.step()
+    state = opt.state[w]
+    denominator = adam_denominator(state["exp_avg_sq"], 4, 0.95, 1e-3, transposed=False)
+    expected_step = -0.1 * (state["exp_avg"] / (1 - 0.9 ** 4)) / denominator
+    assert torch.allclose(w.detach() - before, expected_step.float(), atol=1e-6)
+
+
+def test_adafactor_correction_matches_torch_variance_estimate():
+    model = _gpt2()
+    state = _train_state(model, "adafactor")
+    matrices = weight_matrices(model)
+    normalizers = normalizers_from_state(state, matrices, "adafactor")
+    m = matrices[0]  # a Conv1D: stored (in, out)
+    held = state["state"][m.name]
+    v = held["row_var"] @ held["col_var"] / held["row_var"].mean(dim=-2, keepdim=True)
+    expected = v.clamp(min=torch.finfo(torch.float32).eps ** 2).rsqrt().t()  # torch's factor, (out, in)
+    g = torch.randn(m.out_features, m.in_features)
+    assert torch.allclose(normalizers[m.name].divide(g), g * expected, rtol=1e-4)
+
+
+def test_rank1_fit_error_is_zero_for_rank1_and_measured_otherwise():
+    r, c = torch.rand(5) + 0.1, torch.rand(4) + 0.1
+    exact_rank1 = (r[:, None] * c[None, :]).sqrt().double()
+    assert rank1_error(exact_rank1, 0.0) < 1e-6
+    assert rank1_error(torch.rand(5, 4).double() + 0.01, 0.0) > 1e-3
+
+
+def test_missing_or_wrong_optimizer_state_is_a_clear_error():
+    model = _gpt2()
+    state = _train_state(model, "adam", steps=1)
+    matrices = weight_matrices(model)
+    del state["state"][matrices[2].name]
+    with pytest.raises(MissingOptimizerState, match=matrices[2].name):
+        normalizers_from_state(state, matrices, "adam-exact")
+    with pytest.raises(ValueError, match="needs a adafactor optimizer state"):
+        normalizers_from_state(state, matrices, "adafactor")
+
+
+def test_switches_change_the_computation():
+    model, spec, normalizers = _setup("gpt2", "adafactor")
+    docs = document_batch(_documents())
+    corrected = GradientProjector(model, spec, normalizers)(docs)
+    plain = GradientProjector(model, ProjectionSpec(seed=7, k=spec.k, normalizer="none"))(docs)
+    assert _rel_err(corrected / corrected.norm(), plain / plain.norm()) > 0.1
+    r = Autocorrelation(spec.block_sizes()).add(corrected)
+    root, _ = damped_inverse_power(r.mean())
+    with_r, without_r = prepare(corrected, Preconditioner(root)), prepare(corrected)
+    assert _rel_err(with_r, without_r) > 0.1
+    assert torch.allclose(prepare(corrected).norm(dim=1), torch.ones(5))
+    assert not torch.allclose(prepare(corrected, unit_norm=False).norm(dim=1), torch.ones(5))
+
+
+def test_autocorrelation_streams_and_merges():
+    x = torch.randn(10, 6, dtype=torch.float64)
+    whole = Autocorrelation.dense(6).add(x)
+    parts = Autocorrelation.dense(6).add(x[:4]).merge(Autocorrelation.dense(6).add(x[4:]))
+    assert parts.count == 10 and torch.allclose(parts.mean()[0], x.T @ x / 10)
+    assert torch.allclose(whole.mean()[0], parts.mean()[0])
+    blocks = Autocorrelation([2, 4]).add(x).mean()
+    assert torch.allclose(blocks[0], (x.T @ x / 10)[:2, :2]) and torch.allclose(blocks[1], (x.T @ x / 10)[2:, 2:])
+    with pytest.raises(ValueError):
+        Autocorrelation([2, 3]).add(x)
+
+
+def test_lambda_mixing_and_inverse_root_closed_forms():
+    q, t = torch.tensor([4.0, 2.0, 1.0]), torch.tensor([2.0, 2.0, 2.0])
+    assert crossing_lambda(q, t, component=2) == pytest.approx(0.5)       # λ·2 = (1-λ)·2
+    assert crossing_lambda(q, t, component=3) == pytest.approx(2 / 3)     # λ·1 = (1-λ)·2
+    assert crossing_lambda(q, t, component=1000) == pytest.approx(2 / 3)  # clamped to the last component
+    assert crossing_lambda(torch.zeros(3), t, component=1) == 1.0
+    rq, rt = [torch.eye(2) * 4], [torch.eye(2)]
+    assert torch.allclose(mix(rq, rt, 0.25)[0], torch.eye(2) * 1.75)
+    with pytest.raises(ValueError):
+        mix(rq, rt, 1.5)
+    root, damping = damped_inverse_power([torch.diag(torch.tensor([1.0, 4.0]))], damping=1e-12)
+    assert torch.allclose(root[0], torch.diag(torch.tensor([1.0, 0.5])), atol=1e-5)
+    a = torch.randn(6, 6, dtype=torch.float64)
+    r = a @ a.T
+    root, damping = damped_inverse_power([r])
+    assert damping == pytest.approx(0.1 * float(torch.linalg.eigvalsh(r).mean()))
+    damped = r + damping * torch.eye(6, dtype=torch.float64)
+    assert torch.allclose(root[0].double() @ root[0].double() @ damped, torch.eye(6, dtype=torch.float64), atol=1e-4)
+    inverse, _ = damped_inverse_power([r], power=-1.0)
+    assert torch.allclose(inverse[0].double() @ damped, torch.eye(6, dtype=torch.float64), atol=1e-4)
+    assert torch.equal(spectrum([torch.diag(torch.tensor([1.0, 3.0])), torch.tensor([[2.0]])]),
+                       torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
+
+
+def test_top_k_is_exact_and_merges():
+    torch.manual_seed(0)
+    queries, train = torch.randn(3, 8), torch.randn(50, 8)
+    values, indices = top_k(queries, train, 5)
+    brute = (queries @ train.T).sort(dim=1, descending=True)
+    assert torch.equal(indices, brute.indices[:, :5]) and torch.allclose(values, brute.values[:, :5])
+    a = top_k(queries, train[:20], 5)
+    b = top_k(queries, train[20:], 5, index_offset=20)
+    merged = merge_top_k(*a, *b, k=5)
+    assert torch.equal(merged[1], indices) and torch.allclose(merged[0], values)
+
+
+def test_token_contributions_sum_to_the_score():
+    model, spec, normalizers = _setup("gpt2", "adafactor")
+    projector = GradientProjector(model, spec, normalizers)
+    docs = _documents(n=6)
+    train = projector(document_batch(docs))
+    query_raw = projector(query_batch([[3, 4, 5]], [[6, 7]]))
+    root, _ = damped_inverse_power(Autocorrelation(spec.block_sizes()).add(train).mean())
+    preconditioner = Preconditioner(root)
+    query = prepare(query_raw, preconditioner)[0]
+    score = float(prepare(train[:1], preconditioner)[0] @ query)
+    contributions = token_contributions(projector, docs[0], query, preconditioner, batch_size=4)
+    assert contributions.shape == (len(docs[0]),) and contributions[0] == 0
+    assert float(contributions.sum()) == pytest.approx(score, rel=1e-4, abs=1e-6)
+    assert contributions.abs().max() > 0
+
+
+def test_nonfinite_vectors_are_found():
+    vectors = torch.ones(4, 3)
+    vectors[2, 1] = float("nan")
+    vectors[3, 0] = float("inf")
+    assert nonfinite_rows(vectors).tolist() == [2, 3]
+
+
+def test_documents_too_short_for_a_loss_are_refused():
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        document_batch([[1, 2], [3]])
