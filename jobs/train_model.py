@@ -48,7 +48,7 @@ class TrainConfig:
     warmup_steps: int = 30
     weight_decay: float = 0.0
     micro_batch: int = 16  # sequences of `context` tokens per rank and step
-    epochs: float = 6.0
+    epochs: float = 16.0
     checkpoint_fractions: tuple = (0.5, 0.75, 1.0)  # save a checkpoint after these shares of training
     ranks: int = 2
     max_steps: int | None = None  # caps the step count (tests)
