@@ -17,6 +17,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 COMMANDS = {
     "world": ("jobs.world", "generate the embedded fact world (C4-format corpus, KB, queries) or import one"),
     "train-model": ("jobs.train_model", "train the tokenizer and a small GPT-2 with DeepSpeed; save checkpoints"),
+    "tokenize": ("jobs.tokenize", "validate raw C4 partitions and tokenize them into documents/tokens (Spark)"),
+    "register-queries": ("jobs.register_queries", "load a queries JSONL into the queries / query_sets tables"),
+    "extract": ("jobs.extract", "projected gradients of training chunks and queries for one checkpoint (DeepSpeed)"),
+    "fit-hessian": ("jobs.fit_hessian", "fit R_train, R_query, λ and the damped inverse root for a checkpoint"),
+    "score": ("jobs.score", "exact top-k proponents per query from train_gradients (Spark)"),
     "pipeline": ("jobs.pipeline", "run every stage end to end on the embedded default (what `make run` does)"),
 }
 

@@ -1,0 +1,347 @@
+"""extract (DeepSpeed): `tokens` × one checkpoint -> `train_gradients`; `queries` -> `query_gradients`.
+
+The launcher side resolves the checkpoint (a local folder, or `s3://` downloaded with boto3),
+registers it, works out which slices are missing (a slice = one (checkpoint, partition) for a
+given projection fingerprint; `--force` redoes them) and starts the ranks with the DeepSpeed
+launcher. Each rank takes every world_size-th work item, loads the model and the optimizer's
+second moments (consolidated `optimizer.pt` or the ZeRO shards), computes projected vectors with
+`gradient_kernels` in batches sized by a token budget, and writes each item as one idempotent
+slice with delta-rs: a killed rank's partition is simply redone. On the way it accumulates the
+autocorrelation sums Σ p pᵀ of each slice into a safetensors file next to the tables, so the
+Hessian fit needs no second pass over the data.
+
+CPU ranks here (`DS_ACCELERATOR=cpu`); the same command runs GPU ranks on a GPU node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+
+from infra.lake import Lake
+from jobs.launch import init_rank, launch_ranks, rank_arguments
+
+TRAIN, QUERY = "train", "query"
+
+
+@dataclass
+class ExtractConfig:
+    lake: str = "lake"
+    checkpoint: str = ""                 # checkpoint folder or s3:// prefix; default: the newest trained one
+    k: int = 16                          # projection size per side of every weight matrix (block k × k)
+    seed: int = 0                        # projection seed
+    normalizer: str = "auto"             # adafactor | adam-factored | adam-exact | none | auto (from the state)
+    vector_dtype: str = "float32"        # storage encoding of vectors
+    token_budget: int = 4096             # padded tokens per batch
+    ranks: int = 2
+    optimizer_source: str = "auto"       # consolidated | zero | auto
+    query_set: str | None = "fact-world"  # also extract this registered query set's gradients
+    force: bool = False
+    partitions: list = field(default_factory=list)  # restrict to these source partitions
+
+
+# ------------------------------------------------------------------ shared by both sides
+def resolve_checkpoint(lake: Lake, checkpoint: str) -> Path:
+    """A local folder for the checkpoint: as given, downloaded from S3, or the newest trained."""
+    if not checkpoint:
+        summary = Path(lake.root) / "model" / "train_summary.json"
+        if not summary.exists():
+            raise FileNotFoundError(f"no checkpoint given and no trained model under {lake.root}")
+        return Path(lake.root) / "checkpoints" / json.loads(summary.read_text())["checkpoints"][-1]
+    if checkpoint.startswith("s3://"):
+        from infra.storage import download_prefix
+
+        local = Path(lake.root) / "_cache" / "checkpoints" / checkpoint.rstrip("/").rsplit("/", 1)[-1]
+        download_prefix(checkpoint, local)
+        return local
+    return Path(checkpoint)
+
+
+def projection_spec(checkpoint_dir: Path, config: ExtractConfig):
+    """The spec (hence fingerprint) for this checkpoint's architecture, built on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from gradient_kernels.modules import uniform_k, weight_matrices
+    from gradient_kernels.projection import ProjectionSpec
+    from jobs.checkpoints import load_manifest
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint_dir))
+    normalizer = config.normalizer
+    if normalizer == "auto":
+        normalizer = "adafactor" if load_manifest(checkpoint_dir)["optimizer"] == "adafactor" else "adam-factored"
+    return ProjectionSpec(seed=config.seed, k=uniform_k(weight_matrices(model), config.k), normalizer=normalizer,
+                          dtype="float32")
+
+
+def autocorrelation_path(lake: Lake, checkpoint_id: str, fingerprint: str, kind: str, item) -> Path:
+    name = f"partition={item:05d}" if kind == TRAIN else f"query_set={item}"
+    return Path(lake.root) / "_autocorrelation" / checkpoint_id / fingerprint / kind / f"{name}.safetensors"
+
+
+def model_fingerprint(checkpoint_dir: Path) -> str:
+    from infra.matrices import sha256_of
+
+    return sha256_of(Path(checkpoint_dir) / "model.safetensors")[:16]
+
+
+# ------------------------------------------------------------------ launcher side
+def register_checkpoint(lake: Lake, checkpoint_dir: Path, source: str, run_id: str) -> str:
+    from jobs.checkpoints import load_manifest
+
+    manifest = load_manifest(checkpoint_dir)
+    row = pa.table({"checkpoint_id": [manifest["checkpoint_id"]], "step": [manifest["step"]], "path": [source],
+                    "optimizer": [manifest["optimizer"]], "learning_rate": [float(manifest["lr"])],
+                    "tokens_seen": [manifest.get("data_seen_tokens", 0)],
+                    "model_fingerprint": [model_fingerprint(checkpoint_dir)],
+                    "registered_at": [datetime.now(timezone.utc)], "run_id": [run_id]})
+    lake.replace_slice("checkpoints", row, checkpoint_id=manifest["checkpoint_id"])
+    return manifest["checkpoint_id"]
+
+
+def done_items(lake: Lake, checkpoint_id: str, fingerprint: str, kind: str, query_set: str | None) -> set:
+    """Work items whose rows and autocorrelation file exist for this fingerprint."""
+    if kind == TRAIN:
+        rows = lake.read("train_gradients", filters=[("checkpoint_id", "=", checkpoint_id)],
+                         columns=["partition", "fingerprint"])
+        items = {p for p, f in zip(rows["partition"].to_pylist(), rows["fingerprint"].to_pylist()) if f == fingerprint}
+    else:
+        rows = lake.read("query_gradients", filters=[("query_set", "=", query_set), ("checkpoint_id", "=", checkpoint_id)],
+                         columns=["fingerprint"])
+        items = {query_set} if fingerprint in set(rows["fingerprint"].to_pylist()) else set()
+    return {i for i in items if autocorrelation_path(lake, checkpoint_id, fingerprint, kind, i).exists()}
+
+
+def run(config: ExtractConfig) -> dict:
+    from infra.runs import finish_run, start_run
+
+    lake = Lake(config.lake)
+    checkpoint_dir = resolve_checkpoint(lake, config.checkpoint)
+    spec = projection_spec(checkpoint_dir, config)
+    fingerprint = spec.fingerprint()
+    run_id = start_run(lake, "extract", asdict(config) | {"fingerprint": fingerprint, "spec": spec.as_dict()})
+    checkpoint_id = register_checkpoint(lake, checkpoint_dir, config.checkpoint or str(checkpoint_dir), run_id)
+
+    tokens = lake.read("tokens", columns=["partition"])
+    partitions = sorted(set(tokens["partition"].to_pylist()))
+    if config.partitions:
+        partitions = [p for p in partitions if p in set(config.partitions)]
+    if not partitions:
+        raise ValueError(f"no tokenized partitions in {lake.path('tokens')}: run `python -m jobs tokenize` first")
+    items = [(TRAIN, p) for p in partitions]
+    if config.query_set:
+        items.insert(0, (QUERY, config.query_set))
+    if not config.force:
+        done = {(TRAIN, p) for p in done_items(lake, checkpoint_id, fingerprint, TRAIN, None)}
+        if config.query_set:
+            done |= {(QUERY, q) for q in done_items(lake, checkpoint_id, fingerprint, QUERY, config.query_set)}
+        items = [item for item in items if item not in done]
+    result = {"checkpoint_id": checkpoint_id, "fingerprint": fingerprint, "dim": spec.dim, "run_id": run_id,
+              "items": [f"{kind}:{item}" for kind, item in items]}
+    if not items:
+        print(f"[extract] every slice of {checkpoint_id} is already extracted (fingerprint {fingerprint}); nothing to do")
+        finish_run(lake, run_id, "succeeded", result)
+        return result
+
+    plan_path = Path(lake.root) / "_plans" / f"{run_id}.json"
+    plan_path.parent.mkdir(parents=True, exist_ok=True)
+    plan_path.write_text(json.dumps({"config": asdict(config), "checkpoint_dir": str(checkpoint_dir.resolve()),
+                                     "checkpoint_id": checkpoint_id, "spec": spec.as_dict(), "run_id": run_id,
+                                     "items": items, "lake": lake.root}))
+    print(f"[extract] {checkpoint_id}: {len(items)} slice(s) on {config.ranks} rank(s), {spec.dim} dims "
+          f"({len(spec.k)} matrices, k={config.k}, {spec.normalizer}), fingerprint {fingerprint}", flush=True)
+    try:
+        launch_ranks("jobs.extract", plan_path, config.ranks)
+    except Exception:
+        finish_run(lake, run_id, "failed", result)
+        raise
+    counts = lake.read("train_gradients", filters=[("checkpoint_id", "=", checkpoint_id)], columns=["fingerprint"])
+    result["train_vectors"] = sum(1 for f in counts["fingerprint"].to_pylist() if f == fingerprint)
+    finish_run(lake, run_id, "succeeded", result)
+    return result
+
+
+# ------------------------------------------------------------------ rank side
+def token_budget_batches(lengths: list[int], budget: int) -> list[list[int]]:
+    """Indices grouped so that (rows × longest row) stays within the budget; similar lengths together."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches, current, longest = [], [], 0
+    for i in order:
+        longest_if_added = max(longest, lengths[i])
+        if current and longest_if_added * (len(current) + 1) > budget:
+            batches.append(current)
+            current, longest_if_added = [], lengths[i]
+        current.append(i)
+        longest = longest_if_added
+    if current:
+        batches.append(current)
+    return batches
+
+
+class RankWorker:
+    def __init__(self, plan: dict, rank: int):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from gradient_kernels.hooks import GradientProjector
+        from gradient_kernels.modules import weight_matrices
+        from gradient_kernels.normalizers import normalizers_from_state
+        from gradient_kernels.projection import ProjectionSpec
+        from jobs.checkpoints import load_second_moments
+
+        self.plan, self.rank = plan, rank
+        self.config = ExtractConfig(**plan["config"])
+        self.lake = Lake(plan["lake"])
+        checkpoint_dir = Path(plan["checkpoint_dir"])
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = AutoModelForCausalLM.from_pretrained(checkpoint_dir).to(device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
+        spec = ProjectionSpec(**plan["spec"])
+        state = (load_second_moments(checkpoint_dir, self.config.optimizer_source)
+                 if spec.normalizer != "none" else {})
+        normalizers = normalizers_from_state(state, weight_matrices(self.model), spec.normalizer) if state else {}
+        self.projector = GradientProjector(self.model, spec, normalizers)
+        self.spec, self.fingerprint = spec, spec.fingerprint()
+
+    def vectors(self, batches_of_batch, total_rows: int, label: str):
+        """Yields (row indices, vectors) per batch, with progress."""
+        from jobs.progress import Progress
+
+        progress = Progress(f"extract rank {self.rank} {label}", total_rows, unit="rows")
+        for indices, batch in batches_of_batch:
+            vectors = self.projector(batch).cpu()
+            progress.update(len(indices), int(batch.attention_mask.sum()))
+            yield indices, vectors
+
+    def extract_partition(self, partition: int):
+        import numpy as np
+
+        from gradient_kernels.losses import document_batch
+
+        rows = self.lake.read("tokens", filters=[("partition", "=", partition)],
+                              columns=["doc_id", "chunk", "input_ids", "n_tokens"])
+        ids = rows["input_ids"].to_pylist()
+        pad = self.tokenizer.eos_token_id or 0
+        batches = ((b, document_batch([ids[i] for i in b], pad)) for b in
+                   token_budget_batches(rows["n_tokens"].to_pylist(), self.config.token_budget))
+        vectors = np.zeros((rows.num_rows, self.spec.dim), dtype=np.float32)
+        for indices, batch_vectors in self.vectors(batches, rows.num_rows, f"partition {partition}"):
+            vectors[indices] = batch_vectors.numpy()
+        keep, bad = self._split_nonfinite(vectors, [f"{d}#{c}" for d, c in zip(rows["doc_id"].to_pylist(),
+                                                                               rows["chunk"].to_pylist())],
+                                          source=f"train_gradients/partition={partition}")
+        table = pa.table({"checkpoint_id": [self.plan["checkpoint_id"]] * len(keep),
+                          "partition": [partition] * len(keep),
+                          "doc_id": rows["doc_id"].take(keep), "chunk": rows["chunk"].take(keep),
+                          "n_tokens": rows["n_tokens"].take(keep), **self._vector_columns(vectors[keep])})
+        self.lake.replace_slice("train_gradients", table, checkpoint_id=self.plan["checkpoint_id"], partition=partition)
+        self._save_autocorrelation(TRAIN, partition, vectors[keep])
+
+    def extract_queries(self, query_set: str):
+        import numpy as np
+
+        from gradient_kernels.losses import query_batch
+
+        rows = self.lake.read("queries", filters=[("query_set", "=", query_set)])
+        if rows.num_rows == 0:
+            raise ValueError(f"query set {query_set!r} has no queries in {self.lake.path('queries')}")
+        eos = self.tokenizer.eos_token_id
+        prompts, targets, keys = [], [], []
+        for query in rows.to_pylist():
+            for index in range(3):
+                prompts.append([eos] + self.tokenizer(query[f"prompt{index}"], add_special_tokens=False)["input_ids"])
+                targets.append(self.tokenizer(query["target"], add_special_tokens=False)["input_ids"])
+                keys.append((query["query_id"], index))
+        lengths = [len(p) + len(t) for p, t in zip(prompts, targets)]
+        batches = ((b, query_batch([prompts[i] for i in b], [targets[i] for i in b], eos or 0))
+                   for b in token_budget_batches(lengths, self.config.token_budget))
+        vectors = np.zeros((len(keys), self.spec.dim), dtype=np.float32)
+        for indices, batch_vectors in self.vectors(batches, len(keys), f"queries {query_set}"):
+            vectors[indices] = batch_vectors.numpy()
+        keep, _ = self._split_nonfinite(vectors, [f"{q}/prompt{i}" for q, i in keys], source=f"query_gradients/{query_set}")
+        table = pa.table({"query_set": [query_set] * len(keep), "checkpoint_id": [self.plan["checkpoint_id"]] * len(keep),
+                          "query_id": [keys[i][0] for i in keep], "prompt_index": [keys[i][1] for i in keep],
+                          **self._vector_columns(vectors[keep])})
+        self.lake.replace_slice("query_gradients", table, query_set=query_set, checkpoint_id=self.plan["checkpoint_id"])
+        self._save_autocorrelation(QUERY, query_set, vectors[keep])
+
+    def _split_nonfinite(self, vectors, positions: list[str], source: str):
+        """Rows with NaN/inf vectors go to quarantine with the reason, the rest are kept."""
+        import numpy as np
+
+        from infra.quarantine import quarantine_rows
+
+        finite = np.isfinite(vectors).all(axis=1)
+        bad = np.flatnonzero(~finite).tolist()
+        if bad:
+            quarantine_rows(self.lake, [{"source": source, "position": positions[i],
+                                         "reason": "non-finite gradient (NaN or inf loss or activations)",
+                                         "raw_value": None} for i in bad], stage="extract", run_id=self.plan["run_id"])
+            print(f"[extract rank {self.rank}] {len(bad)} row(s) of {source} quarantined: non-finite gradients", flush=True)
+        return np.flatnonzero(finite).tolist(), bad
+
+    def _vector_columns(self, vectors) -> dict:
+        from schemas.vectors import encode_vectors
+
+        cells, scales, norms = encode_vectors(vectors, self.config.vector_dtype)
+        n = len(vectors)
+        return {"vector": cells, "dtype": [self.config.vector_dtype] * n,
+                "scale": pa.array(scales, pa.float32()) if scales is not None else pa.nulls(n, pa.float32()),
+                "norm": norms, "fingerprint": [self.fingerprint] * n, "run_id": [self.plan["run_id"]] * n}
+
+    def _save_autocorrelation(self, kind: str, item, vectors):
+        import torch
+
+        from gradient_kernels.hessian import Autocorrelation
+        from infra.matrices import save_matrices
+
+        sums = Autocorrelation(self.spec.block_sizes()).add(torch.from_numpy(vectors))
+        save_matrices(autocorrelation_path(self.lake, self.plan["checkpoint_id"], self.fingerprint, kind, item),
+                      {f"block{i:03d}": s for i, s in enumerate(sums.sums)}, {"count": sums.count})
+
+
+def extract_rank(plan_path: Path):
+    import torch
+
+    plan = json.loads(plan_path.read_text())
+    rank, world = init_rank()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    worker = RankWorker(plan, rank)
+    for kind, item in plan["items"][rank::world]:
+        if kind == QUERY:
+            worker.extract_queries(item)
+        else:
+            worker.extract_partition(item)
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    defaults = ExtractConfig()
+    parser.add_argument("--lake", default=os.environ.get("TRACKSTAR_LAKE_ROOT", defaults.lake))
+    parser.add_argument("--checkpoint", default="", help="checkpoint folder or s3:// prefix (default: newest trained)")
+    parser.add_argument("--k", type=int, default=defaults.k)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--normalizer", default=defaults.normalizer,
+                        choices=["auto", "adafactor", "adam-factored", "adam-exact", "none"])
+    parser.add_argument("--vector-dtype", default=defaults.vector_dtype, choices=["float32", "float16", "bfloat16", "int8"])
+    parser.add_argument("--token-budget", type=int, default=defaults.token_budget)
+    parser.add_argument("--ranks", type=int, default=defaults.ranks)
+    parser.add_argument("--optimizer-source", default=defaults.optimizer_source, choices=["auto", "consolidated", "zero"])
+    parser.add_argument("--query-set", default=defaults.query_set)
+    parser.add_argument("--partitions", type=int, nargs="*", default=[])
+    parser.add_argument("--force", action="store_true")
+
+
+def main(args):
+    fields = set(ExtractConfig.__dataclass_fields__)
+    print(json.dumps(run(ExtractConfig(**{k: v for k, v in vars(args).items() if k in fields})), indent=1))
+
+
+if __name__ == "__main__":  # a DeepSpeed rank
+    extract_rank(rank_arguments().plan)

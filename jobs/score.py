@@ -1,0 +1,181 @@
+"""score (Spark): exact top-k proponents per query from `train_gradients`, into `proponents`.
+
+The prepared query vectors (preconditioned, normalised: small) are shipped to every task. Each
+Arrow batch of `train_gradients` is decoded in one vectorised step, preconditioned, normalised
+and scored against all queries, and only its running top-k per query is kept, so memory is
+bounded by the batch, not the corpus. A global window keeps the exact top-k per query: the result
+equals brute-force scoring of every vector (tested).
+
+Methods (`--methods`), each written under its own name so they compare row for row:
+  trackstar               R^(-1/2) of the task-mixed R on both sides, unit norm
+  trackstar-no-mixing     R from training vectors only (λ = 0)
+  trackstar-no-hessian    no R, unit norm (cosine of corrected projected gradients)
+  trackstar-no-unit-norm  R^(-1/2), raw norms
+  trak                    R_train⁻¹ on one side, raw norms (TRAK-style)
+The optimizer correction is decided at extraction (its fingerprint names it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from infra.lake import Lake
+
+# method -> (registered matrix kind or None, power applied to it, unit norm, on both sides)
+METHODS = {
+    "trackstar": ("inverse_root", True, True),
+    "trackstar-no-mixing": ("inverse_root_train_only", True, True),
+    "trackstar-no-hessian": (None, True, True),
+    "trackstar-no-unit-norm": ("inverse_root", False, True),
+    "trak": ("r_train", False, False),
+}
+
+
+@dataclass
+class ScoreConfig:
+    lake: str = "lake"
+    checkpoint_id: str = ""
+    query_set: str = "fact-world"
+    fingerprint: str = ""
+    methods: list = field(default_factory=lambda: ["trackstar"])
+    k: int = 10
+    prompt_index: int = 0
+
+
+def _prepared_side(vectors: torch.Tensor, blocks, unit_norm: bool) -> torch.Tensor:
+    from gradient_kernels.scoring import Preconditioner, prepare
+
+    return prepare(vectors, Preconditioner(blocks) if blocks is not None else None, unit_norm)
+
+
+def method_matrices(lake: Lake, method: str, checkpoint_id: str, query_set: str, fingerprint: str):
+    """(train-side blocks or None, query-side blocks or None, unit norm) for a method."""
+    from gradient_kernels.hessian import damped_inverse_power
+    from jobs.fit_hessian import load_preconditioner
+
+    kind, unit_norm, both_sides = METHODS[method]
+    if kind is None:
+        return None, None, unit_norm
+    blocks, row = load_preconditioner(lake, checkpoint_id, query_set, fingerprint, kind)
+    if both_sides:
+        return blocks, blocks, unit_norm
+    inverse, _ = damped_inverse_power(blocks, damping=row["damping"] or None, power=-1.0)
+    return None, inverse, unit_norm  # R⁻¹ on the query side only: q·R⁻¹·t, the same scores, cheaper
+
+
+def score_batches(batches, queries: np.ndarray, train_blocks, unit_norm: bool, k: int, dim: int):
+    """mapInArrow body: batches of train vectors -> this task's top-k rows per query."""
+    from gradient_kernels.scoring import merge_top_k, top_k
+    from schemas.vectors import decode_vectors
+
+    q = torch.from_numpy(queries)
+    best_values = best_indices = None
+    keys_doc, keys_chunk, seen = [], [], 0
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        dtypes = set(batch.column("dtype").to_pylist())
+        if len(dtypes) != 1:
+            raise ValueError(f"mixed vector dtypes in one batch: {dtypes}")
+        train = torch.from_numpy(decode_vectors(batch.column("vector"), dtypes.pop(), batch.column("scale").to_numpy(
+            zero_copy_only=False), dim))
+        values, indices = top_k(q, _prepared_side(train, train_blocks, unit_norm), k, index_offset=seen)
+        if best_values is None:
+            best_values, best_indices = values, indices
+        else:
+            best_values, best_indices = merge_top_k(best_values, best_indices, values, indices, k)
+        keys_doc += batch.column("doc_id").to_pylist()
+        keys_chunk += batch.column("chunk").to_pylist()
+        seen += batch.num_rows
+    if best_values is None:
+        return
+    rows = best_indices.numpy()
+    yield pa.RecordBatch.from_pydict({
+        "query_index": np.repeat(np.arange(rows.shape[0], dtype=np.int32), rows.shape[1]),
+        "doc_id": [keys_doc[i] for i in rows.reshape(-1)],
+        "chunk": np.asarray([keys_chunk[i] for i in rows.reshape(-1)], dtype=np.int32),
+        "score": best_values.numpy().reshape(-1).astype(np.float64)})
+
+
+def query_vectors(lake: Lake, query_set: str, checkpoint_id: str, fingerprint: str, prompt_index: int):
+    from schemas.vectors import decode_vectors
+
+    rows = lake.read("query_gradients", filters=[("query_set", "=", query_set), ("checkpoint_id", "=", checkpoint_id),
+                                                 ("prompt_index", "=", prompt_index)])
+    if rows.num_rows == 0:
+        raise ValueError(f"no query gradients for {query_set}/{checkpoint_id}: run `python -m jobs extract`")
+    from gradient_kernels.scoring import check_same
+
+    check_same("projection fingerprint", fingerprint, *set(rows["fingerprint"].to_pylist()))
+    dims = {len(v) for v in rows["vector"].to_pylist()[:1]}
+    dtype = rows["dtype"][0].as_py()
+    dim = dims.pop() // np.dtype({"float32": "f4", "float16": "f2", "bfloat16": "u2", "int8": "i1"}[dtype]).itemsize
+    return rows["query_id"].to_pylist(), torch.from_numpy(decode_vectors(rows["vector"], dtype, rows["scale"].to_numpy(
+        zero_copy_only=False), dim)), dim
+
+
+def run(config: ScoreConfig) -> dict:
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    from infra.runs import finish_run, start_run
+    from infra.spark import spark_session
+    from jobs.fit_hessian import latest_checkpoint_id, only_fingerprint
+
+    lake = Lake(config.lake)
+    checkpoint_id = config.checkpoint_id or latest_checkpoint_id(lake)
+    fingerprint = config.fingerprint or only_fingerprint(lake, checkpoint_id)
+    unknown = [m for m in config.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
+    run_id = start_run(lake, "score", asdict(config) | {"checkpoint_id": checkpoint_id, "fingerprint": fingerprint})
+    query_ids, raw_queries, dim = query_vectors(lake, config.query_set, checkpoint_id, fingerprint, config.prompt_index)
+    spark = spark_session()
+    train = (lake.spark_read(spark, "train_gradients")
+             .filter((F.col("checkpoint_id") == checkpoint_id) & (F.col("fingerprint") == fingerprint))
+             .select("doc_id", "chunk", "vector", "dtype", "scale"))
+    ids = spark.createDataFrame([(i, q) for i, q in enumerate(query_ids)], "query_index int, query_id string")
+    written = {}
+    for method in config.methods:
+        train_blocks, query_blocks, unit_norm = method_matrices(lake, method, checkpoint_id, config.query_set, fingerprint)
+        queries = _prepared_side(raw_queries, query_blocks, unit_norm).numpy()
+        k = config.k
+
+        def local_top_k(batches, queries=queries, train_blocks=train_blocks, unit_norm=unit_norm):
+            return score_batches(batches, queries, train_blocks, unit_norm, k, dim)
+
+        local = train.mapInArrow(local_top_k, "query_index int, doc_id string, chunk int, score double")
+        ranked = local.withColumn("rank", F.row_number().over(
+            Window.partitionBy("query_index").orderBy(F.desc("score"), "doc_id", "chunk")))
+        proponents = (ranked.filter(F.col("rank") <= k).join(ids, "query_index")
+                      .select(F.lit(config.query_set).alias("query_set"), F.lit(checkpoint_id).alias("checkpoint_id"),
+                              "query_id", F.lit(method).alias("method"), "rank", "doc_id", "chunk", "score",
+                              F.lit(run_id).alias("run_id")))
+        where = (f"query_set = '{config.query_set}' AND method = '{method}' AND checkpoint_id = '{checkpoint_id}'")
+        lake.spark_write(proponents, "proponents", replace_where=where)
+        written[method] = len(query_ids) * k
+        print(f"[score] {method}: top-{k} of {config.query_set} × {checkpoint_id} written", flush=True)
+    result = {"checkpoint_id": checkpoint_id, "query_set": config.query_set, "fingerprint": fingerprint,
+              "queries": len(query_ids), "methods": written, "run_id": run_id}
+    finish_run(lake, run_id, "succeeded", result)
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument("--lake", default=os.environ.get("TRACKSTAR_LAKE_ROOT", "lake"))
+    parser.add_argument("--checkpoint-id", default="")
+    parser.add_argument("--query-set", default=ScoreConfig.query_set)
+    parser.add_argument("--fingerprint", default="")
+    parser.add_argument("--methods", nargs="+", default=["trackstar"], choices=sorted(METHODS))
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--prompt-index", type=int, default=0, choices=[0, 1, 2])
+
+
+def main(args):
+    run(ScoreConfig(**vars(args)))
