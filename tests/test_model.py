@@ -9,30 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from jobs import train_model, world
+from jobs import train_model
 from jobs.checkpoints import CheckpointError, load_manifest, load_second_moments
 from jobs.model_eval import encode_prompt_target, evaluate_checkpoint
-
-TINY = dict(n_layer=2, n_embd=32, n_head=2, context=64, vocab_size=512, micro_batch=4, max_steps=6,
-            warmup_steps=2, checkpoint_fractions=(0.5, 1.0))
-
-
-def _train(tmp_path_factory, optimizer):
-    lake = tmp_path_factory.mktemp(f"lake-{optimizer}")
-    world.run(world.WorldConfig(out_dir=str(lake), seed=1, facts_per_bucket=2, n_partitions=2))
-    summary = train_model.run(train_model.TrainConfig(lake=str(lake), optimizer=optimizer, **TINY))
-    return lake, summary
-
-
-@pytest.fixture(scope="module")
-def adam_run(tmp_path_factory):
-    return _train(tmp_path_factory, "adam")
-
-
-@pytest.fixture(scope="module")
-def adafactor_run(tmp_path_factory):
-    return _train(tmp_path_factory, "adafactor")
-
 
 def _zero_tag_dir(checkpoint):
     return checkpoint / "zero" / (checkpoint / "zero" / "latest").read_text().strip()

@@ -1,0 +1,200 @@
+"""The pipeline jobs end to end on a small world: tokenize (Sail), extract (DeepSpeed CPU ranks),
+fit-hessian, score (Sail); each checked against a direct computation with the kernels."""
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from gradient_kernels.hessian import Autocorrelation, crossing_lambda, spectrum
+from gradient_kernels.hooks import GradientProjector
+from gradient_kernels.losses import document_batch
+from gradient_kernels.modules import weight_matrices
+from gradient_kernels.normalizers import normalizers_from_state
+from gradient_kernels.projection import ProjectionSpec
+from gradient_kernels.scoring import FingerprintMismatch, Preconditioner, prepare
+from infra.lake import Lake
+from infra.matrices import ChecksumMismatch, load_matrices
+from jobs import extract, fit_hessian, register_queries, score, tokenize
+from jobs.checkpoints import load_second_moments
+from schemas.vectors import decode_vectors
+from tests.fixtures import copy_lake
+
+BAD_LINES = [
+    b'{"text": "no closing brace", "url": "https://x.example/1"',        # malformed JSON
+    b'{"text": "no url here", "timestamp": "2019-01-01T00:00:00Z"}',     # missing field
+    b'{"text": "   ", "url": "https://x.example/2", "timestamp": "t"}',  # empty text
+    b'{"text": "caf\xe9", "url": "https://x.example/3", "timestamp": "t"}',  # not UTF-8
+]
+
+
+def _write_extra_partition(raw_dir, long_text):
+    good = [json.dumps({"text": long_text, "url": "https://long.example/doc", "timestamp": "2019-05-05T00:00:00Z"}).encode(),
+            json.dumps({"text": "x" * 300_000, "url": "https://huge.example/doc", "timestamp": "t"}).encode()]
+    with gzip.open(raw_dir / "c4-train.00002-of-00003.json.gz", "wb") as fh:
+        fh.write(b"\n".join(good[:1] + BAD_LINES + good[1:]) + b"\n")
+
+
+@pytest.fixture(scope="module")
+def indexed(adam_run, tmp_path_factory):
+    source, summary = adam_run
+    lake_dir = copy_lake(source, tmp_path_factory.mktemp("jobs") / "lake")
+    long_text = " ".join(f"Sentence number {i} talks about the weather in a quiet town." for i in range(40))
+    _write_extra_partition(lake_dir / "raw", long_text)
+    lake = Lake(lake_dir)
+    results = {"tokenize": tokenize.run(tokenize.TokenizeConfig(lake=str(lake_dir), context=64))}
+    register_queries.run(str(lake_dir))
+    results["extract"] = extract.run(extract.ExtractConfig(lake=str(lake_dir), k=4, token_budget=512))
+    results["fit"] = fit_hessian.run(fit_hessian.FitHessianConfig(lake=str(lake_dir)))
+    results["score"] = score.run(score.ScoreConfig(lake=str(lake_dir), methods=["trackstar", "trak", "trackstar-no-hessian"],
+                                                   k=5))
+    checkpoint = lake_dir / "checkpoints" / summary["checkpoints"][-1]
+    return lake, checkpoint, results, long_text
+
+
+def test_tokenize_quarantines_bad_lines_and_chunks_long_documents(indexed):
+    lake, checkpoint, results, long_text = indexed
+    reasons = lake.read("quarantine", filters=[("stage", "=", "tokenize")]).to_pylist()
+    assert sorted(r["position"] for r in reasons) == [f"c4-train.00002-of-00003.json.gz:{n}" for n in (2, 3, 4, 5, 6)]
+    text = " | ".join(r["reason"] for r in reasons)
+    for expected in ("malformed JSON", "missing field 'url'", "empty text", "not UTF-8", "document too large"):
+        assert expected in text
+    documents = lake.read("documents")
+    assert results["tokenize"]["quarantined"] == 5
+    assert documents.num_rows == results["tokenize"]["documents"]
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    ids = [tokenizer.eos_token_id] + tokenizer(long_text, add_special_tokens=False)["input_ids"]
+    chunks = sorted((r["chunk"], r["token_start"], r["token_end"], r["input_ids"]) for r in
+                    lake.read("tokens", filters=[("doc_id", "=", "https://long.example/doc")]).to_pylist())
+    assert len(chunks) > 1 and all(len(c[3]) <= 64 for c in chunks)
+    assert [c[3] for c in chunks] == [ids[s:e] for _, s, e, _ in chunks]
+    assert chunks[-1][2] == len(ids) and all(a[2] - 1 == b[1] for a, b in zip(chunks, chunks[1:]))  # one shared token
+
+
+def test_tokenize_again_skips_and_force_replaces_without_duplicates(indexed):
+    lake, checkpoint, results, _ = indexed
+    before = {t: lake.version(t) for t in ("documents", "tokens", "quarantine")}
+    rows = lake.read("tokens").num_rows
+    again = tokenize.run(tokenize.TokenizeConfig(lake=lake.root, context=64))
+    assert again["tokenized"] == [] and {t: lake.version(t) for t in before} == before
+    tokenize.run(tokenize.TokenizeConfig(lake=lake.root, context=64, force=True))
+    tokens = lake.read("tokens", columns=["doc_id", "chunk"])
+    assert tokens.num_rows == rows
+    assert len(set(zip(tokens["doc_id"].to_pylist(), tokens["chunk"].to_pylist()))) == rows
+    assert lake.read("quarantine").num_rows == 5
+
+
+def _table_vectors(lake, table, filters):
+    rows = lake.read(table, filters=filters)
+    dim = len(rows["vector"][0].as_py()) // 4
+    return rows, decode_vectors(rows["vector"], "float32", None, dim)
+
+
+def test_extract_equals_the_kernels_on_the_same_chunks(indexed):
+    lake, checkpoint, results, _ = indexed
+    tokens = lake.read("tokens")
+    rows, vectors = _table_vectors(lake, "train_gradients", [("checkpoint_id", "=", results["extract"]["checkpoint_id"])])
+    assert rows.num_rows == tokens.num_rows
+    assert set(rows["fingerprint"].to_pylist()) == {results["extract"]["fingerprint"]}
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    matrices = weight_matrices(model)
+    spec = ProjectionSpec(seed=0, k={m.name: 4 for m in matrices}, normalizer="adam-factored")
+    assert spec.fingerprint() == results["extract"]["fingerprint"]
+    projector = GradientProjector(model, spec, normalizers_from_state(load_second_moments(checkpoint), matrices,
+                                                                     "adam-factored"))
+    by_key = {(d, c): ids for d, c, ids in zip(tokens["doc_id"].to_pylist(), tokens["chunk"].to_pylist(),
+                                                tokens["input_ids"].to_pylist())}
+    sample = list(range(0, rows.num_rows, max(1, rows.num_rows // 6)))
+    keys = [(rows["doc_id"][i].as_py(), rows["chunk"][i].as_py()) for i in sample]
+    direct = projector(document_batch([by_key[k] for k in keys])).numpy()
+    np.testing.assert_allclose(vectors[sample], direct, rtol=1e-4, atol=1e-4 * np.abs(direct).max())
+    np.testing.assert_allclose(rows["norm"].to_numpy(), np.linalg.norm(vectors, axis=1), rtol=1e-5)
+
+
+def test_fit_hessian_equals_the_autocorrelation_of_the_stored_vectors(indexed, tmp_path):
+    lake, checkpoint, results, _ = indexed
+    fit = results["fit"]
+    _, train = _table_vectors(lake, "train_gradients", [("checkpoint_id", "=", fit["checkpoint_id"])])
+    _, queries = _table_vectors(lake, "query_gradients", [("query_set", "=", "fact-world")])
+    blocks = [16] * (train.shape[1] // 16)
+    r_train = Autocorrelation(blocks).add(torch.from_numpy(train)).mean()
+    r_query = Autocorrelation(blocks).add(torch.from_numpy(queries)).mean()
+    stored, row = fit_hessian.load_preconditioner(lake, fit["checkpoint_id"], "fact-world", fit["fingerprint"], "r_train")
+    for a, b in zip(stored, r_train):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))
+    assert fit["lambda"] == pytest.approx(crossing_lambda(spectrum(r_query), spectrum(r_train), 1000), rel=1e-4)
+    kinds = lake.read("hessians")["kind"].to_pylist()
+    assert sorted(kinds) == sorted(fit_hessian.KINDS)
+    assert os.path.exists(fit["figure"])
+    changed = tmp_path / "changed.safetensors"
+    changed.write_bytes(open(row["path"], "rb").read()[:-4] + b"\x00\x00\x00\x01")
+    with pytest.raises(ChecksumMismatch):  # a changed file is refused, not silently used
+        load_matrices(changed, row["sha256"])
+
+
+@pytest.mark.parametrize("method", ["trackstar", "trak", "trackstar-no-hessian"])
+def test_score_equals_brute_force_top_k(indexed, method):
+    lake, checkpoint, results, _ = indexed
+    fit = results["fit"]
+    train_rows, train = _table_vectors(lake, "train_gradients", [("checkpoint_id", "=", fit["checkpoint_id"])])
+    query_rows, queries = _table_vectors(lake, "query_gradients", [("prompt_index", "=", 0)])
+    train_blocks, query_blocks, unit_norm = score.method_matrices(lake, method, fit["checkpoint_id"], "fact-world",
+                                                                  fit["fingerprint"])
+    t = prepare(torch.from_numpy(train), Preconditioner(train_blocks) if train_blocks else None, unit_norm)
+    q = prepare(torch.from_numpy(queries), Preconditioner(query_blocks) if query_blocks else None, unit_norm)
+    brute = (q @ t.T).topk(5, dim=1)
+    stored = lake.read("proponents", filters=[("method", "=", method)]).to_pylist()
+    assert len(stored) == query_rows.num_rows * 5
+    by_query = {}
+    for r in stored:
+        by_query.setdefault(r["query_id"], {})[r["rank"]] = r
+    keys = list(zip(train_rows["doc_id"].to_pylist(), train_rows["chunk"].to_pylist()))
+    all_scores = (q @ t.T).numpy()
+    for qi, query_id in enumerate(query_rows["query_id"].to_pylist()):
+        ranked = [by_query[query_id][rank] for rank in range(1, 6)]
+        scores = np.array([r["score"] for r in ranked])
+        np.testing.assert_allclose(scores, brute.values[qi].numpy(), rtol=1e-4, atol=1e-6)
+        # the same chunks, up to the order of exact ties (the world repeats some documents verbatim)
+        chosen = [keys.index((r["doc_id"], r["chunk"])) for r in ranked]
+        np.testing.assert_allclose(all_scores[qi, chosen], scores, rtol=1e-4, atol=1e-6)
+        assert len(set(chosen)) == 5
+
+
+def test_scoring_refuses_vectors_of_another_fingerprint(indexed):
+    lake, _, results, _ = indexed
+    with pytest.raises(FingerprintMismatch):
+        score.query_vectors(lake, "fact-world", results["fit"]["checkpoint_id"], "0000000000000000", 0)
+
+
+def test_extract_rerun_is_a_no_op_and_a_killed_run_is_completed_without_duplicates(indexed):
+    lake, checkpoint, results, _ = indexed
+    version = lake.version("train_gradients")
+    again = extract.run(extract.ExtractConfig(lake=lake.root, k=4, token_budget=512))
+    assert again["items"] == [] and lake.version("train_gradients") == version
+
+    expected = lake.read("train_gradients").num_rows
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    command = [sys.executable, "-m", "jobs", "extract", "--lake", lake.root, "--k", "4", "--token-budget", "64",
+               "--force", "--query-set", ""]
+    child = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while lake.version("train_gradients") == version and time.time() < deadline and child.poll() is None:
+        time.sleep(0.2)
+    os.killpg(child.pid, signal.SIGKILL)  # mid-run: at most some slices rewritten
+    child.wait()
+    rows = lake.read("train_gradients", columns=["doc_id", "chunk"])
+    assert rows.num_rows == expected  # every slice is whole: old or new, never both
+    # lose one slice's rows, as if its rank died before committing: the next run redoes only it
+    lake.open("train_gradients").delete("partition = 1")
+    redo = extract.run(extract.ExtractConfig(lake=lake.root, k=4, token_budget=512))
+    assert redo["items"] == ["train:1"]
+    rows = lake.read("train_gradients", columns=["doc_id", "chunk"])
+    assert rows.num_rows == expected == len(set(zip(rows["doc_id"].to_pylist(), rows["chunk"].to_pylist())))
