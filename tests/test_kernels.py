@@ -1,5 +1,6 @@
 """gradient_kernels against exact references: full per-example gradients, closed forms, torch's own optimizers."""
 
+import copy
 import subprocess
 import sys
 
@@ -10,13 +11,14 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from gradient_kernels.attribution import token_contributions
 from gradient_kernels.hessian import Autocorrelation, crossing_lambda, damped_inverse_power, mix, spectrum
 from gradient_kernels.hooks import GradientProjector, nonfinite_rows
-from gradient_kernels.losses import document_batch, query_batch
+from gradient_kernels.losses import document_batch, per_example_loss, query_batch
 from gradient_kernels.modules import uniform_k, weight_matrices
 from gradient_kernels.normalizers import (MissingOptimizerState, adam_denominator, normalizers_from_state,
                                           rank1_error)
 from gradient_kernels.projection import ProjectionSpec, gaussian_projection
 from gradient_kernels.reference import dense_projection, reference_vectors
 from gradient_kernels.scoring import FingerprintMismatch, Preconditioner, check_same, merge_top_k, prepare, top_k
+from gradient_kernels.tail_patch import TailPatcher, adam_denominators
 
 VOCAB = 61
 
@@ -50,7 +52,6 @@ def _train_state(model, kind: str, steps=3) -> dict:
         batch = document_batch(_documents(seed=100 + step, n=4))
         optimizer.zero_grad()
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long()).logits
-        from gradient_kernels.losses import per_example_loss
         per_example_loss(logits, batch).sum().backward()
         optimizer.step()
     group = optimizer.param_groups[0]
@@ -296,3 +297,24 @@ def test_nonfinite_vectors_are_found():
 def test_documents_too_short_for_a_loss_are_refused():
     with pytest.raises(ValueError, match="at least 2 tokens"):
         document_batch([[1, 2], [3]])
+
+
+def test_tail_patch_step_matches_a_hand_computed_adam_step_and_restores():
+    model = _gpt2()
+    state = _train_state(model, "adam")
+    denominators = adam_denominators(state)
+    patcher = TailPatcher(model, denominators, lr=0.05)
+    doc, prompt, target = [3, 9, 4, 8, 1], [3, 9], [4, 8]
+    base, changes = patcher.log_prob_changes({"d": doc}, [("q", "d")], {"q": prompt}, {"q": target})
+    # by hand on a copy: θ' = θ - lr · ∇(mean token loss) / (sqrt(v̂) + eps)
+    other = copy.deepcopy(model)
+    ids = torch.tensor([doc])
+    grads = torch.autograd.grad(other(input_ids=ids, labels=ids).loss, list(other.parameters()))
+    with torch.no_grad():
+        for (name, p), g in zip(other.named_parameters(), grads):
+            p -= 0.05 * g / denominators[name]
+        batch = query_batch([prompt], [target])
+        after = -per_example_loss(other(input_ids=batch.input_ids).logits, batch)[0]
+    assert changes[("q", "d")] == pytest.approx(float(after) - base["q"], rel=1e-4, abs=1e-6)
+    assert abs(changes[("q", "d")]) > 1e-6
+    assert all(torch.equal(p, patcher.original[n]) for n, p in model.named_parameters())  # restored
