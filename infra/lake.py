@@ -1,186 +1,235 @@
-"""The lake: Delta tables under one root, a local folder or `s3://bucket/prefix`.
+"""The lake: one Delta table per declared schema under a root folder or s3://bucket/prefix.
 
-Python-side writers and readers use delta-rs (`deltalake`); Spark jobs use `format("delta")`
-through `spark_read` / `spark_write`. Every write is validated against the table's declaration
-in `schemas.tables`. `replace_slice` is the idempotent write: it replaces exactly the rows of one
-slice (e.g. one checkpoint × partition) in a single commit, so a retried or killed task that
-reruns never duplicates rows.
+Python-side writers and readers go through delta-rs (`Lake`); Spark jobs through `Lake.spark_read` /
+`Lake.spark_write` (format("delta")). Every write is validated against `schemas.tables` first, and
+every open checks the table's stored schema version.
 
-S3: standard AWS settings from the environment (AWS_ENDPOINT_URL, AWS_REGION, credentials);
-`AWS_ALLOW_HTTP=true` for a plain-http endpoint such as a loopback test server.
+Idempotence: a task rewrites its own slice with `replace_slice` (one atomic Delta commit that
+removes the slice's old files and adds the new ones), so a retried or crashed-and-rerun task never
+duplicates rows, and a task killed mid-way leaves no partial commit behind.
 """
 
 from __future__ import annotations
 
-import os
+import datetime as dt
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 from deltalake import DeltaTable, write_deltalake
-from deltalake.exceptions import TableNotFoundError
 
-from schemas.tables import TABLES, Table
-
-_AWS_OPTIONS = {"AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3": "AWS_ENDPOINT_URL",
-                "AWS_REGION": "AWS_REGION", "AWS_DEFAULT_REGION": "AWS_REGION", "AWS_ALLOW_HTTP": "AWS_ALLOW_HTTP",
-                "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
-                "AWS_SESSION_TOKEN": "AWS_SESSION_TOKEN"}
+from infra import storage
+from schemas.tables import SchemaError, Table, table as declared
 
 
-def is_s3(uri: str) -> bool:
-    return str(uri).startswith(("s3://", "s3a://"))
+class LakeError(RuntimeError):
+    """An operation on the lake is not possible."""
 
 
-def _sql_literal(value) -> str:
-    if isinstance(value, bool) or value is None:
-        raise ValueError(f"unsupported slice key value {value!r}")
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return "'" + str(value).replace("'", "''") + "'"
-
-
-def slice_predicate(**keys) -> str:
-    """SQL predicate selecting one slice, e.g. checkpoint_id = 'c1' AND partition = 3."""
-    if not keys:
-        raise ValueError("a slice needs at least one key")
-    return " AND ".join(f"{name} = {_sql_literal(value)}" for name, value in keys.items())
+class TableNotFoundError(FileNotFoundError):
+    """A table that must exist has not been written yet."""
 
 
 class Lake:
-    def __init__(self, root: str | os.PathLike):
-        self.root = str(root).rstrip("/")
-        if not is_s3(self.root):
-            self.root = str(Path(self.root).resolve())
+    def __init__(self, root: str | Path):
+        root = str(root)
+        self.root = root.rstrip("/") if storage.is_s3(root) else str(Path(root).resolve())
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Lake({self.root!r})"
 
     @property
-    def storage_options(self) -> dict | None:
-        if not is_s3(self.root):
-            return None
-        options = {target: os.environ[source] for source, target in _AWS_OPTIONS.items() if os.environ.get(source)}
-        # concurrent writers on S3 are safe without a lock table where the store honours If-None-Match
-        options.setdefault("AWS_S3_ALLOW_UNSAFE_RENAME", "true")
-        options.setdefault("conditional_put", "etag")
-        return options
+    def is_s3(self) -> bool:
+        return storage.is_s3(self.root)
+
+    @property
+    def storage_options(self) -> dict[str, str]:
+        return storage.delta_storage_options() if self.is_s3 else {}
 
     def path(self, table: str) -> str:
-        return f"{self.root}/{_declaration(table).name}"
+        return f"{self.root}/{declared(table).name}"
 
-    def file_path(self, *parts: str) -> str:
-        """A path for files kept next to the tables (matrices, reports)."""
-        return "/".join([self.root, *parts])
-
-    # ---------------------------------------------------------------- tables
     def exists(self, table: str) -> bool:
         return DeltaTable.is_deltatable(self.path(table), storage_options=self.storage_options)
 
-    def open(self, table: str, version: int | None = None) -> DeltaTable:
-        declaration = _declaration(table)
-        try:
-            dt = DeltaTable(self.path(table), version=version, storage_options=self.storage_options)
-        except TableNotFoundError:
-            raise FileNotFoundError(f"table {table!r} does not exist under {self.root}") from None
-        declaration.check_version(dt.metadata().configuration)
-        return dt
-
     def create(self, table: str) -> DeltaTable:
-        """The table, created empty with its declared schema and properties if it does not exist."""
-        declaration = _declaration(table)
-        if self.exists(table):
-            return self.open(table)
-        return DeltaTable.create(self.path(table), declaration.arrow_schema, mode="ignore",
-                                 partition_by=list(declaration.partition_by) or None,
-                                 description=declaration.description, configuration=declaration.properties,
-                                 storage_options=self.storage_options, raise_if_key_not_exists=False)
+        """The table, created empty with its declared schema, partitioning and properties if missing."""
+        spec = declared(table)
+        if not self.exists(table):
+            # raise_if_key_not_exists=False: delta-rs refuses non-"delta." properties otherwise.
+            DeltaTable.create(self.path(table), spec.arrow_schema, mode="ignore", partition_by=list(spec.partition_by),
+                              name=spec.name, description=spec.description, configuration=spec.table_properties,
+                              storage_options=self.storage_options, raise_if_key_not_exists=False)
+        return self.open(table)
 
-    def append(self, table: str, data: pa.Table) -> int:
-        declaration = _declaration(table)
-        dt = self.create(table)
-        write_deltalake(dt, declaration.conform(data), mode="append")
-        return data.num_rows
+    def open(self, table: str, version: int | None = None) -> DeltaTable:
+        """The existing table (at `version`), after checking its schema version and columns."""
+        spec = declared(table)
+        if not self.exists(table):
+            raise TableNotFoundError(f"table {table} does not exist at {self.path(table)} (nothing written to it yet)")
+        delta = DeltaTable(self.path(table), version=version, storage_options=self.storage_options)
+        metadata = delta.metadata()
+        spec.check_version(metadata.configuration)
+        if list(metadata.partition_columns) != list(spec.partition_by):
+            raise SchemaError(f"table {table}: stored partition columns {metadata.partition_columns}, "
+                              f"declared {list(spec.partition_by)}")
+        spec.check_column_names([f.name for f in delta.schema().fields])
+        return delta
 
-    def replace_slice(self, table: str, data: pa.Table, **keys) -> int:
-        """Replace the rows matching `keys` (column = value, ANDed) by `data`, in one commit."""
-        declaration = _declaration(table)
-        data = declaration.conform(data)
-        for name, value in keys.items():
-            if name not in data.column_names:
-                raise ValueError(f"{table}: slice key {name!r} is not a column")
-            values = set(data.column(name).to_pylist())
-            if values - {value}:
-                raise ValueError(f"{table}: rows outside the slice {name}={value!r}: {sorted(map(str, values))[:3]}")
-        dt = self.create(table)
-        write_deltalake(dt, data, mode="overwrite", predicate=slice_predicate(**keys))
-        return data.num_rows
+    def append(self, table: str, data: pa.Table | pa.RecordBatch) -> int:
+        """Validate and append rows; returns the new table version."""
+        spec, delta = declared(table), self.create(table)
+        write_deltalake(delta, spec.validate(data), mode="append")
+        return self.version(table)
+
+    def replace_slice(self, table: str, data: pa.Table | pa.RecordBatch, **keys) -> int:
+        """Atomically replace the rows where every `keys` column equals its value with `data`.
+
+        Keys are partition columns or declared slice keys of the table; every row of `data` must
+        belong to the slice. Running it again with the same data leaves the same rows.
+        """
+        spec = declared(table)
+        predicate, data = slice_predicate(spec, keys), spec.validate(data)
+        _check_rows_in_slice(spec, data, keys)
+        write_deltalake(self.create(table), data, mode="overwrite", predicate=predicate)
+        return self.version(table)
+
+    def update(self, table: str, keys: dict, values: dict) -> int:
+        """Set `values` on the rows selected by `keys` (like replace_slice); returns rows updated."""
+        spec = declared(table)
+        invalid = [name for name in values if name not in spec.column_names]
+        if invalid:
+            raise SchemaError(f"table {table} has no columns {invalid}")
+        metrics = self.open(table).update(new_values=values, predicate=slice_predicate(spec, keys))
+        return metrics["num_updated_rows"]
 
     def read(self, table: str, filters=None, columns: list[str] | None = None, version: int | None = None) -> pa.Table:
-        """Rows as Arrow; `filters` in pyarrow form, e.g. [("partition", "=", 3)].
+        """Rows of the table (at `version`) as Arrow, in declared column order; no rows if the
+        table has not been written yet (asking for a version of it is an error).
 
-        Reads through the dataset API single-threaded: `to_pyarrow_table()` aborts the process at
-        exit at random with deltalake 1.6 (see NOTES).
+        filters: {column: value} for equality, or [(column, op, value), ...] with op one of
+        = != < <= > >= in not in; all must hold.
         """
-        if not self.exists(table):
-            return _declaration(table).arrow_schema.empty_table().select(columns or _declaration(table).arrow_schema.names)
-
-        dataset = self.open(table, version).to_pyarrow_dataset()
-        expression = _filter_expression(filters) if filters else None
-        return dataset.to_table(columns=columns, filter=expression, use_threads=False)
+        spec = declared(table)
+        columns = columns or spec.column_names
+        for name in columns:
+            spec.column(name)
+        if version is None and not self.exists(table):
+            return spec.arrow_schema.empty_table().select(columns)
+        dataset = self.open(table, version=version).to_pyarrow_dataset()
+        # use_threads=False: threaded delta-rs reads have aborted the interpreter at exit here.
+        return dataset.to_table(columns=columns, filter=_filter_expression(spec, filters), use_threads=False)
 
     def version(self, table: str) -> int | None:
+        """The latest version, None if the table has not been written yet."""
         return self.open(table).version() if self.exists(table) else None
 
-    def history(self, table: str) -> list[dict]:
-        return self.open(table).history()
+    def history(self, table: str, limit: int | None = None) -> list[dict]:
+        """Commits, newest first: version, timestamp, operation, operationParameters, ..."""
+        return self.open(table).history(limit)
 
     def optimize(self, table: str) -> dict:
+        """Compact small files into bigger ones (a new version; old files stay until vacuum)."""
         return self.open(table).optimize.compact()
 
-    def vacuum(self, table: str, retention_hours: int = 168) -> list[str]:
-        return self.open(table).vacuum(retention_hours=retention_hours, enforce_retention_duration=False, dry_run=False)
+    def vacuum(self, table: str, retention_hours: int) -> list[str]:
+        """Delete files no longer referenced by versions newer than retention_hours; returns them.
 
-    # ---------------------------------------------------------------- Spark
+        Time travel to versions older than the retention stops working afterwards.
+        """
+        return self.open(table).vacuum(retention_hours=retention_hours, dry_run=False,
+                                       enforce_retention_duration=False)
+
+    # Spark jobs (Sail embedded or any Spark Connect cluster with Delta)
+
     def spark_read(self, spark, table: str, version: int | None = None):
+        """A DataFrame over the Delta table, after the same schema-version check as `open`."""
+        self.open(table, version=version)
         reader = spark.read.format("delta")
         if version is not None:
             reader = reader.option("versionAsOf", version)
         return reader.load(self.path(table))
 
-    def spark_write(self, df, table: str, replace_where: str | None = None) -> None:
-        """Append `df` (after creating the table with its declared schema), or replace the rows
-        matching `replace_where` in one commit."""
-        declaration = _declaration(table)
-        self.create(table)
-        df = df.select(*[df[c.name].cast(_spark_type(c)) for c in declaration.columns])
-        writer = df.write.format("delta")
+    def spark_write(self, df, table: str, mode: str | None = None, replace_where: str | dict | None = None) -> None:
+        """Write a DataFrame with exactly the declared columns (cast to the declared types).
+
+        replace_where replaces one slice atomically (Delta replaceWhere): {key: value} (values
+        quoted safely) or a Spark SQL predicate string. mode defaults to "overwrite" with
+        replace_where, else "append"; "overwrite" without it replaces the whole table. The Delta
+        writer enforces NOT NULL.
+        """
+        from pyspark.sql import functions as F
+
+        spec = declared(table)
+        spec.check_column_names(df.columns)
+        mode = mode or ("overwrite" if replace_where else "append")
+        if mode not in ("append", "overwrite") or (replace_where and mode != "overwrite"):
+            raise ValueError(f"mode must be append or overwrite (overwrite with replace_where), got {mode!r}")
+        self.create(table)  # declared schema, partitioning and properties come from delta-rs
+        columns = [F.col(c.name).cast(c.type).alias(c.name) for c in spec.columns]
+        writer = df.select(columns).write.format("delta").mode(mode)
         if replace_where:
-            writer = writer.mode("overwrite").option("replaceWhere", replace_where)
-        else:
-            writer = writer.mode("append")
+            predicate = replace_where if isinstance(replace_where, str) else slice_predicate(spec, replace_where, "`")
+            writer = writer.option("replaceWhere", predicate)
         writer.save(self.path(table))
 
 
-def _declaration(table: str) -> Table:
-    if table not in TABLES:
-        raise KeyError(f"unknown table {table!r}; tables: {sorted(TABLES)}")
-    return TABLES[table]
+def slice_predicate(spec: Table, keys: dict, quote: str = '"') -> str:
+    """SQL predicate selecting one slice, values quoted as literals; `quote` quotes identifiers
+    (double quotes for delta-rs, backticks for Spark)."""
+    if not keys:
+        raise SchemaError(f"table {spec.name}: a slice needs at least one key of {list(spec.key_columns)}")
+    return " AND ".join(_equals(spec, name, value, quote) for name, value in sorted(keys.items()))
 
 
-def _spark_type(column) -> str:
-    from schemas.tables import TYPES
+def _equals(spec: Table, name: str, value, quote: str) -> str:
+    if name not in spec.key_columns:
+        raise SchemaError(f"table {spec.name}: {name!r} is not a slice key; keys are {list(spec.key_columns)}")
+    column = f"{quote}{name}{quote}"
+    if value is None:
+        return f"{column} IS NULL"
+    return f"{column} = {_literal(spec.column(name).type, value, f'{spec.name}.{name}')}"
 
-    return TYPES[column.type][1]
+
+def _literal(sql_type: str, value, where: str) -> str:
+    if sql_type in ("INT", "BIGINT") and isinstance(value, int) and not isinstance(value, bool):
+        return str(int(value))
+    if sql_type == "STRING" and isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    raise SchemaError(f"{where}: slice key value {value!r} is not a {sql_type}")
 
 
-def _filter_expression(filters):
-    import pyarrow.compute as pc
+def _check_rows_in_slice(spec: Table, data: pa.Table, keys: dict) -> None:
+    for name, value in keys.items():
+        column = data.column(name)
+        outside = pc.sum(pc.invert(pc.is_null(column) if value is None else pc.fill_null(pc.equal(column, value), False)))
+        if outside.as_py():
+            raise SchemaError(f"table {spec.name}: {outside.as_py()} row(s) have {name} != {value!r}, "
+                              "outside the slice being replaced")
 
-    ops = {"=": lambda f, v: f == v, "==": lambda f, v: f == v, "!=": lambda f, v: f != v, "<": lambda f, v: f < v,
-           "<=": lambda f, v: f <= v, ">": lambda f, v: f > v, ">=": lambda f, v: f >= v,
-           "in": lambda f, v: f.isin(list(v)), "not in": lambda f, v: ~f.isin(list(v))}
+
+_OPERATORS = {"=": "__eq__", "==": "__eq__", "!=": "__ne__", "<": "__lt__", "<=": "__le__", ">": "__gt__", ">=": "__ge__"}
+
+
+def _filter_expression(spec: Table, filters) -> ds.Expression | None:
+    if not filters:
+        return None
+    conditions = [(n, "=", v) for n, v in filters.items()] if isinstance(filters, dict) else filters
     expression = None
-    for name, op, value in filters:
-        term = ops[op](pc.field(name), value)
-        expression = term if expression is None else expression & term
+    for name, op, value in conditions:
+        spec.column(name)
+        field = ds.field(name)
+        if op in _OPERATORS:
+            condition = getattr(field, _OPERATORS[op])(value)
+        elif op in ("in", "not in"):
+            condition = field.isin(list(value)) if op == "in" else ~field.isin(list(value))
+        else:
+            raise ValueError(f"unknown filter operator {op!r}; use one of {[*_OPERATORS, 'in', 'not in']}")
+        expression = condition if expression is None else expression & condition
     return expression
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+

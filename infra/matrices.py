@@ -1,43 +1,74 @@
-"""Large matrices (autocorrelation sums, inverse roots) as safetensors files next to the tables.
+"""Large matrices (Hessian autocorrelations, inverse roots) as safetensors files beside the tables.
 
-A saved file is named by the caller and checksummed; loading verifies the checksum, so a
-truncated or swapped file is an error, not a silent wrong answer. Local paths only: the S3 case
-copies through `infra.storage` (not needed by the embedded default).
+`store_matrices(lake, name, tensors)` writes <lake>/_matrices/<name>.safetensors and returns the
+path, shapes and sha256 that the `hessians` table records; `load_matrices(path, sha256)` verifies
+the checksum, so a truncated or swapped file is an error, never a silent wrong answer. Paths may
+be local or s3:// (infra.storage).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors, save as save_safetensors
+
+from infra import storage
+from infra.lake import Lake
+
+_NAME = re.compile(r"^[A-Za-z0-9_.=-]+(/[A-Za-z0-9_.=-]+)*$")
 
 
 class ChecksumMismatch(ValueError):
-    pass
+    """A stored matrix file does not have the checksum recorded for it."""
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+@dataclass(frozen=True)
+class StoredMatrices:
+    path: str
+    shapes: dict[str, list[int]]
+    sha256: str
 
 
-def save_matrices(path: Path, tensors: dict, metadata: dict | None = None) -> str:
-    """Write atomically (temp file + rename) and return the file's sha256."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(path.suffix + ".partial")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial),
-              metadata={k: str(v) for k, v in (metadata or {}).items()})
-    partial.replace(path)
-    return sha256_of(path)
+def matrix_path(lake: Lake, name: str) -> str:
+    """<lake>/_matrices/<name>.safetensors; `name` is a relative path like hessians/ck1/fp/r_train."""
+    if not _NAME.match(name) or ".." in name.split("/"):
+        raise ValueError(f"matrix name {name!r}: use letters, digits, _.=- and / between parts")
+    return f"{lake.root}/_matrices/{name}.safetensors"
 
 
-def load_matrices(path: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
-    if sha256 is not None and sha256_of(path) != sha256:
-        raise ChecksumMismatch(f"{path}: checksum differs from the registry's; the file was changed or truncated")
-    return load_file(str(path))
+def store_matrices(lake: Lake, name: str, tensors: dict, metadata: dict | None = None) -> StoredMatrices:
+    """Save tensors under the lake's _matrices folder; returns path, shape of each tensor, sha256."""
+    path = matrix_path(lake, name)
+    sha256 = save_matrices(path, tensors, metadata)
+    return StoredMatrices(path, {key: list(np.shape(value)) for key, value in tensors.items()}, sha256)
+
+
+def save_matrices(path: str | Path, tensors: dict, metadata: dict | None = None) -> str:
+    """Write torch/numpy tensors to a safetensors file (whole-file replace) and return its sha256."""
+    data = save_safetensors({key: _as_tensor(value) for key, value in tensors.items()},
+                            metadata={key: str(value) for key, value in (metadata or {}).items()})
+    storage.write_bytes(str(path), data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_matrices(path: str | Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, after checking it against its recorded sha256 if given."""
+    data = storage.read_bytes(str(path))
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise ChecksumMismatch(f"{path}: sha256 {hashlib.sha256(data).hexdigest()} does not match the recorded "
+                               f"{sha256}; the file was changed or truncated after it was registered")
+    return load_safetensors(data)
+
+
+def sha256_of(path: str | Path) -> str:
+    return hashlib.sha256(storage.read_bytes(str(path))).hexdigest()
+
+
+def _as_tensor(value) -> torch.Tensor:
+    tensor = torch.from_numpy(np.asarray(value)) if isinstance(value, np.ndarray) else value
+    return tensor.detach().cpu().contiguous()

@@ -1,45 +1,54 @@
-"""The Spark session every Spark job uses: Spark Connect only (DataFrame API).
+"""The Spark session: a Spark Connect endpoint from SPARK_REMOTE, else the embedded Sail engine.
 
-With `SPARK_REMOTE` set (e.g. `sc://spark-master:15002`, a Spark 4 cluster with delta-spark), the
-session connects there. Otherwise the Sail engine starts in this process on loopback: it reads
-and writes Delta natively, starts in about a second and needs no JVM or jar downloads.
+Sail runs in this process on loopback (no JVM, about a second to start); one server per process,
+shared by every `spark_session()` call and stopped at interpreter exit. Sail reads S3 settings from
+the standard AWS environment variables (AWS_ENDPOINT_URL, AWS_REGION, keys, AWS_ALLOW_HTTP).
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import threading
 
-_server = None
-_session = None
+from pyspark.sql import SparkSession
+
+_lock = threading.Lock()
+_session: SparkSession | None = None
 
 
-def spark_session():
-    """The process-wide session (started on first use, stopped at exit)."""
-    global _server, _session
-    if _session is not None:
+def spark_session(remote: str | None = None) -> SparkSession:
+    """The process's Spark session, started on first use.
+
+    `remote` (e.g. Config.spark_remote), else $SPARK_REMOTE, names a Spark Connect endpoint;
+    without either the embedded Sail engine starts.
+    """
+    global _session
+    with _lock:
+        if _session is None:
+            _session = SparkSession.builder.remote(_remote_url(remote)).getOrCreate()
         return _session
-    from pyspark.sql import SparkSession
-
-    remote = os.environ.get("SPARK_REMOTE")
-    if not remote:
-        os.environ.setdefault("RUST_LOG", "warn")  # Sail logs every query at INFO otherwise
-        from pysail.spark import SparkConnectServer
-
-        _server = SparkConnectServer(ip="127.0.0.1", port=0)
-        _server.start(background=True)
-        host, port = _server.listening_address
-        remote = f"sc://{host}:{port}"
-        atexit.register(stop)
-    _session = SparkSession.builder.remote(remote).getOrCreate()
-    return _session
 
 
-def stop():
-    global _server, _session
+def _remote_url(remote: str | None) -> str:
+    remote = remote or os.environ.get("SPARK_REMOTE")
+    if remote:
+        return remote
+    # Sail logs every session at INFO through env_logger; it reads RUST_LOG when the server starts.
+    os.environ.setdefault("RUST_LOG", "error")
+    from pysail.spark import SparkConnectServer
+
+    server = SparkConnectServer(ip="127.0.0.1", port=0)
+    server.start(background=True)
+    atexit.register(_stop, server)
+    host, port = server.listening_address
+    return f"sc://{host}:{port}"
+
+
+def _stop(server) -> None:
+    # Close the client first: a client outliving its server retries and warns at exit.
+    global _session
     if _session is not None:
         _session.stop()
         _session = None
-    if _server is not None:
-        _server.stop()
-        _server = None
+    server.stop()

@@ -22,6 +22,8 @@ COMMANDS = {
     "extract": ("jobs.extract", "projected gradients of training chunks and queries for one checkpoint (DeepSpeed)"),
     "fit-hessian": ("jobs.fit_hessian", "fit R_train, R_query, λ and the damped inverse root for a checkpoint"),
     "score": ("jobs.score", "exact top-k proponents per query from train_gradients (Spark)"),
+    "evaluate": ("jobs.evaluate", "MRR, recall@10, tail-patch and proponent categories per method; HTML report"),
+    "sql": ("jobs.sql", "run a documented SQL query over the lake's Delta tables with Spark (--list to see them)"),
     "pipeline": ("jobs.pipeline", "run every stage end to end on the embedded default (what `make run` does)"),
 }
 

@@ -93,14 +93,24 @@ def model_fingerprint(checkpoint_dir: Path) -> str:
 
 
 # ------------------------------------------------------------------ launcher side
-def register_checkpoint(lake: Lake, checkpoint_dir: Path, source: str, run_id: str) -> str:
+class CheckpointMismatch(ValueError):
+    """A checkpoint id already indexed with other weights: its vectors would be silently wrong."""
+
+
+def register_checkpoint(lake: Lake, checkpoint_dir: Path, source: str, run_id: str, force: bool) -> str:
     from jobs.checkpoints import load_manifest
 
     manifest = load_manifest(checkpoint_dir)
+    weights = model_fingerprint(checkpoint_dir)
+    known = lake.read("checkpoints", filters=[("checkpoint_id", "=", manifest["checkpoint_id"])],
+                      columns=["model_fingerprint"])["model_fingerprint"].to_pylist()
+    if known and known[0] != weights and not force:
+        raise CheckpointMismatch(f"checkpoint {manifest['checkpoint_id']!r} is registered with weights {known[0]}, "
+                                 f"but {checkpoint_dir} holds {weights}; pass --force to reindex it")
     row = pa.table({"checkpoint_id": [manifest["checkpoint_id"]], "step": [manifest["step"]], "path": [source],
                     "optimizer": [manifest["optimizer"]], "learning_rate": [float(manifest["lr"])],
                     "tokens_seen": [manifest.get("data_seen_tokens", 0)],
-                    "model_fingerprint": [model_fingerprint(checkpoint_dir)],
+                    "model_fingerprint": [weights],
                     "registered_at": [datetime.now(timezone.utc)], "run_id": [run_id]})
     lake.replace_slice("checkpoints", row, checkpoint_id=manifest["checkpoint_id"])
     return manifest["checkpoint_id"]
@@ -127,7 +137,7 @@ def run(config: ExtractConfig) -> dict:
     spec = projection_spec(checkpoint_dir, config)
     fingerprint = spec.fingerprint()
     run_id = start_run(lake, "extract", asdict(config) | {"fingerprint": fingerprint, "spec": spec.as_dict()})
-    checkpoint_id = register_checkpoint(lake, checkpoint_dir, config.checkpoint or str(checkpoint_dir), run_id)
+    checkpoint_id = register_checkpoint(lake, checkpoint_dir, config.checkpoint or str(checkpoint_dir), run_id, config.force)
 
     tokens = lake.read("tokens", columns=["partition"])
     partitions = sorted(set(tokens["partition"].to_pylist()))
@@ -288,13 +298,17 @@ class RankWorker:
         return np.flatnonzero(finite).tolist(), bad
 
     def _vector_columns(self, vectors) -> dict:
-        from schemas.vectors import encode_vectors
+        import numpy as np
 
-        cells, scales, norms = encode_vectors(vectors, self.config.vector_dtype)
-        n = len(vectors)
-        return {"vector": cells, "dtype": [self.config.vector_dtype] * n,
-                "scale": pa.array(scales, pa.float32()) if scales is not None else pa.nulls(n, pa.float32()),
-                "norm": norms, "fingerprint": [self.fingerprint] * n, "run_id": [self.plan["run_id"]] * n}
+        from schemas.vectors import decode_vectors, encode_vectors
+
+        dtype, n = self.config.vector_dtype, len(vectors)
+        cells, scales = encode_vectors(vectors, dtype)
+        stored = decode_vectors(cells, dtype, scales, vectors.shape[1])  # the norm of what readers will see
+        return {"vector": cells, "dtype": [dtype] * n,
+                "scale": scales if scales is not None else pa.nulls(n, pa.float32()),
+                "norm": np.linalg.norm(stored, axis=1).astype(np.float32), "fingerprint": [self.fingerprint] * n,
+                "run_id": [self.plan["run_id"]] * n}
 
     def _save_autocorrelation(self, kind: str, item, vectors):
         import torch

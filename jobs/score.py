@@ -11,8 +11,11 @@ Methods (`--methods`), each written under its own name so they compare row for r
   trackstar-no-mixing     R from training vectors only (λ = 0)
   trackstar-no-hessian    no R, unit norm (cosine of corrected projected gradients)
   trackstar-no-unit-norm  R^(-1/2), raw norms
-  trak                    R_train⁻¹ on one side, raw norms (TRAK-style)
-The optimizer correction is decided at extraction (its fingerprint names it).
+  trackstar-no-optimizer  as trackstar, on vectors extracted without optimizer correction
+  trak                    R_train⁻¹ on one side, raw norms, no optimizer correction (TRAK-style)
+  grad-dot, grad-cos      plain projected gradients: dot product, cosine
+The optimizer correction is decided at extraction (the fingerprint names it); `PLAIN_METHODS` are
+meant for vectors extracted with `--normalizer none` (`jobs.evaluate` wires both).
 """
 
 from __future__ import annotations
@@ -33,8 +36,12 @@ METHODS = {
     "trackstar-no-mixing": ("inverse_root_train_only", True, True),
     "trackstar-no-hessian": (None, True, True),
     "trackstar-no-unit-norm": ("inverse_root", False, True),
+    "trackstar-no-optimizer": ("inverse_root", True, True),
     "trak": ("r_train", False, False),
+    "grad-dot": (None, False, True),
+    "grad-cos": (None, True, True),
 }
+PLAIN_METHODS = ("trackstar-no-optimizer", "trak", "grad-dot", "grad-cos")
 
 
 @dataclass
@@ -46,6 +53,7 @@ class ScoreConfig:
     methods: list = field(default_factory=lambda: ["trackstar"])
     k: int = 10
     prompt_index: int = 0
+    inputs: dict | None = None  # what the scores depend on, recorded with the run (see jobs.orchestrate)
 
 
 def _prepared_side(vectors: torch.Tensor, blocks, unit_norm: bool) -> torch.Tensor:
@@ -162,7 +170,7 @@ def run(config: ScoreConfig) -> dict:
         written[method] = len(query_ids) * k
         print(f"[score] {method}: top-{k} of {config.query_set} × {checkpoint_id} written", flush=True)
     result = {"checkpoint_id": checkpoint_id, "query_set": config.query_set, "fingerprint": fingerprint,
-              "queries": len(query_ids), "methods": written, "run_id": run_id}
+              "queries": len(query_ids), "methods": written, "run_id": run_id, "inputs": config.inputs}
     finish_run(lake, run_id, "succeeded", result)
     return result
 

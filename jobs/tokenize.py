@@ -40,6 +40,7 @@ class TokenizeConfig:
     context: int = 128
     max_chars: int = 200_000        # longer documents are quarantined, not tokenized
     force: bool = False
+    partitions: list | None = None  # only these source partitions (default: all)
 
 
 def tokenizer_fingerprint(tokenizer_dir: Path) -> str:
@@ -132,6 +133,11 @@ def run(config: TokenizeConfig) -> dict:
         raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.json (train the model first, or pass --tokenizer)")
     fingerprint = tokenizer_fingerprint(tokenizer_dir)
     partitions = raw_partitions(raw_dir)
+    if config.partitions is not None:
+        unknown = sorted(set(config.partitions) - set(partitions))
+        if unknown:
+            raise FileNotFoundError(f"no raw partition(s) {unknown} under {raw_dir}")
+        partitions = {p: path for p, path in partitions.items() if p in set(config.partitions)}
     if not partitions:
         raise FileNotFoundError(f"no c4-*.json.gz partitions under {raw_dir}")
     done = set() if config.force else tokenized_partitions(lake, fingerprint)

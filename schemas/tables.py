@@ -1,36 +1,56 @@
 """Every Delta table of the lake, declared once.
 
-A declaration gives each column its type, nullability and a one-line description, the partition
-columns and the schema version. The Arrow schema (delta-rs writers, readers), the Spark DDL
-(Spark jobs, `CREATE TABLE`) and validation are all derived from it. The version is stored as the
-table property `trackstar.schema_version`; a table written under another version is refused.
+A `Table` lists its columns (Spark SQL type, nullability, one-line description), partition columns,
+slice keys and schema version. Everything else is derived from that one declaration: the Arrow
+schema (delta-rs writers, readers), the Spark DDL string (Spark jobs) and the validation of data
+before it is written.
+
+Types are written as Spark SQL types: STRING, INT, BIGINT, FLOAT, DOUBLE, BOOLEAN, BINARY,
+TIMESTAMP (UTC, microseconds) and ARRAY<...> of those.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
-VERSION_PROPERTY = "trackstar.schema_version"
+SCHEMA_VERSION_PROPERTY = "trackstar.schema_version"
 
-# type name -> (arrow type, Spark SQL type)
-TYPES = {
-    "string": (pa.string(), "STRING"),
-    "int": (pa.int32(), "INT"),
-    "bigint": (pa.int64(), "BIGINT"),
-    "float": (pa.float32(), "FLOAT"),
-    "double": (pa.float64(), "DOUBLE"),
-    "binary": (pa.binary(), "BINARY"),
-    "timestamp": (pa.timestamp("us", tz="UTC"), "TIMESTAMP"),
-    "array<int>": (pa.list_(pa.int32()), "ARRAY<INT>"),
-    "array<bigint>": (pa.list_(pa.int64()), "ARRAY<BIGINT>"),
-    "array<string>": (pa.list_(pa.string()), "ARRAY<STRING>"),
+_SCALAR_TYPES = {
+    "STRING": pa.string(),
+    "INT": pa.int32(),
+    "BIGINT": pa.int64(),
+    "FLOAT": pa.float32(),
+    "DOUBLE": pa.float64(),
+    "BOOLEAN": pa.bool_(),
+    "BINARY": pa.binary(),
+    "TIMESTAMP": pa.timestamp("us", tz="UTC"),
 }
+_ARRAY_TYPE = re.compile(r"^ARRAY<(.+)>$")
+# Spark DDL needs these names quoted (reserved or keyword-like in some SQL dialects).
+_QUOTED_NAMES = {"partition", "lambda", "rank", "value", "timestamp", "position", "path", "kind"}
 
 
 class SchemaError(ValueError):
-    """Data or a table does not match its declaration."""
+    """Data or a stored table does not match the declared schema."""
+
+
+class SchemaVersionError(SchemaError):
+    """A stored table was written with another schema version than the code declares."""
+
+
+def arrow_type(spark_type: str) -> pa.DataType:
+    """The Arrow type of a Spark SQL type string; list items are named "element" as Delta names them."""
+    spark_type = spark_type.strip().upper()
+    array = _ARRAY_TYPE.match(spark_type)
+    if array:
+        return pa.list_(pa.field("element", arrow_type(array.group(1)), nullable=True))
+    if spark_type not in _SCALAR_TYPES:
+        raise SchemaError(f"unsupported column type {spark_type!r}")
+    return _SCALAR_TYPES[spark_type]
 
 
 @dataclass(frozen=True)
@@ -42,20 +62,40 @@ class Column:
 
     @property
     def arrow_field(self) -> pa.Field:
-        return pa.field(self.name, TYPES[self.type][0], nullable=self.nullable)
+        return pa.field(self.name, arrow_type(self.type), nullable=self.nullable)
 
     @property
     def ddl(self) -> str:
-        return f"{self.name} {TYPES[self.type][1]}{'' if self.nullable else ' NOT NULL'}"
+        name = f"`{self.name}`" if self.name in _QUOTED_NAMES else self.name
+        return f"{name} {self.type}" + ("" if self.nullable else " NOT NULL")
 
 
 @dataclass(frozen=True)
 class Table:
     name: str
     description: str
-    columns: tuple
-    partition_by: tuple = ()
-    version: int = 1
+    columns: tuple[Column, ...]
+    partition_by: tuple[str, ...] = ()
+    # Columns besides the partition columns that may select a slice to replace (replace_slice).
+    slice_keys: tuple[str, ...] = ()
+    schema_version: int = 1
+    properties: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        names = self.column_names
+        unknown = [n for n in (*self.partition_by, *self.slice_keys) if n not in names]
+        if unknown or len(set(names)) != len(names):
+            raise SchemaError(f"table {self.name}: unknown key columns {unknown} or duplicate column names")
+
+    @property
+    def column_names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+    def column(self, name: str) -> Column:
+        for column in self.columns:
+            if column.name == name:
+                return column
+        raise SchemaError(f"table {self.name} has no column {name!r}")
 
     @property
     def arrow_schema(self) -> pa.Schema:
@@ -66,124 +106,237 @@ class Table:
         return ", ".join(c.ddl for c in self.columns)
 
     @property
-    def properties(self) -> dict:
-        return {VERSION_PROPERTY: str(self.version)}
+    def table_properties(self) -> dict[str, str]:
+        """Delta table properties, the schema version among them."""
+        return {**self.properties, SCHEMA_VERSION_PROPERTY: str(self.schema_version)}
 
-    def column(self, name: str) -> Column:
-        return next(c for c in self.columns if c.name == name)
+    @property
+    def key_columns(self) -> tuple[str, ...]:
+        return (*self.partition_by, *self.slice_keys)
 
-    def conform(self, data: pa.Table) -> pa.Table:
-        """`data` in this table's column order and types; a SchemaError says what is wrong."""
-        names = set(data.column_names)
-        missing = [c.name for c in self.columns if c.name not in names and not c.nullable]
-        if missing:
-            raise SchemaError(f"{self.name}: missing column(s) {missing}")
-        extra = sorted(names - {c.name for c in self.columns})
-        if extra:
-            raise SchemaError(f"{self.name}: unknown column(s) {extra}")
-        arrays = []
-        for c in self.columns:
-            if c.name not in names:
-                arrays.append(pa.nulls(data.num_rows, TYPES[c.type][0]))
-                continue
-            array = data.column(c.name)
-            try:
-                array = array.cast(TYPES[c.type][0])
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
-                raise SchemaError(f"{self.name}.{c.name}: expected {c.type}, got {array.type} ({error})") from None
-            if not c.nullable and array.null_count:
-                raise SchemaError(f"{self.name}.{c.name}: {array.null_count} null value(s) in a non-nullable column")
-            arrays.append(array)
-        return pa.Table.from_arrays(arrays, schema=self.arrow_schema)
+    def check_version(self, properties: dict[str, str]) -> None:
+        """Raise SchemaVersionError unless stored table properties carry this schema version."""
+        found = properties.get(SCHEMA_VERSION_PROPERTY)
+        if found != str(self.schema_version):
+            raise SchemaVersionError(
+                f"table {self.name}: stored schema version {found or 'missing'}, this code expects "
+                f"{self.schema_version}; migrate or rebuild the table")
 
-    def check_version(self, properties: dict) -> None:
-        found = (properties or {}).get(VERSION_PROPERTY)
-        if found != str(self.version):
-            raise SchemaError(f"table {self.name!r} was written with schema version {found}, this code expects "
-                              f"{self.version}: migrate it or point at a fresh lake")
+    def check_column_names(self, names: list[str]) -> None:
+        missing = [n for n in self.column_names if n not in names]
+        unexpected = [n for n in names if n not in self.column_names]
+        if missing or unexpected:
+            raise SchemaError(f"table {self.name}: missing columns {missing}, unexpected columns {unexpected}")
+
+    def validate(self, data: pa.Table | pa.RecordBatch) -> pa.Table:
+        """`data` cast to the declared schema (column order, exact types), or a SchemaError.
+
+        Lossless widenings are accepted (int64 values into INT when they fit, float64 into FLOAT,
+        large_string into STRING) and a nullable column may be left out (it is filled with nulls);
+        a different kind of value (text in a number column), a missing NOT NULL column, an
+        unexpected column, or a null in a NOT NULL column is an error naming the column.
+        """
+        data = pa.Table.from_batches([data]) if isinstance(data, pa.RecordBatch) else data
+        self.check_column_names(data.column_names + [c.name for c in self.columns if c.nullable])
+        return pa.Table.from_arrays([self._conform(c, _column_or_nulls(data, c)) for c in self.columns],
+                                    schema=self.arrow_schema)
+
+    def _conform(self, column: Column, values: pa.ChunkedArray) -> pa.ChunkedArray:
+        where = f"table {self.name}, column {column.name}"
+        target = arrow_type(column.type)
+        if not _same_kind(values.type, target):
+            raise SchemaError(f"{where}: type {values.type}, expected {column.type}")
+        if not column.nullable and values.null_count:
+            first = pc.index(pc.is_null(values), True).as_py()
+            raise SchemaError(f"{where}: {values.null_count} null(s) in a NOT NULL column (first at row {first})")
+        try:
+            return values.cast(target, safe=True)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+            raise SchemaError(f"{where}: values do not fit {column.type}: {error}") from error
 
 
-def _c(name, type_, description, nullable=False):
-    return Column(name, type_, description, nullable)
+def _column_or_nulls(data: pa.Table, column: Column) -> pa.ChunkedArray:
+    if column.name in data.column_names:
+        return data.column(column.name)
+    return pa.chunked_array([pa.nulls(data.num_rows, arrow_type(column.type))])
 
 
-RUN_ID = _c("run_id", "string", "the run that wrote the row (see `runs`)")
-CHECKPOINT_ID = _c("checkpoint_id", "string", "model checkpoint the row belongs to")
-DOC_ID = _c("doc_id", "string", "document id: the C4 url")
-PARTITION = _c("partition", "int", "source partition number (c4-train.NNNNN)")
-QUERY_SET = _c("query_set", "string", "name of a registered query set")
-QUERY_ID = _c("query_id", "string", "query id within its set")
-VECTOR_COLUMNS = (
-    _c("vector", "binary", "projected gradient, little-endian, encoded by `dtype`"),
-    _c("dtype", "string", "vector encoding: float32, float16, bfloat16 or int8"),
-    _c("scale", "float", "int8 only: value = int8 × scale", nullable=True),
-    _c("norm", "float", "L2 norm of the decoded vector"),
-    _c("fingerprint", "string", "projection fingerprint (seed, k per matrix, normaliser, dtype, code version)"),
-)
-
-TABLES = {t.name: t for t in [
-    Table("documents", "validated raw documents", (
-        DOC_ID, PARTITION, _c("source", "string", "raw file name"), _c("line", "int", "line number in the file (1-based)"),
-        _c("text", "string", "document text"), _c("timestamp", "string", "C4 timestamp"),
-        _c("n_chars", "int", "characters of text"), RUN_ID), partition_by=("partition",)),
-    Table("tokens", "token chunks of each document, at most the model context long", (
-        DOC_ID, PARTITION, _c("chunk", "int", "chunk index within the document"),
-        _c("token_start", "int", "first token of the chunk in the document's token stream"),
-        _c("token_end", "int", "end (exclusive)"), _c("input_ids", "array<int>", "token ids of the chunk"),
-        _c("n_tokens", "int", "len(input_ids)"), _c("tokenizer_fingerprint", "string", "sha256 of the tokenizer"),
-        RUN_ID), partition_by=("partition",)),
-    Table("quarantine", "rows that failed validation, with the reason", (
-        _c("source", "string", "file, table or query set the row came from"),
-        _c("position", "string", "where in the source (file:line, doc_id/chunk)"),
-        _c("stage", "string", "job that rejected it"), _c("reason", "string", "why"),
-        _c("raw_value", "string", "the offending value, truncated to 1000 characters", nullable=True),
-        RUN_ID, _c("recorded_at", "timestamp", "when"))),
-    Table("checkpoints", "registered model checkpoints", (
-        CHECKPOINT_ID, _c("step", "bigint", "training step"), _c("path", "string", "folder or s3:// prefix"),
-        _c("optimizer", "string", "adam or adafactor"), _c("learning_rate", "double", "lr at that step"),
-        _c("tokens_seen", "bigint", "training tokens seen"), _c("model_fingerprint", "string", "sha256 of the weights file"),
-        _c("registered_at", "timestamp", "when"), RUN_ID)),
-    Table("train_gradients", "projected gradients of training chunks", (
-        CHECKPOINT_ID, PARTITION, DOC_ID, _c("chunk", "int", "chunk index"),
-        _c("n_tokens", "int", "tokens in the chunk"), *VECTOR_COLUMNS, RUN_ID), partition_by=("checkpoint_id", "partition")),
-    Table("query_sets", "registered query sets", (
-        QUERY_SET, _c("path", "string", "JSONL it was loaded from"), _c("n_queries", "int", "queries"),
-        _c("registered_at", "timestamp", "when"), RUN_ID)),
-    Table("queries", "fact-tracing queries", (
-        QUERY_SET, QUERY_ID, _c("fact_id", "string", "fact of the knowledge base", nullable=True),
-        _c("subject", "string", "subject entity"), _c("relation", "string", "relation type"),
-        _c("object", "string", "object entity"), _c("target", "string", "text the model should produce"),
-        _c("aliases", "array<string>", "other names of the object"),
-        _c("prompt0", "string", "cloze prompt"), _c("prompt1", "string", "paraphrase"), _c("prompt2", "string", "paraphrase"),
-        _c("frequency_bucket", "int", "about how many documents state the fact"),
-        _c("stating_doc_ids", "array<string>", "ground truth: documents that state it"), RUN_ID),
-        partition_by=("query_set",)),
-    Table("query_gradients", "projected gradients of queries (target loss given the prompt)", (
-        QUERY_SET, CHECKPOINT_ID, QUERY_ID, _c("prompt_index", "int", "which prompt (0..2)"), *VECTOR_COLUMNS, RUN_ID),
-        partition_by=("query_set", "checkpoint_id")),
-    Table("hessians", "registry of autocorrelation matrices and inverse roots (safetensors files)", (
-        CHECKPOINT_ID, _c("query_set", "string", "task whose R_query was mixed in", nullable=True),
-        _c("fingerprint", "string", "projection fingerprint"), _c("kind", "string", "r_train, r_query or inverse_root"),
-        _c("path", "string", "safetensors file"), _c("shape", "array<bigint>", "block sizes"),
-        _c("sha256", "string", "checksum of the file"), _c("lambda", "double", "task mixing weight", nullable=True),
-        _c("damping", "double", "damping added to eigenvalues", nullable=True),
-        _c("n_samples", "bigint", "vectors averaged"), RUN_ID, _c("created_at", "timestamp", "when"))),
-    Table("proponents", "top-k training chunks per query and method", (
-        QUERY_SET, CHECKPOINT_ID, QUERY_ID, _c("method", "string", "scoring method"), _c("rank", "int", "1 = best"),
-        DOC_ID, _c("chunk", "int", "chunk index"), _c("score", "double", "score"), RUN_ID),
-        partition_by=("query_set", "method")),
-    Table("eval_metrics", "evaluation results", (
-        RUN_ID, QUERY_SET, CHECKPOINT_ID, _c("method", "string", "scoring method"), _c("metric", "string", "metric name"),
-        _c("bucket", "string", "frequency bucket or 'all'", nullable=True), _c("value", "double", "value"),
-        _c("n", "int", "queries averaged"), _c("created_at", "timestamp", "when"))),
-    Table("runs", "every run with its full configuration", (
-        RUN_ID, _c("command", "string", "job name"), _c("config_json", "string", "the run's configuration"),
-        _c("started_at", "timestamp", "start"), _c("finished_at", "timestamp", "end", nullable=True),
-        _c("status", "string", "running, succeeded or failed"), _c("counts_json", "string", "row counts", nullable=True))),
-]}
+def spark_type(arrow: pa.DataType) -> str:
+    """The Spark SQL type of one of the declared Arrow types (inverse of `arrow_type`)."""
+    if pa.types.is_list(arrow):
+        return f"ARRAY<{spark_type(arrow.value_type)}>"
+    for name, scalar in _SCALAR_TYPES.items():
+        if arrow == scalar:
+            return name
+    raise SchemaError(f"no declared Spark type for Arrow type {arrow}")
 
 
 def spark_ddl_of(schema: pa.Schema) -> str:
-    """Spark DDL for an Arrow schema built from the declared types (for mapInArrow outputs)."""
-    by_arrow = {arrow: spark for arrow, spark in TYPES.values()}
-    return ", ".join(f"{f.name} {by_arrow[f.type]}" for f in schema)
+    """Spark DDL of an Arrow schema, e.g. the output schema of a mapInArrow function."""
+    return ", ".join(Column(f.name, spark_type(f.type), "", f.nullable).ddl for f in schema)
+
+
+def _kind(arrow: pa.DataType) -> str:
+    checks = (("integer", pa.types.is_integer), ("float", pa.types.is_floating),
+              ("string", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)),
+              ("binary", lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t)),
+              ("timestamp", pa.types.is_timestamp), ("boolean", pa.types.is_boolean),
+              ("list", lambda t: pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t)),
+              ("null", pa.types.is_null))
+    return next((name for name, check in checks if check(arrow)), str(arrow))
+
+
+def _same_kind(actual: pa.DataType, target: pa.DataType) -> bool:
+    actual_kind, target_kind = _kind(actual), _kind(target)
+    if actual_kind == "null":  # an all-null column (e.g. pa.array([None])) casts to any type
+        return True
+    if actual_kind == "list" and target_kind == "list":
+        return _same_kind(actual.value_type, target.value_type)
+    if actual_kind == "timestamp" and target_kind == "timestamp":
+        return actual.tz is not None  # a naive timestamp's zone is unknown: refuse to guess
+    return actual_kind == target_kind or (actual_kind == "integer" and target_kind == "float")
+
+
+# Columns shared by several tables: one definition, one description.
+RUN_ID = Column("run_id", "STRING", "the run that wrote this row (runs.run_id)")
+DOC_ID = Column("doc_id", "STRING", "document id: the C4 url")
+PARTITION = Column("partition", "INT", "source partition number of the raw corpus")
+CHUNK = Column("chunk", "INT", "index of the model-sized token chunk within the document")
+CHECKPOINT_ID = Column("checkpoint_id", "STRING", "model checkpoint id (checkpoints.checkpoint_id)")
+QUERY_SET = Column("query_set", "STRING", "name of a registered query set (query_sets.query_set)")
+QUERY_ID = Column("query_id", "STRING", "query id, unique within its query set")
+FINGERPRINT = Column("fingerprint", "STRING", "projection fingerprint: seed, k per module, modules, normaliser, code version")
+METHOD = Column("method", "STRING", "scoring method, e.g. trackstar, an ablation or a baseline")
+
+
+VECTOR_COLUMNS = (
+    Column("vector", "BINARY", "projected gradient, little-endian, encoded as `dtype` (schemas.vectors)"),
+    Column("dtype", "STRING", "vector encoding: float32, float16, bfloat16 or int8"),
+    Column("scale", "FLOAT", "int8 only: value = int8 * scale (max|x|/127); null otherwise", nullable=True),
+    Column("norm", "FLOAT", "L2 norm of the vector before encoding"),
+    FINGERPRINT,
+)
+
+
+def _created_at(name: str = "created_at") -> Column:
+    return Column(name, "TIMESTAMP", "when the row was written (UTC)")
+
+
+TABLES: dict[str, Table] = {t.name: t for t in (
+    Table("documents", "raw C4 documents that passed validation", (
+        DOC_ID, PARTITION,
+        Column("source", "STRING", "raw file name the document came from"),
+        Column("line", "INT", "1-based line number in the source file"),
+        Column("text", "STRING", "document text"),
+        Column("timestamp", "STRING", "C4 crawl timestamp, as given"),
+        Column("n_chars", "INT", "number of characters of text"),
+        RUN_ID,
+    ), partition_by=("partition",)),
+    Table("tokens", "tokenized documents cut into model-sized chunks", (
+        DOC_ID, PARTITION, CHUNK,
+        Column("token_start", "INT", "first token of the chunk in the document's token stream"),
+        Column("token_end", "INT", "end (exclusive) of the chunk in the document's token stream"),
+        Column("input_ids", "ARRAY<INT>", "token ids of the chunk"),
+        Column("n_tokens", "INT", "number of tokens in the chunk"),
+        Column("tokenizer_fingerprint", "STRING", "hash of the tokenizer that produced the ids"),
+        RUN_ID,
+    ), partition_by=("partition",)),
+    Table("quarantine", "input rows refused by a stage, with the reason", (
+        Column("source", "STRING", "file or table the bad row came from"),
+        Column("position", "STRING", "where in the source, e.g. file:line"),
+        Column("stage", "STRING", "the pipeline stage that refused the row"),
+        Column("reason", "STRING", "why the row was refused"),
+        Column("raw_value", "STRING", "the raw row, truncated to 1000 characters; null if none", nullable=True),
+        RUN_ID,
+        _created_at("recorded_at"),
+    ), slice_keys=("run_id", "stage", "source")),
+    Table("checkpoints", "registered model checkpoints", (
+        CHECKPOINT_ID,
+        Column("step", "BIGINT", "training step of the checkpoint"),
+        Column("path", "STRING", "checkpoint folder, local or s3://"),
+        Column("optimizer", "STRING", "optimizer kind: adam or adafactor"),
+        Column("learning_rate", "DOUBLE", "learning rate at the checkpoint"),
+        Column("tokens_seen", "BIGINT", "training tokens seen up to the checkpoint"),
+        Column("model_fingerprint", "STRING", "hash of the model weights and config"),
+        _created_at("registered_at"),
+        RUN_ID,
+    ), slice_keys=("checkpoint_id",)),
+    Table("train_gradients", "projected gradients of training chunks, one per chunk and checkpoint", (
+        CHECKPOINT_ID, PARTITION, DOC_ID, CHUNK,
+        Column("n_tokens", "INT", "number of tokens in the chunk"),
+        *VECTOR_COLUMNS,
+        RUN_ID,
+    ), partition_by=("checkpoint_id", "partition")),
+    Table("query_sets", "registered query sets", (
+        QUERY_SET,
+        Column("path", "STRING", "file the query set was loaded from"),
+        Column("n_queries", "INT", "number of queries in the set"),
+        _created_at("registered_at"),
+        RUN_ID,
+    ), slice_keys=("query_set",)),
+    Table("queries", "fact queries (T-REx style) with their prompts and ground truth", (
+        QUERY_SET, QUERY_ID,
+        Column("fact_id", "STRING", "id of the knowledge-base fact, if any", nullable=True),
+        Column("subject", "STRING", "subject entity"),
+        Column("relation", "STRING", "relation id or name"),
+        Column("object", "STRING", "object entity"),
+        Column("target", "STRING", "target text the model should produce"),
+        Column("aliases", "ARRAY<STRING>", "accepted alternative targets"),
+        Column("prompt0", "STRING", "prompt template 0 filled with the subject"),
+        Column("prompt1", "STRING", "prompt template 1 filled with the subject"),
+        Column("prompt2", "STRING", "prompt template 2 filled with the subject"),
+        Column("frequency_bucket", "INT", "how often the fact is stated in the corpus (bucket index)"),
+        Column("stating_doc_ids", "ARRAY<STRING>", "documents that state the fact (ground truth)"),
+        RUN_ID,
+    ), partition_by=("query_set",)),
+    Table("query_gradients", "projected gradients of queries, one per query, prompt and checkpoint", (
+        QUERY_SET, CHECKPOINT_ID, QUERY_ID,
+        Column("prompt_index", "INT", "which prompt template (0, 1, 2)"),
+        *VECTOR_COLUMNS,
+        RUN_ID,
+    ), partition_by=("query_set", "checkpoint_id")),
+    Table("hessians", "fitted Hessian approximations; matrices live in <lake>/_matrices as safetensors", (
+        CHECKPOINT_ID,
+        Column("query_set", "STRING", "query set of the fit; null for the train-only autocorrelation", nullable=True),
+        FINGERPRINT,
+        Column("kind", "STRING", "r_train, r_query or inverse_root"),
+        Column("path", "STRING", "safetensors file holding the matrix"),
+        Column("shape", "ARRAY<BIGINT>", "shape of the matrix"),
+        Column("sha256", "STRING", "checksum of the safetensors file"),
+        Column("lambda", "DOUBLE", "mixing weight of R_query in R (inverse_root only)", nullable=True),
+        Column("damping", "DOUBLE", "damping added before the inverse root", nullable=True),
+        Column("n_samples", "BIGINT", "number of vectors the autocorrelation was estimated from"),
+        RUN_ID,
+        _created_at(),
+    ), slice_keys=("checkpoint_id", "query_set", "fingerprint", "kind")),
+    Table("proponents", "top-k training chunks per query: the influence ranking", (
+        QUERY_SET, CHECKPOINT_ID, QUERY_ID, METHOD,
+        Column("rank", "INT", "1-based rank within the query's top-k"),
+        DOC_ID, CHUNK,
+        Column("score", "DOUBLE", "influence score"),
+        RUN_ID,
+    ), partition_by=("query_set", "method"), slice_keys=("checkpoint_id",)),
+    Table("eval_metrics", "evaluation metrics of a ranking (MRR, recall@10, tail-patch)", (
+        RUN_ID, QUERY_SET, CHECKPOINT_ID, METHOD,
+        Column("metric", "STRING", "metric name, e.g. mrr, recall@10"),
+        Column("bucket", "STRING", "frequency bucket or 'all'", nullable=True),
+        Column("value", "DOUBLE", "metric value"),
+        Column("n", "INT", "number of queries measured"),
+        _created_at(),
+    ), slice_keys=("run_id", "query_set", "checkpoint_id", "method")),
+    Table("runs", "one row per pipeline run with its full configuration", (
+        RUN_ID,
+        Column("command", "STRING", "the command that ran, e.g. tokenize"),
+        Column("config_json", "STRING", "the run's full configuration as JSON (no secrets)"),
+        Column("started_at", "TIMESTAMP", "when the run started (UTC)"),
+        Column("finished_at", "TIMESTAMP", "when the run ended (UTC); null while running", nullable=True),
+        Column("status", "STRING", "running, succeeded or failed"),
+        Column("counts_json", "STRING", "row counts and other results as JSON", nullable=True),
+    ), slice_keys=("run_id",)),
+)}
+
+
+def table(name: str) -> Table:
+    if name not in TABLES:
+        raise SchemaError(f"unknown table {name!r}; tables: {', '.join(TABLES)}")
+    return TABLES[name]

@@ -1,6 +1,10 @@
-"""Vectors as compact little-endian binary cells: float32, float16, bfloat16, or int8 with a scale.
+"""Gradient vectors as BINARY cells: one little-endian buffer per row, no per-row Python work.
 
-Decoding is vectorised: one `np.frombuffer` over the Arrow array's value buffer, no per-row loop.
+dtype      bytes/value  error
+float32    4            exact
+float16    2            ~1e-3 relative (and overflow above 65504 -> inf)
+bfloat16   2            ~4e-3 relative (float32's range; upper 16 bits, rounded to nearest even)
+int8       1            |x - x'| <= scale/2 with scale = max|x| / 127 per vector (the `scale` column)
 """
 
 from __future__ import annotations
@@ -9,56 +13,86 @@ import numpy as np
 import pyarrow as pa
 
 DTYPES = ("float32", "float16", "bfloat16", "int8")
-_ITEM = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "int8": "i1"}
+_STORAGE = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "int8": np.dtype("i1")}
 
 
-def _to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
-    bits = x.astype("<f4").view("<u4")
-    rounding = ((bits >> 16) & 1) + 0x7FFF  # round to nearest, ties to even
-    return ((bits + rounding) >> 16).astype("<u2")
-
-
-def encode_vectors(vectors: np.ndarray, dtype: str = "float32") -> tuple[pa.Array, np.ndarray | None, np.ndarray]:
-    """(binary cells, int8 scales or None, float32 norms of the vectors as stored)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"vector dtype must be one of {DTYPES}, not {dtype!r}")
-    x = np.ascontiguousarray(vectors, dtype=np.float32)
-    if x.ndim != 2:
-        raise ValueError(f"vectors must be a 2-D array, got shape {x.shape}")
+def encode_vectors(array: np.ndarray, dtype: str) -> tuple[pa.BinaryArray, pa.FloatArray | None]:
+    """(one binary cell per row, per-row scales for int8 else None) for a float [n, d] array."""
+    _check_dtype(dtype)
+    array = np.asarray(array, dtype=np.float32)
+    if array.ndim != 2:
+        raise ValueError(f"expected a [n, d] array, got shape {array.shape}")
     scales = None
-    if dtype == "float32":
-        stored = x.astype("<f4")
-    elif dtype == "float16":
-        stored = x.astype("<f2")
-    elif dtype == "bfloat16":
-        stored = _to_bfloat16_bits(x)
-    else:
-        scales = (np.abs(x).max(axis=1) / 127).astype(np.float32)
-        scales[scales == 0] = 1.0
-        stored = np.clip(np.rint(x / scales[:, None]), -127, 127).astype("i1")
-    n, width = stored.shape[0], stored.shape[1] * stored.itemsize
-    offsets = pa.array(np.arange(n + 1, dtype=np.int32) * width)
-    cells = pa.BinaryArray.from_buffers(pa.binary(), n, [None, offsets.buffers()[1], pa.py_buffer(stored.tobytes())])
-    norms = np.linalg.norm(decode_vectors(cells, dtype, scales, x.shape[1]), axis=1).astype(np.float32)
-    return cells, scales, norms
-
-
-def decode_vectors(cells, dtype: str, scales, dim: int) -> np.ndarray:
-    """(n, dim) float32 from a binary Arrow array (or chunked array) of equal-length cells."""
-    if isinstance(cells, pa.ChunkedArray):
-        cells = cells.combine_chunks() if cells.num_chunks else pa.array([], pa.binary())
-    n = len(cells)
-    if n == 0:
-        return np.zeros((0, dim), dtype=np.float32)
-    if cells.null_count:
-        raise ValueError("null vector cells")
-    offsets = np.frombuffer(cells.buffers()[1], dtype=np.int32, count=n + 1, offset=cells.offset * 4)
-    item = np.dtype(_ITEM[dtype])
-    if not np.all(np.diff(offsets) == dim * item.itemsize):
-        raise ValueError(f"vector cells are not all {dim} × {dtype}: wrong dimension or dtype")
-    raw = np.frombuffer(cells.buffers()[2], dtype=item, count=n * dim, offset=int(offsets[0])).reshape(n, dim)
-    if dtype == "bfloat16":
-        return (raw.astype("<u4") << 16).view("<f4").astype(np.float32)
     if dtype == "int8":
-        return raw.astype(np.float32) * np.asarray(scales, dtype=np.float32).reshape(n, 1)
-    return raw.astype(np.float32)
+        stored, scale_values = _to_int8(array)
+        scales = pa.array(scale_values, pa.float32())
+    elif dtype == "bfloat16":
+        stored = _to_bfloat16_bits(array)
+    else:
+        stored = array.astype(_STORAGE[dtype])
+    return _rows_as_binary(np.ascontiguousarray(stored)), scales
+
+
+def decode_vectors(vectors: pa.Array | pa.ChunkedArray, dtype: str, scales=None, dim: int | None = None) -> np.ndarray:
+    """The float32 [n, d] array of binary cells written by encode_vectors (one frombuffer, no loop)."""
+    _check_dtype(dtype)
+    vectors = _single_binary_array(vectors)
+    width = _STORAGE[dtype].itemsize
+    n = len(vectors)
+    if vectors.null_count:
+        raise ValueError(f"{vectors.null_count} null vector(s)")
+    offsets = np.frombuffer(vectors.buffers()[1], dtype=np.int32, count=n + 1, offset=vectors.offset * 4)
+    lengths = np.diff(offsets)
+    dim = dim if dim is not None else (int(lengths[0]) // width if n else 0)
+    if n and not (lengths == dim * width).all():
+        raise ValueError(f"vectors are not all {dim} x {dtype} ({dim * width} bytes): lengths {sorted(set(lengths.tolist()))}")
+    data = vectors.buffers()[2]
+    stored = np.frombuffer(data, dtype=_STORAGE[dtype], count=n * dim, offset=int(offsets[0])).reshape(n, dim)
+    if dtype == "bfloat16":
+        return (stored.astype(np.uint32) << 16).view(np.float32)
+    if dtype == "int8":
+        if scales is None:
+            raise ValueError("int8 vectors need their scales")
+        return stored.astype(np.float32) * _scale_column(scales)
+    return stored.astype(np.float32)
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown vector dtype {dtype!r}; one of {DTYPES}")
+
+
+def _to_bfloat16_bits(array: np.ndarray) -> np.ndarray:
+    """Upper 16 bits of each float32, rounded to nearest even (NaN kept NaN)."""
+    bits = array.view(np.uint32)
+    rounding = np.uint32(0x7FFF) + ((bits >> 16) & 1)
+    rounded = ((bits + rounding) >> 16).astype(np.uint16)
+    return np.where(np.isnan(array), np.uint16(0x7FC0), rounded)
+
+
+def _to_int8(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scales = np.abs(array).max(axis=1, initial=0.0) / 127.0
+    safe = np.where(scales > 0, scales, 1.0)[:, None]  # all-zero rows stay zero
+    return np.clip(np.rint(array / safe), -127, 127).astype(np.int8), scales.astype(np.float32)
+
+
+def _rows_as_binary(stored: np.ndarray) -> pa.BinaryArray:
+    n, row_bytes = stored.shape[0], stored.shape[1] * stored.itemsize
+    offsets = pa.py_buffer((np.arange(n + 1, dtype=np.int32) * row_bytes).tobytes())
+    return pa.BinaryArray.from_buffers(pa.binary(), n, [None, offsets, pa.py_buffer(stored.tobytes())])
+
+
+def _single_binary_array(vectors) -> pa.BinaryArray:
+    if isinstance(vectors, pa.ChunkedArray):
+        vectors = vectors.combine_chunks() if vectors.num_chunks != 1 else vectors.chunk(0)
+    if pa.types.is_large_binary(vectors.type) or pa.types.is_binary_view(vectors.type):
+        vectors = vectors.cast(pa.binary())
+    if not pa.types.is_binary(vectors.type):
+        raise ValueError(f"vectors must be BINARY, got {vectors.type}")
+    return vectors
+
+
+def _scale_column(scales) -> np.ndarray:
+    if isinstance(scales, (pa.Array, pa.ChunkedArray)):
+        scales = scales.to_numpy(zero_copy_only=False)
+    return np.asarray(scales, dtype=np.float32)[:, None]

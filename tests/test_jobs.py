@@ -2,6 +2,7 @@
 fit-hessian, score (Sail); each checked against a direct computation with the kernels."""
 
 import gzip
+import shutil
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gradient_kernels.hessian import Autocorrelation, crossing_lambda, spectrum
@@ -198,3 +200,15 @@ def test_extract_rerun_is_a_no_op_and_a_killed_run_is_completed_without_duplicat
     assert redo["items"] == ["train:1"]
     rows = lake.read("train_gradients", columns=["doc_id", "chunk"])
     assert rows.num_rows == expected == len(set(zip(rows["doc_id"].to_pylist(), rows["chunk"].to_pylist())))
+
+
+def test_a_checkpoint_id_with_other_weights_is_refused(indexed, tmp_path):
+    lake, checkpoint, _, _ = indexed
+    changed = tmp_path / checkpoint.name
+    shutil.copytree(checkpoint, changed)
+    weights = load_file(changed / "model.safetensors")
+    first = sorted(weights)[0]
+    weights[first] = weights[first] + 1
+    save_file(weights, changed / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(extract.CheckpointMismatch, match="pass --force"):
+        extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(changed), k=4))

@@ -1,0 +1,144 @@
+"""Documented SQL over the lake's Delta tables, run with Spark (embedded Sail or SPARK_REMOTE).
+
+    python -m jobs sql --list
+    python -m jobs sql top_proponents --param query_set=trex --param query_id=q17 --lake lake
+
+Each table the query names is registered as a temp view over its Delta folder; parameters are
+bound as Spark SQL named parameters (`:name`), never pasted into the text. The queries:
+
+- top_proponents(query_set, query_id, method): a query's top-ranked training chunks with the text
+  of their documents (proponents joined with documents), per checkpoint.
+- proponent_frequency(query_set, method, limit): documents that are proponents of the most queries.
+- gradient_coverage(): per checkpoint and partition, chunks in `tokens` against vectors in
+  `train_gradients`; coverage below 1 means extraction has not finished that slice.
+- quarantine_by_reason(): refused input rows per run, stage and reason.
+- runs_history(): every run, newest first, with status and counts.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+from infra.config import load_config
+from infra.lake import Lake, TableNotFoundError
+from infra.spark import spark_session
+from schemas.tables import TABLES
+
+
+class SqlQuery(NamedTuple):
+    description: str
+    sql: str
+    params: dict[str, type] = {}
+
+
+SQL_QUERIES: dict[str, SqlQuery] = {
+    "top_proponents": SqlQuery(
+        "a query's top-ranked training chunks with their document text, per checkpoint",
+        """
+        SELECT p.checkpoint_id, p.`rank`, p.score, p.doc_id, p.chunk, substr(d.text, 1, 200) AS text
+        FROM proponents p JOIN documents d ON d.doc_id = p.doc_id
+        WHERE p.query_set = :query_set AND p.query_id = :query_id AND p.method = :method
+        ORDER BY p.checkpoint_id, p.`rank`
+        """,
+        {"query_set": str, "query_id": str, "method": str}),
+    "proponent_frequency": SqlQuery(
+        "documents that are proponents of the most queries (across checkpoints)",
+        """
+        SELECT doc_id, count(DISTINCT query_id) AS n_queries, count(*) AS n_rows, min(`rank`) AS best_rank
+        FROM proponents
+        WHERE query_set = :query_set AND method = :method
+        GROUP BY doc_id
+        ORDER BY n_queries DESC, doc_id
+        LIMIT :limit
+        """,
+        {"query_set": str, "method": str, "limit": int}),
+    "gradient_coverage": SqlQuery(
+        "per checkpoint and partition: chunks in tokens vs vectors in train_gradients",
+        """
+        WITH expected AS (SELECT `partition`, count(*) AS n_chunks FROM tokens GROUP BY `partition`),
+             done AS (SELECT checkpoint_id, `partition`, count(*) AS n_vectors
+                      FROM train_gradients GROUP BY checkpoint_id, `partition`)
+        SELECT c.checkpoint_id, e.`partition`, e.n_chunks, coalesce(d.n_vectors, 0) AS n_vectors,
+               round(coalesce(d.n_vectors, 0) / e.n_chunks, 4) AS coverage
+        FROM expected e CROSS JOIN checkpoints c
+        LEFT JOIN done d ON d.checkpoint_id = c.checkpoint_id AND d.`partition` = e.`partition`
+        ORDER BY c.checkpoint_id, e.`partition`
+        """),
+    "quarantine_by_reason": SqlQuery(
+        "refused input rows per run, stage and reason",
+        """
+        SELECT run_id, stage, reason, count(*) AS n
+        FROM quarantine GROUP BY run_id, stage, reason
+        ORDER BY n DESC, run_id, stage, reason
+        """),
+    "runs_history": SqlQuery(
+        "every run, newest first, with status and counts",
+        """
+        SELECT run_id, command, status, started_at, finished_at, counts_json
+        FROM runs ORDER BY started_at DESC
+        """),
+}
+
+
+def tables_used(sql: str) -> list[str]:
+    return [name for name in TABLES if re.search(rf"\b(FROM|JOIN)\s+{name}\b", sql, re.IGNORECASE)]
+
+
+def bind_params(name: str, given: dict[str, str]) -> dict:
+    """The query's parameters converted to their declared types; clear errors for missing or unknown."""
+    query = _query(name)
+    missing = sorted(set(query.params) - set(given))
+    unknown = sorted(set(given) - set(query.params))
+    if missing or unknown:
+        raise ValueError(f"query {name} takes {sorted(query.params) or 'no parameters'}; "
+                         f"missing {missing}, unknown {unknown}")
+    try:
+        return {key: query.params[key](value) for key, value in given.items()}
+    except ValueError as error:
+        raise ValueError(f"query {name}: bad parameter value: {error}") from None
+
+
+def run_query(spark, lake: Lake, name: str, params: dict[str, str] | None = None):
+    """The DataFrame of a named query over the lake's tables."""
+    query = _query(name)
+    args = bind_params(name, params or {})
+    for table in tables_used(query.sql):
+        if not lake.exists(table):
+            raise TableNotFoundError(f"query {name} needs table {table}, which does not exist under {lake.root} yet")
+        lake.spark_read(spark, table).createOrReplaceTempView(table)
+    return spark.sql(query.sql, args=args or None)
+
+
+def _query(name: str) -> SqlQuery:
+    if name not in SQL_QUERIES:
+        raise ValueError(f"unknown query {name!r}; queries: {', '.join(SQL_QUERIES)}")
+    return SQL_QUERIES[name]
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("name", nargs="?", choices=sorted(SQL_QUERIES), help="query to run")
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="query parameter")
+    parser.add_argument("--lake", help="lake root (default: the configured lake_root)")
+    parser.add_argument("--rows", type=int, default=50, help="rows to print")
+    parser.add_argument("--list", action="store_true", help="list the queries and their parameters")
+
+
+def main(args) -> int:
+    if args.list or not args.name:
+        for name, query in SQL_QUERIES.items():
+            usage = " ".join([name, *(f"--param {key}=..." for key in query.params)])
+            print(f"{usage}\n    {query.description}")
+        return 0
+    params = dict(_key_value(item) for item in args.param)
+    config = load_config()
+    lake = Lake(args.lake or config.lake_root)
+    run_query(spark_session(config.spark_remote), lake, args.name, params).show(n=args.rows, truncate=False)
+    return 0
+
+
+def _key_value(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise SystemExit(f"--param {item!r}: expected KEY=VALUE")
+    return key.strip(), value

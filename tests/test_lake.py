@@ -1,0 +1,381 @@
+"""The lake on real Delta tables: delta-rs locally and on a moto S3 server, Spark through Sail."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from infra import storage
+from infra.config import Config, ConfigError, load_config
+from infra.lake import Lake, LakeError, TableNotFoundError, utc_now
+from infra.matrices import ChecksumMismatch, load_matrices, store_matrices
+from infra.quarantine import count_by_reason, quarantine_rows
+from infra.runs import finish_run, start_run, tracked_run
+from jobs.sql import SQL_QUERIES, bind_params, run_query
+from schemas.tables import SCHEMA_VERSION_PROPERTY, TABLES, SchemaError
+from schemas.vectors import decode_vectors, encode_vectors
+
+
+def gradient_rows(checkpoint_id: str, partition: int, n: int, first_chunk: int = 0, run_id: str = "r1") -> pa.Table:
+    vectors = np.full((n, 4), partition, dtype=np.float32) + np.arange(n, dtype=np.float32)[:, None]
+    binary, _ = encode_vectors(vectors, "float32")
+    return pa.table({
+        "checkpoint_id": [checkpoint_id] * n, "partition": [partition] * n,
+        "doc_id": [f"https://example.com/{partition}/{i}" for i in range(n)],
+        "chunk": list(range(first_chunk, first_chunk + n)), "n_tokens": [16] * n,
+        "vector": binary, "dtype": ["float32"] * n, "scale": pa.nulls(n, pa.float32()),
+        "norm": np.linalg.norm(vectors, axis=1), "fingerprint": ["fp"] * n, "run_id": [run_id] * n,
+    })
+
+
+def document_rows(partition: int, n: int) -> pa.Table:
+    return pa.table({
+        "doc_id": [f"https://example.com/{partition}/{i}" for i in range(n)], "partition": [partition] * n,
+        "source": [f"c4-{partition:05d}.json.gz"] * n, "line": list(range(1, n + 1)),
+        "text": [f"text {partition} {i}" for i in range(n)], "timestamp": ["2019-04-25T12:00:00Z"] * n,
+        "n_chars": [10] * n, "run_id": ["r1"] * n,
+    })
+
+
+def sorted_rows(table: pa.Table, *keys: str) -> list[dict]:
+    return table.sort_by([(k, "ascending") for k in keys]).to_pylist()
+
+
+def slice_of(lake: Lake, checkpoint_id: str, partition: int) -> pa.Table:
+    return lake.read("train_gradients", filters={"checkpoint_id": checkpoint_id, "partition": partition})
+
+
+# delta-rs, local
+
+def test_create_is_idempotent_and_stores_the_declared_table(lake):
+    first = lake.create("train_gradients")
+    second = lake.create("train_gradients")
+    assert first.version() == second.version() == 0
+    assert second.metadata().partition_columns == ["checkpoint_id", "partition"]
+    assert second.metadata().configuration[SCHEMA_VERSION_PROPERTY] == "1"
+    assert lake.read("train_gradients").schema == TABLES["train_gradients"].arrow_schema
+    assert not lake.exists("tokens")
+
+
+def test_append_validates_before_writing(lake):
+    lake.append("train_gradients", gradient_rows("ck1", 0, 3))
+    with pytest.raises(SchemaError, match="column doc_id"):
+        lake.append("train_gradients", gradient_rows("ck1", 0, 2).set_column(2, "doc_id", pa.array([None, "x"])))
+    assert lake.version("train_gradients") == 1
+    assert lake.read("train_gradients").num_rows == 3
+
+
+def test_replace_slice_twice_leaves_the_same_rows_and_other_slices_untouched(lake):
+    for checkpoint_id in ("ck'1", "ck2"):  # a quote in a value must not break the predicate
+        for partition in (0, 1):
+            lake.append("train_gradients", gradient_rows(checkpoint_id, partition, 5))
+    others_before = lake.read("train_gradients", filters=[("checkpoint_id", "=", "ck2")])
+    replacement = gradient_rows("ck'1", 1, 3, first_chunk=100, run_id="r2")
+
+    lake.replace_slice("train_gradients", replacement, checkpoint_id="ck'1", partition=1)
+    once = slice_of(lake, "ck'1", 1)
+    lake.replace_slice("train_gradients", replacement, checkpoint_id="ck'1", partition=1)
+
+    assert sorted_rows(slice_of(lake, "ck'1", 1), "chunk") == sorted_rows(once, "chunk")
+    assert once.column("chunk").to_pylist() == [100, 101, 102] and set(once.column("run_id").to_pylist()) == {"r2"}
+    assert slice_of(lake, "ck'1", 0).num_rows == 5
+    assert sorted_rows(lake.read("train_gradients", filters=[("checkpoint_id", "=", "ck2")]), "partition", "chunk") == \
+        sorted_rows(others_before, "partition", "chunk")
+    assert lake.read("train_gradients").num_rows == 5 + 3 + 10
+
+
+def test_replace_slice_refuses_non_keys_and_rows_outside_the_slice(lake):
+    rows = gradient_rows("ck1", 0, 2)
+    with pytest.raises(SchemaError, match="'doc_id' is not a slice key"):
+        lake.replace_slice("train_gradients", rows, doc_id="x")
+    with pytest.raises(SchemaError, match="2 row\\(s\\) have partition != 1"):
+        lake.replace_slice("train_gradients", rows, checkpoint_id="ck1", partition=1)
+    with pytest.raises(SchemaError, match="is not a INT"):
+        lake.replace_slice("train_gradients", rows, checkpoint_id="ck1", partition="0 OR 1=1")
+
+
+def test_read_filters_columns_and_time_travel(lake):
+    lake.append("documents", document_rows(0, 4))
+    lake.append("documents", document_rows(1, 2))
+    lake.replace_slice("documents", document_rows(1, 3), partition=1)
+
+    assert lake.read("documents", filters={"partition": 1}).num_rows == 3
+    assert lake.read("documents", filters=[("line", ">=", 3), ("partition", "in", [0])]).num_rows == 2
+    assert lake.read("documents", columns=["text", "doc_id"]).column_names == ["text", "doc_id"]
+    assert lake.read("documents", version=2).num_rows == 6
+    assert lake.read("documents", version=0).num_rows == 0
+    assert [h["operation"] for h in lake.history("documents")] == ["WRITE", "WRITE", "WRITE", "CREATE TABLE"]
+    assert lake.version("documents") == 3
+    with pytest.raises(SchemaError, match="no column 'nope'"):
+        lake.read("documents", columns=["nope"])
+    assert lake.read("tokens").num_rows == 0 and lake.version("tokens") is None  # not written yet
+    with pytest.raises(TableNotFoundError, match="table tokens does not exist"):
+        lake.read("tokens", version=0)
+
+
+def test_optimize_compacts_and_vacuum_removes_unreferenced_files(lake):
+    for i in range(4):
+        lake.append("documents", document_rows(0, 2).set_column(0, "doc_id", pa.array([f"d{i}a", f"d{i}b"])))
+    before = lake.read("documents")
+    assert len(lake.open("documents").file_uris()) == 4
+    metrics = lake.optimize("documents")
+    assert metrics["numFilesRemoved"] == 4 and len(lake.open("documents").file_uris()) == 1
+    removed = lake.vacuum("documents", retention_hours=0)
+    assert len(removed) == 4
+    assert sorted_rows(lake.read("documents"), "doc_id") == sorted_rows(before, "doc_id")
+
+
+def test_vectors_survive_a_delta_round_trip(lake):
+    vectors = np.random.default_rng(1).standard_normal((6, 8)).astype(np.float32)
+    rows = gradient_rows("ck1", 0, 6)
+    binary, scales = encode_vectors(vectors, "int8")
+    rows = rows.set_column(5, "vector", binary).set_column(6, "dtype", pa.array(["int8"] * 6))
+    rows = rows.set_column(7, "scale", scales)
+    lake.append("train_gradients", rows)
+    stored = lake.read("train_gradients").sort_by("chunk")
+    decoded = decode_vectors(stored.column("vector"), "int8", stored.column("scale"), dim=8)
+    assert np.abs(decoded - vectors).max() <= np.abs(vectors).max() / 127
+
+
+# a task killed mid-way
+
+def _write_forever(root: str, mode: str) -> None:
+    lake = Lake(root)
+    for i in range(10_000):
+        if mode == "append":
+            lake.append("train_gradients", gradient_rows("ck1", 7, 5, first_chunk=5 * i))
+        else:
+            lake.replace_slice("train_gradients", gradient_rows("ck1", 7, 50), checkpoint_id="ck1", partition=7)
+
+
+@pytest.mark.parametrize("mode", ["append", "replace"])
+def test_a_writer_killed_mid_way_leaves_a_readable_table_and_a_rerun_fixes_the_slice(lake, mode):
+    lake.append("train_gradients", gradient_rows("ck1", 3, 4))  # another slice that must survive
+    child = multiprocessing.get_context("spawn").Process(target=_write_forever, args=(lake.root, mode))
+    child.start()
+    try:
+        deadline = time.monotonic() + 30
+        while lake.version("train_gradients") < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.13)  # land somewhere inside a later commit
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+    assert child.exitcode == -signal.SIGKILL
+    assert lake.version("train_gradients") >= 6
+
+    partial = slice_of(lake, "ck1", 7)
+    assert partial.num_rows % 5 == 0 if mode == "append" else partial.num_rows == 50  # whole commits only
+    expected = gradient_rows("ck1", 7, 50)
+    lake.replace_slice("train_gradients", expected, checkpoint_id="ck1", partition=7)
+    assert sorted_rows(slice_of(lake, "ck1", 7), "chunk") == sorted_rows(TABLES["train_gradients"].validate(expected), "chunk")
+    assert slice_of(lake, "ck1", 3).num_rows == 4
+
+
+# S3 (moto server on loopback)
+
+def test_the_lake_works_the_same_on_s3(s3_bucket):
+    lake = Lake(f"s3://{s3_bucket}/lake")
+    assert lake.storage_options["AWS_ALLOW_HTTP"] == "true" and lake.storage_options["AWS_ENDPOINT_URL"]
+    lake.append("train_gradients", gradient_rows("ck1", 0, 4))
+    lake.append("train_gradients", gradient_rows("ck1", 1, 4))
+    for _ in range(2):
+        lake.replace_slice("train_gradients", gradient_rows("ck1", 1, 2), checkpoint_id="ck1", partition=1)
+    assert slice_of(lake, "ck1", 1).num_rows == 2 and slice_of(lake, "ck1", 0).num_rows == 4
+    assert lake.read("train_gradients", version=2).num_rows == 8
+    assert len(lake.history("train_gradients")) == 5
+    assert storage.list_objects(f"s3://{s3_bucket}/lake/train_gradients/_delta_log", suffix=".json")
+
+
+def test_storage_helpers_copy_folders_to_and_from_s3(s3_bucket, tmp_path):
+    source = tmp_path / "checkpoint"
+    (source / "zero" / "global_step4").mkdir(parents=True)
+    (source / "manifest.json").write_text('{"step": 4}')
+    (source / "zero" / "global_step4" / "shard.pt").write_bytes(b"\x00" * 100)
+    uri = f"s3://{s3_bucket}/checkpoints/step-4"
+    assert storage.upload_dir(source, uri) == [f"{uri}/manifest.json", f"{uri}/zero/global_step4/shard.pt"]
+    assert storage.list_objects(f"s3://{s3_bucket}/checkpoints", suffix=".pt") == [f"{uri}/zero/global_step4/shard.pt"]
+    copy = storage.download_prefix(uri, tmp_path / "copy")
+    assert (copy / "manifest.json").read_text() == '{"step": 4}'
+    assert (copy / "zero" / "global_step4" / "shard.pt").read_bytes() == b"\x00" * 100
+    with pytest.raises(FileNotFoundError):
+        storage.download_prefix(f"s3://{s3_bucket}/nothing-here", tmp_path / "empty")
+
+
+# large matrices
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_matrices_round_trip_and_checksum(where, tmp_path, request):
+    lake = Lake(tmp_path / "lake") if where == "local" else Lake(f"s3://{request.getfixturevalue('s3_bucket')}/lake")
+    matrix = np.random.default_rng(2).standard_normal((5, 5)).astype(np.float32)
+    stored = store_matrices(lake, "hessians/ck1/fp/r_train", {"r": matrix, "eigenvalues": np.arange(5.0)})
+    assert stored.path == f"{lake.root}/_matrices/hessians/ck1/fp/r_train.safetensors"
+    assert stored.shapes == {"r": [5, 5], "eigenvalues": [5]}
+    loaded = load_matrices(stored.path, stored.sha256)
+    assert np.array_equal(loaded["r"].numpy(), matrix)
+    storage.write_bytes(stored.path, storage.read_bytes(stored.path)[:-1] + b" ")
+    with pytest.raises(ChecksumMismatch, match="does not match the recorded"):
+        load_matrices(stored.path, stored.sha256)
+    with pytest.raises(ValueError, match="matrix name"):
+        store_matrices(lake, "../outside", {"r": matrix})
+
+
+# configuration, runs, quarantine
+
+def test_config_from_file_then_environment(tmp_path):
+    path = tmp_path / "trackstar.toml"
+    path.write_text('lake_root = "s3://bucket/lake"\ntop_k = 20\nhessian_damping = 1\n')
+    env = {"TRACKSTAR_TOP_K": "50", "TRACKSTAR_HESSIAN_LAMBDA": "0.9", "TRACKSTAR_UNIT_NORMALIZE": "false",
+           "AWS_SECRET_ACCESS_KEY": "secret-value"}
+    config = load_config(path, environ=env)
+    assert (config.lake_root, config.top_k, config.hessian_damping) == ("s3://bucket/lake", 50, 1.0)
+    assert config.hessian_lambda == 0.9 and config.unit_normalize is False
+    assert load_config(environ={"TRACKSTAR_CONFIG": str(path)}).top_k == 20
+    assert load_config(environ={}) == Config()
+    stored = json.loads(config.replace(spark_remote="sc://host:15002/;token=abc").as_json())
+    assert stored["top_k"] == 50 and stored["spark_remote"] == "sc://host:15002/;token=***"
+    assert "secret-value" not in config.as_json()
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({"TRACKSTAR_TOP_K": "ten"}, "TRACKSTAR_TOP_K='ten': expected int"),
+    ({"TRACKSTAR_UNIT_NORMALIZE": "maybe"}, "expected a boolean"),
+    ({"TRACKSTAR_VECTOR_DTYPE": "float8"}, "vector_dtype 'float8'"),
+    ({"TRACKSTAR_HESSIAN_LAMBDA": "1.5"}, r"hessian_lambda must lie in \[0, 1\]"),
+])
+def test_config_rejects_bad_values(environ, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(environ=environ)
+
+
+def test_config_file_rejects_unknown_settings_and_wrong_types(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("lake_rot = 'x'\n")
+    with pytest.raises(ConfigError, match="unknown setting 'lake_rot'"):
+        load_config(path, environ={})
+    path.write_text("top_k = '10'\n")
+    with pytest.raises(ConfigError, match="top_k: expected int"):
+        load_config(path, environ={})
+
+
+def test_runs_are_recorded_with_status_and_counts(lake):
+    run_id = start_run(lake, "tokenize", Config(top_k=7))
+    (row,) = lake.read("runs").to_pylist()
+    assert row["status"] == "running" and json.loads(row["config_json"])["top_k"] == 7 and row["finished_at"] is None
+    finish_run(lake, run_id, "succeeded", {"documents": 3})
+    (row,) = lake.read("runs").to_pylist()
+    assert row["status"] == "succeeded" and json.loads(row["counts_json"]) == {"documents": 3}
+    assert row["finished_at"] >= row["started_at"]
+    with pytest.raises(LakeError, match="no run 'missing'"):
+        finish_run(lake, "missing", "failed")
+    with pytest.raises(RuntimeError, match="boom"):
+        with tracked_run(lake, "score", {"k": 1}):
+            raise RuntimeError("boom")
+    failed = lake.read("runs", filters={"command": "score"}).to_pylist()[0]
+    assert failed["status"] == "failed" and "boom" in json.loads(failed["counts_json"])["error"]
+
+
+def test_quarantine_rows_are_validated_truncated_counted_and_replaced_on_rerun(lake):
+    row = {"source": "c4-00000.json.gz", "position": "c4-00000.json.gz:7", "reason": "malformed JSON",
+           "raw_value": "x" * 5000}
+    rows = [row, row, {**row, "reason": "blank line", "raw_value": None}]
+    assert quarantine_rows(lake, rows, stage="tokenize", run_id="r1") == 3
+    quarantine_rows(lake, [{**row, "source": "other.json.gz"}], stage="tokenize", run_id="r1")
+    assert count_by_reason(lake, "r1") == {"malformed JSON": 3, "blank line": 1}
+    assert count_by_reason(lake, "r3") == {}
+    raw_values = lake.read("quarantine", filters={"source": "c4-00000.json.gz"}).column("raw_value").to_pylist()
+    assert sorted(map(len, filter(None, raw_values))) == [1000, 1000] and None in raw_values
+
+    quarantine_rows(lake, rows, stage="tokenize", run_id="r2")  # a rerun over the same file replaces its rows
+    assert count_by_reason(lake, "r2") == {"malformed JSON": 2, "blank line": 1}
+    assert lake.read("quarantine").num_rows == 4
+
+    with pytest.raises(SchemaError, match="column reason: 1 null"):
+        quarantine_rows(lake, [{k: v for k, v in row.items() if k != "reason"}], stage="tokenize", run_id="r3")
+    with pytest.raises(SchemaError, match="column stage: 1 null"):
+        quarantine_rows(lake, [row], run_id="r3")
+    with pytest.raises(SchemaError, match=r"unexpected columns \['line'\]"):
+        quarantine_rows(lake, [{**row, "line": 3}], stage="tokenize", run_id="r3")
+    assert lake.read("quarantine").num_rows == 4
+
+
+# Spark (embedded Sail)
+
+def test_spark_writes_slices_with_replace_where(spark, lake):
+    lake.append("documents", document_rows(2, 2))  # written by delta-rs, then extended by Spark
+    batch = spark.createDataFrame(document_rows(0, 3).to_pandas()).unionByName(
+        spark.createDataFrame(document_rows(1, 2).to_pandas()))
+    lake.spark_write(batch, "documents")
+    for _ in range(2):
+        again = spark.createDataFrame(document_rows(1, 4).to_pandas())
+        lake.spark_write(again, "documents", mode="overwrite", replace_where={"partition": 1})
+
+    per_partition = lake.spark_read(spark, "documents").groupBy("partition").count().collect()
+    counts = {r["partition"]: r["count"] for r in per_partition}
+    assert counts == {0: 3, 1: 4, 2: 2}
+    assert lake.read("documents", filters={"partition": 1}).num_rows == 4  # delta-rs sees Spark's commits
+    assert lake.open("documents").metadata().configuration[SCHEMA_VERSION_PROPERTY] == "1"
+    assert lake.spark_read(spark, "documents", version=1).count() == 2
+    with pytest.raises(SchemaError, match=r"missing columns \['run_id'\]"):
+        lake.spark_write(again.drop("run_id"), "documents")
+    as_text = spark.createDataFrame(document_rows(2, 1).to_pandas())  # a raw predicate string works too
+    lake.spark_write(as_text, "documents", replace_where="`partition` IN (2, 3)")
+    assert lake.read("documents", filters={"partition": 2}).num_rows == 1
+
+
+def test_spark_reads_tables_written_by_delta_rs_and_enforces_not_null(spark, lake):
+    lake.append("train_gradients", gradient_rows("ck1", 0, 3))
+    df = lake.spark_read(spark, "train_gradients")
+    assert df.filter("chunk >= 1").count() == 2
+    rows = df.orderBy("chunk").select("vector").collect()
+    assert np.array_equal(decode_vectors(pa.array([r["vector"] for r in rows], pa.binary()), "float32", dim=4),
+                          np.full((3, 4), 0.0, np.float32) + np.arange(3, dtype=np.float32)[:, None])
+    with_null = spark.createDataFrame(document_rows(0, 1).to_pandas()).selectExpr(
+        *[c if c != "text" else "CAST(NULL AS STRING) AS text" for c in TABLES["documents"].column_names])
+    with pytest.raises(Exception, match="NOT NULL"):
+        lake.spark_write(with_null, "documents")
+
+
+def test_spark_reads_and_writes_delta_on_s3(spark, s3_bucket):
+    lake = Lake(f"s3://{s3_bucket}/lake")
+    lake.append("documents", document_rows(0, 2))
+    lake.spark_write(spark.createDataFrame(document_rows(1, 3).to_pandas()), "documents")
+    assert lake.spark_read(spark, "documents").count() == 5
+    assert lake.read("documents", filters={"partition": 1}).num_rows == 3
+
+
+def test_sql_queries_run_on_the_lake(spark, lake):
+    lake.append("documents", document_rows(0, 3))
+    tokens = pa.table({"doc_id": [f"https://example.com/0/{i}" for i in range(3)], "partition": [0] * 3,
+                       "chunk": [0] * 3, "token_start": [0] * 3, "token_end": [4] * 3,
+                       "input_ids": [[1, 2, 3, 4]] * 3, "n_tokens": [4] * 3, "tokenizer_fingerprint": ["t"] * 3,
+                       "run_id": ["r1"] * 3})
+    lake.append("tokens", tokens)
+    lake.append("train_gradients", gradient_rows("ck1", 0, 2))
+    lake.append("checkpoints", pa.table({
+        "checkpoint_id": ["ck1"], "step": [4], "path": ["/ck1"], "optimizer": ["adam"], "learning_rate": [1e-3],
+        "tokens_seen": [100], "model_fingerprint": ["m"], "registered_at": [utc_now()], "run_id": ["r1"]}))
+    lake.append("proponents", pa.table({
+        "query_set": ["trex"] * 3, "checkpoint_id": ["ck1"] * 3, "query_id": ["q1", "q1", "q2"],
+        "method": ["trackstar"] * 3, "rank": [1, 2, 1], "doc_id": [f"https://example.com/0/{i}" for i in (2, 0, 2)],
+        "chunk": [0] * 3, "score": [0.9, 0.5, 0.7], "run_id": ["r1"] * 3}))
+
+    top = run_query(spark, lake, "top_proponents", {"query_set": "trex", "query_id": "q1", "method": "trackstar"})
+    assert [(r["rank"], r["text"]) for r in top.collect()] == [(1, "text 0 2"), (2, "text 0 0")]
+    frequent = run_query(spark, lake, "proponent_frequency", {"query_set": "trex", "method": "trackstar", "limit": "1"})
+    assert [(r["doc_id"], r["n_queries"]) for r in frequent.collect()] == [("https://example.com/0/2", 2)]
+    coverage = run_query(spark, lake, "gradient_coverage").collect()
+    assert [(r["checkpoint_id"], r["partition"], r["n_chunks"], r["n_vectors"]) for r in coverage] == [("ck1", 0, 3, 2)]
+    with pytest.raises(ValueError, match=r"missing \['method'\]"):
+        bind_params("top_proponents", {"query_set": "trex", "query_id": "q1"})
+    with pytest.raises(TableNotFoundError, match="needs table quarantine"):
+        run_query(spark, lake, "quarantine_by_reason")
+    assert set(SQL_QUERIES) >= {"top_proponents", "proponent_frequency", "gradient_coverage",
+                                "quarantine_by_reason", "runs_history"}
