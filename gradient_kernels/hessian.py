@@ -57,12 +57,23 @@ def spectrum(blocks: list) -> torch.Tensor:
 
 
 def crossing_lambda(query_spectrum: torch.Tensor, train_spectrum: torch.Tensor, component: int = 1000) -> float:
-    """λ such that λ·spec_query and (1-λ)·spec_train meet at `component` (clamped to the last one)."""
-    c = min(component, len(query_spectrum), len(train_spectrum)) - 1
+    """λ such that λ·spec_query and (1-λ)·spec_train meet at `component`.
+
+    The component is clamped to the numerical rank of both spectra: past the rank of R_query
+    (fewer query vectors than coordinates) its eigenvalues are zero and the rule would give λ = 1.
+    """
+    rank = min(_rank(query_spectrum), _rank(train_spectrum))
+    if rank == 0:
+        return 0.0  # no query directions to mix in
+    c = min(component, rank) - 1
     q, t = float(query_spectrum[c]), float(train_spectrum[c])
-    if q + t == 0:
-        return 0.5
     return min(1.0, max(0.0, t / (q + t)))
+
+
+def _rank(sorted_spectrum: torch.Tensor, tolerance: float = 1e-10) -> int:
+    if len(sorted_spectrum) == 0 or float(sorted_spectrum[0]) <= 0:
+        return 0
+    return int((sorted_spectrum > tolerance * sorted_spectrum[0]).sum())
 
 
 def mix(query_blocks: list, train_blocks: list, lam: float) -> list:

@@ -2,9 +2,15 @@
 
 The influence check of the paper: starting from the checkpoint, take one optimizer step on a
 single proponent document (its mean next-token loss, as a batch of one) with the checkpoint's
-learning rate and second moments, Δθ = -lr · g / (sqrt(V̂) + eps), measure the change of the
-target's log-probability given the prompt, and restore the weights. The step uses the second
-moments only (not Adam's first moment): the per-example part of an Adam step, as in the paper.
+optimizer state and learning rate, measure the change of the target's log-probability given the
+prompt, and restore the weights.
+
+The step is the optimizer's own rule applied to that one gradient:
+- Adam: v' = β2·v + (1-β2)·g², m' = (1-β1)·g (the checkpoint keeps no first moment here: m = 0),
+  Δθ = -lr · m̂' / (sqrt(v̂') + eps) with the bias corrections of step t+1. Folding g² into v
+  bounds the step exactly as Adam does for a gradient it has never seen.
+- Adafactor (torch): u = g / sqrt(V) with V from the factored state, clipped to RMS ≤ 1, times the
+  relative step size max(eps2, RMS(θ)) · min(lr, 1/sqrt(t)).
 
 Each document's step is computed once and evaluated on every query that has it as a proponent,
 in one batched forward pass.
@@ -18,15 +24,48 @@ from torch import nn
 from gradient_kernels.losses import Batch, per_example_loss, query_batch
 
 
+class AdamStep:
+    def __init__(self, state: dict):
+        self.v = {n: s["exp_avg_sq"] for n, s in state["state"].items()}
+        (self.beta1, self.beta2), self.eps, self.t = state["betas"], state["eps"], state["step"] + 1
+
+    def delta(self, name: str, param: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:
+        v = self.beta2 * self.v[name] + (1 - self.beta2) * grad * grad
+        m = (1 - self.beta1) * grad
+        return -lr * (m / (1 - self.beta1 ** self.t)) / ((v / (1 - self.beta2 ** self.t)).sqrt() + self.eps)
+
+
+class AdafactorStep:
+    def __init__(self, state: dict, eps2: float = 1e-3):
+        eps1 = torch.finfo(torch.float32).eps
+        self.v = {}
+        for name, held in state["state"].items():
+            if "row_var" in held:
+                v = held["row_var"] @ held["col_var"] / held["row_var"].mean(dim=-2, keepdim=True).clamp(min=eps1)
+            else:
+                v = held["variance"]
+            self.v[name] = v.clamp(min=eps1 * eps1)
+        self.eps2, self.t = eps2, state["step"] + 1
+
+    def delta(self, name: str, param: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:
+        update = grad / self.v[name].sqrt()
+        update = update / update.pow(2).mean().sqrt().clamp(min=1.0)  # update clipping, d = 1
+        alpha = max(self.eps2, float(param.pow(2).mean().sqrt())) * min(lr, self.t ** -0.5)
+        return -alpha * update
+
+
+def optimizer_step(state: dict):
+    """The step rule for a consolidated optimizer state (see jobs/checkpoints.py)."""
+    return AdamStep(state) if state["kind"] == "adam" else AdafactorStep(state)
+
+
 class TailPatcher:
-    def __init__(self, model: nn.Module, denominators: dict, lr: float):
-        """denominators: parameter name -> sqrt(V̂) + eps, in the parameter's own layout."""
-        self.model, self.lr = model.eval(), lr
+    def __init__(self, model: nn.Module, rule, lr: float):
+        self.model, self.rule, self.lr = model.eval(), rule, lr
         self.params = dict(model.named_parameters())
-        missing = sorted(set(self.params) - set(denominators))
+        missing = sorted(set(self.params) - set(rule.v))
         if missing:
             raise ValueError(f"no second moments for {missing[:3]}")
-        self.denominators = {n: denominators[n].to(p.dtype) for n, p in self.params.items()}
         self.original = {n: p.detach().clone() for n, p in self.params.items()}
 
     def target_log_probs(self, batch: Batch) -> torch.Tensor:
@@ -41,7 +80,7 @@ class TailPatcher:
         grads = torch.autograd.grad(loss, list(self.params.values()))
         with torch.no_grad():
             for (name, param), grad in zip(self.params.items(), grads):
-                param -= self.lr * grad / self.denominators[name]
+                param += self.rule.delta(name, param, grad, self.lr)
 
     def restore(self):
         with torch.no_grad():
@@ -64,22 +103,3 @@ class TailPatcher:
             for query, value in zip(doc_queries, after.tolist()):
                 changes[(query, doc)] = value - base[query]
         return base, changes
-
-
-def adam_denominators(state: dict) -> dict:
-    """sqrt(V̂) + eps per parameter from a consolidated Adam state (see jobs/checkpoints.py)."""
-    correction = 1 - state["betas"][1] ** state["step"]
-    return {n: (s["exp_avg_sq"] / correction).sqrt() + state["eps"] for n, s in state["state"].items()}
-
-
-def adafactor_denominators(state: dict) -> dict:
-    """sqrt(V) per parameter from torch Adafactor's factored (or full, for vectors) state."""
-    eps1 = torch.finfo(torch.float32).eps
-    out = {}
-    for name, held in state["state"].items():
-        if "row_var" in held:
-            v = held["row_var"] @ held["col_var"] / held["row_var"].mean(dim=-2, keepdim=True).clamp(min=eps1)
-        else:
-            v = held["variance"]
-        out[name] = v.clamp(min=eps1 * eps1).sqrt()
-    return out

@@ -133,14 +133,12 @@ def tail_patch(lake: Lake, checkpoint_dir: Path, learning_rate: float, ranked: d
     """method -> {delta_log_prob, delta_prob, pairs}: mean over sampled queries of the mean over top-k."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gradient_kernels.tail_patch import TailPatcher, adafactor_denominators, adam_denominators
+    from gradient_kernels.tail_patch import TailPatcher, optimizer_step
     from jobs.checkpoints import load_second_moments
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint_dir)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
-    state = load_second_moments(checkpoint_dir)
-    denominators = adam_denominators(state) if state["kind"] == "adam" else adafactor_denominators(state)
-    patcher = TailPatcher(model, denominators, learning_rate)
+    patcher = TailPatcher(model, optimizer_step(load_second_moments(checkpoint_dir)), learning_rate)
     eos = tokenizer.eos_token_id
     prompts = {q: [eos] + tokenizer(queries[q]["prompt0"], add_special_tokens=False)["input_ids"] for q in sample}
     targets = {q: tokenizer(queries[q]["target"], add_special_tokens=False)["input_ids"] for q in sample}

@@ -36,7 +36,7 @@ class ExtractConfig:
     checkpoint: str = ""                 # checkpoint folder or s3:// prefix; default: the newest trained one
     k: int = 16                          # projection size per side of every weight matrix (block k × k)
     seed: int = 0                        # projection seed
-    normalizer: str = "auto"             # adafactor | adam-factored | adam-exact | none | auto (from the state)
+    normalizer: str = "auto"             # adafactor | adam-factored | adam-exact | none | auto (`auto_normalizer`)
     vector_dtype: str = "float32"        # storage encoding of vectors
     token_budget: int = 4096             # padded tokens per batch
     ranks: int = 2
@@ -76,9 +76,22 @@ def projection_spec(checkpoint_dir: Path, config: ExtractConfig):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint_dir))
     normalizer = config.normalizer
     if normalizer == "auto":
-        normalizer = "adafactor" if load_manifest(checkpoint_dir)["optimizer"] == "adafactor" else "adam-factored"
+        normalizer = auto_normalizer(load_manifest(checkpoint_dir)["optimizer"],
+                                     sum(p.numel() for p in model.parameters()))
     return ProjectionSpec(seed=config.seed, k=uniform_k(weight_matrices(model), config.k), normalizer=normalizer,
                           dtype="float32")
+
+
+EXACT_ADAM_MAX_PARAMETERS = 50_000_000
+
+
+def auto_normalizer(optimizer: str, parameters: int) -> str:
+    """Adafactor states are factored already; Adam's is applied exactly on small models (on the
+    embedded model it ranks stating documents better than its rank-1 fit: see the closing notes)
+    and through the rank-1 fit on big ones, where per-example gradients would not fit."""
+    if optimizer == "adafactor":
+        return "adafactor"
+    return "adam-exact" if parameters <= EXACT_ADAM_MAX_PARAMETERS else "adam-factored"
 
 
 def autocorrelation_path(lake: Lake, checkpoint_id: str, fingerprint: str, kind: str, item) -> Path:
@@ -238,6 +251,10 @@ class RankWorker:
         rows = self.lake.read("tokens", filters=[("partition", "=", partition)],
                               columns=["doc_id", "chunk", "input_ids", "n_tokens"])
         ids = rows["input_ids"].to_pylist()
+        longest, positions = max(rows["n_tokens"].to_pylist(), default=0), self.model.config.max_position_embeddings
+        if longest > positions:
+            raise ValueError(f"partition {partition} holds chunks of {longest} tokens, the model takes {positions}: "
+                             f"re-tokenize with `python -m jobs tokenize --context {positions} --force`")
         pad = self.tokenizer.eos_token_id or 0
         batches = ((b, document_batch([ids[i] for i in b], pad)) for b in
                    token_budget_batches(rows["n_tokens"].to_pylist(), self.config.token_budget))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import json
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -37,14 +38,24 @@ class TokenizeConfig:
     lake: str = "lake"
     raw: str | None = None          # folder of c4-*.json.gz; default <lake>/raw
     tokenizer: str | None = None    # folder holding tokenizer.json; default <lake>/model/tokenizer
-    context: int = 128
+    context: int | None = None      # chunk length; default: the newest checkpoint's context
     max_chars: int = 200_000        # longer documents are quarantined, not tokenized
     force: bool = False
     partitions: list | None = None  # only these source partitions (default: all)
 
 
-def tokenizer_fingerprint(tokenizer_dir: Path) -> str:
-    return hashlib.sha256((Path(tokenizer_dir) / "tokenizer.json").read_bytes()).hexdigest()[:16]
+def tokenizer_fingerprint(tokenizer_dir: Path, context: int) -> str:
+    """Names the tokens a partition holds: the tokenizer and the chunk length."""
+    return hashlib.sha256((Path(tokenizer_dir) / "tokenizer.json").read_bytes()).hexdigest()[:16] + f"-ctx{context}"
+
+
+def model_context(lake_root: str) -> int:
+    """The context of the lake's newest checkpoint (the chunks must fit it)."""
+    configs = sorted(Path(lake_root).glob("checkpoints/*/config.json"))
+    if not configs:
+        raise FileNotFoundError(f"no checkpoint under {lake_root}/checkpoints to take the context from; pass --context")
+    config = json.loads(configs[-1].read_text())
+    return int(config.get("n_positions") or config["max_position_embeddings"])
 
 
 def raw_partitions(raw_dir: Path) -> dict[int, Path]:
@@ -131,7 +142,8 @@ def run(config: TokenizeConfig) -> dict:
     tokenizer_dir = Path(config.tokenizer or Path(config.lake) / "model" / "tokenizer")
     if not (tokenizer_dir / "tokenizer.json").exists():
         raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.json (train the model first, or pass --tokenizer)")
-    fingerprint = tokenizer_fingerprint(tokenizer_dir)
+    context = config.context or model_context(config.lake)
+    fingerprint = tokenizer_fingerprint(tokenizer_dir, context)
     partitions = raw_partitions(raw_dir)
     if config.partitions is not None:
         unknown = sorted(set(config.partitions) - set(partitions))
@@ -151,7 +163,7 @@ def run(config: TokenizeConfig) -> dict:
     spark = spark_session()
     files = spark.createDataFrame([(str(path.resolve()), p) for p, path in sorted(pending.items())],
                                   "path string, partition int").repartition(min(len(pending), os.cpu_count() or 1))
-    max_chars, context, tokenizer_file = config.max_chars, config.context, str((tokenizer_dir / "tokenizer.json").resolve())
+    max_chars, tokenizer_file = config.max_chars, str((tokenizer_dir / "tokenizer.json").resolve())
     parsed = files.mapInArrow(lambda it: parse_files(it, max_chars), spark_ddl_of(PARSED_SCHEMA))
     documents = parsed.filter(F.col("reason").isNull()).drop("reason", "raw_value").withColumn("run_id", F.lit(run_id))
     tokens = (documents.mapInArrow(lambda it: tokenize_documents(it, tokenizer_file, context), spark_ddl_of(TOKEN_SCHEMA))

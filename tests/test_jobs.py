@@ -52,7 +52,7 @@ def indexed(adam_run, tmp_path_factory):
     long_text = " ".join(f"Sentence number {i} talks about the weather in a quiet town." for i in range(40))
     _write_extra_partition(lake_dir / "raw", long_text)
     lake = Lake(lake_dir)
-    results = {"tokenize": tokenize.run(tokenize.TokenizeConfig(lake=str(lake_dir), context=64))}
+    results = {"tokenize": tokenize.run(tokenize.TokenizeConfig(lake=str(lake_dir)))}
     register_queries.run(str(lake_dir))
     results["extract"] = extract.run(extract.ExtractConfig(lake=str(lake_dir), k=4, token_budget=512))
     results["fit"] = fit_hessian.run(fit_hessian.FitHessianConfig(lake=str(lake_dir)))
@@ -108,10 +108,10 @@ def test_extract_equals_the_kernels_on_the_same_chunks(indexed):
     assert set(rows["fingerprint"].to_pylist()) == {results["extract"]["fingerprint"]}
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
     matrices = weight_matrices(model)
-    spec = ProjectionSpec(seed=0, k={m.name: 4 for m in matrices}, normalizer="adam-factored")
+    spec = ProjectionSpec(seed=0, k={m.name: 4 for m in matrices}, normalizer="adam-exact")
     assert spec.fingerprint() == results["extract"]["fingerprint"]
     projector = GradientProjector(model, spec, normalizers_from_state(load_second_moments(checkpoint), matrices,
-                                                                     "adam-factored"))
+                                                                     "adam-exact"))
     by_key = {(d, c): ids for d, c, ids in zip(tokens["doc_id"].to_pylist(), tokens["chunk"].to_pylist(),
                                                 tokens["input_ids"].to_pylist())}
     sample = list(range(0, rows.num_rows, max(1, rows.num_rows // 6)))

@@ -18,7 +18,7 @@ from gradient_kernels.normalizers import (MissingOptimizerState, adam_denominato
 from gradient_kernels.projection import ProjectionSpec, gaussian_projection
 from gradient_kernels.reference import dense_projection, reference_vectors
 from gradient_kernels.scoring import FingerprintMismatch, Preconditioner, check_same, merge_top_k, prepare, top_k
-from gradient_kernels.tail_patch import TailPatcher, adam_denominators
+from gradient_kernels.tail_patch import AdamStep, TailPatcher
 
 VOCAB = 61
 
@@ -240,7 +240,9 @@ def test_lambda_mixing_and_inverse_root_closed_forms():
     assert crossing_lambda(q, t, component=2) == pytest.approx(0.5)       # λ·2 = (1-λ)·2
     assert crossing_lambda(q, t, component=3) == pytest.approx(2 / 3)     # λ·1 = (1-λ)·2
     assert crossing_lambda(q, t, component=1000) == pytest.approx(2 / 3)  # clamped to the last component
-    assert crossing_lambda(torch.zeros(3), t, component=1) == 1.0
+    assert crossing_lambda(torch.zeros(3), t, component=1) == 0.0
+    # past the rank of R_query (two query vectors) the rule uses the last nonzero component
+    assert crossing_lambda(torch.tensor([4.0, 1.0, 0.0]), t, component=1000) == pytest.approx(2 / 3)
     rq, rt = [torch.eye(2) * 4], [torch.eye(2)]
     assert torch.allclose(mix(rq, rt, 0.25)[0], torch.eye(2) * 1.75)
     with pytest.raises(ValueError):
@@ -299,21 +301,23 @@ def test_documents_too_short_for_a_loss_are_refused():
         document_batch([[1, 2], [3]])
 
 
-def test_tail_patch_step_matches_a_hand_computed_adam_step_and_restores():
+def test_tail_patch_step_is_one_adam_step_from_the_checkpoint_state_and_restores():
     model = _gpt2()
     state = _train_state(model, "adam")
-    denominators = adam_denominators(state)
-    patcher = TailPatcher(model, denominators, lr=0.05)
+    patcher = TailPatcher(model, AdamStep(state), lr=0.05)
     doc, prompt, target = [3, 9, 4, 8, 1], [3, 9], [4, 8]
     base, changes = patcher.log_prob_changes({"d": doc}, [("q", "d")], {"q": prompt}, {"q": target})
-    # by hand on a copy: θ' = θ - lr · ∇(mean token loss) / (sqrt(v̂) + eps)
+    # the same step by torch's own AdamW, resumed from the checkpoint's v with m = 0
     other = copy.deepcopy(model)
+    optimizer = torch.optim.AdamW(other.parameters(), lr=0.05, betas=(0.9, 0.95), eps=1e-8, weight_decay=0)
+    for name, p in other.named_parameters():
+        optimizer.state[p] = {"step": torch.tensor(float(state["step"])), "exp_avg": torch.zeros_like(p),
+                              "exp_avg_sq": state["state"][name]["exp_avg_sq"].clone()}
     ids = torch.tensor([doc])
-    grads = torch.autograd.grad(other(input_ids=ids, labels=ids).loss, list(other.parameters()))
+    other(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    batch = query_batch([prompt], [target])
     with torch.no_grad():
-        for (name, p), g in zip(other.named_parameters(), grads):
-            p -= 0.05 * g / denominators[name]
-        batch = query_batch([prompt], [target])
         after = -per_example_loss(other(input_ids=batch.input_ids).logits, batch)[0]
     assert changes[("q", "d")] == pytest.approx(float(after) - base["q"], rel=1e-4, abs=1e-6)
     assert abs(changes[("q", "d")]) > 1e-6

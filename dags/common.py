@@ -1,0 +1,43 @@
+"""What every TrackStar DAG shares: default arguments, the device pool, and the lake's assets."""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+from pathlib import Path
+
+from airflow.sdk import Asset
+
+from jobs.orchestrate import lake_root
+
+log = logging.getLogger(__name__)
+
+# Extraction saturates a machine (all its GPUs, or all CPU cores with CPU ranks): one at a time.
+DEVICE_POOL = "trackstar_device"
+
+
+def log_failure(context) -> None:
+    """Failure callback: one line saying what failed, where, and how to retry it."""
+    ti = context["ti"]
+    log.error("TrackStar task %s.%s failed (try %s of %s, run %s): %s. Fix the cause, then clear the task; "
+              "stages are idempotent, so a rerun only redoes missing slices.", ti.dag_id, ti.task_id, ti.try_number,
+              ti.max_tries + 1, ti.run_id, context.get("exception"))
+
+
+DEFAULT_ARGS = {
+    "owner": "trackstar",
+    "retries": int(os.environ.get("TRACKSTAR_TASK_RETRIES", "2")),
+    "retry_delay": timedelta(seconds=float(os.environ.get("TRACKSTAR_RETRY_DELAY_SECONDS", "60"))),
+    "retry_exponential_backoff": True,
+    "max_retry_delay": timedelta(minutes=30),
+    "execution_timeout": timedelta(hours=6),
+    "on_failure_callback": log_failure,
+}
+
+
+def table_asset(table: str) -> Asset:
+    """The Delta table as an Airflow asset, so downstream DAGs can be triggered by its updates."""
+    root = lake_root()
+    uri = root if root.startswith("s3://") else Path(root).resolve().as_uri()
+    return Asset(name=f"trackstar.{table}", uri=f"{uri.rstrip('/')}/{table}")

@@ -1,0 +1,63 @@
+"""Nightly reindex: tokenize new raw partitions, extract missing gradient slices for the newest
+checkpoint, refit the Hessian when the training sample changed enough, rescore what changed.
+
+Every step is idempotent: a night with nothing new changes no table and says so.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from airflow.sdk import dag, task
+
+from dags.common import DEFAULT_ARGS, DEVICE_POOL, table_asset
+from jobs import orchestrate
+
+
+@dag(dag_id="trackstar_reindex", schedule="@daily", start_date=datetime(2026, 1, 1), catchup=False,
+     max_active_runs=1, default_args=DEFAULT_ARGS, tags=["trackstar", "index"], doc_md=__doc__,
+     dagrun_timeout=timedelta(hours=12))
+def trackstar_reindex():
+    @task
+    def find_new_partitions() -> list[int]:
+        return orchestrate.find_new_partitions()
+
+    @task
+    def newest_checkpoint() -> str:
+        return orchestrate.newest_checkpoint()
+
+    @task
+    def registered_query_sets() -> list[str]:
+        return orchestrate.registered_query_sets()
+
+    @task(outlets=[table_asset("documents"), table_asset("tokens"), table_asset("quarantine")])
+    def tokenize_partition(partition: int) -> dict:
+        return orchestrate.tokenize_partition(partition)
+
+    @task(pool=DEVICE_POOL, outlets=[table_asset("train_gradients"), table_asset("query_gradients")])
+    def extract_missing(checkpoint: str, query_sets: list[str]) -> dict:
+        return orchestrate.extract_missing(checkpoint, query_sets)
+
+    @task(outlets=[table_asset("hessians")])
+    def refit_hessians(extraction: dict, query_sets: list[str]) -> list[str]:
+        return orchestrate.refit_hessians(extraction, query_sets)
+
+    @task(outlets=[table_asset("proponents")])
+    def rescore_changed(extraction: dict, query_sets: list[str]) -> list[str]:
+        return orchestrate.rescore_changed(extraction, query_sets)
+
+    @task
+    def report_summary(tokenized: list, extraction: dict, refitted: list[str], rescored: list[str]) -> str:
+        return orchestrate.report_summary(tokenized, extraction, refitted, rescored)
+
+    checkpoint, query_sets = newest_checkpoint(), registered_query_sets()
+    tokenized = tokenize_partition.expand(partition=find_new_partitions())
+    extraction = extract_missing(checkpoint, query_sets)
+    tokenized >> extraction
+    refitted = refit_hessians(extraction, query_sets)
+    rescored = rescore_changed(extraction, query_sets)
+    refitted >> rescored
+    report_summary(tokenized, extraction, refitted, rescored)
+
+
+trackstar_reindex()

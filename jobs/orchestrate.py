@@ -1,0 +1,246 @@
+"""What the Airflow DAGs decide, as plain functions: what is new, what is missing, what to redo.
+
+Each function is one DAG task (the task id is the function name) and returns a small JSON-able
+dict for XCom. They only read the lake and call the stage jobs, which are themselves idempotent:
+a rerun with nothing new changes no table.
+
+Settings come from the environment (the same variables the CLI reads):
+    TRACKSTAR_LAKE_ROOT        lake root, a folder or s3://bucket/prefix   (default ./lake)
+    TRACKSTAR_CHECKPOINTS      where checkpoints arrive, folder or s3://   (default <lake>/checkpoints)
+    TRACKSTAR_REFIT_THRESHOLD  refit the Hessian when the training sample grew or shrank by more
+                               than this share since the last fit          (default 0.1)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from infra.lake import Lake
+from jobs import extract, fit_hessian, score, tokenize
+
+DEFAULT_METHODS = ("trackstar",)
+
+
+def lake_root() -> str:
+    return os.environ.get("TRACKSTAR_LAKE_ROOT", "lake")
+
+
+def checkpoint_location() -> str:
+    return os.environ.get("TRACKSTAR_CHECKPOINTS", str(Path(lake_root()) / "checkpoints"))
+
+
+def refit_threshold() -> float:
+    return float(os.environ.get("TRACKSTAR_REFIT_THRESHOLD", "0.1"))
+
+
+# ------------------------------------------------------------------ finding work
+def newest_checkpoint(location: str | None = None) -> str:
+    """The checkpoint with the highest step under `location` (a folder of checkpoint folders, or an
+    s3:// prefix of them), judged by each one's manifest.json."""
+    from infra.storage import is_s3, list_objects, read_bytes
+
+    location = location or checkpoint_location()
+    manifests = [m for m in list_objects(location, suffix="manifest.json") if m.count("/") - location.rstrip("/").count("/") == 2]
+    if not manifests:
+        raise FileNotFoundError(f"no checkpoints (*/manifest.json) under {location}")
+    steps = []
+    for manifest in manifests:
+        text = read_bytes(manifest) if is_s3(manifest) else Path(manifest).read_bytes()
+        steps.append((json.loads(text)["step"], manifest.rsplit("/", 1)[0]))
+    return max(steps)[1]
+
+
+def find_new_partitions(tokenizer_dir: str | None = None) -> list[int]:
+    """Raw partitions not yet tokenized with the current tokenizer."""
+    lake = Lake(lake_root())
+    tokenizer_dir = Path(tokenizer_dir or Path(lake_root()) / "model" / "tokenizer")
+    fingerprint = tokenize.tokenizer_fingerprint(tokenizer_dir, tokenize.model_context(lake_root()))
+    done = tokenize.tokenized_partitions(lake, fingerprint)
+    return sorted(set(tokenize.raw_partitions(Path(lake_root()) / "raw")) - done)
+
+
+def registered_query_sets() -> list[str]:
+    return sorted(set(Lake(lake_root()).read("query_sets", columns=["query_set"])["query_set"].to_pylist()))
+
+
+# ------------------------------------------------------------------ doing it
+def tokenize_partition(partition: int) -> dict:
+    return tokenize.run(tokenize.TokenizeConfig(lake=lake_root(), partitions=[partition]))
+
+
+def extract_missing(checkpoint: str, query_sets: list[str], partitions: list[int] | None = None) -> dict:
+    """Gradients for every (checkpoint, partition) slice and query set still missing; done ones are skipped."""
+    results = [extract.run(extract.ExtractConfig(lake=lake_root(), checkpoint=checkpoint, query_set=query_set,
+                                                 partitions=list(partitions or [])))
+               for query_set in (query_sets or [None])]
+    return {"checkpoint_id": results[0]["checkpoint_id"], "fingerprint": results[0]["fingerprint"],
+            "extracted": sorted({item for r in results for item in r["items"]})}
+
+
+def hessian_is_stale(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: str, threshold: float) -> bool:
+    fitted = lake.read("hessians", filters=[("checkpoint_id", "=", checkpoint_id), ("fingerprint", "=", fingerprint),
+                                            ("query_set", "=", query_set), ("kind", "=", "r_train")],
+                       columns=["n_samples"])["n_samples"].to_pylist()
+    if not fitted:
+        return True
+    now = train_vector_count(lake, checkpoint_id, fingerprint)
+    return abs(now - fitted[0]) > threshold * fitted[0]
+
+
+def train_vector_count(lake: Lake, checkpoint_id: str, fingerprint: str) -> int:
+    return lake.read("train_gradients", filters=[("checkpoint_id", "=", checkpoint_id), ("fingerprint", "=", fingerprint)],
+                     columns=["chunk"]).num_rows
+
+
+def refit_hessians(extraction: dict, query_sets: list[str]) -> list[str]:
+    """Refit where the training sample changed by more than the threshold; returns the refitted sets."""
+    lake, refitted = Lake(lake_root()), []
+    for query_set in query_sets:
+        if hessian_is_stale(lake, extraction["checkpoint_id"], extraction["fingerprint"], query_set, refit_threshold()):
+            fit_hessian.run(fit_hessian.FitHessianConfig(lake=lake_root(), checkpoint_id=extraction["checkpoint_id"],
+                                                         query_set=query_set, fingerprint=extraction["fingerprint"]))
+            refitted.append(query_set)
+    return refitted
+
+
+def last_scored_inputs(lake: Lake, checkpoint_id: str, query_set: str) -> dict | None:
+    """The inputs the newest successful score run of (checkpoint, query set) saw."""
+    runs = lake.read("runs", filters=[("command", "=", "score"), ("status", "=", "succeeded")]).to_pylist()
+    for run in sorted(runs, key=lambda r: r["started_at"], reverse=True):
+        config = json.loads(run["config_json"])
+        if config.get("checkpoint_id") == checkpoint_id and config.get("query_set") == query_set:
+            return json.loads(run["counts_json"] or "{}").get("inputs")
+    return None
+
+
+def scoring_inputs(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: str) -> dict:
+    """What a score depends on: the training vectors and the fitted matrices."""
+    hessian = lake.read("hessians", filters=[("checkpoint_id", "=", checkpoint_id), ("query_set", "=", query_set),
+                                             ("fingerprint", "=", fingerprint), ("kind", "=", "inverse_root")],
+                        columns=["sha256"])["sha256"].to_pylist()
+    return {"train_vectors": train_vector_count(lake, checkpoint_id, fingerprint), "hessian": hessian[0] if hessian else None,
+            "fingerprint": fingerprint}
+
+
+def rescore_changed(extraction: dict, query_sets: list[str], methods: list[str] | None = None, k: int = 10) -> list[str]:
+    """Rescore the query sets whose inputs changed since their last scoring; returns them."""
+    lake, rescored = Lake(lake_root()), []
+    for query_set in query_sets:
+        inputs = scoring_inputs(lake, extraction["checkpoint_id"], extraction["fingerprint"], query_set)
+        if inputs == last_scored_inputs(lake, extraction["checkpoint_id"], query_set):
+            continue
+        score.run(score.ScoreConfig(lake=lake_root(), checkpoint_id=extraction["checkpoint_id"], query_set=query_set,
+                                    fingerprint=extraction["fingerprint"], methods=list(methods or DEFAULT_METHODS), k=k,
+                                    inputs=inputs))
+        rescored.append(query_set)
+    return rescored
+
+
+# ------------------------------------------------------------------ comparing checkpoints
+def compare_checkpoints(query_set: str, checkpoint_a: str, checkpoint_b: str, method: str = "trackstar", k: int = 10) -> dict:
+    """How proponents of the same queries change between two checkpoints, into `eval_metrics`:
+    mean overlap@k of the top-k sets and mean Spearman correlation of the ranks of shared proponents."""
+    import numpy as np
+    import pyarrow as pa
+
+    from infra.lake import utc_now
+
+    lake = Lake(lake_root())
+    top = {}
+    for checkpoint in (checkpoint_a, checkpoint_b):
+        rows = lake.read("proponents", filters=[("query_set", "=", query_set), ("method", "=", method),
+                                                ("checkpoint_id", "=", checkpoint)]).to_pylist()
+        if not rows:
+            raise ValueError(f"no {method} proponents of {query_set} for {checkpoint}: score it first")
+        for row in rows:
+            if row["rank"] <= k:
+                top.setdefault(checkpoint, {}).setdefault(row["query_id"], {})[(row["doc_id"], row["chunk"])] = row["rank"]
+    shared_queries = sorted(set(top[checkpoint_a]) & set(top[checkpoint_b]))
+    overlaps, correlations = [], []
+    for query in shared_queries:
+        a, b = top[checkpoint_a][query], top[checkpoint_b][query]
+        common = sorted(set(a) & set(b))
+        overlaps.append(len(common) / k)
+        if len(common) >= 2:
+            correlations.append(float(np.corrcoef([a[c] for c in common], [b[c] for c in common])[0, 1]))
+    result = {"overlap@k": float(np.mean(overlaps)), "rank_correlation": float(np.nanmean(correlations)) if correlations
+              else float("nan"), "queries": len(shared_queries)}
+    metric_rows = [{"run_id": f"compare-{checkpoint_a}-vs-{checkpoint_b}", "query_set": query_set,
+                    "checkpoint_id": checkpoint_b, "method": method, "metric": f"{name}_vs:{checkpoint_a}",
+                    "bucket": "all", "value": value, "n": len(shared_queries), "created_at": utc_now()}
+                   for name, value in (("overlap@k", result["overlap@k"]), ("rank_correlation", result["rank_correlation"]))]
+    from schemas.tables import TABLES
+
+    table = pa.Table.from_pylist(metric_rows, schema=TABLES["eval_metrics"].arrow_schema)
+    lake.replace_slice("eval_metrics", table, run_id=metric_rows[0]["run_id"])
+    return result
+
+
+def previous_checkpoint(lake: Lake, checkpoint_id: str) -> str | None:
+    """The registered checkpoint with the highest step below this one's."""
+    rows = lake.read("checkpoints", columns=["checkpoint_id", "step"]).to_pylist()
+    step = next(r["step"] for r in rows if r["checkpoint_id"] == checkpoint_id)
+    earlier = [(r["step"], r["checkpoint_id"]) for r in rows if r["step"] < step]
+    return max(earlier)[1] if earlier else None
+
+
+def compare_with_previous(extraction: dict, query_sets: list[str], method: str = "trackstar") -> list[dict]:
+    lake = Lake(lake_root())
+    previous = previous_checkpoint(lake, extraction["checkpoint_id"])
+    if previous is None:
+        print(f"[compare] {extraction['checkpoint_id']} is the earliest registered checkpoint: nothing to compare")
+        return []
+    return [dict(query_set=q, previous=previous, **compare_checkpoints(q, previous, extraction["checkpoint_id"], method))
+            for q in query_sets]
+
+
+def partitions_in_range(first: int | None, last: int | None) -> list[int] | None:
+    """Tokenized partitions within [first, last] (None: all of them)."""
+    if first is None and last is None:
+        return None
+    tokenized = set(Lake(lake_root()).read("tokens", columns=["partition"])["partition"].to_pylist())
+    chosen = sorted(p for p in tokenized if (first is None or p >= first) and (last is None or p <= last))
+    if not chosen:
+        raise ValueError(f"no tokenized partitions in [{first}, {last}]")
+    return chosen
+
+
+def score_query_set(extraction: dict, query_set: str, methods: list[str], k: int) -> dict:
+    lake = Lake(lake_root())
+    return score.run(score.ScoreConfig(lake=lake_root(), checkpoint_id=extraction["checkpoint_id"], query_set=query_set,
+                                       fingerprint=extraction["fingerprint"], methods=list(methods), k=k,
+                                       inputs=scoring_inputs(lake, extraction["checkpoint_id"], extraction["fingerprint"],
+                                                             query_set)))
+
+
+def evaluate_if_ground_truth(extraction: dict, query_set: str) -> dict | None:
+    """MRR and recall@10 of every scored method, when the query set names its stating documents."""
+    from jobs.evaluate import attribution_metrics, write_attribution_metrics
+
+    lake = Lake(lake_root())
+    queries = lake.read("queries", filters=[("query_set", "=", query_set)]).to_pylist()
+    truth = {q["query_id"]: set(q["stating_doc_ids"] or ()) for q in queries}
+    if not any(truth.values()):
+        print(f"[evaluate] {query_set} has no ground truth (stating_doc_ids): nothing to evaluate")
+        return None
+    ranked = {}
+    rows = lake.read("proponents", filters=[("query_set", "=", query_set),
+                                            ("checkpoint_id", "=", extraction["checkpoint_id"])]).to_pylist()
+    for row in sorted(rows, key=lambda r: r["rank"]):
+        ranked.setdefault(row["method"], {}).setdefault(row["query_id"], []).append(row["doc_id"])
+    metrics = attribution_metrics(ranked, truth, {q["query_id"]: q["frequency_bucket"] for q in queries}, k=10)
+    write_attribution_metrics(lake, query_set, extraction["checkpoint_id"], metrics, f"score-eval-{extraction['checkpoint_id']}")
+    return {method: cells["all"] for method, cells in metrics.items()}
+
+
+def report_summary(tokenized: list, extraction: dict, refitted: list[str], rescored: list[str]) -> str:
+    if not tokenized and not extraction["extracted"] and not refitted and not rescored:
+        message = (f"nothing new: every raw partition is tokenized, every slice of {extraction['checkpoint_id']} is "
+                   f"extracted, Hessians are current and scores are up to date; no table was changed")
+    else:
+        message = (f"tokenized {len(tokenized)} partition(s); extracted {extraction['extracted'] or 'nothing'} for "
+                   f"{extraction['checkpoint_id']}; refitted {refitted or 'nothing'}; rescored {rescored or 'nothing'}")
+    print(f"[reindex] {message}")
+    return message
