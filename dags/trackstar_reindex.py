@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from airflow.sdk import dag, task
+from airflow.sdk import TriggerRule, dag, task
 
 from dags.common import DEFAULT_ARGS, DEVICE_POOL, table_asset
 from jobs import orchestrate
@@ -34,7 +34,9 @@ def trackstar_reindex():
     def tokenize_partition(partition: int) -> dict:
         return orchestrate.tokenize_partition(partition)
 
-    @task(pool=DEVICE_POOL, outlets=[table_asset("train_gradients"), table_asset("query_gradients")])
+    # none_failed: a night without new partitions maps tokenize over nothing (skipped); go on anyway
+    @task(pool=DEVICE_POOL, outlets=[table_asset("train_gradients"), table_asset("query_gradients")],
+          trigger_rule=TriggerRule.NONE_FAILED)
     def extract_missing(checkpoint: str, query_sets: list[str]) -> dict:
         return orchestrate.extract_missing(checkpoint, query_sets)
 
@@ -46,8 +48,8 @@ def trackstar_reindex():
     def rescore_changed(extraction: dict, query_sets: list[str]) -> list[str]:
         return orchestrate.rescore_changed(extraction, query_sets)
 
-    @task
-    def report_summary(tokenized: list, extraction: dict, refitted: list[str], rescored: list[str]) -> str:
+    @task(trigger_rule=TriggerRule.NONE_FAILED)
+    def report_summary(tokenized: list | None, extraction: dict, refitted: list[str], rescored: list[str]) -> str:
         return orchestrate.report_summary(tokenized, extraction, refitted, rescored)
 
     checkpoint, query_sets = newest_checkpoint(), registered_query_sets()

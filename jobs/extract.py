@@ -110,7 +110,8 @@ class CheckpointMismatch(ValueError):
     """A checkpoint id already indexed with other weights: its vectors would be silently wrong."""
 
 
-def register_checkpoint(lake: Lake, checkpoint_dir: Path, source: str, run_id: str, force: bool) -> str:
+def check_checkpoint(lake: Lake, checkpoint_dir: Path, force: bool) -> tuple[dict, str]:
+    """(manifest, weights fingerprint); refuses a known checkpoint id whose weights changed."""
     from jobs.checkpoints import load_manifest
 
     manifest = load_manifest(checkpoint_dir)
@@ -120,13 +121,15 @@ def register_checkpoint(lake: Lake, checkpoint_dir: Path, source: str, run_id: s
     if known and known[0] != weights and not force:
         raise CheckpointMismatch(f"checkpoint {manifest['checkpoint_id']!r} is registered with weights {known[0]}, "
                                  f"but {checkpoint_dir} holds {weights}; pass --force to reindex it")
+    return manifest, weights
+
+
+def register_checkpoint(lake: Lake, manifest: dict, weights: str, source: str, run_id: str) -> None:
     row = pa.table({"checkpoint_id": [manifest["checkpoint_id"]], "step": [manifest["step"]], "path": [source],
                     "optimizer": [manifest["optimizer"]], "learning_rate": [float(manifest["lr"])],
-                    "tokens_seen": [manifest.get("data_seen_tokens", 0)],
-                    "model_fingerprint": [weights],
+                    "tokens_seen": [manifest.get("data_seen_tokens", 0)], "model_fingerprint": [weights],
                     "registered_at": [datetime.now(timezone.utc)], "run_id": [run_id]})
     lake.replace_slice("checkpoints", row, checkpoint_id=manifest["checkpoint_id"])
-    return manifest["checkpoint_id"]
 
 
 def done_items(lake: Lake, checkpoint_id: str, fingerprint: str, kind: str, query_set: str | None) -> set:
@@ -149,8 +152,8 @@ def run(config: ExtractConfig) -> dict:
     checkpoint_dir = resolve_checkpoint(lake, config.checkpoint)
     spec = projection_spec(checkpoint_dir, config)
     fingerprint = spec.fingerprint()
-    run_id = start_run(lake, "extract", asdict(config) | {"fingerprint": fingerprint, "spec": spec.as_dict()})
-    checkpoint_id = register_checkpoint(lake, checkpoint_dir, config.checkpoint or str(checkpoint_dir), run_id, config.force)
+    manifest, weights = check_checkpoint(lake, checkpoint_dir, config.force)
+    checkpoint_id = manifest["checkpoint_id"]
 
     tokens = lake.read("tokens", columns=["partition"])
     partitions = sorted(set(tokens["partition"].to_pylist()))
@@ -166,13 +169,15 @@ def run(config: ExtractConfig) -> dict:
         if config.query_set:
             done |= {(QUERY, q) for q in done_items(lake, checkpoint_id, fingerprint, QUERY, config.query_set)}
         items = [item for item in items if item not in done]
-    result = {"checkpoint_id": checkpoint_id, "fingerprint": fingerprint, "dim": spec.dim, "run_id": run_id,
+    result = {"checkpoint_id": checkpoint_id, "fingerprint": fingerprint, "dim": spec.dim,
               "items": [f"{kind}:{item}" for kind, item in items]}
-    if not items:
+    if not items:  # nothing to do: write nothing, not even a runs row
         print(f"[extract] every slice of {checkpoint_id} is already extracted (fingerprint {fingerprint}); nothing to do")
-        finish_run(lake, run_id, "succeeded", result)
         return result
 
+    run_id = result["run_id"] = start_run(lake, "extract", asdict(config) | {"fingerprint": fingerprint,
+                                                                           "spec": spec.as_dict()})
+    register_checkpoint(lake, manifest, weights, config.checkpoint or str(checkpoint_dir), run_id)
     plan_path = Path(lake.root) / "_plans" / f"{run_id}.json"
     plan_path.parent.mkdir(parents=True, exist_ok=True)
     plan_path.write_text(json.dumps({"config": asdict(config), "checkpoint_dir": str(checkpoint_dir.resolve()),

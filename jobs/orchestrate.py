@@ -75,6 +75,7 @@ def extract_missing(checkpoint: str, query_sets: list[str], partitions: list[int
     results = [extract.run(extract.ExtractConfig(lake=lake_root(), checkpoint=checkpoint, query_set=query_set,
                                                  partitions=list(partitions or [])))
                for query_set in (query_sets or [None])]
+    fail_once_if_injected("extract_missing")
     return {"checkpoint_id": results[0]["checkpoint_id"], "fingerprint": results[0]["fingerprint"],
             "extracted": sorted({item for r in results for item in r["items"]})}
 
@@ -138,6 +139,17 @@ def rescore_changed(extraction: dict, query_sets: list[str], methods: list[str] 
     return rescored
 
 
+def fail_once_if_injected(task_id: str) -> None:
+    """Fault injection for retry tests: TRACKSTAR_FAIL_ONCE="<task_id>:<marker file>" makes the task
+    fail once, after its work is written, so the retry must cope with its own earlier output."""
+    wanted = os.environ.get("TRACKSTAR_FAIL_ONCE", "")
+    if wanted.partition(":")[0] == task_id:
+        marker = Path(wanted.partition(":")[2])
+        if not marker.exists():
+            marker.write_text("failed once")
+            raise RuntimeError(f"injected failure of {task_id} (TRACKSTAR_FAIL_ONCE)")
+
+
 # ------------------------------------------------------------------ comparing checkpoints
 def compare_checkpoints(query_set: str, checkpoint_a: str, checkpoint_b: str, method: str = "trackstar", k: int = 10) -> dict:
     """How proponents of the same queries change between two checkpoints, into `eval_metrics`:
@@ -178,22 +190,27 @@ def compare_checkpoints(query_set: str, checkpoint_a: str, checkpoint_b: str, me
     return result
 
 
-def previous_checkpoint(lake: Lake, checkpoint_id: str) -> str | None:
-    """The registered checkpoint with the highest step below this one's."""
+def neighbour_checkpoint(lake: Lake, checkpoint_id: str) -> tuple[str, str] | None:
+    """(earlier, later): this checkpoint and its nearest registered neighbour by step, the previous
+    one where it exists, else the next (a backfilled old checkpoint is compared with its successor)."""
     rows = lake.read("checkpoints", columns=["checkpoint_id", "step"]).to_pylist()
     step = next(r["step"] for r in rows if r["checkpoint_id"] == checkpoint_id)
     earlier = [(r["step"], r["checkpoint_id"]) for r in rows if r["step"] < step]
-    return max(earlier)[1] if earlier else None
+    later = [(r["step"], r["checkpoint_id"]) for r in rows if r["step"] > step]
+    if earlier:
+        return max(earlier)[1], checkpoint_id
+    if later:
+        return checkpoint_id, min(later)[1]
+    return None
 
 
 def compare_with_previous(extraction: dict, query_sets: list[str], method: str = "trackstar") -> list[dict]:
     lake = Lake(lake_root())
-    previous = previous_checkpoint(lake, extraction["checkpoint_id"])
-    if previous is None:
-        print(f"[compare] {extraction['checkpoint_id']} is the earliest registered checkpoint: nothing to compare")
+    pair = neighbour_checkpoint(lake, extraction["checkpoint_id"])
+    if pair is None:
+        print(f"[compare] {extraction['checkpoint_id']} is the only registered checkpoint: nothing to compare")
         return []
-    return [dict(query_set=q, previous=previous, **compare_checkpoints(q, previous, extraction["checkpoint_id"], method))
-            for q in query_sets]
+    return [dict(query_set=q, earlier=pair[0], later=pair[1], **compare_checkpoints(q, *pair, method)) for q in query_sets]
 
 
 def partitions_in_range(first: int | None, last: int | None) -> list[int] | None:
@@ -235,7 +252,8 @@ def evaluate_if_ground_truth(extraction: dict, query_set: str) -> dict | None:
     return {method: cells["all"] for method, cells in metrics.items()}
 
 
-def report_summary(tokenized: list, extraction: dict, refitted: list[str], rescored: list[str]) -> str:
+def report_summary(tokenized: list | None, extraction: dict, refitted: list[str], rescored: list[str]) -> str:
+    tokenized = list(tokenized or [])
     if not tokenized and not extraction["extracted"] and not refitted and not rescored:
         message = (f"nothing new: every raw partition is tokenized, every slice of {extraction['checkpoint_id']} is "
                    f"extracted, Hessians are current and scores are up to date; no table was changed")
