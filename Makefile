@@ -3,13 +3,17 @@
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench airflow-ui clean
 
 install: $(INSTALLED)
 
 # DS_BUILD_OPS=0: DeepSpeed compiles nothing at install time (its CPU ops are JIT-built if ever used).
+# Debian's chromium + chromedriver drive the explorer's browser test (Selenium, no browser download).
 $(INSTALLED): requirements.txt
+	command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium chromium-driver; }
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	DS_BUILD_OPS=0 $(PYTHON) -m pip install --quiet --progress-bar off -r requirements.txt
@@ -22,7 +26,13 @@ test: install
 	$(PYTHON) -m pytest -q
 
 bench: install
-	for script in bench/*.py; do echo "== $$script"; $(PYTHON) $$script || exit 1; done
+	for script in bench/extract_overhead.py bench/projection_fidelity.py; do echo "== $$script"; $(PYTHON) $$script || exit 1; done
+
+# The DAGs in the Airflow UI on http://127.0.0.1:8080 (project-local AIRFLOW_HOME, SQLite, 2 workers)
+airflow-ui: install
+	AIRFLOW_HOME=$(CURDIR)/.airflow AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags AIRFLOW__CORE__LOAD_EXAMPLES=False \
+	AIRFLOW__CORE__PARALLELISM=2 AIRFLOW__API__HOST=127.0.0.1 PYTHONPATH=$(CURDIR) \
+	TRACKSTAR_LAKE_ROOT=$(CURDIR)/lake $(VENV)/bin/airflow standalone
 
 clean:
 	rm -rf lake reports .airflow

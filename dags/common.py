@@ -1,4 +1,4 @@
-"""What every TrackStar DAG shares: default arguments, the device pool, and the lake's assets."""
+"""What the TrackStar DAGs share: default arguments, the device pool, the lake's assets, common tasks."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
-from airflow.sdk import Asset
+from airflow.sdk import Asset, task
 
+from jobs import orchestrate
 from jobs.orchestrate import lake_root
 
 log = logging.getLogger(__name__)
@@ -41,3 +42,19 @@ def table_asset(table: str) -> Asset:
     root = lake_root()
     uri = root if root.startswith("s3://") else Path(root).resolve().as_uri()
     return Asset(name=f"trackstar.{table}", uri=f"{uri.rstrip('/')}/{table}")
+
+
+# ------------------------------------------------------------------ tasks more than one DAG uses
+@task
+def registered_query_sets() -> list[str]:
+    return orchestrate.registered_query_sets()
+
+
+@task(outlets=[table_asset("hessians")])
+def refit_hessians(extraction: dict, query_sets: list[str]) -> list[str]:
+    return orchestrate.refit_hessians(extraction, query_sets)
+
+
+@task(outlets=[table_asset("proponents")])
+def rescore_changed(extraction: dict, query_sets: list[str]) -> list[str]:
+    return orchestrate.rescore_changed(extraction, query_sets)

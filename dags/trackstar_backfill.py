@@ -11,7 +11,8 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag, get_current_context, task
 
-from dags.common import DEFAULT_ARGS, DEVICE_POOL, table_asset
+from dags.common import (DEFAULT_ARGS, DEVICE_POOL, refit_hessians, registered_query_sets, rescore_changed,
+                         table_asset)
 from jobs import orchestrate
 
 
@@ -27,21 +28,9 @@ def trackstar_backfill():
         params = get_current_context()["params"]
         return orchestrate.partitions_in_range(params["first_partition"], params["last_partition"])
 
-    @task
-    def registered_query_sets() -> list[str]:
-        return orchestrate.registered_query_sets()
-
     @task(pool=DEVICE_POOL, outlets=[table_asset("train_gradients"), table_asset("query_gradients")])
     def extract_missing(query_sets: list[str], partitions: list[int] | None) -> dict:
         return orchestrate.extract_missing(get_current_context()["params"]["checkpoint"], query_sets, partitions)
-
-    @task(outlets=[table_asset("hessians")])
-    def refit_hessians(extraction: dict, query_sets: list[str]) -> list[str]:
-        return orchestrate.refit_hessians(extraction, query_sets)
-
-    @task(outlets=[table_asset("proponents")])
-    def rescore_changed(extraction: dict, query_sets: list[str]) -> list[str]:
-        return orchestrate.rescore_changed(extraction, query_sets)
 
     @task(outlets=[table_asset("eval_metrics")])
     def compare_with_previous(extraction: dict, query_sets: list[str]) -> list[dict]:

@@ -10,7 +10,8 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import TriggerRule, dag, task
 
-from dags.common import DEFAULT_ARGS, DEVICE_POOL, table_asset
+from dags.common import (DEFAULT_ARGS, DEVICE_POOL, refit_hessians, registered_query_sets, rescore_changed,
+                         table_asset)
 from jobs import orchestrate
 
 
@@ -26,10 +27,6 @@ def trackstar_reindex():
     def newest_checkpoint() -> str:
         return orchestrate.newest_checkpoint()
 
-    @task
-    def registered_query_sets() -> list[str]:
-        return orchestrate.registered_query_sets()
-
     @task(outlets=[table_asset("documents"), table_asset("tokens"), table_asset("quarantine")])
     def tokenize_partition(partition: int) -> dict:
         return orchestrate.tokenize_partition(partition)
@@ -39,14 +36,6 @@ def trackstar_reindex():
           trigger_rule=TriggerRule.NONE_FAILED)
     def extract_missing(checkpoint: str, query_sets: list[str]) -> dict:
         return orchestrate.extract_missing(checkpoint, query_sets)
-
-    @task(outlets=[table_asset("hessians")])
-    def refit_hessians(extraction: dict, query_sets: list[str]) -> list[str]:
-        return orchestrate.refit_hessians(extraction, query_sets)
-
-    @task(outlets=[table_asset("proponents")])
-    def rescore_changed(extraction: dict, query_sets: list[str]) -> list[str]:
-        return orchestrate.rescore_changed(extraction, query_sets)
 
     @task(trigger_rule=TriggerRule.NONE_FAILED)
     def report_summary(tokenized: list | None, extraction: dict, refitted: list[str], rescored: list[str]) -> str:

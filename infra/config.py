@@ -33,23 +33,19 @@ class ConfigError(ValueError):
 class Config:
     lake_root: str = "lake"                # local folder or s3://bucket/prefix
     spark_remote: str | None = None        # Spark Connect URL; None = embedded Sail
-    seed: int = 0                          # data sampling, shuffles
+    seed: int = 0                          # world generation and training shuffles
     projection_seed: int = 0               # projection matrices are a pure function of this
     k_per_module: int = 16                 # projection size per side: a k x k block per weight matrix
-    vector_dtype: str = "float16"          # float32, float16, bfloat16 or int8 (schemas.vectors)
-    batch_token_budget: int = 8192         # tokens per gradient batch
-    context: int = 128                     # model context: chunk length in tokens
+    vector_dtype: str = "float32"          # float32, float16, bfloat16 or int8 (schemas.vectors)
+    batch_token_budget: int = 4096         # padded tokens per gradient batch
     top_k: int = 10                        # proponents kept per query
     hessian_lambda: float | None = None    # R_query weight; None = choose by spectra crossing
-    hessian_damping: float = 1e-3          # relative damping before the inverse square root
-    hessian_samples: int = 4096            # training vectors sampled for R_train
-    unit_normalize: bool = True            # ablation switch: unit-normalise G(z)
-    optimizer_correction: bool = True      # ablation switch: divide by sqrt(second moment)
+    hessian_damping: float = 0.1           # damping = this × the mean eigenvalue of R
 
     def __post_init__(self):
         if self.vector_dtype not in DTYPES:
             raise ConfigError(f"vector_dtype {self.vector_dtype!r}: expected one of {DTYPES}")
-        for name in ("k_per_module", "batch_token_budget", "context", "top_k", "hessian_samples"):
+        for name in ("k_per_module", "batch_token_budget", "top_k"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.hessian_lambda is not None and not 0.0 <= self.hessian_lambda <= 1.0:

@@ -17,7 +17,6 @@ import argparse
 import base64
 import html
 import json
-import os
 import random
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
@@ -29,6 +28,7 @@ import pyarrow as pa
 
 from infra.lake import Lake
 from jobs import extract, fit_hessian, score
+from infra.config import load_config
 
 TEXT_METHODS = ("bm25", "dense")
 CORRECTED_METHODS = ("trackstar", "trackstar-no-hessian", "trackstar-no-mixing", "trackstar-no-unit-norm")
@@ -363,11 +363,11 @@ log-probability after one optimizer step on each top-10 proponent ({report['tail
 
 def add_arguments(parser: argparse.ArgumentParser):
     defaults = EvaluateConfig()
-    parser.add_argument("--lake", default=os.environ.get("TRACKSTAR_LAKE_ROOT", defaults.lake))
+    parser.add_argument("--lake", default=load_config().lake_root)
     parser.add_argument("--checkpoint-id", default="")
     parser.add_argument("--query-set", default=defaults.query_set)
-    parser.add_argument("--k", type=int, default=defaults.k)
-    parser.add_argument("--k-projection", type=int, default=defaults.k_projection)
+    parser.add_argument("--k", type=int, default=load_config().top_k)
+    parser.add_argument("--k-projection", type=int, default=load_config().k_per_module)
     parser.add_argument("--tail-patch-queries", type=int, default=defaults.tail_patch_queries)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--reports", default=defaults.reports)

@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from infra.lake import Lake
 from jobs.launch import init_rank, launch_ranks, rank_arguments
+from infra.config import load_config
 
 TRAIN, QUERY = "train", "query"
 
@@ -139,8 +140,8 @@ def done_items(lake: Lake, checkpoint_id: str, fingerprint: str, kind: str, quer
                          columns=["partition", "fingerprint"])
         items = {p for p, f in zip(rows["partition"].to_pylist(), rows["fingerprint"].to_pylist()) if f == fingerprint}
     else:
-        rows = lake.read("query_gradients", filters=[("query_set", "=", query_set), ("checkpoint_id", "=", checkpoint_id)],
-                         columns=["fingerprint"])
+        rows = lake.read("query_gradients", filters=[("query_set", "=", query_set), ("checkpoint_id", "=", checkpoint_id),
+                                                     ("fingerprint", "=", fingerprint)], columns=["fingerprint"])
         items = {query_set} if fingerprint in set(rows["fingerprint"].to_pylist()) else set()
     return {i for i in items if autocorrelation_path(lake, checkpoint_id, fingerprint, kind, i).exists()}
 
@@ -273,7 +274,8 @@ class RankWorker:
                           "partition": [partition] * len(keep),
                           "doc_id": rows["doc_id"].take(keep), "chunk": rows["chunk"].take(keep),
                           "n_tokens": rows["n_tokens"].take(keep), **self._vector_columns(vectors[keep])})
-        self.lake.replace_slice("train_gradients", table, checkpoint_id=self.plan["checkpoint_id"], partition=partition)
+        self.lake.replace_slice("train_gradients", table, checkpoint_id=self.plan["checkpoint_id"], partition=partition,
+                                fingerprint=self.fingerprint)
         self._save_autocorrelation(TRAIN, partition, vectors[keep])
 
     def extract_queries(self, query_set: str):
@@ -301,7 +303,8 @@ class RankWorker:
         table = pa.table({"query_set": [query_set] * len(keep), "checkpoint_id": [self.plan["checkpoint_id"]] * len(keep),
                           "query_id": [keys[i][0] for i in keep], "prompt_index": [keys[i][1] for i in keep],
                           **self._vector_columns(vectors[keep])})
-        self.lake.replace_slice("query_gradients", table, query_set=query_set, checkpoint_id=self.plan["checkpoint_id"])
+        self.lake.replace_slice("query_gradients", table, query_set=query_set, checkpoint_id=self.plan["checkpoint_id"],
+                                fingerprint=self.fingerprint)
         self._save_autocorrelation(QUERY, query_set, vectors[keep])
 
     def _split_nonfinite(self, vectors, positions: list[str], source: str):
@@ -359,14 +362,15 @@ def extract_rank(plan_path: Path):
 
 def add_arguments(parser: argparse.ArgumentParser):
     defaults = ExtractConfig()
-    parser.add_argument("--lake", default=os.environ.get("TRACKSTAR_LAKE_ROOT", defaults.lake))
+    parser.add_argument("--lake", default=load_config().lake_root)
     parser.add_argument("--checkpoint", default="", help="checkpoint folder or s3:// prefix (default: newest trained)")
-    parser.add_argument("--k", type=int, default=defaults.k)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    config = load_config()
+    parser.add_argument("--k", type=int, default=config.k_per_module)
+    parser.add_argument("--seed", type=int, default=config.projection_seed)
     parser.add_argument("--normalizer", default=defaults.normalizer,
                         choices=["auto", "adafactor", "adam-factored", "adam-exact", "none"])
-    parser.add_argument("--vector-dtype", default=defaults.vector_dtype, choices=["float32", "float16", "bfloat16", "int8"])
-    parser.add_argument("--token-budget", type=int, default=defaults.token_budget)
+    parser.add_argument("--vector-dtype", default=config.vector_dtype, choices=["float32", "float16", "bfloat16", "int8"])
+    parser.add_argument("--token-budget", type=int, default=config.batch_token_budget)
     parser.add_argument("--ranks", type=int, default=defaults.ranks)
     parser.add_argument("--optimizer-source", default=defaults.optimizer_source, choices=["auto", "consolidated", "zero"])
     parser.add_argument("--query-set", default=defaults.query_set)

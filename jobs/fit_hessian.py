@@ -10,7 +10,6 @@ task-mixed one (`inverse_root`) and the train-only one (`inverse_root_train_only
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +20,7 @@ from safetensors import safe_open
 
 from infra.lake import Lake
 from infra.matrices import load_matrices, save_matrices
+from infra.config import load_config
 
 KINDS = ("r_train", "r_query", "inverse_root", "inverse_root_train_only")
 
@@ -153,14 +153,14 @@ def load_preconditioner(lake: Lake, checkpoint_id: str, query_set: str, fingerpr
 
 
 def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("--lake", default=os.environ.get("TRACKSTAR_LAKE_ROOT", "lake"))
+    parser.add_argument("--lake", default=load_config().lake_root)
     parser.add_argument("--checkpoint-id", default="")
     parser.add_argument("--query-set", default=FitHessianConfig.query_set)
     parser.add_argument("--fingerprint", default="")
-    parser.add_argument("--lambda", dest="mixing_lambda", type=float, default=None,
+    parser.add_argument("--lambda", dest="mixing_lambda", type=float, default=load_config().hessian_lambda,
                         help="task mixing weight (default: spectra-crossing rule)")
     parser.add_argument("--crossing-component", type=int, default=FitHessianConfig.crossing_component)
-    parser.add_argument("--damping-ratio", type=float, default=FitHessianConfig.damping_ratio)
+    parser.add_argument("--damping-ratio", type=float, default=load_config().hessian_damping)
 
 
 def main(args):

@@ -19,12 +19,13 @@ from pathlib import Path
 
 from infra.lake import Lake
 from jobs import extract, fit_hessian, score, tokenize
+from infra.config import load_config
 
 DEFAULT_METHODS = ("trackstar",)
 
 
 def lake_root() -> str:
-    return os.environ.get("TRACKSTAR_LAKE_ROOT", "lake")
+    return load_config().lake_root
 
 
 def checkpoint_location() -> str:

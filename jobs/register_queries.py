@@ -8,7 +8,6 @@ Re-registering a set replaces it.
 from __future__ import annotations
 
 import argparse
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pyarrow as pa
 from infra.lake import Lake
 from jobs.world import read_queries
 from schemas.tables import TABLES
+from infra.config import load_config
 
 DEFAULT_QUERY_SET = "fact-world"
 
@@ -39,7 +39,7 @@ def run(lake_root: str, path: str | None = None, name: str = DEFAULT_QUERY_SET, 
 
 
 def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("--lake", default=os.environ.get("TRACKSTAR_LAKE_ROOT", "lake"))
+    parser.add_argument("--lake", default=load_config().lake_root)
     parser.add_argument("--path", help="queries JSONL (default <lake>/world/queries.jsonl)")
     parser.add_argument("--name", default=DEFAULT_QUERY_SET, help="query set name")
 

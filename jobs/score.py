@@ -21,7 +21,6 @@ meant for vectors extracted with `--normalizer none` (`jobs.evaluate` wires both
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -29,6 +28,7 @@ import pyarrow as pa
 import torch
 
 from infra.lake import Lake
+from infra.config import load_config
 
 # method -> (registered matrix kind or None, power applied to it, unit norm, on both sides)
 METHODS = {
@@ -112,20 +112,21 @@ def score_batches(batches, queries: np.ndarray, train_blocks, unit_norm: bool, k
 
 
 def query_vectors(lake: Lake, query_set: str, checkpoint_id: str, fingerprint: str, prompt_index: int):
+    """(query ids, vectors, dim) of one prompt of a query set, extracted under `fingerprint`."""
+    import pyarrow.compute as pc
+
+    from gradient_kernels.scoring import check_same
     from schemas.vectors import decode_vectors
 
     rows = lake.read("query_gradients", filters=[("query_set", "=", query_set), ("checkpoint_id", "=", checkpoint_id),
                                                  ("prompt_index", "=", prompt_index)])
     if rows.num_rows == 0:
         raise ValueError(f"no query gradients for {query_set}/{checkpoint_id}: run `python -m jobs extract`")
-    from gradient_kernels.scoring import check_same
-
-    check_same("projection fingerprint", fingerprint, *set(rows["fingerprint"].to_pylist()))
-    dims = {len(v) for v in rows["vector"].to_pylist()[:1]}
-    dtype = rows["dtype"][0].as_py()
-    dim = dims.pop() // np.dtype({"float32": "f4", "float16": "f2", "bfloat16": "u2", "int8": "i1"}[dtype]).itemsize
-    return rows["query_id"].to_pylist(), torch.from_numpy(decode_vectors(rows["vector"], dtype, rows["scale"].to_numpy(
-        zero_copy_only=False), dim)), dim
+    matching = rows.filter(pc.equal(rows["fingerprint"], fingerprint))
+    if matching.num_rows == 0:  # the train side was extracted otherwise: never compare across projections
+        check_same("projection fingerprint", fingerprint, *set(rows["fingerprint"].to_pylist()))
+    vectors = decode_vectors(matching["vector"], matching["dtype"][0].as_py(), matching["scale"])
+    return matching["query_id"].to_pylist(), torch.from_numpy(vectors), vectors.shape[1]
 
 
 def run(config: ScoreConfig) -> dict:
@@ -176,12 +177,12 @@ def run(config: ScoreConfig) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("--lake", default=os.environ.get("TRACKSTAR_LAKE_ROOT", "lake"))
+    parser.add_argument("--lake", default=load_config().lake_root)
     parser.add_argument("--checkpoint-id", default="")
     parser.add_argument("--query-set", default=ScoreConfig.query_set)
     parser.add_argument("--fingerprint", default="")
     parser.add_argument("--methods", nargs="+", default=["trackstar"], choices=sorted(METHODS))
-    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--k", type=int, default=load_config().top_k)
     parser.add_argument("--prompt-index", type=int, default=0, choices=[0, 1, 2])
 
 

@@ -28,6 +28,7 @@ from infra.quarantine import quarantine_rows
 from infra.runs import finish_run, start_run
 from schemas.tables import spark_ddl_of
 from jobs import c4_lines
+from infra.config import load_config
 
 PARTITION_NAME = re.compile(r"c4-[\w-]+\.(\d+)-of-(\d+)\.json\.gz$")
 EOS = "<|endoftext|>"
@@ -186,7 +187,7 @@ def run(config: TokenizeConfig) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("--lake", default=os.environ.get("TRACKSTAR_LAKE_ROOT", "lake"))
+    parser.add_argument("--lake", default=load_config().lake_root)
     parser.add_argument("--raw", help="folder of c4-*.json.gz partitions (default <lake>/raw)")
     parser.add_argument("--tokenizer", help="folder with tokenizer.json (default <lake>/model/tokenizer)")
     parser.add_argument("--context", type=int, default=TokenizeConfig.context)

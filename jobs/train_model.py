@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.launch import init_rank, launch_ranks, rank_arguments
+from infra.config import load_config
 
 EOS = "<|endoftext|>"
 
@@ -127,13 +128,31 @@ def deepspeed_config(config: TrainConfig, total_steps: int) -> dict:
     return ds
 
 
+def input_digest(raw_dir: Path, config: TrainConfig) -> str:
+    """Names what a training run learns from: the raw partitions' bytes and the configuration."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
+    for path in sorted(raw_dir.glob("c4-*.json.gz")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def run(config: TrainConfig) -> dict:
     """Tokenizer + packed data on this side, then `deepspeed` with `config.ranks` CPU ranks."""
     import torch
 
     started = time.time()
-    texts, bad_lines = read_corpus(Path(config.lake) / "raw")
     model_dir = config.model_dir
+    digest = input_digest(Path(config.lake) / "raw", config)
+    previous = model_dir / "train_summary.json"
+    if previous.exists() and json.loads(previous.read_text()).get("input_digest") == digest and all(
+            (Path(config.lake) / "checkpoints" / c).exists() for c in json.loads(previous.read_text())["checkpoints"]):
+        print(f"[train-model] already trained on this corpus with this configuration ({digest[:12]}); "
+              f"keeping {model_dir} and its checkpoints", flush=True)
+        return json.loads(previous.read_text())
+    texts, bad_lines = read_corpus(Path(config.lake) / "raw")
     tokenizer = train_tokenizer(texts, config.vocab_size, model_dir / "tokenizer")
     blocks, n_tokens = pack_blocks(tokenizer, texts, config.context)
     torch.save(blocks, model_dir / "train_blocks.pt")
@@ -152,7 +171,8 @@ def run(config: TrainConfig) -> dict:
     launch_ranks("jobs.train_model", model_dir / "plan.json", config.ranks)
 
     summary = json.loads((model_dir / "train_summary.json").read_text())
-    summary.update(n_documents=len(texts), n_tokens=n_tokens, wall_seconds=round(time.time() - started, 1))
+    summary.update(n_documents=len(texts), n_tokens=n_tokens, wall_seconds=round(time.time() - started, 1),
+                   input_digest=digest)
     (model_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -275,7 +295,7 @@ def train_rank(plan_path: Path):
 
 def add_arguments(parser: argparse.ArgumentParser):
     defaults = TrainConfig()
-    parser.add_argument("--lake", default=os.environ.get("TRACKSTAR_LAKE_ROOT", defaults.lake))
+    parser.add_argument("--lake", default=load_config().lake_root)
     parser.add_argument("--optimizer", choices=["adam", "adafactor"], default=defaults.optimizer)
     parser.add_argument("--epochs", type=float, default=defaults.epochs)
     parser.add_argument("--ranks", type=int, default=defaults.ranks)

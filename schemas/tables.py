@@ -266,7 +266,7 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         Column("n_tokens", "INT", "number of tokens in the chunk"),
         *VECTOR_COLUMNS,
         RUN_ID,
-    ), partition_by=("checkpoint_id", "partition")),
+    ), partition_by=("checkpoint_id", "partition"), slice_keys=("fingerprint",)),
     Table("query_sets", "registered query sets", (
         QUERY_SET,
         Column("path", "STRING", "file the query set was loaded from"),
@@ -294,7 +294,7 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         Column("prompt_index", "INT", "which prompt template (0, 1, 2)"),
         *VECTOR_COLUMNS,
         RUN_ID,
-    ), partition_by=("query_set", "checkpoint_id")),
+    ), partition_by=("query_set", "checkpoint_id"), slice_keys=("fingerprint",)),
     Table("hessians", "fitted Hessian approximations; matrices live in <lake>/_matrices as safetensors", (
         CHECKPOINT_ID,
         Column("query_set", "STRING", "query set of the fit; null for the train-only autocorrelation", nullable=True),

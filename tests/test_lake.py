@@ -232,11 +232,11 @@ def test_matrices_round_trip_and_checksum(where, tmp_path, request):
 def test_config_from_file_then_environment(tmp_path):
     path = tmp_path / "trackstar.toml"
     path.write_text('lake_root = "s3://bucket/lake"\ntop_k = 20\nhessian_damping = 1\n')
-    env = {"TRACKSTAR_TOP_K": "50", "TRACKSTAR_HESSIAN_LAMBDA": "0.9", "TRACKSTAR_UNIT_NORMALIZE": "false",
+    env = {"TRACKSTAR_TOP_K": "50", "TRACKSTAR_HESSIAN_LAMBDA": "0.9", "TRACKSTAR_SPARK_REMOTE": "sc://h:15002",
            "AWS_SECRET_ACCESS_KEY": "secret-value"}
     config = load_config(path, environ=env)
     assert (config.lake_root, config.top_k, config.hessian_damping) == ("s3://bucket/lake", 50, 1.0)
-    assert config.hessian_lambda == 0.9 and config.unit_normalize is False
+    assert config.hessian_lambda == 0.9 and config.spark_remote == "sc://h:15002"
     assert load_config(environ={"TRACKSTAR_CONFIG": str(path)}).top_k == 20
     assert load_config(environ={}) == Config()
     stored = json.loads(config.replace(spark_remote="sc://host:15002/;token=abc").as_json())
@@ -246,7 +246,7 @@ def test_config_from_file_then_environment(tmp_path):
 
 @pytest.mark.parametrize("environ, message", [
     ({"TRACKSTAR_TOP_K": "ten"}, "TRACKSTAR_TOP_K='ten': expected int"),
-    ({"TRACKSTAR_UNIT_NORMALIZE": "maybe"}, "expected a boolean"),
+    ({"TRACKSTAR_K_PER_MODULE": "0"}, "k_per_module must be positive"),
     ({"TRACKSTAR_VECTOR_DTYPE": "float8"}, "vector_dtype 'float8'"),
     ({"TRACKSTAR_HESSIAN_LAMBDA": "1.5"}, r"hessian_lambda must lie in \[0, 1\]"),
 ])

@@ -1,0 +1,388 @@
+"""explore: a web page for looking at proponents, served straight from the lake's Delta tables.
+
+    python -m jobs explore [--lake lake] [--host 127.0.0.1] [--port 8765]
+
+`/` lists the queries with filters (relation, frequency bucket, correct/incorrect prediction, text
+search) and the metrics of every method over the filtered queries; `/query/<id>` shows the prompt
+with subject and target marked, the model's prediction and probability, and the top proponents of
+the chosen methods side by side, each with its score, whether it states the fact, its kind, and
+its text with a per-token heat map of its TrackStar attribution. The state (checkpoint, methods,
+filters) lives in the URL. Every request reads the tables (delta-rs); nothing is copied.
+
+Bound to 127.0.0.1 by default. On any other address an access token is required (printed at
+start, or set with TRACKSTAR_EXPLORER_TOKEN) as `?token=` once, then kept in a cookie.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import html
+import ipaddress
+import json
+import os
+import secrets
+from collections import defaultdict
+from pathlib import Path
+from urllib.parse import urlencode
+
+from infra.config import load_config
+from infra.lake import Lake
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+PREDICTIONS = ("correct", "incorrect")
+
+
+class BadRequest(ValueError):
+    """A parameter the page cannot use: answered with 400 and the message."""
+
+
+# ------------------------------------------------------------------ reading the lake
+class Explorer:
+    def __init__(self, lake_root: str):
+        self.lake = Lake(lake_root)
+        self.root = Path(lake_root)
+
+    def checkpoints(self) -> list[str]:
+        rows = self.lake.read("proponents", columns=["checkpoint_id"])
+        return sorted(set(rows["checkpoint_id"].to_pylist()))
+
+    def checkpoint(self, requested: str | None) -> str:
+        known = self.checkpoints()
+        if not known:
+            raise LookupError("no proponents in this lake yet: run `make run` (or the score job) first")
+        if requested and requested not in known:
+            raise BadRequest(f"unknown checkpoint {requested!r}; indexed: {', '.join(known)}")
+        return requested or known[-1]
+
+    def methods(self, checkpoint: str) -> list[str]:
+        rows = self.lake.read("proponents", filters=[("checkpoint_id", "=", checkpoint)], columns=["method"])
+        return sorted(set(rows["method"].to_pylist()))
+
+    def queries(self) -> dict:
+        return {q["query_id"]: q for q in self.lake.read("queries").to_pylist()}
+
+    def ranked(self, checkpoint: str, query_ids=None) -> dict:
+        """method -> query -> [proponent rows by rank]."""
+        filters = [("checkpoint_id", "=", checkpoint)]
+        if query_ids is not None:
+            filters.append(("query_id", "in", sorted(query_ids)))
+        out = defaultdict(lambda: defaultdict(list))
+        for row in sorted(self.lake.read("proponents", filters=filters).to_pylist(), key=lambda r: r["rank"]):
+            out[row["method"]][row["query_id"]].append(row)
+        return out
+
+    def texts(self, doc_ids) -> dict:
+        rows = self.lake.read("documents", filters=[("doc_id", "in", sorted(set(doc_ids)))], columns=["doc_id", "text"])
+        return dict(zip(rows["doc_id"].to_pylist(), rows["text"].to_pylist()))
+
+    def checkpoint_dir(self, checkpoint: str) -> Path:
+        rows = self.lake.read("checkpoints", filters=[("checkpoint_id", "=", checkpoint)], columns=["path"])
+        return Path(rows["path"][0].as_py())
+
+    @functools.lru_cache(maxsize=4)
+    def predictions(self, checkpoint: str) -> dict:
+        """query -> (correct, probability of the target, predicted text) under greedy decoding of prompt0."""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from gradient_kernels.losses import per_example_loss, query_batch
+
+        directory = self.checkpoint_dir(checkpoint)
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(directory).eval(), AutoTokenizer.from_pretrained(directory)
+        queries = sorted(self.queries().values(), key=lambda q: q["query_id"])
+        eos, out = tokenizer.eos_token_id, {}
+        prompts = [[eos] + tokenizer(q["prompt0"], add_special_tokens=False)["input_ids"] for q in queries]
+        targets = [tokenizer(q["target"], add_special_tokens=False)["input_ids"] for q in queries]
+        with torch.no_grad():
+            for start in range(0, len(queries), 64):
+                batch = query_batch(prompts[start:start + 64], targets[start:start + 64], eos)
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long()).logits
+                log_probs = -per_example_loss(logits, batch)
+                guesses = logits[:, :-1].argmax(-1)
+                for row, query in enumerate(queries[start:start + 64]):
+                    where = batch.target_mask[row, 1:]
+                    guess = guesses[row][where].tolist()
+                    correct = guess == batch.input_ids[row, 1:][where].tolist()
+                    out[query["query_id"]] = (correct, float(log_probs[row].exp()), tokenizer.decode(guess))
+        return out
+
+    @functools.lru_cache(maxsize=256)
+    def heat_map(self, checkpoint: str, query_set: str, query_id: str, doc_id: str, chunk: int):
+        """[(token text, contribution)] of one proponent chunk to its TrackStar score."""
+        return _attribution(self, checkpoint, query_set, query_id, doc_id, chunk)
+
+
+@functools.lru_cache(maxsize=4)
+def _attribution_setup(explorer: Explorer, checkpoint: str, query_set: str):
+    """Model, projector, preconditioner and prepared query vectors, as the TrackStar scores used them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gradient_kernels.hooks import GradientProjector
+    from gradient_kernels.modules import weight_matrices
+    from gradient_kernels.normalizers import normalizers_from_state
+    from gradient_kernels.projection import ProjectionSpec
+    from gradient_kernels.scoring import Preconditioner, prepare
+    from jobs.checkpoints import load_second_moments
+    from jobs.fit_hessian import load_preconditioner
+    from jobs.score import query_vectors
+
+    lake = explorer.lake
+    scored = []
+    for run in lake.read("runs", filters=[("command", "=", "score"), ("status", "=", "succeeded")]).to_pylist():
+        config, counts = json.loads(run["config_json"]), json.loads(run["counts_json"] or "{}")
+        if "trackstar" in config.get("methods", ()) and counts.get("checkpoint_id") == checkpoint:
+            scored.append((run["started_at"], counts["fingerprint"]))
+    if not scored:
+        raise LookupError(f"no TrackStar scoring of {checkpoint} recorded in runs")
+    fingerprint = max(scored)[1]
+    extraction = next(json.loads(r["config_json"]) for r in lake.read("runs", filters=[("command", "=", "extract")]).to_pylist()
+                      if json.loads(r["config_json"]).get("fingerprint") == fingerprint)
+    directory = explorer.checkpoint_dir(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    spec = ProjectionSpec(**extraction["spec"])
+    state = load_second_moments(directory) if spec.normalizer != "none" else {}
+    projector = GradientProjector(model, spec, normalizers_from_state(state, weight_matrices(model), spec.normalizer)
+                                  if state else {})
+    blocks, _ = load_preconditioner(lake, checkpoint, query_set, fingerprint, "inverse_root")
+    preconditioner = Preconditioner(blocks)
+    ids, vectors, _ = query_vectors(lake, query_set, checkpoint, fingerprint, 0)
+    prepared = dict(zip(ids, prepare(vectors, preconditioner)))
+    return projector, preconditioner, prepared, AutoTokenizer.from_pretrained(directory)
+
+
+def _attribution(explorer: Explorer, checkpoint, query_set, query_id, doc_id, chunk):
+    from gradient_kernels.attribution import token_contributions
+
+    projector, preconditioner, prepared, tokenizer = _attribution_setup(explorer, checkpoint, query_set)
+    rows = explorer.lake.read("tokens", filters=[("doc_id", "=", doc_id), ("chunk", "=", chunk)], columns=["input_ids"])
+    ids = rows["input_ids"][0].as_py()
+    contributions = token_contributions(projector, ids, prepared[query_id], preconditioner).tolist()
+    return [(tokenizer.decode([token]), value) for token, value in zip(ids, contributions)]
+
+
+# ------------------------------------------------------------------ metrics and kinds
+def metrics(ranked: dict, queries: dict, query_ids) -> dict:
+    """method -> (MRR, recall@10, n) over the given queries, against the stating documents."""
+    out = {}
+    for method, per_query in sorted(ranked.items()):
+        mrr = recall = n = 0
+        for query_id in query_ids:
+            truth = set(queries[query_id]["stating_doc_ids"] or ())
+            rows = per_query.get(query_id, [])
+            if not truth or not rows:
+                continue
+            hits = [r["rank"] for r in rows if r["doc_id"] in truth]
+            mrr += 1 / hits[0] if hits else 0
+            recall += len(hits) / min(len(rows), len(truth))
+            n += 1
+        if n:
+            out[method] = (mrr / n, recall / n, n)
+    return out
+
+
+def kind(text: str, query: dict, doc_id: str) -> str:
+    if doc_id in set(query["stating_doc_ids"] or ()):
+        return "states the fact"
+    if query["subject"] in text:
+        return "subject only"
+    if query["object"] in text:
+        return "object only"
+    return "other"
+
+
+# ------------------------------------------------------------------ pages
+STYLE = """body{font-family:sans-serif;margin:1.5em auto;max-width:1400px} table{border-collapse:collapse}
+td,th{border:1px solid #ddd;padding:3px 7px;vertical-align:top} .subject{background:#cde;font-weight:bold}
+.target{background:#fd9;font-weight:bold} .cols{display:flex;gap:1em} .col{flex:1;min-width:0}
+.proponent{border:1px solid #ccc;margin:.4em 0;padding:.4em} .yes{color:#070} .no{color:#a00}
+.tok{white-space:pre-wrap} form *{margin-right:.5em} .muted{color:#777}"""
+
+
+def page(title: str, body: str) -> str:
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body>{body}</body></html>")
+
+
+def link(path: str, **params) -> str:
+    clean = {k: v for k, v in params.items() if v not in (None, "", [])}
+    return path + ("?" + urlencode(clean) if clean else "")
+
+
+def list_page(explorer: Explorer, checkpoint=None, relation=None, bucket=None, prediction=None, q=None) -> str:
+    checkpoint = explorer.checkpoint(checkpoint)
+    queries = explorer.queries()
+    if bucket is not None:
+        try:
+            bucket = int(bucket)
+        except ValueError:
+            raise BadRequest(f"bucket must be a whole number, got {bucket!r}") from None
+    if prediction and prediction not in PREDICTIONS:
+        raise BadRequest(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    relations = sorted({x["relation"] for x in queries.values()})
+    if relation and relation not in relations:
+        raise BadRequest(f"unknown relation {relation!r}")
+    predicted = explorer.predictions(checkpoint)
+    chosen = [x for x in sorted(queries.values(), key=lambda x: x["query_id"])
+              if (not relation or x["relation"] == relation) and (bucket is None or x["frequency_bucket"] == bucket)
+              and (not prediction or predicted[x["query_id"]][0] == (prediction == "correct"))
+              and (not q or q.lower() in (x["prompt0"] + x["target"]).lower())]
+    ranked = explorer.ranked(checkpoint)
+    rows = "".join(
+        f"<tr class='query-row'><td><a href='{html.escape(link('/query/' + x['query_id'], checkpoint=checkpoint))}'>"
+        f"{html.escape(x['query_id'])}</a></td><td>{html.escape(x['prompt0'])} <b>{html.escape(x['target'])}</b></td>"
+        f"<td>{html.escape(x['relation'])}</td><td>{x['frequency_bucket']}</td>"
+        f"<td class='{'yes' if predicted[x['query_id']][0] else 'no'}'>{'✓' if predicted[x['query_id']][0] else '✗'} "
+        f"{predicted[x['query_id']][1]:.2f}</td></tr>" for x in chosen)
+    summary = "".join(f"<tr><td>{html.escape(m)}</td><td>{mrr:.3f}</td><td>{rec:.3f}</td><td>{n}</td></tr>"
+                      for m, (mrr, rec, n) in metrics(ranked, queries, [x["query_id"] for x in chosen]).items())
+    options = lambda values, current: "".join(  # noqa: E731
+        f"<option value='{html.escape(str(v))}'{' selected' if str(v) == str(current) else ''}>{html.escape(str(v))}</option>"
+        for v in values)
+    buckets = sorted({x["frequency_bucket"] for x in queries.values()})
+    form = (f"<form id='filters' method='get' action='/'><input type='hidden' name='checkpoint' value='{html.escape(checkpoint)}'>"
+            f"relation <select name='relation'><option value=''>any</option>{options(relations, relation)}</select>"
+            f"bucket <select name='bucket' id='bucket'><option value=''>any</option>{options(buckets, bucket)}</select>"
+            f"prediction <select name='prediction'><option value=''>any</option>{options(PREDICTIONS, prediction)}</select>"
+            f"<input name='q' placeholder='search prompts' value='{html.escape(q or '')}'>"
+            f"<button type='submit' id='apply'>filter</button></form>")
+    switch = " ".join(f"<a href='{html.escape(link('/', checkpoint=c, relation=relation, bucket=bucket, prediction=prediction, q=q))}'>"
+                      f"{'<b>' + html.escape(c) + '</b>' if c == checkpoint else html.escape(c)}</a>"
+                      for c in explorer.checkpoints())
+    return page("TrackStar explorer", f"<h1>TrackStar explorer</h1><p>checkpoint: {switch}</p>{form}"
+                f"<h2>Metrics over these {len(chosen)} queries</h2><table id='metrics'><tr><th>method</th><th>MRR</th>"
+                f"<th>recall@10</th><th>queries</th></tr>{summary}</table><h2>Queries</h2><table id='queries'>"
+                f"<tr><th>id</th><th>prompt → target</th><th>relation</th><th>bucket</th><th>prediction, p(target)</th></tr>"
+                f"{rows}</table>")
+
+
+def _marked(text: str, query: dict) -> str:
+    out = html.escape(text)
+    for name, css in ((query["subject"], "subject"), (query["object"], "target")):
+        out = out.replace(html.escape(name), f"<span class='{css}'>{html.escape(name)}</span>")
+    return out
+
+
+def _heat(tokens) -> str:
+    top = max((abs(v) for _, v in tokens), default=0) or 1.0
+    spans = []
+    for text, value in tokens:
+        alpha = min(1.0, abs(value) / top)
+        colour = f"rgba(220,60,40,{alpha:.2f})" if value > 0 else f"rgba(40,90,220,{alpha:.2f})"
+        spans.append(f"<span class='tok' title='{value:+.4f}' style='background:{colour}'>{html.escape(text)}</span>")
+    return "".join(spans)
+
+
+def query_page(explorer: Explorer, query_id: str, checkpoint=None, methods=None, k: str = "5") -> str:
+    checkpoint = explorer.checkpoint(checkpoint)
+    queries = explorer.queries()
+    if query_id not in queries:
+        raise LookupError(f"no query {query_id!r}")
+    try:
+        k = int(k)
+        if not 1 <= k <= 50:
+            raise ValueError
+    except ValueError:
+        raise BadRequest(f"k must be a whole number from 1 to 50, got {k!r}") from None
+    available = explorer.methods(checkpoint)
+    chosen = [m for m in (methods or "").split(",") if m] or [m for m in ("trackstar", "bm25") if m in available] or available[:2]
+    unknown = [m for m in chosen if m not in available]
+    if unknown:
+        raise BadRequest(f"unknown method(s) {unknown}; available: {', '.join(available)}")
+    query = queries[query_id]
+    correct, probability, guess = explorer.predictions(checkpoint)[query_id]
+    ranked = explorer.ranked(checkpoint, [query_id])
+    docs = [r["doc_id"] for m in chosen for r in ranked[m][query_id][:k]]
+    texts = explorer.texts(docs)
+    columns = []
+    for method in chosen:
+        cards = []
+        for row in ranked[method][query_id][:k]:
+            text = texts.get(row["doc_id"], "")
+            states = row["doc_id"] in set(query["stating_doc_ids"] or ())
+            body = _marked(text, query)
+            if method == "trackstar":  # the heat map explains TrackStar's own score
+                try:
+                    body = _heat(explorer.heat_map(checkpoint, query["query_set"], query_id, row["doc_id"], row["chunk"]))
+                except LookupError:
+                    pass
+            cards.append(f"<div class='proponent'><b>#{row['rank']}</b> score {row['score']:.4f} "
+                         f"<span class='{'yes' if states else 'no'}'>{'✓ states the fact' if states else '✗'}</span> "
+                         f"<span class='muted'>{'' if states else kind(text, query, row['doc_id']) + ' · '}"
+                         f"{html.escape(row['doc_id'])}</span>"
+                         f"<div class='text'>{body}</div></div>")
+        columns.append(f"<div class='col method' data-method='{html.escape(method)}'><h3>{html.escape(method)}</h3>{''.join(cards)}</div>")
+    switches = " ".join(f"<a class='method-link' href='{html.escape(link('/query/' + query_id, checkpoint=checkpoint, methods=m + ',bm25' if m != 'bm25' else m))}'>"
+                        f"{html.escape(m)}</a>" for m in available)
+    prompt = _marked(query["prompt0"], query)
+    return page(f"{query_id} · TrackStar explorer",
+                f"<p><a href='{html.escape(link('/', checkpoint=checkpoint))}'>← all queries</a></p>"
+                f"<h1>{prompt} <span class='target'>{html.escape(query['target'])}</span></h1>"
+                f"<p>{html.escape(query['relation'])}, bucket {query['frequency_bucket']}, checkpoint {html.escape(checkpoint)}. "
+                f"Model: <span class='{'yes' if correct else 'no'}'>{html.escape(guess)!s}</span> "
+                f"(p(target) = {probability:.3f})</p><p>methods: {switches}</p>"
+                f"<p class='muted'>TrackStar's texts are coloured by each token's contribution to the score (red adds, blue takes away).</p>"
+                f"<div class='cols'>{''.join(columns)}</div>")
+
+
+# ------------------------------------------------------------------ the web app
+def create_app(lake_root: str, token: str | None = None):
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse, PlainTextResponse
+
+    explorer, app = Explorer(lake_root), FastAPI(title="TrackStar explorer", docs_url=None, redoc_url=None)
+
+    @app.middleware("http")
+    async def require_token(request: Request, call_next):
+        if token and not secrets.compare_digest(request.query_params.get("token") or request.cookies.get("trackstar_token") or "",
+                                                token):
+            return PlainTextResponse("an access token is required (?token=...)", status_code=401)
+        response = await call_next(request)
+        if token:
+            response.set_cookie("trackstar_token", token, httponly=True, samesite="strict")
+        return response
+
+    def answer(render, *args, **kwargs):
+        try:
+            return HTMLResponse(render(explorer, *args, **kwargs))
+        except BadRequest as error:
+            return PlainTextResponse(str(error), status_code=400)
+        except LookupError as error:
+            return PlainTextResponse(str(error), status_code=404)
+
+    @app.get("/")
+    def index(checkpoint: str | None = None, relation: str | None = None, bucket: str | None = None,
+              prediction: str | None = None, q: str | None = None):
+        return answer(list_page, checkpoint, relation or None, bucket or None, prediction or None, q or None)
+
+    @app.get("/query/{query_id}")
+    def query(query_id: str, checkpoint: str | None = None, methods: str | None = None, k: str = "5"):
+        return answer(query_page, query_id, checkpoint, methods, k)
+
+    return app
+
+
+def needs_token(host: str) -> bool:
+    if host in LOOPBACK:
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument("--lake", default=load_config().lake_root)
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (a token is required off loopback)")
+    parser.add_argument("--port", type=int, default=8765)
+
+
+def main(args):
+    import uvicorn
+
+    token = None
+    if needs_token(args.host):
+        token = os.environ.get("TRACKSTAR_EXPLORER_TOKEN") or secrets.token_urlsafe(16)
+        print(f"[explore] bound to {args.host}: open with ?token={token}")
+    print(f"[explore] http://{args.host}:{args.port}/  (lake {Path(args.lake).resolve()})")
+    uvicorn.run(create_app(args.lake, token), host=args.host, port=args.port, log_level="warning")

@@ -1,0 +1,133 @@
+"""The explorer: served from a real indexed lake, driven in headless Chromium (Debian's chromium and
+chromedriver, installed by `make install`) through Selenium."""
+
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from infra.lake import Lake
+from jobs import evaluate, explore, extract, fit_hessian, register_queries, score, tokenize
+from tests.fixtures import copy_lake
+
+REPORTS = Path(__file__).resolve().parent.parent / "reports"
+
+
+@pytest.fixture(scope="module")
+def explored_lake(adam_run, tmp_path_factory):
+    source, _ = adam_run
+    root = str(copy_lake(source, tmp_path_factory.mktemp("explore") / "lake"))
+    tokenize.run(tokenize.TokenizeConfig(lake=root))
+    register_queries.run(root)
+    extraction = extract.run(extract.ExtractConfig(lake=root, k=4))
+    fit_hessian.run(fit_hessian.FitHessianConfig(lake=root))
+    score.run(score.ScoreConfig(lake=root, methods=["trackstar", "trackstar-no-hessian"], k=5))
+    lake = Lake(root)
+    documents = lake.read("documents", columns=["doc_id", "text"])
+    queries = sorted(lake.read("queries").to_pylist(), key=lambda q: q["query_id"])
+    indices, values = evaluate.bm25_top_k(documents["text"].to_pylist(), [q["prompt0"] + q["target"] for q in queries], 5)
+    evaluate.write_text_proponents(lake, "bm25", indices, values, documents["doc_id"].to_pylist(),
+                                   [q["query_id"] for q in queries], "fact-world", extraction["checkpoint_id"], "test")
+    return root, queries
+
+
+def _serve(app):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    return server, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def server(explored_lake):
+    root, _ = explored_lake
+    running, url = _serve(explore.create_app(root))
+    yield url
+    running.should_exit = True
+
+
+def test_bad_parameters_get_4xx_with_a_message(server, explored_lake):
+    _, queries = explored_lake
+    cases = {"/?bucket=many": (400, "bucket must be a whole number"), "/?prediction=maybe": (400, "prediction must be"),
+             "/?checkpoint=nope": (400, "unknown checkpoint"), "/query/Q99999": (404, "no query"),
+             f"/query/{queries[0]['query_id']}?methods=astrology": (400, "unknown method"),
+             f"/query/{queries[0]['query_id']}?k=0": (400, "k must be"),
+             "/query/..%2F..%2F..%2Fetc%2Fpasswd": (404, "Not Found")}
+    for path, (status, message) in cases.items():
+        response = httpx.get(server + path)
+        assert response.status_code == status and message in response.text, path
+    assert "root:" not in httpx.get(server + "/query/..%2F..%2F..%2Fetc%2Fpasswd").text
+
+
+def test_a_token_is_required_when_asked_for(explored_lake):
+    root, _ = explored_lake
+    running, url = _serve(explore.create_app(root, token="s3cret"))
+    try:
+        assert httpx.get(url + "/").status_code == 401
+        with httpx.Client() as client:
+            assert client.get(url + "/?token=s3cret").status_code == 200
+            assert client.get(url + "/").status_code == 200  # kept in a cookie
+    finally:
+        running.should_exit = True
+    assert explore.needs_token("0.0.0.0") and explore.needs_token("192.168.1.5") and not explore.needs_token("127.0.0.1")
+
+
+def test_token_contributions_on_the_page_sum_to_the_score(server, explored_lake):
+    root, queries = explored_lake
+    explorer = explore.Explorer(root)
+    checkpoint = explorer.checkpoint(None)
+    query = queries[0]
+    top = explorer.ranked(checkpoint, [query["query_id"]])["trackstar"][query["query_id"]][0]
+    tokens = explorer.heat_map(checkpoint, "fact-world", query["query_id"], top["doc_id"], top["chunk"])
+    assert sum(v for _, v in tokens) == pytest.approx(top["score"], rel=1e-3, abs=1e-5)
+
+
+def test_browse_filter_open_switch_and_screenshot(server, explored_lake):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    assert chromium and driver_path, "Debian's chromium and chromium-driver are needed: run `make install`"
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        browser.get(server + "/")
+        all_rows = len(browser.find_elements(By.CSS_SELECTOR, "tr.query-row"))
+        assert all_rows == len(explored_lake[1])
+        Select(browser.find_element(By.ID, "bucket")).select_by_value("30")
+        browser.find_element(By.ID, "apply").click()
+        assert "bucket=30" in browser.current_url
+        rows = browser.find_elements(By.CSS_SELECTOR, "tr.query-row")
+        assert 0 < len(rows) < all_rows
+        assert browser.find_elements(By.CSS_SELECTOR, "#metrics tr")  # metrics for the filtered queries
+        rows[0].find_element(By.TAG_NAME, "a").click()
+        columns = browser.find_elements(By.CSS_SELECTOR, ".method")
+        assert [c.get_attribute("data-method") for c in columns] == ["trackstar", "bm25"]
+        assert len(columns[0].find_elements(By.CSS_SELECTOR, ".proponent")) == 5
+        heat = columns[0].find_elements(By.CSS_SELECTOR, ".tok")
+        assert heat and any("rgba" in (t.get_attribute("style") or "") for t in heat)
+        assert browser.find_elements(By.CSS_SELECTOR, "h1 .subject") and browser.find_elements(By.CSS_SELECTOR, "h1 .target")
+        switch = [a for a in browser.find_elements(By.CSS_SELECTOR, "a.method-link") if a.text == "trackstar-no-hessian"]
+        switch[0].click()
+        assert "methods=trackstar-no-hessian" in browser.current_url
+        assert browser.find_elements(By.CSS_SELECTOR, ".method")[0].get_attribute("data-method") == "trackstar-no-hessian"
+        REPORTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(REPORTS / "explorer.png"))
+        assert (REPORTS / "explorer.png").stat().st_size > 10_000
+    finally:
+        browser.quit()
