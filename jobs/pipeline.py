@@ -63,6 +63,7 @@ def run(lake: str, seed: int = 0, airflow_home: str = ".airflow", reports: str =
     print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     print("next:        .venv/bin/python -m jobs sql --list        (SQL over the Delta tables)")
     print("             make airflow-ui                            (the DAGs in the Airflow UI, 127.0.0.1:8080)")
+    print(f"explorer:    .venv/bin/python -m jobs explore --lake {lake}   (then open http://127.0.0.1:8765/)")
     return summary
 
 
