@@ -28,13 +28,16 @@ class Preconditioner:
     blocks: list
 
     def apply(self, vectors: torch.Tensor) -> torch.Tensor:
+        sizes = [block.shape[0] for block in self.blocks]
+        if sum(sizes) != vectors.shape[1]:
+            raise ValueError(f"preconditioner covers {sum(sizes)} coordinates, vectors have {vectors.shape[1]}")
+        if len(set(sizes)) == 1:  # equal blocks (uniform k): one batched matmul instead of a loop
+            stacked = torch.stack(self.blocks).to(vectors.device, vectors.dtype)
+            return torch.einsum("nbi,bij->nbj", vectors.view(len(vectors), len(sizes), sizes[0]), stacked).reshape(vectors.shape)
         out, offset = [], 0
-        for block in self.blocks:
-            size = block.shape[0]
+        for block, size in zip(self.blocks, sizes):
             out.append(vectors[:, offset:offset + size] @ block.to(vectors.device, vectors.dtype))
             offset += size
-        if offset != vectors.shape[1]:
-            raise ValueError(f"preconditioner covers {offset} coordinates, vectors have {vectors.shape[1]}")
         return torch.cat(out, dim=1)
 
 

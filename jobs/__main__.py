@@ -22,6 +22,7 @@ COMMANDS = {
     "extract": ("jobs.extract", "projected gradients of training chunks and queries for one checkpoint (DeepSpeed)"),
     "fit-hessian": ("jobs.fit_hessian", "fit R_train, R_query, λ and the damped inverse root for a checkpoint"),
     "score": ("jobs.score", "exact top-k proponents per query from train_gradients (Spark)"),
+    "trace": ("jobs.trace", "proponents of any prompt and target, scored on the fly, with the words that carry them"),
     "evaluate": ("jobs.evaluate", "MRR, recall@10, tail-patch and proponent categories per method; HTML report"),
     "sql": ("jobs.sql", "run a documented SQL query over the lake's Delta tables with Spark (--list to see them)"),
     "explore": ("jobs.explore", "web page of queries and their proponents, served from the lake (127.0.0.1)"),

@@ -177,7 +177,7 @@ def run(config: EvaluateConfig) -> dict:
     lake = Lake(config.lake)
     checkpoint_id = config.checkpoint_id or fit_hessian.latest_checkpoint_id(lake)
     checkpoint_row = lake.read("checkpoints", filters=[("checkpoint_id", "=", checkpoint_id)]).to_pylist()[0]
-    checkpoint_dir = Path(checkpoint_row["path"])
+    checkpoint_dir = extract.resolve_checkpoint(lake, checkpoint_row["path"])  # a folder, or downloaded from S3
     run_id = start_run(lake, "evaluate", asdict(config) | {"checkpoint_id": checkpoint_id})
 
     fingerprints = {}

@@ -19,7 +19,6 @@ import argparse
 import functools
 import html
 import ipaddress
-import json
 import os
 import secrets
 from collections import defaultdict
@@ -76,9 +75,6 @@ class Explorer:
         rows = self.lake.read("documents", filters=[("doc_id", "in", sorted(set(doc_ids)))], columns=["doc_id", "text"])
         return dict(zip(rows["doc_id"].to_pylist(), rows["text"].to_pylist()))
 
-    def checkpoint_dir(self, checkpoint: str) -> Path:
-        rows = self.lake.read("checkpoints", filters=[("checkpoint_id", "=", checkpoint)], columns=["path"])
-        return Path(rows["path"][0].as_py())
 
     @functools.lru_cache(maxsize=4)
     def predictions(self, checkpoint: str) -> dict:
@@ -88,7 +84,9 @@ class Explorer:
 
         from gradient_kernels.losses import per_example_loss, query_batch
 
-        directory = self.checkpoint_dir(checkpoint)
+        from jobs.trace import checkpoint_folder
+
+        directory = checkpoint_folder(self.lake, checkpoint)
         model, tokenizer = AutoModelForCausalLM.from_pretrained(directory).eval(), AutoTokenizer.from_pretrained(directory)
         queries = sorted(self.queries().values(), key=lambda q: q["query_id"])
         eos, out = tokenizer.eos_token_id, {}
@@ -107,58 +105,17 @@ class Explorer:
                     out[query["query_id"]] = (correct, float(log_probs[row].exp()), tokenizer.decode(guess))
         return out
 
+    @functools.lru_cache(maxsize=4)
+    def tracer(self, checkpoint: str, query_set: str):
+        from jobs.trace import TraceContext
+
+        return TraceContext(self.lake, checkpoint, query_set)
+
     @functools.lru_cache(maxsize=256)
     def heat_map(self, checkpoint: str, query_set: str, query_id: str, doc_id: str, chunk: int):
         """[(token text, contribution)] of one proponent chunk to its TrackStar score."""
-        return _attribution(self, checkpoint, query_set, query_id, doc_id, chunk)
-
-
-@functools.lru_cache(maxsize=4)
-def _attribution_setup(explorer: Explorer, checkpoint: str, query_set: str):
-    """Model, projector, preconditioner and prepared query vectors, as the TrackStar scores used them."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from gradient_kernels.hooks import GradientProjector
-    from gradient_kernels.modules import weight_matrices
-    from gradient_kernels.normalizers import normalizers_from_state
-    from gradient_kernels.projection import ProjectionSpec
-    from gradient_kernels.scoring import Preconditioner, prepare
-    from jobs.checkpoints import load_second_moments
-    from jobs.fit_hessian import load_preconditioner
-    from jobs.score import query_vectors
-
-    lake = explorer.lake
-    scored = []
-    for run in lake.read("runs", filters=[("command", "=", "score"), ("status", "=", "succeeded")]).to_pylist():
-        config, counts = json.loads(run["config_json"]), json.loads(run["counts_json"] or "{}")
-        if "trackstar" in config.get("methods", ()) and counts.get("checkpoint_id") == checkpoint:
-            scored.append((run["started_at"], counts["fingerprint"]))
-    if not scored:
-        raise LookupError(f"no TrackStar scoring of {checkpoint} recorded in runs")
-    fingerprint = max(scored)[1]
-    extraction = next(json.loads(r["config_json"]) for r in lake.read("runs", filters=[("command", "=", "extract")]).to_pylist()
-                      if json.loads(r["config_json"]).get("fingerprint") == fingerprint)
-    directory = explorer.checkpoint_dir(checkpoint)
-    model = AutoModelForCausalLM.from_pretrained(directory).eval()
-    spec = ProjectionSpec(**extraction["spec"])
-    state = load_second_moments(directory) if spec.normalizer != "none" else {}
-    projector = GradientProjector(model, spec, normalizers_from_state(state, weight_matrices(model), spec.normalizer)
-                                  if state else {})
-    blocks, _ = load_preconditioner(lake, checkpoint, query_set, fingerprint, "inverse_root")
-    preconditioner = Preconditioner(blocks)
-    ids, vectors, _ = query_vectors(lake, query_set, checkpoint, fingerprint, 0)
-    prepared = dict(zip(ids, prepare(vectors, preconditioner)))
-    return projector, preconditioner, prepared, AutoTokenizer.from_pretrained(directory)
-
-
-def _attribution(explorer: Explorer, checkpoint, query_set, query_id, doc_id, chunk):
-    from gradient_kernels.attribution import token_contributions
-
-    projector, preconditioner, prepared, tokenizer = _attribution_setup(explorer, checkpoint, query_set)
-    rows = explorer.lake.read("tokens", filters=[("doc_id", "=", doc_id), ("chunk", "=", chunk)], columns=["input_ids"])
-    ids = rows["input_ids"][0].as_py()
-    contributions = token_contributions(projector, ids, prepared[query_id], preconditioner).tolist()
-    return [(tokenizer.decode([token]), value) for token, value in zip(ids, contributions)]
+        tracer = self.tracer(checkpoint, query_set)
+        return tracer.token_contributions(tracer.stored_query_vector(query_id), doc_id, chunk)
 
 
 # ------------------------------------------------------------------ metrics and kinds

@@ -1,6 +1,7 @@
 """Documented SQL over the lake's Delta tables, run with Spark (embedded Sail or SPARK_REMOTE).
 
     python -m jobs sql --list
+    python -m jobs sql "SELECT method, count(*) AS n FROM proponents GROUP BY method"
     python -m jobs sql top_proponents --param query_set=trex --param query_id=q17 --lake lake
 
 Each table the query names is registered as a temp view over its Delta folder; parameters are
@@ -9,8 +10,8 @@ bound as Spark SQL named parameters (`:name`), never pasted into the text. The q
 - top_proponents(query_set, query_id, method): a query's top-ranked training chunks with the text
   of their documents (proponents joined with documents), per checkpoint.
 - proponent_frequency(query_set, method, limit): documents that are proponents of the most queries.
-- gradient_coverage(): per checkpoint and partition, chunks in `tokens` against vectors in
-  `train_gradients`; coverage below 1 means extraction has not finished that slice.
+- gradient_coverage(): per checkpoint, projection fingerprint and partition, chunks in `tokens`
+  against vectors in `train_gradients`; coverage below 1 means extraction has not finished that slice.
 - quarantine_by_reason(): refused input rows per run, stage and reason.
 - runs_history(): every run, newest first, with status and counts.
 """
@@ -54,16 +55,18 @@ SQL_QUERIES: dict[str, SqlQuery] = {
         """,
         {"query_set": str, "method": str, "limit": int}),
     "gradient_coverage": SqlQuery(
-        "per checkpoint and partition: chunks in tokens vs vectors in train_gradients",
+        "per checkpoint, projection fingerprint and partition: chunks in tokens vs vectors in train_gradients",
         """
         WITH expected AS (SELECT `partition`, count(*) AS n_chunks FROM tokens GROUP BY `partition`),
-             done AS (SELECT checkpoint_id, `partition`, count(*) AS n_vectors
-                      FROM train_gradients GROUP BY checkpoint_id, `partition`)
-        SELECT c.checkpoint_id, e.`partition`, e.n_chunks, coalesce(d.n_vectors, 0) AS n_vectors,
+             done AS (SELECT checkpoint_id, fingerprint, `partition`, count(*) AS n_vectors
+                      FROM train_gradients GROUP BY checkpoint_id, fingerprint, `partition`),
+             indexes AS (SELECT DISTINCT checkpoint_id, fingerprint FROM train_gradients)
+        SELECT i.checkpoint_id, i.fingerprint, e.`partition`, e.n_chunks, coalesce(d.n_vectors, 0) AS n_vectors,
                round(coalesce(d.n_vectors, 0) / e.n_chunks, 4) AS coverage
-        FROM expected e CROSS JOIN checkpoints c
-        LEFT JOIN done d ON d.checkpoint_id = c.checkpoint_id AND d.`partition` = e.`partition`
-        ORDER BY c.checkpoint_id, e.`partition`
+        FROM expected e CROSS JOIN indexes i
+        LEFT JOIN done d ON d.checkpoint_id = i.checkpoint_id AND d.fingerprint = i.fingerprint
+                        AND d.`partition` = e.`partition`
+        ORDER BY i.checkpoint_id, i.fingerprint, e.`partition`
         """),
     "quarantine_by_reason": SqlQuery(
         "refused input rows per run, stage and reason",
@@ -102,12 +105,16 @@ def bind_params(name: str, given: dict[str, str]) -> dict:
 def run_query(spark, lake: Lake, name: str, params: dict[str, str] | None = None):
     """The DataFrame of a named query over the lake's tables."""
     query = _query(name)
-    args = bind_params(name, params or {})
-    for table in tables_used(query.sql):
+    return run_sql(spark, lake, query.sql, bind_params(name, params or {}), what=f"query {name}")
+
+
+def run_sql(spark, lake: Lake, sql: str, args: dict | None = None, what: str = "the query"):
+    """Any SQL over the lake: each table it names becomes a temp view over its Delta folder."""
+    for table in tables_used(sql):
         if not lake.exists(table):
-            raise TableNotFoundError(f"query {name} needs table {table}, which does not exist under {lake.root} yet")
+            raise TableNotFoundError(f"{what} needs table {table}, which does not exist under {lake.root} yet")
         lake.spark_read(spark, table).createOrReplaceTempView(table)
-    return spark.sql(query.sql, args=args or None)
+    return spark.sql(sql, args=args or None)
 
 
 def _query(name: str) -> SqlQuery:
@@ -117,7 +124,7 @@ def _query(name: str) -> SqlQuery:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("name", nargs="?", choices=sorted(SQL_QUERIES), help="query to run")
+    parser.add_argument("name", nargs="?", help=f"a documented query ({', '.join(SQL_QUERIES)}) or any SQL text")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="query parameter")
     parser.add_argument("--lake", help="lake root (default: the configured lake_root)")
     parser.add_argument("--rows", type=int, default=50, help="rows to print")
@@ -133,7 +140,14 @@ def main(args) -> int:
     params = dict(_key_value(item) for item in args.param)
     config = load_config()
     lake = Lake(args.lake or config.lake_root)
-    run_query(spark_session(config.spark_remote), lake, args.name, params).show(n=args.rows, truncate=False)
+    spark = spark_session(config.spark_remote)
+    if args.name in SQL_QUERIES:
+        result = run_query(spark, lake, args.name, params)
+    elif " " in args.name.strip():  # SQL text, e.g. "SELECT method, count(*) FROM proponents GROUP BY method"
+        result = run_sql(spark, lake, args.name, params)
+    else:
+        raise SystemExit(f"unknown query {args.name!r}; documented queries: {', '.join(SQL_QUERIES)} (or pass SQL text)")
+    result.show(n=args.rows, truncate=False)
     return 0
 
 

@@ -70,8 +70,14 @@ def raw_partitions(raw_dir: Path) -> dict[int, Path]:
 
 
 def tokenized_partitions(lake: Lake, fingerprint: str) -> set[int]:
+    """Partitions already done with this fingerprint: those with tokens, and those a successful run
+    processed without finding any document (an empty or all-bad file is done, not pending forever)."""
     rows = lake.read("tokens", columns=["partition", "tokenizer_fingerprint"])
-    return {p for p, f in zip(rows["partition"].to_pylist(), rows["tokenizer_fingerprint"].to_pylist()) if f == fingerprint}
+    done = {p for p, f in zip(rows["partition"].to_pylist(), rows["tokenizer_fingerprint"].to_pylist()) if f == fingerprint}
+    for run in lake.read("runs", filters=[("command", "=", "tokenize"), ("status", "=", "succeeded")]).to_pylist():
+        if json.loads(run["config_json"]).get("tokenizer_fingerprint") == fingerprint:
+            done |= set(json.loads(run["counts_json"] or "{}").get("tokenized", ()))
+    return done
 
 
 # ------------------------------------------------------------------ inside mapInArrow
@@ -81,25 +87,36 @@ PARSED_SCHEMA = pa.schema([("doc_id", pa.string()), ("partition", pa.int32()), (
 
 
 def parse_files(batches, max_chars: int):
-    """(path, partition) rows -> one row per raw line: a document or a reason."""
+    """(path, partition) rows -> one row per raw line: a document or a reason. An empty or
+    unreadable file gives one row with the reason, so it is reported, never silently skipped."""
     for batch in batches:
         for path, partition in zip(batch.column("path").to_pylist(), batch.column("partition").to_pylist()):
             rows = {name: [] for name in PARSED_SCHEMA.names}
-            with gzip.open(path, "rb") as fh:
-                for number, raw in enumerate(fh, start=1):
-                    record, reason = c4_lines.parse_line(raw.rstrip(b"\n"))
-                    if record is not None and len(record["text"]) > max_chars:
-                        record, reason = None, f"document too large: {len(record['text']):,} characters > {max_chars:,}"
-                    good = record is not None
-                    rows["doc_id"].append(record["url"] if good else None)
-                    rows["partition"].append(partition)
-                    rows["source"].append(Path(path).name)
-                    rows["line"].append(number)
-                    rows["text"].append(record["text"] if good else None)
-                    rows["timestamp"].append(record["timestamp"] if good else None)
-                    rows["n_chars"].append(len(record["text"]) if good else None)
-                    rows["reason"].append(reason)
-                    rows["raw_value"].append(None if good else c4_lines.truncate_raw(raw))
+
+            def add(number, record, reason, raw):
+                good = record is not None
+                rows["doc_id"].append(record["url"] if good else None)
+                rows["partition"].append(partition)
+                rows["source"].append(Path(path).name)
+                rows["line"].append(number)
+                rows["text"].append(record["text"] if good else None)
+                rows["timestamp"].append(record["timestamp"] if good else None)
+                rows["n_chars"].append(len(record["text"]) if good else None)
+                rows["reason"].append(reason)
+                rows["raw_value"].append(None if good or raw is None else c4_lines.truncate_raw(raw))
+
+            number = 0
+            try:
+                with gzip.open(path, "rb") as fh:
+                    for number, raw in enumerate(fh, start=1):
+                        record, reason = c4_lines.parse_line(raw.rstrip(b"\n"))
+                        if record is not None and len(record["text"]) > max_chars:
+                            record, reason = None, f"document too large: {len(record['text']):,} characters > {max_chars:,}"
+                        add(number, record, reason, raw)
+            except (OSError, EOFError) as error:  # not gzip, truncated: keep what was read, report the rest
+                add(number + 1, None, f"unreadable file after line {number}: {error}", None)
+            if number == 0 and not rows["line"]:
+                add(0, None, "empty partition file: no lines", None)
             yield pa.RecordBatch.from_pydict(rows, schema=PARSED_SCHEMA)
 
 

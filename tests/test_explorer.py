@@ -96,7 +96,8 @@ def test_browse_filter_open_switch_and_screenshot(server, explored_lake):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select
+    from selenium.webdriver.support import expected_conditions as page_is
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
     assert chromium and driver_path, "Debian's chromium and chromium-driver are needed: run `make install`"
@@ -111,11 +112,13 @@ def test_browse_filter_open_switch_and_screenshot(server, explored_lake):
         assert all_rows == len(explored_lake[1])
         Select(browser.find_element(By.ID, "bucket")).select_by_value("30")
         browser.find_element(By.ID, "apply").click()
-        assert "bucket=30" in browser.current_url
+        wait = WebDriverWait(browser, 30)
+        wait.until(page_is.url_contains("bucket=30"))
         rows = browser.find_elements(By.CSS_SELECTOR, "tr.query-row")
         assert 0 < len(rows) < all_rows
         assert browser.find_elements(By.CSS_SELECTOR, "#metrics tr")  # metrics for the filtered queries
         rows[0].find_element(By.TAG_NAME, "a").click()
+        wait.until(page_is.url_contains("/query/"))
         columns = browser.find_elements(By.CSS_SELECTOR, ".method")
         assert [c.get_attribute("data-method") for c in columns] == ["trackstar", "bm25"]
         assert len(columns[0].find_elements(By.CSS_SELECTOR, ".proponent")) == 5
@@ -124,10 +127,25 @@ def test_browse_filter_open_switch_and_screenshot(server, explored_lake):
         assert browser.find_elements(By.CSS_SELECTOR, "h1 .subject") and browser.find_elements(By.CSS_SELECTOR, "h1 .target")
         switch = [a for a in browser.find_elements(By.CSS_SELECTOR, "a.method-link") if a.text == "trackstar-no-hessian"]
         switch[0].click()
-        assert "methods=trackstar-no-hessian" in browser.current_url
+        wait.until(page_is.url_contains("methods=trackstar-no-hessian"))
         assert browser.find_elements(By.CSS_SELECTOR, ".method")[0].get_attribute("data-method") == "trackstar-no-hessian"
         REPORTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(REPORTS / "explorer.png"))
         assert (REPORTS / "explorer.png").stat().st_size > 10_000
     finally:
         browser.quit()
+
+
+def test_trace_recomputes_a_stored_query_and_finds_its_stored_proponents(explored_lake):
+    from jobs.trace import TraceContext
+
+    root, queries = explored_lake
+    lake = Lake(root)
+    context = TraceContext(lake)
+    query = queries[1]
+    fresh = context.query_vector(query["prompt0"], query["target"])
+    assert float((fresh - context.stored_query_vector(query["query_id"])).abs().max()) < 1e-5
+    traced = context.top_k(fresh, 5)
+    stored = sorted(lake.read("proponents", filters=[("method", "=", "trackstar"), ("query_id", "=", query["query_id"])])
+                    .to_pylist(), key=lambda r: r["rank"])
+    assert [r["score"] for r in traced] == pytest.approx([r["score"] for r in stored], rel=1e-4, abs=1e-6)

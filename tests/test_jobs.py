@@ -35,14 +35,18 @@ BAD_LINES = [
     b'{"text": "no url here", "timestamp": "2019-01-01T00:00:00Z"}',     # missing field
     b'{"text": "   ", "url": "https://x.example/2", "timestamp": "t"}',  # empty text
     b'{"text": "caf\xe9", "url": "https://x.example/3", "timestamp": "t"}',  # not UTF-8
+    b'{"text": "bin\\u0000ary", "url": "https://x.example/4", "timestamp": "t"}',  # binary junk
 ]
 
 
 def _write_extra_partition(raw_dir, long_text):
     good = [json.dumps({"text": long_text, "url": "https://long.example/doc", "timestamp": "2019-05-05T00:00:00Z"}).encode(),
-            json.dumps({"text": "x" * 300_000, "url": "https://huge.example/doc", "timestamp": "t"}).encode()]
-    with gzip.open(raw_dir / "c4-train.00002-of-00003.json.gz", "wb") as fh:
+            json.dumps({"text": "x" * 10_000_000, "url": "https://huge.example/doc", "timestamp": "t"}).encode()]
+    with gzip.open(raw_dir / "c4-train.00002-of-00005.json.gz", "wb") as fh:
         fh.write(b"\n".join(good[:1] + BAD_LINES + good[1:]) + b"\n")
+    with gzip.open(raw_dir / "c4-train.00003-of-00005.json.gz", "wb"):
+        pass  # an empty partition file
+    (raw_dir / "c4-train.00004-of-00005.json.gz").write_bytes(b"this is not gzip")
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +69,16 @@ def indexed(adam_run, tmp_path_factory):
 def test_tokenize_quarantines_bad_lines_and_chunks_long_documents(indexed):
     lake, checkpoint, results, long_text = indexed
     reasons = lake.read("quarantine", filters=[("stage", "=", "tokenize")]).to_pylist()
-    assert sorted(r["position"] for r in reasons) == [f"c4-train.00002-of-00003.json.gz:{n}" for n in (2, 3, 4, 5, 6)]
+    assert sorted(r["position"] for r in reasons) == sorted(
+        [f"c4-train.00002-of-00005.json.gz:{n}" for n in range(2, 8)]
+        + ["c4-train.00003-of-00005.json.gz:0", "c4-train.00004-of-00005.json.gz:1"])
     text = " | ".join(r["reason"] for r in reasons)
-    for expected in ("malformed JSON", "missing field 'url'", "empty text", "not UTF-8", "document too large"):
+    for expected in ("malformed JSON", "missing field 'url'", "empty text", "not UTF-8", "binary junk",
+                     "document too large: 10,000,000 characters", "empty partition file", "unreadable file"):
         assert expected in text
+    assert all(len(r["raw_value"] or "") <= 1000 for r in reasons)
+    assert results["tokenize"]["quarantined"] == 8
     documents = lake.read("documents")
-    assert results["tokenize"]["quarantined"] == 5
     assert documents.num_rows == results["tokenize"]["documents"]
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     ids = [tokenizer.eos_token_id] + tokenizer(long_text, add_special_tokens=False)["input_ids"]
@@ -91,7 +99,7 @@ def test_tokenize_again_skips_and_force_replaces_without_duplicates(indexed):
     tokens = lake.read("tokens", columns=["doc_id", "chunk"])
     assert tokens.num_rows == rows
     assert len(set(zip(tokens["doc_id"].to_pylist(), tokens["chunk"].to_pylist()))) == rows
-    assert lake.read("quarantine").num_rows == 5
+    assert lake.read("quarantine").num_rows == 8
 
 
 def _table_vectors(lake, table, filters):
@@ -183,6 +191,7 @@ def test_extract_rerun_is_a_no_op_and_a_killed_run_is_completed_without_duplicat
     assert again["items"] == [] and lake.version("train_gradients") == version
 
     expected = lake.read("train_gradients").num_rows
+    uninterrupted = _keyed_vectors(lake)
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     command = [sys.executable, "-m", "jobs", "extract", "--lake", lake.root, "--k", "4", "--token-budget", "64",
                "--force", "--query-set", ""]
@@ -200,6 +209,31 @@ def test_extract_rerun_is_a_no_op_and_a_killed_run_is_completed_without_duplicat
     assert redo["items"] == ["train:1"]
     rows = lake.read("train_gradients", columns=["doc_id", "chunk"])
     assert rows.num_rows == expected == len(set(zip(rows["doc_id"].to_pylist(), rows["chunk"].to_pylist())))
+    after = _keyed_vectors(lake)  # the same table as an uninterrupted run
+    assert after.keys() == uninterrupted.keys()
+    for key, vector in uninterrupted.items():
+        np.testing.assert_allclose(after[key], vector, rtol=1e-4, atol=1e-5 * np.abs(vector).max())
+
+
+def _keyed_vectors(lake):
+    rows, vectors = _table_vectors(lake, "train_gradients", None)
+    return dict(zip(zip(rows["doc_id"].to_pylist(), rows["chunk"].to_pylist()), vectors))
+
+
+def test_extract_reads_a_checkpoint_from_s3(indexed, s3_bucket):
+    from infra.storage import upload_dir
+
+    lake, checkpoint, results, _ = indexed
+    before = _keyed_vectors(lake)
+    uri = f"s3://{s3_bucket}/checkpoints/{checkpoint.name}"
+    upload_dir(checkpoint, uri)
+    again = extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=uri, k=4, token_budget=512, partitions=[0],
+                                              query_set=None, force=True))
+    assert again["items"] == ["train:0"] and again["fingerprint"] == results["extract"]["fingerprint"]
+    after = _keyed_vectors(lake)
+    assert after.keys() == before.keys()
+    for key, vector in before.items():
+        np.testing.assert_allclose(after[key], vector, rtol=1e-4, atol=1e-5 * np.abs(vector).max())
 
 
 def test_a_checkpoint_id_with_other_weights_is_refused(indexed, tmp_path):

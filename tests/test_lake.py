@@ -18,7 +18,7 @@ from infra.lake import Lake, LakeError, TableNotFoundError, utc_now
 from infra.matrices import ChecksumMismatch, load_matrices, store_matrices
 from infra.quarantine import count_by_reason, quarantine_rows
 from infra.runs import finish_run, start_run, tracked_run
-from jobs.sql import SQL_QUERIES, bind_params, run_query
+from jobs.sql import SQL_QUERIES, bind_params, run_query, run_sql
 from schemas.tables import SCHEMA_VERSION_PROPERTY, TABLES, SchemaError
 from schemas.vectors import decode_vectors, encode_vectors
 
@@ -379,3 +379,6 @@ def test_sql_queries_run_on_the_lake(spark, lake):
         run_query(spark, lake, "quarantine_by_reason")
     assert set(SQL_QUERIES) >= {"top_proponents", "proponent_frequency", "gradient_coverage",
                                 "quarantine_by_reason", "runs_history"}
+    # any SQL text, over the same views
+    counted = run_sql(spark, lake, "SELECT `partition`, count(*) AS n FROM tokens GROUP BY `partition`").collect()
+    assert [(r["partition"], r["n"]) for r in counted] == [(0, 3)]

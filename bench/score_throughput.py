@@ -1,0 +1,95 @@
+"""Scoring throughput: is bulk scoring bound by reading the vectors, not by Python?
+
+On the lake of `make run`: the rate of scoring every stored training vector against every query
+(decode, precondition with R^(-1/2), normalise, dot products, running top-k: the score job's own
+`score_batches`) ÷ the rate of just reading and decoding the same vectors from the same table, in
+the same process. Aim: ratio ≥ 0.7. With `--extraction-scaling` it also times extraction of the
+same tokens with 1 and 2 CPU ranks (vectors/s per rank), in a scratch lake.
+
+    python bench/score_throughput.py [--lake lake] [--extraction-scaling]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pyarrow.compute as pc  # noqa: E402
+
+from infra.lake import Lake  # noqa: E402
+from jobs.score import score_batches  # noqa: E402
+from jobs.trace import TraceContext  # noqa: E402
+from schemas.vectors import decode_vectors  # noqa: E402
+
+
+def batches(context: TraceContext):
+    dataset = context.lake.open("train_gradients").to_pyarrow_dataset()
+    return dataset.to_batches(columns=["doc_id", "chunk", "vector", "dtype", "scale"], use_threads=False,
+                              filter=(pc.field("checkpoint_id") == context.checkpoint_id)
+                              & (pc.field("fingerprint") == context.fingerprint))
+
+
+def timed(fn, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def extraction_scaling(lake: Lake):
+    from jobs import extract
+
+    with tempfile.TemporaryDirectory() as scratch:
+        for folder in ("tokens", "checkpoints", "model"):
+            shutil.copytree(Path(lake.root) / folder, Path(scratch) / folder)
+        n = Lake(scratch).read("tokens", columns=["chunk"]).num_rows
+        for ranks in (1, 2):
+            started = time.perf_counter()
+            extract.run(extract.ExtractConfig(lake=scratch, ranks=ranks, query_set=None, force=True))
+            seconds = time.perf_counter() - started
+            print(f"extraction with {ranks} CPU rank(s): {n:,} vectors in {seconds:.1f}s = {n / seconds:,.0f} vectors/s "
+                  f"({n / seconds / ranks:,.0f} per rank; includes ~15 s of launcher and model start-up)")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lake", default="lake")
+    parser.add_argument("--extraction-scaling", action="store_true")
+    args = parser.parse_args()
+    lake = Lake(args.lake)
+    context = TraceContext(lake)
+    from gradient_kernels.scoring import prepare
+    from jobs.score import query_vectors
+
+    _, raw_queries, dim = query_vectors(lake, context.query_set, context.checkpoint_id, context.fingerprint, 0)
+    queries = prepare(raw_queries, context.preconditioner).numpy()
+    n = sum(b.num_rows for b in batches(context))
+
+    def decode_only():
+        for batch in batches(context):
+            decode_vectors(batch.column("vector"), batch.column("dtype")[0].as_py(), batch.column("scale"), dim)
+
+    def score_all():
+        for _ in score_batches(batches(context), queries, context.preconditioner.blocks, True, 10, dim):
+            pass
+
+    read_seconds, score_seconds = timed(decode_only), timed(score_all)
+    print(f"{n:,} vectors of {dim} dims x {len(queries)} queries, checkpoint {context.checkpoint_id}")
+    print(f"read + decode:                {n / read_seconds:12,.0f} vectors/s")
+    print(f"read + decode + R + score:    {n / score_seconds:12,.0f} vectors/s = "
+          f"{n * len(queries) / score_seconds:,.0f} vector·queries/s")
+    if args.extraction_scaling:
+        extraction_scaling(lake)
+    print(f"ratio={read_seconds / score_seconds:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""trace: the proponents of any prompt and target, scored on the fly against the indexed lake.
+
+    python -m jobs trace --prompt "Nagam Thifabairk is a citizen of" --target " Sadon" [--k 5]
+
+The query's vector is computed with the same projection, optimizer correction and R^(-1/2) the
+checkpoint's TrackStar scores used (found through the `runs` and `hessians` tables), every
+`train_gradients` batch is scored with the score job's own vectorised code, and the top
+proponents are printed with their text and the words that carry the most attribution.
+`TraceContext` is also what the explorer uses for its heat maps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from functools import cached_property
+from pathlib import Path
+
+import pyarrow.compute as pc
+import torch
+
+from infra.config import load_config
+from infra.lake import Lake
+
+
+def checkpoint_folder(lake: Lake, checkpoint_id: str) -> Path:
+    """A local folder holding a registered checkpoint (downloaded if it was registered from S3)."""
+    from jobs.extract import resolve_checkpoint
+
+    rows = lake.read("checkpoints", filters=[("checkpoint_id", "=", checkpoint_id)], columns=["path"])
+    if rows.num_rows == 0:
+        raise LookupError(f"checkpoint {checkpoint_id!r} is not registered")
+    return resolve_checkpoint(lake, rows["path"][0].as_py())
+
+
+class TraceContext:
+    """Everything needed to score a new query exactly as `score --methods trackstar` did."""
+
+    def __init__(self, lake: Lake, checkpoint_id: str | None = None, query_set: str = "fact-world"):
+        from jobs.fit_hessian import latest_checkpoint_id
+
+        self.lake, self.query_set = lake, query_set
+        self.checkpoint_id = checkpoint_id or latest_checkpoint_id(lake)
+        self.fingerprint = self._scored_fingerprint()
+
+    def _scored_fingerprint(self) -> str:
+        scored = []
+        for run in self.lake.read("runs", filters=[("command", "=", "score"), ("status", "=", "succeeded")]).to_pylist():
+            config, counts = json.loads(run["config_json"]), json.loads(run["counts_json"] or "{}")
+            if "trackstar" in config.get("methods", ()) and counts.get("checkpoint_id") == self.checkpoint_id:
+                scored.append((run["started_at"], counts["fingerprint"]))
+        if not scored:
+            raise LookupError(f"no TrackStar scoring of {self.checkpoint_id} recorded in runs: run the score job first")
+        return max(scored)[1]
+
+    @cached_property
+    def checkpoint_dir(self) -> Path:
+        return checkpoint_folder(self.lake, self.checkpoint_id)
+
+    @cached_property
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.checkpoint_dir)
+
+    @cached_property
+    def projector(self):
+        from transformers import AutoModelForCausalLM
+
+        from gradient_kernels.hooks import GradientProjector
+        from gradient_kernels.modules import weight_matrices
+        from gradient_kernels.normalizers import normalizers_from_state
+        from gradient_kernels.projection import ProjectionSpec
+        from jobs.checkpoints import load_second_moments
+
+        extraction = next(config for config in (json.loads(r["config_json"]) for r in self.lake.read(
+            "runs", filters=[("command", "=", "extract")]).to_pylist()) if config.get("fingerprint") == self.fingerprint)
+        spec = ProjectionSpec(**extraction["spec"])
+        model = AutoModelForCausalLM.from_pretrained(self.checkpoint_dir).eval()
+        normalizers = (normalizers_from_state(load_second_moments(self.checkpoint_dir), weight_matrices(model),
+                                              spec.normalizer) if spec.normalizer != "none" else {})
+        return GradientProjector(model, spec, normalizers)
+
+    @cached_property
+    def preconditioner(self):
+        from gradient_kernels.scoring import Preconditioner
+        from jobs.fit_hessian import load_preconditioner
+
+        blocks, _ = load_preconditioner(self.lake, self.checkpoint_id, self.query_set, self.fingerprint, "inverse_root")
+        return Preconditioner(blocks)
+
+    def query_vector(self, prompt: str, target: str) -> torch.Tensor:
+        """The prepared (preconditioned, unit) vector of a new query."""
+        from gradient_kernels.losses import query_batch
+        from gradient_kernels.scoring import prepare
+
+        eos = self.tokenizer.eos_token_id
+        batch = query_batch([[eos] + self.tokenizer(prompt, add_special_tokens=False)["input_ids"]],
+                            [self.tokenizer(target, add_special_tokens=False)["input_ids"]], eos)
+        return prepare(self.projector(batch), self.preconditioner)[0]
+
+    def stored_query_vector(self, query_id: str) -> torch.Tensor:
+        from gradient_kernels.scoring import prepare
+        from jobs.score import query_vectors
+
+        ids, vectors, _ = query_vectors(self.lake, self.query_set, self.checkpoint_id, self.fingerprint, 0)
+        return prepare(vectors[ids.index(query_id):ids.index(query_id) + 1], self.preconditioner)[0]
+
+    def top_k(self, query: torch.Tensor, k: int) -> list[dict]:
+        """Exact top-k over every stored training vector, with the score job's batch code."""
+        from jobs.score import score_batches
+
+        dataset = self.lake.open("train_gradients").to_pyarrow_dataset()
+        batches = dataset.to_batches(columns=["doc_id", "chunk", "vector", "dtype", "scale"], use_threads=False,
+                                     filter=(pc.field("checkpoint_id") == self.checkpoint_id)
+                                     & (pc.field("fingerprint") == self.fingerprint))
+        best = next(score_batches(batches, query[None].numpy(), self.preconditioner.blocks, True, k, query.shape[0]))
+        return sorted(best.to_pylist(), key=lambda r: -r["score"])
+
+    def token_contributions(self, query: torch.Tensor, doc_id: str, chunk: int) -> list[tuple[str, float]]:
+        """[(token text, contribution)]: the chunk's tokens and what each adds to its score."""
+        from gradient_kernels.attribution import token_contributions
+
+        rows = self.lake.read("tokens", filters=[("doc_id", "=", doc_id), ("chunk", "=", chunk)], columns=["input_ids"])
+        ids = rows["input_ids"][0].as_py()
+        values = token_contributions(self.projector, ids, query, self.preconditioner).tolist()
+        return [(self.tokenizer.decode([token]), value) for token, value in zip(ids, values)]
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--target", required=True, help="the continuation to trace (mind its leading space)")
+    parser.add_argument("--lake", default=load_config().lake_root)
+    parser.add_argument("--checkpoint-id", default=None)
+    parser.add_argument("--query-set", default="fact-world", help="whose task-mixed R to precondition with")
+    parser.add_argument("--k", type=int, default=5)
+
+
+def main(args):
+    lake = Lake(args.lake)
+    context = TraceContext(lake, args.checkpoint_id, args.query_set)
+    query = context.query_vector(args.prompt, args.target)
+    top = context.top_k(query, args.k)
+    texts = lake.read("documents", filters=[("doc_id", "in", [r["doc_id"] for r in top])], columns=["doc_id", "text"])
+    texts = dict(zip(texts["doc_id"].to_pylist(), texts["text"].to_pylist()))
+    print(f"{args.prompt!r} → {args.target!r}: top {len(top)} proponents on {context.checkpoint_id}")
+    for rank, row in enumerate(top, start=1):
+        words = sorted(context.token_contributions(query, row["doc_id"], row["chunk"]), key=lambda t: -t[1])[:3]
+        print(f"\n#{rank} score {row['score']:.4f}  {row['doc_id']} (chunk {row['chunk']})")
+        print(f"   {texts.get(row['doc_id'], '')[:240]}")
+        print("   carried by: " + ", ".join(f"{w.strip() or repr(w)} ({v:+.3f})" for w, v in words))
