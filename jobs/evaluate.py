@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from infra.lake import Lake
 from jobs import extract, fit_hessian, score
+from jobs.checkpoints import load_manifest
 from infra.config import load_config
 
 TEXT_METHODS = ("bm25", "dense")
@@ -39,7 +40,8 @@ CATEGORIES = ("states the fact", "look-alike name", "subject only", "object only
 @dataclass
 class EvaluateConfig:
     lake: str = "lake"
-    checkpoint_id: str = ""
+    checkpoint_id: str = ""        # a registered checkpoint ...
+    checkpoint: str = ""           # ... or a checkpoint folder / s3:// prefix
     query_set: str = "fact-world"
     k: int = 10
     k_projection: int = 16
@@ -171,13 +173,27 @@ def stratified_sample(queries: dict, n: int, seed: int) -> list[str]:
 
 
 # ------------------------------------------------------------------ the job
+def evaluated_checkpoint(lake: Lake, config: EvaluateConfig) -> Path:
+    """The checkpoint folder: the one named (path or registered id), else the newest registered,
+    else the newest the lake trained (a fresh lake with a user's corpus has none registered yet)."""
+    from jobs.trace import checkpoint_folder
+
+    if config.checkpoint:
+        return extract.resolve_checkpoint(lake, config.checkpoint)
+    if config.checkpoint_id:
+        return checkpoint_folder(lake, config.checkpoint_id)
+    if lake.read("checkpoints", columns=["checkpoint_id"]).num_rows:
+        return checkpoint_folder(lake, fit_hessian.latest_checkpoint_id(lake))
+    return extract.resolve_checkpoint(lake, "")
+
+
 def run(config: EvaluateConfig) -> dict:
     from infra.runs import finish_run, start_run
 
     lake = Lake(config.lake)
-    checkpoint_id = config.checkpoint_id or fit_hessian.latest_checkpoint_id(lake)
-    checkpoint_row = lake.read("checkpoints", filters=[("checkpoint_id", "=", checkpoint_id)]).to_pylist()[0]
-    checkpoint_dir = extract.resolve_checkpoint(lake, checkpoint_row["path"])  # a folder, or downloaded from S3
+    checkpoint_dir = evaluated_checkpoint(lake, config)
+    manifest = load_manifest(checkpoint_dir)
+    checkpoint_id = manifest["checkpoint_id"]
     run_id = start_run(lake, "evaluate", asdict(config) | {"checkpoint_id": checkpoint_id})
 
     fingerprints = {}
@@ -214,7 +230,7 @@ def run(config: EvaluateConfig) -> dict:
     attribution = attribution_metrics(ranked, truth, buckets, config.k)
 
     sample = stratified_sample(queries, config.tail_patch_queries, config.seed)
-    patched = tail_patch(lake, checkpoint_dir, checkpoint_row["learning_rate"], ranked, queries, sample)
+    patched = tail_patch(lake, checkpoint_dir, float(manifest["lr"]), ranked, queries, sample)
 
     categorizer = Categorizer(Path(config.lake) / "world", dict(zip(doc_ids, texts))) \
         if (Path(config.lake) / "world" / "kb.json").exists() else None
@@ -364,7 +380,8 @@ log-probability after one optimizer step on each top-10 proponent ({report['tail
 def add_arguments(parser: argparse.ArgumentParser):
     defaults = EvaluateConfig()
     parser.add_argument("--lake", default=load_config().lake_root)
-    parser.add_argument("--checkpoint-id", default="")
+    parser.add_argument("--checkpoint-id", default="", help="a registered checkpoint (default: the newest)")
+    parser.add_argument("--checkpoint", default="", help="or a checkpoint folder / s3:// prefix")
     parser.add_argument("--query-set", default=defaults.query_set)
     parser.add_argument("--k", type=int, default=load_config().top_k)
     parser.add_argument("--k-projection", type=int, default=load_config().k_per_module)
