@@ -14,7 +14,6 @@ and through the fit.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import random
 import sys
@@ -32,6 +31,7 @@ from gradient_kernels.normalizers import adam_denominator, normalizers_from_stat
 from gradient_kernels.projection import ProjectionSpec  # noqa: E402
 from gradient_kernels.reference import flat_corrected_gradients  # noqa: E402
 from jobs.checkpoints import load_second_moments  # noqa: E402
+from jobs.world import generated_texts  # noqa: E402
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -44,12 +44,7 @@ def sample(lake: Path, n_queries: int, n_documents: int, seed: int = 0):
     queries = [json.loads(line) for line in (lake / "world" / "queries.jsonl").read_text().splitlines()]
     rng = random.Random(seed)
     queries = rng.sample([q for q in queries if q["frequency_bucket"] >= 10], n_queries)
-    texts = {}
-    for path in sorted((lake / "raw").glob("c4-*.json.gz")):
-        with gzip.open(path, "rt", encoding="utf-8") as fh:
-            for line in fh:
-                record = json.loads(line)
-                texts[record["url"]] = record["text"]
+    texts = generated_texts(lake / "raw")
     chosen = {d for q in queries for d in q["stating_doc_ids"][:4]}
     chosen |= set(rng.sample(sorted(texts), n_documents - len(chosen)))
     return queries, [texts[d] for d in sorted(chosen)]

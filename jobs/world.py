@@ -290,6 +290,17 @@ def make_queries(kb: dict, docs: list[dict]) -> list[dict]:
     return queries
 
 
+def generated_texts(raw_dir: Path) -> dict[str, str]:
+    """url -> text of every line of the generated partitions (well-formed by construction)."""
+    texts = {}
+    for path in sorted(Path(raw_dir).glob("c4-*.json.gz")):
+        with gzip.open(path, "rt", encoding="utf-8") as fh:
+            for line in fh:
+                record = json.loads(line)
+                texts[record["url"]] = record["text"]
+    return texts
+
+
 QUERY_FIELDS = {"query_id": str, "subject": str, "relation": str, "object": str, "target": str,
                 "aliases": list, "prompt0": str, "prompt1": str, "prompt2": str, "frequency_bucket": int,
                 "stating_doc_ids": list}

@@ -20,12 +20,7 @@ def small_world(tmp_path_factory):
     summary = _generate(out)
     kb = json.loads((out / "world" / "kb.json").read_text())
     truth = [json.loads(line) for line in (out / "world" / "ground_truth.jsonl").read_text().splitlines()]
-    texts = {}
-    for path in sorted((out / "raw").glob("c4-train.*.json.gz")):
-        with gzip.open(path, "rt", encoding="utf-8") as fh:
-            for line in fh:
-                record = json.loads(line)
-                texts[record["url"]] = record["text"]
+    texts = world.generated_texts(out / "raw")
     queries = world.read_queries(out / "world" / "queries.jsonl")
     return out, summary, kb, truth, texts, queries
 
