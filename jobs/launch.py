@@ -34,7 +34,7 @@ def launch_ranks(module: str, plan: Path, ranks: int):
     if not _has_gpu():
         # one thread per rank: the ranks themselves are the parallelism on a CPU host
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--log_level", "warning", "--num_gpus", str(ranks),
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
                "--module", module, "--plan", str(plan)]
     subprocess.run(command, env=env, check=True)
