@@ -32,7 +32,7 @@ bench: install
 airflow-ui: install
 	AIRFLOW_HOME=$(CURDIR)/.airflow AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags AIRFLOW__CORE__LOAD_EXAMPLES=False \
 	AIRFLOW__CORE__PARALLELISM=2 AIRFLOW__API__HOST=127.0.0.1 PYTHONPATH=$(CURDIR) \
-	TRACKSTAR_LAKE_ROOT=$(CURDIR)/lake $(VENV)/bin/airflow standalone
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH TRACKSTAR_LAKE_ROOT=$(CURDIR)/lake $(VENV)/bin/airflow standalone
 
 clean:
 	rm -rf lake reports .airflow

@@ -108,7 +108,7 @@ def run(config: FitHessianConfig) -> dict:
     lake.replace_slice("hessians", pa.table(rows), checkpoint_id=checkpoint_id, query_set=config.query_set,
                        fingerprint=fingerprint)
     figure = plot_spectra(query_spectrum, train_spectrum, lam, config.crossing_component,
-                          Path(lake.root) / "reports" / f"hessian_{checkpoint_id}_{config.query_set}.png")
+                          Path(lake.root) / "reports" / f"hessian_{checkpoint_id}_{config.query_set}_{fingerprint}.png")
     result = {"checkpoint_id": checkpoint_id, "query_set": config.query_set, "fingerprint": fingerprint, "lambda": lam,
               "damping": damping, "n_train": train.count, "n_query": query.count, "dim": sum(train.block_sizes),
               "blocks": len(train.block_sizes), "figure": str(figure), "run_id": run_id}
