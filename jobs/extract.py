@@ -267,13 +267,13 @@ class RankWorker:
         vectors = np.zeros((rows.num_rows, self.spec.dim), dtype=np.float32)
         for indices, batch_vectors in self.vectors(batches, rows.num_rows, f"partition {partition}"):
             vectors[indices] = batch_vectors.numpy()
-        keep, bad = self._split_nonfinite(vectors, [f"{d}#{c}" for d, c in zip(rows["doc_id"].to_pylist(),
+        keep = self._split_nonfinite(vectors, [f"{d}#{c}" for d, c in zip(rows["doc_id"].to_pylist(),
                                                                                rows["chunk"].to_pylist())],
                                           source=f"train_gradients/partition={partition}")
+        kept = rows.take(pa.array(keep, pa.int64()))
         table = pa.table({"checkpoint_id": [self.plan["checkpoint_id"]] * len(keep),
-                          "partition": [partition] * len(keep),
-                          "doc_id": rows["doc_id"].take(keep), "chunk": rows["chunk"].take(keep),
-                          "n_tokens": rows["n_tokens"].take(keep), **self._vector_columns(vectors[keep])})
+                          "partition": [partition] * len(keep), "doc_id": kept["doc_id"], "chunk": kept["chunk"],
+                          "n_tokens": kept["n_tokens"], **self._vector_columns(vectors[keep])})
         self.lake.replace_slice("train_gradients", table, checkpoint_id=self.plan["checkpoint_id"], partition=partition,
                                 fingerprint=self.fingerprint)
         self._save_autocorrelation(TRAIN, partition, vectors[keep])
@@ -299,7 +299,7 @@ class RankWorker:
         vectors = np.zeros((len(keys), self.spec.dim), dtype=np.float32)
         for indices, batch_vectors in self.vectors(batches, len(keys), f"queries {query_set}"):
             vectors[indices] = batch_vectors.numpy()
-        keep, _ = self._split_nonfinite(vectors, [f"{q}/prompt{i}" for q, i in keys], source=f"query_gradients/{query_set}")
+        keep = self._split_nonfinite(vectors, [f"{q}/prompt{i}" for q, i in keys], source=f"query_gradients/{query_set}")
         table = pa.table({"query_set": [query_set] * len(keep), "checkpoint_id": [self.plan["checkpoint_id"]] * len(keep),
                           "query_id": [keys[i][0] for i in keep], "prompt_index": [keys[i][1] for i in keep],
                           **self._vector_columns(vectors[keep])})
@@ -320,7 +320,7 @@ class RankWorker:
                                          "reason": "non-finite gradient (NaN or inf loss or activations)",
                                          "raw_value": None} for i in bad], stage="extract", run_id=self.plan["run_id"])
             print(f"[extract rank {self.rank}] {len(bad)} row(s) of {source} quarantined: non-finite gradients", flush=True)
-        return np.flatnonzero(finite).tolist(), bad
+        return np.flatnonzero(finite).tolist()
 
     def _vector_columns(self, vectors) -> dict:
         import numpy as np

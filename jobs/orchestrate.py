@@ -107,35 +107,28 @@ def refit_hessians(extraction: dict, query_sets: list[str]) -> list[str]:
     return refitted
 
 
-def last_scored_inputs(lake: Lake, checkpoint_id: str, query_set: str) -> dict | None:
-    """The inputs the newest successful score run of (checkpoint, query set) saw."""
+def last_scored_inputs(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: str, method: str) -> dict | None:
+    """The inputs the newest successful scoring of (checkpoint, fingerprint, query set) by `method` saw."""
     runs = lake.read("runs", filters=[("command", "=", "score"), ("status", "=", "succeeded")]).to_pylist()
     for run in sorted(runs, key=lambda r: r["started_at"], reverse=True):
-        config = json.loads(run["config_json"])
-        if config.get("checkpoint_id") == checkpoint_id and config.get("query_set") == query_set:
-            return json.loads(run["counts_json"] or "{}").get("inputs")
+        config, counts = json.loads(run["config_json"]), json.loads(run["counts_json"] or "{}")
+        if (counts.get("checkpoint_id"), counts.get("fingerprint"), config.get("query_set")) == (
+                checkpoint_id, fingerprint, query_set) and method in config.get("methods", ()):
+            return counts.get("inputs")
     return None
-
-
-def scoring_inputs(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: str) -> dict:
-    """What a score depends on: the training vectors and the fitted matrices."""
-    hessian = lake.read("hessians", filters=[("checkpoint_id", "=", checkpoint_id), ("query_set", "=", query_set),
-                                             ("fingerprint", "=", fingerprint), ("kind", "=", "inverse_root")],
-                        columns=["sha256"])["sha256"].to_pylist()
-    return {"train_vectors": train_vector_count(lake, checkpoint_id, fingerprint), "hessian": hessian[0] if hessian else None,
-            "fingerprint": fingerprint}
 
 
 def rescore_changed(extraction: dict, query_sets: list[str], methods: list[str] | None = None, k: int = 10) -> list[str]:
     """Rescore the query sets whose inputs changed since their last scoring; returns them."""
     lake, rescored = Lake(lake_root()), []
+    methods = list(methods or DEFAULT_METHODS)
     for query_set in query_sets:
-        inputs = scoring_inputs(lake, extraction["checkpoint_id"], extraction["fingerprint"], query_set)
-        if inputs == last_scored_inputs(lake, extraction["checkpoint_id"], query_set):
+        inputs = score.scoring_inputs(lake, extraction["checkpoint_id"], extraction["fingerprint"], query_set)
+        if all(inputs == last_scored_inputs(lake, extraction["checkpoint_id"], extraction["fingerprint"], query_set, m)
+               for m in methods):
             continue
         score.run(score.ScoreConfig(lake=lake_root(), checkpoint_id=extraction["checkpoint_id"], query_set=query_set,
-                                    fingerprint=extraction["fingerprint"], methods=list(methods or DEFAULT_METHODS), k=k,
-                                    inputs=inputs))
+                                    fingerprint=extraction["fingerprint"], methods=methods, k=k))
         rescored.append(query_set)
     return rescored
 
@@ -226,11 +219,8 @@ def partitions_in_range(first: int | None, last: int | None) -> list[int] | None
 
 
 def score_query_set(extraction: dict, query_set: str, methods: list[str], k: int) -> dict:
-    lake = Lake(lake_root())
     return score.run(score.ScoreConfig(lake=lake_root(), checkpoint_id=extraction["checkpoint_id"], query_set=query_set,
-                                       fingerprint=extraction["fingerprint"], methods=list(methods), k=k,
-                                       inputs=scoring_inputs(lake, extraction["checkpoint_id"], extraction["fingerprint"],
-                                                             query_set)))
+                                       fingerprint=extraction["fingerprint"], methods=list(methods), k=k))
 
 
 def evaluate_if_ground_truth(extraction: dict, query_set: str) -> dict | None:

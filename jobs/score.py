@@ -53,7 +53,6 @@ class ScoreConfig:
     methods: list = field(default_factory=lambda: ["trackstar"])
     k: int = 10
     prompt_index: int = 0
-    inputs: dict | None = None  # what the scores depend on, recorded with the run (see jobs.orchestrate)
 
 
 def _prepared_side(vectors: torch.Tensor, blocks, unit_norm: bool) -> torch.Tensor:
@@ -109,6 +108,16 @@ def score_batches(batches, queries: np.ndarray, train_blocks, unit_norm: bool, k
         "doc_id": [keys_doc[i] for i in rows.reshape(-1)],
         "chunk": np.asarray([keys_chunk[i] for i in rows.reshape(-1)], dtype=np.int32),
         "score": best_values.numpy().reshape(-1).astype(np.float64)})
+
+
+def scoring_inputs(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: str) -> dict:
+    """What the scores depend on, recorded with each run so a rerun can tell whether anything changed."""
+    hessian = lake.read("hessians", filters=[("checkpoint_id", "=", checkpoint_id), ("query_set", "=", query_set),
+                                             ("fingerprint", "=", fingerprint), ("kind", "=", "inverse_root")],
+                        columns=["sha256"])["sha256"].to_pylist()
+    vectors = lake.read("train_gradients", filters=[("checkpoint_id", "=", checkpoint_id), ("fingerprint", "=", fingerprint)],
+                        columns=["chunk"]).num_rows
+    return {"train_vectors": vectors, "hessian": hessian[0] if hessian else None, "fingerprint": fingerprint}
 
 
 def query_vectors(lake: Lake, query_set: str, checkpoint_id: str, fingerprint: str, prompt_index: int):
@@ -171,7 +180,8 @@ def run(config: ScoreConfig) -> dict:
         written[method] = len(query_ids) * k
         print(f"[score] {method}: top-{k} of {config.query_set} × {checkpoint_id} written", flush=True)
     result = {"checkpoint_id": checkpoint_id, "query_set": config.query_set, "fingerprint": fingerprint,
-              "queries": len(query_ids), "methods": written, "run_id": run_id, "inputs": config.inputs}
+              "queries": len(query_ids), "methods": written, "run_id": run_id,
+              "inputs": scoring_inputs(lake, checkpoint_id, fingerprint, config.query_set)}
     finish_run(lake, run_id, "succeeded", result)
     return result
 

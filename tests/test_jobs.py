@@ -246,3 +246,28 @@ def test_a_checkpoint_id_with_other_weights_is_refused(indexed, tmp_path):
     save_file(weights, changed / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(extract.CheckpointMismatch, match="pass --force"):
         extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(changed), k=4))
+
+
+def test_chunks_with_non_finite_gradients_are_quarantined_not_written(indexed, tmp_path):
+    lake, checkpoint, _, _ = indexed
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["checkpoint_id"] += "-nan"
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    tokens = lake.read("tokens", filters=[("partition", "=", 0)], columns=["doc_id", "chunk", "input_ids"]).to_pylist()
+    position = sorted(len(r["input_ids"]) for r in tokens)[len(tokens) // 2]
+    weights = load_file(broken / "model.safetensors")
+    weights["transformer.wpe.weight"][position - 1] = float("nan")  # chunks that reach this position go NaN
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    # one chunk per batch (token budget 1): a NaN in a neighbour's padding would reach every row of its batch
+    extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(broken), k=4, partitions=[0], query_set=None,
+                                      normalizer="none", token_budget=1))
+    expected_bad = {f"{r['doc_id']}#{r['chunk']}" for r in tokens if len(r["input_ids"]) >= position}
+    assert 0 < len(expected_bad) < len(tokens)
+    quarantined = lake.read("quarantine", filters=[("stage", "=", "extract")]).to_pylist()
+    assert {q["position"] for q in quarantined} == expected_bad
+    assert all("non-finite gradient" in q["reason"] for q in quarantined)
+    written = lake.read("train_gradients", filters=[("checkpoint_id", "=", manifest["checkpoint_id"])])
+    assert written.num_rows == len(tokens) - len(expected_bad)
+    assert np.isfinite(_table_vectors(lake, "train_gradients", [("checkpoint_id", "=", manifest["checkpoint_id"])])[1]).all()
