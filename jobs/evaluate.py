@@ -30,6 +30,7 @@ from infra.lake import Lake
 from infra.config import load_config
 from jobs import extract, fit_hessian, score
 from jobs.checkpoints import load_manifest
+from schemas.tables import TABLES
 
 TEXT_METHODS = ("bm25", "dense")
 # scored on vectors extracted with the optimizer correction; score.PLAIN_METHODS on vectors without it
@@ -134,8 +135,10 @@ class Categorizer:
         return "other"
 
 
-def tail_patch(lake: Lake, checkpoint_dir: Path, learning_rate: float, ranked: dict, queries: dict, sample: list[str]) -> dict:
-    """method -> {delta_log_prob, delta_prob, pairs}: mean over sampled queries of the mean over top-k."""
+def tail_patch(lake: Lake, checkpoint_dir: Path, learning_rate: float, ranked: dict, queries: dict,
+               sample: list[str]) -> tuple[dict, dict]:
+    """(method -> {delta_log_prob, delta_prob, n_queries}: mean over sampled queries of the mean over
+    their top-k; {(query, doc): Δ log p} of every measured pair)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gradient_kernels.tail_patch import TailPatcher, optimizer_step
@@ -164,7 +167,15 @@ def tail_patch(lake: Lake, checkpoint_dir: Path, learning_rate: float, ranked: d
                 prob_means.append(float(np.mean([np.exp(base[q] + d) - np.exp(base[q]) for d in deltas])))
         out[method] = {"delta_log_prob": float(np.mean(log_means)), "delta_prob": float(np.mean(prob_means)),
                        "n_queries": len(log_means)}
-    return out
+    return out, changes
+
+
+def write_tail_patches(lake: Lake, query_set: str, checkpoint_id: str, changes: dict, run_id: str) -> None:
+    """Every measured (query, proponent) effect, so the explorer can show it next to the proponent."""
+    rows = [{"query_set": query_set, "checkpoint_id": checkpoint_id, "query_id": q, "doc_id": d, "delta_log_prob": v,
+             "run_id": run_id} for (q, d), v in sorted(changes.items())]
+    lake.replace_slice("tail_patches", pa.Table.from_pylist(rows, schema=TABLES["tail_patches"].arrow_schema),
+                       query_set=query_set, checkpoint_id=checkpoint_id)
 
 
 def stratified_sample(queries: dict, n: int, seed: int) -> list[str]:
@@ -233,7 +244,8 @@ def run(config: EvaluateConfig) -> dict:
     attribution = attribution_metrics(ranked, truth, buckets, config.k)
 
     sample = stratified_sample(queries, config.tail_patch_queries, config.seed)
-    patched = tail_patch(lake, checkpoint_dir, float(manifest["lr"]), ranked, queries, sample)
+    patched, changes = tail_patch(lake, checkpoint_dir, float(manifest["lr"]), ranked, queries, sample)
+    write_tail_patches(lake, config.query_set, checkpoint_id, changes, run_id)
 
     categorizer = Categorizer(Path(config.lake) / "world", dict(zip(doc_ids, texts))) \
         if (Path(config.lake) / "world" / "kb.json").exists() else None
@@ -265,8 +277,6 @@ def run(config: EvaluateConfig) -> dict:
 
 def _metric_rows(query_set: str, checkpoint_id: str, run_id: str, values) -> pa.Table:
     """values: (method, metric, bucket, value, n) tuples -> `eval_metrics` rows."""
-    from schemas.tables import TABLES
-
     now = datetime.now(timezone.utc)
     rows = [{"run_id": run_id, "query_set": query_set, "checkpoint_id": checkpoint_id, "method": method, "metric": metric,
              "bucket": bucket, "value": float(value), "n": int(n), "created_at": now}

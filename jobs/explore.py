@@ -71,6 +71,12 @@ class Explorer:
             out[row["method"]][row["query_id"]].append(row)
         return out
 
+    def tail_patches(self, checkpoint: str, query_id: str) -> dict:
+        """doc_id -> measured Δ log p(target) of one step on it (evaluation sample only)."""
+        rows = self.lake.read("tail_patches", filters=[("checkpoint_id", "=", checkpoint), ("query_id", "=", query_id)],
+                              columns=["doc_id", "delta_log_prob"])
+        return dict(zip(rows["doc_id"].to_pylist(), rows["delta_log_prob"].to_pylist()))
+
     def texts(self, doc_ids) -> dict:
         rows = self.lake.read("documents", filters=[("doc_id", "in", sorted(set(doc_ids)))], columns=["doc_id", "text"])
         return dict(zip(rows["doc_id"].to_pylist(), rows["text"].to_pylist()))
@@ -250,7 +256,7 @@ def query_page(explorer: Explorer, query_id: str, checkpoint=None, methods=None,
     correct, probability, guess = explorer.predictions(checkpoint)[query_id]
     ranked = explorer.ranked(checkpoint, [query_id])
     docs = [r["doc_id"] for m in chosen for r in ranked[m][query_id][:k]]
-    texts = explorer.texts(docs)
+    texts, patched = explorer.texts(docs), explorer.tail_patches(checkpoint, query_id)
     columns = []
     for method in chosen:
         cards = []
@@ -263,7 +269,9 @@ def query_page(explorer: Explorer, query_id: str, checkpoint=None, methods=None,
                     body = _heat(explorer.heat_map(checkpoint, query["query_set"], query_id, row["doc_id"], row["chunk"]))
                 except LookupError:
                     pass
-            cards.append(f"<div class='proponent'><b>#{row['rank']}</b> score {row['score']:.4f} "
+            effect = (f" <span class='tail-patch' title='one optimizer step on this chunk'>tail-patch Δlog p "
+                      f"{patched[row['doc_id']]:+.3f}</span>" if row["doc_id"] in patched else "")
+            cards.append(f"<div class='proponent'><b>#{row['rank']}</b> score {row['score']:.4f}{effect} "
                          f"<span class='{'yes' if states else 'no'}'>{'✓ states the fact' if states else '✗'}</span> "
                          f"<span class='muted'>{'' if states else kind(text, query, row['doc_id']) + ' · '}"
                          f"{html.escape(row['doc_id'])}</span>"

@@ -324,6 +324,11 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         Column("n", "INT", "number of queries measured"),
         _created_at(),
     ), slice_keys=("run_id", "query_set", "checkpoint_id", "method")),
+    Table("tail_patches", "influence of single proponents: one optimizer step on the chunk, Δ log p(target)", (
+        QUERY_SET, CHECKPOINT_ID, QUERY_ID, DOC_ID,
+        Column("delta_log_prob", "DOUBLE", "change of the target's log-probability given prompt0 after the step"),
+        RUN_ID,
+    ), partition_by=("query_set",), slice_keys=("checkpoint_id",)),
     Table("runs", "one row per pipeline run with its full configuration", (
         RUN_ID,
         Column("command", "STRING", "the command that ran, e.g. tokenize"),

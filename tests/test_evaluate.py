@@ -61,6 +61,13 @@ def test_evaluation_runs_on_a_user_supplied_corpus_and_queries(adam_run, tmp_pat
     assert stored["categories"] == {}  # no knowledge base was supplied: no categories, and no crash
     page = (tmp_path / "reports" / "eval.html").read_text()
     assert "Table 1" in page and page.count("data:image/png;base64,") >= 2
+    # every measured step is stored; the report's tail-patch is their mean per query, then over queries
+    patches = {(p["query_id"], p["doc_id"]): p["delta_log_prob"] for p in Lake(root).read("tail_patches").to_pylist()}
+    sampled = sorted({q for q, _ in patches})
+    assert len(sampled) == 5  # the stratified sample
+    proponents = Lake(root).read("proponents", filters=[("method", "=", "trackstar")]).to_pylist()
+    per_query = [[patches[(r["query_id"], r["doc_id"])] for r in proponents if r["query_id"] == q] for q in sampled]
+    assert stored["methods"]["trackstar"]["tail_patch"] == pytest.approx(sum(sum(d) / len(d) for d in per_query) / 5)
     rows = Lake(root).read("eval_metrics", filters=[("metric", "=", "mrr"), ("bucket", "=", "all")]).to_pylist()
     assert {r["method"] for r in rows} == methods
     assert {r["method"]: r["value"] for r in rows} == pytest.approx({m: c["mrr"] for m, c in stored["methods"].items()})

@@ -33,6 +33,14 @@ def explored_lake(adam_run, tmp_path_factory):
     indices, values = evaluate.bm25_top_k(documents["text"].to_pylist(), [q["prompt0"] + q["target"] for q in queries], 5)
     evaluate.write_text_proponents(lake, "bm25", indices, values, documents["doc_id"].to_pylist(),
                                    [q["query_id"] for q in queries], "fact-world", extraction["checkpoint_id"], "test")
+    # real tail-patch steps for every query's TrackStar proponents, as the evaluation stores them
+    ranked = {"trackstar": {}}
+    for row in sorted(lake.read("proponents", filters=[("method", "=", "trackstar")]).to_pylist(), key=lambda r: r["rank"]):
+        ranked["trackstar"].setdefault(row["query_id"], []).append(row["doc_id"])
+    checkpoint = evaluate.evaluated_checkpoint(lake, evaluate.EvaluateConfig(lake=root))
+    _, changes = evaluate.tail_patch(lake, checkpoint, 1e-3, ranked, {q["query_id"]: q for q in queries},
+                                     [q["query_id"] for q in queries])
+    evaluate.write_tail_patches(lake, "fact-world", extraction["checkpoint_id"], changes, "test")
     return root, queries
 
 
@@ -122,6 +130,7 @@ def test_browse_filter_open_switch_and_screenshot(server, explored_lake):
         columns = browser.find_elements(By.CSS_SELECTOR, ".method")
         assert [c.get_attribute("data-method") for c in columns] == ["trackstar", "bm25"]
         assert len(columns[0].find_elements(By.CSS_SELECTOR, ".proponent")) == 5
+        assert len(columns[0].find_elements(By.CSS_SELECTOR, ".tail-patch")) == 5  # measured for every proponent
         heat = columns[0].find_elements(By.CSS_SELECTOR, ".tok")
         assert heat and any("rgba" in (t.get_attribute("style") or "") for t in heat)
         assert browser.find_elements(By.CSS_SELECTOR, "h1 .subject") and browser.find_elements(By.CSS_SELECTOR, "h1 .target")

@@ -14,7 +14,7 @@ from schemas.tables import (SCHEMA_VERSION_PROPERTY, TABLES, Column, SchemaError
 from schemas.vectors import decode_vectors, encode_vectors
 
 REQUIRED_TABLES = ("documents", "tokens", "quarantine", "checkpoints", "train_gradients", "query_sets", "queries",
-                   "query_gradients", "hessians", "proponents", "eval_metrics", "runs")
+                   "query_gradients", "hessians", "proponents", "eval_metrics", "tail_patches", "runs")
 
 SMALL = Table("small", "a test table", (
     Column("doc_id", "STRING", "id"),
