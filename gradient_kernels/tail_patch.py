@@ -87,8 +87,11 @@ class TailPatcher:
             for name, param in self.params.items():
                 param.copy_(self.original[name])
 
-    def log_prob_changes(self, documents: dict, pairs: list[tuple], prompts: dict, targets: dict) -> tuple[dict, dict]:
-        """({query: log p(target | prompt)} before any step, {(query, doc): Δ log p} per pair)."""
+    def log_prob_changes(self, documents: dict, pairs: list[tuple], prompts: dict, targets: dict,
+                         on_step=None) -> tuple[dict, dict]:
+        """({query: log p(target | prompt)} before any step, {(query, doc): Δ log p} per pair).
+
+        `on_step(n_pairs)` is called after each document's step (progress reporting)."""
         by_doc = {}
         for query, doc in pairs:
             by_doc.setdefault(doc, []).append(query)
@@ -102,4 +105,6 @@ class TailPatcher:
             self.restore()
             for query, value in zip(doc_queries, after.tolist()):
                 changes[(query, doc)] = value - base[query]
+            if on_step:
+                on_step(len(doc_queries))
         return base, changes

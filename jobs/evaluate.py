@@ -143,6 +143,7 @@ def tail_patch(lake: Lake, checkpoint_dir: Path, learning_rate: float, ranked: d
 
     from gradient_kernels.tail_patch import TailPatcher, optimizer_step
     from jobs.checkpoints import load_second_moments
+    from jobs.progress import Progress
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint_dir)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
@@ -155,8 +156,8 @@ def tail_patch(lake: Lake, checkpoint_dir: Path, learning_rate: float, ranked: d
                        columns=["doc_id", "input_ids"])
     documents = dict(zip(tokens["doc_id"].to_pylist(), tokens["input_ids"].to_pylist()))
     pairs = sorted(p for p in pairs if p[1] in documents)
-    print(f"[evaluate] tail-patch: {len(pairs)} (query, proponent) steps over {len(sample)} queries", flush=True)
-    base, changes = patcher.log_prob_changes(documents, pairs, prompts, targets)
+    progress = Progress("evaluate tail-patch", len(pairs), unit="pairs")
+    base, changes = patcher.log_prob_changes(documents, pairs, prompts, targets, on_step=progress.update)
     out = {}
     for method, per_query in ranked.items():
         log_means, prob_means = [], []
