@@ -27,7 +27,7 @@ test: install
 	$(PYTHON) -m pytest -q
 
 bench: install
-	for script in bench/extract_overhead.py bench/projection_fidelity.py; do echo "== $$script"; $(PYTHON) $$script || exit 1; done
+	for script in bench/extract_overhead.py bench/projection_fidelity.py bench/score_throughput.py; do echo "== $$script"; $(PYTHON) $$script || exit 1; done
 
 # The DAGs in the Airflow UI on http://127.0.0.1:8080 (project-local AIRFLOW_HOME, SQLite, 2 workers)
 airflow-ui: install
