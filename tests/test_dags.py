@@ -152,3 +152,19 @@ def test_backfill_of_an_older_checkpoint_makes_its_own_slices_and_compares(airfl
     overlap, correlation = rows[f"overlap@k_vs:{older}"], rows[f"rank_correlation_vs:{older}"]
     assert 0.0 <= overlap["value"] <= 1.0 and overlap["n"] == lake.read("queries").num_rows
     assert -1.0 <= correlation["value"] <= 1.0 or correlation["value"] != correlation["value"]  # NaN: no shared pairs
+
+
+def test_score_dag_scores_the_requested_methods_and_evaluates(airflow_lake):
+    lake, home, _, summary = airflow_lake
+    newest = str(lake.root) + "/checkpoints/" + summary["checkpoints"][-1]
+    result = _run("trackstar_score", lake, home, {"query_set": "fact-world", "checkpoint": newest, "k": 3,
+                                                  "methods": ["trackstar", "trackstar-no-hessian"]})
+    assert set(result["tasks"].values()) == {"success"}
+    queries = lake.read("queries").num_rows
+    for method in ("trackstar", "trackstar-no-hessian"):
+        rows = lake.read("proponents", filters=[("method", "=", method), ("checkpoint_id", "=", summary["checkpoints"][-1])])
+        assert rows.num_rows == queries * 3 and max(rows["rank"].to_pylist()) == 3
+    metrics = lake.read("eval_metrics", filters=[("run_id", "=", f"score-eval-{summary['checkpoints'][-1]}"),
+                                                 ("bucket", "=", "all")]).to_pylist()
+    assert {(m["method"], m["metric"]) for m in metrics} >= {("trackstar", "mrr"), ("trackstar-no-hessian", "recall@10")}
+    assert all(0.0 <= m["value"] <= 1.0 and m["n"] == queries for m in metrics)
