@@ -20,6 +20,7 @@ import functools
 import html
 import ipaddress
 import os
+import re
 import secrets
 from collections import defaultdict
 from pathlib import Path
@@ -27,6 +28,7 @@ from urllib.parse import urlencode
 
 from infra.config import load_config
 from infra.lake import Lake
+from jobs.tokenize import EOS
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 PREDICTIONS = ("correct", "incorrect")
@@ -159,7 +161,8 @@ STYLE = """body{font-family:sans-serif;margin:1.5em auto;max-width:1400px} table
 td,th{border:1px solid #ddd;padding:3px 7px;vertical-align:top} .subject{background:#cde;font-weight:bold}
 .target{background:#fd9;font-weight:bold} .cols{display:flex;gap:1em} .col{flex:1;min-width:0}
 .proponent{border:1px solid #ccc;margin:.4em 0;padding:.4em} .yes{color:#070} .no{color:#a00}
-.tok{white-space:pre-wrap} form *{margin-right:.5em} .muted{color:#777}"""
+.tok{white-space:pre-wrap} .mention-subject{outline:2px solid #48c} .mention-target{outline:2px solid #e90}
+form *{margin-right:.5em} .muted{color:#777}"""
 
 
 def page(title: str, body: str) -> str:
@@ -226,13 +229,23 @@ def _marked(text: str, query: dict) -> str:
     return out
 
 
-def _heat(tokens) -> str:
+def _heat(tokens, query: dict) -> str:
+    """Tokens coloured by contribution; tokens inside a mention of the subject or object are framed."""
     top = max((abs(v) for _, v in tokens), default=0) or 1.0
-    spans = []
-    for text, value in tokens:
+    text = "".join(t for t, _ in tokens)
+    mentions = [(m.start(), m.end(), css) for name, css in ((query["subject"], "subject"), (query["object"], "target"))
+                for m in re.finditer(re.escape(name), text)]
+    spans, offset = [], 0
+    for piece, value in tokens:
         alpha = min(1.0, abs(value) / top)
         colour = f"rgba(220,60,40,{alpha:.2f})" if value > 0 else f"rgba(40,90,220,{alpha:.2f})"
-        spans.append(f"<span class='tok' title='{value:+.4f}' style='background:{colour}'>{html.escape(text)}</span>")
+        inside = next((css for start, end, css in mentions if start < offset + len(piece) and offset < end
+                       and piece.strip()), None)
+        frame = f" mention-{inside}" if inside else ""
+        if piece != EOS:  # the end-of-text token the chunk starts with is never predicted: not shown
+            spans.append(f"<span class='tok{frame}' title='{value:+.4f}' style='background:{colour}'>"
+                         f"{html.escape(piece)}</span>")
+        offset += len(piece)
     return "".join(spans)
 
 
@@ -266,7 +279,8 @@ def query_page(explorer: Explorer, query_id: str, checkpoint=None, methods=None,
             body = _marked(text, query)
             if method == "trackstar":  # the heat map explains TrackStar's own score
                 try:
-                    body = _heat(explorer.heat_map(checkpoint, query["query_set"], query_id, row["doc_id"], row["chunk"]))
+                    body = _heat(explorer.heat_map(checkpoint, query["query_set"], query_id, row["doc_id"], row["chunk"]),
+                                 query)
                 except LookupError:
                     pass
             effect = (f" <span class='tail-patch' title='one optimizer step on this chunk'>tail-patch Δlog p "

@@ -133,14 +133,15 @@ def test_browse_filter_open_switch_and_screenshot(server, explored_lake):
         assert len(columns[0].find_elements(By.CSS_SELECTOR, ".tail-patch")) == 5  # measured for every proponent
         heat = columns[0].find_elements(By.CSS_SELECTOR, ".tok")
         assert heat and any("rgba" in (t.get_attribute("style") or "") for t in heat)
+        assert columns[0].find_elements(By.CSS_SELECTOR, ".tok.mention-subject")  # the subject's tokens are framed
         assert browser.find_elements(By.CSS_SELECTOR, "h1 .subject") and browser.find_elements(By.CSS_SELECTOR, "h1 .target")
+        REPORTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(REPORTS / "explorer.png"))
+        assert (REPORTS / "explorer.png").stat().st_size > 10_000
         switch = [a for a in browser.find_elements(By.CSS_SELECTOR, "a.method-link") if a.text == "trackstar-no-hessian"]
         switch[0].click()
         wait.until(page_is.url_contains("methods=trackstar-no-hessian"))
         assert browser.find_elements(By.CSS_SELECTOR, ".method")[0].get_attribute("data-method") == "trackstar-no-hessian"
-        REPORTS.mkdir(exist_ok=True)
-        browser.save_screenshot(str(REPORTS / "explorer.png"))
-        assert (REPORTS / "explorer.png").stat().st_size > 10_000
     finally:
         browser.quit()
 
