@@ -107,22 +107,33 @@ def attribution_metrics(ranked: dict, truth: dict, buckets: dict, k: int) -> dic
     return out
 
 
+def ranked_proponents(lake: Lake, query_set: str, checkpoint_id: str) -> dict:
+    """method -> query -> [doc ids, best first] of the stored proponents."""
+    ranked = defaultdict(dict)
+    rows = lake.read("proponents", filters=[("query_set", "=", query_set), ("checkpoint_id", "=", checkpoint_id)])
+    for row in sorted(rows.to_pylist(), key=lambda r: r["rank"]):
+        ranked[row["method"]].setdefault(row["query_id"], []).append(row["doc_id"])
+    return dict(ranked)
+
+
 class Categorizer:
-    """What kind of document a proponent is, for one query, from the world's KB and ground truth."""
+    """What kind of document a proponent is, for one query. With the world's knowledge base
+    (`kb.json`, `ground_truth.jsonl`) it also knows look-alike names and relations stated; without
+    one (a user's own corpus) it tells only stating documents and subject or object mentions."""
 
-    def __init__(self, world_dir: Path, texts: dict):
-        kb = json.loads((world_dir / "kb.json").read_text())
-        self.names = {e["id"]: e["name"] for e in kb["entities"]}
-        self.lookalike_of = {self.names[look]: self.names[base] for base, look in kb["lookalikes"].items()}
-        self.relations_stated = {}
-        for line in (world_dir / "ground_truth.jsonl").read_text().splitlines():
-            doc = json.loads(line)
-            self.relations_stated[doc["doc_id"]] = {f[1] for f in doc["facts"]}
-        self.texts = texts
+    def __init__(self, world_dir: Path):
+        self.has_kb = (world_dir / "kb.json").exists()
+        self.lookalike_of, self.relations_stated = {}, {}
+        if self.has_kb:
+            kb = json.loads((world_dir / "kb.json").read_text())
+            names = {e["id"]: e["name"] for e in kb["entities"]}
+            self.lookalike_of = {names[look]: names[base] for base, look in kb["lookalikes"].items()}
+            for line in (world_dir / "ground_truth.jsonl").read_text().splitlines():
+                doc = json.loads(line)
+                self.relations_stated[doc["doc_id"]] = {f[1] for f in doc["facts"]}
 
-    def category(self, doc_id: str, query: dict) -> str:
-        text = self.texts.get(doc_id, "")
-        if doc_id in set(query["stating_doc_ids"]):
+    def category(self, doc_id: str, text: str, query: dict) -> str:
+        if doc_id in set(query["stating_doc_ids"] or ()):
             return "states the fact"
         if any(look in text and base in (query["subject"], query["object"]) for look, base in self.lookalike_of.items()):
             return "look-alike name"
@@ -234,11 +245,7 @@ def run(config: EvaluateConfig) -> dict:
         write_text_proponents(lake, method, indices, values, doc_ids, query_ids, config.query_set, checkpoint_id, run_id)
         print(f"[evaluate] {method}: top-{config.k} written", flush=True)
 
-    ranked = defaultdict(dict)
-    for row in sorted(lake.read("proponents", filters=[("query_set", "=", config.query_set),
-                                                       ("checkpoint_id", "=", checkpoint_id)]).to_pylist(),
-                      key=lambda r: r["rank"]):
-        ranked[row["method"]].setdefault(row["query_id"], []).append(row["doc_id"])
+    ranked = ranked_proponents(lake, config.query_set, checkpoint_id)
     ranked = {m: ranked[m] for m in REPORT_ORDER if m in ranked}
     truth = {q: set(queries[q]["stating_doc_ids"]) for q in query_ids}
     buckets = {q: queries[q]["frequency_bucket"] for q in query_ids}
@@ -248,12 +255,13 @@ def run(config: EvaluateConfig) -> dict:
     patched, changes = tail_patch(lake, checkpoint_dir, float(manifest["lr"]), ranked, queries, sample)
     write_tail_patches(lake, config.query_set, checkpoint_id, changes, run_id)
 
-    categorizer = Categorizer(Path(config.lake) / "world", dict(zip(doc_ids, texts))) \
-        if (Path(config.lake) / "world" / "kb.json").exists() else None
+    by_doc = dict(zip(doc_ids, texts))
+    categorizer = Categorizer(Path(config.lake) / "world")
     categories = {}
-    if categorizer:
+    if categorizer.has_kb:  # without a knowledge base the shares would only mislead
         for method, per_query in ranked.items():
-            counts = Counter(categorizer.category(d, queries[q]) for q, docs in per_query.items() for d in docs)
+            counts = Counter(categorizer.category(d, by_doc.get(d, ""), queries[q])
+                             for q, docs in per_query.items() for d in docs)
             total = sum(counts.values())
             categories[method] = {c: counts[c] / total for c in CATEGORIES}
 
@@ -268,7 +276,7 @@ def run(config: EvaluateConfig) -> dict:
     reports = Path(config.reports)
     reports.mkdir(parents=True, exist_ok=True)
     (reports / "eval.json").write_text(json.dumps(report, indent=2))
-    write_html(reports / "eval.html", report, ranked, queries, dict(zip(doc_ids, texts)),
+    write_html(reports / "eval.html", report, ranked, queries, by_doc,
                fingerprints["corrected_hessian"]["figure"], categorizer)
     finish_run(lake, run_id, "succeeded", {"methods": len(ranked), "queries": len(query_ids)})
     print(table(report))
@@ -371,7 +379,7 @@ def write_html(path: Path, report: dict, ranked: dict, queries: dict, texts: dic
             items = []
             for doc in ranked.get(method, {}).get(query_id, [])[:3]:
                 mark = "✓" if doc in set(query["stating_doc_ids"]) else "✗"
-                kind = categorizer.category(doc, query) if categorizer else ""
+                kind = categorizer.category(doc, texts.get(doc, ""), query)
                 items.append(f"<li><b>{mark}</b> <i>{html.escape(kind)}</i> {html.escape(texts.get(doc, '')[:220])}</li>")
             columns.append(f"<td><b>{method}</b><ol>{''.join(items)}</ol></td>")
         examples.append(f"<tr><td colspan=2><b>{html.escape(query['prompt0'])}</b> → {html.escape(query['target'])} "

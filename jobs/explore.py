@@ -79,6 +79,12 @@ class Explorer:
                               columns=["doc_id", "delta_log_prob"])
         return dict(zip(rows["doc_id"].to_pylist(), rows["delta_log_prob"].to_pylist()))
 
+    @functools.cached_property
+    def categorizer(self):
+        from jobs.evaluate import Categorizer
+
+        return Categorizer(self.root / "world")
+
     def texts(self, doc_ids) -> dict:
         rows = self.lake.read("documents", filters=[("doc_id", "in", sorted(set(doc_ids)))], columns=["doc_id", "text"])
         return dict(zip(rows["doc_id"].to_pylist(), rows["text"].to_pylist()))
@@ -126,34 +132,20 @@ class Explorer:
         return tracer.token_contributions(tracer.stored_query_vector(query_id), doc_id, chunk)
 
 
-# ------------------------------------------------------------------ metrics and kinds
+# ------------------------------------------------------------------ metrics
 def metrics(ranked: dict, queries: dict, query_ids) -> dict:
-    """method -> (MRR, recall@10, n) over the given queries, against the stating documents."""
-    out = {}
-    for method, per_query in sorted(ranked.items()):
-        mrr = recall = n = 0
-        for query_id in query_ids:
-            truth = set(queries[query_id]["stating_doc_ids"] or ())
-            rows = per_query.get(query_id, [])
-            if not truth or not rows:
-                continue
-            hits = [r["rank"] for r in rows if r["doc_id"] in truth]
-            mrr += 1 / hits[0] if hits else 0
-            recall += len(hits) / min(len(rows), len(truth))
-            n += 1
-        if n:
-            out[method] = (mrr / n, recall / n, n)
-    return out
+    """method -> (MRR, recall@10, n) over the given queries that have stating documents and proponents,
+    computed as the evaluation computes them (`jobs.evaluate.attribution_metrics`)."""
+    from jobs.evaluate import attribution_metrics
 
-
-def kind(text: str, query: dict, doc_id: str) -> str:
-    if doc_id in set(query["stating_doc_ids"] or ()):
-        return "states the fact"
-    if query["subject"] in text:
-        return "subject only"
-    if query["object"] in text:
-        return "object only"
-    return "other"
+    truth = {q: set(queries[q]["stating_doc_ids"] or ()) for q in query_ids}
+    docs = {method: {q: [r["doc_id"] for r in per_query[q]] for q in query_ids if truth[q] and per_query.get(q)}
+            for method, per_query in sorted(ranked.items())}
+    docs = {method: per_query for method, per_query in docs.items() if per_query}
+    k = max((len(d) for per_query in docs.values() for d in per_query.values()), default=1)
+    buckets = {q: queries[q]["frequency_bucket"] for q in query_ids}
+    return {method: (cells["all"]["mrr"], cells["all"]["recall@10"], cells["all"]["n"])
+            for method, cells in attribution_metrics(docs, truth, buckets, k).items()}
 
 
 # ------------------------------------------------------------------ pages
@@ -287,7 +279,7 @@ def query_page(explorer: Explorer, query_id: str, checkpoint=None, methods=None,
                       f"{patched[row['doc_id']]:+.3f}</span>" if row["doc_id"] in patched else "")
             cards.append(f"<div class='proponent'><b>#{row['rank']}</b> score {row['score']:.4f}{effect} "
                          f"<span class='{'yes' if states else 'no'}'>{'✓ states the fact' if states else '✗'}</span> "
-                         f"<span class='muted'>{'' if states else kind(text, query, row['doc_id']) + ' · '}"
+                         f"<span class='muted'>{'' if states else explorer.categorizer.category(row['doc_id'], text, query) + ' · '}"
                          f"{html.escape(row['doc_id'])}</span>"
                          f"<div class='text'>{body}</div></div>")
         columns.append(f"<div class='col method' data-method='{html.escape(method)}'><h3>{html.escape(method)}</h3>{''.join(cards)}</div>")

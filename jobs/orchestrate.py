@@ -87,13 +87,8 @@ def hessian_is_stale(lake: Lake, checkpoint_id: str, fingerprint: str, query_set
                        columns=["n_samples"])["n_samples"].to_pylist()
     if not fitted:
         return True
-    now = train_vector_count(lake, checkpoint_id, fingerprint)
+    now = score.train_vector_count(lake, checkpoint_id, fingerprint)
     return abs(now - fitted[0]) > threshold * fitted[0]
-
-
-def train_vector_count(lake: Lake, checkpoint_id: str, fingerprint: str) -> int:
-    return lake.read("train_gradients", filters=[("checkpoint_id", "=", checkpoint_id), ("fingerprint", "=", fingerprint)],
-                     columns=["chunk"]).num_rows
 
 
 def refit_hessians(extraction: dict, query_sets: list[str]) -> list[str]:
@@ -225,7 +220,7 @@ def score_query_set(extraction: dict, query_set: str, methods: list[str], k: int
 
 def evaluate_if_ground_truth(extraction: dict, query_set: str) -> dict | None:
     """MRR and recall@10 of every scored method, when the query set names its stating documents."""
-    from jobs.evaluate import attribution_metrics, write_attribution_metrics
+    from jobs.evaluate import attribution_metrics, ranked_proponents, write_attribution_metrics
 
     lake = Lake(lake_root())
     queries = lake.read("queries", filters=[("query_set", "=", query_set)]).to_pylist()
@@ -233,11 +228,7 @@ def evaluate_if_ground_truth(extraction: dict, query_set: str) -> dict | None:
     if not any(truth.values()):
         print(f"[evaluate] {query_set} has no ground truth (stating_doc_ids): nothing to evaluate")
         return None
-    ranked = {}
-    rows = lake.read("proponents", filters=[("query_set", "=", query_set),
-                                            ("checkpoint_id", "=", extraction["checkpoint_id"])]).to_pylist()
-    for row in sorted(rows, key=lambda r: r["rank"]):
-        ranked.setdefault(row["method"], {}).setdefault(row["query_id"], []).append(row["doc_id"])
+    ranked = ranked_proponents(lake, query_set, extraction["checkpoint_id"])
     metrics = attribution_metrics(ranked, truth, {q["query_id"]: q["frequency_bucket"] for q in queries}, k=10)
     write_attribution_metrics(lake, query_set, extraction["checkpoint_id"], metrics, f"score-eval-{extraction['checkpoint_id']}")
     return {method: cells["all"] for method, cells in metrics.items()}

@@ -115,9 +115,13 @@ def scoring_inputs(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: 
     hessian = lake.read("hessians", filters=[("checkpoint_id", "=", checkpoint_id), ("query_set", "=", query_set),
                                              ("fingerprint", "=", fingerprint), ("kind", "=", "inverse_root")],
                         columns=["sha256"])["sha256"].to_pylist()
-    vectors = lake.read("train_gradients", filters=[("checkpoint_id", "=", checkpoint_id), ("fingerprint", "=", fingerprint)],
-                        columns=["chunk"]).num_rows
-    return {"train_vectors": vectors, "hessian": hessian[0] if hessian else None, "fingerprint": fingerprint}
+    return {"train_vectors": train_vector_count(lake, checkpoint_id, fingerprint), "hessian": hessian[0] if hessian else None,
+            "fingerprint": fingerprint}
+
+
+def train_vector_count(lake: Lake, checkpoint_id: str, fingerprint: str) -> int:
+    return lake.read("train_gradients", filters=[("checkpoint_id", "=", checkpoint_id), ("fingerprint", "=", fingerprint)],
+                     columns=["chunk"]).num_rows
 
 
 def query_vectors(lake: Lake, query_set: str, checkpoint_id: str, fingerprint: str, prompt_index: int):
