@@ -56,6 +56,14 @@ def spectrum(blocks: list) -> torch.Tensor:
     return torch.cat([torch.linalg.eigvalsh(b.double()) for b in blocks]).clamp(min=0).sort(descending=True).values
 
 
+def crossing_component(dim: int, fraction: float = 0.015) -> int:
+    """The component where the spectra should cross, as a share of the dimension: the paper's
+    ~1000 of ~65K coordinates is ~1.5%; a fixed 1000 would be 23% of a 4,352-dim projection."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"crossing fraction must lie in (0, 1], got {fraction}")
+    return max(1, round(fraction * dim))
+
+
 def crossing_lambda(query_spectrum: torch.Tensor, train_spectrum: torch.Tensor, component: int = 1000) -> float:
     """λ such that λ·spec_query and (1-λ)·spec_train meet at `component`.
 
@@ -83,18 +91,60 @@ def mix(query_blocks: list, train_blocks: list, lam: float) -> list:
     return [lam * q + (1 - lam) * t for q, t in zip(query_blocks, train_blocks)]
 
 
-def damped_inverse_power(blocks: list, damping: float | None = None, damping_ratio: float = 0.1,
-                         power: float = -0.5) -> tuple[list, float]:
-    """(R + d·I)^power per block, by eigendecomposition in float64; d = ratio × mean eigenvalue
-    over the whole matrix unless given. Returns the blocks (float32) and the damping used."""
+def train_relative_damping(train_blocks: list, ratio: float = 0.1) -> list[float]:
+    """Per-block damping = ratio × the mean eigenvalue of that block of R_train.
+
+    Relative to R_train, not to the mixed R: query vectors can be orders of magnitude larger than
+    training vectors (rare-token rows boosted by the optimizer correction), and a damping scaled by
+    them exceeds every R_train eigenvalue, so R^(-1/2) acts as a constant on training vectors.
+    Per block, because blocks (weight matrices) differ in scale by orders of magnitude too.
+    A block with no training signal borrows the mean over all blocks."""
+    means = [float(torch.diagonal(b.double()).clamp(min=0).mean()) for b in train_blocks]
+    overall = sum(m * b.shape[0] for m, b in zip(means, train_blocks)) / sum(b.shape[0] for b in train_blocks)
+    if overall <= 0:
+        raise ValueError("R_train is zero: no training signal to damp against")
+    return [ratio * (m if m > 0 else overall) for m in means]
+
+
+def global_damping(blocks: list, ratio: float = 0.1) -> float:
+    """ratio × the mean eigenvalue of the whole (block-diagonal) matrix: the classic rule."""
+    return ratio * sum(float(torch.trace(b.double())) for b in blocks) / sum(b.shape[0] for b in blocks)
+
+
+def damped_inverse_power(blocks: list, damping: float | list | None = None, damping_ratio: float = 0.1,
+                         power: float = -0.5) -> tuple[list, list]:
+    """(R + d_b·I)^power per block b, by eigendecomposition in float64. `damping` is one value for
+    every block, or one per block; if None, the global rule (`train_relative_damping` is the
+    pipeline's). Returns the blocks (float32) and the per-block dampings used."""
     decompositions = [torch.linalg.eigh(b.double()) for b in blocks]
     if damping is None:
-        total = sum(float(values.clamp(min=0).sum()) for values, _ in decompositions)
-        damping = damping_ratio * total / sum(b.shape[0] for b in blocks)
-    if damping <= 0:
+        damping = global_damping(blocks, damping_ratio)
+    dampings = [float(damping)] * len(blocks) if isinstance(damping, (int, float)) else [float(d) for d in damping]
+    if len(dampings) != len(blocks):
+        raise ValueError(f"{len(dampings)} dampings for {len(blocks)} blocks")
+    if min(dampings) <= 0:
         raise ValueError("damping must be positive (R is singular when fewer vectors than coordinates)")
     out = []
-    for values, vectors in decompositions:
-        scaled = (values.clamp(min=0) + damping) ** power
+    for (values, vectors), d in zip(decompositions, dampings):
+        scaled = (values.clamp(min=0) + d) ** power
         out.append(((vectors * scaled) @ vectors.T).float())
-    return out, damping
+    return out, dampings
+
+
+def conditioning(train_blocks: list, query_blocks: list, mixed_blocks: list, dampings: list) -> dict:
+    """What the fit did to the spectra, for the run's lineage and the diagnostic: top eigenvalues,
+    condition numbers of the damped matrices, and the blocks whose damping exceeds R_train's top
+    eigenvalue (there R^(-1/2) is nearly constant on training vectors: the preconditioner is off)."""
+    def top(blocks):
+        return [float(torch.linalg.eigvalsh(b.double())[-1].clamp(min=0)) for b in blocks]
+
+    train_top, query_top, mixed_top = top(train_blocks), top(query_blocks), top(mixed_blocks)
+    mixed_min = [float(torch.linalg.eigvalsh(b.double())[0].clamp(min=0)) for b in mixed_blocks]
+    condition = [(t + d) / (m + d) for t, m, d in zip(mixed_top, mixed_min, dampings)]
+    over = [i for i, (t, d) in enumerate(zip(train_top, dampings)) if d > t]
+    return {"train_top_eigenvalue": max(train_top), "query_top_eigenvalue": max(query_top),
+            "query_to_train_trace": float(sum(torch.trace(b.double()) for b in query_blocks)
+                                          / max(1e-300, float(sum(torch.trace(b.double()) for b in train_blocks)))),
+            "damping_min": min(dampings), "damping_max": max(dampings),
+            "condition_number_max": max(condition), "condition_number_median": sorted(condition)[len(condition) // 2],
+            "blocks_damped_above_train_top": over}

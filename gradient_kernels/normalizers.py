@@ -7,8 +7,14 @@ for free; an *exact* one divides elementwise and needs the per-example gradient 
 - Adafactor (torch.optim.Adafactor): V = (r cᵀ) / mean(r), clamped below at eps1²; exactly factored
   (the clamp only bites where V < eps1² ≈ 1.4e-14, which the hook path reports rather than hides).
 - Adam/AdamW: V̂ = exp_avg_sq / (1 - β2^t) and the update divides by sqrt(V̂) + eps, exactly as
-  torch's Adam. Its fast path is the rank-1 Adafactor-style fit V̂ ≈ r cᵀ / Σr (r, c the row and
-  column sums: the fit Adafactor itself would keep), whose error `rank1_error` measures.
+  torch's Adam ("adam-exact", the paper's correction). Coordinates the optimizer never trained
+  (embedding rows of tokens absent from the training data) keep V̂ ≈ 0, so dividing by eps boosts
+  them ~10^4x over trained ones, and a query that contains such a token dominates R_query. The
+  default "adam-floored" divides by max(sqrt(V̂) + eps, floor), the floor being a low quantile
+  (FLOOR_QUANTILE) of the matrix's trained coordinates: the same correction wherever the optimizer
+  has an estimate, no boost where it has none. The fast path for big models ("adam-factored") is
+  the rank-1 Adafactor-style fit V̂ ≈ r cᵀ / Σr (r, c the row and column sums: the fit Adafactor
+  itself would keep) of the floored denominator, whose error `rank1_error` measures.
 """
 
 from __future__ import annotations
@@ -61,6 +67,21 @@ def adam_denominator(exp_avg_sq: torch.Tensor, step: int, beta2: float, eps: flo
     return (v.double() / bias_correction2).sqrt() + eps
 
 
+FLOOR_QUANTILE = 0.01  # of the trained coordinates' sqrt(V̂) + eps, per weight matrix
+
+
+def floored_denominator(denominator: torch.Tensor, eps: float, quantile: float = FLOOR_QUANTILE) -> torch.Tensor:
+    """max(sqrt(V̂) + eps, floor), floor = `quantile` of the coordinates the optimizer trained
+    (sqrt(V̂) > eps). A matrix with no trained coordinate is left as it is."""
+    values = denominator.reshape(-1)
+    trained = values[values > 2 * eps]
+    if trained.numel() == 0:
+        return denominator
+    rank = max(1, int(quantile * trained.numel()))
+    floor = trained.double().kthvalue(rank).values.to(denominator.dtype)
+    return denominator.clamp(min=floor)
+
+
 def rank1_fit(denominator: torch.Tensor, eps: float) -> FactoredNormalizer:
     """Adafactor's rank-1 fit of V̂ (recovered from sqrt(V̂) + eps), as row/column scalings."""
     v = (denominator.double() - eps).clamp(min=0) ** 2
@@ -79,8 +100,8 @@ def rank1_error(denominator: torch.Tensor, eps: float) -> float:
 def normalizers_from_state(optimizer_state: dict, matrices: list[WeightMatrix], kind: str) -> dict:
     """name -> normaliser, from a consolidated optimizer state (see jobs/checkpoints.py).
 
-    kind: "adafactor" (needs an Adafactor state), "adam-exact" or "adam-factored" (need Adam's
-    exp_avg_sq), "none" (no correction: plain gradients).
+    kind: "adafactor" (needs an Adafactor state), "adam-floored", "adam-exact" or "adam-factored"
+    (need Adam's exp_avg_sq), "none" (no correction: plain gradients).
     """
     if kind == "none":
         return {}
@@ -104,6 +125,10 @@ def normalizers_from_state(optimizer_state: dict, matrices: list[WeightMatrix], 
             raise MissingOptimizerState(f"{m.name!r}: Adam state has no exp_avg_sq")
         denominator = adam_denominator(held["exp_avg_sq"], optimizer_state["step"], optimizer_state["betas"][1],
                                        optimizer_state["eps"], m.stored_transposed)
-        normalizers[m.name] = (ExactNormalizer(denominator.float()) if kind == "adam-exact"
-                               else rank1_fit(denominator, optimizer_state["eps"]))
+        if kind == "adam-exact":
+            normalizers[m.name] = ExactNormalizer(denominator.float())
+            continue
+        floored = floored_denominator(denominator, optimizer_state["eps"])
+        normalizers[m.name] = (ExactNormalizer(floored.float()) if kind == "adam-floored"
+                               else rank1_fit(floored, optimizer_state["eps"]))
     return normalizers

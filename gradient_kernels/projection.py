@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 # Bump when a change to the kernels changes the vectors they produce: old vectors stop matching.
-KERNEL_VERSION = "1"
+KERNEL_VERSION = "2"  # 2: adam-factored fits the floored denominator
 
-NORMALIZER_KINDS = ("none", "adafactor", "adam-exact", "adam-factored")
+NORMALIZER_KINDS = ("none", "adafactor", "adam-floored", "adam-exact", "adam-factored")
 
 
 def _generator_seed(seed: int, name: str, side: str, k: int, width: int) -> int:

@@ -9,8 +9,9 @@ The step is the optimizer's own rule applied to that one gradient:
 - Adam: v' = β2·v + (1-β2)·g², m' = (1-β1)·g (the checkpoint keeps no first moment here: m = 0),
   Δθ = -lr · m̂' / (sqrt(v̂') + eps) with the bias corrections of step t+1. Folding g² into v
   bounds the step exactly as Adam does for a gradient it has never seen.
-- Adafactor (torch): u = g / sqrt(V) with V from the factored state, clipped to RMS ≤ 1, times the
-  relative step size max(eps2, RMS(θ)) · min(lr, 1/sqrt(t)).
+- Adafactor (torch): g² folded into the factored row/column state, u = g / sqrt(V), clipped to
+  RMS ≤ 1, times the relative step size max(eps2, RMS(θ)) · min(lr, 1/sqrt(t)); tested against
+  torch.optim.Adafactor's own step.
 
 Each document's step is computed once and evaluated on every query that has it as a proponent,
 in one batched forward pass.
@@ -36,21 +37,28 @@ class AdamStep:
 
 
 class AdafactorStep:
-    def __init__(self, state: dict, eps2: float = 1e-3):
-        eps1 = torch.finfo(torch.float32).eps
-        self.v = {}
-        for name, held in state["state"].items():
-            if "row_var" in held:
-                v = held["row_var"] @ held["col_var"] / held["row_var"].mean(dim=-2, keepdim=True).clamp(min=eps1)
-            else:
-                v = held["variance"]
-            self.v[name] = v.clamp(min=eps1 * eps1)
-        self.eps2, self.t = eps2, state["step"] + 1
+    """torch.optim.Adafactor's step for one gradient (weight decay left out: it moves every
+    document's step alike). The gradient's g² is folded into the factored state with β2_t =
+    1 - t^decay, as torch does, so a document's own gradient bounds its step."""
+
+    def __init__(self, state: dict):
+        eps = state.get("eps")
+        eps1, eps2 = eps if isinstance(eps, (list, tuple)) else (None, 1e-3)
+        self.eps1 = torch.finfo(torch.float32).eps if eps1 is None else eps1
+        self.eps2, self.decay = eps2, state.get("beta2_decay", -0.8)
+        self.v, self.t = state["state"], state["step"] + 1
 
     def delta(self, name: str, param: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:
-        update = grad / self.v[name].sqrt()
-        update = update / update.pow(2).mean().sqrt().clamp(min=1.0)  # update clipping, d = 1
-        alpha = max(self.eps2, float(param.pow(2).mean().sqrt())) * min(lr, self.t ** -0.5)
+        held, weight = self.v[name], self.t ** self.decay
+        if "row_var" in held:
+            row = held["row_var"].lerp(grad.pow(2).mean(dim=-1, keepdim=True), weight)
+            col = held["col_var"].lerp(grad.pow(2).mean(dim=-2, keepdim=True), weight)
+            variance = row @ col / row.mean(dim=-2, keepdim=True).clamp(min=self.eps1)
+        else:
+            variance = held["variance"].lerp(grad * grad, weight)
+        update = grad * variance.clamp(min=self.eps1 * self.eps1).rsqrt()
+        update = update / (update.norm() / update.numel() ** 0.5).clamp(min=1.0)  # update clipping, d = 1
+        alpha = max(self.eps2, float(param.norm() / param.numel() ** 0.5)) * min(lr, self.t ** -0.5)
         return -alpha * update
 
 

@@ -37,7 +37,7 @@ class ExtractConfig:
     checkpoint: str = ""                 # checkpoint folder or s3:// prefix; default: the newest trained one
     k: int = 16                          # projection size per side of every weight matrix (block k × k)
     seed: int = 0                        # projection seed
-    normalizer: str = "auto"             # adafactor | adam-factored | adam-exact | none | auto (`auto_normalizer`)
+    normalizer: str = "auto"             # adafactor | adam-floored | adam-factored | adam-exact | none | auto (`auto_normalizer`)
     vector_dtype: str = "float32"        # storage encoding of vectors
     token_budget: int = 4096             # padded tokens per batch
     ranks: int = 2
@@ -87,12 +87,12 @@ EXACT_ADAM_MAX_PARAMETERS = 50_000_000
 
 
 def auto_normalizer(optimizer: str, parameters: int) -> str:
-    """Adafactor states are factored already; Adam's is applied exactly on small models (on the
-    embedded model it ranks stating documents better than its rank-1 fit: see the closing notes)
-    and through the rank-1 fit on big ones, where per-example gradients would not fit."""
+    """Adafactor states are factored already; Adam's is applied exactly (with its floor on
+    untrained coordinates: gradient_kernels/normalizers.py) on small models and through the rank-1
+    fit on big ones, where per-example gradients would not fit."""
     if optimizer == "adafactor":
         return "adafactor"
-    return "adam-exact" if parameters <= EXACT_ADAM_MAX_PARAMETERS else "adam-factored"
+    return "adam-floored" if parameters <= EXACT_ADAM_MAX_PARAMETERS else "adam-factored"
 
 
 def autocorrelation_path(lake: Lake, checkpoint_id: str, fingerprint: str, kind: str, item) -> Path:
@@ -368,7 +368,7 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--k", type=int, default=config.k_per_module)
     parser.add_argument("--seed", type=int, default=config.projection_seed)
     parser.add_argument("--normalizer", default=defaults.normalizer,
-                        choices=["auto", "adafactor", "adam-factored", "adam-exact", "none"])
+                        choices=["auto", "adafactor", "adam-floored", "adam-factored", "adam-exact", "none"])
     parser.add_argument("--vector-dtype", default=config.vector_dtype, choices=["float32", "float16", "bfloat16", "int8"])
     parser.add_argument("--token-budget", type=int, default=config.batch_token_budget)
     parser.add_argument("--ranks", type=int, default=defaults.ranks)

@@ -3,18 +3,26 @@
 The sums were accumulated per slice by `extract`; they are added up here (no pass over the
 vectors). λ is given or chosen by the spectra-crossing rule. Two inverse roots are stored: the
 task-mixed one (`inverse_root`) and the train-only one (`inverse_root_train_only`, λ = 0, the
-"no task mixing" ablation), with `r_train` and `r_query`, as safetensors files registered in
-`hessians`. A plot of both scaled spectra with the crossing point goes next to them.
+"no task mixing" ablation), R_train⁻¹ (`inverse_train`, TRAK-style scoring), with `r_train` and
+`r_query`, as safetensors files registered in `hessians`. A plot of both scaled spectra with the
+crossing point and the dampings goes next to them.
+
+Scale: the damping of each block is relative to R_train's block (`train_relative_damping`), and the
+crossing component is a share of the dimension; both are recorded in the run's result with the
+condition numbers, and a damping above R_train's top eigenvalue is flagged. R_query can be fitted
+on a split that leaves the scored queries out (`r_query_exclude`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from safetensors import safe_open
 
@@ -22,7 +30,7 @@ from infra.lake import Lake
 from infra.matrices import load_matrices, save_matrices
 from infra.config import load_config
 
-KINDS = ("r_train", "r_query", "inverse_root", "inverse_root_train_only")
+KINDS = ("r_train", "r_query", "inverse_root", "inverse_root_train_only", "inverse_train")
 
 
 @dataclass
@@ -32,8 +40,10 @@ class FitHessianConfig:
     query_set: str = "fact-world"
     fingerprint: str = ""         # default: the one train_gradients holds for the checkpoint
     mixing_lambda: float | None = None  # None: spectra-crossing rule
-    crossing_component: int = 1000
-    damping_ratio: float = 0.1    # damping = ratio × mean eigenvalue
+    crossing_fraction: float = 0.015    # the spectra cross at this share of the dimension (paper: ~1000 of ~65K)
+    damping_ratio: float = 0.1    # per block: ratio × the mean eigenvalue of R_train's block
+    damping_rule: str = "train-block"   # or "mixed-global": ratio × the mean eigenvalue of the whole mixed R
+    r_query_exclude: tuple = ()   # query ids left out of R_query (fit it on a split the scoring does not use)
 
 
 def latest_checkpoint_id(lake: Lake) -> str:
@@ -65,8 +75,28 @@ def summed_autocorrelation(files: list[Path]):
     return total
 
 
+def query_autocorrelation(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: str, exclude: set,
+                          block_sizes: list):
+    """Σ p pᵀ over the stored query vectors of the set, leaving out the `exclude` query ids."""
+    from gradient_kernels.hessian import Autocorrelation
+    from schemas.vectors import decode_vectors
+
+    rows = lake.read("query_gradients", filters=[("query_set", "=", query_set), ("checkpoint_id", "=", checkpoint_id),
+                                                 ("fingerprint", "=", fingerprint)])
+    kept = rows.filter(pc.invert(pc.is_in(rows["query_id"], pa.array(sorted(exclude), pa.string()))))
+    if kept.num_rows == 0:
+        raise ValueError(f"no query vectors of {query_set!r} are left for R_query after excluding {len(exclude)} queries")
+    dtypes = set(kept["dtype"].to_pylist())
+    if len(dtypes) != 1:
+        raise ValueError(f"mixed vector dtypes among the query vectors: {sorted(dtypes)}")
+    vectors = decode_vectors(kept["vector"], dtypes.pop(), kept["scale"].to_numpy(zero_copy_only=False),
+                             sum(block_sizes))
+    return Autocorrelation(block_sizes).add(torch.from_numpy(vectors))
+
+
 def run(config: FitHessianConfig) -> dict:
-    from gradient_kernels.hessian import crossing_lambda, damped_inverse_power, mix, spectrum
+    from gradient_kernels.hessian import (conditioning, crossing_component, crossing_lambda, damped_inverse_power, mix,
+                                          spectrum)
     from infra.runs import finish_run, start_run
     from jobs.extract import QUERY, TRAIN, autocorrelation_path
 
@@ -83,43 +113,74 @@ def run(config: FitHessianConfig) -> dict:
     if not partitions or missing:
         raise FileNotFoundError(f"autocorrelation sums missing for {checkpoint_id}/{fingerprint}: "
                                 f"{missing[:3] or 'no extracted partitions'}; rerun `python -m jobs extract`")
-    train, query = summed_autocorrelation(train_files), summed_autocorrelation([query_file])
+    train = summed_autocorrelation(train_files)
+    query = (summed_autocorrelation([query_file]) if not config.r_query_exclude
+             else query_autocorrelation(lake, checkpoint_id, fingerprint, config.query_set, set(config.r_query_exclude),
+                                        train.block_sizes))
     r_train, r_query = train.mean(), query.mean()
     train_spectrum, query_spectrum = spectrum(r_train), spectrum(r_query)
+    component = crossing_component(sum(train.block_sizes), config.crossing_fraction)
     lam = (config.mixing_lambda if config.mixing_lambda is not None
-           else crossing_lambda(query_spectrum, train_spectrum, config.crossing_component))
-    inverse_root, damping = damped_inverse_power(mix(r_query, r_train, lam), damping_ratio=config.damping_ratio)
-    train_only_root, train_damping = damped_inverse_power(r_train, damping_ratio=config.damping_ratio)
+           else crossing_lambda(query_spectrum, train_spectrum, component))
+    mixed = mix(r_query, r_train, lam)
+    dampings = dampings_for(config, r_train, mixed)
+    inverse_root, _ = damped_inverse_power(mixed, dampings)
+    train_dampings = dampings_for(config, r_train, r_train)
+    train_only_root, _ = damped_inverse_power(r_train, train_dampings)
+    train_inverse, _ = damped_inverse_power(r_train, train_dampings, power=-1.0)
+    diagnostics = conditioning(r_train, r_query, mixed, dampings)
+    if diagnostics["blocks_damped_above_train_top"]:
+        print(f"[fit-hessian] WARNING: the damping exceeds R_train's top eigenvalue in blocks "
+              f"{diagnostics['blocks_damped_above_train_top'][:10]}: there R^(-1/2) is nearly constant on training "
+              f"vectors (the preconditioner does nothing); lower --damping-ratio or use --damping-rule train-block",
+              flush=True)
 
     folder = Path(lake.root) / "_matrices" / "hessians" / checkpoint_id / config.query_set / fingerprint
     matrices = {"r_train": (r_train, None, None, train.count), "r_query": (r_query, None, None, query.count),
-                "inverse_root": (inverse_root, lam, damping, train.count + query.count),
-                "inverse_root_train_only": (train_only_root, 0.0, train_damping, train.count)}
+                "inverse_root": (inverse_root, lam, dampings, train.count + query.count),
+                "inverse_root_train_only": (train_only_root, 0.0, train_dampings, train.count),
+                "inverse_train": (train_inverse, 0.0, train_dampings, train.count)}
     rows = {name: [] for name in ("checkpoint_id", "query_set", "fingerprint", "kind", "path", "shape", "sha256",
                                   "lambda", "damping", "n_samples", "run_id", "created_at")}
     for kind, (blocks, kind_lambda, kind_damping, n) in matrices.items():
         path = folder / f"{kind}.safetensors"
-        sha = save_matrices(path, {f"block{i:03d}": b.float() for i, b in enumerate(blocks)}, {"count": n})
+        metadata = {"count": n} | ({"dampings": json.dumps(kind_damping)} if kind_damping else {})
+        sha = save_matrices(path, {f"block{i:03d}": b.float() for i, b in enumerate(blocks)}, metadata)
+        mean_damping = sum(kind_damping) / len(kind_damping) if kind_damping else None
         for name, value in (("checkpoint_id", checkpoint_id), ("query_set", config.query_set), ("fingerprint", fingerprint),
                             ("kind", kind), ("path", str(path)), ("shape", [b.shape[0] for b in blocks]), ("sha256", sha),
-                            ("lambda", kind_lambda), ("damping", kind_damping), ("n_samples", n), ("run_id", run_id),
+                            ("lambda", kind_lambda), ("damping", mean_damping), ("n_samples", n), ("run_id", run_id),
                             ("created_at", datetime.now(timezone.utc))):
             rows[name].append(value)
     lake.replace_slice("hessians", pa.table(rows), checkpoint_id=checkpoint_id, query_set=config.query_set,
                        fingerprint=fingerprint)
-    figure = plot_spectra(query_spectrum, train_spectrum, lam, config.crossing_component,
+    figure = plot_spectra(query_spectrum, train_spectrum, lam, component, diagnostics,
                           Path(lake.root) / "reports" / f"hessian_{checkpoint_id}_{config.query_set}_{fingerprint}.png")
     result = {"checkpoint_id": checkpoint_id, "query_set": config.query_set, "fingerprint": fingerprint, "lambda": lam,
-              "damping": damping, "n_train": train.count, "n_query": query.count, "dim": sum(train.block_sizes),
-              "blocks": len(train.block_sizes), "figure": str(figure), "run_id": run_id}
+              "crossing_component": component, "damping_rule": config.damping_rule,
+              "damping": sum(dampings) / len(dampings), "n_train": train.count, "n_query": query.count,
+              "dim": sum(train.block_sizes), "blocks": len(train.block_sizes), "figure": str(figure), "run_id": run_id,
+              "conditioning": diagnostics}
     finish_run(lake, run_id, "succeeded", result)
     print(f"[fit-hessian] {checkpoint_id} × {config.query_set}: R from {train.count:,} train and {query.count:,} query "
-          f"vectors ({result['blocks']} blocks, {result['dim']} dims); λ = {lam:.3f}, damping = {damping:.3g}; "
-          f"spectra plot {figure}")
+          f"vectors ({result['blocks']} blocks, {result['dim']} dims); λ = {lam:.3f} (crossing at component "
+          f"{component}), damping {min(dampings):.3g}..{max(dampings):.3g} ({config.damping_rule}), condition number "
+          f"≤ {diagnostics['condition_number_max']:.3g}; spectra plot {figure}")
     return result
 
 
-def plot_spectra(query_spectrum, train_spectrum, lam: float, component: int, path: Path) -> Path:
+def dampings_for(config: FitHessianConfig, r_train: list, blocks: list) -> list[float]:
+    """Per-block dampings for the inverse root of `blocks` under the configured rule."""
+    from gradient_kernels.hessian import global_damping, train_relative_damping
+
+    if config.damping_rule == "train-block":
+        return train_relative_damping(r_train, config.damping_ratio)
+    if config.damping_rule == "mixed-global":  # the classic rule, kept to measure against
+        return [global_damping(blocks, config.damping_ratio)] * len(blocks)
+    raise ValueError(f"damping rule must be train-block or mixed-global, not {config.damping_rule!r}")
+
+
+def plot_spectra(query_spectrum, train_spectrum, lam: float, component: int, diagnostics: dict, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,9 +192,12 @@ def plot_spectra(query_spectrum, train_spectrum, lam: float, component: int, pat
     ax.loglog(ranks, (lam * query_spectrum).clamp(min=1e-30), label=f"λ·R_query (λ={lam:.3f})")
     ax.loglog(ranks, ((1 - lam) * train_spectrum).clamp(min=1e-30), label="(1-λ)·R_train")
     ax.axvline(min(component, len(ranks)), color="grey", linestyle=":", label=f"crossing target ({component})")
+    ax.axhspan(diagnostics["damping_min"], diagnostics["damping_max"], color="orange", alpha=0.2,
+               label="dampings (per block)")
     ax.set_xlabel("component (sorted)")
     ax.set_ylabel("eigenvalue")
-    ax.set_title("Task-mixed Hessian approximation: scaled spectra")
+    ax.set_title(f"Task-mixed Hessian: scaled spectra (condition ≤ {diagnostics['condition_number_max']:.2g})",
+                 fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -159,8 +223,11 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--fingerprint", default="")
     parser.add_argument("--lambda", dest="mixing_lambda", type=float, default=load_config().hessian_lambda,
                         help="task mixing weight (default: spectra-crossing rule)")
-    parser.add_argument("--crossing-component", type=int, default=FitHessianConfig.crossing_component)
+    parser.add_argument("--crossing-fraction", type=float, default=FitHessianConfig.crossing_fraction,
+                        help="the spectra cross at this share of the dimension (default 1.5%%, as the paper's ~1000 of ~65K)")
     parser.add_argument("--damping-ratio", type=float, default=load_config().hessian_damping)
+    parser.add_argument("--damping-rule", choices=["train-block", "mixed-global"], default=FitHessianConfig.damping_rule,
+                        help="per block relative to R_train (default), or the classic global rule on the mixed R")
 
 
 def main(args):

@@ -37,7 +37,7 @@ METHODS = {
     "trackstar-no-hessian": (None, True, True),
     "trackstar-no-unit-norm": ("inverse_root", False, True),
     "trackstar-no-optimizer": ("inverse_root", True, True),
-    "trak": ("r_train", False, False),
+    "trak": ("inverse_train", False, False),
     "grad-dot": (None, False, True),
     "grad-cos": (None, True, True),
 }
@@ -63,7 +63,6 @@ def _prepared_side(vectors: torch.Tensor, blocks, unit_norm: bool) -> torch.Tens
 
 def method_matrices(lake: Lake, method: str, checkpoint_id: str, query_set: str, fingerprint: str):
     """(train-side blocks or None, query-side blocks or None, unit norm) for a method."""
-    from gradient_kernels.hessian import damped_inverse_power
     from jobs.fit_hessian import load_preconditioner
 
     kind, unit_norm, both_sides = METHODS[method]
@@ -72,8 +71,7 @@ def method_matrices(lake: Lake, method: str, checkpoint_id: str, query_set: str,
     blocks, row = load_preconditioner(lake, checkpoint_id, query_set, fingerprint, kind)
     if both_sides:
         return blocks, blocks, unit_norm
-    inverse, _ = damped_inverse_power(blocks, damping=row["damping"] or None, power=-1.0)
-    return None, inverse, unit_norm  # R⁻¹ on the query side only: q·R⁻¹·t, the same scores, cheaper
+    return None, blocks, unit_norm  # R⁻¹ on the query side only: q·R⁻¹·t, the same scores, cheaper
 
 
 def score_batches(batches, queries: np.ndarray, train_blocks, unit_norm: bool, k: int, dim: int):

@@ -9,16 +9,17 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from gradient_kernels.attribution import token_contributions
-from gradient_kernels.hessian import Autocorrelation, crossing_lambda, damped_inverse_power, mix, spectrum
+from gradient_kernels.hessian import (Autocorrelation, conditioning, crossing_component, crossing_lambda,
+                                      damped_inverse_power, mix, spectrum, train_relative_damping)
 from gradient_kernels.hooks import GradientProjector, nonfinite_rows
 from gradient_kernels.losses import document_batch, per_example_loss, query_batch
 from gradient_kernels.modules import uniform_k, weight_matrices
-from gradient_kernels.normalizers import (MissingOptimizerState, adam_denominator, normalizers_from_state,
-                                          rank1_error)
+from gradient_kernels.normalizers import (MissingOptimizerState, adam_denominator, floored_denominator,
+                                          normalizers_from_state, rank1_error)
 from gradient_kernels.projection import ProjectionSpec, gaussian_projection
 from gradient_kernels.reference import dense_projection, reference_vectors
 from gradient_kernels.scoring import FingerprintMismatch, Preconditioner, check_same, merge_top_k, prepare, top_k
-from gradient_kernels.tail_patch import AdamStep, TailPatcher
+from gradient_kernels.tail_patch import AdafactorStep, AdamStep, TailPatcher
 
 VOCAB = 61
 
@@ -64,7 +65,7 @@ def _train_state(model, kind: str, steps=3) -> dict:
             "eps": group["eps"], "state": state}
 
 
-CASES = [("gpt2", "adafactor"), ("gpt2", "adam-exact"), ("gpt2", "adam-factored"), ("gpt2", "none"),
+CASES = [("gpt2", "adafactor"), ("gpt2", "adam-exact"), ("gpt2", "adam-floored"), ("gpt2", "adam-factored"), ("gpt2", "none"),
          ("llama", "adam-exact"), ("llama", "adafactor")]
 
 
@@ -251,7 +252,7 @@ def test_lambda_mixing_and_inverse_root_closed_forms():
     assert torch.allclose(root[0], torch.diag(torch.tensor([1.0, 0.5])), atol=1e-5)
     a = torch.randn(6, 6, dtype=torch.float64)
     r = a @ a.T
-    root, damping = damped_inverse_power([r])
+    root, (damping,) = damped_inverse_power([r])
     assert damping == pytest.approx(0.1 * float(torch.linalg.eigvalsh(r).mean()))
     damped = r + damping * torch.eye(6, dtype=torch.float64)
     assert torch.allclose(root[0].double() @ root[0].double() @ damped, torch.eye(6, dtype=torch.float64), atol=1e-4)
@@ -322,3 +323,73 @@ def test_tail_patch_step_is_one_adam_step_from_the_checkpoint_state_and_restores
     assert changes[("q", "d")] == pytest.approx(float(after) - base["q"], rel=1e-4, abs=1e-6)
     assert abs(changes[("q", "d")]) > 1e-6
     assert all(torch.equal(p, patcher.original[n]) for n, p in model.named_parameters())  # restored
+
+
+def test_damping_is_per_block_and_relative_to_r_train_and_the_crossing_is_a_share_of_d():
+    # two blocks 10^6 apart in scale, and a query R 10^6 above the train R: the classic global
+    # damping of the mixed R swamps every train eigenvalue, the per-block train damping does not
+    small, big = torch.diag(torch.tensor([1.0, 2.0, 3.0])), torch.diag(torch.tensor([1e6, 2e6, 3e6]))
+    r_train, r_query = [small, big], [small * 1e6, big * 1e6]
+    assert train_relative_damping(r_train, 0.1) == pytest.approx([0.2, 2e5])
+    mixed = mix(r_query, r_train, 0.5)
+    _, (global_d, _) = damped_inverse_power(mixed)
+    diagnostics = conditioning(r_train, r_query, mixed, [global_d, global_d])
+    assert diagnostics["blocks_damped_above_train_top"] == [0, 1]
+    assert diagnostics["query_to_train_trace"] == pytest.approx(1e6)
+    dampings = train_relative_damping(r_train, 0.1)
+    root, used = damped_inverse_power(mixed, dampings)
+    assert used == pytest.approx(dampings)
+    for block, d, out in zip(mixed, dampings, root):
+        expected = torch.diag((torch.diagonal(block).double() + d) ** -0.5).float()
+        assert torch.allclose(out, expected, rtol=1e-5)
+    assert conditioning(r_train, r_query, mixed, dampings)["blocks_damped_above_train_top"] == []
+    zero_block = train_relative_damping([small, torch.zeros(2, 2)], 0.1)
+    assert zero_block[1] == pytest.approx(0.1 * 6 / 5)  # a silent block borrows the overall mean
+    assert crossing_component(4352) == 65 and crossing_component(65536) == 983 and crossing_component(10) == 1
+    with pytest.raises(ValueError):
+        crossing_component(100, 0.0)
+
+
+def test_floored_adam_correction_does_not_boost_untrained_rows():
+    model = _gpt2()
+    state = _train_state(model, "adam")
+    matrices = weight_matrices(model)
+    embedding = next(m for m in matrices if "wte" in m.name)
+    held = state["state"][embedding.name]["exp_avg_sq"]
+    held[:10] = 0.0  # ten tokens the optimizer never saw
+    exact = normalizers_from_state(state, matrices, "adam-exact")[embedding.name].denominator
+    floored = normalizers_from_state(state, matrices, "adam-floored")[embedding.name].denominator
+    eps = state["eps"]
+    untrained = (exact[:, :10] if embedding.stored_transposed else exact[:10]).reshape(-1)
+    assert float(untrained.max()) == pytest.approx(eps, rel=1e-3)  # the exact correction divides them by eps
+    trained = exact[exact > 2 * eps]
+    floor = float(trained.double().kthvalue(max(1, int(0.01 * trained.numel()))).values)
+    assert float(floored.min()) == pytest.approx(floor, rel=1e-6)
+    assert torch.equal(floored[exact >= floor], exact[exact >= floor])  # trained coordinates untouched
+    assert float((exact < floor).float().mean()) < 0.5
+    no_trained = torch.full((3, 3), eps, dtype=torch.float64)
+    assert torch.equal(floored_denominator(no_trained, eps), no_trained)
+
+
+def test_adafactor_tail_patch_step_equals_torch_adafactor():
+    model = _gpt2()
+    state = _train_state(model, "adafactor")
+    rule = AdafactorStep(state)
+    doc = [3, 9, 4, 8, 1, 7]
+    other = copy.deepcopy(model)
+    optimizer = torch.optim.Adafactor(other.parameters(), lr=0.05)
+    for name, p in other.named_parameters():
+        optimizer.state[p] = {"step": torch.tensor(float(state["step"]))} | {
+            key: value.clone() for key, value in state["state"][name].items()}
+    ids = torch.tensor([doc])
+    other(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad.clone() for n, p in other.named_parameters()}
+    before = {n: p.detach().clone() for n, p in other.named_parameters()}
+    optimizer.step()
+    moved = 0
+    for name, p in other.named_parameters():
+        expected = p.detach() - before[name]
+        ours = rule.delta(name, before[name], grads[name], 0.05)
+        assert torch.allclose(ours, expected, rtol=1e-4, atol=1e-7), name
+        moved += int(expected.abs().max() > 0)
+    assert moved > 5
