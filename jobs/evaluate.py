@@ -1,33 +1,38 @@
-"""evaluate: the paper's fact-tracing comparison on the fact world, into `eval_metrics` and a report.
+"""evaluate: the paper's fact-tracing comparison, into `eval_metrics` and a report.
 
-Methods, all written to `proponents` under their own name: BM25 and dense retrieval (text), plain
-gradient dot/cosine and TRAK (vectors extracted without optimizer correction), TrackStar and its
-ablations (see `jobs.score.METHODS`). Metrics against the ground truth (documents that state the
-fact): MRR of the first stating proponent and recall@10, overall and per frequency bucket; the
-tail-patch influence of the top-10 proponents on a fixed, bucket-stratified sample of queries;
-and what kind of document each proponent is (states the fact, mentions the subject only, ...).
+Methods, all compared on the same queries: BM25 and dense retrieval (text), plain gradient
+dot/cosine and TRAK (vectors extracted without optimizer correction), TrackStar and its ablations
+(see `jobs.score.METHODS`), and three variants that measure this implementation's own choices:
+the paper-exact Adam correction (`trackstar-adam-exact`, Adam checkpoints), R_query fitted on the
+other half of the queries (`trackstar-heldout-r-query`, 2-fold cross-fit) and the classic global
+damping with a fixed crossing component (`trackstar-global-damping`).
 
-Writes `eval_metrics` rows, `<reports>/eval.json` and `<reports>/eval.html` (table like the paper's
-Table 1, per-bucket plot, category shares, the λ/spectra figure, example queries side by side).
+Every gradient method is run for several projection seeds (`seeds`); metrics are computed per
+query (evaluation/metrics.py: MRR, binary recall@10 and its fraction, tail-patch Δlog p and Δp),
+averaged over seeds, and given bootstrap confidence intervals over queries; differences to
+TrackStar and the TrackStar/BM25 tail-patch ratio are paired. What the pipeline already made is
+reused: the first seed's extraction, Hessian and proponents come from the DAG when their inputs are
+unchanged; other seeds and variants are scored in memory and never overwrite `proponents`.
+
+Writes `eval_metrics` rows, `tail_patches`, `<reports>/eval.json` and `<reports>/eval.html`.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import html
 import json
 import random
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from infra.lake import Lake
+from evaluation import metrics as M
 from infra.config import load_config
+from infra.lake import Lake
 from jobs import extract, fit_hessian, score
 from jobs.checkpoints import load_manifest
 from schemas.tables import TABLES
@@ -35,10 +40,14 @@ from schemas.tables import TABLES
 TEXT_METHODS = ("bm25", "dense")
 # scored on vectors extracted with the optimizer correction; score.PLAIN_METHODS on vectors without it
 CORRECTED_METHODS = ("trackstar", "trackstar-no-hessian", "trackstar-no-mixing", "trackstar-no-unit-norm")
+VARIANTS = ("trackstar-adam-exact", "trackstar-heldout-r-query", "trackstar-global-damping")
 # the report's row order: baselines first, full TrackStar last, as in the paper's Table 1
-REPORT_ORDER = ("bm25", "dense", "grad-dot", "grad-cos", "trak", "trackstar-no-optimizer", "trackstar-no-hessian",
-                "trackstar-no-mixing", "trackstar-no-unit-norm", "trackstar")
+REPORT_ORDER = ("bm25", "dense", "grad-dot", "grad-cos", "trak", "trackstar-no-optimizer", "trackstar-adam-exact",
+                "trackstar-no-hessian", "trackstar-no-mixing", "trackstar-heldout-r-query", "trackstar-global-damping",
+                "trackstar-no-unit-norm", "trackstar")
 CATEGORIES = ("states the fact", "look-alike name", "subject only", "object only", "same relation", "other")
+# the crossing component of the classic rule, kept fixed whatever the dimension (the variant measures it)
+CLASSIC_CROSSING_COMPONENT = 1000
 
 
 @dataclass
@@ -49,8 +58,10 @@ class EvaluateConfig:
     query_set: str = "fact-world"
     k: int = 10
     k_projection: int = 16
-    tail_patch_queries: int = 40   # bucket-stratified sample, fixed by the seed
-    seed: int = 0
+    seeds: list = field(default_factory=lambda: [0, 1, 2])  # projection seeds; the first is the pipeline's
+    variants: list = field(default_factory=lambda: list(VARIANTS))
+    tail_patch_queries: int = 100  # bucket-stratified sample, fixed by the seed
+    seed: int = 0                  # of the sample and the bootstrap
     reports: str = "reports"
 
 
@@ -90,20 +101,17 @@ def write_text_proponents(lake: Lake, method: str, indices, scores, doc_ids, que
 
 # ------------------------------------------------------------------ metrics
 def attribution_metrics(ranked: dict, truth: dict, buckets: dict, k: int) -> dict:
-    """method -> bucket ("all" or N) -> {mrr, recall@10, n}; ranked: method -> query -> [doc ids by rank]."""
+    """method -> bucket ("all" or N) -> {mrr, recall@10, recall@10_fraction, n}; ranked: method ->
+    query -> [doc ids by rank]. recall@10 is binary per query (any stating document in the top k)."""
     out = {}
     for method, per_query in ranked.items():
-        cells = defaultdict(lambda: {"mrr": 0.0, "recall@10": 0.0, "n": 0})
-        for query_id, docs in per_query.items():
-            hits = [rank for rank, doc in enumerate(docs[:k], start=1) if doc in truth[query_id]]
-            mrr = 1 / hits[0] if hits else 0.0
-            recall = len(hits) / min(k, len(truth[query_id]))
+        cells = defaultdict(lambda: defaultdict(float))
+        for query_id, values in M.attribution_per_query(per_query, truth, k).items():
             for bucket in ("all", str(buckets[query_id])):
-                cells[bucket]["mrr"] += mrr
-                cells[bucket]["recall@10"] += recall
+                for metric, value in values.items():
+                    cells[bucket][metric] += value
                 cells[bucket]["n"] += 1
-        out[method] = {b: {"mrr": c["mrr"] / c["n"], "recall@10": c["recall@10"] / c["n"], "n": c["n"]}
-                       for b, c in cells.items()}
+        out[method] = {b: {m: (v / c["n"] if m != "n" else int(v)) for m, v in c.items()} for b, c in cells.items()}
     return out
 
 
@@ -148,8 +156,8 @@ class Categorizer:
 
 def tail_patch(lake: Lake, checkpoint_dir: Path, learning_rate: float, ranked: dict, queries: dict,
                sample: list[str]) -> tuple[dict, dict]:
-    """(method -> {delta_log_prob, delta_prob, n_queries}: mean over sampled queries of the mean over
-    their top-k; {(query, doc): Δ log p} of every measured pair)."""
+    """({query: log p(target | prompt) before any step}, {(query, doc): Δ log p} of every pair of a
+    sampled query and one of its proponents under any method)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gradient_kernels.tail_patch import TailPatcher, optimizer_step
@@ -162,24 +170,13 @@ def tail_patch(lake: Lake, checkpoint_dir: Path, learning_rate: float, ranked: d
     eos = tokenizer.eos_token_id
     prompts = {q: [eos] + tokenizer(queries[q]["prompt0"], add_special_tokens=False)["input_ids"] for q in sample}
     targets = {q: tokenizer(queries[q]["target"], add_special_tokens=False)["input_ids"] for q in sample}
-    pairs = {(q, doc) for method in ranked for q in sample for doc in ranked[method].get(q, [])}
+    pairs = {(q, doc) for per_query in ranked.values() for q in sample for doc in per_query.get(q, [])}
     tokens = lake.read("tokens", filters=[("doc_id", "in", sorted({d for _, d in pairs})), ("chunk", "=", 0)],
                        columns=["doc_id", "input_ids"])
     documents = dict(zip(tokens["doc_id"].to_pylist(), tokens["input_ids"].to_pylist()))
     pairs = sorted(p for p in pairs if p[1] in documents)
     progress = Progress("evaluate tail-patch", len(pairs), unit="pairs")
-    base, changes = patcher.log_prob_changes(documents, pairs, prompts, targets, on_step=progress.update)
-    out = {}
-    for method, per_query in ranked.items():
-        log_means, prob_means = [], []
-        for q in sample:
-            deltas = [changes[(q, d)] for d in per_query.get(q, []) if (q, d) in changes]
-            if deltas:
-                log_means.append(float(np.mean(deltas)))
-                prob_means.append(float(np.mean([np.exp(base[q] + d) - np.exp(base[q]) for d in deltas])))
-        out[method] = {"delta_log_prob": float(np.mean(log_means)), "delta_prob": float(np.mean(prob_means)),
-                       "n_queries": len(log_means)}
-    return out, changes
+    return patcher.log_prob_changes(documents, pairs, prompts, targets, on_step=progress.update)
 
 
 def write_tail_patches(lake: Lake, query_set: str, checkpoint_id: str, changes: dict, run_id: str) -> None:
@@ -198,7 +195,7 @@ def stratified_sample(queries: dict, n: int, seed: int) -> list[str]:
     return sorted(q for ids in by_bucket.values() for q in rng.sample(ids, min(per_bucket, len(ids))))
 
 
-# ------------------------------------------------------------------ the job
+# ------------------------------------------------------------------ rankings per seed
 def evaluated_checkpoint(lake: Lake, config: EvaluateConfig) -> Path:
     """The checkpoint folder: the one named (path or registered id), else the newest registered,
     else the newest the lake trained (a fresh lake with a user's corpus has none registered yet)."""
@@ -213,6 +210,96 @@ def evaluated_checkpoint(lake: Lake, config: EvaluateConfig) -> Path:
     return extract.resolve_checkpoint(lake, "")
 
 
+def pipeline_rankings(lake: Lake, config: EvaluateConfig, checkpoint_id: str, fingerprint: str, methods) -> tuple:
+    """The Spark path for the first seed: refit the Hessian and rescore only what is missing or was
+    made from other inputs (what the DAG made is reused), then read the stored proponents."""
+    from jobs.orchestrate import hessian_is_stale, last_scored_inputs
+
+    fit = None
+    if hessian_is_stale(lake, checkpoint_id, fingerprint, config.query_set, threshold=0.0) or not _has_every_kind(
+            lake, checkpoint_id, fingerprint, config.query_set):
+        fit = fit_hessian.run(fit_hessian.FitHessianConfig(lake=config.lake, checkpoint_id=checkpoint_id,
+                                                           query_set=config.query_set, fingerprint=fingerprint))
+    inputs = score.scoring_inputs(lake, checkpoint_id, fingerprint, config.query_set)
+    stale = [m for m in methods if last_scored_inputs(lake, checkpoint_id, fingerprint, config.query_set, m) != inputs]
+    if stale:
+        score.run(score.ScoreConfig(lake=config.lake, checkpoint_id=checkpoint_id, query_set=config.query_set,
+                                    fingerprint=fingerprint, methods=stale, k=config.k))
+    print(f"[evaluate] {fingerprint}: Hessian {'refitted' if fit else 'reused'}, "
+          f"{len(stale)} of {len(methods)} method(s) rescored, the rest reused", flush=True)
+    stored = ranked_proponents(lake, config.query_set, checkpoint_id)
+    return {m: stored[m] for m in methods}, fit
+
+
+def _has_every_kind(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: str) -> bool:
+    kinds = lake.read("hessians", filters=[("checkpoint_id", "=", checkpoint_id), ("fingerprint", "=", fingerprint),
+                                           ("query_set", "=", query_set)], columns=["kind"])["kind"].to_pylist()
+    return set(fit_hessian.KINDS) <= set(kinds)
+
+
+def memory_rankings(lake: Lake, config: EvaluateConfig, checkpoint_id: str, fingerprint: str, methods,
+                    fit_config: fit_hessian.FitHessianConfig, exclude=()) -> tuple[dict, fit_hessian.Fit]:
+    """Rankings of `methods` under an unregistered fit (another seed, or a variant's settings)."""
+    train, query = fit_hessian.extracted_sums(lake, checkpoint_id, fingerprint, config.query_set, exclude)
+    fitted = fit_hessian.fit(train, query, fit_config)
+    return {m: score.rank_in_memory(lake, m, checkpoint_id, config.query_set, fingerprint, fitted.matrices, config.k)
+            for m in methods}, fitted
+
+
+def heldout_rankings(lake: Lake, config: EvaluateConfig, checkpoint_id: str, fingerprint: str, query_ids: list) -> dict:
+    """TrackStar with R_query fitted on the other half of the queries (2-fold cross-fit)."""
+    folds = [query_ids[0::2], query_ids[1::2]]
+    ranked = {}
+    for scored, other in ((folds[0], folds[1]), (folds[1], folds[0])):
+        fold, _ = memory_rankings(lake, config, checkpoint_id, fingerprint, ["trackstar"],
+                                  fit_hessian.FitHessianConfig(), exclude=tuple(scored))
+        ranked |= {q: fold["trackstar"][q] for q in scored if q in fold["trackstar"]}
+    return ranked
+
+
+def seed_rankings(lake: Lake, config: EvaluateConfig, checkpoint_dir: Path, checkpoint_id: str, seed: int,
+                  query_ids: list, optimizer: str) -> tuple[dict, dict]:
+    """method -> query -> [doc ids] for every gradient method under one projection seed, and the
+    fit diagnostics of its TrackStar Hessian."""
+    first = seed == config.seeds[0]
+    ranked, diagnostics = {}, {}
+    kinds = [("auto", CORRECTED_METHODS), ("none", score.PLAIN_METHODS)]
+    if "trackstar-adam-exact" in config.variants and optimizer == "adam":
+        kinds.append(("adam-exact", ("trackstar",)))
+    for normalizer, methods in kinds:
+        extraction = extract.run(extract.ExtractConfig(lake=config.lake, checkpoint=str(checkpoint_dir),
+                                                       k=config.k_projection, normalizer=normalizer,
+                                                       query_set=config.query_set, seed=seed))
+        fingerprint = extraction["fingerprint"]
+        if normalizer == "adam-exact":
+            exact, _ = memory_rankings(lake, config, checkpoint_id, fingerprint, methods, fit_hessian.FitHessianConfig())
+            ranked["trackstar-adam-exact"] = exact["trackstar"]
+            continue
+        if first:
+            found, fit = pipeline_rankings(lake, config, checkpoint_id, fingerprint, methods)
+            fitted = None
+        else:
+            found, fitted = memory_rankings(lake, config, checkpoint_id, fingerprint, methods,
+                                            fit_hessian.FitHessianConfig())
+        ranked |= found
+        if normalizer != "auto":
+            continue
+        if fitted is None:
+            _, fitted = memory_rankings(lake, config, checkpoint_id, fingerprint, [], fit_hessian.FitHessianConfig())
+        diagnostics = {"lambda": fitted.lam, "crossing_component": fitted.component, **fitted.diagnostics,
+                       "fingerprint": fingerprint}
+        if "trackstar-heldout-r-query" in config.variants:
+            ranked["trackstar-heldout-r-query"] = heldout_rankings(lake, config, checkpoint_id, fingerprint, query_ids)
+        if "trackstar-global-damping" in config.variants:
+            dim = extraction["dim"]
+            classic = fit_hessian.FitHessianConfig(damping_rule="mixed-global",
+                                                   crossing_fraction=min(1.0, CLASSIC_CROSSING_COMPONENT / dim))
+            old, _ = memory_rankings(lake, config, checkpoint_id, fingerprint, ["trackstar"], classic)
+            ranked["trackstar-global-damping"] = old["trackstar"]
+    return ranked, diagnostics
+
+
+# ------------------------------------------------------------------ the job
 def run(config: EvaluateConfig) -> dict:
     from infra.runs import finish_run, start_run
 
@@ -221,67 +308,146 @@ def run(config: EvaluateConfig) -> dict:
     manifest = load_manifest(checkpoint_dir)
     checkpoint_id = manifest["checkpoint_id"]
     run_id = start_run(lake, "evaluate", asdict(config) | {"checkpoint_id": checkpoint_id})
-
-    fingerprints = {}
-    for kind, normalizer in (("corrected", "auto"), ("plain", "none")):
-        extraction = extract.run(extract.ExtractConfig(lake=config.lake, checkpoint=str(checkpoint_dir), k=config.k_projection,
-                                                       normalizer=normalizer, query_set=config.query_set))
-        fingerprints[kind] = extraction["fingerprint"]
-        hessian = fit_hessian.run(fit_hessian.FitHessianConfig(lake=config.lake, checkpoint_id=checkpoint_id,
-                                                               query_set=config.query_set, fingerprint=extraction["fingerprint"]))
-        fingerprints[f"{kind}_hessian"] = hessian
-        methods = list(CORRECTED_METHODS) if kind == "corrected" else list(score.PLAIN_METHODS)
-        score.run(score.ScoreConfig(lake=config.lake, checkpoint_id=checkpoint_id, query_set=config.query_set,
-                                    fingerprint=extraction["fingerprint"], methods=methods, k=config.k))
+    queries = {q["query_id"]: q for q in lake.read("queries", filters=[("query_set", "=", config.query_set)]).to_pylist()}
+    query_ids = sorted(queries)
+    truth = {q: set(queries[q]["stating_doc_ids"] or ()) for q in query_ids}
 
     documents = lake.read("documents", columns=["doc_id", "text"])
     doc_ids, texts = documents["doc_id"].to_pylist(), documents["text"].to_pylist()
-    queries = {q["query_id"]: q for q in lake.read("queries", filters=[("query_set", "=", config.query_set)]).to_pylist()}
-    query_ids = sorted(queries)
-    # the paper's attribution setting: the query text is the prompt with its target
-    asked = [queries[q]["prompt0"] + queries[q]["target"] for q in query_ids]
+    asked = [queries[q]["prompt0"] + queries[q]["target"] for q in query_ids]  # the paper's attribution setting
+    text_ranked = {}
     for method, retrieve in (("bm25", bm25_top_k), ("dense", dense_top_k)):
         indices, values = retrieve(texts, asked, config.k)
         write_text_proponents(lake, method, indices, values, doc_ids, query_ids, config.query_set, checkpoint_id, run_id)
+        text_ranked[method] = {q: [doc_ids[i] for i in indices[n]] for n, q in enumerate(query_ids)}
         print(f"[evaluate] {method}: top-{config.k} written", flush=True)
 
-    ranked = ranked_proponents(lake, config.query_set, checkpoint_id)
-    ranked = {m: ranked[m] for m in REPORT_ORDER if m in ranked}
-    truth = {q: set(queries[q]["stating_doc_ids"]) for q in query_ids}
-    buckets = {q: queries[q]["frequency_bucket"] for q in query_ids}
-    attribution = attribution_metrics(ranked, truth, buckets, config.k)
+    per_seed, diagnostics = {}, {}
+    for seed in config.seeds:
+        ranked, diagnostics[seed] = seed_rankings(lake, config, checkpoint_dir, checkpoint_id, seed, query_ids,
+                                                  manifest.get("optimizer", "adam"))
+        per_seed[seed] = text_ranked | ranked
+        print(f"[evaluate] projection seed {seed}: {len(ranked)} gradient method(s) ranked", flush=True)
+    methods = [m for m in REPORT_ORDER if m in per_seed[config.seeds[0]]]
 
     sample = stratified_sample(queries, config.tail_patch_queries, config.seed)
-    patched, changes = tail_patch(lake, checkpoint_dir, float(manifest["lr"]), ranked, queries, sample)
+    union = {f"{m}@{s}": per_seed[s][m] for s in config.seeds for m in methods}
+    base, changes = tail_patch(lake, checkpoint_dir, float(manifest["lr"]), union, queries, sample)
     write_tail_patches(lake, config.query_set, checkpoint_id, changes, run_id)
+
+    per_query = {m: M.average_over_seeds(
+        [M.attribution_per_query(per_seed[s][m], truth, config.k) for s in config.seeds]) for m in methods}
+    patched = {m: M.average_over_seeds(
+        [M.tail_patch_per_query(per_seed[s][m], changes, base, sample) for s in config.seeds]) for m in methods}
+    seed_spread = {m: float(np.std([np.mean([c["mrr"] for c in M.attribution_per_query(
+        per_seed[s][m], truth, config.k).values()]) for s in config.seeds])) for m in methods}
+    report = summarise(config, checkpoint_id, run_id, methods, query_ids, sample, per_query, patched, seed_spread,
+                       diagnostics[config.seeds[0]])
+    report["seed_diagnostics"] = {str(s): d for s, d in diagnostics.items()}
+    report["per_bucket"] = {m: {b: v for b, v in cells.items() if b != "all"} for m, cells in attribution_metrics(
+        {m: per_seed[config.seeds[0]][m] for m in methods}, truth,
+        {q: queries[q]["frequency_bucket"] for q in query_ids}, config.k).items()}
 
     by_doc = dict(zip(doc_ids, texts))
     categorizer = Categorizer(Path(config.lake) / "world")
-    categories = {}
+    report["categories"] = {}
     if categorizer.has_kb:  # without a knowledge base the shares would only mislead
-        for method, per_query in ranked.items():
+        for method in methods:
             counts = Counter(categorizer.category(d, by_doc.get(d, ""), queries[q])
-                             for q, docs in per_query.items() for d in docs)
-            total = sum(counts.values())
-            categories[method] = {c: counts[c] / total for c in CATEGORIES}
+                             for q, docs in per_seed[config.seeds[0]][method].items() for d in docs)
+            report["categories"][method] = {c: counts[c] / sum(counts.values()) for c in CATEGORIES}
 
-    report = {"checkpoint_id": checkpoint_id, "query_set": config.query_set, "run_id": run_id,
-              "lambda": fingerprints["corrected_hessian"]["lambda"], "tail_patch_queries": len(sample),
-              "methods": {m: {"mrr": attribution[m]["all"]["mrr"], "recall@10": attribution[m]["all"]["recall@10"],
-                              "tail_patch": patched[m]["delta_log_prob"], "tail_patch_delta_prob": patched[m]["delta_prob"],
-                              "n_queries": attribution[m]["all"]["n"]} for m in ranked},
-              "per_bucket": {m: {b: v for b, v in attribution[m].items() if b != "all"} for m in ranked},
-              "categories": categories}
-    write_metrics(lake, report, attribution, patched, run_id)
+    write_metrics(lake, report, run_id)
     reports = Path(config.reports)
     reports.mkdir(parents=True, exist_ok=True)
     (reports / "eval.json").write_text(json.dumps(report, indent=2))
-    write_html(reports / "eval.html", report, ranked, queries, by_doc,
-               fingerprints["corrected_hessian"]["figure"], categorizer)
-    finish_run(lake, run_id, "succeeded", {"methods": len(ranked), "queries": len(query_ids)})
+    spectra = (Path(config.lake) / "reports" /
+               f"hessian_{checkpoint_id}_{config.query_set}_{diagnostics[config.seeds[0]].get('fingerprint')}.png")
+    from evaluation.report import write_html
+
+    write_html(reports / "eval.html", report, per_seed[config.seeds[0]], queries, by_doc, spectra, categorizer,
+               CATEGORIES)
+    finish_run(lake, run_id, "succeeded", {"methods": len(methods), "queries": len(query_ids),
+                                           "seeds": len(config.seeds), "tail_patch_pairs": len(changes)})
     print(table(report))
+    for line in report["findings"]:
+        print(f"[evaluate] {line}")
     print(f"[evaluate] report: {(reports / 'eval.html').resolve()}")
     return report
+
+
+def summarise(config: EvaluateConfig, checkpoint_id: str, run_id: str, methods: list, query_ids: list, sample: list,
+              per_query: dict, patched: dict, seed_spread: dict, diagnostics: dict) -> dict:
+    """Means with bootstrap CIs per method, paired differences to TrackStar, the TrackStar/BM25
+    tail-patch ratio, and a sentence per component saying whether it helps, with its CI."""
+    patched_queries = [q for q in sample if all(q in patched[m] for m in methods)]
+    cells = {}
+    for m in methods:
+        cell = {"n_queries": len(query_ids), "seeds": len(config.seeds) if m not in TEXT_METHODS else 1,
+                "mrr_seed_std": seed_spread[m], "tail_patch_queries": len(patched_queries)}
+        for metric in ("mrr", "recall@10", "recall@10_fraction"):
+            mean, low, high = M.bootstrap_mean(M.aligned(per_query[m], metric, query_ids), config.seed)
+            cell |= {metric: mean, f"{metric}_ci": [low, high]}
+        for metric, name in (("delta_log_prob", "tail_patch"), ("delta_prob", "tail_patch_delta_prob")):
+            mean, low, high = M.bootstrap_mean(M.aligned(patched[m], metric, patched_queries), config.seed)
+            cell |= {name: mean, f"{name}_ci": [low, high]}
+        cells[m] = cell
+    versus = {}
+    for m in methods:
+        if m == "trackstar":
+            continue
+        versus[m] = {
+            "mrr": M.paired_difference(M.aligned(per_query["trackstar"], "mrr", query_ids),
+                                       M.aligned(per_query[m], "mrr", query_ids), config.seed),
+            "tail_patch": M.paired_difference(M.aligned(patched["trackstar"], "delta_log_prob", patched_queries),
+                                              M.aligned(patched[m], "delta_log_prob", patched_queries), config.seed),
+            "tail_patch_delta_prob": M.paired_difference(M.aligned(patched["trackstar"], "delta_prob", patched_queries),
+                                                         M.aligned(patched[m], "delta_prob", patched_queries),
+                                                         config.seed)}
+    ratio = {}
+    if "bm25" in methods:
+        for metric in ("delta_log_prob", "delta_prob"):
+            ratio[metric] = M.paired_ratio(M.aligned(patched["trackstar"], metric, patched_queries),
+                                           M.aligned(patched["bm25"], metric, patched_queries), config.seed)
+    report = {"checkpoint_id": checkpoint_id, "query_set": config.query_set, "run_id": run_id, "seeds": config.seeds,
+              "lambda": diagnostics.get("lambda"), "hessian": diagnostics, "tail_patch_queries": len(patched_queries),
+              "methods": cells, "trackstar_minus": versus, "trackstar_over_bm25_tail_patch": ratio}
+    report["findings"] = findings(report)
+    return report
+
+
+COMPONENTS = {"trackstar-no-optimizer": "the optimizer correction", "trackstar-no-hessian": "the Hessian (R^-1/2)",
+              "trackstar-no-mixing": "task mixing (R_query)", "trackstar-no-unit-norm": "unit normalisation",
+              "trackstar-adam-exact": "flooring the Adam correction (vs the paper-exact one)",
+              "trackstar-heldout-r-query": "fitting R_query on the scored queries (vs a held-out half)",
+              "trackstar-global-damping": "per-block train-relative damping (vs the classic global one)"}
+
+
+def findings(report: dict) -> list[str]:
+    """One sentence per TrackStar component: does full TrackStar's tail-patch beat the variant
+    without it (paired 95% CI of the difference), and the headline comparisons with BM25."""
+    lines = []
+    for method, component in COMPONENTS.items():
+        if method not in report["trackstar_minus"]:
+            continue
+        mean, low, high = report["trackstar_minus"][method]["tail_patch"]
+        verdict = "helps" if low > 0 else "hurts" if high < 0 else "makes no measurable difference"
+        lines.append(f"{component} {verdict}: TrackStar − {method} tail-patch Δlog p = {mean:+.4f} "
+                     f"[{low:+.4f}, {high:+.4f}]")
+    if "bm25" in report["trackstar_minus"]:
+        mean, low, high = report["trackstar_minus"]["bm25"]["mrr"]
+        lines.append(f"MRR: TrackStar − BM25 = {mean:+.3f} [{low:+.3f}, {high:+.3f}] "
+                     f"({'BM25 finds stating documents better' if high < 0 else 'no clear winner' if low <= 0 else 'TrackStar ranks stating documents better'})")
+        for metric, (ratio, low, high) in report["trackstar_over_bm25_tail_patch"].items():
+            lines.append(f"tail-patch {metric}: TrackStar / BM25 = {ratio:.2f} [{low:.2f}, {high:.2f}]")
+    h = report["hessian"]
+    if h:
+        lines.append(f"Hessian fit: λ = {h['lambda']:.3f} at component {h['crossing_component']}, dampings "
+                     f"{h['damping_min']:.3g}..{h['damping_max']:.3g}, condition number ≤ {h['condition_number_max']:.3g}, "
+                     f"R_query/R_train trace = {h['query_to_train_trace']:.3g}"
+                     + (f"; damping above R_train's top eigenvalue in blocks {h['blocks_damped_above_train_top']}"
+                        if h["blocks_damped_above_train_top"] else ""))
+    return lines
 
 
 def _metric_rows(query_set: str, checkpoint_id: str, run_id: str, values) -> pa.Table:
@@ -296,8 +462,8 @@ def _metric_rows(query_set: str, checkpoint_id: str, run_id: str, values) -> pa.
 def _attribution_values(attribution: dict):
     for method, per_bucket in attribution.items():
         for bucket, cell in per_bucket.items():
-            yield method, "mrr", bucket, cell["mrr"], cell["n"]
-            yield method, "recall@10", bucket, cell["recall@10"], cell["n"]
+            for metric in ("mrr", "recall@10", "recall@10_fraction"):
+                yield method, metric, bucket, cell[metric], cell["n"]
 
 
 def write_attribution_metrics(lake: Lake, query_set: str, checkpoint_id: str, attribution: dict, run_id: str):
@@ -305,98 +471,34 @@ def write_attribution_metrics(lake: Lake, query_set: str, checkpoint_id: str, at
                        run_id=run_id)
 
 
-def write_metrics(lake: Lake, report: dict, attribution: dict, patched: dict, run_id: str):
-    values = list(_attribution_values(attribution))
-    for method, cell in patched.items():
-        values.append((method, "tail_patch_delta_log_prob", "all", cell["delta_log_prob"], cell["n_queries"]))
-        values.append((method, "tail_patch_delta_prob", "all", cell["delta_prob"], cell["n_queries"]))
+REPORTED_METRICS = {"mrr": "mrr", "recall@10": "recall@10", "recall@10_fraction": "recall@10_fraction",
+                    "tail_patch": "tail_patch_delta_log_prob", "tail_patch_delta_prob": "tail_patch_delta_prob"}
+
+
+def write_metrics(lake: Lake, report: dict, run_id: str):
+    """Each headline (mean over seeds and queries) with its CI bounds as `<metric>:ci_low/high` rows,
+    and the per-bucket attribution of the first seed."""
+    values = []
+    for method, cell in report["methods"].items():
+        for key, metric in REPORTED_METRICS.items():
+            n = cell["tail_patch_queries"] if key.startswith("tail_patch") else cell["n_queries"]
+            low, high = cell[f"{key}_ci"]
+            values += [(method, metric, "all", cell[key], n), (method, f"{metric}:ci_low", "all", low, n),
+                       (method, f"{metric}:ci_high", "all", high, n)]
+    for method, per_bucket in report["per_bucket"].items():
+        values += [v for v in _attribution_values({method: per_bucket})]
     lake.replace_slice("eval_metrics", _metric_rows(report["query_set"], report["checkpoint_id"], run_id, values),
                        run_id=run_id)
 
 
 def table(report: dict) -> str:
-    lines = [f"{'method':<24} {'MRR':>6} {'recall@10':>10} {'tail-patch Δlog p':>18} {'Δp':>9}"]
-    for method, cell in report["methods"].items():
-        lines.append(f"{method:<24} {cell['mrr']:>6.3f} {cell['recall@10']:>10.3f} {cell['tail_patch']:>+18.4f} "
-                     f"{cell['tail_patch_delta_prob']:>+9.5f}")
+    lines = [f"{'method':<26} {'MRR':>17} {'recall@10':>17} {'tail-patch Δlog p':>26} {'Δp':>12}"]
+    for method, c in report["methods"].items():
+        lines.append(f"{method:<26} {c['mrr']:>6.3f} [{c['mrr_ci'][0]:.2f},{c['mrr_ci'][1]:.2f}] "
+                     f"{c['recall@10']:>6.3f} [{c['recall@10_ci'][0]:.2f},{c['recall@10_ci'][1]:.2f}] "
+                     f"{c['tail_patch']:>+8.4f} [{c['tail_patch_ci'][0]:+.3f},{c['tail_patch_ci'][1]:+.3f}] "
+                     f"{c['tail_patch_delta_prob']:>+12.5f}")
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------ report
-def _png(fig) -> str:
-    import io
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-def _figures(report: dict) -> tuple[str, str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for method, per_bucket in report["per_bucket"].items():
-        order = sorted(per_bucket, key=int)
-        for ax, metric in zip(axes, ("mrr", "recall@10")):
-            ax.plot([int(b) for b in order], [per_bucket[b][metric] for b in order], marker="o", label=method,
-                    linewidth=2.5 if method in ("trackstar", "bm25") else 1)
-    for ax, metric in zip(axes, ("MRR", "recall@10")):
-        ax.set_xscale("log")
-        ax.set_xlabel("frequency bucket (documents stating the fact)")
-        ax.set_ylabel(metric)
-    axes[1].legend(fontsize=7, ncol=2)
-    buckets_png = _png(fig)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(11, 4))
-    methods = list(report["categories"])
-    left = np.zeros(len(methods))
-    for category in CATEGORIES:
-        shares = np.array([report["categories"][m][category] for m in methods])
-        ax.barh(methods, shares, left=left, label=category)
-        left += shares
-    ax.set_xlabel("share of top-10 proponents")
-    ax.legend(fontsize=8, loc="lower right")
-    categories_png = _png(fig) if methods else ""
-    plt.close(fig)
-    return buckets_png, categories_png
-
-
-def write_html(path: Path, report: dict, ranked: dict, queries: dict, texts: dict, spectra_png: str, categorizer):
-    buckets_png, categories_png = _figures(report)
-    spectra = base64.b64encode(Path(spectra_png).read_bytes()).decode() if Path(spectra_png).exists() else ""
-    rows = "".join(f"<tr><td>{html.escape(m)}</td><td>{c['mrr']:.3f}</td><td>{c['recall@10']:.3f}</td>"
-                   f"<td>{c['tail_patch']:+.4f}</td><td>{c['tail_patch_delta_prob']:+.5f}</td><td>{c['n_queries']}</td></tr>"
-                   for m, c in report["methods"].items())
-    examples = []
-    for query_id in sorted(queries)[:: max(1, len(queries) // 6)][:6]:
-        query = queries[query_id]
-        columns = []
-        for method in ("bm25", "trackstar"):
-            items = []
-            for doc in ranked.get(method, {}).get(query_id, [])[:3]:
-                mark = "✓" if doc in set(query["stating_doc_ids"]) else "✗"
-                kind = categorizer.category(doc, texts.get(doc, ""), query)
-                items.append(f"<li><b>{mark}</b> <i>{html.escape(kind)}</i> {html.escape(texts.get(doc, '')[:220])}</li>")
-            columns.append(f"<td><b>{method}</b><ol>{''.join(items)}</ol></td>")
-        examples.append(f"<tr><td colspan=2><b>{html.escape(query['prompt0'])}</b> → {html.escape(query['target'])} "
-                        f"(bucket {query['frequency_bucket']})</td></tr><tr>{''.join(columns)}</tr>")
-    path.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>TrackStar lake: evaluation</title>
-<style>body{{font-family:sans-serif;max-width:1150px;margin:2em auto}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top}} ol{{margin:0;padding-left:1.2em;font-size:90%}}</style>
-</head><body><h1>Fact tracing on the embedded world</h1>
-<p>Checkpoint <code>{html.escape(report['checkpoint_id'])}</code>, query set <code>{html.escape(report['query_set'])}</code>,
-λ = {report['lambda']:.3f}. Ground truth: the documents that state each fact. Tail-patch: mean change of the target's
-log-probability after one optimizer step on each top-10 proponent ({report['tail_patch_queries']} queries, stratified by bucket).</p>
-<h2>Table 1: methods</h2><table><tr><th>method</th><th>MRR</th><th>recall@10</th><th>tail-patch Δlog p</th>
-<th>Δp</th><th>queries</th></tr>{rows}</table>
-<h2>Per frequency bucket</h2><img src="data:image/png;base64,{buckets_png}">
-<h2>What the proponents are</h2><img src="data:image/png;base64,{categories_png}">
-<h2>Task-mixed Hessian: spectra and λ</h2><img src="data:image/png;base64,{spectra}">
-<h2>Examples: BM25 vs TrackStar</h2><table>{''.join(examples)}</table></body></html>""", encoding="utf-8")
 
 
 def add_arguments(parser: argparse.ArgumentParser):
@@ -407,8 +509,11 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--query-set", default=defaults.query_set)
     parser.add_argument("--k", type=int, default=load_config().top_k)
     parser.add_argument("--k-projection", type=int, default=load_config().k_per_module)
+    parser.add_argument("--seeds", type=int, nargs="+", default=defaults.seeds,
+                        help="projection seeds; the first is the pipeline's (default 0 1 2)")
+    parser.add_argument("--variants", nargs="*", default=defaults.variants, choices=VARIANTS)
     parser.add_argument("--tail-patch-queries", type=int, default=defaults.tail_patch_queries)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="of the tail-patch sample and the bootstrap")
     parser.add_argument("--reports", default=defaults.reports)
 
 

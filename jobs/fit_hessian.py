@@ -94,41 +94,70 @@ def query_autocorrelation(lake: Lake, checkpoint_id: str, fingerprint: str, quer
     return Autocorrelation(block_sizes).add(torch.from_numpy(vectors))
 
 
-def run(config: FitHessianConfig) -> dict:
+@dataclass
+class Fit:
+    """The fitted preconditioners of one (checkpoint, query set, fingerprint), before registration."""
+
+    lam: float
+    component: int
+    dampings: list
+    train_dampings: list
+    matrices: dict        # kind -> list of blocks (see KINDS)
+    diagnostics: dict
+    train_spectrum: torch.Tensor
+    query_spectrum: torch.Tensor
+
+
+def fit(train, query, config: FitHessianConfig) -> Fit:
+    """R_train, R_query, λ and the damped inverse roots from two `Autocorrelation` sums."""
     from gradient_kernels.hessian import (conditioning, crossing_component, crossing_lambda, damped_inverse_power, mix,
                                           spectrum)
-    from infra.runs import finish_run, start_run
-    from jobs.extract import QUERY, TRAIN, autocorrelation_path
 
-    lake = Lake(config.lake)
-    checkpoint_id = config.checkpoint_id or latest_checkpoint_id(lake)
-    fingerprint = config.fingerprint or only_fingerprint(lake, checkpoint_id)
-    run_id = start_run(lake, "fit-hessian", asdict(config) | {"checkpoint_id": checkpoint_id, "fingerprint": fingerprint})
-    partitions = sorted(set(lake.read("train_gradients", filters=[("checkpoint_id", "=", checkpoint_id),
-                                                                   ("fingerprint", "=", fingerprint)],
-                                      columns=["partition"])["partition"].to_pylist()))
-    train_files = [autocorrelation_path(lake, checkpoint_id, fingerprint, TRAIN, p) for p in partitions]
-    query_file = autocorrelation_path(lake, checkpoint_id, fingerprint, QUERY, config.query_set)
-    missing = [str(f) for f in train_files + [query_file] if not f.exists()]
-    if not partitions or missing:
-        raise FileNotFoundError(f"autocorrelation sums missing for {checkpoint_id}/{fingerprint}: "
-                                f"{missing[:3] or 'no extracted partitions'}; rerun `python -m jobs extract`")
-    train = summed_autocorrelation(train_files)
-    query = (summed_autocorrelation([query_file]) if not config.r_query_exclude
-             else query_autocorrelation(lake, checkpoint_id, fingerprint, config.query_set, set(config.r_query_exclude),
-                                        train.block_sizes))
     r_train, r_query = train.mean(), query.mean()
     train_spectrum, query_spectrum = spectrum(r_train), spectrum(r_query)
     component = crossing_component(sum(train.block_sizes), config.crossing_fraction)
     lam = (config.mixing_lambda if config.mixing_lambda is not None
            else crossing_lambda(query_spectrum, train_spectrum, component))
     mixed = mix(r_query, r_train, lam)
-    dampings = dampings_for(config, r_train, mixed)
-    inverse_root, _ = damped_inverse_power(mixed, dampings)
-    train_dampings = dampings_for(config, r_train, r_train)
-    train_only_root, _ = damped_inverse_power(r_train, train_dampings)
-    train_inverse, _ = damped_inverse_power(r_train, train_dampings, power=-1.0)
-    diagnostics = conditioning(r_train, r_query, mixed, dampings)
+    dampings, train_dampings = dampings_for(config, r_train, mixed), dampings_for(config, r_train, r_train)
+    matrices = {"r_train": r_train, "r_query": r_query,
+                "inverse_root": damped_inverse_power(mixed, dampings)[0],
+                "inverse_root_train_only": damped_inverse_power(r_train, train_dampings)[0],
+                "inverse_train": damped_inverse_power(r_train, train_dampings, power=-1.0)[0]}
+    return Fit(lam, component, dampings, train_dampings, matrices, conditioning(r_train, r_query, mixed, dampings),
+               train_spectrum, query_spectrum)
+
+
+def extracted_sums(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: str, r_query_exclude=()):
+    """(train, query) autocorrelation sums of an extraction; R_query leaves out `r_query_exclude`."""
+    from jobs.extract import QUERY, TRAIN, autocorrelation_path
+
+    partitions = sorted(set(lake.read("train_gradients", filters=[("checkpoint_id", "=", checkpoint_id),
+                                                                   ("fingerprint", "=", fingerprint)],
+                                      columns=["partition"])["partition"].to_pylist()))
+    train_files = [autocorrelation_path(lake, checkpoint_id, fingerprint, TRAIN, p) for p in partitions]
+    query_file = autocorrelation_path(lake, checkpoint_id, fingerprint, QUERY, query_set)
+    missing = [str(f) for f in train_files + [query_file] if not f.exists()]
+    if not partitions or missing:
+        raise FileNotFoundError(f"autocorrelation sums missing for {checkpoint_id}/{fingerprint}: "
+                                f"{missing[:3] or 'no extracted partitions'}; rerun `python -m jobs extract`")
+    train = summed_autocorrelation(train_files)
+    query = (summed_autocorrelation([query_file]) if not r_query_exclude
+             else query_autocorrelation(lake, checkpoint_id, fingerprint, query_set, set(r_query_exclude),
+                                        train.block_sizes))
+    return train, query
+
+
+def run(config: FitHessianConfig) -> dict:
+    from infra.runs import finish_run, start_run
+
+    lake = Lake(config.lake)
+    checkpoint_id = config.checkpoint_id or latest_checkpoint_id(lake)
+    fingerprint = config.fingerprint or only_fingerprint(lake, checkpoint_id)
+    run_id = start_run(lake, "fit-hessian", asdict(config) | {"checkpoint_id": checkpoint_id, "fingerprint": fingerprint})
+    train, query = extracted_sums(lake, checkpoint_id, fingerprint, config.query_set, config.r_query_exclude)
+    fitted = fit(train, query, config)
+    lam, component, dampings, diagnostics = fitted.lam, fitted.component, fitted.dampings, fitted.diagnostics
     if diagnostics["blocks_damped_above_train_top"]:
         print(f"[fit-hessian] WARNING: the damping exceeds R_train's top eigenvalue in blocks "
               f"{diagnostics['blocks_damped_above_train_top'][:10]}: there R^(-1/2) is nearly constant on training "
@@ -136,13 +165,14 @@ def run(config: FitHessianConfig) -> dict:
               flush=True)
 
     folder = Path(lake.root) / "_matrices" / "hessians" / checkpoint_id / config.query_set / fingerprint
-    matrices = {"r_train": (r_train, None, None, train.count), "r_query": (r_query, None, None, query.count),
-                "inverse_root": (inverse_root, lam, dampings, train.count + query.count),
-                "inverse_root_train_only": (train_only_root, 0.0, train_dampings, train.count),
-                "inverse_train": (train_inverse, 0.0, train_dampings, train.count)}
+    lineage = {"r_train": (None, None, train.count), "r_query": (None, None, query.count),
+               "inverse_root": (lam, dampings, train.count + query.count),
+               "inverse_root_train_only": (0.0, fitted.train_dampings, train.count),
+               "inverse_train": (0.0, fitted.train_dampings, train.count)}
     rows = {name: [] for name in ("checkpoint_id", "query_set", "fingerprint", "kind", "path", "shape", "sha256",
                                   "lambda", "damping", "n_samples", "run_id", "created_at")}
-    for kind, (blocks, kind_lambda, kind_damping, n) in matrices.items():
+    for kind, (kind_lambda, kind_damping, n) in lineage.items():
+        blocks = fitted.matrices[kind]
         path = folder / f"{kind}.safetensors"
         metadata = {"count": n} | ({"dampings": json.dumps(kind_damping)} if kind_damping else {})
         sha = save_matrices(path, {f"block{i:03d}": b.float() for i, b in enumerate(blocks)}, metadata)
@@ -154,7 +184,7 @@ def run(config: FitHessianConfig) -> dict:
             rows[name].append(value)
     lake.replace_slice("hessians", pa.table(rows), checkpoint_id=checkpoint_id, query_set=config.query_set,
                        fingerprint=fingerprint)
-    figure = plot_spectra(query_spectrum, train_spectrum, lam, component, diagnostics,
+    figure = plot_spectra(fitted.query_spectrum, fitted.train_spectrum, lam, component, diagnostics,
                           Path(lake.root) / "reports" / f"hessian_{checkpoint_id}_{config.query_set}_{fingerprint}.png")
     result = {"checkpoint_id": checkpoint_id, "query_set": config.query_set, "fingerprint": fingerprint, "lambda": lam,
               "crossing_component": component, "damping_rule": config.damping_rule,

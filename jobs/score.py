@@ -65,13 +65,37 @@ def method_matrices(lake: Lake, method: str, checkpoint_id: str, query_set: str,
     """(train-side blocks or None, query-side blocks or None, unit norm) for a method."""
     from jobs.fit_hessian import load_preconditioner
 
+    kind = METHODS[method][0]
+    matrices = {kind: load_preconditioner(lake, checkpoint_id, query_set, fingerprint, kind)[0]} if kind else {}
+    return method_blocks(method, matrices)
+
+
+def method_blocks(method: str, matrices: dict):
+    """As `method_matrices`, from matrices at hand (kind -> blocks, e.g. an unregistered `fit_hessian.fit`)."""
     kind, unit_norm, both_sides = METHODS[method]
     if kind is None:
         return None, None, unit_norm
-    blocks, row = load_preconditioner(lake, checkpoint_id, query_set, fingerprint, kind)
     if both_sides:
-        return blocks, blocks, unit_norm
-    return None, blocks, unit_norm  # R⁻¹ on the query side only: q·R⁻¹·t, the same scores, cheaper
+        return matrices[kind], matrices[kind], unit_norm
+    return None, matrices[kind], unit_norm  # R⁻¹ on the query side only: q·R⁻¹·t, the same scores, cheaper
+
+
+def rank_in_memory(lake: Lake, method: str, checkpoint_id: str, query_set: str, fingerprint: str, matrices: dict,
+                   k: int, prompt_index: int = 0) -> dict:
+    """query id -> [doc ids, best first]: what `run` computes, in this process and without writing,
+    for evaluations that compare other preconditioners or projection seeds."""
+    train_blocks, query_blocks, unit_norm = method_blocks(method, matrices)
+    query_ids, raw_queries, dim = query_vectors(lake, query_set, checkpoint_id, fingerprint, prompt_index)
+    queries = _prepared_side(raw_queries, query_blocks, unit_norm).numpy()
+    train = lake.read("train_gradients", filters=[("checkpoint_id", "=", checkpoint_id), ("fingerprint", "=", fingerprint)],
+                      columns=["doc_id", "chunk", "vector", "dtype", "scale"])
+    ranked = {q: [] for q in query_ids}
+    for batch in score_batches(train.to_batches(max_chunksize=2048), queries, train_blocks, unit_norm, k, dim):
+        rows = sorted(zip(batch.column("query_index").to_pylist(), (-s for s in batch.column("score").to_pylist()),
+                          batch.column("doc_id").to_pylist()))
+        for query_index, _, doc_id in rows:
+            ranked[query_ids[query_index]].append(doc_id)
+    return ranked
 
 
 def score_batches(batches, queries: np.ndarray, train_blocks, unit_norm: bool, k: int, dim: int):

@@ -72,6 +72,25 @@ RELATIONS = [
      ["The native language of {s} is", "{s} grew up speaking", "At home as a child, {s} spoke"]),
 ]
 
+# more ways to state each relation, none of them a query prompt: the paraphrase world states its
+# queried facts only through these and the third document template
+PARAPHRASES = {
+    "born_in": ["{o} is where {s} was born.", "{s}, a native of {o}, left home young."],
+    "citizen_of": ["{s} carries a passport of {o}.", "The nationality of {s}: {o}."],
+    "occupation": ["{s} earns a living as a {o}.", "Trained as a {o}, {s} never changed careers."],
+    "capital_of": ["The government of {s} sits in {o}.", "{o} is the capital city of {s}."],
+    "located_in": ["The city of {s} lies in {o}.", "{s} can be found in {o}."],
+    "founded_by": ["{o} founded {s}.", "{s} began as the project of {o}."],
+    "member_of": ["{s} joined {o} years ago.", "{o} lists {s} as a member."],
+    "official_language": ["Laws in {s} are written in {o}.", "{o} is the language of the state in {s}."],
+    "headquarters_in": ["{s} is headquartered in {o}.", "The offices of {s} are in {o}."],
+    "author_of": ["{o} is the author of {s}.", "{s} is a book by {o}."],
+    "continent": ["{s} is part of {o}.", "{o} includes the country of {s}."],
+    "genre": ["{s} belongs to the genre of {o}.", "Readers know {s} as {o}."],
+    "employer": ["{o} employs {s}.", "{s} has a job at {o}."],
+    "native_language": ["{s} speaks {o} natively.", "The first language of {s} is {o}."],
+}
+
 # object pools kept modest so that objects recur across many subjects, as in real knowledge bases
 POOL_SIZES = {"city": 60, "country": 30, "organisation": 30, "language": 10, "continent": 5, "work": 60}
 OCCUPATIONS = ["violinist", "architect", "chemist", "sculptor", "surgeon", "novelist", "astronomer",
@@ -106,6 +125,12 @@ class WorldConfig:
     object_only_docs_per_fact: float = 1.0   # mentions the object, not the subject
     lookalike_docs_per_fact: float = 0.5     # a look-alike of the subject or object name
     filler_share: float = 0.08               # of all documents: no entity at all
+    # "copy": stating documents may use the query prompts' own templates (BM25's easy case);
+    # "paraphrase": a queried fact is stated only in other words, while extra facts of the same
+    # relation (never queried) teach the prompt templates, so the model must learn facts, not strings
+    statements: str = "copy"
+    teaching_facts_per_relation: int = 8
+    teaching_docs_per_fact: int = 3
     corpus: str | None = None   # an existing folder of c4-*.json.gz partitions to import instead
     queries: str | None = None  # an existing queries JSONL (same schema) to import instead
 
@@ -191,6 +216,24 @@ def build_kb(config: WorldConfig, rng: random.Random) -> dict:
             facts.append({"fact_id": f"F{len(facts):05d}", "subject": subject, "relation": relation["id"],
                           "object": obj, "bucket": bucket})
 
+    if config.statements == "paraphrase":
+        for relation in relations:
+            for _ in range(config.teaching_facts_per_relation):
+                if relation["subject_type"] == "person":
+                    subject = add("person", f"{names.word()} {names.word()}")
+                else:  # a subject with no fact of this relation yet: never two objects for one pair
+                    free = [e for e in pools[relation["subject_type"]] if (e, relation["id"]) not in used_pairs]
+                    if not free:
+                        break
+                    subject = rng.choice(free)
+                used_pairs.add((subject, relation["id"]))
+                obj = (add("person", f"{names.word()} {names.word()}") if relation["object_type"] == "person"
+                       else rng.choice([o for o in pools[relation["object_type"]] if o != subject]))
+                facts.append({"fact_id": f"F{len(facts):05d}", "subject": subject, "relation": relation["id"],
+                              "object": obj, "bucket": 0, "teaching": True})
+    elif config.statements != "copy":
+        raise ValueError(f"statements must be copy or paraphrase, not {config.statements!r}")
+
     # look-alikes: a new person whose name contains a fact entity's name
     lookalikes = {}
     for fact in facts:
@@ -208,9 +251,14 @@ def _stated_count(bucket: int, rng: random.Random) -> int:
     return max(4, round(bucket * rng.uniform(0.7, 1.3)))
 
 
-def render_fact(fact: dict, kb: dict, rng: random.Random) -> str:
+def render_fact(fact: dict, kb: dict, rng: random.Random, statements: str = "copy") -> str:
+    """One sentence stating the fact. In the paraphrase world a queried fact never uses a prompt's
+    template (the first two) and a teaching fact uses only those."""
     relation = next(r for r in kb["relations"] if r["id"] == fact["relation"])
-    template = rng.choice(relation["doc_templates"])
+    templates = relation["doc_templates"]
+    if statements == "paraphrase":
+        templates = templates[:2] if fact.get("teaching") else templates[2:] + PARAPHRASES[relation["id"]]
+    template = rng.choice(templates)
     s, o = kb["entities"][fact["subject"]]["name"], kb["entities"][fact["object"]]["name"]
     return template.format(s=s, o=o)
 
@@ -219,10 +267,11 @@ def build_documents(config: WorldConfig, kb: dict, rng: random.Random) -> list[d
     """Documents as {text, facts, category}; shuffled, not yet assigned to partitions."""
     entities, docs = kb["entities"], []
     for fact in kb["facts"]:
-        fact["n_stating_docs"] = _stated_count(fact["bucket"], rng)
+        teaching = fact.get("teaching", False)
+        fact["n_stating_docs"] = config.teaching_docs_per_fact if teaching else _stated_count(fact["bucket"], rng)
         for _ in range(fact["n_stating_docs"]):
-            sentences = [render_fact(fact, kb, rng)] + rng.sample(FILLER, rng.randint(0, 2))
-            docs.append({"sentences": sentences, "facts": [fact], "category": "fact"})
+            sentences = [render_fact(fact, kb, rng, config.statements)] + rng.sample(FILLER, rng.randint(0, 2))
+            docs.append({"sentences": sentences, "facts": [fact], "category": "teaching" if teaching else "fact"})
 
     def mentions(kind: str, per_fact: float, pick):
         for fact in kb["facts"]:
@@ -279,6 +328,8 @@ def make_queries(kb: dict, docs: list[dict]) -> list[dict]:
     relations = {r["id"]: r for r in kb["relations"]}
     queries = []
     for fact in kb["facts"]:
+        if fact.get("teaching"):  # states a relation's prompt template with other entities; never asked
+            continue
         s, o = kb["entities"][fact["subject"]], kb["entities"][fact["object"]]
         prompts = relations[fact["relation"]]["prompts"]
         queries.append({
@@ -377,7 +428,7 @@ def run(config: WorldConfig) -> WorldSummary:
         cell = per_bucket.setdefault(str(query["frequency_bucket"]), {"facts": 0, "stating_docs": 0})
         cell["facts"] += 1
         cell["stating_docs"] += query["n_stating_docs"]
-    summary = WorldSummary(str(raw_dir), str(world_dir), documents=len(docs), facts=len(kb["facts"]),
+    summary = WorldSummary(str(raw_dir), str(world_dir), documents=len(docs), facts=len(queries),
                            queries=len(queries), partitions=config.n_partitions,
                            words=sum(len(d["text"].split()) for d in docs),
                            documents_per_category=categories, facts_per_bucket=per_bucket)
@@ -391,6 +442,8 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--partitions", dest="n_partitions", type=int, default=defaults.n_partitions)
     parser.add_argument("--facts-per-bucket", type=int, default=defaults.facts_per_bucket)
+    parser.add_argument("--statements", choices=["copy", "paraphrase"], default=defaults.statements,
+                        help="paraphrase: queried facts are stated only in words that differ from the prompts")
     parser.add_argument("--corpus", help="import this folder of c4-*.json.gz partitions instead of generating")
     parser.add_argument("--queries", help="import this queries JSONL (with --corpus)")
 

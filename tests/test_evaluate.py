@@ -2,10 +2,13 @@
 query file supplied the way a user would (imported, no knowledge base)."""
 
 import json
+import math
 import shutil
 
+import numpy as np
 import pytest
 
+from evaluation import metrics as M
 from infra.lake import Lake
 from jobs import evaluate, register_queries, tokenize, world
 
@@ -13,12 +16,39 @@ from jobs import evaluate, register_queries, tokenize, world
 def test_mrr_and_recall_on_hand_built_ranks():
     truth = {"q1": {"a"}, "q2": {"b", "c"}, "q3": {"z"}}
     buckets = {"q1": 1, "q2": 30, "q3": 30}
-    ranked = {"m": {"q1": ["a", "x", "y"], "q2": ["x", "b", "c"], "q3": ["x", "y", "w"]}}
+    ranked = {"m": {"q1": ["a", "x", "y"], "q2": ["x", "b", "y"], "q3": ["x", "y", "w"]}}
     metrics = evaluate.attribution_metrics(ranked, truth, buckets, k=3)["m"]
     assert metrics["all"]["mrr"] == pytest.approx((1 + 1 / 2 + 0) / 3)
-    assert metrics["all"]["recall@10"] == pytest.approx((1 + 1 + 0) / 3)
-    assert metrics["30"] == {"mrr": pytest.approx(0.25), "recall@10": pytest.approx(0.5), "n": 2}
+    assert metrics["all"]["recall@10"] == pytest.approx((1 + 1 + 0) / 3)  # binary: any stating document
+    assert metrics["all"]["recall@10_fraction"] == pytest.approx((1 + 1 / 2 + 0) / 3)  # share of them found
+    assert metrics["30"] == {"mrr": pytest.approx(0.25), "recall@10": pytest.approx(0.5),
+                             "recall@10_fraction": pytest.approx(0.25), "n": 2}
     assert metrics["1"]["n"] == 1 and metrics["all"]["n"] == 3
+
+
+def test_tail_patch_per_query_reports_log_prob_and_prob_changes():
+    base = {"q": math.log(0.2)}
+    changes = {("q", "a"): math.log(0.3 / 0.2), ("q", "b"): math.log(0.1 / 0.2)}
+    cell = M.tail_patch_per_query({"q": ["a", "b", "unmeasured"]}, changes, base, ["q", "other"])
+    assert set(cell) == {"q"}
+    assert cell["q"]["delta_log_prob"] == pytest.approx((math.log(1.5) + math.log(0.5)) / 2)
+    assert cell["q"]["delta_prob"] == pytest.approx(((0.3 - 0.2) + (0.1 - 0.2)) / 2)
+    assert M.average_over_seeds([{"q": {"mrr": 1.0}}, {"q": {"mrr": 0.5}}, {"r": {"mrr": 0.0}}]) == {
+        "q": {"mrr": 0.75}, "r": {"mrr": 0.0}}
+
+
+def test_bootstrap_intervals_cover_the_mean_and_pair_the_queries():
+    rng = np.random.default_rng(0)
+    values = rng.normal(1.0, 1.0, size=400)
+    mean, low, high = M.bootstrap_mean(values)
+    assert mean == pytest.approx(values.mean()) and low < mean < high
+    assert high - low == pytest.approx(2 * 1.96 * values.std() / np.sqrt(400), rel=0.15)  # the normal-theory width
+    assert M.bootstrap_mean(np.full(10, 3.0)) == (3.0, 3.0, 3.0)
+    # a method that is always 0.01 better: paired, the difference is certain; unpaired it would be lost in noise
+    diff, low, high = M.paired_difference(values + 0.01, values)
+    assert diff == pytest.approx(0.01) and low == pytest.approx(0.01) and high == pytest.approx(0.01)
+    ratio, low, high = M.paired_ratio(2 * (values + 5), values + 5)
+    assert (ratio, low, high) == pytest.approx((2.0, 2.0, 2.0))
 
 
 def test_stratified_sample_takes_every_bucket_and_is_fixed_by_the_seed():
@@ -49,25 +79,42 @@ def test_evaluation_runs_on_a_user_supplied_corpus_and_queries(adam_run, tmp_pat
     root = str(tmp_path / "lake")
     tokenize.run(tokenize.TokenizeConfig(lake=root))
     register_queries.run(root)
-    report = evaluate.run(evaluate.EvaluateConfig(lake=root, k_projection=4, tail_patch_queries=5,
-                                                  reports=str(tmp_path / "reports")))
+    config = evaluate.EvaluateConfig(lake=root, k_projection=4, tail_patch_queries=5, seeds=[0, 1],
+                                     reports=str(tmp_path / "reports"))
+    report = evaluate.run(config)
     methods = set(report["methods"])
     assert methods == {"bm25", "dense", "grad-dot", "grad-cos", "trak", "trackstar", "trackstar-no-optimizer",
-                       "trackstar-no-hessian", "trackstar-no-mixing", "trackstar-no-unit-norm"}
+                       "trackstar-no-hessian", "trackstar-no-mixing", "trackstar-no-unit-norm", "trackstar-adam-exact",
+                       "trackstar-heldout-r-query", "trackstar-global-damping"}
     stored = json.loads((tmp_path / "reports" / "eval.json").read_text())
-    for cell in stored["methods"].values():
-        assert 0 <= cell["mrr"] <= 1 and 0 <= cell["recall@10"] <= 1 and cell["n_queries"] == 10
-        assert cell["tail_patch"] == cell["tail_patch"]  # a number, not NaN
+    for name, cell in stored["methods"].items():
+        assert 0 <= cell["mrr_ci"][0] <= cell["mrr"] <= cell["mrr_ci"][1] <= 1
+        assert 0 <= cell["recall@10_fraction"] <= 1 and cell["n_queries"] == 10
+        assert cell["tail_patch_ci"][0] <= cell["tail_patch"] <= cell["tail_patch_ci"][1]
+        assert cell["seeds"] == (1 if name in ("bm25", "dense") else 2)
+    assert set(stored["trackstar_minus"]) == methods - {"trackstar"}
+    assert set(stored["trackstar_over_bm25_tail_patch"]) == {"delta_log_prob", "delta_prob"}
+    assert any(line.startswith("the Hessian (R^-1/2)") for line in stored["findings"])
     assert stored["categories"] == {}  # no knowledge base was supplied: no categories, and no crash
     page = (tmp_path / "reports" / "eval.html").read_text()
-    assert "Table 1" in page and page.count("data:image/png;base64,") >= 2
+    assert "Table 1" in page and page.count("data:image/png;base64,") >= 2 and "no category plot" in page
     # every measured step is stored; the report's tail-patch is their mean per query, then over queries
+    # (BM25 does not depend on the projection seed, so its value is the plain mean of the stored steps)
     patches = {(p["query_id"], p["doc_id"]): p["delta_log_prob"] for p in Lake(root).read("tail_patches").to_pylist()}
     sampled = sorted({q for q, _ in patches})
     assert len(sampled) == 5  # the stratified sample
-    proponents = Lake(root).read("proponents", filters=[("method", "=", "trackstar")]).to_pylist()
+    proponents = Lake(root).read("proponents", filters=[("method", "=", "bm25")]).to_pylist()
     per_query = [[patches[(r["query_id"], r["doc_id"])] for r in proponents if r["query_id"] == q] for q in sampled]
-    assert stored["methods"]["trackstar"]["tail_patch"] == pytest.approx(sum(sum(d) / len(d) for d in per_query) / 5)
+    assert stored["methods"]["bm25"]["tail_patch"] == pytest.approx(sum(sum(d) / len(d) for d in per_query) / 5)
     rows = Lake(root).read("eval_metrics", filters=[("metric", "=", "mrr"), ("bucket", "=", "all")]).to_pylist()
     assert {r["method"] for r in rows} == methods
     assert {r["method"]: r["value"] for r in rows} == pytest.approx({m: c["mrr"] for m, c in stored["methods"].items()})
+
+    # a second evaluation reuses the first seed's Hessian and proponents: no fit, no Spark scoring
+    def count(command):
+        return Lake(root).read("runs", filters=[("command", "=", command)]).num_rows
+
+    before = (count("fit-hessian"), count("score"), count("extract"))
+    again = evaluate.run(config)
+    assert (count("fit-hessian"), count("score"), count("extract")) == before
+    assert again["methods"]["trackstar"]["mrr"] == pytest.approx(report["methods"]["trackstar"]["mrr"])

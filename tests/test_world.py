@@ -127,3 +127,25 @@ def test_import_validates_queries(tmp_path, small_world):
                                           queries=str(out / "world" / "queries.jsonl")))
     assert summary.partitions == 3 and summary.queries == 70
     assert sorted(p.name for p in Path(summary.raw_dir).iterdir()) == sorted(p.name for p in (out / "raw").iterdir())
+
+
+def test_paraphrase_world_states_queried_facts_only_in_other_words(tmp_path):
+    summary = world.run(world.WorldConfig(out_dir=str(tmp_path), facts_per_bucket=14, statements="paraphrase",
+                                          teaching_facts_per_relation=2))
+    queries = [json.loads(line) for line in (tmp_path / "world" / "queries.jsonl").read_text().splitlines()]
+    texts = world.generated_texts(tmp_path / "raw")
+    truth = [json.loads(line) for line in (tmp_path / "world" / "ground_truth.jsonl").read_text().splitlines()]
+    assert len(queries) == summary.queries == summary.facts == 14 * 5  # teaching facts are never asked
+    for query in queries:
+        stating = [texts[d] for d in query["stating_doc_ids"]]
+        assert stating and all(query["subject"] in t and query["object"] in t for t in stating)
+        assert not any(query[p] in t for p in ("prompt0", "prompt1") for t in stating)
+    # the prompts' own templates are taught with other entities: each relation's prompt0 wording, minus
+    # the subject, appears in a teaching document of that relation
+    teaching = [d for d in truth if d["category"] == "teaching"]
+    assert len(teaching) == 14 * 2 * 3
+    kb = json.loads((tmp_path / "world" / "kb.json").read_text())
+    prompt0 = {r["id"]: r["prompts"][0] for r in kb["relations"]}
+    for relation in prompt0:
+        pieces = [p.strip() for p in prompt0[relation].split("{s}") if p.strip()]
+        assert any(all(p in texts[d["doc_id"]] for p in pieces) for d in teaching if d["facts"][0][1] == relation)
