@@ -13,16 +13,18 @@ The step is the optimizer's own rule applied to that one gradient:
   RMS ≤ 1, times the relative step size max(eps2, RMS(θ)) · min(lr, 1/sqrt(t)); tested against
   torch.optim.Adafactor's own step.
 
-Each document's step is computed once and evaluated on every query that has it as a proponent,
-in one batched forward pass.
+Each document's step is computed once and evaluated on every query that has it as a proponent;
+documents are processed in vmapped groups (`TailPatcher`).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, grad, vmap
 
-from gradient_kernels.losses import Batch, per_example_loss, query_batch
+from gradient_kernels.losses import Batch, document_batch, per_example_loss, query_batch
 
 
 class AdamStep:
@@ -68,51 +70,73 @@ def optimizer_step(state: dict):
 
 
 class TailPatcher:
-    def __init__(self, model: nn.Module, rule, lr: float):
+    """One optimizer step per document, evaluated on that document's queries, many documents at once.
+
+    Documents are taken in groups: their gradients come from one vmapped backward pass
+    (torch.func), each document's step is applied to its own functional copy of the parameters,
+    and every (document, query) pair of the group is evaluated in one vmapped forward pass. Inputs
+    are right-padded without an attention mask: with causal attention no real token sees the
+    padding, so each value equals the one-document-at-a-time computation (tested)."""
+
+    def __init__(self, model: nn.Module, rule, lr: float, memory_budget_bytes: int = 1 << 30):
         self.model, self.rule, self.lr = model.eval(), rule, lr
-        self.params = dict(model.named_parameters())
+        self.params = {n: p.detach() for n, p in model.named_parameters()}
         missing = sorted(set(self.params) - set(rule.v))
         if missing:
             raise ValueError(f"no second moments for {missing[:3]}")
-        self.original = {n: p.detach().clone() for n, p in self.params.items()}
+        # a group holds ~6 parameter-sized tensors per document (gradient, step, copies for its pairs)
+        size = sum(p.numel() * p.element_size() for p in self.params.values())
+        self.group = max(1, min(32, memory_budget_bytes // (6 * size)))
 
     def target_log_probs(self, batch: Batch) -> torch.Tensor:
         with torch.no_grad():
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long()).logits
             return -per_example_loss(logits, batch)
 
-    def step_on(self, document: list[int]):
-        """Apply one step on `document` in place (undo with `restore`)."""
-        ids = torch.as_tensor([document])
-        loss = self.model(input_ids=ids, labels=ids).loss  # mean next-token loss: a batch of one
-        grads = torch.autograd.grad(loss, list(self.params.values()))
-        with torch.no_grad():
-            for (name, param), grad in zip(self.params.items(), grads):
-                param += self.rule.delta(name, param, grad, self.lr)
+    def _document_loss(self, params: dict, ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean next-token loss of one right-padded document: the loss of a training batch of one."""
+        logits = functional_call(self.model, params, (ids[None],)).logits[0, :-1].float()
+        nll = F.cross_entropy(logits, ids[1:], reduction="none")
+        weight = target[1:].float()
+        return (nll * weight).sum() / weight.sum()
 
-    def restore(self):
+    def _target_log_prob(self, params: dict, ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(self.model, params, (ids[None],)).logits[0, :-1].float()
+        return -(F.cross_entropy(logits, ids[1:], reduction="none") * target[1:]).sum()
+
+    def stepped_log_probs(self, documents: list[list[int]], pairs: list[tuple[int, list[int], list[int]]]) -> torch.Tensor:
+        """log p(target | prompt) after one step on documents[i], for each (i, prompt, target) pair."""
+        docs = document_batch(documents)
+        grads = vmap(grad(self._document_loss), in_dims=(None, 0, 0))(self.params, docs.input_ids, docs.target_mask)
+        stepped = {}
+        for name, param in self.params.items():
+            delta = vmap(lambda g, name=name, param=param: self.rule.delta(name, param, g, self.lr))(grads[name])
+            stepped[name] = param + delta
+        which = torch.as_tensor([i for i, _, _ in pairs])
+        asked = query_batch([p for _, p, _ in pairs], [t for _, _, t in pairs])
+        per_pair = {name: value[which] for name, value in stepped.items()}
         with torch.no_grad():
-            for name, param in self.params.items():
-                param.copy_(self.original[name])
+            return vmap(self._target_log_prob)(per_pair, asked.input_ids, asked.target_mask)
 
     def log_prob_changes(self, documents: dict, pairs: list[tuple], prompts: dict, targets: dict,
                          on_step=None) -> tuple[dict, dict]:
         """({query: log p(target | prompt)} before any step, {(query, doc): Δ log p} per pair).
 
-        `on_step(n_pairs)` is called after each document's step (progress reporting)."""
+        `on_step(n_pairs)` is called after each group of documents (progress reporting)."""
         by_doc = {}
         for query, doc in pairs:
             by_doc.setdefault(doc, []).append(query)
         queries = sorted({q for q, _ in pairs})
         base = dict(zip(queries, self.target_log_probs(query_batch([prompts[q] for q in queries],
                                                                    [targets[q] for q in queries])).tolist()))
-        changes = {}
-        for doc, doc_queries in by_doc.items():
-            self.step_on(documents[doc])
-            after = self.target_log_probs(query_batch([prompts[q] for q in doc_queries], [targets[q] for q in doc_queries]))
-            self.restore()
-            for query, value in zip(doc_queries, after.tolist()):
+        changes, docs = {}, list(by_doc)
+        for start in range(0, len(docs), self.group):
+            group = docs[start:start + self.group]
+            group_pairs = [(i, query, doc) for i, doc in enumerate(group) for query in by_doc[doc]]
+            after = self.stepped_log_probs([documents[d] for d in group],
+                                           [(i, prompts[q], targets[q]) for i, q, _ in group_pairs])
+            for (_, query, doc), value in zip(group_pairs, after.tolist()):
                 changes[(query, doc)] = value - base[query]
             if on_step:
-                on_step(len(doc_queries))
+                on_step(len(group_pairs))
         return base, changes

@@ -306,6 +306,7 @@ def test_tail_patch_step_is_one_adam_step_from_the_checkpoint_state_and_restores
     model = _gpt2()
     state = _train_state(model, "adam")
     patcher = TailPatcher(model, AdamStep(state), lr=0.05)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     doc, prompt, target = [3, 9, 4, 8, 1], [3, 9], [4, 8]
     base, changes = patcher.log_prob_changes({"d": doc}, [("q", "d")], {"q": prompt}, {"q": target})
     # the same step by torch's own AdamW, resumed from the checkpoint's v with m = 0
@@ -322,7 +323,7 @@ def test_tail_patch_step_is_one_adam_step_from_the_checkpoint_state_and_restores
         after = -per_example_loss(other(input_ids=batch.input_ids).logits, batch)[0]
     assert changes[("q", "d")] == pytest.approx(float(after) - base["q"], rel=1e-4, abs=1e-6)
     assert abs(changes[("q", "d")]) > 1e-6
-    assert all(torch.equal(p, patcher.original[n]) for n, p in model.named_parameters())  # restored
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the model itself never moves
 
 
 def test_damping_is_per_block_and_relative_to_r_train_and_the_crossing_is_a_share_of_d():
@@ -393,3 +394,27 @@ def test_adafactor_tail_patch_step_equals_torch_adafactor():
         assert torch.allclose(ours, expected, rtol=1e-4, atol=1e-7), name
         moved += int(expected.abs().max() > 0)
     assert moved > 5
+
+
+@pytest.mark.parametrize("kind", ["adam", "adafactor"])
+def test_grouped_tail_patch_equals_one_document_at_a_time(kind):
+    model = _gpt2()
+    state = _train_state(model, kind)
+    rule = AdamStep(state) if kind == "adam" else AdafactorStep(state)
+    documents = dict(enumerate(_documents(seed=5, n=5)))  # different lengths: padding inside a group
+    prompts, targets = {"a": [3, 9], "b": [7, 2, 11]}, {"a": [4, 8], "b": [5]}
+    pairs = [(q, d) for d in documents for q in ("a", "b") if (d + len(q)) % 3]
+    patcher = TailPatcher(model, rule, lr=0.05)
+    patcher.group = 2
+    base, changes = patcher.log_prob_changes(documents, pairs, prompts, targets)
+    for query, doc in pairs:  # the plain way: step a copy of the model on the document, ask the query
+        other = copy.deepcopy(model)
+        ids = torch.tensor([documents[doc]])
+        grads = torch.autograd.grad(other(input_ids=ids, labels=ids).loss, list(other.parameters()))
+        with torch.no_grad():
+            for (name, param), g in zip(other.named_parameters(), grads):
+                param += rule.delta(name, param.detach().clone(), g, 0.05)
+        batch = query_batch([prompts[query]], [targets[query]])
+        with torch.no_grad():
+            after = -per_example_loss(other(input_ids=batch.input_ids).logits, batch)[0]
+        assert changes[(query, doc)] == pytest.approx(float(after) - base[query], rel=1e-4, abs=1e-6)
