@@ -19,6 +19,8 @@ documents are processed in vmapped groups (`TailPatcher`).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -69,6 +71,18 @@ def optimizer_step(state: dict):
     return AdamStep(state) if state["kind"] == "adam" else AdafactorStep(state)
 
 
+@contextmanager
+def _no_padding_check(model: nn.Module):
+    """transformers peeks at the input ids for a pad token when no attention mask is given (a
+    data-dependent branch vmap refuses); our right padding is harmless under causal attention."""
+    config, pad = model.config, model.config.pad_token_id
+    config.pad_token_id = None
+    try:
+        yield
+    finally:
+        config.pad_token_id = pad
+
+
 class TailPatcher:
     """One optimizer step per document, evaluated on that document's queries, many documents at once.
 
@@ -106,6 +120,10 @@ class TailPatcher:
 
     def stepped_log_probs(self, documents: list[list[int]], pairs: list[tuple[int, list[int], list[int]]]) -> torch.Tensor:
         """log p(target | prompt) after one step on documents[i], for each (i, prompt, target) pair."""
+        with _no_padding_check(self.model):
+            return self._stepped_log_probs(documents, pairs)
+
+    def _stepped_log_probs(self, documents, pairs) -> torch.Tensor:
         docs = document_batch(documents)
         grads = vmap(grad(self._document_loss), in_dims=(None, 0, 0))(self.params, docs.input_ids, docs.target_mask)
         stepped = {}
