@@ -26,7 +26,8 @@ def bucket_figure(per_bucket: dict) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not any(per_bucket.values()):
+    per_bucket = {m: {b: c for b, c in cells.items() if b.isdigit()} for m, cells in per_bucket.items()}
+    if not any(per_bucket.values()):  # queries without frequency buckets
         return ""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for method, cells in per_bucket.items():
