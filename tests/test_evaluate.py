@@ -4,6 +4,7 @@ query file supplied the way a user would (imported, no knowledge base)."""
 import json
 import math
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -115,6 +116,6 @@ def test_evaluation_runs_on_a_user_supplied_corpus_and_queries(adam_run, tmp_pat
         return Lake(root).read("runs", filters=[("command", "=", command)]).num_rows
 
     before = (count("fit-hessian"), count("score"), count("extract"))
-    again = evaluate.run(config)
+    again = evaluate.run(replace(config, seeds=[0], variants=[], tail_patch_queries=2))
     assert (count("fit-hessian"), count("score"), count("extract")) == before
-    assert again["methods"]["trackstar"]["mrr"] == pytest.approx(report["methods"]["trackstar"]["mrr"])
+    assert again["methods"]["trackstar"]["seeds"] == 1 and again["tail_patch_queries"] == 2
