@@ -1,0 +1,183 @@
+"""Reliability: bad input, hostile names and crashes never stop a run or lose data.
+
+Every test works on a real lake: the session's trained model, tokenized by the real job (Sail,
+delta-rs), so bad lines meet tables that already hold documents and their constraints.
+"""
+
+import gzip
+import json
+import random
+from collections import Counter
+
+import pytest
+
+from infra.lake import Lake
+from jobs import tokenize
+from tests.fixtures import copy_lake
+
+MAX_CHARS = 2_000
+FUZZ_LINES = 12_000
+FUZZ_FILE = "c4-train.00002-of-00009.json.gz"
+
+
+def _good(rng, n):
+    words = ["fact", "river", "town", "Varnholt", "citizen", "weather", "quiet", "born", "in", "the", "of"]
+    return {"text": " ".join(rng.choice(words) for _ in range(rng.randint(3, 40))),
+            "url": f"https://fuzz.example/{n}", "timestamp": "2019-04-25T12:57:54Z"}
+
+
+def _line(record) -> bytes:
+    return json.dumps(record).encode()
+
+
+def _bad_line_makers(earlier_url):
+    """kind of bad line -> (expected reason kind, maker(rng, n, previous good url) -> raw bytes)."""
+    def good(rng, n):
+        return _good(rng, n)
+
+    def field(name, value):
+        return lambda rng, n, prev: _line({**good(rng, n), name: value})
+
+    def without(name):
+        return lambda rng, n, prev: _line({k: v for k, v in good(rng, n).items() if k != name})
+
+    return {
+        "truncated JSON": ("malformed JSON", lambda rng, n, prev: (lambda b: b[:rng.randint(1, len(b) - 2)])(_line(good(rng, n)))),
+        "deeply nested array": ("malformed JSON", lambda rng, n, prev: b"[" * 5_000 + b"]" * 5_000),
+        "deeply nested field": ("malformed JSON", lambda rng, n, prev: b'{"text": ' + b'{"a": ' * 1_500 + b"1"
+                                + b"}" * 1_500 + b', "url": "u", "timestamp": "t"}'),
+        "trailing garbage": ("malformed JSON", lambda rng, n, prev: _line(good(rng, n)) + b" trailing"),
+        "invalid escape": ("malformed JSON", lambda rng, n, prev: b'{"text": "bad \\q escape", "url": "u", "timestamp": "t"}'),
+        "random bytes": ("not UTF-8", lambda rng, n, prev: b"\xff" + bytes(rng.randrange(256) for _ in range(200)).replace(b"\n", b" ")),
+        "latin-1 text": ("not UTF-8", lambda rng, n, prev: _line(good(rng, n)).replace(b'"text": "', b'"text": "caf\xe9 ')),
+        "lone surrogate in text": ("unencodable text", lambda rng, n, prev: _line(good(rng, n)).replace(b'"text": "', b'"text": "\\ud800')),
+        "lone surrogate in url": ("unencodable text", lambda rng, n, prev: _line(good(rng, n)).replace(b'"url": "', b'"url": "\\udfff')),
+        "text is a number": ("field 'text' is int, expected a string", field("text", 42)),
+        "text is null": ("field 'text' is NoneType, expected a string", field("text", None)),
+        "url is a list": ("field 'url' is list, expected a string", field("url", ["https://a", "https://b"])),
+        "timestamp is an object": ("field 'timestamp' is dict, expected a string", field("timestamp", {"t": 1})),
+        "missing text": ("missing field 'text'", without("text")),
+        "missing url": ("missing field 'url'", without("url")),
+        "missing timestamp": ("missing field 'timestamp'", without("timestamp")),
+        "JSON array": ("JSON list, expected an object", lambda rng, n, prev: b'["text", "url"]'),
+        "JSON string": ("JSON str, expected an object", lambda rng, n, prev: b'"just a string"'),
+        "JSON null": ("JSON NoneType, expected an object", lambda rng, n, prev: b"null"),
+        "blank line": ("blank line", lambda rng, n, prev: b" \t "),
+        "empty line": ("blank line", lambda rng, n, prev: b""),
+        "empty text": ("empty text", field("text", "")),
+        "whitespace text": ("empty text", field("text", " \n\t ")),
+        "empty url": ("empty url", field("url", "  ")),
+        "huge text": ("document too large", field("text", "x" * (MAX_CHARS + 1))),
+        "overlong line": ("document too large", lambda rng, n, prev: b'{"text": "' + b"y" * (8 * MAX_CHARS + 8192) + b'"}'),
+        "NUL in text": ("binary junk", field("text", "a\x00b")),
+        "NUL in url": ("binary junk", field("url", "https://nul.example/\x00")),
+        "url seen earlier in this partition": ("duplicate url", lambda rng, n, prev: _line({**good(rng, n), "url": prev})),
+        "url of an indexed partition": ("duplicate url", lambda rng, n, prev: _line({**good(rng, n), "url": earlier_url})),
+    }
+
+
+def fuzzed_partition(path, rng, n_lines, earlier_url):
+    """Writes n_lines raw lines, about a third of them bad; returns (expected reason kinds per
+    line number (None for a document), the kinds of bad line written)."""
+    makers = _bad_line_makers(earlier_url)
+    kinds = sorted(makers)
+    expected, previous_url, lines = {}, None, []
+    for number in range(1, n_lines + 1):
+        if previous_url is None or rng.random() < 0.65 or number <= len(kinds):
+            record = _good(rng, number)
+            raw, reason = _line(record), None
+            previous_url = record["url"]
+        else:
+            kind = kinds[number % len(kinds)]
+            reason, make = makers[kind]
+            raw = make(rng, number, previous_url)
+        assert b"\n" not in raw
+        lines.append(raw)
+        expected[number] = reason
+    with gzip.open(path, "wb") as fh:
+        fh.write(b"\n".join(lines) + b"\n")
+    return expected, kinds
+
+
+@pytest.fixture(scope="module")
+def fuzzed_lake(adam_run, tmp_path_factory):
+    source, _ = adam_run
+    lake_dir = copy_lake(source, tmp_path_factory.mktemp("reliability") / "lake")
+    lake = Lake(lake_dir)
+    first = tokenize.run(tokenize.TokenizeConfig(lake=str(lake_dir), max_chars=MAX_CHARS))
+    before = lake.read("documents", columns=["doc_id", "partition", "line"])
+    assert before.num_rows > 0 and first["quarantined"] == 0  # a real lake that already holds documents
+    earlier_url = before["doc_id"][0].as_py()
+    raw = lake_dir / "raw"
+    expected, kinds = fuzzed_partition(raw / FUZZ_FILE, random.Random(14), FUZZ_LINES, earlier_url)
+    with gzip.open(raw / "c4-train.00003-of-00009.json.gz", "wb"):
+        pass  # an empty file
+    (raw / "c4-train.00004-of-00009.json.gz").write_bytes(b"plain text, not gzip\n")
+    whole = gzip.compress(b"\n".join(_line(_good(random.Random(5), f"t{i}")) for i in range(400)) + b"\n")
+    (raw / "c4-train.00005-of-00009.json.gz").write_bytes(whole[:len(whole) // 2])  # cut short
+    corrupt = bytearray(gzip.compress(b"\n".join(_line(_good(random.Random(6), f"c{i}")) for i in range(400)) + b"\n"))
+    corrupt[len(corrupt) // 2:len(corrupt) // 2 + 64] = bytes(64)
+    (raw / "c4-train.00006-of-00009.json.gz").write_bytes(bytes(corrupt))
+    result = tokenize.run(tokenize.TokenizeConfig(lake=str(lake_dir), max_chars=MAX_CHARS))
+    return lake, before, expected, kinds, result
+
+
+def _quarantined(lake, source):
+    return lake.read("quarantine", filters=[("stage", "=", "tokenize"), ("source", "=", source)]).to_pylist()
+
+
+def test_every_fuzzed_line_is_one_document_or_one_quarantine_row(fuzzed_lake):
+    lake, before, expected, kinds, result = fuzzed_lake
+    assert len(kinds) >= 25 and len(expected) >= 10_000
+    documents = lake.read("documents", filters=[("source", "=", FUZZ_FILE)], columns=["line"])["line"].to_pylist()
+    quarantined = _quarantined(lake, FUZZ_FILE)
+    by_line = Counter(documents) + Counter(int(q["position"].rsplit(":", 1)[1]) for q in quarantined)
+    assert len(documents) + len(quarantined) == FUZZ_LINES  # good + quarantined = lines
+    assert set(by_line) == set(range(1, FUZZ_LINES + 1)) and set(by_line.values()) == {1}  # each line exactly once
+    assert sorted(documents) == [n for n, reason in expected.items() if reason is None]
+    found = {int(q["position"].rsplit(":", 1)[1]): q["reason"] for q in quarantined}
+    wrong = {n: (expected[n], found[n]) for n in found if not found[n].startswith(expected[n])}
+    assert not wrong, list(wrong.items())[:5]
+    expected_kinds = Counter(tokenize.reason_counts(r for r in expected.values() if r is not None))
+    assert Counter(tokenize.reason_counts(found.values())) == expected_kinds
+    assert set(result["quarantined_by_reason"]) >= set(expected_kinds)
+    print(f"\nfuzz: {FUZZ_LINES} lines, {len(documents)} documents, {len(quarantined)} quarantined: "
+          f"{dict(sorted(expected_kinds.items()))}")
+
+
+def test_bad_files_are_reported_and_readable_lines_kept(fuzzed_lake):
+    lake, *_ = fuzzed_lake
+    empty, not_gzip = _quarantined(lake, "c4-train.00003-of-00009.json.gz"), _quarantined(lake, "c4-train.00004-of-00009.json.gz")
+    assert [q["reason"] for q in empty] == ["empty partition file: no lines"]
+    assert len(not_gzip) == 1 and not_gzip[0]["reason"].startswith("unreadable file: after line 0")
+    for source in ("c4-train.00005-of-00009.json.gz", "c4-train.00006-of-00009.json.gz"):  # cut short, corrupted
+        rows = {int(q["position"].rsplit(":", 1)[1]): q["reason"] for q in _quarantined(lake, source)}
+        kept = lake.read("documents", filters=[("source", "=", source)], columns=["line"])["line"].to_pylist()
+        last = max(rows)
+        assert rows[last].startswith("unreadable file") and last > 0  # where the damage was found
+        assert Counter(kept) + Counter(list(rows)) == Counter(range(1, last + 1))  # every line read before it, once
+        assert all(not reason.startswith("unreadable file") for line, reason in rows.items() if line != last)
+
+
+def test_no_duplicate_keys_and_earlier_partitions_untouched(fuzzed_lake):
+    lake, before, *_ = fuzzed_lake
+    documents = lake.read("documents", columns=["doc_id"])["doc_id"].to_pylist()
+    assert len(documents) == len(set(documents))
+    tokens = lake.read("tokens", columns=["doc_id", "chunk"])
+    keys = list(zip(tokens["doc_id"].to_pylist(), tokens["chunk"].to_pylist()))
+    assert len(keys) == len(set(keys)) and set(tokens["doc_id"].to_pylist()) == set(documents)
+    again = lake.read("documents", filters=[("partition", "in", [0, 1])], columns=["doc_id", "partition", "line"])
+    assert sorted(again.to_pylist(), key=str) == sorted(before.to_pylist(), key=str)
+
+
+def test_a_forced_rerun_gives_identical_tables(fuzzed_lake):
+    lake, *_ = fuzzed_lake
+    columns = {"documents": ["doc_id", "partition", "line", "text"], "tokens": ["doc_id", "chunk", "input_ids"],
+               "quarantine": ["source", "position", "reason"]}
+
+    def snapshot():
+        return {table: sorted(map(str, lake.read(table, columns=names).to_pylist())) for table, names in columns.items()}
+
+    first = snapshot()
+    tokenize.run(tokenize.TokenizeConfig(lake=lake.root, max_chars=MAX_CHARS, force=True))
+    assert snapshot() == first
