@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import re
 
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-RULE = ("1-128 ASCII letters, digits, '.', '_' or '-', starting with a letter or digit, without '..'")
+NAME_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # also a JSON-schema pattern (Airflow params)
+RULE = "1-128 ASCII letters, digits, '.', '_' or '-', starting with a letter or digit, without '..'"
 
 
 class InvalidName(ValueError):
@@ -23,7 +23,7 @@ class InvalidName(ValueError):
 
 def check_name(value, what: str = "name") -> str:
     """`value` if it is a valid identifier, else InvalidName saying which rule it breaks."""
-    if not isinstance(value, str) or not NAME.fullmatch(value) or ".." in value:
+    if not isinstance(value, str) or not re.fullmatch(NAME_PATTERN, value):
         raise InvalidName(f"{what} {value!r} is not a valid name: use {RULE}")
     return value
 

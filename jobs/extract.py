@@ -25,6 +25,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from infra.lake import Lake
+from infra.names import check_name, check_names
 from jobs.launch import init_rank, launch_ranks, rank_arguments
 from infra.config import load_config
 
@@ -58,7 +59,8 @@ def resolve_checkpoint(lake: Lake, checkpoint: str) -> Path:
     if checkpoint.startswith("s3://"):
         from infra.storage import download_prefix
 
-        local = Path(lake.root) / "_cache" / "checkpoints" / checkpoint.rstrip("/").rsplit("/", 1)[-1]
+        local = Path(lake.root) / "_cache" / "checkpoints" / check_name(checkpoint.rstrip("/").rsplit("/", 1)[-1],
+                                                                       "checkpoint folder")
         download_prefix(checkpoint, local)
         return local
     return Path(checkpoint)
@@ -116,6 +118,7 @@ def check_checkpoint(lake: Lake, checkpoint_dir: Path, force: bool) -> tuple[dic
     from jobs.checkpoints import load_manifest
 
     manifest = load_manifest(checkpoint_dir)
+    check_name(manifest.get("checkpoint_id"), f"checkpoint id in {checkpoint_dir}/manifest.json")
     weights = model_fingerprint(checkpoint_dir)
     known = lake.read("checkpoints", filters=[("checkpoint_id", "=", manifest["checkpoint_id"])],
                       columns=["model_fingerprint"])["model_fingerprint"].to_pylist()
@@ -149,6 +152,7 @@ def done_items(lake: Lake, checkpoint_id: str, fingerprint: str, kind: str, quer
 def run(config: ExtractConfig) -> dict:
     from infra.runs import finish_run, start_run
 
+    check_names(query_set=config.query_set)
     lake = Lake(config.lake)
     checkpoint_dir = resolve_checkpoint(lake, config.checkpoint)
     spec = projection_spec(checkpoint_dir, config)

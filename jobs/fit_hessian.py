@@ -67,9 +67,11 @@ def summed_autocorrelation(files: list[Path]):
 
 def run(config: FitHessianConfig) -> dict:
     from gradient_kernels.hessian import crossing_lambda, damped_inverse_power, mix, spectrum
+    from infra.names import check_names
     from infra.runs import finish_run, start_run
     from jobs.extract import QUERY, TRAIN, autocorrelation_path
 
+    check_names(query_set=config.query_set, checkpoint_id=config.checkpoint_id, fingerprint=config.fingerprint)
     lake = Lake(config.lake)
     checkpoint_id = config.checkpoint_id or latest_checkpoint_id(lake)
     fingerprint = config.fingerprint or only_fingerprint(lake, checkpoint_id)

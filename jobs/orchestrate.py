@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from infra.lake import Lake
+from infra.names import NAME_PATTERN  # noqa: F401  (the DAGs' name params)
 from jobs import extract, fit_hessian, score, tokenize
 from infra.config import load_config
 

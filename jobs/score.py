@@ -28,6 +28,7 @@ import pyarrow as pa
 import torch
 
 from infra.lake import Lake
+from infra.names import check_names
 from infra.config import load_config
 
 # method -> (registered matrix kind or None, power applied to it, unit norm, on both sides)
@@ -150,6 +151,7 @@ def run(config: ScoreConfig) -> dict:
     from infra.spark import spark_session
     from jobs.fit_hessian import latest_checkpoint_id, only_fingerprint
 
+    check_names(query_set=config.query_set, checkpoint_id=config.checkpoint_id, fingerprint=config.fingerprint)
     lake = Lake(config.lake)
     checkpoint_id = config.checkpoint_id or latest_checkpoint_id(lake)
     fingerprint = config.fingerprint or only_fingerprint(lake, checkpoint_id)
@@ -179,8 +181,8 @@ def run(config: ScoreConfig) -> dict:
                       .select(F.lit(config.query_set).alias("query_set"), F.lit(checkpoint_id).alias("checkpoint_id"),
                               "query_id", F.lit(method).alias("method"), "rank", "doc_id", "chunk", "score",
                               F.lit(run_id).alias("run_id")))
-        where = (f"query_set = '{config.query_set}' AND method = '{method}' AND checkpoint_id = '{checkpoint_id}'")
-        lake.spark_write(proponents, "proponents", replace_where=where)
+        lake.spark_write(proponents, "proponents",
+                         replace_where={"query_set": config.query_set, "method": method, "checkpoint_id": checkpoint_id})
         written[method] = len(query_ids) * k
         print(f"[score] {method}: top-{k} of {config.query_set} × {checkpoint_id} written", flush=True)
     result = {"checkpoint_id": checkpoint_id, "query_set": config.query_set, "fingerprint": fingerprint,

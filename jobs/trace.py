@@ -21,6 +21,7 @@ import torch
 
 from infra.config import load_config
 from infra.lake import Lake
+from infra.names import check_names
 
 
 def checkpoint_folder(lake: Lake, checkpoint_id: str) -> Path:
@@ -39,6 +40,7 @@ class TraceContext:
     def __init__(self, lake: Lake, checkpoint_id: str | None = None, query_set: str = "fact-world"):
         from jobs.fit_hessian import latest_checkpoint_id
 
+        check_names(checkpoint_id=checkpoint_id, query_set=query_set)
         self.lake, self.query_set = lake, query_set
         self.checkpoint_id = checkpoint_id or latest_checkpoint_id(lake)
         self.fingerprint = self._scored_fingerprint()

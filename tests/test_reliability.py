@@ -7,12 +7,21 @@ delta-rs), so bad lines meet tables that already hold documents and their constr
 import gzip
 import json
 import random
+import shutil
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
+from infra.airflow_local import airflow_environment
 from infra.lake import Lake
-from jobs import tokenize
+from infra.names import InvalidName
+from infra.runs import finish_run, start_run
+from jobs import extract, tokenize
+from schemas.tables import TABLES
 from tests.fixtures import copy_lake
 
 MAX_CHARS = 2_000
@@ -181,3 +190,103 @@ def test_a_forced_rerun_gives_identical_tables(fuzzed_lake):
     first = snapshot()
     tokenize.run(tokenize.TokenizeConfig(lake=lake.root, max_chars=MAX_CHARS, force=True))
     assert snapshot() == first
+
+
+# ------------------------------------------------------------------ names are identifiers
+HOSTILE_NAMES = ["x' OR 1=1 --", "../../outside", "o'brien-set", "a/b", "x\\'; DROP TABLE runs; --"]
+NAMED_ARGUMENTS = [  # (command and its other arguments, the flag that takes a name)
+    (["score"], "--query-set"), (["score"], "--checkpoint-id"), (["score"], "--fingerprint"),
+    (["fit-hessian"], "--query-set"), (["fit-hessian"], "--checkpoint-id"), (["fit-hessian"], "--fingerprint"),
+    (["evaluate"], "--query-set"), (["evaluate"], "--checkpoint-id"), (["extract"], "--query-set"),
+    (["trace", "--prompt", "p", "--target", " t"], "--query-set"),
+    (["trace", "--prompt", "p", "--target", " t"], "--checkpoint-id"), (["register-queries"], "--name"),
+]
+
+
+def _lake_state(lake, root):
+    """Every table's version and every file under the lake's parent folder."""
+    return ({table: lake.version(table) for table in TABLES},
+            sorted(str(p.relative_to(root)) for p in root.rglob("*") if "_delta_log" not in p.parts))
+
+
+@pytest.mark.parametrize("command, flag", NAMED_ARGUMENTS, ids=[f"{c[0]} {f}" for c, f in NAMED_ARGUMENTS])
+def test_hostile_names_are_refused_by_every_cli_argument_and_change_nothing(fuzzed_lake, command, flag, capsys):
+    from jobs.__main__ import main
+
+    lake = fuzzed_lake[0]
+    parent = Path(lake.root).parent
+    before = _lake_state(lake, parent)
+    for name in HOSTILE_NAMES:
+        with pytest.raises(SystemExit) as exit_status:
+            main([*command, "--lake", lake.root, flag, name])
+        assert exit_status.value.code == 2, name
+        assert f"{name!r} is not a valid name: use 1-128 ASCII letters" in capsys.readouterr().err, name
+    assert _lake_state(lake, parent) == before
+
+
+def test_a_checkpoint_id_that_is_a_path_is_refused_before_anything_is_written(fuzzed_lake, adam_run, tmp_path):
+    lake, source, summary = fuzzed_lake[0], *adam_run
+    hostile = tmp_path / "ck"
+    shutil.copytree(source / "checkpoints" / summary["checkpoints"][-1], hostile)
+    manifest = json.loads((hostile / "manifest.json").read_text())
+    (hostile / "manifest.json").write_text(json.dumps({**manifest, "checkpoint_id": "../../../escaped"}))
+    before = _lake_state(lake, Path(lake.root).parent)
+    with pytest.raises(InvalidName, match="checkpoint id in .* '../../../escaped' is not a valid name"):
+        extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(hostile), k=4))
+    assert _lake_state(lake, Path(lake.root).parent) == before
+
+
+def test_the_score_dag_refuses_a_hostile_query_set_when_triggered(tmp_path):
+    check = ("from airflow.dag_processing.dagbag import DagBag; import os, sys; "
+             "param = DagBag(dag_folder=os.environ['AIRFLOW__CORE__DAGS_FOLDER']).dags['trackstar_score'].params"
+             ".get_param('query_set')\nfor name in sys.argv[1:]:\n"
+             "    try: param.resolve(name); print('accepted', repr(name))\n"
+             "    except Exception as error: print('refused', repr(name), type(error).__name__)")
+    env = airflow_environment("lake", tmp_path / "airflow")
+    out = subprocess.run([sys.executable, "-c", check, "fact-world", *HOSTILE_NAMES], env=env, capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    out = [line for line in out if line.startswith(("accepted", "refused"))]  # Airflow logs to stdout too
+    assert out == ["accepted 'fact-world'"] + [f"refused {n!r} ParamValidationError" for n in HOSTILE_NAMES]
+
+
+def test_quotes_in_slice_values_select_exactly_their_slice(spark, lake):
+    """Values that are not names (sources, messages) are quoted for each engine: Spark reads 'a''b'
+    as "ab" and backslash escapes; delta-rs reads '' as one quote."""
+    tricky = ["o'brien-set", "obrien-set", "x' OR 1=1 --", "back\\slash", "back\\", "plain"]
+    rows = [{"query_set": q, "checkpoint_id": "ck", "query_id": f"q{i}", "method": "trackstar", "rank": 1,
+             "doc_id": "d", "chunk": 0, "score": 1.0, "run_id": "r0"} for i, q in enumerate(tricky)]
+    lake.append("proponents", pa.Table.from_pylist(rows, schema=TABLES["proponents"].arrow_schema))
+    for i, query_set in enumerate(tricky):
+        replacement = spark.createDataFrame([{**rows[i], "run_id": f"spark{i}"}])
+        lake.spark_write(replacement, "proponents",
+                         replace_where={"query_set": query_set, "method": "trackstar", "checkpoint_id": "ck"})
+        stored = {r["query_set"]: r["run_id"] for r in lake.read("proponents").to_pylist()}
+        assert len(stored) == len(tricky) and stored == {q: f"spark{j}" if j <= i else "r0" for j, q in enumerate(tricky)}
+    for i, query_set in enumerate(tricky):  # delta-rs slices and updates
+        lake.replace_slice("proponents", pa.Table.from_pylist([{**rows[i], "run_id": f"rs{i}"}],
+                                                               schema=TABLES["proponents"].arrow_schema),
+                           query_set=query_set, method="trackstar", checkpoint_id="ck")
+    assert sorted(r["run_id"] for r in lake.read("proponents").to_pylist()) == sorted(f"rs{i}" for i in range(len(tricky)))
+    run_id = start_run(lake, "score", {"query_set": "x' OR 1=1 --"})
+    counts = {"error": "InvalidName: query set \"x' OR 1=1 --\" is not a valid name", "path": "C:\\lake\\'runs'"}
+    finish_run(lake, run_id, "failed", counts)  # once corrupted the row: delta-rs pastes strings unescaped
+    (row,) = lake.read("runs").to_pylist()
+    assert row["status"] == "failed" and json.loads(row["counts_json"]) == counts and row["finished_at"] is not None
+
+
+# ------------------------------------------------------------------ jobs sql is read-only
+def test_sql_refuses_writing_statements_unless_allowed(fuzzed_lake, capsys):
+    from jobs.__main__ import main
+
+    lake = fuzzed_lake[0]
+    before = (lake.version("documents"), lake.read("documents", columns=["doc_id"]).num_rows)
+    for statement in ("DELETE FROM documents", "delete from documents where 1 = 1;",
+                      "/* tidy up */ DELETE FROM documents", "SELECT 1; DELETE FROM documents",
+                      "WITH gone AS (SELECT * FROM documents) INSERT INTO documents SELECT * FROM gone",
+                      "MERGE INTO documents d USING documents s ON d.doc_id = s.doc_id WHEN MATCHED THEN DELETE",
+                      "DROP TABLE documents", "UPDATE documents SET text = ''"):
+        with pytest.raises(SystemExit, match="jobs sql is read-only"):
+            main(["sql", statement, "--lake", lake.root])
+    assert (lake.version("documents"), lake.read("documents", columns=["doc_id"]).num_rows) == before
+    main(["sql", "SELECT count(*) AS n FROM documents WHERE text <> 'DELETE FROM documents'", "--lake", lake.root])
+    assert f"|{before[1]}" in capsys.readouterr().out.replace(" ", "")
