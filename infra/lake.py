@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from deltalake import DeltaTable, write_deltalake
+from deltalake.exceptions import CommitFailedError
 
 from infra import storage
 from schemas.tables import SchemaError, Table, table as declared
@@ -92,7 +93,12 @@ class Lake:
         spec = declared(table)
         predicate, data = slice_predicate(spec, keys), spec.validate(data)
         _check_rows_in_slice(spec, data, keys)
-        write_deltalake(self.create(table), data, mode="overwrite", predicate=predicate)
+        try:
+            write_deltalake(self.create(table), data, mode="overwrite", predicate=predicate)
+        except CommitFailedError as error:  # delta-rs's own words name the Delta conflict class only
+            raise LakeError(f"another run committed slice {keys} of table {table} first (now version "
+                            f"{self.version(table)}); nothing of this write was committed: rerun it to replace "
+                            f"the slice again ({error})") from error
         return self.version(table)
 
     def update(self, table: str, keys: dict, values: dict) -> int:

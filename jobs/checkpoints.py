@@ -28,6 +28,29 @@ def load_manifest(checkpoint_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def check_complete(checkpoint_dir: Path, optimizer_source: str | None) -> None:
+    """CheckpointError unless the folder holds every file extraction reads (config, weights, and the
+    optimizer state when `optimizer_source` is not None), each non-empty. Nothing is loaded: cheap
+    enough to run before a checkpoint is registered, however big it is."""
+    checkpoint_dir = Path(checkpoint_dir)
+    needed = [checkpoint_dir / name for name in ("manifest.json", "config.json", "model.safetensors")]
+    if optimizer_source is not None:
+        consolidated = checkpoint_dir / "optimizer.pt"
+        if optimizer_source == "consolidated" or (optimizer_source == "auto" and consolidated.exists()):
+            needed.append(consolidated)
+        else:
+            latest = checkpoint_dir / "zero" / "latest"
+            needed.append(latest)
+            if latest.is_file():
+                tag_dir = checkpoint_dir / "zero" / latest.read_text().strip()
+                needed += [tag_dir / "mp_rank_00_model_states.pt",
+                           *(sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")) or
+                             [tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt"])]
+    missing = [str(path.relative_to(checkpoint_dir)) for path in needed if not path.is_file() or not path.stat().st_size]
+    if missing:
+        raise CheckpointError(f"{checkpoint_dir}: incomplete checkpoint, missing or empty: {', '.join(missing)}")
+
+
 def load_second_moments(checkpoint_dir: Path, source: str = "auto") -> dict:
     """The optimizer's second moments per parameter; `source` is "consolidated", "zero" or "auto"."""
     checkpoint_dir = Path(checkpoint_dir)

@@ -151,6 +151,7 @@ def done_items(lake: Lake, checkpoint_id: str, fingerprint: str, kind: str, quer
 
 def run(config: ExtractConfig) -> dict:
     from infra.runs import finish_run, start_run
+    from jobs.checkpoints import check_complete
 
     check_names(query_set=config.query_set)
     lake = Lake(config.lake)
@@ -158,6 +159,7 @@ def run(config: ExtractConfig) -> dict:
     spec = projection_spec(checkpoint_dir, config)
     fingerprint = spec.fingerprint()
     manifest, weights = check_checkpoint(lake, checkpoint_dir, config.force)
+    check_complete(checkpoint_dir, config.optimizer_source if spec.normalizer != "none" else None)  # before registering
     checkpoint_id = manifest["checkpoint_id"]
 
     tokens = lake.read("tokens", columns=["partition"])

@@ -6,10 +6,12 @@ delta-rs), so bad lines meet tables that already hold documents and their constr
 
 import gzip
 import json
+import os
 import random
 import shutil
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import pyarrow as pa
 import pytest
 
 from infra.airflow_local import airflow_environment
-from infra.lake import Lake
+from infra.lake import Lake, LakeError
 from infra.names import InvalidName
 from infra.runs import finish_run, start_run
 from jobs import extract, tokenize
@@ -290,3 +292,99 @@ def test_sql_refuses_writing_statements_unless_allowed(fuzzed_lake, capsys):
     assert (lake.version("documents"), lake.read("documents", columns=["doc_id"]).num_rows) == before
     main(["sql", "SELECT count(*) AS n FROM documents WHERE text <> 'DELETE FROM documents'", "--lake", lake.root])
     assert f"|{before[1]}" in capsys.readouterr().out.replace(" ", "")
+
+
+# ------------------------------------------------------------------ runs end in a state
+def test_a_writer_that_loses_a_commit_race_says_so(lake, monkeypatch):
+    row = {"query_set": "qs", "checkpoint_id": "ck", "query_id": "q", "method": "trackstar", "rank": 1, "doc_id": "d",
+           "chunk": 0, "score": 1.0, "run_id": "first"}
+    schema = TABLES["proponents"].arrow_schema
+    lake.replace_slice("proponents", pa.Table.from_pylist([row], schema=schema), query_set="qs", method="trackstar",
+                       checkpoint_id="ck")
+    seen_by_loser = lake.open("proponents")  # the loser read the table, then the winner committed
+    lake.replace_slice("proponents", pa.Table.from_pylist([{**row, "run_id": "winner"}], schema=schema),
+                       query_set="qs", method="trackstar", checkpoint_id="ck")
+    monkeypatch.setattr(lake, "create", lambda table: seen_by_loser)
+    with pytest.raises(LakeError, match=r"another run committed slice .*'query_set': 'qs'.* of table proponents first"):
+        lake.replace_slice("proponents", pa.Table.from_pylist([{**row, "run_id": "loser"}], schema=schema),
+                           query_set="qs", method="trackstar", checkpoint_id="ck")
+    assert [r["run_id"] for r in lake.read("proponents").to_pylist()] == ["winner"]
+
+
+RUN_THEN = """
+import sys, time
+from infra.lake import Lake
+from infra.runs import start_run
+run_id = start_run(Lake(sys.argv[1]), "tokenize", {"partitions": [7]})
+print(run_id, flush=True)
+if sys.argv[2] == "raise":
+    raise RuntimeError("the stage broke")
+time.sleep(600)
+"""
+
+
+def test_a_run_that_raised_or_was_killed_ends_failed(lake, tmp_path):
+    script = tmp_path / "stage.py"
+    script.write_text(RUN_THEN)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    raised = subprocess.run([sys.executable, str(script), lake.root, "raise"], env=env, capture_output=True, text=True)
+    assert raised.returncode == 1 and "the stage broke" in raised.stderr
+    killed = subprocess.Popen([sys.executable, str(script), lake.root, "sleep"], env=env, stdout=subprocess.PIPE, text=True)
+    killed_run = killed.stdout.readline().strip()
+    status = {r["run_id"]: r for r in lake.read("runs").to_pylist()}
+    assert status[killed_run]["status"] == "running"  # alive: a later run must leave it alone
+    start_run(lake, "score", {})
+    assert {r["run_id"]: r["status"] for r in lake.read("runs").to_pylist()}[killed_run] == "running"
+    killed.kill()
+    killed.wait()
+    later = start_run(lake, "score", {})
+    runs = {r["run_id"]: r for r in lake.read("runs").to_pylist()}
+    raised_run = raised.stdout.strip()
+    assert runs[raised_run]["status"] == "failed" and "exited before the run finished" in runs[raised_run]["counts_json"]
+    assert runs[killed_run]["status"] == "failed" and runs[killed_run]["finished_at"] is not None
+    assert f"process {killed.pid} on" in json.loads(runs[killed_run]["counts_json"])["error"]
+    assert runs[later]["status"] == "running"
+
+
+def test_a_killed_extract_driver_takes_its_deepspeed_ranks_down(fuzzed_lake):
+    import psutil
+
+    lake = fuzzed_lake[0]
+    command = [sys.executable, "-m", "jobs", "extract", "--lake", lake.root, "--k", "4", "--partitions", "2",
+               "--query-set", "", "--force"]
+    driver = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": os.getcwd()}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline, ranks = time.time() + 180, []
+    while time.time() < deadline and len(ranks) < 2 and driver.poll() is None:
+        time.sleep(0.5)
+        ranks = [p for p in psutil.Process(driver.pid).children(recursive=True) if "--plan" in " ".join(p.cmdline())
+                 and "jobs.extract" in " ".join(p.cmdline()) and "deepspeed" not in " ".join(p.cmdline())]
+    assert len(ranks) == 2, "the ranks never started"
+    tree = psutil.Process(driver.pid).children(recursive=True)  # launcher, its launch process and the ranks
+    driver.kill()  # the driver only: nothing is left to tell its children to stop
+    driver.wait()
+    gone, alive = psutil.wait_procs(tree, timeout=60)  # the ranks alone would work for minutes
+    survivors = [" ".join(p.cmdline()[:6]) for p in alive]
+    for process in alive:
+        process.kill()
+    assert survivors == [], f"{survivors} outlived the driver"
+    run_id = start_run(lake, "score", {})
+    extract_runs = [r for r in lake.read("runs", filters=[("command", "=", "extract")]).to_pylist()]
+    assert extract_runs and all(r["status"] == "failed" for r in extract_runs)
+    finish_run(lake, run_id, "succeeded")
+
+
+def test_an_incomplete_checkpoint_is_refused_before_it_is_registered(fuzzed_lake, adam_run, tmp_path):
+    from jobs.checkpoints import CheckpointError
+
+    lake, (source, summary) = fuzzed_lake[0], adam_run
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(source / "checkpoints" / summary["checkpoints"][-1], incomplete)
+    manifest = json.loads((incomplete / "manifest.json").read_text())
+    (incomplete / "manifest.json").write_text(json.dumps({**manifest, "checkpoint_id": "incomplete-step6"}))
+    (incomplete / "optimizer.pt").unlink()
+    shutil.rmtree(incomplete / "zero", ignore_errors=True)
+    before = lake.version("checkpoints"), lake.version("runs")
+    with pytest.raises(CheckpointError, match="incomplete checkpoint, missing or empty: zero/latest"):
+        extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(incomplete), k=4))
+    assert (lake.version("checkpoints"), lake.version("runs")) == before
