@@ -30,6 +30,8 @@ from jobs.launch import init_rank, launch_ranks, rank_arguments
 from infra.config import load_config
 
 TRAIN, QUERY = "train", "query"
+# Queries are few and every score leans on them: never rounded to int8 or 16 bits with the corpus.
+QUERY_DTYPE = "float32"
 
 
 @dataclass
@@ -308,7 +310,7 @@ class RankWorker:
         keep = self._split_nonfinite(vectors, [f"{q}/prompt{i}" for q, i in keys], source=f"query_gradients/{query_set}")
         table = pa.table({"query_set": [query_set] * len(keep), "checkpoint_id": [self.plan["checkpoint_id"]] * len(keep),
                           "query_id": [keys[i][0] for i in keep], "prompt_index": [keys[i][1] for i in keep],
-                          **self._vector_columns(vectors[keep])})
+                          **self._vector_columns(vectors[keep], QUERY_DTYPE)})
         self.lake.replace_slice("query_gradients", table, query_set=query_set, checkpoint_id=self.plan["checkpoint_id"],
                                 fingerprint=self.fingerprint)
         self._save_autocorrelation(QUERY, query_set, vectors[keep])
@@ -328,12 +330,12 @@ class RankWorker:
             print(f"[extract rank {self.rank}] {len(bad)} row(s) of {source} quarantined: non-finite gradients", flush=True)
         return np.flatnonzero(finite).tolist()
 
-    def _vector_columns(self, vectors) -> dict:
+    def _vector_columns(self, vectors, dtype: str | None = None) -> dict:
         import numpy as np
 
         from schemas.vectors import decode_vectors, encode_vectors
 
-        dtype, n = self.config.vector_dtype, len(vectors)
+        dtype, n = dtype or self.config.vector_dtype, len(vectors)
         cells, scales = encode_vectors(vectors, dtype)
         stored = decode_vectors(cells, dtype, scales, vectors.shape[1])  # the norm of what readers will see
         return {"vector": cells, "dtype": [dtype] * n,

@@ -78,13 +78,14 @@ def method_matrices(lake: Lake, method: str, checkpoint_id: str, query_set: str,
 
 
 def score_batches(batches, queries: np.ndarray, train_blocks, unit_norm: bool, k: int, dim: int):
-    """mapInArrow body: batches of train vectors -> this task's top-k rows per query."""
-    from gradient_kernels.scoring import merge_top_k, top_k
+    """mapInArrow body: batches of train vectors -> this task's top-k rows per query.
+
+    Equal scores (duplicate documents) are ranked by (doc_id, chunk), the global order, so a task
+    keeps the same k rows whatever order its batches come in: reruns give identical tables."""
     from schemas.vectors import decode_vectors
 
     q = torch.from_numpy(queries)
-    best_values = best_indices = None
-    keys_doc, keys_chunk, seen = [], [], 0
+    best = [[] for _ in range(len(queries))]  # per query: its best (-score, doc_id, chunk), at most k
     for batch in batches:
         if batch.num_rows == 0:
             continue
@@ -93,22 +94,20 @@ def score_batches(batches, queries: np.ndarray, train_blocks, unit_norm: bool, k
             raise ValueError(f"mixed vector dtypes in one batch: {dtypes}")
         train = torch.from_numpy(decode_vectors(batch.column("vector"), dtypes.pop(), batch.column("scale").to_numpy(
             zero_copy_only=False), dim))
-        values, indices = top_k(q, _prepared_side(train, train_blocks, unit_norm), k, index_offset=seen)
-        if best_values is None:
-            best_values, best_indices = values, indices
-        else:
-            best_values, best_indices = merge_top_k(best_values, best_indices, values, indices, k)
-        keys_doc += batch.column("doc_id").to_pylist()
-        keys_chunk += batch.column("chunk").to_pylist()
-        seen += batch.num_rows
-    if best_values is None:
+        scores = q @ _prepared_side(train, train_blocks, unit_norm).T
+        kth = scores.topk(min(k, batch.num_rows), dim=1).values[:, -1:]
+        doc_ids, chunks = batch.column("doc_id").to_pylist(), batch.column("chunk").to_pylist()
+        kept = scores >= kth  # the batch's top k and any rows tied with its k-th
+        for (query, row), score in zip(kept.nonzero().tolist(), scores[kept].tolist()):
+            best[query].append((-score, doc_ids[row], chunks[row]))
+        best = [sorted(candidates)[:k] for candidates in best]
+    if not any(best):
         return
-    rows = best_indices.numpy()
+    rows = [(query, *candidate) for query, candidates in enumerate(best) for candidate in candidates]
     yield pa.RecordBatch.from_pydict({
-        "query_index": np.repeat(np.arange(rows.shape[0], dtype=np.int32), rows.shape[1]),
-        "doc_id": [keys_doc[i] for i in rows.reshape(-1)],
-        "chunk": np.asarray([keys_chunk[i] for i in rows.reshape(-1)], dtype=np.int32),
-        "score": best_values.numpy().reshape(-1).astype(np.float64)})
+        "query_index": np.asarray([r[0] for r in rows], dtype=np.int32), "doc_id": [r[2] for r in rows],
+        "chunk": np.asarray([r[3] for r in rows], dtype=np.int32),
+        "score": np.asarray([-r[1] for r in rows], dtype=np.float64)})
 
 
 def scoring_inputs(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: str) -> dict:

@@ -117,7 +117,7 @@ class TraceContext:
                                      filter=(pc.field("checkpoint_id") == self.checkpoint_id)
                                      & (pc.field("fingerprint") == self.fingerprint))
         best = next(score_batches(batches, query[None].numpy(), self.preconditioner.blocks, True, k, query.shape[0]))
-        return sorted(best.to_pylist(), key=lambda r: -r["score"])
+        return sorted(best.to_pylist(), key=lambda r: (-r["score"], r["doc_id"], r["chunk"]))
 
     def token_contributions(self, query: torch.Tensor, doc_id: str, chunk: int) -> list[tuple[str, float]]:
         """[(token text, contribution)]: the chunk's tokens and what each adds to its score."""

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -388,3 +389,48 @@ def test_an_incomplete_checkpoint_is_refused_before_it_is_registered(fuzzed_lake
     with pytest.raises(CheckpointError, match="incomplete checkpoint, missing or empty: zero/latest"):
         extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(incomplete), k=4))
     assert (lake.version("checkpoints"), lake.version("runs")) == before
+
+
+# ------------------------------------------------------------------ stored vectors, ties
+def test_float16_overflow_is_refused_not_stored_as_inf():
+    from schemas.vectors import VectorOverflow, decode_vectors, encode_vectors
+
+    vectors = np.ones((5, 4), np.float32)
+    vectors[[1, 3], 2] = [70_000.0, -1e6]  # beyond float16's ±65504, as large gradients are
+    with pytest.raises(VectorOverflow, match=r"2 of 5 vectors hold values beyond float16's range \(largest \|x\| = 1e\+06\)"):
+        encode_vectors(vectors, "float16")
+    cells, _ = encode_vectors(vectors, "bfloat16")  # float32's range: stored, finite
+    assert np.isfinite(decode_vectors(cells, "bfloat16")).all()
+    np.testing.assert_allclose(decode_vectors(cells, "bfloat16"), vectors, rtol=4e-3)
+    cells, scales = encode_vectors(vectors, "int8")
+    assert np.isfinite(decode_vectors(cells, "int8", scales)).all()
+    assert extract.QUERY_DTYPE == "float32"  # queries are never rounded with the corpus's dtype
+
+
+def _train_batches(vectors, doc_ids, order, size):
+    from schemas.vectors import encode_vectors
+
+    for start in range(0, len(order), size):
+        rows = order[start:start + size]
+        cells, _ = encode_vectors(vectors[rows], "float32")
+        yield pa.RecordBatch.from_pydict({"doc_id": [doc_ids[i] for i in rows], "chunk": pa.array([0] * len(rows), pa.int32()),
+                                          "vector": cells, "dtype": ["float32"] * len(rows),
+                                          "scale": pa.nulls(len(rows), pa.float32())})
+
+
+def test_top_k_ranks_equal_scores_by_doc_and_chunk_whatever_the_batch_order():
+    from jobs.score import score_batches
+
+    rng = np.random.default_rng(9)
+    vectors = np.repeat(rng.integers(-3, 4, size=(6, 8)), 4, axis=0).astype(np.float32)  # four-way exact ties
+    doc_ids = [f"https://dup.example/{i:02d}" for i in rng.permutation(len(vectors))]
+    queries = rng.integers(-3, 4, size=(3, 8)).astype(np.float32)
+    expected = []
+    for query_index, query in enumerate(queries):
+        ranked = sorted((-float(query @ v), doc_ids[i], 0) for i, v in enumerate(vectors))[:5]
+        expected += [(query_index, doc, chunk, -score) for score, doc, chunk in ranked]
+    for seed, size in ((0, 24), (1, 5), (2, 3), (3, 7)):
+        order = list(np.random.default_rng(seed).permutation(len(vectors)))
+        batch = next(score_batches(_train_batches(vectors, doc_ids, order, size), queries, None, False, 5, 8))
+        got = list(zip(*(batch.column(name).to_pylist() for name in ("query_index", "doc_id", "chunk", "score"))))
+        assert got == expected, (seed, size)
