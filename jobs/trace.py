@@ -25,13 +25,20 @@ from infra.names import check_names
 
 
 def checkpoint_folder(lake: Lake, checkpoint_id: str) -> Path:
-    """A local folder holding a registered checkpoint (downloaded if it was registered from S3)."""
-    from jobs.extract import resolve_checkpoint
+    """A local folder holding a registered checkpoint (downloaded if it was registered from S3),
+    refused (CheckpointMismatch) if its weights changed since registration, as extract refuses:
+    scores from other weights than the stored vectors' would be silently wrong."""
+    from jobs.extract import CheckpointMismatch, model_fingerprint, resolve_checkpoint
 
-    rows = lake.read("checkpoints", filters=[("checkpoint_id", "=", checkpoint_id)], columns=["path"])
+    rows = lake.read("checkpoints", filters=[("checkpoint_id", "=", checkpoint_id)], columns=["path", "model_fingerprint"])
     if rows.num_rows == 0:
         raise LookupError(f"checkpoint {checkpoint_id!r} is not registered")
-    return resolve_checkpoint(lake, rows["path"][0].as_py())
+    folder = resolve_checkpoint(lake, rows["path"][0].as_py())
+    registered, found = rows["model_fingerprint"][0].as_py(), model_fingerprint(folder)
+    if found != registered:
+        raise CheckpointMismatch(f"checkpoint {checkpoint_id!r} was indexed with weights {registered}, but {folder} now "
+                                 f"holds {found}: re-extract it (`python -m jobs extract --checkpoint {folder} --force`)")
+    return folder
 
 
 class TraceContext:

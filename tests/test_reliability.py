@@ -434,3 +434,73 @@ def test_top_k_ranks_equal_scores_by_doc_and_chunk_whatever_the_batch_order():
         batch = next(score_batches(_train_batches(vectors, doc_ids, order, size), queries, None, False, 5, 8))
         got = list(zip(*(batch.column(name).to_pylist() for name in ("query_index", "doc_id", "chunk", "score"))))
         assert got == expected, (seed, size)
+
+
+# ------------------------------------------------------------------ the explorer never answers 500
+@pytest.fixture(scope="module")
+def explorer_lake(adam_run, tmp_path_factory):
+    """A lake with registered queries and checkpoint and hand-written proponents for all but one query."""
+    from jobs import register_queries
+    from jobs.checkpoints import load_manifest
+
+    source, summary = adam_run
+    lake_dir = copy_lake(source, tmp_path_factory.mktemp("explorer") / "lake")
+    lake = Lake(lake_dir)
+    register_queries.run(str(lake_dir))
+    checkpoint = lake_dir / "checkpoints" / summary["checkpoints"][-1]
+    manifest = load_manifest(checkpoint)
+    extract.register_checkpoint(lake, manifest, extract.model_fingerprint(checkpoint), str(checkpoint), "test")
+    queries = sorted(lake.read("queries").to_pylist(), key=lambda q: q["query_id"])
+    rows = [{"query_set": q["query_set"], "checkpoint_id": manifest["checkpoint_id"], "query_id": q["query_id"],
+             "method": method, "rank": rank, "doc_id": f"https://nowhere.example/{rank}", "chunk": 0, "score": 1.0 / rank,
+             "run_id": "test"} for q in queries[1:] for method in ("trackstar", "bm25") for rank in (1, 2)]
+    lake.append("proponents", pa.Table.from_pylist(rows, schema=TABLES["proponents"].arrow_schema))
+    return lake, checkpoint, queries
+
+
+def test_the_explorer_answers_odd_requests_with_a_page_or_a_4xx(explorer_lake):
+    from fastapi.testclient import TestClient
+
+    from jobs import explore
+
+    lake, _, queries = explorer_lake
+    client = TestClient(explore.create_app(lake.root))
+    unscored = queries[0]["query_id"]  # registered, never scored
+    pages = {"/": 200, "/?relation=&bucket=&prediction=&q=": 200, "/?q=no-query-says-this": 200,
+             "/?q=Zürich%20→%20東京": 200, f"/query/{unscored}": 200, f"/query/{unscored}?methods=&k=": 400,
+             f"/query/{queries[1]['query_id']}?methods=": 200, f"/query/{queries[1]['query_id']}?methods=trackstar": 200,
+             "/query/%C3%A9%E6%9D%B1": 404, "/query/%00": 404, "/?bucket=%F0%9F%98%80": 400, "/?checkpoint=%E2%80%8B": 400}
+    for path, status in pages.items():
+        response = client.get(path)
+        assert response.status_code == status, (path, response.status_code, response.text[:300])
+    assert "no proponents" in client.get(f"/query/{unscored}").text
+    assert "Metrics over these 0 queries" in client.get("/?q=no-query-says-this").text
+    guarded = TestClient(explore.create_app(lake.root, token="s3cret"))
+    for token in ("é", "\u200b", "s3cret\u00e9", ""):  # non-ASCII tokens crashed the comparison
+        assert guarded.get("/", params={"token": token}).status_code == 401, token
+    assert guarded.get("/", params={"token": "s3cret"}).status_code == 200
+    assert explore.needs_token("0.0.0.0") and not explore.needs_token("127.0.0.1")
+
+
+def test_trace_and_the_explorer_refuse_a_checkpoint_whose_weights_changed(explorer_lake):
+    from fastapi.testclient import TestClient
+    from safetensors.torch import load_file, save_file
+
+    from jobs import explore
+    from jobs.trace import checkpoint_folder
+
+    lake, checkpoint, _ = explorer_lake
+    checkpoint_id = json.loads((checkpoint / "manifest.json").read_text())["checkpoint_id"]
+    assert checkpoint_folder(lake, checkpoint_id) == checkpoint
+    original = (checkpoint / "model.safetensors").read_bytes()
+    weights = load_file(checkpoint / "model.safetensors")
+    first = sorted(weights)[0]
+    weights[first] = weights[first] + 1
+    save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    try:
+        with pytest.raises(extract.CheckpointMismatch, match="was indexed with weights .* re-extract it"):
+            checkpoint_folder(lake, checkpoint_id)  # what TraceContext, evaluate and the explorer load through
+        response = TestClient(explore.create_app(lake.root)).get("/")
+        assert response.status_code == 409 and "was indexed with weights" in response.text
+    finally:
+        (checkpoint / "model.safetensors").write_bytes(original)
