@@ -14,11 +14,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 
 class CheckpointError(ValueError):
     """A checkpoint folder lacks something the pipeline needs."""
+
+
+def checkpoints_root(lake_root) -> Path:
+    """Where trained checkpoint folders live: <lake>/model/checkpoints, outside every Delta table's
+    folder (inside the `checkpoints` table's, a vacuum of the table deleted them)."""
+    return Path(lake_root) / "model" / "checkpoints"
+
+
+def checkpoint_path(lake_root, checkpoint_id: str) -> Path:
+    """A trained checkpoint's folder; lakes written before the move keep it in <lake>/checkpoints/."""
+    path = checkpoints_root(lake_root) / checkpoint_id
+    legacy = Path(lake_root) / "checkpoints" / checkpoint_id
+    return legacy if not path.exists() and legacy.exists() else path
 
 
 def load_manifest(checkpoint_dir: Path) -> dict:
@@ -53,6 +64,8 @@ def check_complete(checkpoint_dir: Path, optimizer_source: str | None) -> None:
 
 def load_second_moments(checkpoint_dir: Path, source: str = "auto") -> dict:
     """The optimizer's second moments per parameter; `source` is "consolidated", "zero" or "auto"."""
+    import torch
+
     checkpoint_dir = Path(checkpoint_dir)
     consolidated = checkpoint_dir / "optimizer.pt"
     if source == "consolidated" or (source == "auto" and consolidated.exists()):
@@ -70,6 +83,8 @@ def second_moments_from_zero(checkpoint_dir: Path) -> dict:
     Each rank holds one contiguous slice of every parameter group's flat fp32 buffer; parameters
     lie in that buffer in `param_shapes` order, so the whole buffer is the ranks' slices joined.
     """
+    import torch
+
     zero_dir = Path(checkpoint_dir) / "zero"
     latest = zero_dir / "latest"
     if not latest.exists():

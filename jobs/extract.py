@@ -53,11 +53,13 @@ class ExtractConfig:
 # ------------------------------------------------------------------ shared by both sides
 def resolve_checkpoint(lake: Lake, checkpoint: str) -> Path:
     """A local folder for the checkpoint: as given, downloaded from S3, or the newest trained."""
+    from jobs.checkpoints import checkpoint_path
+
     if not checkpoint:
         summary = Path(lake.root) / "model" / "train_summary.json"
         if not summary.exists():
             raise FileNotFoundError(f"no checkpoint given and no trained model under {lake.root}")
-        return Path(lake.root) / "checkpoints" / json.loads(summary.read_text())["checkpoints"][-1]
+        return checkpoint_path(lake.root, json.loads(summary.read_text())["checkpoints"][-1])
     if checkpoint.startswith("s3://"):
         from infra.storage import download_prefix
 

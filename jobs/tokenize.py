@@ -54,9 +54,12 @@ def tokenizer_fingerprint(tokenizer_dir: Path, context: int) -> str:
 
 def model_context(lake_root: str) -> int:
     """The context of the lake's newest checkpoint (the chunks must fit it)."""
-    configs = sorted(Path(lake_root).glob("checkpoints/*/config.json"))
+    from jobs.checkpoints import checkpoints_root
+
+    configs = sorted([*checkpoints_root(lake_root).glob("*/config.json"), *Path(lake_root).glob("checkpoints/*/config.json")],
+                     key=lambda path: path.parent.name)  # and the folder lakes used before
     if not configs:
-        raise FileNotFoundError(f"no checkpoint under {lake_root}/checkpoints to take the context from; pass --context")
+        raise FileNotFoundError(f"no checkpoint under {checkpoints_root(lake_root)} to take the context from; pass --context")
     config = json.loads(configs[-1].read_text())
     return int(config.get("n_positions") or config["max_position_embeddings"])
 

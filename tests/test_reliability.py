@@ -20,10 +20,11 @@ import pyarrow as pa
 import pytest
 
 from infra.airflow_local import airflow_environment
-from infra.lake import Lake, LakeError
+from infra.lake import Lake, LakeError, utc_now
 from infra.names import InvalidName
 from infra.runs import finish_run, start_run
 from jobs import extract, tokenize
+from jobs.checkpoints import checkpoint_path
 from schemas.tables import TABLES
 from tests.fixtures import copy_lake
 
@@ -230,7 +231,7 @@ def test_hostile_names_are_refused_by_every_cli_argument_and_change_nothing(fuzz
 def test_a_checkpoint_id_that_is_a_path_is_refused_before_anything_is_written(fuzzed_lake, adam_run, tmp_path):
     lake, source, summary = fuzzed_lake[0], *adam_run
     hostile = tmp_path / "ck"
-    shutil.copytree(source / "checkpoints" / summary["checkpoints"][-1], hostile)
+    shutil.copytree(checkpoint_path(source, summary["checkpoints"][-1]), hostile)
     manifest = json.loads((hostile / "manifest.json").read_text())
     (hostile / "manifest.json").write_text(json.dumps({**manifest, "checkpoint_id": "../../../escaped"}))
     before = _lake_state(lake, Path(lake.root).parent)
@@ -380,7 +381,7 @@ def test_an_incomplete_checkpoint_is_refused_before_it_is_registered(fuzzed_lake
 
     lake, (source, summary) = fuzzed_lake[0], adam_run
     incomplete = tmp_path / "incomplete"
-    shutil.copytree(source / "checkpoints" / summary["checkpoints"][-1], incomplete)
+    shutil.copytree(checkpoint_path(source, summary["checkpoints"][-1]), incomplete)
     manifest = json.loads((incomplete / "manifest.json").read_text())
     (incomplete / "manifest.json").write_text(json.dumps({**manifest, "checkpoint_id": "incomplete-step6"}))
     (incomplete / "optimizer.pt").unlink()
@@ -447,7 +448,7 @@ def explorer_lake(adam_run, tmp_path_factory):
     lake_dir = copy_lake(source, tmp_path_factory.mktemp("explorer") / "lake")
     lake = Lake(lake_dir)
     register_queries.run(str(lake_dir))
-    checkpoint = lake_dir / "checkpoints" / summary["checkpoints"][-1]
+    checkpoint = checkpoint_path(lake_dir, summary["checkpoints"][-1])
     manifest = load_manifest(checkpoint)
     extract.register_checkpoint(lake, manifest, extract.model_fingerprint(checkpoint), str(checkpoint), "test")
     queries = sorted(lake.read("queries").to_pylist(), key=lambda q: q["query_id"])
@@ -504,3 +505,46 @@ def test_trace_and_the_explorer_refuse_a_checkpoint_whose_weights_changed(explor
         assert response.status_code == 409 and "was indexed with weights" in response.text
     finally:
         (checkpoint / "model.safetensors").write_bytes(original)
+
+
+# ------------------------------------------------------------------ maintenance cannot delete models
+def test_checkpoint_folders_live_outside_every_table_folder(adam_run):
+    from jobs.checkpoints import checkpoints_root
+
+    source, summary = adam_run
+    assert sorted(p.name for p in checkpoints_root(source).iterdir()) == sorted(summary["checkpoints"])
+    assert not (source / "checkpoints").exists()  # the `checkpoints` table's folder
+    assert all(not (source / table).exists() or table == "model" for table in TABLES)
+
+
+def test_maintenance_compacts_checkpoints_the_log_and_keeps_foreign_files(lake):
+    from infra.maintenance import maintain_lake
+    from jobs.orchestrate import maintain_lake as maintenance_task
+    from tests.test_lake import document_rows
+
+    for partition in range(2):
+        for _ in range(3):  # small files, as nightly appends make
+            lake.replace_slice("documents", document_rows(partition, 4), partition=partition)
+    for _ in range(3):
+        lake.append("documents", document_rows(2, 3))  # three small files in one partition
+    before = sorted(lake.read("documents").to_pylist(), key=str)
+    old_version = lake.version("documents")
+    lake.append("checkpoints", pa.table({
+        "checkpoint_id": ["ck1"], "step": [4], "path": ["/ck1"], "optimizer": ["adam"], "learning_rate": [1e-3],
+        "tokens_seen": [100], "model_fingerprint": ["m"], "registered_at": [utc_now()], "run_id": ["r1"]}))
+    model = Path(lake.path("checkpoints")) / "gpt2-old-layout-step000006"  # a model folder where lakes kept them
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights")
+    (model / "config.json").write_text("{}")
+
+    results = maintain_lake(lake)
+    documents = results["documents"]
+    assert documents["files_removed"] >= 2 and documents["files_added"] >= 1 and documents["version"] > old_version
+    assert documents["vacuumed"] == 0  # nothing is older than the retention yet: time travel still works
+    assert sorted(lake.read("documents").to_pylist(), key=str) == before
+    assert lake.read("documents", version=1).num_rows == 4  # the first write, files since compacted
+    assert list((Path(lake.path("documents")) / "_delta_log").glob("*.checkpoint.parquet"))
+    assert results["checkpoints"]["not_vacuumed_foreign_files"] == [
+        "gpt2-old-layout-step000006/config.json", "gpt2-old-layout-step000006/model.safetensors"]
+    assert (model / "model.safetensors").read_bytes() == b"weights"
+    assert set(results) == {"documents", "checkpoints"} and callable(maintenance_task)
