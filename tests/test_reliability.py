@@ -9,6 +9,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -183,17 +184,44 @@ def test_no_duplicate_keys_and_earlier_partitions_untouched(fuzzed_lake):
     assert sorted(again.to_pylist(), key=str) == sorted(before.to_pylist(), key=str)
 
 
+SNAPSHOT_COLUMNS = {"documents": ["doc_id", "partition", "line", "text"], "tokens": ["doc_id", "chunk", "input_ids"],
+                    "quarantine": ["source", "position", "reason"]}
+
+
+def _snapshot(lake):
+    return {table: sorted(map(str, lake.read(table, columns=names).to_pylist())) for table, names in SNAPSHOT_COLUMNS.items()}
+
+
 def test_a_forced_rerun_gives_identical_tables(fuzzed_lake):
-    lake, *_ = fuzzed_lake
-    columns = {"documents": ["doc_id", "partition", "line", "text"], "tokens": ["doc_id", "chunk", "input_ids"],
-               "quarantine": ["source", "position", "reason"]}
-
-    def snapshot():
-        return {table: sorted(map(str, lake.read(table, columns=names).to_pylist())) for table, names in columns.items()}
-
-    first = snapshot()
+    lake = fuzzed_lake[0]
+    first = _snapshot(lake)
     tokenize.run(tokenize.TokenizeConfig(lake=lake.root, max_chars=MAX_CHARS, force=True))
-    assert snapshot() == first
+    assert _snapshot(lake) == first
+
+
+@pytest.mark.parametrize("moment", ["runs", "documents", "tokens"])
+def test_tokenize_killed_after_each_commit_then_rerun_gives_identical_tables(fuzzed_lake, moment):
+    """kill -9 right after the run row, the documents or the tokens commit; the tables stay
+    without duplicates, the run is marked failed later, and a rerun gives the same tables."""
+    lake = fuzzed_lake[0]
+    first, version = _snapshot(lake), lake.version(moment)
+    child = subprocess.Popen([sys.executable, "-m", "jobs", "tokenize", "--lake", lake.root, "--force"],
+                             env={**os.environ, "PYTHONPATH": os.getcwd()}, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while lake.version(moment) == version and time.time() < deadline and child.poll() is None:
+        time.sleep(0.05)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    assert lake.version(moment) > version, f"killed before the {moment} commit"
+    documents = lake.read("documents", columns=["doc_id"])["doc_id"].to_pylist()
+    tokens = lake.read("tokens", columns=["doc_id", "chunk"])
+    assert len(documents) == len(set(documents))
+    assert tokens.num_rows == len(set(zip(tokens["doc_id"].to_pylist(), tokens["chunk"].to_pylist())))
+    tokenize.run(tokenize.TokenizeConfig(lake=lake.root, max_chars=MAX_CHARS, force=True))
+    assert _snapshot(lake) == first
+    statuses = [r["status"] for r in lake.read("runs", filters=[("command", "=", "tokenize")]).to_pylist()]
+    assert "running" not in statuses and statuses.count("failed") >= 1
 
 
 # ------------------------------------------------------------------ names are identifiers
