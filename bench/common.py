@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from jobs.checkpoints import checkpoint_path
+
 LAKE = Path("lake")
 
 
@@ -24,7 +26,7 @@ def latest_checkpoint(lake: Path = LAKE) -> Path | None:
     summary = lake / "model" / "train_summary.json"
     if not summary.exists():
         return None
-    return lake / "checkpoints" / json.loads(summary.read_text())["checkpoints"][-1]
+    return checkpoint_path(lake, json.loads(summary.read_text())["checkpoints"][-1])
 
 
 def random_documents(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:

@@ -48,7 +48,7 @@ def extraction_scaling(lake: Lake):
     from jobs import extract
 
     with tempfile.TemporaryDirectory() as scratch:
-        for folder in ("tokens", "checkpoints", "model"):
+        for folder in ("tokens", "model"):  # model/ holds the checkpoint folders
             shutil.copytree(Path(lake.root) / folder, Path(scratch) / folder)
         n = Lake(scratch).read("tokens", columns=["chunk"]).num_rows
         for ranks in (1, 2):

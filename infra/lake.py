@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from deltalake import DeltaTable, write_deltalake
+from deltalake.exceptions import CommitFailedError
 
 from infra import storage
 from schemas.tables import SchemaError, Table, table as declared
@@ -92,7 +93,12 @@ class Lake:
         spec = declared(table)
         predicate, data = slice_predicate(spec, keys), spec.validate(data)
         _check_rows_in_slice(spec, data, keys)
-        write_deltalake(self.create(table), data, mode="overwrite", predicate=predicate)
+        try:
+            write_deltalake(self.create(table), data, mode="overwrite", predicate=predicate)
+        except CommitFailedError as error:  # delta-rs's own words name the Delta conflict class only
+            raise LakeError(f"another run committed slice {keys} of table {table} first (now version "
+                            f"{self.version(table)}); nothing of this write was committed: rerun it to replace "
+                            f"the slice again ({error})") from error
         return self.version(table)
 
     def update(self, table: str, keys: dict, values: dict) -> int:
@@ -101,7 +107,9 @@ class Lake:
         invalid = [name for name in values if name not in spec.column_names]
         if invalid:
             raise SchemaError(f"table {table} has no columns {invalid}")
-        metrics = self.open(table).update(new_values=values, predicate=slice_predicate(spec, keys))
+        # SQL expressions built here: delta-rs's own `new_values` pastes strings between quotes unescaped
+        updates = {name: _update_value(spec.column(name).type, value) for name, value in values.items()}
+        metrics = self.open(table).update(updates=updates, predicate=slice_predicate(spec, keys))
         return metrics["num_updated_rows"]
 
     def read(self, table: str, filters=None, columns: list[str] | None = None, version: int | None = None) -> pa.Table:
@@ -189,15 +197,32 @@ def _equals(spec: Table, name: str, value, quote: str) -> str:
     column = f"{quote}{name}{quote}"
     if value is None:
         return f"{column} IS NULL"
-    return f"{column} = {_literal(spec.column(name).type, value, f'{spec.name}.{name}')}"
+    return f"{column} = {_literal(spec.column(name).type, value, f'{spec.name}.{name}', spark=quote == '`')}"
 
 
-def _literal(sql_type: str, value, where: str) -> str:
+def _literal(sql_type: str, value, where: str, spark: bool = False) -> str:
+    """A value as an SQL literal. Spark reads backslash escapes and takes 'a''b' for two adjacent
+    literals ("ab"); delta-rs (DataFusion) reads '' as one quote and backslashes as themselves."""
     if sql_type in ("INT", "BIGINT") and isinstance(value, int) and not isinstance(value, bool):
         return str(int(value))
+    if sql_type == "STRING" and isinstance(value, str) and spark:
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
     if sql_type == "STRING" and isinstance(value, str):
         return "'" + value.replace("'", "''") + "'"
     raise SchemaError(f"{where}: slice key value {value!r} is not a {sql_type}")
+
+
+def _update_value(sql_type: str, value) -> str:
+    """A value as a delta-rs SQL expression: strings quoted with quotes doubled, timestamps in microseconds."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, dt.datetime):
+        return str(int(value.timestamp() * 1_000_000))
+    if isinstance(value, str):
+        return _literal("STRING", value, sql_type)
+    if isinstance(value, (bool, int, float)):
+        return str(value).lower() if isinstance(value, bool) else repr(value)
+    raise SchemaError(f"cannot store a {type(value).__name__} in a {sql_type} column")
 
 
 def _check_rows_in_slice(spec: Table, data: pa.Table, keys: dict) -> None:

@@ -9,6 +9,8 @@ import importlib
 import os
 import sys
 
+from infra.names import InvalidName
+
 # Nothing can be fetched from a model hub here: fail fast instead of retrying the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -48,7 +50,11 @@ def main(argv=None) -> int:
     module = importlib.import_module(module_name)
     command_parser = argparse.ArgumentParser(prog=f"python -m jobs {name}", description=help_text)
     module.add_arguments(command_parser)
-    return module.main(command_parser.parse_args(rest)) or 0
+    args = command_parser.parse_args(rest)
+    try:
+        return module.main(args) or 0
+    except InvalidName as error:  # a usage error, not a crash: no traceback
+        command_parser.error(str(error))
 
 
 if __name__ == "__main__":

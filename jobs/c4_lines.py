@@ -13,7 +13,10 @@ RAW_VALUE_LIMIT = 1000  # characters of a bad line kept in the quarantine row
 
 
 def parse_line(raw: bytes) -> tuple[dict | None, str | None]:
-    """(record, None) for a valid C4 line, (None, reason) otherwise."""
+    """(record, None) for a valid C4 line, (None, reason) otherwise; never raises.
+
+    A reason starts with its kind ("malformed JSON", "missing field", ...), then ": " and the detail.
+    """
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -24,6 +27,8 @@ def parse_line(raw: bytes) -> tuple[dict | None, str | None]:
         record = json.loads(line)
     except ValueError as error:
         return None, f"malformed JSON: {error}"
+    except RecursionError:  # json recurses once per nesting level
+        return None, "malformed JSON: nested too deeply"
     if not isinstance(record, dict):
         return None, f"JSON {type(record).__name__}, expected an object"
     for name in REQUIRED_FIELDS:
@@ -31,10 +36,16 @@ def parse_line(raw: bytes) -> tuple[dict | None, str | None]:
             return None, f"missing field {name!r}"
         if not isinstance(record[name], str):
             return None, f"field {name!r} is {type(record[name]).__name__}, expected a string"
+        try:  # JSON escapes can spell lone surrogates, which no table can store
+            record[name].encode("utf-8")
+        except UnicodeEncodeError as error:
+            return None, f"unencodable text: field {name!r} holds {error.reason} at character {error.start}"
+        if "\x00" in record[name]:
+            return None, f"binary junk: NUL characters in {name}"
     if not record["text"].strip():
         return None, "empty text"
-    if "\x00" in record["text"]:
-        return None, "binary junk: NUL characters in text"
+    if not record["url"].strip():
+        return None, "empty url"
     return record, None
 
 

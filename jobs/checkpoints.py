@@ -14,11 +14,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 
 class CheckpointError(ValueError):
     """A checkpoint folder lacks something the pipeline needs."""
+
+
+def checkpoints_root(lake_root) -> Path:
+    """Where trained checkpoint folders live: <lake>/model/checkpoints, outside every Delta table's
+    folder (inside the `checkpoints` table's, a vacuum of the table deleted them)."""
+    return Path(lake_root) / "model" / "checkpoints"
+
+
+def checkpoint_path(lake_root, checkpoint_id: str) -> Path:
+    """A trained checkpoint's folder; lakes written before the move keep it in <lake>/checkpoints/."""
+    path = checkpoints_root(lake_root) / checkpoint_id
+    legacy = Path(lake_root) / "checkpoints" / checkpoint_id
+    return legacy if not path.exists() and legacy.exists() else path
 
 
 def load_manifest(checkpoint_dir: Path) -> dict:
@@ -28,8 +39,33 @@ def load_manifest(checkpoint_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def check_complete(checkpoint_dir: Path, optimizer_source: str | None) -> None:
+    """CheckpointError unless the folder holds every file extraction reads (config, weights, and the
+    optimizer state when `optimizer_source` is not None), each non-empty. Nothing is loaded: cheap
+    enough to run before a checkpoint is registered, however big it is."""
+    checkpoint_dir = Path(checkpoint_dir)
+    needed = [checkpoint_dir / name for name in ("manifest.json", "config.json", "model.safetensors")]
+    if optimizer_source is not None:
+        consolidated = checkpoint_dir / "optimizer.pt"
+        if optimizer_source == "consolidated" or (optimizer_source == "auto" and consolidated.exists()):
+            needed.append(consolidated)
+        else:
+            latest = checkpoint_dir / "zero" / "latest"
+            needed.append(latest)
+            if latest.is_file():
+                tag_dir = checkpoint_dir / "zero" / latest.read_text().strip()
+                needed += [tag_dir / "mp_rank_00_model_states.pt",
+                           *(sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")) or
+                             [tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt"])]
+    missing = [str(path.relative_to(checkpoint_dir)) for path in needed if not path.is_file() or not path.stat().st_size]
+    if missing:
+        raise CheckpointError(f"{checkpoint_dir}: incomplete checkpoint, missing or empty: {', '.join(missing)}")
+
+
 def load_second_moments(checkpoint_dir: Path, source: str = "auto") -> dict:
     """The optimizer's second moments per parameter; `source` is "consolidated", "zero" or "auto"."""
+    import torch
+
     checkpoint_dir = Path(checkpoint_dir)
     consolidated = checkpoint_dir / "optimizer.pt"
     if source == "consolidated" or (source == "auto" and consolidated.exists()):
@@ -47,6 +83,8 @@ def second_moments_from_zero(checkpoint_dir: Path) -> dict:
     Each rank holds one contiguous slice of every parameter group's flat fp32 buffer; parameters
     lie in that buffer in `param_shapes` order, so the whole buffer is the ranks' slices joined.
     """
+    import torch
+
     zero_dir = Path(checkpoint_dir) / "zero"
     latest = zero_dir / "latest"
     if not latest.exists():

@@ -301,8 +301,10 @@ def seed_rankings(lake: Lake, config: EvaluateConfig, checkpoint_dir: Path, chec
 
 # ------------------------------------------------------------------ the job
 def run(config: EvaluateConfig) -> dict:
+    from infra.names import check_names
     from infra.runs import finish_run, start_run
 
+    check_names(query_set=config.query_set, checkpoint_id=config.checkpoint_id)
     lake = Lake(config.lake)
     checkpoint_dir = evaluated_checkpoint(lake, config)
     manifest = load_manifest(checkpoint_dir)

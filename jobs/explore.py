@@ -273,7 +273,7 @@ def query_page(explorer: Explorer, query_id: str, checkpoint=None, methods=None,
                 try:
                     body = _heat(explorer.heat_map(checkpoint, query["query_set"], query_id, row["doc_id"], row["chunk"]),
                                  query)
-                except LookupError:
+                except (LookupError, ValueError, StopIteration):  # not scored or extracted here: the plain text
                     pass
             effect = (f" <span class='tail-patch' title='one optimizer step on this chunk'>tail-patch Δlog p "
                       f"{patched[row['doc_id']]:+.3f}</span>" if row["doc_id"] in patched else "")
@@ -282,6 +282,7 @@ def query_page(explorer: Explorer, query_id: str, checkpoint=None, methods=None,
                          f"<span class='muted'>{'' if states else explorer.categorizer.category(row['doc_id'], text, query) + ' · '}"
                          f"{html.escape(row['doc_id'])}</span>"
                          f"<div class='text'>{body}</div></div>")
+        cards = cards or [f"<p class='muted'>no proponents of this query for {html.escape(method)} on this checkpoint</p>"]
         columns.append(f"<div class='col method' data-method='{html.escape(method)}'><h3>{html.escape(method)}</h3>{''.join(cards)}</div>")
     switches = " ".join(f"<a class='method-link' href='{html.escape(link('/query/' + query_id, checkpoint=checkpoint, methods=m + ',bm25' if m != 'bm25' else m))}'>"
                         f"{html.escape(m)}</a>" for m in available)
@@ -301,12 +302,14 @@ def create_app(lake_root: str, token: str | None = None):
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, PlainTextResponse
 
+    from jobs.extract import CheckpointMismatch
+
     explorer, app = Explorer(lake_root), FastAPI(title="TrackStar explorer", docs_url=None, redoc_url=None)
 
     @app.middleware("http")
     async def require_token(request: Request, call_next):
-        if token and not secrets.compare_digest(request.query_params.get("token") or request.cookies.get("trackstar_token") or "",
-                                                token):
+        given = request.query_params.get("token") or request.cookies.get("trackstar_token") or ""
+        if token and not secrets.compare_digest(given.encode(), token.encode()):  # str: ASCII only, else TypeError
             return PlainTextResponse("an access token is required (?token=...)", status_code=401)
         response = await call_next(request)
         if token:
@@ -318,6 +321,8 @@ def create_app(lake_root: str, token: str | None = None):
             return HTMLResponse(render(explorer, *args, **kwargs))
         except BadRequest as error:
             return PlainTextResponse(str(error), status_code=400)
+        except CheckpointMismatch as error:  # the lake's vectors belong to other weights than the folder's
+            return PlainTextResponse(str(error), status_code=409)
         except LookupError as error:
             return PlainTextResponse(str(error), status_code=404)
 

@@ -25,10 +25,13 @@ from pathlib import Path
 import pyarrow as pa
 
 from infra.lake import Lake
+from infra.names import check_name, check_names
 from jobs.launch import init_rank, launch_ranks, rank_arguments
 from infra.config import load_config
 
 TRAIN, QUERY = "train", "query"
+# Queries are few and every score leans on them: never rounded to int8 or 16 bits with the corpus.
+QUERY_DTYPE = "float32"
 
 
 @dataclass
@@ -50,15 +53,18 @@ class ExtractConfig:
 # ------------------------------------------------------------------ shared by both sides
 def resolve_checkpoint(lake: Lake, checkpoint: str) -> Path:
     """A local folder for the checkpoint: as given, downloaded from S3, or the newest trained."""
+    from jobs.checkpoints import checkpoint_path
+
     if not checkpoint:
         summary = Path(lake.root) / "model" / "train_summary.json"
         if not summary.exists():
             raise FileNotFoundError(f"no checkpoint given and no trained model under {lake.root}")
-        return Path(lake.root) / "checkpoints" / json.loads(summary.read_text())["checkpoints"][-1]
+        return checkpoint_path(lake.root, json.loads(summary.read_text())["checkpoints"][-1])
     if checkpoint.startswith("s3://"):
         from infra.storage import download_prefix
 
-        local = Path(lake.root) / "_cache" / "checkpoints" / checkpoint.rstrip("/").rsplit("/", 1)[-1]
+        local = Path(lake.root) / "_cache" / "checkpoints" / check_name(checkpoint.rstrip("/").rsplit("/", 1)[-1],
+                                                                       "checkpoint folder")
         download_prefix(checkpoint, local)
         return local
     return Path(checkpoint)
@@ -116,6 +122,7 @@ def check_checkpoint(lake: Lake, checkpoint_dir: Path, force: bool) -> tuple[dic
     from jobs.checkpoints import load_manifest
 
     manifest = load_manifest(checkpoint_dir)
+    check_name(manifest.get("checkpoint_id"), f"checkpoint id in {checkpoint_dir}/manifest.json")
     weights = model_fingerprint(checkpoint_dir)
     known = lake.read("checkpoints", filters=[("checkpoint_id", "=", manifest["checkpoint_id"])],
                       columns=["model_fingerprint"])["model_fingerprint"].to_pylist()
@@ -148,12 +155,15 @@ def done_items(lake: Lake, checkpoint_id: str, fingerprint: str, kind: str, quer
 
 def run(config: ExtractConfig) -> dict:
     from infra.runs import finish_run, start_run
+    from jobs.checkpoints import check_complete
 
+    check_names(query_set=config.query_set)
     lake = Lake(config.lake)
     checkpoint_dir = resolve_checkpoint(lake, config.checkpoint)
     spec = projection_spec(checkpoint_dir, config)
     fingerprint = spec.fingerprint()
     manifest, weights = check_checkpoint(lake, checkpoint_dir, config.force)
+    check_complete(checkpoint_dir, config.optimizer_source if spec.normalizer != "none" else None)  # before registering
     checkpoint_id = manifest["checkpoint_id"]
 
     tokens = lake.read("tokens", columns=["partition"])
@@ -302,7 +312,7 @@ class RankWorker:
         keep = self._split_nonfinite(vectors, [f"{q}/prompt{i}" for q, i in keys], source=f"query_gradients/{query_set}")
         table = pa.table({"query_set": [query_set] * len(keep), "checkpoint_id": [self.plan["checkpoint_id"]] * len(keep),
                           "query_id": [keys[i][0] for i in keep], "prompt_index": [keys[i][1] for i in keep],
-                          **self._vector_columns(vectors[keep])})
+                          **self._vector_columns(vectors[keep], QUERY_DTYPE)})
         self.lake.replace_slice("query_gradients", table, query_set=query_set, checkpoint_id=self.plan["checkpoint_id"],
                                 fingerprint=self.fingerprint)
         self._save_autocorrelation(QUERY, query_set, vectors[keep])
@@ -322,12 +332,12 @@ class RankWorker:
             print(f"[extract rank {self.rank}] {len(bad)} row(s) of {source} quarantined: non-finite gradients", flush=True)
         return np.flatnonzero(finite).tolist()
 
-    def _vector_columns(self, vectors) -> dict:
+    def _vector_columns(self, vectors, dtype: str | None = None) -> dict:
         import numpy as np
 
         from schemas.vectors import decode_vectors, encode_vectors
 
-        dtype, n = self.config.vector_dtype, len(vectors)
+        dtype, n = dtype or self.config.vector_dtype, len(vectors)
         cells, scales = encode_vectors(vectors, dtype)
         stored = decode_vectors(cells, dtype, scales, vectors.shape[1])  # the norm of what readers will see
         return {"vector": cells, "dtype": [dtype] * n,

@@ -149,8 +149,10 @@ def extracted_sums(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: 
 
 
 def run(config: FitHessianConfig) -> dict:
+    from infra.names import check_names
     from infra.runs import finish_run, start_run
 
+    check_names(query_set=config.query_set, checkpoint_id=config.checkpoint_id, fingerprint=config.fingerprint)
     lake = Lake(config.lake)
     checkpoint_id = config.checkpoint_id or latest_checkpoint_id(lake)
     fingerprint = config.fingerprint or only_fingerprint(lake, checkpoint_id)

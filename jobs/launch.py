@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +31,7 @@ def _has_gpu() -> bool:
 
 def launch_ranks(module: str, plan: Path, ranks: int):
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TRANSFORMERS_VERBOSITY="error",
-               PYTHONWARNINGS="ignore::FutureWarning")
+               PYTHONWARNINGS="ignore::FutureWarning", TRACKSTAR_DRIVER_PID=str(os.getpid()))
     if not _has_gpu():
         # one thread per rank: the ranks themselves are the parallelism on a CPU host
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
@@ -40,8 +41,30 @@ def launch_ranks(module: str, plan: Path, ranks: int):
     subprocess.run(command, env=env, check=True)
 
 
+def exit_with_driver(poll_seconds: float = 1.0) -> None:
+    """Ends this rank when the driver that launched it is gone. A killed driver gets no chance to
+    stop the DeepSpeed launcher, whose ranks would otherwise keep writing slices for a dead run."""
+    import threading
+
+    driver = int(os.environ.get("TRACKSTAR_DRIVER_PID", "0"))
+    if not driver:
+        return
+
+    def watch():
+        while True:
+            try:
+                os.kill(driver, 0)
+            except ProcessLookupError:
+                print(f"[rank {os.getpid()}] driver process {driver} is gone: exiting", file=sys.stderr, flush=True)
+                os._exit(1)  # the launcher sees a failed rank and stops the others
+            time.sleep(poll_seconds)
+
+    threading.Thread(target=watch, name="exit-with-driver", daemon=True).start()
+
+
 def init_rank():
     """Join the process group from inside a rank; returns (rank, world_size)."""
+    exit_with_driver()  # first: the imports below take seconds
     import logging
 
     import deepspeed

@@ -18,7 +18,9 @@ import os
 from pathlib import Path
 
 from infra.lake import Lake
+from infra.names import NAME_PATTERN  # noqa: F401  (the DAGs' name params)
 from jobs import extract, fit_hessian, score, tokenize
+from jobs.checkpoints import checkpoints_root
 from infra.config import load_config
 
 DEFAULT_METHODS = ("trackstar",)
@@ -29,7 +31,7 @@ def lake_root() -> str:
 
 
 def checkpoint_location() -> str:
-    return os.environ.get("TRACKSTAR_CHECKPOINTS", str(Path(lake_root()) / "checkpoints"))
+    return os.environ.get("TRACKSTAR_CHECKPOINTS", str(checkpoints_root(lake_root())))
 
 
 def refit_threshold() -> float:
@@ -232,6 +234,13 @@ def evaluate_if_ground_truth(extraction: dict, query_set: str) -> dict | None:
     metrics = attribution_metrics(ranked, truth, {q["query_id"]: q["frequency_bucket"] for q in queries}, k=10)
     write_attribution_metrics(lake, query_set, extraction["checkpoint_id"], metrics, f"score-eval-{extraction['checkpoint_id']}")
     return {method: cells["all"] for method, cells in metrics.items()}
+
+
+def maintain_lake() -> dict:
+    """Compaction, vacuum with Delta's default retention and log checkpoints of every table."""
+    from infra.maintenance import maintain_lake as maintain
+
+    return maintain(Lake(lake_root()))
 
 
 def report_summary(tokenized: list | None, extraction: dict, refitted: list[str], rescored: list[str]) -> str:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from jobs import evaluate, model_eval, register_queries, train_model, world
+from jobs.checkpoints import checkpoint_path
 from infra.config import load_config
 
 
@@ -31,7 +32,7 @@ def run(lake: str, seed: int = 0, airflow_home: str = ".airflow", reports: str =
 
     world_summary = stage("world", lambda: world.run(world.WorldConfig(out_dir=lake, seed=seed)))
     train_summary = stage("train-model", lambda: train_model.run(train_model.TrainConfig(lake=lake, seed=seed)))
-    final_checkpoint = Path(lake) / "checkpoints" / train_summary["checkpoints"][-1]
+    final_checkpoint = checkpoint_path(lake, train_summary["checkpoints"][-1])
     accuracy = stage("model-accuracy", lambda: model_eval.evaluate_checkpoint(final_checkpoint,
                                                                               Path(lake) / "world" / "queries.jsonl"))
     stage("register-queries", lambda: register_queries.run(lake))

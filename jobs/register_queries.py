@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from infra.lake import Lake
+from infra.names import check_names
 from jobs.world import read_queries
 from schemas.tables import TABLES
 from infra.config import load_config
@@ -22,6 +23,7 @@ DEFAULT_QUERY_SET = "fact-world"
 
 
 def run(lake_root: str, path: str | None = None, name: str = DEFAULT_QUERY_SET, run_id: str = "manual") -> int:
+    check_names(query_set=name, run_id=run_id)
     lake = Lake(lake_root)
     path = Path(path or Path(lake_root) / "world" / "queries.jsonl")
     queries = read_queries(path)

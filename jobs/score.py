@@ -28,6 +28,7 @@ import pyarrow as pa
 import torch
 
 from infra.lake import Lake
+from infra.names import check_names
 from infra.config import load_config
 
 # method -> (registered matrix kind or None, power applied to it, unit norm, on both sides)
@@ -99,13 +100,14 @@ def rank_in_memory(lake: Lake, method: str, checkpoint_id: str, query_set: str, 
 
 
 def score_batches(batches, queries: np.ndarray, train_blocks, unit_norm: bool, k: int, dim: int):
-    """mapInArrow body: batches of train vectors -> this task's top-k rows per query."""
-    from gradient_kernels.scoring import merge_top_k, top_k
+    """mapInArrow body: batches of train vectors -> this task's top-k rows per query.
+
+    Equal scores (duplicate documents) are ranked by (doc_id, chunk), the global order, so a task
+    keeps the same k rows whatever order its batches come in: reruns give identical tables."""
     from schemas.vectors import decode_vectors
 
     q = torch.from_numpy(queries)
-    best_values = best_indices = None
-    keys_doc, keys_chunk, seen = [], [], 0
+    best = [[] for _ in range(len(queries))]  # per query: its best (-score, doc_id, chunk), at most k
     for batch in batches:
         if batch.num_rows == 0:
             continue
@@ -114,22 +116,20 @@ def score_batches(batches, queries: np.ndarray, train_blocks, unit_norm: bool, k
             raise ValueError(f"mixed vector dtypes in one batch: {dtypes}")
         train = torch.from_numpy(decode_vectors(batch.column("vector"), dtypes.pop(), batch.column("scale").to_numpy(
             zero_copy_only=False), dim))
-        values, indices = top_k(q, _prepared_side(train, train_blocks, unit_norm), k, index_offset=seen)
-        if best_values is None:
-            best_values, best_indices = values, indices
-        else:
-            best_values, best_indices = merge_top_k(best_values, best_indices, values, indices, k)
-        keys_doc += batch.column("doc_id").to_pylist()
-        keys_chunk += batch.column("chunk").to_pylist()
-        seen += batch.num_rows
-    if best_values is None:
+        scores = q @ _prepared_side(train, train_blocks, unit_norm).T
+        kth = scores.topk(min(k, batch.num_rows), dim=1).values[:, -1:]
+        doc_ids, chunks = batch.column("doc_id").to_pylist(), batch.column("chunk").to_pylist()
+        kept = scores >= kth  # the batch's top k and any rows tied with its k-th
+        for (query, row), score in zip(kept.nonzero().tolist(), scores[kept].tolist()):
+            best[query].append((-score, doc_ids[row], chunks[row]))
+        best = [sorted(candidates)[:k] for candidates in best]
+    if not any(best):
         return
-    rows = best_indices.numpy()
+    rows = [(query, *candidate) for query, candidates in enumerate(best) for candidate in candidates]
     yield pa.RecordBatch.from_pydict({
-        "query_index": np.repeat(np.arange(rows.shape[0], dtype=np.int32), rows.shape[1]),
-        "doc_id": [keys_doc[i] for i in rows.reshape(-1)],
-        "chunk": np.asarray([keys_chunk[i] for i in rows.reshape(-1)], dtype=np.int32),
-        "score": best_values.numpy().reshape(-1).astype(np.float64)})
+        "query_index": np.asarray([r[0] for r in rows], dtype=np.int32), "doc_id": [r[2] for r in rows],
+        "chunk": np.asarray([r[3] for r in rows], dtype=np.int32),
+        "score": np.asarray([-r[1] for r in rows], dtype=np.float64)})
 
 
 def scoring_inputs(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: str) -> dict:
@@ -172,6 +172,7 @@ def run(config: ScoreConfig) -> dict:
     from infra.spark import spark_session
     from jobs.fit_hessian import latest_checkpoint_id, only_fingerprint
 
+    check_names(query_set=config.query_set, checkpoint_id=config.checkpoint_id, fingerprint=config.fingerprint)
     lake = Lake(config.lake)
     checkpoint_id = config.checkpoint_id or latest_checkpoint_id(lake)
     fingerprint = config.fingerprint or only_fingerprint(lake, checkpoint_id)
@@ -201,8 +202,8 @@ def run(config: ScoreConfig) -> dict:
                       .select(F.lit(config.query_set).alias("query_set"), F.lit(checkpoint_id).alias("checkpoint_id"),
                               "query_id", F.lit(method).alias("method"), "rank", "doc_id", "chunk", "score",
                               F.lit(run_id).alias("run_id")))
-        where = (f"query_set = '{config.query_set}' AND method = '{method}' AND checkpoint_id = '{checkpoint_id}'")
-        lake.spark_write(proponents, "proponents", replace_where=where)
+        lake.spark_write(proponents, "proponents",
+                         replace_where={"query_set": config.query_set, "method": method, "checkpoint_id": checkpoint_id})
         written[method] = len(query_ids) * k
         print(f"[score] {method}: top-{k} of {config.query_set} × {checkpoint_id} written", flush=True)
     result = {"checkpoint_id": checkpoint_id, "query_set": config.query_set, "fingerprint": fingerprint,

@@ -5,7 +5,8 @@
     python -m jobs sql top_proponents --param query_set=trex --param query_id=q17 --lake lake
 
 Each table the query names is registered as a temp view over its Delta folder; parameters are
-bound as Spark SQL named parameters (`:name`), never pasted into the text. The queries:
+bound as Spark SQL named parameters (`:name`), never pasted into the text. SQL text is read-only
+(one SELECT-like statement) unless `--allow-writes` is given. The queries:
 
 - top_proponents(query_set, query_id, method): a query's top-ranked training chunks with the text
   of their documents (proponents joined with documents), per checkpoint.
@@ -108,8 +109,34 @@ def run_query(spark, lake: Lake, name: str, params: dict[str, str] | None = None
     return run_sql(spark, lake, query.sql, bind_params(name, params or {}), what=f"query {name}")
 
 
-def run_sql(spark, lake: Lake, sql: str, args: dict | None = None, what: str = "the query"):
-    """Any SQL over the lake: each table it names becomes a temp view over its Delta folder."""
+READ_KEYWORDS = ("SELECT", "WITH", "VALUES", "EXPLAIN", "SHOW", "DESCRIBE", "DESC", "TABLE", "FROM")
+WRITE_KEYWORDS = ("INSERT", "UPDATE", "DELETE", "MERGE", "DROP", "CREATE", "ALTER", "TRUNCATE", "OVERWRITE",
+                  "VACUUM", "OPTIMIZE", "RESTORE", "CACHE", "UNCACHE", "REFRESH", "SET", "RESET", "LOAD", "MSCK",
+                  "CALL", "USE", "ADD", "GRANT", "REVOKE")
+_COMMENTS_AND_STRINGS = re.compile(r"--[^\n]*|/\*.*?\*/|'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|`[^`]*`", re.DOTALL)
+
+
+class WriteRefused(PermissionError):
+    """A statement that could change the lake, sent without allow_writes."""
+
+
+def check_read_only(sql: str) -> None:
+    """Refuse anything but one reading statement: the first word must read (SELECT, WITH, ...), no
+    word outside quotes and comments may write (a CTE can end in an INSERT), and no second statement."""
+    code = _COMMENTS_AND_STRINGS.sub(" ", sql).strip().rstrip(";")
+    words = re.findall(r"[A-Za-z_]+", code.upper())
+    writing = sorted(set(words) & set(WRITE_KEYWORDS))
+    if not words or words[0] not in READ_KEYWORDS or writing or ";" in code:
+        raise WriteRefused(f"jobs sql is read-only: refused {' '.join(sql.split())[:80]!r}"
+                           f"{' (it writes: ' + ', '.join(writing) + ')' if writing else ''}; "
+                           "only one SELECT-like statement runs unless --allow-writes is given")
+
+
+def run_sql(spark, lake: Lake, sql: str, args: dict | None = None, what: str = "the query", allow_writes: bool = False):
+    """Any SQL over the lake: each table it names becomes a temp view over its Delta folder.
+    Read-only unless allow_writes: on Sail a DELETE through such a view deletes from the table."""
+    if not allow_writes:
+        check_read_only(sql)
     for table in tables_used(sql):
         if not lake.exists(table):
             raise TableNotFoundError(f"{what} needs table {table}, which does not exist under {lake.root} yet")
@@ -129,6 +156,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lake", help="lake root (default: the configured lake_root)")
     parser.add_argument("--rows", type=int, default=50, help="rows to print")
     parser.add_argument("--list", action="store_true", help="list the queries and their parameters")
+    parser.add_argument("--allow-writes", action="store_true",
+                        help="let SQL text change tables (INSERT, DELETE, MERGE, ...); refused otherwise")
 
 
 def main(args) -> int:
@@ -144,7 +173,10 @@ def main(args) -> int:
     if args.name in SQL_QUERIES:
         result = run_query(spark, lake, args.name, params)
     elif " " in args.name.strip():  # SQL text, e.g. "SELECT method, count(*) FROM proponents GROUP BY method"
-        result = run_sql(spark, lake, args.name, params)
+        try:
+            result = run_sql(spark, lake, args.name, params, allow_writes=args.allow_writes)
+        except WriteRefused as error:
+            raise SystemExit(f"error: {error}") from None
     else:
         raise SystemExit(f"unknown query {args.name!r}; documented queries: {', '.join(SQL_QUERIES)} (or pass SQL text)")
     result.show(n=args.rows, truncate=False)

@@ -2,7 +2,8 @@
 
 Raw files are read as bytes line by line inside `mapInArrow` (a JSON reader would fail the whole
 file on one malformed line); every line is validated (`jobs.c4_lines`), good ones become
-documents, bad ones quarantine rows with the reason. Documents are tokenized with the
+documents, bad ones quarantine rows with the reason; a url already taken (by a partition the lake
+holds, or an earlier line of this run) is quarantined as a duplicate: one url, one document. Documents are tokenized with the
 checkpoint's fast tokenizer, prefixed with the end-of-text token the model saw before every
 training document, and cut into chunks no longer than the context.
 
@@ -18,6 +19,8 @@ import hashlib
 import json
 import os
 import re
+import zlib
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -52,9 +55,12 @@ def tokenizer_fingerprint(tokenizer_dir: Path, context: int) -> str:
 
 def model_context(lake_root: str) -> int:
     """The context of the lake's newest checkpoint (the chunks must fit it)."""
-    configs = sorted(Path(lake_root).glob("checkpoints/*/config.json"))
+    from jobs.checkpoints import checkpoints_root
+
+    configs = sorted([*checkpoints_root(lake_root).glob("*/config.json"), *Path(lake_root).glob("checkpoints/*/config.json")],
+                     key=lambda path: path.parent.name)  # and the folder lakes used before
     if not configs:
-        raise FileNotFoundError(f"no checkpoint under {lake_root}/checkpoints to take the context from; pass --context")
+        raise FileNotFoundError(f"no checkpoint under {checkpoints_root(lake_root)} to take the context from; pass --context")
     config = json.loads(configs[-1].read_text())
     return int(config.get("n_positions") or config["max_position_embeddings"])
 
@@ -86,9 +92,29 @@ PARSED_SCHEMA = pa.schema([("doc_id", pa.string()), ("partition", pa.int32()), (
                            ("n_chars", pa.int32()), ("reason", pa.string()), ("raw_value", pa.string())])
 
 
+def raw_lines(path: str, max_line_bytes: int):
+    """(line number, bytes) of a gzip file; a line longer than max_line_bytes comes back as None
+    (read past, never held in memory whole)."""
+    with gzip.open(path, "rb") as fh:
+        number = 0
+        while True:
+            raw = fh.readline(max_line_bytes + 1)
+            if not raw:
+                return
+            number += 1
+            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                while raw and not raw.endswith(b"\n"):
+                    raw = fh.readline(max_line_bytes)
+                yield number, None
+            else:
+                yield number, raw.rstrip(b"\n")
+
+
 def parse_files(batches, max_chars: int):
     """(path, partition) rows -> one row per raw line: a document or a reason. An empty or
-    unreadable file gives one row with the reason, so it is reported, never silently skipped."""
+    unreadable file gives one row with the reason, so it is reported, never silently skipped.
+    A line is parsed in isolation: nothing it holds can fail the file or the run."""
+    max_line_bytes = 4 * max_chars + 4096  # UTF-8 needs at most 4 bytes a character, JSON a little more
     for batch in batches:
         for path, partition in zip(batch.column("path").to_pylist(), batch.column("partition").to_pylist()):
             rows = {name: [] for name in PARSED_SCHEMA.names}
@@ -107,14 +133,19 @@ def parse_files(batches, max_chars: int):
 
             number = 0
             try:
-                with gzip.open(path, "rb") as fh:
-                    for number, raw in enumerate(fh, start=1):
-                        record, reason = c4_lines.parse_line(raw.rstrip(b"\n"))
-                        if record is not None and len(record["text"]) > max_chars:
-                            record, reason = None, f"document too large: {len(record['text']):,} characters > {max_chars:,}"
-                        add(number, record, reason, raw)
-            except (OSError, EOFError) as error:  # not gzip, truncated: keep what was read, report the rest
-                add(number + 1, None, f"unreadable file after line {number}: {error}", None)
+                for number, raw in raw_lines(path, max_line_bytes):
+                    if raw is None:
+                        add(number, None, f"document too large: line longer than {max_line_bytes:,} bytes", None)
+                        continue
+                    try:
+                        record, reason = c4_lines.parse_line(raw)
+                    except Exception as error:  # a defect in validation must cost one line, not the run
+                        record, reason = None, f"unexpected error: {type(error).__name__}: {error}"
+                    if record is not None and len(record["text"]) > max_chars:
+                        record, reason = None, f"document too large: {len(record['text']):,} characters > {max_chars:,}"
+                    add(number, record, reason, raw)
+            except (OSError, EOFError, zlib.error) as error:  # not gzip, truncated, corrupt: keep what was read
+                add(number + 1, None, f"unreadable file: after line {number}: {error}", None)
             if number == 0 and not rows["line"]:
                 add(0, None, "empty partition file: no lines", None)
             yield pa.RecordBatch.from_pydict(rows, schema=PARSED_SCHEMA)
@@ -147,6 +178,44 @@ def tokenize_documents(batches, tokenizer_file: str, context: int):
                 rows["input_ids"].append(ids[start:end])
                 rows["n_tokens"].append(end - start)
         yield pa.RecordBatch.from_pydict(rows, schema=TOKEN_SCHEMA)
+
+
+def good_lines(batches):
+    """mapInArrow body: only the lines that became documents."""
+    import pyarrow.compute as pc
+
+    for batch in batches:
+        yield batch.filter(pc.is_null(batch.column("reason")))
+
+
+def with_duplicate_urls(spark, lake: Lake, parsed, pending: list[int]):
+    """Parsed lines with a reason added to every document whose url (its doc_id) is already taken:
+    by a partition the lake holds and this run does not rewrite, or by an earlier line of this run
+    (in partition, line order). One url, one document: the first one wins."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    order = Window.partitionBy("doc_id").orderBy("partition", "line")
+    lines = (parsed.withColumn("occurrence", F.row_number().over(order))
+             .withColumn("first_at", F.first(F.concat_ws(":", "source", F.col("line").cast("string"))).over(order)))
+    earlier = F.lit(None).cast("string")
+    if lake.exists("documents"):
+        indexed = (lake.spark_read(spark, "documents").filter(~F.col("partition").isin(pending))
+                   .select("doc_id", F.concat_ws(":", "source", F.col("line").cast("string")).alias("indexed_at")))
+        lines, earlier = lines.join(indexed, "doc_id", "left"), F.col("indexed_at")
+    is_document = F.col("reason").isNull()
+    reason = F.coalesce(
+        F.col("reason"),
+        F.when(is_document & earlier.isNotNull(), F.concat(F.lit("duplicate url: first seen at "), earlier)),
+        F.when(is_document & (F.col("occurrence") > 1), F.concat(F.lit("duplicate url: first seen at "), F.col("first_at"))))
+    duplicate = is_document & reason.isNotNull()
+    return (lines.withColumn("raw_value", F.when(duplicate, F.col("doc_id")).otherwise(F.col("raw_value")))
+            .withColumn("reason", reason).select(*PARSED_SCHEMA.names))
+
+
+def reason_counts(reasons) -> dict[str, int]:
+    """{kind: lines} where a reason's kind is its text before the first ": "."""
+    return dict(sorted(Counter(reason.split(": ", 1)[0] for reason in reasons).items()))
 
 
 # ------------------------------------------------------------------ the job
@@ -183,20 +252,25 @@ def run(config: TokenizeConfig) -> dict:
                                   "path string, partition int").repartition(min(len(pending), os.cpu_count() or 1))
     max_chars, tokenizer_file = config.max_chars, str((tokenizer_dir / "tokenizer.json").resolve())
     parsed = files.mapInArrow(lambda it: parse_files(it, max_chars), spark_ddl_of(PARSED_SCHEMA))
-    documents = parsed.filter(F.col("reason").isNull()).drop("reason", "raw_value").withColumn("run_id", F.lit(run_id))
+    lines = with_duplicate_urls(spark, lake, parsed, sorted(pending))
+    # The filter runs in Python, not as a Spark filter: Sail checks the table's NOT NULL
+    # constraints on rows a Spark filter has not removed yet (a bad line's null doc_id).
+    documents = (lines.mapInArrow(good_lines, spark_ddl_of(PARSED_SCHEMA)).drop("reason", "raw_value")
+                 .withColumn("run_id", F.lit(run_id)))
     tokens = (documents.mapInArrow(lambda it: tokenize_documents(it, tokenizer_file, context), spark_ddl_of(TOKEN_SCHEMA))
               .withColumn("tokenizer_fingerprint", F.lit(fingerprint)).withColumn("run_id", F.lit(run_id)))
     in_pending = f"partition IN ({', '.join(str(p) for p in sorted(pending))})"
     lake.spark_write(documents, "documents", replace_where=in_pending)
     lake.spark_write(tokens, "tokens", replace_where=in_pending)
-    bad = parsed.filter(F.col("reason").isNotNull()).select("source", "line", "reason", "raw_value").collect()
+    bad = lines.filter(F.col("reason").isNotNull()).select("source", "line", "reason", "raw_value").collect()
     quarantined = quarantine_rows(lake, [{"source": r["source"], "position": f"{r['source']}:{r['line']}",
                                           "reason": r["reason"], "raw_value": r["raw_value"]} for r in bad],
                                   stage="tokenize", run_id=run_id)
     counts = lake.spark_read(spark, "tokens").filter(F.expr(in_pending)).agg(
         F.countDistinct("doc_id").alias("documents"), F.count("*").alias("chunks"), F.sum("n_tokens").alias("tokens")).first()
     result |= {"documents": counts["documents"], "chunks": counts["chunks"], "tokens": counts["tokens"],
-               "quarantined": quarantined, "run_id": run_id}
+               "quarantined": quarantined, "quarantined_by_reason": reason_counts(r["reason"] for r in bad),
+               "run_id": run_id}
     finish_run(lake, run_id, "succeeded", result)
     print(f"[tokenize] {len(pending)} partition(s): {counts['documents']:,} documents, {counts['chunks']:,} chunks, "
           f"{counts['tokens']:,} tokens; {quarantined} line(s) quarantined; skipped {result['skipped'] or 'none'}")

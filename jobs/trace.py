@@ -21,16 +21,24 @@ import torch
 
 from infra.config import load_config
 from infra.lake import Lake
+from infra.names import check_names
 
 
 def checkpoint_folder(lake: Lake, checkpoint_id: str) -> Path:
-    """A local folder holding a registered checkpoint (downloaded if it was registered from S3)."""
-    from jobs.extract import resolve_checkpoint
+    """A local folder holding a registered checkpoint (downloaded if it was registered from S3),
+    refused (CheckpointMismatch) if its weights changed since registration, as extract refuses:
+    scores from other weights than the stored vectors' would be silently wrong."""
+    from jobs.extract import CheckpointMismatch, model_fingerprint, resolve_checkpoint
 
-    rows = lake.read("checkpoints", filters=[("checkpoint_id", "=", checkpoint_id)], columns=["path"])
+    rows = lake.read("checkpoints", filters=[("checkpoint_id", "=", checkpoint_id)], columns=["path", "model_fingerprint"])
     if rows.num_rows == 0:
         raise LookupError(f"checkpoint {checkpoint_id!r} is not registered")
-    return resolve_checkpoint(lake, rows["path"][0].as_py())
+    folder = resolve_checkpoint(lake, rows["path"][0].as_py())
+    registered, found = rows["model_fingerprint"][0].as_py(), model_fingerprint(folder)
+    if found != registered:
+        raise CheckpointMismatch(f"checkpoint {checkpoint_id!r} was indexed with weights {registered}, but {folder} now "
+                                 f"holds {found}: re-extract it (`python -m jobs extract --checkpoint {folder} --force`)")
+    return folder
 
 
 class TraceContext:
@@ -39,6 +47,7 @@ class TraceContext:
     def __init__(self, lake: Lake, checkpoint_id: str | None = None, query_set: str = "fact-world"):
         from jobs.fit_hessian import latest_checkpoint_id
 
+        check_names(checkpoint_id=checkpoint_id, query_set=query_set)
         self.lake, self.query_set = lake, query_set
         self.checkpoint_id = checkpoint_id or latest_checkpoint_id(lake)
         self.fingerprint = self._scored_fingerprint()
@@ -115,7 +124,7 @@ class TraceContext:
                                      filter=(pc.field("checkpoint_id") == self.checkpoint_id)
                                      & (pc.field("fingerprint") == self.fingerprint))
         best = next(score_batches(batches, query[None].numpy(), self.preconditioner.blocks, True, k, query.shape[0]))
-        return sorted(best.to_pylist(), key=lambda r: -r["score"])
+        return sorted(best.to_pylist(), key=lambda r: (-r["score"], r["doc_id"], r["chunk"]))
 
     def token_contributions(self, query: torch.Tensor, doc_id: str, chunk: int) -> list[tuple[str, float]]:
         """[(token text, contribution)]: the chunk's tokens and what each adds to its score."""

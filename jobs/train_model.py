@@ -5,7 +5,7 @@ No weights can be downloaded here, so the embedded default trains its own model 
 `deepspeed` with CPU ranks; each rank runs `train_rank` (this module as `__main__`). Checkpoints are
 saved at several steps in Hugging Face format with the optimizer state next to them:
 
-    checkpoints/<checkpoint_id>/
+    model/checkpoints/<checkpoint_id>/      (outside the `checkpoints` table's folder: see jobs.checkpoints)
         config.json, model.safetensors, tokenizer.json, ...   Hugging Face causal LM
         zero/                                                the DeepSpeed checkpoint (sharded states)
         optimizer.pt                                         consolidated second moments per parameter
@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from jobs.checkpoints import checkpoint_path, checkpoints_root
 from jobs.launch import init_rank, launch_ranks, rank_arguments
 from infra.config import load_config
 
@@ -148,7 +149,7 @@ def run(config: TrainConfig) -> dict:
     digest = input_digest(Path(config.lake) / "raw", config)
     previous = model_dir / "train_summary.json"
     if previous.exists() and json.loads(previous.read_text()).get("input_digest") == digest and all(
-            (Path(config.lake) / "checkpoints" / c).exists() for c in json.loads(previous.read_text())["checkpoints"]):
+            checkpoint_path(config.lake, c).exists() for c in json.loads(previous.read_text())["checkpoints"]):
         print(f"[train-model] already trained on this corpus with this configuration ({digest[:12]}); "
               f"keeping {model_dir} and its checkpoints", flush=True)
         return json.loads(previous.read_text())
@@ -219,7 +220,7 @@ def save_checkpoint(engine, model, tokenizer_dir: Path, config: TrainConfig, ste
     import torch.distributed as dist
 
     checkpoint_id = f"{config.model_tag}-s{config.seed}-step{step:06d}"
-    out = Path(config.lake) / "checkpoints" / checkpoint_id
+    out = checkpoints_root(config.lake) / checkpoint_id
     engine.save_checkpoint(str(out / "zero"), tag=f"step{step}")
     moments = second_moments(engine, model, config)
     if dist.get_rank() == 0:
@@ -319,7 +320,7 @@ def main(args):
     from jobs.model_eval import evaluate_checkpoint
 
     summary = run(config_from_args(args))
-    final = Path(args.lake) / "checkpoints" / summary["checkpoints"][-1]
+    final = checkpoint_path(args.lake, summary["checkpoints"][-1])
     accuracy = evaluate_checkpoint(final, Path(args.lake) / "world" / "queries.jsonl")
     print(f"[train-model] {summary['parameters']:,} parameters, {summary['steps']} steps in "
           f"{summary['train_seconds']}s; checkpoints: {', '.join(summary['checkpoints'])}")

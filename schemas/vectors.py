@@ -2,7 +2,7 @@
 
 dtype      bytes/value  error
 float32    4            exact
-float16    2            ~1e-3 relative (and overflow above 65504 -> inf)
+float16    2            ~1e-3 relative; a vector beyond ±65504 is refused (VectorOverflow), never stored as inf
 bfloat16   2            ~4e-3 relative (float32's range; upper 16 bits, rounded to nearest even)
 int8       1            |x - x'| <= scale/2 with scale = max|x| / 127 per vector (the `scale` column)
 """
@@ -16,8 +16,13 @@ DTYPES = ("float32", "float16", "bfloat16", "int8")
 _STORAGE = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "int8": np.dtype("i1")}
 
 
+class VectorOverflow(ValueError):
+    """Finite vectors that the chosen dtype would store as inf."""
+
+
 def encode_vectors(array: np.ndarray, dtype: str) -> tuple[pa.BinaryArray, pa.FloatArray | None]:
-    """(one binary cell per row, per-row scales for int8 else None) for a float [n, d] array."""
+    """(one binary cell per row, per-row scales for int8 else None) for a float [n, d] array.
+    Raises VectorOverflow rather than store a finite value as inf."""
     _check_dtype(dtype)
     array = np.asarray(array, dtype=np.float32)
     if array.ndim != 2:
@@ -30,6 +35,7 @@ def encode_vectors(array: np.ndarray, dtype: str) -> tuple[pa.BinaryArray, pa.Fl
         stored = _to_bfloat16_bits(array)
     else:
         stored = array.astype(_STORAGE[dtype])
+    _check_no_overflow(array, stored, dtype)
     return _rows_as_binary(np.ascontiguousarray(stored)), scales
 
 
@@ -60,6 +66,21 @@ def decode_vectors(vectors: pa.Array | pa.ChunkedArray, dtype: str, scales=None,
 def _check_dtype(dtype: str) -> None:
     if dtype not in DTYPES:
         raise ValueError(f"unknown vector dtype {dtype!r}; one of {DTYPES}")
+
+
+def _check_no_overflow(array: np.ndarray, stored: np.ndarray, dtype: str) -> None:
+    if dtype == "float16":
+        infinite = np.isinf(stored)
+    elif dtype == "bfloat16":
+        infinite = (stored & 0x7FFF) == 0x7F80
+    else:
+        return
+    overflowed = (infinite & np.isfinite(array)).any(axis=1)
+    if overflowed.any():
+        largest = float(np.abs(array[overflowed]).max())
+        raise VectorOverflow(f"{int(overflowed.sum())} of {len(array)} vectors hold values beyond {dtype}'s range "
+                             f"(largest |x| = {largest:.4g}): they would be stored as inf. Use --vector-dtype bfloat16 "
+                             "(float32's range in 2 bytes) or float32")
 
 
 def _to_bfloat16_bits(array: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ import pytest
 from infra.airflow_local import airflow_environment, run_dag
 from infra.lake import Lake
 from jobs import orchestrate, register_queries
+from jobs.checkpoints import checkpoint_path
 from tests.fixtures import copy_lake
 
 TABLES = ("documents", "tokens", "quarantine", "checkpoints", "train_gradients", "query_gradients", "hessians",
@@ -45,7 +46,7 @@ def dag_info(tmp_path_factory):
 
 def test_dags_import_without_errors_or_warnings(dag_info):
     assert dag_info["errors"] == {} and dag_info["warnings"] == []
-    assert set(dag_info["dags"]) == {"trackstar_reindex", "trackstar_backfill", "trackstar_score"}
+    assert set(dag_info["dags"]) == {"trackstar_reindex", "trackstar_backfill", "trackstar_score", "trackstar_maintenance"}
     assert dag_info["dags"]["trackstar_reindex"]["schedule"] == "@daily"
 
 
@@ -56,7 +57,8 @@ def test_dags_are_well_kept_and_their_tasks_are_jobs_functions(dag_info):
             assert task["owner"] == "trackstar" and task["retries"] >= 1, task_id
             assert task["timeout"] and task["callback"], task_id
             assert callable(getattr(orchestrate, task_id, None)), f"{dag_id}.{task_id} is not a jobs.orchestrate function"
-        assert dag["tasks"]["extract_missing"]["pool"] == "trackstar_device"
+        if dag_id != "trackstar_maintenance":
+            assert dag["tasks"]["extract_missing"]["pool"] == "trackstar_device"
 
 
 def test_dags_have_no_cycles(dag_info):
@@ -84,7 +86,7 @@ def airflow_lake(adam_run, tmp_path_factory):
     lake_dir = copy_lake(source, root / "lake")
     # only the final checkpoint has "arrived"; the older one is backfilled later
     older = summary["checkpoints"][0]
-    (lake_dir / "checkpoints" / older).rename(root / older)
+    checkpoint_path(lake_dir, older).rename(root / older)
     register_queries.run(str(lake_dir))
     return Lake(lake_dir), root / "airflow", root / older, summary
 
@@ -156,7 +158,7 @@ def test_backfill_of_an_older_checkpoint_makes_its_own_slices_and_compares(airfl
 
 def test_score_dag_scores_the_requested_methods_and_evaluates(airflow_lake):
     lake, home, _, summary = airflow_lake
-    newest = str(lake.root) + "/checkpoints/" + summary["checkpoints"][-1]
+    newest = str(checkpoint_path(lake.root, summary["checkpoints"][-1]))
     result = _run("trackstar_score", lake, home, {"query_set": "fact-world", "checkpoint": newest, "k": 3,
                                                   "methods": ["trackstar", "trackstar-no-hessian"]})
     assert set(result["tasks"].values()) == {"success"}

@@ -75,8 +75,7 @@ def test_evaluation_runs_on_a_user_supplied_corpus_and_queries(adam_run, tmp_pat
     # the user's files: C4 partitions and a queries JSONL, nothing else of the generated world
     world.run(world.WorldConfig(out_dir=str(tmp_path / "lake"), corpus=str(source / "raw"),
                                 queries=str(source / "world" / "queries.jsonl")))
-    for folder in ("model", "checkpoints"):
-        shutil.copytree(source / folder, tmp_path / "lake" / folder)
+    shutil.copytree(source / "model", tmp_path / "lake" / "model")  # tokenizer and checkpoint folders
     root = str(tmp_path / "lake")
     tokenize.run(tokenize.TokenizeConfig(lake=root))
     register_queries.run(root)

@@ -26,7 +26,7 @@ from gradient_kernels.scoring import FingerprintMismatch, Preconditioner, prepar
 from infra.lake import Lake
 from infra.matrices import ChecksumMismatch, load_matrices
 from jobs import extract, fit_hessian, register_queries, score, tokenize
-from jobs.checkpoints import load_second_moments
+from jobs.checkpoints import checkpoint_path, load_second_moments
 from schemas.vectors import decode_vectors
 from tests.fixtures import copy_lake
 
@@ -62,7 +62,7 @@ def indexed(adam_run, tmp_path_factory):
     results["fit"] = fit_hessian.run(fit_hessian.FitHessianConfig(lake=str(lake_dir)))
     results["score"] = score.run(score.ScoreConfig(lake=str(lake_dir), methods=["trackstar", "trak", "trackstar-no-hessian"],
                                                    k=5))
-    checkpoint = lake_dir / "checkpoints" / summary["checkpoints"][-1]
+    checkpoint = checkpoint_path(lake_dir, summary["checkpoints"][-1])
     return lake, checkpoint, results, long_text
 
 

@@ -1,0 +1,54 @@
+"""Lake maintenance: compaction, vacuum with the retention Delta expects, log checkpoints (delta-rs).
+
+    maintain_lake(Lake("lake"))   # what the `trackstar_maintenance` DAG runs weekly
+
+Per table: small files are compacted into bigger ones (a new version, the same rows), files no
+version younger than the table's retention (Delta's default, 7 days) references are vacuumed, the
+log is checkpointed and expired log entries are cleaned up. A vacuum deletes every file of the
+table folder the log does not know, so a table whose folder holds foreign files (a model
+checkpoint folder, say, as lakes did before checkpoints moved to `model/checkpoints`) is not
+vacuumed: its files are named in the result instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from infra.lake import Lake
+from schemas.tables import TABLES
+
+TABLE_FILE_SUFFIXES = (".parquet", ".crc", ".bin")  # data files, checksums, deletion vectors
+TABLE_FOLDERS = ("_delta_log", "_change_data")
+
+
+def foreign_files(lake: Lake, table: str) -> list[str]:
+    """Files in a local table folder that are not part of a Delta table (none listed on S3)."""
+    if lake.is_s3:
+        return []
+    root = Path(lake.path(table))
+    return sorted(str(path.relative_to(root)) for path in root.rglob("*") if path.is_file()
+                  and path.relative_to(root).parts[0] not in TABLE_FOLDERS and not path.name.endswith(TABLE_FILE_SUFFIXES))
+
+
+def maintain_table(lake: Lake, table: str) -> dict:
+    """Compact, vacuum (default retention, unless foreign files are present), checkpoint the log."""
+    compacted = lake.open(table).optimize.compact()
+    foreign = foreign_files(lake, table)
+    vacuumed = [] if foreign else lake.open(table).vacuum(retention_hours=None, dry_run=False,
+                                                          enforce_retention_duration=True)
+    delta = lake.open(table)
+    delta.create_checkpoint()
+    delta.cleanup_metadata()
+    return {"version": delta.version(), "files_removed": compacted["numFilesRemoved"],
+            "files_added": compacted["numFilesAdded"], "vacuumed": len(vacuumed),
+            "not_vacuumed_foreign_files": foreign[:20]}
+
+
+def maintain_lake(lake: Lake, tables: list[str] | None = None) -> dict:
+    """maintain_table for every declared table the lake holds; {table: result}."""
+    results = {}
+    for table in tables or list(TABLES):
+        if lake.exists(table):
+            results[table] = maintain_table(lake, table)
+            print(f"[maintenance] {table}: {results[table]}", flush=True)
+    return results
