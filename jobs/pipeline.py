@@ -60,7 +60,8 @@ def run(lake: str, seed: int = 0, airflow_home: str = ".airflow", reports: str =
                       f"{', '.join(trained['checkpoints'])}")
     queries_file = Path(lake) / "world" / "queries.jsonl"
     accuracy = stage("model-accuracy", lambda: model_eval.evaluate_checkpoint(final_checkpoint, queries_file))
-    stage("register-queries", lambda: register_queries.run(lake))
+    # the user's own file, so that refusals name its lines
+    stage("register-queries", lambda: register_queries.run(lake, queries))
     dag = stage("airflow: trackstar_reindex", lambda: run_dag("trackstar_reindex", str(Path(lake).resolve()),
                                                               home=airflow_home))
     print("\n".join(line for line in dag["log"].splitlines() if line.startswith(("[reindex]", "trackstar_reindex run", "  "))))
