@@ -219,3 +219,24 @@ def test_make_run_refuses_to_wipe_imported_data(indexed_llama, user_data, capsys
     with pytest.raises(import_data.ImportedDataError):
         world.run(world.WorldConfig(out_dir=str(root)))
     assert {p: p.read_bytes() for p in before} == before and not (root / "world" / "kb.json").exists()
+
+
+def test_the_readme_example_is_a_valid_queries_file(tmp_path):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    example = readme.split("## Your own data", 1)[1].split("```json\n", 1)[1].split("```", 1)[0]
+    loaded = load_queries(_write_lines(tmp_path / "queries.jsonl", example.strip().splitlines()))
+    assert [q["target"] for q in loaded.queries] == [" Warsaw", " Poland"]
+    assert [q["frequency_bucket"] for q in loaded.queries] == [1, 30]
+
+
+def test_progress_line_names_a_token_rate_only_when_tokens_are_counted():
+    import io
+
+    from jobs.progress import Progress
+
+    pairs, rows = Progress("tail-patch", 4, unit="pairs", stream=io.StringIO()), Progress("extract", 2, unit="rows",
+                                                                                         stream=io.StringIO())
+    pairs.update(4)
+    rows.update(2, tokens=100)
+    assert "tok/s" not in pairs.stream.getvalue() and "4/4 pairs" in pairs.stream.getvalue()
+    assert " tok/s " in rows.stream.getvalue() and " 0 tok/s" not in rows.stream.getvalue()
