@@ -53,7 +53,7 @@ def weights_files(checkpoint_dir: Path) -> list[Path]:
     raise CheckpointError(f"{checkpoint_dir}: no model weights (model*.safetensors or pytorch_model*.bin)")
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 22), b""):
@@ -63,7 +63,7 @@ def _sha256(path: Path) -> str:
 
 def weights_fingerprint(checkpoint_dir: Path) -> str:
     """Hash of the weights: of the one weights file, or of the shards' own hashes in name order."""
-    hashes = [_sha256(path) for path in weights_files(checkpoint_dir)]
+    hashes = [sha256_file(path) for path in weights_files(checkpoint_dir)]
     return (hashes[0] if len(hashes) == 1 else hashlib.sha256("".join(hashes).encode()).hexdigest())[:16]
 
 

@@ -14,7 +14,6 @@ bytes changed since its import, or a lake holding the generated world, is refuse
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -22,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from jobs import c4_lines
+from jobs.checkpoints import sha256_file
 from schemas.queries import QueryFileError, load_queries
 
 MARKER = "import.json"
@@ -32,7 +32,8 @@ class ImportedDataError(RuntimeError):
 
 
 @dataclass
-class ImportSummary:
+class WorldSummary:
+    """What a world holds, generated or imported (`<lake>/world/summary.json`)."""
     raw_dir: str
     world_dir: str
     documents: int
@@ -65,14 +66,6 @@ def refuse_to_overwrite(lake_root: str | Path) -> None:
     if any((root / "raw").glob("c4-*.json.gz")) and not (root / "world" / "kb.json").exists():
         raise ImportedDataError(f"{(root / 'raw').resolve()} holds C4 partitions the generator did not write; "
                                 "generating the embedded world would delete them. Use another lake (--lake / --out)")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _count_corpus(raw_dir: Path) -> tuple[int, int, int, set]:
@@ -111,7 +104,7 @@ def _check_ground_truth(path: Path, query_file, urls: set) -> list[str]:
             f"{', '.join(map(str, partial[:8]))}); their metrics count only the documents found"] if partial else []
 
 
-def import_world(lake_root: str | Path, corpus: str | Path, queries: str | Path) -> ImportSummary:
+def import_world(lake_root: str | Path, corpus: str | Path, queries: str | Path) -> WorldSummary:
     root, corpus, queries = Path(lake_root), Path(corpus), Path(queries)
     sources = sorted(corpus.glob("c4-*.json.gz"))
     if not sources:
@@ -126,7 +119,7 @@ def import_world(lake_root: str | Path, corpus: str | Path, queries: str | Path)
     if unknown:
         raise ImportedDataError(f"{raw_dir.resolve()} holds partitions no import recorded ({', '.join(unknown[:3])}); "
                                 "import into a fresh lake")
-    checksums = {path.name: _sha256(path) for path in sources}
+    checksums = {path.name: sha256_file(path) for path in sources}
     changed = sorted(n for n, s in checksums.items() if marker["partitions"].get(n, s) != s)
     if changed:
         raise ImportedDataError(f"partition(s) {', '.join(changed[:3])} of {corpus} differ from the ones imported "
@@ -143,14 +136,14 @@ def import_world(lake_root: str | Path, corpus: str | Path, queries: str | Path)
                                                      for q in query_file.queries), encoding="utf-8")
     marker = {"kind": "imported", "corpus": str(corpus.resolve()), "queries": str(queries.resolve()),
               "imported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "partitions": marker["partitions"] | checksums, "queries_sha256": _sha256(queries)}
+              "partitions": marker["partitions"] | checksums, "queries_sha256": sha256_file(queries)}
     (world_dir / MARKER).write_text(json.dumps(marker, indent=1))
     per_bucket = {}
     for query in query_file.queries:
         cell = per_bucket.setdefault(str(query["frequency_bucket"]), {"facts": 0, "stating_docs": 0})
         cell["facts"] += 1
         cell["stating_docs"] += sum(u in urls for u in query["stating_doc_ids"])
-    summary = ImportSummary(str(raw_dir), str(world_dir), documents=documents, facts=len(query_file.queries),
+    summary = WorldSummary(str(raw_dir), str(world_dir), documents=documents, facts=len(query_file.queries),
                             queries=len(query_file.queries), partitions=len(marker["partitions"]), words=words,
                             unreadable_lines=bad, facts_per_bucket=dict(sorted(per_bucket.items(), key=lambda i: int(i[0]))),
                             notes=notes + [f"{len(added)} partition(s) copied, {len(sources) - len(added)} already imported"])

@@ -20,11 +20,11 @@ import gzip
 import json
 import random
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from jobs.import_data import ImportedDataError, import_world, refuse_to_overwrite
+from jobs.import_data import ImportedDataError, WorldSummary, import_world, refuse_to_overwrite
 from schemas.queries import FREQUENCY_BUCKETS
 
 # --------------------------------------------------------------------------------------- relations
@@ -111,19 +111,6 @@ class WorldConfig:
     filler_share: float = 0.08               # of all documents: no entity at all
     corpus: str | None = None   # an existing folder of c4-*.json.gz partitions to import instead
     queries: str | None = None  # an existing queries JSONL (same schema) to import instead
-
-
-@dataclass
-class WorldSummary:
-    raw_dir: str
-    world_dir: str
-    documents: int
-    facts: int
-    queries: int
-    partitions: int
-    words: int
-    documents_per_category: dict = field(default_factory=dict)
-    facts_per_bucket: dict = field(default_factory=dict)
 
 
 class NameMaker:
@@ -364,9 +351,9 @@ def main(args):
         return 2
     print(f"[world] {summary.documents:,} documents ({summary.words:,} words) in {summary.partitions} partitions, "
           f"{summary.facts} facts, {summary.queries} queries -> {summary.raw_dir}, {summary.world_dir}")
-    for note in getattr(summary, "notes", ()):
+    for note in summary.notes:
         print(f"[world]   {note}")
-    if getattr(summary, "unreadable_lines", 0):
+    if summary.unreadable_lines:
         print(f"[world]   {summary.unreadable_lines:,} unreadable line(s): the tokenize job quarantines them")
     for bucket, cell in summary.facts_per_bucket.items():
         print(f"[world]   bucket {bucket:>3}: {cell['facts']} facts stated in {cell['stating_docs']} documents")
