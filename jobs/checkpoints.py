@@ -144,7 +144,8 @@ def second_moments_from_torch(checkpoint_dir: Path, saved: dict) -> dict:
         if "exp_avg_sq" in held and tuple(held["exp_avg_sq"].shape) != shapes[name]:
             raise CheckpointError(
                 f"{checkpoint_dir}/optimizer.pt: state {number} has shape {tuple(held['exp_avg_sq'].shape)}, parameter "
-                f"{name!r} {shapes[name]}: the optimizer was not built from model.parameters() in order")
+                f"{name!r} {shapes[name]}: the optimizer was not built from model.parameters() in order; build it "
+                f"from model.named_parameters() (torch >= 2.5 then saves param_names) and save it again")
         state[name] = {k: held[k].float() for k in keys}
     missing = sorted(set(shapes) - set(state))
     if missing:

@@ -197,13 +197,19 @@ def test_the_same_folder_without_optimizer_state_is_indexed_without_correction(i
         extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(checkpoint), normalizer="adam-exact"))
 
 
-def test_an_optimizer_built_in_another_order_is_refused(user_data, tmp_path):
+def test_another_parameter_order_is_read_by_param_names_or_refused(user_data, tmp_path):
     *_, model, _ = user_data
     shutil.copytree(user_data[0] / "llama", tmp_path / "shuffled")
-    optimizer = torch.optim.AdamW(list(model.parameters())[::-1])
     model(input_ids=torch.tensor([[1, 5, 6]]), labels=torch.tensor([[1, 5, 6]])).loss.backward()
-    optimizer.step()
-    torch.save(optimizer.state_dict(), tmp_path / "shuffled" / "optimizer.pt")
+    named = torch.optim.AdamW(list(model.named_parameters())[::-1])  # torch saves param_names with these
+    named.step()
+    torch.save(named.state_dict(), tmp_path / "shuffled" / "optimizer.pt")
+    moments = load_second_moments(tmp_path / "shuffled")
+    for name, param in model.named_parameters():
+        assert torch.equal(moments["state"][name]["exp_avg_sq"], named.state[param]["exp_avg_sq"]), name
+    unnamed = torch.optim.AdamW(list(model.parameters())[::-1])  # numbers only, in another order
+    unnamed.step()
+    torch.save(unnamed.state_dict(), tmp_path / "shuffled" / "optimizer.pt")
     with pytest.raises(CheckpointError, match="was not built from model.parameters"):
         load_second_moments(tmp_path / "shuffled")
 
