@@ -51,7 +51,10 @@ def run(lake: str, seed: int = 0, airflow_home: str = ".airflow", reports: str =
           f"partitions, {world_summary.queries} queries")
     if checkpoint:
         final_checkpoint = stage("import-checkpoint", lambda: import_data.import_checkpoint(lake, checkpoint))
-        model_line = f"{final_checkpoint.name}, linked from {Path(checkpoint).resolve()}"
+        state = optimizer_state_source(final_checkpoint)
+        model_line = (f"{final_checkpoint.name}, linked from {Path(checkpoint).resolve()}; optimizer state: "
+                      f"{state or 'none (indexed without the optimizer correction)'}")
+        print(f"[import-checkpoint] {model_line}")
     else:
         trained = stage("train-model", lambda: train_model.run(train_model.TrainConfig(lake=lake, seed=seed)))
         final_checkpoint = Path(lake) / "checkpoints" / trained["checkpoints"][-1]
