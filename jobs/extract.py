@@ -133,7 +133,7 @@ def check_checkpoint(lake: Lake, checkpoint_dir: Path, force: bool) -> tuple[dic
 def register_checkpoint(lake: Lake, manifest: dict, weights: str, source: str, run_id: str) -> None:
     row = pa.table({"checkpoint_id": [manifest["checkpoint_id"]], "step": [manifest["step"]], "path": [source],
                     "optimizer": [manifest["optimizer"]],
-                     "learning_rate": [None if manifest.get("lr") is None else float(manifest["lr"])],
+                    "learning_rate": [None if manifest.get("lr") is None else float(manifest["lr"])],
                     "tokens_seen": [manifest.get("data_seen_tokens", 0)], "model_fingerprint": [weights],
                     "registered_at": [datetime.now(timezone.utc)], "run_id": [run_id]})
     lake.replace_slice("checkpoints", row, checkpoint_id=manifest["checkpoint_id"])

@@ -194,7 +194,8 @@ def run(config: TokenizeConfig) -> dict:
     eos_token = end_of_text(tokenizer_dir)
     parsed = files.mapInArrow(lambda it: parse_files(it, max_chars), spark_ddl_of(PARSED_SCHEMA))
     documents = parsed.filter(F.col("reason").isNull()).drop("reason", "raw_value").withColumn("run_id", F.lit(run_id))
-    tokens = (documents.mapInArrow(lambda it: tokenize_documents(it, tokenizer_file, context, eos_token), spark_ddl_of(TOKEN_SCHEMA))
+    tokens = (documents.mapInArrow(lambda it: tokenize_documents(it, tokenizer_file, context, eos_token),
+                                   spark_ddl_of(TOKEN_SCHEMA))
               .withColumn("tokenizer_fingerprint", F.lit(fingerprint)).withColumn("run_id", F.lit(run_id)))
     in_pending = f"partition IN ({', '.join(str(p) for p in sorted(pending))})"
     lake.spark_write(documents, "documents", replace_where=in_pending)
