@@ -58,10 +58,13 @@ def refuse_to_overwrite(lake_root: str | Path) -> None:
     root = Path(lake_root)
     marker = imported_world(root)
     if marker:
+        linked = [json.loads(m.read_text()).get("imported_from") for m in sorted(root.glob("checkpoints/*/manifest.json"))]
+        checkpoint = "".join(f" --checkpoint {folder}" for folder in linked[-1:] if folder)
         raise ImportedDataError(
             f"{root.resolve()} holds an imported world (corpus {marker['corpus']}, queries {marker['queries']}, "
             f"imported {marker['imported_at']}); generating the embedded world would delete it. Rerun on your data "
-            f"with `python -m jobs pipeline --lake {root} --corpus {marker['corpus']} --queries {marker['queries']}`, "
+            f"with `python -m jobs pipeline --lake {root} --corpus {marker['corpus']} --queries {marker['queries']}"
+            f"{checkpoint}`, "
             "or generate into another lake (--lake / --out)")
     if any((root / "raw").glob("c4-*.json.gz")) and not (root / "world" / "kb.json").exists():
         raise ImportedDataError(f"{(root / 'raw').resolve()} holds C4 partitions the generator did not write; "
