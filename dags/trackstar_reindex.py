@@ -41,8 +41,13 @@ def trackstar_reindex():
     def report_summary(tokenized: list | None, extraction: dict, refitted: list[str], rescored: list[str]) -> str:
         return orchestrate.report_summary(tokenized, extraction, refitted, rescored)
 
+    new_partitions = find_new_partitions()
     checkpoint, query_sets = newest_checkpoint(), registered_query_sets()
-    tokenized = tokenize_partition.expand(partition=find_new_partitions())
+    # Looked up after the new partitions: on a night without any, the loop of `dag.test()` (what
+    # `make run` uses) would otherwise spend one pass only skipping the empty mapping, and warn
+    # "No tasks to run. unrunnable tasks" about a healthy run
+    new_partitions >> [checkpoint, query_sets]
+    tokenized = tokenize_partition.expand(partition=new_partitions)
     extraction = extract_missing(checkpoint, query_sets)
     tokenized >> extraction
     refitted = refit_hessians(extraction, query_sets)

@@ -28,7 +28,7 @@ COMMANDS = {
     "evaluate": ("jobs.evaluate", "MRR, recall@10, tail-patch and proponent categories per method; HTML report"),
     "sql": ("jobs.sql", "run a documented SQL query over the lake's Delta tables with Spark (--list to see them)"),
     "explore": ("jobs.explore", "web page of queries and their proponents, served from the lake (127.0.0.1)"),
-    "pipeline": ("jobs.pipeline", "run every stage end to end on the embedded default (what `make run` does)"),
+    "pipeline": ("jobs.pipeline", "every stage end to end: the embedded default (`make run`), or --corpus/--queries [--checkpoint] of your own"),
 }
 
 

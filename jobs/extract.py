@@ -77,14 +77,19 @@ def projection_spec(checkpoint_dir: Path, config: ExtractConfig):
 
     from gradient_kernels.modules import uniform_k, weight_matrices
     from gradient_kernels.projection import ProjectionSpec
-    from jobs.checkpoints import load_manifest
+    from jobs.checkpoints import CheckpointError, load_manifest, optimizer_state_source
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint_dir))
     normalizer = config.normalizer
+    has_state = optimizer_state_source(checkpoint_dir, config.optimizer_source) is not None
     if normalizer == "auto":
-        normalizer = auto_normalizer(load_manifest(checkpoint_dir)["optimizer"],
+        # no optimizer state: index without the correction (recorded in the fingerprint and the run)
+        normalizer = auto_normalizer(load_manifest(checkpoint_dir)["optimizer"] if has_state else "none",
                                      sum(p.numel() for p in model.parameters()))
+    elif normalizer != "none" and not has_state:
+        raise CheckpointError(f"{checkpoint_dir}: normaliser {normalizer!r} needs the optimizer's state "
+                              f"({config.optimizer_source}), and the folder has none; use --normalizer none or auto")
     return ProjectionSpec(seed=config.seed, k=uniform_k(weight_matrices(model), config.k), normalizer=normalizer,
                           dtype="float32")
 
@@ -95,9 +100,9 @@ EXACT_ADAM_MAX_PARAMETERS = 50_000_000
 def auto_normalizer(optimizer: str, parameters: int) -> str:
     """Adafactor states are factored already; Adam's is applied exactly (with its floor on
     untrained coordinates: gradient_kernels/normalizers.py) on small models and through the rank-1
-    fit on big ones, where per-example gradients would not fit."""
-    if optimizer == "adafactor":
-        return "adafactor"
+    fit on big ones, where per-example gradients would not fit. Without optimizer state: none."""
+    if optimizer in ("adafactor", "none"):
+        return optimizer
     return "adam-floored" if parameters <= EXACT_ADAM_MAX_PARAMETERS else "adam-factored"
 
 
@@ -107,9 +112,9 @@ def autocorrelation_path(lake: Lake, checkpoint_id: str, fingerprint: str, kind:
 
 
 def model_fingerprint(checkpoint_dir: Path) -> str:
-    from infra.matrices import sha256_of
+    from jobs.checkpoints import weights_fingerprint
 
-    return sha256_of(Path(checkpoint_dir) / "model.safetensors")[:16]
+    return weights_fingerprint(checkpoint_dir)
 
 
 # ------------------------------------------------------------------ launcher side
@@ -134,7 +139,8 @@ def check_checkpoint(lake: Lake, checkpoint_dir: Path, force: bool) -> tuple[dic
 
 def register_checkpoint(lake: Lake, manifest: dict, weights: str, source: str, run_id: str) -> None:
     row = pa.table({"checkpoint_id": [manifest["checkpoint_id"]], "step": [manifest["step"]], "path": [source],
-                    "optimizer": [manifest["optimizer"]], "learning_rate": [float(manifest["lr"])],
+                    "optimizer": [manifest["optimizer"]],
+                    "learning_rate": [None if manifest.get("lr") is None else float(manifest["lr"])],
                     "tokens_seen": [manifest.get("data_seen_tokens", 0)], "model_fingerprint": [weights],
                     "registered_at": [datetime.now(timezone.utc)], "run_id": [run_id]})
     lake.replace_slice("checkpoints", row, checkpoint_id=manifest["checkpoint_id"])
@@ -181,13 +187,15 @@ def run(config: ExtractConfig) -> dict:
             done |= {(QUERY, q) for q in done_items(lake, checkpoint_id, fingerprint, QUERY, config.query_set)}
         items = [item for item in items if item not in done]
     result = {"checkpoint_id": checkpoint_id, "fingerprint": fingerprint, "dim": spec.dim,
-              "items": [f"{kind}:{item}" for kind, item in items]}
+              "normalizer": spec.normalizer, "items": [f"{kind}:{item}" for kind, item in items]}
     if not items:  # nothing to do: write nothing, not even a runs row
         print(f"[extract] every slice of {checkpoint_id} is already extracted (fingerprint {fingerprint}); nothing to do")
         return result
 
-    run_id = result["run_id"] = start_run(lake, "extract", asdict(config) | {"fingerprint": fingerprint,
-                                                                           "spec": spec.as_dict()})
+    correction = optimizer_correction(checkpoint_dir, config, spec)
+    print(f"[extract] optimizer correction: {correction}", flush=True)
+    run_id = result["run_id"] = start_run(lake, "extract", asdict(config) | {
+        "fingerprint": fingerprint, "spec": spec.as_dict(), "optimizer_correction": correction})
     register_checkpoint(lake, manifest, weights, config.checkpoint or str(checkpoint_dir), run_id)
     plan_path = Path(lake.root) / "_plans" / f"{run_id}.json"
     plan_path.parent.mkdir(parents=True, exist_ok=True)
@@ -205,6 +213,18 @@ def run(config: ExtractConfig) -> dict:
     result["train_vectors"] = sum(1 for f in counts["fingerprint"].to_pylist() if f == fingerprint)
     finish_run(lake, run_id, "succeeded", result)
     return result
+
+
+def optimizer_correction(checkpoint_dir: Path, config: ExtractConfig, spec) -> str:
+    """One line for the run's lineage: which correction the vectors carry, and why."""
+    from jobs.checkpoints import optimizer_state_source
+
+    source = optimizer_state_source(checkpoint_dir, config.optimizer_source)
+    if spec.normalizer != "none":
+        return f"{spec.normalizer} from the {source} optimizer state"
+    if source is None:
+        return "none: the checkpoint has no optimizer state (neither optimizer.pt nor zero/latest)"
+    return "none: asked for (--normalizer none)"
 
 
 # ------------------------------------------------------------------ rank side

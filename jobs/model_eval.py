@@ -68,7 +68,8 @@ def evaluate_checkpoint(checkpoint_dir: Path, queries_path: Path, batch_size: in
         for start in range(0, len(items), batch_size):
             batch = items[start:start + batch_size]
             width = max(len(ids) for _, _, ids, _ in batch)
-            input_ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+            # many Llama-style tokenizers define no pad token; padded positions are masked anyway
+            input_ids = torch.full((len(batch), width), tokenizer.pad_token_id or tokenizer.eos_token_id or 0)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             for row, (_, _, ids, _) in enumerate(batch):
                 input_ids[row, :len(ids)] = torch.tensor(ids)

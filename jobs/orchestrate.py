@@ -244,12 +244,14 @@ def maintain_lake() -> dict:
 
 
 def report_summary(tokenized: list | None, extraction: dict, refitted: list[str], rescored: list[str]) -> str:
-    tokenized = list(tokenized or [])
+    # len(), never list(): iterating Airflow's lazy sequence of mapped results asks for one item past
+    # its end, which Airflow's API client logs as "[error] XCom not found" in a successful run
+    tokenized = len(tokenized) if tokenized else 0
     if not tokenized and not extraction["extracted"] and not refitted and not rescored:
         message = (f"nothing new: every raw partition is tokenized, every slice of {extraction['checkpoint_id']} is "
                    f"extracted, Hessians are current and scores are up to date; no table was changed")
     else:
-        message = (f"tokenized {len(tokenized)} partition(s); extracted {extraction['extracted'] or 'nothing'} for "
+        message = (f"tokenized {tokenized} partition(s); extracted {extraction['extracted'] or 'nothing'} for "
                    f"{extraction['checkpoint_id']}; refitted {refitted or 'nothing'}; rescored {rescored or 'nothing'}")
     print(f"[reindex] {message}")
     return message

@@ -26,5 +26,7 @@ class Progress:
         elapsed = max((now or time.monotonic()) - self.started, 1e-9)
         rate = self.items / elapsed
         eta = (self.total_items - self.items) / rate if rate > 0 else float("inf")
+        # a token rate only where tokens are counted (tail-patch counts pairs): never a false "0 tok/s"
+        tokens = f"{self.tokens / elapsed:,.0f} tok/s " if self.tokens else ""
         return (f"[{self.label}] {self.items:,}/{self.total_items:,} {self.unit} "
-                f"{self.tokens / elapsed:,.0f} tok/s {rate:,.1f} {self.unit}/s ETA {eta:,.0f}s")
+                f"{tokens}{rate:,.1f} {self.unit}/s ETA {eta:,.0f}s")

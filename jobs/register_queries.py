@@ -1,13 +1,16 @@
 """register-queries: load a queries JSONL (the world's, or your own) into `queries` and `query_sets`.
 
-The file is validated as a whole (`jobs.world.read_queries`): a malformed line is a clear error
-naming the file and line, since a query set with holes would skew every metric computed on it.
-Re-registering a set replaces it.
+The file is validated as a whole (`schemas.queries`): any malformed line is an error listing every
+problem by line, since a query set with holes would skew every metric computed on it. With the
+model's tokenizer at hand (default `<lake>/model/tokenizer`), queries whose target it cannot encode
+are refused into `quarantine` with the reason, and targets it splits differently after the prompt
+are reported. Re-registering a set replaces it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -15,18 +18,24 @@ import pyarrow as pa
 
 from infra.lake import Lake
 from infra.names import check_names
-from jobs.world import read_queries
+from infra.quarantine import quarantine_rows
+from schemas.queries import check_targets, load_queries
 from schemas.tables import TABLES
 from infra.config import load_config
 
 DEFAULT_QUERY_SET = "fact-world"
 
 
-def run(lake_root: str, path: str | None = None, name: str = DEFAULT_QUERY_SET, run_id: str = "manual") -> int:
+def run(lake_root: str, path: str | None = None, name: str = DEFAULT_QUERY_SET, run_id: str = "manual",
+        tokenizer: str | None = None) -> int:
     check_names(query_set=name, run_id=run_id)
     lake = Lake(lake_root)
     path = Path(path or Path(lake_root) / "world" / "queries.jsonl")
-    queries = read_queries(path)
+    query_file = load_queries(path)
+    for note in query_file.notes:
+        print(f"[register-queries] note: {note}")
+    queries = checked_against_tokenizer(lake, path, query_file,
+                                        Path(tokenizer or Path(lake_root) / "model" / "tokenizer"), run_id)
     columns = [c.name for c in TABLES["queries"].columns]
     rows = {c: [] for c in columns}
     for query in queries:
@@ -40,11 +49,36 @@ def run(lake_root: str, path: str | None = None, name: str = DEFAULT_QUERY_SET, 
     return len(queries)
 
 
+def checked_against_tokenizer(lake: Lake, path: Path, query_file, tokenizer_dir: Path, run_id: str) -> list[dict]:
+    """The queries the tokenizer can encode; the others go to quarantine with the reason."""
+    if not (tokenizer_dir / "tokenizer.json").exists():
+        print(f"[register-queries] note: no tokenizer at {tokenizer_dir}: targets not checked against it")
+        return query_file.queries
+    from transformers import AutoTokenizer
+
+    refused, warnings = check_targets(query_file.queries, AutoTokenizer.from_pretrained(tokenizer_dir))
+    for warning in warnings:
+        print(f"[register-queries] warning: {warning}")
+    if refused:
+        quarantine_rows(lake, [{"source": str(path), "position": f"{path}:{query_file.lines[i]}", "reason": reason,
+                                "raw_value": json.dumps(query_file.queries[i], ensure_ascii=False)}
+                               for i, reason in refused], stage="register-queries", run_id=run_id)
+        for i, reason in refused[:5]:
+            print(f"[register-queries] refused {path}:{query_file.lines[i]}: {reason}")
+        print(f"[register-queries] {len(refused)} query(ies) refused into quarantine (stage register-queries)")
+    dropped = {i for i, _ in refused}
+    kept = [q for i, q in enumerate(query_file.queries) if i not in dropped]
+    if not kept:
+        raise ValueError(f"{path}: the tokenizer at {tokenizer_dir} can encode none of the targets")
+    return kept
+
+
 def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--lake", default=load_config().lake_root)
     parser.add_argument("--path", help="queries JSONL (default <lake>/world/queries.jsonl)")
     parser.add_argument("--name", default=DEFAULT_QUERY_SET, help="query set name")
+    parser.add_argument("--tokenizer", help="folder of the model's tokenizer (default <lake>/model/tokenizer)")
 
 
 def main(args):
-    run(args.lake, args.path, args.name)
+    run(args.lake, args.path, args.name, tokenizer=args.tokenizer)

@@ -157,12 +157,21 @@ TOKEN_SCHEMA = pa.schema([("doc_id", pa.string()), ("partition", pa.int32()), ("
 _tokenizers = {}
 
 
-def tokenize_documents(batches, tokenizer_file: str, context: int):
+def end_of_text(tokenizer_dir: Path) -> str:
+    """The tokenizer's own end-of-text token (`</s>` for Llama-style ones), default GPT-2's."""
+    config = Path(tokenizer_dir) / "tokenizer_config.json"
+    eos = json.loads(config.read_text()).get("eos_token") if config.exists() else None
+    return (eos.get("content") if isinstance(eos, dict) else eos) or EOS
+
+
+def tokenize_documents(batches, tokenizer_file: str, context: int, eos_token: str = EOS):
     """documents -> chunk rows; the fast (Rust) tokenizer encodes a whole batch at once."""
     from tokenizers import Tokenizer
 
     tokenizer = _tokenizers.setdefault(tokenizer_file, Tokenizer.from_file(tokenizer_file))
-    eos = tokenizer.token_to_id(EOS)
+    eos = tokenizer.token_to_id(eos_token)
+    if eos is None:
+        raise ValueError(f"{tokenizer_file}: no id for the end-of-text token {eos_token!r}")
     for batch in batches:
         rows = {name: [] for name in TOKEN_SCHEMA.names}
         encodings = tokenizer.encode_batch(batch.column("text").to_pylist(), add_special_tokens=False)
@@ -251,13 +260,14 @@ def run(config: TokenizeConfig) -> dict:
     files = spark.createDataFrame([(str(path.resolve()), p) for p, path in sorted(pending.items())],
                                   "path string, partition int").repartition(min(len(pending), os.cpu_count() or 1))
     max_chars, tokenizer_file = config.max_chars, str((tokenizer_dir / "tokenizer.json").resolve())
+    eos_token = end_of_text(tokenizer_dir)
     parsed = files.mapInArrow(lambda it: parse_files(it, max_chars), spark_ddl_of(PARSED_SCHEMA))
     lines = with_duplicate_urls(spark, lake, parsed, sorted(pending))
     # The filter runs in Python, not as a Spark filter: Sail checks the table's NOT NULL
     # constraints on rows a Spark filter has not removed yet (a bad line's null doc_id).
     documents = (lines.mapInArrow(good_lines, spark_ddl_of(PARSED_SCHEMA)).drop("reason", "raw_value")
                  .withColumn("run_id", F.lit(run_id)))
-    tokens = (documents.mapInArrow(lambda it: tokenize_documents(it, tokenizer_file, context), spark_ddl_of(TOKEN_SCHEMA))
+    tokens = (documents.mapInArrow(lambda it: tokenize_documents(it, tokenizer_file, context, eos_token), spark_ddl_of(TOKEN_SCHEMA))
               .withColumn("tokenizer_fingerprint", F.lit(fingerprint)).withColumn("run_id", F.lit(run_id)))
     in_pending = f"partition IN ({', '.join(str(p) for p in sorted(pending))})"
     lake.spark_write(documents, "documents", replace_where=in_pending)

@@ -19,10 +19,13 @@ import argparse
 import gzip
 import json
 import random
-import shutil
-from dataclasses import asdict, dataclass, field
+import sys
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+
+from jobs.import_data import ImportedDataError, WorldSummary, import_world, refuse_to_overwrite
+from schemas.queries import FREQUENCY_BUCKETS
 
 # --------------------------------------------------------------------------------------- relations
 # name, subject type, object type, document templates (the first two end in the object, matching
@@ -111,7 +114,7 @@ SYLLABLES_START = ["b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m
                    "st", "t", "tr", "v", "z", "th", "sk"]
 VOWELS = ["a", "e", "i", "o", "u", "ai", "ei", "ou"]
 SYLLABLES_END = ["", "", "n", "r", "l", "s", "th", "nd", "rk", "lt", "m"]
-BUCKETS = (1, 3, 10, 30, 100)
+BUCKETS = FREQUENCY_BUCKETS
 
 
 @dataclass
@@ -133,19 +136,6 @@ class WorldConfig:
     teaching_docs_per_fact: int = 3
     corpus: str | None = None   # an existing folder of c4-*.json.gz partitions to import instead
     queries: str | None = None  # an existing queries JSONL (same schema) to import instead
-
-
-@dataclass
-class WorldSummary:
-    raw_dir: str
-    world_dir: str
-    documents: int
-    facts: int
-    queries: int
-    partitions: int
-    words: int
-    documents_per_category: dict = field(default_factory=dict)
-    facts_per_bucket: dict = field(default_factory=dict)
 
 
 class NameMaker:
@@ -352,58 +342,16 @@ def generated_texts(raw_dir: Path) -> dict[str, str]:
     return texts
 
 
-QUERY_FIELDS = {"query_id": str, "subject": str, "relation": str, "object": str, "target": str,
-                "aliases": list, "prompt0": str, "prompt1": str, "prompt2": str, "frequency_bucket": int,
-                "stating_doc_ids": list}
-
-
-def read_queries(path: Path) -> list[dict]:
-    """Queries JSONL, validated: a clear error names the file, the line and the problem."""
-    queries = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            query = json.loads(line)
-        except ValueError as error:
-            raise ValueError(f"{path}:{number}: malformed JSON ({error})") from None
-        for name, kind in QUERY_FIELDS.items():
-            if name not in query:
-                raise ValueError(f"{path}:{number}: missing field {name!r}")
-            if not isinstance(query[name], kind):
-                raise ValueError(f"{path}:{number}: field {name!r} should be {kind.__name__}")
-        queries.append(query)
-    if not queries:
-        raise ValueError(f"{path}: no queries")
-    return queries
-
-
 def _write_jsonl(path: Path, rows) -> None:
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-
-
-def import_world(config: WorldConfig) -> WorldSummary:
-    corpus = sorted(Path(config.corpus).glob("c4-*.json.gz"))
-    if not corpus:
-        raise FileNotFoundError(f"{config.corpus}: no c4-*.json.gz partitions to import")
-    queries = read_queries(Path(config.queries))
-    raw_dir, world_dir = Path(config.out_dir) / "raw", Path(config.out_dir) / "world"
-    raw_dir.mkdir(parents=True, exist_ok=True)
-    world_dir.mkdir(parents=True, exist_ok=True)
-    for path in corpus:  # lines are validated (and quarantined) by the tokenize job, not here
-        shutil.copyfile(path, raw_dir / path.name)
-    _write_jsonl(world_dir / "queries.jsonl", queries)
-    summary = WorldSummary(str(raw_dir), str(world_dir), documents=-1, facts=len(queries), queries=len(queries),
-                           partitions=len(corpus), words=-1)
-    (world_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
-    return summary
 
 
 def run(config: WorldConfig) -> WorldSummary:
     if config.corpus or config.queries:
         if not (config.corpus and config.queries):
             raise ValueError("importing a world needs both --corpus and --queries")
-        return import_world(config)
+        return import_world(config.out_dir, config.corpus, config.queries)
+    refuse_to_overwrite(config.out_dir)
     rng = random.Random(config.seed)
     kb = build_kb(config, rng)
     docs = build_documents(config, kb, rng)
@@ -449,9 +397,17 @@ def add_arguments(parser: argparse.ArgumentParser):
 
 
 def main(args):
-    summary = run(WorldConfig(**{k: v for k, v in vars(args).items()}))
+    try:
+        summary = run(WorldConfig(**{k: v for k, v in vars(args).items()}))
+    except ImportedDataError as refusal:
+        print(f"world refused: {refusal}", file=sys.stderr)
+        return 2
     print(f"[world] {summary.documents:,} documents ({summary.words:,} words) in {summary.partitions} partitions, "
           f"{summary.facts} facts, {summary.queries} queries -> {summary.raw_dir}, {summary.world_dir}")
+    for note in summary.notes:
+        print(f"[world]   {note}")
+    if summary.unreadable_lines:
+        print(f"[world]   {summary.unreadable_lines:,} unreadable line(s): the tokenize job quarantines them")
     for bucket, cell in summary.facts_per_bucket.items():
         print(f"[world]   bucket {bucket:>3}: {cell['facts']} facts stated in {cell['stating_docs']} documents")
     if summary.documents_per_category:

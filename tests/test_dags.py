@@ -120,6 +120,9 @@ def test_reindex_indexes_everything_then_a_second_run_changes_nothing(airflow_la
     second = _run("trackstar_reindex", lake, home)
     assert _versions(lake) == before
     assert "nothing new" in second["log"]
+    # honest logs: no error-level line from a healthy run (the first one's injected failure aside)
+    assert "XCom not found" not in first["log"] + second["log"]
+    assert "[error" not in second["log"] and "unrunnable tasks" not in second["log"]
 
 
 def test_reindex_of_a_new_partition_indexes_only_it(airflow_lake):

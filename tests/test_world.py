@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from jobs import world
+from schemas.queries import read_queries
 
 
 def _generate(out_dir, seed=3, facts_per_bucket=14, partitions=3):
@@ -21,7 +22,7 @@ def small_world(tmp_path_factory):
     kb = json.loads((out / "world" / "kb.json").read_text())
     truth = [json.loads(line) for line in (out / "world" / "ground_truth.jsonl").read_text().splitlines()]
     texts = world.generated_texts(out / "raw")
-    queries = world.read_queries(out / "world" / "queries.jsonl")
+    queries = read_queries(out / "world" / "queries.jsonl")
     return out, summary, kb, truth, texts, queries
 
 
@@ -122,7 +123,7 @@ def test_import_validates_queries(tmp_path, small_world):
         world.run(world.WorldConfig(out_dir=str(tmp_path / "lake"), corpus=str(out / "raw"), queries=str(bad)))
     bad.write_text("not json\n")
     with pytest.raises(ValueError, match="malformed JSON"):
-        world.read_queries(bad)
+        read_queries(bad)
     summary = world.run(world.WorldConfig(out_dir=str(tmp_path / "lake"), corpus=str(out / "raw"),
                                           queries=str(out / "world" / "queries.jsonl")))
     assert summary.partitions == 3 and summary.queries == 70
