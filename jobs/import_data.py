@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from jobs import c4_lines
-from jobs.checkpoints import sha256_file
+from jobs.checkpoints import checkpoints_root, sha256_file
 from schemas.queries import QueryFileError, load_queries
 
 MARKER = "import.json"
@@ -58,7 +58,8 @@ def refuse_to_overwrite(lake_root: str | Path) -> None:
     root = Path(lake_root)
     marker = imported_world(root)
     if marker:
-        linked = [json.loads(m.read_text()).get("imported_from") for m in sorted(root.glob("checkpoints/*/manifest.json"))]
+        linked = [json.loads(m.read_text()).get("imported_from")
+                  for m in sorted(checkpoints_root(root).glob("*/manifest.json"))]
         checkpoint = "".join(f" --checkpoint {folder}" for folder in linked[-1:] if folder)
         raise ImportedDataError(
             f"{root.resolve()} holds an imported world (corpus {marker['corpus']}, queries {marker['queries']}, "
@@ -159,7 +160,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def import_checkpoint(lake_root: str | Path, folder: str | Path) -> Path:
-    """A checkpoint trained elsewhere, into `<lake>/checkpoints/<checkpoint_id>/` as links to the
+    """A checkpoint trained elsewhere, into `<lake>/model/checkpoints/<checkpoint_id>/` as links to the
     user's files (nothing copied, nothing of theirs changed) plus a manifest; its tokenizer becomes
     the lake's (`<lake>/model/tokenizer`), which the tokenize job and the DAGs use."""
     from jobs.checkpoints import load_manifest
@@ -174,7 +175,7 @@ def import_checkpoint(lake_root: str | Path, folder: str | Path) -> Path:
         raise ImportedDataError(f"{root.resolve()} is tokenized with another tokenizer ({tokenizer_dir}) than "
                                 f"{folder}'s; index this checkpoint into a fresh lake (--lake)")
     manifest = load_manifest(folder)
-    target = root / "checkpoints" / manifest["checkpoint_id"]
+    target = checkpoints_root(root) / manifest["checkpoint_id"]
     if target.exists():
         known = json.loads((target / "manifest.json").read_text()) if (target / "manifest.json").exists() else {}
         if known.get("imported_from") != str(folder):
