@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from infra import storage
 from infra.lake import Lake
 from infra.config import load_config
 from jobs import extract, fit_hessian, score
@@ -121,14 +122,14 @@ class Categorizer:
     (`kb.json`, `ground_truth.jsonl`) it also knows look-alike names and relations stated; without
     one (a user's own corpus) it tells only stating documents and subject or object mentions."""
 
-    def __init__(self, world_dir: Path):
-        self.has_kb = (world_dir / "kb.json").exists()
+    def __init__(self, world_dir: str | Path):
+        self.has_kb = storage.exists(storage.join(world_dir, "kb.json"))
         self.lookalike_of, self.relations_stated = {}, {}
         if self.has_kb:
-            kb = json.loads((world_dir / "kb.json").read_text())
+            kb = json.loads(storage.read_bytes(storage.join(world_dir, "kb.json")))
             names = {e["id"]: e["name"] for e in kb["entities"]}
             self.lookalike_of = {names[look]: names[base] for base, look in kb["lookalikes"].items()}
-            for line in (world_dir / "ground_truth.jsonl").read_text().splitlines():
+            for line in storage.read_text(storage.join(world_dir, "ground_truth.jsonl")).splitlines():
                 doc = json.loads(line)
                 self.relations_stated[doc["doc_id"]] = {f[1] for f in doc["facts"]}
 
@@ -199,32 +200,34 @@ def stratified_sample(queries: dict, n: int, seed: int) -> list[str]:
 
 
 # ------------------------------------------------------------------ the job
-def evaluated_checkpoint(lake: Lake, config: EvaluateConfig) -> Path:
-    """The checkpoint folder: the one named (path or registered id), else the newest registered,
-    else the newest the lake trained (a fresh lake with a user's corpus has none registered yet)."""
-    from jobs.trace import checkpoint_folder
+def evaluated_checkpoint(lake: Lake, config: EvaluateConfig) -> str:
+    """The checkpoint's location (absolute path or s3:// URI): the one named (path or registered id),
+    else the newest registered, else the newest the lake trained (a fresh lake with a user's corpus
+    has none registered yet)."""
+    from jobs.trace import checkpoint_location
 
     if config.checkpoint:
-        return extract.resolve_checkpoint(lake, config.checkpoint)
+        return extract.checkpoint_uri(lake, config.checkpoint)
     if config.checkpoint_id:
-        return checkpoint_folder(lake, config.checkpoint_id)
+        return checkpoint_location(lake, config.checkpoint_id)
     if lake.read("checkpoints", columns=["checkpoint_id"]).num_rows:
-        return checkpoint_folder(lake, fit_hessian.latest_checkpoint_id(lake))
-    return extract.resolve_checkpoint(lake, "")
+        return checkpoint_location(lake, fit_hessian.latest_checkpoint_id(lake))
+    return extract.checkpoint_uri(lake, "")
 
 
 def run(config: EvaluateConfig) -> dict:
     from infra.runs import finish_run, start_run
 
     lake = Lake(config.lake)
-    checkpoint_dir = evaluated_checkpoint(lake, config)
+    checkpoint = evaluated_checkpoint(lake, config)
+    checkpoint_dir = extract.resolve_checkpoint(lake, checkpoint)
     manifest = load_manifest(checkpoint_dir)
     checkpoint_id = manifest["checkpoint_id"]
     run_id = start_run(lake, "evaluate", asdict(config) | {"checkpoint_id": checkpoint_id})
 
     fingerprints = {}
     for kind, normalizer in (("corrected", "auto"), ("plain", "none")):
-        extraction = extract.run(extract.ExtractConfig(lake=config.lake, checkpoint=str(checkpoint_dir), k=config.k_projection,
+        extraction = extract.run(extract.ExtractConfig(lake=config.lake, checkpoint=checkpoint, k=config.k_projection,
                                                        normalizer=normalizer, query_set=config.query_set))
         fingerprints[kind] = extraction["fingerprint"]
         hessian = fit_hessian.run(fit_hessian.FitHessianConfig(lake=config.lake, checkpoint_id=checkpoint_id,
@@ -256,7 +259,7 @@ def run(config: EvaluateConfig) -> dict:
     write_tail_patches(lake, config.query_set, checkpoint_id, changes, run_id)
 
     by_doc = dict(zip(doc_ids, texts))
-    categorizer = Categorizer(Path(config.lake) / "world")
+    categorizer = Categorizer(storage.join(lake.root, "world"))
     categories = {}
     if categorizer.has_kb:  # without a knowledge base the shares would only mislead
         for method, per_query in ranked.items():
@@ -273,14 +276,13 @@ def run(config: EvaluateConfig) -> dict:
               "per_bucket": {m: {b: v for b, v in attribution[m].items() if b != "all"} for m in ranked},
               "categories": categories}
     write_metrics(lake, report, attribution, patched, run_id)
-    reports = Path(config.reports)
-    reports.mkdir(parents=True, exist_ok=True)
-    (reports / "eval.json").write_text(json.dumps(report, indent=2))
-    write_html(reports / "eval.html", report, ranked, queries, by_doc,
+    reports = storage.absolute(config.reports)
+    storage.write_text(storage.join(reports, "eval.json"), json.dumps(report, indent=2))
+    write_html(storage.join(reports, "eval.html"), report, ranked, queries, by_doc,
                fingerprints["corrected_hessian"]["figure"], categorizer)
     finish_run(lake, run_id, "succeeded", {"methods": len(ranked), "queries": len(query_ids)})
     print(table(report))
-    print(f"[evaluate] report: {(reports / 'eval.html').resolve()}")
+    print(f"[evaluate] report: {storage.join(reports, 'eval.html')}")
     return report
 
 
@@ -365,9 +367,9 @@ def _figures(report: dict) -> tuple[str, str]:
     return buckets_png, categories_png
 
 
-def write_html(path: Path, report: dict, ranked: dict, queries: dict, texts: dict, spectra_png: str, categorizer):
+def write_html(path: str, report: dict, ranked: dict, queries: dict, texts: dict, spectra_png: str, categorizer):
     buckets_png, categories_png = _figures(report)
-    spectra = base64.b64encode(Path(spectra_png).read_bytes()).decode() if Path(spectra_png).exists() else ""
+    spectra = base64.b64encode(storage.read_bytes(spectra_png)).decode() if storage.exists(spectra_png) else ""
     rows = "".join(f"<tr><td>{html.escape(m)}</td><td>{c['mrr']:.3f}</td><td>{c['recall@10']:.3f}</td>"
                    f"<td>{c['tail_patch']:+.4f}</td><td>{c['tail_patch_delta_prob']:+.5f}</td><td>{c['n_queries']}</td></tr>"
                    for m, c in report["methods"].items())
@@ -384,7 +386,7 @@ def write_html(path: Path, report: dict, ranked: dict, queries: dict, texts: dic
             columns.append(f"<td><b>{method}</b><ol>{''.join(items)}</ol></td>")
         examples.append(f"<tr><td colspan=2><b>{html.escape(query['prompt0'])}</b> → {html.escape(query['target'])} "
                         f"(bucket {query['frequency_bucket']})</td></tr><tr>{''.join(columns)}</tr>")
-    path.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>TrackStar lake: evaluation</title>
+    storage.write_text(path, f"""<!doctype html><html><head><meta charset="utf-8"><title>TrackStar lake: evaluation</title>
 <style>body{{font-family:sans-serif;max-width:1150px;margin:2em auto}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top}} ol{{margin:0;padding-left:1.2em;font-size:90%}}</style>
 </head><body><h1>Fact tracing on the embedded world</h1>
@@ -396,7 +398,7 @@ log-probability after one optimizer step on each top-10 proponent ({report['tail
 <h2>Per frequency bucket</h2><img src="data:image/png;base64,{buckets_png}">
 <h2>What the proponents are</h2><img src="data:image/png;base64,{categories_png}">
 <h2>Task-mixed Hessian: spectra and λ</h2><img src="data:image/png;base64,{spectra}">
-<h2>Examples: BM25 vs TrackStar</h2><table>{''.join(examples)}</table></body></html>""", encoding="utf-8")
+<h2>Examples: BM25 vs TrackStar</h2><table>{''.join(examples)}</table></body></html>""")
 
 
 def add_arguments(parser: argparse.ArgumentParser):

@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pyarrow as pa
 import torch
-from safetensors import safe_open
 
+from infra import storage
 from infra.lake import Lake
-from infra.matrices import load_matrices, save_matrices
+from infra.matrices import load_matrices, load_metadata, save_matrices
 from infra.config import load_config
 
 KINDS = ("r_train", "r_query", "inverse_root", "inverse_root_train_only")
@@ -51,15 +50,14 @@ def only_fingerprint(lake: Lake, checkpoint_id: str) -> str:
     return found[0]
 
 
-def summed_autocorrelation(files: list[Path]):
+def summed_autocorrelation(files: list[str]):
     from gradient_kernels.hessian import Autocorrelation
 
     total = None
     for path in files:
         tensors = load_matrices(path)
         blocks = [tensors[k] for k in sorted(tensors)]
-        with safe_open(str(path), "pt") as fh:
-            count = int(fh.metadata()["count"])
+        count = int(load_metadata(path)["count"])
         part = Autocorrelation([b.shape[0] for b in blocks], blocks, count)
         total = part if total is None else total.merge(part)
     return total
@@ -79,7 +77,7 @@ def run(config: FitHessianConfig) -> dict:
                                       columns=["partition"])["partition"].to_pylist()))
     train_files = [autocorrelation_path(lake, checkpoint_id, fingerprint, TRAIN, p) for p in partitions]
     query_file = autocorrelation_path(lake, checkpoint_id, fingerprint, QUERY, config.query_set)
-    missing = [str(f) for f in train_files + [query_file] if not f.exists()]
+    missing = [f for f in train_files + [query_file] if not storage.exists(f)]
     if not partitions or missing:
         raise FileNotFoundError(f"autocorrelation sums missing for {checkpoint_id}/{fingerprint}: "
                                 f"{missing[:3] or 'no extracted partitions'}; rerun `python -m jobs extract`")
@@ -91,14 +89,14 @@ def run(config: FitHessianConfig) -> dict:
     inverse_root, damping = damped_inverse_power(mix(r_query, r_train, lam), damping_ratio=config.damping_ratio)
     train_only_root, train_damping = damped_inverse_power(r_train, damping_ratio=config.damping_ratio)
 
-    folder = Path(lake.root) / "_matrices" / "hessians" / checkpoint_id / config.query_set / fingerprint
+    folder = storage.join(lake.root, "_matrices", "hessians", checkpoint_id, config.query_set, fingerprint)
     matrices = {"r_train": (r_train, None, None, train.count), "r_query": (r_query, None, None, query.count),
                 "inverse_root": (inverse_root, lam, damping, train.count + query.count),
                 "inverse_root_train_only": (train_only_root, 0.0, train_damping, train.count)}
     rows = {name: [] for name in ("checkpoint_id", "query_set", "fingerprint", "kind", "path", "shape", "sha256",
                                   "lambda", "damping", "n_samples", "run_id", "created_at")}
     for kind, (blocks, kind_lambda, kind_damping, n) in matrices.items():
-        path = folder / f"{kind}.safetensors"
+        path = storage.join(folder, f"{kind}.safetensors")
         sha = save_matrices(path, {f"block{i:03d}": b.float() for i, b in enumerate(blocks)}, {"count": n})
         for name, value in (("checkpoint_id", checkpoint_id), ("query_set", config.query_set), ("fingerprint", fingerprint),
                             ("kind", kind), ("path", str(path)), ("shape", [b.shape[0] for b in blocks]), ("sha256", sha),
@@ -108,7 +106,7 @@ def run(config: FitHessianConfig) -> dict:
     lake.replace_slice("hessians", pa.table(rows), checkpoint_id=checkpoint_id, query_set=config.query_set,
                        fingerprint=fingerprint)
     figure = plot_spectra(query_spectrum, train_spectrum, lam, config.crossing_component,
-                          Path(lake.root) / "reports" / f"hessian_{checkpoint_id}_{config.query_set}_{fingerprint}.png")
+                          storage.join(lake.root, "reports", f"hessian_{checkpoint_id}_{config.query_set}_{fingerprint}.png"))
     result = {"checkpoint_id": checkpoint_id, "query_set": config.query_set, "fingerprint": fingerprint, "lambda": lam,
               "damping": damping, "n_train": train.count, "n_query": query.count, "dim": sum(train.block_sizes),
               "blocks": len(train.block_sizes), "figure": str(figure), "run_id": run_id}
@@ -119,13 +117,14 @@ def run(config: FitHessianConfig) -> dict:
     return result
 
 
-def plot_spectra(query_spectrum, train_spectrum, lam: float, component: int, path: Path) -> Path:
+def plot_spectra(query_spectrum, train_spectrum, lam: float, component: int, path: str) -> str:
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4))
     ranks = torch.arange(1, len(train_spectrum) + 1)
     ax.loglog(ranks, (lam * query_spectrum).clamp(min=1e-30), label=f"λ·R_query (λ={lam:.3f})")
@@ -136,8 +135,10 @@ def plot_spectra(query_spectrum, train_spectrum, lam: float, component: int, pat
     ax.set_title("Task-mixed Hessian approximation: scaled spectra")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    storage.write_bytes(path, png.getvalue())
     return path
 
 
@@ -148,7 +149,7 @@ def load_preconditioner(lake: Lake, checkpoint_id: str, query_set: str, fingerpr
     if rows.num_rows != 1:
         raise FileNotFoundError(f"no {kind} registered for {checkpoint_id}/{query_set}/{fingerprint}: run fit-hessian")
     row = rows.to_pylist()[0]
-    tensors = load_matrices(Path(row["path"]), row["sha256"])
+    tensors = load_matrices(row["path"], row["sha256"])
     return [tensors[k] for k in sorted(tensors)], row
 
 

@@ -69,7 +69,7 @@ def run(lake: str, seed: int = 0, airflow_home: str = ".airflow", reports: str =
 
 def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--lake", default=load_config().lake_root)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=load_config().seed)
     parser.add_argument("--airflow-home", default=".airflow")
     parser.add_argument("--reports", default="reports")
 

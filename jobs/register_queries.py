@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import argparse
 from datetime import datetime, timezone
-from pathlib import Path
-
 import pyarrow as pa
 
+from infra import storage
 from infra.lake import Lake
 from jobs.world import read_queries
 from schemas.tables import TABLES
@@ -23,7 +22,7 @@ DEFAULT_QUERY_SET = "fact-world"
 
 def run(lake_root: str, path: str | None = None, name: str = DEFAULT_QUERY_SET, run_id: str = "manual") -> int:
     lake = Lake(lake_root)
-    path = Path(path or Path(lake_root) / "world" / "queries.jsonl")
+    path = storage.absolute(path or storage.join(lake.root, "world", "queries.jsonl"))
     queries = read_queries(path)
     columns = [c.name for c in TABLES["queries"].columns]
     rows = {c: [] for c in columns}
@@ -31,7 +30,7 @@ def run(lake_root: str, path: str | None = None, name: str = DEFAULT_QUERY_SET, 
         for c in columns:
             rows[c].append({"query_set": name, "run_id": run_id}.get(c, query.get(c)))
     lake.replace_slice("queries", pa.table(rows), query_set=name)
-    lake.replace_slice("query_sets", pa.table({"query_set": [name], "path": [str(path)], "n_queries": [len(queries)],
+    lake.replace_slice("query_sets", pa.table({"query_set": [name], "path": [path], "n_queries": [len(queries)],
                                                "registered_at": [datetime.now(timezone.utc)], "run_id": [run_id]}),
                        query_set=name)
     print(f"[register-queries] {len(queries)} queries from {path} registered as query set {name!r}")

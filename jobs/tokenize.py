@@ -19,10 +19,10 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import pyarrow as pa
 
+from infra import storage
 from infra.lake import Lake
 from infra.quarantine import quarantine_rows
 from infra.runs import finish_run, start_run
@@ -45,27 +45,37 @@ class TokenizeConfig:
     partitions: list | None = None  # only these source partitions (default: all)
 
 
-def tokenizer_fingerprint(tokenizer_dir: Path, context: int) -> str:
+def tokenizer_fingerprint(tokenizer_dir: str, context: int) -> str:
     """Names the tokens a partition holds: the tokenizer and the chunk length."""
-    return hashlib.sha256((Path(tokenizer_dir) / "tokenizer.json").read_bytes()).hexdigest()[:16] + f"-ctx{context}"
+    return tokenizer_fingerprint_of(storage.read_bytes(storage.join(tokenizer_dir, "tokenizer.json")), context)
+
+
+def tokenizer_fingerprint_of(tokenizer_json: bytes, context: int) -> str:
+    return hashlib.sha256(tokenizer_json).hexdigest()[:16] + f"-ctx{context}"
 
 
 def model_context(lake_root: str) -> int:
     """The context of the lake's newest checkpoint (the chunks must fit it)."""
-    configs = sorted(Path(lake_root).glob("checkpoints/*/config.json"))
+    checkpoints = storage.join(lake_root, "checkpoints")
+    configs = [c for c in storage.list_objects(checkpoints, suffix="/config.json")
+               if c.count("/") - checkpoints.count("/") == 2]
     if not configs:
-        raise FileNotFoundError(f"no checkpoint under {lake_root}/checkpoints to take the context from; pass --context")
-    config = json.loads(configs[-1].read_text())
+        raise FileNotFoundError(f"no checkpoint under {checkpoints} to take the context from; pass --context")
+    config = json.loads(storage.read_bytes(configs[-1]))
     return int(config.get("n_positions") or config["max_position_embeddings"])
 
 
-def raw_partitions(raw_dir: Path) -> dict[int, Path]:
+def raw_partitions(raw_dir: str) -> dict[int, str]:
+    """partition number -> location of the c4-*.json.gz files directly under raw_dir."""
     found = {}
-    for path in sorted(Path(raw_dir).glob("c4-*.json.gz")):
-        match = PARTITION_NAME.search(path.name)
+    for uri in storage.list_objects(storage.absolute(raw_dir), suffix=".json.gz"):
+        name = storage.name(uri)
+        if not name.startswith("c4-") or uri.count("/") - storage.absolute(raw_dir).count("/") != 1:
+            continue
+        match = PARTITION_NAME.search(name)
         if not match:
-            raise ValueError(f"{path.name}: not a C4 partition name (c4-<split>.NNNNN-of-MMMMM.json.gz)")
-        found[int(match.group(1))] = path
+            raise ValueError(f"{name}: not a C4 partition name (c4-<split>.NNNNN-of-MMMMM.json.gz)")
+        found[int(match.group(1))] = uri
     return found
 
 
@@ -97,7 +107,7 @@ def parse_files(batches, max_chars: int):
                 good = record is not None
                 rows["doc_id"].append(record["url"] if good else None)
                 rows["partition"].append(partition)
-                rows["source"].append(Path(path).name)
+                rows["source"].append(storage.name(path))
                 rows["line"].append(number)
                 rows["text"].append(record["text"] if good else None)
                 rows["timestamp"].append(record["timestamp"] if good else None)
@@ -107,7 +117,7 @@ def parse_files(batches, max_chars: int):
 
             number = 0
             try:
-                with gzip.open(path, "rb") as fh:
+                with gzip.open(storage.open_read(path), "rb") as fh:
                     for number, raw in enumerate(fh, start=1):
                         record, reason = c4_lines.parse_line(raw.rstrip(b"\n"))
                         if record is not None and len(record["text"]) > max_chars:
@@ -126,11 +136,14 @@ TOKEN_SCHEMA = pa.schema([("doc_id", pa.string()), ("partition", pa.int32()), ("
 _tokenizers = {}
 
 
-def tokenize_documents(batches, tokenizer_file: str, context: int):
-    """documents -> chunk rows; the fast (Rust) tokenizer encodes a whole batch at once."""
+def tokenize_documents(batches, tokenizer_json: str, context: int):
+    """documents -> chunk rows; the fast (Rust) tokenizer encodes a whole batch at once. The
+    tokenizer travels as its JSON text, so Spark workers need no access to the lake's files."""
     from tokenizers import Tokenizer
 
-    tokenizer = _tokenizers.setdefault(tokenizer_file, Tokenizer.from_file(tokenizer_file))
+    if tokenizer_json not in _tokenizers:
+        _tokenizers[tokenizer_json] = Tokenizer.from_str(tokenizer_json)
+    tokenizer = _tokenizers[tokenizer_json]
     eos = tokenizer.token_to_id(EOS)
     for batch in batches:
         rows = {name: [] for name in TOKEN_SCHEMA.names}
@@ -156,12 +169,13 @@ def run(config: TokenizeConfig) -> dict:
     from infra.spark import spark_session
 
     lake = Lake(config.lake)
-    raw_dir = Path(config.raw or Path(config.lake) / "raw")
-    tokenizer_dir = Path(config.tokenizer or Path(config.lake) / "model" / "tokenizer")
-    if not (tokenizer_dir / "tokenizer.json").exists():
-        raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.json (train the model first, or pass --tokenizer)")
-    context = config.context or model_context(config.lake)
-    fingerprint = tokenizer_fingerprint(tokenizer_dir, context)
+    raw_dir = config.raw or storage.join(lake.root, "raw")
+    tokenizer_file = storage.join(config.tokenizer or storage.join(lake.root, "model", "tokenizer"), "tokenizer.json")
+    if not storage.exists(tokenizer_file):
+        raise FileNotFoundError(f"no {tokenizer_file} (train the model first, or pass --tokenizer)")
+    tokenizer_json = storage.read_bytes(tokenizer_file)
+    context = config.context or model_context(lake.root)
+    fingerprint = tokenizer_fingerprint_of(tokenizer_json, context)
     partitions = raw_partitions(raw_dir)
     if config.partitions is not None:
         unknown = sorted(set(config.partitions) - set(partitions))
@@ -179,12 +193,12 @@ def run(config: TokenizeConfig) -> dict:
 
     run_id = start_run(lake, "tokenize", asdict(config) | {"tokenizer_fingerprint": fingerprint})
     spark = spark_session()
-    files = spark.createDataFrame([(str(path.resolve()), p) for p, path in sorted(pending.items())],
+    files = spark.createDataFrame([(uri, p) for p, uri in sorted(pending.items())],
                                   "path string, partition int").repartition(min(len(pending), os.cpu_count() or 1))
-    max_chars, tokenizer_file = config.max_chars, str((tokenizer_dir / "tokenizer.json").resolve())
+    max_chars, tokenizer_json = config.max_chars, tokenizer_json.decode("utf-8")
     parsed = files.mapInArrow(lambda it: parse_files(it, max_chars), spark_ddl_of(PARSED_SCHEMA))
     documents = parsed.filter(F.col("reason").isNull()).drop("reason", "raw_value").withColumn("run_id", F.lit(run_id))
-    tokens = (documents.mapInArrow(lambda it: tokenize_documents(it, tokenizer_file, context), spark_ddl_of(TOKEN_SCHEMA))
+    tokens = (documents.mapInArrow(lambda it: tokenize_documents(it, tokenizer_json, context), spark_ddl_of(TOKEN_SCHEMA))
               .withColumn("tokenizer_fingerprint", F.lit(fingerprint)).withColumn("run_id", F.lit(run_id)))
     in_pending = f"partition IN ({', '.join(str(p) for p in sorted(pending))})"
     lake.spark_write(documents, "documents", replace_where=in_pending)

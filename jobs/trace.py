@@ -23,14 +23,19 @@ from infra.config import load_config
 from infra.lake import Lake
 
 
+def checkpoint_location(lake: Lake, checkpoint_id: str) -> str:
+    """Where a registered checkpoint lives (absolute path or s3:// URI), as the `checkpoints` table says."""
+    rows = lake.read("checkpoints", filters=[("checkpoint_id", "=", checkpoint_id)], columns=["path"])
+    if rows.num_rows == 0:
+        raise LookupError(f"checkpoint {checkpoint_id!r} is not registered")
+    return rows["path"][0].as_py()
+
+
 def checkpoint_folder(lake: Lake, checkpoint_id: str) -> Path:
     """A local folder holding a registered checkpoint (downloaded if it was registered from S3)."""
     from jobs.extract import resolve_checkpoint
 
-    rows = lake.read("checkpoints", filters=[("checkpoint_id", "=", checkpoint_id)], columns=["path"])
-    if rows.num_rows == 0:
-        raise LookupError(f"checkpoint {checkpoint_id!r} is not registered")
-    return resolve_checkpoint(lake, rows["path"][0].as_py())
+    return resolve_checkpoint(lake, checkpoint_location(lake, checkpoint_id))
 
 
 class TraceContext:

@@ -20,9 +20,13 @@ import gzip
 import json
 import random
 import shutil
-from dataclasses import asdict, dataclass, field
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+
+from infra import storage
+from infra.config import load_config
 
 # --------------------------------------------------------------------------------------- relations
 # name, subject type, object type, document templates (the first two end in the object, matching
@@ -306,10 +310,10 @@ QUERY_FIELDS = {"query_id": str, "subject": str, "relation": str, "object": str,
                 "stating_doc_ids": list}
 
 
-def read_queries(path: Path) -> list[dict]:
-    """Queries JSONL, validated: a clear error names the file, the line and the problem."""
+def read_queries(path: str | Path) -> list[dict]:
+    """Queries JSONL (a local path or s3:// URI), validated: a clear error names the file, the line and the problem."""
     queries = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(storage.read_text(str(path)).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -349,6 +353,8 @@ def import_world(config: WorldConfig) -> WorldSummary:
 
 
 def run(config: WorldConfig) -> WorldSummary:
+    if storage.is_s3(config.out_dir):
+        return _run_to_s3(config)
     if config.corpus or config.queries:
         if not (config.corpus and config.queries):
             raise ValueError("importing a world needs both --corpus and --queries")
@@ -385,10 +391,22 @@ def run(config: WorldConfig) -> WorldSummary:
     return summary
 
 
+def _run_to_s3(config: WorldConfig) -> WorldSummary:
+    """Build (or import) the world in a temporary folder, then replace the lake's raw partitions and
+    world files on S3 with it."""
+    with tempfile.TemporaryDirectory(prefix="trackstar-world-") as local:
+        summary = run(replace(config, out_dir=local))
+        for old in storage.list_objects(storage.join(config.out_dir, "raw"), suffix=".json.gz"):
+            storage.delete(old)
+        storage.upload_dir(local, config.out_dir)
+    return replace(summary, raw_dir=storage.join(config.out_dir, "raw"),
+                   world_dir=storage.join(config.out_dir, "world"))
+
+
 def add_arguments(parser: argparse.ArgumentParser):
     defaults = WorldConfig()
     parser.add_argument("--out", dest="out_dir", default=defaults.out_dir, help="lake root to write under")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--seed", type=int, default=load_config().seed)
     parser.add_argument("--partitions", dest="n_partitions", type=int, default=defaults.n_partitions)
     parser.add_argument("--facts-per-bucket", type=int, default=defaults.facts_per_bucket)
     parser.add_argument("--corpus", help="import this folder of c4-*.json.gz partitions instead of generating")

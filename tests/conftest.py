@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import threading
 import uuid
+from pathlib import Path
 
 import pytest
 
 from infra.lake import Lake
+
+# pytest's `pythonpath = .` reaches this process only; child processes (Airflow, DeepSpeed ranks)
+# find the project through PYTHONPATH where it is not installed (`make install` installs it).
+REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret",
           "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}
