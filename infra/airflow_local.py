@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from infra.config import load_config
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEVICE_POOL = ("trackstar_device", 1, "extraction saturates the machine: one extraction at a time")
 
@@ -81,7 +83,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if "AIRFLOW_HOME" not in os.environ:
         os.execve(sys.executable, [sys.executable, "-m", "infra.airflow_local", *(argv or sys.argv[1:])],
-                  airflow_environment(os.environ.get("TRACKSTAR_LAKE_ROOT", "lake")))
+                  airflow_environment(load_config().lake_root))
     result = _run_here(args.dag_id, json.loads(args.conf))
     print(f"\n{result['dag_id']} run {result['run_id']}: {result['state']}")
     for task_id, state in result["tasks"].items():

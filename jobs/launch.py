@@ -2,7 +2,8 @@
 
 A stage writes its plan (a JSON file) and calls `launch_ranks(module, plan, ranks)`; every rank runs
 `python -m <module> --plan <plan>`. Where no GPU exists the ranks are CPU processes
-(`DS_ACCELERATOR=cpu`, gloo); the same command runs GPU ranks on a GPU node.
+(`DS_ACCELERATOR=cpu`, gloo); the same command runs GPU ranks on a GPU node, each bound to the GPU
+of its local rank (`bind_rank_device`).
 """
 
 from __future__ import annotations

@@ -67,6 +67,15 @@ def s3_bucket(s3_server) -> str:
     return name
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory):
+    """Local copies of s3:// checkpoints go to a temporary folder, not the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as env:
+        folder = tmp_path_factory.mktemp("cache")
+        env.setenv("TRACKSTAR_CACHE_DIR", str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def spark():
     from infra.spark import spark_session

@@ -1,0 +1,81 @@
+"""The whole pipeline on an s3:// lake root (the moto S3 server on loopback): the world's files, the
+nightly `trackstar_reindex` DAG, then scoring and the evaluation. Every file lands beside the Delta
+tables on S3, nothing under the working directory, and every path stored in a table resolves."""
+
+import json
+
+import pytest
+
+from infra import storage
+from infra.airflow_local import run_dag
+from infra.lake import Lake
+from infra.matrices import load_matrices
+from jobs import evaluate, register_queries, world
+from tests.fixtures import WORLD
+
+
+def _objects(root: str, folder: str) -> list[str]:
+    return [uri.removeprefix(f"{root}/") for uri in storage.list_objects(storage.join(root, folder))]
+
+
+@pytest.mark.slow
+def test_reindex_score_and_evaluate_on_an_s3_lake_write_nothing_locally(adam_run, s3_bucket, tmp_path, monkeypatch):
+    source, summary = adam_run
+    root, final = f"s3://{s3_bucket}/lake", summary["checkpoints"][-1]
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("TRACKSTAR_LAKE_ROOT", root)
+    monkeypatch.setenv("TRACKSTAR_K_PER_MODULE", "4")  # a setting from the environment reaches the DAG's tasks
+
+    # The world is written straight to S3 (the same seed as the trained fixture: the same partitions);
+    # the model trained on it arrives there as a training team's would.
+    world.run(world.WorldConfig(out_dir=root, **WORLD))
+    for local in sorted((source / "raw").glob("c4-*.json.gz")):
+        assert storage.read_bytes(storage.join(root, "raw", local.name)) == local.read_bytes()
+    storage.upload_dir(source / "model" / "tokenizer", storage.join(root, "model", "tokenizer"))
+    storage.upload_file(source / "model" / "train_summary.json", storage.join(root, "model", "train_summary.json"))
+    storage.upload_dir(source / "checkpoints" / final, storage.join(root, "checkpoints", final))
+    register_queries.run(root)
+
+    # trigger conf keys that name settings override them for the run
+    result = run_dag("trackstar_reindex", root, {"top_k": 3, "vector_dtype": "float16"}, tmp_path / "airflow",
+                     TRACKSTAR_RETRY_DELAY_SECONDS=1)
+    assert result["state"] == "success", result["log"][-4000:]
+    assert {t for t, state in result["tasks"].items() if state != "success"} == set()
+    lake = Lake(root)
+    queries = lake.read("queries").num_rows
+    proponents = lake.read("proponents", filters=[("method", "=", "trackstar")])
+    assert proponents.num_rows == queries * 3
+    vectors = lake.read("train_gradients", columns=["dtype", "vector"])
+    assert set(vectors["dtype"].to_pylist()) == {"float16"}
+    (hessian,) = lake.read("hessians", filters=[("kind", "=", "inverse_root")]).to_pylist()
+    assert set(hessian["shape"]) == {4 * 4}  # one k x k block per weight matrix, k from the environment
+    assert {len(v) for v in vectors["vector"].to_pylist()} == {2 * sum(hessian["shape"])}
+
+    report = evaluate.run(evaluate.EvaluateConfig(lake=root, k_projection=4, tail_patch_queries=2,
+                                                  reports=storage.join(root, "reports")))
+    stored = json.loads(storage.read_bytes(storage.join(root, "reports", "eval.json")))
+    assert stored["methods"] == json.loads(json.dumps(report["methods"]))
+    assert all(0 <= cell["mrr"] <= 1 and cell["n_queries"] == queries for cell in stored["methods"].values())
+
+    # nothing beside the tables went anywhere but S3
+    assert sorted(p.name for p in workdir.iterdir()) == []
+    assert sorted(_objects(root, "raw")) == [f"raw/{p.name}" for p in sorted((source / "raw").glob("c4-*.json.gz"))]
+    assert _objects(root, "_plans") and _objects(root, "_autocorrelation")
+    reports = _objects(root, "reports")
+    assert {"reports/eval.html", "reports/eval.json"} <= set(reports)
+    plot = next(r for r in reports if r.startswith("reports/hessian_") and r.endswith(".png"))
+    assert storage.read_bytes(storage.join(root, plot)).startswith(b"\x89PNG")
+    page = storage.read_text(storage.join(root, "reports", "eval.html"))
+    assert 'spectra and λ</h2><img src="data:image/png;base64,iVBOR' in page  # the plot read back from S3
+
+    # every stored path is an s3:// URI that resolves, from this or any other working directory
+    for row in lake.read("hessians").to_pylist():
+        assert row["path"].startswith(f"{root}/_matrices/")
+        assert load_matrices(row["path"], row["sha256"])
+    (checkpoint,) = lake.read("checkpoints").to_pylist()
+    assert checkpoint["path"] == storage.join(root, "checkpoints", final)
+    assert storage.exists(storage.join(checkpoint["path"], "manifest.json"))
+    (query_set,) = lake.read("query_sets").to_pylist()
+    assert query_set["path"] == storage.join(root, "world", "queries.jsonl") and storage.exists(query_set["path"])
