@@ -107,6 +107,12 @@ def load_config(path: str | Path | None = None, environ: typing.Mapping[str, str
     return Config(**values)
 
 
+def from_settings(name: str):
+    """A stage config field whose default is the setting `name`, read when the object is made, so
+    that a CLI command, a DAG task and any other caller get the same value."""
+    return dataclasses.field(default_factory=lambda: getattr(load_config(), name))
+
+
 def airflow_params() -> dict:
     """The params (DAG params merged with the trigger conf) of the Airflow task running in this
     process; {} outside one. Airflow is only asked when it is loaded already: a CLI never imports it."""

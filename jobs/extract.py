@@ -27,7 +27,7 @@ import pyarrow as pa
 from infra import storage
 from infra.lake import Lake
 from jobs.launch import bind_rank_device, init_rank, launch_ranks, rank_arguments
-from infra.config import load_config
+from infra.config import from_settings, load_config
 
 TRAIN, QUERY = "train", "query"
 
@@ -36,11 +36,11 @@ TRAIN, QUERY = "train", "query"
 class ExtractConfig:
     lake: str = "lake"
     checkpoint: str = ""                 # checkpoint folder or s3:// prefix; default: the newest trained one
-    k: int = 16                          # projection size per side of every weight matrix (block k × k)
-    seed: int = 0                        # projection seed
+    k: int = from_settings("k_per_module")  # projection size per side of every weight matrix (block k × k)
+    seed: int = from_settings("projection_seed")
     normalizer: str = "auto"             # adafactor | adam-factored | adam-exact | none | auto (`auto_normalizer`)
-    vector_dtype: str = "float32"        # storage encoding of vectors
-    token_budget: int = 4096             # padded tokens per batch
+    vector_dtype: str = from_settings("vector_dtype")  # storage encoding of vectors
+    token_budget: int = from_settings("batch_token_budget")  # padded tokens per batch
     ranks: int = 2
     optimizer_source: str = "auto"       # consolidated | zero | auto
     query_set: str | None = "fact-world"  # also extract this registered query set's gradients
@@ -363,13 +363,12 @@ def add_arguments(parser: argparse.ArgumentParser):
     defaults = ExtractConfig()
     parser.add_argument("--lake", default=load_config().lake_root)
     parser.add_argument("--checkpoint", default="", help="checkpoint folder or s3:// prefix (default: newest trained)")
-    config = load_config()
-    parser.add_argument("--k", type=int, default=config.k_per_module)
-    parser.add_argument("--seed", type=int, default=config.projection_seed)
+    parser.add_argument("--k", type=int, default=defaults.k)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--normalizer", default=defaults.normalizer,
                         choices=["auto", "adafactor", "adam-factored", "adam-exact", "none"])
-    parser.add_argument("--vector-dtype", default=config.vector_dtype, choices=["float32", "float16", "bfloat16", "int8"])
-    parser.add_argument("--token-budget", type=int, default=config.batch_token_budget)
+    parser.add_argument("--vector-dtype", default=defaults.vector_dtype, choices=["float32", "float16", "bfloat16", "int8"])
+    parser.add_argument("--token-budget", type=int, default=defaults.token_budget)
     parser.add_argument("--ranks", type=int, default=defaults.ranks)
     parser.add_argument("--optimizer-source", default=defaults.optimizer_source, choices=["auto", "consolidated", "zero"])
     parser.add_argument("--query-set", default=defaults.query_set)

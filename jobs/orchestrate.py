@@ -27,14 +27,6 @@ def lake_root() -> str:
     return load_config().lake_root
 
 
-def extract_config(checkpoint: str, query_set: str | None, partitions: list[int] | None = None) -> extract.ExtractConfig:
-    settings = load_config()
-    return extract.ExtractConfig(lake=settings.lake_root, checkpoint=checkpoint, query_set=query_set,
-                                 partitions=list(partitions or []), k=settings.k_per_module,
-                                 seed=settings.projection_seed, vector_dtype=settings.vector_dtype,
-                                 token_budget=settings.batch_token_budget)
-
-
 # ------------------------------------------------------------------ finding work
 def newest_checkpoint(location: str | None = None) -> str:
     """The checkpoint with the highest step under `location` (a folder of checkpoint folders, or an
@@ -68,7 +60,9 @@ def tokenize_partition(partition: int) -> dict:
 
 def extract_missing(checkpoint: str, query_sets: list[str], partitions: list[int] | None = None) -> dict:
     """Gradients for every (checkpoint, partition) slice and query set still missing; done ones are skipped."""
-    results = [extract.run(extract_config(checkpoint, query_set, partitions)) for query_set in (query_sets or [None])]
+    results = [extract.run(extract.ExtractConfig(lake=lake_root(), checkpoint=checkpoint, query_set=query_set,
+                                                 partitions=list(partitions or [])))
+               for query_set in (query_sets or [None])]
     fail_once_if_injected("extract_missing")
     return {"checkpoint_id": results[0]["checkpoint_id"], "fingerprint": results[0]["fingerprint"],
             "extracted": sorted({item for r in results for item in r["items"]})}
@@ -112,8 +106,8 @@ def last_scored_inputs(lake: Lake, checkpoint_id: str, fingerprint: str, query_s
 
 def rescore_changed(extraction: dict, query_sets: list[str], methods: list[str] | None = None,
                     k: int | None = None) -> list[str]:
-    """Rescore the query sets whose inputs changed since their last scoring; returns them."""
-    lake, rescored, k = Lake(lake_root()), [], k or load_config().top_k
+    """Rescore the query sets whose inputs changed since their last scoring (k: default top_k); returns them."""
+    lake, rescored, k = Lake(lake_root()), [], k or score.ScoreConfig().k
     methods = list(methods or DEFAULT_METHODS)
     for query_set in query_sets:
         inputs = score.scoring_inputs(lake, extraction["checkpoint_id"], extraction["fingerprint"], query_set)

@@ -40,7 +40,9 @@ def run(lake: str, seed: int = 0, airflow_home: str = ".airflow", reports: str =
     print("\n".join(line for line in dag["log"].splitlines() if line.startswith(("[reindex]", "trackstar_reindex run", "  "))))
     if dag["state"] != "success":
         raise RuntimeError(f"trackstar_reindex ended {dag['state']}; see the task log above")
-    report = stage("evaluate", lambda: evaluate.run(evaluate.EvaluateConfig(lake=lake, reports=reports)))
+    settings = load_config()
+    report = stage("evaluate", lambda: evaluate.run(evaluate.EvaluateConfig(
+        lake=lake, reports=reports, k=settings.top_k, k_projection=settings.k_per_module)))
 
     summary = {"world": vars(world_summary), "model": train_summary, "accuracy": accuracy.as_dict(), "dag": {
         k: v for k, v in dag.items() if k != "log"}, "evaluation": report["methods"],

@@ -36,15 +36,17 @@ def test_outside_airflow_no_params_apply():
     assert load_config(environ={"TRACKSTAR_TOP_K": "7"}).top_k == 7
 
 
-def test_stage_configs_of_the_dag_tasks_come_from_the_settings(monkeypatch):
-    from jobs import orchestrate
+def test_stage_configs_take_their_defaults_from_the_settings_when_made(monkeypatch):
+    from jobs import extract, score
 
+    before = extract.ExtractConfig()
     for name, value in {"LAKE_ROOT": "s3://bucket/lake", "K_PER_MODULE": "8", "PROJECTION_SEED": "3",
-                        "VECTOR_DTYPE": "int8", "BATCH_TOKEN_BUDGET": "512"}.items():
+                        "VECTOR_DTYPE": "int8", "BATCH_TOKEN_BUDGET": "512", "TOP_K": "25"}.items():
         monkeypatch.setenv(f"TRACKSTAR_{name}", value)
-    config = orchestrate.extract_config("s3://bucket/checkpoints/c1", "fact-world", [2])
-    assert (config.lake, config.k, config.seed, config.vector_dtype, config.token_budget) == (
-        "s3://bucket/lake", 8, 3, "int8", 512)
+    config = extract.ExtractConfig()
+    assert (config.k, config.seed, config.vector_dtype, config.token_budget) == (8, 3, "int8", 512) != (
+        before.k, before.seed, before.vector_dtype, before.token_budget)
+    assert extract.ExtractConfig(k=4).k == 4 and score.ScoreConfig().k == 25
     assert load_config().checkpoint_location == "s3://bucket/lake/checkpoints"
 
 
