@@ -67,10 +67,10 @@ def model_context(lake_root: str) -> int:
 
 def raw_partitions(raw_dir: str) -> dict[int, str]:
     """partition number -> location of the c4-*.json.gz files directly under raw_dir."""
-    found = {}
-    for uri in storage.list_objects(storage.absolute(raw_dir), suffix=".json.gz"):
+    found, raw_dir = {}, storage.absolute(raw_dir)
+    for uri in storage.list_objects(raw_dir, suffix=".json.gz"):
         name = storage.name(uri)
-        if not name.startswith("c4-") or uri.count("/") - storage.absolute(raw_dir).count("/") != 1:
+        if not name.startswith("c4-") or uri.count("/") - raw_dir.count("/") != 1:
             continue
         match = PARTITION_NAME.search(name)
         if not match:
@@ -117,7 +117,7 @@ def parse_files(batches, max_chars: int):
 
             number = 0
             try:
-                with gzip.open(storage.open_read(path), "rb") as fh:
+                with storage.open_read(path) as stored, gzip.open(stored, "rb") as fh:
                     for number, raw in enumerate(fh, start=1):
                         record, reason = c4_lines.parse_line(raw.rstrip(b"\n"))
                         if record is not None and len(record["text"]) > max_chars:
