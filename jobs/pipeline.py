@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
+from infra import storage
 from jobs import evaluate, model_eval, register_queries, train_model, world
 from infra.config import load_config
 
@@ -31,11 +31,10 @@ def run(lake: str, seed: int = 0, airflow_home: str = ".airflow", reports: str =
 
     world_summary = stage("world", lambda: world.run(world.WorldConfig(out_dir=lake, seed=seed)))
     train_summary = stage("train-model", lambda: train_model.run(train_model.TrainConfig(lake=lake, seed=seed)))
-    final_checkpoint = Path(lake) / "checkpoints" / train_summary["checkpoints"][-1]
-    accuracy = stage("model-accuracy", lambda: model_eval.evaluate_checkpoint(final_checkpoint,
-                                                                              Path(lake) / "world" / "queries.jsonl"))
+    accuracy = stage("model-accuracy", lambda: model_eval.evaluate_checkpoint(
+        train_model.final_checkpoint(lake, train_summary), storage.join(lake, "world", "queries.jsonl")))
     stage("register-queries", lambda: register_queries.run(lake))
-    dag = stage("airflow: trackstar_reindex", lambda: run_dag("trackstar_reindex", str(Path(lake).resolve()),
+    dag = stage("airflow: trackstar_reindex", lambda: run_dag("trackstar_reindex", storage.absolute(lake),
                                                               home=airflow_home))
     print("\n".join(line for line in dag["log"].splitlines() if line.startswith(("[reindex]", "trackstar_reindex run", "  "))))
     if dag["state"] != "success":
@@ -47,10 +46,10 @@ def run(lake: str, seed: int = 0, airflow_home: str = ".airflow", reports: str =
     summary = {"world": vars(world_summary), "model": train_summary, "accuracy": accuracy.as_dict(), "dag": {
         k: v for k, v in dag.items() if k != "log"}, "evaluation": report["methods"],
         "seconds": {k: round(v, 1) for k, v in timings.items()}}
-    (Path(lake) / "pipeline_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    storage.write_text(storage.join(lake, "pipeline_summary.json"), json.dumps(summary, indent=2, default=str))
 
     print("\n=== TrackStar lake: embedded run ===")
-    print(f"lake:        {Path(lake).resolve()}")
+    print(f"lake:        {storage.absolute(lake)}")
     print(f"corpus:      {train_summary['n_documents']:,} documents, {train_summary['n_tokens']:,} tokens in "
           f"{world_summary.partitions} C4 partitions; {world_summary.facts} facts, {world_summary.queries} queries")
     print(f"model:       GPT-2, {train_summary['parameters']:,} parameters, {train_summary['steps']} steps in "
@@ -61,7 +60,7 @@ def run(lake: str, seed: int = 0, airflow_home: str = ".airflow", reports: str =
     print(f"\nfact tracing on checkpoint {report['checkpoint_id']} (λ = {report['lambda']:.3f}; "
           f"tail-patch over {report['tail_patch_queries']} queries):")
     print(evaluate.table(report))
-    print(f"\nreport:      {(Path(reports) / 'eval.html').resolve()}")
+    print(f"\nreport:      {storage.join(storage.absolute(reports), 'eval.html')}")
     print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     print("next:        .venv/bin/python -m jobs sql --list        (SQL over the Delta tables)")
     print("             make airflow-ui                            (the DAGs in the Airflow UI, 127.0.0.1:8080)")

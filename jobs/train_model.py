@@ -330,13 +330,16 @@ def config_from_args(args) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
 
 
+def final_checkpoint(lake: str, summary: dict) -> Path:
+    """A local folder holding the last checkpoint of a training run (copied from S3 if it lives there)."""
+    return storage.local_folder(storage.join(lake, "checkpoints", summary["checkpoints"][-1]), load_config().cache_dir)
+
+
 def main(args):
     from jobs.model_eval import evaluate_checkpoint
 
     summary = run(config_from_args(args))
-    final = storage.local_folder(storage.join(args.lake, "checkpoints", summary["checkpoints"][-1]),
-                                 load_config().cache_dir)
-    accuracy = evaluate_checkpoint(final, storage.join(args.lake, "world", "queries.jsonl"))
+    accuracy = evaluate_checkpoint(final_checkpoint(args.lake, summary), storage.join(args.lake, "world", "queries.jsonl"))
     print(f"[train-model] {summary['parameters']:,} parameters, {summary['steps']} steps in "
           f"{summary['train_seconds']}s; checkpoints: {', '.join(summary['checkpoints'])}")
     print(accuracy.table())
