@@ -19,8 +19,10 @@ def test_a_rank_without_a_gpu_of_its_own_is_an_error():
         rank_device(True, 2, gpus=2)
 
 
-def test_on_this_cpu_host_a_rank_binds_the_cpu(monkeypatch):
+def test_a_rank_binds_the_device_of_its_local_rank(monkeypatch):
     import torch
 
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    assert bind_rank_device() == ("cuda:1" if torch.cuda.device_count() > 1 else "cpu")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert bind_rank_device() == ("cuda:0" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        assert torch.cuda.current_device() == 0
