@@ -1,6 +1,7 @@
-"""The whole pipeline on an s3:// lake root (the moto S3 server on loopback): the world's files, the
-nightly `trackstar_reindex` DAG, then scoring and the evaluation. Every file lands beside the Delta
-tables on S3, nothing under the working directory, and every path stored in a table resolves."""
+"""The whole pipeline on an s3:// lake root (the moto S3 server on loopback): the world, a tiny model
+trained with DeepSpeed, the nightly `trackstar_reindex` DAG, then scoring and the evaluation. Every
+file lands beside the Delta tables on S3, nothing under the working directory, and every path
+stored in a table resolves."""
 
 import json
 
@@ -10,8 +11,8 @@ from infra import storage
 from infra.airflow_local import run_dag
 from infra.lake import Lake
 from infra.matrices import load_matrices
-from jobs import evaluate, register_queries, world
-from tests.fixtures import WORLD
+from jobs import evaluate, register_queries, train_model, world
+from tests.fixtures import TINY, WORLD
 
 
 def _objects(root: str, folder: str) -> list[str]:
@@ -19,23 +20,22 @@ def _objects(root: str, folder: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_reindex_score_and_evaluate_on_an_s3_lake_write_nothing_locally(adam_run, s3_bucket, tmp_path, monkeypatch):
-    source, summary = adam_run
-    root, final = f"s3://{s3_bucket}/lake", summary["checkpoints"][-1]
+def test_world_training_reindex_score_and_evaluate_on_an_s3_lake_write_nothing_locally(s3_bucket, tmp_path,
+                                                                                         monkeypatch):
+    root = f"s3://{s3_bucket}/lake"
     workdir = tmp_path / "cwd"
     workdir.mkdir()
     monkeypatch.chdir(workdir)
     monkeypatch.setenv("TRACKSTAR_LAKE_ROOT", root)
     monkeypatch.setenv("TRACKSTAR_K_PER_MODULE", "4")  # a setting from the environment reaches the DAG's tasks
 
-    # The world is written straight to S3 (the same seed as the trained fixture: the same partitions);
-    # the model trained on it arrives there as a training team's would.
     world.run(world.WorldConfig(out_dir=root, **WORLD))
-    for local in sorted((source / "raw").glob("c4-*.json.gz")):
-        assert storage.read_bytes(storage.join(root, "raw", local.name)) == local.read_bytes()
-    storage.upload_dir(source / "model" / "tokenizer", storage.join(root, "model", "tokenizer"))
-    storage.upload_file(source / "model" / "train_summary.json", storage.join(root, "model", "train_summary.json"))
-    storage.upload_dir(source / "checkpoints" / final, storage.join(root, "checkpoints", final))
+    assert _objects(root, "raw") == ["raw/c4-train.00000-of-00002.json.gz", "raw/c4-train.00001-of-00002.json.gz"]
+    summary = train_model.run(train_model.TrainConfig(lake=root, optimizer="adam", **TINY))
+    older, final = summary["checkpoints"]
+    for checkpoint in summary["checkpoints"]:
+        assert storage.exists(storage.join(root, "checkpoints", checkpoint, "model.safetensors"))
+    assert storage.exists(storage.join(root, "model", "tokenizer", "tokenizer.json"))
     register_queries.run(root)
 
     # trigger conf keys that name settings override them for the run
@@ -61,7 +61,6 @@ def test_reindex_score_and_evaluate_on_an_s3_lake_write_nothing_locally(adam_run
 
     # nothing beside the tables went anywhere but S3
     assert sorted(p.name for p in workdir.iterdir()) == []
-    assert sorted(_objects(root, "raw")) == [f"raw/{p.name}" for p in sorted((source / "raw").glob("c4-*.json.gz"))]
     assert _objects(root, "_plans") and _objects(root, "_autocorrelation")
     reports = _objects(root, "reports")
     assert {"reports/eval.html", "reports/eval.json"} <= set(reports)
@@ -74,8 +73,8 @@ def test_reindex_score_and_evaluate_on_an_s3_lake_write_nothing_locally(adam_run
     for row in lake.read("hessians").to_pylist():
         assert row["path"].startswith(f"{root}/_matrices/")
         assert load_matrices(row["path"], row["sha256"])
-    (checkpoint,) = lake.read("checkpoints").to_pylist()
-    assert checkpoint["path"] == storage.join(root, "checkpoints", final)
+    (checkpoint,) = lake.read("checkpoints").to_pylist()  # the newest arrival was indexed, not the older one
+    assert checkpoint["path"] == storage.join(root, "checkpoints", final) and checkpoint["checkpoint_id"] != older
     assert storage.exists(storage.join(checkpoint["path"], "manifest.json"))
     (query_set,) = lake.read("query_sets").to_pylist()
     assert query_set["path"] == storage.join(root, "world", "queries.jsonl") and storage.exists(query_set["path"])
