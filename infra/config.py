@@ -122,7 +122,7 @@ def airflow_params() -> dict:
 
     try:
         return dict(get_current_context()["params"])
-    except Exception:  # not inside a running task (Airflow raises its own "no context" error)
+    except RuntimeError:  # "no context was found": not inside a running task
         return {}
 
 
