@@ -11,13 +11,14 @@ install: $(INSTALLED)
 
 # DS_BUILD_OPS=0: DeepSpeed compiles nothing at install time (its CPU ops are JIT-built if ever used).
 # Debian's chromium + chromedriver drive the explorer's browser test (Selenium, no browser download).
-$(INSTALLED): requirements.txt
+$(INSTALLED): requirements.txt pyproject.toml
 	command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || \
 	  { $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium chromium-driver; } || \
 	  echo "warning: could not install Debian's chromium/chromium-driver; only the explorer's browser test needs them"
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	DS_BUILD_OPS=0 $(PYTHON) -m pip install --quiet --progress-bar off -r requirements.txt
+	$(PYTHON) -m pip install --quiet --no-deps -e .
 	touch $(INSTALLED)
 
 run: install
@@ -32,7 +33,7 @@ bench: install
 # The DAGs in the Airflow UI on http://127.0.0.1:8080 (project-local AIRFLOW_HOME, SQLite, 2 workers)
 airflow-ui: install
 	AIRFLOW_HOME=$(CURDIR)/.airflow AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags AIRFLOW__CORE__LOAD_EXAMPLES=False \
-	AIRFLOW__CORE__PARALLELISM=2 AIRFLOW__API__HOST=127.0.0.1 PYTHONPATH=$(CURDIR) \
+	AIRFLOW__CORE__PARALLELISM=2 AIRFLOW__API__HOST=127.0.0.1 \
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH TRACKSTAR_LAKE_ROOT=$(CURDIR)/lake $(VENV)/bin/airflow standalone
 
 clean:

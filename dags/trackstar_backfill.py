@@ -11,9 +11,8 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag, get_current_context, task
 
-from dags.common import (DEFAULT_ARGS, DEVICE_POOL, refit_hessians, registered_query_sets, rescore_changed,
-                         table_asset)
-from jobs import orchestrate
+from dags.common import (DEFAULT_ARGS, DEVICE_POOL, orchestrate, refit_hessians, registered_query_sets,
+                         rescore_changed, table_asset)
 
 
 @dag(dag_id="trackstar_backfill", schedule=None, start_date=datetime(2026, 1, 1), catchup=False,
@@ -26,15 +25,15 @@ def trackstar_backfill():
     @task
     def partitions_in_range() -> list[int] | None:
         params = get_current_context()["params"]
-        return orchestrate.partitions_in_range(params["first_partition"], params["last_partition"])
+        return orchestrate().partitions_in_range(params["first_partition"], params["last_partition"])
 
     @task(pool=DEVICE_POOL, outlets=[table_asset("train_gradients"), table_asset("query_gradients")])
     def extract_missing(query_sets: list[str], partitions: list[int] | None) -> dict:
-        return orchestrate.extract_missing(get_current_context()["params"]["checkpoint"], query_sets, partitions)
+        return orchestrate().extract_missing(get_current_context()["params"]["checkpoint"], query_sets, partitions)
 
     @task(outlets=[table_asset("eval_metrics")])
     def compare_with_previous(extraction: dict, query_sets: list[str]) -> list[dict]:
-        return orchestrate.compare_with_previous(extraction, query_sets)
+        return orchestrate().compare_with_previous(extraction, query_sets)
 
     query_sets = registered_query_sets()
     extraction = extract_missing(query_sets, partitions_in_range())

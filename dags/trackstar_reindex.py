@@ -10,9 +10,8 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import TriggerRule, dag, task
 
-from dags.common import (DEFAULT_ARGS, DEVICE_POOL, refit_hessians, registered_query_sets, rescore_changed,
-                         table_asset)
-from jobs import orchestrate
+from dags.common import (DEFAULT_ARGS, DEVICE_POOL, orchestrate, refit_hessians, registered_query_sets,
+                         rescore_changed, table_asset)
 
 
 @dag(dag_id="trackstar_reindex", schedule="@daily", start_date=datetime(2026, 1, 1), catchup=False,
@@ -21,25 +20,25 @@ from jobs import orchestrate
 def trackstar_reindex():
     @task
     def find_new_partitions() -> list[int]:
-        return orchestrate.find_new_partitions()
+        return orchestrate().find_new_partitions()
 
     @task
     def newest_checkpoint() -> str:
-        return orchestrate.newest_checkpoint()
+        return orchestrate().newest_checkpoint()
 
     @task(outlets=[table_asset("documents"), table_asset("tokens"), table_asset("quarantine")])
     def tokenize_partition(partition: int) -> dict:
-        return orchestrate.tokenize_partition(partition)
+        return orchestrate().tokenize_partition(partition)
 
     # none_failed: a night without new partitions maps tokenize over nothing (skipped); go on anyway
     @task(pool=DEVICE_POOL, outlets=[table_asset("train_gradients"), table_asset("query_gradients")],
           trigger_rule=TriggerRule.NONE_FAILED)
     def extract_missing(checkpoint: str, query_sets: list[str]) -> dict:
-        return orchestrate.extract_missing(checkpoint, query_sets)
+        return orchestrate().extract_missing(checkpoint, query_sets)
 
     @task(trigger_rule=TriggerRule.NONE_FAILED)
     def report_summary(tokenized: list | None, extraction: dict, refitted: list[str], rescored: list[str]) -> str:
-        return orchestrate.report_summary(tokenized, extraction, refitted, rescored)
+        return orchestrate().report_summary(tokenized, extraction, refitted, rescored)
 
     new_partitions = find_new_partitions()
     checkpoint, query_sets = newest_checkpoint(), registered_query_sets()

@@ -10,8 +10,7 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag, get_current_context, task
 
-from dags.common import DEFAULT_ARGS, DEVICE_POOL, table_asset
-from jobs import orchestrate
+from dags.common import DEFAULT_ARGS, DEVICE_POOL, orchestrate, table_asset
 
 
 @dag(dag_id="trackstar_score", schedule=[table_asset("query_sets")], start_date=datetime(2026, 1, 1), catchup=False,
@@ -24,20 +23,20 @@ def trackstar_score():
     @task(pool=DEVICE_POOL, outlets=[table_asset("query_gradients")])
     def extract_missing() -> dict:
         params = get_current_context()["params"]
-        return orchestrate.extract_missing(params["checkpoint"] or orchestrate.newest_checkpoint(), [params["query_set"]])
+        return orchestrate().extract_missing(params["checkpoint"] or orchestrate().newest_checkpoint(), [params["query_set"]])
 
     @task(outlets=[table_asset("hessians")])
     def refit_hessians(extraction: dict) -> list[str]:
-        return orchestrate.refit_hessians(extraction, [get_current_context()["params"]["query_set"]])
+        return orchestrate().refit_hessians(extraction, [get_current_context()["params"]["query_set"]])
 
     @task(outlets=[table_asset("proponents")])
     def score_query_set(extraction: dict) -> dict:
         params = get_current_context()["params"]
-        return orchestrate.score_query_set(extraction, params["query_set"], params["methods"], params["k"])
+        return orchestrate().score_query_set(extraction, params["query_set"], params["methods"], params["k"])
 
     @task(outlets=[table_asset("eval_metrics")])
     def evaluate_if_ground_truth(extraction: dict) -> dict | None:
-        return orchestrate.evaluate_if_ground_truth(extraction, get_current_context()["params"]["query_set"])
+        return orchestrate().evaluate_if_ground_truth(extraction, get_current_context()["params"]["query_set"])
 
     extraction = extract_missing()
     scored = score_query_set(extraction)

@@ -102,12 +102,12 @@ def examples(ranked: dict, queries: dict, texts: dict, categorizer, n: int = 6) 
     return out
 
 
-def write_html(path: Path, report: dict, ranked: dict, queries: dict, texts: dict, spectra_png: Path, categorizer,
-               category_order: tuple):
-    spectra = base64.b64encode(spectra_png.read_bytes()).decode() if spectra_png.exists() else ""
+def render_html(report: dict, ranked: dict, queries: dict, texts: dict, spectra_png: bytes | None, categorizer,
+                category_order: tuple) -> str:
+    """The report page; `spectra_png` is the fit's spectra plot, if there is one."""
+    spectra = base64.b64encode(spectra_png).decode() if spectra_png else ""
     environment = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]))
-    page = environment.get_template("eval.html").render(
+    return environment.get_template("eval.html").render(
         report=report, buckets_png=bucket_figure(report["per_bucket"]), tail_png=tail_patch_figure(report["methods"]),
         categories_png=category_figure(report["categories"], category_order), spectra_png=spectra,
         examples=examples(ranked, queries, texts, categorizer))
-    path.write_text(page, encoding="utf-8")

@@ -1,11 +1,15 @@
-"""The pipeline's configuration: one typed dataclass, from defaults < TOML file < environment.
+"""The pipeline's configuration: one typed dataclass, from defaults < TOML file < environment < Airflow params.
 
     config = load_config("trackstar.toml")     # or TRACKSTAR_CONFIG=path, or no file at all
     TRACKSTAR_LAKE_ROOT=s3://bucket/lake TRACKSTAR_VECTOR_DTYPE=int8 python -m jobs ...
 
-Every field can be set in the TOML file (top-level keys) or as TRACKSTAR_<FIELD> in the
-environment. Secrets (AWS keys) are never part of it: storage credentials come from the standard
-AWS environment (infra.storage), so `as_json()` can be stored in the `runs` table as is.
+Every field can be set in the TOML file (top-level keys), as TRACKSTAR_<FIELD> in the environment,
+and, inside an Airflow task, as a DAG param or trigger conf key of the same name (a null param is
+unset). Every CLI command and every DAG task reads it through `load_config()`. Secrets (AWS keys)
+are never part of it: storage credentials come from the standard AWS environment (infra.storage),
+so `as_json()` can be stored in the `runs` table as is.
+
+`python -m infra.config` prints the settings table of infra/README.md from this declaration.
 """
 
 from __future__ import annotations
@@ -14,13 +18,12 @@ import dataclasses
 import json
 import os
 import re
+import sys
 import tomllib
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-
-from schemas.vectors import DTYPES
 
 ENV_PREFIX = "TRACKSTAR_"
 
@@ -29,27 +32,51 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or of the wrong type."""
 
 
+def setting(default, meaning: str):
+    """A Config field with the one-line meaning shown in the settings table."""
+    return dataclasses.field(default=default, metadata={"meaning": meaning})
+
+
+# The codecs of schemas.vectors (a test keeps the two equal); named here so that reading the
+# configuration, as every DAG file does at parse time, imports neither numpy nor pyarrow.
+VectorDtype = typing.Literal["float32", "float16", "bfloat16", "int8"]
+
+
 @dataclass(frozen=True)
 class Config:
-    lake_root: str = "lake"                # local folder or s3://bucket/prefix
-    spark_remote: str | None = None        # Spark Connect URL; None = embedded Sail
-    seed: int = 0                          # world generation and training shuffles
-    projection_seed: int = 0               # projection matrices are a pure function of this
-    k_per_module: int = 16                 # projection size per side: a k x k block per weight matrix
-    vector_dtype: str = "float32"          # float32, float16, bfloat16 or int8 (schemas.vectors)
-    batch_token_budget: int = 4096         # padded tokens per gradient batch
-    top_k: int = 10                        # proponents kept per query
-    hessian_lambda: float | None = None    # R_query weight; None = choose by spectra crossing
-    hessian_damping: float = 0.1           # damping = this × the mean eigenvalue of R
+    lake_root: str = setting("lake", "local folder or s3://bucket/prefix; every table and file of the lake lives under it")
+    checkpoints: str | None = setting(None, "where new checkpoints arrive (folder or s3:// prefix); none = <lake_root>/model/checkpoints")
+    cache_dir: str = setting("~/.cache/trackstar", "local folder for copies of s3:// checkpoints and tokenizers")
+    spark_remote: str | None = setting(None, "Spark Connect URL (also SPARK_REMOTE); none = the embedded Sail engine")
+    seed: int = setting(0, "world generation and training shuffles")
+    projection_seed: int = setting(0, "seed of the projection matrices")
+    k_per_module: int = setting(16, "projection size per side: a k x k block per weight matrix")
+    vector_dtype: VectorDtype = setting("float32", "storage encoding of gradient vectors")
+    batch_token_budget: int = setting(4096, "padded tokens per gradient batch")
+    top_k: int = setting(10, "proponents kept per query")
+    hessian_lambda: float | None = setting(None, "R_query weight in [0, 1]; none = chosen where the spectra cross")
+    hessian_damping: float = setting(0.1, "damping = this x the mean eigenvalue of R")
+    refit_threshold: float = setting(0.1, "refit the Hessian when the training sample changed by more than this share")
+    task_retries: int = setting(2, "Airflow retries of every task (exponential backoff)")
+    retry_delay_seconds: float = setting(60.0, "Airflow delay before the first retry")
 
     def __post_init__(self):
-        if self.vector_dtype not in DTYPES:
-            raise ConfigError(f"vector_dtype {self.vector_dtype!r}: expected one of {DTYPES}")
+        if self.vector_dtype not in typing.get_args(VectorDtype):
+            raise ConfigError(f"vector_dtype {self.vector_dtype!r}: expected one of {typing.get_args(VectorDtype)}")
         for name in ("k_per_module", "batch_token_budget", "top_k"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("task_retries", "retry_delay_seconds", "refit_threshold"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.hessian_lambda is not None and not 0.0 <= self.hessian_lambda <= 1.0:
             raise ConfigError(f"hessian_lambda must lie in [0, 1], got {self.hessian_lambda}")
+
+    @property
+    def checkpoint_location(self) -> str:
+        from infra.storage import join
+
+        return self.checkpoints or join(self.lake_root, "model", "checkpoints")
 
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)
@@ -62,8 +89,10 @@ class Config:
         return json.dumps(values, sort_keys=True)
 
 
-def load_config(path: str | Path | None = None, environ: typing.Mapping[str, str] | None = None) -> Config:
-    """Defaults, then the TOML file (`path`, else $TRACKSTAR_CONFIG if set), then TRACKSTAR_<FIELD> variables."""
+def load_config(path: str | Path | None = None, environ: typing.Mapping[str, str] | None = None,
+                params: typing.Mapping | None = None) -> Config:
+    """Defaults, then the TOML file (`path`, else $TRACKSTAR_CONFIG if set), then TRACKSTAR_<FIELD>
+    variables, then `params` (default: the running Airflow task's params) that name a setting."""
     environ = os.environ if environ is None else environ
     path = path or environ.get(f"{ENV_PREFIX}CONFIG")
     values = _from_toml(Path(path)) if path else {}
@@ -71,7 +100,42 @@ def load_config(path: str | Path | None = None, environ: typing.Mapping[str, str
         variable = ENV_PREFIX + name.upper()
         if variable in environ:
             values[name] = _parse(name, environ[variable], variable)
+    params = airflow_params() if params is None else params
+    for name, value in params.items():
+        if name in _field_types() and value is not None:
+            values[name] = _check_type(name, value, f"Airflow param {name}")
     return Config(**values)
+
+
+def from_settings(name: str):
+    """A stage config field whose default is the setting `name`, read when the object is made, so
+    that a CLI command, a DAG task and any other caller get the same value."""
+    return dataclasses.field(default_factory=lambda: getattr(load_config(), name))
+
+
+def airflow_params() -> dict:
+    """The params (DAG params merged with the trigger conf) of the Airflow task running in this
+    process; {} outside one. Airflow is only asked when it is loaded already: a CLI never imports it."""
+    if "airflow.sdk" not in sys.modules:
+        return {}
+    from airflow.sdk import get_current_context
+
+    try:
+        return dict(get_current_context()["params"])
+    except RuntimeError:  # "no context was found": not inside a running task
+        return {}
+
+
+def settings_table() -> str:
+    """The Markdown table of every setting: field, variable, default, meaning."""
+    lines = ["| setting | env | default | meaning |", "|---|---|---|---|"]
+    for spec in dataclasses.fields(Config):
+        default = "none" if spec.default is None else json.dumps(spec.default).strip('"')
+        meaning = spec.metadata["meaning"]
+        if typing.get_origin(_field_types()[spec.name]) is typing.Literal:
+            meaning += ": " + ", ".join(typing.get_args(_field_types()[spec.name]))
+        lines.append(f"| {spec.name} | {ENV_PREFIX}{spec.name.upper()} | {default} | {meaning} |")
+    return "\n".join(lines)
 
 
 def _field_types() -> dict[str, type]:
@@ -92,8 +156,10 @@ def _from_toml(path: Path) -> dict:
 
 
 def _base_type(name: str) -> tuple[type, bool]:
-    """(the field's type, whether it may be None)."""
+    """(the field's type, whether it may be None); a Literal of strings is a str."""
     hint = _field_types()[name]
+    if typing.get_origin(hint) is typing.Literal:
+        return str, False
     if isinstance(hint, types.UnionType):
         non_none = [t for t in typing.get_args(hint) if t is not type(None)]
         return non_none[0], True
@@ -123,3 +189,7 @@ def _parse(name: str, text: str, where: str):
         return expected(text.strip()) if expected in (int, float) else text
     except ValueError:
         raise ConfigError(f"{where}={text!r}: expected {expected.__name__}") from None
+
+
+if __name__ == "__main__":
+    print(settings_table())

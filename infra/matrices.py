@@ -9,6 +9,7 @@ be local or s3:// (infra.storage).
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,13 @@ def load_matrices(path: str | Path, sha256: str | None = None) -> dict[str, torc
         raise ChecksumMismatch(f"{path}: sha256 {hashlib.sha256(data).hexdigest()} does not match the recorded "
                                f"{sha256}; the file was changed or truncated after it was registered")
     return load_safetensors(data)
+
+
+def load_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata saved with the tensors (safetensors header: 8-byte length, then JSON)."""
+    data = storage.read_bytes(str(path))
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    return header.get("__metadata__", {})
 
 
 def sha256_of(path: str | Path) -> str:

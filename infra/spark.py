@@ -20,8 +20,8 @@ _session: SparkSession | None = None
 def spark_session(remote: str | None = None) -> SparkSession:
     """The process's Spark session, started on first use.
 
-    `remote` (e.g. Config.spark_remote), else $SPARK_REMOTE, names a Spark Connect endpoint;
-    without either the embedded Sail engine starts.
+    `remote`, else $SPARK_REMOTE, else the configured `spark_remote` names a Spark Connect
+    endpoint; without any the embedded Sail engine starts.
     """
     global _session
     with _lock:
@@ -31,7 +31,9 @@ def spark_session(remote: str | None = None) -> SparkSession:
 
 
 def _remote_url(remote: str | None) -> str:
-    remote = remote or os.environ.get("SPARK_REMOTE")
+    from infra.config import load_config
+
+    remote = remote or os.environ.get("SPARK_REMOTE") or load_config().spark_remote
     if remote:
         return remote
     # Sail logs every session at INFO through env_logger; it reads RUST_LOG when the server starts.

@@ -1,4 +1,9 @@
-"""Object storage: local paths or s3:// URIs, configured by the standard AWS environment.
+"""Object storage: every file of the lake, as a local path or an s3:// URI.
+
+Locations are plain strings (`join(lake_root, "model", "tokenizer")`), never `pathlib.Path`, which
+collapses `s3://b/k` into `s3:/b/k`. Local locations are made absolute (`absolute`), so a path
+stored in a table resolves from any working directory. Libraries that only read local folders
+(transformers' `from_pretrained`) get one through `local_folder`, a download into the cache.
 
 Variables read: AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL (any S3-compatible server), AWS_REGION or
 AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_ALLOW_HTTP.
@@ -17,6 +22,43 @@ _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 def is_s3(uri: str | Path) -> bool:
     return str(uri).startswith(("s3://", "s3a://"))
+
+
+def absolute(uri: str | Path) -> str:
+    """The location as it resolves from anywhere: an s3:// URI as is, a local path made absolute."""
+    return str(uri).rstrip("/") if is_s3(uri) else str(Path(uri).resolve())
+
+
+def join(root: str | Path, *parts: str) -> str:
+    """root/part/...: "/"-joined for s3://, os-joined for local paths (kept relative if root is)."""
+    if is_s3(root):
+        return "/".join([str(root).rstrip("/"), *(str(p).strip("/") for p in parts)])
+    return str(Path(root, *parts))
+
+
+def name(uri: str) -> str:
+    """The last component: the file or folder name."""
+    return str(uri).rstrip("/").rsplit("/", 1)[-1]
+
+
+def exists(uri: str) -> bool:
+    """Whether the file (object) exists."""
+    if not is_s3(uri):
+        return Path(uri).is_file()
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3_uri(uri)
+    try:
+        s3_client().head_object(Bucket=bucket, Key=key)
+    except ClientError as error:
+        if _is_missing(error):
+            return False
+        raise
+    return True
+
+
+def _is_missing(error) -> bool:
+    return error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -112,10 +154,64 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 
 def read_bytes(uri: str) -> bytes:
+    with open_read(uri) as fh:
+        return fh.read()
+
+
+def open_read(uri: str):
+    """A binary file object to read from (a streaming body on S3; gzip.open accepts either)."""
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3_uri(uri)
+        try:
+            return s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+        except ClientError as error:
+            if _is_missing(error):
+                raise FileNotFoundError(f"no object {uri}") from None
+            raise
+    return open(uri, "rb")
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def upload_file(local_path: str | Path, uri: str) -> str:
+    """Copy a local file to `uri` (s3:// or another local path); returns the location."""
     if is_s3(uri):
         bucket, key = split_s3_uri(uri)
-        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
-    return Path(uri).read_bytes()
+        s3_client().upload_file(str(local_path), bucket, key)
+    else:
+        write_bytes(uri, Path(local_path).read_bytes())
+    return uri
+
+
+def local_folder(uri: str, cache_dir: str | Path) -> Path:
+    """A local folder holding the files under `uri`: the folder itself if local, else a fresh
+    download of the S3 prefix into its `cache_path` (each file replaced whole)."""
+    if not is_s3(uri):
+        return Path(uri)
+    return download_prefix(uri, cache_path(uri, cache_dir))
+
+
+def cache_path(s3_uri: str, cache_dir: str | Path) -> Path:
+    """The local folder standing for an s3:// location: <cache_dir>/s3/<bucket>/<prefix>."""
+    bucket, prefix = split_s3_uri(s3_uri)
+    return Path(cache_dir).expanduser() / "s3" / bucket / prefix.strip("/")
+
+
+def delete(uri: str) -> None:
+    """Remove one file (object); a missing one is no error."""
+    if is_s3(uri):
+        bucket, key = split_s3_uri(uri)
+        s3_client().delete_object(Bucket=bucket, Key=key)
+    else:
+        Path(uri).unlink(missing_ok=True)
 
 
 def _as_folder(prefix: str) -> str:

@@ -30,22 +30,26 @@ import json
 import re
 from pathlib import Path
 
+from infra import storage
+
 
 class CheckpointError(ValueError):
     """A checkpoint folder lacks something the pipeline needs."""
 
 
-def checkpoints_root(lake_root) -> Path:
-    """Where trained checkpoint folders live: <lake>/model/checkpoints, outside every Delta table's
-    folder (inside the `checkpoints` table's, a vacuum of the table deleted them)."""
-    return Path(lake_root) / "model" / "checkpoints"
+def checkpoints_root(lake_root) -> str:
+    """Where trained checkpoint folders live: <lake>/model/checkpoints (a folder or an s3:// prefix),
+    outside every Delta table's folder (inside the `checkpoints` table's, a vacuum deleted them)."""
+    return storage.join(str(lake_root), "model", "checkpoints")
 
 
-def checkpoint_path(lake_root, checkpoint_id: str) -> Path:
+def checkpoint_path(lake_root, checkpoint_id: str) -> str:
     """A trained checkpoint's folder; lakes written before the move keep it in <lake>/checkpoints/."""
-    path = checkpoints_root(lake_root) / checkpoint_id
-    legacy = Path(lake_root) / "checkpoints" / checkpoint_id
-    return legacy if not path.exists() and legacy.exists() else path
+    path = storage.join(checkpoints_root(lake_root), checkpoint_id)
+    legacy = storage.join(str(lake_root), "checkpoints", checkpoint_id)
+    if not storage.exists(storage.join(path, "config.json")) and storage.exists(storage.join(legacy, "config.json")):
+        return legacy
+    return path
 
 
 def load_manifest(checkpoint_dir: Path) -> dict:
@@ -150,6 +154,7 @@ def load_second_moments(checkpoint_dir: Path, source: str = "auto") -> dict:
 
 def parameter_shapes(checkpoint_dir: Path) -> dict:
     """name -> shape of every parameter, in `named_parameters()` order (model built on the meta device)."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):

@@ -23,7 +23,7 @@ import argparse
 import json
 import random
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,6 +31,8 @@ import numpy as np
 import pyarrow as pa
 
 from evaluation import metrics as M
+from evaluation.report import render_html
+from infra import storage
 from infra.config import load_config
 from infra.lake import Lake
 from jobs import extract, fit_hessian, score
@@ -129,14 +131,14 @@ class Categorizer:
     (`kb.json`, `ground_truth.jsonl`) it also knows look-alike names and relations stated; without
     one (a user's own corpus) it tells only stating documents and subject or object mentions."""
 
-    def __init__(self, world_dir: Path):
-        self.has_kb = (world_dir / "kb.json").exists()
+    def __init__(self, world_dir: str | Path):
+        self.has_kb = storage.exists(storage.join(world_dir, "kb.json"))
         self.lookalike_of, self.relations_stated = {}, {}
         if self.has_kb:
-            kb = json.loads((world_dir / "kb.json").read_text())
+            kb = json.loads(storage.read_bytes(storage.join(world_dir, "kb.json")))
             names = {e["id"]: e["name"] for e in kb["entities"]}
             self.lookalike_of = {names[look]: names[base] for base, look in kb["lookalikes"].items()}
-            for line in (world_dir / "ground_truth.jsonl").read_text().splitlines():
+            for line in storage.read_text(storage.join(world_dir, "ground_truth.jsonl")).splitlines():
                 doc = json.loads(line)
                 self.relations_stated[doc["doc_id"]] = {f[1] for f in doc["facts"]}
 
@@ -196,18 +198,19 @@ def stratified_sample(queries: dict, n: int, seed: int) -> list[str]:
 
 
 # ------------------------------------------------------------------ rankings per seed
-def evaluated_checkpoint(lake: Lake, config: EvaluateConfig) -> Path:
-    """The checkpoint folder: the one named (path or registered id), else the newest registered,
-    else the newest the lake trained (a fresh lake with a user's corpus has none registered yet)."""
-    from jobs.trace import checkpoint_folder
+def evaluated_checkpoint(lake: Lake, config: EvaluateConfig) -> str:
+    """The checkpoint's location (absolute path or s3:// URI): the one named (path or registered id),
+    else the newest registered, else the newest the lake trained (a fresh lake with a user's corpus
+    has none registered yet)."""
+    from jobs.trace import checkpoint_location
 
     if config.checkpoint:
-        return extract.resolve_checkpoint(lake, config.checkpoint)
+        return extract.checkpoint_uri(lake, config.checkpoint)
     if config.checkpoint_id:
-        return checkpoint_folder(lake, config.checkpoint_id)
+        return checkpoint_location(lake, config.checkpoint_id)
     if lake.read("checkpoints", columns=["checkpoint_id"]).num_rows:
-        return checkpoint_folder(lake, fit_hessian.latest_checkpoint_id(lake))
-    return extract.resolve_checkpoint(lake, "")
+        return checkpoint_location(lake, fit_hessian.latest_checkpoint_id(lake))
+    return extract.checkpoint_uri(lake, "")
 
 
 def pipeline_rankings(lake: Lake, config: EvaluateConfig, checkpoint_id: str, fingerprint: str, methods) -> tuple:
@@ -257,7 +260,7 @@ def heldout_rankings(lake: Lake, config: EvaluateConfig, checkpoint_id: str, fin
     return ranked
 
 
-def seed_rankings(lake: Lake, config: EvaluateConfig, checkpoint_dir: Path, checkpoint_id: str, seed: int,
+def seed_rankings(lake: Lake, config: EvaluateConfig, checkpoint: str, checkpoint_id: str, seed: int,
                   query_ids: list, optimizer: str) -> tuple[dict, dict]:
     """method -> query -> [doc ids] for every gradient method under one projection seed, and the
     fit diagnostics of its TrackStar Hessian."""
@@ -267,7 +270,7 @@ def seed_rankings(lake: Lake, config: EvaluateConfig, checkpoint_dir: Path, chec
     if "trackstar-adam-exact" in config.variants and optimizer == "adam":
         kinds.append(("adam-exact", ("trackstar",)))
     for normalizer, methods in kinds:
-        extraction = extract.run(extract.ExtractConfig(lake=config.lake, checkpoint=str(checkpoint_dir),
+        extraction = extract.run(extract.ExtractConfig(lake=config.lake, checkpoint=checkpoint,
                                                        k=config.k_projection, normalizer=normalizer,
                                                        query_set=config.query_set, seed=seed))
         fingerprint = extraction["fingerprint"]
@@ -306,7 +309,8 @@ def run(config: EvaluateConfig) -> dict:
 
     check_names(query_set=config.query_set, checkpoint_id=config.checkpoint_id)
     lake = Lake(config.lake)
-    checkpoint_dir = evaluated_checkpoint(lake, config)
+    checkpoint = evaluated_checkpoint(lake, config)
+    checkpoint_dir = extract.resolve_checkpoint(lake, checkpoint)
     manifest = load_manifest(checkpoint_dir)
     checkpoint_id = manifest["checkpoint_id"]
     run_id = start_run(lake, "evaluate", asdict(config) | {"checkpoint_id": checkpoint_id})
@@ -326,7 +330,7 @@ def run(config: EvaluateConfig) -> dict:
 
     per_seed, diagnostics = {}, {}
     for seed in config.seeds:
-        ranked, diagnostics[seed] = seed_rankings(lake, config, checkpoint_dir, checkpoint_id, seed, query_ids,
+        ranked, diagnostics[seed] = seed_rankings(lake, config, checkpoint, checkpoint_id, seed, query_ids,
                                                   manifest.get("optimizer", "adam"))
         per_seed[seed] = text_ranked | ranked
         print(f"[evaluate] projection seed {seed}: {len(ranked)} gradient method(s) ranked", flush=True)
@@ -351,7 +355,7 @@ def run(config: EvaluateConfig) -> dict:
         {q: queries[q]["frequency_bucket"] for q in query_ids}, config.k).items()}
 
     by_doc = dict(zip(doc_ids, texts))
-    categorizer = Categorizer(Path(config.lake) / "world")
+    categorizer = Categorizer(storage.join(lake.root, "world"))
     report["categories"] = {}
     if categorizer.has_kb:  # without a knowledge base the shares would only mislead
         for method in methods:
@@ -360,21 +364,19 @@ def run(config: EvaluateConfig) -> dict:
             report["categories"][method] = {c: counts[c] / sum(counts.values()) for c in CATEGORIES}
 
     write_metrics(lake, report, run_id)
-    reports = Path(config.reports)
-    reports.mkdir(parents=True, exist_ok=True)
-    (reports / "eval.json").write_text(json.dumps(report, indent=2))
-    spectra = (Path(config.lake) / "reports" /
-               f"hessian_{checkpoint_id}_{config.query_set}_{diagnostics[config.seeds[0]].get('fingerprint')}.png")
-    from evaluation.report import write_html
-
-    write_html(reports / "eval.html", report, per_seed[config.seeds[0]], queries, by_doc, spectra, categorizer,
-               CATEGORIES)
+    reports = storage.absolute(config.reports)
+    storage.write_text(storage.join(reports, "eval.json"), json.dumps(report, indent=2))
+    spectra = storage.join(lake.root, "reports",
+                           f"hessian_{checkpoint_id}_{config.query_set}_{diagnostics[config.seeds[0]].get('fingerprint')}.png")
+    page = render_html(report, per_seed[config.seeds[0]], queries, by_doc,
+                       storage.read_bytes(spectra) if storage.exists(spectra) else None, categorizer, CATEGORIES)
+    storage.write_text(storage.join(reports, "eval.html"), page)
     finish_run(lake, run_id, "succeeded", {"methods": len(methods), "queries": len(query_ids),
                                            "seeds": len(config.seeds), "tail_patch_pairs": len(changes)})
     print(table(report))
     for line in report["findings"]:
         print(f"[evaluate] {line}")
-    print(f"[evaluate] report: {(reports / 'eval.html').resolve()}")
+    print(f"[evaluate] report: {storage.join(reports, 'eval.html')}")
     return report
 
 

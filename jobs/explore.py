@@ -23,9 +23,9 @@ import os
 import re
 import secrets
 from collections import defaultdict
-from pathlib import Path
 from urllib.parse import urlencode
 
+from infra import storage
 from infra.config import load_config
 from infra.lake import Lake
 from jobs.tokenize import EOS
@@ -42,7 +42,6 @@ class BadRequest(ValueError):
 class Explorer:
     def __init__(self, lake_root: str):
         self.lake = Lake(lake_root)
-        self.root = Path(lake_root)
 
     def checkpoints(self) -> list[str]:
         rows = self.lake.read("proponents", columns=["checkpoint_id"])
@@ -83,7 +82,7 @@ class Explorer:
     def categorizer(self):
         from jobs.evaluate import Categorizer
 
-        return Categorizer(self.root / "world")
+        return Categorizer(storage.join(self.lake.root, "world"))
 
     def texts(self, doc_ids) -> dict:
         rows = self.lake.read("documents", filters=[("doc_id", "in", sorted(set(doc_ids)))], columns=["doc_id", "text"])
@@ -360,5 +359,5 @@ def main(args):
     if needs_token(args.host):
         token = os.environ.get("TRACKSTAR_EXPLORER_TOKEN") or secrets.token_urlsafe(16)
         print(f"[explore] bound to {args.host}: open with ?token={token}")
-    print(f"[explore] http://{args.host}:{args.port}/  (lake {Path(args.lake).resolve()})")
+    print(f"[explore] http://{args.host}:{args.port}/  (lake {Lake(args.lake).root})")
     uvicorn.run(create_app(args.lake, token), host=args.host, port=args.port, log_level="warning")

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from infra import storage
 from infra.lake import Lake
 from infra.names import check_name, check_names
-from jobs.launch import init_rank, launch_ranks, rank_arguments
-from infra.config import load_config
+from jobs.launch import bind_rank_device, init_rank, launch_ranks, rank_arguments
+from infra.config import from_settings, load_config
 
 TRAIN, QUERY = "train", "query"
 # Queries are few and every score leans on them: never rounded to int8 or 16 bits with the corpus.
@@ -38,11 +39,11 @@ QUERY_DTYPE = "float32"
 class ExtractConfig:
     lake: str = "lake"
     checkpoint: str = ""                 # checkpoint folder or s3:// prefix; default: the newest trained one
-    k: int = 16                          # projection size per side of every weight matrix (block k × k)
-    seed: int = 0                        # projection seed
+    k: int = from_settings("k_per_module")  # projection size per side of every weight matrix (block k × k)
+    seed: int = from_settings("projection_seed")
     normalizer: str = "auto"             # adafactor | adam-floored | adam-factored | adam-exact | none | auto (`auto_normalizer`)
-    vector_dtype: str = "float32"        # storage encoding of vectors
-    token_budget: int = 4096             # padded tokens per batch
+    vector_dtype: str = from_settings("vector_dtype")  # storage encoding of vectors
+    token_budget: int = from_settings("batch_token_budget")  # padded tokens per batch
     ranks: int = 2
     optimizer_source: str = "auto"       # consolidated | zero | auto
     query_set: str | None = "fact-world"  # also extract this registered query set's gradients
@@ -51,23 +52,22 @@ class ExtractConfig:
 
 
 # ------------------------------------------------------------------ shared by both sides
-def resolve_checkpoint(lake: Lake, checkpoint: str) -> Path:
-    """A local folder for the checkpoint: as given, downloaded from S3, or the newest trained."""
+def checkpoint_uri(lake: Lake, checkpoint: str) -> str:
+    """Where the checkpoint lives, as it resolves from anywhere (absolute path or s3:// URI): as
+    given, or the newest one the lake's model was trained to."""
+    if checkpoint:
+        return storage.absolute(checkpoint)
+    summary = storage.join(lake.root, "model", "train_summary.json")
+    if not storage.exists(summary):
+        raise FileNotFoundError(f"no checkpoint given and no trained model under {lake.root}")
     from jobs.checkpoints import checkpoint_path
 
-    if not checkpoint:
-        summary = Path(lake.root) / "model" / "train_summary.json"
-        if not summary.exists():
-            raise FileNotFoundError(f"no checkpoint given and no trained model under {lake.root}")
-        return checkpoint_path(lake.root, json.loads(summary.read_text())["checkpoints"][-1])
-    if checkpoint.startswith("s3://"):
-        from infra.storage import download_prefix
+    return checkpoint_path(lake.root, json.loads(storage.read_bytes(summary))["checkpoints"][-1])
 
-        local = Path(lake.root) / "_cache" / "checkpoints" / check_name(checkpoint.rstrip("/").rsplit("/", 1)[-1],
-                                                                       "checkpoint folder")
-        download_prefix(checkpoint, local)
-        return local
-    return Path(checkpoint)
+
+def resolve_checkpoint(lake: Lake, checkpoint: str) -> Path:
+    """A local folder holding the checkpoint (one on S3 is downloaded into the cache first)."""
+    return storage.local_folder(checkpoint_uri(lake, checkpoint), load_config().cache_dir)
 
 
 def projection_spec(checkpoint_dir: Path, config: ExtractConfig):
@@ -106,9 +106,9 @@ def auto_normalizer(optimizer: str, parameters: int) -> str:
     return "adam-floored" if parameters <= EXACT_ADAM_MAX_PARAMETERS else "adam-factored"
 
 
-def autocorrelation_path(lake: Lake, checkpoint_id: str, fingerprint: str, kind: str, item) -> Path:
+def autocorrelation_path(lake: Lake, checkpoint_id: str, fingerprint: str, kind: str, item) -> str:
     name = f"partition={item:05d}" if kind == TRAIN else f"query_set={item}"
-    return Path(lake.root) / "_autocorrelation" / checkpoint_id / fingerprint / kind / f"{name}.safetensors"
+    return storage.join(lake.root, "_autocorrelation", checkpoint_id, fingerprint, kind, f"{name}.safetensors")
 
 
 def model_fingerprint(checkpoint_dir: Path) -> str:
@@ -156,7 +156,7 @@ def done_items(lake: Lake, checkpoint_id: str, fingerprint: str, kind: str, quer
         rows = lake.read("query_gradients", filters=[("query_set", "=", query_set), ("checkpoint_id", "=", checkpoint_id),
                                                      ("fingerprint", "=", fingerprint)], columns=["fingerprint"])
         items = {query_set} if fingerprint in set(rows["fingerprint"].to_pylist()) else set()
-    return {i for i in items if autocorrelation_path(lake, checkpoint_id, fingerprint, kind, i).exists()}
+    return {i for i in items if storage.exists(autocorrelation_path(lake, checkpoint_id, fingerprint, kind, i))}
 
 
 def run(config: ExtractConfig) -> dict:
@@ -196,10 +196,9 @@ def run(config: ExtractConfig) -> dict:
     print(f"[extract] optimizer correction: {correction}", flush=True)
     run_id = result["run_id"] = start_run(lake, "extract", asdict(config) | {
         "fingerprint": fingerprint, "spec": spec.as_dict(), "optimizer_correction": correction})
-    register_checkpoint(lake, manifest, weights, config.checkpoint or str(checkpoint_dir), run_id)
-    plan_path = Path(lake.root) / "_plans" / f"{run_id}.json"
-    plan_path.parent.mkdir(parents=True, exist_ok=True)
-    plan_path.write_text(json.dumps({"config": asdict(config), "checkpoint_dir": str(checkpoint_dir.resolve()),
+    register_checkpoint(lake, manifest, weights, checkpoint_uri(lake, config.checkpoint), run_id)
+    plan_path = storage.join(lake.root, "_plans", f"{run_id}.json")
+    storage.write_text(plan_path, json.dumps({"config": asdict(config), "checkpoint_dir": str(checkpoint_dir.resolve()),
                                      "checkpoint_id": checkpoint_id, "spec": spec.as_dict(), "run_id": run_id,
                                      "items": items, "lake": lake.root}))
     print(f"[extract] {checkpoint_id}: {len(items)} slice(s) on {config.ranks} rank(s), {spec.dim} dims "
@@ -246,7 +245,6 @@ def token_budget_batches(lengths: list[int], budget: int) -> list[list[int]]:
 
 class RankWorker:
     def __init__(self, plan: dict, rank: int):
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from gradient_kernels.hooks import GradientProjector
@@ -259,7 +257,7 @@ class RankWorker:
         self.config = ExtractConfig(**plan["config"])
         self.lake = Lake(plan["lake"])
         checkpoint_dir = Path(plan["checkpoint_dir"])
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = bind_rank_device()
         self.model = AutoModelForCausalLM.from_pretrained(checkpoint_dir).to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
         spec = ProjectionSpec(**plan["spec"])
@@ -376,10 +374,10 @@ class RankWorker:
                       {f"block{i:03d}": s for i, s in enumerate(sums.sums)}, {"count": sums.count})
 
 
-def extract_rank(plan_path: Path):
+def extract_rank(plan_path: str):
     import torch
 
-    plan = json.loads(plan_path.read_text())
+    plan = json.loads(storage.read_bytes(plan_path))
     rank, world = init_rank()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     worker = RankWorker(plan, rank)
@@ -394,13 +392,12 @@ def add_arguments(parser: argparse.ArgumentParser):
     defaults = ExtractConfig()
     parser.add_argument("--lake", default=load_config().lake_root)
     parser.add_argument("--checkpoint", default="", help="checkpoint folder or s3:// prefix (default: newest trained)")
-    config = load_config()
-    parser.add_argument("--k", type=int, default=config.k_per_module)
-    parser.add_argument("--seed", type=int, default=config.projection_seed)
+    parser.add_argument("--k", type=int, default=defaults.k)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--normalizer", default=defaults.normalizer,
                         choices=["auto", "adafactor", "adam-floored", "adam-factored", "adam-exact", "none"])
-    parser.add_argument("--vector-dtype", default=config.vector_dtype, choices=["float32", "float16", "bfloat16", "int8"])
-    parser.add_argument("--token-budget", type=int, default=config.batch_token_budget)
+    parser.add_argument("--vector-dtype", default=defaults.vector_dtype, choices=["float32", "float16", "bfloat16", "int8"])
+    parser.add_argument("--token-budget", type=int, default=defaults.token_budget)
     parser.add_argument("--ranks", type=int, default=defaults.ranks)
     parser.add_argument("--optimizer-source", default=defaults.optimizer_source, choices=["auto", "consolidated", "zero"])
     parser.add_argument("--query-set", default=defaults.query_set)

@@ -19,15 +19,14 @@ import argparse
 import json
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from safetensors import safe_open
 
+from infra import storage
 from infra.lake import Lake
-from infra.matrices import load_matrices, save_matrices
+from infra.matrices import load_matrices, load_metadata, save_matrices
 from infra.config import load_config
 
 KINDS = ("r_train", "r_query", "inverse_root", "inverse_root_train_only", "inverse_train")
@@ -61,15 +60,14 @@ def only_fingerprint(lake: Lake, checkpoint_id: str) -> str:
     return found[0]
 
 
-def summed_autocorrelation(files: list[Path]):
+def summed_autocorrelation(files: list[str]):
     from gradient_kernels.hessian import Autocorrelation
 
     total = None
     for path in files:
         tensors = load_matrices(path)
         blocks = [tensors[k] for k in sorted(tensors)]
-        with safe_open(str(path), "pt") as fh:
-            count = int(fh.metadata()["count"])
+        count = int(load_metadata(path)["count"])
         part = Autocorrelation([b.shape[0] for b in blocks], blocks, count)
         total = part if total is None else total.merge(part)
     return total
@@ -137,7 +135,7 @@ def extracted_sums(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: 
                                       columns=["partition"])["partition"].to_pylist()))
     train_files = [autocorrelation_path(lake, checkpoint_id, fingerprint, TRAIN, p) for p in partitions]
     query_file = autocorrelation_path(lake, checkpoint_id, fingerprint, QUERY, query_set)
-    missing = [str(f) for f in train_files + [query_file] if not f.exists()]
+    missing = [f for f in train_files + [query_file] if not storage.exists(f)]
     if not partitions or missing:
         raise FileNotFoundError(f"autocorrelation sums missing for {checkpoint_id}/{fingerprint}: "
                                 f"{missing[:3] or 'no extracted partitions'}; rerun `python -m jobs extract`")
@@ -166,7 +164,7 @@ def run(config: FitHessianConfig) -> dict:
               f"vectors (the preconditioner does nothing); lower --damping-ratio or use --damping-rule train-block",
               flush=True)
 
-    folder = Path(lake.root) / "_matrices" / "hessians" / checkpoint_id / config.query_set / fingerprint
+    folder = storage.join(lake.root, "_matrices", "hessians", checkpoint_id, config.query_set, fingerprint)
     lineage = {"r_train": (None, None, train.count), "r_query": (None, None, query.count),
                "inverse_root": (lam, dampings, train.count + query.count),
                "inverse_root_train_only": (0.0, fitted.train_dampings, train.count),
@@ -175,7 +173,7 @@ def run(config: FitHessianConfig) -> dict:
                                   "lambda", "damping", "n_samples", "run_id", "created_at")}
     for kind, (kind_lambda, kind_damping, n) in lineage.items():
         blocks = fitted.matrices[kind]
-        path = folder / f"{kind}.safetensors"
+        path = storage.join(folder, f"{kind}.safetensors")
         metadata = {"count": n} | ({"dampings": json.dumps(kind_damping)} if kind_damping else {})
         sha = save_matrices(path, {f"block{i:03d}": b.float() for i, b in enumerate(blocks)}, metadata)
         mean_damping = sum(kind_damping) / len(kind_damping) if kind_damping else None
@@ -187,7 +185,7 @@ def run(config: FitHessianConfig) -> dict:
     lake.replace_slice("hessians", pa.table(rows), checkpoint_id=checkpoint_id, query_set=config.query_set,
                        fingerprint=fingerprint)
     figure = plot_spectra(fitted.query_spectrum, fitted.train_spectrum, lam, component, diagnostics,
-                          Path(lake.root) / "reports" / f"hessian_{checkpoint_id}_{config.query_set}_{fingerprint}.png")
+                          storage.join(lake.root, "reports", f"hessian_{checkpoint_id}_{config.query_set}_{fingerprint}.png"))
     result = {"checkpoint_id": checkpoint_id, "query_set": config.query_set, "fingerprint": fingerprint, "lambda": lam,
               "crossing_component": component, "damping_rule": config.damping_rule,
               "damping": sum(dampings) / len(dampings), "n_train": train.count, "n_query": query.count,
@@ -212,13 +210,14 @@ def dampings_for(config: FitHessianConfig, r_train: list, blocks: list) -> list[
     raise ValueError(f"damping rule must be train-block or mixed-global, not {config.damping_rule!r}")
 
 
-def plot_spectra(query_spectrum, train_spectrum, lam: float, component: int, diagnostics: dict, path: Path) -> Path:
+def plot_spectra(query_spectrum, train_spectrum, lam: float, component: int, diagnostics: dict, path: str) -> str:
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4))
     ranks = torch.arange(1, len(train_spectrum) + 1)
     ax.loglog(ranks, (lam * query_spectrum).clamp(min=1e-30), label=f"λ·R_query (λ={lam:.3f})")
@@ -232,8 +231,10 @@ def plot_spectra(query_spectrum, train_spectrum, lam: float, component: int, dia
                  fontsize=10)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    storage.write_bytes(path, png.getvalue())
     return path
 
 
@@ -244,7 +245,7 @@ def load_preconditioner(lake: Lake, checkpoint_id: str, query_set: str, fingerpr
     if rows.num_rows != 1:
         raise FileNotFoundError(f"no {kind} registered for {checkpoint_id}/{query_set}/{fingerprint}: run fit-hessian")
     row = rows.to_pylist()[0]
-    tensors = load_matrices(Path(row["path"]), row["sha256"])
+    tensors = load_matrices(row["path"], row["sha256"])
     return [tensors[k] for k in sorted(tensors)], row
 
 

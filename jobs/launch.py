@@ -2,7 +2,8 @@
 
 A stage writes its plan (a JSON file) and calls `launch_ranks(module, plan, ranks)`; every rank runs
 `python -m <module> --plan <plan>`. Where no GPU exists the ranks are CPU processes
-(`DS_ACCELERATOR=cpu`, gloo); the same command runs GPU ranks on a GPU node.
+(`DS_ACCELERATOR=cpu`, gloo); the same command runs GPU ranks on a GPU node, each bound to the GPU
+of its local rank (`bind_rank_device`).
 """
 
 from __future__ import annotations
@@ -12,9 +13,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _free_port() -> int:
@@ -29,9 +27,9 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def launch_ranks(module: str, plan: Path, ranks: int):
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TRANSFORMERS_VERBOSITY="error",
-               PYTHONWARNINGS="ignore::FutureWarning", TRACKSTAR_DRIVER_PID=str(os.getpid()))
+def launch_ranks(module: str, plan: str, ranks: int):
+    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore::FutureWarning",
+               TRACKSTAR_DRIVER_PID=str(os.getpid()))
     if not _has_gpu():
         # one thread per rank: the ranks themselves are the parallelism on a CPU host
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
@@ -62,8 +60,30 @@ def exit_with_driver(poll_seconds: float = 1.0) -> None:
     threading.Thread(target=watch, name="exit-with-driver", daemon=True).start()
 
 
+def rank_device(cuda_available: bool, local_rank: int, gpus: int) -> str:
+    """The device of the rank with this local rank: its own GPU `cuda:<local_rank>` on a GPU node
+    (the launcher starts one rank per GPU), else the CPU."""
+    if not cuda_available:
+        return "cpu"
+    if not 0 <= local_rank < gpus:
+        raise ValueError(f"local rank {local_rank} has no GPU: this node has {gpus}; start at most {gpus} rank(s)")
+    return f"cuda:{local_rank}"
+
+
+def bind_rank_device() -> str:
+    """This rank's device (`rank_device` for $LOCAL_RANK, set by the launcher); on a GPU node it also
+    becomes the rank's current CUDA device, so collectives and `.cuda()` calls stay off GPU 0."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    device = rank_device(cuda, int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count() if cuda else 0)
+    if device != "cpu":
+        torch.cuda.set_device(device)
+    return device
+
+
 def init_rank():
-    """Join the process group from inside a rank; returns (rank, world_size)."""
+    """Bind the rank's device and join the process group from inside a rank; returns (rank, world_size)."""
     exit_with_driver()  # first: the imports below take seconds
     import logging
 
@@ -78,6 +98,7 @@ def init_rank():
     # DeepSpeed would JIT-compile its shared-memory all-reduce on CPU (~150 s on 2 cores, once per
     # venv); gloo's all-reduce is plenty for what the ranks exchange here.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    bind_rank_device()
     deepspeed.init_distributed(dist_backend="gloo" if os.environ.get("DS_ACCELERATOR") == "cpu" else None)
     return dist.get_rank(), dist.get_world_size()
 
@@ -86,6 +107,6 @@ def rank_arguments():
     import argparse
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--plan", type=Path, required=True)
+    parser.add_argument("--plan", required=True, help="the plan's path or s3:// URI")
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the launcher
     return parser.parse_args()

@@ -12,6 +12,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from infra import storage
+
 PROMPTS = ("prompt0", "prompt1", "prompt2")
 
 
@@ -60,7 +62,7 @@ def evaluate_checkpoint(checkpoint_dir: Path, queries_path: Path, batch_size: in
     transformers.utils.logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
     model = AutoModelForCausalLM.from_pretrained(checkpoint_dir).eval()
-    queries = [json.loads(line) for line in Path(queries_path).read_text().splitlines() if line.strip()]
+    queries = [json.loads(line) for line in storage.read_text(str(queries_path)).splitlines() if line.strip()]
     items = [(q["frequency_bucket"], p, *encode_prompt_target(tokenizer, q[p], q["target"]))
              for q in queries for p in PROMPTS]
     accuracy = Accuracy()

@@ -4,11 +4,9 @@ Each function is one DAG task (the task id is the function name) and returns a s
 dict for XCom. They only read the lake and call the stage jobs, which are themselves idempotent:
 a rerun with nothing new changes no table.
 
-Settings come from the environment (the same variables the CLI reads):
-    TRACKSTAR_LAKE_ROOT        lake root, a folder or s3://bucket/prefix   (default ./lake)
-    TRACKSTAR_CHECKPOINTS      where checkpoints arrive, folder or s3://   (default <lake>/checkpoints)
-    TRACKSTAR_REFIT_THRESHOLD  refit the Hessian when the training sample grew or shrank by more
-                               than this share since the last fit          (default 0.1)
+Settings come from `infra.config.load_config()`, as for the CLI: the TOML file, TRACKSTAR_*
+variables and, inside an Airflow task, the run's params (lake_root, checkpoints, refit_threshold,
+k_per_module, projection_seed, vector_dtype, batch_token_budget, hessian_*, top_k, ...).
 """
 
 from __future__ import annotations
@@ -17,10 +15,10 @@ import json
 import os
 from pathlib import Path
 
+from infra import storage
 from infra.lake import Lake
 from infra.names import NAME_PATTERN  # noqa: F401  (the DAGs' name params)
 from jobs import extract, fit_hessian, score, tokenize
-from jobs.checkpoints import checkpoints_root
 from infra.config import load_config
 
 DEFAULT_METHODS = ("trackstar",)
@@ -30,38 +28,26 @@ def lake_root() -> str:
     return load_config().lake_root
 
 
-def checkpoint_location() -> str:
-    return os.environ.get("TRACKSTAR_CHECKPOINTS", str(checkpoints_root(lake_root())))
-
-
-def refit_threshold() -> float:
-    return float(os.environ.get("TRACKSTAR_REFIT_THRESHOLD", "0.1"))
-
-
 # ------------------------------------------------------------------ finding work
 def newest_checkpoint(location: str | None = None) -> str:
     """The checkpoint with the highest step under `location` (a folder of checkpoint folders, or an
     s3:// prefix of them), judged by each one's manifest.json."""
-    from infra.storage import is_s3, list_objects, read_bytes
-
-    location = location or checkpoint_location()
-    manifests = [m for m in list_objects(location, suffix="manifest.json") if m.count("/") - location.rstrip("/").count("/") == 2]
+    location = storage.absolute(location or load_config().checkpoint_location)
+    manifests = [m for m in storage.list_objects(location, suffix="manifest.json")
+                 if m.count("/") - location.rstrip("/").count("/") == 2]
     if not manifests:
         raise FileNotFoundError(f"no checkpoints (*/manifest.json) under {location}")
-    steps = []
-    for manifest in manifests:
-        text = read_bytes(manifest) if is_s3(manifest) else Path(manifest).read_bytes()
-        steps.append((json.loads(text)["step"], manifest.rsplit("/", 1)[0]))
+    steps = [(json.loads(storage.read_bytes(manifest))["step"], manifest.rsplit("/", 1)[0]) for manifest in manifests]
     return max(steps)[1]
 
 
 def find_new_partitions(tokenizer_dir: str | None = None) -> list[int]:
     """Raw partitions not yet tokenized with the current tokenizer."""
     lake = Lake(lake_root())
-    tokenizer_dir = Path(tokenizer_dir or Path(lake_root()) / "model" / "tokenizer")
-    fingerprint = tokenize.tokenizer_fingerprint(tokenizer_dir, tokenize.model_context(lake_root()))
+    tokenizer_dir = tokenizer_dir or storage.join(lake.root, "model", "tokenizer")
+    fingerprint = tokenize.tokenizer_fingerprint(tokenizer_dir, tokenize.model_context(lake.root))
     done = tokenize.tokenized_partitions(lake, fingerprint)
-    return sorted(set(tokenize.raw_partitions(Path(lake_root()) / "raw")) - done)
+    return sorted(set(tokenize.raw_partitions(storage.join(lake.root, "raw"))) - done)
 
 
 def registered_query_sets() -> list[str]:
@@ -95,11 +81,15 @@ def hessian_is_stale(lake: Lake, checkpoint_id: str, fingerprint: str, query_set
 
 def refit_hessians(extraction: dict, query_sets: list[str]) -> list[str]:
     """Refit where the training sample changed by more than the threshold; returns the refitted sets."""
-    lake, refitted = Lake(lake_root()), []
+    settings, refitted = load_config(), []
+    lake = Lake(settings.lake_root)
     for query_set in query_sets:
-        if hessian_is_stale(lake, extraction["checkpoint_id"], extraction["fingerprint"], query_set, refit_threshold()):
-            fit_hessian.run(fit_hessian.FitHessianConfig(lake=lake_root(), checkpoint_id=extraction["checkpoint_id"],
-                                                         query_set=query_set, fingerprint=extraction["fingerprint"]))
+        if hessian_is_stale(lake, extraction["checkpoint_id"], extraction["fingerprint"], query_set,
+                            settings.refit_threshold):
+            fit_hessian.run(fit_hessian.FitHessianConfig(lake=settings.lake_root, checkpoint_id=extraction["checkpoint_id"],
+                                                         query_set=query_set, fingerprint=extraction["fingerprint"],
+                                                         mixing_lambda=settings.hessian_lambda,
+                                                         damping_ratio=settings.hessian_damping))
             refitted.append(query_set)
     return refitted
 
@@ -115,9 +105,10 @@ def last_scored_inputs(lake: Lake, checkpoint_id: str, fingerprint: str, query_s
     return None
 
 
-def rescore_changed(extraction: dict, query_sets: list[str], methods: list[str] | None = None, k: int = 10) -> list[str]:
-    """Rescore the query sets whose inputs changed since their last scoring; returns them."""
-    lake, rescored = Lake(lake_root()), []
+def rescore_changed(extraction: dict, query_sets: list[str], methods: list[str] | None = None,
+                    k: int | None = None) -> list[str]:
+    """Rescore the query sets whose inputs changed since their last scoring (k: default top_k); returns them."""
+    lake, rescored, k = Lake(lake_root()), [], k or score.ScoreConfig().k
     methods = list(methods or DEFAULT_METHODS)
     for query_set in query_sets:
         inputs = score.scoring_inputs(lake, extraction["checkpoint_id"], extraction["fingerprint"], query_set)

@@ -21,8 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+from infra import storage
 from jobs import evaluate, import_data, model_eval, register_queries, train_model, world
-from jobs.checkpoints import checkpoint_path, optimizer_state_source
+from jobs.checkpoints import optimizer_state_source
 from infra.config import load_config
 
 
@@ -57,23 +58,24 @@ def run(lake: str, seed: int = 0, airflow_home: str = ".airflow", reports: str =
         print(f"[import-checkpoint] {model_line}")
     else:
         trained = stage("train-model", lambda: train_model.run(train_model.TrainConfig(lake=lake, seed=seed)))
-        final_checkpoint = checkpoint_path(lake, trained["checkpoints"][-1])
+        final_checkpoint = train_model.final_checkpoint(lake, trained)
         model_line = (f"GPT-2, {trained['parameters']:,} parameters, {trained['steps']} steps in "
                       f"{trained['train_seconds']}s on 2 CPU ranks (DeepSpeed ZeRO-2); checkpoints "
                       f"{', '.join(trained['checkpoints'])}")
-    queries_file = Path(lake) / "world" / "queries.jsonl"
+    queries_file = storage.join(lake, "world", "queries.jsonl")
     accuracy = stage("model-accuracy", lambda: model_eval.evaluate_checkpoint(final_checkpoint, queries_file))
     # the user's own file, so that refusals name its lines
     stage("register-queries", lambda: register_queries.run(lake, queries))
-    dag = stage("airflow: trackstar_reindex", lambda: run_dag("trackstar_reindex", str(Path(lake).resolve()),
+    dag = stage("airflow: trackstar_reindex", lambda: run_dag("trackstar_reindex", storage.absolute(lake),
                                                               home=airflow_home))
     print("\n".join(line for line in dag["log"].splitlines() if line.startswith(("[reindex]", "trackstar_reindex run", "  "))))
     if dag["state"] != "success":
         raise RuntimeError(f"trackstar_reindex ended {dag['state']}; see the task log above")
-    report = None
+    report, settings = None, load_config()
     if optimizer_state_source(final_checkpoint):
         report = stage("evaluate", lambda: evaluate.run(evaluate.EvaluateConfig(
-            lake=lake, reports=reports, checkpoint=str(final_checkpoint))))
+            lake=lake, reports=reports, checkpoint=str(final_checkpoint), k=settings.top_k,
+            k_projection=settings.k_per_module)))
     else:  # tail-patch steps with the checkpoint's own optimizer state
         print(f"\n[evaluate] skipped: {final_checkpoint.name} has no optimizer state, which the evaluation's "
               "tail-patch needs; the DAG indexed and scored it without the optimizer correction")
@@ -82,10 +84,10 @@ def run(lake: str, seed: int = 0, airflow_home: str = ".airflow", reports: str =
                "dag": {k: v for k, v in dag.items() if k != "log"},
                "evaluation": report["methods"] if report else None,
                "seconds": {k: round(v, 1) for k, v in timings.items()}}
-    (Path(lake) / "pipeline_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    storage.write_text(storage.join(lake, "pipeline_summary.json"), json.dumps(summary, indent=2, default=str))
 
     print(f"\n=== TrackStar lake: {'your data' if corpus else 'embedded run'} ===")
-    print(f"lake:        {Path(lake).resolve()}")
+    print(f"lake:        {storage.absolute(lake)}")
     print(f"corpus:      {world_summary.documents:,} documents ({world_summary.words:,} words) in "
           f"{world_summary.partitions} C4 partitions; {world_summary.facts} facts, {world_summary.queries} queries")
     print(f"model:       {model_line}")
@@ -95,7 +97,7 @@ def run(lake: str, seed: int = 0, airflow_home: str = ".airflow", reports: str =
         print(f"\nfact tracing on checkpoint {report['checkpoint_id']} (λ = {report['lambda']:.3f}; "
               f"tail-patch over {report['tail_patch_queries']} queries):")
         print(evaluate.table(report))
-        print(f"\nreport:      {(Path(reports) / 'eval.html').resolve()}")
+        print(f"\nreport:      {storage.join(storage.absolute(reports), 'eval.html')}")
     print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     print("next:        .venv/bin/python -m jobs sql --list        (SQL over the Delta tables)")
     print("             make airflow-ui                            (the DAGs in the Airflow UI, 127.0.0.1:8080)")
@@ -105,7 +107,7 @@ def run(lake: str, seed: int = 0, airflow_home: str = ".airflow", reports: str =
 
 def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--lake", default=load_config().lake_root)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=load_config().seed)
     parser.add_argument("--airflow-home", default=".airflow")
     parser.add_argument("--reports", default="reports")
     parser.add_argument("--corpus", help="your own C4 partitions (a folder of c4-*.json.gz) instead of the world")

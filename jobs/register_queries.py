@@ -13,9 +13,9 @@ import argparse
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-
 import pyarrow as pa
 
+from infra import storage
 from infra.lake import Lake
 from infra.names import check_names
 from infra.quarantine import quarantine_rows
@@ -30,19 +30,21 @@ def run(lake_root: str, path: str | None = None, name: str = DEFAULT_QUERY_SET, 
         tokenizer: str | None = None) -> int:
     check_names(query_set=name, run_id=run_id)
     lake = Lake(lake_root)
-    path = Path(path or Path(lake_root) / "world" / "queries.jsonl")
-    query_file = load_queries(path)
+    path = storage.absolute(path or storage.join(lake.root, "world", "queries.jsonl"))
+    query_file = load_queries(path, storage.read_text(path))
     for note in query_file.notes:
         print(f"[register-queries] note: {note}")
-    queries = checked_against_tokenizer(lake, path, query_file,
-                                        Path(tokenizer or Path(lake_root) / "model" / "tokenizer"), run_id)
+    tokenizer = tokenizer or storage.join(lake.root, "model", "tokenizer")
+    local_tokenizer = (storage.local_folder(tokenizer, load_config().cache_dir)
+                       if storage.exists(storage.join(tokenizer, "tokenizer.json")) else Path(tokenizer))
+    queries = checked_against_tokenizer(lake, path, query_file, local_tokenizer, run_id)
     columns = [c.name for c in TABLES["queries"].columns]
     rows = {c: [] for c in columns}
     for query in queries:
         for c in columns:
             rows[c].append({"query_set": name, "run_id": run_id}.get(c, query.get(c)))
     lake.replace_slice("queries", pa.table(rows), query_set=name)
-    lake.replace_slice("query_sets", pa.table({"query_set": [name], "path": [str(path)], "n_queries": [len(queries)],
+    lake.replace_slice("query_sets", pa.table({"query_set": [name], "path": [path], "n_queries": [len(queries)],
                                                "registered_at": [datetime.now(timezone.utc)], "run_id": [run_id]}),
                        query_set=name)
     print(f"[register-queries] {len(queries)} queries from {path} registered as query set {name!r}")

@@ -29,7 +29,7 @@ import torch
 
 from infra.lake import Lake
 from infra.names import check_names
-from infra.config import load_config
+from infra.config import from_settings, load_config
 
 # method -> (registered matrix kind or None, power applied to it, unit norm, on both sides)
 METHODS = {
@@ -52,7 +52,7 @@ class ScoreConfig:
     query_set: str = "fact-world"
     fingerprint: str = ""
     methods: list = field(default_factory=lambda: ["trackstar"])
-    k: int = 10
+    k: int = from_settings("top_k")
     prompt_index: int = 0
 
 
@@ -219,7 +219,7 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--query-set", default=ScoreConfig.query_set)
     parser.add_argument("--fingerprint", default="")
     parser.add_argument("--methods", nargs="+", default=["trackstar"], choices=sorted(METHODS))
-    parser.add_argument("--k", type=int, default=load_config().top_k)
+    parser.add_argument("--k", type=int, default=ScoreConfig().k)
     parser.add_argument("--prompt-index", type=int, default=0, choices=[0, 1, 2])
 
 

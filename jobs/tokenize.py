@@ -22,10 +22,10 @@ import re
 import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import pyarrow as pa
 
+from infra import storage
 from infra.lake import Lake
 from infra.quarantine import quarantine_rows
 from infra.runs import finish_run, start_run
@@ -48,30 +48,39 @@ class TokenizeConfig:
     partitions: list | None = None  # only these source partitions (default: all)
 
 
-def tokenizer_fingerprint(tokenizer_dir: Path, context: int) -> str:
+def tokenizer_fingerprint(tokenizer_dir: str, context: int) -> str:
     """Names the tokens a partition holds: the tokenizer and the chunk length."""
-    return hashlib.sha256((Path(tokenizer_dir) / "tokenizer.json").read_bytes()).hexdigest()[:16] + f"-ctx{context}"
+    return tokenizer_fingerprint_of(storage.read_bytes(storage.join(tokenizer_dir, "tokenizer.json")), context)
+
+
+def tokenizer_fingerprint_of(tokenizer_json: bytes, context: int) -> str:
+    return hashlib.sha256(tokenizer_json).hexdigest()[:16] + f"-ctx{context}"
 
 
 def model_context(lake_root: str) -> int:
     """The context of the lake's newest checkpoint (the chunks must fit it)."""
     from jobs.checkpoints import checkpoints_root
 
-    configs = sorted([*checkpoints_root(lake_root).glob("*/config.json"), *Path(lake_root).glob("checkpoints/*/config.json")],
-                     key=lambda path: path.parent.name)  # and the folder lakes used before
+    roots = [checkpoints_root(lake_root), storage.join(lake_root, "checkpoints")]  # and the folder lakes used before
+    configs = sorted((c for root in roots for c in storage.list_objects(root, suffix="/config.json")
+                      if c.count("/") - root.count("/") == 2), key=lambda c: c.rsplit("/", 2)[-2])
     if not configs:
-        raise FileNotFoundError(f"no checkpoint under {checkpoints_root(lake_root)} to take the context from; pass --context")
-    config = json.loads(configs[-1].read_text())
+        raise FileNotFoundError(f"no checkpoint under {roots[0]} to take the context from; pass --context")
+    config = json.loads(storage.read_bytes(configs[-1]))
     return int(config.get("n_positions") or config["max_position_embeddings"])
 
 
-def raw_partitions(raw_dir: Path) -> dict[int, Path]:
-    found = {}
-    for path in sorted(Path(raw_dir).glob("c4-*.json.gz")):
-        match = PARTITION_NAME.search(path.name)
+def raw_partitions(raw_dir: str) -> dict[int, str]:
+    """partition number -> location of the c4-*.json.gz files directly under raw_dir."""
+    found, raw_dir = {}, storage.absolute(raw_dir)
+    for uri in storage.list_objects(raw_dir, suffix=".json.gz"):
+        name = storage.name(uri)
+        if not name.startswith("c4-") or uri.count("/") - raw_dir.count("/") != 1:
+            continue
+        match = PARTITION_NAME.search(name)
         if not match:
-            raise ValueError(f"{path.name}: not a C4 partition name (c4-<split>.NNNNN-of-MMMMM.json.gz)")
-        found[int(match.group(1))] = path
+            raise ValueError(f"{name}: not a C4 partition name (c4-<split>.NNNNN-of-MMMMM.json.gz)")
+        found[int(match.group(1))] = uri
     return found
 
 
@@ -94,8 +103,8 @@ PARSED_SCHEMA = pa.schema([("doc_id", pa.string()), ("partition", pa.int32()), (
 
 def raw_lines(path: str, max_line_bytes: int):
     """(line number, bytes) of a gzip file; a line longer than max_line_bytes comes back as None
-    (read past, never held in memory whole)."""
-    with gzip.open(path, "rb") as fh:
+    (read past, never held in memory whole). `path` is a local file or an s3:// URI."""
+    with storage.open_read(path) as stored, gzip.open(stored, "rb") as fh:
         number = 0
         while True:
             raw = fh.readline(max_line_bytes + 1)
@@ -123,7 +132,7 @@ def parse_files(batches, max_chars: int):
                 good = record is not None
                 rows["doc_id"].append(record["url"] if good else None)
                 rows["partition"].append(partition)
-                rows["source"].append(Path(path).name)
+                rows["source"].append(storage.name(path))
                 rows["line"].append(number)
                 rows["text"].append(record["text"] if good else None)
                 rows["timestamp"].append(record["timestamp"] if good else None)
@@ -157,21 +166,23 @@ TOKEN_SCHEMA = pa.schema([("doc_id", pa.string()), ("partition", pa.int32()), ("
 _tokenizers = {}
 
 
-def end_of_text(tokenizer_dir: Path) -> str:
+def end_of_text(tokenizer_json: str, tokenizer_config: bytes | None) -> str:
     """The tokenizer's own end-of-text token (`</s>` for Llama-style ones), default GPT-2's."""
-    config = Path(tokenizer_dir) / "tokenizer_config.json"
-    eos = json.loads(config.read_text()).get("eos_token") if config.exists() else None
+    eos = json.loads(tokenizer_config).get("eos_token") if tokenizer_config else None
     return (eos.get("content") if isinstance(eos, dict) else eos) or EOS
 
 
-def tokenize_documents(batches, tokenizer_file: str, context: int, eos_token: str = EOS):
-    """documents -> chunk rows; the fast (Rust) tokenizer encodes a whole batch at once."""
+def tokenize_documents(batches, tokenizer_json: str, context: int, eos_token: str = EOS):
+    """documents -> chunk rows; the fast (Rust) tokenizer encodes a whole batch at once. The
+    tokenizer travels as its JSON text, so Spark workers need no access to the lake's files."""
     from tokenizers import Tokenizer
 
-    tokenizer = _tokenizers.setdefault(tokenizer_file, Tokenizer.from_file(tokenizer_file))
+    if tokenizer_json not in _tokenizers:
+        _tokenizers[tokenizer_json] = Tokenizer.from_str(tokenizer_json)
+    tokenizer = _tokenizers[tokenizer_json]
     eos = tokenizer.token_to_id(eos_token)
     if eos is None:
-        raise ValueError(f"{tokenizer_file}: no id for the end-of-text token {eos_token!r}")
+        raise ValueError(f"the tokenizer has no id for the end-of-text token {eos_token!r}")
     for batch in batches:
         rows = {name: [] for name in TOKEN_SCHEMA.names}
         encodings = tokenizer.encode_batch(batch.column("text").to_pylist(), add_special_tokens=False)
@@ -234,12 +245,13 @@ def run(config: TokenizeConfig) -> dict:
     from infra.spark import spark_session
 
     lake = Lake(config.lake)
-    raw_dir = Path(config.raw or Path(config.lake) / "raw")
-    tokenizer_dir = Path(config.tokenizer or Path(config.lake) / "model" / "tokenizer")
-    if not (tokenizer_dir / "tokenizer.json").exists():
-        raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.json (train the model first, or pass --tokenizer)")
-    context = config.context or model_context(config.lake)
-    fingerprint = tokenizer_fingerprint(tokenizer_dir, context)
+    raw_dir = config.raw or storage.join(lake.root, "raw")
+    tokenizer_file = storage.join(config.tokenizer or storage.join(lake.root, "model", "tokenizer"), "tokenizer.json")
+    if not storage.exists(tokenizer_file):
+        raise FileNotFoundError(f"no {tokenizer_file} (train the model first, or pass --tokenizer)")
+    tokenizer_json = storage.read_bytes(tokenizer_file)
+    context = config.context or model_context(lake.root)
+    fingerprint = tokenizer_fingerprint_of(tokenizer_json, context)
     partitions = raw_partitions(raw_dir)
     if config.partitions is not None:
         unknown = sorted(set(config.partitions) - set(partitions))
@@ -257,17 +269,21 @@ def run(config: TokenizeConfig) -> dict:
 
     run_id = start_run(lake, "tokenize", asdict(config) | {"tokenizer_fingerprint": fingerprint})
     spark = spark_session()
-    files = spark.createDataFrame([(str(path.resolve()), p) for p, path in sorted(pending.items())],
+    files = spark.createDataFrame([(uri, p) for p, uri in sorted(pending.items())],
                                   "path string, partition int").repartition(min(len(pending), os.cpu_count() or 1))
-    max_chars, tokenizer_file = config.max_chars, str((tokenizer_dir / "tokenizer.json").resolve())
-    eos_token = end_of_text(tokenizer_dir)
+    max_chars, tokenizer_json = config.max_chars, tokenizer_json.decode("utf-8")
+    tokenizer_config = storage.join(config.tokenizer or storage.join(lake.root, "model", "tokenizer"),
+                                    "tokenizer_config.json")
+    eos_token = end_of_text(tokenizer_json, storage.read_bytes(tokenizer_config) if storage.exists(tokenizer_config)
+                            else None)
     parsed = files.mapInArrow(lambda it: parse_files(it, max_chars), spark_ddl_of(PARSED_SCHEMA))
     lines = with_duplicate_urls(spark, lake, parsed, sorted(pending))
     # The filter runs in Python, not as a Spark filter: Sail checks the table's NOT NULL
     # constraints on rows a Spark filter has not removed yet (a bad line's null doc_id).
     documents = (lines.mapInArrow(good_lines, spark_ddl_of(PARSED_SCHEMA)).drop("reason", "raw_value")
                  .withColumn("run_id", F.lit(run_id)))
-    tokens = (documents.mapInArrow(lambda it: tokenize_documents(it, tokenizer_file, context, eos_token), spark_ddl_of(TOKEN_SCHEMA))
+    tokens = (documents.mapInArrow(lambda it: tokenize_documents(it, tokenizer_json, context, eos_token),
+                                   spark_ddl_of(TOKEN_SCHEMA))
               .withColumn("tokenizer_fingerprint", F.lit(fingerprint)).withColumn("run_id", F.lit(run_id)))
     in_pending = f"partition IN ({', '.join(str(p) for p in sorted(pending))})"
     lake.spark_write(documents, "documents", replace_where=in_pending)

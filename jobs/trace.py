@@ -24,6 +24,14 @@ from infra.lake import Lake
 from infra.names import check_names
 
 
+def checkpoint_location(lake: Lake, checkpoint_id: str) -> str:
+    """Where a registered checkpoint lives (absolute path or s3:// URI), as the `checkpoints` table says."""
+    rows = lake.read("checkpoints", filters=[("checkpoint_id", "=", checkpoint_id)], columns=["path"])
+    if rows.num_rows == 0:
+        raise LookupError(f"checkpoint {checkpoint_id!r} is not registered")
+    return rows["path"][0].as_py()
+
+
 def checkpoint_folder(lake: Lake, checkpoint_id: str) -> Path:
     """A local folder holding a registered checkpoint (downloaded if it was registered from S3),
     refused (CheckpointMismatch) if its weights changed since registration, as extract refuses:
@@ -33,7 +41,7 @@ def checkpoint_folder(lake: Lake, checkpoint_id: str) -> Path:
     rows = lake.read("checkpoints", filters=[("checkpoint_id", "=", checkpoint_id)], columns=["path", "model_fingerprint"])
     if rows.num_rows == 0:
         raise LookupError(f"checkpoint {checkpoint_id!r} is not registered")
-    folder = resolve_checkpoint(lake, rows["path"][0].as_py())
+    folder = resolve_checkpoint(lake, checkpoint_location(lake, checkpoint_id))
     registered, found = rows["model_fingerprint"][0].as_py(), model_fingerprint(folder)
     if found != registered:
         raise CheckpointMismatch(f"checkpoint {checkpoint_id!r} was indexed with weights {registered}, but {folder} now "

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from infra import storage
 from jobs.checkpoints import checkpoint_path, checkpoints_root
 from jobs.launch import init_rank, launch_ranks, rank_arguments
 from infra.config import load_config
@@ -144,12 +145,14 @@ def run(config: TrainConfig) -> dict:
     """Tokenizer + packed data on this side, then `deepspeed` with `config.ranks` CPU ranks."""
     import torch
 
+    if storage.is_s3(config.lake):
+        return _train_for_s3(config)
     started = time.time()
     model_dir = config.model_dir
     digest = input_digest(Path(config.lake) / "raw", config)
     previous = model_dir / "train_summary.json"
     if previous.exists() and json.loads(previous.read_text()).get("input_digest") == digest and all(
-            checkpoint_path(config.lake, c).exists() for c in json.loads(previous.read_text())["checkpoints"]):
+            Path(checkpoint_path(config.lake, c)).exists() for c in json.loads(previous.read_text())["checkpoints"]):
         print(f"[train-model] already trained on this corpus with this configuration ({digest[:12]}); "
               f"keeping {model_dir} and its checkpoints", flush=True)
         return json.loads(previous.read_text())
@@ -169,12 +172,24 @@ def run(config: TrainConfig) -> dict:
           f"{config.context}; {bad_lines} unreadable lines skipped; {total_steps} steps on {config.ranks} CPU ranks",
           flush=True)
 
-    launch_ranks("jobs.train_model", model_dir / "plan.json", config.ranks)
+    launch_ranks("jobs.train_model", str(model_dir / "plan.json"), config.ranks)
 
     summary = json.loads((model_dir / "train_summary.json").read_text())
     summary.update(n_documents=len(texts), n_tokens=n_tokens, wall_seconds=round(time.time() - started, 1),
                    input_digest=digest)
     (model_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _train_for_s3(config: TrainConfig) -> dict:
+    """Train in a local copy of the lake (DeepSpeed writes local files) kept under the cache, then
+    upload the tokenizer, the training summary and the checkpoints beside the lake's tables."""
+    local = storage.cache_path(config.lake, load_config().cache_dir) / "train"
+    storage.download_prefix(storage.join(config.lake, "raw"), local / "raw")
+    summary = run(dataclasses.replace(config, lake=str(local)))
+    for folder in ("model/tokenizer", "model/checkpoints"):
+        storage.upload_dir(local / folder, storage.join(config.lake, folder))
+    storage.upload_file(local / "model" / "train_summary.json", storage.join(config.lake, "model", "train_summary.json"))
     return summary
 
 
@@ -220,7 +235,7 @@ def save_checkpoint(engine, model, tokenizer_dir: Path, config: TrainConfig, ste
     import torch.distributed as dist
 
     checkpoint_id = f"{config.model_tag}-s{config.seed}-step{step:06d}"
-    out = checkpoints_root(config.lake) / checkpoint_id
+    out = Path(checkpoints_root(config.lake)) / checkpoint_id
     engine.save_checkpoint(str(out / "zero"), tag=f"step{step}")
     moments = second_moments(engine, model, config)
     if dist.get_rank() == 0:
@@ -242,11 +257,11 @@ def save_checkpoint(engine, model, tokenizer_dir: Path, config: TrainConfig, ste
     return checkpoint_id
 
 
-def train_rank(plan_path: Path):
+def train_rank(plan_path: str):
     import deepspeed
     import torch
 
-    plan = json.loads(plan_path.read_text())
+    plan = json.loads(storage.read_bytes(plan_path))
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in plan["config"].items() if k in fields})
     rank, world = init_rank()
@@ -307,7 +322,7 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--micro-batch", type=int, default=defaults.micro_batch)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--seed", type=int, default=load_config().seed)
     parser.add_argument("--max-steps", type=int, default=None)
 
 
@@ -316,12 +331,16 @@ def config_from_args(args) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
 
 
+def final_checkpoint(lake: str, summary: dict) -> Path:
+    """A local folder holding the last checkpoint of a training run (copied from S3 if it lives there)."""
+    return storage.local_folder(checkpoint_path(lake, summary["checkpoints"][-1]), load_config().cache_dir)
+
+
 def main(args):
     from jobs.model_eval import evaluate_checkpoint
 
     summary = run(config_from_args(args))
-    final = checkpoint_path(args.lake, summary["checkpoints"][-1])
-    accuracy = evaluate_checkpoint(final, Path(args.lake) / "world" / "queries.jsonl")
+    accuracy = evaluate_checkpoint(final_checkpoint(args.lake, summary), storage.join(args.lake, "world", "queries.jsonl"))
     print(f"[train-model] {summary['parameters']:,} parameters, {summary['steps']} steps in "
           f"{summary['train_seconds']}s; checkpoints: {', '.join(summary['checkpoints'])}")
     print(accuracy.table())

@@ -20,10 +20,13 @@ import gzip
 import json
 import random
 import sys
-from dataclasses import asdict, dataclass
+import tempfile
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from infra import storage
+from infra.config import load_config
 from jobs.import_data import ImportedDataError, WorldSummary, import_world, refuse_to_overwrite
 from schemas.queries import FREQUENCY_BUCKETS
 
@@ -347,6 +350,8 @@ def _write_jsonl(path: Path, rows) -> None:
 
 
 def run(config: WorldConfig) -> WorldSummary:
+    if storage.is_s3(config.out_dir):
+        return _run_to_s3(config)
     if config.corpus or config.queries:
         if not (config.corpus and config.queries):
             raise ValueError("importing a world needs both --corpus and --queries")
@@ -384,10 +389,22 @@ def run(config: WorldConfig) -> WorldSummary:
     return summary
 
 
+def _run_to_s3(config: WorldConfig) -> WorldSummary:
+    """Build (or import) the world in a temporary folder, then replace the lake's raw partitions and
+    world files on S3 with it."""
+    with tempfile.TemporaryDirectory(prefix="trackstar-world-") as local:
+        summary = run(replace(config, out_dir=local))
+        for old in storage.list_objects(storage.join(config.out_dir, "raw"), suffix=".json.gz"):
+            storage.delete(old)
+        storage.upload_dir(local, config.out_dir)
+    return replace(summary, raw_dir=storage.join(config.out_dir, "raw"),
+                   world_dir=storage.join(config.out_dir, "world"))
+
+
 def add_arguments(parser: argparse.ArgumentParser):
     defaults = WorldConfig()
     parser.add_argument("--out", dest="out_dir", default=defaults.out_dir, help="lake root to write under")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--seed", type=int, default=load_config().seed)
     parser.add_argument("--partitions", dest="n_partitions", type=int, default=defaults.n_partitions)
     parser.add_argument("--facts-per-bucket", type=int, default=defaults.facts_per_bucket)
     parser.add_argument("--statements", choices=["copy", "paraphrase"], default=defaults.statements,

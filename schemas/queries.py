@@ -103,11 +103,12 @@ def _describe(error: dict) -> str:
     return f"field {location!r}: {error['msg']}"
 
 
-def load_queries(path: Path) -> QueryFile:
-    """Every line checked; raises QueryFileError with all problems, or returns the queries."""
-    path = Path(path)
+def load_queries(path: Path | str, text: str | None = None) -> QueryFile:
+    """Every line checked; raises QueryFileError with all problems, or returns the queries. `text`
+    is the file's content when it was read elsewhere (an s3:// object); `path` then names it."""
+    text = Path(path).read_text(encoding="utf-8") if text is None else text
     problems, queries, lines, first_line, normalised = [], [], [], {}, []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import threading
 import uuid
+from pathlib import Path
 
 import pytest
 
 from infra.lake import Lake
+
+# pytest's `pythonpath = .` reaches this process only; child processes (Airflow, DeepSpeed ranks)
+# find the project through PYTHONPATH where it is not installed (`make install` installs it).
+REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret",
           "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}
@@ -58,6 +65,15 @@ def s3_bucket(s3_server) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     s3_client().create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory):
+    """Local copies of s3:// checkpoints go to a temporary folder, not the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as env:
+        folder = tmp_path_factory.mktemp("cache")
+        env.setenv("TRACKSTAR_CACHE_DIR", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")

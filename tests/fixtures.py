@@ -14,9 +14,12 @@ TINY = dict(n_layer=2, n_embd=32, n_head=2, context=64, vocab_size=512, micro_ba
             warmup_steps=2, checkpoint_fractions=(0.5, 1.0))
 
 
+WORLD = dict(seed=1, facts_per_bucket=2, n_partitions=2)
+
+
 def _train(tmp_path_factory, optimizer):
     lake = tmp_path_factory.mktemp(f"lake-{optimizer}")
-    world.run(world.WorldConfig(out_dir=str(lake), seed=1, facts_per_bucket=2, n_partitions=2))
+    world.run(world.WorldConfig(out_dir=str(lake), **WORLD))
     summary = train_model.run(train_model.TrainConfig(lake=str(lake), optimizer=optimizer, **TINY))
     return lake, summary
 
