@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install run test bench airflow-ui clean
+.PHONY: install run test bench airflow-ui airflow-deployed clean
 
 install: $(INSTALLED)
 
@@ -15,10 +15,15 @@ $(INSTALLED): requirements.txt pyproject.toml
 	command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || \
 	  { $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium chromium-driver; } || \
 	  echo "warning: could not install Debian's chromium/chromium-driver; only the explorer's browser test needs them"
+	ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 && command -v java >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q postgresql default-jre-headless; } || \
+	  echo "warning: could not install Debian's postgresql/java; only the deployed-Airflow and Apache Spark tests need them"
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	DS_BUILD_OPS=0 $(PYTHON) -m pip install --quiet --progress-bar off -r requirements.txt
 	$(PYTHON) -m pip install --quiet --no-deps -e .
+	PYTHON=$(CURDIR)/$(PYTHON) bash infra/deploy/spark-connect.sh fetch || \
+	  echo "warning: could not fetch the Delta / hadoop-aws jars from Maven Central; only the Apache Spark test needs them"
 	touch $(INSTALLED)
 
 run: install
@@ -35,6 +40,11 @@ airflow-ui: install
 	AIRFLOW_HOME=$(CURDIR)/.airflow AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags AIRFLOW__CORE__LOAD_EXAMPLES=False \
 	AIRFLOW__CORE__PARALLELISM=2 AIRFLOW__API__HOST=127.0.0.1 \
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH TRACKSTAR_LAKE_ROOT=$(CURDIR)/lake $(VENV)/bin/airflow standalone
+
+# Airflow as deployed (PostgreSQL, API server, scheduler, DAG processor, LocalExecutor; infra/deploy/) on a
+# small lake: triggers trackstar_reindex through the REST API twice (tests/test_airflow_deployed.py)
+airflow-deployed: install
+	$(PYTHON) -m pytest -q tests/test_airflow_deployed.py
 
 clean:
 	rm -rf lake reports .airflow

@@ -174,13 +174,28 @@ class Lake:
         mode = mode or ("overwrite" if replace_where else "append")
         if mode not in ("append", "overwrite") or (replace_where and mode != "overwrite"):
             raise ValueError(f"mode must be append or overwrite (overwrite with replace_where), got {mode!r}")
-        self.create(table)  # declared schema, partitioning and properties come from delta-rs
+        from infra.spark import is_embedded
+
+        if is_embedded(df.sparkSession):
+            self.create(table)  # declared schema, partitioning and properties come from delta-rs
+        else:
+            self.spark_create(df.sparkSession, table)  # Apache Spark: created and written by Spark alone
         columns = [F.col(c.name).cast(c.type).alias(c.name) for c in spec.columns]
         writer = df.select(columns).write.format("delta").mode(mode)
         if replace_where:
             predicate = replace_where if isinstance(replace_where, str) else slice_predicate(spec, replace_where, "`")
             writer = writer.option("replaceWhere", predicate)
         writer.save(self.path(table))
+
+    def spark_create(self, spark, table: str) -> None:
+        """Create the table with its declared schema, partitioning and properties through Spark SQL."""
+        spec = declared(table)
+        if self.exists(table):
+            return
+        partitioned = f" PARTITIONED BY ({', '.join(f'`{c}`' for c in spec.partition_by)})" if spec.partition_by else ""
+        properties = ", ".join(f"'{key}' = '{value}'" for key, value in spec.table_properties.items())
+        spark.sql(f"CREATE TABLE IF NOT EXISTS delta.`{self.path(table)}` ({spec.spark_ddl}) USING delta{partitioned} "
+                  f"TBLPROPERTIES ({properties})")
 
 
 def slice_predicate(spec: Table, keys: dict, quote: str = '"') -> str:

@@ -1,4 +1,8 @@
-"""The Spark session: a Spark Connect endpoint from SPARK_REMOTE, else the embedded Sail engine.
+"""The Spark session: a Spark Connect endpoint from the config, else the embedded Sail engine.
+
+The one setting that picks the engine is `spark_remote` (TRACKSTAR_SPARK_REMOTE, or SPARK_REMOTE):
+unset, the embedded Sail engine runs the jobs; set, e.g. sc://127.0.0.1:15002, an Apache Spark
+Connect server with Delta Lake does (infra/deploy/spark-connect.sh starts one).
 
 Sail runs in this process on loopback (no JVM, about a second to start); one server per process,
 shared by every `spark_session()` call and stopped at interpreter exit. Sail reads S3 settings from
@@ -13,15 +17,18 @@ import threading
 
 from pyspark.sql import SparkSession
 
+from infra.config import load_config
+
 _lock = threading.Lock()
 _session: SparkSession | None = None
+_embedded = False  # whether _session is the embedded Sail engine
 
 
 def spark_session(remote: str | None = None) -> SparkSession:
     """The process's Spark session, started on first use.
 
-    `remote`, else $SPARK_REMOTE, else the configured `spark_remote` names a Spark Connect
-    endpoint; without any the embedded Sail engine starts.
+    `remote`, else the config's spark_remote, else $SPARK_REMOTE, names a Spark Connect endpoint;
+    without any the embedded Sail engine starts.
     """
     global _session
     with _lock:
@@ -30,10 +37,15 @@ def spark_session(remote: str | None = None) -> SparkSession:
         return _session
 
 
-def _remote_url(remote: str | None) -> str:
-    from infra.config import load_config
+def is_embedded(spark: SparkSession) -> bool:
+    """Whether `spark` is the embedded Sail engine (else an external Spark Connect server)."""
+    return _embedded and spark is _session
 
-    remote = remote or os.environ.get("SPARK_REMOTE") or load_config().spark_remote
+
+def _remote_url(remote: str | None) -> str:
+    global _embedded
+    remote = remote or load_config().spark_remote or os.environ.get("SPARK_REMOTE")
+    _embedded = not remote
     if remote:
         return remote
     # Sail logs every session at INFO through env_logger; it reads RUST_LOG when the server starts.
