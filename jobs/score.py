@@ -1,10 +1,14 @@
 """score (Spark): exact top-k proponents per query from `train_gradients`, into `proponents`.
 
-The prepared query vectors (preconditioned, normalised: small) are shipped to every task. Each
-Arrow batch of `train_gradients` is decoded in one vectorised step, preconditioned, normalised
-and scored against all queries, and only its running top-k per query is kept, so memory is
-bounded by the batch, not the corpus. A global window keeps the exact top-k per query: the result
-equals brute-force scoring of every vector (tested).
+The prepared query vectors (preconditioned, normalised: small) are shipped to every task. The
+methods that precondition both sides with a fitted matrix and unit-normalise (trackstar,
+-no-mixing, -no-optimizer) score the TrackStar index (`jobs.index`: the train side prepared once,
+int8 by default; built here first where missing or stale): decode + one matmul + top-k. The others
+(and `--index none`) prepare the raw `train_gradients` vectors as they go. Arrow batches are cut
+into slices bounded in bytes (`--batch-bytes` of decoded float32), each decoded in one vectorised
+step and scored against all queries; only the running top-k per query is kept (ties broken by
+doc_id, chunk), so memory is bounded by the batch, not the corpus. A global window keeps the
+exact top-k per query: the result equals brute-force scoring of every vector (tested).
 
 Methods (`--methods`), each written under its own name so they compare row for row:
   trackstar               R^(-1/2) of the task-mixed R on both sides, unit norm
@@ -29,6 +33,7 @@ import torch
 
 from infra.lake import Lake
 from infra.config import load_config
+from jobs.index import BATCH_BYTES, rows_per_batch
 
 # method -> (registered matrix kind or None, power applied to it, unit norm, on both sides)
 METHODS = {
@@ -42,6 +47,8 @@ METHODS = {
     "grad-cos": (None, True, True),
 }
 PLAIN_METHODS = ("trackstar-no-optimizer", "trak", "grad-dot", "grad-cos")
+# R^(-1/2) on both sides and unit norm: the train side is the same on every run, scored from the index
+INDEXED_METHODS = tuple(m for m, (kind, unit_norm, both_sides) in METHODS.items() if kind and unit_norm and both_sides)
 
 
 @dataclass
@@ -53,6 +60,8 @@ class ScoreConfig:
     methods: list = field(default_factory=lambda: ["trackstar"])
     k: int = 10
     prompt_index: int = 0
+    index: str = "int8"          # code of the TrackStar index scored; "none": prepare train_gradients as they are read
+    batch_bytes: int = BATCH_BYTES
 
 
 def _prepared_side(vectors: torch.Tensor, blocks, unit_norm: bool) -> torch.Tensor:
@@ -76,38 +85,33 @@ def method_matrices(lake: Lake, method: str, checkpoint_id: str, query_set: str,
     return None, inverse, unit_norm  # R⁻¹ on the query side only: q·R⁻¹·t, the same scores, cheaper
 
 
-def score_batches(batches, queries: np.ndarray, train_blocks, unit_norm: bool, k: int, dim: int):
+def score_batches(batches, queries: np.ndarray, train_blocks, unit_norm: bool, k: int, dim: int,
+                  batch_bytes: int = BATCH_BYTES):
     """mapInArrow body: batches of train vectors -> this task's top-k rows per query."""
-    from gradient_kernels.scoring import merge_top_k, top_k
+    from gradient_kernels.scoring import RunningTopK
     from schemas.vectors import decode_vectors
 
     q = torch.from_numpy(queries)
-    best_values = best_indices = None
-    keys_doc, keys_chunk, seen = [], [], 0
+    best, step = RunningTopK(len(queries), k), rows_per_batch(dim, batch_bytes)
     for batch in batches:
-        if batch.num_rows == 0:
-            continue
         dtypes = set(batch.column("dtype").to_pylist())
-        if len(dtypes) != 1:
+        if len(dtypes) > 1:
             raise ValueError(f"mixed vector dtypes in one batch: {dtypes}")
-        train = torch.from_numpy(decode_vectors(batch.column("vector"), dtypes.pop(), batch.column("scale").to_numpy(
-            zero_copy_only=False), dim))
-        values, indices = top_k(q, _prepared_side(train, train_blocks, unit_norm), k, index_offset=seen)
-        if best_values is None:
-            best_values, best_indices = values, indices
-        else:
-            best_values, best_indices = merge_top_k(best_values, best_indices, values, indices, k)
-        keys_doc += batch.column("doc_id").to_pylist()
-        keys_chunk += batch.column("chunk").to_pylist()
-        seen += batch.num_rows
-    if best_values is None:
+        for start in range(0, batch.num_rows, step):
+            part = batch.slice(start, step)
+            train = torch.from_numpy(decode_vectors(part.column("vector"), next(iter(dtypes)), part.column("scale"), dim))
+            doc_ids, chunks = part.column("doc_id"), part.column("chunk")
+            best.add(q @ _prepared_side(train, train_blocks, unit_norm).T,
+                     lambda rows: zip(doc_ids.take(pa.array(rows, pa.int64())).to_pylist(),
+                                      chunks.take(pa.array(rows, pa.int64())).to_pylist()))
+    ranked = [(query, score, key) for query, found in enumerate(best.ranked()) for score, key in found]
+    if not ranked:
         return
-    rows = best_indices.numpy()
     yield pa.RecordBatch.from_pydict({
-        "query_index": np.repeat(np.arange(rows.shape[0], dtype=np.int32), rows.shape[1]),
-        "doc_id": [keys_doc[i] for i in rows.reshape(-1)],
-        "chunk": np.asarray([keys_chunk[i] for i in rows.reshape(-1)], dtype=np.int32),
-        "score": best_values.numpy().reshape(-1).astype(np.float64)})
+        "query_index": pa.array([query for query, _, _ in ranked], pa.int32()),
+        "doc_id": [key[0] for _, _, key in ranked],
+        "chunk": pa.array([key[1] for _, _, key in ranked], pa.int32()),
+        "score": pa.array([score for _, score, _ in ranked], pa.float64())})
 
 
 def scoring_inputs(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: str) -> dict:
@@ -148,6 +152,7 @@ def run(config: ScoreConfig) -> dict:
 
     from infra.runs import finish_run, start_run
     from infra.spark import spark_session
+    from jobs.index import ensure_index
     from jobs.fit_hessian import latest_checkpoint_id, only_fingerprint
 
     lake = Lake(config.lake)
@@ -159,18 +164,27 @@ def run(config: ScoreConfig) -> dict:
     run_id = start_run(lake, "score", asdict(config) | {"checkpoint_id": checkpoint_id, "fingerprint": fingerprint})
     query_ids, raw_queries, dim = query_vectors(lake, config.query_set, checkpoint_id, fingerprint, config.prompt_index)
     spark = spark_session()
-    train = (lake.spark_read(spark, "train_gradients")
-             .filter((F.col("checkpoint_id") == checkpoint_id) & (F.col("fingerprint") == fingerprint))
-             .select("doc_id", "chunk", "vector", "dtype", "scale"))
+    train_gradients = (lake.spark_read(spark, "train_gradients")
+                       .filter((F.col("checkpoint_id") == checkpoint_id) & (F.col("fingerprint") == fingerprint)))
     ids = spark.createDataFrame([(i, q) for i, q in enumerate(query_ids)], "query_index int, query_id string")
-    written = {}
+    written, indexes = {}, {}
     for method in config.methods:
         train_blocks, query_blocks, unit_norm = method_matrices(lake, method, checkpoint_id, config.query_set, fingerprint)
         queries = _prepared_side(raw_queries, query_blocks, unit_norm).numpy()
-        k = config.k
+        train = train_gradients
+        if config.index != "none" and method in INDEXED_METHODS:
+            indexes[method] = ensure_index(lake, checkpoint_id, fingerprint, config.query_set, METHODS[method][0],
+                                           config.index, run_id, config.batch_bytes)
+            train = lake.spark_read(spark, "trackstar_index").filter(
+                (F.col("checkpoint_id") == checkpoint_id) & (F.col("fingerprint") == fingerprint)
+                & (F.col("query_set") == config.query_set) & (F.col("kind") == METHODS[method][0])
+                & (F.col("dtype") == config.index))
+            train_blocks, unit_norm = None, False  # the index holds the prepared train side
+        train = train.select("doc_id", "chunk", "vector", "dtype", "scale")
+        k, batch_bytes = config.k, config.batch_bytes
 
         def local_top_k(batches, queries=queries, train_blocks=train_blocks, unit_norm=unit_norm):
-            return score_batches(batches, queries, train_blocks, unit_norm, k, dim)
+            return score_batches(batches, queries, train_blocks, unit_norm, k, dim, batch_bytes)
 
         local = train.mapInArrow(local_top_k, "query_index int, doc_id string, chunk int, score double")
         ranked = local.withColumn("rank", F.row_number().over(
@@ -184,7 +198,7 @@ def run(config: ScoreConfig) -> dict:
         written[method] = len(query_ids) * k
         print(f"[score] {method}: top-{k} of {config.query_set} × {checkpoint_id} written", flush=True)
     result = {"checkpoint_id": checkpoint_id, "query_set": config.query_set, "fingerprint": fingerprint,
-              "queries": len(query_ids), "methods": written, "run_id": run_id,
+              "queries": len(query_ids), "methods": written, "run_id": run_id, "indexes": indexes,
               "inputs": scoring_inputs(lake, checkpoint_id, fingerprint, config.query_set)}
     finish_run(lake, run_id, "succeeded", result)
     return result
@@ -198,6 +212,9 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--methods", nargs="+", default=["trackstar"], choices=sorted(METHODS))
     parser.add_argument("--k", type=int, default=load_config().top_k)
     parser.add_argument("--prompt-index", type=int, default=0, choices=[0, 1, 2])
+    parser.add_argument("--index", default=ScoreConfig.index, choices=["int8", "float16", "bfloat16", "float32", "none"],
+                        help=f"code of the TrackStar index for {', '.join(INDEXED_METHODS)} ('none': score raw vectors)")
+    parser.add_argument("--batch-bytes", type=int, default=BATCH_BYTES, help="decoded bytes per scoring batch")
 
 
 def main(args):
