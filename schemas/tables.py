@@ -319,7 +319,7 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         Column("scale", "FLOAT", "int8 only: value = int8 * scale; null otherwise", nullable=True),
         Column("sketch", "BINARY", "1-bit sign sketch of the vector, bits packed 8 per byte (first-stage retrieval)"),
         RUN_ID,
-    ), partition_by=("checkpoint_id", "partition"), slice_keys=("query_set", "fingerprint", "kind", "dtype")),
+    ), partition_by=("checkpoint_id", "query_set", "kind", "dtype", "partition"), slice_keys=("fingerprint",)),
     Table("proponents", "top-k training chunks per query: the influence ranking", (
         QUERY_SET, CHECKPOINT_ID, QUERY_ID, METHOD,
         Column("rank", "INT", "1-based rank within the query's top-k"),
