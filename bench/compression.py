@@ -35,11 +35,11 @@ def index_rows(inputs: dict, dtype: str):
                                                  ("kind", "=", "inverse_root"), ("dtype", "=", dtype)])
     position = {key: i for i, key in enumerate(zip(rows["doc_id"].to_pylist(), rows["chunk"].to_pylist()))}
     rows = rows.take([position[key] for key in inputs["keys"]])
-    paths = [Path(uri.removeprefix("file://")) for uri in lake.open("trackstar_index").file_uris()]
-    slice_of = {path: pq.read_table(path, columns=["dtype", "fingerprint", "kind", "query_set"]).slice(0, 1).to_pylist()[0] for path in paths}
-    return rows, sum(path.stat().st_size for path, first in slice_of.items()
-                     if first == {"dtype": dtype, "fingerprint": context.fingerprint, "kind": "inverse_root",
-                                                 "query_set": context.query_set})
+    folders = (f"/checkpoint_id={context.checkpoint_id}/query_set={context.query_set}/kind=inverse_root/"
+               f"dtype={dtype}/")  # the slice's partition folders; the files hold the fingerprint column
+    paths = [Path(uri.removeprefix("file://")) for uri in lake.open("trackstar_index").file_uris() if folders in uri]
+    return rows, sum(path.stat().st_size for path in paths
+                     if pq.read_table(path, columns=["fingerprint"])["fingerprint"][0].as_py() == context.fingerprint)
 
 
 def main():
