@@ -106,7 +106,7 @@ class Lake:
         predicate = slice_predicate(spec, keys)
         delta = self.create(table)
         produced: queue.Queue = queue.Queue(maxsize=2)
-        done = object()
+        done, failures = object(), []
 
         def produce():
             try:
@@ -115,7 +115,8 @@ class Lake:
                     _check_rows_in_slice(spec, data, keys)
                     produced.put(data)
                 produced.put(done)
-            except BaseException as error:  # handed to the writer's side, which raises it
+            except BaseException as error:  # handed to the writer's side, which stops; raised below as it was
+                failures.append(error)
                 produced.put(error)
 
         def received():
@@ -129,6 +130,10 @@ class Lake:
         try:
             write_deltalake(delta, pa.RecordBatchReader.from_batches(spec.arrow_schema, received()), mode="overwrite",
                             predicate=predicate)
+        except Exception:
+            if failures:  # the producer's own error, not delta-rs' wrapping of it
+                raise failures[0] from None
+            raise
         finally:
             producer.join()
         return self.version(table)
