@@ -132,7 +132,9 @@ def main():
                 results[(stage, scale)] = measured(stage, tokens_lake if stage == "extract" else vectors_lake, context)
                 seconds, rss = results[(stage, scale)]
                 print(f"[scaling] {scale}x {stage}: {seconds:.1f}s, peak RSS {rss:,.0f} MB", flush=True)
-    n_vectors = Lake(args.lake).read("train_gradients", columns=["partition"]).num_rows
+    n_vectors = Lake(args.lake).read("train_gradients", filters=[("checkpoint_id", "=", trace.checkpoint_id),
+                                                                 ("fingerprint", "=", trace.fingerprint)],
+                                     columns=["partition"]).num_rows
     print(f"\nscales: extract {args.extract_rows} chunks x scale (one partition, 1 rank); index and score "
           f"{n_vectors:,} vectors x scale")
     print(f"{'stage':<14} " + " ".join(f"{f'{s}x s':>8} {f'{s}x MB':>8}" for s in scales)
@@ -143,6 +145,11 @@ def main():
         ratios = " ".join(f"{results[(stage, s)][0] / base_seconds:12.2f} {results[(stage, s)][1] / base_rss:11.2f}"
                           for s in scales[1:])
         print(f"{stage:<14} {cells} {ratios}")
+    if len(scales) > 2:  # fixed costs (start-up, imports, Sail) weigh on 1x: the cost of each extra 1x shows linearity
+        previous, last = scales[-2], scales[-1]
+        print("seconds per extra 1x of corpus between " + f"{previous}x and {last}x: " + ", ".join(
+            f"{stage} {(results[(stage, last)][0] - results[(stage, previous)][0]) / (last - previous):.2f}"
+            for stage in STAGES))
     last = scales[-1]
     for stage in STAGES:
         key = stage.replace(" ", "_").replace("(", "").replace(")", "")
