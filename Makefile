@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install run test bench airflow-ui airflow-deployed clean
+.PHONY: install run test bench bench-setup airflow-ui airflow-deployed clean
 
 install: $(INSTALLED)
 
@@ -32,8 +32,15 @@ run: install
 test: install
 	$(PYTHON) -m pytest -q
 
+# OMP_NUM_THREADS=1 and nice: the numbers are ratios measured in one process, on a shared CPU
 bench: install
-	for script in bench/extract_overhead.py bench/projection_fidelity.py bench/score_throughput.py; do echo "== $$script"; $(PYTHON) $$script || exit 1; done
+	for script in bench/extract_overhead.py bench/projection_fidelity.py bench/score_throughput.py bench/compression.py \
+	  bench/two_stage.py bench/scaling.py bench/bergson_compare.py; do \
+	  echo "== $$script"; OMP_NUM_THREADS=1 nice $(PYTHON) $$script || exit 1; done
+
+# the comparison venv for bench/bergson_compare.py (bergson 2.5.1, kept out of requirements.txt)
+bench-setup:
+	bash bench/setup_bergson.sh
 
 # The DAGs in the Airflow UI on http://127.0.0.1:8080 (project-local AIRFLOW_HOME, SQLite, 2 workers)
 airflow-ui: install

@@ -50,3 +50,48 @@ def median_seconds(fn, repeats: int = 5) -> float:
         fn()
         times.append(time.perf_counter() - started)
     return sorted(times)[len(times) // 2]
+
+
+def trackstar_inputs(lake_path: str = "lake") -> dict:
+    """The scored TrackStar inputs of `make run`'s lake, for the index benchmarks: prepared queries
+    (prompt 0), every train chunk's exact float32 Ḡ = R^(-1/2) p / ‖·‖, their keys, and the ground truth."""
+    from gradient_kernels.scoring import prepare
+    from infra.lake import Lake
+    from jobs.score import query_vectors
+    from jobs.trace import TraceContext
+    from schemas.vectors import decode_vectors
+
+    lake = Lake(lake_path)
+    context = TraceContext(lake)
+    query_ids, raw_queries, dim = query_vectors(lake, context.query_set, context.checkpoint_id, context.fingerprint, 0)
+    rows = lake.read("train_gradients", filters=[("checkpoint_id", "=", context.checkpoint_id),
+                                                 ("fingerprint", "=", context.fingerprint)],
+                     columns=["doc_id", "chunk", "vector", "dtype", "scale"])
+    raw = decode_vectors(rows["vector"], rows["dtype"][0].as_py(), rows["scale"], dim)
+    queries = lake.read("queries", filters=[("query_set", "=", context.query_set)]).to_pylist()
+    return {"lake": lake, "context": context, "query_ids": query_ids, "dim": dim,
+            "queries": prepare(raw_queries, context.preconditioner),
+            "train": prepare(torch.from_numpy(raw), context.preconditioner),
+            "keys": list(zip(rows["doc_id"].to_pylist(), rows["chunk"].to_pylist())),
+            "truth": {q["query_id"]: set(q["stating_doc_ids"]) for q in queries},
+            "buckets": {q["query_id"]: q["frequency_bucket"] for q in queries}}
+
+
+def ranking_metrics(inputs: dict, top: torch.Tensor) -> dict:
+    """MRR and recall@10 (the evaluation's own definitions) of train indices ranked per query."""
+    from jobs.evaluate import attribution_metrics
+
+    ranked = {query_id: [inputs["keys"][i][0] for i in row] for query_id, row in zip(inputs["query_ids"], top.tolist())}
+    return attribution_metrics({"m": ranked}, inputs["truth"], inputs["buckets"], 10)["m"]["all"]
+
+
+def overlap_at(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> float:
+    """Mean share of each row's first k indices of `a` found among the first k of `b`."""
+    return sum(len(set(x[:k]) & set(y[:k])) / k for x, y in zip(a.tolist(), b.tolist())) / len(a)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -3,8 +3,12 @@
 On the lake of `make run`: the rate of scoring every stored training vector against every query
 (decode, precondition with R^(-1/2), normalise, dot products, running top-k: the score job's own
 `score_batches`) ÷ the rate of just reading and decoding the same vectors from the same table, in
-the same process. Aim: ratio ≥ 0.7. With `--extraction-scaling` it also times extraction of the
-same tokens with 1 and 2 CPU ranks (vectors/s per rank), in a scratch lake.
+the same process. Aim: ratio ≥ 0.7. Then the same for the TrackStar index (`jobs.index`, int8, built
+first if missing): scoring it (decode + one matmul + top-k) ÷ just reading and decoding it (aim
+≥ 0.9; with 200 queries the matmul, not the reading, bounds it on a CPU: also shown for 16), and
+index scoring ÷ the current scoring of the raw vectors (the speed-up). With
+`--extraction-scaling` it also times extraction of the same tokens with 1 and 2 CPU ranks
+(vectors/s per rank), in a scratch lake.
 
     python bench/score_throughput.py [--lake lake] [--extraction-scaling]
 """
@@ -23,16 +27,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pyarrow.compute as pc  # noqa: E402
 
 from infra.lake import Lake  # noqa: E402
+from jobs.index import ensure_index  # noqa: E402
 from jobs.score import score_batches  # noqa: E402
 from jobs.trace import TraceContext  # noqa: E402
 from schemas.vectors import decode_vectors  # noqa: E402
 
 
-def batches(context: TraceContext):
-    dataset = context.lake.open("train_gradients").to_pyarrow_dataset()
-    return dataset.to_batches(columns=["doc_id", "chunk", "vector", "dtype", "scale"], use_threads=False,
-                              filter=(pc.field("checkpoint_id") == context.checkpoint_id)
-                              & (pc.field("fingerprint") == context.fingerprint))
+def batches(context: TraceContext, table: str = "train_gradients", dtype: str = "int8"):
+    dataset = context.lake.open(table).to_pyarrow_dataset()
+    where = (pc.field("checkpoint_id") == context.checkpoint_id) & (pc.field("fingerprint") == context.fingerprint)
+    if table == "trackstar_index":
+        where = where & (pc.field("query_set") == context.query_set) & (pc.field("kind") == "inverse_root") & (
+            pc.field("dtype") == dtype)
+    return dataset.to_batches(columns=["doc_id", "chunk", "vector", "dtype", "scale"], use_threads=False, filter=where)
 
 
 def timed(fn, repeats: int = 3) -> float:
@@ -73,21 +80,38 @@ def main():
     queries = prepare(raw_queries, context.preconditioner).numpy()
     n = sum(b.num_rows for b in batches(context))
 
-    def decode_only():
-        for batch in batches(context):
+    def decode_only(table="train_gradients"):
+        for batch in batches(context, table):
             decode_vectors(batch.column("vector"), batch.column("dtype")[0].as_py(), batch.column("scale"), dim)
 
     def score_all():
         for _ in score_batches(batches(context), queries, context.preconditioner.blocks, True, 10, dim):
             pass
 
+    def score_index(queries=queries):
+        for _ in score_batches(batches(context, "trackstar_index"), queries, None, False, 10, dim):
+            pass
+
+    started = time.perf_counter()
+    built = ensure_index(lake, context.checkpoint_id, context.fingerprint, context.query_set, "inverse_root", "int8")
+    print(f"int8 index: {len(built['built'])} partition(s) built, {len(built['kept'])} up to date, "
+          f"{time.perf_counter() - started:.1f}s")
     read_seconds, score_seconds = timed(decode_only), timed(score_all)
+    index_read_seconds, index_seconds = timed(lambda: decode_only("trackstar_index")), timed(score_index)
+    few_queries_seconds = timed(lambda: score_index(queries[:16]))  # the matmul shrinks, the reading does not
     print(f"{n:,} vectors of {dim} dims x {len(queries)} queries, checkpoint {context.checkpoint_id}")
     print(f"read + decode:                {n / read_seconds:12,.0f} vectors/s")
     print(f"read + decode + R + score:    {n / score_seconds:12,.0f} vectors/s = "
           f"{n * len(queries) / score_seconds:,.0f} vector·queries/s")
+    print(f"index (int8) read + decode:   {n / index_read_seconds:12,.0f} vectors/s")
+    print(f"index (int8) decode + score:  {n / index_seconds:12,.0f} vectors/s = "
+          f"{n * len(queries) / index_seconds:,.0f} vector·queries/s")
     if args.extraction_scaling:
         extraction_scaling(lake)
+    print(f"index (int8), 16 queries:     {n / few_queries_seconds:12,.0f} vectors/s")
+    print(f"index_ratio={index_read_seconds / index_seconds:.3f} (index scoring ÷ index read + decode; aim ≥ 0.9)")
+    print(f"index_ratio_16_queries={index_read_seconds / few_queries_seconds:.3f} (the same with 16 queries)")
+    print(f"index_speedup={score_seconds / index_seconds:.2f} (index scoring ÷ scoring the raw vectors)")
     print(f"ratio={read_seconds / score_seconds:.3f}")
 
 

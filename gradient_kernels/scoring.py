@@ -62,3 +62,49 @@ def merge_top_k(values_a, indices_a, values_b, indices_b, k: int) -> tuple[torch
     indices = torch.cat([indices_a, indices_b], dim=1)
     best, where = values.topk(min(k, values.shape[1]), dim=1)
     return best, indices.gather(1, where)
+
+
+class RunningTopK:
+    """Exact top-k per query over streamed batches, in the order score descending, then key
+    ascending (key = (doc_id, chunk)): ties are decided by the key, so the result does not depend
+    on how the rows were split into batches. Holds at most k candidates per query, never the corpus.
+    """
+
+    def __init__(self, n_queries: int, k: int):
+        self.k = k
+        self.best = [[] for _ in range(n_queries)]  # per query: [(-score, key)], sorted, at most k
+        self.floor = torch.full((n_queries,), -float("inf"))  # k-th best so far (-inf until k are held)
+
+    def add(self, scores: torch.Tensor, key_of):
+        """scores (Q, n) of n rows; key_of(row indices) -> their keys. Only rows that reach the
+        batch's k-th best and the running k-th best are looked at (ties included)."""
+        if scores.shape[1] == 0:
+            return
+        kth = scores.topk(min(self.k, scores.shape[1]), dim=1).values[:, -1]
+        threshold = torch.maximum(kth, self.floor.to(scores.dtype))
+        queries, rows = torch.nonzero(scores >= threshold[:, None], as_tuple=True)
+        if len(rows) == 0:
+            return
+        keys = key_of(rows.tolist())
+        for q, value, key in zip(queries.tolist(), scores[queries, rows].tolist(), keys):
+            self.best[q].append((-value, key))
+        for q in set(queries.tolist()):
+            self.best[q] = sorted(self.best[q])[:self.k]
+            if len(self.best[q]) == self.k:
+                self.floor[q] = -self.best[q][-1][0]
+
+    def ranked(self) -> list[list[tuple[float, tuple]]]:
+        """Per query, [(score, key)] best first."""
+        return [[(-negative, key) for negative, key in best] for best in self.best]
+
+
+def two_stage_top_k(queries: torch.Tensor, signs: torch.Tensor, exact: torch.Tensor, candidates: int, k: int):
+    """(scores, indices) of the top k per query among the `candidates` best by the 1-bit sketch.
+
+    Stage 1 ranks every row by q · sign(t) (the sketch keeps one bit per value); stage 2 rescores
+    only those candidates with the exact vectors. Equals exhaustive top-k when candidates = n.
+    """
+    shortlist = (queries @ signs.T).topk(min(candidates, signs.shape[0]), dim=1).indices  # (Q, N)
+    exact_scores = torch.stack([exact[rows] @ query for query, rows in zip(queries, shortlist)])  # one query at a time: (N, d) each
+    values, where = exact_scores.topk(min(k, shortlist.shape[1]), dim=1)
+    return values, shortlist.gather(1, where)

@@ -12,6 +12,8 @@ duplicates rows, and a task killed mid-way leaves no partial commit behind.
 from __future__ import annotations
 
 import datetime as dt
+import queue
+import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -99,6 +101,47 @@ class Lake:
             raise LakeError(f"another run committed slice {keys} of table {table} first (now version "
                             f"{self.version(table)}); nothing of this write was committed: rerun it to replace "
                             f"the slice again ({error})") from error
+        return self.version(table)
+
+    def replace_slice_batches(self, table: str, batches, **keys) -> int:
+        """replace_slice for data that arrives in batches: each is validated and written as it
+        comes (delta-rs streams it into files), one commit at the end, so memory stays at a few
+        batches. The batches are produced in a thread of their own: the producer may itself read
+        the lake, which it cannot do from inside delta-rs' writer, and works while the writer writes."""
+        spec = declared(table)
+        predicate = slice_predicate(spec, keys)
+        delta = self.create(table)
+        produced: queue.Queue = queue.Queue(maxsize=2)
+        done, failures = object(), []
+
+        def produce():
+            try:
+                for batch in batches:
+                    data = spec.validate(batch)
+                    _check_rows_in_slice(spec, data, keys)
+                    produced.put(data)
+                produced.put(done)
+            except BaseException as error:  # handed to the writer's side, which stops; raised below as it was
+                failures.append(error)
+                produced.put(error)
+
+        def received():
+            while (item := produced.get()) is not done:
+                if isinstance(item, BaseException):
+                    raise item
+                yield from item.to_batches()
+
+        producer = threading.Thread(target=produce, name=f"replace-slice-{table}", daemon=True)
+        producer.start()
+        try:
+            write_deltalake(delta, pa.RecordBatchReader.from_batches(spec.arrow_schema, received()), mode="overwrite",
+                            predicate=predicate)
+        except Exception:
+            if failures:  # the producer's own error, not delta-rs' wrapping of it
+                raise failures[0] from None
+            raise
+        finally:
+            producer.join()
         return self.version(table)
 
     def update(self, table: str, keys: dict, values: dict) -> int:

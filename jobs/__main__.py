@@ -23,6 +23,7 @@ COMMANDS = {
     "register-queries": ("jobs.register_queries", "load a queries JSONL into the queries / query_sets tables"),
     "extract": ("jobs.extract", "projected gradients of training chunks and queries for one checkpoint (DeepSpeed)"),
     "fit-hessian": ("jobs.fit_hessian", "fit R_train, R_query, λ and the damped inverse root for a checkpoint"),
+    "index": ("jobs.index", "build the TrackStar index: train vectors preconditioned and normalised once, int8 + 1-bit sketch"),
     "score": ("jobs.score", "exact top-k proponents per query from train_gradients (Spark)"),
     "trace": ("jobs.trace", "proponents of any prompt and target, scored on the fly, with the words that carry them"),
     "evaluate": ("jobs.evaluate", "MRR, recall@10, tail-patch and proponent categories per method; HTML report"),

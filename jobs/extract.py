@@ -278,8 +278,13 @@ class RankWorker:
             yield indices, vectors
 
     def extract_partition(self, partition: int):
+        """Streams the partition: each batch's vectors are encoded and handed to the Delta writer
+        as soon as they are computed (one commit at the end), so a rank's memory does not grow with
+        the partition, and the writer writes while the next batch is computed."""
         import numpy as np
+        import torch
 
+        from gradient_kernels.hessian import Autocorrelation
         from gradient_kernels.losses import document_batch
 
         rows = self.lake.read("tokens", filters=[("partition", "=", partition)],
@@ -292,19 +297,25 @@ class RankWorker:
         pad = self.tokenizer.eos_token_id or 0
         batches = ((b, document_batch([ids[i] for i in b], pad)) for b in
                    token_budget_batches(rows["n_tokens"].to_pylist(), self.config.token_budget))
-        vectors = np.zeros((rows.num_rows, self.spec.dim), dtype=np.float32)
-        for indices, batch_vectors in self.vectors(batches, rows.num_rows, f"partition {partition}"):
-            vectors[indices] = batch_vectors.numpy()
-        keep = self._split_nonfinite(vectors, [f"{d}#{c}" for d, c in zip(rows["doc_id"].to_pylist(),
-                                                                               rows["chunk"].to_pylist())],
-                                          source=f"train_gradients/partition={partition}")
-        kept = rows.take(pa.array(keep, pa.int64()))
-        table = pa.table({"checkpoint_id": [self.plan["checkpoint_id"]] * len(keep),
-                          "partition": [partition] * len(keep), "doc_id": kept["doc_id"], "chunk": kept["chunk"],
-                          "n_tokens": kept["n_tokens"], **self._vector_columns(vectors[keep])})
-        self.lake.replace_slice("train_gradients", table, checkpoint_id=self.plan["checkpoint_id"], partition=partition,
-                                fingerprint=self.fingerprint)
-        self._save_autocorrelation(TRAIN, partition, vectors[keep])
+        sums, nonfinite = Autocorrelation(self.spec.block_sizes()), []
+        source = f"train_gradients/partition={partition}"
+
+        def encoded():
+            for indices, batch_vectors in self.vectors(batches, rows.num_rows, f"partition {partition}"):
+                vectors = batch_vectors.numpy()
+                finite = np.isfinite(vectors).all(axis=1)
+                nonfinite.extend(f"{rows['doc_id'][i].as_py()}#{rows['chunk'][i].as_py()}"
+                                 for i in np.asarray(indices)[~finite])
+                kept, vectors = rows.take(pa.array(np.asarray(indices)[finite], pa.int64())), vectors[finite]
+                sums.add(torch.from_numpy(vectors))
+                yield pa.table({"checkpoint_id": [self.plan["checkpoint_id"]] * len(kept),
+                                "partition": [partition] * len(kept), "doc_id": kept["doc_id"], "chunk": kept["chunk"],
+                                "n_tokens": kept["n_tokens"], **self._vector_columns(vectors)})
+
+        self.lake.replace_slice_batches("train_gradients", encoded(), checkpoint_id=self.plan["checkpoint_id"],
+                                        partition=partition, fingerprint=self.fingerprint)
+        self._quarantine_nonfinite(nonfinite, source)
+        self._save_sums(TRAIN, partition, sums)
 
     def extract_queries(self, query_set: str):
         import numpy as np
@@ -339,16 +350,20 @@ class RankWorker:
         """Rows with NaN/inf vectors go to quarantine with the reason, the rest are kept."""
         import numpy as np
 
+        finite = np.isfinite(vectors).all(axis=1)
+        self._quarantine_nonfinite([positions[i] for i in np.flatnonzero(~finite)], source)
+        return np.flatnonzero(finite).tolist()
+
+    def _quarantine_nonfinite(self, positions: list[str], source: str):
         from infra.quarantine import quarantine_rows
 
-        finite = np.isfinite(vectors).all(axis=1)
-        bad = np.flatnonzero(~finite).tolist()
-        if bad:
-            quarantine_rows(self.lake, [{"source": source, "position": positions[i],
+        if positions:
+            quarantine_rows(self.lake, [{"source": source, "position": position,
                                          "reason": "non-finite gradient (NaN or inf loss or activations)",
-                                         "raw_value": None} for i in bad], stage="extract", run_id=self.plan["run_id"])
-            print(f"[extract rank {self.rank}] {len(bad)} row(s) of {source} quarantined: non-finite gradients", flush=True)
-        return np.flatnonzero(finite).tolist()
+                                         "raw_value": None} for position in positions], stage="extract",
+                            run_id=self.plan["run_id"])
+            print(f"[extract rank {self.rank}] {len(positions)} row(s) of {source} quarantined: non-finite gradients",
+                  flush=True)
 
     def _vector_columns(self, vectors, dtype: str | None = None) -> dict:
         import numpy as np
@@ -367,9 +382,12 @@ class RankWorker:
         import torch
 
         from gradient_kernels.hessian import Autocorrelation
+
+        self._save_sums(kind, item, Autocorrelation(self.spec.block_sizes()).add(torch.from_numpy(vectors)))
+
+    def _save_sums(self, kind: str, item, sums):
         from infra.matrices import save_matrices
 
-        sums = Autocorrelation(self.spec.block_sizes()).add(torch.from_numpy(vectors))
         save_matrices(autocorrelation_path(self.lake, self.plan["checkpoint_id"], self.fingerprint, kind, item),
                       {f"block{i:03d}": s for i, s in enumerate(sums.sums)}, {"count": sums.count})
 

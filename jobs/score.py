@@ -1,10 +1,14 @@
 """score (Spark): exact top-k proponents per query from `train_gradients`, into `proponents`.
 
-The prepared query vectors (preconditioned, normalised: small) are shipped to every task. Each
-Arrow batch of `train_gradients` is decoded in one vectorised step, preconditioned, normalised
-and scored against all queries, and only its running top-k per query is kept, so memory is
-bounded by the batch, not the corpus. A global window keeps the exact top-k per query: the result
-equals brute-force scoring of every vector (tested).
+The prepared query vectors (preconditioned, normalised: small) are shipped to every task. The
+methods that precondition both sides with a fitted matrix and unit-normalise (trackstar,
+-no-mixing, -no-optimizer) score the TrackStar index (`jobs.index`: the train side prepared once,
+int8 by default; built here first where missing or stale): decode + one matmul + top-k. The others
+(and `--index none`) prepare the raw `train_gradients` vectors as they go. Arrow batches are cut
+into slices bounded in bytes (`--batch-bytes` of decoded float32), each decoded in one vectorised
+step and scored against all queries; only the running top-k per query is kept (ties broken by
+doc_id, chunk), so memory is bounded by the batch, not the corpus. A global window keeps the
+exact top-k per query: the result equals brute-force scoring of every vector (tested).
 
 Methods (`--methods`), each written under its own name so they compare row for row:
   trackstar               R^(-1/2) of the task-mixed R on both sides, unit norm
@@ -30,6 +34,7 @@ import torch
 from infra.lake import Lake
 from infra.names import check_names
 from infra.config import from_settings, load_config
+from jobs.index import BATCH_BYTES, rows_per_batch
 
 # method -> (registered matrix kind or None, power applied to it, unit norm, on both sides)
 METHODS = {
@@ -43,6 +48,8 @@ METHODS = {
     "grad-cos": (None, True, True),
 }
 PLAIN_METHODS = ("trackstar-no-optimizer", "trak", "grad-dot", "grad-cos")
+# R^(-1/2) on both sides and unit norm: the train side is the same on every run, scored from the index
+INDEXED_METHODS = tuple(m for m, (kind, unit_norm, both_sides) in METHODS.items() if kind and unit_norm and both_sides)
 
 
 @dataclass
@@ -54,6 +61,8 @@ class ScoreConfig:
     methods: list = field(default_factory=lambda: ["trackstar"])
     k: int = from_settings("top_k")
     prompt_index: int = 0
+    index: str = "int8"          # code of the TrackStar index scored; "none": prepare train_gradients as they are read
+    batch_bytes: int = BATCH_BYTES
 
 
 def _prepared_side(vectors: torch.Tensor, blocks, unit_norm: bool) -> torch.Tensor:
@@ -99,37 +108,33 @@ def rank_in_memory(lake: Lake, method: str, checkpoint_id: str, query_set: str, 
     return ranked
 
 
-def score_batches(batches, queries: np.ndarray, train_blocks, unit_norm: bool, k: int, dim: int):
-    """mapInArrow body: batches of train vectors -> this task's top-k rows per query.
-
-    Equal scores (duplicate documents) are ranked by (doc_id, chunk), the global order, so a task
-    keeps the same k rows whatever order its batches come in: reruns give identical tables."""
+def score_batches(batches, queries: np.ndarray, train_blocks, unit_norm: bool, k: int, dim: int,
+                  batch_bytes: int = BATCH_BYTES):
+    """mapInArrow body: batches of train vectors -> this task's top-k rows per query."""
+    from gradient_kernels.scoring import RunningTopK
     from schemas.vectors import decode_vectors
 
     q = torch.from_numpy(queries)
-    best = [[] for _ in range(len(queries))]  # per query: its best (-score, doc_id, chunk), at most k
+    best, step = RunningTopK(len(queries), k), rows_per_batch(dim, batch_bytes)
     for batch in batches:
-        if batch.num_rows == 0:
-            continue
         dtypes = set(batch.column("dtype").to_pylist())
-        if len(dtypes) != 1:
+        if len(dtypes) > 1:
             raise ValueError(f"mixed vector dtypes in one batch: {dtypes}")
-        train = torch.from_numpy(decode_vectors(batch.column("vector"), dtypes.pop(), batch.column("scale").to_numpy(
-            zero_copy_only=False), dim))
-        scores = q @ _prepared_side(train, train_blocks, unit_norm).T
-        kth = scores.topk(min(k, batch.num_rows), dim=1).values[:, -1:]
-        doc_ids, chunks = batch.column("doc_id").to_pylist(), batch.column("chunk").to_pylist()
-        kept = scores >= kth  # the batch's top k and any rows tied with its k-th
-        for (query, row), score in zip(kept.nonzero().tolist(), scores[kept].tolist()):
-            best[query].append((-score, doc_ids[row], chunks[row]))
-        best = [sorted(candidates)[:k] for candidates in best]
-    if not any(best):
+        for start in range(0, batch.num_rows, step):
+            part = batch.slice(start, step)
+            train = torch.from_numpy(decode_vectors(part.column("vector"), next(iter(dtypes)), part.column("scale"), dim))
+            doc_ids, chunks = part.column("doc_id"), part.column("chunk")
+            best.add(q @ _prepared_side(train, train_blocks, unit_norm).T,
+                     lambda rows: zip(doc_ids.take(pa.array(rows, pa.int64())).to_pylist(),
+                                      chunks.take(pa.array(rows, pa.int64())).to_pylist()))
+    ranked = [(query, score, key) for query, found in enumerate(best.ranked()) for score, key in found]
+    if not ranked:
         return
-    rows = [(query, *candidate) for query, candidates in enumerate(best) for candidate in candidates]
     yield pa.RecordBatch.from_pydict({
-        "query_index": np.asarray([r[0] for r in rows], dtype=np.int32), "doc_id": [r[2] for r in rows],
-        "chunk": np.asarray([r[3] for r in rows], dtype=np.int32),
-        "score": np.asarray([-r[1] for r in rows], dtype=np.float64)})
+        "query_index": pa.array([query for query, _, _ in ranked], pa.int32()),
+        "doc_id": [key[0] for _, _, key in ranked],
+        "chunk": pa.array([key[1] for _, _, key in ranked], pa.int32()),
+        "score": pa.array([score for _, score, _ in ranked], pa.float64())})
 
 
 def scoring_inputs(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: str) -> dict:
@@ -170,6 +175,7 @@ def run(config: ScoreConfig) -> dict:
 
     from infra.runs import finish_run, start_run
     from infra.spark import spark_session
+    from jobs.index import ensure_index
     from jobs.fit_hessian import latest_checkpoint_id, only_fingerprint
 
     check_names(query_set=config.query_set, checkpoint_id=config.checkpoint_id, fingerprint=config.fingerprint)
@@ -182,18 +188,27 @@ def run(config: ScoreConfig) -> dict:
     run_id = start_run(lake, "score", asdict(config) | {"checkpoint_id": checkpoint_id, "fingerprint": fingerprint})
     query_ids, raw_queries, dim = query_vectors(lake, config.query_set, checkpoint_id, fingerprint, config.prompt_index)
     spark = spark_session()
-    train = (lake.spark_read(spark, "train_gradients")
-             .filter((F.col("checkpoint_id") == checkpoint_id) & (F.col("fingerprint") == fingerprint))
-             .select("doc_id", "chunk", "vector", "dtype", "scale"))
+    train_gradients = (lake.spark_read(spark, "train_gradients")
+                       .filter((F.col("checkpoint_id") == checkpoint_id) & (F.col("fingerprint") == fingerprint)))
     ids = spark.createDataFrame([(i, q) for i, q in enumerate(query_ids)], "query_index int, query_id string")
-    written = {}
+    written, indexes = {}, {}
     for method in config.methods:
         train_blocks, query_blocks, unit_norm = method_matrices(lake, method, checkpoint_id, config.query_set, fingerprint)
         queries = _prepared_side(raw_queries, query_blocks, unit_norm).numpy()
-        k = config.k
+        train = train_gradients
+        if config.index != "none" and method in INDEXED_METHODS:
+            indexes[method] = ensure_index(lake, checkpoint_id, fingerprint, config.query_set, METHODS[method][0],
+                                           config.index, run_id, config.batch_bytes)
+            train = lake.spark_read(spark, "trackstar_index").filter(
+                (F.col("checkpoint_id") == checkpoint_id) & (F.col("fingerprint") == fingerprint)
+                & (F.col("query_set") == config.query_set) & (F.col("kind") == METHODS[method][0])
+                & (F.col("dtype") == config.index))
+            train_blocks, unit_norm = None, False  # the index holds the prepared train side
+        train = train.select("doc_id", "chunk", "vector", "dtype", "scale")
+        k, batch_bytes = config.k, config.batch_bytes
 
         def local_top_k(batches, queries=queries, train_blocks=train_blocks, unit_norm=unit_norm):
-            return score_batches(batches, queries, train_blocks, unit_norm, k, dim)
+            return score_batches(batches, queries, train_blocks, unit_norm, k, dim, batch_bytes)
 
         local = train.mapInArrow(local_top_k, "query_index int, doc_id string, chunk int, score double")
         ranked = local.withColumn("rank", F.row_number().over(
@@ -207,7 +222,7 @@ def run(config: ScoreConfig) -> dict:
         written[method] = len(query_ids) * k
         print(f"[score] {method}: top-{k} of {config.query_set} × {checkpoint_id} written", flush=True)
     result = {"checkpoint_id": checkpoint_id, "query_set": config.query_set, "fingerprint": fingerprint,
-              "queries": len(query_ids), "methods": written, "run_id": run_id,
+              "queries": len(query_ids), "methods": written, "run_id": run_id, "indexes": indexes,
               "inputs": scoring_inputs(lake, checkpoint_id, fingerprint, config.query_set)}
     finish_run(lake, run_id, "succeeded", result)
     return result
@@ -221,6 +236,9 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--methods", nargs="+", default=["trackstar"], choices=sorted(METHODS))
     parser.add_argument("--k", type=int, default=ScoreConfig().k)
     parser.add_argument("--prompt-index", type=int, default=0, choices=[0, 1, 2])
+    parser.add_argument("--index", default=ScoreConfig.index, choices=["int8", "float16", "bfloat16", "float32", "none"],
+                        help=f"code of the TrackStar index for {', '.join(INDEXED_METHODS)} ('none': score raw vectors)")
+    parser.add_argument("--batch-bytes", type=int, default=BATCH_BYTES, help="decoded bytes per scoring batch")
 
 
 def main(args):

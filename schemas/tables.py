@@ -310,6 +310,17 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         RUN_ID,
         _created_at(),
     ), slice_keys=("checkpoint_id", "query_set", "fingerprint", "kind")),
+    Table("trackstar_index", "train vectors preconditioned by R^(-1/2) and unit-normalised once, for scoring", (
+        CHECKPOINT_ID, PARTITION, DOC_ID, CHUNK, QUERY_SET, FINGERPRINT,
+        Column("kind", "STRING", "the hessians matrix applied: inverse_root or inverse_root_train_only"),
+        Column("hessian_sha256", "STRING", "checksum of that matrix (hessians.sha256): a new fit rebuilds the index"),
+        Column("source_run_id", "STRING", "the extraction run of the train_gradients rows indexed"),
+        Column("vector", "BINARY", "R^(-1/2) p / ‖R^(-1/2) p‖, little-endian, encoded as `dtype` (schemas.vectors)"),
+        Column("dtype", "STRING", "vector encoding: int8 (default), float16, bfloat16 or float32"),
+        Column("scale", "FLOAT", "int8 only: value = int8 * scale; null otherwise", nullable=True),
+        Column("sketch", "BINARY", "1-bit sign sketch of the vector, bits packed 8 per byte (first-stage retrieval)"),
+        RUN_ID,
+    ), partition_by=("checkpoint_id", "query_set", "kind", "dtype", "partition"), slice_keys=("fingerprint",)),
     Table("proponents", "top-k training chunks per query: the influence ranking", (
         QUERY_SET, CHECKPOINT_ID, QUERY_ID, METHOD,
         Column("rank", "INT", "1-based rank within the query's top-k"),

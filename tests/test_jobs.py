@@ -61,7 +61,7 @@ def indexed(adam_run, tmp_path_factory):
     results["extract"] = extract.run(extract.ExtractConfig(lake=str(lake_dir), k=4, token_budget=512))
     results["fit"] = fit_hessian.run(fit_hessian.FitHessianConfig(lake=str(lake_dir)))
     results["score"] = score.run(score.ScoreConfig(lake=str(lake_dir), methods=["trackstar", "trak", "trackstar-no-hessian"],
-                                                   k=5))
+                                                   k=5, index="float32"))  # int8 index: tests/test_index.py
     checkpoint = checkpoint_path(lake_dir, summary["checkpoints"][-1])
     return lake, checkpoint, results, long_text
 

@@ -91,6 +91,26 @@ def test_replace_slice_twice_leaves_the_same_rows_and_other_slices_untouched(lak
     assert lake.read("train_gradients").num_rows == 5 + 3 + 10
 
 
+def test_replace_slice_batches_commits_once_and_a_failing_producer_leaves_the_old_slice(lake):
+    lake.replace_slice("train_gradients", gradient_rows("ck1", 0, 5), checkpoint_id="ck1", partition=0)
+    before = lake.version("train_gradients")
+
+    def batches(fail: bool):
+        for start in (0, 3, 6):
+            if fail and start == 6:
+                raise RuntimeError("producer died mid-slice")
+            yield gradient_rows("ck1", 0, 3, first_chunk=100 + start, run_id="r2")
+
+    with pytest.raises(RuntimeError, match="mid-slice"):
+        lake.replace_slice_batches("train_gradients", batches(fail=True), checkpoint_id="ck1", partition=0)
+    assert lake.version("train_gradients") == before and slice_of(lake, "ck1", 0).num_rows == 5  # nothing committed
+    lake.replace_slice_batches("train_gradients", batches(fail=False), checkpoint_id="ck1", partition=0)
+    assert lake.version("train_gradients") == before + 1  # three batches, one commit
+    assert sorted(slice_of(lake, "ck1", 0)["chunk"].to_pylist()) == list(range(100, 109))
+    with pytest.raises(SchemaError, match="outside the slice"):
+        lake.replace_slice_batches("train_gradients", iter([gradient_rows("ck1", 1, 2)]), checkpoint_id="ck1", partition=0)
+
+
 def test_replace_slice_refuses_non_keys_and_rows_outside_the_slice(lake):
     rows = gradient_rows("ck1", 0, 2)
     with pytest.raises(SchemaError, match="'doc_id' is not a slice key"):

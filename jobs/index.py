@@ -1,0 +1,189 @@
+"""index: the TrackStar index, the train side of scoring computed once and stored compactly.
+
+For a (checkpoint, fingerprint, query set) and one fitted matrix (`inverse_root`, or
+`inverse_root_train_only` for the no-mixing ablation), every train vector's scoring side
+Ḡ = R^(-1/2) p / ‖R^(-1/2) p‖ depends only on the stored vector and the matrix. Scoring used to
+recompute it for every vector on every run (256 multiply-adds per coordinate); the index stores it
+once in `trackstar_index`, in a compact code (int8 with a per-vector scale by default; float16,
+bfloat16 or float32 on request) with a 1-bit sign sketch beside it (a cheap first stage), so
+scoring is decode + one matmul + top-k.
+
+Incremental: a partition is (re)built only when it is missing from the index, its
+`train_gradients` rows come from another extraction run than the ones indexed, or the matrix's
+checksum (`hessians.sha256`) differs from the one it was built with (a new Hessian fit); a
+partition gone from `train_gradients` is removed. Each partition is one atomic slice replace,
+streamed in batches bounded in bytes, so a rerun never duplicates rows and memory does not grow
+with the partition. `score` builds what is missing before it scores (`ensure_index`).
+
+    python -m jobs index [--kinds inverse_root inverse_root_train_only] [--dtype int8]
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from infra.config import load_config
+from infra.lake import Lake, slice_predicate
+from schemas.tables import table
+
+KINDS = ("inverse_root", "inverse_root_train_only")
+DTYPES = ("int8", "float16", "bfloat16", "float32")
+BATCH_BYTES = 64 << 20  # decoded float32 bytes per batch while building or scoring
+
+
+@dataclass
+class IndexConfig:
+    lake: str = "lake"
+    checkpoint_id: str = ""       # default: the most recently registered checkpoint
+    query_set: str = "fact-world"
+    fingerprint: str = ""         # default: the one train_gradients holds for the checkpoint
+    kinds: list = field(default_factory=lambda: ["inverse_root"])
+    dtype: str = "int8"
+    batch_bytes: int = BATCH_BYTES
+
+
+def rows_per_batch(dim: int, batch_bytes: int) -> int:
+    """Rows whose decoded float32 vectors fit in batch_bytes (at least one)."""
+    return max(1, batch_bytes // (4 * max(dim, 1)))
+
+
+def _by_partition(rows: pa.Table, column: str) -> dict[int, set]:
+    found: dict[int, set] = {}
+    for partition, value in zip(rows["partition"].to_pylist(), rows[column].to_pylist()):
+        found.setdefault(partition, set()).add(value)
+    return found
+
+
+def plan(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: str, kind: str, dtype: str, sha256: str) -> dict:
+    """{"build": partitions to (re)build with the reason, "remove": partitions to drop, "keep": up to date}."""
+    sources = _by_partition(lake.read("train_gradients", filters=[("checkpoint_id", "=", checkpoint_id),
+                                                                  ("fingerprint", "=", fingerprint)],
+                                      columns=["partition", "run_id"]), "run_id")
+    slice_filter = [("checkpoint_id", "=", checkpoint_id), ("query_set", "=", query_set),
+                    ("fingerprint", "=", fingerprint), ("kind", "=", kind), ("dtype", "=", dtype)]
+    indexed = lake.read("trackstar_index", filters=slice_filter, columns=["partition", "hessian_sha256", "source_run_id"])
+    hessians, indexed_sources = _by_partition(indexed, "hessian_sha256"), _by_partition(indexed, "source_run_id")
+    build, keep = {}, []
+    for partition, run_ids in sorted(sources.items()):
+        if partition not in hessians:
+            build[partition] = "new partition"
+        elif hessians[partition] != {sha256}:
+            build[partition] = "Hessian changed"
+        elif indexed_sources[partition] != {",".join(sorted(run_ids))}:
+            build[partition] = "re-extracted"
+        else:
+            keep.append(partition)
+    return {"build": build, "remove": sorted(set(hessians) - set(sources)), "keep": keep}
+
+
+def indexed_batches(lake: Lake, checkpoint_id: str, fingerprint: str, partition: int, blocks: list, dtype: str,
+                    batch_bytes: int):
+    """(keys, encoded Ḡ, sketches) per byte-bounded batch of one partition's train vectors."""
+    from gradient_kernels.scoring import Preconditioner, prepare
+    from schemas.vectors import decode_vectors, encode_sign_sketch, encode_vectors
+
+    dim = sum(block.shape[0] for block in blocks)
+    preconditioner = Preconditioner(blocks)
+    dataset = lake.open("train_gradients").to_pyarrow_dataset()
+    for batch in dataset.to_batches(columns=["doc_id", "chunk", "vector", "dtype", "scale"], use_threads=False,
+                                    batch_size=rows_per_batch(dim, batch_bytes),
+                                    filter=(pc.field("checkpoint_id") == checkpoint_id)
+                                    & (pc.field("fingerprint") == fingerprint) & (pc.field("partition") == partition)):
+        if batch.num_rows == 0:
+            continue
+        dtypes = set(batch.column("dtype").to_pylist())
+        if len(dtypes) != 1:
+            raise ValueError(f"mixed vector dtypes in one batch of partition {partition}: {dtypes}")
+        raw = decode_vectors(batch.column("vector"), dtypes.pop(), batch.column("scale"), dim)
+        prepared = prepare(torch.from_numpy(raw), preconditioner, unit_norm=True).numpy()
+        yield batch.select(["doc_id", "chunk"]), encode_vectors(prepared, dtype), encode_sign_sketch(prepared)
+
+
+def build_partition(lake: Lake, keys: dict, partition: int, blocks: list, sha256: str, source_run_id: str,
+                    run_id: str, batch_bytes: int) -> int:
+    """Write one partition's index slice (atomic replace, streamed); returns the rows written."""
+    written = 0
+
+    def batches():
+        nonlocal written
+        for ids, (cells, scales), sketches in indexed_batches(lake, keys["checkpoint_id"], keys["fingerprint"], partition,
+                                                              blocks, keys["dtype"], batch_bytes):
+            n = ids.num_rows
+            written += n
+            yield pa.table({**{name: [value] * n for name, value in keys.items()}, "partition": [partition] * n,
+                            "doc_id": ids.column("doc_id"), "chunk": ids.column("chunk"),
+                            "hessian_sha256": [sha256] * n, "source_run_id": [source_run_id] * n, "vector": cells,
+                            "scale": scales if scales is not None else pa.nulls(n, pa.float32()),
+                            "sketch": sketches, "run_id": [run_id] * n})
+
+    lake.replace_slice_batches("trackstar_index", batches(), partition=partition, **keys)
+    return written
+
+
+def ensure_index(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: str, kind: str, dtype: str = "int8",
+                 run_id: str = "", batch_bytes: int = BATCH_BYTES) -> dict:
+    """Bring the index of one (checkpoint, fingerprint, query set, matrix kind, dtype) up to date."""
+    from jobs.fit_hessian import load_preconditioner
+
+    if kind not in KINDS or dtype not in DTYPES:
+        raise ValueError(f"index kind {kind!r} / dtype {dtype!r}: kinds {KINDS}, dtypes {DTYPES}")
+    blocks, hessian = load_preconditioner(lake, checkpoint_id, query_set, fingerprint, kind)
+    work = plan(lake, checkpoint_id, fingerprint, query_set, kind, dtype, hessian["sha256"])
+    keys = {"checkpoint_id": checkpoint_id, "query_set": query_set, "fingerprint": fingerprint, "kind": kind,
+            "dtype": dtype}
+    if work["build"]:
+        sources = _by_partition(lake.read("train_gradients", filters=[("checkpoint_id", "=", checkpoint_id),
+                                                                      ("fingerprint", "=", fingerprint),
+                                                                      ("partition", "in", list(work["build"]))],
+                                          columns=["partition", "run_id"]), "run_id")
+    rows = 0
+    for partition, reason in work["build"].items():
+        rows += build_partition(lake, keys, partition, blocks, hessian["sha256"], ",".join(sorted(sources[partition])),
+                                run_id, batch_bytes)
+        print(f"[index] {kind}/{dtype} partition {partition} built ({reason})", flush=True)
+    for partition in work["remove"]:
+        lake.open("trackstar_index").delete(slice_predicate(table("trackstar_index"), {**keys, "partition": partition}))
+        print(f"[index] {kind}/{dtype} partition {partition} removed (no longer extracted)", flush=True)
+    return {"kind": kind, "dtype": dtype, "hessian": hessian["sha256"], "built": work["build"],
+            "removed": work["remove"], "kept": work["keep"], "rows_written": rows}
+
+
+def run(config: IndexConfig) -> dict:
+    from infra.runs import finish_run, start_run
+    from jobs.fit_hessian import latest_checkpoint_id, only_fingerprint
+
+    lake = Lake(config.lake)
+    checkpoint_id = config.checkpoint_id or latest_checkpoint_id(lake)
+    fingerprint = config.fingerprint or only_fingerprint(lake, checkpoint_id)
+    run_id = start_run(lake, "index", asdict(config) | {"checkpoint_id": checkpoint_id, "fingerprint": fingerprint})
+    try:
+        results = [ensure_index(lake, checkpoint_id, fingerprint, config.query_set, kind, config.dtype, run_id,
+                                config.batch_bytes) for kind in config.kinds]
+    except Exception:
+        finish_run(lake, run_id, "failed", {})
+        raise
+    result = {"checkpoint_id": checkpoint_id, "fingerprint": fingerprint, "query_set": config.query_set,
+              "run_id": run_id, "indexes": results}
+    finish_run(lake, run_id, "succeeded", result)
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument("--lake", default=load_config().lake_root)
+    parser.add_argument("--checkpoint-id", default="")
+    parser.add_argument("--query-set", default=IndexConfig.query_set)
+    parser.add_argument("--fingerprint", default="")
+    parser.add_argument("--kinds", nargs="+", default=["inverse_root"], choices=KINDS)
+    parser.add_argument("--dtype", default=IndexConfig.dtype, choices=DTYPES)
+    parser.add_argument("--batch-bytes", type=int, default=BATCH_BYTES)
+
+
+def main(args):
+    import json
+
+    print(json.dumps(run(IndexConfig(**vars(args))), indent=1, default=str))
