@@ -34,7 +34,7 @@ def test_world_training_reindex_score_and_evaluate_on_an_s3_lake_write_nothing_l
     summary = train_model.run(train_model.TrainConfig(lake=root, optimizer="adam", **TINY))
     older, final = summary["checkpoints"]
     for checkpoint in summary["checkpoints"]:
-        assert storage.exists(storage.join(root, "checkpoints", checkpoint, "model.safetensors"))
+        assert storage.exists(storage.join(root, "model", "checkpoints", checkpoint, "model.safetensors"))
     assert storage.exists(storage.join(root, "model", "tokenizer", "tokenizer.json"))
     register_queries.run(root)
 
@@ -74,7 +74,7 @@ def test_world_training_reindex_score_and_evaluate_on_an_s3_lake_write_nothing_l
         assert row["path"].startswith(f"{root}/_matrices/")
         assert load_matrices(row["path"], row["sha256"])
     (checkpoint,) = lake.read("checkpoints").to_pylist()  # the newest arrival was indexed, not the older one
-    assert checkpoint["path"] == storage.join(root, "checkpoints", final) and checkpoint["checkpoint_id"] != older
+    assert checkpoint["path"] == storage.join(root, "model", "checkpoints", final) and checkpoint["checkpoint_id"] != older
     assert storage.exists(storage.join(checkpoint["path"], "manifest.json"))
     (query_set,) = lake.read("query_sets").to_pylist()
     assert query_set["path"] == storage.join(root, "world", "queries.jsonl") and storage.exists(query_set["path"])
