@@ -27,7 +27,7 @@ _embedded = False  # whether _session is the embedded Sail engine
 def spark_session(remote: str | None = None) -> SparkSession:
     """The process's Spark session, started on first use.
 
-    `remote`, else the config's spark_remote, else $SPARK_REMOTE, names a Spark Connect endpoint;
+    `remote`, else $SPARK_REMOTE (pyspark's own), else the config's spark_remote names a Spark Connect endpoint;
     without any the embedded Sail engine starts.
     """
     global _session
@@ -44,7 +44,7 @@ def is_embedded(spark: SparkSession) -> bool:
 
 def _remote_url(remote: str | None) -> str:
     global _embedded
-    remote = remote or load_config().spark_remote or os.environ.get("SPARK_REMOTE")
+    remote = remote or os.environ.get("SPARK_REMOTE") or load_config().spark_remote
     _embedded = not remote
     if remote:
         return remote

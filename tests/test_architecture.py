@@ -12,7 +12,7 @@ ALLOWED = {
     "evaluation": {"evaluation"},
     "infra": {"infra", "schemas"},
     "jobs": {"jobs", "infra", "schemas", "gradient_kernels", "evaluation"},
-    "dags": {"dags", "jobs"},
+    "dags": {"dags", "jobs", "infra"},  # infra: the configuration and storage locations, read at parse time
 }
 PROJECT = set(ALLOWED) | {"bench", "tests"}
 

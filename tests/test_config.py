@@ -47,7 +47,7 @@ def test_stage_configs_take_their_defaults_from_the_settings_when_made(monkeypat
     assert (config.k, config.seed, config.vector_dtype, config.token_budget) == (8, 3, "int8", 512) != (
         before.k, before.seed, before.vector_dtype, before.token_budget)
     assert extract.ExtractConfig(k=4).k == 4 and score.ScoreConfig().k == 25
-    assert load_config().checkpoint_location == "s3://bucket/lake/checkpoints"
+    assert load_config().checkpoint_location == "s3://bucket/lake/model/checkpoints"
 
 
 def test_the_configured_spark_remote_is_the_endpoint(monkeypatch):
@@ -65,5 +65,6 @@ def test_no_setting_is_read_from_the_environment_behind_the_configuration():
     for path in [*REPO.glob("jobs/*.py"), *REPO.glob("infra/*.py"), *REPO.glob("dags/*.py")]:
         if path.name != "config.py":
             read |= set(re.findall(r"""environ(?:\.get\(|\[)\s*["'](TRACKSTAR_\w+)""", path.read_text()))
-    # a test hook for injected failures, and the explorer's access token (a secret, never stored)
-    assert read == {"TRACKSTAR_FAIL_ONCE", "TRACKSTAR_EXPLORER_TOKEN"}
+    # a test hook for injected failures, the explorer's access token (a secret, never stored), and the
+    # pid of the driver that launched a stage's ranks (process plumbing, not a setting)
+    assert read == {"TRACKSTAR_FAIL_ONCE", "TRACKSTAR_EXPLORER_TOKEN", "TRACKSTAR_DRIVER_PID"}
