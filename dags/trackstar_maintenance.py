@@ -9,8 +9,7 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import dag, task
 
-from dags.common import DEFAULT_ARGS
-from jobs import orchestrate
+from dags.common import DEFAULT_ARGS, orchestrate
 
 
 @dag(dag_id="trackstar_maintenance", schedule="@weekly", start_date=datetime(2026, 1, 1), catchup=False,
@@ -19,7 +18,7 @@ from jobs import orchestrate
 def trackstar_maintenance():
     @task
     def maintain_lake() -> dict:
-        return orchestrate.maintain_lake()
+        return orchestrate().maintain_lake()
 
     maintain_lake()
 

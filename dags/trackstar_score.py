@@ -10,12 +10,13 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag, get_current_context, task
 
+from infra.names import NAME_PATTERN
 from dags.common import DEFAULT_ARGS, DEVICE_POOL, orchestrate, table_asset
 
 
 @dag(dag_id="trackstar_score", schedule=[table_asset("query_sets")], start_date=datetime(2026, 1, 1), catchup=False,
      default_args=DEFAULT_ARGS, tags=["trackstar", "score"], doc_md=__doc__, dagrun_timeout=timedelta(hours=6),
-     params={"query_set": Param("fact-world", type="string", pattern=orchestrate.NAME_PATTERN),
+     params={"query_set": Param("fact-world", type="string", pattern=NAME_PATTERN),
              "checkpoint": Param("", type="string", description="default: the newest checkpoint"),
              "k": Param(10, type="integer", minimum=1, maximum=1000),
              "methods": Param(["trackstar"], type="array", description="see jobs/score.py")})

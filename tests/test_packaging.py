@@ -27,7 +27,7 @@ def test_dag_files_parse_without_importing_the_jobs_or_their_libraries(tmp_path)
                          capture_output=True, text=True, check=True)
     parsed = json.loads(out.stdout.strip().splitlines()[-1])
     assert parsed["errors"] == {}
-    assert parsed["dags"] == ["trackstar_backfill", "trackstar_reindex", "trackstar_score"]
+    assert parsed["dags"] == ["trackstar_backfill", "trackstar_maintenance", "trackstar_reindex", "trackstar_score"]
     assert parsed["loaded"] == []
 
 
