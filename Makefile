@@ -30,6 +30,7 @@ run: install
 	$(PYTHON) -m jobs pipeline
 
 test: install
+	$(VENV)/bin/ruff check .
 	$(PYTHON) -m pytest -q
 
 # OMP_NUM_THREADS=1 and nice: the numbers are ratios measured in one process, on a shared CPU

@@ -43,9 +43,10 @@ def test_every_dependency_is_pinned_in_the_lock():
     project = _pyproject()["project"]
     pinned = {_name(line): line for line in (REPO / "requirements.txt").read_text().splitlines()
               if line.strip() and not line.startswith("#")}
-    for requirement in project["dependencies"] + project["optional-dependencies"]["test"]:
+    optional = [r for group in project["optional-dependencies"].values() for r in group]
+    for requirement in project["dependencies"] + optional:
         assert "==" in pinned.get(_name(requirement), ""), f"{requirement} is not pinned in requirements.txt"
-    declared = {_name(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]}
+    declared = {_name(r) for r in project["dependencies"] + optional}
     assert set(pinned) == declared  # and nothing in the lock is missing from the package
 
 
