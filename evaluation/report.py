@@ -111,3 +111,23 @@ def render_html(report: dict, ranked: dict, queries: dict, texts: dict, spectra_
         report=report, buckets_png=bucket_figure(report["per_bucket"]), tail_png=tail_patch_figure(report["methods"]),
         categories_png=category_figure(report["categories"], category_order), spectra_png=spectra,
         examples=examples(ranked, queries, texts, categorizer))
+
+
+NAMES = {"bm25": "BM25", "dense": "dense (MiniLM)", "trak": "TRAK-style", "trackstar": "**TrackStar**"}
+
+
+def markdown_table(report: dict) -> str:
+    """The headline table of an eval.json as Markdown (README): means over seeds, 95% intervals."""
+    lines = ["| method | MRR | recall@10 | tail-patch Δlog p | tail-patch Δp |", "|---|---|---|---|---|"]
+    for method, c in report["methods"].items():
+        lines.append(f"| {NAMES.get(method, method)} | {c['mrr']:.3f} [{c['mrr_ci'][0]:.2f}, {c['mrr_ci'][1]:.2f}] | "
+                     f"{c['recall@10']:.3f} | {c['tail_patch']:+.4f} [{c['tail_patch_ci'][0]:+.3f}, "
+                     f"{c['tail_patch_ci'][1]:+.3f}] | {c['tail_patch_delta_prob']:+.5f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m evaluation.report reports/eval.json
+    import json
+    import sys
+
+    print(markdown_table(json.loads(open(sys.argv[1], encoding="utf-8").read())))
