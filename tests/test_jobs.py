@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gradient_kernels.hessian import Autocorrelation, crossing_lambda, spectrum
+from gradient_kernels.hessian import (Autocorrelation, crossing_component, crossing_lambda, damped_inverse_power, mix,
+                                      spectrum, train_relative_damping)
 from gradient_kernels.hooks import GradientProjector
 from gradient_kernels.losses import document_batch
 from gradient_kernels.modules import weight_matrices
@@ -140,7 +141,15 @@ def test_fit_hessian_equals_the_autocorrelation_of_the_stored_vectors(indexed, t
     stored, row = fit_hessian.load_preconditioner(lake, fit["checkpoint_id"], "fact-world", fit["fingerprint"], "r_train")
     for a, b in zip(stored, r_train):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))
-    assert fit["lambda"] == pytest.approx(crossing_lambda(spectrum(r_query), spectrum(r_train), 1000), rel=1e-4)
+    component = crossing_component(train.shape[1])  # 1.5% of the dimension
+    assert fit["crossing_component"] == component
+    assert fit["lambda"] == pytest.approx(crossing_lambda(spectrum(r_query), spectrum(r_train), component), rel=1e-4)
+    # the inverse root: (λ·R_query + (1-λ)·R_train + D)^(-1/2), D per block from R_train's own scale
+    root, _ = fit_hessian.load_preconditioner(lake, fit["checkpoint_id"], "fact-world", fit["fingerprint"], "inverse_root")
+    expected, _ = damped_inverse_power(mix(r_query, r_train, fit["lambda"]), train_relative_damping(r_train, 0.1))
+    for a, b in zip(root, expected):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-3, atol=1e-3 * float(b.abs().max()))
+    assert fit["conditioning"]["blocks_damped_above_train_top"] == []
     kinds = lake.read("hessians")["kind"].to_pylist()
     assert sorted(kinds) == sorted(fit_hessian.KINDS)
     assert os.path.exists(fit["figure"])
