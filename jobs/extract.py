@@ -60,9 +60,9 @@ def checkpoint_uri(lake: Lake, checkpoint: str) -> str:
     summary = storage.join(lake.root, "model", "train_summary.json")
     if not storage.exists(summary):
         raise FileNotFoundError(f"no checkpoint given and no trained model under {lake.root}")
-    from jobs.checkpoints import checkpoint_path
+    from jobs.checkpoints import checkpoint_location
 
-    return checkpoint_path(lake.root, json.loads(storage.read_bytes(summary))["checkpoints"][-1])
+    return checkpoint_location(lake.root, json.loads(storage.read_bytes(summary))["checkpoints"][-1])
 
 
 def resolve_checkpoint(lake: Lake, checkpoint: str) -> Path:

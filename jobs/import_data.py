@@ -59,7 +59,7 @@ def refuse_to_overwrite(lake_root: str | Path) -> None:
     marker = imported_world(root)
     if marker:
         linked = [json.loads(m.read_text()).get("imported_from")
-                  for m in sorted(checkpoints_root(root).glob("*/manifest.json"))]
+                  for m in sorted(Path(checkpoints_root(root)).glob("*/manifest.json"))]
         checkpoint = "".join(f" --checkpoint {folder}" for folder in linked[-1:] if folder)
         raise ImportedDataError(
             f"{root.resolve()} holds an imported world (corpus {marker['corpus']}, queries {marker['queries']}, "
@@ -175,7 +175,7 @@ def import_checkpoint(lake_root: str | Path, folder: str | Path) -> Path:
         raise ImportedDataError(f"{root.resolve()} is tokenized with another tokenizer ({tokenizer_dir}) than "
                                 f"{folder}'s; index this checkpoint into a fresh lake (--lake)")
     manifest = load_manifest(folder)
-    target = checkpoints_root(root) / manifest["checkpoint_id"]
+    target = Path(checkpoints_root(root)) / manifest["checkpoint_id"]
     if target.exists():
         known = json.loads((target / "manifest.json").read_text()) if (target / "manifest.json").exists() else {}
         if known.get("imported_from") != str(folder):

@@ -59,9 +59,9 @@ def tokenizer_fingerprint_of(tokenizer_json: bytes, context: int) -> str:
 
 def model_context(lake_root: str) -> int:
     """The context of the lake's newest checkpoint (the chunks must fit it)."""
-    from jobs.checkpoints import checkpoints_root
+    from jobs.checkpoints import checkpoints_location
 
-    roots = [checkpoints_root(lake_root), storage.join(lake_root, "checkpoints")]  # and the folder lakes used before
+    roots = [checkpoints_location(lake_root), storage.join(lake_root, "checkpoints")]  # and the folder lakes used before
     configs = sorted((c for root in roots for c in storage.list_objects(root, suffix="/config.json")
                       if c.count("/") - root.count("/") == 2), key=lambda c: c.rsplit("/", 2)[-2])
     if not configs:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra import storage
-from jobs.checkpoints import checkpoint_path, checkpoints_root
+from jobs.checkpoints import checkpoint_location, checkpoint_path, checkpoints_root
 from jobs.launch import init_rank, launch_ranks, rank_arguments
 from infra.config import load_config
 
@@ -152,7 +152,7 @@ def run(config: TrainConfig) -> dict:
     digest = input_digest(Path(config.lake) / "raw", config)
     previous = model_dir / "train_summary.json"
     if previous.exists() and json.loads(previous.read_text()).get("input_digest") == digest and all(
-            Path(checkpoint_path(config.lake, c)).exists() for c in json.loads(previous.read_text())["checkpoints"]):
+            checkpoint_path(config.lake, c).exists() for c in json.loads(previous.read_text())["checkpoints"]):
         print(f"[train-model] already trained on this corpus with this configuration ({digest[:12]}); "
               f"keeping {model_dir} and its checkpoints", flush=True)
         return json.loads(previous.read_text())
@@ -235,7 +235,7 @@ def save_checkpoint(engine, model, tokenizer_dir: Path, config: TrainConfig, ste
     import torch.distributed as dist
 
     checkpoint_id = f"{config.model_tag}-s{config.seed}-step{step:06d}"
-    out = Path(checkpoints_root(config.lake)) / checkpoint_id
+    out = checkpoints_root(config.lake) / checkpoint_id
     engine.save_checkpoint(str(out / "zero"), tag=f"step{step}")
     moments = second_moments(engine, model, config)
     if dist.get_rank() == 0:
@@ -333,7 +333,7 @@ def config_from_args(args) -> TrainConfig:
 
 def final_checkpoint(lake: str, summary: dict) -> Path:
     """A local folder holding the last checkpoint of a training run (copied from S3 if it lives there)."""
-    return storage.local_folder(checkpoint_path(lake, summary["checkpoints"][-1]), load_config().cache_dir)
+    return storage.local_folder(checkpoint_location(lake, summary["checkpoints"][-1]), load_config().cache_dir)
 
 
 def main(args):

@@ -158,11 +158,11 @@ def test_adam_state_from_a_torch_optimizer_pt_is_torchs_own(indexed_llama, user_
 
 def test_llama_checkpoint_is_indexed_with_the_exact_adam_correction(indexed_llama):
     lake, _, checkpoint, extraction, fit = indexed_llama
-    assert extraction["normalizer"] == "adam-exact"
+    assert extraction["normalizer"] == "adam-floored"
     run = lake.read("runs", filters=[("run_id", "=", extraction["run_id"])]).to_pylist()[0]
     config = json.loads(run["config_json"])
-    assert config["optimizer_correction"] == "adam-exact from the consolidated optimizer state"
-    assert config["spec"]["normalizer"] == "adam-exact" and json.loads(run["counts_json"])["normalizer"] == "adam-exact"
+    assert config["optimizer_correction"] == "adam-floored from the consolidated optimizer state"
+    assert config["spec"]["normalizer"] == "adam-floored" and json.loads(run["counts_json"])["normalizer"] == "adam-floored"
     # every Linear of the Llama blocks and the untied head has a block
     assert len(config["spec"]["k"]) == 2 * 7 + 1 and "lm_head.weight" in config["spec"]["k"]
     registered = lake.read("checkpoints").to_pylist()[0]

@@ -7,6 +7,7 @@ no scheduler), so its configuration never leaks into the test process.
 import gzip
 import json
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -86,7 +87,7 @@ def airflow_lake(adam_run, tmp_path_factory):
     lake_dir = copy_lake(source, root / "lake")
     # only the final checkpoint has "arrived"; the older one is backfilled later
     older = summary["checkpoints"][0]
-    checkpoint_path(lake_dir, older).rename(root / older)
+    Path(checkpoint_path(lake_dir, older)).rename(root / older)
     register_queries.run(str(lake_dir))
     return Lake(lake_dir), root / "airflow", root / older, summary
 

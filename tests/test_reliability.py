@@ -540,7 +540,7 @@ def test_checkpoint_folders_live_outside_every_table_folder(adam_run):
     from jobs.checkpoints import checkpoints_root
 
     source, summary = adam_run
-    assert sorted(p.name for p in checkpoints_root(source).iterdir()) == sorted(summary["checkpoints"])
+    assert sorted(p.name for p in Path(checkpoints_root(source)).iterdir()) == sorted(summary["checkpoints"])
     assert not (source / "checkpoints").exists()  # the `checkpoints` table's folder
     assert all(not (source / table).exists() or table == "model" for table in TABLES)
 
