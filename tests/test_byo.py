@@ -156,7 +156,7 @@ def test_adam_state_from_a_torch_optimizer_pt_is_torchs_own(indexed_llama, user_
     assert manifest["optimizer"] == "adam" and manifest["imported_from"] == str(user_data[0] / "llama")
 
 
-def test_llama_checkpoint_is_indexed_with_the_exact_adam_correction(indexed_llama):
+def test_llama_checkpoint_is_indexed_with_the_floored_adam_correction(indexed_llama):
     lake, _, checkpoint, extraction, fit = indexed_llama
     assert extraction["normalizer"] == "adam-floored"
     run = lake.read("runs", filters=[("run_id", "=", extraction["run_id"])]).to_pylist()[0]
