@@ -37,7 +37,8 @@ def encode_vectors(array: np.ndarray, dtype: str) -> tuple[pa.BinaryArray, pa.Fl
     elif dtype == "bfloat16":
         stored = _to_bfloat16_bits(array)
     else:
-        stored = array.astype(_STORAGE[dtype])
+        with np.errstate(over="ignore"):  # an overflow is refused just below, with the numbers
+            stored = array.astype(_STORAGE[dtype])
     _check_no_overflow(array, stored, dtype)
     return _rows_as_binary(np.ascontiguousarray(stored)), scales
 
