@@ -138,7 +138,6 @@ def test_reindex_triggered_through_the_rest_api_then_a_second_trigger_finds_noth
     assert first["run"]["run_type"] == "manual"
     ran = {t["task_id"] for t in first["tasks"] if t["state"] == "success"}
     assert {"tokenize_partition", "extract_missing", "report_summary"} <= ran
-    assert {t["executor"] or "LocalExecutor" for t in first["tasks"]} == {"LocalExecutor"}
     tokens = lake.read("tokens", columns=["doc_id", "chunk"])
     vectors = lake.read("train_gradients", columns=["doc_id", "chunk"])
     assert tokens.num_rows > 0 and vectors.num_rows == tokens.num_rows
@@ -149,9 +148,13 @@ def test_reindex_triggered_through_the_rest_api_then_a_second_trigger_finds_noth
     assert second["summary"].startswith("nothing new"), second["summary"]
     assert {t: lake.version(t) for t in TABLES} == before
 
-    # the runs live in PostgreSQL, Airflow's metadata database here
+    # the runs live in PostgreSQL, Airflow's metadata database here, and the scheduler queued every task
     _, connect = postgres
     with connect() as connection, connection.cursor() as cursor:
         cursor.execute("SELECT run_id, state FROM dag_run WHERE dag_id = %s", (DAG_ID,))
         states = dict(cursor.fetchall())
+        cursor.execute("SELECT DISTINCT job.job_type FROM task_instance ti LEFT JOIN job ON job.id = ti.queued_by_job_id "
+                       "WHERE ti.run_id = %s AND ti.state = 'success'", (first["run"]["dag_run_id"],))
+        queued_by = {row[0] for row in cursor.fetchall()}
     assert states[first["run"]["dag_run_id"]] == "success" and states[second["run"]["dag_run_id"]] == "success"
+    assert queued_by == {"SchedulerJob"}

@@ -65,7 +65,9 @@ if [ "$SPARK_WORKERS" -gt 0 ]; then
   daemon_memory=${SPARK_DAEMON_MEMORY:-192m}
   SPARK_MASTER_PORT=${SPARK_MASTER_PORT:-$(free_port)}
   master=spark://$SPARK_HOST:$SPARK_MASTER_PORT
-  SPARK_DAEMON_MEMORY=$daemon_memory "$SPARK_HOME/bin/spark-class" org.apache.spark.deploy.master.Master --host "$SPARK_HOST" \
+  # no REST submission server: it would take the fixed port 6066 (jobs come through Connect)
+  SPARK_MASTER_OPTS="-Dspark.master.rest.enabled=false" SPARK_DAEMON_MEMORY=$daemon_memory \
+    "$SPARK_HOME/bin/spark-class" org.apache.spark.deploy.master.Master --host "$SPARK_HOST" \
     --port "$SPARK_MASTER_PORT" --webui-port 0 >"$SPARK_WORK_DIR/master.log" 2>&1 &
   for i in $(seq 1 "$SPARK_WORKERS"); do
     SPARK_DAEMON_MEMORY=$daemon_memory "$SPARK_HOME/bin/spark-class" org.apache.spark.deploy.worker.Worker --host "$SPARK_HOST" --webui-port 0 \
