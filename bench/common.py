@@ -88,10 +88,3 @@ def ranking_metrics(inputs: dict, top: torch.Tensor) -> dict:
 def overlap_at(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> float:
     """Mean share of each row's first k indices of `a` found among the first k of `b`."""
     return sum(len(set(x[:k]) & set(y[:k])) / k for x, y in zip(a.tolist(), b.tolist())) / len(a)
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
