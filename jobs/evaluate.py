@@ -7,7 +7,9 @@ the paper-exact Adam correction (`trackstar-adam-exact`, Adam checkpoints), R_qu
 other half of the queries (`trackstar-heldout-r-query`, 2-fold cross-fit) and the classic global
 damping with a fixed crossing component (`trackstar-global-damping`).
 
-Every gradient method is run for several projection seeds (`seeds`); metrics are computed per
+TrackStar, its ablations and the variants computed from its vectors run for several projection
+seeds (`seeds`); the methods that need an extraction of their own (plain-gradient baselines, the
+paper-exact correction) for the first seed, or every seed with `baselines_every_seed`. Metrics are computed per
 query (evaluation/metrics.py: MRR, binary recall@10 and its fraction, tail-patch Δlog p and Δp),
 averaged over seeds, and given bootstrap confidence intervals over queries; differences to
 TrackStar and the TrackStar/BM25 tail-patch ratio are paired. What the pipeline already made is
@@ -61,6 +63,10 @@ class EvaluateConfig:
     k: int = 10
     k_projection: int = 16
     seeds: list = field(default_factory=lambda: [0, 1, 2])  # projection seeds; the first is the pipeline's
+    # TrackStar and the variants computed from its vectors run for every seed; the methods that need
+    # extractions of their own (plain-gradient baselines, the paper-exact correction) for the first
+    # only, unless this is set (it triples the evaluation's extraction time)
+    baselines_every_seed: bool = False
     variants: list = field(default_factory=lambda: list(VARIANTS))
     tail_patch_queries: int = 100  # bucket-stratified sample, fixed by the seed
     seed: int = 0                  # of the sample and the bootstrap
@@ -266,9 +272,11 @@ def seed_rankings(lake: Lake, config: EvaluateConfig, checkpoint: str, checkpoin
     fit diagnostics of its TrackStar Hessian."""
     first = seed == config.seeds[0]
     ranked, diagnostics = {}, {}
-    kinds = [("auto", CORRECTED_METHODS), ("none", score.PLAIN_METHODS)]
-    if "trackstar-adam-exact" in config.variants and optimizer == "adam":
-        kinds.append(("adam-exact", ("trackstar",)))
+    kinds = [("auto", CORRECTED_METHODS)]
+    if first or config.baselines_every_seed:  # each needs an extraction of its own
+        kinds.append(("none", score.PLAIN_METHODS))
+        if "trackstar-adam-exact" in config.variants and optimizer == "adam":
+            kinds.append(("adam-exact", ("trackstar",)))
     for normalizer, methods in kinds:
         extraction = extract.run(extract.ExtractConfig(lake=config.lake, checkpoint=checkpoint,
                                                        k=config.k_projection, normalizer=normalizer,
@@ -337,18 +345,20 @@ def run(config: EvaluateConfig) -> dict:
     methods = [m for m in REPORT_ORDER if m in per_seed[config.seeds[0]]]
 
     sample = stratified_sample(queries, config.tail_patch_queries, config.seed)
-    union = {f"{m}@{s}": per_seed[s][m] for s in config.seeds for m in methods}
+    seeds_of = {m: [s for s in config.seeds if m in per_seed[s]] for m in methods}
+    union = {f"{m}@{s}": per_seed[s][m] for m in methods for s in seeds_of[m]}
     base, changes = tail_patch(lake, checkpoint_dir, float(manifest["lr"]), union, queries, sample)
     write_tail_patches(lake, config.query_set, checkpoint_id, changes, run_id)
 
     per_query = {m: M.average_over_seeds(
-        [M.attribution_per_query(per_seed[s][m], truth, config.k) for s in config.seeds]) for m in methods}
+        [M.attribution_per_query(per_seed[s][m], truth, config.k) for s in seeds_of[m]]) for m in methods}
     patched = {m: M.average_over_seeds(
-        [M.tail_patch_per_query(per_seed[s][m], changes, base, sample) for s in config.seeds]) for m in methods}
+        [M.tail_patch_per_query(per_seed[s][m], changes, base, sample) for s in seeds_of[m]]) for m in methods}
     seed_spread = {m: float(np.std([np.mean([c["mrr"] for c in M.attribution_per_query(
-        per_seed[s][m], truth, config.k).values()]) for s in config.seeds])) for m in methods}
+        per_seed[s][m], truth, config.k).values()]) for s in seeds_of[m]])) for m in methods}
+    seeds_used = {m: 1 if m in TEXT_METHODS else len(seeds_of[m]) for m in methods}
     report = summarise(config, checkpoint_id, run_id, methods, query_ids, sample, per_query, patched, seed_spread,
-                       diagnostics[config.seeds[0]])
+                       seeds_used, diagnostics[config.seeds[0]])
     report["seed_diagnostics"] = {str(s): d for s, d in diagnostics.items()}
     report["per_bucket"] = {m: {b: v for b, v in cells.items() if b != "all"} for m, cells in attribution_metrics(
         {m: per_seed[config.seeds[0]][m] for m in methods}, truth,
@@ -381,13 +391,13 @@ def run(config: EvaluateConfig) -> dict:
 
 
 def summarise(config: EvaluateConfig, checkpoint_id: str, run_id: str, methods: list, query_ids: list, sample: list,
-              per_query: dict, patched: dict, seed_spread: dict, diagnostics: dict) -> dict:
+              per_query: dict, patched: dict, seed_spread: dict, seeds_used: dict, diagnostics: dict) -> dict:
     """Means with bootstrap CIs per method, paired differences to TrackStar, the TrackStar/BM25
     tail-patch ratio, and a sentence per component saying whether it helps, with its CI."""
     patched_queries = [q for q in sample if all(q in patched[m] for m in methods)]
     cells = {}
     for m in methods:
-        cell = {"n_queries": len(query_ids), "seeds": len(config.seeds) if m not in TEXT_METHODS else 1,
+        cell = {"n_queries": len(query_ids), "seeds": seeds_used[m],
                 "mrr_seed_std": seed_spread[m], "tail_patch_queries": len(patched_queries)}
         for metric in ("mrr", "recall@10", "recall@10_fraction"):
             mean, low, high = M.bootstrap_mean(M.aligned(per_query[m], metric, query_ids), config.seed)
@@ -516,6 +526,8 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--seeds", type=int, nargs="+", default=defaults.seeds,
                         help="projection seeds; the first is the pipeline's (default 0 1 2)")
     parser.add_argument("--variants", nargs="*", default=defaults.variants, choices=VARIANTS)
+    parser.add_argument("--baselines-every-seed", action="store_true",
+                        help="also extract the plain-gradient baselines and the paper-exact correction for every seed")
     parser.add_argument("--tail-patch-queries", type=int, default=defaults.tail_patch_queries)
     parser.add_argument("--seed", type=int, default=defaults.seed, help="of the tail-patch sample and the bootstrap")
     parser.add_argument("--reports", default=defaults.reports)
