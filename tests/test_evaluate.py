@@ -120,3 +120,13 @@ def test_evaluation_runs_on_a_user_supplied_corpus_and_queries(adam_run, tmp_pat
     again = evaluate.run(replace(config, seeds=[0], variants=[], tail_patch_queries=2))
     assert (count("fit-hessian"), count("score"), count("extract")) == before
     assert again["methods"]["trackstar"]["seeds"] == 1 and again["tail_patch_queries"] == 2
+
+
+def test_the_readme_results_table_is_generated_from_the_committed_report():
+    from pathlib import Path
+
+    from evaluation.report import markdown_table
+
+    root = Path(__file__).resolve().parent.parent
+    report = json.loads((root / "docs" / "results" / "eval-embedded.json").read_text())
+    assert markdown_table(report) in (root / "README.md").read_text()
