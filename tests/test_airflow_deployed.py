@@ -49,8 +49,18 @@ def _start(script: str, env: dict, log: Path, *args: str) -> subprocess.Popen:
 
 
 def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the whole process group, SIGKILL to what is left after 30 s (a LocalExecutor
+    scheduler can wait on its workers for ever)."""
     os.killpg(process.pid, signal.SIGTERM)
-    process.wait(60)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(30)
 
 
 def _wait(what: str, ready, process: subprocess.Popen, logs: list[Path], timeout: float = 300):
