@@ -137,8 +137,3 @@ def _frozen(model: nn.Module):
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-
-
-def nonfinite_rows(vectors: torch.Tensor) -> torch.Tensor:
-    """Row indices whose vector has a NaN or infinity (to quarantine, never to score)."""
-    return (~torch.isfinite(vectors).all(dim=1)).nonzero().flatten()

@@ -1,7 +1,7 @@
 """Large matrices (Hessian autocorrelations, inverse roots) as safetensors files beside the tables.
 
-`store_matrices(lake, name, tensors)` writes <lake>/_matrices/<name>.safetensors and returns the
-path, shapes and sha256 that the `hessians` table records; `load_matrices(path, sha256)` verifies
+`save_matrices(path, tensors)` writes a safetensors file and returns the sha256 that the `hessians`
+table records beside its path; `load_matrices(path, sha256)` verifies
 the checksum, so a truncated or swapped file is an error, never a silent wrong answer. Paths may
 be local or s3:// (infra.storage).
 """
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,34 +17,9 @@ import torch
 from safetensors.torch import load as load_safetensors, save as save_safetensors
 
 from infra import storage
-from infra.lake import Lake
-
-_NAME = re.compile(r"^[A-Za-z0-9_.=-]+(/[A-Za-z0-9_.=-]+)*$")
-
 
 class ChecksumMismatch(ValueError):
     """A stored matrix file does not have the checksum recorded for it."""
-
-
-@dataclass(frozen=True)
-class StoredMatrices:
-    path: str
-    shapes: dict[str, list[int]]
-    sha256: str
-
-
-def matrix_path(lake: Lake, name: str) -> str:
-    """<lake>/_matrices/<name>.safetensors; `name` is a relative path like hessians/ck1/fp/r_train."""
-    if not _NAME.match(name) or ".." in name.split("/"):
-        raise ValueError(f"matrix name {name!r}: use letters, digits, _.=- and / between parts")
-    return f"{lake.root}/_matrices/{name}.safetensors"
-
-
-def store_matrices(lake: Lake, name: str, tensors: dict, metadata: dict | None = None) -> StoredMatrices:
-    """Save tensors under the lake's _matrices folder; returns path, shape of each tensor, sha256."""
-    path = matrix_path(lake, name)
-    sha256 = save_matrices(path, tensors, metadata)
-    return StoredMatrices(path, {key: list(np.shape(value)) for key, value in tensors.items()}, sha256)
 
 
 def save_matrices(path: str | Path, tensors: dict, metadata: dict | None = None) -> str:

@@ -6,9 +6,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from infra.lake import Lake, utc_now
-from schemas.tables import TABLES
+from schemas.tables import RAW_VALUE_LIMIT, TABLES
 
-RAW_VALUE_LIMIT = 1000  # characters of the bad row kept
 
 
 def quarantine_rows(lake: Lake, rows: list[dict], stage: str | None = None, run_id: str | None = None) -> int:

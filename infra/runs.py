@@ -1,11 +1,10 @@
 """The `runs` table: one row per pipeline run, its configuration, status and result counts.
 
-    with tracked_run(lake, "tokenize", config) as run:
-        ... write rows with run_id=run.run_id ...
-        run.counts["documents"] = n
+    run_id = start_run(lake, "tokenize", config)   # ... write rows with run_id=run_id ...
+    finish_run(lake, run_id, "succeeded", {"documents": n})
 
-A run always ends in a state. One that raised is marked failed by `tracked_run`, or, where a job
-calls start_run/finish_run itself, when its process exits; one whose process was killed is marked
+A run always ends in a state. One still open when its process exits (the job raised) is marked
+failed then; one whose process was killed is marked
 failed by the next run started on the same host, which finds its process gone (a running row
 records its host, pid and the process's start time, so a reused pid is not taken for it).
 """
@@ -13,7 +12,6 @@ records its host, pid and the process's start time, so a reused pid is not taken
 from __future__ import annotations
 
 import atexit
-import contextlib
 import json
 import os
 import socket
@@ -115,16 +113,3 @@ def finish_run(lake: Lake, run_id: str, status: str, counts: dict | None = None)
               "counts_json": json.dumps(counts or {}, sort_keys=True, default=str)}
     if lake.update("runs", {"run_id": run_id}, values) != 1:
         raise LakeError(f"no run {run_id!r} in {lake.path('runs')}")
-
-
-@contextlib.contextmanager
-def tracked_run(lake: Lake, command: str, config):
-    """start_run, then finish_run "succeeded" or, if the body raises, "failed" (and re-raise)."""
-    run = Run(start_run(lake, command, config))
-    try:
-        yield run
-    except BaseException as error:
-        run.counts.setdefault("error", f"{type(error).__name__}: {error}"[:1000])
-        finish_run(lake, run.run_id, "failed", run.counts)
-        raise
-    finish_run(lake, run.run_id, "succeeded", run.counts)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 
+from schemas.tables import RAW_VALUE_LIMIT
+
 REQUIRED_FIELDS = ("text", "url", "timestamp")
-RAW_VALUE_LIMIT = 1000  # characters of a bad line kept in the quarantine row
 
 
 def parse_line(raw: bytes) -> tuple[dict | None, str | None]:

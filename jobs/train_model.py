@@ -29,9 +29,9 @@ from pathlib import Path
 from infra import storage
 from jobs.checkpoints import checkpoint_location, checkpoint_path, checkpoints_root
 from jobs.launch import init_rank, launch_ranks, rank_arguments
+from jobs.tokenize import EOS
 from infra.config import load_config
 
-EOS = "<|endoftext|>"
 
 
 @dataclass

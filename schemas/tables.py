@@ -222,6 +222,9 @@ def _created_at(name: str = "created_at") -> Column:
     return Column(name, "TIMESTAMP", "when the row was written (UTC)")
 
 
+
+RAW_VALUE_LIMIT = 1000  # characters of a refused row kept in quarantine.raw_value
+
 TABLES: dict[str, Table] = {t.name: t for t in (
     Table("documents", "raw C4 documents that passed validation", (
         DOC_ID, PARTITION,

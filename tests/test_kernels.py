@@ -11,7 +11,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from gradient_kernels.attribution import token_contributions
 from gradient_kernels.hessian import (Autocorrelation, conditioning, crossing_component, crossing_lambda,
                                       damped_inverse_power, mix, spectrum, train_relative_damping)
-from gradient_kernels.hooks import GradientProjector, nonfinite_rows
+from gradient_kernels.hooks import GradientProjector
 from gradient_kernels.losses import document_batch, per_example_loss, query_batch
 from gradient_kernels.modules import uniform_k, weight_matrices
 from gradient_kernels.normalizers import (MissingOptimizerState, adam_denominator, floored_denominator,
@@ -288,13 +288,6 @@ def test_token_contributions_sum_to_the_score():
     assert contributions.shape == (len(docs[0]),) and contributions[0] == 0
     assert float(contributions.sum()) == pytest.approx(score, rel=1e-4, abs=1e-6)
     assert contributions.abs().max() > 0
-
-
-def test_nonfinite_vectors_are_found():
-    vectors = torch.ones(4, 3)
-    vectors[2, 1] = float("nan")
-    vectors[3, 0] = float("inf")
-    assert nonfinite_rows(vectors).tolist() == [2, 3]
 
 
 def test_documents_too_short_for_a_loss_are_refused():
