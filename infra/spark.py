@@ -30,10 +30,12 @@ def spark_session(remote: str | None = None) -> SparkSession:
     `remote`, else $SPARK_REMOTE (pyspark's own), else the config's spark_remote names a Spark Connect endpoint;
     without any the embedded Sail engine starts.
     """
-    global _session
+    global _session, _embedded
     with _lock:
         if _session is None:
-            _session = SparkSession.builder.remote(_remote_url(remote)).getOrCreate()
+            url = configured_remote(remote)
+            _embedded = url is None
+            _session = SparkSession.builder.remote(url or _start_sail()).getOrCreate()
         return _session
 
 
@@ -42,12 +44,13 @@ def is_embedded(spark: SparkSession) -> bool:
     return _embedded and spark is _session
 
 
-def _remote_url(remote: str | None) -> str:
-    global _embedded
-    remote = remote or os.environ.get("SPARK_REMOTE") or load_config().spark_remote
-    _embedded = not remote
-    if remote:
-        return remote
+def configured_remote(remote: str | None = None) -> str | None:
+    """The Spark Connect endpoint to use, or None for the embedded engine (no side effects)."""
+    return remote or os.environ.get("SPARK_REMOTE") or load_config().spark_remote or None
+
+
+def _start_sail() -> str:
+    """Start the embedded Sail server on loopback; its sc:// URL."""
     # Sail logs every session at INFO through env_logger; it reads RUST_LOG when the server starts.
     os.environ.setdefault("RUST_LOG", "error")
     from pysail.spark import SparkConnectServer

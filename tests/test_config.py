@@ -51,13 +51,13 @@ def test_stage_configs_take_their_defaults_from_the_settings_when_made(monkeypat
 
 
 def test_the_configured_spark_remote_is_the_endpoint(monkeypatch):
-    from infra.spark import _remote_url
+    from infra.spark import configured_remote
 
     monkeypatch.delenv("SPARK_REMOTE", raising=False)
     monkeypatch.setenv("TRACKSTAR_SPARK_REMOTE", "sc://spark.example:15002")
-    assert _remote_url(None) == "sc://spark.example:15002"  # no embedded engine started
+    assert configured_remote() == "sc://spark.example:15002"  # no embedded engine started
     monkeypatch.setenv("SPARK_REMOTE", "sc://other:15002")
-    assert _remote_url(None) == "sc://other:15002"
+    assert configured_remote() == "sc://other:15002"
 
 
 def test_no_setting_is_read_from_the_environment_behind_the_configuration():

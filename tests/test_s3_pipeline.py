@@ -67,7 +67,7 @@ def test_world_training_reindex_score_and_evaluate_on_an_s3_lake_write_nothing_l
     plot = next(r for r in reports if r.startswith("reports/hessian_") and r.endswith(".png"))
     assert storage.read_bytes(storage.join(root, plot)).startswith(b"\x89PNG")
     page = storage.read_text(storage.join(root, "reports", "eval.html"))
-    assert 'spectra and λ</h2><img src="data:image/png;base64,iVBOR' in page  # the plot read back from S3
+    assert 'spectra, λ and damping</h2><img src="data:image/png;base64,iVBOR' in page  # the plot read back from S3
 
     # every stored path is an s3:// URI that resolves, from this or any other working directory
     for row in lake.read("hessians").to_pylist():
