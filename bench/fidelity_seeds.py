@@ -7,6 +7,8 @@ the standard deviation over model seeds of MRR, recall@10 and tail-patch (Δlog 
 TrackStar / BM25 tail-patch ratio; writes everything to <out>/fidelity.json.
 
     .venv/bin/python bench/fidelity_seeds.py --optimizers adam adafactor --seeds 0 1 2   # ~6 min a model
+
+The project is installed as a package (`make install`), so the script runs from the repository root.
 """
 
 from __future__ import annotations
