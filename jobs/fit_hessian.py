@@ -16,7 +16,6 @@ on a split that leaves the scored queries out (`r_query_exclude`).
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
@@ -174,8 +173,8 @@ def run(config: FitHessianConfig) -> dict:
     for kind, (kind_lambda, kind_damping, n) in lineage.items():
         blocks = fitted.matrices[kind]
         path = storage.join(folder, f"{kind}.safetensors")
-        metadata = {"count": n} | ({"dampings": json.dumps(kind_damping)} if kind_damping else {})
-        sha = save_matrices(path, {f"block{i:03d}": b.float() for i, b in enumerate(blocks)}, metadata)
+        # one metadata key: safetensors writes several in no fixed order, and the checksum must be stable
+        sha = save_matrices(path, {f"block{i:03d}": b.float() for i, b in enumerate(blocks)}, {"count": n})
         mean_damping = sum(kind_damping) / len(kind_damping) if kind_damping else None
         for name, value in (("checkpoint_id", checkpoint_id), ("query_set", config.query_set), ("fingerprint", fingerprint),
                             ("kind", kind), ("path", str(path)), ("shape", [b.shape[0] for b in blocks]), ("sha256", sha),
@@ -188,7 +187,7 @@ def run(config: FitHessianConfig) -> dict:
                           storage.join(lake.root, "reports", f"hessian_{checkpoint_id}_{config.query_set}_{fingerprint}.png"))
     result = {"checkpoint_id": checkpoint_id, "query_set": config.query_set, "fingerprint": fingerprint, "lambda": lam,
               "crossing_component": component, "damping_rule": config.damping_rule,
-              "damping": sum(dampings) / len(dampings), "n_train": train.count, "n_query": query.count,
+              "damping": sum(dampings) / len(dampings), "dampings": dampings, "n_train": train.count, "n_query": query.count,
               "dim": sum(train.block_sizes), "blocks": len(train.block_sizes), "figure": str(figure), "run_id": run_id,
               "conditioning": diagnostics}
     finish_run(lake, run_id, "succeeded", result)
