@@ -224,6 +224,27 @@ def test_extract_rerun_is_a_no_op_and_a_killed_run_is_completed_without_duplicat
         np.testing.assert_allclose(after[key], vector, rtol=1e-4, atol=1e-5 * np.abs(vector).max())
 
 
+@pytest.mark.parametrize("moment", [0.5, 3.0])
+def test_score_killed_at_any_moment_then_rerun_gives_the_identical_table(indexed, moment):
+    lake, _, _, _ = indexed
+    def ranked():
+        rows = lake.read("proponents", filters=[("method", "=", "trackstar")],
+                         columns=["query_id", "rank", "doc_id", "chunk", "score"])
+        return sorted(zip(*(rows[c].to_pylist() for c in rows.column_names)))
+
+    before = ranked()
+    command = [sys.executable, "-m", "jobs", "score", "--lake", lake.root, "--methods", "trackstar", "--k", "5",
+               "--index", "float32"]
+    child = subprocess.Popen(command, env=dict(os.environ, PYTHONPATH=os.getcwd()), start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(moment)  # while it starts, reads or writes
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    assert ranked() == before  # the slice is whole: the old one or the rerun's, never half
+    score.run(score.ScoreConfig(lake=lake.root, methods=["trackstar"], k=5, index="float32"))
+    assert ranked() == before  # and the rerun gives the identical table
+
+
 def _keyed_vectors(lake):
     rows, vectors = _table_vectors(lake, "train_gradients", None)
     return dict(zip(zip(rows["doc_id"].to_pylist(), rows["chunk"].to_pylist()), vectors))
