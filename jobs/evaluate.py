@@ -219,25 +219,25 @@ def evaluated_checkpoint(lake: Lake, config: EvaluateConfig) -> str:
     return extract.checkpoint_uri(lake, "")
 
 
-def pipeline_rankings(lake: Lake, config: EvaluateConfig, checkpoint_id: str, fingerprint: str, methods) -> tuple:
+def pipeline_rankings(lake: Lake, config: EvaluateConfig, checkpoint_id: str, fingerprint: str, methods) -> dict:
     """The Spark path for the first seed: refit the Hessian and rescore only what is missing or was
     made from other inputs (what the DAG made is reused), then read the stored proponents."""
     from jobs.orchestrate import hessian_is_stale, last_scored_inputs
 
-    fit = None
-    if hessian_is_stale(lake, checkpoint_id, fingerprint, config.query_set, threshold=0.0) or not _has_every_kind(
-            lake, checkpoint_id, fingerprint, config.query_set):
-        fit = fit_hessian.run(fit_hessian.FitHessianConfig(lake=config.lake, checkpoint_id=checkpoint_id,
-                                                           query_set=config.query_set, fingerprint=fingerprint))
+    refit = (hessian_is_stale(lake, checkpoint_id, fingerprint, config.query_set, threshold=0.0)
+             or not _has_every_kind(lake, checkpoint_id, fingerprint, config.query_set))
+    if refit:
+        fit_hessian.run(fit_hessian.FitHessianConfig(lake=config.lake, checkpoint_id=checkpoint_id,
+                                                     query_set=config.query_set, fingerprint=fingerprint))
     inputs = score.scoring_inputs(lake, checkpoint_id, fingerprint, config.query_set)
     stale = [m for m in methods if last_scored_inputs(lake, checkpoint_id, fingerprint, config.query_set, m) != inputs]
     if stale:
         score.run(score.ScoreConfig(lake=config.lake, checkpoint_id=checkpoint_id, query_set=config.query_set,
                                     fingerprint=fingerprint, methods=stale, k=config.k))
-    print(f"[evaluate] {fingerprint}: Hessian {'refitted' if fit else 'reused'}, "
+    print(f"[evaluate] {fingerprint}: Hessian {'refitted' if refit else 'reused'}, "
           f"{len(stale)} of {len(methods)} method(s) rescored, the rest reused", flush=True)
     stored = ranked_proponents(lake, config.query_set, checkpoint_id)
-    return {m: stored[m] for m in methods}, fit
+    return {m: stored[m] for m in methods}
 
 
 def _has_every_kind(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: str) -> bool:
@@ -287,8 +287,7 @@ def seed_rankings(lake: Lake, config: EvaluateConfig, checkpoint: str, checkpoin
             ranked["trackstar-adam-exact"] = exact["trackstar"]
             continue
         if first:
-            found, fit = pipeline_rankings(lake, config, checkpoint_id, fingerprint, methods)
-            fitted = None
+            found, fitted = pipeline_rankings(lake, config, checkpoint_id, fingerprint, methods), None
         else:
             found, fitted = memory_rankings(lake, config, checkpoint_id, fingerprint, methods,
                                             fit_hessian.FitHessianConfig())
