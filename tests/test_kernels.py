@@ -95,6 +95,23 @@ def test_hook_path_equals_full_per_example_gradients(arch, normalizer):
         assert _rel_err(fast[row], exact[row]) < 1e-4
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_exact_path_in_chunks_of_examples_equals_the_reference(arch, monkeypatch):
+    """The exact correction forms full per-example gradients a few examples at a time; one byte
+    per chunk forces one example per chunk, and the vectors stay those of the reference."""
+    import gradient_kernels.hooks as hooks
+
+    model, spec, normalizers = _setup(arch, "adam-exact")
+    batch = document_batch(_documents())
+    whole = GradientProjector(model, spec, normalizers)(batch)
+    monkeypatch.setattr(hooks, "EXACT_CHUNK_BYTES", 1)
+    projector = GradientProjector(model, spec, normalizers)
+    assert all(projector._exact_rows(name) == 1 for name in projector.exact)
+    chunked = projector(batch)
+    assert _rel_err(chunked, reference_vectors(model, batch, spec, normalizers)) < 1e-4
+    assert _rel_err(chunked, whole) < 1e-6
+
+
 def test_covers_every_matrix_kind_and_ties_the_head_once():
     gpt2_names = [m.name for m in weight_matrices(_gpt2())]
     assert gpt2_names[-1] == "transformer.wte.weight"  # the tied head: one block under its one parameter
