@@ -266,22 +266,34 @@ def heldout_rankings(lake: Lake, config: EvaluateConfig, checkpoint_id: str, fin
     return ranked
 
 
-def seed_rankings(lake: Lake, config: EvaluateConfig, checkpoint: str, checkpoint_id: str, seed: int,
-                  query_ids: list, optimizer: str) -> tuple[dict, dict]:
+def extractions(config: EvaluateConfig, checkpoint: str, optimizer: str) -> dict:
+    """(seed, normalizer) -> the extraction's config, for every seed: TrackStar's own ("auto") on
+    each, the plain-gradient baselines ("none") and the paper-exact correction on the first only
+    (each needs an extraction of its own) unless `baselines_every_seed`."""
+    wanted = {}
+    for seed in config.seeds:
+        normalizers = ["auto"]
+        if seed == config.seeds[0] or config.baselines_every_seed:
+            normalizers.append("none")
+            if "trackstar-adam-exact" in config.variants and optimizer == "adam":
+                normalizers.append("adam-exact")
+        for normalizer in normalizers:
+            wanted[seed, normalizer] = extract.ExtractConfig(lake=config.lake, checkpoint=checkpoint, k=config.k_projection,
+                                                             normalizer=normalizer, query_set=config.query_set, seed=seed)
+    return wanted
+
+
+def seed_rankings(lake: Lake, config: EvaluateConfig, checkpoint_id: str, seed: int, query_ids: list,
+                  extracted: dict) -> tuple[dict, dict]:
     """method -> query -> [doc ids] for every gradient method under one projection seed, and the
-    fit diagnostics of its TrackStar Hessian."""
+    fit diagnostics of its TrackStar Hessian. `extracted`: (seed, normalizer) -> extraction result."""
     first = seed == config.seeds[0]
     ranked, diagnostics = {}, {}
-    kinds = [("auto", CORRECTED_METHODS)]
-    if first or config.baselines_every_seed:  # each needs an extraction of its own
-        kinds.append(("none", score.PLAIN_METHODS))
-        if "trackstar-adam-exact" in config.variants and optimizer == "adam":
-            kinds.append(("adam-exact", ("trackstar",)))
-    for normalizer, methods in kinds:
-        extraction = extract.run(extract.ExtractConfig(lake=config.lake, checkpoint=checkpoint,
-                                                       k=config.k_projection, normalizer=normalizer,
-                                                       query_set=config.query_set, seed=seed))
-        fingerprint = extraction["fingerprint"]
+    methods_of = {"auto": CORRECTED_METHODS, "none": score.PLAIN_METHODS, "adam-exact": ("trackstar",)}
+    for (of_seed, normalizer), extraction in extracted.items():
+        if of_seed != seed:
+            continue
+        fingerprint, methods = extraction["fingerprint"], methods_of[normalizer]
         if normalizer == "adam-exact":
             exact, _ = memory_rankings(lake, config, checkpoint_id, fingerprint, methods, fit_hessian.FitHessianConfig())
             ranked["trackstar-adam-exact"] = exact["trackstar"]
@@ -335,10 +347,11 @@ def run(config: EvaluateConfig) -> dict:
         text_ranked[method] = {q: [doc_ids[i] for i in indices[n]] for n, q in enumerate(query_ids)}
         print(f"[evaluate] {method}: top-{config.k} written", flush=True)
 
+    wanted = extractions(config, checkpoint, manifest.get("optimizer", "adam"))
+    extracted = dict(zip(wanted, extract.run_many(list(wanted.values()))))  # one start of the ranks for all
     per_seed, diagnostics = {}, {}
     for seed in config.seeds:
-        ranked, diagnostics[seed] = seed_rankings(lake, config, checkpoint, checkpoint_id, seed, query_ids,
-                                                  manifest.get("optimizer", "adam"))
+        ranked, diagnostics[seed] = seed_rankings(lake, config, checkpoint_id, seed, query_ids, extracted)
         per_seed[seed] = text_ranked | ranked
         print(f"[evaluate] projection seed {seed}: {len(ranked)} gradient method(s) ranked", flush=True)
     methods = [m for m in REPORT_ORDER if m in per_seed[config.seeds[0]]]

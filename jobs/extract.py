@@ -160,20 +160,78 @@ def done_items(lake: Lake, checkpoint_id: str, fingerprint: str, kind: str, quer
 
 
 def run(config: ExtractConfig) -> dict:
+    return run_many([config])[0]
+
+
+def run_many(configs: list[ExtractConfig]) -> list[dict]:
+    """Several extractions of one checkpoint (other projection seeds, sizes or normalisers) with one
+    start of the ranks: each config is its own run with its own fingerprint and slices, and the
+    ranks share the work items of all of them (the model and optimizer state load once per rank).
+    Returns one result per config, as `run` does."""
     from infra.runs import finish_run, start_run
     from jobs.checkpoints import check_complete
 
-    check_names(query_set=config.query_set)
-    lake = Lake(config.lake)
-    checkpoint_dir = resolve_checkpoint(lake, config.checkpoint)
-    spec = projection_spec(checkpoint_dir, config)
-    fingerprint = spec.fingerprint()
-    manifest, weights = check_checkpoint(lake, checkpoint_dir, config.force)
-    check_complete(checkpoint_dir, config.optimizer_source if spec.normalizer != "none" else None)  # before registering
+    first = configs[0]
+    shared = {"lake", "checkpoint", "ranks", "query_set", "force", "optimizer_source"}
+    differing = sorted(f for f in shared for c in configs if getattr(c, f) != getattr(first, f))
+    if differing:
+        raise ValueError(f"extractions launched together must share {sorted(shared)}; these differ: {differing}")
+    check_names(query_set=first.query_set)
+    lake = Lake(first.lake)
+    checkpoint_dir = resolve_checkpoint(lake, first.checkpoint)
+    manifest, weights = check_checkpoint(lake, checkpoint_dir, first.force)
     checkpoint_id = manifest["checkpoint_id"]
+    results, jobs, planned = [], [], {}
+    for config in configs:
+        spec = projection_spec(checkpoint_dir, config)
+        if spec.fingerprint() in planned:  # e.g. "auto" resolving to "none" for a checkpoint without optimizer state
+            results.append(planned[spec.fingerprint()])
+            continue
+        check_complete(checkpoint_dir, config.optimizer_source if spec.normalizer != "none" else None)  # before registering
+        items = missing_items(lake, checkpoint_id, spec.fingerprint(), config)
+        result = {"checkpoint_id": checkpoint_id, "fingerprint": spec.fingerprint(), "dim": spec.dim,
+                  "normalizer": spec.normalizer, "items": [f"{kind}:{item}" for kind, item in items]}
+        results.append(result)
+        planned[result["fingerprint"]] = result
+        if not items:  # nothing to do: write nothing, not even a runs row
+            print(f"[extract] every slice of {checkpoint_id} is already extracted (fingerprint {result['fingerprint']}); "
+                  f"nothing to do")
+            continue
+        correction = optimizer_correction(checkpoint_dir, config, spec)
+        print(f"[extract] optimizer correction: {correction}", flush=True)
+        result["run_id"] = start_run(lake, "extract", asdict(config) | {
+            "fingerprint": result["fingerprint"], "spec": spec.as_dict(), "optimizer_correction": correction})
+        print(f"[extract] {checkpoint_id}: {len(items)} slice(s), {spec.dim} dims ({len(spec.k)} matrices, "
+              f"k={config.k}, seed {config.seed}, {spec.normalizer}), fingerprint {result['fingerprint']}", flush=True)
+        jobs.append({"config": asdict(config), "spec": spec.as_dict(), "run_id": result["run_id"], "items": items})
+    if not jobs:
+        return results
+    register_checkpoint(lake, manifest, weights, checkpoint_uri(lake, first.checkpoint), jobs[0]["run_id"])
+    plan_path = storage.join(lake.root, "_plans", f"{jobs[0]['run_id']}.json")
+    storage.write_text(plan_path, json.dumps({"checkpoint_dir": str(checkpoint_dir.resolve()), "lake": lake.root,
+                                              "checkpoint_id": checkpoint_id, "jobs": jobs}))
+    print(f"[extract] {sum(len(j['items']) for j in jobs)} slice(s) of {len(jobs)} extraction(s) on "
+          f"{first.ranks} rank(s)", flush=True)
+    launched = [r for r in planned.values() if "run_id" in r]
+    try:
+        launch_ranks("jobs.extract", plan_path, first.ranks)
+    except Exception:
+        for result in launched:
+            finish_run(lake, result["run_id"], "failed", result)
+        raise
+    counts = lake.read("train_gradients", filters=[("checkpoint_id", "=", checkpoint_id)],
+                       columns=["fingerprint"])["fingerprint"].value_counts().to_pylist()
+    per_fingerprint = {c["values"]: c["counts"] for c in counts}
+    for result in launched:
+        result["train_vectors"] = per_fingerprint.get(result["fingerprint"], 0)
+        finish_run(lake, result["run_id"], "succeeded", result)
+    return results
 
-    tokens = lake.read("tokens", columns=["partition"])
-    partitions = sorted(set(tokens["partition"].to_pylist()))
+
+def missing_items(lake: Lake, checkpoint_id: str, fingerprint: str, config: ExtractConfig) -> list:
+    """The (kind, item) work items of this extraction: the query set first, then every tokenized
+    partition (or those asked for), less those already extracted unless `force`."""
+    partitions = sorted(set(lake.read("tokens", columns=["partition"])["partition"].to_pylist()))
     if config.partitions:
         partitions = [p for p in partitions if p in set(config.partitions)]
     if not partitions:
@@ -186,32 +244,7 @@ def run(config: ExtractConfig) -> dict:
         if config.query_set:
             done |= {(QUERY, q) for q in done_items(lake, checkpoint_id, fingerprint, QUERY, config.query_set)}
         items = [item for item in items if item not in done]
-    result = {"checkpoint_id": checkpoint_id, "fingerprint": fingerprint, "dim": spec.dim,
-              "normalizer": spec.normalizer, "items": [f"{kind}:{item}" for kind, item in items]}
-    if not items:  # nothing to do: write nothing, not even a runs row
-        print(f"[extract] every slice of {checkpoint_id} is already extracted (fingerprint {fingerprint}); nothing to do")
-        return result
-
-    correction = optimizer_correction(checkpoint_dir, config, spec)
-    print(f"[extract] optimizer correction: {correction}", flush=True)
-    run_id = result["run_id"] = start_run(lake, "extract", asdict(config) | {
-        "fingerprint": fingerprint, "spec": spec.as_dict(), "optimizer_correction": correction})
-    register_checkpoint(lake, manifest, weights, checkpoint_uri(lake, config.checkpoint), run_id)
-    plan_path = storage.join(lake.root, "_plans", f"{run_id}.json")
-    storage.write_text(plan_path, json.dumps({"config": asdict(config), "checkpoint_dir": str(checkpoint_dir.resolve()),
-                                     "checkpoint_id": checkpoint_id, "spec": spec.as_dict(), "run_id": run_id,
-                                     "items": items, "lake": lake.root}))
-    print(f"[extract] {checkpoint_id}: {len(items)} slice(s) on {config.ranks} rank(s), {spec.dim} dims "
-          f"({len(spec.k)} matrices, k={config.k}, {spec.normalizer}), fingerprint {fingerprint}", flush=True)
-    try:
-        launch_ranks("jobs.extract", plan_path, config.ranks)
-    except Exception:
-        finish_run(lake, run_id, "failed", result)
-        raise
-    counts = lake.read("train_gradients", filters=[("checkpoint_id", "=", checkpoint_id)], columns=["fingerprint"])
-    result["train_vectors"] = sum(1 for f in counts["fingerprint"].to_pylist() if f == fingerprint)
-    finish_run(lake, run_id, "succeeded", result)
-    return result
+    return items
 
 
 def optimizer_correction(checkpoint_dir: Path, config: ExtractConfig, spec) -> str:
@@ -244,25 +277,21 @@ def token_budget_batches(lengths: list[int], budget: int) -> list[list[int]]:
 
 
 class RankWorker:
-    def __init__(self, plan: dict, rank: int):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    """One rank's work on one extraction of the plan; the model and tokenizer are the rank's own,
+    shared by the plan's extractions."""
 
+    def __init__(self, plan: dict, rank: int, model, tokenizer, second_moments):
         from gradient_kernels.hooks import GradientProjector
         from gradient_kernels.modules import weight_matrices
         from gradient_kernels.normalizers import normalizers_from_state
         from gradient_kernels.projection import ProjectionSpec
-        from jobs.checkpoints import load_second_moments
 
         self.plan, self.rank = plan, rank
         self.config = ExtractConfig(**plan["config"])
         self.lake = Lake(plan["lake"])
-        checkpoint_dir = Path(plan["checkpoint_dir"])
-        device = bind_rank_device()
-        self.model = AutoModelForCausalLM.from_pretrained(checkpoint_dir).to(device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
+        self.model, self.tokenizer = model, tokenizer
         spec = ProjectionSpec(**plan["spec"])
-        state = (load_second_moments(checkpoint_dir, self.config.optimizer_source)
-                 if spec.normalizer != "none" else {})
+        state = second_moments(self.config.optimizer_source) if spec.normalizer != "none" else {}
         normalizers = normalizers_from_state(state, weight_matrices(self.model), spec.normalizer) if state else {}
         self.projector = GradientProjector(self.model, spec, normalizers)
         self.spec, self.fingerprint = spec, spec.fingerprint()
@@ -393,17 +422,30 @@ class RankWorker:
 
 
 def extract_rank(plan_path: str):
+    from functools import cache
+
     import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jobs.checkpoints import load_second_moments
 
     plan = json.loads(storage.read_bytes(plan_path))
     rank, world = init_rank()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    worker = RankWorker(plan, rank)
-    for kind, item in plan["items"][rank::world]:
+    checkpoint_dir = Path(plan["checkpoint_dir"])
+    model = AutoModelForCausalLM.from_pretrained(checkpoint_dir).to(bind_rank_device()).eval()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
+    second_moments = cache(lambda source: load_second_moments(checkpoint_dir, source))
+    work = [(j, kind, item) for j, job in enumerate(plan["jobs"]) for kind, item in job["items"]]
+    workers = {}
+    for j, kind, item in work[rank::world]:
+        if j not in workers:
+            job = plan["jobs"][j] | {"lake": plan["lake"], "checkpoint_id": plan["checkpoint_id"]}
+            workers[j] = RankWorker(job, rank, model, tokenizer, second_moments)
         if kind == QUERY:
-            worker.extract_queries(item)
+            workers[j].extract_queries(item)
         else:
-            worker.extract_partition(item)
+            workers[j].extract_partition(item)
 
 
 def add_arguments(parser: argparse.ArgumentParser):

@@ -130,6 +130,35 @@ def test_extract_equals_the_kernels_on_the_same_chunks(indexed):
     np.testing.assert_allclose(rows["norm"].to_numpy(), np.linalg.norm(vectors, axis=1), rtol=1e-5)
 
 
+def test_extractions_launched_together_equal_the_kernels_each(indexed, tmp_path):
+    """run_many: other seeds and normalisers in one start of the ranks; each is its own run with its
+    own fingerprint, equal to the kernels; done ones and repeats are not extracted again."""
+    source, checkpoint, results, _ = indexed
+    lake = Lake(copy_lake(source.root, tmp_path / "lake"))
+    runs_before = lake.read("runs").num_rows
+    configs = [extract.ExtractConfig(lake=lake.root, k=4, token_budget=512, seed=seed, normalizer=normalizer)
+               for seed, normalizer in ((0, "auto"), (1, "auto"), (1, "none"), (1, "adam-floored"))]
+    done, seed1, plain, repeat = extract.run_many(configs)
+    assert done["items"] == [] and done["fingerprint"] == results["extract"]["fingerprint"]
+    assert repeat is seed1 and len({done["fingerprint"], seed1["fingerprint"], plain["fingerprint"]}) == 3
+    assert lake.read("runs").num_rows == runs_before + 2  # one run each, one launch
+    tokens = lake.read("tokens")
+    by_key = {(d, c): ids for d, c, ids in zip(tokens["doc_id"].to_pylist(), tokens["chunk"].to_pylist(),
+                                                tokens["input_ids"].to_pylist())}
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    matrices = weight_matrices(model)
+    for result, seed, normalizer in ((seed1, 1, "adam-floored"), (plain, 1, "none")):
+        rows, vectors = _table_vectors(lake, "train_gradients", [("fingerprint", "=", result["fingerprint"])])
+        assert rows.num_rows == tokens.num_rows == result["train_vectors"]
+        spec = ProjectionSpec(seed=seed, k={m.name: 4 for m in matrices}, normalizer=normalizer)
+        assert spec.fingerprint() == result["fingerprint"]
+        normalizers = (normalizers_from_state(load_second_moments(checkpoint), matrices, normalizer)
+                       if normalizer != "none" else {})
+        keys = list(zip(rows["doc_id"].to_pylist(), rows["chunk"].to_pylist()))[::7]
+        direct = GradientProjector(model, spec, normalizers)(document_batch([by_key[k] for k in keys])).numpy()
+        np.testing.assert_allclose(vectors[::7], direct, rtol=1e-4, atol=1e-4 * np.abs(direct).max())
+
+
 def test_fit_hessian_equals_the_autocorrelation_of_the_stored_vectors(indexed, tmp_path):
     lake, checkpoint, results, _ = indexed
     fit = results["fit"]
