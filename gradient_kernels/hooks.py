@@ -19,6 +19,7 @@ Parameters are frozen during the pass: nothing needs ∂loss/∂W, only the acti
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -32,46 +33,51 @@ from gradient_kernels.projection import ProjectionSpec, gaussian_projection
 EXACT_CHUNK_BYTES = 4 * 2**20
 
 
-class GradientProjector:
-    """Maps a batch to its per-example vectors p(z) = P · (g(z) / sqrt(V)), shape (B, spec.dim)."""
+@dataclass
+class _Head:
+    """One spec's projections of one matrix; `denominator` set when its correction is exact."""
+    p_out: torch.Tensor
+    p_in: torch.Tensor
+    denominator: torch.Tensor | None
 
-    def __init__(self, model: nn.Module, spec: ProjectionSpec, normalizers: dict | None = None):
+
+class GradientProjector:
+    """Maps a batch to its per-example vectors p(z) = P · (g(z) / sqrt(V)), shape (B, spec.dim).
+
+    With `more` (further (spec, normalizers) pairs) one forward and backward pass serves every
+    spec, and `project` returns one tensor per spec: specs whose exact corrections share a
+    denominator tensor (the same object) also share its division, so other projection seeds of the
+    same extraction cost only their projections."""
+
+    def __init__(self, model: nn.Module, spec: ProjectionSpec, normalizers: dict | None = None, more=()):
         self.model, self.spec = model.eval(), spec
         self.fingerprint = spec.fingerprint()
-        normalizers = normalizers or {}
+        self.specs = [spec] + [s for s, _ in more]
         by_name = {m.name: m for m in weight_matrices(model)}
-        unknown = [name for name in spec.k if name not in by_name]
-        if unknown:
-            raise ValueError(f"the model has no weight matrices named {unknown}")
-        if spec.normalizer != "none" and set(normalizers) < set(spec.k):
-            missing = sorted(set(spec.k) - set(normalizers))
-            raise ValueError(f"normaliser {spec.normalizer!r} lacks state for {missing[:3]}{'...' if len(missing) > 3 else ''}")
         device = next(model.parameters()).device
-        self.matrices: list[WeightMatrix] = [by_name[name] for name in spec.k]
-        self.p_out, self.p_in, self.exact = {}, {}, {}
-        for m in self.matrices:
-            p_out = gaussian_projection(spec.seed, m.name, "out", spec.k[m.name], m.out_features)
-            p_in = gaussian_projection(spec.seed, m.name, "in", spec.k[m.name], m.in_features)
-            normalizer = normalizers.get(m.name) if spec.normalizer != "none" else None
-            if isinstance(normalizer, FactoredNormalizer):
-                p_out, p_in = p_out * normalizer.out_scale, p_in * normalizer.in_scale
-            elif isinstance(normalizer, ExactNormalizer):
-                self.exact[m.name] = normalizer.denominator.to(device)
-            self.p_out[m.name], self.p_in[m.name] = p_out.to(device), p_in.to(device)
-        self._blocks: dict = {}
+        # matrix name -> one head per spec using it (None where a spec leaves the matrix out)
+        self.heads: dict[str, list[_Head | None]] = {}
+        for index, (one, its_normalizers) in enumerate([(spec, normalizers)] + list(more)):
+            for name, head in _heads(one, its_normalizers or {}, by_name, device).items():
+                self.heads.setdefault(name, [None] * len(self.specs))[index] = head
+        self.matrices: list[WeightMatrix] = [by_name[name] for name in self.heads]
+        self._blocks: list[dict] = []
 
     def __call__(self, batch: Batch) -> torch.Tensor:
+        return self.project(batch)[0]
+
+    def project(self, batch: Batch) -> list[torch.Tensor]:
         device = next(self.model.parameters()).device
         batch = batch.to(device)
-        self._blocks = {}
+        self._blocks = [{} for _ in self.specs]
         with self._hooks(), _frozen(self.model):
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long()).logits
             per_example_loss(logits, batch).sum().backward()
-        blocks, self._blocks = self._blocks, {}
+        blocks, self._blocks = self._blocks, []
         size = len(batch)
-        return torch.cat([blocks[m.name].reshape(size, -1) if m.name in blocks
-                          else torch.zeros(size, self.spec.k[m.name] ** 2, device=device)
-                          for m in self.matrices], dim=1)
+        return [torch.cat([found[name].reshape(size, -1) if name in found
+                           else torch.zeros(size, spec.k[name] ** 2, device=device) for name in spec.k], dim=1)
+                for spec, found in zip(self.specs, blocks)]
 
     # ------------------------------------------------------------------ hooks
     @contextmanager
@@ -88,9 +94,11 @@ class GradientProjector:
 
     def _matrix_hook(self, m: WeightMatrix):
         def forward_hook(module, args, output):
-            x = args[0].float()
-            saved = x.detach() if m.name in self.exact else x.detach() @ self.p_in[m.name].T
-            output.register_hook(lambda grad: self._add_block(m.name, grad.float(), saved))
+            x = args[0].float().detach()
+            # factored heads keep only k numbers per token; the inputs themselves only for exact ones
+            projected = [x @ head.p_in.T for _, head in self._factored(m.name)]
+            saved = x if self._exact(m.name) else None
+            output.register_hook(lambda grad: self._add_block(m.name, grad.float(), projected, saved))
         return forward_hook
 
     def _embedding_hook(self, tied: WeightMatrix | None):
@@ -103,41 +111,82 @@ class GradientProjector:
             return output
         return forward_hook
 
-    def _add_block(self, name: str, grad_out: torch.Tensor, saved_in: torch.Tensor):
-        if name in self.exact:
+    def _add_block(self, name: str, grad_out: torch.Tensor, projected_in: list, saved_in: torch.Tensor | None):
+        for (index, head), x in zip(self._factored(name), projected_in):
+            self._accumulate(index, name, torch.einsum("btk,btl->bkl", grad_out @ head.p_out.T, x))
+        if saved_in is not None:
             rows = self._exact_rows(name)
-            block = torch.cat([self._project_exact(name, torch.bmm(g.transpose(1, 2), x))
-                               for g, x in zip(grad_out.split(rows), saved_in.split(rows))])
-        else:
-            block = torch.einsum("btk,btl->bkl", grad_out @ self.p_out[name].T, saved_in)
-        self._accumulate(name, block)
+            self._add_exact(name, (torch.bmm(g.transpose(1, 2), x)
+                                   for g, x in zip(grad_out.split(rows), saved_in.split(rows))))
 
     def _add_embedding_block(self, name: str, grad_embedding: torch.Tensor, token_ids: torch.Tensor):
-        if name in self.exact:
-            rows, blocks = self._exact_rows(name), []
-            for grads, ids in zip(grad_embedding.split(rows), token_ids.split(rows)):
-                size, _, width = grads.shape
-                gradient = grads.new_zeros(size, self.p_out[name].shape[1], width)
-                gradient.scatter_add_(1, ids[..., None].expand(-1, -1, width), grads)
-                blocks.append(self._project_exact(name, gradient))
-            block = torch.cat(blocks)
-        else:
-            out_side = self.p_out[name].T[token_ids]  # (B, T, k): column token(t) of P_out
-            block = torch.einsum("btk,btl->bkl", out_side, grad_embedding @ self.p_in[name].T)
-        self._accumulate(name, block)
+        for index, head in self._factored(name):
+            out_side = head.p_out.T[token_ids]  # (B, T, k): column token(t) of P_out
+            self._accumulate(index, name, torch.einsum("btk,btl->bkl", out_side, grad_embedding @ head.p_in.T))
+        if self._exact(name):
+            vocabulary = next(h for _, h in self._exact(name)).p_out.shape[1]
+
+            def gradients():
+                rows = self._exact_rows(name)
+                for grads, ids in zip(grad_embedding.split(rows), token_ids.split(rows)):
+                    size, _, width = grads.shape
+                    gradient = grads.new_zeros(size, vocabulary, width)
+                    yield gradient.scatter_add_(1, ids[..., None].expand(-1, -1, width), grads)
+            self._add_exact(name, gradients())
+
+    def _add_exact(self, name: str, gradients):
+        """Full per-example gradients, a chunk of examples at a time: each distinct denominator
+        divides a chunk once, then every head sharing it projects the result."""
+        by_denominator: dict[int, list] = {}
+        for index, head in self._exact(name):
+            by_denominator.setdefault(id(head.denominator), []).append((index, head))
+        blocks: dict[int, list] = {index: [] for index, _ in self._exact(name)}
+        for gradient in gradients:
+            for heads in by_denominator.values():
+                corrected = gradient / heads[0][1].denominator
+                for index, head in heads:
+                    blocks[index].append(head.p_out @ corrected @ head.p_in.T)
+        for index, chunks in blocks.items():
+            self._accumulate(index, name, torch.cat(chunks))
+
+    def _factored(self, name: str) -> list:
+        return [(i, h) for i, h in enumerate(self.heads[name]) if h is not None and h.denominator is None]
+
+    def _exact(self, name: str) -> list:
+        return [(i, h) for i, h in enumerate(self.heads[name]) if h is not None and h.denominator is not None]
 
     def _exact_rows(self, name: str) -> int:
         """Examples whose full gradients of this matrix are formed at once: few enough that they
         stay within EXACT_CHUNK_BYTES. Big tensors made and freed per batch cost more in page
         faults (kernel time) than the arithmetic: measured 2.5x slower with the whole batch at once."""
-        return max(1, EXACT_CHUNK_BYTES // (self.exact[name].numel() * 4))
+        return max(1, EXACT_CHUNK_BYTES // (self._exact(name)[0][1].denominator.numel() * 4))
 
-    def _project_exact(self, name: str, gradient: torch.Tensor) -> torch.Tensor:
-        corrected = gradient.div_(self.exact[name])
-        return self.p_out[name] @ corrected @ self.p_in[name].T
+    def _accumulate(self, index: int, name: str, block: torch.Tensor):
+        found = self._blocks[index]
+        found[name] = found[name] + block if name in found else block
 
-    def _accumulate(self, name: str, block: torch.Tensor):
-        self._blocks[name] = self._blocks[name] + block if name in self._blocks else block
+
+def _heads(spec: ProjectionSpec, normalizers: dict, by_name: dict, device) -> dict[str, _Head]:
+    """One spec's projection of each of its matrices, with its correction folded in (factored) or
+    kept as the exact denominator."""
+    unknown = [name for name in spec.k if name not in by_name]
+    if unknown:
+        raise ValueError(f"the model has no weight matrices named {unknown}")
+    if spec.normalizer != "none" and set(normalizers) < set(spec.k):
+        missing = sorted(set(spec.k) - set(normalizers))
+        raise ValueError(f"normaliser {spec.normalizer!r} lacks state for {missing[:3]}{'...' if len(missing) > 3 else ''}")
+    heads = {}
+    for name, k in spec.k.items():
+        m = by_name[name]
+        p_out = gaussian_projection(spec.seed, m.name, "out", k, m.out_features)
+        p_in = gaussian_projection(spec.seed, m.name, "in", k, m.in_features)
+        normalizer, denominator = normalizers.get(name) if spec.normalizer != "none" else None, None
+        if isinstance(normalizer, FactoredNormalizer):
+            p_out, p_in = p_out * normalizer.out_scale, p_in * normalizer.in_scale
+        elif isinstance(normalizer, ExactNormalizer):
+            denominator = normalizer.denominator.to(device)
+        heads[name] = _Head(p_out.to(device), p_in.to(device), denominator)
+    return heads
 
 
 @contextmanager

@@ -172,7 +172,7 @@ def run_many(configs: list[ExtractConfig]) -> list[dict]:
     from jobs.checkpoints import check_complete
 
     first = configs[0]
-    shared = {"lake", "checkpoint", "ranks", "query_set", "force", "optimizer_source"}
+    shared = {"lake", "checkpoint", "ranks", "query_set", "force", "token_budget"}
     differing = sorted(f for f in shared for c in configs if getattr(c, f) != getattr(first, f))
     if differing:
         raise ValueError(f"extractions launched together must share {sorted(shared)}; these differ: {differing}")
@@ -276,40 +276,57 @@ def token_budget_batches(lengths: list[int], budget: int) -> list[list[int]]:
     return batches
 
 
-class RankWorker:
-    """One rank's work on one extraction of the plan; the model and tokenizer are the rank's own,
-    shared by the plan's extractions."""
+class Extraction:
+    """One extraction of the plan as a rank sees it: its config, spec, run and output."""
 
-    def __init__(self, plan: dict, rank: int, model, tokenizer, second_moments):
-        from gradient_kernels.hooks import GradientProjector
-        from gradient_kernels.modules import weight_matrices
-        from gradient_kernels.normalizers import normalizers_from_state
+    def __init__(self, job: dict, checkpoint_id: str):
         from gradient_kernels.projection import ProjectionSpec
 
-        self.plan, self.rank = plan, rank
-        self.config = ExtractConfig(**plan["config"])
-        self.lake = Lake(plan["lake"])
+        self.config, self.spec = ExtractConfig(**job["config"]), ProjectionSpec(**job["spec"])
+        self.fingerprint, self.run_id, self.checkpoint_id = self.spec.fingerprint(), job["run_id"], checkpoint_id
+
+    def vector_columns(self, vectors, dtype: str | None = None) -> dict:
+        import numpy as np
+
+        from schemas.vectors import decode_vectors, encode_vectors
+
+        dtype, n = dtype or self.config.vector_dtype, len(vectors)
+        cells, scales = encode_vectors(vectors, dtype)
+        stored = decode_vectors(cells, dtype, scales, vectors.shape[1])  # the norm of what readers will see
+        return {"vector": cells, "dtype": [dtype] * n,
+                "scale": scales if scales is not None else pa.nulls(n, pa.float32()),
+                "norm": np.linalg.norm(stored, axis=1).astype(np.float32), "fingerprint": [self.fingerprint] * n,
+                "run_id": [self.run_id] * n}
+
+
+class RankWorker:
+    """One rank's work on one work item (the query set or a partition) for every extraction of the
+    plan that needs it: one forward and backward pass per batch serves them all
+    (`GradientProjector.project`), and each extraction's slice is written and committed alone."""
+
+    def __init__(self, lake: Lake, extractions: list[Extraction], rank: int, model, tokenizer, normalizers_for):
+        from gradient_kernels.hooks import GradientProjector
+
+        self.lake, self.extractions, self.rank = lake, extractions, rank
         self.model, self.tokenizer = model, tokenizer
-        spec = ProjectionSpec(**plan["spec"])
-        state = second_moments(self.config.optimizer_source) if spec.normalizer != "none" else {}
-        normalizers = normalizers_from_state(state, weight_matrices(self.model), spec.normalizer) if state else {}
-        self.projector = GradientProjector(self.model, spec, normalizers)
-        self.spec, self.fingerprint = spec, spec.fingerprint()
+        self.token_budget = extractions[0].config.token_budget
+        specs = [(e.spec, normalizers_for(e.spec.normalizer, e.config.optimizer_source)) for e in extractions]
+        self.projector = GradientProjector(model, *specs[0], more=specs[1:])
 
     def vectors(self, batches_of_batch, total_rows: int, label: str):
-        """Yields (row indices, vectors) per batch, with progress."""
+        """Yields (row indices, [vectors of each extraction]) per batch, with progress."""
         from jobs.progress import Progress
 
         progress = Progress(f"extract rank {self.rank} {label}", total_rows, unit="rows")
         for indices, batch in batches_of_batch:
-            vectors = self.projector(batch).cpu()
+            vectors = [v.cpu() for v in self.projector.project(batch)]
             progress.update(len(indices), int(batch.attention_mask.sum()))
             yield indices, vectors
 
     def extract_partition(self, partition: int):
-        """Streams the partition: each batch's vectors are encoded and handed to the Delta writer
-        as soon as they are computed (one commit at the end), so a rank's memory does not grow with
-        the partition, and the writer writes while the next batch is computed."""
+        """Streams the partition: each batch's vectors are encoded and handed to the Delta writers
+        as soon as they are computed (one commit per extraction at the end), so a rank's memory does
+        not grow with the partition, and the writers write while the next batch is computed."""
         import numpy as np
         import torch
 
@@ -325,30 +342,38 @@ class RankWorker:
                              f"re-tokenize with `python -m jobs tokenize --context {positions} --force`")
         pad = self.tokenizer.eos_token_id or 0
         batches = ((b, document_batch([ids[i] for i in b], pad)) for b in
-                   token_budget_batches(rows["n_tokens"].to_pylist(), self.config.token_budget))
-        sums, nonfinite = Autocorrelation(self.spec.block_sizes()), []
-        source = f"train_gradients/partition={partition}"
+                   token_budget_batches(rows["n_tokens"].to_pylist(), self.token_budget))
+        sums = [Autocorrelation(e.spec.block_sizes()) for e in self.extractions]
+        nonfinite: list[list[str]] = [[] for _ in self.extractions]
 
         def encoded():
-            for indices, batch_vectors in self.vectors(batches, rows.num_rows, f"partition {partition}"):
-                vectors = batch_vectors.numpy()
-                finite = np.isfinite(vectors).all(axis=1)
-                nonfinite.extend(f"{rows['doc_id'][i].as_py()}#{rows['chunk'][i].as_py()}"
-                                 for i in np.asarray(indices)[~finite])
-                kept, vectors = rows.take(pa.array(np.asarray(indices)[finite], pa.int64())), vectors[finite]
-                sums.add(torch.from_numpy(vectors))
-                yield pa.table({"checkpoint_id": [self.plan["checkpoint_id"]] * len(kept),
-                                "partition": [partition] * len(kept), "doc_id": kept["doc_id"], "chunk": kept["chunk"],
-                                "n_tokens": kept["n_tokens"], **self._vector_columns(vectors)})
+            for indices, per_extraction in self.vectors(batches, rows.num_rows, f"partition {partition}"):
+                tables = []
+                for e, batch_vectors, its_sums, its_nonfinite in zip(self.extractions, per_extraction, sums, nonfinite):
+                    vectors = batch_vectors.numpy()
+                    finite = np.isfinite(vectors).all(axis=1)
+                    its_nonfinite.extend(f"{rows['doc_id'][i].as_py()}#{rows['chunk'][i].as_py()}"
+                                         for i in np.asarray(indices)[~finite])
+                    kept, vectors = rows.take(pa.array(np.asarray(indices)[finite], pa.int64())), vectors[finite]
+                    its_sums.add(torch.from_numpy(vectors))
+                    tables.append(pa.table({"checkpoint_id": [e.checkpoint_id] * len(kept),
+                                            "partition": [partition] * len(kept), "doc_id": kept["doc_id"],
+                                            "chunk": kept["chunk"], "n_tokens": kept["n_tokens"],
+                                            **e.vector_columns(vectors)}))
+                yield tables
 
-        self.lake.replace_slice_batches("train_gradients", encoded(), checkpoint_id=self.plan["checkpoint_id"],
-                                        partition=partition, fingerprint=self.fingerprint)
-        self._quarantine_nonfinite(nonfinite, source)
-        self._save_sums(TRAIN, partition, sums)
+        self.lake.replace_slices_together("train_gradients", [
+            {"checkpoint_id": e.checkpoint_id, "partition": partition, "fingerprint": e.fingerprint}
+            for e in self.extractions], encoded())
+        for e, its_sums, its_nonfinite in zip(self.extractions, sums, nonfinite):
+            self._quarantine_nonfinite(e, its_nonfinite, f"train_gradients/partition={partition}")
+            self._save_sums(e, TRAIN, partition, its_sums)
 
     def extract_queries(self, query_set: str):
         import numpy as np
+        import torch
 
+        from gradient_kernels.hessian import Autocorrelation
         from gradient_kernels.losses import query_batch
 
         rows = self.lake.read("queries", filters=[("query_set", "=", query_set)])
@@ -363,61 +388,40 @@ class RankWorker:
                 keys.append((query["query_id"], index))
         lengths = [len(p) + len(t) for p, t in zip(prompts, targets)]
         batches = ((b, query_batch([prompts[i] for i in b], [targets[i] for i in b], eos or 0))
-                   for b in token_budget_batches(lengths, self.config.token_budget))
-        vectors = np.zeros((len(keys), self.spec.dim), dtype=np.float32)
-        for indices, batch_vectors in self.vectors(batches, len(keys), f"queries {query_set}"):
-            vectors[indices] = batch_vectors.numpy()
-        keep = self._split_nonfinite(vectors, [f"{q}/prompt{i}" for q, i in keys], source=f"query_gradients/{query_set}")
-        table = pa.table({"query_set": [query_set] * len(keep), "checkpoint_id": [self.plan["checkpoint_id"]] * len(keep),
-                          "query_id": [keys[i][0] for i in keep], "prompt_index": [keys[i][1] for i in keep],
-                          **self._vector_columns(vectors[keep], QUERY_DTYPE)})
-        self.lake.replace_slice("query_gradients", table, query_set=query_set, checkpoint_id=self.plan["checkpoint_id"],
-                                fingerprint=self.fingerprint)
-        self._save_autocorrelation(QUERY, query_set, vectors[keep])
+                   for b in token_budget_batches(lengths, self.token_budget))
+        vectors = [np.zeros((len(keys), e.spec.dim), dtype=np.float32) for e in self.extractions]
+        for indices, per_extraction in self.vectors(batches, len(keys), f"queries {query_set}"):
+            for its_vectors, batch_vectors in zip(vectors, per_extraction):
+                its_vectors[indices] = batch_vectors.numpy()
+        for e, its_vectors in zip(self.extractions, vectors):
+            finite = np.isfinite(its_vectors).all(axis=1)
+            self._quarantine_nonfinite(e, [f"{q}/prompt{i}" for (q, i), ok in zip(keys, finite) if not ok],
+                                       f"query_gradients/{query_set}")
+            keep = np.flatnonzero(finite).tolist()
+            table = pa.table({"query_set": [query_set] * len(keep), "checkpoint_id": [e.checkpoint_id] * len(keep),
+                              "query_id": [keys[i][0] for i in keep], "prompt_index": [keys[i][1] for i in keep],
+                              **e.vector_columns(its_vectors[keep], QUERY_DTYPE)})
+            self.lake.replace_slice("query_gradients", table, query_set=query_set, checkpoint_id=e.checkpoint_id,
+                                    fingerprint=e.fingerprint)
+            self._save_sums(e, QUERY, query_set,
+                            Autocorrelation(e.spec.block_sizes()).add(torch.from_numpy(its_vectors[keep])))
 
-    def _split_nonfinite(self, vectors, positions: list[str], source: str):
-        """Rows with NaN/inf vectors go to quarantine with the reason, the rest are kept."""
-        import numpy as np
-
-        finite = np.isfinite(vectors).all(axis=1)
-        self._quarantine_nonfinite([positions[i] for i in np.flatnonzero(~finite)], source)
-        return np.flatnonzero(finite).tolist()
-
-    def _quarantine_nonfinite(self, positions: list[str], source: str):
+    def _quarantine_nonfinite(self, e: Extraction, positions: list[str], source: str):
+        """Rows with NaN/inf vectors go to quarantine with the reason (the rest are kept)."""
         from infra.quarantine import quarantine_rows
 
         if positions:
             quarantine_rows(self.lake, [{"source": source, "position": position,
                                          "reason": "non-finite gradient (NaN or inf loss or activations)",
                                          "raw_value": None} for position in positions], stage="extract",
-                            run_id=self.plan["run_id"])
+                            run_id=e.run_id)
             print(f"[extract rank {self.rank}] {len(positions)} row(s) of {source} quarantined: non-finite gradients",
                   flush=True)
 
-    def _vector_columns(self, vectors, dtype: str | None = None) -> dict:
-        import numpy as np
-
-        from schemas.vectors import decode_vectors, encode_vectors
-
-        dtype, n = dtype or self.config.vector_dtype, len(vectors)
-        cells, scales = encode_vectors(vectors, dtype)
-        stored = decode_vectors(cells, dtype, scales, vectors.shape[1])  # the norm of what readers will see
-        return {"vector": cells, "dtype": [dtype] * n,
-                "scale": scales if scales is not None else pa.nulls(n, pa.float32()),
-                "norm": np.linalg.norm(stored, axis=1).astype(np.float32), "fingerprint": [self.fingerprint] * n,
-                "run_id": [self.plan["run_id"]] * n}
-
-    def _save_autocorrelation(self, kind: str, item, vectors):
-        import torch
-
-        from gradient_kernels.hessian import Autocorrelation
-
-        self._save_sums(kind, item, Autocorrelation(self.spec.block_sizes()).add(torch.from_numpy(vectors)))
-
-    def _save_sums(self, kind: str, item, sums):
+    def _save_sums(self, e: Extraction, kind: str, item, sums):
         from infra.matrices import save_matrices
 
-        save_matrices(autocorrelation_path(self.lake, self.plan["checkpoint_id"], self.fingerprint, kind, item),
+        save_matrices(autocorrelation_path(self.lake, e.checkpoint_id, e.fingerprint, kind, item),
                       {f"block{i:03d}": s for i, s in enumerate(sums.sums)}, {"count": sums.count})
 
 
@@ -427,6 +431,8 @@ def extract_rank(plan_path: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from gradient_kernels.modules import weight_matrices
+    from gradient_kernels.normalizers import normalizers_from_state
     from jobs.checkpoints import load_second_moments
 
     plan = json.loads(storage.read_bytes(plan_path))
@@ -435,17 +441,27 @@ def extract_rank(plan_path: str):
     checkpoint_dir = Path(plan["checkpoint_dir"])
     model = AutoModelForCausalLM.from_pretrained(checkpoint_dir).to(bind_rank_device()).eval()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
-    second_moments = cache(lambda source: load_second_moments(checkpoint_dir, source))
-    work = [(j, kind, item) for j, job in enumerate(plan["jobs"]) for kind, item in job["items"]]
-    workers = {}
-    for j, kind, item in work[rank::world]:
-        if j not in workers:
-            job = plan["jobs"][j] | {"lake": plan["lake"], "checkpoint_id": plan["checkpoint_id"]}
-            workers[j] = RankWorker(job, rank, model, tokenizer, second_moments)
+
+    @cache  # one normaliser object per kind: extractions sharing it share its division (GradientProjector)
+    def normalizers_for(normalizer: str, source: str) -> dict:
+        if normalizer == "none":
+            return {}
+        return normalizers_from_state(load_second_moments(checkpoint_dir, source), weight_matrices(model), normalizer)
+
+    extractions = [Extraction(job, plan["checkpoint_id"]) for job in plan["jobs"]]
+    needed: dict[tuple, list[int]] = {}  # work item -> the extractions that need it
+    for index, job in enumerate(plan["jobs"]):
+        for kind, item in job["items"]:
+            needed.setdefault((kind, item), []).append(index)
+    lake, workers = Lake(plan["lake"]), {}
+    for (kind, item), indices in list(needed.items())[rank::world]:
+        key = tuple(indices)
+        if key not in workers:
+            workers[key] = RankWorker(lake, [extractions[i] for i in indices], rank, model, tokenizer, normalizers_for)
         if kind == QUERY:
-            workers[j].extract_queries(item)
+            workers[key].extract_queries(item)
         else:
-            workers[j].extract_partition(item)
+            workers[key].extract_partition(item)
 
 
 def add_arguments(parser: argparse.ArgumentParser):

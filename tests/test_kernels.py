@@ -106,10 +106,30 @@ def test_exact_path_in_chunks_of_examples_equals_the_reference(arch, monkeypatch
     whole = GradientProjector(model, spec, normalizers)(batch)
     monkeypatch.setattr(hooks, "EXACT_CHUNK_BYTES", 1)
     projector = GradientProjector(model, spec, normalizers)
-    assert all(projector._exact_rows(name) == 1 for name in projector.exact)
+    assert all(projector._exact_rows(name) == 1 for name in projector.heads)
     chunked = projector(batch)
     assert _rel_err(chunked, reference_vectors(model, batch, spec, normalizers)) < 1e-4
     assert _rel_err(chunked, whole) < 1e-6
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_several_specs_in_one_pass_equal_each_alone(arch):
+    """Other seeds, sizes and normalisers share one backward pass (and, with the same state, one
+    division per chunk); each spec's vectors are those of its own projector."""
+    model, spec, exact = _setup(arch, "adam-exact")
+    state = _train_state(model, "adam")
+    matrices = weight_matrices(model)
+    factored = normalizers_from_state(state, matrices, "adam-factored")
+    more = [(ProjectionSpec(seed=8, k=uniform_k(matrices, 4), normalizer="adam-exact"), exact),
+            (ProjectionSpec(seed=7, k=uniform_k(matrices, 3), normalizer="none"), {}),
+            (ProjectionSpec(seed=9, k=uniform_k(matrices, 4), normalizer="adam-factored"), factored)]
+    batch = document_batch(_documents())
+    together = GradientProjector(model, spec, exact, more=more).project(batch)
+    for (one, normalizers), vectors in zip([(spec, exact)] + more, together):
+        alone = GradientProjector(model, one, normalizers)(batch)
+        assert vectors.shape == alone.shape == (5, one.dim)
+        assert _rel_err(vectors, alone) < 1e-6
+    assert _rel_err(together[1], reference_vectors(model, batch, more[0][0], exact)) < 1e-4
 
 
 def test_covers_every_matrix_kind_and_ties_the_head_once():

@@ -111,6 +111,31 @@ def test_replace_slice_batches_commits_once_and_a_failing_producer_leaves_the_ol
         lake.replace_slice_batches("train_gradients", iter([gradient_rows("ck1", 1, 2)]), checkpoint_id="ck1", partition=0)
 
 
+def test_replace_slices_together_commits_each_slice_and_a_failure_leaves_every_slice(lake):
+    """One producer feeding two slices (as extract does for two extractions of one partition)."""
+    lake.replace_slice("train_gradients", gradient_rows("ck1", 0, 5), checkpoint_id="ck1", partition=0)
+    before = lake.version("train_gradients")
+    keys = [{"checkpoint_id": "ck1", "partition": 0}, {"checkpoint_id": "ck1", "partition": 1}]
+
+    def batches(fail_at: int | None, bad_second: bool = False):
+        for start in (0, 3, 6):
+            if start == fail_at:
+                raise RuntimeError("producer died mid-slice")
+            second = gradient_rows("ck1", 0 if bad_second and start == 3 else 1, 3, first_chunk=start, run_id="r2")
+            yield gradient_rows("ck1", 0, 3, first_chunk=100 + start, run_id="r2"), second
+
+    with pytest.raises(RuntimeError, match="mid-slice"):
+        lake.replace_slices_together("train_gradients", keys, batches(fail_at=6))
+    with pytest.raises(SchemaError, match="partition != 1"):  # one writer refuses: the other slice is not committed
+        lake.replace_slices_together("train_gradients", keys, batches(fail_at=None, bad_second=True))
+    assert lake.version("train_gradients") == before and slice_of(lake, "ck1", 0).num_rows == 5
+    assert slice_of(lake, "ck1", 1).num_rows == 0
+    lake.replace_slices_together("train_gradients", keys, batches(fail_at=None))
+    assert lake.version("train_gradients") == before + 2  # one commit per slice
+    assert sorted(slice_of(lake, "ck1", 0)["chunk"].to_pylist()) == list(range(100, 109))
+    assert sorted(slice_of(lake, "ck1", 1)["chunk"].to_pylist()) == list(range(9))
+
+
 def test_replace_slice_refuses_non_keys_and_rows_outside_the_slice(lake):
     rows = gradient_rows("ck1", 0, 2)
     with pytest.raises(SchemaError, match="'doc_id' is not a slice key"):
