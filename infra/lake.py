@@ -144,71 +144,6 @@ class Lake:
             producer.join()
         return self.version(table)
 
-    def replace_slices_together(self, table: str, keys: list[dict], batches) -> list[int]:
-        """replace_slice_batches for several slices fed by one producer: `batches` yields one table
-        per slice at a time (the i-th for keys[i]), each slice is written in a thread of its own.
-        A failing producer or a batch refused by any slice's validation leaves every slice as it
-        was: the slices commit only once all of them have accepted every batch. Each then commits
-        alone (a rerun redoes only a slice whose own commit failed)."""
-        end, errors = object(), []
-        queues = [queue.Queue(maxsize=2) for _ in keys]
-        accepted, stopped = [0] * len(keys), [False] * len(keys)
-        progress = threading.Condition()
-        versions = [0] * len(keys)
-
-        def last(item) -> bool:
-            return item is end or isinstance(item, BaseException)
-
-        def stream(index: int, seen: list):
-            while not last(item := queues[index].get()):
-                yield item
-                with progress:  # the writer asks for the next batch: this one passed validation
-                    accepted[index] += 1
-                    progress.notify_all()
-            seen.append(item)
-            if item is not end:
-                raise item
-
-        def write(index: int):
-            seen: list = []
-            try:
-                versions[index] = self.replace_slice_batches(table, stream(index, seen), **keys[index])
-            except BaseException as error:
-                errors.append(error)
-                with progress:
-                    stopped[index] = True
-                    progress.notify_all()
-                while not seen and not last(queues[index].get()):
-                    pass  # drain to the last marker, so the producer never blocks on a writer that stopped
-
-        writers = [threading.Thread(target=write, args=(i,), name=f"replace-slices-{table}-{i}", daemon=True)
-                   for i in range(len(keys))]
-        for writer in writers:
-            writer.start()
-        produced = 0
-        try:
-            for tables in batches:
-                if errors:
-                    break
-                for pending, data in zip(queues, tables):
-                    pending.put(data)
-                produced += 1
-            with progress:
-                progress.wait_for(lambda: all(stopped[i] or accepted[i] == produced for i in range(len(keys))))
-        except BaseException as error:
-            for pending in queues:
-                pending.put(error)  # every writer aborts: no slice is committed half
-            for writer in writers:
-                writer.join()
-            raise
-        for pending in queues:
-            pending.put(RuntimeError(f"another slice's writer failed: {errors[0]}") if errors else end)
-        for writer in writers:
-            writer.join()
-        if errors:
-            raise errors[0]
-        return versions
-
     def update(self, table: str, keys: dict, values: dict) -> int:
         """Set `values` on the rows selected by `keys` (like replace_slice); returns rows updated."""
         spec = declared(table)
@@ -320,6 +255,11 @@ def _equals(spec: Table, name: str, value, quote: str) -> str:
     column = f"{quote}{name}{quote}"
     if value is None:
         return f"{column} IS NULL"
+    if isinstance(value, (list, tuple)):  # several slices replaced at once
+        if not value:
+            raise SchemaError(f"table {spec.name}: an empty list of {name} values selects no slice")
+        literals = [_literal(spec.column(name).type, v, f"{spec.name}.{name}", spark=quote == "`") for v in value]
+        return f"{column} IN ({', '.join(literals)})"
     return f"{column} = {_literal(spec.column(name).type, value, f'{spec.name}.{name}', spark=quote == '`')}"
 
 
@@ -351,7 +291,10 @@ def _update_value(sql_type: str, value) -> str:
 def _check_rows_in_slice(spec: Table, data: pa.Table, keys: dict) -> None:
     for name, value in keys.items():
         column = data.column(name)
-        outside = pc.sum(pc.invert(pc.is_null(column) if value is None else pc.fill_null(pc.equal(column, value), False)))
+        inside = (pc.is_null(column) if value is None
+                  else pc.is_in(column, pa.array(value, column.type)) if isinstance(value, (list, tuple))
+                  else pc.equal(column, value))
+        outside = pc.sum(pc.invert(pc.fill_null(inside, False)))
         if outside.as_py():
             raise SchemaError(f"table {spec.name}: {outside.as_py()} row(s) have {name} != {value!r}, "
                               "outside the slice being replaced")

@@ -302,7 +302,7 @@ class Extraction:
 class RankWorker:
     """One rank's work on one work item (the query set or a partition) for every extraction of the
     plan that needs it: one forward and backward pass per batch serves them all
-    (`GradientProjector.project`), and each extraction's slice is written and committed alone."""
+    (`GradientProjector.project`), and the item's slices of all of them are one commit."""
 
     def __init__(self, lake: Lake, extractions: list[Extraction], rank: int, model, tokenizer, normalizers_for):
         from gradient_kernels.hooks import GradientProjector
@@ -324,9 +324,9 @@ class RankWorker:
             yield indices, vectors
 
     def extract_partition(self, partition: int):
-        """Streams the partition: each batch's vectors are encoded and handed to the Delta writers
-        as soon as they are computed (one commit per extraction at the end), so a rank's memory does
-        not grow with the partition, and the writers write while the next batch is computed."""
+        """Streams the partition: each batch's vectors are encoded and handed to the Delta writer
+        as soon as they are computed (one commit at the end), so a rank's memory does not grow with
+        the partition, and the writer writes while the next batch is computed."""
         import numpy as np
         import torch
 
@@ -346,7 +346,7 @@ class RankWorker:
         sums = [Autocorrelation(e.spec.block_sizes()) for e in self.extractions]
         nonfinite: list[list[str]] = [[] for _ in self.extractions]
 
-        def encoded():
+        def encoded():  # one table per batch holding the rows of every extraction
             for indices, per_extraction in self.vectors(batches, rows.num_rows, f"partition {partition}"):
                 tables = []
                 for e, batch_vectors, its_sums, its_nonfinite in zip(self.extractions, per_extraction, sums, nonfinite):
@@ -360,11 +360,11 @@ class RankWorker:
                                             "partition": [partition] * len(kept), "doc_id": kept["doc_id"],
                                             "chunk": kept["chunk"], "n_tokens": kept["n_tokens"],
                                             **e.vector_columns(vectors)}))
-                yield tables
+                yield pa.concat_tables(tables)
 
-        self.lake.replace_slices_together("train_gradients", [
-            {"checkpoint_id": e.checkpoint_id, "partition": partition, "fingerprint": e.fingerprint}
-            for e in self.extractions], encoded())
+        # the partition's slices of every extraction in one commit: all written, or none
+        self.lake.replace_slice_batches("train_gradients", encoded(), checkpoint_id=self.extractions[0].checkpoint_id,
+                                        partition=partition, fingerprint=[e.fingerprint for e in self.extractions])
         for e, its_sums, its_nonfinite in zip(self.extractions, sums, nonfinite):
             self._quarantine_nonfinite(e, its_nonfinite, f"train_gradients/partition={partition}")
             self._save_sums(e, TRAIN, partition, its_sums)

@@ -14,7 +14,7 @@ import pytest
 
 from infra import storage
 from infra.config import Config, ConfigError, load_config
-from infra.lake import Lake, LakeError, TableNotFoundError, utc_now
+from infra.lake import Lake, LakeError, TableNotFoundError, slice_predicate, utc_now
 from infra.matrices import ChecksumMismatch, load_matrices, save_matrices
 from infra.quarantine import count_by_reason, quarantine_rows
 from infra.runs import finish_run, start_run
@@ -23,7 +23,8 @@ from schemas.tables import SCHEMA_VERSION_PROPERTY, TABLES, SchemaError
 from schemas.vectors import decode_vectors, encode_vectors
 
 
-def gradient_rows(checkpoint_id: str, partition: int, n: int, first_chunk: int = 0, run_id: str = "r1") -> pa.Table:
+def gradient_rows(checkpoint_id: str, partition: int, n: int, first_chunk: int = 0, run_id: str = "r1",
+                  fingerprint: str = "fp") -> pa.Table:
     vectors = np.full((n, 4), partition, dtype=np.float32) + np.arange(n, dtype=np.float32)[:, None]
     binary, _ = encode_vectors(vectors, "float32")
     return pa.table({
@@ -31,7 +32,7 @@ def gradient_rows(checkpoint_id: str, partition: int, n: int, first_chunk: int =
         "doc_id": [f"https://example.com/{partition}/{i}" for i in range(n)],
         "chunk": list(range(first_chunk, first_chunk + n)), "n_tokens": [16] * n,
         "vector": binary, "dtype": ["float32"] * n, "scale": pa.nulls(n, pa.float32()),
-        "norm": np.linalg.norm(vectors, axis=1), "fingerprint": ["fp"] * n, "run_id": [run_id] * n,
+        "norm": np.linalg.norm(vectors, axis=1), "fingerprint": [fingerprint] * n, "run_id": [run_id] * n,
     })
 
 
@@ -111,29 +112,22 @@ def test_replace_slice_batches_commits_once_and_a_failing_producer_leaves_the_ol
         lake.replace_slice_batches("train_gradients", iter([gradient_rows("ck1", 1, 2)]), checkpoint_id="ck1", partition=0)
 
 
-def test_replace_slices_together_commits_each_slice_and_a_failure_leaves_every_slice(lake):
-    """One producer feeding two slices (as extract does for two extractions of one partition)."""
-    lake.replace_slice("train_gradients", gradient_rows("ck1", 0, 5), checkpoint_id="ck1", partition=0)
+def test_a_list_of_key_values_replaces_those_slices_in_one_commit(lake):
+    """extract writes one partition of several extractions (fingerprints) as one commit."""
+    for fingerprint in ("f1", "f2", "f3"):
+        lake.replace_slice("train_gradients", gradient_rows("ck1", 0, 2, fingerprint=fingerprint),
+                           checkpoint_id="ck1", partition=0, fingerprint=fingerprint)
     before = lake.version("train_gradients")
-    keys = [{"checkpoint_id": "ck1", "partition": 0}, {"checkpoint_id": "ck1", "partition": 1}]
-
-    def batches(fail_at: int | None, bad_second: bool = False):
-        for start in (0, 3, 6):
-            if start == fail_at:
-                raise RuntimeError("producer died mid-slice")
-            second = gradient_rows("ck1", 0 if bad_second and start == 3 else 1, 3, first_chunk=start, run_id="r2")
-            yield gradient_rows("ck1", 0, 3, first_chunk=100 + start, run_id="r2"), second
-
-    with pytest.raises(RuntimeError, match="mid-slice"):
-        lake.replace_slices_together("train_gradients", keys, batches(fail_at=6))
-    with pytest.raises(SchemaError, match="partition != 1"):  # one writer refuses: the other slice is not committed
-        lake.replace_slices_together("train_gradients", keys, batches(fail_at=None, bad_second=True))
-    assert lake.version("train_gradients") == before and slice_of(lake, "ck1", 0).num_rows == 5
-    assert slice_of(lake, "ck1", 1).num_rows == 0
-    lake.replace_slices_together("train_gradients", keys, batches(fail_at=None))
-    assert lake.version("train_gradients") == before + 2  # one commit per slice
-    assert sorted(slice_of(lake, "ck1", 0)["chunk"].to_pylist()) == list(range(100, 109))
-    assert sorted(slice_of(lake, "ck1", 1)["chunk"].to_pylist()) == list(range(9))
+    both = pa.concat_tables([gradient_rows("ck1", 0, 3, first_chunk=10, fingerprint=f, run_id="r2") for f in ("f1", "f2")])
+    with pytest.raises(SchemaError, match="outside the slice"):
+        lake.replace_slice_batches("train_gradients", iter([both]), checkpoint_id="ck1", partition=0, fingerprint=["f1"])
+    lake.replace_slice_batches("train_gradients", iter([both]), checkpoint_id="ck1", partition=0,
+                               fingerprint=["f1", "f2"])
+    assert lake.version("train_gradients") == before + 1
+    rows = lake.read("train_gradients", columns=["fingerprint", "chunk"]).to_pylist()
+    assert sorted((r["fingerprint"], r["chunk"]) for r in rows) == sorted(
+        [(f, c) for f in ("f1", "f2") for c in (10, 11, 12)] + [("f3", 0), ("f3", 1)])  # f3 untouched
+    assert slice_predicate(TABLES["train_gradients"], {"fingerprint": ["a'b", "c"]}) == "\"fingerprint\" IN ('a''b', 'c')"
 
 
 def test_replace_slice_refuses_non_keys_and_rows_outside_the_slice(lake):
