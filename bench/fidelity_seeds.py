@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs import evaluate, register_queries, tokenize, train_model, world
+from demo import train_model, world
+from evaluation import evaluate
+from jobs import register_queries, tokenize
 
 METRICS = ("mrr", "recall@10", "tail_patch", "tail_patch_delta_prob")
 

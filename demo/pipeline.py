@@ -3,7 +3,7 @@
     python -m jobs pipeline                                              # the embedded fact world
     python -m jobs pipeline --corpus DIR --queries FILE [--checkpoint DIR]   # your own data
 
-Build the fact world, or import the user's C4 partitions and queries (`jobs.import_data`); train
+Build the fact world, or import the user's C4 partitions and queries (`demo.import_data`); train
 the small model, unless a checkpoint folder is given (then it is linked into the lake with its
 tokenizer); register the queries; run the nightly `trackstar_reindex` DAG with a project-local
 Airflow (`.airflow/`, SQLite): tokenize → extract → fit the Hessian → score; then the evaluation
@@ -22,7 +22,9 @@ import time
 from pathlib import Path
 
 from infra import storage
-from jobs import evaluate, import_data, model_eval, register_queries, train_model, world
+from demo import import_data, model_eval, train_model, world
+from evaluation import evaluate
+from jobs import register_queries
 from jobs.checkpoints import optimizer_state_source
 from infra.config import load_config
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from infra import storage
 from infra.config import load_config
-from jobs.import_data import ImportedDataError, WorldSummary, import_world, refuse_to_overwrite
+from demo.import_data import ImportedDataError, WorldSummary, import_world, refuse_to_overwrite
 from schemas.queries import FREQUENCY_BUCKETS
 
 # --------------------------------------------------------------------------------------- relations

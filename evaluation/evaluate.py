@@ -208,21 +208,21 @@ def evaluated_checkpoint(lake: Lake, config: EvaluateConfig) -> str:
     """The checkpoint's location (absolute path or s3:// URI): the one named (path or registered id),
     else the newest registered, else the newest the lake trained (a fresh lake with a user's corpus
     has none registered yet)."""
-    from jobs.trace import checkpoint_location
+    from jobs.catalog import checkpoint_location, latest_checkpoint_id
 
     if config.checkpoint:
         return extract.checkpoint_uri(lake, config.checkpoint)
     if config.checkpoint_id:
         return checkpoint_location(lake, config.checkpoint_id)
     if lake.read("checkpoints", columns=["checkpoint_id"]).num_rows:
-        return checkpoint_location(lake, fit_hessian.latest_checkpoint_id(lake))
+        return checkpoint_location(lake, latest_checkpoint_id(lake))
     return extract.checkpoint_uri(lake, "")
 
 
 def pipeline_rankings(lake: Lake, config: EvaluateConfig, checkpoint_id: str, fingerprint: str, methods) -> dict:
     """The Spark path for the first seed: refit the Hessian and rescore only what is missing or was
     made from other inputs (what the DAG made is reused), then read the stored proponents."""
-    from jobs.orchestrate import hessian_is_stale, last_scored_inputs
+    from jobs.catalog import hessian_is_stale, last_scored_inputs
 
     refit = (hessian_is_stale(lake, checkpoint_id, fingerprint, config.query_set, threshold=0.0)
              or not _has_every_kind(lake, checkpoint_id, fingerprint, config.query_set))

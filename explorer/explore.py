@@ -28,6 +28,7 @@ from urllib.parse import urlencode
 from infra import storage
 from infra.config import load_config
 from infra.lake import Lake
+from jobs import catalog
 from jobs.tokenize import EOS
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -44,8 +45,9 @@ class Explorer:
         self.lake = Lake(lake_root)
 
     def checkpoints(self) -> list[str]:
-        rows = self.lake.read("proponents", columns=["checkpoint_id"])
-        return sorted(set(rows["checkpoint_id"].to_pylist()))
+        """The scored checkpoints, lowest step first (the last one is the latest: `jobs.catalog`)."""
+        scored = set(self.lake.read("proponents", columns=["checkpoint_id"])["checkpoint_id"].to_pylist())
+        return [c for c in catalog.checkpoint_ids_by_step(self.lake) if c in scored]
 
     def checkpoint(self, requested: str | None) -> str:
         known = self.checkpoints()
@@ -80,7 +82,7 @@ class Explorer:
 
     @functools.cached_property
     def categorizer(self):
-        from jobs.evaluate import Categorizer
+        from evaluation.evaluate import Categorizer
 
         return Categorizer(storage.join(self.lake.root, "world"))
 
@@ -97,7 +99,7 @@ class Explorer:
 
         from gradient_kernels.losses import per_example_loss, query_batch
 
-        from jobs.trace import checkpoint_folder
+        from jobs.catalog import checkpoint_folder
 
         directory = checkpoint_folder(self.lake, checkpoint)
         model, tokenizer = AutoModelForCausalLM.from_pretrained(directory).eval(), AutoTokenizer.from_pretrained(directory)
@@ -120,7 +122,7 @@ class Explorer:
 
     @functools.lru_cache(maxsize=4)
     def tracer(self, checkpoint: str, query_set: str):
-        from jobs.trace import TraceContext
+        from explorer.trace import TraceContext
 
         return TraceContext(self.lake, checkpoint, query_set)
 
@@ -134,8 +136,8 @@ class Explorer:
 # ------------------------------------------------------------------ metrics
 def metrics(ranked: dict, queries: dict, query_ids) -> dict:
     """method -> (MRR, recall@10, n) over the given queries that have stating documents and proponents,
-    computed as the evaluation computes them (`jobs.evaluate.attribution_metrics`)."""
-    from jobs.evaluate import attribution_metrics
+    computed as the evaluation computes them (`evaluation.evaluate.attribution_metrics`)."""
+    from evaluation.evaluate import attribution_metrics
 
     truth = {q: set(queries[q]["stating_doc_ids"] or ()) for q in query_ids}
     docs = {method: {q: [r["doc_id"] for r in per_query[q]] for q in query_ids if truth[q] and per_query.get(q)}

@@ -27,6 +27,7 @@ from infra import storage
 from infra.lake import Lake
 from infra.matrices import load_matrices, load_metadata, save_matrices
 from infra.config import load_config
+from jobs.catalog import latest_checkpoint_id
 
 KINDS = ("r_train", "r_query", "inverse_root", "inverse_root_train_only", "inverse_train")
 
@@ -42,13 +43,6 @@ class FitHessianConfig:
     damping_ratio: float = 0.1    # per block: ratio × the mean eigenvalue of R_train's block
     damping_rule: str = "train-block"   # or "mixed-global": ratio × the mean eigenvalue of the whole mixed R
     r_query_exclude: tuple = ()   # query ids left out of R_query (fit it on a split the scoring does not use)
-
-
-def latest_checkpoint_id(lake: Lake) -> str:
-    rows = lake.read("checkpoints", columns=["checkpoint_id", "registered_at"])
-    if rows.num_rows == 0:
-        raise ValueError("no registered checkpoints: run `python -m jobs extract` first")
-    return max(zip(rows["registered_at"].to_pylist(), rows["checkpoint_id"].to_pylist()))[1]
 
 
 def only_fingerprint(lake: Lake, checkpoint_id: str) -> str:
@@ -235,17 +229,6 @@ def plot_spectra(query_spectrum, train_spectrum, lam: float, component: int, dia
     plt.close(fig)
     storage.write_bytes(path, png.getvalue())
     return path
-
-
-def load_preconditioner(lake: Lake, checkpoint_id: str, query_set: str, fingerprint: str, kind: str):
-    """The registered matrix of one kind, checksum-verified, as its list of blocks."""
-    rows = lake.read("hessians", filters=[("checkpoint_id", "=", checkpoint_id), ("query_set", "=", query_set),
-                                          ("fingerprint", "=", fingerprint), ("kind", "=", kind)])
-    if rows.num_rows != 1:
-        raise FileNotFoundError(f"no {kind} registered for {checkpoint_id}/{query_set}/{fingerprint}: run fit-hessian")
-    row = rows.to_pylist()[0]
-    tensors = load_matrices(row["path"], row["sha256"])
-    return [tensors[k] for k in sorted(tensors)], row
 
 
 def add_arguments(parser: argparse.ArgumentParser):

@@ -128,7 +128,7 @@ def build_partition(lake: Lake, keys: dict, partition: int, blocks: list, sha256
 def ensure_index(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: str, kind: str, dtype: str = "int8",
                  run_id: str = "", batch_bytes: int = BATCH_BYTES) -> dict:
     """Bring the index of one (checkpoint, fingerprint, query set, matrix kind, dtype) up to date."""
-    from jobs.fit_hessian import load_preconditioner
+    from jobs.catalog import load_preconditioner
 
     if kind not in KINDS or dtype not in DTYPES:
         raise ValueError(f"index kind {kind!r} / dtype {dtype!r}: kinds {KINDS}, dtypes {DTYPES}")
@@ -155,7 +155,8 @@ def ensure_index(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: st
 
 def run(config: IndexConfig) -> dict:
     from infra.runs import finish_run, start_run
-    from jobs.fit_hessian import latest_checkpoint_id, only_fingerprint
+    from jobs.catalog import latest_checkpoint_id
+    from jobs.fit_hessian import only_fingerprint
 
     lake = Lake(config.lake)
     checkpoint_id = config.checkpoint_id or latest_checkpoint_id(lake)

@@ -19,7 +19,7 @@ Methods (`--methods`), each written under its own name so they compare row for r
   trak                    R_train⁻¹ on one side, raw norms, no optimizer correction (TRAK-style)
   grad-dot, grad-cos      plain projected gradients: dot product, cosine
 The optimizer correction is decided at extraction (the fingerprint names it); `PLAIN_METHODS` are
-meant for vectors extracted with `--normalizer none` (`jobs.evaluate` wires both).
+meant for vectors extracted with `--normalizer none` (`evaluation.evaluate` wires both).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import torch
 from infra.lake import Lake
 from infra.names import check_names
 from infra.config import from_settings, load_config
+from jobs.catalog import train_vector_count
 from jobs.index import BATCH_BYTES, rows_per_batch
 
 # method -> (registered matrix kind or None, power applied to it, unit norm, on both sides)
@@ -73,7 +74,7 @@ def _prepared_side(vectors: torch.Tensor, blocks, unit_norm: bool) -> torch.Tens
 
 def method_matrices(lake: Lake, method: str, checkpoint_id: str, query_set: str, fingerprint: str):
     """(train-side blocks or None, query-side blocks or None, unit norm) for a method."""
-    from jobs.fit_hessian import load_preconditioner
+    from jobs.catalog import load_preconditioner
 
     kind = METHODS[method][0]
     matrices = {kind: load_preconditioner(lake, checkpoint_id, query_set, fingerprint, kind)[0]} if kind else {}
@@ -146,11 +147,6 @@ def scoring_inputs(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: 
             "fingerprint": fingerprint}
 
 
-def train_vector_count(lake: Lake, checkpoint_id: str, fingerprint: str) -> int:
-    return lake.read("train_gradients", filters=[("checkpoint_id", "=", checkpoint_id), ("fingerprint", "=", fingerprint)],
-                     columns=["chunk"]).num_rows
-
-
 def query_vectors(lake: Lake, query_set: str, checkpoint_id: str, fingerprint: str, prompt_index: int):
     """(query ids, vectors, dim) of one prompt of a query set, extracted under `fingerprint`."""
     import pyarrow.compute as pc
@@ -176,7 +172,8 @@ def run(config: ScoreConfig) -> dict:
     from infra.runs import finish_run, start_run
     from infra.spark import spark_session
     from jobs.index import ensure_index
-    from jobs.fit_hessian import latest_checkpoint_id, only_fingerprint
+    from jobs.catalog import latest_checkpoint_id
+    from jobs.fit_hessian import only_fingerprint
 
     check_names(query_set=config.query_set, checkpoint_id=config.checkpoint_id, fingerprint=config.fingerprint)
     lake = Lake(config.lake)

@@ -59,14 +59,14 @@ def tokenizer_fingerprint_of(tokenizer_json: bytes, context: int) -> str:
 
 def model_context(lake_root: str) -> int:
     """The context of the lake's newest checkpoint (the chunks must fit it)."""
+    from jobs.catalog import checkpoint_folders_by_step
     from jobs.checkpoints import checkpoints_location
 
     roots = [checkpoints_location(lake_root), storage.join(lake_root, "checkpoints")]  # and the folder lakes used before
-    configs = sorted((c for root in roots for c in storage.list_objects(root, suffix="/config.json")
-                      if c.count("/") - root.count("/") == 2), key=lambda c: c.rsplit("/", 2)[-2])
-    if not configs:
+    folders = next((found for found in map(checkpoint_folders_by_step, roots) if found), None)
+    if not folders:
         raise FileNotFoundError(f"no checkpoint under {roots[0]} to take the context from; pass --context")
-    config = json.loads(storage.read_bytes(configs[-1]))
+    config = json.loads(storage.read_bytes(storage.join(folders[-1], "config.json")))
     return int(config.get("n_positions") or config["max_position_embeddings"])
 
 
@@ -89,9 +89,11 @@ def tokenized_partitions(lake: Lake, fingerprint: str) -> set[int]:
     processed without finding any document (an empty or all-bad file is done, not pending forever)."""
     rows = lake.read("tokens", columns=["partition", "tokenizer_fingerprint"])
     done = {p for p, f in zip(rows["partition"].to_pylist(), rows["tokenizer_fingerprint"].to_pylist()) if f == fingerprint}
-    for run in lake.read("runs", filters=[("command", "=", "tokenize"), ("status", "=", "succeeded")]).to_pylist():
-        if json.loads(run["config_json"]).get("tokenizer_fingerprint") == fingerprint:
-            done |= set(json.loads(run["counts_json"] or "{}").get("tokenized", ()))
+    from jobs.catalog import runs_of
+
+    for _, config, counts in runs_of(lake, "tokenize"):
+        if config.get("tokenizer_fingerprint") == fingerprint:
+            done |= set(counts.get("tokenized", ()))
     return done
 
 

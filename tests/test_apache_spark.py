@@ -27,7 +27,8 @@ import pytest
 from deltalake import DeltaTable
 
 from infra.lake import Lake
-from jobs import explore, extract, fit_hessian, register_queries, score, tokenize
+from explorer import explore
+from jobs import extract, fit_hessian, register_queries, score, tokenize
 from jobs.sql import run_query
 from tests.fixtures import copy_lake
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from infra.lake import Lake
-from jobs import extract, fit_hessian, import_data, pipeline, register_queries, score, tokenize, world
+from demo import import_data, pipeline, world
+from jobs import extract, fit_hessian, register_queries, score, tokenize
 from jobs.checkpoints import CheckpointError, load_manifest, load_second_moments
 from schemas.queries import QueryFileError, load_queries
 

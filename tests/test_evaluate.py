@@ -11,7 +11,9 @@ import pytest
 
 from evaluation import metrics as M
 from infra.lake import Lake
-from jobs import evaluate, register_queries, tokenize, world
+from demo import world
+from evaluation import evaluate
+from jobs import register_queries, tokenize
 
 
 def test_mrr_and_recall_on_hand_built_ranks():

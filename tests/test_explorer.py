@@ -12,7 +12,9 @@ import pytest
 import uvicorn
 
 from infra.lake import Lake
-from jobs import evaluate, explore, extract, fit_hessian, register_queries, score, tokenize
+from evaluation import evaluate
+from explorer import explore
+from jobs import extract, fit_hessian, register_queries, score, tokenize
 from tests.fixtures import copy_lake
 
 REPORTS = Path(__file__).resolve().parent.parent / "reports"
@@ -148,7 +150,7 @@ def test_browse_filter_open_switch_and_screenshot(server, explored_lake):
 
 
 def test_trace_recomputes_a_stored_query_and_finds_its_stored_proponents(explored_lake):
-    from jobs.trace import TraceContext
+    from explorer.trace import TraceContext
 
     root, queries = explored_lake
     lake = Lake(root)

@@ -18,7 +18,7 @@ from gradient_kernels.hessian import Autocorrelation
 from gradient_kernels.scoring import Preconditioner, RunningTopK, prepare, two_stage_top_k
 from infra.lake import Lake
 from infra.matrices import save_matrices
-from jobs import fit_hessian, index, score
+from jobs import catalog, fit_hessian, index, score
 from jobs.extract import QUERY, TRAIN, autocorrelation_path
 from schemas.vectors import decode_sign_sketch, decode_vectors, encode_sign_sketch, encode_vectors
 
@@ -80,7 +80,7 @@ def small_lake(tmp_path) -> Lake:
 
 def _exact(lake: Lake):
     """(train keys, exact float32 Ḡ of every train vector, prepared queries) computed directly."""
-    blocks, _ = fit_hessian.load_preconditioner(lake, CHECKPOINT, QUERY_SET, FINGERPRINT, "inverse_root")
+    blocks, _ = catalog.load_preconditioner(lake, CHECKPOINT, QUERY_SET, FINGERPRINT, "inverse_root")
     rows = lake.read("train_gradients")
     train = decode_vectors(rows["vector"], "float32")
     queries = decode_vectors(lake.read("query_gradients")["vector"], "float32")

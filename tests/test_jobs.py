@@ -26,7 +26,7 @@ from gradient_kernels.projection import ProjectionSpec
 from gradient_kernels.scoring import FingerprintMismatch, Preconditioner, prepare
 from infra.lake import Lake
 from infra.matrices import ChecksumMismatch, load_matrices
-from jobs import extract, fit_hessian, register_queries, score, tokenize
+from jobs import catalog, extract, fit_hessian, register_queries, score, tokenize
 from jobs.checkpoints import checkpoint_path, load_second_moments
 from schemas.vectors import decode_vectors
 from tests.fixtures import copy_lake
@@ -138,14 +138,14 @@ def test_fit_hessian_equals_the_autocorrelation_of_the_stored_vectors(indexed, t
     blocks = [16] * (train.shape[1] // 16)
     r_train = Autocorrelation(blocks).add(torch.from_numpy(train)).mean()
     r_query = Autocorrelation(blocks).add(torch.from_numpy(queries)).mean()
-    stored, row = fit_hessian.load_preconditioner(lake, fit["checkpoint_id"], "fact-world", fit["fingerprint"], "r_train")
+    stored, row = catalog.load_preconditioner(lake, fit["checkpoint_id"], "fact-world", fit["fingerprint"], "r_train")
     for a, b in zip(stored, r_train):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))
     component = crossing_component(train.shape[1])  # 1.5% of the dimension
     assert fit["crossing_component"] == component
     assert fit["lambda"] == pytest.approx(crossing_lambda(spectrum(r_query), spectrum(r_train), component), rel=1e-4)
     # the inverse root: (λ·R_query + (1-λ)·R_train + D)^(-1/2), D per block from R_train's own scale
-    root, _ = fit_hessian.load_preconditioner(lake, fit["checkpoint_id"], "fact-world", fit["fingerprint"], "inverse_root")
+    root, _ = catalog.load_preconditioner(lake, fit["checkpoint_id"], "fact-world", fit["fingerprint"], "inverse_root")
     expected, _ = damped_inverse_power(mix(r_query, r_train, fit["lambda"]), train_relative_damping(r_train, 0.1))
     for a, b in zip(root, expected):
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-3, atol=1e-3 * float(b.abs().max()))

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from jobs import train_model
+from demo import train_model
 from jobs.checkpoints import CheckpointError, checkpoint_path, load_manifest, load_second_moments
-from jobs.model_eval import encode_prompt_target, evaluate_checkpoint
+from demo.model_eval import encode_prompt_target, evaluate_checkpoint
 
 def _zero_tag_dir(checkpoint):
     return checkpoint / "zero" / (checkpoint / "zero" / "latest").read_text().strip()

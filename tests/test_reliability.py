@@ -489,7 +489,7 @@ def explorer_lake(adam_run, tmp_path_factory):
 def test_the_explorer_answers_odd_requests_with_a_page_or_a_4xx(explorer_lake):
     from fastapi.testclient import TestClient
 
-    from jobs import explore
+    from explorer import explore
 
     lake, _, queries = explorer_lake
     client = TestClient(explore.create_app(lake.root))
@@ -514,8 +514,8 @@ def test_trace_and_the_explorer_refuse_a_checkpoint_whose_weights_changed(explor
     from fastapi.testclient import TestClient
     from safetensors.torch import load_file, save_file
 
-    from jobs import explore
-    from jobs.trace import checkpoint_folder
+    from explorer import explore
+    from jobs.catalog import checkpoint_folder
 
     lake, checkpoint, _ = explorer_lake
     checkpoint_id = json.loads((checkpoint / "manifest.json").read_text())["checkpoint_id"]
@@ -546,7 +546,7 @@ def test_checkpoint_folders_live_outside_every_table_folder(adam_run):
 
 def test_maintenance_compacts_checkpoints_the_log_and_keeps_foreign_files(lake):
     from infra.maintenance import maintain_lake
-    from jobs.orchestrate import maintain_lake as maintenance_task
+    from dags.orchestrate import maintain_lake as maintenance_task
     from tests.test_lake import document_rows
 
     for partition in range(2):

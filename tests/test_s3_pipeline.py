@@ -11,7 +11,9 @@ from infra import storage
 from infra.airflow_local import run_dag
 from infra.lake import Lake
 from infra.matrices import load_matrices
-from jobs import evaluate, register_queries, train_model, world
+from demo import train_model, world
+from evaluation import evaluate
+from jobs import register_queries
 from tests.fixtures import TINY, WORLD
 
 

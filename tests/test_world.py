@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs import world
+from demo import world
 from schemas.queries import read_queries
 
 
