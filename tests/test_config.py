@@ -62,7 +62,7 @@ def test_the_configured_spark_remote_is_the_endpoint(monkeypatch):
 
 def test_no_setting_is_read_from_the_environment_behind_the_configuration():
     read = set()
-    for path in [*REPO.glob("jobs/*.py"), *REPO.glob("infra/*.py"), *REPO.glob("dags/*.py")]:
+    for path in (p for package in ("jobs", "infra", "dags", "demo", "evaluation", "explorer") for p in REPO.glob(f"{package}/*.py")):
         if path.name != "config.py":
             read |= set(re.findall(r"""environ(?:\.get\(|\[)\s*["'](TRACKSTAR_\w+)""", path.read_text()))
     # a test hook for injected failures, the explorer's access token (a secret, never stored), and the
