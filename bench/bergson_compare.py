@@ -123,7 +123,7 @@ def run_ours(source: Lake, folder: Path, checkpoint: Path, queries: list, tokens
                        query_set=query_set["query_set"])
     seconds = {}
     started = time.perf_counter()
-    extracted = extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(checkpoint), ranks=1, seed=seed,
+    extracted = extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(checkpoint), ranks=1, projection_seed=seed,
                                                   query_set=query_set["query_set"]))
     seconds["extract"] = time.perf_counter() - started
     started = time.perf_counter()

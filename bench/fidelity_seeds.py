@@ -31,7 +31,7 @@ def evaluate_one(out: Path, optimizer: str, seed: int, tail_patch_queries: int) 
     summary = lake / "reports" / "eval.json"
     if summary.exists():  # resumable: a finished run is kept
         return json.loads(summary.read_text())
-    world.run(world.WorldConfig(out_dir=str(lake), seed=0))
+    world.run(world.WorldConfig(out_dir=str(lake), world_seed=0))
     train_model.run(train_model.TrainConfig(lake=str(lake), seed=seed, optimizer=optimizer))
     tokenize.run(tokenize.TokenizeConfig(lake=str(lake)))
     register_queries.run(str(lake))

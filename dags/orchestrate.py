@@ -6,7 +6,7 @@ a rerun with nothing new changes no table.
 
 Settings come from `infra.config.load_config()`, as for the CLI: the TOML file, TRACKSTAR_*
 variables and, inside an Airflow task, the run's params (lake_root, checkpoints, refit_threshold,
-k_per_module, projection_seed, vector_dtype, batch_token_budget, hessian_*, top_k, ...).
+projection_k, projection_seed, vector_dtype, batch_token_budget, hessian_*, top_k, ...).
 """
 
 from __future__ import annotations
@@ -79,9 +79,9 @@ def refit_hessians(extraction: dict, query_sets: list[str]) -> list[str]:
 
 
 def rescore_changed(extraction: dict, query_sets: list[str], methods: list[str] | None = None,
-                    k: int | None = None) -> list[str]:
-    """Rescore the query sets whose inputs changed since their last scoring (k: default top_k); returns them."""
-    lake, rescored, k = Lake(lake_root()), [], k or score.ScoreConfig().k
+                    top_k: int | None = None) -> list[str]:
+    """Rescore the query sets whose inputs changed since their last scoring; returns them."""
+    lake, rescored, top_k = Lake(lake_root()), [], top_k or score.ScoreConfig().top_k
     methods = list(methods or DEFAULT_METHODS)
     for query_set in query_sets:
         inputs = score.scoring_inputs(lake, extraction["checkpoint_id"], extraction["fingerprint"], query_set)
@@ -89,7 +89,7 @@ def rescore_changed(extraction: dict, query_sets: list[str], methods: list[str] 
                for m in methods):
             continue
         score.run(score.ScoreConfig(lake=lake_root(), checkpoint_id=extraction["checkpoint_id"], query_set=query_set,
-                                    fingerprint=extraction["fingerprint"], methods=methods, k=k))
+                                    fingerprint=extraction["fingerprint"], methods=methods, top_k=top_k))
         rescored.append(query_set)
     return rescored
 
@@ -179,9 +179,9 @@ def partitions_in_range(first: int | None, last: int | None) -> list[int] | None
     return chosen
 
 
-def score_query_set(extraction: dict, query_set: str, methods: list[str], k: int) -> dict:
+def score_query_set(extraction: dict, query_set: str, methods: list[str], top_k: int) -> dict:
     return score.run(score.ScoreConfig(lake=lake_root(), checkpoint_id=extraction["checkpoint_id"], query_set=query_set,
-                                       fingerprint=extraction["fingerprint"], methods=list(methods), k=k))
+                                       fingerprint=extraction["fingerprint"], methods=list(methods), top_k=top_k))
 
 
 def evaluate_if_ground_truth(extraction: dict, query_set: str) -> dict | None:

@@ -322,7 +322,7 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--micro-batch", type=int, default=defaults.micro_batch)
-    parser.add_argument("--seed", type=int, default=load_config().seed)
+    parser.add_argument("--seed", type=int, default=load_config().world_seed)
     parser.add_argument("--max-steps", type=int, default=None)
 
 

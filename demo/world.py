@@ -123,7 +123,7 @@ BUCKETS = FREQUENCY_BUCKETS
 @dataclass
 class WorldConfig:
     out_dir: str = "lake"
-    seed: int = 0
+    world_seed: int = 0
     n_partitions: int = 4
     facts_per_bucket: int = 40
     buckets: tuple = BUCKETS
@@ -357,7 +357,7 @@ def run(config: WorldConfig) -> WorldSummary:
             raise ValueError("importing a world needs both --corpus and --queries")
         return import_world(config.out_dir, config.corpus, config.queries)
     refuse_to_overwrite(config.out_dir)
-    rng = random.Random(config.seed)
+    rng = random.Random(config.world_seed)
     kb = build_kb(config, rng)
     docs = build_documents(config, kb, rng)
     raw_dir, world_dir = Path(config.out_dir) / "raw", Path(config.out_dir) / "world"
@@ -404,7 +404,7 @@ def _run_to_s3(config: WorldConfig) -> WorldSummary:
 def add_arguments(parser: argparse.ArgumentParser):
     defaults = WorldConfig()
     parser.add_argument("--out", dest="out_dir", default=defaults.out_dir, help="lake root to write under")
-    parser.add_argument("--seed", type=int, default=load_config().seed)
+    parser.add_argument("--world-seed", type=int, default=load_config().world_seed)
     parser.add_argument("--partitions", dest="n_partitions", type=int, default=defaults.n_partitions)
     parser.add_argument("--facts-per-bucket", type=int, default=defaults.facts_per_bucket)
     parser.add_argument("--statements", choices=["copy", "paraphrase"], default=defaults.statements,

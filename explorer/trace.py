@@ -1,6 +1,6 @@
 """trace: the proponents of any prompt and target, scored on the fly against the indexed lake.
 
-    python -m jobs trace --prompt "Nagam Thifabairk is a citizen of" --target " Sadon" [--k 5]
+    python -m jobs trace --prompt "Nagam Thifabairk is a citizen of" --target " Sadon" [--top-k 5]
 
 The query's vector is computed with the same projection, optimizer correction and R^(-1/2) the
 checkpoint's TrackStar scores used (found through the `runs` and `hessians` tables), every
@@ -119,14 +119,14 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--lake", default=load_config().lake_root)
     parser.add_argument("--checkpoint-id", default=None)
     parser.add_argument("--query-set", default="fact-world", help="whose task-mixed R to precondition with")
-    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--top-k", type=int, default=5)
 
 
 def main(args):
     lake = Lake(args.lake)
     context = TraceContext(lake, args.checkpoint_id, args.query_set)
     query = context.query_vector(args.prompt, args.target)
-    top = context.top_k(query, args.k)
+    top = context.top_k(query, args.top_k)
     texts = lake.read("documents", filters=[("doc_id", "in", [r["doc_id"] for r in top])], columns=["doc_id", "text"])
     texts = dict(zip(texts["doc_id"].to_pylist(), texts["text"].to_pylist()))
     print(f"{args.prompt!r} → {args.target!r}: top {len(top)} proponents on {context.checkpoint_id}")

@@ -39,8 +39,8 @@ QUERY_DTYPE = "float32"
 class ExtractConfig:
     lake: str = "lake"
     checkpoint: str = ""                 # checkpoint folder or s3:// prefix; default: the newest trained one
-    k: int = from_settings("k_per_module")  # projection size per side of every weight matrix (block k × k)
-    seed: int = from_settings("projection_seed")
+    projection_k: int = from_settings("projection_k")  # projection size per side of every weight matrix (block k × k)
+    projection_seed: int = from_settings("projection_seed")
     normalizer: str = "auto"             # adafactor | adam-floored | adam-factored | adam-exact | none | auto (`auto_normalizer`)
     vector_dtype: str = from_settings("vector_dtype")  # storage encoding of vectors
     token_budget: int = from_settings("batch_token_budget")  # padded tokens per batch
@@ -90,7 +90,7 @@ def projection_spec(checkpoint_dir: Path, config: ExtractConfig):
     elif normalizer != "none" and not has_state:
         raise CheckpointError(f"{checkpoint_dir}: normaliser {normalizer!r} needs the optimizer's state "
                               f"({config.optimizer_source}), and the folder has none; use --normalizer none or auto")
-    return ProjectionSpec(seed=config.seed, k=uniform_k(weight_matrices(model), config.k), normalizer=normalizer,
+    return ProjectionSpec(seed=config.projection_seed, k=uniform_k(weight_matrices(model), config.projection_k), normalizer=normalizer,
                           dtype="float32")
 
 
@@ -202,7 +202,7 @@ def run(config: ExtractConfig) -> dict:
                                      "checkpoint_id": checkpoint_id, "spec": spec.as_dict(), "run_id": run_id,
                                      "items": items, "lake": lake.root}))
     print(f"[extract] {checkpoint_id}: {len(items)} slice(s) on {config.ranks} rank(s), {spec.dim} dims "
-          f"({len(spec.k)} matrices, k={config.k}, {spec.normalizer}), fingerprint {fingerprint}", flush=True)
+          f"({len(spec.k)} matrices, k={config.projection_k}, {spec.normalizer}), fingerprint {fingerprint}", flush=True)
     try:
         launch_ranks("jobs.extract", plan_path, config.ranks)
     except Exception:
@@ -410,8 +410,8 @@ def add_arguments(parser: argparse.ArgumentParser):
     defaults = ExtractConfig()
     parser.add_argument("--lake", default=load_config().lake_root)
     parser.add_argument("--checkpoint", default="", help="checkpoint folder or s3:// prefix (default: newest trained)")
-    parser.add_argument("--k", type=int, default=defaults.k)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--projection-k", type=int, default=defaults.projection_k)
+    parser.add_argument("--projection-seed", type=int, default=defaults.projection_seed)
     parser.add_argument("--normalizer", default=defaults.normalizer,
                         choices=["auto", "adafactor", "adam-floored", "adam-factored", "adam-exact", "none"])
     parser.add_argument("--vector-dtype", default=defaults.vector_dtype, choices=["float32", "float16", "bfloat16", "int8"])

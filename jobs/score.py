@@ -60,7 +60,7 @@ class ScoreConfig:
     query_set: str = "fact-world"
     fingerprint: str = ""
     methods: list = field(default_factory=lambda: ["trackstar"])
-    k: int = from_settings("top_k")
+    top_k: int = from_settings("top_k")
     prompt_index: int = 0
     index: str = "int8"          # code of the TrackStar index scored; "none": prepare train_gradients as they are read
     batch_bytes: int = BATCH_BYTES
@@ -202,7 +202,7 @@ def run(config: ScoreConfig) -> dict:
                 & (F.col("dtype") == config.index))
             train_blocks, unit_norm = None, False  # the index holds the prepared train side
         train = train.select("doc_id", "chunk", "vector", "dtype", "scale")
-        k, batch_bytes = config.k, config.batch_bytes
+        k, batch_bytes = config.top_k, config.batch_bytes
 
         def local_top_k(batches, queries=queries, train_blocks=train_blocks, unit_norm=unit_norm):
             return score_batches(batches, queries, train_blocks, unit_norm, k, dim, batch_bytes)
@@ -231,7 +231,7 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--query-set", default=ScoreConfig.query_set)
     parser.add_argument("--fingerprint", default="")
     parser.add_argument("--methods", nargs="+", default=["trackstar"], choices=sorted(METHODS))
-    parser.add_argument("--k", type=int, default=ScoreConfig().k)
+    parser.add_argument("--top-k", type=int, default=ScoreConfig().top_k)
     parser.add_argument("--prompt-index", type=int, default=0, choices=[0, 1, 2])
     parser.add_argument("--index", default=ScoreConfig.index, choices=["int8", "float16", "bfloat16", "float32", "none"],
                         help=f"code of the TrackStar index for {', '.join(INDEXED_METHODS)} ('none': score raw vectors)")

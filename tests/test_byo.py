@@ -98,7 +98,7 @@ def user_data(tmp_path_factory):
     """A generated corpus and queries rewritten as a user would write them: targets without their
     leading space, optional fields left out, one target the tokenizer cannot encode."""
     root = tmp_path_factory.mktemp("byo")
-    world.run(world.WorldConfig(out_dir=str(root / "generated"), seed=2, facts_per_bucket=2, n_partitions=2))
+    world.run(world.WorldConfig(out_dir=str(root / "generated"), world_seed=2, facts_per_bucket=2, n_partitions=2))
     corpus = root / "corpus"
     shutil.copytree(root / "generated" / "raw", corpus)
     rows = []
@@ -124,7 +124,7 @@ def indexed_llama(user_data):
     fit = fit_hessian.run(fit_hessian.FitHessianConfig(lake=str(lake), checkpoint_id=extraction["checkpoint_id"],
                                                        fingerprint=extraction["fingerprint"]))
     score.run(score.ScoreConfig(lake=str(lake), checkpoint_id=extraction["checkpoint_id"],
-                                fingerprint=extraction["fingerprint"], methods=["trackstar"], k=5))
+                                fingerprint=extraction["fingerprint"], methods=["trackstar"], top_k=5))
     return Lake(lake), summary, checkpoint, extraction, fit
 
 
@@ -218,7 +218,7 @@ def test_another_parameter_order_is_read_by_param_names_or_refused(user_data, tm
 def test_make_run_refuses_to_wipe_imported_data(indexed_llama, user_data, capsys):
     root = Path(indexed_llama[0].root)
     before = {p: p.read_bytes() for p in sorted((root / "raw").glob("*")) + [root / "world" / "queries.jsonl"]}
-    args = pipeline.argparse.Namespace(lake=str(root), seed=0, airflow_home=str(root / ".airflow"),
+    args = pipeline.argparse.Namespace(lake=str(root), world_seed=0, airflow_home=str(root / ".airflow"),
                                        reports=str(root / "reports"), corpus=None, queries=None, checkpoint=None)
     assert pipeline.main(args) == 2  # what `make run` calls: no --corpus, so it would regenerate the world
     message = capsys.readouterr().err

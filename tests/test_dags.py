@@ -164,7 +164,7 @@ def test_backfill_of_an_older_checkpoint_makes_its_own_slices_and_compares(airfl
 def test_score_dag_scores_the_requested_methods_and_evaluates(airflow_lake):
     lake, home, _, summary = airflow_lake
     newest = str(checkpoint_path(lake.root, summary["checkpoints"][-1]))
-    result = _run("trackstar_score", lake, home, {"query_set": "fact-world", "checkpoint": newest, "k": 3,
+    result = _run("trackstar_score", lake, home, {"query_set": "fact-world", "checkpoint": newest, "top_k": 3,
                                                   "methods": ["trackstar", "trackstar-no-hessian"]})
     assert set(result["tasks"].values()) == {"success"}
     queries = lake.read("queries").num_rows

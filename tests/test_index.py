@@ -160,7 +160,7 @@ def test_score_job_from_the_index_matches_exhaustive_scoring(small_lake):
     results = {}
     for code in ("none", "float32", "int8"):
         run = score.run(score.ScoreConfig(lake=small_lake.root, checkpoint_id=CHECKPOINT, query_set=QUERY_SET,
-                                          fingerprint=FINGERPRINT, methods=["trackstar"], k=10, index=code,
+                                          fingerprint=FINGERPRINT, methods=["trackstar"], top_k=10, index=code,
                                           batch_bytes=50 * DIM * 4))  # 50-row slices: many batches per task
         rows = small_lake.read("proponents").to_pylist()
         assert len(rows) == 400 and run["methods"] == {"trackstar": 400}

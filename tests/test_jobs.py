@@ -62,7 +62,7 @@ def indexed(adam_run, tmp_path_factory):
     results["extract"] = extract.run(extract.ExtractConfig(lake=str(lake_dir), k=4, token_budget=512))
     results["fit"] = fit_hessian.run(fit_hessian.FitHessianConfig(lake=str(lake_dir)))
     results["score"] = score.run(score.ScoreConfig(lake=str(lake_dir), methods=["trackstar", "trak", "trackstar-no-hessian"],
-                                                   k=5, index="float32"))  # int8 index: tests/test_index.py
+                                                   top_k=5, index="float32"))  # int8 index: tests/test_index.py
     checkpoint = checkpoint_path(lake_dir, summary["checkpoints"][-1])
     return lake, checkpoint, results, long_text
 
@@ -196,13 +196,13 @@ def test_scoring_refuses_vectors_of_another_fingerprint(indexed):
 def test_extract_rerun_is_a_no_op_and_a_killed_run_is_completed_without_duplicates(indexed):
     lake, checkpoint, results, _ = indexed
     version = lake.version("train_gradients")
-    again = extract.run(extract.ExtractConfig(lake=lake.root, k=4, token_budget=512))
+    again = extract.run(extract.ExtractConfig(lake=lake.root, projection_k=4, token_budget=512))
     assert again["items"] == [] and lake.version("train_gradients") == version
 
     expected = lake.read("train_gradients").num_rows
     uninterrupted = _keyed_vectors(lake)
     env = dict(os.environ, PYTHONPATH=os.getcwd())
-    command = [sys.executable, "-m", "jobs", "extract", "--lake", lake.root, "--k", "4", "--token-budget", "64",
+    command = [sys.executable, "-m", "jobs", "extract", "--lake", lake.root, "--projection-k", "4", "--token-budget", "64",
                "--force", "--query-set", ""]
     child = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -214,7 +214,7 @@ def test_extract_rerun_is_a_no_op_and_a_killed_run_is_completed_without_duplicat
     assert rows.num_rows == expected  # every slice is whole: old or new, never both
     # lose one slice's rows, as if its rank died before committing: the next run redoes only it
     lake.open("train_gradients").delete("partition = 1")
-    redo = extract.run(extract.ExtractConfig(lake=lake.root, k=4, token_budget=512))
+    redo = extract.run(extract.ExtractConfig(lake=lake.root, projection_k=4, token_budget=512))
     assert redo["items"] == ["train:1"]
     rows = lake.read("train_gradients", columns=["doc_id", "chunk"])
     assert rows.num_rows == expected == len(set(zip(rows["doc_id"].to_pylist(), rows["chunk"].to_pylist())))
@@ -237,7 +237,7 @@ def test_score_killed_at_any_moment_then_rerun_gives_the_identical_table(indexed
         return a.keys() == b.keys() and np.allclose([a[k] for k in a], [b[k] for k in a], rtol=1e-6, atol=0)
 
     before = ranked()
-    command = [sys.executable, "-m", "jobs", "score", "--lake", lake.root, "--methods", "trackstar", "--k", "5",
+    command = [sys.executable, "-m", "jobs", "score", "--lake", lake.root, "--methods", "trackstar", "--top-k", "5",
                "--index", "float32"]
     child = subprocess.Popen(command, env=dict(os.environ, PYTHONPATH=os.getcwd()), start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -245,7 +245,7 @@ def test_score_killed_at_any_moment_then_rerun_gives_the_identical_table(indexed
     os.killpg(child.pid, signal.SIGKILL)
     child.wait()
     assert same(ranked(), before)  # the slice is whole: the old one or the rerun's, never half
-    score.run(score.ScoreConfig(lake=lake.root, methods=["trackstar"], k=5, index="float32"))
+    score.run(score.ScoreConfig(lake=lake.root, methods=["trackstar"], top_k=5, index="float32"))
     assert same(ranked(), before)  # and the rerun gives the identical table
 
 
@@ -261,7 +261,7 @@ def test_extract_reads_a_checkpoint_from_s3(indexed, s3_bucket):
     before = _keyed_vectors(lake)
     uri = f"s3://{s3_bucket}/checkpoints/{checkpoint.name}"
     upload_dir(checkpoint, uri)
-    again = extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=uri, k=4, token_budget=512, partitions=[0],
+    again = extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=uri, projection_k=4, token_budget=512, partitions=[0],
                                               query_set=None, force=True))
     assert again["items"] == ["train:0"] and again["fingerprint"] == results["extract"]["fingerprint"]
     after = _keyed_vectors(lake)

@@ -380,7 +380,7 @@ def test_a_killed_extract_driver_takes_its_deepspeed_ranks_down(fuzzed_lake):
     import psutil
 
     lake = fuzzed_lake[0]
-    command = [sys.executable, "-m", "jobs", "extract", "--lake", lake.root, "--k", "4", "--partitions", "2",
+    command = [sys.executable, "-m", "jobs", "extract", "--lake", lake.root, "--projection-k", "4", "--partitions", "2",
                "--query-set", "", "--force"]
     driver = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": os.getcwd()}, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)

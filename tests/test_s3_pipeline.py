@@ -55,7 +55,7 @@ def test_world_training_reindex_score_and_evaluate_on_an_s3_lake_write_nothing_l
     assert set(hessian["shape"]) == {4 * 4}  # one k x k block per weight matrix, k from the environment
     assert {len(v) for v in vectors["vector"].to_pylist()} == {2 * sum(hessian["shape"])}
 
-    report = evaluate.run(evaluate.EvaluateConfig(lake=root, k_projection=4, tail_patch_queries=2,
+    report = evaluate.run(evaluate.EvaluateConfig(lake=root, projection_k=4, tail_patch_queries=2,
                                                   reports=storage.join(root, "reports")))
     stored = json.loads(storage.read_bytes(storage.join(root, "reports", "eval.json")))
     assert stored["methods"] == json.loads(json.dumps(report["methods"]))

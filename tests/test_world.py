@@ -11,7 +11,7 @@ from schemas.queries import read_queries
 
 
 def _generate(out_dir, seed=3, facts_per_bucket=14, partitions=3):
-    return world.run(world.WorldConfig(out_dir=str(out_dir), seed=seed, facts_per_bucket=facts_per_bucket,
+    return world.run(world.WorldConfig(out_dir=str(out_dir), world_seed=seed, facts_per_bucket=facts_per_bucket,
                                        n_partitions=partitions))
 
 
