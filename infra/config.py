@@ -107,10 +107,11 @@ def load_config(path: str | Path | None = None, environ: typing.Mapping[str, str
     return Config(**values)
 
 
-def from_settings(name: str):
+def from_settings(name: str, **cli):
     """A stage config field whose default is the setting `name`, read when the object is made, so
-    that a CLI command, a DAG task and any other caller get the same value."""
-    return dataclasses.field(default_factory=lambda: getattr(load_config(), name))
+    that a CLI command, a DAG task and any other caller get the same value. `cli`: the field's
+    command-line metadata (help, choices, flags; see infra/cli.py)."""
+    return dataclasses.field(default_factory=lambda: getattr(load_config(), name), metadata=cli)
 
 
 def airflow_params() -> dict:

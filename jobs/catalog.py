@@ -10,10 +10,23 @@ command with their parsed configuration, whether a Hessian is stale, what the la
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from infra import storage
+from infra.cli import option
+from infra.config import from_settings
 from infra.lake import Lake
+
+
+@dataclass
+class SliceConfig:
+    """Which vectors of the lake a stage works on: the fields fit-hessian, index and score share
+    (each stage's config extends it; infra/cli.py makes their flags)."""
+    lake: str = from_settings("lake_root", help="lake root: a folder or s3://bucket/prefix")
+    checkpoint_id: str = option("", help="a registered checkpoint (default: the latest, by step)")
+    query_set: str = option("fact-world")
+    fingerprint: str = option("", help="projection fingerprint (default: the one train_gradients holds for the checkpoint)")
 
 
 # ------------------------------------------------------------------ checkpoints

@@ -25,7 +25,7 @@ meant for vectors extracted with `--normalizer none` (`evaluation.evaluate` wire
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -33,8 +33,9 @@ import torch
 
 from infra.lake import Lake
 from infra.names import check_names
-from infra.config import from_settings, load_config
-from jobs.catalog import train_vector_count
+from infra.cli import add_config_arguments, option
+from infra.config import from_settings
+from jobs.catalog import SliceConfig, train_vector_count
 from jobs.index import BATCH_BYTES, rows_per_batch
 
 # method -> (registered matrix kind or None, power applied to it, unit norm, on both sides)
@@ -54,16 +55,13 @@ INDEXED_METHODS = tuple(m for m, (kind, unit_norm, both_sides) in METHODS.items(
 
 
 @dataclass
-class ScoreConfig:
-    lake: str = "lake"
-    checkpoint_id: str = ""
-    query_set: str = "fact-world"
-    fingerprint: str = ""
-    methods: list = field(default_factory=lambda: ["trackstar"])
-    top_k: int = from_settings("top_k")
-    prompt_index: int = 0
-    index: str = "int8"          # code of the TrackStar index scored; "none": prepare train_gradients as they are read
-    batch_bytes: int = BATCH_BYTES
+class ScoreConfig(SliceConfig):
+    methods: list[str] = option(factory=lambda: ["trackstar"], choices=sorted(METHODS), nargs="+")
+    top_k: int = from_settings("top_k", help="proponents kept per query")
+    prompt_index: int = option(0, choices=[0, 1, 2])
+    index: str = option("int8", choices=["int8", "float16", "bfloat16", "float32", "none"],
+                        help=f"code of the TrackStar index for {', '.join(INDEXED_METHODS)} ('none': score raw vectors)")
+    batch_bytes: int = option(BATCH_BYTES, help="decoded bytes per scoring batch")
 
 
 def _prepared_side(vectors: torch.Tensor, blocks, unit_norm: bool) -> torch.Tensor:
@@ -226,16 +224,7 @@ def run(config: ScoreConfig) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("--lake", default=load_config().lake_root)
-    parser.add_argument("--checkpoint-id", default="")
-    parser.add_argument("--query-set", default=ScoreConfig.query_set)
-    parser.add_argument("--fingerprint", default="")
-    parser.add_argument("--methods", nargs="+", default=["trackstar"], choices=sorted(METHODS))
-    parser.add_argument("--top-k", type=int, default=ScoreConfig().top_k)
-    parser.add_argument("--prompt-index", type=int, default=0, choices=[0, 1, 2])
-    parser.add_argument("--index", default=ScoreConfig.index, choices=["int8", "float16", "bfloat16", "float32", "none"],
-                        help=f"code of the TrackStar index for {', '.join(INDEXED_METHODS)} ('none': score raw vectors)")
-    parser.add_argument("--batch-bytes", type=int, default=BATCH_BYTES, help="decoded bytes per scoring batch")
+    add_config_arguments(parser, ScoreConfig)
 
 
 def main(args):

@@ -31,7 +31,8 @@ from infra.quarantine import quarantine_rows
 from infra.runs import finish_run, start_run
 from schemas.tables import spark_ddl_of
 from jobs import c4_lines
-from infra.config import load_config
+from infra.cli import add_config_arguments, config_from_args, option
+from infra.config import from_settings
 
 PARTITION_NAME = re.compile(r"c4-[\w-]+\.(\d+)-of-(\d+)\.json\.gz$")
 EOS = "<|endoftext|>"
@@ -39,13 +40,13 @@ EOS = "<|endoftext|>"
 
 @dataclass
 class TokenizeConfig:
-    lake: str = "lake"
-    raw: str | None = None          # folder of c4-*.json.gz; default <lake>/raw
-    tokenizer: str | None = None    # folder holding tokenizer.json; default <lake>/model/tokenizer
-    context: int | None = None      # chunk length; default: the newest checkpoint's context
-    max_chars: int = 200_000        # longer documents are quarantined, not tokenized
-    force: bool = False
-    partitions: list | None = None  # only these source partitions (default: all)
+    lake: str = from_settings("lake_root", help="lake root: a folder or s3://bucket/prefix")
+    raw: str | None = option(None, help="folder of c4-*.json.gz partitions (default <lake>/raw)")
+    tokenizer: str | None = option(None, help="folder with tokenizer.json (default <lake>/model/tokenizer)")
+    context: int | None = option(None, help="chunk length (default: the newest checkpoint's context)")
+    max_chars: int = option(200_000, help="longer documents are quarantined, not tokenized")
+    force: bool = option(False, help="retokenize partitions already done")
+    partitions: list[int] | None = option(None, help="only these source partitions (default: all)")
 
 
 def tokenizer_fingerprint(tokenizer_dir: str, context: int) -> str:
@@ -306,12 +307,8 @@ def run(config: TokenizeConfig) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("--lake", default=load_config().lake_root)
-    parser.add_argument("--raw", help="folder of c4-*.json.gz partitions (default <lake>/raw)")
-    parser.add_argument("--tokenizer", help="folder with tokenizer.json (default <lake>/model/tokenizer)")
-    parser.add_argument("--context", type=int, default=TokenizeConfig.context)
-    parser.add_argument("--force", action="store_true", help="retokenize partitions already done")
+    add_config_arguments(parser, TokenizeConfig)
 
 
 def main(args):
-    run(TokenizeConfig(lake=args.lake, raw=args.raw, tokenizer=args.tokenizer, context=args.context, force=args.force))
+    run(config_from_args(TokenizeConfig, args))
