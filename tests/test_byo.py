@@ -120,7 +120,7 @@ def indexed_llama(user_data):
     checkpoint = import_data.import_checkpoint(lake, root / "llama")
     register_queries.run(str(lake), str(queries))  # what the pipeline does: problems name the user's own file
     tokenize.run(tokenize.TokenizeConfig(lake=str(lake)))
-    extraction = extract.run(extract.ExtractConfig(lake=str(lake), checkpoint=str(checkpoint), k=4, token_budget=512))
+    extraction = extract.run(extract.ExtractConfig(lake=str(lake), checkpoint=str(checkpoint), projection_k=4, token_budget=512))
     fit = fit_hessian.run(fit_hessian.FitHessianConfig(lake=str(lake), checkpoint_id=extraction["checkpoint_id"],
                                                        fingerprint=extraction["fingerprint"]))
     score.run(score.ScoreConfig(lake=str(lake), checkpoint_id=extraction["checkpoint_id"],
@@ -184,7 +184,7 @@ def test_the_same_folder_without_optimizer_state_is_indexed_without_correction(i
     shutil.copytree(user_data[0] / "llama", bare, ignore=shutil.ignore_patterns("optimizer.pt"))
     assert load_manifest(bare)["optimizer"] == "none" and load_manifest(bare)["lr"] is None
     checkpoint = import_data.import_checkpoint(lake.root, bare)  # same tokenizer: the same lake takes it
-    extraction = extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(checkpoint), k=4, token_budget=512,
+    extraction = extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(checkpoint), projection_k=4, token_budget=512,
                                                    query_set=None, partitions=[0], ranks=1))
     assert extraction["normalizer"] == "none" and extraction["fingerprint"] != corrected["fingerprint"]
     run = lake.read("runs", filters=[("run_id", "=", extraction["run_id"])]).to_pylist()[0]

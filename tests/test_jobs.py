@@ -59,7 +59,7 @@ def indexed(adam_run, tmp_path_factory):
     lake = Lake(lake_dir)
     results = {"tokenize": tokenize.run(tokenize.TokenizeConfig(lake=str(lake_dir)))}
     register_queries.run(str(lake_dir))
-    results["extract"] = extract.run(extract.ExtractConfig(lake=str(lake_dir), k=4, token_budget=512))
+    results["extract"] = extract.run(extract.ExtractConfig(lake=str(lake_dir), projection_k=4, token_budget=512))
     results["fit"] = fit_hessian.run(fit_hessian.FitHessianConfig(lake=str(lake_dir)))
     results["score"] = score.run(score.ScoreConfig(lake=str(lake_dir), methods=["trackstar", "trak", "trackstar-no-hessian"],
                                                    top_k=5, index="float32"))  # int8 index: tests/test_index.py
@@ -279,7 +279,7 @@ def test_a_checkpoint_id_with_other_weights_is_refused(indexed, tmp_path):
     weights[first] = weights[first] + 1
     save_file(weights, changed / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(extract.CheckpointMismatch, match="pass --force"):
-        extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(changed), k=4))
+        extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(changed), projection_k=4))
 
 
 def test_chunks_with_non_finite_gradients_are_quarantined_not_written(indexed, tmp_path):
@@ -295,7 +295,7 @@ def test_chunks_with_non_finite_gradients_are_quarantined_not_written(indexed, t
     weights["transformer.wpe.weight"][position - 1] = float("nan")  # chunks that reach this position go NaN
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     # one chunk per batch (token budget 1): a NaN in a neighbour's padding would reach every row of its batch
-    extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(broken), k=4, partitions=[0], query_set=None,
+    extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(broken), projection_k=4, partitions=[0], query_set=None,
                                       normalizer="none", token_budget=1))
     expected_bad = {f"{r['doc_id']}#{r['chunk']}" for r in tokens if len(r["input_ids"]) >= position}
     assert 0 < len(expected_bad) < len(tokens)

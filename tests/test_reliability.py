@@ -264,7 +264,7 @@ def test_a_checkpoint_id_that_is_a_path_is_refused_before_anything_is_written(fu
     (hostile / "manifest.json").write_text(json.dumps({**manifest, "checkpoint_id": "../../../escaped"}))
     before = _lake_state(lake, Path(lake.root).parent)
     with pytest.raises(InvalidName, match="checkpoint id in .* '../../../escaped' is not a valid name"):
-        extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(hostile), k=4))
+        extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(hostile), projection_k=4))
     assert _lake_state(lake, Path(lake.root).parent) == before
 
 
@@ -415,7 +415,7 @@ def test_an_incomplete_checkpoint_is_refused_before_it_is_registered(fuzzed_lake
     (incomplete / "optimizer.pt").write_bytes(b"")  # a copy cut short: the file is there, empty
     before = lake.version("checkpoints"), lake.version("runs")
     with pytest.raises(CheckpointError, match="incomplete checkpoint, missing or empty: optimizer.pt"):
-        extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(incomplete), k=4))
+        extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(incomplete), projection_k=4))
     assert (lake.version("checkpoints"), lake.version("runs")) == before
 
 
