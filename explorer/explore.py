@@ -95,31 +95,16 @@ class Explorer:
     @functools.lru_cache(maxsize=4)
     def predictions(self, checkpoint: str) -> dict:
         """query -> (correct, probability of the target, predicted text) under greedy decoding of prompt0."""
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from gradient_kernels.losses import per_example_loss, query_batch
-
+        from evaluation.answers import greedy_answers
         from jobs.catalog import checkpoint_folder
 
         directory = checkpoint_folder(self.lake, checkpoint)
         model, tokenizer = AutoModelForCausalLM.from_pretrained(directory).eval(), AutoTokenizer.from_pretrained(directory)
         queries = sorted(self.queries().values(), key=lambda q: q["query_id"])
-        eos, out = tokenizer.eos_token_id, {}
-        prompts = [[eos] + tokenizer(q["prompt0"], add_special_tokens=False)["input_ids"] for q in queries]
-        targets = [tokenizer(q["target"], add_special_tokens=False)["input_ids"] for q in queries]
-        with torch.no_grad():
-            for start in range(0, len(queries), 64):
-                batch = query_batch(prompts[start:start + 64], targets[start:start + 64], eos)
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long()).logits
-                log_probs = -per_example_loss(logits, batch)
-                guesses = logits[:, :-1].argmax(-1)
-                for row, query in enumerate(queries[start:start + 64]):
-                    where = batch.target_mask[row, 1:]
-                    guess = guesses[row][where].tolist()
-                    correct = guess == batch.input_ids[row, 1:][where].tolist()
-                    out[query["query_id"]] = (correct, float(log_probs[row].exp()), tokenizer.decode(guess))
-        return out
+        answers = greedy_answers(model, tokenizer, [(q["prompt0"], q["target"]) for q in queries])
+        return {q["query_id"]: tuple(answer) for q, answer in zip(queries, answers)}
 
     @functools.lru_cache(maxsize=4)
     def tracer(self, checkpoint: str, query_set: str):

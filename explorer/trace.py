@@ -77,12 +77,12 @@ class TraceContext:
 
     def query_vector(self, prompt: str, target: str) -> torch.Tensor:
         """The prepared (preconditioned, unit) vector of a new query."""
+        from evaluation.answers import encode_query
         from gradient_kernels.losses import query_batch
         from gradient_kernels.scoring import prepare
 
-        eos = self.tokenizer.eos_token_id
-        batch = query_batch([[eos] + self.tokenizer(prompt, add_special_tokens=False)["input_ids"]],
-                            [self.tokenizer(target, add_special_tokens=False)["input_ids"]], eos)
+        prompt_ids, target_ids = encode_query(self.tokenizer, prompt, target)
+        batch = query_batch([prompt_ids], [target_ids], self.tokenizer.eos_token_id)
         return prepare(self.projector(batch), self.preconditioner)[0]
 
     def stored_query_vector(self, query_id: str) -> torch.Tensor:
