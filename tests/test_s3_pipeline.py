@@ -29,7 +29,7 @@ def test_world_training_reindex_score_and_evaluate_on_an_s3_lake_write_nothing_l
     workdir.mkdir()
     monkeypatch.chdir(workdir)
     monkeypatch.setenv("TRACKSTAR_LAKE_ROOT", root)
-    monkeypatch.setenv("TRACKSTAR_K_PER_MODULE", "4")  # a setting from the environment reaches the DAG's tasks
+    monkeypatch.setenv("TRACKSTAR_PROJECTION_K", "4")  # a setting from the environment reaches the DAG's tasks
 
     world.run(world.WorldConfig(out_dir=root, **WORLD))
     assert _objects(root, "raw") == ["raw/c4-train.00000-of-00002.json.gz", "raw/c4-train.00001-of-00002.json.gz"]
