@@ -242,27 +242,33 @@ def reason_counts(reasons) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------ the job
+def chosen_partitions(raw_dir: str, wanted: list[int] | None) -> dict[int, str]:
+    """The raw partitions to tokenize: every one under raw_dir, or those `wanted` (each must exist)."""
+    partitions = raw_partitions(raw_dir)
+    if wanted is not None:
+        unknown = sorted(set(wanted) - set(partitions))
+        if unknown:
+            raise FileNotFoundError(f"no raw partition(s) {unknown} under {raw_dir}")
+        partitions = {p: path for p, path in partitions.items() if p in set(wanted)}
+    if not partitions:
+        raise FileNotFoundError(f"no c4-*.json.gz partitions under {raw_dir}")
+    return partitions
+
+
 def run(config: TokenizeConfig) -> dict:
     from pyspark.sql import functions as F
 
     from infra.spark import spark_session
 
     lake = Lake(config.lake)
-    raw_dir = config.raw or storage.join(lake.root, "raw")
-    tokenizer_file = storage.join(config.tokenizer or storage.join(lake.root, "model", "tokenizer"), "tokenizer.json")
+    tokenizer_dir = config.tokenizer or storage.join(lake.root, "model", "tokenizer")
+    tokenizer_file = storage.join(tokenizer_dir, "tokenizer.json")
     if not storage.exists(tokenizer_file):
         raise FileNotFoundError(f"no {tokenizer_file} (train the model first, or pass --tokenizer)")
     tokenizer_json = storage.read_bytes(tokenizer_file)
     context = config.context or model_context(lake.root)
     fingerprint = tokenizer_fingerprint_of(tokenizer_json, context)
-    partitions = raw_partitions(raw_dir)
-    if config.partitions is not None:
-        unknown = sorted(set(config.partitions) - set(partitions))
-        if unknown:
-            raise FileNotFoundError(f"no raw partition(s) {unknown} under {raw_dir}")
-        partitions = {p: path for p, path in partitions.items() if p in set(config.partitions)}
-    if not partitions:
-        raise FileNotFoundError(f"no c4-*.json.gz partitions under {raw_dir}")
+    partitions = chosen_partitions(config.raw or storage.join(lake.root, "raw"), config.partitions)
     done = set() if config.force else tokenized_partitions(lake, fingerprint)
     pending = {p: path for p, path in partitions.items() if p not in done}
     result = {"partitions": len(partitions), "skipped": sorted(set(partitions) - set(pending)), "tokenized": sorted(pending)}
@@ -275,8 +281,7 @@ def run(config: TokenizeConfig) -> dict:
     files = spark.createDataFrame([(uri, p) for p, uri in sorted(pending.items())],
                                   "path string, partition int").repartition(min(len(pending), os.cpu_count() or 1))
     max_chars, tokenizer_json = config.max_chars, tokenizer_json.decode("utf-8")
-    tokenizer_config = storage.join(config.tokenizer or storage.join(lake.root, "model", "tokenizer"),
-                                    "tokenizer_config.json")
+    tokenizer_config = storage.join(tokenizer_dir, "tokenizer_config.json")
     eos_token = end_of_text(tokenizer_json, storage.read_bytes(tokenizer_config) if storage.exists(tokenizer_config)
                             else None)
     parsed = files.mapInArrow(lambda it: parse_files(it, max_chars), spark_ddl_of(PARSED_SCHEMA))
