@@ -1,5 +1,5 @@
 # `make run`  — install if needed, then run the whole pipeline on the embedded default (writes ./lake)
-# `make test` — install if needed, then run the test suite
+# `make test` — install if needed, then lint (ruff), type-check the kernels and schemas (mypy), run the test suite
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
@@ -31,6 +31,7 @@ run: install
 
 test: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PYTHON) -m pytest -q
 
 # OMP_NUM_THREADS=1 and nice: the numbers are ratios measured in one process, on a shared CPU

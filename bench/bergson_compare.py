@@ -109,7 +109,7 @@ def run_bergson(folder: Path, checkpoint: Path, context: int, seed: int) -> tupl
 def run_ours(source: Lake, folder: Path, checkpoint: Path, queries: list, tokens: pa.Table, seed: int):
     """({stage: seconds}, scores [chunks, queries]) of extract + fit-hessian + score in a scratch lake."""
     from gradient_kernels.scoring import Preconditioner, prepare
-    from jobs import extract, fit_hessian, score
+    from jobs import catalog, extract, fit_hessian, score
     from jobs.score import query_vectors
     from schemas.vectors import decode_vectors
 
@@ -123,7 +123,7 @@ def run_ours(source: Lake, folder: Path, checkpoint: Path, queries: list, tokens
                        query_set=query_set["query_set"])
     seconds = {}
     started = time.perf_counter()
-    extracted = extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(checkpoint), ranks=1, seed=seed,
+    extracted = extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(checkpoint), ranks=1, projection_seed=seed,
                                                   query_set=query_set["query_set"]))
     seconds["extract"] = time.perf_counter() - started
     started = time.perf_counter()
@@ -134,7 +134,7 @@ def run_ours(source: Lake, folder: Path, checkpoint: Path, queries: list, tokens
     seconds["score"] = time.perf_counter() - started
     # every score, not only the top-k the job keeps: the same Ḡ, computed here in float32
     checkpoint_id, fingerprint = extracted["checkpoint_id"], extracted["fingerprint"]
-    blocks, _ = fit_hessian.load_preconditioner(lake, checkpoint_id, query_set["query_set"], fingerprint, "inverse_root")
+    blocks, _ = catalog.load_preconditioner(lake, checkpoint_id, query_set["query_set"], fingerprint, "inverse_root")
     ids, raw_queries, _ = query_vectors(lake, query_set["query_set"], checkpoint_id, fingerprint, 0)
     rows = lake.read("train_gradients", columns=["doc_id", "chunk", "vector", "dtype", "scale"])
     position = {key: i for i, key in enumerate(zip(rows["doc_id"].to_pylist(), rows["chunk"].to_pylist()))}
@@ -146,7 +146,7 @@ def run_ours(source: Lake, folder: Path, checkpoint: Path, queries: list, tokens
 
 
 def metrics(scores: np.ndarray, queries: list, doc_ids: list) -> dict:
-    from jobs.evaluate import attribution_metrics
+    from evaluation.evaluate import attribution_metrics
 
     ranked = {q["query_id"]: [doc_ids[i] for i in np.argsort(-scores[:, j], kind="stable")[:10]]
               for j, q in enumerate(queries)}

@@ -15,7 +15,7 @@ LAKE = Path("lake")
 
 def embedded_model(seed: int = 0):
     """The embedded default's architecture (random weights unless a trained checkpoint is given)."""
-    from jobs.train_model import TrainConfig, build_model
+    from demo.train_model import TrainConfig, build_model
 
     torch.manual_seed(seed)
     return build_model(TrainConfig(), TrainConfig().vocab_size)
@@ -58,7 +58,7 @@ def trackstar_inputs(lake_path: str = "lake") -> dict:
     from gradient_kernels.scoring import prepare
     from infra.lake import Lake
     from jobs.score import query_vectors
-    from jobs.trace import TraceContext
+    from explorer.trace import TraceContext
     from schemas.vectors import decode_vectors
 
     lake = Lake(lake_path)
@@ -79,7 +79,7 @@ def trackstar_inputs(lake_path: str = "lake") -> dict:
 
 def ranking_metrics(inputs: dict, top: torch.Tensor) -> dict:
     """MRR and recall@10 (the evaluation's own definitions) of train indices ranked per query."""
-    from jobs.evaluate import attribution_metrics
+    from evaluation.evaluate import attribution_metrics
 
     ranked = {query_id: [inputs["keys"][i][0] for i in row] for query_id, row in zip(inputs["query_ids"], top.tolist())}
     return attribution_metrics({"m": ranked}, inputs["truth"], inputs["buckets"], 10)["m"]["all"]

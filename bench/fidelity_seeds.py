@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs import evaluate, register_queries, tokenize, train_model, world
+from demo import train_model, world
+from evaluation import evaluate
+from jobs import register_queries, tokenize
 
 METRICS = ("mrr", "recall@10", "tail_patch", "tail_patch_delta_prob")
 
@@ -29,7 +31,7 @@ def evaluate_one(out: Path, optimizer: str, seed: int, tail_patch_queries: int) 
     summary = lake / "reports" / "eval.json"
     if summary.exists():  # resumable: a finished run is kept
         return json.loads(summary.read_text())
-    world.run(world.WorldConfig(out_dir=str(lake), seed=0))
+    world.run(world.WorldConfig(out_dir=str(lake), world_seed=0))
     train_model.run(train_model.TrainConfig(lake=str(lake), seed=seed, optimizer=optimizer))
     tokenize.run(tokenize.TokenizeConfig(lake=str(lake)))
     register_queries.run(str(lake))

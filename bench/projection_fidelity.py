@@ -31,7 +31,7 @@ from gradient_kernels.normalizers import adam_denominator, normalizers_from_stat
 from gradient_kernels.projection import ProjectionSpec  # noqa: E402
 from gradient_kernels.reference import flat_corrected_gradients  # noqa: E402
 from jobs.checkpoints import load_second_moments  # noqa: E402
-from jobs.world import generated_texts  # noqa: E402
+from demo.world import generated_texts  # noqa: E402
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:

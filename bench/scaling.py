@@ -107,7 +107,7 @@ def main():
         return
 
     from bench.common import latest_checkpoint
-    from jobs.trace import TraceContext
+    from explorer.trace import TraceContext
 
     source = Lake(args.lake)
     trace = TraceContext(source)

@@ -29,7 +29,7 @@ import pyarrow.compute as pc  # noqa: E402
 from infra.lake import Lake  # noqa: E402
 from jobs.index import ensure_index  # noqa: E402
 from jobs.score import score_batches  # noqa: E402
-from jobs.trace import TraceContext  # noqa: E402
+from explorer.trace import TraceContext  # noqa: E402
 from schemas.vectors import decode_vectors  # noqa: E402
 
 

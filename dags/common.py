@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 
 
 def orchestrate():
-    """The `jobs.orchestrate` module, imported on first use inside a running task."""
-    from jobs import orchestrate as module
+    """The `dags.orchestrate` module, imported on first use inside a running task."""
+    from dags import orchestrate as module
 
     return module
 

@@ -1,7 +1,7 @@
 """Score a query set against a checkpoint: query gradients, scores per method, evaluation where the
 set has ground truth. Runs on demand, and whenever a query set is registered (asset trigger).
 
-Params: `query_set`, `checkpoint` (folder or s3:// prefix; default the newest), `k`, `methods`.
+Params: `query_set`, `checkpoint` (folder or s3:// prefix; default the newest), `top_k`, `methods`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dags.common import DEFAULT_ARGS, DEVICE_POOL, orchestrate, table_asset
      default_args=DEFAULT_ARGS, tags=["trackstar", "score"], doc_md=__doc__, dagrun_timeout=timedelta(hours=6),
      params={"query_set": Param("fact-world", type="string", pattern=NAME_PATTERN),
              "checkpoint": Param("", type="string", description="default: the newest checkpoint"),
-             "k": Param(10, type="integer", minimum=1, maximum=1000),
+             "top_k": Param(10, type="integer", minimum=1, maximum=1000),
              "methods": Param(["trackstar"], type="array", description="see jobs/score.py")})
 def trackstar_score():
     @task(pool=DEVICE_POOL, outlets=[table_asset("query_gradients")])
@@ -33,7 +33,7 @@ def trackstar_score():
     @task(outlets=[table_asset("proponents")])
     def score_query_set(extraction: dict) -> dict:
         params = get_current_context()["params"]
-        return orchestrate().score_query_set(extraction, params["query_set"], params["methods"], params["k"])
+        return orchestrate().score_query_set(extraction, params["query_set"], params["methods"], params["top_k"])
 
     @task(outlets=[table_asset("eval_metrics")])
     def evaluate_if_ground_truth(extraction: dict) -> dict | None:

@@ -1,1 +1,1 @@
-"""The evaluation's pure parts: per-query metrics with bootstrap intervals, and the HTML report."""
+"""The research evaluation: baselines, TrackStar and its ablations (`evaluate`), per-query metrics with bootstrap intervals, and the HTML report."""

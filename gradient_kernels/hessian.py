@@ -17,7 +17,7 @@ class Autocorrelation:
     """Streaming Σ p pᵀ per block, and the number of vectors summed."""
 
     block_sizes: list
-    sums: list = field(default=None)
+    sums: list = field(default=None)  # type: ignore[arg-type]  # None: zeros, made in __post_init__
     count: int = 0
 
     def __post_init__(self):

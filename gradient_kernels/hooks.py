@@ -83,7 +83,7 @@ class GradientProjector:
     @contextmanager
     def _hooks(self):
         handles = [m.module.register_forward_hook(self._matrix_hook(m)) for m in self.matrices]
-        embedding = self.model.get_input_embeddings()
+        embedding: nn.Module = self.model.get_input_embeddings()  # type: ignore[operator]  # a transformers model's method
         tied = next((m for m in self.matrices if m.tied_embedding is embedding), None)
         handles.append(embedding.register_forward_hook(self._embedding_hook(tied)))
         try:

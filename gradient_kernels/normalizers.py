@@ -109,7 +109,8 @@ def normalizers_from_state(optimizer_state: dict, matrices: list[WeightMatrix], 
     wanted = "adafactor" if kind == "adafactor" else "adam"
     if saved_kind != wanted:
         raise ValueError(f"normaliser {kind!r} needs a {wanted} optimizer state, the checkpoint has {saved_kind!r}")
-    state, normalizers = optimizer_state["state"], {}
+    state = optimizer_state["state"]
+    normalizers: dict[str, ExactNormalizer | FactoredNormalizer] = {}
     for m in matrices:
         if m.name not in state:
             raise MissingOptimizerState(f"optimizer state has no second moment for {m.name!r}")

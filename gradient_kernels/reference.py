@@ -6,6 +6,8 @@ bench/extract_overhead.py, bench/projection_fidelity.py). Nothing here is used i
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -18,8 +20,8 @@ def per_example_gradients(model: nn.Module, batch: Batch, names: list[str]) -> d
     """name -> (B, out, in) full gradients of each example's loss, each example run alone, unpadded."""
     model.eval()
     by_name = {m.name: m for m in weight_matrices(model)}
-    weights = [by_name[n].module.weight for n in names]
-    rows = {n: [] for n in names}
+    weights = [cast(torch.Tensor, by_name[n].module.weight) for n in names]
+    rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     for b in range(len(batch)):
         length = int(batch.attention_mask[b].sum())
         single = Batch(batch.input_ids[b:b + 1, :length], batch.attention_mask[b:b + 1, :length],

@@ -72,7 +72,7 @@ class RunningTopK:
 
     def __init__(self, n_queries: int, k: int):
         self.k = k
-        self.best = [[] for _ in range(n_queries)]  # per query: [(-score, key)], sorted, at most k
+        self.best: list[list[tuple]] = [[] for _ in range(n_queries)]  # per query: [(-score, key)], sorted, at most k
         self.floor = torch.full((n_queries,), -float("inf"))  # k-th best so far (-inf until k are held)
 
     def add(self, scores: torch.Tensor, key_of):

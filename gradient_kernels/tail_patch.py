@@ -20,6 +20,7 @@ documents are processed in vmapped groups (`TailPatcher`).
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +76,8 @@ def optimizer_step(state: dict):
 def _no_padding_check(model: nn.Module):
     """transformers peeks at the input ids for a pad token when no attention mask is given (a
     data-dependent branch vmap refuses); our right padding is harmless under causal attention."""
-    config, pad = model.config, model.config.pad_token_id
+    config: Any = model.config  # a transformers PretrainedConfig
+    pad = config.pad_token_id
     config.pad_token_id = None
     try:
         yield
@@ -141,7 +143,7 @@ class TailPatcher:
         """({query: log p(target | prompt)} before any step, {(query, doc): Δ log p} per pair).
 
         `on_step(n_pairs)` is called after each group of documents (progress reporting)."""
-        by_doc = {}
+        by_doc: dict[str, list[str]] = {}
         for query, doc in pairs:
             by_doc.setdefault(doc, []).append(query)
         queries = sorted({q for q, _ in pairs})

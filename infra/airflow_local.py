@@ -1,6 +1,6 @@
 """Running the TrackStar DAGs locally: a project-local Airflow with its SQLite metadata database.
 
-    python -m infra.airflow_local run trackstar_reindex [--conf '{"k": 10}']
+    python -m infra.airflow_local run trackstar_reindex [--conf '{"top_k": 10}']
 
 sets up `AIRFLOW_HOME` (default `./.airflow`: `airflow db migrate`, the device pool), runs one DAG
 run in this process with `dag.test()` (no scheduler or workers needed) and prints every task's

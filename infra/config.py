@@ -48,9 +48,9 @@ class Config:
     checkpoints: str | None = setting(None, "where new checkpoints arrive (folder or s3:// prefix); none = <lake_root>/model/checkpoints")
     cache_dir: str = setting("~/.cache/trackstar", "local folder for copies of s3:// checkpoints and tokenizers")
     spark_remote: str | None = setting(None, "Spark Connect URL (also SPARK_REMOTE); none = the embedded Sail engine")
-    seed: int = setting(0, "world generation and training shuffles")
+    world_seed: int = setting(0, "the generated demo world and the demo model's training shuffles")
     projection_seed: int = setting(0, "seed of the projection matrices")
-    k_per_module: int = setting(16, "projection size per side: a k x k block per weight matrix")
+    projection_k: int = setting(16, "projection size per side: a k x k block per weight matrix")
     vector_dtype: VectorDtype = setting("float32", "storage encoding of gradient vectors")
     batch_token_budget: int = setting(4096, "padded tokens per gradient batch")
     top_k: int = setting(10, "proponents kept per query")
@@ -63,7 +63,7 @@ class Config:
     def __post_init__(self):
         if self.vector_dtype not in typing.get_args(VectorDtype):
             raise ConfigError(f"vector_dtype {self.vector_dtype!r}: expected one of {typing.get_args(VectorDtype)}")
-        for name in ("k_per_module", "batch_token_budget", "top_k"):
+        for name in ("projection_k", "batch_token_budget", "top_k"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("task_retries", "retry_delay_seconds", "refit_threshold"):
@@ -107,10 +107,11 @@ def load_config(path: str | Path | None = None, environ: typing.Mapping[str, str
     return Config(**values)
 
 
-def from_settings(name: str):
+def from_settings(name: str, **cli):
     """A stage config field whose default is the setting `name`, read when the object is made, so
-    that a CLI command, a DAG task and any other caller get the same value."""
-    return dataclasses.field(default_factory=lambda: getattr(load_config(), name))
+    that a CLI command, a DAG task and any other caller get the same value. `cli`: the field's
+    command-line metadata (help, choices, flags; see infra/cli.py)."""
+    return dataclasses.field(default_factory=lambda: getattr(load_config(), name), metadata=cli)
 
 
 def airflow_params() -> dict:

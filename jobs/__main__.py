@@ -17,19 +17,19 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 # command -> (module, one-line help)
 COMMANDS = {
-    "world": ("jobs.world", "generate the embedded fact world (C4-format corpus, KB, queries) or import one"),
-    "train-model": ("jobs.train_model", "train the tokenizer and a small GPT-2 with DeepSpeed; save checkpoints"),
+    "world": ("demo.world", "generate the embedded fact world (C4-format corpus, KB, queries) or import one"),
+    "train-model": ("demo.train_model", "train the tokenizer and a small GPT-2 with DeepSpeed; save checkpoints"),
     "tokenize": ("jobs.tokenize", "validate raw C4 partitions and tokenize them into documents/tokens (Spark)"),
     "register-queries": ("jobs.register_queries", "load a queries JSONL into the queries / query_sets tables"),
     "extract": ("jobs.extract", "projected gradients of training chunks and queries for one checkpoint (DeepSpeed)"),
     "fit-hessian": ("jobs.fit_hessian", "fit R_train, R_query, λ and the damped inverse root for a checkpoint"),
     "index": ("jobs.index", "build the TrackStar index: train vectors preconditioned and normalised once, int8 + 1-bit sketch"),
     "score": ("jobs.score", "exact top-k proponents per query from train_gradients (Spark)"),
-    "trace": ("jobs.trace", "proponents of any prompt and target, scored on the fly, with the words that carry them"),
-    "evaluate": ("jobs.evaluate", "MRR, recall@10, tail-patch and proponent categories per method; HTML report"),
+    "trace": ("explorer.trace", "proponents of any prompt and target, scored on the fly, with the words that carry them"),
+    "evaluate": ("evaluation.evaluate", "MRR, recall@10, tail-patch and proponent categories per method; HTML report"),
     "sql": ("jobs.sql", "run a documented SQL query over the lake's Delta tables with Spark (--list to see them)"),
-    "explore": ("jobs.explore", "web page of queries and their proponents, served from the lake (127.0.0.1)"),
-    "pipeline": ("jobs.pipeline", "every stage end to end: the embedded default (`make run`), or --corpus/--queries [--checkpoint] of your own"),
+    "explore": ("explorer.explore", "web page of queries and their proponents, served from the lake (127.0.0.1)"),
+    "pipeline": ("demo.pipeline", "every stage end to end: the embedded default (`make run`), or --corpus/--queries [--checkpoint] of your own"),
 }
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from infra import storage
 from infra.lake import Lake
 from infra.names import check_name, check_names
 from jobs.launch import bind_rank_device, init_rank, launch_ranks, rank_arguments
+from infra.cli import add_config_arguments, config_from_args, option
 from infra.config import from_settings, load_config
 
 TRAIN, QUERY = "train", "query"
@@ -37,18 +38,18 @@ QUERY_DTYPE = "float32"
 
 @dataclass
 class ExtractConfig:
-    lake: str = "lake"
-    checkpoint: str = ""                 # checkpoint folder or s3:// prefix; default: the newest trained one
-    k: int = from_settings("k_per_module")  # projection size per side of every weight matrix (block k × k)
-    seed: int = from_settings("projection_seed")
-    normalizer: str = "auto"             # adafactor | adam-floored | adam-factored | adam-exact | none | auto (`auto_normalizer`)
-    vector_dtype: str = from_settings("vector_dtype")  # storage encoding of vectors
-    token_budget: int = from_settings("batch_token_budget")  # padded tokens per batch
-    ranks: int = 2
-    optimizer_source: str = "auto"       # consolidated | zero | auto
-    query_set: str | None = "fact-world"  # also extract this registered query set's gradients
-    force: bool = False
-    partitions: list = field(default_factory=list)  # restrict to these source partitions
+    lake: str = from_settings("lake_root", help="lake root: a folder or s3://bucket/prefix")
+    checkpoint: str = option("", help="checkpoint folder or s3:// prefix (default: newest trained)")
+    projection_k: int = from_settings("projection_k", help="projection size per side of every weight matrix (block k × k)")
+    projection_seed: int = from_settings("projection_seed")
+    normalizer: str = option("auto", choices=["auto", "adafactor", "adam-floored", "adam-factored", "adam-exact", "none"])
+    vector_dtype: str = from_settings("vector_dtype", choices=["float32", "float16", "bfloat16", "int8"])
+    token_budget: int = from_settings("batch_token_budget", help="padded tokens per batch")
+    ranks: int = option(2)
+    optimizer_source: str = option("auto", choices=["auto", "consolidated", "zero"])
+    query_set: str | None = option("fact-world", help="also extract this registered query set's gradients")
+    force: bool = option(False)
+    partitions: list[int] = option(factory=list, help="restrict to these source partitions")
 
 
 # ------------------------------------------------------------------ shared by both sides
@@ -90,7 +91,7 @@ def projection_spec(checkpoint_dir: Path, config: ExtractConfig):
     elif normalizer != "none" and not has_state:
         raise CheckpointError(f"{checkpoint_dir}: normaliser {normalizer!r} needs the optimizer's state "
                               f"({config.optimizer_source}), and the folder has none; use --normalizer none or auto")
-    return ProjectionSpec(seed=config.seed, k=uniform_k(weight_matrices(model), config.k), normalizer=normalizer,
+    return ProjectionSpec(seed=config.projection_seed, k=uniform_k(weight_matrices(model), config.projection_k), normalizer=normalizer,
                           dtype="float32")
 
 
@@ -202,7 +203,7 @@ def run_many(configs: list[ExtractConfig]) -> list[dict]:
         result["run_id"] = start_run(lake, "extract", asdict(config) | {
             "fingerprint": result["fingerprint"], "spec": spec.as_dict(), "optimizer_correction": correction})
         print(f"[extract] {checkpoint_id}: {len(items)} slice(s), {spec.dim} dims ({len(spec.k)} matrices, "
-              f"k={config.k}, seed {config.seed}, {spec.normalizer}), fingerprint {result['fingerprint']}", flush=True)
+              f"k={config.projection_k}, seed {config.projection_seed}, {spec.normalizer}), fingerprint {result['fingerprint']}", flush=True)
         jobs.append({"config": asdict(config), "spec": spec.as_dict(), "run_id": result["run_id"], "items": items})
     if not jobs:
         return results
@@ -465,25 +466,11 @@ def extract_rank(plan_path: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser):
-    defaults = ExtractConfig()
-    parser.add_argument("--lake", default=load_config().lake_root)
-    parser.add_argument("--checkpoint", default="", help="checkpoint folder or s3:// prefix (default: newest trained)")
-    parser.add_argument("--k", type=int, default=defaults.k)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--normalizer", default=defaults.normalizer,
-                        choices=["auto", "adafactor", "adam-floored", "adam-factored", "adam-exact", "none"])
-    parser.add_argument("--vector-dtype", default=defaults.vector_dtype, choices=["float32", "float16", "bfloat16", "int8"])
-    parser.add_argument("--token-budget", type=int, default=defaults.token_budget)
-    parser.add_argument("--ranks", type=int, default=defaults.ranks)
-    parser.add_argument("--optimizer-source", default=defaults.optimizer_source, choices=["auto", "consolidated", "zero"])
-    parser.add_argument("--query-set", default=defaults.query_set)
-    parser.add_argument("--partitions", type=int, nargs="*", default=[])
-    parser.add_argument("--force", action="store_true")
+    add_config_arguments(parser, ExtractConfig)
 
 
 def main(args):
-    fields = set(ExtractConfig.__dataclass_fields__)
-    print(json.dumps(run(ExtractConfig(**{k: v for k, v in vars(args).items() if k in fields})), indent=1))
+    print(json.dumps(run(config_from_args(ExtractConfig, args)), indent=1))
 
 
 if __name__ == "__main__":  # a DeepSpeed rank

@@ -26,29 +26,23 @@ import torch
 from infra import storage
 from infra.lake import Lake
 from infra.matrices import load_matrices, load_metadata, save_matrices
-from infra.config import load_config
+from infra.cli import add_config_arguments, option
+from infra.config import from_settings
+from jobs.catalog import SliceConfig, latest_checkpoint_id
 
 KINDS = ("r_train", "r_query", "inverse_root", "inverse_root_train_only", "inverse_train")
 
 
 @dataclass
-class FitHessianConfig:
-    lake: str = "lake"
-    checkpoint_id: str = ""       # default: the most recently registered checkpoint
-    query_set: str = "fact-world"
-    fingerprint: str = ""         # default: the one train_gradients holds for the checkpoint
-    mixing_lambda: float | None = None  # None: spectra-crossing rule
-    crossing_fraction: float = 0.015    # the spectra cross at this share of the dimension (paper: ~1000 of ~65K)
-    damping_ratio: float = 0.1    # per block: ratio × the mean eigenvalue of R_train's block
-    damping_rule: str = "train-block"   # or "mixed-global": ratio × the mean eigenvalue of the whole mixed R
-    r_query_exclude: tuple = ()   # query ids left out of R_query (fit it on a split the scoring does not use)
-
-
-def latest_checkpoint_id(lake: Lake) -> str:
-    rows = lake.read("checkpoints", columns=["checkpoint_id", "registered_at"])
-    if rows.num_rows == 0:
-        raise ValueError("no registered checkpoints: run `python -m jobs extract` first")
-    return max(zip(rows["registered_at"].to_pylist(), rows["checkpoint_id"].to_pylist()))[1]
+class FitHessianConfig(SliceConfig):
+    mixing_lambda: float | None = from_settings("hessian_lambda", flags=["--lambda"],
+                                                help="task mixing weight (default: spectra-crossing rule)")
+    crossing_fraction: float = option(0.015, help="the spectra cross at this share of the dimension "
+                                                  "(default 1.5%%, as the paper's ~1000 of ~65K)")
+    damping_ratio: float = from_settings("hessian_damping", help="per block: ratio × the mean eigenvalue of R_train's block")
+    damping_rule: str = option("train-block", choices=["train-block", "mixed-global"],
+                               help="per block relative to R_train (default), or the classic global rule on the mixed R")
+    r_query_exclude: tuple = option((), cli=False)  # query ids left out of R_query (fit it on a split the scoring does not use)
 
 
 def only_fingerprint(lake: Lake, checkpoint_id: str) -> str:
@@ -237,29 +231,8 @@ def plot_spectra(query_spectrum, train_spectrum, lam: float, component: int, dia
     return path
 
 
-def load_preconditioner(lake: Lake, checkpoint_id: str, query_set: str, fingerprint: str, kind: str):
-    """The registered matrix of one kind, checksum-verified, as its list of blocks."""
-    rows = lake.read("hessians", filters=[("checkpoint_id", "=", checkpoint_id), ("query_set", "=", query_set),
-                                          ("fingerprint", "=", fingerprint), ("kind", "=", kind)])
-    if rows.num_rows != 1:
-        raise FileNotFoundError(f"no {kind} registered for {checkpoint_id}/{query_set}/{fingerprint}: run fit-hessian")
-    row = rows.to_pylist()[0]
-    tensors = load_matrices(row["path"], row["sha256"])
-    return [tensors[k] for k in sorted(tensors)], row
-
-
 def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("--lake", default=load_config().lake_root)
-    parser.add_argument("--checkpoint-id", default="")
-    parser.add_argument("--query-set", default=FitHessianConfig.query_set)
-    parser.add_argument("--fingerprint", default="")
-    parser.add_argument("--lambda", dest="mixing_lambda", type=float, default=load_config().hessian_lambda,
-                        help="task mixing weight (default: spectra-crossing rule)")
-    parser.add_argument("--crossing-fraction", type=float, default=FitHessianConfig.crossing_fraction,
-                        help="the spectra cross at this share of the dimension (default 1.5%%, as the paper's ~1000 of ~65K)")
-    parser.add_argument("--damping-ratio", type=float, default=load_config().hessian_damping)
-    parser.add_argument("--damping-rule", choices=["train-block", "mixed-global"], default=FitHessianConfig.damping_rule,
-                        help="per block relative to R_train (default), or the classic global rule on the mixed R")
+    add_config_arguments(parser, FitHessianConfig)
 
 
 def main(args):

@@ -21,14 +21,15 @@ with the partition. `score` builds what is missing before it scores (`ensure_ind
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from infra.config import load_config
+from infra.cli import add_config_arguments, option
 from infra.lake import Lake, slice_predicate
+from jobs.catalog import SliceConfig
 from schemas.tables import table
 
 KINDS = ("inverse_root", "inverse_root_train_only")
@@ -37,14 +38,10 @@ BATCH_BYTES = 64 << 20  # decoded float32 bytes per batch while building or scor
 
 
 @dataclass
-class IndexConfig:
-    lake: str = "lake"
-    checkpoint_id: str = ""       # default: the most recently registered checkpoint
-    query_set: str = "fact-world"
-    fingerprint: str = ""         # default: the one train_gradients holds for the checkpoint
-    kinds: list = field(default_factory=lambda: ["inverse_root"])
-    dtype: str = "int8"
-    batch_bytes: int = BATCH_BYTES
+class IndexConfig(SliceConfig):
+    kinds: list[str] = option(factory=lambda: ["inverse_root"], choices=KINDS, nargs="+")
+    dtype: str = option("int8", choices=DTYPES)
+    batch_bytes: int = option(BATCH_BYTES)
 
 
 def rows_per_batch(dim: int, batch_bytes: int) -> int:
@@ -128,7 +125,7 @@ def build_partition(lake: Lake, keys: dict, partition: int, blocks: list, sha256
 def ensure_index(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: str, kind: str, dtype: str = "int8",
                  run_id: str = "", batch_bytes: int = BATCH_BYTES) -> dict:
     """Bring the index of one (checkpoint, fingerprint, query set, matrix kind, dtype) up to date."""
-    from jobs.fit_hessian import load_preconditioner
+    from jobs.catalog import load_preconditioner
 
     if kind not in KINDS or dtype not in DTYPES:
         raise ValueError(f"index kind {kind!r} / dtype {dtype!r}: kinds {KINDS}, dtypes {DTYPES}")
@@ -155,7 +152,8 @@ def ensure_index(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: st
 
 def run(config: IndexConfig) -> dict:
     from infra.runs import finish_run, start_run
-    from jobs.fit_hessian import latest_checkpoint_id, only_fingerprint
+    from jobs.catalog import latest_checkpoint_id
+    from jobs.fit_hessian import only_fingerprint
 
     lake = Lake(config.lake)
     checkpoint_id = config.checkpoint_id or latest_checkpoint_id(lake)
@@ -174,13 +172,7 @@ def run(config: IndexConfig) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("--lake", default=load_config().lake_root)
-    parser.add_argument("--checkpoint-id", default="")
-    parser.add_argument("--query-set", default=IndexConfig.query_set)
-    parser.add_argument("--fingerprint", default="")
-    parser.add_argument("--kinds", nargs="+", default=["inverse_root"], choices=KINDS)
-    parser.add_argument("--dtype", default=IndexConfig.dtype, choices=DTYPES)
-    parser.add_argument("--batch-bytes", type=int, default=BATCH_BYTES)
+    add_config_arguments(parser, IndexConfig)
 
 
 def main(args):

@@ -19,13 +19,13 @@ Methods (`--methods`), each written under its own name so they compare row for r
   trak                    R_train⁻¹ on one side, raw norms, no optimizer correction (TRAK-style)
   grad-dot, grad-cos      plain projected gradients: dot product, cosine
 The optimizer correction is decided at extraction (the fingerprint names it); `PLAIN_METHODS` are
-meant for vectors extracted with `--normalizer none` (`jobs.evaluate` wires both).
+meant for vectors extracted with `--normalizer none` (`evaluation.evaluate` wires both).
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +33,9 @@ import torch
 
 from infra.lake import Lake
 from infra.names import check_names
-from infra.config import from_settings, load_config
+from infra.cli import add_config_arguments, option
+from infra.config import from_settings
+from jobs.catalog import SliceConfig, train_vector_count
 from jobs.index import BATCH_BYTES, rows_per_batch
 
 # method -> (registered matrix kind or None, power applied to it, unit norm, on both sides)
@@ -53,16 +55,13 @@ INDEXED_METHODS = tuple(m for m, (kind, unit_norm, both_sides) in METHODS.items(
 
 
 @dataclass
-class ScoreConfig:
-    lake: str = "lake"
-    checkpoint_id: str = ""
-    query_set: str = "fact-world"
-    fingerprint: str = ""
-    methods: list = field(default_factory=lambda: ["trackstar"])
-    k: int = from_settings("top_k")
-    prompt_index: int = 0
-    index: str = "int8"          # code of the TrackStar index scored; "none": prepare train_gradients as they are read
-    batch_bytes: int = BATCH_BYTES
+class ScoreConfig(SliceConfig):
+    methods: list[str] = option(factory=lambda: ["trackstar"], choices=sorted(METHODS), nargs="+")
+    top_k: int = from_settings("top_k", help="proponents kept per query")
+    prompt_index: int = option(0, choices=[0, 1, 2])
+    index: str = option("int8", choices=["int8", "float16", "bfloat16", "float32", "none"],
+                        help=f"code of the TrackStar index for {', '.join(INDEXED_METHODS)} ('none': score raw vectors)")
+    batch_bytes: int = option(BATCH_BYTES, help="decoded bytes per scoring batch")
 
 
 def _prepared_side(vectors: torch.Tensor, blocks, unit_norm: bool) -> torch.Tensor:
@@ -73,7 +72,7 @@ def _prepared_side(vectors: torch.Tensor, blocks, unit_norm: bool) -> torch.Tens
 
 def method_matrices(lake: Lake, method: str, checkpoint_id: str, query_set: str, fingerprint: str):
     """(train-side blocks or None, query-side blocks or None, unit norm) for a method."""
-    from jobs.fit_hessian import load_preconditioner
+    from jobs.catalog import load_preconditioner
 
     kind = METHODS[method][0]
     matrices = {kind: load_preconditioner(lake, checkpoint_id, query_set, fingerprint, kind)[0]} if kind else {}
@@ -146,11 +145,6 @@ def scoring_inputs(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: 
             "fingerprint": fingerprint}
 
 
-def train_vector_count(lake: Lake, checkpoint_id: str, fingerprint: str) -> int:
-    return lake.read("train_gradients", filters=[("checkpoint_id", "=", checkpoint_id), ("fingerprint", "=", fingerprint)],
-                     columns=["chunk"]).num_rows
-
-
 def query_vectors(lake: Lake, query_set: str, checkpoint_id: str, fingerprint: str, prompt_index: int):
     """(query ids, vectors, dim) of one prompt of a query set, extracted under `fingerprint`."""
     import pyarrow.compute as pc
@@ -176,7 +170,8 @@ def run(config: ScoreConfig) -> dict:
     from infra.runs import finish_run, start_run
     from infra.spark import spark_session
     from jobs.index import ensure_index
-    from jobs.fit_hessian import latest_checkpoint_id, only_fingerprint
+    from jobs.catalog import latest_checkpoint_id
+    from jobs.fit_hessian import only_fingerprint
 
     check_names(query_set=config.query_set, checkpoint_id=config.checkpoint_id, fingerprint=config.fingerprint)
     lake = Lake(config.lake)
@@ -205,7 +200,7 @@ def run(config: ScoreConfig) -> dict:
                 & (F.col("dtype") == config.index))
             train_blocks, unit_norm = None, False  # the index holds the prepared train side
         train = train.select("doc_id", "chunk", "vector", "dtype", "scale")
-        k, batch_bytes = config.k, config.batch_bytes
+        k, batch_bytes = config.top_k, config.batch_bytes
 
         def local_top_k(batches, queries=queries, train_blocks=train_blocks, unit_norm=unit_norm):
             return score_batches(batches, queries, train_blocks, unit_norm, k, dim, batch_bytes)
@@ -229,16 +224,7 @@ def run(config: ScoreConfig) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("--lake", default=load_config().lake_root)
-    parser.add_argument("--checkpoint-id", default="")
-    parser.add_argument("--query-set", default=ScoreConfig.query_set)
-    parser.add_argument("--fingerprint", default="")
-    parser.add_argument("--methods", nargs="+", default=["trackstar"], choices=sorted(METHODS))
-    parser.add_argument("--k", type=int, default=ScoreConfig().k)
-    parser.add_argument("--prompt-index", type=int, default=0, choices=[0, 1, 2])
-    parser.add_argument("--index", default=ScoreConfig.index, choices=["int8", "float16", "bfloat16", "float32", "none"],
-                        help=f"code of the TrackStar index for {', '.join(INDEXED_METHODS)} ('none': score raw vectors)")
-    parser.add_argument("--batch-bytes", type=int, default=BATCH_BYTES, help="decoded bytes per scoring batch")
+    add_config_arguments(parser, ScoreConfig)
 
 
 def main(args):

@@ -31,7 +31,8 @@ from infra.quarantine import quarantine_rows
 from infra.runs import finish_run, start_run
 from schemas.tables import spark_ddl_of
 from jobs import c4_lines
-from infra.config import load_config
+from infra.cli import add_config_arguments, config_from_args, option
+from infra.config import from_settings
 
 PARTITION_NAME = re.compile(r"c4-[\w-]+\.(\d+)-of-(\d+)\.json\.gz$")
 EOS = "<|endoftext|>"
@@ -39,13 +40,13 @@ EOS = "<|endoftext|>"
 
 @dataclass
 class TokenizeConfig:
-    lake: str = "lake"
-    raw: str | None = None          # folder of c4-*.json.gz; default <lake>/raw
-    tokenizer: str | None = None    # folder holding tokenizer.json; default <lake>/model/tokenizer
-    context: int | None = None      # chunk length; default: the newest checkpoint's context
-    max_chars: int = 200_000        # longer documents are quarantined, not tokenized
-    force: bool = False
-    partitions: list | None = None  # only these source partitions (default: all)
+    lake: str = from_settings("lake_root", help="lake root: a folder or s3://bucket/prefix")
+    raw: str | None = option(None, help="folder of c4-*.json.gz partitions (default <lake>/raw)")
+    tokenizer: str | None = option(None, help="folder with tokenizer.json (default <lake>/model/tokenizer)")
+    context: int | None = option(None, help="chunk length (default: the newest checkpoint's context)")
+    max_chars: int = option(200_000, help="longer documents are quarantined, not tokenized")
+    force: bool = option(False, help="retokenize partitions already done")
+    partitions: list[int] | None = option(None, help="only these source partitions (default: all)")
 
 
 def tokenizer_fingerprint(tokenizer_dir: str, context: int) -> str:
@@ -59,14 +60,14 @@ def tokenizer_fingerprint_of(tokenizer_json: bytes, context: int) -> str:
 
 def model_context(lake_root: str) -> int:
     """The context of the lake's newest checkpoint (the chunks must fit it)."""
+    from jobs.catalog import checkpoint_folders_by_step
     from jobs.checkpoints import checkpoints_location
 
     roots = [checkpoints_location(lake_root), storage.join(lake_root, "checkpoints")]  # and the folder lakes used before
-    configs = sorted((c for root in roots for c in storage.list_objects(root, suffix="/config.json")
-                      if c.count("/") - root.count("/") == 2), key=lambda c: c.rsplit("/", 2)[-2])
-    if not configs:
+    folders = next((found for found in map(checkpoint_folders_by_step, roots) if found), None)
+    if not folders:
         raise FileNotFoundError(f"no checkpoint under {roots[0]} to take the context from; pass --context")
-    config = json.loads(storage.read_bytes(configs[-1]))
+    config = json.loads(storage.read_bytes(storage.join(folders[-1], "config.json")))
     return int(config.get("n_positions") or config["max_position_embeddings"])
 
 
@@ -89,9 +90,11 @@ def tokenized_partitions(lake: Lake, fingerprint: str) -> set[int]:
     processed without finding any document (an empty or all-bad file is done, not pending forever)."""
     rows = lake.read("tokens", columns=["partition", "tokenizer_fingerprint"])
     done = {p for p, f in zip(rows["partition"].to_pylist(), rows["tokenizer_fingerprint"].to_pylist()) if f == fingerprint}
-    for run in lake.read("runs", filters=[("command", "=", "tokenize"), ("status", "=", "succeeded")]).to_pylist():
-        if json.loads(run["config_json"]).get("tokenizer_fingerprint") == fingerprint:
-            done |= set(json.loads(run["counts_json"] or "{}").get("tokenized", ()))
+    from jobs.catalog import runs_of
+
+    for _, config, counts in runs_of(lake, "tokenize"):
+        if config.get("tokenizer_fingerprint") == fingerprint:
+            done |= set(counts.get("tokenized", ()))
     return done
 
 
@@ -239,27 +242,33 @@ def reason_counts(reasons) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------ the job
+def chosen_partitions(raw_dir: str, wanted: list[int] | None) -> dict[int, str]:
+    """The raw partitions to tokenize: every one under raw_dir, or those `wanted` (each must exist)."""
+    partitions = raw_partitions(raw_dir)
+    if wanted is not None:
+        unknown = sorted(set(wanted) - set(partitions))
+        if unknown:
+            raise FileNotFoundError(f"no raw partition(s) {unknown} under {raw_dir}")
+        partitions = {p: path for p, path in partitions.items() if p in set(wanted)}
+    if not partitions:
+        raise FileNotFoundError(f"no c4-*.json.gz partitions under {raw_dir}")
+    return partitions
+
+
 def run(config: TokenizeConfig) -> dict:
     from pyspark.sql import functions as F
 
     from infra.spark import spark_session
 
     lake = Lake(config.lake)
-    raw_dir = config.raw or storage.join(lake.root, "raw")
-    tokenizer_file = storage.join(config.tokenizer or storage.join(lake.root, "model", "tokenizer"), "tokenizer.json")
+    tokenizer_dir = config.tokenizer or storage.join(lake.root, "model", "tokenizer")
+    tokenizer_file = storage.join(tokenizer_dir, "tokenizer.json")
     if not storage.exists(tokenizer_file):
         raise FileNotFoundError(f"no {tokenizer_file} (train the model first, or pass --tokenizer)")
     tokenizer_json = storage.read_bytes(tokenizer_file)
     context = config.context or model_context(lake.root)
     fingerprint = tokenizer_fingerprint_of(tokenizer_json, context)
-    partitions = raw_partitions(raw_dir)
-    if config.partitions is not None:
-        unknown = sorted(set(config.partitions) - set(partitions))
-        if unknown:
-            raise FileNotFoundError(f"no raw partition(s) {unknown} under {raw_dir}")
-        partitions = {p: path for p, path in partitions.items() if p in set(config.partitions)}
-    if not partitions:
-        raise FileNotFoundError(f"no c4-*.json.gz partitions under {raw_dir}")
+    partitions = chosen_partitions(config.raw or storage.join(lake.root, "raw"), config.partitions)
     done = set() if config.force else tokenized_partitions(lake, fingerprint)
     pending = {p: path for p, path in partitions.items() if p not in done}
     result = {"partitions": len(partitions), "skipped": sorted(set(partitions) - set(pending)), "tokenized": sorted(pending)}
@@ -272,8 +281,7 @@ def run(config: TokenizeConfig) -> dict:
     files = spark.createDataFrame([(uri, p) for p, uri in sorted(pending.items())],
                                   "path string, partition int").repartition(min(len(pending), os.cpu_count() or 1))
     max_chars, tokenizer_json = config.max_chars, tokenizer_json.decode("utf-8")
-    tokenizer_config = storage.join(config.tokenizer or storage.join(lake.root, "model", "tokenizer"),
-                                    "tokenizer_config.json")
+    tokenizer_config = storage.join(tokenizer_dir, "tokenizer_config.json")
     eos_token = end_of_text(tokenizer_json, storage.read_bytes(tokenizer_config) if storage.exists(tokenizer_config)
                             else None)
     parsed = files.mapInArrow(lambda it: parse_files(it, max_chars), spark_ddl_of(PARSED_SCHEMA))
@@ -304,12 +312,8 @@ def run(config: TokenizeConfig) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("--lake", default=load_config().lake_root)
-    parser.add_argument("--raw", help="folder of c4-*.json.gz partitions (default <lake>/raw)")
-    parser.add_argument("--tokenizer", help="folder with tokenizer.json (default <lake>/model/tokenizer)")
-    parser.add_argument("--context", type=int, default=TokenizeConfig.context)
-    parser.add_argument("--force", action="store_true", help="retokenize partitions already done")
+    add_config_arguments(parser, TokenizeConfig)
 
 
 def main(args):
-    run(TokenizeConfig(lake=args.lake, raw=args.raw, tokenizer=args.tokenizer, context=args.context, force=args.force))
+    run(config_from_args(TokenizeConfig, args))

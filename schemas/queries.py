@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,7 +80,7 @@ class Query(BaseModel):
 class QueryFileError(ValueError):
     """A queries file with problems; `problems` lists each as `file:line: problem`."""
 
-    def __init__(self, path: Path, problems: list[str]):
+    def __init__(self, path: Path | str, problems: list[str]):
         self.problems = problems
         shown = problems[:50] + ([f"... and {len(problems) - 50} more"] if len(problems) > 50 else [])
         super().__init__(f"{path}: {len(problems)} problem(s) in the queries file:\n" + "\n".join(shown))
@@ -92,7 +93,7 @@ class QueryFile:
     notes: list[str] = field(default_factory=list)  # what was normalised
 
 
-def _describe(error: dict) -> str:
+def _describe(error: Mapping) -> str:
     location = ".".join(str(part) for part in error["loc"])
     if error["type"] == "missing":
         return f"missing field {location!r}"
@@ -107,7 +108,8 @@ def load_queries(path: Path | str, text: str | None = None) -> QueryFile:
     """Every line checked; raises QueryFileError with all problems, or returns the queries. `text`
     is the file's content when it was read elsewhere (an s3:// object); `path` then names it."""
     text = Path(path).read_text(encoding="utf-8") if text is None else text
-    problems, queries, lines, first_line, normalised = [], [], [], {}, []
+    problems, queries, lines, normalised = [], [], [], []
+    first_line: dict[str, int] = {}
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 DTYPES = ("float32", "float16", "bfloat16", "int8")
-_STORAGE = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "int8": np.dtype("i1")}
+_STORAGE: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "int8": np.dtype("i1")}
 
 
 class VectorOverflow(ValueError):

@@ -27,7 +27,8 @@ import pytest
 from deltalake import DeltaTable
 
 from infra.lake import Lake
-from jobs import explore, extract, fit_hessian, register_queries, score, tokenize
+from explorer import explore
+from jobs import extract, fit_hessian, register_queries, score, tokenize
 from jobs.sql import run_query
 from tests.fixtures import copy_lake
 
@@ -125,10 +126,10 @@ def test_score_and_sql_on_apache_spark_over_delta_rs_tables(apache_spark, lakes)
     apache, _ = lakes
     register_queries.run(apache.root)
     # DeepSpeed ranks read the tokens Apache Spark wrote and write train_gradients with delta-rs
-    extract.run(extract.ExtractConfig(lake=apache.root, k=4, token_budget=512))
+    extract.run(extract.ExtractConfig(lake=apache.root, projection_k=4, token_budget=512))
     fit = fit_hessian.run(fit_hessian.FitHessianConfig(lake=apache.root))
     checkpoint = fit["checkpoint_id"]
-    _job(apache_spark, "score", "--lake", apache.root, "--methods", "trackstar", "--k", "5")
+    _job(apache_spark, "score", "--lake", apache.root, "--methods", "trackstar", "--top-k", "5")
     on_spark = _sorted_rows(apache.read("proponents"), ["query_id", "rank"],
                             ["query_id", "rank", "doc_id", "chunk", "score"])
     n_queries = apache.read("queries").num_rows
@@ -138,7 +139,7 @@ def test_score_and_sql_on_apache_spark_over_delta_rs_tables(apache_spark, lakes)
     ranked = explore.Explorer(apache.root).ranked(checkpoint)["trackstar"]
     assert sum(len(rows) for rows in ranked.values()) == len(on_spark)
     # the embedded engine replaces the same slice of the Spark-created table with the same answer
-    score.run(score.ScoreConfig(lake=apache.root, methods=["trackstar"], k=5))
+    score.run(score.ScoreConfig(lake=apache.root, methods=["trackstar"], top_k=5))
     on_sail = _sorted_rows(apache.read("proponents"), ["query_id", "rank"],
                            ["query_id", "rank", "doc_id", "chunk", "score"])
     assert [r[:2] for r in on_sail] == [r[:2] for r in on_spark]

@@ -6,13 +6,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+BELOW = {"jobs", "infra", "schemas", "gradient_kernels"}  # what every package above the stages may import
 ALLOWED = {
     "schemas": {"schemas"},
     "gradient_kernels": {"gradient_kernels"},
-    "evaluation": {"evaluation"},
     "infra": {"infra", "schemas"},
-    "jobs": {"jobs", "infra", "schemas", "gradient_kernels", "evaluation"},
-    "dags": {"dags", "jobs", "infra"},  # infra: the configuration and storage locations, read at parse time
+    "jobs": BELOW,
+    "evaluation": BELOW | {"evaluation"},
+    "explorer": BELOW | {"explorer", "evaluation"},
+    "demo": BELOW | {"demo", "evaluation"},
+    "dags": {"dags", "jobs", "infra", "schemas", "evaluation"},
 }
 PROJECT = set(ALLOWED) | {"bench", "tests"}
 
@@ -42,3 +45,18 @@ def test_the_rule_catches_an_upward_import(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from jobs import score\n")
     assert project_imports(module) == {(2, "jobs")}
+
+
+def test_every_project_package_has_a_rule():
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"tests", "bench"}
+    assert packages == set(ALLOWED)
+
+
+def test_the_one_cli_reaches_every_command_module():
+    """`python -m jobs <command>` names modules of every package by string: each must exist."""
+    from importlib.util import find_spec
+
+    from jobs.__main__ import COMMANDS
+
+    assert {module.split(".")[0] for module, _ in COMMANDS.values()} == {"jobs", "demo", "evaluation", "explorer"}
+    assert [module for module, _ in COMMANDS.values() if find_spec(module) is None] == []

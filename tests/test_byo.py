@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from infra.lake import Lake
-from jobs import extract, fit_hessian, import_data, pipeline, register_queries, score, tokenize, world
+from demo import import_data, pipeline, world
+from jobs import extract, fit_hessian, register_queries, score, tokenize
 from jobs.checkpoints import CheckpointError, load_manifest, load_second_moments
 from schemas.queries import QueryFileError, load_queries
 
@@ -97,7 +98,7 @@ def user_data(tmp_path_factory):
     """A generated corpus and queries rewritten as a user would write them: targets without their
     leading space, optional fields left out, one target the tokenizer cannot encode."""
     root = tmp_path_factory.mktemp("byo")
-    world.run(world.WorldConfig(out_dir=str(root / "generated"), seed=2, facts_per_bucket=2, n_partitions=2))
+    world.run(world.WorldConfig(out_dir=str(root / "generated"), world_seed=2, facts_per_bucket=2, n_partitions=2))
     corpus = root / "corpus"
     shutil.copytree(root / "generated" / "raw", corpus)
     rows = []
@@ -119,11 +120,11 @@ def indexed_llama(user_data):
     checkpoint = import_data.import_checkpoint(lake, root / "llama")
     register_queries.run(str(lake), str(queries))  # what the pipeline does: problems name the user's own file
     tokenize.run(tokenize.TokenizeConfig(lake=str(lake)))
-    extraction = extract.run(extract.ExtractConfig(lake=str(lake), checkpoint=str(checkpoint), k=4, token_budget=512))
+    extraction = extract.run(extract.ExtractConfig(lake=str(lake), checkpoint=str(checkpoint), projection_k=4, token_budget=512))
     fit = fit_hessian.run(fit_hessian.FitHessianConfig(lake=str(lake), checkpoint_id=extraction["checkpoint_id"],
                                                        fingerprint=extraction["fingerprint"]))
     score.run(score.ScoreConfig(lake=str(lake), checkpoint_id=extraction["checkpoint_id"],
-                                fingerprint=extraction["fingerprint"], methods=["trackstar"], k=5))
+                                fingerprint=extraction["fingerprint"], methods=["trackstar"], top_k=5))
     return Lake(lake), summary, checkpoint, extraction, fit
 
 
@@ -183,7 +184,7 @@ def test_the_same_folder_without_optimizer_state_is_indexed_without_correction(i
     shutil.copytree(user_data[0] / "llama", bare, ignore=shutil.ignore_patterns("optimizer.pt"))
     assert load_manifest(bare)["optimizer"] == "none" and load_manifest(bare)["lr"] is None
     checkpoint = import_data.import_checkpoint(lake.root, bare)  # same tokenizer: the same lake takes it
-    extraction = extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(checkpoint), k=4, token_budget=512,
+    extraction = extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(checkpoint), projection_k=4, token_budget=512,
                                                    query_set=None, partitions=[0], ranks=1))
     assert extraction["normalizer"] == "none" and extraction["fingerprint"] != corrected["fingerprint"]
     run = lake.read("runs", filters=[("run_id", "=", extraction["run_id"])]).to_pylist()[0]
@@ -217,7 +218,7 @@ def test_another_parameter_order_is_read_by_param_names_or_refused(user_data, tm
 def test_make_run_refuses_to_wipe_imported_data(indexed_llama, user_data, capsys):
     root = Path(indexed_llama[0].root)
     before = {p: p.read_bytes() for p in sorted((root / "raw").glob("*")) + [root / "world" / "queries.jsonl"]}
-    args = pipeline.argparse.Namespace(lake=str(root), seed=0, airflow_home=str(root / ".airflow"),
+    args = pipeline.argparse.Namespace(lake=str(root), world_seed=0, airflow_home=str(root / ".airflow"),
                                        reports=str(root / "reports"), corpus=None, queries=None, checkpoint=None)
     assert pipeline.main(args) == 2  # what `make run` calls: no --corpus, so it would regenerate the world
     message = capsys.readouterr().err

@@ -40,13 +40,13 @@ def test_stage_configs_take_their_defaults_from_the_settings_when_made(monkeypat
     from jobs import extract, score
 
     before = extract.ExtractConfig()
-    for name, value in {"LAKE_ROOT": "s3://bucket/lake", "K_PER_MODULE": "8", "PROJECTION_SEED": "3",
+    for name, value in {"LAKE_ROOT": "s3://bucket/lake", "PROJECTION_K": "8", "PROJECTION_SEED": "3",
                         "VECTOR_DTYPE": "int8", "BATCH_TOKEN_BUDGET": "512", "TOP_K": "25"}.items():
         monkeypatch.setenv(f"TRACKSTAR_{name}", value)
     config = extract.ExtractConfig()
-    assert (config.k, config.seed, config.vector_dtype, config.token_budget) == (8, 3, "int8", 512) != (
-        before.k, before.seed, before.vector_dtype, before.token_budget)
-    assert extract.ExtractConfig(k=4).k == 4 and score.ScoreConfig().k == 25
+    assert (config.projection_k, config.projection_seed, config.vector_dtype, config.token_budget) == (8, 3, "int8", 512) != (
+        before.projection_k, before.projection_seed, before.vector_dtype, before.token_budget)
+    assert extract.ExtractConfig(projection_k=4).projection_k == 4 and score.ScoreConfig().top_k == 25
     assert load_config().checkpoint_location == "s3://bucket/lake/model/checkpoints"
 
 
@@ -62,7 +62,7 @@ def test_the_configured_spark_remote_is_the_endpoint(monkeypatch):
 
 def test_no_setting_is_read_from_the_environment_behind_the_configuration():
     read = set()
-    for path in [*REPO.glob("jobs/*.py"), *REPO.glob("infra/*.py"), *REPO.glob("dags/*.py")]:
+    for path in (p for package in ("jobs", "infra", "dags", "demo", "evaluation", "explorer") for p in REPO.glob(f"{package}/*.py")):
         if path.name != "config.py":
             read |= set(re.findall(r"""environ(?:\.get\(|\[)\s*["'](TRACKSTAR_\w+)""", path.read_text()))
     # a test hook for injected failures, the explorer's access token (a secret, never stored), and the

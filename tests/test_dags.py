@@ -14,7 +14,8 @@ import pytest
 
 from infra.airflow_local import airflow_environment, run_dag
 from infra.lake import Lake
-from jobs import orchestrate, register_queries
+from dags import orchestrate
+from jobs import register_queries
 from jobs.checkpoints import checkpoint_path
 from tests.fixtures import copy_lake
 
@@ -57,7 +58,7 @@ def test_dags_are_well_kept_and_their_tasks_are_jobs_functions(dag_info):
         for task_id, task in dag["tasks"].items():
             assert task["owner"] == "trackstar" and task["retries"] >= 1, task_id
             assert task["timeout"] and task["callback"], task_id
-            assert callable(getattr(orchestrate, task_id, None)), f"{dag_id}.{task_id} is not a jobs.orchestrate function"
+            assert callable(getattr(orchestrate, task_id, None)), f"{dag_id}.{task_id} is not a dags.orchestrate function"
         if dag_id != "trackstar_maintenance":
             assert dag["tasks"]["extract_missing"]["pool"] == "trackstar_device"
 
@@ -163,7 +164,7 @@ def test_backfill_of_an_older_checkpoint_makes_its_own_slices_and_compares(airfl
 def test_score_dag_scores_the_requested_methods_and_evaluates(airflow_lake):
     lake, home, _, summary = airflow_lake
     newest = str(checkpoint_path(lake.root, summary["checkpoints"][-1]))
-    result = _run("trackstar_score", lake, home, {"query_set": "fact-world", "checkpoint": newest, "k": 3,
+    result = _run("trackstar_score", lake, home, {"query_set": "fact-world", "checkpoint": newest, "top_k": 3,
                                                   "methods": ["trackstar", "trackstar-no-hessian"]})
     assert set(result["tasks"].values()) == {"success"}
     queries = lake.read("queries").num_rows

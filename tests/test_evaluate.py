@@ -11,7 +11,9 @@ import pytest
 
 from evaluation import metrics as M
 from infra.lake import Lake
-from jobs import evaluate, register_queries, tokenize, world
+from demo import world
+from evaluation import evaluate
+from jobs import register_queries, tokenize
 
 
 def test_mrr_and_recall_on_hand_built_ranks():
@@ -79,7 +81,7 @@ def test_evaluation_runs_on_a_user_supplied_corpus_and_queries(adam_run, tmp_pat
     root = str(tmp_path / "lake")
     tokenize.run(tokenize.TokenizeConfig(lake=root))
     register_queries.run(root)
-    config = evaluate.EvaluateConfig(lake=root, k_projection=4, tail_patch_queries=5, seeds=[0, 1],
+    config = evaluate.EvaluateConfig(lake=root, projection_k=4, tail_patch_queries=5, seeds=[0, 1],
                                      reports=str(tmp_path / "reports"))
     report = evaluate.run(config)
     methods = set(report["methods"])

@@ -12,7 +12,9 @@ import pytest
 import uvicorn
 
 from infra.lake import Lake
-from jobs import evaluate, explore, extract, fit_hessian, register_queries, score, tokenize
+from evaluation import evaluate
+from explorer import explore
+from jobs import extract, fit_hessian, register_queries, score, tokenize
 from tests.fixtures import copy_lake
 
 REPORTS = Path(__file__).resolve().parent.parent / "reports"
@@ -24,10 +26,10 @@ def explored_lake(adam_run, tmp_path_factory):
     root = str(copy_lake(source, tmp_path_factory.mktemp("explore") / "lake"))
     tokenize.run(tokenize.TokenizeConfig(lake=root))
     register_queries.run(root)
-    extraction = extract.run(extract.ExtractConfig(lake=root, k=4))
+    extraction = extract.run(extract.ExtractConfig(lake=root, projection_k=4))
     fit_hessian.run(fit_hessian.FitHessianConfig(lake=root))
     # float32 index: the stored scores equal the heat maps' exact sums (int8 ones are within its error bound)
-    score.run(score.ScoreConfig(lake=root, methods=["trackstar", "trackstar-no-hessian"], k=5, index="float32"))
+    score.run(score.ScoreConfig(lake=root, methods=["trackstar", "trackstar-no-hessian"], top_k=5, index="float32"))
     lake = Lake(root)
     documents = lake.read("documents", columns=["doc_id", "text"])
     queries = sorted(lake.read("queries").to_pylist(), key=lambda q: q["query_id"])
@@ -148,7 +150,7 @@ def test_browse_filter_open_switch_and_screenshot(server, explored_lake):
 
 
 def test_trace_recomputes_a_stored_query_and_finds_its_stored_proponents(explored_lake):
-    from jobs.trace import TraceContext
+    from explorer.trace import TraceContext
 
     root, queries = explored_lake
     lake = Lake(root)

@@ -18,7 +18,7 @@ from gradient_kernels.hessian import Autocorrelation
 from gradient_kernels.scoring import Preconditioner, RunningTopK, prepare, two_stage_top_k
 from infra.lake import Lake
 from infra.matrices import save_matrices
-from jobs import fit_hessian, index, score
+from jobs import catalog, fit_hessian, index, score
 from jobs.extract import QUERY, TRAIN, autocorrelation_path
 from schemas.vectors import decode_sign_sketch, decode_vectors, encode_sign_sketch, encode_vectors
 
@@ -80,7 +80,7 @@ def small_lake(tmp_path) -> Lake:
 
 def _exact(lake: Lake):
     """(train keys, exact float32 Ḡ of every train vector, prepared queries) computed directly."""
-    blocks, _ = fit_hessian.load_preconditioner(lake, CHECKPOINT, QUERY_SET, FINGERPRINT, "inverse_root")
+    blocks, _ = catalog.load_preconditioner(lake, CHECKPOINT, QUERY_SET, FINGERPRINT, "inverse_root")
     rows = lake.read("train_gradients")
     train = decode_vectors(rows["vector"], "float32")
     queries = decode_vectors(lake.read("query_gradients")["vector"], "float32")
@@ -160,7 +160,7 @@ def test_score_job_from_the_index_matches_exhaustive_scoring(small_lake):
     results = {}
     for code in ("none", "float32", "int8"):
         run = score.run(score.ScoreConfig(lake=small_lake.root, checkpoint_id=CHECKPOINT, query_set=QUERY_SET,
-                                          fingerprint=FINGERPRINT, methods=["trackstar"], k=10, index=code,
+                                          fingerprint=FINGERPRINT, methods=["trackstar"], top_k=10, index=code,
                                           batch_bytes=50 * DIM * 4))  # 50-row slices: many batches per task
         rows = small_lake.read("proponents").to_pylist()
         assert len(rows) == 400 and run["methods"] == {"trackstar": 400}

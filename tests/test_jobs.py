@@ -26,7 +26,7 @@ from gradient_kernels.projection import ProjectionSpec
 from gradient_kernels.scoring import FingerprintMismatch, Preconditioner, prepare
 from infra.lake import Lake
 from infra.matrices import ChecksumMismatch, load_matrices
-from jobs import extract, fit_hessian, register_queries, score, tokenize
+from jobs import catalog, extract, fit_hessian, register_queries, score, tokenize
 from jobs.checkpoints import checkpoint_path, load_second_moments
 from schemas.vectors import decode_vectors
 from tests.fixtures import copy_lake
@@ -59,10 +59,10 @@ def indexed(adam_run, tmp_path_factory):
     lake = Lake(lake_dir)
     results = {"tokenize": tokenize.run(tokenize.TokenizeConfig(lake=str(lake_dir)))}
     register_queries.run(str(lake_dir))
-    results["extract"] = extract.run(extract.ExtractConfig(lake=str(lake_dir), k=4, token_budget=512))
+    results["extract"] = extract.run(extract.ExtractConfig(lake=str(lake_dir), projection_k=4, token_budget=512))
     results["fit"] = fit_hessian.run(fit_hessian.FitHessianConfig(lake=str(lake_dir)))
     results["score"] = score.run(score.ScoreConfig(lake=str(lake_dir), methods=["trackstar", "trak", "trackstar-no-hessian"],
-                                                   k=5, index="float32"))  # int8 index: tests/test_index.py
+                                                   top_k=5, index="float32"))  # int8 index: tests/test_index.py
     checkpoint = checkpoint_path(lake_dir, summary["checkpoints"][-1])
     return lake, checkpoint, results, long_text
 
@@ -136,7 +136,8 @@ def test_extractions_launched_together_equal_the_kernels_each(indexed, tmp_path)
     source, checkpoint, results, _ = indexed
     lake = Lake(copy_lake(source.root, tmp_path / "lake"))
     runs_before = lake.read("runs").num_rows
-    configs = [extract.ExtractConfig(lake=lake.root, k=4, token_budget=512, seed=seed, normalizer=normalizer)
+    configs = [extract.ExtractConfig(lake=lake.root, projection_k=4, token_budget=512, projection_seed=seed,
+                                     normalizer=normalizer)
                for seed, normalizer in ((0, "auto"), (1, "auto"), (1, "none"), (1, "adam-floored"))]
     done, seed1, plain, repeat = extract.run_many(configs)
     assert done["items"] == [] and done["fingerprint"] == results["extract"]["fingerprint"]
@@ -167,14 +168,14 @@ def test_fit_hessian_equals_the_autocorrelation_of_the_stored_vectors(indexed, t
     blocks = [16] * (train.shape[1] // 16)
     r_train = Autocorrelation(blocks).add(torch.from_numpy(train)).mean()
     r_query = Autocorrelation(blocks).add(torch.from_numpy(queries)).mean()
-    stored, row = fit_hessian.load_preconditioner(lake, fit["checkpoint_id"], "fact-world", fit["fingerprint"], "r_train")
+    stored, row = catalog.load_preconditioner(lake, fit["checkpoint_id"], "fact-world", fit["fingerprint"], "r_train")
     for a, b in zip(stored, r_train):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))
     component = crossing_component(train.shape[1])  # 1.5% of the dimension
     assert fit["crossing_component"] == component
     assert fit["lambda"] == pytest.approx(crossing_lambda(spectrum(r_query), spectrum(r_train), component), rel=1e-4)
     # the inverse root: (λ·R_query + (1-λ)·R_train + D)^(-1/2), D per block from R_train's own scale
-    root, _ = fit_hessian.load_preconditioner(lake, fit["checkpoint_id"], "fact-world", fit["fingerprint"], "inverse_root")
+    root, _ = catalog.load_preconditioner(lake, fit["checkpoint_id"], "fact-world", fit["fingerprint"], "inverse_root")
     expected, _ = damped_inverse_power(mix(r_query, r_train, fit["lambda"]), train_relative_damping(r_train, 0.1))
     for a, b in zip(root, expected):
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-3, atol=1e-3 * float(b.abs().max()))
@@ -225,13 +226,13 @@ def test_scoring_refuses_vectors_of_another_fingerprint(indexed):
 def test_extract_rerun_is_a_no_op_and_a_killed_run_is_completed_without_duplicates(indexed):
     lake, checkpoint, results, _ = indexed
     version = lake.version("train_gradients")
-    again = extract.run(extract.ExtractConfig(lake=lake.root, k=4, token_budget=512))
+    again = extract.run(extract.ExtractConfig(lake=lake.root, projection_k=4, token_budget=512))
     assert again["items"] == [] and lake.version("train_gradients") == version
 
     expected = lake.read("train_gradients").num_rows
     uninterrupted = _keyed_vectors(lake)
     env = dict(os.environ, PYTHONPATH=os.getcwd())
-    command = [sys.executable, "-m", "jobs", "extract", "--lake", lake.root, "--k", "4", "--token-budget", "64",
+    command = [sys.executable, "-m", "jobs", "extract", "--lake", lake.root, "--projection-k", "4", "--token-budget", "64",
                "--force", "--query-set", ""]
     child = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -243,7 +244,7 @@ def test_extract_rerun_is_a_no_op_and_a_killed_run_is_completed_without_duplicat
     assert rows.num_rows == expected  # every slice is whole: old or new, never both
     # lose one slice's rows, as if its rank died before committing: the next run redoes only it
     lake.open("train_gradients").delete("partition = 1")
-    redo = extract.run(extract.ExtractConfig(lake=lake.root, k=4, token_budget=512))
+    redo = extract.run(extract.ExtractConfig(lake=lake.root, projection_k=4, token_budget=512))
     assert redo["items"] == ["train:1"]
     rows = lake.read("train_gradients", columns=["doc_id", "chunk"])
     assert rows.num_rows == expected == len(set(zip(rows["doc_id"].to_pylist(), rows["chunk"].to_pylist())))
@@ -266,7 +267,7 @@ def test_score_killed_at_any_moment_then_rerun_gives_the_identical_table(indexed
         return a.keys() == b.keys() and np.allclose([a[k] for k in a], [b[k] for k in a], rtol=1e-6, atol=0)
 
     before = ranked()
-    command = [sys.executable, "-m", "jobs", "score", "--lake", lake.root, "--methods", "trackstar", "--k", "5",
+    command = [sys.executable, "-m", "jobs", "score", "--lake", lake.root, "--methods", "trackstar", "--top-k", "5",
                "--index", "float32"]
     child = subprocess.Popen(command, env=dict(os.environ, PYTHONPATH=os.getcwd()), start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -274,7 +275,7 @@ def test_score_killed_at_any_moment_then_rerun_gives_the_identical_table(indexed
     os.killpg(child.pid, signal.SIGKILL)
     child.wait()
     assert same(ranked(), before)  # the slice is whole: the old one or the rerun's, never half
-    score.run(score.ScoreConfig(lake=lake.root, methods=["trackstar"], k=5, index="float32"))
+    score.run(score.ScoreConfig(lake=lake.root, methods=["trackstar"], top_k=5, index="float32"))
     assert same(ranked(), before)  # and the rerun gives the identical table
 
 
@@ -290,7 +291,7 @@ def test_extract_reads_a_checkpoint_from_s3(indexed, s3_bucket):
     before = _keyed_vectors(lake)
     uri = f"s3://{s3_bucket}/checkpoints/{checkpoint.name}"
     upload_dir(checkpoint, uri)
-    again = extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=uri, k=4, token_budget=512, partitions=[0],
+    again = extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=uri, projection_k=4, token_budget=512, partitions=[0],
                                               query_set=None, force=True))
     assert again["items"] == ["train:0"] and again["fingerprint"] == results["extract"]["fingerprint"]
     after = _keyed_vectors(lake)
@@ -308,7 +309,7 @@ def test_a_checkpoint_id_with_other_weights_is_refused(indexed, tmp_path):
     weights[first] = weights[first] + 1
     save_file(weights, changed / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(extract.CheckpointMismatch, match="pass --force"):
-        extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(changed), k=4))
+        extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(changed), projection_k=4))
 
 
 def test_chunks_with_non_finite_gradients_are_quarantined_not_written(indexed, tmp_path):
@@ -324,7 +325,7 @@ def test_chunks_with_non_finite_gradients_are_quarantined_not_written(indexed, t
     weights["transformer.wpe.weight"][position - 1] = float("nan")  # chunks that reach this position go NaN
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     # one chunk per batch (token budget 1): a NaN in a neighbour's padding would reach every row of its batch
-    extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(broken), k=4, partitions=[0], query_set=None,
+    extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(broken), projection_k=4, partitions=[0], query_set=None,
                                       normalizer="none", token_budget=1))
     expected_bad = {f"{r['doc_id']}#{r['chunk']}" for r in tokens if len(r["input_ids"]) >= position}
     assert 0 < len(expected_bad) < len(tokens)

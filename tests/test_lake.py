@@ -282,7 +282,7 @@ def test_config_from_file_then_environment(tmp_path):
 
 @pytest.mark.parametrize("environ, message", [
     ({"TRACKSTAR_TOP_K": "ten"}, "TRACKSTAR_TOP_K='ten': expected int"),
-    ({"TRACKSTAR_K_PER_MODULE": "0"}, "k_per_module must be positive"),
+    ({"TRACKSTAR_PROJECTION_K": "0"}, "projection_k must be positive"),
     ({"TRACKSTAR_VECTOR_DTYPE": "float8"}, "vector_dtype 'float8'"),
     ({"TRACKSTAR_HESSIAN_LAMBDA": "1.5"}, r"hessian_lambda must lie in \[0, 1\]"),
 ])

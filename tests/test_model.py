@@ -9,9 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from jobs import train_model
+from demo import train_model
 from jobs.checkpoints import CheckpointError, checkpoint_path, load_manifest, load_second_moments
-from jobs.model_eval import encode_prompt_target, evaluate_checkpoint
+from demo.model_eval import evaluate_checkpoint
+from evaluation.answers import encode_query
 
 def _zero_tag_dir(checkpoint):
     return checkpoint / "zero" / (checkpoint / "zero" / "latest").read_text().strip()
@@ -98,7 +99,8 @@ def test_accuracy_is_exact_greedy_decoding(adam_run, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
     for query in queries[:4]:
-        ids, n_prompt = encode_prompt_target(tokenizer, query["prompt0"], query["target"])
+        prompt_ids, target_ids = encode_query(tokenizer, query["prompt0"], query["target"])
+        ids, n_prompt = prompt_ids + target_ids, len(prompt_ids)  # the leading end-of-text token included
         generated = list(ids[:n_prompt])
         with torch.no_grad():
             for _ in range(len(ids) - n_prompt):
@@ -109,6 +111,6 @@ def test_accuracy_is_exact_greedy_decoding(adam_run, tmp_path):
         assert alone.counts[query["frequency_bucket"]]["prompt0"] == [int(generated == ids), 1]
         # the model's own greedy continuation, used as the target, must count as correct
         own_target = tokenizer.decode(generated[n_prompt:])
-        if encode_prompt_target(tokenizer, query["prompt0"], own_target)[0] == generated:
+        if sum(encode_query(tokenizer, query["prompt0"], own_target), []) == generated:
             one.write_text(json.dumps(dict(query, target=own_target)) + "\n")
             assert evaluate_checkpoint(checkpoint, one).counts[query["frequency_bucket"]]["prompt0"] == [1, 1]

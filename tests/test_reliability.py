@@ -264,7 +264,7 @@ def test_a_checkpoint_id_that_is_a_path_is_refused_before_anything_is_written(fu
     (hostile / "manifest.json").write_text(json.dumps({**manifest, "checkpoint_id": "../../../escaped"}))
     before = _lake_state(lake, Path(lake.root).parent)
     with pytest.raises(InvalidName, match="checkpoint id in .* '../../../escaped' is not a valid name"):
-        extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(hostile), k=4))
+        extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(hostile), projection_k=4))
     assert _lake_state(lake, Path(lake.root).parent) == before
 
 
@@ -380,7 +380,7 @@ def test_a_killed_extract_driver_takes_its_deepspeed_ranks_down(fuzzed_lake):
     import psutil
 
     lake = fuzzed_lake[0]
-    command = [sys.executable, "-m", "jobs", "extract", "--lake", lake.root, "--k", "4", "--partitions", "2",
+    command = [sys.executable, "-m", "jobs", "extract", "--lake", lake.root, "--projection-k", "4", "--partitions", "2",
                "--query-set", "", "--force"]
     driver = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": os.getcwd()}, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
@@ -415,7 +415,7 @@ def test_an_incomplete_checkpoint_is_refused_before_it_is_registered(fuzzed_lake
     (incomplete / "optimizer.pt").write_bytes(b"")  # a copy cut short: the file is there, empty
     before = lake.version("checkpoints"), lake.version("runs")
     with pytest.raises(CheckpointError, match="incomplete checkpoint, missing or empty: optimizer.pt"):
-        extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(incomplete), k=4))
+        extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(incomplete), projection_k=4))
     assert (lake.version("checkpoints"), lake.version("runs")) == before
 
 
@@ -489,7 +489,7 @@ def explorer_lake(adam_run, tmp_path_factory):
 def test_the_explorer_answers_odd_requests_with_a_page_or_a_4xx(explorer_lake):
     from fastapi.testclient import TestClient
 
-    from jobs import explore
+    from explorer import explore
 
     lake, _, queries = explorer_lake
     client = TestClient(explore.create_app(lake.root))
@@ -514,8 +514,8 @@ def test_trace_and_the_explorer_refuse_a_checkpoint_whose_weights_changed(explor
     from fastapi.testclient import TestClient
     from safetensors.torch import load_file, save_file
 
-    from jobs import explore
-    from jobs.trace import checkpoint_folder
+    from explorer import explore
+    from jobs.catalog import checkpoint_folder
 
     lake, checkpoint, _ = explorer_lake
     checkpoint_id = json.loads((checkpoint / "manifest.json").read_text())["checkpoint_id"]
@@ -546,7 +546,7 @@ def test_checkpoint_folders_live_outside_every_table_folder(adam_run):
 
 def test_maintenance_compacts_checkpoints_the_log_and_keeps_foreign_files(lake):
     from infra.maintenance import maintain_lake
-    from jobs.orchestrate import maintain_lake as maintenance_task
+    from dags.orchestrate import maintain_lake as maintenance_task
     from tests.test_lake import document_rows
 
     for partition in range(2):

@@ -11,7 +11,9 @@ from infra import storage
 from infra.airflow_local import run_dag
 from infra.lake import Lake
 from infra.matrices import load_matrices
-from jobs import evaluate, register_queries, train_model, world
+from demo import train_model, world
+from evaluation import evaluate
+from jobs import register_queries
 from tests.fixtures import TINY, WORLD
 
 
@@ -27,7 +29,7 @@ def test_world_training_reindex_score_and_evaluate_on_an_s3_lake_write_nothing_l
     workdir.mkdir()
     monkeypatch.chdir(workdir)
     monkeypatch.setenv("TRACKSTAR_LAKE_ROOT", root)
-    monkeypatch.setenv("TRACKSTAR_K_PER_MODULE", "4")  # a setting from the environment reaches the DAG's tasks
+    monkeypatch.setenv("TRACKSTAR_PROJECTION_K", "4")  # a setting from the environment reaches the DAG's tasks
 
     world.run(world.WorldConfig(out_dir=root, **WORLD))
     assert _objects(root, "raw") == ["raw/c4-train.00000-of-00002.json.gz", "raw/c4-train.00001-of-00002.json.gz"]
@@ -53,7 +55,7 @@ def test_world_training_reindex_score_and_evaluate_on_an_s3_lake_write_nothing_l
     assert set(hessian["shape"]) == {4 * 4}  # one k x k block per weight matrix, k from the environment
     assert {len(v) for v in vectors["vector"].to_pylist()} == {2 * sum(hessian["shape"])}
 
-    report = evaluate.run(evaluate.EvaluateConfig(lake=root, k_projection=4, tail_patch_queries=2,
+    report = evaluate.run(evaluate.EvaluateConfig(lake=root, projection_k=4, tail_patch_queries=2,
                                                   reports=storage.join(root, "reports")))
     stored = json.loads(storage.read_bytes(storage.join(root, "reports", "eval.json")))
     assert stored["methods"] == json.loads(json.dumps(report["methods"]))

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from jobs import world
+from demo import world
 from schemas.queries import read_queries
 
 
 def _generate(out_dir, seed=3, facts_per_bucket=14, partitions=3):
-    return world.run(world.WorldConfig(out_dir=str(out_dir), seed=seed, facts_per_bucket=facts_per_bucket,
+    return world.run(world.WorldConfig(out_dir=str(out_dir), world_seed=seed, facts_per_bucket=facts_per_bucket,
                                        n_partitions=partitions))
 
 

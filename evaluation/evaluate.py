@@ -60,8 +60,8 @@ class EvaluateConfig:
     checkpoint_id: str = ""        # a registered checkpoint ...
     checkpoint: str = ""           # ... or a checkpoint folder / s3:// prefix
     query_set: str = "fact-world"
-    k: int = 10
-    k_projection: int = 16
+    top_k: int = 10
+    projection_k: int = 16
     seeds: list = field(default_factory=lambda: [0, 1, 2])  # projection seeds; the first is the pipeline's
     # TrackStar and the variants computed from its vectors run for every seed; the methods that need
     # extractions of their own (plain-gradient baselines, the paper-exact correction) for the first
@@ -69,7 +69,7 @@ class EvaluateConfig:
     baselines_every_seed: bool = False
     variants: list = field(default_factory=lambda: list(VARIANTS))
     tail_patch_queries: int = 100  # bucket-stratified sample, fixed by the seed
-    seed: int = 0                  # of the sample and the bootstrap
+    sample_seed: int = 0           # of the tail-patch sample and the bootstrap
     reports: str = "reports"
 
 
@@ -208,21 +208,21 @@ def evaluated_checkpoint(lake: Lake, config: EvaluateConfig) -> str:
     """The checkpoint's location (absolute path or s3:// URI): the one named (path or registered id),
     else the newest registered, else the newest the lake trained (a fresh lake with a user's corpus
     has none registered yet)."""
-    from jobs.trace import checkpoint_location
+    from jobs.catalog import checkpoint_location, latest_checkpoint_id
 
     if config.checkpoint:
         return extract.checkpoint_uri(lake, config.checkpoint)
     if config.checkpoint_id:
         return checkpoint_location(lake, config.checkpoint_id)
     if lake.read("checkpoints", columns=["checkpoint_id"]).num_rows:
-        return checkpoint_location(lake, fit_hessian.latest_checkpoint_id(lake))
+        return checkpoint_location(lake, latest_checkpoint_id(lake))
     return extract.checkpoint_uri(lake, "")
 
 
 def pipeline_rankings(lake: Lake, config: EvaluateConfig, checkpoint_id: str, fingerprint: str, methods) -> dict:
     """The Spark path for the first seed: refit the Hessian and rescore only what is missing or was
     made from other inputs (what the DAG made is reused), then read the stored proponents."""
-    from jobs.orchestrate import hessian_is_stale, last_scored_inputs
+    from jobs.catalog import hessian_is_stale, last_scored_inputs
 
     refit = (hessian_is_stale(lake, checkpoint_id, fingerprint, config.query_set, threshold=0.0)
              or not _has_every_kind(lake, checkpoint_id, fingerprint, config.query_set))
@@ -233,7 +233,7 @@ def pipeline_rankings(lake: Lake, config: EvaluateConfig, checkpoint_id: str, fi
     stale = [m for m in methods if last_scored_inputs(lake, checkpoint_id, fingerprint, config.query_set, m) != inputs]
     if stale:
         score.run(score.ScoreConfig(lake=config.lake, checkpoint_id=checkpoint_id, query_set=config.query_set,
-                                    fingerprint=fingerprint, methods=stale, k=config.k))
+                                    fingerprint=fingerprint, methods=stale, top_k=config.top_k))
     print(f"[evaluate] {fingerprint}: Hessian {'refitted' if refit else 'reused'}, "
           f"{len(stale)} of {len(methods)} method(s) rescored, the rest reused", flush=True)
     stored = ranked_proponents(lake, config.query_set, checkpoint_id)
@@ -251,7 +251,7 @@ def memory_rankings(lake: Lake, config: EvaluateConfig, checkpoint_id: str, fing
     """Rankings of `methods` under an unregistered fit (another seed, or a variant's settings)."""
     train, query = fit_hessian.extracted_sums(lake, checkpoint_id, fingerprint, config.query_set, exclude)
     fitted = fit_hessian.fit(train, query, fit_config)
-    return {m: score.rank_in_memory(lake, m, checkpoint_id, config.query_set, fingerprint, fitted.matrices, config.k)
+    return {m: score.rank_in_memory(lake, m, checkpoint_id, config.query_set, fingerprint, fitted.matrices, config.top_k)
             for m in methods}, fitted
 
 
@@ -278,8 +278,9 @@ def extractions(config: EvaluateConfig, checkpoint: str, optimizer: str) -> dict
             if "trackstar-adam-exact" in config.variants and optimizer == "adam":
                 normalizers.append("adam-exact")
         for normalizer in normalizers:
-            wanted[seed, normalizer] = extract.ExtractConfig(lake=config.lake, checkpoint=checkpoint, k=config.k_projection,
-                                                             normalizer=normalizer, query_set=config.query_set, seed=seed)
+            wanted[seed, normalizer] = extract.ExtractConfig(
+                lake=config.lake, checkpoint=checkpoint, projection_k=config.projection_k, normalizer=normalizer,
+                query_set=config.query_set, projection_seed=seed)
     return wanted
 
 
@@ -342,10 +343,10 @@ def run(config: EvaluateConfig) -> dict:
     asked = [queries[q]["prompt0"] + queries[q]["target"] for q in query_ids]  # the paper's attribution setting
     text_ranked = {}
     for method, retrieve in (("bm25", bm25_top_k), ("dense", dense_top_k)):
-        indices, values = retrieve(texts, asked, config.k)
+        indices, values = retrieve(texts, asked, config.top_k)
         write_text_proponents(lake, method, indices, values, doc_ids, query_ids, config.query_set, checkpoint_id, run_id)
         text_ranked[method] = {q: [doc_ids[i] for i in indices[n]] for n, q in enumerate(query_ids)}
-        print(f"[evaluate] {method}: top-{config.k} written", flush=True)
+        print(f"[evaluate] {method}: top-{config.top_k} written", flush=True)
 
     wanted = extractions(config, checkpoint, manifest.get("optimizer", "adam"))
     extracted = dict(zip(wanted, extract.run_many(list(wanted.values()))))  # one start of the ranks for all
@@ -356,25 +357,25 @@ def run(config: EvaluateConfig) -> dict:
         print(f"[evaluate] projection seed {seed}: {len(ranked)} gradient method(s) ranked", flush=True)
     methods = [m for m in REPORT_ORDER if m in per_seed[config.seeds[0]]]
 
-    sample = stratified_sample(queries, config.tail_patch_queries, config.seed)
+    sample = stratified_sample(queries, config.tail_patch_queries, config.sample_seed)
     seeds_of = {m: [s for s in config.seeds if m in per_seed[s]] for m in methods}
     union = {f"{m}@{s}": per_seed[s][m] for m in methods for s in seeds_of[m]}
     base, changes = tail_patch(lake, checkpoint_dir, float(manifest["lr"]), union, queries, sample)
     write_tail_patches(lake, config.query_set, checkpoint_id, changes, run_id)
 
     per_query = {m: M.average_over_seeds(
-        [M.attribution_per_query(per_seed[s][m], truth, config.k) for s in seeds_of[m]]) for m in methods}
+        [M.attribution_per_query(per_seed[s][m], truth, config.top_k) for s in seeds_of[m]]) for m in methods}
     patched = {m: M.average_over_seeds(
         [M.tail_patch_per_query(per_seed[s][m], changes, base, sample) for s in seeds_of[m]]) for m in methods}
     seed_spread = {m: float(np.std([np.mean([c["mrr"] for c in M.attribution_per_query(
-        per_seed[s][m], truth, config.k).values()]) for s in seeds_of[m]])) for m in methods}
+        per_seed[s][m], truth, config.top_k).values()]) for s in seeds_of[m]])) for m in methods}
     seeds_used = {m: 1 if m in TEXT_METHODS else len(seeds_of[m]) for m in methods}
     report = summarise(config, checkpoint_id, run_id, methods, query_ids, sample, per_query, patched, seed_spread,
                        seeds_used, diagnostics[config.seeds[0]])
     report["seed_diagnostics"] = {str(s): d for s, d in diagnostics.items()}
     report["per_bucket"] = {m: {b: v for b, v in cells.items() if b != "all"} for m, cells in attribution_metrics(
         {m: per_seed[config.seeds[0]][m] for m in methods}, truth,
-        {q: queries[q]["frequency_bucket"] for q in query_ids}, config.k).items()}
+        {q: queries[q]["frequency_bucket"] for q in query_ids}, config.top_k).items()}
 
     by_doc = dict(zip(doc_ids, texts))
     categorizer = Categorizer(storage.join(lake.root, "world"))
@@ -412,10 +413,10 @@ def summarise(config: EvaluateConfig, checkpoint_id: str, run_id: str, methods: 
         cell = {"n_queries": len(query_ids), "seeds": seeds_used[m],
                 "mrr_seed_std": seed_spread[m], "tail_patch_queries": len(patched_queries)}
         for metric in ("mrr", "recall@10", "recall@10_fraction"):
-            mean, low, high = M.bootstrap_mean(M.aligned(per_query[m], metric, query_ids), config.seed)
+            mean, low, high = M.bootstrap_mean(M.aligned(per_query[m], metric, query_ids), config.sample_seed)
             cell |= {metric: mean, f"{metric}_ci": [low, high]}
         for metric, name in (("delta_log_prob", "tail_patch"), ("delta_prob", "tail_patch_delta_prob")):
-            mean, low, high = M.bootstrap_mean(M.aligned(patched[m], metric, patched_queries), config.seed)
+            mean, low, high = M.bootstrap_mean(M.aligned(patched[m], metric, patched_queries), config.sample_seed)
             cell |= {name: mean, f"{name}_ci": [low, high]}
         cells[m] = cell
     versus = {}
@@ -424,17 +425,17 @@ def summarise(config: EvaluateConfig, checkpoint_id: str, run_id: str, methods: 
             continue
         versus[m] = {
             "mrr": M.paired_difference(M.aligned(per_query["trackstar"], "mrr", query_ids),
-                                       M.aligned(per_query[m], "mrr", query_ids), config.seed),
+                                       M.aligned(per_query[m], "mrr", query_ids), config.sample_seed),
             "tail_patch": M.paired_difference(M.aligned(patched["trackstar"], "delta_log_prob", patched_queries),
-                                              M.aligned(patched[m], "delta_log_prob", patched_queries), config.seed),
+                                              M.aligned(patched[m], "delta_log_prob", patched_queries), config.sample_seed),
             "tail_patch_delta_prob": M.paired_difference(M.aligned(patched["trackstar"], "delta_prob", patched_queries),
                                                          M.aligned(patched[m], "delta_prob", patched_queries),
-                                                         config.seed)}
+                                                         config.sample_seed)}
     ratio = {}
     if "bm25" in methods:
         for metric in ("delta_log_prob", "delta_prob"):
             ratio[metric] = M.paired_ratio(M.aligned(patched["trackstar"], metric, patched_queries),
-                                           M.aligned(patched["bm25"], metric, patched_queries), config.seed)
+                                           M.aligned(patched["bm25"], metric, patched_queries), config.sample_seed)
     report = {"checkpoint_id": checkpoint_id, "query_set": config.query_set, "run_id": run_id, "seeds": config.seeds,
               "lambda": diagnostics.get("lambda"), "hessian": diagnostics, "tail_patch_queries": len(patched_queries),
               "methods": cells, "trackstar_minus": versus, "trackstar_over_bm25_tail_patch": ratio}
@@ -533,15 +534,15 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--checkpoint-id", default="", help="a registered checkpoint (default: the newest)")
     parser.add_argument("--checkpoint", default="", help="or a checkpoint folder / s3:// prefix")
     parser.add_argument("--query-set", default=defaults.query_set)
-    parser.add_argument("--k", type=int, default=load_config().top_k)
-    parser.add_argument("--k-projection", type=int, default=load_config().k_per_module)
+    parser.add_argument("--top-k", type=int, default=load_config().top_k)
+    parser.add_argument("--projection-k", type=int, default=load_config().projection_k)
     parser.add_argument("--seeds", type=int, nargs="+", default=defaults.seeds,
                         help="projection seeds; the first is the pipeline's (default 0 1 2)")
     parser.add_argument("--variants", nargs="*", default=defaults.variants, choices=VARIANTS)
     parser.add_argument("--baselines-every-seed", action="store_true",
                         help="also extract the plain-gradient baselines and the paper-exact correction for every seed")
     parser.add_argument("--tail-patch-queries", type=int, default=defaults.tail_patch_queries)
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="of the tail-patch sample and the bootstrap")
+    parser.add_argument("--sample-seed", type=int, default=defaults.sample_seed, help="of the tail-patch sample and the bootstrap")
     parser.add_argument("--reports", default=defaults.reports)
 
 

@@ -6,19 +6,19 @@ a rerun with nothing new changes no table.
 
 Settings come from `infra.config.load_config()`, as for the CLI: the TOML file, TRACKSTAR_*
 variables and, inside an Airflow task, the run's params (lake_root, checkpoints, refit_threshold,
-k_per_module, projection_seed, vector_dtype, batch_token_budget, hessian_*, top_k, ...).
+projection_k, projection_seed, vector_dtype, batch_token_budget, hessian_*, top_k, ...).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from infra import storage
 from infra.lake import Lake
 from infra.names import NAME_PATTERN  # noqa: F401  (the DAGs' name params)
-from jobs import extract, fit_hessian, score, tokenize
+from jobs import catalog, extract, fit_hessian, score, tokenize
+from jobs.catalog import hessian_is_stale, last_scored_inputs
 from infra.config import load_config
 
 DEFAULT_METHODS = ("trackstar",)
@@ -30,15 +30,9 @@ def lake_root() -> str:
 
 # ------------------------------------------------------------------ finding work
 def newest_checkpoint(location: str | None = None) -> str:
-    """The checkpoint with the highest step under `location` (a folder of checkpoint folders, or an
-    s3:// prefix of them), judged by each one's manifest.json."""
-    location = storage.absolute(location or load_config().checkpoint_location)
-    manifests = [m for m in storage.list_objects(location, suffix="manifest.json")
-                 if m.count("/") - location.rstrip("/").count("/") == 2]
-    if not manifests:
-        raise FileNotFoundError(f"no checkpoints (*/manifest.json) under {location}")
-    steps = [(json.loads(storage.read_bytes(manifest))["step"], manifest.rsplit("/", 1)[0]) for manifest in manifests]
-    return max(steps)[1]
+    """The checkpoint folder with the highest manifest step under `location` (default: the configured
+    checkpoints folder or s3:// prefix)."""
+    return catalog.newest_checkpoint_folder(location or load_config().checkpoint_location)
 
 
 def find_new_partitions(tokenizer_dir: str | None = None) -> list[int]:
@@ -69,16 +63,6 @@ def extract_missing(checkpoint: str, query_sets: list[str], partitions: list[int
             "extracted": sorted({item for r in results for item in r["items"]})}
 
 
-def hessian_is_stale(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: str, threshold: float) -> bool:
-    fitted = lake.read("hessians", filters=[("checkpoint_id", "=", checkpoint_id), ("fingerprint", "=", fingerprint),
-                                            ("query_set", "=", query_set), ("kind", "=", "r_train")],
-                       columns=["n_samples"])["n_samples"].to_pylist()
-    if not fitted:
-        return True
-    now = score.train_vector_count(lake, checkpoint_id, fingerprint)
-    return abs(now - fitted[0]) > threshold * fitted[0]
-
-
 def refit_hessians(extraction: dict, query_sets: list[str]) -> list[str]:
     """Refit where the training sample changed by more than the threshold; returns the refitted sets."""
     settings, refitted = load_config(), []
@@ -94,21 +78,10 @@ def refit_hessians(extraction: dict, query_sets: list[str]) -> list[str]:
     return refitted
 
 
-def last_scored_inputs(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: str, method: str) -> dict | None:
-    """The inputs the newest successful scoring of (checkpoint, fingerprint, query set) by `method` saw."""
-    runs = lake.read("runs", filters=[("command", "=", "score"), ("status", "=", "succeeded")]).to_pylist()
-    for run in sorted(runs, key=lambda r: r["started_at"], reverse=True):
-        config, counts = json.loads(run["config_json"]), json.loads(run["counts_json"] or "{}")
-        if (counts.get("checkpoint_id"), counts.get("fingerprint"), config.get("query_set")) == (
-                checkpoint_id, fingerprint, query_set) and method in config.get("methods", ()):
-            return counts.get("inputs")
-    return None
-
-
 def rescore_changed(extraction: dict, query_sets: list[str], methods: list[str] | None = None,
-                    k: int | None = None) -> list[str]:
-    """Rescore the query sets whose inputs changed since their last scoring (k: default top_k); returns them."""
-    lake, rescored, k = Lake(lake_root()), [], k or score.ScoreConfig().k
+                    top_k: int | None = None) -> list[str]:
+    """Rescore the query sets whose inputs changed since their last scoring; returns them."""
+    lake, rescored, top_k = Lake(lake_root()), [], top_k or score.ScoreConfig().top_k
     methods = list(methods or DEFAULT_METHODS)
     for query_set in query_sets:
         inputs = score.scoring_inputs(lake, extraction["checkpoint_id"], extraction["fingerprint"], query_set)
@@ -116,7 +89,7 @@ def rescore_changed(extraction: dict, query_sets: list[str], methods: list[str] 
                for m in methods):
             continue
         score.run(score.ScoreConfig(lake=lake_root(), checkpoint_id=extraction["checkpoint_id"], query_set=query_set,
-                                    fingerprint=extraction["fingerprint"], methods=methods, k=k))
+                                    fingerprint=extraction["fingerprint"], methods=methods, top_k=top_k))
         rescored.append(query_set)
     return rescored
 
@@ -206,14 +179,14 @@ def partitions_in_range(first: int | None, last: int | None) -> list[int] | None
     return chosen
 
 
-def score_query_set(extraction: dict, query_set: str, methods: list[str], k: int) -> dict:
+def score_query_set(extraction: dict, query_set: str, methods: list[str], top_k: int) -> dict:
     return score.run(score.ScoreConfig(lake=lake_root(), checkpoint_id=extraction["checkpoint_id"], query_set=query_set,
-                                       fingerprint=extraction["fingerprint"], methods=list(methods), k=k))
+                                       fingerprint=extraction["fingerprint"], methods=list(methods), top_k=top_k))
 
 
 def evaluate_if_ground_truth(extraction: dict, query_set: str) -> dict | None:
     """MRR and recall@10 of every scored method, when the query set names its stating documents."""
-    from jobs.evaluate import attribution_metrics, ranked_proponents, write_attribution_metrics
+    from evaluation.evaluate import attribution_metrics, ranked_proponents, write_attribution_metrics
 
     lake = Lake(lake_root())
     queries = lake.read("queries", filters=[("query_set", "=", query_set)]).to_pylist()

@@ -23,11 +23,13 @@ import os
 import re
 import secrets
 from collections import defaultdict
+from pathlib import Path
 from urllib.parse import urlencode
 
 from infra import storage
 from infra.config import load_config
 from infra.lake import Lake
+from jobs import catalog
 from jobs.tokenize import EOS
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -44,8 +46,9 @@ class Explorer:
         self.lake = Lake(lake_root)
 
     def checkpoints(self) -> list[str]:
-        rows = self.lake.read("proponents", columns=["checkpoint_id"])
-        return sorted(set(rows["checkpoint_id"].to_pylist()))
+        """The scored checkpoints, lowest step first (the last one is the latest: `jobs.catalog`)."""
+        scored = set(self.lake.read("proponents", columns=["checkpoint_id"])["checkpoint_id"].to_pylist())
+        return [c for c in catalog.checkpoint_ids_by_step(self.lake) if c in scored]
 
     def checkpoint(self, requested: str | None) -> str:
         known = self.checkpoints()
@@ -80,7 +83,7 @@ class Explorer:
 
     @functools.cached_property
     def categorizer(self):
-        from jobs.evaluate import Categorizer
+        from evaluation.evaluate import Categorizer
 
         return Categorizer(storage.join(self.lake.root, "world"))
 
@@ -92,35 +95,20 @@ class Explorer:
     @functools.lru_cache(maxsize=4)
     def predictions(self, checkpoint: str) -> dict:
         """query -> (correct, probability of the target, predicted text) under greedy decoding of prompt0."""
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from gradient_kernels.losses import per_example_loss, query_batch
-
-        from jobs.trace import checkpoint_folder
+        from evaluation.answers import greedy_answers
+        from jobs.catalog import checkpoint_folder
 
         directory = checkpoint_folder(self.lake, checkpoint)
         model, tokenizer = AutoModelForCausalLM.from_pretrained(directory).eval(), AutoTokenizer.from_pretrained(directory)
         queries = sorted(self.queries().values(), key=lambda q: q["query_id"])
-        eos, out = tokenizer.eos_token_id, {}
-        prompts = [[eos] + tokenizer(q["prompt0"], add_special_tokens=False)["input_ids"] for q in queries]
-        targets = [tokenizer(q["target"], add_special_tokens=False)["input_ids"] for q in queries]
-        with torch.no_grad():
-            for start in range(0, len(queries), 64):
-                batch = query_batch(prompts[start:start + 64], targets[start:start + 64], eos)
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long()).logits
-                log_probs = -per_example_loss(logits, batch)
-                guesses = logits[:, :-1].argmax(-1)
-                for row, query in enumerate(queries[start:start + 64]):
-                    where = batch.target_mask[row, 1:]
-                    guess = guesses[row][where].tolist()
-                    correct = guess == batch.input_ids[row, 1:][where].tolist()
-                    out[query["query_id"]] = (correct, float(log_probs[row].exp()), tokenizer.decode(guess))
-        return out
+        answers = greedy_answers(model, tokenizer, [(q["prompt0"], q["target"]) for q in queries])
+        return {q["query_id"]: tuple(answer) for q, answer in zip(queries, answers)}
 
     @functools.lru_cache(maxsize=4)
     def tracer(self, checkpoint: str, query_set: str):
-        from jobs.trace import TraceContext
+        from explorer.trace import TraceContext
 
         return TraceContext(self.lake, checkpoint, query_set)
 
@@ -134,8 +122,8 @@ class Explorer:
 # ------------------------------------------------------------------ metrics
 def metrics(ranked: dict, queries: dict, query_ids) -> dict:
     """method -> (MRR, recall@10, n) over the given queries that have stating documents and proponents,
-    computed as the evaluation computes them (`jobs.evaluate.attribution_metrics`)."""
-    from jobs.evaluate import attribution_metrics
+    computed as the evaluation computes them (`evaluation.evaluate.attribution_metrics`)."""
+    from evaluation.evaluate import attribution_metrics
 
     truth = {q: set(queries[q]["stating_doc_ids"] or ()) for q in query_ids}
     docs = {method: {q: [r["doc_id"] for r in per_query[q]] for q in query_ids if truth[q] and per_query.get(q)}
@@ -148,22 +136,19 @@ def metrics(ranked: dict, queries: dict, query_ids) -> dict:
 
 
 # ------------------------------------------------------------------ pages
-STYLE = """body{font-family:sans-serif;margin:1.5em auto;max-width:1400px} table{border-collapse:collapse}
-td,th{border:1px solid #ddd;padding:3px 7px;vertical-align:top} .subject{background:#cde;font-weight:bold}
-.target{background:#fd9;font-weight:bold} .cols{display:flex;gap:1em} .col{flex:1;min-width:0}
-.proponent{border:1px solid #ccc;margin:.4em 0;padding:.4em} .yes{color:#070} .no{color:#a00}
-.tok{white-space:pre-wrap} .mention-subject{outline:2px solid #48c} .mention-target{outline:2px solid #e90}
-form *{margin-right:.5em} .muted{color:#777}"""
-
-
-def page(title: str, body: str) -> str:
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{STYLE}</style></head><body>{body}</body></html>")
-
-
 def link(path: str, **params) -> str:
     clean = {k: v for k, v in params.items() if v not in (None, "", [])}
     return path + ("?" + urlencode(clean) if clean else "")
+
+
+@functools.cache
+def templates():
+    """The pages' Jinja2 templates (explorer/templates/), every value HTML-escaped unless marked safe."""
+    from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+    env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"), autoescape=select_autoescape())
+    env.globals["link"] = link
+    return env
 
 
 def list_page(explorer: Explorer, checkpoint=None, relation=None, bucket=None, prediction=None, q=None) -> str:
@@ -185,42 +170,22 @@ def list_page(explorer: Explorer, checkpoint=None, relation=None, bucket=None, p
               and (not prediction or predicted[x["query_id"]][0] == (prediction == "correct"))
               and (not q or q.lower() in (x["prompt0"] + x["target"]).lower())]
     ranked = explorer.ranked(checkpoint)
-    rows = "".join(
-        f"<tr class='query-row'><td><a href='{html.escape(link('/query/' + x['query_id'], checkpoint=checkpoint))}'>"
-        f"{html.escape(x['query_id'])}</a></td><td>{html.escape(x['prompt0'])} <b>{html.escape(x['target'])}</b></td>"
-        f"<td>{html.escape(x['relation'])}</td><td>{x['frequency_bucket']}</td>"
-        f"<td class='{'yes' if predicted[x['query_id']][0] else 'no'}'>{'✓' if predicted[x['query_id']][0] else '✗'} "
-        f"{predicted[x['query_id']][1]:.2f}</td></tr>" for x in chosen)
-    summary = "".join(f"<tr><td>{html.escape(m)}</td><td>{mrr:.3f}</td><td>{rec:.3f}</td><td>{n}</td></tr>"
-                      for m, (mrr, rec, n) in metrics(ranked, queries, [x["query_id"] for x in chosen]).items())
-    options = lambda values, current: "".join(  # noqa: E731
-        f"<option value='{html.escape(str(v))}'{' selected' if str(v) == str(current) else ''}>{html.escape(str(v))}</option>"
-        for v in values)
-    buckets = sorted({x["frequency_bucket"] for x in queries.values()})
-    form = (f"<form id='filters' method='get' action='/'><input type='hidden' name='checkpoint' value='{html.escape(checkpoint)}'>"
-            f"relation <select name='relation'><option value=''>any</option>{options(relations, relation)}</select>"
-            f"bucket <select name='bucket' id='bucket'><option value=''>any</option>{options(buckets, bucket)}</select>"
-            f"prediction <select name='prediction'><option value=''>any</option>{options(PREDICTIONS, prediction)}</select>"
-            f"<input name='q' placeholder='search prompts' value='{html.escape(q or '')}'>"
-            f"<button type='submit' id='apply'>filter</button></form>")
-    switch = " ".join(f"<a href='{html.escape(link('/', checkpoint=c, relation=relation, bucket=bucket, prediction=prediction, q=q))}'>"
-                      f"{'<b>' + html.escape(c) + '</b>' if c == checkpoint else html.escape(c)}</a>"
-                      for c in explorer.checkpoints())
-    return page("TrackStar explorer", f"<h1>TrackStar explorer</h1><p>checkpoint: {switch}</p>{form}"
-                f"<h2>Metrics over these {len(chosen)} queries</h2><table id='metrics'><tr><th>method</th><th>MRR</th>"
-                f"<th>recall@10</th><th>queries</th></tr>{summary}</table><h2>Queries</h2><table id='queries'>"
-                f"<tr><th>id</th><th>prompt → target</th><th>relation</th><th>bucket</th><th>prediction, p(target)</th></tr>"
-                f"{rows}</table>")
+    return templates().get_template("list.html").render(
+        checkpoint=checkpoint, checkpoints=explorer.checkpoints(), relation=relation, bucket=bucket,
+        prediction=prediction, q=q, relations=relations, buckets=sorted({x["frequency_bucket"] for x in queries.values()}),
+        predictions=PREDICTIONS, queries=chosen, predicted=predicted,
+        metrics=metrics(ranked, queries, [x["query_id"] for x in chosen]))
 
 
 def _marked(text: str, query: dict) -> str:
+    """The text HTML-escaped, with the subject and object marked (rendered `|safe`)."""
     out = html.escape(text)
     for name, css in ((query["subject"], "subject"), (query["object"], "target")):
         out = out.replace(html.escape(name), f"<span class='{css}'>{html.escape(name)}</span>")
     return out
 
 
-def _heat(tokens, query: dict) -> str:
+def _heat(tokens, query: dict) -> list[dict]:
     """Tokens coloured by contribution; tokens inside a mention of the subject or object are framed."""
     top = max((abs(v) for _, v in tokens), default=0) or 1.0
     text = "".join(t for t, _ in tokens)
@@ -232,12 +197,10 @@ def _heat(tokens, query: dict) -> str:
         colour = f"rgba(220,60,40,{alpha:.2f})" if value > 0 else f"rgba(40,90,220,{alpha:.2f})"
         inside = next((css for start, end, css in mentions if start < offset + len(piece) and offset < end
                        and piece.strip()), None)
-        frame = f" mention-{inside}" if inside else ""
         if piece != EOS:  # the end-of-text token the chunk starts with is never predicted: not shown
-            spans.append(f"<span class='tok{frame}' title='{value:+.4f}' style='background:{colour}'>"
-                         f"{html.escape(piece)}</span>")
+            spans.append({"piece": piece, "value": value, "colour": colour, "frame": f" mention-{inside}" if inside else ""})
         offset += len(piece)
-    return "".join(spans)
+    return spans
 
 
 def query_page(explorer: Explorer, query_id: str, checkpoint=None, methods=None, k: str = "5") -> str:
@@ -267,33 +230,20 @@ def query_page(explorer: Explorer, query_id: str, checkpoint=None, methods=None,
         for row in ranked[method][query_id][:k]:
             text = texts.get(row["doc_id"], "")
             states = row["doc_id"] in set(query["stating_doc_ids"] or ())
-            body = _marked(text, query)
+            heat = None
             if method == "trackstar":  # the heat map explains TrackStar's own score
                 try:
-                    body = _heat(explorer.heat_map(checkpoint, query["query_set"], query_id, row["doc_id"], row["chunk"]),
+                    heat = _heat(explorer.heat_map(checkpoint, query["query_set"], query_id, row["doc_id"], row["chunk"]),
                                  query)
                 except (LookupError, ValueError, StopIteration):  # not scored or extracted here: the plain text
                     pass
-            effect = (f" <span class='tail-patch' title='one optimizer step on this chunk'>tail-patch Δlog p "
-                      f"{patched[row['doc_id']]:+.3f}</span>" if row["doc_id"] in patched else "")
-            cards.append(f"<div class='proponent'><b>#{row['rank']}</b> score {row['score']:.4f}{effect} "
-                         f"<span class='{'yes' if states else 'no'}'>{'✓ states the fact' if states else '✗'}</span> "
-                         f"<span class='muted'>{'' if states else explorer.categorizer.category(row['doc_id'], text, query) + ' · '}"
-                         f"{html.escape(row['doc_id'])}</span>"
-                         f"<div class='text'>{body}</div></div>")
-        cards = cards or [f"<p class='muted'>no proponents of this query for {html.escape(method)} on this checkpoint</p>"]
-        columns.append(f"<div class='col method' data-method='{html.escape(method)}'><h3>{html.escape(method)}</h3>{''.join(cards)}</div>")
-    switches = " ".join(f"<a class='method-link' href='{html.escape(link('/query/' + query_id, checkpoint=checkpoint, methods=m + ',bm25' if m != 'bm25' else m))}'>"
-                        f"{html.escape(m)}</a>" for m in available)
-    prompt = _marked(query["prompt0"], query)
-    return page(f"{query_id} · TrackStar explorer",
-                f"<p><a href='{html.escape(link('/', checkpoint=checkpoint))}'>← all queries</a></p>"
-                f"<h1>{prompt} <span class='target'>{html.escape(query['target'])}</span></h1>"
-                f"<p>{html.escape(query['relation'])}, bucket {query['frequency_bucket']}, checkpoint {html.escape(checkpoint)}. "
-                f"Model: <span class='{'yes' if correct else 'no'}'>{html.escape(guess)!s}</span> "
-                f"(p(target) = {probability:.3f})</p><p>methods: {switches}</p>"
-                f"<p class='muted'>TrackStar's texts are coloured by each token's contribution to the score (red adds, blue takes away).</p>"
-                f"<div class='cols'>{''.join(columns)}</div>")
+            cards.append({"rank": row["rank"], "score": row["score"], "doc_id": row["doc_id"], "text": text,
+                          "states": states, "heat": heat, "tail_patch": patched.get(row["doc_id"]),
+                          "category": None if states else explorer.categorizer.category(row["doc_id"], text, query)})
+        columns.append((method, cards))
+    return templates().get_template("query.html").render(
+        query=query, checkpoint=checkpoint, correct=correct, probability=probability, guess=guess,
+        available=available, columns=columns, marked=lambda text: _marked(text, query))
 
 
 # ------------------------------------------------------------------ the web app

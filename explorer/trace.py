@@ -1,6 +1,6 @@
 """trace: the proponents of any prompt and target, scored on the fly against the indexed lake.
 
-    python -m jobs trace --prompt "Nagam Thifabairk is a citizen of" --target " Sadon" [--k 5]
+    python -m jobs trace --prompt "Nagam Thifabairk is a citizen of" --target " Sadon" [--top-k 5]
 
 The query's vector is computed with the same projection, optimizer correction and R^(-1/2) the
 checkpoint's TrackStar scores used (found through the `runs` and `hessians` tables), every
@@ -12,7 +12,6 @@ proponents are printed with their text and the words that carry the most attribu
 from __future__ import annotations
 
 import argparse
-import json
 from functools import cached_property
 from pathlib import Path
 
@@ -22,53 +21,23 @@ import torch
 from infra.config import load_config
 from infra.lake import Lake
 from infra.names import check_names
-
-
-def checkpoint_location(lake: Lake, checkpoint_id: str) -> str:
-    """Where a registered checkpoint lives (absolute path or s3:// URI), as the `checkpoints` table says."""
-    rows = lake.read("checkpoints", filters=[("checkpoint_id", "=", checkpoint_id)], columns=["path"])
-    if rows.num_rows == 0:
-        raise LookupError(f"checkpoint {checkpoint_id!r} is not registered")
-    return rows["path"][0].as_py()
-
-
-def checkpoint_folder(lake: Lake, checkpoint_id: str) -> Path:
-    """A local folder holding a registered checkpoint (downloaded if it was registered from S3),
-    refused (CheckpointMismatch) if its weights changed since registration, as extract refuses:
-    scores from other weights than the stored vectors' would be silently wrong."""
-    from jobs.extract import CheckpointMismatch, model_fingerprint, resolve_checkpoint
-
-    rows = lake.read("checkpoints", filters=[("checkpoint_id", "=", checkpoint_id)], columns=["path", "model_fingerprint"])
-    if rows.num_rows == 0:
-        raise LookupError(f"checkpoint {checkpoint_id!r} is not registered")
-    folder = resolve_checkpoint(lake, checkpoint_location(lake, checkpoint_id))
-    registered, found = rows["model_fingerprint"][0].as_py(), model_fingerprint(folder)
-    if found != registered:
-        raise CheckpointMismatch(f"checkpoint {checkpoint_id!r} was indexed with weights {registered}, but {folder} now "
-                                 f"holds {found}: re-extract it (`python -m jobs extract --checkpoint {folder} --force`)")
-    return folder
+from jobs.catalog import checkpoint_folder, latest_checkpoint_id, runs_of
 
 
 class TraceContext:
     """Everything needed to score a new query exactly as `score --methods trackstar` did."""
 
     def __init__(self, lake: Lake, checkpoint_id: str | None = None, query_set: str = "fact-world"):
-        from jobs.fit_hessian import latest_checkpoint_id
-
         check_names(checkpoint_id=checkpoint_id, query_set=query_set)
         self.lake, self.query_set = lake, query_set
         self.checkpoint_id = checkpoint_id or latest_checkpoint_id(lake)
         self.fingerprint = self._scored_fingerprint()
 
     def _scored_fingerprint(self) -> str:
-        scored = []
-        for run in self.lake.read("runs", filters=[("command", "=", "score"), ("status", "=", "succeeded")]).to_pylist():
-            config, counts = json.loads(run["config_json"]), json.loads(run["counts_json"] or "{}")
+        for _, config, counts in runs_of(self.lake, "score"):  # newest first
             if "trackstar" in config.get("methods", ()) and counts.get("checkpoint_id") == self.checkpoint_id:
-                scored.append((run["started_at"], counts["fingerprint"]))
-        if not scored:
-            raise LookupError(f"no TrackStar scoring of {self.checkpoint_id} recorded in runs: run the score job first")
-        return max(scored)[1]
+                return counts["fingerprint"]
+        raise LookupError(f"no TrackStar scoring of {self.checkpoint_id} recorded in runs: run the score job first")
 
     @cached_property
     def checkpoint_dir(self) -> Path:
@@ -90,8 +59,8 @@ class TraceContext:
         from gradient_kernels.projection import ProjectionSpec
         from jobs.checkpoints import load_second_moments
 
-        extraction = next(config for config in (json.loads(r["config_json"]) for r in self.lake.read(
-            "runs", filters=[("command", "=", "extract")]).to_pylist()) if config.get("fingerprint") == self.fingerprint)
+        extraction = next(config for _, config, _ in runs_of(self.lake, "extract", succeeded_only=False)
+                          if config.get("fingerprint") == self.fingerprint)
         spec = ProjectionSpec(**extraction["spec"])
         model = AutoModelForCausalLM.from_pretrained(self.checkpoint_dir).eval()
         normalizers = (normalizers_from_state(load_second_moments(self.checkpoint_dir), weight_matrices(model),
@@ -101,19 +70,19 @@ class TraceContext:
     @cached_property
     def preconditioner(self):
         from gradient_kernels.scoring import Preconditioner
-        from jobs.fit_hessian import load_preconditioner
+        from jobs.catalog import load_preconditioner
 
         blocks, _ = load_preconditioner(self.lake, self.checkpoint_id, self.query_set, self.fingerprint, "inverse_root")
         return Preconditioner(blocks)
 
     def query_vector(self, prompt: str, target: str) -> torch.Tensor:
         """The prepared (preconditioned, unit) vector of a new query."""
+        from evaluation.answers import encode_query
         from gradient_kernels.losses import query_batch
         from gradient_kernels.scoring import prepare
 
-        eos = self.tokenizer.eos_token_id
-        batch = query_batch([[eos] + self.tokenizer(prompt, add_special_tokens=False)["input_ids"]],
-                            [self.tokenizer(target, add_special_tokens=False)["input_ids"]], eos)
+        prompt_ids, target_ids = encode_query(self.tokenizer, prompt, target)
+        batch = query_batch([prompt_ids], [target_ids], self.tokenizer.eos_token_id)
         return prepare(self.projector(batch), self.preconditioner)[0]
 
     def stored_query_vector(self, query_id: str) -> torch.Tensor:
@@ -150,14 +119,14 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--lake", default=load_config().lake_root)
     parser.add_argument("--checkpoint-id", default=None)
     parser.add_argument("--query-set", default="fact-world", help="whose task-mixed R to precondition with")
-    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--top-k", type=int, default=5)
 
 
 def main(args):
     lake = Lake(args.lake)
     context = TraceContext(lake, args.checkpoint_id, args.query_set)
     query = context.query_vector(args.prompt, args.target)
-    top = context.top_k(query, args.k)
+    top = context.top_k(query, args.top_k)
     texts = lake.read("documents", filters=[("doc_id", "in", [r["doc_id"] for r in top])], columns=["doc_id", "text"])
     texts = dict(zip(texts["doc_id"].to_pylist(), texts["text"].to_pylist()))
     print(f"{args.prompt!r} → {args.target!r}: top {len(top)} proponents on {context.checkpoint_id}")

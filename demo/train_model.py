@@ -172,7 +172,7 @@ def run(config: TrainConfig) -> dict:
           f"{config.context}; {bad_lines} unreadable lines skipped; {total_steps} steps on {config.ranks} CPU ranks",
           flush=True)
 
-    launch_ranks("jobs.train_model", str(model_dir / "plan.json"), config.ranks)
+    launch_ranks("demo.train_model", str(model_dir / "plan.json"), config.ranks)
 
     summary = json.loads((model_dir / "train_summary.json").read_text())
     summary.update(n_documents=len(texts), n_tokens=n_tokens, wall_seconds=round(time.time() - started, 1),
@@ -322,7 +322,7 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--micro-batch", type=int, default=defaults.micro_batch)
-    parser.add_argument("--seed", type=int, default=load_config().seed)
+    parser.add_argument("--seed", type=int, default=load_config().world_seed)
     parser.add_argument("--max-steps", type=int, default=None)
 
 
@@ -337,7 +337,7 @@ def final_checkpoint(lake: str, summary: dict) -> Path:
 
 
 def main(args):
-    from jobs.model_eval import evaluate_checkpoint
+    from demo.model_eval import evaluate_checkpoint
 
     summary = run(config_from_args(args))
     accuracy = evaluate_checkpoint(final_checkpoint(args.lake, summary), storage.join(args.lake, "world", "queries.jsonl"))

@@ -3,7 +3,7 @@
     python -m jobs pipeline                                              # the embedded fact world
     python -m jobs pipeline --corpus DIR --queries FILE [--checkpoint DIR]   # your own data
 
-Build the fact world, or import the user's C4 partitions and queries (`jobs.import_data`); train
+Build the fact world, or import the user's C4 partitions and queries (`demo.import_data`); train
 the small model, unless a checkpoint folder is given (then it is linked into the lake with its
 tokenizer); register the queries; run the nightly `trackstar_reindex` DAG with a project-local
 Airflow (`.airflow/`, SQLite): tokenize → extract → fit the Hessian → score; then the evaluation
@@ -22,12 +22,14 @@ import time
 from pathlib import Path
 
 from infra import storage
-from jobs import evaluate, import_data, model_eval, register_queries, train_model, world
+from demo import import_data, model_eval, train_model, world
+from evaluation import evaluate
+from jobs import register_queries
 from jobs.checkpoints import optimizer_state_source
 from infra.config import load_config
 
 
-def run(lake: str, seed: int = 0, airflow_home: str = ".airflow", reports: str = "reports",
+def run(lake: str, world_seed: int = 0, airflow_home: str = ".airflow", reports: str = "reports",
         corpus: str | None = None, queries: str | None = None, checkpoint: str | None = None) -> dict:
     from infra.airflow_local import run_dag
 
@@ -47,7 +49,7 @@ def run(lake: str, seed: int = 0, airflow_home: str = ".airflow", reports: str =
         for note in world_summary.notes:
             print(f"[import] {note}")
     else:
-        world_summary = stage("world", lambda: world.run(world.WorldConfig(out_dir=lake, seed=seed)))
+        world_summary = stage("world", lambda: world.run(world.WorldConfig(out_dir=lake, world_seed=world_seed)))
     print(f"[{'import' if corpus else 'world'}] {world_summary.documents:,} documents in {world_summary.partitions} "
           f"partitions, {world_summary.queries} queries")
     if checkpoint:
@@ -57,7 +59,7 @@ def run(lake: str, seed: int = 0, airflow_home: str = ".airflow", reports: str =
                       f"{state or 'none (indexed without the optimizer correction)'}")
         print(f"[import-checkpoint] {model_line}")
     else:
-        trained = stage("train-model", lambda: train_model.run(train_model.TrainConfig(lake=lake, seed=seed)))
+        trained = stage("train-model", lambda: train_model.run(train_model.TrainConfig(lake=lake, seed=world_seed)))
         final_checkpoint = train_model.final_checkpoint(lake, trained)
         model_line = (f"GPT-2, {trained['parameters']:,} parameters, {trained['steps']} steps in "
                       f"{trained['train_seconds']}s on 2 CPU ranks (DeepSpeed ZeRO-2); checkpoints "
@@ -74,8 +76,8 @@ def run(lake: str, seed: int = 0, airflow_home: str = ".airflow", reports: str =
     report, settings = None, load_config()
     if optimizer_state_source(final_checkpoint):
         report = stage("evaluate", lambda: evaluate.run(evaluate.EvaluateConfig(
-            lake=lake, reports=reports, checkpoint=str(final_checkpoint), k=settings.top_k,
-            k_projection=settings.k_per_module)))
+            lake=lake, reports=reports, checkpoint=str(final_checkpoint), top_k=settings.top_k,
+            projection_k=settings.projection_k)))
     else:  # tail-patch steps with the checkpoint's own optimizer state
         print(f"\n[evaluate] skipped: {final_checkpoint.name} has no optimizer state, which the evaluation's "
               "tail-patch needs; the DAG indexed and scored it without the optimizer correction")
@@ -107,7 +109,7 @@ def run(lake: str, seed: int = 0, airflow_home: str = ".airflow", reports: str =
 
 def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--lake", default=load_config().lake_root)
-    parser.add_argument("--seed", type=int, default=load_config().seed)
+    parser.add_argument("--world-seed", type=int, default=load_config().world_seed)
     parser.add_argument("--airflow-home", default=".airflow")
     parser.add_argument("--reports", default="reports")
     parser.add_argument("--corpus", help="your own C4 partitions (a folder of c4-*.json.gz) instead of the world")
@@ -117,7 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser):
 
 def main(args):
     try:
-        run(args.lake, args.seed, args.airflow_home, args.reports, args.corpus, args.queries, args.checkpoint)
+        run(args.lake, args.world_seed, args.airflow_home, args.reports, args.corpus, args.queries, args.checkpoint)
     except import_data.ImportedDataError as refusal:
         print(f"pipeline refused: {refusal}", file=sys.stderr)
         return 2

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from infra import storage
 from infra.config import load_config
-from jobs.import_data import ImportedDataError, WorldSummary, import_world, refuse_to_overwrite
+from demo.import_data import ImportedDataError, WorldSummary, import_world, refuse_to_overwrite
 from schemas.queries import FREQUENCY_BUCKETS
 
 # --------------------------------------------------------------------------------------- relations
@@ -123,7 +123,7 @@ BUCKETS = FREQUENCY_BUCKETS
 @dataclass
 class WorldConfig:
     out_dir: str = "lake"
-    seed: int = 0
+    world_seed: int = 0
     n_partitions: int = 4
     facts_per_bucket: int = 40
     buckets: tuple = BUCKETS
@@ -160,14 +160,38 @@ class NameMaker:
 
 def build_kb(config: WorldConfig, rng: random.Random) -> dict:
     names = NameMaker(rng)
-    entities = {}
+    entities: dict = {}
 
     def add(kind: str, name: str, aliases=()):
         entity_id = f"{kind[:3].upper()}{sum(e['type'] == kind for e in entities.values()):04d}"
         entities[entity_id] = {"id": entity_id, "type": kind, "name": name, "aliases": list(aliases)}
         return entity_id
 
-    pools = {
+    def person() -> str:
+        return add("person", f"{names.word()} {names.word()}")
+
+    pools = _entity_pools(add, names, rng)
+    relations = [{"id": rid, "subject_type": st, "object_type": ot, "doc_templates": docs,
+                  "prompts": prompts} for rid, st, ot, docs, prompts in RELATIONS]
+    facts, used_pairs = _queried_facts(config, rng, add, person, pools, relations)
+    if config.statements == "paraphrase":
+        _add_teaching_facts(config, rng, add, person, pools, relations, facts, used_pairs)
+    elif config.statements != "copy":
+        raise ValueError(f"statements must be copy or paraphrase, not {config.statements!r}")
+
+    # look-alikes: a new person whose name contains a fact entity's name
+    lookalikes = {}
+    for fact in facts:
+        for role in ("subject", "object"):
+            base = entities[fact[role]]["name"]
+            if fact[role] not in lookalikes and " " not in base and rng.random() < 0.5:
+                lookalikes[fact[role]] = add("lookalike", f"{base} {names.word()}")
+    return {"entities": entities, "relations": relations, "facts": facts, "lookalikes": lookalikes}
+
+
+def _entity_pools(add, names: NameMaker, rng: random.Random) -> dict[str, list[str]]:
+    """Entity ids per type (persons are made per fact, so their pool starts empty)."""
+    return {
         "city": [add("city", n, [f"{n} City"]) for n in (names.word() for _ in range(POOL_SIZES["city"]))],
         "country": [add("country", n, [f"Republic of {n}"]) for n in (names.word() for _ in range(POOL_SIZES["country"]))],
         "organisation": [add("organisation", f"{names.word()} {rng.choice(['Institute', 'Group', 'Society', 'Guild'])}")
@@ -181,17 +205,18 @@ def build_kb(config: WorldConfig, rng: random.Random) -> dict:
         "genre": [add("genre", g) for g in GENRES],
         "person": [],
     }
-    relations = [{"id": rid, "subject_type": st, "object_type": ot, "doc_templates": docs,
-                  "prompts": prompts} for rid, st, ot, docs, prompts in RELATIONS]
 
-    # facts: one (subject, relation) pair each, spread evenly over relations within every bucket
-    facts, used_pairs = [], set()
+
+def _queried_facts(config: WorldConfig, rng: random.Random, add, person, pools: dict, relations: list) -> tuple[list, set]:
+    """One (subject, relation) pair per fact, spread evenly over the relations within every bucket."""
+    facts: list[dict] = []
+    used_pairs: set[tuple[str, str]] = set()
     for bucket in config.buckets:
         for i in range(config.facts_per_bucket):
             relation = relations[(i + bucket) % len(relations)]
             for _attempt in range(1000):
                 if relation["subject_type"] == "person":
-                    subject = add("person", f"{names.word()} {names.word()}")
+                    subject = person()
                     pools["person"].append(subject)
                 else:
                     subject = rng.choice(pools[relation["subject_type"]])
@@ -202,39 +227,32 @@ def build_kb(config: WorldConfig, rng: random.Random) -> dict:
                                  f"{relation['subject_type']} subjects; lower --facts-per-bucket")
             used_pairs.add((subject, relation["id"]))
             if relation["object_type"] == "person":
-                obj = add("person", f"{names.word()} {names.word()}")
+                obj = person()
                 pools["person"].append(obj)
             else:
                 obj = rng.choice([o for o in pools[relation["object_type"]] if o != subject])
             facts.append({"fact_id": f"F{len(facts):05d}", "subject": subject, "relation": relation["id"],
                           "object": obj, "bucket": bucket})
+    return facts, used_pairs
 
-    if config.statements == "paraphrase":
-        for relation in relations:
-            for _ in range(config.teaching_facts_per_relation):
-                if relation["subject_type"] == "person":
-                    subject = add("person", f"{names.word()} {names.word()}")
-                else:  # a subject with no fact of this relation yet: never two objects for one pair
-                    free = [e for e in pools[relation["subject_type"]] if (e, relation["id"]) not in used_pairs]
-                    if not free:
-                        break
-                    subject = rng.choice(free)
-                used_pairs.add((subject, relation["id"]))
-                obj = (add("person", f"{names.word()} {names.word()}") if relation["object_type"] == "person"
-                       else rng.choice([o for o in pools[relation["object_type"]] if o != subject]))
-                facts.append({"fact_id": f"F{len(facts):05d}", "subject": subject, "relation": relation["id"],
-                              "object": obj, "bucket": 0, "teaching": True})
-    elif config.statements != "copy":
-        raise ValueError(f"statements must be copy or paraphrase, not {config.statements!r}")
 
-    # look-alikes: a new person whose name contains a fact entity's name
-    lookalikes = {}
-    for fact in facts:
-        for role in ("subject", "object"):
-            base = entities[fact[role]]["name"]
-            if fact[role] not in lookalikes and " " not in base and rng.random() < 0.5:
-                lookalikes[fact[role]] = add("lookalike", f"{base} {names.word()}")
-    return {"entities": entities, "relations": relations, "facts": facts, "lookalikes": lookalikes}
+def _add_teaching_facts(config: WorldConfig, rng: random.Random, add, person, pools: dict, relations: list,
+                        facts: list, used_pairs: set) -> None:
+    """Unqueried facts of every relation (bucket 0) that teach the paraphrased statements."""
+    for relation in relations:
+        for _ in range(config.teaching_facts_per_relation):
+            if relation["subject_type"] == "person":
+                subject = person()
+            else:  # a subject with no fact of this relation yet: never two objects for one pair
+                free = [e for e in pools[relation["subject_type"]] if (e, relation["id"]) not in used_pairs]
+                if not free:
+                    break
+                subject = rng.choice(free)
+            used_pairs.add((subject, relation["id"]))
+            obj = person() if relation["object_type"] == "person" else rng.choice(
+                [o for o in pools[relation["object_type"]] if o != subject])
+            facts.append({"fact_id": f"F{len(facts):05d}", "subject": subject, "relation": relation["id"],
+                          "object": obj, "bucket": 0, "teaching": True})
 
 
 def _stated_count(bucket: int, rng: random.Random) -> int:
@@ -357,7 +375,7 @@ def run(config: WorldConfig) -> WorldSummary:
             raise ValueError("importing a world needs both --corpus and --queries")
         return import_world(config.out_dir, config.corpus, config.queries)
     refuse_to_overwrite(config.out_dir)
-    rng = random.Random(config.seed)
+    rng = random.Random(config.world_seed)
     kb = build_kb(config, rng)
     docs = build_documents(config, kb, rng)
     raw_dir, world_dir = Path(config.out_dir) / "raw", Path(config.out_dir) / "world"
@@ -404,7 +422,7 @@ def _run_to_s3(config: WorldConfig) -> WorldSummary:
 def add_arguments(parser: argparse.ArgumentParser):
     defaults = WorldConfig()
     parser.add_argument("--out", dest="out_dir", default=defaults.out_dir, help="lake root to write under")
-    parser.add_argument("--seed", type=int, default=load_config().seed)
+    parser.add_argument("--world-seed", type=int, default=load_config().world_seed)
     parser.add_argument("--partitions", dest="n_partitions", type=int, default=defaults.n_partitions)
     parser.add_argument("--facts-per-bucket", type=int, default=defaults.facts_per_bucket)
     parser.add_argument("--statements", choices=["copy", "paraphrase"], default=defaults.statements,

@@ -1,0 +1,1 @@
+"""The explorer web app and `trace`: proponents of stored and new queries, read from the lake."""
