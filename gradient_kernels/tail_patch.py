@@ -119,27 +119,33 @@ class TailPatcher:
         weight = target[1:].float()
         return (nll * weight).sum() / weight.sum()
 
-    def _target_log_prob(self, params: dict, ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(self.model, params, (ids[None],)).logits[0, :-1].float()
-        return -(F.cross_entropy(logits, ids[1:], reduction="none") * target[1:]).sum()
+    def _target_log_probs(self, params: dict, ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """log p(target | prompt) of each row of a right-padded batch of queries, under `params`."""
+        logits = functional_call(self.model, params, (ids,)).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        return -(nll * target[:, 1:]).sum(dim=1)
 
-    def stepped_log_probs(self, documents: list[list[int]], pairs: list[tuple[int, list[int], list[int]]]) -> torch.Tensor:
-        """log p(target | prompt) after one step on documents[i], for each (i, prompt, target) pair."""
+    def stepped_log_probs(self, documents: list[list[int]], asked: list[list[tuple[list[int], list[int]]]]) -> list[list[float]]:
+        """log p(target | prompt) after one step on documents[i], for each (prompt, target) in asked[i]."""
         with _no_padding_check(self.model):
-            return self._stepped_log_probs(documents, pairs)
+            return self._stepped_log_probs(documents, asked)
 
-    def _stepped_log_probs(self, documents, pairs) -> torch.Tensor:
+    def _stepped_log_probs(self, documents, asked) -> list[list[float]]:
         docs = document_batch(documents)
         grads = vmap(grad(self._document_loss), in_dims=(None, 0, 0))(self.params, docs.input_ids, docs.target_mask)
         stepped = {}
         for name, param in self.params.items():
             delta = vmap(lambda g, name=name, param=param: self.rule.delta(name, param, g, self.lr))(grads[name])
             stepped[name] = param + delta
-        which = torch.as_tensor([i for i, _, _ in pairs])
-        asked = query_batch([p for _, p, _ in pairs], [t for _, _, t in pairs])
-        per_pair = {name: value[which] for name, value in stepped.items()}
+        # each document's queries as one batch under its own parameters (no per-pair copy of them);
+        # documents with fewer queries repeat their first, whose values are dropped
+        width = max(len(pairs) for pairs in asked)
+        padded = [pairs + [pairs[0]] * (width - len(pairs)) for pairs in asked]
+        batch = query_batch([p for pairs in padded for p, _ in pairs], [t for pairs in padded for _, t in pairs])
+        ids, target = (x.reshape(len(asked), width, -1) for x in (batch.input_ids, batch.target_mask))
         with torch.no_grad():
-            return vmap(self._target_log_prob)(per_pair, asked.input_ids, asked.target_mask)
+            values = vmap(self._target_log_probs)(stepped, ids, target)
+        return [row[:len(pairs)] for row, pairs in zip(values.tolist(), asked)]
 
     def log_prob_changes(self, documents: dict, pairs: list[tuple], prompts: dict, targets: dict,
                          on_step=None) -> tuple[dict, dict]:
@@ -152,14 +158,15 @@ class TailPatcher:
         queries = sorted({q for q, _ in pairs})
         base = dict(zip(queries, self.target_log_probs(query_batch([prompts[q] for q in queries],
                                                                    [targets[q] for q in queries])).tolist()))
-        changes, docs = {}, list(by_doc)
+        # documents with as many queries side by side: a group's query batches need no padding
+        changes, docs = {}, sorted(by_doc, key=lambda d: (len(by_doc[d]), d))
         for start in range(0, len(docs), self.group):
             group = docs[start:start + self.group]
-            group_pairs = [(i, query, doc) for i, doc in enumerate(group) for query in by_doc[doc]]
             after = self.stepped_log_probs([documents[d] for d in group],
-                                           [(i, prompts[q], targets[q]) for i, q, _ in group_pairs])
-            for (_, query, doc), value in zip(group_pairs, after.tolist()):
-                changes[(query, doc)] = value - base[query]
+                                           [[(prompts[q], targets[q]) for q in by_doc[d]] for d in group])
+            for doc, values in zip(group, after):
+                for query, value in zip(by_doc[doc], values):
+                    changes[(query, doc)] = value - base[query]
             if on_step:
-                on_step(len(group_pairs))
+                on_step(sum(len(by_doc[d]) for d in group))
         return base, changes

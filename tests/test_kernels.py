@@ -433,8 +433,10 @@ def test_grouped_tail_patch_equals_one_document_at_a_time(kind):
     state = _train_state(model, kind)
     rule = AdamStep(state) if kind == "adam" else AdafactorStep(state)
     documents = dict(enumerate(_documents(seed=5, n=5)))  # different lengths: padding inside a group
-    prompts, targets = {"a": [3, 9], "b": [7, 2, 11]}, {"a": [4, 8], "b": [5]}
-    pairs = [(q, d) for d in documents for q in ("a", "b") if (d + len(q)) % 3]
+    prompts, targets = {"a": [3, 9], "bb": [7, 2, 11], "ccc": [6]}, {"a": [4, 8], "bb": [5], "ccc": [9, 1, 2]}
+    # documents with 0, 1 or 2 queries: groups mix counts (a document's queries run as one padded batch)
+    pairs = [(q, d) for d in documents for q in ("a", "bb", "ccc") if (d + len(q)) % 4]
+    assert [sum(1 for _, d in pairs if d == doc) for doc in documents] == [3, 2, 2, 2, 3]
     patcher = TailPatcher(model, rule, lr=0.05)
     patcher.group = 2
     base, changes = patcher.log_prob_changes(documents, pairs, prompts, targets)
