@@ -22,6 +22,7 @@ from infra.config import load_config
 _lock = threading.Lock()
 _session: SparkSession | None = None
 _embedded = False  # whether _session is the embedded Sail engine
+SESSION_TIMEOUT_SECONDS = 30 * 24 * 3600
 
 
 def spark_session(remote: str | None = None) -> SparkSession:
@@ -53,6 +54,10 @@ def _start_sail() -> str:
     """Start the embedded Sail server on loopback; its sc:// URL."""
     # Sail logs every session at INFO through env_logger; it reads RUST_LOG when the server starts.
     os.environ.setdefault("RUST_LOG", "error")
+    # The server lives as long as this process, and so must its session: Sail drops a session idle
+    # for 900 s by default, and a long-lived process (a bench, the explorer) then fails with
+    # "session ... is not running" on its next query.
+    os.environ.setdefault("SAIL_SPARK__SESSION_TIMEOUT_SECS", str(SESSION_TIMEOUT_SECONDS))
     from pysail.spark import SparkConnectServer
 
     server = SparkConnectServer(ip="127.0.0.1", port=0)

@@ -413,3 +413,23 @@ def test_sql_queries_run_on_the_lake(spark, lake):
     # any SQL text, over the same views
     counted = run_sql(spark, lake, "SELECT `partition`, count(*) AS n FROM tokens GROUP BY `partition`").collect()
     assert [(r["partition"], r["n"]) for r in counted] == [(0, 3)]
+
+
+def test_the_embedded_session_outlives_sails_idle_timeout(tmp_path):
+    """Sail drops a session idle for SAIL_SPARK__SESSION_TIMEOUT_SECS (900 s by default); the embedded
+    engine lives as long as its process, so the project sets that timeout to 30 days. Shown with a
+    2-second timeout (the failure a long-lived bench met) and with the project's own setting."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "idle.py"
+    script.write_text("import os, time\nfrom infra.spark import spark_session\nspark = spark_session()\n"
+                      "assert spark.range(3).count() == 3\nprint(os.environ['SAIL_SPARK__SESSION_TIMEOUT_SECS'])\n"
+                      "time.sleep(4)\nassert spark.range(3).count() == 3\nprint('alive')\n")
+    env = {k: v for k, v in os.environ.items() if k != "SAIL_SPARK__SESSION_TIMEOUT_SECS"} | {"PYTHONPATH": os.getcwd()}
+    short = subprocess.run([sys.executable, str(script)], env=env | {"SAIL_SPARK__SESSION_TIMEOUT_SECS": "2"},
+                           capture_output=True, text=True)
+    assert short.returncode != 0 and "is not running" in short.stderr
+    ours = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
+    assert ours.returncode == 0, ours.stderr
+    assert ours.stdout.split() == [str(30 * 24 * 3600), "alive"]
