@@ -1,5 +1,5 @@
 # `make run`  — install if needed, then run the whole pipeline on the embedded default (writes ./lake)
-# `make test` — install if needed, then lint (ruff), type-check the kernels and schemas (mypy), run the test suite
+# `make test` — install if needed, then lint and format check (ruff), type-check the kernels and schemas (mypy), run the test suite
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
@@ -31,6 +31,7 @@ run: install
 
 test: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(PYTHON) -m pytest -q
 

@@ -80,29 +80,63 @@ def bergson_inputs(folder: Path, checkpoint: Path, queries: list, tokens: pa.Tab
     moments = load_second_moments(checkpoint)
     correction = 1 - moments["betas"][1] ** moments["step"]  # bergson divides by sqrt(v) + eps: give it v̂
     names = sorted(moments["state"])
-    torch.save({"state": {i: {"exp_avg_sq": moments["state"][name]["exp_avg_sq"] / correction, "param_name": name}
-                          for i, name in enumerate(names)},
-                "param_groups": [{"params": list(range(len(names))), "eps": moments["eps"]}]}, folder / "optimizer.pt")
+    torch.save(
+        {
+            "state": {
+                i: {"exp_avg_sq": moments["state"][name]["exp_avg_sq"] / correction, "param_name": name}
+                for i, name in enumerate(names)
+            },
+            "param_groups": [{"params": list(range(len(names))), "eps": moments["eps"]}],
+        },
+        folder / "optimizer.pt",
+    )
     return folder
 
 
 def run_bergson(folder: Path, checkpoint: Path, context: int, seed: int) -> tuple[float, np.ndarray]:
     """(seconds end to end, scores [chunks, queries]) of `bergson trackstar`."""
     run = folder / "run"
-    command = [str(BERGSON_VENV / "bin" / "bergson"), "trackstar", str(run), "--model", str(checkpoint),
-               "--data.dataset", str(folder / "train.jsonl"), "--query.dataset", str(folder / "query.jsonl"),
-               "--projection_dim", "16", "--projection_type", "normal", "--projection_seed", str(seed),
-               "--unit_normalize", "true", "--token_batch_size", str(context), "--optimizer_state", str(folder),
-               "--precision", "fp32"]
+    command = [
+        str(BERGSON_VENV / "bin" / "bergson"),
+        "trackstar",
+        str(run),
+        "--model",
+        str(checkpoint),
+        "--data.dataset",
+        str(folder / "train.jsonl"),
+        "--query.dataset",
+        str(folder / "query.jsonl"),
+        "--projection_dim",
+        "16",
+        "--projection_type",
+        "normal",
+        "--projection_seed",
+        str(seed),
+        "--unit_normalize",
+        "true",
+        "--token_batch_size",
+        str(context),
+        "--optimizer_state",
+        str(folder),
+        "--precision",
+        "fp32",
+    ]
     started = time.perf_counter()
     done = subprocess.run(command, env=ENV, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if done.returncode:
-        raise RuntimeError(f"bergson trackstar failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    reader = ("import sys, numpy as np; from pathlib import Path; from bergson.data import load_scores; "
-              "s = load_scores(Path(sys.argv[1])); np.save(sys.argv[2], np.asarray(s[:], dtype=np.float32))")
-    subprocess.run([str(BERGSON_VENV / "bin" / "python"), "-c", reader, str(run / "scores"), str(folder / "scores.npy")],
-                   env=ENV, check=True)
+        raise RuntimeError(
+            f"bergson trackstar failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
+    reader = (
+        "import sys, numpy as np; from pathlib import Path; from bergson.data import load_scores; "
+        "s = load_scores(Path(sys.argv[1])); np.save(sys.argv[2], np.asarray(s[:], dtype=np.float32))"
+    )
+    subprocess.run(
+        [str(BERGSON_VENV / "bin" / "python"), "-c", reader, str(run / "scores"), str(folder / "scores.npy")],
+        env=ENV,
+        check=True,
+    )
     return seconds, np.load(folder / "scores.npy")
 
 
@@ -117,14 +151,21 @@ def run_ours(source: Lake, folder: Path, checkpoint: Path, queries: list, tokens
     for partition in sorted(set(tokens["partition"].to_pylist())):
         lake.replace_slice("tokens", tokens.filter(pc.equal(tokens["partition"], partition)), partition=partition)
     query_set = source.read("query_sets").to_pylist()[0]
-    lake.replace_slice("query_sets", pa.Table.from_pylist([query_set], schema=source.read("query_sets").schema),
-                       query_set=query_set["query_set"])
-    lake.replace_slice("queries", pa.Table.from_pylist(queries, schema=source.read("queries").schema),
-                       query_set=query_set["query_set"])
+    lake.replace_slice(
+        "query_sets",
+        pa.Table.from_pylist([query_set], schema=source.read("query_sets").schema),
+        query_set=query_set["query_set"],
+    )
+    lake.replace_slice(
+        "queries", pa.Table.from_pylist(queries, schema=source.read("queries").schema), query_set=query_set["query_set"]
+    )
     seconds = {}
     started = time.perf_counter()
-    extracted = extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(checkpoint), ranks=1, projection_seed=seed,
-                                                  query_set=query_set["query_set"]))
+    extracted = extract.run(
+        extract.ExtractConfig(
+            lake=lake.root, checkpoint=str(checkpoint), ranks=1, projection_seed=seed, query_set=query_set["query_set"]
+        )
+    )
     seconds["extract"] = time.perf_counter() - started
     started = time.perf_counter()
     fit_hessian.run(fit_hessian.FitHessianConfig(lake=lake.root, query_set=query_set["query_set"]))
@@ -139,8 +180,10 @@ def run_ours(source: Lake, folder: Path, checkpoint: Path, queries: list, tokens
     rows = lake.read("train_gradients", columns=["doc_id", "chunk", "vector", "dtype", "scale"])
     position = {key: i for i, key in enumerate(zip(rows["doc_id"].to_pylist(), rows["chunk"].to_pylist()))}
     rows = rows.take([position[key] for key in zip(tokens["doc_id"].to_pylist(), tokens["chunk"].to_pylist())])
-    train = prepare(torch.from_numpy(decode_vectors(rows["vector"], rows["dtype"][0].as_py(), rows["scale"])),
-                    Preconditioner(blocks))
+    train = prepare(
+        torch.from_numpy(decode_vectors(rows["vector"], rows["dtype"][0].as_py(), rows["scale"])),
+        Preconditioner(blocks),
+    )
     order = [ids.index(q["query_id"]) for q in queries]
     return seconds, (prepare(raw_queries, Preconditioner(blocks))[order] @ train.T).T.numpy()
 
@@ -148,8 +191,10 @@ def run_ours(source: Lake, folder: Path, checkpoint: Path, queries: list, tokens
 def metrics(scores: np.ndarray, queries: list, doc_ids: list) -> dict:
     from evaluation.evaluate import attribution_metrics
 
-    ranked = {q["query_id"]: [doc_ids[i] for i in np.argsort(-scores[:, j], kind="stable")[:10]]
-              for j, q in enumerate(queries)}
+    ranked = {
+        q["query_id"]: [doc_ids[i] for i in np.argsort(-scores[:, j], kind="stable")[:10]]
+        for j, q in enumerate(queries)
+    }
     truth = {q["query_id"]: set(q["stating_doc_ids"]) for q in queries}
     buckets = {q["query_id"]: q["frequency_bucket"] for q in queries}
     return attribution_metrics({"m": ranked}, truth, buckets, 10)["m"]["all"]
@@ -183,8 +228,11 @@ def main():
     context = AutoConfig.from_pretrained(checkpoint).n_positions
     queries, tokens = sample(source, args.queries, args.chunks)
     doc_ids = tokens["doc_id"].to_pylist()
-    print(f"{len(queries)} queries x {tokens.num_rows} chunks ({sum(tokens['n_tokens'].to_pylist()):,} tokens), "
-          f"checkpoint {checkpoint.name}; OMP_NUM_THREADS=1", flush=True)
+    print(
+        f"{len(queries)} queries x {tokens.num_rows} chunks ({sum(tokens['n_tokens'].to_pylist()):,} tokens), "
+        f"checkpoint {checkpoint.name}; OMP_NUM_THREADS=1",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="bergson-compare-") as scratch:
         folder = bergson_inputs(Path(scratch), checkpoint, queries, tokens)
         first_seconds, bergson_scores = run_bergson(folder, checkpoint, context, seed=0)
@@ -201,9 +249,11 @@ def main():
     ours_scores = ours[0][1]
     seconds = {stage: min(ours[0][0][stage], ours[1][0][stage]) for stage in ours[0][0]}
     print(f"\n{'system':<22} {'seconds':>8} {'MRR':>6} {'recall@10':>9}")
-    for name, total, scores in (("bergson trackstar", bergson_seconds, bergson_scores),
-                                ("ours (seed 0)", sum(ours[0][0].values()), ours_scores),
-                                ("ours (seed 1)", sum(ours[1][0].values()), ours[1][1])):
+    for name, total, scores in (
+        ("bergson trackstar", bergson_seconds, bergson_scores),
+        ("ours (seed 0)", sum(ours[0][0].values()), ours_scores),
+        ("ours (seed 1)", sum(ours[1][0].values()), ours[1][1]),
+    ):
         m = metrics(scores, queries, doc_ids)
         print(f"{name:<22} {total:8.1f} {m['mrr']:6.3f} {m['recall@10']:9.3f}")
     seeds_overlap, seeds_spearman = agreement(ours_scores, ours[1][1])
@@ -212,7 +262,9 @@ def main():
     print(f"ours seed 0 vs seed 1     {seeds_overlap:14.3f} {seeds_spearman:9.3f}")
     print(f"ours seed 0 vs bergson    {bergson_overlap:14.3f} {bergson_spearman:9.3f}")
     print(f"extraction_vs_bergson={seconds['extract'] / bergson_seconds:.2f} (our extraction ÷ bergson's whole run)")
-    print(f"end_to_end_vs_bergson={sum(seconds.values()) / bergson_seconds:.2f} (our extract + fit + score ÷ bergson's)")
+    print(
+        f"end_to_end_vs_bergson={sum(seconds.values()) / bergson_seconds:.2f} (our extract + fit + score ÷ bergson's)"
+    )
 
 
 if __name__ == "__main__":

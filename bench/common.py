@@ -37,8 +37,9 @@ def random_documents(n: int, length: int, vocab: int, seed: int = 0) -> list[lis
 def fake_adam_state(model) -> dict:
     """A plausible Adam state (positive exp_avg_sq of gradient-like magnitude) for timing runs."""
     g = torch.Generator().manual_seed(1)
-    state = {n: {"exp_avg_sq": torch.rand(p.shape, generator=g) ** 2 * 1e-4 + 1e-10}
-             for n, p in model.named_parameters()}
+    state = {
+        n: {"exp_avg_sq": torch.rand(p.shape, generator=g) ** 2 * 1e-4 + 1e-10} for n, p in model.named_parameters()
+    }
     return {"kind": "adam", "step": 100, "lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8, "state": state}
 
 
@@ -64,17 +65,24 @@ def trackstar_inputs(lake_path: str = "lake") -> dict:
     lake = Lake(lake_path)
     context = TraceContext(lake)
     query_ids, raw_queries, dim = query_vectors(lake, context.query_set, context.checkpoint_id, context.fingerprint, 0)
-    rows = lake.read("train_gradients", filters=[("checkpoint_id", "=", context.checkpoint_id),
-                                                 ("fingerprint", "=", context.fingerprint)],
-                     columns=["doc_id", "chunk", "vector", "dtype", "scale"])
+    rows = lake.read(
+        "train_gradients",
+        filters=[("checkpoint_id", "=", context.checkpoint_id), ("fingerprint", "=", context.fingerprint)],
+        columns=["doc_id", "chunk", "vector", "dtype", "scale"],
+    )
     raw = decode_vectors(rows["vector"], rows["dtype"][0].as_py(), rows["scale"], dim)
     queries = lake.read("queries", filters=[("query_set", "=", context.query_set)]).to_pylist()
-    return {"lake": lake, "context": context, "query_ids": query_ids, "dim": dim,
-            "queries": prepare(raw_queries, context.preconditioner),
-            "train": prepare(torch.from_numpy(raw), context.preconditioner),
-            "keys": list(zip(rows["doc_id"].to_pylist(), rows["chunk"].to_pylist())),
-            "truth": {q["query_id"]: set(q["stating_doc_ids"]) for q in queries},
-            "buckets": {q["query_id"]: q["frequency_bucket"] for q in queries}}
+    return {
+        "lake": lake,
+        "context": context,
+        "query_ids": query_ids,
+        "dim": dim,
+        "queries": prepare(raw_queries, context.preconditioner),
+        "train": prepare(torch.from_numpy(raw), context.preconditioner),
+        "keys": list(zip(rows["doc_id"].to_pylist(), rows["chunk"].to_pylist())),
+        "truth": {q["query_id"]: set(q["stating_doc_ids"]) for q in queries},
+        "buckets": {q["query_id"]: q["frequency_bucket"] for q in queries},
+    }
 
 
 def ranking_metrics(inputs: dict, top: torch.Tensor) -> dict:

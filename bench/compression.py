@@ -29,17 +29,28 @@ def index_rows(inputs: dict, dtype: str):
     """(index rows in the order of inputs["keys"], bytes on disk of the slice's files)."""
     context, lake = inputs["context"], inputs["lake"]
     ensure_index(lake, context.checkpoint_id, context.fingerprint, context.query_set, "inverse_root", dtype)
-    rows = lake.read("trackstar_index", filters=[("checkpoint_id", "=", context.checkpoint_id),
-                                                 ("fingerprint", "=", context.fingerprint),
-                                                 ("query_set", "=", context.query_set),
-                                                 ("kind", "=", "inverse_root"), ("dtype", "=", dtype)])
+    rows = lake.read(
+        "trackstar_index",
+        filters=[
+            ("checkpoint_id", "=", context.checkpoint_id),
+            ("fingerprint", "=", context.fingerprint),
+            ("query_set", "=", context.query_set),
+            ("kind", "=", "inverse_root"),
+            ("dtype", "=", dtype),
+        ],
+    )
     position = {key: i for i, key in enumerate(zip(rows["doc_id"].to_pylist(), rows["chunk"].to_pylist()))}
     rows = rows.take([position[key] for key in inputs["keys"]])
-    folders = (f"/checkpoint_id={context.checkpoint_id}/query_set={context.query_set}/kind=inverse_root/"
-               f"dtype={dtype}/")  # the slice's partition folders; the files hold the fingerprint column
+    folders = (
+        f"/checkpoint_id={context.checkpoint_id}/query_set={context.query_set}/kind=inverse_root/"
+        f"dtype={dtype}/"
+    )  # the slice's partition folders; the files hold the fingerprint column
     paths = [Path(uri.removeprefix("file://")) for uri in lake.open("trackstar_index").file_uris() if folders in uri]
-    return rows, sum(path.stat().st_size for path in paths
-                     if pq.read_table(path, columns=["fingerprint"])["fingerprint"][0].as_py() == context.fingerprint)
+    return rows, sum(
+        path.stat().st_size
+        for path in paths
+        if pq.read_table(path, columns=["fingerprint"])["fingerprint"][0].as_py() == context.fingerprint
+    )
 
 
 def main():
@@ -50,31 +61,47 @@ def main():
     queries, dim = inputs["queries"], inputs["dim"]
     exact_top = (queries @ inputs["train"].T).topk(10, dim=1).indices
     exact = ranking_metrics(inputs, exact_top)
-    print(f"{len(inputs['keys']):,} train chunks x {len(queries)} queries, {dim} dims; exact float32 Ḡ: "
-          f"MRR {exact['mrr']:.3f}, recall@10 {exact['recall@10']:.3f}")
-    print(f"{'code':<10} {'bytes/vector':>12} {'x smaller':>9} {'on disk':>10} {'x smaller':>9} "
-          f"{'top-10 overlap':>14} {'MRR':>6} {'ΔMRR':>7} {'recall@10':>9}")
+    print(
+        f"{len(inputs['keys']):,} train chunks x {len(queries)} queries, {dim} dims; exact float32 Ḡ: "
+        f"MRR {exact['mrr']:.3f}, recall@10 {exact['recall@10']:.3f}"
+    )
+    print(
+        f"{'code':<10} {'bytes/vector':>12} {'x smaller':>9} {'on disk':>10} {'x smaller':>9} "
+        f"{'top-10 overlap':>14} {'MRR':>6} {'ΔMRR':>7} {'recall@10':>9}"
+    )
     results, float32_bytes = {}, None
     for dtype in reversed(DTYPES):  # float32 first: the baseline of the size ratios
         rows, disk = index_rows(inputs, dtype)
         per_vector = len(rows["vector"][0].as_py()) + (4 if dtype == "int8" else 0)  # + the int8 scale
         float32_bytes = float32_bytes or (per_vector, disk)
-        top = (queries @ torch.from_numpy(decode_vectors(rows["vector"], dtype, rows["scale"], dim)).T).topk(10, dim=1).indices
+        top = (
+            (queries @ torch.from_numpy(decode_vectors(rows["vector"], dtype, rows["scale"], dim)).T)
+            .topk(10, dim=1)
+            .indices
+        )
         results[dtype] = (per_vector, disk, overlap_at(top, exact_top), ranking_metrics(inputs, top))
         if dtype == "int8":
             sketch = decode_sign_sketch(rows["sketch"], dim)
             top = (queries @ torch.from_numpy(sketch).T).topk(10, dim=1).indices
-            results["1-bit sign"] = (len(rows["sketch"][0].as_py()),
-                                     None, overlap_at(top, exact_top), ranking_metrics(inputs, top))
+            results["1-bit sign"] = (
+                len(rows["sketch"][0].as_py()),
+                None,
+                overlap_at(top, exact_top),
+                ranking_metrics(inputs, top),
+            )
     for code, (per_vector, disk, overlap, metrics) in results.items():
         disk_text = f"{disk / 2**20:8.1f}MB {float32_bytes[1] / disk:8.2f}x" if disk else f"{'-':>10} {'-':>9}"
-        print(f"{code:<10} {per_vector:12,.0f} {float32_bytes[0] / per_vector:8.2f}x {disk_text} {overlap:14.3f} "
-              f"{metrics['mrr']:6.3f} {metrics['mrr'] - exact['mrr']:+7.3f} {metrics['recall@10']:9.3f}")
+        print(
+            f"{code:<10} {per_vector:12,.0f} {float32_bytes[0] / per_vector:8.2f}x {disk_text} {overlap:14.3f} "
+            f"{metrics['mrr']:6.3f} {metrics['mrr'] - exact['mrr']:+7.3f} {metrics['recall@10']:9.3f}"
+        )
     per_vector, disk, overlap, metrics = results["int8"]
-    print(f"int8_size_ratio={float32_bytes[0] / per_vector:.2f} int8_disk_ratio={float32_bytes[1] / disk:.2f} "
-          f"int8_top10_overlap={overlap:.3f} int8_mrr_delta={metrics['mrr'] - exact['mrr']:+.4f} "
-          f"sign_size_ratio={float32_bytes[0] / results['1-bit sign'][0]:.1f} "
-          f"sign_top10_overlap={results['1-bit sign'][2]:.3f}")
+    print(
+        f"int8_size_ratio={float32_bytes[0] / per_vector:.2f} int8_disk_ratio={float32_bytes[1] / disk:.2f} "
+        f"int8_top10_overlap={overlap:.3f} int8_mrr_delta={metrics['mrr'] - exact['mrr']:+.4f} "
+        f"sign_size_ratio={float32_bytes[0] / results['1-bit sign'][0]:.1f} "
+        f"sign_top10_overlap={results['1-bit sign'][2]:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -65,8 +65,12 @@ def phase_memory(phase: str, batch_size: int, k: int) -> None:
 
 
 def child_memory(phase: str, batch_size: int, k: int) -> float:
-    out = subprocess.run([sys.executable, __file__, "--memory-phase", phase, "--batch", str(batch_size), "--k", str(k)],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-phase", phase, "--batch", str(batch_size), "--k", str(k)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])["extra_mb"]
 
 
@@ -94,15 +98,19 @@ def main():
     error = float(((projector(few) - reference).norm(dim=1) / reference.norm(dim=1)).max())
 
     params = sum(p.numel() for p in model.parameters())
-    print(f"model: GPT-2 {params:,} parameters, {len(projector.matrices)} weight matrices, "
-          f"batch {args.batch} x {model.config.n_positions} tokens, k={args.k} -> {spec.dim} dims, device cpu, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"model: GPT-2 {params:,} parameters, {len(projector.matrices)} weight matrices, "
+        f"batch {args.batch} x {model.config.n_positions} tokens, k={args.k} -> {spec.dim} dims, device cpu, "
+        f"{torch.get_num_threads()} threads"
+    )
     print(f"plain forward+backward:             {baseline * 1e3:8.1f} ms  ({tokens / baseline:,.0f} tok/s)")
     print(f"extraction (adam-factored, hooks):  {extract * 1e3:8.1f} ms  ({tokens / extract:,.0f} tok/s)")
     print(f"extraction (adam-exact, hooks):     {exact * 1e3:8.1f} ms  (exact ratio {exact / baseline:.2f})")
     base_mb, extract_mb = child_memory("baseline", args.batch, args.k), child_memory("extract", args.batch, args.k)
-    print(f"peak memory above set-up: baseline {base_mb:.0f} MB, extraction {extract_mb:.0f} MB "
-          f"(memory_ratio={extract_mb / max(base_mb, 1e-9):.2f})")
+    print(
+        f"peak memory above set-up: baseline {base_mb:.0f} MB, extraction {extract_mb:.0f} MB "
+        f"(memory_ratio={extract_mb / max(base_mb, 1e-9):.2f})"
+    )
     print(f"max_rel_err_vs_exact={error:.2e}")
     print(f"ratio={extract / baseline:.3f}")
 

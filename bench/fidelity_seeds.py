@@ -35,18 +35,28 @@ def evaluate_one(out: Path, optimizer: str, seed: int, tail_patch_queries: int) 
     train_model.run(train_model.TrainConfig(lake=str(lake), seed=seed, optimizer=optimizer))
     tokenize.run(tokenize.TokenizeConfig(lake=str(lake)))
     register_queries.run(str(lake))
-    return evaluate.run(evaluate.EvaluateConfig(lake=str(lake), seeds=[seed], tail_patch_queries=tail_patch_queries,
-                                                reports=str(lake / "reports")))
+    return evaluate.run(
+        evaluate.EvaluateConfig(
+            lake=str(lake), seeds=[seed], tail_patch_queries=tail_patch_queries, reports=str(lake / "reports")
+        )
+    )
 
 
 def summarise(reports: list[dict]) -> dict:
     """method -> metric -> (mean, std) over the runs; plus the TrackStar/BM25 tail-patch ratios."""
     methods = [m for m in reports[0]["methods"] if all(m in r["methods"] for r in reports)]
-    table = {m: {k: (float(np.mean(v)), float(np.std(v))) for k, v in
-                 ((k, [r["methods"][m][k] for r in reports]) for k in METRICS)} for m in methods}
-    ratios = {k: [r["trackstar_over_bm25_tail_patch"][k][0] for r in reports]
-              for k in ("delta_log_prob", "delta_prob")}
-    return {"methods": table, "trackstar_over_bm25": {k: (float(np.mean(v)), float(np.std(v))) for k, v in ratios.items()}}
+    table = {
+        m: {
+            k: (float(np.mean(v)), float(np.std(v)))
+            for k, v in ((k, [r["methods"][m][k] for r in reports]) for k in METRICS)
+        }
+        for m in methods
+    }
+    ratios = {k: [r["trackstar_over_bm25_tail_patch"][k][0] for r in reports] for k in ("delta_log_prob", "delta_prob")}
+    return {
+        "methods": table,
+        "trackstar_over_bm25": {k: (float(np.mean(v)), float(np.std(v))) for k, v in ratios.items()},
+    }
 
 
 def main():

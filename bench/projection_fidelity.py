@@ -79,41 +79,58 @@ def main():
         return x / x.norm(dim=1, keepdim=True)
 
     full_queries = unit(flat_corrected_gradients(model, qbatch, names, normalizers))
-    exact_scores = torch.cat([unit(flat_corrected_gradients(model, document_batch(docs_chunk), names, normalizers)) @ full_queries.T
-                              for docs_chunk in _chunks(docs, 16)]).T  # (Q, N)
-    print(f"checkpoint {checkpoint.name} ({state['kind']} state, correction {kind}); "
-          f"{len(queries)} queries x {len(texts)} documents; full dimension {full_queries.shape[1]:,}")
+    exact_scores = torch.cat(
+        [
+            unit(flat_corrected_gradients(model, document_batch(docs_chunk), names, normalizers)) @ full_queries.T
+            for docs_chunk in _chunks(docs, 16)
+        ]
+    ).T  # (Q, N)
+    print(
+        f"checkpoint {checkpoint.name} ({state['kind']} state, correction {kind}); "
+        f"{len(queries)} queries x {len(texts)} documents; full dimension {full_queries.shape[1]:,}"
+    )
     for k in [int(x) for x in args.ks.split(",")]:
         spec = ProjectionSpec(seed=0, k=uniform_k(matrices, k), normalizer=kind)
         projector = GradientProjector(model, spec, normalizers)
         projected = unit(projector(docs)) @ unit(projector(qbatch)).T
         rho = sum(spearman(projected.T[i], exact_scores[i]) for i in range(len(queries))) / len(queries)
-        overlap = sum(len(set(projected.T[i].topk(10).indices.tolist()) & set(exact_scores[i].topk(10).indices.tolist()))
-                      for i in range(len(queries))) / (10 * len(queries))
-        print(f"k={k:>3} per matrix ({spec.dim:>6} dims): mean Spearman vs unprojected = {rho:.3f}, "
-              f"top-10 overlap = {overlap:.2f}")
+        overlap = sum(
+            len(set(projected.T[i].topk(10).indices.tolist()) & set(exact_scores[i].topk(10).indices.tolist()))
+            for i in range(len(queries))
+        ) / (10 * len(queries))
+        print(
+            f"k={k:>3} per matrix ({spec.dim:>6} dims): mean Spearman vs unprojected = {rho:.3f}, "
+            f"top-10 overlap = {overlap:.2f}"
+        )
 
     if state["kind"] == "adam":
         errors = []
         for m in matrices:
-            denominator = adam_denominator(state["state"][m.name]["exp_avg_sq"], state["step"], state["betas"][1],
-                                           state["eps"], m.stored_transposed)
+            denominator = adam_denominator(
+                state["state"][m.name]["exp_avg_sq"],
+                state["step"],
+                state["betas"][1],
+                state["eps"],
+                m.stored_transposed,
+            )
             errors.append(rank1_error(denominator, state["eps"]))
         spec_exact = ProjectionSpec(seed=0, k=uniform_k(matrices, 16), normalizer="adam-exact")
         spec_fit = ProjectionSpec(seed=0, k=uniform_k(matrices, 16), normalizer="adam-factored")
         exact = GradientProjector(model, spec_exact, normalizers)(docs)
         fitted = GradientProjector(model, spec_fit, normalizers_from_state(state, matrices, "adam-factored"))(docs)
         cosine = (unit(exact) * unit(fitted)).sum(1)
-        print(f"adam rank-1 fit of 1/(sqrt(V)+eps): relative error per matrix mean {sum(errors) / len(errors):.3f}, "
-              f"max {max(errors):.3f}; cosine(exact-corrected, fit-corrected vectors) mean {float(cosine.mean()):.3f}, "
-              f"min {float(cosine.min()):.3f}")
+        print(
+            f"adam rank-1 fit of 1/(sqrt(V)+eps): relative error per matrix mean {sum(errors) / len(errors):.3f}, "
+            f"max {max(errors):.3f}; cosine(exact-corrected, fit-corrected vectors) mean {float(cosine.mean()):.3f}, "
+            f"min {float(cosine.min()):.3f}"
+        )
 
 
 def _chunks(batch, size):
     ids = batch.input_ids
     for start in range(0, len(batch), size):
-        rows = ids[start:start + size]
-        lengths = batch.attention_mask[start:start + size].sum(1)
+        rows = ids[start : start + size]
+        lengths = batch.attention_mask[start : start + size].sum(1)
         yield [row[:n].tolist() for row, n in zip(rows, lengths)]
 
 

@@ -41,31 +41,56 @@ def replicate_vectors(source: Lake, scratch: Lake, copies: range, checkpoint_id:
 
     partitions = sorted(set(source.read("train_gradients", columns=["partition"])["partition"].to_pylist()))
     for partition in partitions:
-        rows = source.read("train_gradients", filters=[("checkpoint_id", "=", checkpoint_id), ("partition", "=", partition),
-                                                       ("fingerprint", "=", fingerprint)])
+        rows = source.read(
+            "train_gradients",
+            filters=[
+                ("checkpoint_id", "=", checkpoint_id),
+                ("partition", "=", partition),
+                ("fingerprint", "=", fingerprint),
+            ],
+        )
         vectors = decode_vectors(rows["vector"], rows["dtype"][0].as_py(), rows["scale"])
         for copy in copies:
             noise = np.random.default_rng(copy * 1000 + partition).normal(size=vectors.shape).astype(np.float32)
-            perturbed = vectors + (0.01 * np.linalg.norm(vectors, axis=1, keepdims=True) / np.sqrt(vectors.shape[1])) * noise \
-                if copy else vectors
+            perturbed = (
+                vectors + (0.01 * np.linalg.norm(vectors, axis=1, keepdims=True) / np.sqrt(vectors.shape[1])) * noise
+                if copy
+                else vectors
+            )
             cells, scales = encode_vectors(perturbed, rows["dtype"][0].as_py())
             table = rows.set_column(rows.schema.get_field_index("vector"), "vector", cells)
-            table = table.set_column(table.schema.get_field_index("partition"), "partition",
-                                     pa.array([copy * 1000 + partition] * rows.num_rows, pa.int32()))
-            table = table.set_column(table.schema.get_field_index("doc_id"), "doc_id",
-                                     pa.array([f"{d}#copy{copy}" if copy else d for d in rows["doc_id"].to_pylist()]))
+            table = table.set_column(
+                table.schema.get_field_index("partition"),
+                "partition",
+                pa.array([copy * 1000 + partition] * rows.num_rows, pa.int32()),
+            )
+            table = table.set_column(
+                table.schema.get_field_index("doc_id"),
+                "doc_id",
+                pa.array([f"{d}#copy{copy}" if copy else d for d in rows["doc_id"].to_pylist()]),
+            )
             if scales is not None:
                 table = table.set_column(table.schema.get_field_index("scale"), "scale", scales)
-            scratch.replace_slice("train_gradients", table, checkpoint_id=checkpoint_id, partition=copy * 1000 + partition,
-                                  fingerprint=fingerprint)
+            scratch.replace_slice(
+                "train_gradients",
+                table,
+                checkpoint_id=checkpoint_id,
+                partition=copy * 1000 + partition,
+                fingerprint=fingerprint,
+            )
 
 
 def replicate_tokens(source: Lake, scratch: Lake, rows: int, scale: int):
     """One partition (0) holding the first `rows` chunks of partition 0, `scale` times over."""
     chunks = source.read("tokens", filters=[("partition", "=", 0)]).slice(0, rows)
-    copies = [chunks.set_column(chunks.schema.get_field_index("doc_id"), "doc_id",
-                                pa.array([f"{d}#copy{copy}" for d in chunks["doc_id"].to_pylist()]))
-              for copy in range(scale)]
+    copies = [
+        chunks.set_column(
+            chunks.schema.get_field_index("doc_id"),
+            "doc_id",
+            pa.array([f"{d}#copy{copy}" for d in chunks["doc_id"].to_pylist()]),
+        )
+        for copy in range(scale)
+    ]
     scratch.replace_slice("tokens", pa.concat_tables(copies), partition=0)
 
 
@@ -78,15 +103,27 @@ def run_stage(stage: str, lake: str, checkpoint: str, checkpoint_id: str, finger
     elif stage == "index":
         index.ensure_index(Lake(lake), checkpoint_id, fingerprint, query_set, "inverse_root", "int8")
     else:
-        score.run(score.ScoreConfig(lake=lake, checkpoint_id=checkpoint_id, query_set=query_set, fingerprint=fingerprint,
-                                    methods=["trackstar"], index="int8" if stage == "score (index)" else "none"))
+        score.run(
+            score.ScoreConfig(
+                lake=lake,
+                checkpoint_id=checkpoint_id,
+                query_set=query_set,
+                fingerprint=fingerprint,
+                methods=["trackstar"],
+                index="int8" if stage == "score (index)" else "none",
+            )
+        )
 
 
 def measured(stage: str, lake: Path, context: dict) -> tuple[float, float]:
     """(seconds, peak RSS in MB) of one stage in a fresh process."""
     started = time.perf_counter()
-    output = subprocess.run([sys.executable, __file__, "--stage", stage, "--scratch", str(lake),
-                             "--context", json.dumps(context)], check=True, capture_output=True, text=True)
+    output = subprocess.run(
+        [sys.executable, __file__, "--stage", stage, "--scratch", str(lake), "--context", json.dumps(context)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     seconds = time.perf_counter() - started
     return seconds, json.loads(output.stdout.strip().splitlines()[-1])["peak_rss_mb"]
 
@@ -111,8 +148,12 @@ def main():
 
     source = Lake(args.lake)
     trace = TraceContext(source)
-    context = {"checkpoint": str(latest_checkpoint(Path(args.lake)).resolve()), "checkpoint_id": trace.checkpoint_id,
-               "fingerprint": trace.fingerprint, "query_set": trace.query_set}
+    context = {
+        "checkpoint": str(latest_checkpoint(Path(args.lake)).resolve()),
+        "checkpoint_id": trace.checkpoint_id,
+        "fingerprint": trace.fingerprint,
+        "query_set": trace.query_set,
+    }
     scales = [int(s) for s in args.scales.split(",")]
     results = {}
     with tempfile.TemporaryDirectory(prefix="scaling-") as scratch_dir:
@@ -121,8 +162,11 @@ def main():
             shutil.copytree(Path(source.root) / table, vectors_lake / table)
         done = 0
         for scale in scales:
-            print(f"[scaling] {scale}x: preparing {scale} cop{'y' if scale == 1 else 'ies'} of the vectors "
-                  f"and {scale * args.extract_rows} chunks in one partition", flush=True)
+            print(
+                f"[scaling] {scale}x: preparing {scale} cop{'y' if scale == 1 else 'ies'} of the vectors "
+                f"and {scale * args.extract_rows} chunks in one partition",
+                flush=True,
+            )
             replicate_vectors(source, Lake(vectors_lake), range(done, scale), trace.checkpoint_id, trace.fingerprint)
             done = scale
             shutil.rmtree(tokens_lake, ignore_errors=True)
@@ -132,29 +176,50 @@ def main():
                 results[(stage, scale)] = measured(stage, tokens_lake if stage == "extract" else vectors_lake, context)
                 seconds, rss = results[(stage, scale)]
                 print(f"[scaling] {scale}x {stage}: {seconds:.1f}s, peak RSS {rss:,.0f} MB", flush=True)
-    n_vectors = Lake(args.lake).read("train_gradients", filters=[("checkpoint_id", "=", trace.checkpoint_id),
-                                                                 ("fingerprint", "=", trace.fingerprint)],
-                                     columns=["partition"]).num_rows
-    print(f"\nscales: extract {args.extract_rows} chunks x scale (one partition, 1 rank); index and score "
-          f"{n_vectors:,} vectors x scale")
-    print(f"{'stage':<14} " + " ".join(f"{f'{s}x s':>8} {f'{s}x MB':>8}" for s in scales)
-          + " " + " ".join(f"{f'time {s}x/1x':>12} {f'RSS {s}x/1x':>11}" for s in scales[1:]))
+    n_vectors = (
+        Lake(args.lake)
+        .read(
+            "train_gradients",
+            filters=[("checkpoint_id", "=", trace.checkpoint_id), ("fingerprint", "=", trace.fingerprint)],
+            columns=["partition"],
+        )
+        .num_rows
+    )
+    print(
+        f"\nscales: extract {args.extract_rows} chunks x scale (one partition, 1 rank); index and score "
+        f"{n_vectors:,} vectors x scale"
+    )
+    print(
+        f"{'stage':<14} "
+        + " ".join(f"{f'{s}x s':>8} {f'{s}x MB':>8}" for s in scales)
+        + " "
+        + " ".join(f"{f'time {s}x/1x':>12} {f'RSS {s}x/1x':>11}" for s in scales[1:])
+    )
     for stage in STAGES:
         base_seconds, base_rss = results[(stage, scales[0])]
         cells = " ".join(f"{results[(stage, s)][0]:8.1f} {results[(stage, s)][1]:8,.0f}" for s in scales)
-        ratios = " ".join(f"{results[(stage, s)][0] / base_seconds:12.2f} {results[(stage, s)][1] / base_rss:11.2f}"
-                          for s in scales[1:])
+        ratios = " ".join(
+            f"{results[(stage, s)][0] / base_seconds:12.2f} {results[(stage, s)][1] / base_rss:11.2f}"
+            for s in scales[1:]
+        )
         print(f"{stage:<14} {cells} {ratios}")
     if len(scales) > 2:  # fixed costs (start-up, imports, Sail) weigh on 1x: the cost of each extra 1x shows linearity
         previous, last = scales[-2], scales[-1]
-        print("seconds per extra 1x of corpus between " + f"{previous}x and {last}x: " + ", ".join(
-            f"{stage} {(results[(stage, last)][0] - results[(stage, previous)][0]) / (last - previous):.2f}"
-            for stage in STAGES))
+        print(
+            "seconds per extra 1x of corpus between "
+            + f"{previous}x and {last}x: "
+            + ", ".join(
+                f"{stage} {(results[(stage, last)][0] - results[(stage, previous)][0]) / (last - previous):.2f}"
+                for stage in STAGES
+            )
+        )
     last = scales[-1]
     for stage in STAGES:
         key = stage.replace(" ", "_").replace("(", "").replace(")", "")
-        print(f"{key}_time_ratio_{last}x={results[(stage, last)][0] / results[(stage, scales[0])][0]:.2f} "
-              f"{key}_rss_ratio_{last}x={results[(stage, last)][1] / results[(stage, scales[0])][1]:.2f}")
+        print(
+            f"{key}_time_ratio_{last}x={results[(stage, last)][0] / results[(stage, scales[0])][0]:.2f} "
+            f"{key}_rss_ratio_{last}x={results[(stage, last)][1] / results[(stage, scales[0])][1]:.2f}"
+        )
 
 
 if __name__ == "__main__":

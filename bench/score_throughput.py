@@ -37,8 +37,12 @@ def batches(context: TraceContext, table: str = "train_gradients", dtype: str = 
     dataset = context.lake.open(table).to_pyarrow_dataset()
     where = (pc.field("checkpoint_id") == context.checkpoint_id) & (pc.field("fingerprint") == context.fingerprint)
     if table == "trackstar_index":
-        where = where & (pc.field("query_set") == context.query_set) & (pc.field("kind") == "inverse_root") & (
-            pc.field("dtype") == dtype)
+        where = (
+            where
+            & (pc.field("query_set") == context.query_set)
+            & (pc.field("kind") == "inverse_root")
+            & (pc.field("dtype") == dtype)
+        )
     return dataset.to_batches(columns=["doc_id", "chunk", "vector", "dtype", "scale"], use_threads=False, filter=where)
 
 
@@ -62,8 +66,10 @@ def extraction_scaling(lake: Lake):
             started = time.perf_counter()
             extract.run(extract.ExtractConfig(lake=scratch, ranks=ranks, query_set=None, force=True))
             seconds = time.perf_counter() - started
-            print(f"extraction with {ranks} CPU rank(s): {n:,} vectors in {seconds:.1f}s = {n / seconds:,.0f} vectors/s "
-                  f"({n / seconds / ranks:,.0f} per rank; includes ~15 s of launcher and model start-up)")
+            print(
+                f"extraction with {ranks} CPU rank(s): {n:,} vectors in {seconds:.1f}s = {n / seconds:,.0f} vectors/s "
+                f"({n / seconds / ranks:,.0f} per rank; includes ~15 s of launcher and model start-up)"
+            )
 
 
 def main():
@@ -94,18 +100,24 @@ def main():
 
     started = time.perf_counter()
     built = ensure_index(lake, context.checkpoint_id, context.fingerprint, context.query_set, "inverse_root", "int8")
-    print(f"int8 index: {len(built['built'])} partition(s) built, {len(built['kept'])} up to date, "
-          f"{time.perf_counter() - started:.1f}s")
+    print(
+        f"int8 index: {len(built['built'])} partition(s) built, {len(built['kept'])} up to date, "
+        f"{time.perf_counter() - started:.1f}s"
+    )
     read_seconds, score_seconds = timed(decode_only), timed(score_all)
     index_read_seconds, index_seconds = timed(lambda: decode_only("trackstar_index")), timed(score_index)
     few_queries_seconds = timed(lambda: score_index(queries[:16]))  # the matmul shrinks, the reading does not
     print(f"{n:,} vectors of {dim} dims x {len(queries)} queries, checkpoint {context.checkpoint_id}")
     print(f"read + decode:                {n / read_seconds:12,.0f} vectors/s")
-    print(f"read + decode + R + score:    {n / score_seconds:12,.0f} vectors/s = "
-          f"{n * len(queries) / score_seconds:,.0f} vector·queries/s")
+    print(
+        f"read + decode + R + score:    {n / score_seconds:12,.0f} vectors/s = "
+        f"{n * len(queries) / score_seconds:,.0f} vector·queries/s"
+    )
     print(f"index (int8) read + decode:   {n / index_read_seconds:12,.0f} vectors/s")
-    print(f"index (int8) decode + score:  {n / index_seconds:12,.0f} vectors/s = "
-          f"{n * len(queries) / index_seconds:,.0f} vector·queries/s")
+    print(
+        f"index (int8) decode + score:  {n / index_seconds:12,.0f} vectors/s = "
+        f"{n * len(queries) / index_seconds:,.0f} vector·queries/s"
+    )
     if args.extraction_scaling:
         extraction_scaling(lake)
     print(f"index (int8), 16 queries:     {n / few_queries_seconds:12,.0f} vectors/s")

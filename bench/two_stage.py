@@ -40,14 +40,18 @@ def main():
     exact = ranking_metrics(inputs, exact_top)
     exhaustive_bytes = train.numel() * 4
     print(f"{len(train):,} train chunks x {len(queries)} queries; exhaustive exact: MRR {exact['mrr']:.3f}")
-    print(f"{'N':>6} {'N/corpus':>8} {'recall of exact top-10':>22} {'lost':>6} {'MRR':>6} {'bytes read / exhaustive':>23}")
+    print(
+        f"{'N':>6} {'N/corpus':>8} {'recall of exact top-10':>22} {'lost':>6} {'MRR':>6} {'bytes read / exhaustive':>23}"
+    )
     for n in [int(c) for c in args.candidates.split(",") if int(c) <= len(train)]:
         _, top = two_stage_top_k(queries, signs, train, n, 10)
         candidates = (queries @ signs.T).topk(n, dim=1).indices.unique()
         read = train.numel() / 8 + len(candidates) * train.shape[1] * 4
         recall = overlap_at(top, exact_top)
-        print(f"{n:6d} {n / len(train):8.3f} {recall:22.3f} {1 - recall:6.3f} {ranking_metrics(inputs, top)['mrr']:6.3f} "
-              f"{read / exhaustive_bytes:23.3f}")
+        print(
+            f"{n:6d} {n / len(train):8.3f} {recall:22.3f} {1 - recall:6.3f} {ranking_metrics(inputs, top)['mrr']:6.3f} "
+            f"{read / exhaustive_bytes:23.3f}"
+        )
         print(f"two_stage_recall_at_N{n}={recall:.3f}")
 
 

@@ -33,9 +33,16 @@ DEVICE_POOL = "trackstar_device"
 def log_failure(context) -> None:
     """Failure callback: one line saying what failed, where, and how to retry it."""
     ti = context["ti"]
-    log.error("TrackStar task %s.%s failed (try %s of %s, run %s): %s. Fix the cause, then clear the task; "
-              "stages are idempotent, so a rerun only redoes missing slices.", ti.dag_id, ti.task_id, ti.try_number,
-              ti.max_tries + 1, ti.run_id, context.get("exception"))
+    log.error(
+        "TrackStar task %s.%s failed (try %s of %s, run %s): %s. Fix the cause, then clear the task; "
+        "stages are idempotent, so a rerun only redoes missing slices.",
+        ti.dag_id,
+        ti.task_id,
+        ti.try_number,
+        ti.max_tries + 1,
+        ti.run_id,
+        context.get("exception"),
+    )
 
 
 DEFAULT_ARGS = {

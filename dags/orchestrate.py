@@ -55,12 +55,20 @@ def tokenize_partition(partition: int) -> dict:
 
 def extract_missing(checkpoint: str, query_sets: list[str], partitions: list[int] | None = None) -> dict:
     """Gradients for every (checkpoint, partition) slice and query set still missing; done ones are skipped."""
-    results = [extract.run(extract.ExtractConfig(lake=lake_root(), checkpoint=checkpoint, query_set=query_set,
-                                                 partitions=list(partitions or [])))
-               for query_set in (query_sets or [None])]
+    results = [
+        extract.run(
+            extract.ExtractConfig(
+                lake=lake_root(), checkpoint=checkpoint, query_set=query_set, partitions=list(partitions or [])
+            )
+        )
+        for query_set in (query_sets or [None])
+    ]
     fail_once_if_injected("extract_missing")
-    return {"checkpoint_id": results[0]["checkpoint_id"], "fingerprint": results[0]["fingerprint"],
-            "extracted": sorted({item for r in results for item in r["items"]})}
+    return {
+        "checkpoint_id": results[0]["checkpoint_id"],
+        "fingerprint": results[0]["fingerprint"],
+        "extracted": sorted({item for r in results for item in r["items"]}),
+    }
 
 
 def refit_hessians(extraction: dict, query_sets: list[str]) -> list[str]:
@@ -68,28 +76,46 @@ def refit_hessians(extraction: dict, query_sets: list[str]) -> list[str]:
     settings, refitted = load_config(), []
     lake = Lake(settings.lake_root)
     for query_set in query_sets:
-        if hessian_is_stale(lake, extraction["checkpoint_id"], extraction["fingerprint"], query_set,
-                            settings.refit_threshold):
-            fit_hessian.run(fit_hessian.FitHessianConfig(lake=settings.lake_root, checkpoint_id=extraction["checkpoint_id"],
-                                                         query_set=query_set, fingerprint=extraction["fingerprint"],
-                                                         mixing_lambda=settings.hessian_lambda,
-                                                         damping_ratio=settings.hessian_damping))
+        if hessian_is_stale(
+            lake, extraction["checkpoint_id"], extraction["fingerprint"], query_set, settings.refit_threshold
+        ):
+            fit_hessian.run(
+                fit_hessian.FitHessianConfig(
+                    lake=settings.lake_root,
+                    checkpoint_id=extraction["checkpoint_id"],
+                    query_set=query_set,
+                    fingerprint=extraction["fingerprint"],
+                    mixing_lambda=settings.hessian_lambda,
+                    damping_ratio=settings.hessian_damping,
+                )
+            )
             refitted.append(query_set)
     return refitted
 
 
-def rescore_changed(extraction: dict, query_sets: list[str], methods: list[str] | None = None,
-                    top_k: int | None = None) -> list[str]:
+def rescore_changed(
+    extraction: dict, query_sets: list[str], methods: list[str] | None = None, top_k: int | None = None
+) -> list[str]:
     """Rescore the query sets whose inputs changed since their last scoring; returns them."""
     lake, rescored, top_k = Lake(lake_root()), [], top_k or score.ScoreConfig().top_k
     methods = list(methods or DEFAULT_METHODS)
     for query_set in query_sets:
         inputs = score.scoring_inputs(lake, extraction["checkpoint_id"], extraction["fingerprint"], query_set)
-        if all(inputs == last_scored_inputs(lake, extraction["checkpoint_id"], extraction["fingerprint"], query_set, m)
-               for m in methods):
+        if all(
+            inputs == last_scored_inputs(lake, extraction["checkpoint_id"], extraction["fingerprint"], query_set, m)
+            for m in methods
+        ):
             continue
-        score.run(score.ScoreConfig(lake=lake_root(), checkpoint_id=extraction["checkpoint_id"], query_set=query_set,
-                                    fingerprint=extraction["fingerprint"], methods=methods, top_k=top_k))
+        score.run(
+            score.ScoreConfig(
+                lake=lake_root(),
+                checkpoint_id=extraction["checkpoint_id"],
+                query_set=query_set,
+                fingerprint=extraction["fingerprint"],
+                methods=methods,
+                top_k=top_k,
+            )
+        )
         rescored.append(query_set)
     return rescored
 
@@ -106,7 +132,9 @@ def fail_once_if_injected(task_id: str) -> None:
 
 
 # ------------------------------------------------------------------ comparing checkpoints
-def compare_checkpoints(query_set: str, checkpoint_a: str, checkpoint_b: str, method: str = "trackstar", k: int = 10) -> dict:
+def compare_checkpoints(
+    query_set: str, checkpoint_a: str, checkpoint_b: str, method: str = "trackstar", k: int = 10
+) -> dict:
     """How proponents of the same queries change between two checkpoints, into `eval_metrics`:
     mean overlap@k of the top-k sets and mean Spearman correlation of the ranks of shared proponents."""
     import numpy as np
@@ -117,13 +145,17 @@ def compare_checkpoints(query_set: str, checkpoint_a: str, checkpoint_b: str, me
     lake = Lake(lake_root())
     top = {}
     for checkpoint in (checkpoint_a, checkpoint_b):
-        rows = lake.read("proponents", filters=[("query_set", "=", query_set), ("method", "=", method),
-                                                ("checkpoint_id", "=", checkpoint)]).to_pylist()
+        rows = lake.read(
+            "proponents",
+            filters=[("query_set", "=", query_set), ("method", "=", method), ("checkpoint_id", "=", checkpoint)],
+        ).to_pylist()
         if not rows:
             raise ValueError(f"no {method} proponents of {query_set} for {checkpoint}: score it first")
         for row in rows:
             if row["rank"] <= k:
-                top.setdefault(checkpoint, {}).setdefault(row["query_id"], {})[(row["doc_id"], row["chunk"])] = row["rank"]
+                top.setdefault(checkpoint, {}).setdefault(row["query_id"], {})[(row["doc_id"], row["chunk"])] = row[
+                    "rank"
+                ]
     shared_queries = sorted(set(top[checkpoint_a]) & set(top[checkpoint_b]))
     overlaps, correlations = [], []
     for query in shared_queries:
@@ -132,12 +164,25 @@ def compare_checkpoints(query_set: str, checkpoint_a: str, checkpoint_b: str, me
         overlaps.append(len(common) / k)
         if len(common) >= 2:
             correlations.append(float(np.corrcoef([a[c] for c in common], [b[c] for c in common])[0, 1]))
-    result = {"overlap@k": float(np.mean(overlaps)), "rank_correlation": float(np.nanmean(correlations)) if correlations
-              else float("nan"), "queries": len(shared_queries)}
-    metric_rows = [{"run_id": f"compare-{checkpoint_a}-vs-{checkpoint_b}", "query_set": query_set,
-                    "checkpoint_id": checkpoint_b, "method": method, "metric": f"{name}_vs:{checkpoint_a}",
-                    "bucket": "all", "value": value, "n": len(shared_queries), "created_at": utc_now()}
-                   for name, value in (("overlap@k", result["overlap@k"]), ("rank_correlation", result["rank_correlation"]))]
+    result = {
+        "overlap@k": float(np.mean(overlaps)),
+        "rank_correlation": float(np.nanmean(correlations)) if correlations else float("nan"),
+        "queries": len(shared_queries),
+    }
+    metric_rows = [
+        {
+            "run_id": f"compare-{checkpoint_a}-vs-{checkpoint_b}",
+            "query_set": query_set,
+            "checkpoint_id": checkpoint_b,
+            "method": method,
+            "metric": f"{name}_vs:{checkpoint_a}",
+            "bucket": "all",
+            "value": value,
+            "n": len(shared_queries),
+            "created_at": utc_now(),
+        }
+        for name, value in (("overlap@k", result["overlap@k"]), ("rank_correlation", result["rank_correlation"]))
+    ]
     from schemas.tables import TABLES
 
     table = pa.Table.from_pylist(metric_rows, schema=TABLES["eval_metrics"].arrow_schema)
@@ -165,7 +210,9 @@ def compare_with_previous(extraction: dict, query_sets: list[str], method: str =
     if pair is None:
         print(f"[compare] {extraction['checkpoint_id']} is the only registered checkpoint: nothing to compare")
         return []
-    return [dict(query_set=q, earlier=pair[0], later=pair[1], **compare_checkpoints(q, *pair, method)) for q in query_sets]
+    return [
+        dict(query_set=q, earlier=pair[0], later=pair[1], **compare_checkpoints(q, *pair, method)) for q in query_sets
+    ]
 
 
 def partitions_in_range(first: int | None, last: int | None) -> list[int] | None:
@@ -180,8 +227,16 @@ def partitions_in_range(first: int | None, last: int | None) -> list[int] | None
 
 
 def score_query_set(extraction: dict, query_set: str, methods: list[str], top_k: int) -> dict:
-    return score.run(score.ScoreConfig(lake=lake_root(), checkpoint_id=extraction["checkpoint_id"], query_set=query_set,
-                                       fingerprint=extraction["fingerprint"], methods=list(methods), top_k=top_k))
+    return score.run(
+        score.ScoreConfig(
+            lake=lake_root(),
+            checkpoint_id=extraction["checkpoint_id"],
+            query_set=query_set,
+            fingerprint=extraction["fingerprint"],
+            methods=list(methods),
+            top_k=top_k,
+        )
+    )
 
 
 def evaluate_if_ground_truth(extraction: dict, query_set: str) -> dict | None:
@@ -196,7 +251,9 @@ def evaluate_if_ground_truth(extraction: dict, query_set: str) -> dict | None:
         return None
     ranked = ranked_proponents(lake, query_set, extraction["checkpoint_id"])
     metrics = attribution_metrics(ranked, truth, {q["query_id"]: q["frequency_bucket"] for q in queries}, k=10)
-    write_attribution_metrics(lake, query_set, extraction["checkpoint_id"], metrics, f"score-eval-{extraction['checkpoint_id']}")
+    write_attribution_metrics(
+        lake, query_set, extraction["checkpoint_id"], metrics, f"score-eval-{extraction['checkpoint_id']}"
+    )
     return {method: cells["all"] for method, cells in metrics.items()}
 
 
@@ -212,10 +269,14 @@ def report_summary(tokenized: list | None, extraction: dict, refitted: list[str]
     # its end, which Airflow's API client logs as "[error] XCom not found" in a successful run
     tokenized = len(tokenized) if tokenized else 0
     if not tokenized and not extraction["extracted"] and not refitted and not rescored:
-        message = (f"nothing new: every raw partition is tokenized, every slice of {extraction['checkpoint_id']} is "
-                   f"extracted, Hessians are current and scores are up to date; no table was changed")
+        message = (
+            f"nothing new: every raw partition is tokenized, every slice of {extraction['checkpoint_id']} is "
+            f"extracted, Hessians are current and scores are up to date; no table was changed"
+        )
     else:
-        message = (f"tokenized {tokenized} partition(s); extracted {extraction['extracted'] or 'nothing'} for "
-                   f"{extraction['checkpoint_id']}; refitted {refitted or 'nothing'}; rescored {rescored or 'nothing'}")
+        message = (
+            f"tokenized {tokenized} partition(s); extracted {extraction['extracted'] or 'nothing'} for "
+            f"{extraction['checkpoint_id']}; refitted {refitted or 'nothing'}; rescored {rescored or 'nothing'}"
+        )
     print(f"[reindex] {message}")
     return message

@@ -11,16 +11,32 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag, get_current_context, task
 
-from dags.common import (DEFAULT_ARGS, DEVICE_POOL, orchestrate, refit_hessians, registered_query_sets,
-                         rescore_changed, table_asset)
+from dags.common import (
+    DEFAULT_ARGS,
+    DEVICE_POOL,
+    orchestrate,
+    refit_hessians,
+    registered_query_sets,
+    rescore_changed,
+    table_asset,
+)
 
 
-@dag(dag_id="trackstar_backfill", schedule=None, start_date=datetime(2026, 1, 1), catchup=False,
-     default_args=DEFAULT_ARGS, tags=["trackstar", "index", "backfill"], doc_md=__doc__,
-     dagrun_timeout=timedelta(hours=24),
-     params={"checkpoint": Param("", type="string", description="checkpoint folder or s3:// prefix"),
-             "first_partition": Param(None, type=["null", "integer"], minimum=0),
-             "last_partition": Param(None, type=["null", "integer"], minimum=0)})
+@dag(
+    dag_id="trackstar_backfill",
+    schedule=None,
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    default_args=DEFAULT_ARGS,
+    tags=["trackstar", "index", "backfill"],
+    doc_md=__doc__,
+    dagrun_timeout=timedelta(hours=24),
+    params={
+        "checkpoint": Param("", type="string", description="checkpoint folder or s3:// prefix"),
+        "first_partition": Param(None, type=["null", "integer"], minimum=0),
+        "last_partition": Param(None, type=["null", "integer"], minimum=0),
+    },
+)
 def trackstar_backfill():
     @task
     def partitions_in_range() -> list[int] | None:

@@ -12,9 +12,17 @@ from airflow.sdk import dag, task
 from dags.common import DEFAULT_ARGS, orchestrate
 
 
-@dag(dag_id="trackstar_maintenance", schedule="@weekly", start_date=datetime(2026, 1, 1), catchup=False,
-     max_active_runs=1, default_args=DEFAULT_ARGS, tags=["trackstar", "maintenance"], doc_md=__doc__,
-     dagrun_timeout=timedelta(hours=6))
+@dag(
+    dag_id="trackstar_maintenance",
+    schedule="@weekly",
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=["trackstar", "maintenance"],
+    doc_md=__doc__,
+    dagrun_timeout=timedelta(hours=6),
+)
 def trackstar_maintenance():
     @task
     def maintain_lake() -> dict:

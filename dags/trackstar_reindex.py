@@ -10,13 +10,28 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import TriggerRule, dag, task
 
-from dags.common import (DEFAULT_ARGS, DEVICE_POOL, orchestrate, refit_hessians, registered_query_sets,
-                         rescore_changed, table_asset)
+from dags.common import (
+    DEFAULT_ARGS,
+    DEVICE_POOL,
+    orchestrate,
+    refit_hessians,
+    registered_query_sets,
+    rescore_changed,
+    table_asset,
+)
 
 
-@dag(dag_id="trackstar_reindex", schedule="@daily", start_date=datetime(2026, 1, 1), catchup=False,
-     max_active_runs=1, default_args=DEFAULT_ARGS, tags=["trackstar", "index"], doc_md=__doc__,
-     dagrun_timeout=timedelta(hours=12))
+@dag(
+    dag_id="trackstar_reindex",
+    schedule="@daily",
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=["trackstar", "index"],
+    doc_md=__doc__,
+    dagrun_timeout=timedelta(hours=12),
+)
 def trackstar_reindex():
     @task
     def find_new_partitions() -> list[int]:
@@ -31,8 +46,11 @@ def trackstar_reindex():
         return orchestrate().tokenize_partition(partition)
 
     # none_failed: a night without new partitions maps tokenize over nothing (skipped); go on anyway
-    @task(pool=DEVICE_POOL, outlets=[table_asset("train_gradients"), table_asset("query_gradients")],
-          trigger_rule=TriggerRule.NONE_FAILED)
+    @task(
+        pool=DEVICE_POOL,
+        outlets=[table_asset("train_gradients"), table_asset("query_gradients")],
+        trigger_rule=TriggerRule.NONE_FAILED,
+    )
     def extract_missing(checkpoint: str, query_sets: list[str]) -> dict:
         return orchestrate().extract_missing(checkpoint, query_sets)
 

@@ -14,17 +14,29 @@ from infra.names import NAME_PATTERN
 from dags.common import DEFAULT_ARGS, DEVICE_POOL, orchestrate, table_asset
 
 
-@dag(dag_id="trackstar_score", schedule=[table_asset("query_sets")], start_date=datetime(2026, 1, 1), catchup=False,
-     default_args=DEFAULT_ARGS, tags=["trackstar", "score"], doc_md=__doc__, dagrun_timeout=timedelta(hours=6),
-     params={"query_set": Param("fact-world", type="string", pattern=NAME_PATTERN),
-             "checkpoint": Param("", type="string", description="default: the newest checkpoint"),
-             "top_k": Param(10, type="integer", minimum=1, maximum=1000),
-             "methods": Param(["trackstar"], type="array", description="see jobs/score.py")})
+@dag(
+    dag_id="trackstar_score",
+    schedule=[table_asset("query_sets")],
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    default_args=DEFAULT_ARGS,
+    tags=["trackstar", "score"],
+    doc_md=__doc__,
+    dagrun_timeout=timedelta(hours=6),
+    params={
+        "query_set": Param("fact-world", type="string", pattern=NAME_PATTERN),
+        "checkpoint": Param("", type="string", description="default: the newest checkpoint"),
+        "top_k": Param(10, type="integer", minimum=1, maximum=1000),
+        "methods": Param(["trackstar"], type="array", description="see jobs/score.py"),
+    },
+)
 def trackstar_score():
     @task(pool=DEVICE_POOL, outlets=[table_asset("query_gradients")])
     def extract_missing() -> dict:
         params = get_current_context()["params"]
-        return orchestrate().extract_missing(params["checkpoint"] or orchestrate().newest_checkpoint(), [params["query_set"]])
+        return orchestrate().extract_missing(
+            params["checkpoint"] or orchestrate().newest_checkpoint(), [params["query_set"]]
+        )
 
     @task(outlets=[table_asset("hessians")])
     def refit_hessians(extraction: dict) -> list[str]:

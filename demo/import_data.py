@@ -34,6 +34,7 @@ class ImportedDataError(RuntimeError):
 @dataclass
 class WorldSummary:
     """What a world holds, generated or imported (`<lake>/world/summary.json`)."""
+
     raw_dir: str
     world_dir: str
     documents: int
@@ -58,18 +59,23 @@ def refuse_to_overwrite(lake_root: str | Path) -> None:
     root = Path(lake_root)
     marker = imported_world(root)
     if marker:
-        linked = [json.loads(m.read_text()).get("imported_from")
-                  for m in sorted(Path(checkpoints_root(root)).glob("*/manifest.json"))]
+        linked = [
+            json.loads(m.read_text()).get("imported_from")
+            for m in sorted(Path(checkpoints_root(root)).glob("*/manifest.json"))
+        ]
         checkpoint = "".join(f" --checkpoint {folder}" for folder in linked[-1:] if folder)
         raise ImportedDataError(
             f"{root.resolve()} holds an imported world (corpus {marker['corpus']}, queries {marker['queries']}, "
             f"imported {marker['imported_at']}); generating the embedded world would delete it. Rerun on your data "
             f"with `python -m jobs pipeline --lake {root} --corpus {marker['corpus']} --queries {marker['queries']}"
             f"{checkpoint}`, "
-            "or generate into another lake (--lake / --out)")
+            "or generate into another lake (--lake / --out)"
+        )
     if any((root / "raw").glob("c4-*.json.gz")) and not (root / "world" / "kb.json").exists():
-        raise ImportedDataError(f"{(root / 'raw').resolve()} holds C4 partitions the generator did not write; "
-                                "generating the embedded world would delete them. Use another lake (--lake / --out)")
+        raise ImportedDataError(
+            f"{(root / 'raw').resolve()} holds C4 partitions the generator did not write; "
+            "generating the embedded world would delete them. Use another lake (--lake / --out)"
+        )
 
 
 def _count_corpus(raw_dir: Path) -> tuple[int, int, int, set]:
@@ -98,14 +104,22 @@ def _check_ground_truth(path: Path, query_file, urls: set) -> list[str]:
     for query, line in zip(query_file.queries, query_file.lines):
         missing = [u for u in query["stating_doc_ids"] if u not in urls]
         if len(missing) == len(query["stating_doc_ids"]):
-            problems.append(f"{path}:{line}: none of the {len(missing)} stating_doc_ids is a url of the corpus "
-                            f"(first: {missing[0]!r})")
+            problems.append(
+                f"{path}:{line}: none of the {len(missing)} stating_doc_ids is a url of the corpus "
+                f"(first: {missing[0]!r})"
+            )
         elif missing:
             partial.append(line)
     if problems:
         raise QueryFileError(path, problems)
-    return [f"{len(partial)} query(ies) name stating documents missing from the corpus (lines "
-            f"{', '.join(map(str, partial[:8]))}); their metrics count only the documents found"] if partial else []
+    return (
+        [
+            f"{len(partial)} query(ies) name stating documents missing from the corpus (lines "
+            f"{', '.join(map(str, partial[:8]))}); their metrics count only the documents found"
+        ]
+        if partial
+        else []
+    )
 
 
 def import_world(lake_root: str | Path, corpus: str | Path, queries: str | Path) -> WorldSummary:
@@ -116,19 +130,25 @@ def import_world(lake_root: str | Path, corpus: str | Path, queries: str | Path)
     query_file = load_queries(queries)  # before touching the lake: a bad file changes nothing
     raw_dir, world_dir = root / "raw", root / "world"
     if (world_dir / "kb.json").exists():
-        raise ImportedDataError(f"{root.resolve()} holds the generated world; import your data into a fresh lake "
-                                "(--lake) rather than mixing the two corpora")
+        raise ImportedDataError(
+            f"{root.resolve()} holds the generated world; import your data into a fresh lake "
+            "(--lake) rather than mixing the two corpora"
+        )
     marker = imported_world(root) or {"partitions": {}}
     unknown = sorted(p.name for p in raw_dir.glob("c4-*.json.gz") if p.name not in marker["partitions"])
     if unknown:
-        raise ImportedDataError(f"{raw_dir.resolve()} holds partitions no import recorded ({', '.join(unknown[:3])}); "
-                                "import into a fresh lake")
+        raise ImportedDataError(
+            f"{raw_dir.resolve()} holds partitions no import recorded ({', '.join(unknown[:3])}); "
+            "import into a fresh lake"
+        )
     checksums = {path.name: sha256_file(path) for path in sources}
     changed = sorted(n for n, s in checksums.items() if marker["partitions"].get(n, s) != s)
     if changed:
-        raise ImportedDataError(f"partition(s) {', '.join(changed[:3])} of {corpus} differ from the ones imported "
-                                f"into {root.resolve()} before: tokens and gradients of the old bytes would stay. "
-                                "Give changed data a new partition name, or import into a fresh lake")
+        raise ImportedDataError(
+            f"partition(s) {', '.join(changed[:3])} of {corpus} differ from the ones imported "
+            f"into {root.resolve()} before: tokens and gradients of the old bytes would stay. "
+            "Give changed data a new partition name, or import into a fresh lake"
+        )
     raw_dir.mkdir(parents=True, exist_ok=True)
     world_dir.mkdir(parents=True, exist_ok=True)
     added = [p for p in sources if p.name not in marker["partitions"]]
@@ -136,27 +156,48 @@ def import_world(lake_root: str | Path, corpus: str | Path, queries: str | Path)
         shutil.copyfile(path, raw_dir / path.name)
     documents, bad, words, urls = _count_corpus(raw_dir)
     notes = query_file.notes + _check_ground_truth(queries, query_file, urls)
-    (world_dir / "queries.jsonl").write_text("".join(json.dumps(q, ensure_ascii=False) + "\n"
-                                                     for q in query_file.queries), encoding="utf-8")
-    marker = {"kind": "imported", "corpus": str(corpus.resolve()), "queries": str(queries.resolve()),
-              "imported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "partitions": marker["partitions"] | checksums, "queries_sha256": sha256_file(queries)}
+    (world_dir / "queries.jsonl").write_text(
+        "".join(json.dumps(q, ensure_ascii=False) + "\n" for q in query_file.queries), encoding="utf-8"
+    )
+    marker = {
+        "kind": "imported",
+        "corpus": str(corpus.resolve()),
+        "queries": str(queries.resolve()),
+        "imported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "partitions": marker["partitions"] | checksums,
+        "queries_sha256": sha256_file(queries),
+    }
     (world_dir / MARKER).write_text(json.dumps(marker, indent=1))
     per_bucket = {}
     for query in query_file.queries:
         cell = per_bucket.setdefault(str(query["frequency_bucket"]), {"facts": 0, "stating_docs": 0})
         cell["facts"] += 1
         cell["stating_docs"] += sum(u in urls for u in query["stating_doc_ids"])
-    summary = WorldSummary(str(raw_dir), str(world_dir), documents=documents, facts=len(query_file.queries),
-                            queries=len(query_file.queries), partitions=len(marker["partitions"]), words=words,
-                            unreadable_lines=bad, facts_per_bucket=dict(sorted(per_bucket.items(), key=lambda i: int(i[0]))),
-                            notes=notes + [f"{len(added)} partition(s) copied, {len(sources) - len(added)} already imported"])
+    summary = WorldSummary(
+        str(raw_dir),
+        str(world_dir),
+        documents=documents,
+        facts=len(query_file.queries),
+        queries=len(query_file.queries),
+        partitions=len(marker["partitions"]),
+        words=words,
+        unreadable_lines=bad,
+        facts_per_bucket=dict(sorted(per_bucket.items(), key=lambda i: int(i[0]))),
+        notes=notes + [f"{len(added)} partition(s) copied, {len(sources) - len(added)} already imported"],
+    )
     (world_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
     return summary
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "added_tokens.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
 
 
 def import_checkpoint(lake_root: str | Path, folder: str | Path) -> Path:
@@ -167,13 +208,18 @@ def import_checkpoint(lake_root: str | Path, folder: str | Path) -> Path:
 
     root, folder = Path(lake_root), Path(folder).resolve()
     if not (folder / "tokenizer.json").exists():
-        raise FileNotFoundError(f"{folder}: no tokenizer.json; save the model's fast tokenizer next to it "
-                                "(`tokenizer.save_pretrained(folder)`)")
+        raise FileNotFoundError(
+            f"{folder}: no tokenizer.json; save the model's fast tokenizer next to it "
+            "(`tokenizer.save_pretrained(folder)`)"
+        )
     tokenizer_dir = root / "model" / "tokenizer"
     if (tokenizer_dir / "tokenizer.json").exists() and (
-            (tokenizer_dir / "tokenizer.json").read_bytes() != (folder / "tokenizer.json").read_bytes()):
-        raise ImportedDataError(f"{root.resolve()} is tokenized with another tokenizer ({tokenizer_dir}) than "
-                                f"{folder}'s; index this checkpoint into a fresh lake (--lake)")
+        (tokenizer_dir / "tokenizer.json").read_bytes() != (folder / "tokenizer.json").read_bytes()
+    ):
+        raise ImportedDataError(
+            f"{root.resolve()} is tokenized with another tokenizer ({tokenizer_dir}) than "
+            f"{folder}'s; index this checkpoint into a fresh lake (--lake)"
+        )
     manifest = load_manifest(folder)
     target = Path(checkpoints_root(root)) / manifest["checkpoint_id"]
     if target.exists():

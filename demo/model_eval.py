@@ -33,8 +33,10 @@ class Accuracy:
         return correct / total if total else float("nan")
 
     def as_dict(self) -> dict:
-        return {str(bucket): {p: {"top1": self.top1(bucket, p), "n": self.counts[bucket][p][1]} for p in PROMPTS}
-                for bucket in sorted(self.counts)}
+        return {
+            str(bucket): {p: {"top1": self.top1(bucket, p), "n": self.counts[bucket][p][1]} for p in PROMPTS}
+            for bucket in sorted(self.counts)
+        }
 
     def table(self) -> str:
         lines = ["bucket  n_facts  " + "  ".join(f"{p:>8}" for p in PROMPTS)]

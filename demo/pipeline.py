@@ -29,8 +29,15 @@ from jobs.checkpoints import optimizer_state_source
 from infra.config import load_config
 
 
-def run(lake: str, world_seed: int = 0, airflow_home: str = ".airflow", reports: str = "reports",
-        corpus: str | None = None, queries: str | None = None, checkpoint: str | None = None) -> dict:
+def run(
+    lake: str,
+    world_seed: int = 0,
+    airflow_home: str = ".airflow",
+    reports: str = "reports",
+    corpus: str | None = None,
+    queries: str | None = None,
+    checkpoint: str | None = None,
+) -> dict:
     from infra.airflow_local import run_dag
 
     timings = {}
@@ -50,54 +57,84 @@ def run(lake: str, world_seed: int = 0, airflow_home: str = ".airflow", reports:
             print(f"[import] {note}")
     else:
         world_summary = stage("world", lambda: world.run(world.WorldConfig(out_dir=lake, world_seed=world_seed)))
-    print(f"[{'import' if corpus else 'world'}] {world_summary.documents:,} documents in {world_summary.partitions} "
-          f"partitions, {world_summary.queries} queries")
+    print(
+        f"[{'import' if corpus else 'world'}] {world_summary.documents:,} documents in {world_summary.partitions} "
+        f"partitions, {world_summary.queries} queries"
+    )
     if checkpoint:
         final_checkpoint = stage("import-checkpoint", lambda: import_data.import_checkpoint(lake, checkpoint))
         state = optimizer_state_source(final_checkpoint)
-        model_line = (f"{final_checkpoint.name}, linked from {Path(checkpoint).resolve()}; optimizer state: "
-                      f"{state or 'none (indexed without the optimizer correction)'}")
+        model_line = (
+            f"{final_checkpoint.name}, linked from {Path(checkpoint).resolve()}; optimizer state: "
+            f"{state or 'none (indexed without the optimizer correction)'}"
+        )
         print(f"[import-checkpoint] {model_line}")
     else:
         trained = stage("train-model", lambda: train_model.run(train_model.TrainConfig(lake=lake, seed=world_seed)))
         final_checkpoint = train_model.final_checkpoint(lake, trained)
-        model_line = (f"GPT-2, {trained['parameters']:,} parameters, {trained['steps']} steps in "
-                      f"{trained['train_seconds']}s on 2 CPU ranks (DeepSpeed ZeRO-2); checkpoints "
-                      f"{', '.join(trained['checkpoints'])}")
+        model_line = (
+            f"GPT-2, {trained['parameters']:,} parameters, {trained['steps']} steps in "
+            f"{trained['train_seconds']}s on 2 CPU ranks (DeepSpeed ZeRO-2); checkpoints "
+            f"{', '.join(trained['checkpoints'])}"
+        )
     queries_file = storage.join(lake, "world", "queries.jsonl")
     accuracy = stage("model-accuracy", lambda: model_eval.evaluate_checkpoint(final_checkpoint, queries_file))
     # the user's own file, so that refusals name its lines
     stage("register-queries", lambda: register_queries.run(lake, queries))
-    dag = stage("airflow: trackstar_reindex", lambda: run_dag("trackstar_reindex", storage.absolute(lake),
-                                                              home=airflow_home))
-    print("\n".join(line for line in dag["log"].splitlines() if line.startswith(("[reindex]", "trackstar_reindex run", "  "))))
+    dag = stage(
+        "airflow: trackstar_reindex", lambda: run_dag("trackstar_reindex", storage.absolute(lake), home=airflow_home)
+    )
+    print(
+        "\n".join(
+            line for line in dag["log"].splitlines() if line.startswith(("[reindex]", "trackstar_reindex run", "  "))
+        )
+    )
     if dag["state"] != "success":
         raise RuntimeError(f"trackstar_reindex ended {dag['state']}; see the task log above")
     report, settings = None, load_config()
     if optimizer_state_source(final_checkpoint):
-        report = stage("evaluate", lambda: evaluate.run(evaluate.EvaluateConfig(
-            lake=lake, reports=reports, checkpoint=str(final_checkpoint), top_k=settings.top_k,
-            projection_k=settings.projection_k)))
+        report = stage(
+            "evaluate",
+            lambda: evaluate.run(
+                evaluate.EvaluateConfig(
+                    lake=lake,
+                    reports=reports,
+                    checkpoint=str(final_checkpoint),
+                    top_k=settings.top_k,
+                    projection_k=settings.projection_k,
+                )
+            ),
+        )
     else:  # tail-patch steps with the checkpoint's own optimizer state
-        print(f"\n[evaluate] skipped: {final_checkpoint.name} has no optimizer state, which the evaluation's "
-              "tail-patch needs; the DAG indexed and scored it without the optimizer correction")
+        print(
+            f"\n[evaluate] skipped: {final_checkpoint.name} has no optimizer state, which the evaluation's "
+            "tail-patch needs; the DAG indexed and scored it without the optimizer correction"
+        )
 
-    summary = {"world": vars(world_summary), "checkpoint": str(final_checkpoint), "accuracy": accuracy.as_dict(),
-               "dag": {k: v for k, v in dag.items() if k != "log"},
-               "evaluation": report["methods"] if report else None,
-               "seconds": {k: round(v, 1) for k, v in timings.items()}}
+    summary = {
+        "world": vars(world_summary),
+        "checkpoint": str(final_checkpoint),
+        "accuracy": accuracy.as_dict(),
+        "dag": {k: v for k, v in dag.items() if k != "log"},
+        "evaluation": report["methods"] if report else None,
+        "seconds": {k: round(v, 1) for k, v in timings.items()},
+    }
     storage.write_text(storage.join(lake, "pipeline_summary.json"), json.dumps(summary, indent=2, default=str))
 
     print(f"\n=== TrackStar lake: {'your data' if corpus else 'embedded run'} ===")
     print(f"lake:        {storage.absolute(lake)}")
-    print(f"corpus:      {world_summary.documents:,} documents ({world_summary.words:,} words) in "
-          f"{world_summary.partitions} C4 partitions; {world_summary.facts} facts, {world_summary.queries} queries")
+    print(
+        f"corpus:      {world_summary.documents:,} documents ({world_summary.words:,} words) in "
+        f"{world_summary.partitions} C4 partitions; {world_summary.facts} facts, {world_summary.queries} queries"
+    )
     print(f"model:       {model_line}")
     print(accuracy.table())
     print(f"airflow:     trackstar_reindex {dag['state']}: " + ", ".join(f"{t} {s}" for t, s in dag["tasks"].items()))
     if report:
-        print(f"\nfact tracing on checkpoint {report['checkpoint_id']} (λ = {report['lambda']:.3f}; "
-              f"tail-patch over {report['tail_patch_queries']} queries):")
+        print(
+            f"\nfact tracing on checkpoint {report['checkpoint_id']} (λ = {report['lambda']:.3f}; "
+            f"tail-patch over {report['tail_patch_queries']} queries):"
+        )
         print(evaluate.table(report))
         print(f"\nreport:      {storage.join(storage.absolute(reports), 'eval.html')}")
     print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))

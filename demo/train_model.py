@@ -33,7 +33,6 @@ from jobs.tokenize import EOS
 from infra.config import load_config
 
 
-
 @dataclass
 class TrainConfig:
     lake: str = "lake"
@@ -92,8 +91,9 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path):
 
     bpe = ByteLevelBPETokenizer(add_prefix_space=False)
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=False)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS, bos_token=EOS,
-                                        unk_token=EOS, pad_token=EOS)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out_dir)
     return tokenizer
@@ -118,13 +118,27 @@ def deepspeed_config(config: TrainConfig, total_steps: int) -> dict:
         "gradient_clipping": 1.0,
         "steps_per_print": 10**9,  # our own progress lines instead
         "zero_optimization": {"stage": 2 if config.optimizer == "adam" else 0},
-        "scheduler": {"type": "WarmupCosineLR",
-                      "params": {"total_num_steps": total_steps, "warmup_num_steps": config.warmup_steps,
-                                 "warmup_type": "linear", "cos_min_ratio": 0.1}},
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": total_steps,
+                "warmup_num_steps": config.warmup_steps,
+                "warmup_type": "linear",
+                "cos_min_ratio": 0.1,
+            },
+        },
     }
     if config.optimizer == "adam":
-        ds["optimizer"] = {"type": "AdamW", "params": {"lr": config.lr, "betas": [0.9, 0.95], "eps": 1e-8,
-                                                       "weight_decay": config.weight_decay, "torch_adam": True}}
+        ds["optimizer"] = {
+            "type": "AdamW",
+            "params": {
+                "lr": config.lr,
+                "betas": [0.9, 0.95],
+                "eps": 1e-8,
+                "weight_decay": config.weight_decay,
+                "torch_adam": True,
+            },
+        }
     else:
         ds["zero_allow_untested_optimizer"] = True
     return ds
@@ -151,10 +165,16 @@ def run(config: TrainConfig) -> dict:
     model_dir = config.model_dir
     digest = input_digest(Path(config.lake) / "raw", config)
     previous = model_dir / "train_summary.json"
-    if previous.exists() and json.loads(previous.read_text()).get("input_digest") == digest and all(
-            checkpoint_path(config.lake, c).exists() for c in json.loads(previous.read_text())["checkpoints"]):
-        print(f"[train-model] already trained on this corpus with this configuration ({digest[:12]}); "
-              f"keeping {model_dir} and its checkpoints", flush=True)
+    if (
+        previous.exists()
+        and json.loads(previous.read_text()).get("input_digest") == digest
+        and all(checkpoint_path(config.lake, c).exists() for c in json.loads(previous.read_text())["checkpoints"])
+    ):
+        print(
+            f"[train-model] already trained on this corpus with this configuration ({digest[:12]}); "
+            f"keeping {model_dir} and its checkpoints",
+            flush=True,
+        )
         return json.loads(previous.read_text())
     texts, bad_lines = read_corpus(Path(config.lake) / "raw")
     tokenizer = train_tokenizer(texts, config.vocab_size, model_dir / "tokenizer")
@@ -164,19 +184,28 @@ def run(config: TrainConfig) -> dict:
     total_steps = max(1, int(round(config.epochs * steps_per_epoch)))
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
-    plan = {"config": dataclasses.asdict(config), "total_steps": total_steps, "n_documents": len(texts),
-            "n_tokens": n_tokens, "n_blocks": len(blocks), "skipped_lines": bad_lines,
-            "deepspeed": deepspeed_config(config, total_steps)}
+    plan = {
+        "config": dataclasses.asdict(config),
+        "total_steps": total_steps,
+        "n_documents": len(texts),
+        "n_tokens": n_tokens,
+        "n_blocks": len(blocks),
+        "skipped_lines": bad_lines,
+        "deepspeed": deepspeed_config(config, total_steps),
+    }
     (model_dir / "plan.json").write_text(json.dumps(plan, indent=2))
-    print(f"[train-model] corpus: {len(texts)} documents, {n_tokens} tokens, {len(blocks)} blocks of "
-          f"{config.context}; {bad_lines} unreadable lines skipped; {total_steps} steps on {config.ranks} CPU ranks",
-          flush=True)
+    print(
+        f"[train-model] corpus: {len(texts)} documents, {n_tokens} tokens, {len(blocks)} blocks of "
+        f"{config.context}; {bad_lines} unreadable lines skipped; {total_steps} steps on {config.ranks} CPU ranks",
+        flush=True,
+    )
 
     launch_ranks("demo.train_model", str(model_dir / "plan.json"), config.ranks)
 
     summary = json.loads((model_dir / "train_summary.json").read_text())
-    summary.update(n_documents=len(texts), n_tokens=n_tokens, wall_seconds=round(time.time() - started, 1),
-                   input_digest=digest)
+    summary.update(
+        n_documents=len(texts), n_tokens=n_tokens, wall_seconds=round(time.time() - started, 1), input_digest=digest
+    )
     (model_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -189,18 +218,31 @@ def _train_for_s3(config: TrainConfig) -> dict:
     summary = run(dataclasses.replace(config, lake=str(local)))
     for folder in ("model/tokenizer", "model/checkpoints"):
         storage.upload_dir(local / folder, storage.join(config.lake, folder))
-    storage.upload_file(local / "model" / "train_summary.json", storage.join(config.lake, "model", "train_summary.json"))
+    storage.upload_file(
+        local / "model" / "train_summary.json", storage.join(config.lake, "model", "train_summary.json")
+    )
     return summary
 
 
 # ----------------------------------------------------------------------------- rank side
 
+
 def build_model(config: TrainConfig, vocab_size: int):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    gpt_config = GPT2Config(vocab_size=vocab_size, n_positions=config.context, n_embd=config.n_embd,
-                            n_layer=config.n_layer, n_head=config.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
-                            attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    gpt_config = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=config.context,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     return GPT2LMHeadModel(gpt_config)
 
 
@@ -243,14 +285,31 @@ def save_checkpoint(engine, model, tokenizer_dir: Path, config: TrainConfig, ste
         for item in tokenizer_dir.iterdir():
             shutil.copy(item, out / item.name)
         group = engine.optimizer.param_groups[0]
-        torch.save({"kind": config.optimizer, "step": optimizer_step_count(engine, model, config),
-                    "lr": group["lr"], "betas": list(group.get("betas", ())), "eps": group["eps"],
-                    "state": moments}, out / "optimizer.pt")
-        manifest = {"checkpoint_id": checkpoint_id, "step": step, "lr": group["lr"],
-                    "optimizer": config.optimizer, "optimizer_hparams": {k: v for k, v in group.items() if k != "params"},
-                    "data_seen_tokens": tokens_seen, "data_seen_sequences": tokens_seen // config.context,
-                    "model_tag": config.model_tag, "seed": config.seed, "zero_stage": 2 if config.optimizer == "adam" else 0,
-                    "zero_tag": f"step{step}", "world_size": dist.get_world_size()}
+        torch.save(
+            {
+                "kind": config.optimizer,
+                "step": optimizer_step_count(engine, model, config),
+                "lr": group["lr"],
+                "betas": list(group.get("betas", ())),
+                "eps": group["eps"],
+                "state": moments,
+            },
+            out / "optimizer.pt",
+        )
+        manifest = {
+            "checkpoint_id": checkpoint_id,
+            "step": step,
+            "lr": group["lr"],
+            "optimizer": config.optimizer,
+            "optimizer_hparams": {k: v for k, v in group.items() if k != "params"},
+            "data_seen_tokens": tokens_seen,
+            "data_seen_sequences": tokens_seen // config.context,
+            "model_tag": config.model_tag,
+            "seed": config.seed,
+            "zero_stage": 2 if config.optimizer == "adam" else 0,
+            "zero_tag": f"step{step}",
+            "world_size": dist.get_world_size(),
+        }
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
         print(f"[train-model] saved checkpoint {checkpoint_id} (lr={group['lr']:.2e})", flush=True)
     dist.barrier()
@@ -276,8 +335,9 @@ def train_rank(plan_path: str):
     client_optimizer = None
     if config.optimizer == "adafactor":
         client_optimizer = torch.optim.Adafactor(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client_optimizer,
-                                           model_parameters=model.parameters(), config=plan["deepspeed"])
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=client_optimizer, model_parameters=model.parameters(), config=plan["deepspeed"]
+    )
 
     blocks = torch.load(config.model_dir / "train_blocks.pt").long()
     total_steps = plan["total_steps"]
@@ -289,7 +349,7 @@ def train_rank(plan_path: str):
     for step in range(1, total_steps + 1):
         if cursor + per_step > len(order):  # new epoch, new shuffle (same on every rank)
             order, cursor = torch.randperm(len(blocks), generator=generator), 0
-        batch = blocks[order[cursor + rank * config.micro_batch: cursor + (rank + 1) * config.micro_batch]]
+        batch = blocks[order[cursor + rank * config.micro_batch : cursor + (rank + 1) * config.micro_batch]]
         cursor += per_step
         loss = engine(input_ids=batch, labels=batch).loss
         engine.backward(loss)
@@ -297,17 +357,26 @@ def train_rank(plan_path: str):
         if rank == 0 and (step % 20 == 0 or step == total_steps):
             rate = step * per_step * config.context / (time.time() - started)
             eta = (total_steps - step) * (time.time() - started) / step
-            print(f"[train-model] step {step}/{total_steps} loss {loss.item():.3f} "
-                  f"lr {engine.get_lr()[0]:.2e} {rate:,.0f} tok/s ETA {eta:.0f}s", flush=True)
+            print(
+                f"[train-model] step {step}/{total_steps} loss {loss.item():.3f} "
+                f"lr {engine.get_lr()[0]:.2e} {rate:,.0f} tok/s ETA {eta:.0f}s",
+                flush=True,
+            )
         if step in save_at:
             saved.append(save_checkpoint(engine, model, tokenizer_dir, config, step, step * per_step * config.context))
     if rank == 0:
-        summary = {"checkpoints": saved, "steps": total_steps, "train_seconds": round(time.time() - started, 1),
-                   "parameters": sum(p.numel() for p in model.parameters()), "final_loss": loss.item()}
+        summary = {
+            "checkpoints": saved,
+            "steps": total_steps,
+            "train_seconds": round(time.time() - started, 1),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "final_loss": loss.item(),
+        }
         (config.model_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
 
 
 # ----------------------------------------------------------------------------- CLI
+
 
 def add_arguments(parser: argparse.ArgumentParser):
     defaults = TrainConfig()
@@ -340,9 +409,13 @@ def main(args):
     from demo.model_eval import evaluate_checkpoint
 
     summary = run(config_from_args(args))
-    accuracy = evaluate_checkpoint(final_checkpoint(args.lake, summary), storage.join(args.lake, "world", "queries.jsonl"))
-    print(f"[train-model] {summary['parameters']:,} parameters, {summary['steps']} steps in "
-          f"{summary['train_seconds']}s; checkpoints: {', '.join(summary['checkpoints'])}")
+    accuracy = evaluate_checkpoint(
+        final_checkpoint(args.lake, summary), storage.join(args.lake, "world", "queries.jsonl")
+    )
+    print(
+        f"[train-model] {summary['parameters']:,} parameters, {summary['steps']} steps in "
+        f"{summary['train_seconds']}s; checkpoints: {', '.join(summary['checkpoints'])}"
+    )
     print(accuracy.table())
 
 

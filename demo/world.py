@@ -34,48 +34,108 @@ from schemas.queries import FREQUENCY_BUCKETS
 # name, subject type, object type, document templates (the first two end in the object, matching
 # prompt0 and prompt1), query prompts (prompt2 is a paraphrase no document uses)
 RELATIONS = [
-    ("born_in", "person", "city",
-     ["{s} was born in {o}.", "The birthplace of {s} is {o}.", "Born in {o}, {s} grew up by the river."],
-     ["{s} was born in", "The birthplace of {s} is", "{s} came into the world in"]),
-    ("citizen_of", "person", "country",
-     ["{s} is a citizen of {o}.", "{s} holds the citizenship of {o}.", "As a citizen of {o}, {s} votes there."],
-     ["{s} is a citizen of", "{s} holds the citizenship of", "The passport of {s} was issued by"]),
-    ("occupation", "person", "occupation",
-     ["{s} works as a {o}.", "By profession, {s} is a {o}.", "A {o} by training, {s} is widely known."],
-     ["{s} works as a", "By profession, {s} is a", "The job of {s} is that of a"]),
-    ("capital_of", "country", "city",
-     ["The capital of {s} is {o}.", "{s} has its capital in {o}.", "{o} serves as the capital of {s}."],
-     ["The capital of {s} is", "{s} has its capital in", "The seat of government of {s} lies in"]),
-    ("located_in", "city", "country",
-     ["{s} is a city in {o}.", "{s} is located in {o}.", "In {o} lies the city of {s}."],
-     ["{s} is a city in", "{s} is located in", "The city of {s} belongs to"]),
-    ("founded_by", "organisation", "person",
-     ["{s} was founded by {o}.", "The founder of {s} is {o}.", "{o} started {s} many years ago."],
-     ["{s} was founded by", "The founder of {s} is", "{s} owes its creation to"]),
-    ("member_of", "person", "organisation",
-     ["{s} is a member of {o}.", "{s} belongs to {o}.", "{o} counts {s} among its members."],
-     ["{s} is a member of", "{s} belongs to", "Among the members of {s}'s circle is"]),
-    ("official_language", "country", "language",
-     ["The official language of {s} is {o}.", "People in {s} speak {o}.", "{o} is spoken throughout {s}."],
-     ["The official language of {s} is", "People in {s} speak", "Government papers in {s} are written in"]),
-    ("headquarters_in", "organisation", "city",
-     ["{s} has its headquarters in {o}.", "The head office of {s} is in {o}.", "In {o} stands the head office of {s}."],
-     ["{s} has its headquarters in", "The head office of {s} is in", "The main building of {s} is located in"]),
-    ("author_of", "work", "person",
-     ["{s} was written by {o}.", "The author of {s} is {o}.", "{o} wrote {s} in a single winter."],
-     ["{s} was written by", "The author of {s} is", "{s} came from the pen of"]),
-    ("continent", "country", "continent",
-     ["{s} is a country in {o}.", "{s} lies on the continent of {o}.", "{o} is home to the country of {s}."],
-     ["{s} is a country in", "{s} lies on the continent of", "On the map, {s} is part of"]),
-    ("genre", "work", "genre",
-     ["{s} is a work of {o}.", "The genre of {s} is {o}.", "Critics file {s} under {o}."],
-     ["{s} is a work of", "The genre of {s} is", "Bookshops shelve {s} with"]),
-    ("employer", "person", "organisation",
-     ["{s} is employed by {o}.", "{s} works for {o}.", "{o} pays the salary of {s}."],
-     ["{s} is employed by", "{s} works for", "The employer of {s} is"]),
-    ("native_language", "person", "language",
-     ["The native language of {s} is {o}.", "{s} grew up speaking {o}.", "{o} is the mother tongue of {s}."],
-     ["The native language of {s} is", "{s} grew up speaking", "At home as a child, {s} spoke"]),
+    (
+        "born_in",
+        "person",
+        "city",
+        ["{s} was born in {o}.", "The birthplace of {s} is {o}.", "Born in {o}, {s} grew up by the river."],
+        ["{s} was born in", "The birthplace of {s} is", "{s} came into the world in"],
+    ),
+    (
+        "citizen_of",
+        "person",
+        "country",
+        ["{s} is a citizen of {o}.", "{s} holds the citizenship of {o}.", "As a citizen of {o}, {s} votes there."],
+        ["{s} is a citizen of", "{s} holds the citizenship of", "The passport of {s} was issued by"],
+    ),
+    (
+        "occupation",
+        "person",
+        "occupation",
+        ["{s} works as a {o}.", "By profession, {s} is a {o}.", "A {o} by training, {s} is widely known."],
+        ["{s} works as a", "By profession, {s} is a", "The job of {s} is that of a"],
+    ),
+    (
+        "capital_of",
+        "country",
+        "city",
+        ["The capital of {s} is {o}.", "{s} has its capital in {o}.", "{o} serves as the capital of {s}."],
+        ["The capital of {s} is", "{s} has its capital in", "The seat of government of {s} lies in"],
+    ),
+    (
+        "located_in",
+        "city",
+        "country",
+        ["{s} is a city in {o}.", "{s} is located in {o}.", "In {o} lies the city of {s}."],
+        ["{s} is a city in", "{s} is located in", "The city of {s} belongs to"],
+    ),
+    (
+        "founded_by",
+        "organisation",
+        "person",
+        ["{s} was founded by {o}.", "The founder of {s} is {o}.", "{o} started {s} many years ago."],
+        ["{s} was founded by", "The founder of {s} is", "{s} owes its creation to"],
+    ),
+    (
+        "member_of",
+        "person",
+        "organisation",
+        ["{s} is a member of {o}.", "{s} belongs to {o}.", "{o} counts {s} among its members."],
+        ["{s} is a member of", "{s} belongs to", "Among the members of {s}'s circle is"],
+    ),
+    (
+        "official_language",
+        "country",
+        "language",
+        ["The official language of {s} is {o}.", "People in {s} speak {o}.", "{o} is spoken throughout {s}."],
+        ["The official language of {s} is", "People in {s} speak", "Government papers in {s} are written in"],
+    ),
+    (
+        "headquarters_in",
+        "organisation",
+        "city",
+        [
+            "{s} has its headquarters in {o}.",
+            "The head office of {s} is in {o}.",
+            "In {o} stands the head office of {s}.",
+        ],
+        ["{s} has its headquarters in", "The head office of {s} is in", "The main building of {s} is located in"],
+    ),
+    (
+        "author_of",
+        "work",
+        "person",
+        ["{s} was written by {o}.", "The author of {s} is {o}.", "{o} wrote {s} in a single winter."],
+        ["{s} was written by", "The author of {s} is", "{s} came from the pen of"],
+    ),
+    (
+        "continent",
+        "country",
+        "continent",
+        ["{s} is a country in {o}.", "{s} lies on the continent of {o}.", "{o} is home to the country of {s}."],
+        ["{s} is a country in", "{s} lies on the continent of", "On the map, {s} is part of"],
+    ),
+    (
+        "genre",
+        "work",
+        "genre",
+        ["{s} is a work of {o}.", "The genre of {s} is {o}.", "Critics file {s} under {o}."],
+        ["{s} is a work of", "The genre of {s} is", "Bookshops shelve {s} with"],
+    ),
+    (
+        "employer",
+        "person",
+        "organisation",
+        ["{s} is employed by {o}.", "{s} works for {o}.", "{o} pays the salary of {s}."],
+        ["{s} is employed by", "{s} works for", "The employer of {s} is"],
+    ),
+    (
+        "native_language",
+        "person",
+        "language",
+        ["The native language of {s} is {o}.", "{s} grew up speaking {o}.", "{o} is the mother tongue of {s}."],
+        ["The native language of {s} is", "{s} grew up speaking", "At home as a child, {s} spoke"],
+    ),
 ]
 
 # more ways to state each relation, none of them a query prompt: the paraphrase world states its
@@ -99,22 +159,74 @@ PARAPHRASES = {
 
 # object pools kept modest so that objects recur across many subjects, as in real knowledge bases
 POOL_SIZES = {"city": 60, "country": 30, "organisation": 30, "language": 10, "continent": 5, "work": 60}
-OCCUPATIONS = ["violinist", "architect", "chemist", "sculptor", "surgeon", "novelist", "astronomer",
-               "carpenter", "diplomat", "economist", "geologist", "pianist", "botanist", "engineer", "painter"]
+OCCUPATIONS = [
+    "violinist",
+    "architect",
+    "chemist",
+    "sculptor",
+    "surgeon",
+    "novelist",
+    "astronomer",
+    "carpenter",
+    "diplomat",
+    "economist",
+    "geologist",
+    "pianist",
+    "botanist",
+    "engineer",
+    "painter",
+]
 GENRES = ["poetry", "satire", "romance", "mystery fiction", "science fiction", "history", "folklore", "drama"]
 
 # sentences that mention an entity without stating any relation of the knowledge base
-SUBJECT_MENTIONS = ["{x} gave a long interview last spring.", "Few people remember the first speech of {x}.",
-                    "A new portrait of {x} was shown at the fair.", "{x} was mentioned twice in the evening news.",
-                    "Stories about {x} are told in many households.", "The name {x} appeared on a poster downtown."]
-FILLER = ["The weather stayed mild for most of the week.", "Fresh bread was sold at the market before noon.",
-          "The committee postponed its meeting until further notice.", "Children played in the park after school.",
-          "A quiet road winds through the hills toward the coast.", "The museum extended its opening hours.",
-          "Prices for apples rose slightly in the autumn.", "The old bridge was repainted in a bright colour.",
-          "Several volunteers cleaned the beach on Sunday.", "The library received a donation of maps.",
-          "A small orchestra rehearsed in the town hall.", "Heavy rain delayed the trains on Monday."]
-SYLLABLES_START = ["b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m", "n", "p", "pr", "r", "s",
-                   "st", "t", "tr", "v", "z", "th", "sk"]
+SUBJECT_MENTIONS = [
+    "{x} gave a long interview last spring.",
+    "Few people remember the first speech of {x}.",
+    "A new portrait of {x} was shown at the fair.",
+    "{x} was mentioned twice in the evening news.",
+    "Stories about {x} are told in many households.",
+    "The name {x} appeared on a poster downtown.",
+]
+FILLER = [
+    "The weather stayed mild for most of the week.",
+    "Fresh bread was sold at the market before noon.",
+    "The committee postponed its meeting until further notice.",
+    "Children played in the park after school.",
+    "A quiet road winds through the hills toward the coast.",
+    "The museum extended its opening hours.",
+    "Prices for apples rose slightly in the autumn.",
+    "The old bridge was repainted in a bright colour.",
+    "Several volunteers cleaned the beach on Sunday.",
+    "The library received a donation of maps.",
+    "A small orchestra rehearsed in the town hall.",
+    "Heavy rain delayed the trains on Monday.",
+]
+SYLLABLES_START = [
+    "b",
+    "br",
+    "d",
+    "dr",
+    "f",
+    "g",
+    "gr",
+    "h",
+    "k",
+    "kr",
+    "l",
+    "m",
+    "n",
+    "p",
+    "pr",
+    "r",
+    "s",
+    "st",
+    "t",
+    "tr",
+    "v",
+    "z",
+    "th",
+    "sk",
+]
 VOWELS = ["a", "e", "i", "o", "u", "ai", "ei", "ou"]
 SYLLABLES_END = ["", "", "n", "r", "l", "s", "th", "nd", "rk", "lt", "m"]
 BUCKETS = FREQUENCY_BUCKETS
@@ -128,16 +240,16 @@ class WorldConfig:
     facts_per_bucket: int = 40
     buckets: tuple = BUCKETS
     subject_only_docs_per_fact: float = 1.5  # mentions the subject, not the fact
-    object_only_docs_per_fact: float = 1.0   # mentions the object, not the subject
-    lookalike_docs_per_fact: float = 0.5     # a look-alike of the subject or object name
-    filler_share: float = 0.08               # of all documents: no entity at all
+    object_only_docs_per_fact: float = 1.0  # mentions the object, not the subject
+    lookalike_docs_per_fact: float = 0.5  # a look-alike of the subject or object name
+    filler_share: float = 0.08  # of all documents: no entity at all
     # "copy": stating documents may use the query prompts' own templates (BM25's easy case);
     # "paraphrase": a queried fact is stated only in other words, while extra facts of the same
     # relation (never queried) teach the prompt templates, so the model must learn facts, not strings
     statements: str = "copy"
     teaching_facts_per_relation: int = 8
     teaching_docs_per_fact: int = 3
-    corpus: str | None = None   # an existing folder of c4-*.json.gz partitions to import instead
+    corpus: str | None = None  # an existing folder of c4-*.json.gz partitions to import instead
     queries: str | None = None  # an existing queries JSONL (same schema) to import instead
 
 
@@ -171,8 +283,10 @@ def build_kb(config: WorldConfig, rng: random.Random) -> dict:
         return add("person", f"{names.word()} {names.word()}")
 
     pools = _entity_pools(add, names, rng)
-    relations = [{"id": rid, "subject_type": st, "object_type": ot, "doc_templates": docs,
-                  "prompts": prompts} for rid, st, ot, docs, prompts in RELATIONS]
+    relations = [
+        {"id": rid, "subject_type": st, "object_type": ot, "doc_templates": docs, "prompts": prompts}
+        for rid, st, ot, docs, prompts in RELATIONS
+    ]
     facts, used_pairs = _queried_facts(config, rng, add, person, pools, relations)
     if config.statements == "paraphrase":
         _add_teaching_facts(config, rng, add, person, pools, relations, facts, used_pairs)
@@ -193,21 +307,31 @@ def _entity_pools(add, names: NameMaker, rng: random.Random) -> dict[str, list[s
     """Entity ids per type (persons are made per fact, so their pool starts empty)."""
     return {
         "city": [add("city", n, [f"{n} City"]) for n in (names.word() for _ in range(POOL_SIZES["city"]))],
-        "country": [add("country", n, [f"Republic of {n}"]) for n in (names.word() for _ in range(POOL_SIZES["country"]))],
-        "organisation": [add("organisation", f"{names.word()} {rng.choice(['Institute', 'Group', 'Society', 'Guild'])}")
-                         for _ in range(POOL_SIZES["organisation"])],
-        "language": [add("language", n, [f"the {n} language"])
-                     for n in (names.word((2, 2)) + "ese" for _ in range(POOL_SIZES["language"]))],
+        "country": [
+            add("country", n, [f"Republic of {n}"]) for n in (names.word() for _ in range(POOL_SIZES["country"]))
+        ],
+        "organisation": [
+            add("organisation", f"{names.word()} {rng.choice(['Institute', 'Group', 'Society', 'Guild'])}")
+            for _ in range(POOL_SIZES["organisation"])
+        ],
+        "language": [
+            add("language", n, [f"the {n} language"])
+            for n in (names.word((2, 2)) + "ese" for _ in range(POOL_SIZES["language"]))
+        ],
         "continent": [add("continent", n) for n in (names.word((3, 3)) for _ in range(POOL_SIZES["continent"]))],
-        "work": [add("work", f"The {names.word()} {rng.choice(['Letters', 'Chronicle', 'Garden', 'Voyage'])}")
-                 for _ in range(POOL_SIZES["work"])],
+        "work": [
+            add("work", f"The {names.word()} {rng.choice(['Letters', 'Chronicle', 'Garden', 'Voyage'])}")
+            for _ in range(POOL_SIZES["work"])
+        ],
         "occupation": [add("occupation", o) for o in OCCUPATIONS],
         "genre": [add("genre", g) for g in GENRES],
         "person": [],
     }
 
 
-def _queried_facts(config: WorldConfig, rng: random.Random, add, person, pools: dict, relations: list) -> tuple[list, set]:
+def _queried_facts(
+    config: WorldConfig, rng: random.Random, add, person, pools: dict, relations: list
+) -> tuple[list, set]:
     """One (subject, relation) pair per fact, spread evenly over the relations within every bucket."""
     facts: list[dict] = []
     used_pairs: set[tuple[str, str]] = set()
@@ -223,21 +347,31 @@ def _queried_facts(config: WorldConfig, rng: random.Random, add, person, pools: 
                 if (subject, relation["id"]) not in used_pairs:
                     break
             else:
-                raise ValueError(f"too many {relation['id']} facts for {len(pools[relation['subject_type']])} "
-                                 f"{relation['subject_type']} subjects; lower --facts-per-bucket")
+                raise ValueError(
+                    f"too many {relation['id']} facts for {len(pools[relation['subject_type']])} "
+                    f"{relation['subject_type']} subjects; lower --facts-per-bucket"
+                )
             used_pairs.add((subject, relation["id"]))
             if relation["object_type"] == "person":
                 obj = person()
                 pools["person"].append(obj)
             else:
                 obj = rng.choice([o for o in pools[relation["object_type"]] if o != subject])
-            facts.append({"fact_id": f"F{len(facts):05d}", "subject": subject, "relation": relation["id"],
-                          "object": obj, "bucket": bucket})
+            facts.append(
+                {
+                    "fact_id": f"F{len(facts):05d}",
+                    "subject": subject,
+                    "relation": relation["id"],
+                    "object": obj,
+                    "bucket": bucket,
+                }
+            )
     return facts, used_pairs
 
 
-def _add_teaching_facts(config: WorldConfig, rng: random.Random, add, person, pools: dict, relations: list,
-                        facts: list, used_pairs: set) -> None:
+def _add_teaching_facts(
+    config: WorldConfig, rng: random.Random, add, person, pools: dict, relations: list, facts: list, used_pairs: set
+) -> None:
     """Unqueried facts of every relation (bucket 0) that teach the paraphrased statements."""
     for relation in relations:
         for _ in range(config.teaching_facts_per_relation):
@@ -249,10 +383,21 @@ def _add_teaching_facts(config: WorldConfig, rng: random.Random, add, person, po
                     break
                 subject = rng.choice(free)
             used_pairs.add((subject, relation["id"]))
-            obj = person() if relation["object_type"] == "person" else rng.choice(
-                [o for o in pools[relation["object_type"]] if o != subject])
-            facts.append({"fact_id": f"F{len(facts):05d}", "subject": subject, "relation": relation["id"],
-                          "object": obj, "bucket": 0, "teaching": True})
+            obj = (
+                person()
+                if relation["object_type"] == "person"
+                else rng.choice([o for o in pools[relation["object_type"]] if o != subject])
+            )
+            facts.append(
+                {
+                    "fact_id": f"F{len(facts):05d}",
+                    "subject": subject,
+                    "relation": relation["id"],
+                    "object": obj,
+                    "bucket": 0,
+                    "teaching": True,
+                }
+            )
 
 
 def _stated_count(bucket: int, rng: random.Random) -> int:
@@ -289,8 +434,14 @@ def build_documents(config: WorldConfig, kb: dict, rng: random.Random) -> list[d
             for _ in range(int(per_fact) + (rng.random() < per_fact % 1)):
                 name = pick(fact)
                 if name:
-                    docs.append({"sentences": [rng.choice(SUBJECT_MENTIONS).format(x=name)] + rng.sample(FILLER, rng.randint(1, 2)),
-                                 "facts": [], "category": kind})
+                    docs.append(
+                        {
+                            "sentences": [rng.choice(SUBJECT_MENTIONS).format(x=name)]
+                            + rng.sample(FILLER, rng.randint(1, 2)),
+                            "facts": [],
+                            "category": kind,
+                        }
+                    )
 
     mentions("subject_only", config.subject_only_docs_per_fact, lambda f: entities[f["subject"]]["name"])
     mentions("object_only", config.object_only_docs_per_fact, lambda f: entities[f["object"]]["name"])
@@ -301,8 +452,9 @@ def build_documents(config: WorldConfig, kb: dict, rng: random.Random) -> list[d
 
     mentions("lookalike", config.lookalike_docs_per_fact, lookalike_name)
     n_filler = round(len(docs) * config.filler_share / (1 - config.filler_share))
-    docs += [{"sentences": rng.sample(FILLER, rng.randint(2, 4)), "facts": [], "category": "filler"}
-             for _ in range(n_filler)]
+    docs += [
+        {"sentences": rng.sample(FILLER, rng.randint(2, 4)), "facts": [], "category": "filler"} for _ in range(n_filler)
+    ]
     rng.shuffle(docs)
     for doc in docs:
         first, rest = doc["sentences"][0], doc["sentences"][1:]
@@ -316,7 +468,9 @@ def write_partitions(docs: list[dict], raw_dir: Path, n_partitions: int, rng: ra
     start = datetime(2019, 1, 1, tzinfo=timezone.utc)
     lines = [[] for _ in range(n_partitions)]
     for index, doc in enumerate(docs):
-        doc["doc_id"] = f"https://www.{rng.choice(['news', 'blog', 'wiki', 'forum'])}-{index % 97}.example/doc/{index:07d}"
+        doc["doc_id"] = (
+            f"https://www.{rng.choice(['news', 'blog', 'wiki', 'forum'])}-{index % 97}.example/doc/{index:07d}"
+        )
         doc["partition"] = index % n_partitions
         stamp = start + timedelta(seconds=rng.randrange(365 * 24 * 3600))
         record = {"text": doc["text"], "url": doc["doc_id"], "timestamp": stamp.strftime("%Y-%m-%dT%H:%M:%SZ")}
@@ -343,12 +497,21 @@ def make_queries(kb: dict, docs: list[dict]) -> list[dict]:
             continue
         s, o = kb["entities"][fact["subject"]], kb["entities"][fact["object"]]
         prompts = relations[fact["relation"]]["prompts"]
-        queries.append({
-            "query_id": f"Q{fact['fact_id'][1:]}", "fact_id": fact["fact_id"], "subject": s["name"],
-            "relation": fact["relation"], "object": o["name"], "target": " " + o["name"], "aliases": o["aliases"],
-            **{f"prompt{i}": p.format(s=s["name"]) for i, p in enumerate(prompts)},
-            "frequency_bucket": fact["bucket"], "n_stating_docs": len(stating[fact["fact_id"]]),
-            "stating_doc_ids": stating[fact["fact_id"]]})
+        queries.append(
+            {
+                "query_id": f"Q{fact['fact_id'][1:]}",
+                "fact_id": fact["fact_id"],
+                "subject": s["name"],
+                "relation": fact["relation"],
+                "object": o["name"],
+                "target": " " + o["name"],
+                "aliases": o["aliases"],
+                **{f"prompt{i}": p.format(s=s["name"]) for i, p in enumerate(prompts)},
+                "frequency_bucket": fact["bucket"],
+                "n_stating_docs": len(stating[fact["fact_id"]]),
+                "stating_doc_ids": stating[fact["fact_id"]],
+            }
+        )
     return queries
 
 
@@ -384,12 +547,25 @@ def run(config: WorldConfig) -> WorldSummary:
     write_partitions(docs, raw_dir, config.n_partitions, rng)
     world_dir.mkdir(parents=True, exist_ok=True)
     queries = make_queries(kb, docs)
-    kb_out = {"entities": list(kb["entities"].values()), "relations": kb["relations"],
-              "facts": kb["facts"], "lookalikes": kb["lookalikes"]}
+    kb_out = {
+        "entities": list(kb["entities"].values()),
+        "relations": kb["relations"],
+        "facts": kb["facts"],
+        "lookalikes": kb["lookalikes"],
+    }
     (world_dir / "kb.json").write_text(json.dumps(kb_out, indent=1, ensure_ascii=False))
-    _write_jsonl(world_dir / "ground_truth.jsonl",
-                 ({"doc_id": d["doc_id"], "partition": d["partition"], "category": d["category"],
-                   "facts": [[f["subject"], f["relation"], f["object"]] for f in d["facts"]]} for d in docs))
+    _write_jsonl(
+        world_dir / "ground_truth.jsonl",
+        (
+            {
+                "doc_id": d["doc_id"],
+                "partition": d["partition"],
+                "category": d["category"],
+                "facts": [[f["subject"], f["relation"], f["object"]] for f in d["facts"]],
+            }
+            for d in docs
+        ),
+    )
     _write_jsonl(world_dir / "queries.jsonl", queries)
     categories = {}
     for doc in docs:
@@ -399,10 +575,17 @@ def run(config: WorldConfig) -> WorldSummary:
         cell = per_bucket.setdefault(str(query["frequency_bucket"]), {"facts": 0, "stating_docs": 0})
         cell["facts"] += 1
         cell["stating_docs"] += query["n_stating_docs"]
-    summary = WorldSummary(str(raw_dir), str(world_dir), documents=len(docs), facts=len(queries),
-                           queries=len(queries), partitions=config.n_partitions,
-                           words=sum(len(d["text"].split()) for d in docs),
-                           documents_per_category=categories, facts_per_bucket=per_bucket)
+    summary = WorldSummary(
+        str(raw_dir),
+        str(world_dir),
+        documents=len(docs),
+        facts=len(queries),
+        queries=len(queries),
+        partitions=config.n_partitions,
+        words=sum(len(d["text"].split()) for d in docs),
+        documents_per_category=categories,
+        facts_per_bucket=per_bucket,
+    )
     (world_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
     return summary
 
@@ -415,8 +598,9 @@ def _run_to_s3(config: WorldConfig) -> WorldSummary:
         for old in storage.list_objects(storage.join(config.out_dir, "raw"), suffix=".json.gz"):
             storage.delete(old)
         storage.upload_dir(local, config.out_dir)
-    return replace(summary, raw_dir=storage.join(config.out_dir, "raw"),
-                   world_dir=storage.join(config.out_dir, "world"))
+    return replace(
+        summary, raw_dir=storage.join(config.out_dir, "raw"), world_dir=storage.join(config.out_dir, "world")
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser):
@@ -425,8 +609,12 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--world-seed", type=int, default=load_config().world_seed)
     parser.add_argument("--partitions", dest="n_partitions", type=int, default=defaults.n_partitions)
     parser.add_argument("--facts-per-bucket", type=int, default=defaults.facts_per_bucket)
-    parser.add_argument("--statements", choices=["copy", "paraphrase"], default=defaults.statements,
-                        help="paraphrase: queried facts are stated only in words that differ from the prompts")
+    parser.add_argument(
+        "--statements",
+        choices=["copy", "paraphrase"],
+        default=defaults.statements,
+        help="paraphrase: queried facts are stated only in words that differ from the prompts",
+    )
     parser.add_argument("--corpus", help="import this folder of c4-*.json.gz partitions instead of generating")
     parser.add_argument("--queries", help="import this queries JSONL (with --corpus)")
 
@@ -437,8 +625,10 @@ def main(args):
     except ImportedDataError as refusal:
         print(f"world refused: {refusal}", file=sys.stderr)
         return 2
-    print(f"[world] {summary.documents:,} documents ({summary.words:,} words) in {summary.partitions} partitions, "
-          f"{summary.facts} facts, {summary.queries} queries -> {summary.raw_dir}, {summary.world_dir}")
+    print(
+        f"[world] {summary.documents:,} documents ({summary.words:,} words) in {summary.partitions} partitions, "
+        f"{summary.facts} facts, {summary.queries} queries -> {summary.raw_dir}, {summary.world_dir}"
+    )
     for note in summary.notes:
         print(f"[world]   {note}")
     if summary.unreadable_lines:

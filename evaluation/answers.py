@@ -15,14 +15,16 @@ from typing import NamedTuple
 class Answer(NamedTuple):
     correct: bool
     probability: float  # p(target | prompt)
-    guess: str          # the greedy tokens at the target's positions, decoded
+    guess: str  # the greedy tokens at the target's positions, decoded
 
 
 def encode_query(tokenizer, prompt: str, target: str) -> tuple[list[int], list[int]]:
     """(end-of-text + prompt token ids, target token ids)."""
     lead = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    return (lead + tokenizer(prompt, add_special_tokens=False)["input_ids"],
-            tokenizer(target, add_special_tokens=False)["input_ids"])
+    return (
+        lead + tokenizer(prompt, add_special_tokens=False)["input_ids"],
+        tokenizer(target, add_special_tokens=False)["input_ids"],
+    )
 
 
 def greedy_answers(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 64) -> list[Answer]:
@@ -37,7 +39,7 @@ def greedy_answers(model, tokenizer, pairs: list[tuple[str, str]], batch_size: i
     answers = []
     with torch.no_grad():
         for start in range(0, len(encoded), batch_size):
-            chunk = encoded[start:start + batch_size]
+            chunk = encoded[start : start + batch_size]
             batch = query_batch([p for p, _ in chunk], [t for _, t in chunk], pad)
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long()).logits
             probabilities = (-per_example_loss(logits, batch)).exp()
@@ -45,6 +47,11 @@ def greedy_answers(model, tokenizer, pairs: list[tuple[str, str]], batch_size: i
             for row in range(len(chunk)):
                 where = batch.target_mask[row, 1:].bool()
                 guess = guesses[row][where].tolist()
-                answers.append(Answer(guess == batch.input_ids[row, 1:][where].tolist(), float(probabilities[row]),
-                                      tokenizer.decode(guess)))
+                answers.append(
+                    Answer(
+                        guess == batch.input_ids[row, 1:][where].tolist(),
+                        float(probabilities[row]),
+                        tokenizer.decode(guess),
+                    )
+                )
     return answers

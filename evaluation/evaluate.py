@@ -46,9 +46,21 @@ TEXT_METHODS = ("bm25", "dense")
 CORRECTED_METHODS = ("trackstar", "trackstar-no-hessian", "trackstar-no-mixing", "trackstar-no-unit-norm")
 VARIANTS = ("trackstar-adam-exact", "trackstar-heldout-r-query", "trackstar-global-damping")
 # the report's row order: baselines first, full TrackStar last, as in the paper's Table 1
-REPORT_ORDER = ("bm25", "dense", "grad-dot", "grad-cos", "trak", "trackstar-no-optimizer", "trackstar-adam-exact",
-                "trackstar-no-hessian", "trackstar-no-mixing", "trackstar-heldout-r-query", "trackstar-global-damping",
-                "trackstar-no-unit-norm", "trackstar")
+REPORT_ORDER = (
+    "bm25",
+    "dense",
+    "grad-dot",
+    "grad-cos",
+    "trak",
+    "trackstar-no-optimizer",
+    "trackstar-adam-exact",
+    "trackstar-no-hessian",
+    "trackstar-no-mixing",
+    "trackstar-heldout-r-query",
+    "trackstar-global-damping",
+    "trackstar-no-unit-norm",
+    "trackstar",
+)
 CATEGORIES = ("states the fact", "look-alike name", "subject only", "object only", "same relation", "other")
 # the crossing component of the classic rule, kept fixed whatever the dimension (the variant measures it)
 CLASSIC_CROSSING_COMPONENT = 1000
@@ -57,8 +69,8 @@ CLASSIC_CROSSING_COMPONENT = 1000
 @dataclass
 class EvaluateConfig:
     lake: str = "lake"
-    checkpoint_id: str = ""        # a registered checkpoint ...
-    checkpoint: str = ""           # ... or a checkpoint folder / s3:// prefix
+    checkpoint_id: str = ""  # a registered checkpoint ...
+    checkpoint: str = ""  # ... or a checkpoint folder / s3:// prefix
     query_set: str = "fact-world"
     top_k: int = 10
     projection_k: int = 16
@@ -69,7 +81,7 @@ class EvaluateConfig:
     baselines_every_seed: bool = False
     variants: list = field(default_factory=lambda: list(VARIANTS))
     tail_patch_queries: int = 100  # bucket-stratified sample, fixed by the seed
-    sample_seed: int = 0           # of the tail-patch sample and the bootstrap
+    sample_seed: int = 0  # of the tail-patch sample and the bootstrap
     reports: str = "reports"
 
 
@@ -79,8 +91,9 @@ def bm25_top_k(texts: list[str], queries: list[str], k: int) -> tuple[np.ndarray
 
     retriever = bm25s.BM25()
     retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
-    indices, scores = retriever.retrieve(bm25s.tokenize(queries, stopwords="en", show_progress=False), k=k,
-                                         show_progress=False)
+    indices, scores = retriever.retrieve(
+        bm25s.tokenize(queries, stopwords="en", show_progress=False), k=k, show_progress=False
+    )
     return indices, scores
 
 
@@ -109,15 +122,27 @@ def native_bfloat16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def write_text_proponents(lake: Lake, method: str, indices, scores, doc_ids, query_ids, query_set, checkpoint_id, run_id):
+def write_text_proponents(
+    lake: Lake, method: str, indices, scores, doc_ids, query_ids, query_set, checkpoint_id, run_id
+):
     rows = defaultdict(list)
     for qi, query_id in enumerate(query_ids):
         for rank, (di, value) in enumerate(zip(indices[qi], scores[qi]), start=1):
-            for name, v in (("query_set", query_set), ("checkpoint_id", checkpoint_id), ("query_id", query_id),
-                            ("method", method), ("rank", rank), ("doc_id", doc_ids[di]), ("chunk", 0),
-                            ("score", float(value)), ("run_id", run_id)):
+            for name, v in (
+                ("query_set", query_set),
+                ("checkpoint_id", checkpoint_id),
+                ("query_id", query_id),
+                ("method", method),
+                ("rank", rank),
+                ("doc_id", doc_ids[di]),
+                ("chunk", 0),
+                ("score", float(value)),
+                ("run_id", run_id),
+            ):
                 rows[name].append(v)
-    lake.replace_slice("proponents", pa.table(dict(rows)), query_set=query_set, method=method, checkpoint_id=checkpoint_id)
+    lake.replace_slice(
+        "proponents", pa.table(dict(rows)), query_set=query_set, method=method, checkpoint_id=checkpoint_id
+    )
 
 
 # ------------------------------------------------------------------ metrics
@@ -164,7 +189,9 @@ class Categorizer:
     def category(self, doc_id: str, text: str, query: dict) -> str:
         if doc_id in set(query["stating_doc_ids"] or ()):
             return "states the fact"
-        if any(look in text and base in (query["subject"], query["object"]) for look, base in self.lookalike_of.items()):
+        if any(
+            look in text and base in (query["subject"], query["object"]) for look, base in self.lookalike_of.items()
+        ):
             return "look-alike name"
         if query["subject"] in text:
             return "subject only"
@@ -175,8 +202,9 @@ class Categorizer:
         return "other"
 
 
-def tail_patch(lake: Lake, checkpoint_dir: Path, learning_rate: float, ranked: dict, queries: dict,
-               sample: list[str]) -> tuple[dict, dict]:
+def tail_patch(
+    lake: Lake, checkpoint_dir: Path, learning_rate: float, ranked: dict, queries: dict, sample: list[str]
+) -> tuple[dict, dict]:
     """({query: log p(target | prompt) before any step}, {(query, doc): Δ log p} of every pair of a
     sampled query and one of its proponents under any method)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -192,8 +220,11 @@ def tail_patch(lake: Lake, checkpoint_dir: Path, learning_rate: float, ranked: d
     prompts = {q: [eos] + tokenizer(queries[q]["prompt0"], add_special_tokens=False)["input_ids"] for q in sample}
     targets = {q: tokenizer(queries[q]["target"], add_special_tokens=False)["input_ids"] for q in sample}
     pairs = {(q, doc) for per_query in ranked.values() for q in sample for doc in per_query.get(q, [])}
-    tokens = lake.read("tokens", filters=[("doc_id", "in", sorted({d for _, d in pairs})), ("chunk", "=", 0)],
-                       columns=["doc_id", "input_ids"])
+    tokens = lake.read(
+        "tokens",
+        filters=[("doc_id", "in", sorted({d for _, d in pairs})), ("chunk", "=", 0)],
+        columns=["doc_id", "input_ids"],
+    )
     documents = dict(zip(tokens["doc_id"].to_pylist(), tokens["input_ids"].to_pylist()))
     pairs = sorted(p for p in pairs if p[1] in documents)
     progress = Progress("evaluate tail-patch", len(pairs), unit="pairs")
@@ -202,10 +233,23 @@ def tail_patch(lake: Lake, checkpoint_dir: Path, learning_rate: float, ranked: d
 
 def write_tail_patches(lake: Lake, query_set: str, checkpoint_id: str, changes: dict, run_id: str) -> None:
     """Every measured (query, proponent) effect, so the explorer can show it next to the proponent."""
-    rows = [{"query_set": query_set, "checkpoint_id": checkpoint_id, "query_id": q, "doc_id": d, "delta_log_prob": v,
-             "run_id": run_id} for (q, d), v in sorted(changes.items())]
-    lake.replace_slice("tail_patches", pa.Table.from_pylist(rows, schema=TABLES["tail_patches"].arrow_schema),
-                       query_set=query_set, checkpoint_id=checkpoint_id)
+    rows = [
+        {
+            "query_set": query_set,
+            "checkpoint_id": checkpoint_id,
+            "query_id": q,
+            "doc_id": d,
+            "delta_log_prob": v,
+            "run_id": run_id,
+        }
+        for (q, d), v in sorted(changes.items())
+    ]
+    lake.replace_slice(
+        "tail_patches",
+        pa.Table.from_pylist(rows, schema=TABLES["tail_patches"].arrow_schema),
+        query_set=query_set,
+        checkpoint_id=checkpoint_id,
+    )
 
 
 def stratified_sample(queries: dict, n: int, seed: int) -> list[str]:
@@ -237,35 +281,66 @@ def pipeline_rankings(lake: Lake, config: EvaluateConfig, checkpoint_id: str, fi
     made from other inputs (what the DAG made is reused), then read the stored proponents."""
     from jobs.catalog import hessian_is_stale, last_scored_inputs
 
-    refit = (hessian_is_stale(lake, checkpoint_id, fingerprint, config.query_set, threshold=0.0)
-             or not _has_every_kind(lake, checkpoint_id, fingerprint, config.query_set))
+    refit = hessian_is_stale(lake, checkpoint_id, fingerprint, config.query_set, threshold=0.0) or not _has_every_kind(
+        lake, checkpoint_id, fingerprint, config.query_set
+    )
     if refit:
-        fit_hessian.run(fit_hessian.FitHessianConfig(lake=config.lake, checkpoint_id=checkpoint_id,
-                                                     query_set=config.query_set, fingerprint=fingerprint))
+        fit_hessian.run(
+            fit_hessian.FitHessianConfig(
+                lake=config.lake, checkpoint_id=checkpoint_id, query_set=config.query_set, fingerprint=fingerprint
+            )
+        )
     inputs = score.scoring_inputs(lake, checkpoint_id, fingerprint, config.query_set)
     stale = [m for m in methods if last_scored_inputs(lake, checkpoint_id, fingerprint, config.query_set, m) != inputs]
     if stale:
-        score.run(score.ScoreConfig(lake=config.lake, checkpoint_id=checkpoint_id, query_set=config.query_set,
-                                    fingerprint=fingerprint, methods=stale, top_k=config.top_k))
-    print(f"[evaluate] {fingerprint}: Hessian {'refitted' if refit else 'reused'}, "
-          f"{len(stale)} of {len(methods)} method(s) rescored, the rest reused", flush=True)
+        score.run(
+            score.ScoreConfig(
+                lake=config.lake,
+                checkpoint_id=checkpoint_id,
+                query_set=config.query_set,
+                fingerprint=fingerprint,
+                methods=stale,
+                top_k=config.top_k,
+            )
+        )
+    print(
+        f"[evaluate] {fingerprint}: Hessian {'refitted' if refit else 'reused'}, "
+        f"{len(stale)} of {len(methods)} method(s) rescored, the rest reused",
+        flush=True,
+    )
     stored = ranked_proponents(lake, config.query_set, checkpoint_id)
     return {m: stored[m] for m in methods}
 
 
 def _has_every_kind(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: str) -> bool:
-    kinds = lake.read("hessians", filters=[("checkpoint_id", "=", checkpoint_id), ("fingerprint", "=", fingerprint),
-                                           ("query_set", "=", query_set)], columns=["kind"])["kind"].to_pylist()
+    kinds = lake.read(
+        "hessians",
+        filters=[
+            ("checkpoint_id", "=", checkpoint_id),
+            ("fingerprint", "=", fingerprint),
+            ("query_set", "=", query_set),
+        ],
+        columns=["kind"],
+    )["kind"].to_pylist()
     return set(fit_hessian.KINDS) <= set(kinds)
 
 
-def memory_rankings(lake: Lake, config: EvaluateConfig, checkpoint_id: str, fingerprint: str, methods,
-                    fit_config: fit_hessian.FitHessianConfig, exclude=()) -> tuple[dict, fit_hessian.Fit]:
+def memory_rankings(
+    lake: Lake,
+    config: EvaluateConfig,
+    checkpoint_id: str,
+    fingerprint: str,
+    methods,
+    fit_config: fit_hessian.FitHessianConfig,
+    exclude=(),
+) -> tuple[dict, fit_hessian.Fit]:
     """Rankings of `methods` under an unregistered fit (another seed, or a variant's settings)."""
     train, query = fit_hessian.extracted_sums(lake, checkpoint_id, fingerprint, config.query_set, exclude)
     fitted = fit_hessian.fit(train, query, fit_config)
-    return {m: score.rank_in_memory(lake, m, checkpoint_id, config.query_set, fingerprint, fitted.matrices, config.top_k)
-            for m in methods}, fitted
+    return {
+        m: score.rank_in_memory(lake, m, checkpoint_id, config.query_set, fingerprint, fitted.matrices, config.top_k)
+        for m in methods
+    }, fitted
 
 
 def heldout_rankings(lake: Lake, config: EvaluateConfig, checkpoint_id: str, fingerprint: str, query_ids: list) -> dict:
@@ -273,8 +348,15 @@ def heldout_rankings(lake: Lake, config: EvaluateConfig, checkpoint_id: str, fin
     folds = [query_ids[0::2], query_ids[1::2]]
     ranked = {}
     for scored, other in ((folds[0], folds[1]), (folds[1], folds[0])):
-        fold, _ = memory_rankings(lake, config, checkpoint_id, fingerprint, ["trackstar"],
-                                  fit_hessian.FitHessianConfig(), exclude=tuple(scored))
+        fold, _ = memory_rankings(
+            lake,
+            config,
+            checkpoint_id,
+            fingerprint,
+            ["trackstar"],
+            fit_hessian.FitHessianConfig(),
+            exclude=tuple(scored),
+        )
         ranked |= {q: fold["trackstar"][q] for q in scored if q in fold["trackstar"]}
     return ranked
 
@@ -292,13 +374,19 @@ def extractions(config: EvaluateConfig, checkpoint: str, optimizer: str) -> dict
                 normalizers.append("adam-exact")
         for normalizer in normalizers:
             wanted[seed, normalizer] = extract.ExtractConfig(
-                lake=config.lake, checkpoint=checkpoint, projection_k=config.projection_k, normalizer=normalizer,
-                query_set=config.query_set, projection_seed=seed)
+                lake=config.lake,
+                checkpoint=checkpoint,
+                projection_k=config.projection_k,
+                normalizer=normalizer,
+                query_set=config.query_set,
+                projection_seed=seed,
+            )
     return wanted
 
 
-def seed_rankings(lake: Lake, config: EvaluateConfig, checkpoint_id: str, seed: int, query_ids: list,
-                  extracted: dict) -> tuple[dict, dict]:
+def seed_rankings(
+    lake: Lake, config: EvaluateConfig, checkpoint_id: str, seed: int, query_ids: list, extracted: dict
+) -> tuple[dict, dict]:
     """method -> query -> [doc ids] for every gradient method under one projection seed, and the
     fit diagnostics of its TrackStar Hessian. `extracted`: (seed, normalizer) -> extraction result."""
     first = seed == config.seeds[0]
@@ -309,27 +397,35 @@ def seed_rankings(lake: Lake, config: EvaluateConfig, checkpoint_id: str, seed: 
             continue
         fingerprint, methods = extraction["fingerprint"], methods_of[normalizer]
         if normalizer == "adam-exact":
-            exact, _ = memory_rankings(lake, config, checkpoint_id, fingerprint, methods, fit_hessian.FitHessianConfig())
+            exact, _ = memory_rankings(
+                lake, config, checkpoint_id, fingerprint, methods, fit_hessian.FitHessianConfig()
+            )
             ranked["trackstar-adam-exact"] = exact["trackstar"]
             continue
         if first:
             found, fitted = pipeline_rankings(lake, config, checkpoint_id, fingerprint, methods), None
         else:
-            found, fitted = memory_rankings(lake, config, checkpoint_id, fingerprint, methods,
-                                            fit_hessian.FitHessianConfig())
+            found, fitted = memory_rankings(
+                lake, config, checkpoint_id, fingerprint, methods, fit_hessian.FitHessianConfig()
+            )
         ranked |= found
         if normalizer != "auto":
             continue
         if fitted is None:
             _, fitted = memory_rankings(lake, config, checkpoint_id, fingerprint, [], fit_hessian.FitHessianConfig())
-        diagnostics = {"lambda": fitted.lam, "crossing_component": fitted.component, **fitted.diagnostics,
-                       "fingerprint": fingerprint}
+        diagnostics = {
+            "lambda": fitted.lam,
+            "crossing_component": fitted.component,
+            **fitted.diagnostics,
+            "fingerprint": fingerprint,
+        }
         if "trackstar-heldout-r-query" in config.variants:
             ranked["trackstar-heldout-r-query"] = heldout_rankings(lake, config, checkpoint_id, fingerprint, query_ids)
         if "trackstar-global-damping" in config.variants:
             dim = extraction["dim"]
-            classic = fit_hessian.FitHessianConfig(damping_rule="mixed-global",
-                                                   crossing_fraction=min(1.0, CLASSIC_CROSSING_COMPONENT / dim))
+            classic = fit_hessian.FitHessianConfig(
+                damping_rule="mixed-global", crossing_fraction=min(1.0, CLASSIC_CROSSING_COMPONENT / dim)
+            )
             old, _ = memory_rankings(lake, config, checkpoint_id, fingerprint, ["trackstar"], classic)
             ranked["trackstar-global-damping"] = old["trackstar"]
     return ranked, diagnostics
@@ -347,7 +443,9 @@ def run(config: EvaluateConfig) -> dict:
     manifest = load_manifest(checkpoint_dir)
     checkpoint_id = manifest["checkpoint_id"]
     run_id = start_run(lake, "evaluate", asdict(config) | {"checkpoint_id": checkpoint_id})
-    queries = {q["query_id"]: q for q in lake.read("queries", filters=[("query_set", "=", config.query_set)]).to_pylist()}
+    queries = {
+        q["query_id"]: q for q in lake.read("queries", filters=[("query_set", "=", config.query_set)]).to_pylist()
+    }
     query_ids = sorted(queries)
     truth = {q: set(queries[q]["stating_doc_ids"] or ()) for q in query_ids}
 
@@ -357,7 +455,9 @@ def run(config: EvaluateConfig) -> dict:
     text_ranked = {}
     for method, retrieve in (("bm25", bm25_top_k), ("dense", dense_top_k)):
         indices, values = retrieve(texts, asked, config.top_k)
-        write_text_proponents(lake, method, indices, values, doc_ids, query_ids, config.query_set, checkpoint_id, run_id)
+        write_text_proponents(
+            lake, method, indices, values, doc_ids, query_ids, config.query_set, checkpoint_id, run_id
+        )
         text_ranked[method] = {q: [doc_ids[i] for i in indices[n]] for n, q in enumerate(query_ids)}
         print(f"[evaluate] {method}: top-{config.top_k} written", flush=True)
 
@@ -376,39 +476,91 @@ def run(config: EvaluateConfig) -> dict:
     base, changes = tail_patch(lake, checkpoint_dir, float(manifest["lr"]), union, queries, sample)
     write_tail_patches(lake, config.query_set, checkpoint_id, changes, run_id)
 
-    per_query = {m: M.average_over_seeds(
-        [M.attribution_per_query(per_seed[s][m], truth, config.top_k) for s in seeds_of[m]]) for m in methods}
-    patched = {m: M.average_over_seeds(
-        [M.tail_patch_per_query(per_seed[s][m], changes, base, sample) for s in seeds_of[m]]) for m in methods}
-    seed_spread = {m: float(np.std([np.mean([c["mrr"] for c in M.attribution_per_query(
-        per_seed[s][m], truth, config.top_k).values()]) for s in seeds_of[m]])) for m in methods}
+    per_query = {
+        m: M.average_over_seeds([M.attribution_per_query(per_seed[s][m], truth, config.top_k) for s in seeds_of[m]])
+        for m in methods
+    }
+    patched = {
+        m: M.average_over_seeds([M.tail_patch_per_query(per_seed[s][m], changes, base, sample) for s in seeds_of[m]])
+        for m in methods
+    }
+    seed_spread = {
+        m: float(
+            np.std(
+                [
+                    np.mean([c["mrr"] for c in M.attribution_per_query(per_seed[s][m], truth, config.top_k).values()])
+                    for s in seeds_of[m]
+                ]
+            )
+        )
+        for m in methods
+    }
     seeds_used = {m: 1 if m in TEXT_METHODS else len(seeds_of[m]) for m in methods}
-    report = summarise(config, checkpoint_id, run_id, methods, query_ids, sample, per_query, patched, seed_spread,
-                       seeds_used, diagnostics[config.seeds[0]])
+    report = summarise(
+        config,
+        checkpoint_id,
+        run_id,
+        methods,
+        query_ids,
+        sample,
+        per_query,
+        patched,
+        seed_spread,
+        seeds_used,
+        diagnostics[config.seeds[0]],
+    )
     report["seed_diagnostics"] = {str(s): d for s, d in diagnostics.items()}
-    report["per_bucket"] = {m: {b: v for b, v in cells.items() if b != "all"} for m, cells in attribution_metrics(
-        {m: per_seed[config.seeds[0]][m] for m in methods}, truth,
-        {q: queries[q]["frequency_bucket"] for q in query_ids}, config.top_k).items()}
+    report["per_bucket"] = {
+        m: {b: v for b, v in cells.items() if b != "all"}
+        for m, cells in attribution_metrics(
+            {m: per_seed[config.seeds[0]][m] for m in methods},
+            truth,
+            {q: queries[q]["frequency_bucket"] for q in query_ids},
+            config.top_k,
+        ).items()
+    }
 
     by_doc = dict(zip(doc_ids, texts))
     categorizer = Categorizer(storage.join(lake.root, "world"))
     report["categories"] = {}
     if categorizer.has_kb:  # without a knowledge base the shares would only mislead
         for method in methods:
-            counts = Counter(categorizer.category(d, by_doc.get(d, ""), queries[q])
-                             for q, docs in per_seed[config.seeds[0]][method].items() for d in docs)
+            counts = Counter(
+                categorizer.category(d, by_doc.get(d, ""), queries[q])
+                for q, docs in per_seed[config.seeds[0]][method].items()
+                for d in docs
+            )
             report["categories"][method] = {c: counts[c] / sum(counts.values()) for c in CATEGORIES}
 
     write_metrics(lake, report, run_id)
     reports = storage.absolute(config.reports)
     storage.write_text(storage.join(reports, "eval.json"), json.dumps(report, indent=2))
-    spectra = storage.join(lake.root, "reports",
-                           f"hessian_{checkpoint_id}_{config.query_set}_{diagnostics[config.seeds[0]].get('fingerprint')}.png")
-    page = render_html(report, per_seed[config.seeds[0]], queries, by_doc,
-                       storage.read_bytes(spectra) if storage.exists(spectra) else None, categorizer, CATEGORIES)
+    spectra = storage.join(
+        lake.root,
+        "reports",
+        f"hessian_{checkpoint_id}_{config.query_set}_{diagnostics[config.seeds[0]].get('fingerprint')}.png",
+    )
+    page = render_html(
+        report,
+        per_seed[config.seeds[0]],
+        queries,
+        by_doc,
+        storage.read_bytes(spectra) if storage.exists(spectra) else None,
+        categorizer,
+        CATEGORIES,
+    )
     storage.write_text(storage.join(reports, "eval.html"), page)
-    finish_run(lake, run_id, "succeeded", {"methods": len(methods), "queries": len(query_ids),
-                                           "seeds": len(config.seeds), "tail_patch_pairs": len(changes)})
+    finish_run(
+        lake,
+        run_id,
+        "succeeded",
+        {
+            "methods": len(methods),
+            "queries": len(query_ids),
+            "seeds": len(config.seeds),
+            "tail_patch_pairs": len(changes),
+        },
+    )
     print(table(report))
     for line in report["findings"]:
         print(f"[evaluate] {line}")
@@ -416,15 +568,30 @@ def run(config: EvaluateConfig) -> dict:
     return report
 
 
-def summarise(config: EvaluateConfig, checkpoint_id: str, run_id: str, methods: list, query_ids: list, sample: list,
-              per_query: dict, patched: dict, seed_spread: dict, seeds_used: dict, diagnostics: dict) -> dict:
+def summarise(
+    config: EvaluateConfig,
+    checkpoint_id: str,
+    run_id: str,
+    methods: list,
+    query_ids: list,
+    sample: list,
+    per_query: dict,
+    patched: dict,
+    seed_spread: dict,
+    seeds_used: dict,
+    diagnostics: dict,
+) -> dict:
     """Means with bootstrap CIs per method, paired differences to TrackStar, the TrackStar/BM25
     tail-patch ratio, and a sentence per component saying whether it helps, with its CI."""
     patched_queries = [q for q in sample if all(q in patched[m] for m in methods)]
     cells = {}
     for m in methods:
-        cell = {"n_queries": len(query_ids), "seeds": seeds_used[m],
-                "mrr_seed_std": seed_spread[m], "tail_patch_queries": len(patched_queries)}
+        cell = {
+            "n_queries": len(query_ids),
+            "seeds": seeds_used[m],
+            "mrr_seed_std": seed_spread[m],
+            "tail_patch_queries": len(patched_queries),
+        }
         for metric in ("mrr", "recall@10", "recall@10_fraction"):
             mean, low, high = M.bootstrap_mean(M.aligned(per_query[m], metric, query_ids), config.sample_seed)
             cell |= {metric: mean, f"{metric}_ci": [low, high]}
@@ -437,30 +604,55 @@ def summarise(config: EvaluateConfig, checkpoint_id: str, run_id: str, methods: 
         if m == "trackstar":
             continue
         versus[m] = {
-            "mrr": M.paired_difference(M.aligned(per_query["trackstar"], "mrr", query_ids),
-                                       M.aligned(per_query[m], "mrr", query_ids), config.sample_seed),
-            "tail_patch": M.paired_difference(M.aligned(patched["trackstar"], "delta_log_prob", patched_queries),
-                                              M.aligned(patched[m], "delta_log_prob", patched_queries), config.sample_seed),
-            "tail_patch_delta_prob": M.paired_difference(M.aligned(patched["trackstar"], "delta_prob", patched_queries),
-                                                         M.aligned(patched[m], "delta_prob", patched_queries),
-                                                         config.sample_seed)}
+            "mrr": M.paired_difference(
+                M.aligned(per_query["trackstar"], "mrr", query_ids),
+                M.aligned(per_query[m], "mrr", query_ids),
+                config.sample_seed,
+            ),
+            "tail_patch": M.paired_difference(
+                M.aligned(patched["trackstar"], "delta_log_prob", patched_queries),
+                M.aligned(patched[m], "delta_log_prob", patched_queries),
+                config.sample_seed,
+            ),
+            "tail_patch_delta_prob": M.paired_difference(
+                M.aligned(patched["trackstar"], "delta_prob", patched_queries),
+                M.aligned(patched[m], "delta_prob", patched_queries),
+                config.sample_seed,
+            ),
+        }
     ratio = {}
     if "bm25" in methods:
         for metric in ("delta_log_prob", "delta_prob"):
-            ratio[metric] = M.paired_ratio(M.aligned(patched["trackstar"], metric, patched_queries),
-                                           M.aligned(patched["bm25"], metric, patched_queries), config.sample_seed)
-    report = {"checkpoint_id": checkpoint_id, "query_set": config.query_set, "run_id": run_id, "seeds": config.seeds,
-              "lambda": diagnostics.get("lambda"), "hessian": diagnostics, "tail_patch_queries": len(patched_queries),
-              "methods": cells, "trackstar_minus": versus, "trackstar_over_bm25_tail_patch": ratio}
+            ratio[metric] = M.paired_ratio(
+                M.aligned(patched["trackstar"], metric, patched_queries),
+                M.aligned(patched["bm25"], metric, patched_queries),
+                config.sample_seed,
+            )
+    report = {
+        "checkpoint_id": checkpoint_id,
+        "query_set": config.query_set,
+        "run_id": run_id,
+        "seeds": config.seeds,
+        "lambda": diagnostics.get("lambda"),
+        "hessian": diagnostics,
+        "tail_patch_queries": len(patched_queries),
+        "methods": cells,
+        "trackstar_minus": versus,
+        "trackstar_over_bm25_tail_patch": ratio,
+    }
     report["findings"] = findings(report)
     return report
 
 
-COMPONENTS = {"trackstar-no-optimizer": "the optimizer correction", "trackstar-no-hessian": "the Hessian (R^-1/2)",
-              "trackstar-no-mixing": "task mixing (R_query)", "trackstar-no-unit-norm": "unit normalisation",
-              "trackstar-adam-exact": "flooring the Adam correction (vs the paper-exact one)",
-              "trackstar-heldout-r-query": "fitting R_query on the scored queries (vs a held-out half)",
-              "trackstar-global-damping": "per-block train-relative damping (vs the classic global one)"}
+COMPONENTS = {
+    "trackstar-no-optimizer": "the optimizer correction",
+    "trackstar-no-hessian": "the Hessian (R^-1/2)",
+    "trackstar-no-mixing": "task mixing (R_query)",
+    "trackstar-no-unit-norm": "unit normalisation",
+    "trackstar-adam-exact": "flooring the Adam correction (vs the paper-exact one)",
+    "trackstar-heldout-r-query": "fitting R_query on the scored queries (vs a held-out half)",
+    "trackstar-global-damping": "per-block train-relative damping (vs the classic global one)",
+}
 
 
 def findings(report: dict) -> list[str]:
@@ -472,30 +664,49 @@ def findings(report: dict) -> list[str]:
             continue
         mean, low, high = report["trackstar_minus"][method]["tail_patch"]
         verdict = "helps" if low > 0 else "hurts" if high < 0 else "makes no measurable difference"
-        lines.append(f"{component} {verdict}: TrackStar − {method} tail-patch Δlog p = {mean:+.4f} "
-                     f"[{low:+.4f}, {high:+.4f}]")
+        lines.append(
+            f"{component} {verdict}: TrackStar − {method} tail-patch Δlog p = {mean:+.4f} [{low:+.4f}, {high:+.4f}]"
+        )
     if "bm25" in report["trackstar_minus"]:
         mean, low, high = report["trackstar_minus"]["bm25"]["mrr"]
-        lines.append(f"MRR: TrackStar − BM25 = {mean:+.3f} [{low:+.3f}, {high:+.3f}] "
-                     f"({'BM25 finds stating documents better' if high < 0 else 'no clear winner' if low <= 0 else 'TrackStar ranks stating documents better'})")
+        lines.append(
+            f"MRR: TrackStar − BM25 = {mean:+.3f} [{low:+.3f}, {high:+.3f}] "
+            f"({'BM25 finds stating documents better' if high < 0 else 'no clear winner' if low <= 0 else 'TrackStar ranks stating documents better'})"
+        )
         for metric, (ratio, low, high) in report["trackstar_over_bm25_tail_patch"].items():
             lines.append(f"tail-patch {metric}: TrackStar / BM25 = {ratio:.2f} [{low:.2f}, {high:.2f}]")
     h = report["hessian"]
     if h:
-        lines.append(f"Hessian fit: λ = {h['lambda']:.3f} at component {h['crossing_component']}, dampings "
-                     f"{h['damping_min']:.3g}..{h['damping_max']:.3g}, condition number ≤ {h['condition_number_max']:.3g}, "
-                     f"R_query/R_train trace = {h['query_to_train_trace']:.3g}"
-                     + (f"; damping above R_train's top eigenvalue in blocks {h['blocks_damped_above_train_top']}"
-                        if h["blocks_damped_above_train_top"] else ""))
+        lines.append(
+            f"Hessian fit: λ = {h['lambda']:.3f} at component {h['crossing_component']}, dampings "
+            f"{h['damping_min']:.3g}..{h['damping_max']:.3g}, condition number ≤ {h['condition_number_max']:.3g}, "
+            f"R_query/R_train trace = {h['query_to_train_trace']:.3g}"
+            + (
+                f"; damping above R_train's top eigenvalue in blocks {h['blocks_damped_above_train_top']}"
+                if h["blocks_damped_above_train_top"]
+                else ""
+            )
+        )
     return lines
 
 
 def _metric_rows(query_set: str, checkpoint_id: str, run_id: str, values) -> pa.Table:
     """values: (method, metric, bucket, value, n) tuples -> `eval_metrics` rows."""
     now = datetime.now(timezone.utc)
-    rows = [{"run_id": run_id, "query_set": query_set, "checkpoint_id": checkpoint_id, "method": method, "metric": metric,
-             "bucket": bucket, "value": float(value), "n": int(n), "created_at": now}
-            for method, metric, bucket, value, n in values]
+    rows = [
+        {
+            "run_id": run_id,
+            "query_set": query_set,
+            "checkpoint_id": checkpoint_id,
+            "method": method,
+            "metric": metric,
+            "bucket": bucket,
+            "value": float(value),
+            "n": int(n),
+            "created_at": now,
+        }
+        for method, metric, bucket, value, n in values
+    ]
     return pa.Table.from_pylist(rows, schema=TABLES["eval_metrics"].arrow_schema)
 
 
@@ -507,12 +718,18 @@ def _attribution_values(attribution: dict):
 
 
 def write_attribution_metrics(lake: Lake, query_set: str, checkpoint_id: str, attribution: dict, run_id: str):
-    lake.replace_slice("eval_metrics", _metric_rows(query_set, checkpoint_id, run_id, _attribution_values(attribution)),
-                       run_id=run_id)
+    lake.replace_slice(
+        "eval_metrics", _metric_rows(query_set, checkpoint_id, run_id, _attribution_values(attribution)), run_id=run_id
+    )
 
 
-REPORTED_METRICS = {"mrr": "mrr", "recall@10": "recall@10", "recall@10_fraction": "recall@10_fraction",
-                    "tail_patch": "tail_patch_delta_log_prob", "tail_patch_delta_prob": "tail_patch_delta_prob"}
+REPORTED_METRICS = {
+    "mrr": "mrr",
+    "recall@10": "recall@10",
+    "recall@10_fraction": "recall@10_fraction",
+    "tail_patch": "tail_patch_delta_log_prob",
+    "tail_patch_delta_prob": "tail_patch_delta_prob",
+}
 
 
 def write_metrics(lake: Lake, report: dict, run_id: str):
@@ -523,21 +740,27 @@ def write_metrics(lake: Lake, report: dict, run_id: str):
         for key, metric in REPORTED_METRICS.items():
             n = cell["tail_patch_queries"] if key.startswith("tail_patch") else cell["n_queries"]
             low, high = cell[f"{key}_ci"]
-            values += [(method, metric, "all", cell[key], n), (method, f"{metric}:ci_low", "all", low, n),
-                       (method, f"{metric}:ci_high", "all", high, n)]
+            values += [
+                (method, metric, "all", cell[key], n),
+                (method, f"{metric}:ci_low", "all", low, n),
+                (method, f"{metric}:ci_high", "all", high, n),
+            ]
     for method, per_bucket in report["per_bucket"].items():
         values += [v for v in _attribution_values({method: per_bucket})]
-    lake.replace_slice("eval_metrics", _metric_rows(report["query_set"], report["checkpoint_id"], run_id, values),
-                       run_id=run_id)
+    lake.replace_slice(
+        "eval_metrics", _metric_rows(report["query_set"], report["checkpoint_id"], run_id, values), run_id=run_id
+    )
 
 
 def table(report: dict) -> str:
     lines = [f"{'method':<26} {'MRR':>17} {'recall@10':>17} {'tail-patch Δlog p':>26} {'Δp':>12}"]
     for method, c in report["methods"].items():
-        lines.append(f"{method:<26} {c['mrr']:>6.3f} [{c['mrr_ci'][0]:.2f},{c['mrr_ci'][1]:.2f}] "
-                     f"{c['recall@10']:>6.3f} [{c['recall@10_ci'][0]:.2f},{c['recall@10_ci'][1]:.2f}] "
-                     f"{c['tail_patch']:>+8.4f} [{c['tail_patch_ci'][0]:+.3f},{c['tail_patch_ci'][1]:+.3f}] "
-                     f"{c['tail_patch_delta_prob']:>+12.5f}")
+        lines.append(
+            f"{method:<26} {c['mrr']:>6.3f} [{c['mrr_ci'][0]:.2f},{c['mrr_ci'][1]:.2f}] "
+            f"{c['recall@10']:>6.3f} [{c['recall@10_ci'][0]:.2f},{c['recall@10_ci'][1]:.2f}] "
+            f"{c['tail_patch']:>+8.4f} [{c['tail_patch_ci'][0]:+.3f},{c['tail_patch_ci'][1]:+.3f}] "
+            f"{c['tail_patch_delta_prob']:>+12.5f}"
+        )
     return "\n".join(lines)
 
 
@@ -549,13 +772,23 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--query-set", default=defaults.query_set)
     parser.add_argument("--top-k", type=int, default=load_config().top_k)
     parser.add_argument("--projection-k", type=int, default=load_config().projection_k)
-    parser.add_argument("--seeds", type=int, nargs="+", default=defaults.seeds,
-                        help="projection seeds; the first is the pipeline's (default 0 1 2)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=defaults.seeds,
+        help="projection seeds; the first is the pipeline's (default 0 1 2)",
+    )
     parser.add_argument("--variants", nargs="*", default=defaults.variants, choices=VARIANTS)
-    parser.add_argument("--baselines-every-seed", action="store_true",
-                        help="also extract the plain-gradient baselines and the paper-exact correction for every seed")
+    parser.add_argument(
+        "--baselines-every-seed",
+        action="store_true",
+        help="also extract the plain-gradient baselines and the paper-exact correction for every seed",
+    )
     parser.add_argument("--tail-patch-queries", type=int, default=defaults.tail_patch_queries)
-    parser.add_argument("--sample-seed", type=int, default=defaults.sample_seed, help="of the tail-patch sample and the bootstrap")
+    parser.add_argument(
+        "--sample-seed", type=int, default=defaults.sample_seed, help="of the tail-patch sample and the bootstrap"
+    )
     parser.add_argument("--reports", default=defaults.reports)
 
 

@@ -28,8 +28,11 @@ def attribution_per_query(ranked: dict, truth: dict, k: int) -> dict:
         stating = truth[query_id]
         hits = [rank for rank, doc in enumerate(docs[:k], start=1) if doc in stating]
         found = len({docs[rank - 1] for rank in hits})
-        out[query_id] = {"mrr": 1 / hits[0] if hits else 0.0, "recall@10": float(bool(hits)),
-                         "recall@10_fraction": found / min(k, len(stating)) if stating else 0.0}
+        out[query_id] = {
+            "mrr": 1 / hits[0] if hits else 0.0,
+            "recall@10": float(bool(hits)),
+            "recall@10_fraction": found / min(k, len(stating)) if stating else 0.0,
+        }
     return out
 
 
@@ -41,8 +44,10 @@ def tail_patch_per_query(ranked: dict, changes: dict, base: dict, queries: list)
         deltas = [changes[(query_id, d)] for d in ranked.get(query_id, []) if (query_id, d) in changes]
         if deltas:
             before = np.exp(base[query_id])
-            out[query_id] = {"delta_log_prob": float(np.mean(deltas)),
-                             "delta_prob": float(np.mean(np.exp(base[query_id] + np.asarray(deltas)) - before))}
+            out[query_id] = {
+                "delta_log_prob": float(np.mean(deltas)),
+                "delta_prob": float(np.mean(np.exp(base[query_id] + np.asarray(deltas)) - before)),
+            }
     return out
 
 

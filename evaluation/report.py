@@ -33,8 +33,13 @@ def bucket_figure(per_bucket: dict) -> str:
     for method, cells in per_bucket.items():
         order = sorted(cells, key=int)
         for ax, metric in zip(axes, ("mrr", "recall@10")):
-            ax.plot([int(b) for b in order], [cells[b][metric] for b in order], marker="o", label=method,
-                    linewidth=2.5 if method in ("trackstar", "bm25") else 1)
+            ax.plot(
+                [int(b) for b in order],
+                [cells[b][metric] for b in order],
+                marker="o",
+                label=method,
+                linewidth=2.5 if method in ("trackstar", "bm25") else 1,
+            )
     for ax, metric in zip(axes, ("MRR", "recall@10 (any stating document in the top 10)")):
         ax.set_xscale("log")
         ax.set_xlabel("frequency bucket (documents stating the fact)")
@@ -95,22 +100,41 @@ def examples(ranked: dict, queries: dict, texts: dict, categorizer, n: int = 6) 
     for query_id in sorted(queries)[:: max(1, len(queries) // n)][:n]:
         query = queries[query_id]
         stating = set(query["stating_doc_ids"] or ())
-        columns = {method: [{"states": doc in stating, "kind": categorizer.category(doc, texts.get(doc, ""), query),
-                             "text": texts.get(doc, "")[:220]} for doc in ranked.get(method, {}).get(query_id, [])[:3]]
-                   for method in ("bm25", "trackstar")}
+        columns = {
+            method: [
+                {
+                    "states": doc in stating,
+                    "kind": categorizer.category(doc, texts.get(doc, ""), query),
+                    "text": texts.get(doc, "")[:220],
+                }
+                for doc in ranked.get(method, {}).get(query_id, [])[:3]
+            ]
+            for method in ("bm25", "trackstar")
+        }
         out.append({"query": query, "columns": columns})
     return out
 
 
-def render_html(report: dict, ranked: dict, queries: dict, texts: dict, spectra_png: bytes | None, categorizer,
-                category_order: tuple) -> str:
+def render_html(
+    report: dict,
+    ranked: dict,
+    queries: dict,
+    texts: dict,
+    spectra_png: bytes | None,
+    categorizer,
+    category_order: tuple,
+) -> str:
     """The report page; `spectra_png` is the fit's spectra plot, if there is one."""
     spectra = base64.b64encode(spectra_png).decode() if spectra_png else ""
     environment = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]))
     return environment.get_template("eval.html").render(
-        report=report, buckets_png=bucket_figure(report["per_bucket"]), tail_png=tail_patch_figure(report["methods"]),
-        categories_png=category_figure(report["categories"], category_order), spectra_png=spectra,
-        examples=examples(ranked, queries, texts, categorizer))
+        report=report,
+        buckets_png=bucket_figure(report["per_bucket"]),
+        tail_png=tail_patch_figure(report["methods"]),
+        categories_png=category_figure(report["categories"], category_order),
+        spectra_png=spectra,
+        examples=examples(ranked, queries, texts, categorizer),
+    )
 
 
 NAMES = {"bm25": "BM25", "dense": "dense (MiniLM)", "trak": "TRAK-style", "trackstar": "**TrackStar**"}
@@ -120,9 +144,11 @@ def markdown_table(report: dict) -> str:
     """The headline table of an eval.json as Markdown (README): means over seeds, 95% intervals."""
     lines = ["| method | MRR | recall@10 | tail-patch Δlog p | tail-patch Δp |", "|---|---|---|---|---|"]
     for method, c in report["methods"].items():
-        lines.append(f"| {NAMES.get(method, method)} | {c['mrr']:.3f} [{c['mrr_ci'][0]:.2f}, {c['mrr_ci'][1]:.2f}] | "
-                     f"{c['recall@10']:.3f} | {c['tail_patch']:+.4f} [{c['tail_patch_ci'][0]:+.3f}, "
-                     f"{c['tail_patch_ci'][1]:+.3f}] | {c['tail_patch_delta_prob']:+.5f} |")
+        lines.append(
+            f"| {NAMES.get(method, method)} | {c['mrr']:.3f} [{c['mrr_ci'][0]:.2f}, {c['mrr_ci'][1]:.2f}] | "
+            f"{c['recall@10']:.3f} | {c['tail_patch']:+.4f} [{c['tail_patch_ci'][0]:+.3f}, "
+            f"{c['tail_patch_ci'][1]:+.3f}] | {c['tail_patch_delta_prob']:+.5f} |"
+        )
     return "\n".join(lines)
 
 

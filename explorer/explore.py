@@ -77,8 +77,11 @@ class Explorer:
 
     def tail_patches(self, checkpoint: str, query_id: str) -> dict:
         """doc_id -> measured Δ log p(target) of one step on it (evaluation sample only)."""
-        rows = self.lake.read("tail_patches", filters=[("checkpoint_id", "=", checkpoint), ("query_id", "=", query_id)],
-                              columns=["doc_id", "delta_log_prob"])
+        rows = self.lake.read(
+            "tail_patches",
+            filters=[("checkpoint_id", "=", checkpoint), ("query_id", "=", query_id)],
+            columns=["doc_id", "delta_log_prob"],
+        )
         return dict(zip(rows["doc_id"].to_pylist(), rows["delta_log_prob"].to_pylist()))
 
     @functools.cached_property
@@ -91,7 +94,6 @@ class Explorer:
         rows = self.lake.read("documents", filters=[("doc_id", "in", sorted(set(doc_ids)))], columns=["doc_id", "text"])
         return dict(zip(rows["doc_id"].to_pylist(), rows["text"].to_pylist()))
 
-
     @functools.lru_cache(maxsize=4)
     def predictions(self, checkpoint: str) -> dict:
         """query -> (correct, probability of the target, predicted text) under greedy decoding of prompt0."""
@@ -101,7 +103,10 @@ class Explorer:
         from jobs.catalog import checkpoint_folder
 
         directory = checkpoint_folder(self.lake, checkpoint)
-        model, tokenizer = AutoModelForCausalLM.from_pretrained(directory).eval(), AutoTokenizer.from_pretrained(directory)
+        model, tokenizer = (
+            AutoModelForCausalLM.from_pretrained(directory).eval(),
+            AutoTokenizer.from_pretrained(directory),
+        )
         queries = sorted(self.queries().values(), key=lambda q: q["query_id"])
         answers = greedy_answers(model, tokenizer, [(q["prompt0"], q["target"]) for q in queries])
         return {q["query_id"]: tuple(answer) for q, answer in zip(queries, answers)}
@@ -126,13 +131,17 @@ def metrics(ranked: dict, queries: dict, query_ids) -> dict:
     from evaluation.evaluate import attribution_metrics
 
     truth = {q: set(queries[q]["stating_doc_ids"] or ()) for q in query_ids}
-    docs = {method: {q: [r["doc_id"] for r in per_query[q]] for q in query_ids if truth[q] and per_query.get(q)}
-            for method, per_query in sorted(ranked.items())}
+    docs = {
+        method: {q: [r["doc_id"] for r in per_query[q]] for q in query_ids if truth[q] and per_query.get(q)}
+        for method, per_query in sorted(ranked.items())
+    }
     docs = {method: per_query for method, per_query in docs.items() if per_query}
     k = max((len(d) for per_query in docs.values() for d in per_query.values()), default=1)
     buckets = {q: queries[q]["frequency_bucket"] for q in query_ids}
-    return {method: (cells["all"]["mrr"], cells["all"]["recall@10"], cells["all"]["n"])
-            for method, cells in attribution_metrics(docs, truth, buckets, k).items()}
+    return {
+        method: (cells["all"]["mrr"], cells["all"]["recall@10"], cells["all"]["n"])
+        for method, cells in attribution_metrics(docs, truth, buckets, k).items()
+    }
 
 
 # ------------------------------------------------------------------ pages
@@ -165,16 +174,33 @@ def list_page(explorer: Explorer, checkpoint=None, relation=None, bucket=None, p
     if relation and relation not in relations:
         raise BadRequest(f"unknown relation {relation!r}")
     predicted = explorer.predictions(checkpoint)
-    chosen = [x for x in sorted(queries.values(), key=lambda x: x["query_id"])
-              if (not relation or x["relation"] == relation) and (bucket is None or x["frequency_bucket"] == bucket)
-              and (not prediction or predicted[x["query_id"]][0] == (prediction == "correct"))
-              and (not q or q.lower() in (x["prompt0"] + x["target"]).lower())]
+    chosen = [
+        x
+        for x in sorted(queries.values(), key=lambda x: x["query_id"])
+        if (not relation or x["relation"] == relation)
+        and (bucket is None or x["frequency_bucket"] == bucket)
+        and (not prediction or predicted[x["query_id"]][0] == (prediction == "correct"))
+        and (not q or q.lower() in (x["prompt0"] + x["target"]).lower())
+    ]
     ranked = explorer.ranked(checkpoint)
-    return templates().get_template("list.html").render(
-        checkpoint=checkpoint, checkpoints=explorer.checkpoints(), relation=relation, bucket=bucket,
-        prediction=prediction, q=q, relations=relations, buckets=sorted({x["frequency_bucket"] for x in queries.values()}),
-        predictions=PREDICTIONS, queries=chosen, predicted=predicted,
-        metrics=metrics(ranked, queries, [x["query_id"] for x in chosen]))
+    return (
+        templates()
+        .get_template("list.html")
+        .render(
+            checkpoint=checkpoint,
+            checkpoints=explorer.checkpoints(),
+            relation=relation,
+            bucket=bucket,
+            prediction=prediction,
+            q=q,
+            relations=relations,
+            buckets=sorted({x["frequency_bucket"] for x in queries.values()}),
+            predictions=PREDICTIONS,
+            queries=chosen,
+            predicted=predicted,
+            metrics=metrics(ranked, queries, [x["query_id"] for x in chosen]),
+        )
+    )
 
 
 def _marked(text: str, query: dict) -> str:
@@ -189,16 +215,23 @@ def _heat(tokens, query: dict) -> list[dict]:
     """Tokens coloured by contribution; tokens inside a mention of the subject or object are framed."""
     top = max((abs(v) for _, v in tokens), default=0) or 1.0
     text = "".join(t for t, _ in tokens)
-    mentions = [(m.start(), m.end(), css) for name, css in ((query["subject"], "subject"), (query["object"], "target"))
-                for m in re.finditer(re.escape(name), text)]
+    mentions = [
+        (m.start(), m.end(), css)
+        for name, css in ((query["subject"], "subject"), (query["object"], "target"))
+        for m in re.finditer(re.escape(name), text)
+    ]
     spans, offset = [], 0
     for piece, value in tokens:
         alpha = min(1.0, abs(value) / top)
         colour = f"rgba(220,60,40,{alpha:.2f})" if value > 0 else f"rgba(40,90,220,{alpha:.2f})"
-        inside = next((css for start, end, css in mentions if start < offset + len(piece) and offset < end
-                       and piece.strip()), None)
+        inside = next(
+            (css for start, end, css in mentions if start < offset + len(piece) and offset < end and piece.strip()),
+            None,
+        )
         if piece != EOS:  # the end-of-text token the chunk starts with is never predicted: not shown
-            spans.append({"piece": piece, "value": value, "colour": colour, "frame": f" mention-{inside}" if inside else ""})
+            spans.append(
+                {"piece": piece, "value": value, "colour": colour, "frame": f" mention-{inside}" if inside else ""}
+            )
         offset += len(piece)
     return spans
 
@@ -215,7 +248,11 @@ def query_page(explorer: Explorer, query_id: str, checkpoint=None, methods=None,
     except ValueError:
         raise BadRequest(f"k must be a whole number from 1 to 50, got {k!r}") from None
     available = explorer.methods(checkpoint)
-    chosen = [m for m in (methods or "").split(",") if m] or [m for m in ("trackstar", "bm25") if m in available] or available[:2]
+    chosen = (
+        [m for m in (methods or "").split(",") if m]
+        or [m for m in ("trackstar", "bm25") if m in available]
+        or available[:2]
+    )
     unknown = [m for m in chosen if m not in available]
     if unknown:
         raise BadRequest(f"unknown method(s) {unknown}; available: {', '.join(available)}")
@@ -233,17 +270,38 @@ def query_page(explorer: Explorer, query_id: str, checkpoint=None, methods=None,
             heat = None
             if method == "trackstar":  # the heat map explains TrackStar's own score
                 try:
-                    heat = _heat(explorer.heat_map(checkpoint, query["query_set"], query_id, row["doc_id"], row["chunk"]),
-                                 query)
+                    heat = _heat(
+                        explorer.heat_map(checkpoint, query["query_set"], query_id, row["doc_id"], row["chunk"]), query
+                    )
                 except (LookupError, ValueError, StopIteration):  # not scored or extracted here: the plain text
                     pass
-            cards.append({"rank": row["rank"], "score": row["score"], "doc_id": row["doc_id"], "text": text,
-                          "states": states, "heat": heat, "tail_patch": patched.get(row["doc_id"]),
-                          "category": None if states else explorer.categorizer.category(row["doc_id"], text, query)})
+            cards.append(
+                {
+                    "rank": row["rank"],
+                    "score": row["score"],
+                    "doc_id": row["doc_id"],
+                    "text": text,
+                    "states": states,
+                    "heat": heat,
+                    "tail_patch": patched.get(row["doc_id"]),
+                    "category": None if states else explorer.categorizer.category(row["doc_id"], text, query),
+                }
+            )
         columns.append((method, cards))
-    return templates().get_template("query.html").render(
-        query=query, checkpoint=checkpoint, correct=correct, probability=probability, guess=guess,
-        available=available, columns=columns, marked=lambda text: _marked(text, query))
+    return (
+        templates()
+        .get_template("query.html")
+        .render(
+            query=query,
+            checkpoint=checkpoint,
+            correct=correct,
+            probability=probability,
+            guess=guess,
+            available=available,
+            columns=columns,
+            marked=lambda text: _marked(text, query),
+        )
+    )
 
 
 # ------------------------------------------------------------------ the web app
@@ -276,8 +334,13 @@ def create_app(lake_root: str, token: str | None = None):
             return PlainTextResponse(str(error), status_code=404)
 
     @app.get("/")
-    def index(checkpoint: str | None = None, relation: str | None = None, bucket: str | None = None,
-              prediction: str | None = None, q: str | None = None):
+    def index(
+        checkpoint: str | None = None,
+        relation: str | None = None,
+        bucket: str | None = None,
+        prediction: str | None = None,
+        q: str | None = None,
+    ):
         return answer(list_page, checkpoint, relation or None, bucket or None, prediction or None, q or None)
 
     @app.get("/query/{query_id}")

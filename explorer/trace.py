@@ -59,12 +59,18 @@ class TraceContext:
         from gradient_kernels.projection import ProjectionSpec
         from jobs.checkpoints import load_second_moments
 
-        extraction = next(config for _, config, _ in runs_of(self.lake, "extract", succeeded_only=False)
-                          if config.get("fingerprint") == self.fingerprint)
+        extraction = next(
+            config
+            for _, config, _ in runs_of(self.lake, "extract", succeeded_only=False)
+            if config.get("fingerprint") == self.fingerprint
+        )
         spec = ProjectionSpec(**extraction["spec"])
         model = AutoModelForCausalLM.from_pretrained(self.checkpoint_dir).eval()
-        normalizers = (normalizers_from_state(load_second_moments(self.checkpoint_dir), weight_matrices(model),
-                                              spec.normalizer) if spec.normalizer != "none" else {})
+        normalizers = (
+            normalizers_from_state(load_second_moments(self.checkpoint_dir), weight_matrices(model), spec.normalizer)
+            if spec.normalizer != "none"
+            else {}
+        )
         return GradientProjector(model, spec, normalizers)
 
     @cached_property
@@ -90,16 +96,18 @@ class TraceContext:
         from jobs.score import query_vectors
 
         ids, vectors, _ = query_vectors(self.lake, self.query_set, self.checkpoint_id, self.fingerprint, 0)
-        return prepare(vectors[ids.index(query_id):ids.index(query_id) + 1], self.preconditioner)[0]
+        return prepare(vectors[ids.index(query_id) : ids.index(query_id) + 1], self.preconditioner)[0]
 
     def top_k(self, query: torch.Tensor, k: int) -> list[dict]:
         """Exact top-k over every stored training vector, with the score job's batch code."""
         from jobs.score import score_batches
 
         dataset = self.lake.open("train_gradients").to_pyarrow_dataset()
-        batches = dataset.to_batches(columns=["doc_id", "chunk", "vector", "dtype", "scale"], use_threads=False,
-                                     filter=(pc.field("checkpoint_id") == self.checkpoint_id)
-                                     & (pc.field("fingerprint") == self.fingerprint))
+        batches = dataset.to_batches(
+            columns=["doc_id", "chunk", "vector", "dtype", "scale"],
+            use_threads=False,
+            filter=(pc.field("checkpoint_id") == self.checkpoint_id) & (pc.field("fingerprint") == self.fingerprint),
+        )
         best = next(score_batches(batches, query[None].numpy(), self.preconditioner.blocks, True, k, query.shape[0]))
         return sorted(best.to_pylist(), key=lambda r: (-r["score"], r["doc_id"], r["chunk"]))
 

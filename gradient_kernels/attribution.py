@@ -15,9 +15,14 @@ from gradient_kernels.losses import Batch
 from gradient_kernels.scoring import Preconditioner
 
 
-def token_contributions(projector: GradientProjector, document: list[int], query: torch.Tensor,
-                        preconditioner: Preconditioner | None = None, unit_norm: bool = True,
-                        batch_size: int = 32) -> torch.Tensor:
+def token_contributions(
+    projector: GradientProjector,
+    document: list[int],
+    query: torch.Tensor,
+    preconditioner: Preconditioner | None = None,
+    unit_norm: bool = True,
+    batch_size: int = 32,
+) -> torch.Tensor:
     """(len(document),) contributions; entry 0 is 0 (the first token is never predicted).
 
     `query` is the prepared query vector (preconditioned and normalised as the scores are).

@@ -32,7 +32,7 @@ class Autocorrelation:
         offset = 0
         v = vectors.detach().to("cpu", torch.float64)
         for i, size in enumerate(self.block_sizes):
-            block = v[:, offset:offset + size]
+            block = v[:, offset : offset + size]
             self.sums[i] += block.T @ block
             offset += size
         if offset != vectors.shape[1]:
@@ -43,7 +43,9 @@ class Autocorrelation:
     def merge(self, other: "Autocorrelation") -> "Autocorrelation":
         if other.block_sizes != self.block_sizes:
             raise ValueError("cannot merge autocorrelations with different block layouts")
-        return Autocorrelation(self.block_sizes, [a + b for a, b in zip(self.sums, other.sums)], self.count + other.count)
+        return Autocorrelation(
+            self.block_sizes, [a + b for a, b in zip(self.sums, other.sums)], self.count + other.count
+        )
 
     def mean(self) -> list:
         if self.count == 0:
@@ -111,8 +113,9 @@ def global_damping(blocks: list, ratio: float = 0.1) -> float:
     return ratio * sum(float(torch.trace(b.double())) for b in blocks) / sum(b.shape[0] for b in blocks)
 
 
-def damped_inverse_power(blocks: list, damping: float | list | None = None, damping_ratio: float = 0.1,
-                         power: float = -0.5) -> tuple[list, list]:
+def damped_inverse_power(
+    blocks: list, damping: float | list | None = None, damping_ratio: float = 0.1, power: float = -0.5
+) -> tuple[list, list]:
     """(R + d_b·I)^power per block b, by eigendecomposition in float64. `damping` is one value for
     every block, or one per block; if None, the global rule (`train_relative_damping` is the
     pipeline's). Returns the blocks (float32) and the per-block dampings used."""
@@ -135,6 +138,7 @@ def conditioning(train_blocks: list, query_blocks: list, mixed_blocks: list, dam
     """What the fit did to the spectra, for the run's lineage and the diagnostic: top eigenvalues,
     condition numbers of the damped matrices, and the blocks whose damping exceeds R_train's top
     eigenvalue (there R^(-1/2) is nearly constant on training vectors: the preconditioner is off)."""
+
     def top(blocks):
         return [float(torch.linalg.eigvalsh(b.double())[-1].clamp(min=0)) for b in blocks]
 
@@ -142,9 +146,16 @@ def conditioning(train_blocks: list, query_blocks: list, mixed_blocks: list, dam
     mixed_min = [float(torch.linalg.eigvalsh(b.double())[0].clamp(min=0)) for b in mixed_blocks]
     condition = [(t + d) / (m + d) for t, m, d in zip(mixed_top, mixed_min, dampings)]
     over = [i for i, (t, d) in enumerate(zip(train_top, dampings)) if d > t]
-    return {"train_top_eigenvalue": max(train_top), "query_top_eigenvalue": max(query_top),
-            "query_to_train_trace": float(sum(torch.trace(b.double()) for b in query_blocks)
-                                          / max(1e-300, float(sum(torch.trace(b.double()) for b in train_blocks)))),
-            "damping_min": min(dampings), "damping_max": max(dampings),
-            "condition_number_max": max(condition), "condition_number_median": sorted(condition)[len(condition) // 2],
-            "blocks_damped_above_train_top": over}
+    return {
+        "train_top_eigenvalue": max(train_top),
+        "query_top_eigenvalue": max(query_top),
+        "query_to_train_trace": float(
+            sum(torch.trace(b.double()) for b in query_blocks)
+            / max(1e-300, float(sum(torch.trace(b.double()) for b in train_blocks)))
+        ),
+        "damping_min": min(dampings),
+        "damping_max": max(dampings),
+        "condition_number_max": max(condition),
+        "condition_number_median": sorted(condition)[len(condition) // 2],
+        "blocks_damped_above_train_top": over,
+    }

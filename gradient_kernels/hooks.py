@@ -36,6 +36,7 @@ EXACT_CHUNK_BYTES = 4 * 2**20
 @dataclass
 class _Head:
     """One spec's projections of one matrix; `denominator` set when its correction is exact."""
+
     p_out: torch.Tensor
     p_in: torch.Tensor
     denominator: torch.Tensor | None
@@ -75,9 +76,18 @@ class GradientProjector:
             per_example_loss(logits, batch).sum().backward()
         blocks, self._blocks = self._blocks, []
         size = len(batch)
-        return [torch.cat([found[name].reshape(size, -1) if name in found
-                           else torch.zeros(size, spec.k[name] ** 2, device=device) for name in spec.k], dim=1)
-                for spec, found in zip(self.specs, blocks)]
+        return [
+            torch.cat(
+                [
+                    found[name].reshape(size, -1)
+                    if name in found
+                    else torch.zeros(size, spec.k[name] ** 2, device=device)
+                    for name in spec.k
+                ],
+                dim=1,
+            )
+            for spec, found in zip(self.specs, blocks)
+        ]
 
     # ------------------------------------------------------------------ hooks
     @contextmanager
@@ -99,6 +109,7 @@ class GradientProjector:
             projected = [x @ head.p_in.T for _, head in self._factored(m.name)]
             saved = x if self._exact(m.name) else None
             output.register_hook(lambda grad: self._add_block(m.name, grad.float(), projected, saved))
+
         return forward_hook
 
     def _embedding_hook(self, tied: WeightMatrix | None):
@@ -109,6 +120,7 @@ class GradientProjector:
                 token_ids = args[0]
                 output.register_hook(lambda grad: self._add_embedding_block(tied.name, grad.float(), token_ids))
             return output
+
         return forward_hook
 
     def _add_block(self, name: str, grad_out: torch.Tensor, projected_in: list, saved_in: torch.Tensor | None):
@@ -116,8 +128,9 @@ class GradientProjector:
             self._accumulate(index, name, torch.einsum("btk,btl->bkl", grad_out @ head.p_out.T, x))
         if saved_in is not None:
             rows = self._exact_rows(name)
-            self._add_exact(name, (torch.bmm(g.transpose(1, 2), x)
-                                   for g, x in zip(grad_out.split(rows), saved_in.split(rows))))
+            self._add_exact(
+                name, (torch.bmm(g.transpose(1, 2), x) for g, x in zip(grad_out.split(rows), saved_in.split(rows)))
+            )
 
     def _add_embedding_block(self, name: str, grad_embedding: torch.Tensor, token_ids: torch.Tensor):
         for index, head in self._factored(name):
@@ -132,6 +145,7 @@ class GradientProjector:
                     size, _, width = grads.shape
                     gradient = grads.new_zeros(size, vocabulary, width)
                     yield gradient.scatter_add_(1, ids[..., None].expand(-1, -1, width), grads)
+
             self._add_exact(name, gradients())
 
     def _add_exact(self, name: str, gradients):
@@ -174,7 +188,9 @@ def _heads(spec: ProjectionSpec, normalizers: dict, by_name: dict, device) -> di
         raise ValueError(f"the model has no weight matrices named {unknown}")
     if spec.normalizer != "none" and set(normalizers) < set(spec.k):
         missing = sorted(set(spec.k) - set(normalizers))
-        raise ValueError(f"normaliser {spec.normalizer!r} lacks state for {missing[:3]}{'...' if len(missing) > 3 else ''}")
+        raise ValueError(
+            f"normaliser {spec.normalizer!r} lacks state for {missing[:3]}{'...' if len(missing) > 3 else ''}"
+        )
     heads = {}
     for name, k in spec.k.items():
         m = by_name[name]

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor       # (B, T) long
+    input_ids: torch.Tensor  # (B, T) long
     attention_mask: torch.Tensor  # (B, T) bool
-    target_mask: torch.Tensor     # (B, T) bool: token t is predicted from tokens < t and counts
+    target_mask: torch.Tensor  # (B, T) bool: token t is predicted from tokens < t and counts
 
     def to(self, device) -> "Batch":
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.target_mask.to(device))
@@ -54,7 +54,7 @@ def query_batch(prompts: list[list[int]], targets: list[list[int]], pad_id: int 
     ids, mask = _pad([p + t for p, t in zip(prompts, targets)], pad_id)
     target = torch.zeros_like(mask)
     for row, (p, t) in enumerate(zip(prompts, targets)):
-        target[row, len(p): len(p) + len(t)] = True
+        target[row, len(p) : len(p) + len(t)] = True
     return Batch(ids, mask, target)
 
 

@@ -23,11 +23,11 @@ def _conv1d_type():
 
 @dataclass
 class WeightMatrix:
-    name: str                       # the parameter's name in model.named_parameters()
-    module: nn.Module               # the Linear / Conv1D that multiplies by it
+    name: str  # the parameter's name in model.named_parameters()
+    module: nn.Module  # the Linear / Conv1D that multiplies by it
     out_features: int
     in_features: int
-    stored_transposed: bool         # Conv1D: weight is (in, out)
+    stored_transposed: bool  # Conv1D: weight is (in, out)
     tied_embedding: nn.Embedding | None = None  # the embedding sharing this weight, if any
 
 
@@ -44,8 +44,16 @@ def weight_matrices(model: nn.Module) -> list[WeightMatrix]:
             transposed = True
         else:
             continue
-        found.append(WeightMatrix(names[id(module.weight)], module, out_features, in_features, transposed,
-                                  embeddings.get(id(module.weight))))
+        found.append(
+            WeightMatrix(
+                names[id(module.weight)],
+                module,
+                out_features,
+                in_features,
+                transposed,
+                embeddings.get(id(module.weight)),
+            )
+        )
     if not found:
         raise ValueError(f"{type(model).__name__} has no Linear or Conv1D weight matrices")
     return found

@@ -33,8 +33,8 @@ class MissingOptimizerState(KeyError):
 
 @dataclass
 class FactoredNormalizer:
-    out_scale: torch.Tensor   # (out,): a
-    in_scale: torch.Tensor    # (in,): b, so that 1/sqrt(V) = a bᵀ
+    out_scale: torch.Tensor  # (out,): a
+    in_scale: torch.Tensor  # (in,): b, so that 1/sqrt(V) = a bᵀ
 
     def divide(self, grad: torch.Tensor) -> torch.Tensor:
         return grad * self.out_scale[:, None] * self.in_scale[None, :]
@@ -48,8 +48,9 @@ class ExactNormalizer:
         return grad / self.denominator
 
 
-def adafactor_normalizer(row_var: torch.Tensor, col_var: torch.Tensor, eps1: float | None,
-                         transposed: bool) -> FactoredNormalizer:
+def adafactor_normalizer(
+    row_var: torch.Tensor, col_var: torch.Tensor, eps1: float | None, transposed: bool
+) -> FactoredNormalizer:
     """From torch Adafactor's state: row_var (R, 1) and col_var (1, C) in the stored layout."""
     r, c = row_var.reshape(-1).double(), col_var.reshape(-1).double()
     eps1 = torch.finfo(torch.float32).eps if eps1 is None else eps1
@@ -63,7 +64,7 @@ def adafactor_normalizer(row_var: torch.Tensor, col_var: torch.Tensor, eps1: flo
 
 def adam_denominator(exp_avg_sq: torch.Tensor, step: int, beta2: float, eps: float, transposed: bool) -> torch.Tensor:
     v = exp_avg_sq.t() if transposed else exp_avg_sq
-    bias_correction2 = 1 - beta2 ** step
+    bias_correction2 = 1 - beta2**step
     return (v.double() / bias_correction2).sqrt() + eps
 
 
@@ -124,12 +125,18 @@ def normalizers_from_state(optimizer_state: dict, matrices: list[WeightMatrix], 
             continue
         if "exp_avg_sq" not in held:
             raise MissingOptimizerState(f"{m.name!r}: Adam state has no exp_avg_sq")
-        denominator = adam_denominator(held["exp_avg_sq"], optimizer_state["step"], optimizer_state["betas"][1],
-                                       optimizer_state["eps"], m.stored_transposed)
+        denominator = adam_denominator(
+            held["exp_avg_sq"],
+            optimizer_state["step"],
+            optimizer_state["betas"][1],
+            optimizer_state["eps"],
+            m.stored_transposed,
+        )
         if kind == "adam-exact":
             normalizers[m.name] = ExactNormalizer(denominator.float())
             continue
         floored = floored_denominator(denominator, optimizer_state["eps"])
-        normalizers[m.name] = (ExactNormalizer(floored.float()) if kind == "adam-floored"
-                               else rank1_fit(floored, optimizer_state["eps"]))
+        normalizers[m.name] = (
+            ExactNormalizer(floored.float()) if kind == "adam-floored" else rank1_fit(floored, optimizer_state["eps"])
+        )
     return normalizers

@@ -39,9 +39,9 @@ class ProjectionSpec:
     """Everything that determines a projected vector's coordinates, besides the checkpoint."""
 
     seed: int
-    k: dict = field(hash=False)           # weight matrix name -> k (its block is k × k)
-    normalizer: str = "adafactor"         # which optimizer correction was applied
-    dtype: str = "float32"                # compute dtype of the projections
+    k: dict = field(hash=False)  # weight matrix name -> k (its block is k × k)
+    normalizer: str = "adafactor"  # which optimizer correction was applied
+    dtype: str = "float32"  # compute dtype of the projections
     code_version: str = KERNEL_VERSION
 
     def __post_init__(self):

@@ -24,8 +24,11 @@ def per_example_gradients(model: nn.Module, batch: Batch, names: list[str]) -> d
     rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     for b in range(len(batch)):
         length = int(batch.attention_mask[b].sum())
-        single = Batch(batch.input_ids[b:b + 1, :length], batch.attention_mask[b:b + 1, :length],
-                       batch.target_mask[b:b + 1, :length])
+        single = Batch(
+            batch.input_ids[b : b + 1, :length],
+            batch.attention_mask[b : b + 1, :length],
+            batch.target_mask[b : b + 1, :length],
+        )
         logits = model(input_ids=single.input_ids).logits
         grads = torch.autograd.grad(per_example_loss(logits, single)[0], weights)
         for n, g in zip(names, grads):

@@ -33,15 +33,19 @@ class Preconditioner:
             raise ValueError(f"preconditioner covers {sum(sizes)} coordinates, vectors have {vectors.shape[1]}")
         if len(set(sizes)) == 1:  # equal blocks (uniform k): one batched matmul instead of a loop
             stacked = torch.stack(self.blocks).to(vectors.device, vectors.dtype)
-            return torch.einsum("nbi,bij->nbj", vectors.view(len(vectors), len(sizes), sizes[0]), stacked).reshape(vectors.shape)
+            return torch.einsum("nbi,bij->nbj", vectors.view(len(vectors), len(sizes), sizes[0]), stacked).reshape(
+                vectors.shape
+            )
         out, offset = [], 0
         for block, size in zip(self.blocks, sizes):
-            out.append(vectors[:, offset:offset + size] @ block.to(vectors.device, vectors.dtype))
+            out.append(vectors[:, offset : offset + size] @ block.to(vectors.device, vectors.dtype))
             offset += size
         return torch.cat(out, dim=1)
 
 
-def prepare(vectors: torch.Tensor, preconditioner: Preconditioner | None = None, unit_norm: bool = True) -> torch.Tensor:
+def prepare(
+    vectors: torch.Tensor, preconditioner: Preconditioner | None = None, unit_norm: bool = True
+) -> torch.Tensor:
     """G = R^(-1/2) p, then G / ‖G‖ (either step optional)."""
     out = preconditioner.apply(vectors) if preconditioner is not None else vectors
     if unit_norm:
@@ -49,7 +53,9 @@ def prepare(vectors: torch.Tensor, preconditioner: Preconditioner | None = None,
     return out
 
 
-def top_k(queries: torch.Tensor, train: torch.Tensor, k: int, index_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def top_k(
+    queries: torch.Tensor, train: torch.Tensor, k: int, index_offset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores, train indices), each (Q, min(k, N)): the exact k best per query, best first."""
     scores = queries @ train.T
     values, indices = scores.topk(min(k, train.shape[0]), dim=1)
@@ -89,7 +95,7 @@ class RunningTopK:
         for q, value, key in zip(queries.tolist(), scores[queries, rows].tolist(), keys):
             self.best[q].append((-value, key))
         for q in set(queries.tolist()):
-            self.best[q] = sorted(self.best[q])[:self.k]
+            self.best[q] = sorted(self.best[q])[: self.k]
             if len(self.best[q]) == self.k:
                 self.floor[q] = -self.best[q][-1][0]
 
@@ -105,6 +111,8 @@ def two_stage_top_k(queries: torch.Tensor, signs: torch.Tensor, exact: torch.Ten
     only those candidates with the exact vectors. Equals exhaustive top-k when candidates = n.
     """
     shortlist = (queries @ signs.T).topk(min(candidates, signs.shape[0]), dim=1).indices  # (Q, N)
-    exact_scores = torch.stack([exact[rows] @ query for query, rows in zip(queries, shortlist)])  # one query at a time: (N, d) each
+    exact_scores = torch.stack(
+        [exact[rows] @ query for query, rows in zip(queries, shortlist)]
+    )  # one query at a time: (N, d) each
     values, where = exact_scores.topk(min(k, shortlist.shape[1]), dim=1)
     return values, shortlist.gather(1, where)

@@ -35,9 +35,9 @@ class AdamStep:
         self.v = {n: s["exp_avg_sq"] for n, s in state["state"].items()}
         (self.beta1, self.beta2), self.eps, self.t = state["betas"], state["eps"], state["step"] + 1
         # v̂' = β2·v/(1-β2^t) + (1-β2)/(1-β2^t)·g²: the state's part once, so each step is a few fused ops
-        self.v_hat_part = {n: v * (self.beta2 / (1 - self.beta2 ** self.t)) for n, v in self.v.items()}
-        self.g2_weight = (1 - self.beta2) / (1 - self.beta2 ** self.t)
-        self.m_hat_weight = (1 - self.beta1) / (1 - self.beta1 ** self.t)
+        self.v_hat_part = {n: v * (self.beta2 / (1 - self.beta2**self.t)) for n, v in self.v.items()}
+        self.g2_weight = (1 - self.beta2) / (1 - self.beta2**self.t)
+        self.m_hat_weight = (1 - self.beta1) / (1 - self.beta1**self.t)
 
     def delta(self, name: str, param: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:
         denominator = torch.addcmul(self.v_hat_part[name], grad, grad, value=self.g2_weight).sqrt_().add_(self.eps)
@@ -57,7 +57,7 @@ class AdafactorStep:
         self.v, self.t = state["state"], state["step"] + 1
 
     def delta(self, name: str, param: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:
-        held, weight = self.v[name], self.t ** self.decay
+        held, weight = self.v[name], self.t**self.decay
         if "row_var" in held:
             row = held["row_var"].lerp(grad.pow(2).mean(dim=-1, keepdim=True), weight)
             col = held["col_var"].lerp(grad.pow(2).mean(dim=-2, keepdim=True), weight)
@@ -66,7 +66,7 @@ class AdafactorStep:
             variance = held["variance"].lerp(grad * grad, weight)
         update = grad * variance.clamp(min=self.eps1 * self.eps1).rsqrt()
         update = update / (update.norm() / update.numel() ** 0.5).clamp(min=1.0)  # update clipping, d = 1
-        alpha = max(self.eps2, float(param.norm() / param.numel() ** 0.5)) * min(lr, self.t ** -0.5)
+        alpha = max(self.eps2, float(param.norm() / param.numel() ** 0.5)) * min(lr, self.t**-0.5)
         return -alpha * update
 
 
@@ -125,7 +125,9 @@ class TailPatcher:
         nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
         return -(nll * target[:, 1:]).sum(dim=1)
 
-    def stepped_log_probs(self, documents: list[list[int]], asked: list[list[tuple[list[int], list[int]]]]) -> list[list[float]]:
+    def stepped_log_probs(
+        self, documents: list[list[int]], asked: list[list[tuple[list[int], list[int]]]]
+    ) -> list[list[float]]:
         """log p(target | prompt) after one step on documents[i], for each (prompt, target) in asked[i]."""
         with _no_padding_check(self.model):
             return self._stepped_log_probs(documents, asked)
@@ -145,10 +147,11 @@ class TailPatcher:
         ids, target = (x.reshape(len(asked), width, -1) for x in (batch.input_ids, batch.target_mask))
         with torch.no_grad():
             values = vmap(self._target_log_probs)(stepped, ids, target)
-        return [row[:len(pairs)] for row, pairs in zip(values.tolist(), asked)]
+        return [row[: len(pairs)] for row, pairs in zip(values.tolist(), asked)]
 
-    def log_prob_changes(self, documents: dict, pairs: list[tuple], prompts: dict, targets: dict,
-                         on_step=None) -> tuple[dict, dict]:
+    def log_prob_changes(
+        self, documents: dict, pairs: list[tuple], prompts: dict, targets: dict, on_step=None
+    ) -> tuple[dict, dict]:
         """({query: log p(target | prompt)} before any step, {(query, doc): Δ log p} per pair).
 
         `on_step(n_pairs)` is called after each group of documents (progress reporting)."""
@@ -156,14 +159,21 @@ class TailPatcher:
         for query, doc in pairs:
             by_doc.setdefault(doc, []).append(query)
         queries = sorted({q for q, _ in pairs})
-        base = dict(zip(queries, self.target_log_probs(query_batch([prompts[q] for q in queries],
-                                                                   [targets[q] for q in queries])).tolist()))
+        base = dict(
+            zip(
+                queries,
+                self.target_log_probs(
+                    query_batch([prompts[q] for q in queries], [targets[q] for q in queries])
+                ).tolist(),
+            )
+        )
         # documents with as many queries side by side: a group's query batches need no padding
         changes, docs = {}, sorted(by_doc, key=lambda d: (len(by_doc[d]), d))
         for start in range(0, len(docs), self.group):
-            group = docs[start:start + self.group]
-            after = self.stepped_log_probs([documents[d] for d in group],
-                                           [[(prompts[q], targets[q]) for q in by_doc[d]] for d in group])
+            group = docs[start : start + self.group]
+            after = self.stepped_log_probs(
+                [documents[d] for d in group], [[(prompts[q], targets[q]) for q in by_doc[d]] for d in group]
+            )
             for doc, values in zip(group, after):
                 for query, value in zip(by_doc[doc], values):
                     changes[(query, doc)] = value - base[query]

@@ -29,19 +29,35 @@ def airflow_environment(lake_root: str, home: str | os.PathLike = ".airflow", **
     """Environment for a local Airflow that sees this project's DAGs and lake (the project is
     imported as the installed package: `make install` runs `pip install -e .`)."""
     home = Path(home).resolve()
-    return dict(os.environ, AIRFLOW_HOME=str(home), AIRFLOW__CORE__DAGS_FOLDER=str(REPO_ROOT / "dags"),
-                AIRFLOW__CORE__LOAD_EXAMPLES="False", AIRFLOW__CORE__PARALLELISM="2",
-                AIRFLOW__API__HOST="127.0.0.1", AIRFLOW__LOGGING__LOGGING_LEVEL="WARNING",
-                TRACKSTAR_LAKE_ROOT=str(lake_root), **{k: str(v) for k, v in extra.items()})
+    return dict(
+        os.environ,
+        AIRFLOW_HOME=str(home),
+        AIRFLOW__CORE__DAGS_FOLDER=str(REPO_ROOT / "dags"),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        AIRFLOW__CORE__PARALLELISM="2",
+        AIRFLOW__API__HOST="127.0.0.1",
+        AIRFLOW__LOGGING__LOGGING_LEVEL="WARNING",
+        TRACKSTAR_LAKE_ROOT=str(lake_root),
+        **{k: str(v) for k, v in extra.items()},
+    )
 
 
 def run_dag(dag_id: str, lake_root: str, conf: dict | None = None, home=".airflow", **extra) -> dict:
     """One run of `dag_id` in a child process (in this working directory); returns
     {"state": ..., "tasks": {task_id: state}}."""
-    command = [sys.executable, "-m", "infra.airflow_local", "run", dag_id, "--conf", json.dumps(conf or {}),
-               "--result-line"]
-    completed = subprocess.run(command, env=airflow_environment(lake_root, home, **extra), capture_output=True,
-                               text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "infra.airflow_local",
+        "run",
+        dag_id,
+        "--conf",
+        json.dumps(conf or {}),
+        "--result-line",
+    ]
+    completed = subprocess.run(
+        command, env=airflow_environment(lake_root, home, **extra), capture_output=True, text=True
+    )
     lines = [line for line in completed.stdout.splitlines() if line.startswith("TRACKSTAR_DAG_RESULT ")]
     if not lines:
         raise RuntimeError(f"{dag_id} did not report a result:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")
@@ -54,8 +70,9 @@ def _prepare_home() -> None:
     database = Path(os.environ["AIRFLOW_HOME"]) / "airflow.db"
     if not database.exists():
         subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "airflow", "pools", "set", *map(str, DEVICE_POOL)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "airflow", "pools", "set", *map(str, DEVICE_POOL)], check=True, capture_output=True
+    )
 
 
 def _run_here(dag_id: str, conf: dict) -> dict:
@@ -82,8 +99,11 @@ def main(argv=None) -> int:
     run.add_argument("--result-line", action="store_true", help="also print a machine-readable result line")
     args = parser.parse_args(argv)
     if "AIRFLOW_HOME" not in os.environ:
-        os.execve(sys.executable, [sys.executable, "-m", "infra.airflow_local", *(argv or sys.argv[1:])],
-                  airflow_environment(load_config().lake_root))
+        os.execve(
+            sys.executable,
+            [sys.executable, "-m", "infra.airflow_local", *(argv or sys.argv[1:])],
+            airflow_environment(load_config().lake_root),
+        )
     result = _run_here(args.dag_id, json.loads(args.conf))
     print(f"\n{result['dag_id']} run {result['run_id']}: {result['state']}")
     for task_id, state in result["tasks"].items():

@@ -44,8 +44,12 @@ VectorDtype = typing.Literal["float32", "float16", "bfloat16", "int8"]
 
 @dataclass(frozen=True)
 class Config:
-    lake_root: str = setting("lake", "local folder or s3://bucket/prefix; every table and file of the lake lives under it")
-    checkpoints: str | None = setting(None, "where new checkpoints arrive (folder or s3:// prefix); none = <lake_root>/model/checkpoints")
+    lake_root: str = setting(
+        "lake", "local folder or s3://bucket/prefix; every table and file of the lake lives under it"
+    )
+    checkpoints: str | None = setting(
+        None, "where new checkpoints arrive (folder or s3:// prefix); none = <lake_root>/model/checkpoints"
+    )
     cache_dir: str = setting("~/.cache/trackstar", "local folder for copies of s3:// checkpoints and tokenizers")
     spark_remote: str | None = setting(None, "Spark Connect URL (also SPARK_REMOTE); none = the embedded Sail engine")
     world_seed: int = setting(0, "the generated demo world and the demo model's training shuffles")
@@ -89,8 +93,11 @@ class Config:
         return json.dumps(values, sort_keys=True)
 
 
-def load_config(path: str | Path | None = None, environ: typing.Mapping[str, str] | None = None,
-                params: typing.Mapping | None = None) -> Config:
+def load_config(
+    path: str | Path | None = None,
+    environ: typing.Mapping[str, str] | None = None,
+    params: typing.Mapping | None = None,
+) -> Config:
     """Defaults, then the TOML file (`path`, else $TRACKSTAR_CONFIG if set), then TRACKSTAR_<FIELD>
     variables, then `params` (default: the running Airflow task's params) that name a setting."""
     environ = os.environ if environ is None else environ

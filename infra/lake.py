@@ -61,9 +61,17 @@ class Lake:
         spec = declared(table)
         if not self.exists(table):
             # raise_if_key_not_exists=False: delta-rs refuses non-"delta." properties otherwise.
-            DeltaTable.create(self.path(table), spec.arrow_schema, mode="ignore", partition_by=list(spec.partition_by),
-                              name=spec.name, description=spec.description, configuration=spec.table_properties,
-                              storage_options=self.storage_options, raise_if_key_not_exists=False)
+            DeltaTable.create(
+                self.path(table),
+                spec.arrow_schema,
+                mode="ignore",
+                partition_by=list(spec.partition_by),
+                name=spec.name,
+                description=spec.description,
+                configuration=spec.table_properties,
+                storage_options=self.storage_options,
+                raise_if_key_not_exists=False,
+            )
         return self.open(table)
 
     def open(self, table: str, version: int | None = None) -> DeltaTable:
@@ -75,8 +83,10 @@ class Lake:
         metadata = delta.metadata()
         spec.check_version(metadata.configuration)
         if list(metadata.partition_columns) != list(spec.partition_by):
-            raise SchemaError(f"table {table}: stored partition columns {metadata.partition_columns}, "
-                              f"declared {list(spec.partition_by)}")
+            raise SchemaError(
+                f"table {table}: stored partition columns {metadata.partition_columns}, "
+                f"declared {list(spec.partition_by)}"
+            )
         spec.check_column_names([f.name for f in delta.schema().fields])
         return delta
 
@@ -98,9 +108,11 @@ class Lake:
         try:
             write_deltalake(self.create(table), data, mode="overwrite", predicate=predicate)
         except CommitFailedError as error:  # delta-rs's own words name the Delta conflict class only
-            raise LakeError(f"another run committed slice {keys} of table {table} first (now version "
-                            f"{self.version(table)}); nothing of this write was committed: rerun it to replace "
-                            f"the slice again ({error})") from error
+            raise LakeError(
+                f"another run committed slice {keys} of table {table} first (now version "
+                f"{self.version(table)}); nothing of this write was committed: rerun it to replace "
+                f"the slice again ({error})"
+            ) from error
         return self.version(table)
 
     def replace_slice_batches(self, table: str, batches, **keys) -> int:
@@ -134,8 +146,12 @@ class Lake:
         producer = threading.Thread(target=produce, name=f"replace-slice-{table}", daemon=True)
         producer.start()
         try:
-            write_deltalake(delta, pa.RecordBatchReader.from_batches(spec.arrow_schema, received()), mode="overwrite",
-                            predicate=predicate)
+            write_deltalake(
+                delta,
+                pa.RecordBatchReader.from_batches(spec.arrow_schema, received()),
+                mode="overwrite",
+                predicate=predicate,
+            )
         except Exception:
             if failures:  # the producer's own error, not delta-rs' wrapping of it
                 raise failures[0] from None
@@ -189,8 +205,7 @@ class Lake:
 
         Time travel to versions older than the retention stops working afterwards.
         """
-        return self.open(table).vacuum(retention_hours=retention_hours, dry_run=False,
-                                       enforce_retention_duration=False)
+        return self.open(table).vacuum(retention_hours=retention_hours, dry_run=False, enforce_retention_duration=False)
 
     # Spark jobs (Sail embedded or any Spark Connect cluster with Delta)
 
@@ -237,8 +252,10 @@ class Lake:
             return
         partitioned = f" PARTITIONED BY ({', '.join(f'`{c}`' for c in spec.partition_by)})" if spec.partition_by else ""
         properties = ", ".join(f"'{key}' = '{value}'" for key, value in spec.table_properties.items())
-        spark.sql(f"CREATE TABLE IF NOT EXISTS delta.`{self.path(table)}` ({spec.spark_ddl}) USING delta{partitioned} "
-                  f"TBLPROPERTIES ({properties})")
+        spark.sql(
+            f"CREATE TABLE IF NOT EXISTS delta.`{self.path(table)}` ({spec.spark_ddl}) USING delta{partitioned} "
+            f"TBLPROPERTIES ({properties})"
+        )
 
 
 def slice_predicate(spec: Table, keys: dict, quote: str = '"') -> str:
@@ -291,16 +308,30 @@ def _update_value(sql_type: str, value) -> str:
 def _check_rows_in_slice(spec: Table, data: pa.Table, keys: dict) -> None:
     for name, value in keys.items():
         column = data.column(name)
-        inside = (pc.is_null(column) if value is None
-                  else pc.is_in(column, pa.array(value, column.type)) if isinstance(value, (list, tuple))
-                  else pc.equal(column, value))
+        inside = (
+            pc.is_null(column)
+            if value is None
+            else pc.is_in(column, pa.array(value, column.type))
+            if isinstance(value, (list, tuple))
+            else pc.equal(column, value)
+        )
         outside = pc.sum(pc.invert(pc.fill_null(inside, False)))
         if outside.as_py():
-            raise SchemaError(f"table {spec.name}: {outside.as_py()} row(s) have {name} != {value!r}, "
-                              "outside the slice being replaced")
+            raise SchemaError(
+                f"table {spec.name}: {outside.as_py()} row(s) have {name} != {value!r}, "
+                "outside the slice being replaced"
+            )
 
 
-_OPERATORS = {"=": "__eq__", "==": "__eq__", "!=": "__ne__", "<": "__lt__", "<=": "__le__", ">": "__gt__", ">=": "__ge__"}
+_OPERATORS = {
+    "=": "__eq__",
+    "==": "__eq__",
+    "!=": "__ne__",
+    "<": "__lt__",
+    "<=": "__le__",
+    ">": "__gt__",
+    ">=": "__ge__",
+}
 
 
 def _filter_expression(spec: Table, filters) -> ds.Expression | None:
@@ -323,4 +354,3 @@ def _filter_expression(spec: Table, filters) -> ds.Expression | None:
 
 def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
-

@@ -26,22 +26,32 @@ def foreign_files(lake: Lake, table: str) -> list[str]:
     if lake.is_s3:
         return []
     root = Path(lake.path(table))
-    return sorted(str(path.relative_to(root)) for path in root.rglob("*") if path.is_file()
-                  and path.relative_to(root).parts[0] not in TABLE_FOLDERS and not path.name.endswith(TABLE_FILE_SUFFIXES))
+    return sorted(
+        str(path.relative_to(root))
+        for path in root.rglob("*")
+        if path.is_file()
+        and path.relative_to(root).parts[0] not in TABLE_FOLDERS
+        and not path.name.endswith(TABLE_FILE_SUFFIXES)
+    )
 
 
 def maintain_table(lake: Lake, table: str) -> dict:
     """Compact, vacuum (default retention, unless foreign files are present), checkpoint the log."""
     compacted = lake.open(table).optimize.compact()
     foreign = foreign_files(lake, table)
-    vacuumed = [] if foreign else lake.open(table).vacuum(retention_hours=None, dry_run=False,
-                                                          enforce_retention_duration=True)
+    vacuumed = (
+        [] if foreign else lake.open(table).vacuum(retention_hours=None, dry_run=False, enforce_retention_duration=True)
+    )
     delta = lake.open(table)
     delta.create_checkpoint()
     delta.cleanup_metadata()
-    return {"version": delta.version(), "files_removed": compacted["numFilesRemoved"],
-            "files_added": compacted["numFilesAdded"], "vacuumed": len(vacuumed),
-            "not_vacuumed_foreign_files": foreign[:20]}
+    return {
+        "version": delta.version(),
+        "files_removed": compacted["numFilesRemoved"],
+        "files_added": compacted["numFilesAdded"],
+        "vacuumed": len(vacuumed),
+        "not_vacuumed_foreign_files": foreign[:20],
+    }
 
 
 def maintain_lake(lake: Lake, tables: list[str] | None = None) -> dict:

@@ -18,14 +18,17 @@ from safetensors.torch import load as load_safetensors, save as save_safetensors
 
 from infra import storage
 
+
 class ChecksumMismatch(ValueError):
     """A stored matrix file does not have the checksum recorded for it."""
 
 
 def save_matrices(path: str | Path, tensors: dict, metadata: dict | None = None) -> str:
     """Write torch/numpy tensors to a safetensors file (whole-file replace) and return its sha256."""
-    data = save_safetensors({key: _as_tensor(value) for key, value in tensors.items()},
-                            metadata={key: str(value) for key, value in (metadata or {}).items()})
+    data = save_safetensors(
+        {key: _as_tensor(value) for key, value in tensors.items()},
+        metadata={key: str(value) for key, value in (metadata or {}).items()},
+    )
     storage.write_bytes(str(path), data)
     return hashlib.sha256(data).hexdigest()
 
@@ -34,15 +37,17 @@ def load_matrices(path: str | Path, sha256: str | None = None) -> dict[str, torc
     """The tensors of a safetensors file, after checking it against its recorded sha256 if given."""
     data = storage.read_bytes(str(path))
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise ChecksumMismatch(f"{path}: sha256 {hashlib.sha256(data).hexdigest()} does not match the recorded "
-                               f"{sha256}; the file was changed or truncated after it was registered")
+        raise ChecksumMismatch(
+            f"{path}: sha256 {hashlib.sha256(data).hexdigest()} does not match the recorded "
+            f"{sha256}; the file was changed or truncated after it was registered"
+        )
     return load_safetensors(data)
 
 
 def load_metadata(path: str | Path) -> dict[str, str]:
     """The string metadata saved with the tensors (safetensors header: 8-byte length, then JSON)."""
     data = storage.read_bytes(str(path))
-    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
     return header.get("__metadata__", {})
 
 

@@ -9,7 +9,6 @@ from infra.lake import Lake, utc_now
 from schemas.tables import RAW_VALUE_LIMIT, TABLES
 
 
-
 def quarantine_rows(lake: Lake, rows: list[dict], stage: str | None = None, run_id: str | None = None) -> int:
     """Record refused rows: {source, position, reason, raw_value (may be None)} plus stage and run_id
     (given here or per row); raw_value is truncated, recorded_at defaults to now.
@@ -43,6 +42,11 @@ def _as_table(rows: list[dict]) -> pa.Table:
     """Rows as Arrow, unknown keys kept, so Lake validation names any missing or extra field."""
     schema = TABLES["quarantine"].arrow_schema
     names = schema.names + sorted({key for row in rows for key in row} - set(schema.names))
-    return pa.table({name: pa.array([row.get(name) for row in rows],
-                                    type=schema.field(name).type if name in schema.names else None)
-                     for name in names})
+    return pa.table(
+        {
+            name: pa.array(
+                [row.get(name) for row in rows], type=schema.field(name).type if name in schema.names else None
+            )
+            for name in names
+        }
+    )

@@ -73,9 +73,16 @@ def fail_abandoned_runs(lake: Lake) -> list[str]:
     for row in lake.read("runs", filters=[("status", "=", "running")]).to_pylist():
         owner = json.loads(row["counts_json"] or "{}").get("process", {})
         if owner and not process_is_alive(owner):
-            finish_run(lake, row["run_id"], "failed",
-                       {"error": f"abandoned: process {owner['pid']} on {owner['host']} ended without finishing the run "
-                                 "(killed?); marked failed by a later run", "process": owner})
+            finish_run(
+                lake,
+                row["run_id"],
+                "failed",
+                {
+                    "error": f"abandoned: process {owner['pid']} on {owner['host']} ended without finishing the run "
+                    "(killed?); marked failed by a later run",
+                    "process": owner,
+                },
+            )
             abandoned.append(row["run_id"])
     return abandoned
 
@@ -86,8 +93,15 @@ def start_run(lake: Lake, command: str, config) -> str:
     if lake.exists("runs"):
         fail_abandoned_runs(lake)
     run_id = new_run_id(command)
-    row = {"run_id": run_id, "command": command, "config_json": config_json(config), "started_at": utc_now(),
-           "finished_at": None, "status": "running", "counts_json": json.dumps({"process": this_process()})}
+    row = {
+        "run_id": run_id,
+        "command": command,
+        "config_json": config_json(config),
+        "started_at": utc_now(),
+        "finished_at": None,
+        "status": "running",
+        "counts_json": json.dumps({"process": this_process()}),
+    }
     lake.append("runs", pa.Table.from_pylist([row], schema=TABLES["runs"].arrow_schema))
     _unfinished[run_id] = (lake, os.getpid())
     return run_id
@@ -99,7 +113,9 @@ def fail_unfinished_runs() -> None:
     for run_id, (lake, pid) in list(_unfinished.items()):
         if pid == os.getpid():  # not in a forked child, whose parent may still finish them
             try:
-                finish_run(lake, run_id, "failed", {"error": "the process exited before the run finished (see its log)"})
+                finish_run(
+                    lake, run_id, "failed", {"error": "the process exited before the run finished (see its log)"}
+                )
             except Exception as error:  # at exit there is no one left to raise to
                 print(f"[runs] could not mark run {run_id} failed: {error}", file=sys.stderr)
 
@@ -109,7 +125,10 @@ def finish_run(lake: Lake, run_id: str, status: str, counts: dict | None = None)
     if status not in ("succeeded", "failed"):
         raise ValueError(f"status must be succeeded or failed, got {status!r}")
     _unfinished.pop(run_id, None)
-    values = {"status": status, "finished_at": utc_now(),
-              "counts_json": json.dumps(counts or {}, sort_keys=True, default=str)}
+    values = {
+        "status": status,
+        "finished_at": utc_now(),
+        "counts_json": json.dumps(counts or {}, sort_keys=True, default=str),
+    }
     if lake.update("runs", {"run_id": run_id}, values) != 1:
         raise LakeError(f"no run {run_id!r} in {lake.path('runs')}")

@@ -23,13 +23,22 @@ COMMANDS = {
     "register-queries": ("jobs.register_queries", "load a queries JSONL into the queries / query_sets tables"),
     "extract": ("jobs.extract", "projected gradients of training chunks and queries for one checkpoint (DeepSpeed)"),
     "fit-hessian": ("jobs.fit_hessian", "fit R_train, R_query, λ and the damped inverse root for a checkpoint"),
-    "index": ("jobs.index", "build the TrackStar index: train vectors preconditioned and normalised once, int8 + 1-bit sketch"),
+    "index": (
+        "jobs.index",
+        "build the TrackStar index: train vectors preconditioned and normalised once, int8 + 1-bit sketch",
+    ),
     "score": ("jobs.score", "exact top-k proponents per query from train_gradients (Spark)"),
-    "trace": ("explorer.trace", "proponents of any prompt and target, scored on the fly, with the words that carry them"),
+    "trace": (
+        "explorer.trace",
+        "proponents of any prompt and target, scored on the fly, with the words that carry them",
+    ),
     "evaluate": ("evaluation.evaluate", "MRR, recall@10, tail-patch and proponent categories per method; HTML report"),
     "sql": ("jobs.sql", "run a documented SQL query over the lake's Delta tables with Spark (--list to see them)"),
     "explore": ("explorer.explore", "web page of queries and their proponents, served from the lake (127.0.0.1)"),
-    "pipeline": ("demo.pipeline", "every stage end to end: the embedded default (`make run`), or --corpus/--queries [--checkpoint] of your own"),
+    "pipeline": (
+        "demo.pipeline",
+        "every stage end to end: the embedded default (`make run`), or --corpus/--queries [--checkpoint] of your own",
+    ),
 }
 
 

@@ -23,10 +23,13 @@ from infra.lake import Lake
 class SliceConfig:
     """Which vectors of the lake a stage works on: the fields fit-hessian, index and score share
     (each stage's config extends it; infra/cli.py makes their flags)."""
+
     lake: str = from_settings("lake_root", help="lake root: a folder or s3://bucket/prefix")
     checkpoint_id: str = option("", help="a registered checkpoint (default: the latest, by step)")
     query_set: str = option("fact-world")
-    fingerprint: str = option("", help="projection fingerprint (default: the one train_gradients holds for the checkpoint)")
+    fingerprint: str = option(
+        "", help="projection fingerprint (default: the one train_gradients holds for the checkpoint)"
+    )
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -40,8 +43,11 @@ def latest_checkpoint_id(lake: Lake, among: set[str] | None = None) -> str:
     """The registered checkpoint with the highest step; `among`: only those ids (e.g. the scored ones)."""
     ordered = [c for c in checkpoint_ids_by_step(lake) if among is None or c in among]
     if not ordered:
-        raise ValueError("no registered checkpoints" + (" among the given ones" if among is not None else "")
-                         + ": run `python -m jobs extract` first")
+        raise ValueError(
+            "no registered checkpoints"
+            + (" among the given ones" if among is not None else "")
+            + ": run `python -m jobs extract` first"
+        )
     return ordered[-1]
 
 
@@ -49,8 +55,11 @@ def checkpoint_folders_by_step(location: str) -> list[str]:
     """Checkpoint folders directly under `location` (a folder or an s3:// prefix) that hold a
     manifest.json, lowest manifest step first (ties: folder name)."""
     location = storage.absolute(location)
-    manifests = [m for m in storage.list_objects(location, suffix="manifest.json")
-                 if m.count("/") - location.rstrip("/").count("/") == 2]
+    manifests = [
+        m
+        for m in storage.list_objects(location, suffix="manifest.json")
+        if m.count("/") - location.rstrip("/").count("/") == 2
+    ]
     steps = [(json.loads(storage.read_bytes(m))["step"], m.rsplit("/", 1)[0]) for m in manifests]
     return [folder for _, folder in sorted(steps)]
 
@@ -77,14 +86,18 @@ def checkpoint_folder(lake: Lake, checkpoint_id: str) -> Path:
     scores from other weights than the stored vectors' would be silently wrong."""
     from jobs.extract import CheckpointMismatch, model_fingerprint, resolve_checkpoint  # extract reads folders
 
-    rows = lake.read("checkpoints", filters=[("checkpoint_id", "=", checkpoint_id)], columns=["path", "model_fingerprint"])
+    rows = lake.read(
+        "checkpoints", filters=[("checkpoint_id", "=", checkpoint_id)], columns=["path", "model_fingerprint"]
+    )
     if rows.num_rows == 0:
         raise LookupError(f"checkpoint {checkpoint_id!r} is not registered")
     folder = resolve_checkpoint(lake, checkpoint_location(lake, checkpoint_id))
     registered, found = rows["model_fingerprint"][0].as_py(), model_fingerprint(folder)
     if found != registered:
-        raise CheckpointMismatch(f"checkpoint {checkpoint_id!r} was indexed with weights {registered}, but {folder} now "
-                                 f"holds {found}: re-extract it (`python -m jobs extract --checkpoint {folder} --force`)")
+        raise CheckpointMismatch(
+            f"checkpoint {checkpoint_id!r} was indexed with weights {registered}, but {folder} now "
+            f"holds {found}: re-extract it (`python -m jobs extract --checkpoint {folder} --force`)"
+        )
     return folder
 
 
@@ -93,8 +106,15 @@ def load_preconditioner(lake: Lake, checkpoint_id: str, query_set: str, fingerpr
     """The registered matrix of one kind, checksum-verified, as its list of blocks."""
     from infra.matrices import load_matrices
 
-    rows = lake.read("hessians", filters=[("checkpoint_id", "=", checkpoint_id), ("query_set", "=", query_set),
-                                          ("fingerprint", "=", fingerprint), ("kind", "=", kind)])
+    rows = lake.read(
+        "hessians",
+        filters=[
+            ("checkpoint_id", "=", checkpoint_id),
+            ("query_set", "=", query_set),
+            ("fingerprint", "=", fingerprint),
+            ("kind", "=", kind),
+        ],
+    )
     if rows.num_rows != 1:
         raise FileNotFoundError(f"no {kind} registered for {checkpoint_id}/{query_set}/{fingerprint}: run fit-hessian")
     row = rows.to_pylist()[0]
@@ -103,15 +123,25 @@ def load_preconditioner(lake: Lake, checkpoint_id: str, query_set: str, fingerpr
 
 
 def train_vector_count(lake: Lake, checkpoint_id: str, fingerprint: str) -> int:
-    return lake.read("train_gradients", filters=[("checkpoint_id", "=", checkpoint_id), ("fingerprint", "=", fingerprint)],
-                     columns=["chunk"]).num_rows
+    return lake.read(
+        "train_gradients",
+        filters=[("checkpoint_id", "=", checkpoint_id), ("fingerprint", "=", fingerprint)],
+        columns=["chunk"],
+    ).num_rows
 
 
 def hessian_is_stale(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: str, threshold: float) -> bool:
     """No R_train fitted yet, or the training sample changed by more than `threshold` (a share) since."""
-    fitted = lake.read("hessians", filters=[("checkpoint_id", "=", checkpoint_id), ("fingerprint", "=", fingerprint),
-                                            ("query_set", "=", query_set), ("kind", "=", "r_train")],
-                       columns=["n_samples"])["n_samples"].to_pylist()
+    fitted = lake.read(
+        "hessians",
+        filters=[
+            ("checkpoint_id", "=", checkpoint_id),
+            ("fingerprint", "=", fingerprint),
+            ("query_set", "=", query_set),
+            ("kind", "=", "r_train"),
+        ],
+        columns=["n_samples"],
+    )["n_samples"].to_pylist()
     if not fitted:
         return True
     now = train_vector_count(lake, checkpoint_id, fingerprint)
@@ -130,6 +160,9 @@ def last_scored_inputs(lake: Lake, checkpoint_id: str, fingerprint: str, query_s
     """The inputs the newest successful scoring of (checkpoint, fingerprint, query set) by `method` saw."""
     for _, config, counts in runs_of(lake, "score"):
         if (counts.get("checkpoint_id"), counts.get("fingerprint"), config.get("query_set")) == (
-                checkpoint_id, fingerprint, query_set) and method in config.get("methods", ()):
+            checkpoint_id,
+            fingerprint,
+            query_set,
+        ) and method in config.get("methods", ()):
             return counts.get("inputs")
     return None

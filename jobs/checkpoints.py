@@ -86,10 +86,16 @@ def check_complete(checkpoint_dir: Path, optimizer_source: str | None) -> None:
             needed.append(latest)
             if latest.is_file():
                 tag_dir = checkpoint_dir / "zero" / latest.read_text().strip()
-                needed += [tag_dir / "mp_rank_00_model_states.pt",
-                           *(sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")) or
-                             [tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt"])]
-    missing = [str(path.relative_to(checkpoint_dir)) for path in needed if not path.is_file() or not path.stat().st_size]
+                needed += [
+                    tag_dir / "mp_rank_00_model_states.pt",
+                    *(
+                        sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+                        or [tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+                    ),
+                ]
+    missing = [
+        str(path.relative_to(checkpoint_dir)) for path in needed if not path.is_file() or not path.stat().st_size
+    ]
     if missing:
         raise CheckpointError(f"{checkpoint_dir}: incomplete checkpoint, missing or empty: {', '.join(missing)}")
 
@@ -122,18 +128,23 @@ def derive_manifest(checkpoint_dir: Path) -> dict:
     checkpoint_dir = Path(checkpoint_dir)
     if not (checkpoint_dir / "config.json").exists():
         raise CheckpointError(f"{checkpoint_dir}: not a Hugging Face model folder (no config.json)")
-    content = hashlib.sha256((checkpoint_dir / "config.json").read_bytes() + weights_fingerprint(checkpoint_dir).encode())
+    content = hashlib.sha256(
+        (checkpoint_dir / "config.json").read_bytes() + weights_fingerprint(checkpoint_dir).encode()
+    )
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", checkpoint_dir.resolve().name).strip("-") or "checkpoint"
     trainer = checkpoint_dir / "trainer_state.json"
     trainer_state = json.loads(trainer.read_text()) if trainer.exists() else {}
     source = optimizer_state_source(checkpoint_dir)
     state = load_second_moments(checkpoint_dir) if source else {}
     logged_lr = [entry["learning_rate"] for entry in trainer_state.get("log_history", []) if "learning_rate" in entry]
-    return {"checkpoint_id": f"{name}-{content.hexdigest()[:12]}",
-            "step": int(trainer_state.get("global_step", state.get("step", 0))),
-            "lr": state.get("lr", logged_lr[-1] if logged_lr else None),
-            "optimizer": state.get("kind", "none"), "optimizer_state": source or "none",
-            "derived_from": str(checkpoint_dir.resolve())}
+    return {
+        "checkpoint_id": f"{name}-{content.hexdigest()[:12]}",
+        "step": int(trainer_state.get("global_step", state.get("step", 0))),
+        "lr": state.get("lr", logged_lr[-1] if logged_lr else None),
+        "optimizer": state.get("kind", "none"),
+        "optimizer_state": source or "none",
+        "derived_from": str(checkpoint_dir.resolve()),
+    }
 
 
 def optimizer_state_source(checkpoint_dir: Path, source: str = "auto") -> str | None:
@@ -159,8 +170,10 @@ def load_second_moments(checkpoint_dir: Path, source: str = "auto") -> dict:
         return second_moments_from_torch(checkpoint_dir, saved) if "param_groups" in saved else saved
     if found == "zero":
         return second_moments_from_zero(checkpoint_dir)
-    raise CheckpointError(f"{checkpoint_dir}: missing optimizer state ("
-                          f"{'optimizer.pt' if source == 'consolidated' else 'neither optimizer.pt nor zero/latest'})")
+    raise CheckpointError(
+        f"{checkpoint_dir}: missing optimizer state ("
+        f"{'optimizer.pt' if source == 'consolidated' else 'neither optimizer.pt nor zero/latest'})"
+    )
 
 
 def parameter_shapes(checkpoint_dir: Path) -> dict:
@@ -183,8 +196,10 @@ def second_moments_from_torch(checkpoint_dir: Path, saved: dict) -> dict:
     elif len(numbers) == len(shapes):
         names = list(shapes)  # the assumption: optimizer built from model.parameters()
     else:
-        raise CheckpointError(f"{checkpoint_dir}/optimizer.pt: {len(numbers)} parameters in the optimizer, "
-                              f"{len(shapes)} in the model, and no param_names to match them by")
+        raise CheckpointError(
+            f"{checkpoint_dir}/optimizer.pt: {len(numbers)} parameters in the optimizer, "
+            f"{len(shapes)} in the model, and no param_names to match them by"
+        )
     state, kind = {}, None
     for number, name in zip(numbers, names):
         held = saved["state"].get(number, {})
@@ -198,14 +213,21 @@ def second_moments_from_torch(checkpoint_dir: Path, saved: dict) -> dict:
             raise CheckpointError(
                 f"{checkpoint_dir}/optimizer.pt: state {number} has shape {tuple(held['exp_avg_sq'].shape)}, parameter "
                 f"{name!r} {shapes[name]}: the optimizer was not built from model.parameters() in order; build it "
-                f"from model.named_parameters() (torch >= 2.5 then saves param_names) and save it again")
+                f"from model.named_parameters() (torch >= 2.5 then saves param_names) and save it again"
+            )
         state[name] = {k: held[k].float() for k in keys}
     missing = sorted(set(shapes) - set(state))
     if missing:
         raise CheckpointError(f"{checkpoint_dir}/optimizer.pt: no state for parameter(s) {missing[:3]}")
     group0, first = groups[0], saved["state"][numbers[0]]
-    return {"kind": kind, "step": int(first["step"]), "lr": float(group0["lr"]),
-            "betas": list(group0.get("betas", ())), "eps": group0["eps"], "state": state}
+    return {
+        "kind": kind,
+        "step": int(first["step"]),
+        "lr": float(group0["lr"]),
+        "betas": list(group0.get("betas", ())),
+        "eps": group0["eps"],
+        "state": state,
+    }
 
 
 def second_moments_from_zero(checkpoint_dir: Path) -> dict:
@@ -221,8 +243,7 @@ def second_moments_from_zero(checkpoint_dir: Path) -> dict:
     if not latest.exists():
         raise CheckpointError(f"{checkpoint_dir}: missing optimizer state (neither optimizer.pt nor zero/latest)")
     tag_dir = zero_dir / latest.read_text().strip()
-    shards = sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"),
-                    key=lambda p: int(p.name.split("_")[3]))
+    shards = sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=lambda p: int(p.name.split("_")[3]))
     if not shards:
         raise CheckpointError(f"{tag_dir}: no zero_pp_rank_*_optim_states.pt shards")
     model_states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
@@ -238,9 +259,15 @@ def second_moments_from_zero(checkpoint_dir: Path) -> dict:
         offset = 0
         for name, shape in shapes.items():
             numel = shape.numel()
-            state[name] = {"exp_avg_sq": flat[offset:offset + numel].view(shape).clone()}
+            state[name] = {"exp_avg_sq": flat[offset : offset + numel].view(shape).clone()}
             offset += numel
     base = ranks[0]["base_optimizer_state"]
     group0 = base["param_groups"][0]
-    return {"kind": "adam", "step": int(base["state"][0]["step"]), "lr": group0["lr"],
-            "betas": list(group0["betas"]), "eps": group0["eps"], "state": state}
+    return {
+        "kind": "adam",
+        "step": int(base["state"][0]["step"]),
+        "lr": group0["lr"],
+        "betas": list(group0["betas"]),
+        "eps": group0["eps"],
+        "state": state,
+    }

@@ -40,9 +40,13 @@ QUERY_DTYPE = "float32"
 class ExtractConfig:
     lake: str = from_settings("lake_root", help="lake root: a folder or s3://bucket/prefix")
     checkpoint: str = option("", help="checkpoint folder or s3:// prefix (default: newest trained)")
-    projection_k: int = from_settings("projection_k", help="projection size per side of every weight matrix (block k × k)")
+    projection_k: int = from_settings(
+        "projection_k", help="projection size per side of every weight matrix (block k × k)"
+    )
     projection_seed: int = from_settings("projection_seed")
-    normalizer: str = option("auto", choices=["auto", "adafactor", "adam-floored", "adam-factored", "adam-exact", "none"])
+    normalizer: str = option(
+        "auto", choices=["auto", "adafactor", "adam-floored", "adam-factored", "adam-exact", "none"]
+    )
     vector_dtype: str = from_settings("vector_dtype", choices=["float32", "float16", "bfloat16", "int8"])
     token_budget: int = from_settings("batch_token_budget", help="padded tokens per batch")
     ranks: int = option(2)
@@ -86,13 +90,21 @@ def projection_spec(checkpoint_dir: Path, config: ExtractConfig):
     has_state = optimizer_state_source(checkpoint_dir, config.optimizer_source) is not None
     if normalizer == "auto":
         # no optimizer state: index without the correction (recorded in the fingerprint and the run)
-        normalizer = auto_normalizer(load_manifest(checkpoint_dir)["optimizer"] if has_state else "none",
-                                     sum(p.numel() for p in model.parameters()))
+        normalizer = auto_normalizer(
+            load_manifest(checkpoint_dir)["optimizer"] if has_state else "none",
+            sum(p.numel() for p in model.parameters()),
+        )
     elif normalizer != "none" and not has_state:
-        raise CheckpointError(f"{checkpoint_dir}: normaliser {normalizer!r} needs the optimizer's state "
-                              f"({config.optimizer_source}), and the folder has none; use --normalizer none or auto")
-    return ProjectionSpec(seed=config.projection_seed, k=uniform_k(weight_matrices(model), config.projection_k), normalizer=normalizer,
-                          dtype="float32")
+        raise CheckpointError(
+            f"{checkpoint_dir}: normaliser {normalizer!r} needs the optimizer's state "
+            f"({config.optimizer_source}), and the folder has none; use --normalizer none or auto"
+        )
+    return ProjectionSpec(
+        seed=config.projection_seed,
+        k=uniform_k(weight_matrices(model), config.projection_k),
+        normalizer=normalizer,
+        dtype="float32",
+    )
 
 
 EXACT_ADAM_MAX_PARAMETERS = 50_000_000
@@ -130,32 +142,51 @@ def check_checkpoint(lake: Lake, checkpoint_dir: Path, force: bool) -> tuple[dic
     manifest = load_manifest(checkpoint_dir)
     check_name(manifest.get("checkpoint_id"), f"checkpoint id in {checkpoint_dir}/manifest.json")
     weights = model_fingerprint(checkpoint_dir)
-    known = lake.read("checkpoints", filters=[("checkpoint_id", "=", manifest["checkpoint_id"])],
-                      columns=["model_fingerprint"])["model_fingerprint"].to_pylist()
+    known = lake.read(
+        "checkpoints", filters=[("checkpoint_id", "=", manifest["checkpoint_id"])], columns=["model_fingerprint"]
+    )["model_fingerprint"].to_pylist()
     if known and known[0] != weights and not force:
-        raise CheckpointMismatch(f"checkpoint {manifest['checkpoint_id']!r} is registered with weights {known[0]}, "
-                                 f"but {checkpoint_dir} holds {weights}; pass --force to reindex it")
+        raise CheckpointMismatch(
+            f"checkpoint {manifest['checkpoint_id']!r} is registered with weights {known[0]}, "
+            f"but {checkpoint_dir} holds {weights}; pass --force to reindex it"
+        )
     return manifest, weights
 
 
 def register_checkpoint(lake: Lake, manifest: dict, weights: str, source: str, run_id: str) -> None:
-    row = pa.table({"checkpoint_id": [manifest["checkpoint_id"]], "step": [manifest["step"]], "path": [source],
-                    "optimizer": [manifest["optimizer"]],
-                    "learning_rate": [None if manifest.get("lr") is None else float(manifest["lr"])],
-                    "tokens_seen": [manifest.get("data_seen_tokens", 0)], "model_fingerprint": [weights],
-                    "registered_at": [datetime.now(timezone.utc)], "run_id": [run_id]})
+    row = pa.table(
+        {
+            "checkpoint_id": [manifest["checkpoint_id"]],
+            "step": [manifest["step"]],
+            "path": [source],
+            "optimizer": [manifest["optimizer"]],
+            "learning_rate": [None if manifest.get("lr") is None else float(manifest["lr"])],
+            "tokens_seen": [manifest.get("data_seen_tokens", 0)],
+            "model_fingerprint": [weights],
+            "registered_at": [datetime.now(timezone.utc)],
+            "run_id": [run_id],
+        }
+    )
     lake.replace_slice("checkpoints", row, checkpoint_id=manifest["checkpoint_id"])
 
 
 def done_items(lake: Lake, checkpoint_id: str, fingerprint: str, kind: str, query_set: str | None) -> set:
     """Work items whose rows and autocorrelation file exist for this fingerprint."""
     if kind == TRAIN:
-        rows = lake.read("train_gradients", filters=[("checkpoint_id", "=", checkpoint_id)],
-                         columns=["partition", "fingerprint"])
+        rows = lake.read(
+            "train_gradients", filters=[("checkpoint_id", "=", checkpoint_id)], columns=["partition", "fingerprint"]
+        )
         items = {p for p, f in zip(rows["partition"].to_pylist(), rows["fingerprint"].to_pylist()) if f == fingerprint}
     else:
-        rows = lake.read("query_gradients", filters=[("query_set", "=", query_set), ("checkpoint_id", "=", checkpoint_id),
-                                                     ("fingerprint", "=", fingerprint)], columns=["fingerprint"])
+        rows = lake.read(
+            "query_gradients",
+            filters=[
+                ("query_set", "=", query_set),
+                ("checkpoint_id", "=", checkpoint_id),
+                ("fingerprint", "=", fingerprint),
+            ],
+            columns=["fingerprint"],
+        )
         items = {query_set} if fingerprint in set(rows["fingerprint"].to_pylist()) else set()
     return {i for i in items if storage.exists(autocorrelation_path(lake, checkpoint_id, fingerprint, kind, i))}
 
@@ -188,31 +219,59 @@ def run_many(configs: list[ExtractConfig]) -> list[dict]:
         if spec.fingerprint() in planned:  # e.g. "auto" resolving to "none" for a checkpoint without optimizer state
             results.append(planned[spec.fingerprint()])
             continue
-        check_complete(checkpoint_dir, config.optimizer_source if spec.normalizer != "none" else None)  # before registering
+        check_complete(
+            checkpoint_dir, config.optimizer_source if spec.normalizer != "none" else None
+        )  # before registering
         items = missing_items(lake, checkpoint_id, spec.fingerprint(), config)
-        result = {"checkpoint_id": checkpoint_id, "fingerprint": spec.fingerprint(), "dim": spec.dim,
-                  "normalizer": spec.normalizer, "items": [f"{kind}:{item}" for kind, item in items]}
+        result = {
+            "checkpoint_id": checkpoint_id,
+            "fingerprint": spec.fingerprint(),
+            "dim": spec.dim,
+            "normalizer": spec.normalizer,
+            "items": [f"{kind}:{item}" for kind, item in items],
+        }
         results.append(result)
         planned[result["fingerprint"]] = result
         if not items:  # nothing to do: write nothing, not even a runs row
-            print(f"[extract] every slice of {checkpoint_id} is already extracted (fingerprint {result['fingerprint']}); "
-                  f"nothing to do")
+            print(
+                f"[extract] every slice of {checkpoint_id} is already extracted (fingerprint {result['fingerprint']}); "
+                f"nothing to do"
+            )
             continue
         correction = optimizer_correction(checkpoint_dir, config, spec)
         print(f"[extract] optimizer correction: {correction}", flush=True)
-        result["run_id"] = start_run(lake, "extract", asdict(config) | {
-            "fingerprint": result["fingerprint"], "spec": spec.as_dict(), "optimizer_correction": correction})
-        print(f"[extract] {checkpoint_id}: {len(items)} slice(s), {spec.dim} dims ({len(spec.k)} matrices, "
-              f"k={config.projection_k}, seed {config.projection_seed}, {spec.normalizer}), fingerprint {result['fingerprint']}", flush=True)
+        result["run_id"] = start_run(
+            lake,
+            "extract",
+            asdict(config)
+            | {"fingerprint": result["fingerprint"], "spec": spec.as_dict(), "optimizer_correction": correction},
+        )
+        print(
+            f"[extract] {checkpoint_id}: {len(items)} slice(s), {spec.dim} dims ({len(spec.k)} matrices, "
+            f"k={config.projection_k}, seed {config.projection_seed}, {spec.normalizer}), fingerprint {result['fingerprint']}",
+            flush=True,
+        )
         jobs.append({"config": asdict(config), "spec": spec.as_dict(), "run_id": result["run_id"], "items": items})
     if not jobs:
         return results
     register_checkpoint(lake, manifest, weights, checkpoint_uri(lake, first.checkpoint), jobs[0]["run_id"])
     plan_path = storage.join(lake.root, "_plans", f"{jobs[0]['run_id']}.json")
-    storage.write_text(plan_path, json.dumps({"checkpoint_dir": str(checkpoint_dir.resolve()), "lake": lake.root,
-                                              "checkpoint_id": checkpoint_id, "jobs": jobs}))
-    print(f"[extract] {sum(len(j['items']) for j in jobs)} slice(s) of {len(jobs)} extraction(s) on "
-          f"{first.ranks} rank(s)", flush=True)
+    storage.write_text(
+        plan_path,
+        json.dumps(
+            {
+                "checkpoint_dir": str(checkpoint_dir.resolve()),
+                "lake": lake.root,
+                "checkpoint_id": checkpoint_id,
+                "jobs": jobs,
+            }
+        ),
+    )
+    print(
+        f"[extract] {sum(len(j['items']) for j in jobs)} slice(s) of {len(jobs)} extraction(s) on "
+        f"{first.ranks} rank(s)",
+        flush=True,
+    )
     launched = [r for r in planned.values() if "run_id" in r]
     try:
         launch_ranks("jobs.extract", plan_path, first.ranks)
@@ -220,8 +279,13 @@ def run_many(configs: list[ExtractConfig]) -> list[dict]:
         for result in launched:
             finish_run(lake, result["run_id"], "failed", result)
         raise
-    counts = lake.read("train_gradients", filters=[("checkpoint_id", "=", checkpoint_id)],
-                       columns=["fingerprint"])["fingerprint"].value_counts().to_pylist()
+    counts = (
+        lake.read("train_gradients", filters=[("checkpoint_id", "=", checkpoint_id)], columns=["fingerprint"])[
+            "fingerprint"
+        ]
+        .value_counts()
+        .to_pylist()
+    )
     per_fingerprint = {c["values"]: c["counts"] for c in counts}
     for result in launched:
         result["train_vectors"] = per_fingerprint.get(result["fingerprint"], 0)
@@ -294,10 +358,14 @@ class Extraction:
         dtype, n = dtype or self.config.vector_dtype, len(vectors)
         cells, scales = encode_vectors(vectors, dtype)
         stored = decode_vectors(cells, dtype, scales, vectors.shape[1])  # the norm of what readers will see
-        return {"vector": cells, "dtype": [dtype] * n,
-                "scale": scales if scales is not None else pa.nulls(n, pa.float32()),
-                "norm": np.linalg.norm(stored, axis=1).astype(np.float32), "fingerprint": [self.fingerprint] * n,
-                "run_id": [self.run_id] * n}
+        return {
+            "vector": cells,
+            "dtype": [dtype] * n,
+            "scale": scales if scales is not None else pa.nulls(n, pa.float32()),
+            "norm": np.linalg.norm(stored, axis=1).astype(np.float32),
+            "fingerprint": [self.fingerprint] * n,
+            "run_id": [self.run_id] * n,
+        }
 
 
 class RankWorker:
@@ -334,16 +402,21 @@ class RankWorker:
         from gradient_kernels.hessian import Autocorrelation
         from gradient_kernels.losses import document_batch
 
-        rows = self.lake.read("tokens", filters=[("partition", "=", partition)],
-                              columns=["doc_id", "chunk", "input_ids", "n_tokens"])
+        rows = self.lake.read(
+            "tokens", filters=[("partition", "=", partition)], columns=["doc_id", "chunk", "input_ids", "n_tokens"]
+        )
         ids = rows["input_ids"].to_pylist()
         longest, positions = max(rows["n_tokens"].to_pylist(), default=0), self.model.config.max_position_embeddings
         if longest > positions:
-            raise ValueError(f"partition {partition} holds chunks of {longest} tokens, the model takes {positions}: "
-                             f"re-tokenize with `python -m jobs tokenize --context {positions} --force`")
+            raise ValueError(
+                f"partition {partition} holds chunks of {longest} tokens, the model takes {positions}: "
+                f"re-tokenize with `python -m jobs tokenize --context {positions} --force`"
+            )
         pad = self.tokenizer.eos_token_id or 0
-        batches = ((b, document_batch([ids[i] for i in b], pad)) for b in
-                   token_budget_batches(rows["n_tokens"].to_pylist(), self.token_budget))
+        batches = (
+            (b, document_batch([ids[i] for i in b], pad))
+            for b in token_budget_batches(rows["n_tokens"].to_pylist(), self.token_budget)
+        )
         sums = [Autocorrelation(e.spec.block_sizes()) for e in self.extractions]
         nonfinite: list[list[str]] = [[] for _ in self.extractions]
 
@@ -353,19 +426,33 @@ class RankWorker:
                 for e, batch_vectors, its_sums, its_nonfinite in zip(self.extractions, per_extraction, sums, nonfinite):
                     vectors = batch_vectors.numpy()
                     finite = np.isfinite(vectors).all(axis=1)
-                    its_nonfinite.extend(f"{rows['doc_id'][i].as_py()}#{rows['chunk'][i].as_py()}"
-                                         for i in np.asarray(indices)[~finite])
+                    its_nonfinite.extend(
+                        f"{rows['doc_id'][i].as_py()}#{rows['chunk'][i].as_py()}" for i in np.asarray(indices)[~finite]
+                    )
                     kept, vectors = rows.take(pa.array(np.asarray(indices)[finite], pa.int64())), vectors[finite]
                     its_sums.add(torch.from_numpy(vectors))
-                    tables.append(pa.table({"checkpoint_id": [e.checkpoint_id] * len(kept),
-                                            "partition": [partition] * len(kept), "doc_id": kept["doc_id"],
-                                            "chunk": kept["chunk"], "n_tokens": kept["n_tokens"],
-                                            **e.vector_columns(vectors)}))
+                    tables.append(
+                        pa.table(
+                            {
+                                "checkpoint_id": [e.checkpoint_id] * len(kept),
+                                "partition": [partition] * len(kept),
+                                "doc_id": kept["doc_id"],
+                                "chunk": kept["chunk"],
+                                "n_tokens": kept["n_tokens"],
+                                **e.vector_columns(vectors),
+                            }
+                        )
+                    )
                 yield pa.concat_tables(tables)
 
         # the partition's slices of every extraction in one commit: all written, or none
-        self.lake.replace_slice_batches("train_gradients", encoded(), checkpoint_id=self.extractions[0].checkpoint_id,
-                                        partition=partition, fingerprint=[e.fingerprint for e in self.extractions])
+        self.lake.replace_slice_batches(
+            "train_gradients",
+            encoded(),
+            checkpoint_id=self.extractions[0].checkpoint_id,
+            partition=partition,
+            fingerprint=[e.fingerprint for e in self.extractions],
+        )
         for e, its_sums, its_nonfinite in zip(self.extractions, sums, nonfinite):
             self._quarantine_nonfinite(e, its_nonfinite, f"train_gradients/partition={partition}")
             self._save_sums(e, TRAIN, partition, its_sums)
@@ -388,42 +475,68 @@ class RankWorker:
                 targets.append(self.tokenizer(query["target"], add_special_tokens=False)["input_ids"])
                 keys.append((query["query_id"], index))
         lengths = [len(p) + len(t) for p, t in zip(prompts, targets)]
-        batches = ((b, query_batch([prompts[i] for i in b], [targets[i] for i in b], eos or 0))
-                   for b in token_budget_batches(lengths, self.token_budget))
+        batches = (
+            (b, query_batch([prompts[i] for i in b], [targets[i] for i in b], eos or 0))
+            for b in token_budget_batches(lengths, self.token_budget)
+        )
         vectors = [np.zeros((len(keys), e.spec.dim), dtype=np.float32) for e in self.extractions]
         for indices, per_extraction in self.vectors(batches, len(keys), f"queries {query_set}"):
             for its_vectors, batch_vectors in zip(vectors, per_extraction):
                 its_vectors[indices] = batch_vectors.numpy()
         for e, its_vectors in zip(self.extractions, vectors):
             finite = np.isfinite(its_vectors).all(axis=1)
-            self._quarantine_nonfinite(e, [f"{q}/prompt{i}" for (q, i), ok in zip(keys, finite) if not ok],
-                                       f"query_gradients/{query_set}")
+            self._quarantine_nonfinite(
+                e, [f"{q}/prompt{i}" for (q, i), ok in zip(keys, finite) if not ok], f"query_gradients/{query_set}"
+            )
             keep = np.flatnonzero(finite).tolist()
-            table = pa.table({"query_set": [query_set] * len(keep), "checkpoint_id": [e.checkpoint_id] * len(keep),
-                              "query_id": [keys[i][0] for i in keep], "prompt_index": [keys[i][1] for i in keep],
-                              **e.vector_columns(its_vectors[keep], QUERY_DTYPE)})
-            self.lake.replace_slice("query_gradients", table, query_set=query_set, checkpoint_id=e.checkpoint_id,
-                                    fingerprint=e.fingerprint)
-            self._save_sums(e, QUERY, query_set,
-                            Autocorrelation(e.spec.block_sizes()).add(torch.from_numpy(its_vectors[keep])))
+            table = pa.table(
+                {
+                    "query_set": [query_set] * len(keep),
+                    "checkpoint_id": [e.checkpoint_id] * len(keep),
+                    "query_id": [keys[i][0] for i in keep],
+                    "prompt_index": [keys[i][1] for i in keep],
+                    **e.vector_columns(its_vectors[keep], QUERY_DTYPE),
+                }
+            )
+            self.lake.replace_slice(
+                "query_gradients", table, query_set=query_set, checkpoint_id=e.checkpoint_id, fingerprint=e.fingerprint
+            )
+            self._save_sums(
+                e, QUERY, query_set, Autocorrelation(e.spec.block_sizes()).add(torch.from_numpy(its_vectors[keep]))
+            )
 
     def _quarantine_nonfinite(self, e: Extraction, positions: list[str], source: str):
         """Rows with NaN/inf vectors go to quarantine with the reason (the rest are kept)."""
         from infra.quarantine import quarantine_rows
 
         if positions:
-            quarantine_rows(self.lake, [{"source": source, "position": position,
-                                         "reason": "non-finite gradient (NaN or inf loss or activations)",
-                                         "raw_value": None} for position in positions], stage="extract",
-                            run_id=e.run_id)
-            print(f"[extract rank {self.rank}] {len(positions)} row(s) of {source} quarantined: non-finite gradients",
-                  flush=True)
+            quarantine_rows(
+                self.lake,
+                [
+                    {
+                        "source": source,
+                        "position": position,
+                        "reason": "non-finite gradient (NaN or inf loss or activations)",
+                        "raw_value": None,
+                    }
+                    for position in positions
+                ],
+                stage="extract",
+                run_id=e.run_id,
+            )
+            print(
+                f"[extract rank {self.rank}] {len(positions)} row(s) of {source} quarantined: non-finite gradients",
+                flush=True,
+            )
 
     def _save_sums(self, e: Extraction, kind: str, item, sums):
         from infra.matrices import save_matrices
 
-        save_matrices(autocorrelation_path(self.lake, e.checkpoint_id, e.fingerprint, kind, item),
-                      {f"block{i:03d}": s for i, s in enumerate(sums.sums)}, {"count": sums.count})
+        save_matrices(
+            autocorrelation_path(self.lake, e.checkpoint_id, e.fingerprint, kind, item),
+            {f"block{i:03d}": s for i, s in enumerate(sums.sums)},
+            {"count": sums.count},
+        )
 
 
 def extract_rank(plan_path: str):

@@ -35,14 +35,23 @@ KINDS = ("r_train", "r_query", "inverse_root", "inverse_root_train_only", "inver
 
 @dataclass
 class FitHessianConfig(SliceConfig):
-    mixing_lambda: float | None = from_settings("hessian_lambda", flags=["--lambda"],
-                                                help="task mixing weight (default: spectra-crossing rule)")
-    crossing_fraction: float = option(0.015, help="the spectra cross at this share of the dimension "
-                                                  "(default 1.5%%, as the paper's ~1000 of ~65K)")
-    damping_ratio: float = from_settings("hessian_damping", help="per block: ratio × the mean eigenvalue of R_train's block")
-    damping_rule: str = option("train-block", choices=["train-block", "mixed-global"],
-                               help="per block relative to R_train (default), or the classic global rule on the mixed R")
-    r_query_exclude: tuple = option((), cli=False)  # query ids left out of R_query (fit it on a split the scoring does not use)
+    mixing_lambda: float | None = from_settings(
+        "hessian_lambda", flags=["--lambda"], help="task mixing weight (default: spectra-crossing rule)"
+    )
+    crossing_fraction: float = option(
+        0.015, help="the spectra cross at this share of the dimension (default 1.5%%, as the paper's ~1000 of ~65K)"
+    )
+    damping_ratio: float = from_settings(
+        "hessian_damping", help="per block: ratio × the mean eigenvalue of R_train's block"
+    )
+    damping_rule: str = option(
+        "train-block",
+        choices=["train-block", "mixed-global"],
+        help="per block relative to R_train (default), or the classic global rule on the mixed R",
+    )
+    r_query_exclude: tuple = option(
+        (), cli=False
+    )  # query ids left out of R_query (fit it on a split the scoring does not use)
 
 
 def only_fingerprint(lake: Lake, checkpoint_id: str) -> str:
@@ -66,22 +75,32 @@ def summed_autocorrelation(files: list[str]):
     return total
 
 
-def query_autocorrelation(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: str, exclude: set,
-                          block_sizes: list):
+def query_autocorrelation(
+    lake: Lake, checkpoint_id: str, fingerprint: str, query_set: str, exclude: set, block_sizes: list
+):
     """Σ p pᵀ over the stored query vectors of the set, leaving out the `exclude` query ids."""
     from gradient_kernels.hessian import Autocorrelation
     from schemas.vectors import decode_vectors
 
-    rows = lake.read("query_gradients", filters=[("query_set", "=", query_set), ("checkpoint_id", "=", checkpoint_id),
-                                                 ("fingerprint", "=", fingerprint)])
+    rows = lake.read(
+        "query_gradients",
+        filters=[
+            ("query_set", "=", query_set),
+            ("checkpoint_id", "=", checkpoint_id),
+            ("fingerprint", "=", fingerprint),
+        ],
+    )
     kept = rows.filter(pc.invert(pc.is_in(rows["query_id"], pa.array(sorted(exclude), pa.string()))))
     if kept.num_rows == 0:
-        raise ValueError(f"no query vectors of {query_set!r} are left for R_query after excluding {len(exclude)} queries")
+        raise ValueError(
+            f"no query vectors of {query_set!r} are left for R_query after excluding {len(exclude)} queries"
+        )
     dtypes = set(kept["dtype"].to_pylist())
     if len(dtypes) != 1:
         raise ValueError(f"mixed vector dtypes among the query vectors: {sorted(dtypes)}")
-    vectors = decode_vectors(kept["vector"], dtypes.pop(), kept["scale"].to_numpy(zero_copy_only=False),
-                             sum(block_sizes))
+    vectors = decode_vectors(
+        kept["vector"], dtypes.pop(), kept["scale"].to_numpy(zero_copy_only=False), sum(block_sizes)
+    )
     return Autocorrelation(block_sizes).add(torch.from_numpy(vectors))
 
 
@@ -93,7 +112,7 @@ class Fit:
     component: int
     dampings: list
     train_dampings: list
-    matrices: dict        # kind -> list of blocks (see KINDS)
+    matrices: dict  # kind -> list of blocks (see KINDS)
     diagnostics: dict
     train_spectrum: torch.Tensor
     query_spectrum: torch.Tensor
@@ -101,41 +120,71 @@ class Fit:
 
 def fit(train, query, config: FitHessianConfig) -> Fit:
     """R_train, R_query, λ and the damped inverse roots from two `Autocorrelation` sums."""
-    from gradient_kernels.hessian import (conditioning, crossing_component, crossing_lambda, damped_inverse_power, mix,
-                                          spectrum)
+    from gradient_kernels.hessian import (
+        conditioning,
+        crossing_component,
+        crossing_lambda,
+        damped_inverse_power,
+        mix,
+        spectrum,
+    )
 
     r_train, r_query = train.mean(), query.mean()
     train_spectrum, query_spectrum = spectrum(r_train), spectrum(r_query)
     component = crossing_component(sum(train.block_sizes), config.crossing_fraction)
-    lam = (config.mixing_lambda if config.mixing_lambda is not None
-           else crossing_lambda(query_spectrum, train_spectrum, component))
+    lam = (
+        config.mixing_lambda
+        if config.mixing_lambda is not None
+        else crossing_lambda(query_spectrum, train_spectrum, component)
+    )
     mixed = mix(r_query, r_train, lam)
     dampings, train_dampings = dampings_for(config, r_train, mixed), dampings_for(config, r_train, r_train)
-    matrices = {"r_train": r_train, "r_query": r_query,
-                "inverse_root": damped_inverse_power(mixed, dampings)[0],
-                "inverse_root_train_only": damped_inverse_power(r_train, train_dampings)[0],
-                "inverse_train": damped_inverse_power(r_train, train_dampings, power=-1.0)[0]}
-    return Fit(lam, component, dampings, train_dampings, matrices, conditioning(r_train, r_query, mixed, dampings),
-               train_spectrum, query_spectrum)
+    matrices = {
+        "r_train": r_train,
+        "r_query": r_query,
+        "inverse_root": damped_inverse_power(mixed, dampings)[0],
+        "inverse_root_train_only": damped_inverse_power(r_train, train_dampings)[0],
+        "inverse_train": damped_inverse_power(r_train, train_dampings, power=-1.0)[0],
+    }
+    return Fit(
+        lam,
+        component,
+        dampings,
+        train_dampings,
+        matrices,
+        conditioning(r_train, r_query, mixed, dampings),
+        train_spectrum,
+        query_spectrum,
+    )
 
 
 def extracted_sums(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: str, r_query_exclude=()):
     """(train, query) autocorrelation sums of an extraction; R_query leaves out `r_query_exclude`."""
     from jobs.extract import QUERY, TRAIN, autocorrelation_path
 
-    partitions = sorted(set(lake.read("train_gradients", filters=[("checkpoint_id", "=", checkpoint_id),
-                                                                   ("fingerprint", "=", fingerprint)],
-                                      columns=["partition"])["partition"].to_pylist()))
+    partitions = sorted(
+        set(
+            lake.read(
+                "train_gradients",
+                filters=[("checkpoint_id", "=", checkpoint_id), ("fingerprint", "=", fingerprint)],
+                columns=["partition"],
+            )["partition"].to_pylist()
+        )
+    )
     train_files = [autocorrelation_path(lake, checkpoint_id, fingerprint, TRAIN, p) for p in partitions]
     query_file = autocorrelation_path(lake, checkpoint_id, fingerprint, QUERY, query_set)
     missing = [f for f in train_files + [query_file] if not storage.exists(f)]
     if not partitions or missing:
-        raise FileNotFoundError(f"autocorrelation sums missing for {checkpoint_id}/{fingerprint}: "
-                                f"{missing[:3] or 'no extracted partitions'}; rerun `python -m jobs extract`")
+        raise FileNotFoundError(
+            f"autocorrelation sums missing for {checkpoint_id}/{fingerprint}: "
+            f"{missing[:3] or 'no extracted partitions'}; rerun `python -m jobs extract`"
+        )
     train = summed_autocorrelation(train_files)
-    query = (summed_autocorrelation([query_file]) if not r_query_exclude
-             else query_autocorrelation(lake, checkpoint_id, fingerprint, query_set, set(r_query_exclude),
-                                        train.block_sizes))
+    query = (
+        summed_autocorrelation([query_file])
+        if not r_query_exclude
+        else query_autocorrelation(lake, checkpoint_id, fingerprint, query_set, set(r_query_exclude), train.block_sizes)
+    )
     return train, query
 
 
@@ -147,48 +196,101 @@ def run(config: FitHessianConfig) -> dict:
     lake = Lake(config.lake)
     checkpoint_id = config.checkpoint_id or latest_checkpoint_id(lake)
     fingerprint = config.fingerprint or only_fingerprint(lake, checkpoint_id)
-    run_id = start_run(lake, "fit-hessian", asdict(config) | {"checkpoint_id": checkpoint_id, "fingerprint": fingerprint})
+    run_id = start_run(
+        lake, "fit-hessian", asdict(config) | {"checkpoint_id": checkpoint_id, "fingerprint": fingerprint}
+    )
     train, query = extracted_sums(lake, checkpoint_id, fingerprint, config.query_set, config.r_query_exclude)
     fitted = fit(train, query, config)
     lam, component, dampings, diagnostics = fitted.lam, fitted.component, fitted.dampings, fitted.diagnostics
     if diagnostics["blocks_damped_above_train_top"]:
-        print(f"[fit-hessian] WARNING: the damping exceeds R_train's top eigenvalue in blocks "
-              f"{diagnostics['blocks_damped_above_train_top'][:10]}: there R^(-1/2) is nearly constant on training "
-              f"vectors (the preconditioner does nothing); lower --damping-ratio or use --damping-rule train-block",
-              flush=True)
+        print(
+            f"[fit-hessian] WARNING: the damping exceeds R_train's top eigenvalue in blocks "
+            f"{diagnostics['blocks_damped_above_train_top'][:10]}: there R^(-1/2) is nearly constant on training "
+            f"vectors (the preconditioner does nothing); lower --damping-ratio or use --damping-rule train-block",
+            flush=True,
+        )
 
     folder = storage.join(lake.root, "_matrices", "hessians", checkpoint_id, config.query_set, fingerprint)
-    lineage = {"r_train": (None, None, train.count), "r_query": (None, None, query.count),
-               "inverse_root": (lam, dampings, train.count + query.count),
-               "inverse_root_train_only": (0.0, fitted.train_dampings, train.count),
-               "inverse_train": (0.0, fitted.train_dampings, train.count)}
-    rows = {name: [] for name in ("checkpoint_id", "query_set", "fingerprint", "kind", "path", "shape", "sha256",
-                                  "lambda", "damping", "n_samples", "run_id", "created_at")}
+    lineage = {
+        "r_train": (None, None, train.count),
+        "r_query": (None, None, query.count),
+        "inverse_root": (lam, dampings, train.count + query.count),
+        "inverse_root_train_only": (0.0, fitted.train_dampings, train.count),
+        "inverse_train": (0.0, fitted.train_dampings, train.count),
+    }
+    rows = {
+        name: []
+        for name in (
+            "checkpoint_id",
+            "query_set",
+            "fingerprint",
+            "kind",
+            "path",
+            "shape",
+            "sha256",
+            "lambda",
+            "damping",
+            "n_samples",
+            "run_id",
+            "created_at",
+        )
+    }
     for kind, (kind_lambda, kind_damping, n) in lineage.items():
         blocks = fitted.matrices[kind]
         path = storage.join(folder, f"{kind}.safetensors")
         # one metadata key: safetensors writes several in no fixed order, and the checksum must be stable
         sha = save_matrices(path, {f"block{i:03d}": b.float() for i, b in enumerate(blocks)}, {"count": n})
         mean_damping = sum(kind_damping) / len(kind_damping) if kind_damping else None
-        for name, value in (("checkpoint_id", checkpoint_id), ("query_set", config.query_set), ("fingerprint", fingerprint),
-                            ("kind", kind), ("path", str(path)), ("shape", [b.shape[0] for b in blocks]), ("sha256", sha),
-                            ("lambda", kind_lambda), ("damping", mean_damping), ("n_samples", n), ("run_id", run_id),
-                            ("created_at", datetime.now(timezone.utc))):
+        for name, value in (
+            ("checkpoint_id", checkpoint_id),
+            ("query_set", config.query_set),
+            ("fingerprint", fingerprint),
+            ("kind", kind),
+            ("path", str(path)),
+            ("shape", [b.shape[0] for b in blocks]),
+            ("sha256", sha),
+            ("lambda", kind_lambda),
+            ("damping", mean_damping),
+            ("n_samples", n),
+            ("run_id", run_id),
+            ("created_at", datetime.now(timezone.utc)),
+        ):
             rows[name].append(value)
-    lake.replace_slice("hessians", pa.table(rows), checkpoint_id=checkpoint_id, query_set=config.query_set,
-                       fingerprint=fingerprint)
-    figure = plot_spectra(fitted.query_spectrum, fitted.train_spectrum, lam, component, diagnostics,
-                          storage.join(lake.root, "reports", f"hessian_{checkpoint_id}_{config.query_set}_{fingerprint}.png"))
-    result = {"checkpoint_id": checkpoint_id, "query_set": config.query_set, "fingerprint": fingerprint, "lambda": lam,
-              "crossing_component": component, "damping_rule": config.damping_rule,
-              "damping": sum(dampings) / len(dampings), "dampings": dampings, "n_train": train.count, "n_query": query.count,
-              "dim": sum(train.block_sizes), "blocks": len(train.block_sizes), "figure": str(figure), "run_id": run_id,
-              "conditioning": diagnostics}
+    lake.replace_slice(
+        "hessians", pa.table(rows), checkpoint_id=checkpoint_id, query_set=config.query_set, fingerprint=fingerprint
+    )
+    figure = plot_spectra(
+        fitted.query_spectrum,
+        fitted.train_spectrum,
+        lam,
+        component,
+        diagnostics,
+        storage.join(lake.root, "reports", f"hessian_{checkpoint_id}_{config.query_set}_{fingerprint}.png"),
+    )
+    result = {
+        "checkpoint_id": checkpoint_id,
+        "query_set": config.query_set,
+        "fingerprint": fingerprint,
+        "lambda": lam,
+        "crossing_component": component,
+        "damping_rule": config.damping_rule,
+        "damping": sum(dampings) / len(dampings),
+        "dampings": dampings,
+        "n_train": train.count,
+        "n_query": query.count,
+        "dim": sum(train.block_sizes),
+        "blocks": len(train.block_sizes),
+        "figure": str(figure),
+        "run_id": run_id,
+        "conditioning": diagnostics,
+    }
     finish_run(lake, run_id, "succeeded", result)
-    print(f"[fit-hessian] {checkpoint_id} × {config.query_set}: R from {train.count:,} train and {query.count:,} query "
-          f"vectors ({result['blocks']} blocks, {result['dim']} dims); λ = {lam:.3f} (crossing at component "
-          f"{component}), damping {min(dampings):.3g}..{max(dampings):.3g} ({config.damping_rule}), condition number "
-          f"≤ {diagnostics['condition_number_max']:.3g}; spectra plot {figure}")
+    print(
+        f"[fit-hessian] {checkpoint_id} × {config.query_set}: R from {train.count:,} train and {query.count:,} query "
+        f"vectors ({result['blocks']} blocks, {result['dim']} dims); λ = {lam:.3f} (crossing at component "
+        f"{component}), damping {min(dampings):.3g}..{max(dampings):.3g} ({config.damping_rule}), condition number "
+        f"≤ {diagnostics['condition_number_max']:.3g}; spectra plot {figure}"
+    )
     return result
 
 
@@ -216,12 +318,14 @@ def plot_spectra(query_spectrum, train_spectrum, lam: float, component: int, dia
     ax.loglog(ranks, (lam * query_spectrum).clamp(min=1e-30), label=f"λ·R_query (λ={lam:.3f})")
     ax.loglog(ranks, ((1 - lam) * train_spectrum).clamp(min=1e-30), label="(1-λ)·R_train")
     ax.axvline(min(component, len(ranks)), color="grey", linestyle=":", label=f"crossing target ({component})")
-    ax.axhspan(diagnostics["damping_min"], diagnostics["damping_max"], color="orange", alpha=0.2,
-               label="dampings (per block)")
+    ax.axhspan(
+        diagnostics["damping_min"], diagnostics["damping_max"], color="orange", alpha=0.2, label="dampings (per block)"
+    )
     ax.set_xlabel("component (sorted)")
     ax.set_ylabel("eigenvalue")
-    ax.set_title(f"Task-mixed Hessian: scaled spectra (condition ≤ {diagnostics['condition_number_max']:.2g})",
-                 fontsize=10)
+    ax.set_title(
+        f"Task-mixed Hessian: scaled spectra (condition ≤ {diagnostics['condition_number_max']:.2g})", fontsize=10
+    )
     ax.legend()
     fig.tight_layout()
     png = io.BytesIO()

@@ -58,12 +58,24 @@ def _by_partition(rows: pa.Table, column: str) -> dict[int, set]:
 
 def plan(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: str, kind: str, dtype: str, sha256: str) -> dict:
     """{"build": partitions to (re)build with the reason, "remove": partitions to drop, "keep": up to date}."""
-    sources = _by_partition(lake.read("train_gradients", filters=[("checkpoint_id", "=", checkpoint_id),
-                                                                  ("fingerprint", "=", fingerprint)],
-                                      columns=["partition", "run_id"]), "run_id")
-    slice_filter = [("checkpoint_id", "=", checkpoint_id), ("query_set", "=", query_set),
-                    ("fingerprint", "=", fingerprint), ("kind", "=", kind), ("dtype", "=", dtype)]
-    indexed = lake.read("trackstar_index", filters=slice_filter, columns=["partition", "hessian_sha256", "source_run_id"])
+    sources = _by_partition(
+        lake.read(
+            "train_gradients",
+            filters=[("checkpoint_id", "=", checkpoint_id), ("fingerprint", "=", fingerprint)],
+            columns=["partition", "run_id"],
+        ),
+        "run_id",
+    )
+    slice_filter = [
+        ("checkpoint_id", "=", checkpoint_id),
+        ("query_set", "=", query_set),
+        ("fingerprint", "=", fingerprint),
+        ("kind", "=", kind),
+        ("dtype", "=", dtype),
+    ]
+    indexed = lake.read(
+        "trackstar_index", filters=slice_filter, columns=["partition", "hessian_sha256", "source_run_id"]
+    )
     hessians, indexed_sources = _by_partition(indexed, "hessian_sha256"), _by_partition(indexed, "source_run_id")
     build, keep = {}, []
     for partition, run_ids in sorted(sources.items()):
@@ -78,8 +90,9 @@ def plan(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: str, kind:
     return {"build": build, "remove": sorted(set(hessians) - set(sources)), "keep": keep}
 
 
-def indexed_batches(lake: Lake, checkpoint_id: str, fingerprint: str, partition: int, blocks: list, dtype: str,
-                    batch_bytes: int):
+def indexed_batches(
+    lake: Lake, checkpoint_id: str, fingerprint: str, partition: int, blocks: list, dtype: str, batch_bytes: int
+):
     """(keys, encoded Ḡ, sketches) per byte-bounded batch of one partition's train vectors."""
     from gradient_kernels.scoring import Preconditioner, prepare
     from schemas.vectors import decode_vectors, encode_sign_sketch, encode_vectors
@@ -87,10 +100,14 @@ def indexed_batches(lake: Lake, checkpoint_id: str, fingerprint: str, partition:
     dim = sum(block.shape[0] for block in blocks)
     preconditioner = Preconditioner(blocks)
     dataset = lake.open("train_gradients").to_pyarrow_dataset()
-    for batch in dataset.to_batches(columns=["doc_id", "chunk", "vector", "dtype", "scale"], use_threads=False,
-                                    batch_size=rows_per_batch(dim, batch_bytes),
-                                    filter=(pc.field("checkpoint_id") == checkpoint_id)
-                                    & (pc.field("fingerprint") == fingerprint) & (pc.field("partition") == partition)):
+    for batch in dataset.to_batches(
+        columns=["doc_id", "chunk", "vector", "dtype", "scale"],
+        use_threads=False,
+        batch_size=rows_per_batch(dim, batch_bytes),
+        filter=(pc.field("checkpoint_id") == checkpoint_id)
+        & (pc.field("fingerprint") == fingerprint)
+        & (pc.field("partition") == partition),
+    ):
         if batch.num_rows == 0:
             continue
         dtypes = set(batch.column("dtype").to_pylist())
@@ -101,29 +118,48 @@ def indexed_batches(lake: Lake, checkpoint_id: str, fingerprint: str, partition:
         yield batch.select(["doc_id", "chunk"]), encode_vectors(prepared, dtype), encode_sign_sketch(prepared)
 
 
-def build_partition(lake: Lake, keys: dict, partition: int, blocks: list, sha256: str, source_run_id: str,
-                    run_id: str, batch_bytes: int) -> int:
+def build_partition(
+    lake: Lake, keys: dict, partition: int, blocks: list, sha256: str, source_run_id: str, run_id: str, batch_bytes: int
+) -> int:
     """Write one partition's index slice (atomic replace, streamed); returns the rows written."""
     written = 0
 
     def batches():
         nonlocal written
-        for ids, (cells, scales), sketches in indexed_batches(lake, keys["checkpoint_id"], keys["fingerprint"], partition,
-                                                              blocks, keys["dtype"], batch_bytes):
+        for ids, (cells, scales), sketches in indexed_batches(
+            lake, keys["checkpoint_id"], keys["fingerprint"], partition, blocks, keys["dtype"], batch_bytes
+        ):
             n = ids.num_rows
             written += n
-            yield pa.table({**{name: [value] * n for name, value in keys.items()}, "partition": [partition] * n,
-                            "doc_id": ids.column("doc_id"), "chunk": ids.column("chunk"),
-                            "hessian_sha256": [sha256] * n, "source_run_id": [source_run_id] * n, "vector": cells,
-                            "scale": scales if scales is not None else pa.nulls(n, pa.float32()),
-                            "sketch": sketches, "run_id": [run_id] * n})
+            yield pa.table(
+                {
+                    **{name: [value] * n for name, value in keys.items()},
+                    "partition": [partition] * n,
+                    "doc_id": ids.column("doc_id"),
+                    "chunk": ids.column("chunk"),
+                    "hessian_sha256": [sha256] * n,
+                    "source_run_id": [source_run_id] * n,
+                    "vector": cells,
+                    "scale": scales if scales is not None else pa.nulls(n, pa.float32()),
+                    "sketch": sketches,
+                    "run_id": [run_id] * n,
+                }
+            )
 
     lake.replace_slice_batches("trackstar_index", batches(), partition=partition, **keys)
     return written
 
 
-def ensure_index(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: str, kind: str, dtype: str = "int8",
-                 run_id: str = "", batch_bytes: int = BATCH_BYTES) -> dict:
+def ensure_index(
+    lake: Lake,
+    checkpoint_id: str,
+    fingerprint: str,
+    query_set: str,
+    kind: str,
+    dtype: str = "int8",
+    run_id: str = "",
+    batch_bytes: int = BATCH_BYTES,
+) -> dict:
     """Bring the index of one (checkpoint, fingerprint, query set, matrix kind, dtype) up to date."""
     from jobs.catalog import load_preconditioner
 
@@ -131,23 +167,44 @@ def ensure_index(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: st
         raise ValueError(f"index kind {kind!r} / dtype {dtype!r}: kinds {KINDS}, dtypes {DTYPES}")
     blocks, hessian = load_preconditioner(lake, checkpoint_id, query_set, fingerprint, kind)
     work = plan(lake, checkpoint_id, fingerprint, query_set, kind, dtype, hessian["sha256"])
-    keys = {"checkpoint_id": checkpoint_id, "query_set": query_set, "fingerprint": fingerprint, "kind": kind,
-            "dtype": dtype}
+    keys = {
+        "checkpoint_id": checkpoint_id,
+        "query_set": query_set,
+        "fingerprint": fingerprint,
+        "kind": kind,
+        "dtype": dtype,
+    }
     if work["build"]:
-        sources = _by_partition(lake.read("train_gradients", filters=[("checkpoint_id", "=", checkpoint_id),
-                                                                      ("fingerprint", "=", fingerprint),
-                                                                      ("partition", "in", list(work["build"]))],
-                                          columns=["partition", "run_id"]), "run_id")
+        sources = _by_partition(
+            lake.read(
+                "train_gradients",
+                filters=[
+                    ("checkpoint_id", "=", checkpoint_id),
+                    ("fingerprint", "=", fingerprint),
+                    ("partition", "in", list(work["build"])),
+                ],
+                columns=["partition", "run_id"],
+            ),
+            "run_id",
+        )
     rows = 0
     for partition, reason in work["build"].items():
-        rows += build_partition(lake, keys, partition, blocks, hessian["sha256"], ",".join(sorted(sources[partition])),
-                                run_id, batch_bytes)
+        rows += build_partition(
+            lake, keys, partition, blocks, hessian["sha256"], ",".join(sorted(sources[partition])), run_id, batch_bytes
+        )
         print(f"[index] {kind}/{dtype} partition {partition} built ({reason})", flush=True)
     for partition in work["remove"]:
         lake.open("trackstar_index").delete(slice_predicate(table("trackstar_index"), {**keys, "partition": partition}))
         print(f"[index] {kind}/{dtype} partition {partition} removed (no longer extracted)", flush=True)
-    return {"kind": kind, "dtype": dtype, "hessian": hessian["sha256"], "built": work["build"],
-            "removed": work["remove"], "kept": work["keep"], "rows_written": rows}
+    return {
+        "kind": kind,
+        "dtype": dtype,
+        "hessian": hessian["sha256"],
+        "built": work["build"],
+        "removed": work["remove"],
+        "kept": work["keep"],
+        "rows_written": rows,
+    }
 
 
 def run(config: IndexConfig) -> dict:
@@ -160,13 +217,22 @@ def run(config: IndexConfig) -> dict:
     fingerprint = config.fingerprint or only_fingerprint(lake, checkpoint_id)
     run_id = start_run(lake, "index", asdict(config) | {"checkpoint_id": checkpoint_id, "fingerprint": fingerprint})
     try:
-        results = [ensure_index(lake, checkpoint_id, fingerprint, config.query_set, kind, config.dtype, run_id,
-                                config.batch_bytes) for kind in config.kinds]
+        results = [
+            ensure_index(
+                lake, checkpoint_id, fingerprint, config.query_set, kind, config.dtype, run_id, config.batch_bytes
+            )
+            for kind in config.kinds
+        ]
     except Exception:
         finish_run(lake, run_id, "failed", {})
         raise
-    result = {"checkpoint_id": checkpoint_id, "fingerprint": fingerprint, "query_set": config.query_set,
-              "run_id": run_id, "indexes": results}
+    result = {
+        "checkpoint_id": checkpoint_id,
+        "fingerprint": fingerprint,
+        "query_set": config.query_set,
+        "run_id": run_id,
+        "indexes": results,
+    }
     finish_run(lake, run_id, "succeeded", result)
     return result
 

@@ -28,14 +28,32 @@ def _has_gpu() -> bool:
 
 
 def launch_ranks(module: str, plan: str, ranks: int):
-    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore::FutureWarning",
-               TRACKSTAR_DRIVER_PID=str(os.getpid()))
+    env = dict(
+        os.environ,
+        TRANSFORMERS_VERBOSITY="error",
+        PYTHONWARNINGS="ignore::FutureWarning",
+        TRACKSTAR_DRIVER_PID=str(os.getpid()),
+    )
     if not _has_gpu():
         # one thread per rank: the ranks themselves are the parallelism on a CPU host
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--log_level", "warning", "--num_gpus", str(ranks),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-               "--module", module, "--plan", str(plan)]
+    command = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--log_level",
+        "warning",
+        "--num_gpus",
+        str(ranks),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "--module",
+        module,
+        "--plan",
+        str(plan),
+    ]
     subprocess.run(command, env=env, check=True)
 
 

@@ -28,5 +28,7 @@ class Progress:
         eta = (self.total_items - self.items) / rate if rate > 0 else float("inf")
         # a token rate only where tokens are counted (tail-patch counts pairs): never a false "0 tok/s"
         tokens = f"{self.tokens / elapsed:,.0f} tok/s " if self.tokens else ""
-        return (f"[{self.label}] {self.items:,}/{self.total_items:,} {self.unit} "
-                f"{tokens}{rate:,.1f} {self.unit}/s ETA {eta:,.0f}s")
+        return (
+            f"[{self.label}] {self.items:,}/{self.total_items:,} {self.unit} "
+            f"{tokens}{rate:,.1f} {self.unit}/s ETA {eta:,.0f}s"
+        )

@@ -26,8 +26,13 @@ from infra.config import load_config
 DEFAULT_QUERY_SET = "fact-world"
 
 
-def run(lake_root: str, path: str | None = None, name: str = DEFAULT_QUERY_SET, run_id: str = "manual",
-        tokenizer: str | None = None) -> int:
+def run(
+    lake_root: str,
+    path: str | None = None,
+    name: str = DEFAULT_QUERY_SET,
+    run_id: str = "manual",
+    tokenizer: str | None = None,
+) -> int:
     check_names(query_set=name, run_id=run_id)
     lake = Lake(lake_root)
     path = storage.absolute(path or storage.join(lake.root, "world", "queries.jsonl"))
@@ -35,8 +40,11 @@ def run(lake_root: str, path: str | None = None, name: str = DEFAULT_QUERY_SET, 
     for note in query_file.notes:
         print(f"[register-queries] note: {note}")
     tokenizer = tokenizer or storage.join(lake.root, "model", "tokenizer")
-    local_tokenizer = (storage.local_folder(tokenizer, load_config().cache_dir)
-                       if storage.exists(storage.join(tokenizer, "tokenizer.json")) else Path(tokenizer))
+    local_tokenizer = (
+        storage.local_folder(tokenizer, load_config().cache_dir)
+        if storage.exists(storage.join(tokenizer, "tokenizer.json"))
+        else Path(tokenizer)
+    )
     queries = checked_against_tokenizer(lake, path, query_file, local_tokenizer, run_id)
     columns = [c.name for c in TABLES["queries"].columns]
     rows = {c: [] for c in columns}
@@ -44,9 +52,19 @@ def run(lake_root: str, path: str | None = None, name: str = DEFAULT_QUERY_SET, 
         for c in columns:
             rows[c].append({"query_set": name, "run_id": run_id}.get(c, query.get(c)))
     lake.replace_slice("queries", pa.table(rows), query_set=name)
-    lake.replace_slice("query_sets", pa.table({"query_set": [name], "path": [path], "n_queries": [len(queries)],
-                                               "registered_at": [datetime.now(timezone.utc)], "run_id": [run_id]}),
-                       query_set=name)
+    lake.replace_slice(
+        "query_sets",
+        pa.table(
+            {
+                "query_set": [name],
+                "path": [path],
+                "n_queries": [len(queries)],
+                "registered_at": [datetime.now(timezone.utc)],
+                "run_id": [run_id],
+            }
+        ),
+        query_set=name,
+    )
     print(f"[register-queries] {len(queries)} queries from {path} registered as query set {name!r}")
     return len(queries)
 
@@ -62,9 +80,20 @@ def checked_against_tokenizer(lake: Lake, path: Path, query_file, tokenizer_dir:
     for warning in warnings:
         print(f"[register-queries] warning: {warning}")
     if refused:
-        quarantine_rows(lake, [{"source": str(path), "position": f"{path}:{query_file.lines[i]}", "reason": reason,
-                                "raw_value": json.dumps(query_file.queries[i], ensure_ascii=False)}
-                               for i, reason in refused], stage="register-queries", run_id=run_id)
+        quarantine_rows(
+            lake,
+            [
+                {
+                    "source": str(path),
+                    "position": f"{path}:{query_file.lines[i]}",
+                    "reason": reason,
+                    "raw_value": json.dumps(query_file.queries[i], ensure_ascii=False),
+                }
+                for i, reason in refused
+            ],
+            stage="register-queries",
+            run_id=run_id,
+        )
         for i, reason in refused[:5]:
             print(f"[register-queries] refused {path}:{query_file.lines[i]}: {reason}")
         print(f"[register-queries] {len(refused)} query(ies) refused into quarantine (stage register-queries)")

@@ -59,8 +59,11 @@ class ScoreConfig(SliceConfig):
     methods: list[str] = option(factory=lambda: ["trackstar"], choices=sorted(METHODS), nargs="+")
     top_k: int = from_settings("top_k", help="proponents kept per query")
     prompt_index: int = option(0, choices=[0, 1, 2])
-    index: str = option("int8", choices=["int8", "float16", "bfloat16", "float32", "none"],
-                        help=f"code of the TrackStar index for {', '.join(INDEXED_METHODS)} ('none': score raw vectors)")
+    index: str = option(
+        "int8",
+        choices=["int8", "float16", "bfloat16", "float32", "none"],
+        help=f"code of the TrackStar index for {', '.join(INDEXED_METHODS)} ('none': score raw vectors)",
+    )
     batch_bytes: int = option(BATCH_BYTES, help="decoded bytes per scoring batch")
 
 
@@ -89,26 +92,43 @@ def method_blocks(method: str, matrices: dict):
     return None, matrices[kind], unit_norm  # R⁻¹ on the query side only: q·R⁻¹·t, the same scores, cheaper
 
 
-def rank_in_memory(lake: Lake, method: str, checkpoint_id: str, query_set: str, fingerprint: str, matrices: dict,
-                   k: int, prompt_index: int = 0) -> dict:
+def rank_in_memory(
+    lake: Lake,
+    method: str,
+    checkpoint_id: str,
+    query_set: str,
+    fingerprint: str,
+    matrices: dict,
+    k: int,
+    prompt_index: int = 0,
+) -> dict:
     """query id -> [doc ids, best first]: what `run` computes, in this process and without writing,
     for evaluations that compare other preconditioners or projection seeds."""
     train_blocks, query_blocks, unit_norm = method_blocks(method, matrices)
     query_ids, raw_queries, dim = query_vectors(lake, query_set, checkpoint_id, fingerprint, prompt_index)
     queries = _prepared_side(raw_queries, query_blocks, unit_norm).numpy()
-    train = lake.read("train_gradients", filters=[("checkpoint_id", "=", checkpoint_id), ("fingerprint", "=", fingerprint)],
-                      columns=["doc_id", "chunk", "vector", "dtype", "scale"])
+    train = lake.read(
+        "train_gradients",
+        filters=[("checkpoint_id", "=", checkpoint_id), ("fingerprint", "=", fingerprint)],
+        columns=["doc_id", "chunk", "vector", "dtype", "scale"],
+    )
     ranked = {q: [] for q in query_ids}
     for batch in score_batches(train.to_batches(max_chunksize=2048), queries, train_blocks, unit_norm, k, dim):
-        rows = sorted(zip(batch.column("query_index").to_pylist(), (-s for s in batch.column("score").to_pylist()),
-                          batch.column("doc_id").to_pylist()))
+        rows = sorted(
+            zip(
+                batch.column("query_index").to_pylist(),
+                (-s for s in batch.column("score").to_pylist()),
+                batch.column("doc_id").to_pylist(),
+            )
+        )
         for query_index, _, doc_id in rows:
             ranked[query_ids[query_index]].append(doc_id)
     return ranked
 
 
-def score_batches(batches, queries: np.ndarray, train_blocks, unit_norm: bool, k: int, dim: int,
-                  batch_bytes: int = BATCH_BYTES):
+def score_batches(
+    batches, queries: np.ndarray, train_blocks, unit_norm: bool, k: int, dim: int, batch_bytes: int = BATCH_BYTES
+):
     """mapInArrow body: batches of train vectors -> this task's top-k rows per query."""
     from gradient_kernels.scoring import RunningTopK
     from schemas.vectors import decode_vectors
@@ -121,28 +141,47 @@ def score_batches(batches, queries: np.ndarray, train_blocks, unit_norm: bool, k
             raise ValueError(f"mixed vector dtypes in one batch: {dtypes}")
         for start in range(0, batch.num_rows, step):
             part = batch.slice(start, step)
-            train = torch.from_numpy(decode_vectors(part.column("vector"), next(iter(dtypes)), part.column("scale"), dim))
+            train = torch.from_numpy(
+                decode_vectors(part.column("vector"), next(iter(dtypes)), part.column("scale"), dim)
+            )
             doc_ids, chunks = part.column("doc_id"), part.column("chunk")
-            best.add(q @ _prepared_side(train, train_blocks, unit_norm).T,
-                     lambda rows: zip(doc_ids.take(pa.array(rows, pa.int64())).to_pylist(),
-                                      chunks.take(pa.array(rows, pa.int64())).to_pylist()))
+            best.add(
+                q @ _prepared_side(train, train_blocks, unit_norm).T,
+                lambda rows: zip(
+                    doc_ids.take(pa.array(rows, pa.int64())).to_pylist(),
+                    chunks.take(pa.array(rows, pa.int64())).to_pylist(),
+                ),
+            )
     ranked = [(query, score, key) for query, found in enumerate(best.ranked()) for score, key in found]
     if not ranked:
         return
-    yield pa.RecordBatch.from_pydict({
-        "query_index": pa.array([query for query, _, _ in ranked], pa.int32()),
-        "doc_id": [key[0] for _, _, key in ranked],
-        "chunk": pa.array([key[1] for _, _, key in ranked], pa.int32()),
-        "score": pa.array([score for _, score, _ in ranked], pa.float64())})
+    yield pa.RecordBatch.from_pydict(
+        {
+            "query_index": pa.array([query for query, _, _ in ranked], pa.int32()),
+            "doc_id": [key[0] for _, _, key in ranked],
+            "chunk": pa.array([key[1] for _, _, key in ranked], pa.int32()),
+            "score": pa.array([score for _, score, _ in ranked], pa.float64()),
+        }
+    )
 
 
 def scoring_inputs(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: str) -> dict:
     """What the scores depend on, recorded with each run so a rerun can tell whether anything changed."""
-    hessian = lake.read("hessians", filters=[("checkpoint_id", "=", checkpoint_id), ("query_set", "=", query_set),
-                                             ("fingerprint", "=", fingerprint), ("kind", "=", "inverse_root")],
-                        columns=["sha256"])["sha256"].to_pylist()
-    return {"train_vectors": train_vector_count(lake, checkpoint_id, fingerprint), "hessian": hessian[0] if hessian else None,
-            "fingerprint": fingerprint}
+    hessian = lake.read(
+        "hessians",
+        filters=[
+            ("checkpoint_id", "=", checkpoint_id),
+            ("query_set", "=", query_set),
+            ("fingerprint", "=", fingerprint),
+            ("kind", "=", "inverse_root"),
+        ],
+        columns=["sha256"],
+    )["sha256"].to_pylist()
+    return {
+        "train_vectors": train_vector_count(lake, checkpoint_id, fingerprint),
+        "hessian": hessian[0] if hessian else None,
+        "fingerprint": fingerprint,
+    }
 
 
 def query_vectors(lake: Lake, query_set: str, checkpoint_id: str, fingerprint: str, prompt_index: int):
@@ -152,8 +191,14 @@ def query_vectors(lake: Lake, query_set: str, checkpoint_id: str, fingerprint: s
     from gradient_kernels.scoring import check_same
     from schemas.vectors import decode_vectors
 
-    rows = lake.read("query_gradients", filters=[("query_set", "=", query_set), ("checkpoint_id", "=", checkpoint_id),
-                                                 ("prompt_index", "=", prompt_index)])
+    rows = lake.read(
+        "query_gradients",
+        filters=[
+            ("query_set", "=", query_set),
+            ("checkpoint_id", "=", checkpoint_id),
+            ("prompt_index", "=", prompt_index),
+        ],
+    )
     if rows.num_rows == 0:
         raise ValueError(f"no query gradients for {query_set}/{checkpoint_id}: run `python -m jobs extract`")
     matching = rows.filter(pc.equal(rows["fingerprint"], fingerprint))
@@ -183,21 +228,35 @@ def run(config: ScoreConfig) -> dict:
     run_id = start_run(lake, "score", asdict(config) | {"checkpoint_id": checkpoint_id, "fingerprint": fingerprint})
     query_ids, raw_queries, dim = query_vectors(lake, config.query_set, checkpoint_id, fingerprint, config.prompt_index)
     spark = spark_session()
-    train_gradients = (lake.spark_read(spark, "train_gradients")
-                       .filter((F.col("checkpoint_id") == checkpoint_id) & (F.col("fingerprint") == fingerprint)))
+    train_gradients = lake.spark_read(spark, "train_gradients").filter(
+        (F.col("checkpoint_id") == checkpoint_id) & (F.col("fingerprint") == fingerprint)
+    )
     ids = spark.createDataFrame([(i, q) for i, q in enumerate(query_ids)], "query_index int, query_id string")
     written, indexes = {}, {}
     for method in config.methods:
-        train_blocks, query_blocks, unit_norm = method_matrices(lake, method, checkpoint_id, config.query_set, fingerprint)
+        train_blocks, query_blocks, unit_norm = method_matrices(
+            lake, method, checkpoint_id, config.query_set, fingerprint
+        )
         queries = _prepared_side(raw_queries, query_blocks, unit_norm).numpy()
         train = train_gradients
         if config.index != "none" and method in INDEXED_METHODS:
-            indexes[method] = ensure_index(lake, checkpoint_id, fingerprint, config.query_set, METHODS[method][0],
-                                           config.index, run_id, config.batch_bytes)
+            indexes[method] = ensure_index(
+                lake,
+                checkpoint_id,
+                fingerprint,
+                config.query_set,
+                METHODS[method][0],
+                config.index,
+                run_id,
+                config.batch_bytes,
+            )
             train = lake.spark_read(spark, "trackstar_index").filter(
-                (F.col("checkpoint_id") == checkpoint_id) & (F.col("fingerprint") == fingerprint)
-                & (F.col("query_set") == config.query_set) & (F.col("kind") == METHODS[method][0])
-                & (F.col("dtype") == config.index))
+                (F.col("checkpoint_id") == checkpoint_id)
+                & (F.col("fingerprint") == fingerprint)
+                & (F.col("query_set") == config.query_set)
+                & (F.col("kind") == METHODS[method][0])
+                & (F.col("dtype") == config.index)
+            )
             train_blocks, unit_norm = None, False  # the index holds the prepared train side
         train = train.select("doc_id", "chunk", "vector", "dtype", "scale")
         k, batch_bytes = config.top_k, config.batch_bytes
@@ -206,19 +265,41 @@ def run(config: ScoreConfig) -> dict:
             return score_batches(batches, queries, train_blocks, unit_norm, k, dim, batch_bytes)
 
         local = train.mapInArrow(local_top_k, "query_index int, doc_id string, chunk int, score double")
-        ranked = local.withColumn("rank", F.row_number().over(
-            Window.partitionBy("query_index").orderBy(F.desc("score"), "doc_id", "chunk")))
-        proponents = (ranked.filter(F.col("rank") <= k).join(ids, "query_index")
-                      .select(F.lit(config.query_set).alias("query_set"), F.lit(checkpoint_id).alias("checkpoint_id"),
-                              "query_id", F.lit(method).alias("method"), "rank", "doc_id", "chunk", "score",
-                              F.lit(run_id).alias("run_id")))
-        lake.spark_write(proponents, "proponents",
-                         replace_where={"query_set": config.query_set, "method": method, "checkpoint_id": checkpoint_id})
+        ranked = local.withColumn(
+            "rank", F.row_number().over(Window.partitionBy("query_index").orderBy(F.desc("score"), "doc_id", "chunk"))
+        )
+        proponents = (
+            ranked.filter(F.col("rank") <= k)
+            .join(ids, "query_index")
+            .select(
+                F.lit(config.query_set).alias("query_set"),
+                F.lit(checkpoint_id).alias("checkpoint_id"),
+                "query_id",
+                F.lit(method).alias("method"),
+                "rank",
+                "doc_id",
+                "chunk",
+                "score",
+                F.lit(run_id).alias("run_id"),
+            )
+        )
+        lake.spark_write(
+            proponents,
+            "proponents",
+            replace_where={"query_set": config.query_set, "method": method, "checkpoint_id": checkpoint_id},
+        )
         written[method] = len(query_ids) * k
         print(f"[score] {method}: top-{k} of {config.query_set} × {checkpoint_id} written", flush=True)
-    result = {"checkpoint_id": checkpoint_id, "query_set": config.query_set, "fingerprint": fingerprint,
-              "queries": len(query_ids), "methods": written, "run_id": run_id, "indexes": indexes,
-              "inputs": scoring_inputs(lake, checkpoint_id, fingerprint, config.query_set)}
+    result = {
+        "checkpoint_id": checkpoint_id,
+        "query_set": config.query_set,
+        "fingerprint": fingerprint,
+        "queries": len(query_ids),
+        "methods": written,
+        "run_id": run_id,
+        "indexes": indexes,
+        "inputs": scoring_inputs(lake, checkpoint_id, fingerprint, config.query_set),
+    }
     finish_run(lake, run_id, "succeeded", result)
     return result
 

@@ -43,7 +43,8 @@ SQL_QUERIES: dict[str, SqlQuery] = {
         WHERE p.query_set = :query_set AND p.query_id = :query_id AND p.method = :method
         ORDER BY p.checkpoint_id, p.`rank`
         """,
-        {"query_set": str, "query_id": str, "method": str}),
+        {"query_set": str, "query_id": str, "method": str},
+    ),
     "proponent_frequency": SqlQuery(
         "documents that are proponents of the most queries (across checkpoints)",
         """
@@ -54,7 +55,8 @@ SQL_QUERIES: dict[str, SqlQuery] = {
         ORDER BY n_queries DESC, doc_id
         LIMIT :limit
         """,
-        {"query_set": str, "method": str, "limit": int}),
+        {"query_set": str, "method": str, "limit": int},
+    ),
     "gradient_coverage": SqlQuery(
         "per checkpoint, projection fingerprint and partition: chunks in tokens vs vectors in train_gradients",
         """
@@ -68,20 +70,23 @@ SQL_QUERIES: dict[str, SqlQuery] = {
         LEFT JOIN done d ON d.checkpoint_id = i.checkpoint_id AND d.fingerprint = i.fingerprint
                         AND d.`partition` = e.`partition`
         ORDER BY i.checkpoint_id, i.fingerprint, e.`partition`
-        """),
+        """,
+    ),
     "quarantine_by_reason": SqlQuery(
         "refused input rows per run, stage and reason",
         """
         SELECT run_id, stage, reason, count(*) AS n
         FROM quarantine GROUP BY run_id, stage, reason
         ORDER BY n DESC, run_id, stage, reason
-        """),
+        """,
+    ),
     "runs_history": SqlQuery(
         "every run, newest first, with status and counts",
         """
         SELECT run_id, command, status, started_at, finished_at, counts_json
         FROM runs ORDER BY started_at DESC
-        """),
+        """,
+    ),
 }
 
 
@@ -95,8 +100,9 @@ def bind_params(name: str, given: dict[str, str]) -> dict:
     missing = sorted(set(query.params) - set(given))
     unknown = sorted(set(given) - set(query.params))
     if missing or unknown:
-        raise ValueError(f"query {name} takes {sorted(query.params) or 'no parameters'}; "
-                         f"missing {missing}, unknown {unknown}")
+        raise ValueError(
+            f"query {name} takes {sorted(query.params) or 'no parameters'}; missing {missing}, unknown {unknown}"
+        )
     try:
         return {key: query.params[key](value) for key, value in given.items()}
     except ValueError as error:
@@ -110,9 +116,32 @@ def run_query(spark, lake: Lake, name: str, params: dict[str, str] | None = None
 
 
 READ_KEYWORDS = ("SELECT", "WITH", "VALUES", "EXPLAIN", "SHOW", "DESCRIBE", "DESC", "TABLE", "FROM")
-WRITE_KEYWORDS = ("INSERT", "UPDATE", "DELETE", "MERGE", "DROP", "CREATE", "ALTER", "TRUNCATE", "OVERWRITE",
-                  "VACUUM", "OPTIMIZE", "RESTORE", "CACHE", "UNCACHE", "REFRESH", "SET", "RESET", "LOAD", "MSCK",
-                  "CALL", "USE", "ADD", "GRANT", "REVOKE")
+WRITE_KEYWORDS = (
+    "INSERT",
+    "UPDATE",
+    "DELETE",
+    "MERGE",
+    "DROP",
+    "CREATE",
+    "ALTER",
+    "TRUNCATE",
+    "OVERWRITE",
+    "VACUUM",
+    "OPTIMIZE",
+    "RESTORE",
+    "CACHE",
+    "UNCACHE",
+    "REFRESH",
+    "SET",
+    "RESET",
+    "LOAD",
+    "MSCK",
+    "CALL",
+    "USE",
+    "ADD",
+    "GRANT",
+    "REVOKE",
+)
 _COMMENTS_AND_STRINGS = re.compile(r"--[^\n]*|/\*.*?\*/|'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|`[^`]*`", re.DOTALL)
 
 
@@ -127,9 +156,11 @@ def check_read_only(sql: str) -> None:
     words = re.findall(r"[A-Za-z_]+", code.upper())
     writing = sorted(set(words) & set(WRITE_KEYWORDS))
     if not words or words[0] not in READ_KEYWORDS or writing or ";" in code:
-        raise WriteRefused(f"jobs sql is read-only: refused {' '.join(sql.split())[:80]!r}"
-                           f"{' (it writes: ' + ', '.join(writing) + ')' if writing else ''}; "
-                           "only one SELECT-like statement runs unless --allow-writes is given")
+        raise WriteRefused(
+            f"jobs sql is read-only: refused {' '.join(sql.split())[:80]!r}"
+            f"{' (it writes: ' + ', '.join(writing) + ')' if writing else ''}; "
+            "only one SELECT-like statement runs unless --allow-writes is given"
+        )
 
 
 def run_sql(spark, lake: Lake, sql: str, args: dict | None = None, what: str = "the query", allow_writes: bool = False):
@@ -156,8 +187,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lake", help="lake root (default: the configured lake_root)")
     parser.add_argument("--rows", type=int, default=50, help="rows to print")
     parser.add_argument("--list", action="store_true", help="list the queries and their parameters")
-    parser.add_argument("--allow-writes", action="store_true",
-                        help="let SQL text change tables (INSERT, DELETE, MERGE, ...); refused otherwise")
+    parser.add_argument(
+        "--allow-writes",
+        action="store_true",
+        help="let SQL text change tables (INSERT, DELETE, MERGE, ...); refused otherwise",
+    )
 
 
 def main(args) -> int:
@@ -178,7 +212,9 @@ def main(args) -> int:
         except WriteRefused as error:
             raise SystemExit(f"error: {error}") from None
     else:
-        raise SystemExit(f"unknown query {args.name!r}; documented queries: {', '.join(SQL_QUERIES)} (or pass SQL text)")
+        raise SystemExit(
+            f"unknown query {args.name!r}; documented queries: {', '.join(SQL_QUERIES)} (or pass SQL text)"
+        )
     result.show(n=args.rows, truncate=False)
     return 0
 

@@ -63,7 +63,10 @@ def model_context(lake_root: str) -> int:
     from jobs.catalog import checkpoint_folders_by_step
     from jobs.checkpoints import checkpoints_location
 
-    roots = [checkpoints_location(lake_root), storage.join(lake_root, "checkpoints")]  # and the folder lakes used before
+    roots = [
+        checkpoints_location(lake_root),
+        storage.join(lake_root, "checkpoints"),
+    ]  # and the folder lakes used before
     folders = next((found for found in map(checkpoint_folders_by_step, roots) if found), None)
     if not folders:
         raise FileNotFoundError(f"no checkpoint under {roots[0]} to take the context from; pass --context")
@@ -89,7 +92,9 @@ def tokenized_partitions(lake: Lake, fingerprint: str) -> set[int]:
     """Partitions already done with this fingerprint: those with tokens, and those a successful run
     processed without finding any document (an empty or all-bad file is done, not pending forever)."""
     rows = lake.read("tokens", columns=["partition", "tokenizer_fingerprint"])
-    done = {p for p, f in zip(rows["partition"].to_pylist(), rows["tokenizer_fingerprint"].to_pylist()) if f == fingerprint}
+    done = {
+        p for p, f in zip(rows["partition"].to_pylist(), rows["tokenizer_fingerprint"].to_pylist()) if f == fingerprint
+    }
     from jobs.catalog import runs_of
 
     for _, config, counts in runs_of(lake, "tokenize"):
@@ -99,9 +104,19 @@ def tokenized_partitions(lake: Lake, fingerprint: str) -> set[int]:
 
 
 # ------------------------------------------------------------------ inside mapInArrow
-PARSED_SCHEMA = pa.schema([("doc_id", pa.string()), ("partition", pa.int32()), ("source", pa.string()),
-                           ("line", pa.int32()), ("text", pa.string()), ("timestamp", pa.string()),
-                           ("n_chars", pa.int32()), ("reason", pa.string()), ("raw_value", pa.string())])
+PARSED_SCHEMA = pa.schema(
+    [
+        ("doc_id", pa.string()),
+        ("partition", pa.int32()),
+        ("source", pa.string()),
+        ("line", pa.int32()),
+        ("text", pa.string()),
+        ("timestamp", pa.string()),
+        ("n_chars", pa.int32()),
+        ("reason", pa.string()),
+        ("raw_value", pa.string()),
+    ]
+)
 
 
 def raw_lines(path: str, max_line_bytes: int):
@@ -163,9 +178,17 @@ def parse_files(batches, max_chars: int):
             yield pa.RecordBatch.from_pydict(rows, schema=PARSED_SCHEMA)
 
 
-TOKEN_SCHEMA = pa.schema([("doc_id", pa.string()), ("partition", pa.int32()), ("chunk", pa.int32()),
-                          ("token_start", pa.int32()), ("token_end", pa.int32()), ("input_ids", pa.list_(pa.int32())),
-                          ("n_tokens", pa.int32())])
+TOKEN_SCHEMA = pa.schema(
+    [
+        ("doc_id", pa.string()),
+        ("partition", pa.int32()),
+        ("chunk", pa.int32()),
+        ("token_start", pa.int32()),
+        ("token_end", pa.int32()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("n_tokens", pa.int32()),
+    ]
+)
 _tokenizers = {}
 
 
@@ -189,8 +212,9 @@ def tokenize_documents(batches, tokenizer_json: str, context: int, eos_token: st
     for batch in batches:
         rows = {name: [] for name in TOKEN_SCHEMA.names}
         encodings = tokenizer.encode_batch(batch.column("text").to_pylist(), add_special_tokens=False)
-        for doc_id, partition, encoding in zip(batch.column("doc_id").to_pylist(), batch.column("partition").to_pylist(),
-                                               encodings):
+        for doc_id, partition, encoding in zip(
+            batch.column("doc_id").to_pylist(), batch.column("partition").to_pylist(), encodings
+        ):
             ids = [eos] + encoding.ids
             for chunk, (start, end) in enumerate(c4_lines.chunk_spans(len(ids), context)):
                 rows["doc_id"].append(doc_id)
@@ -219,21 +243,31 @@ def with_duplicate_urls(spark, lake: Lake, parsed, pending: list[int]):
     from pyspark.sql import functions as F
 
     order = Window.partitionBy("doc_id").orderBy("partition", "line")
-    lines = (parsed.withColumn("occurrence", F.row_number().over(order))
-             .withColumn("first_at", F.first(F.concat_ws(":", "source", F.col("line").cast("string"))).over(order)))
+    lines = parsed.withColumn("occurrence", F.row_number().over(order)).withColumn(
+        "first_at", F.first(F.concat_ws(":", "source", F.col("line").cast("string"))).over(order)
+    )
     earlier = F.lit(None).cast("string")
     if lake.exists("documents"):
-        indexed = (lake.spark_read(spark, "documents").filter(~F.col("partition").isin(pending))
-                   .select("doc_id", F.concat_ws(":", "source", F.col("line").cast("string")).alias("indexed_at")))
+        indexed = (
+            lake.spark_read(spark, "documents")
+            .filter(~F.col("partition").isin(pending))
+            .select("doc_id", F.concat_ws(":", "source", F.col("line").cast("string")).alias("indexed_at"))
+        )
         lines, earlier = lines.join(indexed, "doc_id", "left"), F.col("indexed_at")
     is_document = F.col("reason").isNull()
     reason = F.coalesce(
         F.col("reason"),
         F.when(is_document & earlier.isNotNull(), F.concat(F.lit("duplicate url: first seen at "), earlier)),
-        F.when(is_document & (F.col("occurrence") > 1), F.concat(F.lit("duplicate url: first seen at "), F.col("first_at"))))
+        F.when(
+            is_document & (F.col("occurrence") > 1), F.concat(F.lit("duplicate url: first seen at "), F.col("first_at"))
+        ),
+    )
     duplicate = is_document & reason.isNotNull()
-    return (lines.withColumn("raw_value", F.when(duplicate, F.col("doc_id")).otherwise(F.col("raw_value")))
-            .withColumn("reason", reason).select(*PARSED_SCHEMA.names))
+    return (
+        lines.withColumn("raw_value", F.when(duplicate, F.col("doc_id")).otherwise(F.col("raw_value")))
+        .withColumn("reason", reason)
+        .select(*PARSED_SCHEMA.names)
+    )
 
 
 def reason_counts(reasons) -> dict[str, int]:
@@ -271,43 +305,84 @@ def run(config: TokenizeConfig) -> dict:
     partitions = chosen_partitions(config.raw or storage.join(lake.root, "raw"), config.partitions)
     done = set() if config.force else tokenized_partitions(lake, fingerprint)
     pending = {p: path for p, path in partitions.items() if p not in done}
-    result = {"partitions": len(partitions), "skipped": sorted(set(partitions) - set(pending)), "tokenized": sorted(pending)}
+    result = {
+        "partitions": len(partitions),
+        "skipped": sorted(set(partitions) - set(pending)),
+        "tokenized": sorted(pending),
+    }
     if not pending:
-        print(f"[tokenize] all {len(partitions)} partitions already tokenized with tokenizer {fingerprint}; nothing to do")
+        print(
+            f"[tokenize] all {len(partitions)} partitions already tokenized with tokenizer {fingerprint}; nothing to do"
+        )
         return result | {"documents": 0, "chunks": 0, "quarantined": 0}
 
     run_id = start_run(lake, "tokenize", asdict(config) | {"tokenizer_fingerprint": fingerprint})
     spark = spark_session()
-    files = spark.createDataFrame([(uri, p) for p, uri in sorted(pending.items())],
-                                  "path string, partition int").repartition(min(len(pending), os.cpu_count() or 1))
+    files = spark.createDataFrame(
+        [(uri, p) for p, uri in sorted(pending.items())], "path string, partition int"
+    ).repartition(min(len(pending), os.cpu_count() or 1))
     max_chars, tokenizer_json = config.max_chars, tokenizer_json.decode("utf-8")
     tokenizer_config = storage.join(tokenizer_dir, "tokenizer_config.json")
-    eos_token = end_of_text(tokenizer_json, storage.read_bytes(tokenizer_config) if storage.exists(tokenizer_config)
-                            else None)
+    eos_token = end_of_text(
+        tokenizer_json, storage.read_bytes(tokenizer_config) if storage.exists(tokenizer_config) else None
+    )
     parsed = files.mapInArrow(lambda it: parse_files(it, max_chars), spark_ddl_of(PARSED_SCHEMA))
     lines = with_duplicate_urls(spark, lake, parsed, sorted(pending))
     # The filter runs in Python, not as a Spark filter: Sail checks the table's NOT NULL
     # constraints on rows a Spark filter has not removed yet (a bad line's null doc_id).
-    documents = (lines.mapInArrow(good_lines, spark_ddl_of(PARSED_SCHEMA)).drop("reason", "raw_value")
-                 .withColumn("run_id", F.lit(run_id)))
-    tokens = (documents.mapInArrow(lambda it: tokenize_documents(it, tokenizer_json, context, eos_token),
-                                   spark_ddl_of(TOKEN_SCHEMA))
-              .withColumn("tokenizer_fingerprint", F.lit(fingerprint)).withColumn("run_id", F.lit(run_id)))
+    documents = (
+        lines.mapInArrow(good_lines, spark_ddl_of(PARSED_SCHEMA))
+        .drop("reason", "raw_value")
+        .withColumn("run_id", F.lit(run_id))
+    )
+    tokens = (
+        documents.mapInArrow(
+            lambda it: tokenize_documents(it, tokenizer_json, context, eos_token), spark_ddl_of(TOKEN_SCHEMA)
+        )
+        .withColumn("tokenizer_fingerprint", F.lit(fingerprint))
+        .withColumn("run_id", F.lit(run_id))
+    )
     in_pending = f"partition IN ({', '.join(str(p) for p in sorted(pending))})"
     lake.spark_write(documents, "documents", replace_where=in_pending)
     lake.spark_write(tokens, "tokens", replace_where=in_pending)
     bad = lines.filter(F.col("reason").isNotNull()).select("source", "line", "reason", "raw_value").collect()
-    quarantined = quarantine_rows(lake, [{"source": r["source"], "position": f"{r['source']}:{r['line']}",
-                                          "reason": r["reason"], "raw_value": r["raw_value"]} for r in bad],
-                                  stage="tokenize", run_id=run_id)
-    counts = lake.spark_read(spark, "tokens").filter(F.expr(in_pending)).agg(
-        F.countDistinct("doc_id").alias("documents"), F.count("*").alias("chunks"), F.sum("n_tokens").alias("tokens")).first()
-    result |= {"documents": counts["documents"], "chunks": counts["chunks"], "tokens": counts["tokens"],
-               "quarantined": quarantined, "quarantined_by_reason": reason_counts(r["reason"] for r in bad),
-               "run_id": run_id}
+    quarantined = quarantine_rows(
+        lake,
+        [
+            {
+                "source": r["source"],
+                "position": f"{r['source']}:{r['line']}",
+                "reason": r["reason"],
+                "raw_value": r["raw_value"],
+            }
+            for r in bad
+        ],
+        stage="tokenize",
+        run_id=run_id,
+    )
+    counts = (
+        lake.spark_read(spark, "tokens")
+        .filter(F.expr(in_pending))
+        .agg(
+            F.countDistinct("doc_id").alias("documents"),
+            F.count("*").alias("chunks"),
+            F.sum("n_tokens").alias("tokens"),
+        )
+        .first()
+    )
+    result |= {
+        "documents": counts["documents"],
+        "chunks": counts["chunks"],
+        "tokens": counts["tokens"],
+        "quarantined": quarantined,
+        "quarantined_by_reason": reason_counts(r["reason"] for r in bad),
+        "run_id": run_id,
+    }
     finish_run(lake, run_id, "succeeded", result)
-    print(f"[tokenize] {len(pending)} partition(s): {counts['documents']:,} documents, {counts['chunks']:,} chunks, "
-          f"{counts['tokens']:,} tokens; {quarantined} line(s) quarantined; skipped {result['skipped'] or 'none'}")
+    print(
+        f"[tokenize] {len(pending)} partition(s): {counts['documents']:,} documents, {counts['chunks']:,} chunks, "
+        f"{counts['tokens']:,} tokens; {quarantined} line(s) quarantined; skipped {result['skipped'] or 'none'}"
+    )
     return result
 
 

@@ -44,14 +44,17 @@ class Query(BaseModel):
     subject: str = Field(min_length=1, description="subject entity, as written in the documents")
     relation: str = Field(min_length=1, description="relation id or name")
     object: str = Field(min_length=1, description="object entity, as written in the documents")
-    target: str = Field(min_length=1, description="what the model should produce after the prompt, leading space included")
+    target: str = Field(
+        min_length=1, description="what the model should produce after the prompt, leading space included"
+    )
     prompt0: str = Field(min_length=1, description="cloze prompt ending right before the target")
     prompt1: str | None = Field(None, description="a paraphrase of prompt0 (default: prompt0)")
     prompt2: str | None = Field(None, description="another paraphrase (default: prompt0)")
     aliases: list[str] = Field(default_factory=list, description="accepted alternative targets")
     stating_doc_ids: list[str] = Field(min_length=1, description="urls (C4 `url`) of the documents stating the fact")
-    frequency_bucket: int | None = Field(None, ge=1, description="default: nearest of 1, 3, 10, 30, 100 to the "
-                                                                 "number of stating documents")
+    frequency_bucket: int | None = Field(
+        None, ge=1, description="default: nearest of 1, 3, 10, 30, 100 to the number of stating documents"
+    )
     fact_id: str | None = Field(None, description="knowledge-base fact id, if any")
     n_stating_docs: int | None = Field(None, ge=0, description="informational (the generated world writes it)")
 
@@ -88,8 +91,8 @@ class QueryFileError(ValueError):
 
 @dataclass
 class QueryFile:
-    queries: list[dict]                          # validated, defaults filled, targets normalised
-    lines: list[int]                             # the line each query came from
+    queries: list[dict]  # validated, defaults filled, targets normalised
+    lines: list[int]  # the line each query came from
     notes: list[str] = field(default_factory=list)  # what was normalised
 
 
@@ -138,8 +141,14 @@ def load_queries(path: Path | str, text: str | None = None) -> QueryFile:
         problems.append(f"{path}: no queries")
     if problems:
         raise QueryFileError(path, problems)
-    notes = [f"{len(normalised)} target(s) lacked the leading space their prompt needs; a space was prepended "
-             f"(lines {_some(normalised)})"] if normalised else []
+    notes = (
+        [
+            f"{len(normalised)} target(s) lacked the leading space their prompt needs; a space was prepended "
+            f"(lines {_some(normalised)})"
+        ]
+        if normalised
+        else []
+    )
     return QueryFile(queries, lines, notes)
 
 
@@ -170,8 +179,12 @@ def check_targets(queries: list[dict], tokenizer) -> tuple[list[tuple[int, str]]
             continue
         if special & set(ids):
             names = sorted({tokenizer.convert_ids_to_tokens(i) for i in ids if i in special})
-            refused.append((index, f"target {target!r} encodes to special/unknown token(s) {names}: "
-                                   "the tokenizer cannot represent it"))
+            refused.append(
+                (
+                    index,
+                    f"target {target!r} encodes to special/unknown token(s) {names}: the tokenizer cannot represent it",
+                )
+            )
             continue
         decoded = tokenizer.decode(ids)
         if decoded.strip() != target.strip():
@@ -183,6 +196,8 @@ def check_targets(queries: list[dict], tokenizer) -> tuple[list[tuple[int, str]]
             split_differently.append(query["query_id"])
     warnings = []
     if split_differently:
-        warnings.append(f"{len(split_differently)} target(s) split differently after their prompt than alone "
-                        f"(queries {_some(split_differently)}); they are scored on the tokens alone")
+        warnings.append(
+            f"{len(split_differently)} target(s) split differently after their prompt than alone "
+            f"(queries {_some(split_differently)}); they are scored on the tokens alone"
+        )
     return refused, warnings

@@ -120,7 +120,8 @@ class Table:
         if found != str(self.schema_version):
             raise SchemaVersionError(
                 f"table {self.name}: stored schema version {found or 'missing'}, this code expects "
-                f"{self.schema_version}; migrate or rebuild the table")
+                f"{self.schema_version}; migrate or rebuild the table"
+            )
 
     def check_column_names(self, names: list[str]) -> None:
         missing = [n for n in self.column_names if n not in names]
@@ -138,8 +139,9 @@ class Table:
         """
         data = pa.Table.from_batches([data]) if isinstance(data, pa.RecordBatch) else data
         self.check_column_names(data.column_names + [c.name for c in self.columns if c.nullable])
-        return pa.Table.from_arrays([self._conform(c, _column_or_nulls(data, c)) for c in self.columns],
-                                    schema=self.arrow_schema)
+        return pa.Table.from_arrays(
+            [self._conform(c, _column_or_nulls(data, c)) for c in self.columns], schema=self.arrow_schema
+        )
 
     def _conform(self, column: Column, values: pa.ChunkedArray) -> pa.ChunkedArray:
         where = f"table {self.name}, column {column.name}"
@@ -177,12 +179,16 @@ def spark_ddl_of(schema: pa.Schema) -> str:
 
 
 def _kind(arrow: pa.DataType) -> str:
-    checks = (("integer", pa.types.is_integer), ("float", pa.types.is_floating),
-              ("string", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)),
-              ("binary", lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t)),
-              ("timestamp", pa.types.is_timestamp), ("boolean", pa.types.is_boolean),
-              ("list", lambda t: pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t)),
-              ("null", pa.types.is_null))
+    checks = (
+        ("integer", pa.types.is_integer),
+        ("float", pa.types.is_floating),
+        ("string", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)),
+        ("binary", lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t)),
+        ("timestamp", pa.types.is_timestamp),
+        ("boolean", pa.types.is_boolean),
+        ("list", lambda t: pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t)),
+        ("null", pa.types.is_null),
+    )
     return next((name for name, check in checks if check(arrow)), str(arrow))
 
 
@@ -205,7 +211,9 @@ CHUNK = Column("chunk", "INT", "index of the model-sized token chunk within the 
 CHECKPOINT_ID = Column("checkpoint_id", "STRING", "model checkpoint id (checkpoints.checkpoint_id)")
 QUERY_SET = Column("query_set", "STRING", "name of a registered query set (query_sets.query_set)")
 QUERY_ID = Column("query_id", "STRING", "query id, unique within its query set")
-FINGERPRINT = Column("fingerprint", "STRING", "projection fingerprint: seed, k per module, modules, normaliser, code version")
+FINGERPRINT = Column(
+    "fingerprint", "STRING", "projection fingerprint: seed, k per module, modules, normaliser, code version"
+)
 METHOD = Column("method", "STRING", "scoring method, e.g. trackstar, an ablation or a baseline")
 
 
@@ -222,138 +230,260 @@ def _created_at(name: str = "created_at") -> Column:
     return Column(name, "TIMESTAMP", "when the row was written (UTC)")
 
 
-
 RAW_VALUE_LIMIT = 1000  # characters of a refused row kept in quarantine.raw_value
 
-TABLES: dict[str, Table] = {t.name: t for t in (
-    Table("documents", "raw C4 documents that passed validation", (
-        DOC_ID, PARTITION,
-        Column("source", "STRING", "raw file name the document came from"),
-        Column("line", "INT", "1-based line number in the source file"),
-        Column("text", "STRING", "document text"),
-        Column("timestamp", "STRING", "C4 crawl timestamp, as given"),
-        Column("n_chars", "INT", "number of characters of text"),
-        RUN_ID,
-    ), partition_by=("partition",)),
-    Table("tokens", "tokenized documents cut into model-sized chunks", (
-        DOC_ID, PARTITION, CHUNK,
-        Column("token_start", "INT", "first token of the chunk in the document's token stream"),
-        Column("token_end", "INT", "end (exclusive) of the chunk in the document's token stream"),
-        Column("input_ids", "ARRAY<INT>", "token ids of the chunk"),
-        Column("n_tokens", "INT", "number of tokens in the chunk"),
-        Column("tokenizer_fingerprint", "STRING", "hash of the tokenizer that produced the ids"),
-        RUN_ID,
-    ), partition_by=("partition",)),
-    Table("quarantine", "input rows refused by a stage, with the reason", (
-        Column("source", "STRING", "file or table the bad row came from"),
-        Column("position", "STRING", "where in the source, e.g. file:line"),
-        Column("stage", "STRING", "the pipeline stage that refused the row"),
-        Column("reason", "STRING", "why the row was refused"),
-        Column("raw_value", "STRING", "the raw row, truncated to 1000 characters; null if none", nullable=True),
-        RUN_ID,
-        _created_at("recorded_at"),
-    ), slice_keys=("run_id", "stage", "source")),
-    Table("checkpoints", "registered model checkpoints", (
-        CHECKPOINT_ID,
-        Column("step", "BIGINT", "training step of the checkpoint"),
-        Column("path", "STRING", "checkpoint folder, local or s3://"),
-        Column("optimizer", "STRING", "optimizer kind: adam, adafactor, or none (no optimizer state)"),
-        Column("learning_rate", "DOUBLE", "learning rate at the checkpoint; null when the folder does not say",
-               nullable=True),
-        Column("tokens_seen", "BIGINT", "training tokens seen up to the checkpoint"),
-        Column("model_fingerprint", "STRING", "hash of the model weights and config"),
-        _created_at("registered_at"),
-        RUN_ID,
-    ), slice_keys=("checkpoint_id",)),
-    Table("train_gradients", "projected gradients of training chunks, one per chunk and checkpoint", (
-        CHECKPOINT_ID, PARTITION, DOC_ID, CHUNK,
-        Column("n_tokens", "INT", "number of tokens in the chunk"),
-        *VECTOR_COLUMNS,
-        RUN_ID,
-    ), partition_by=("checkpoint_id", "partition"), slice_keys=("fingerprint",)),
-    Table("query_sets", "registered query sets", (
-        QUERY_SET,
-        Column("path", "STRING", "file the query set was loaded from"),
-        Column("n_queries", "INT", "number of queries in the set"),
-        _created_at("registered_at"),
-        RUN_ID,
-    ), slice_keys=("query_set",)),
-    Table("queries", "fact queries (T-REx style) with their prompts and ground truth", (
-        QUERY_SET, QUERY_ID,
-        Column("fact_id", "STRING", "id of the knowledge-base fact, if any", nullable=True),
-        Column("subject", "STRING", "subject entity"),
-        Column("relation", "STRING", "relation id or name"),
-        Column("object", "STRING", "object entity"),
-        Column("target", "STRING", "target text the model should produce"),
-        Column("aliases", "ARRAY<STRING>", "accepted alternative targets"),
-        Column("prompt0", "STRING", "prompt template 0 filled with the subject"),
-        Column("prompt1", "STRING", "prompt template 1 filled with the subject"),
-        Column("prompt2", "STRING", "prompt template 2 filled with the subject"),
-        Column("frequency_bucket", "INT", "how often the fact is stated in the corpus (bucket index)"),
-        Column("stating_doc_ids", "ARRAY<STRING>", "documents that state the fact (ground truth)"),
-        RUN_ID,
-    ), partition_by=("query_set",)),
-    Table("query_gradients", "projected gradients of queries, one per query, prompt and checkpoint", (
-        QUERY_SET, CHECKPOINT_ID, QUERY_ID,
-        Column("prompt_index", "INT", "which prompt template (0, 1, 2)"),
-        *VECTOR_COLUMNS,
-        RUN_ID,
-    ), partition_by=("query_set", "checkpoint_id"), slice_keys=("fingerprint",)),
-    Table("hessians", "fitted Hessian approximations; matrices live in <lake>/_matrices as safetensors", (
-        CHECKPOINT_ID,
-        Column("query_set", "STRING", "query set of the fit; null for the train-only autocorrelation", nullable=True),
-        FINGERPRINT,
-        Column("kind", "STRING", "r_train, r_query or inverse_root"),
-        Column("path", "STRING", "safetensors file holding the matrix"),
-        Column("shape", "ARRAY<BIGINT>", "shape of the matrix"),
-        Column("sha256", "STRING", "checksum of the safetensors file"),
-        Column("lambda", "DOUBLE", "mixing weight of R_query in R (inverse_root only)", nullable=True),
-        Column("damping", "DOUBLE", "damping added before the inverse root", nullable=True),
-        Column("n_samples", "BIGINT", "number of vectors the autocorrelation was estimated from"),
-        RUN_ID,
-        _created_at(),
-    ), slice_keys=("checkpoint_id", "query_set", "fingerprint", "kind")),
-    Table("trackstar_index", "train vectors preconditioned by R^(-1/2) and unit-normalised once, for scoring", (
-        CHECKPOINT_ID, PARTITION, DOC_ID, CHUNK, QUERY_SET, FINGERPRINT,
-        Column("kind", "STRING", "the hessians matrix applied: inverse_root or inverse_root_train_only"),
-        Column("hessian_sha256", "STRING", "checksum of that matrix (hessians.sha256): a new fit rebuilds the index"),
-        Column("source_run_id", "STRING", "the extraction run of the train_gradients rows indexed"),
-        Column("vector", "BINARY", "R^(-1/2) p / ‖R^(-1/2) p‖, little-endian, encoded as `dtype` (schemas.vectors)"),
-        Column("dtype", "STRING", "vector encoding: int8 (default), float16, bfloat16 or float32"),
-        Column("scale", "FLOAT", "int8 only: value = int8 * scale; null otherwise", nullable=True),
-        Column("sketch", "BINARY", "1-bit sign sketch of the vector, bits packed 8 per byte (first-stage retrieval)"),
-        RUN_ID,
-    ), partition_by=("checkpoint_id", "query_set", "kind", "dtype", "partition"), slice_keys=("fingerprint",)),
-    Table("proponents", "top-k training chunks per query: the influence ranking", (
-        QUERY_SET, CHECKPOINT_ID, QUERY_ID, METHOD,
-        Column("rank", "INT", "1-based rank within the query's top-k"),
-        DOC_ID, CHUNK,
-        Column("score", "DOUBLE", "influence score"),
-        RUN_ID,
-    ), partition_by=("query_set", "method"), slice_keys=("checkpoint_id",)),
-    Table("eval_metrics", "evaluation metrics of a ranking (MRR, recall@10, tail-patch)", (
-        RUN_ID, QUERY_SET, CHECKPOINT_ID, METHOD,
-        Column("metric", "STRING", "metric name, e.g. mrr, recall@10"),
-        Column("bucket", "STRING", "frequency bucket or 'all'", nullable=True),
-        Column("value", "DOUBLE", "metric value"),
-        Column("n", "INT", "number of queries measured"),
-        _created_at(),
-    ), slice_keys=("run_id", "query_set", "checkpoint_id", "method")),
-    Table("tail_patches", "influence of single proponents: one optimizer step on the chunk, Δ log p(target)", (
-        QUERY_SET, CHECKPOINT_ID, QUERY_ID, DOC_ID,
-        Column("delta_log_prob", "DOUBLE", "change of the target's log-probability given prompt0 after the step"),
-        RUN_ID,
-    ), partition_by=("query_set",), slice_keys=("checkpoint_id",)),
-    Table("runs", "one row per pipeline run with its full configuration", (
-        RUN_ID,
-        Column("command", "STRING", "the command that ran, e.g. tokenize"),
-        Column("config_json", "STRING", "the run's full configuration as JSON (no secrets)"),
-        Column("started_at", "TIMESTAMP", "when the run started (UTC)"),
-        Column("finished_at", "TIMESTAMP", "when the run ended (UTC); null while running", nullable=True),
-        Column("status", "STRING", "running, succeeded or failed"),
-        Column("counts_json", "STRING", "row counts and other results as JSON", nullable=True),
-    ), slice_keys=("run_id",)),
-)}
+TABLES: dict[str, Table] = {
+    t.name: t
+    for t in (
+        Table(
+            "documents",
+            "raw C4 documents that passed validation",
+            (
+                DOC_ID,
+                PARTITION,
+                Column("source", "STRING", "raw file name the document came from"),
+                Column("line", "INT", "1-based line number in the source file"),
+                Column("text", "STRING", "document text"),
+                Column("timestamp", "STRING", "C4 crawl timestamp, as given"),
+                Column("n_chars", "INT", "number of characters of text"),
+                RUN_ID,
+            ),
+            partition_by=("partition",),
+        ),
+        Table(
+            "tokens",
+            "tokenized documents cut into model-sized chunks",
+            (
+                DOC_ID,
+                PARTITION,
+                CHUNK,
+                Column("token_start", "INT", "first token of the chunk in the document's token stream"),
+                Column("token_end", "INT", "end (exclusive) of the chunk in the document's token stream"),
+                Column("input_ids", "ARRAY<INT>", "token ids of the chunk"),
+                Column("n_tokens", "INT", "number of tokens in the chunk"),
+                Column("tokenizer_fingerprint", "STRING", "hash of the tokenizer that produced the ids"),
+                RUN_ID,
+            ),
+            partition_by=("partition",),
+        ),
+        Table(
+            "quarantine",
+            "input rows refused by a stage, with the reason",
+            (
+                Column("source", "STRING", "file or table the bad row came from"),
+                Column("position", "STRING", "where in the source, e.g. file:line"),
+                Column("stage", "STRING", "the pipeline stage that refused the row"),
+                Column("reason", "STRING", "why the row was refused"),
+                Column("raw_value", "STRING", "the raw row, truncated to 1000 characters; null if none", nullable=True),
+                RUN_ID,
+                _created_at("recorded_at"),
+            ),
+            slice_keys=("run_id", "stage", "source"),
+        ),
+        Table(
+            "checkpoints",
+            "registered model checkpoints",
+            (
+                CHECKPOINT_ID,
+                Column("step", "BIGINT", "training step of the checkpoint"),
+                Column("path", "STRING", "checkpoint folder, local or s3://"),
+                Column("optimizer", "STRING", "optimizer kind: adam, adafactor, or none (no optimizer state)"),
+                Column(
+                    "learning_rate",
+                    "DOUBLE",
+                    "learning rate at the checkpoint; null when the folder does not say",
+                    nullable=True,
+                ),
+                Column("tokens_seen", "BIGINT", "training tokens seen up to the checkpoint"),
+                Column("model_fingerprint", "STRING", "hash of the model weights and config"),
+                _created_at("registered_at"),
+                RUN_ID,
+            ),
+            slice_keys=("checkpoint_id",),
+        ),
+        Table(
+            "train_gradients",
+            "projected gradients of training chunks, one per chunk and checkpoint",
+            (
+                CHECKPOINT_ID,
+                PARTITION,
+                DOC_ID,
+                CHUNK,
+                Column("n_tokens", "INT", "number of tokens in the chunk"),
+                *VECTOR_COLUMNS,
+                RUN_ID,
+            ),
+            partition_by=("checkpoint_id", "partition"),
+            slice_keys=("fingerprint",),
+        ),
+        Table(
+            "query_sets",
+            "registered query sets",
+            (
+                QUERY_SET,
+                Column("path", "STRING", "file the query set was loaded from"),
+                Column("n_queries", "INT", "number of queries in the set"),
+                _created_at("registered_at"),
+                RUN_ID,
+            ),
+            slice_keys=("query_set",),
+        ),
+        Table(
+            "queries",
+            "fact queries (T-REx style) with their prompts and ground truth",
+            (
+                QUERY_SET,
+                QUERY_ID,
+                Column("fact_id", "STRING", "id of the knowledge-base fact, if any", nullable=True),
+                Column("subject", "STRING", "subject entity"),
+                Column("relation", "STRING", "relation id or name"),
+                Column("object", "STRING", "object entity"),
+                Column("target", "STRING", "target text the model should produce"),
+                Column("aliases", "ARRAY<STRING>", "accepted alternative targets"),
+                Column("prompt0", "STRING", "prompt template 0 filled with the subject"),
+                Column("prompt1", "STRING", "prompt template 1 filled with the subject"),
+                Column("prompt2", "STRING", "prompt template 2 filled with the subject"),
+                Column("frequency_bucket", "INT", "how often the fact is stated in the corpus (bucket index)"),
+                Column("stating_doc_ids", "ARRAY<STRING>", "documents that state the fact (ground truth)"),
+                RUN_ID,
+            ),
+            partition_by=("query_set",),
+        ),
+        Table(
+            "query_gradients",
+            "projected gradients of queries, one per query, prompt and checkpoint",
+            (
+                QUERY_SET,
+                CHECKPOINT_ID,
+                QUERY_ID,
+                Column("prompt_index", "INT", "which prompt template (0, 1, 2)"),
+                *VECTOR_COLUMNS,
+                RUN_ID,
+            ),
+            partition_by=("query_set", "checkpoint_id"),
+            slice_keys=("fingerprint",),
+        ),
+        Table(
+            "hessians",
+            "fitted Hessian approximations; matrices live in <lake>/_matrices as safetensors",
+            (
+                CHECKPOINT_ID,
+                Column(
+                    "query_set",
+                    "STRING",
+                    "query set of the fit; null for the train-only autocorrelation",
+                    nullable=True,
+                ),
+                FINGERPRINT,
+                Column("kind", "STRING", "r_train, r_query or inverse_root"),
+                Column("path", "STRING", "safetensors file holding the matrix"),
+                Column("shape", "ARRAY<BIGINT>", "shape of the matrix"),
+                Column("sha256", "STRING", "checksum of the safetensors file"),
+                Column("lambda", "DOUBLE", "mixing weight of R_query in R (inverse_root only)", nullable=True),
+                Column("damping", "DOUBLE", "damping added before the inverse root", nullable=True),
+                Column("n_samples", "BIGINT", "number of vectors the autocorrelation was estimated from"),
+                RUN_ID,
+                _created_at(),
+            ),
+            slice_keys=("checkpoint_id", "query_set", "fingerprint", "kind"),
+        ),
+        Table(
+            "trackstar_index",
+            "train vectors preconditioned by R^(-1/2) and unit-normalised once, for scoring",
+            (
+                CHECKPOINT_ID,
+                PARTITION,
+                DOC_ID,
+                CHUNK,
+                QUERY_SET,
+                FINGERPRINT,
+                Column("kind", "STRING", "the hessians matrix applied: inverse_root or inverse_root_train_only"),
+                Column(
+                    "hessian_sha256",
+                    "STRING",
+                    "checksum of that matrix (hessians.sha256): a new fit rebuilds the index",
+                ),
+                Column("source_run_id", "STRING", "the extraction run of the train_gradients rows indexed"),
+                Column(
+                    "vector", "BINARY", "R^(-1/2) p / ‖R^(-1/2) p‖, little-endian, encoded as `dtype` (schemas.vectors)"
+                ),
+                Column("dtype", "STRING", "vector encoding: int8 (default), float16, bfloat16 or float32"),
+                Column("scale", "FLOAT", "int8 only: value = int8 * scale; null otherwise", nullable=True),
+                Column(
+                    "sketch",
+                    "BINARY",
+                    "1-bit sign sketch of the vector, bits packed 8 per byte (first-stage retrieval)",
+                ),
+                RUN_ID,
+            ),
+            partition_by=("checkpoint_id", "query_set", "kind", "dtype", "partition"),
+            slice_keys=("fingerprint",),
+        ),
+        Table(
+            "proponents",
+            "top-k training chunks per query: the influence ranking",
+            (
+                QUERY_SET,
+                CHECKPOINT_ID,
+                QUERY_ID,
+                METHOD,
+                Column("rank", "INT", "1-based rank within the query's top-k"),
+                DOC_ID,
+                CHUNK,
+                Column("score", "DOUBLE", "influence score"),
+                RUN_ID,
+            ),
+            partition_by=("query_set", "method"),
+            slice_keys=("checkpoint_id",),
+        ),
+        Table(
+            "eval_metrics",
+            "evaluation metrics of a ranking (MRR, recall@10, tail-patch)",
+            (
+                RUN_ID,
+                QUERY_SET,
+                CHECKPOINT_ID,
+                METHOD,
+                Column("metric", "STRING", "metric name, e.g. mrr, recall@10"),
+                Column("bucket", "STRING", "frequency bucket or 'all'", nullable=True),
+                Column("value", "DOUBLE", "metric value"),
+                Column("n", "INT", "number of queries measured"),
+                _created_at(),
+            ),
+            slice_keys=("run_id", "query_set", "checkpoint_id", "method"),
+        ),
+        Table(
+            "tail_patches",
+            "influence of single proponents: one optimizer step on the chunk, Δ log p(target)",
+            (
+                QUERY_SET,
+                CHECKPOINT_ID,
+                QUERY_ID,
+                DOC_ID,
+                Column(
+                    "delta_log_prob", "DOUBLE", "change of the target's log-probability given prompt0 after the step"
+                ),
+                RUN_ID,
+            ),
+            partition_by=("query_set",),
+            slice_keys=("checkpoint_id",),
+        ),
+        Table(
+            "runs",
+            "one row per pipeline run with its full configuration",
+            (
+                RUN_ID,
+                Column("command", "STRING", "the command that ran, e.g. tokenize"),
+                Column("config_json", "STRING", "the run's full configuration as JSON (no secrets)"),
+                Column("started_at", "TIMESTAMP", "when the run started (UTC)"),
+                Column("finished_at", "TIMESTAMP", "when the run ended (UTC); null while running", nullable=True),
+                Column("status", "STRING", "running, succeeded or failed"),
+                Column("counts_json", "STRING", "row counts and other results as JSON", nullable=True),
+            ),
+            slice_keys=("run_id",),
+        ),
+    )
+}
 
 
 def table(name: str) -> Table:

@@ -16,7 +16,12 @@ import numpy as np
 import pyarrow as pa
 
 DTYPES = ("float32", "float16", "bfloat16", "int8")
-_STORAGE: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "int8": np.dtype("i1")}
+_STORAGE: dict[str, np.dtype] = {
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "bfloat16": np.dtype("<u2"),
+    "int8": np.dtype("i1"),
+}
 
 
 class VectorOverflow(ValueError):
@@ -55,7 +60,9 @@ def decode_vectors(vectors: pa.Array | pa.ChunkedArray, dtype: str, scales=None,
     lengths = np.diff(offsets)
     dim = dim if dim is not None else (int(lengths[0]) // width if n else 0)
     if n and not (lengths == dim * width).all():
-        raise ValueError(f"vectors are not all {dim} x {dtype} ({dim * width} bytes): lengths {sorted(set(lengths.tolist()))}")
+        raise ValueError(
+            f"vectors are not all {dim} x {dtype} ({dim * width} bytes): lengths {sorted(set(lengths.tolist()))}"
+        )
     data = vectors.buffers()[2]
     stored = np.frombuffer(data, dtype=_STORAGE[dtype], count=n * dim, offset=int(offsets[0])).reshape(n, dim)
     if dtype == "bfloat16":
@@ -82,7 +89,9 @@ def decode_sign_sketch(cells: pa.Array | pa.ChunkedArray, dim: int) -> np.ndarra
     offsets = np.frombuffer(cells.buffers()[1], dtype=np.int32, count=n + 1, offset=cells.offset * 4)
     if n and not (np.diff(offsets) == width).all():
         raise ValueError(f"sketches are not all {width} bytes ({dim} bits)")
-    packed = np.frombuffer(cells.buffers()[2], dtype=np.uint8, count=n * width, offset=int(offsets[0])).reshape(n, width)
+    packed = np.frombuffer(cells.buffers()[2], dtype=np.uint8, count=n * width, offset=int(offsets[0])).reshape(
+        n, width
+    )
     bits = np.unpackbits(packed, axis=1, count=dim)
     return bits.astype(np.float32) * 2.0 - 1.0
 
@@ -102,9 +111,11 @@ def _check_no_overflow(array: np.ndarray, stored: np.ndarray, dtype: str) -> Non
     overflowed = (infinite & np.isfinite(array)).any(axis=1)
     if overflowed.any():
         largest = float(np.abs(array[overflowed]).max())
-        raise VectorOverflow(f"{int(overflowed.sum())} of {len(array)} vectors hold values beyond {dtype}'s range "
-                             f"(largest |x| = {largest:.4g}): they would be stored as inf. Use --vector-dtype bfloat16 "
-                             "(float32's range in 2 bytes) or float32")
+        raise VectorOverflow(
+            f"{int(overflowed.sum())} of {len(array)} vectors hold values beyond {dtype}'s range "
+            f"(largest |x| = {largest:.4g}): they would be stored as inf. Use --vector-dtype bfloat16 "
+            "(float32's range in 2 bytes) or float32"
+        )
 
 
 def _to_bfloat16_bits(array: np.ndarray) -> np.ndarray:

@@ -10,8 +10,17 @@ import pytest
 
 from demo import train_model, world
 
-TINY = dict(n_layer=2, n_embd=32, n_head=2, context=64, vocab_size=512, micro_batch=4, max_steps=6,
-            warmup_steps=2, checkpoint_fractions=(0.5, 1.0))
+TINY = dict(
+    n_layer=2,
+    n_embd=32,
+    n_head=2,
+    context=64,
+    vocab_size=512,
+    micro_batch=4,
+    max_steps=6,
+    warmup_steps=2,
+    checkpoint_fractions=(0.5, 1.0),
+)
 
 
 WORLD = dict(world_seed=1, facts_per_bucket=2, n_partitions=2)

@@ -44,8 +44,13 @@ def _free_port() -> int:
 
 
 def _start(script: str, env: dict, log: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(["bash", str(DEPLOY / script), *args], env=env, start_new_session=True,
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        ["bash", str(DEPLOY / script), *args],
+        env=env,
+        start_new_session=True,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -85,9 +90,13 @@ def postgres():
     data = Path(tempfile.mkdtemp(prefix="trackstar-postgres-"))
     port, password = _free_port(), secrets.token_urlsafe(16)
     log = Path(tempfile.mkdtemp(prefix="trackstar-postgres-log-")) / "postgres.log"
-    server = _start("postgres.sh", dict(os.environ, PGDATA=str(data), PGPORT=str(port), POSTGRES_PASSWORD=password), log)
+    server = _start(
+        "postgres.sh", dict(os.environ, PGDATA=str(data), PGPORT=str(port), POSTGRES_PASSWORD=password), log
+    )
     try:
-        connect = lambda: psycopg2.connect(host="127.0.0.1", port=port, user="airflow", password=password, dbname="airflow")  # noqa: E731
+        connect = lambda: psycopg2.connect(
+            host="127.0.0.1", port=port, user="airflow", password=password, dbname="airflow"
+        )  # noqa: E731
         _wait("PostgreSQL", connect, server, [log], timeout=120).close()
         yield f"postgresql+psycopg2://airflow:{password}@127.0.0.1:{port}/airflow", connect
     finally:
@@ -104,23 +113,32 @@ def airflow(postgres, adam_run, tmp_path_factory):
     lake_dir = copy_lake(adam_run[0], root / "lake")
     register_queries.run(str(lake_dir))
     home, port = root / "airflow", _free_port()
-    env = dict(os.environ, PYTHON=sys.executable, AIRFLOW_HOME=str(home), AIRFLOW_PORT=str(port),
-               AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=url, TRACKSTAR_LAKE_ROOT=str(lake_dir),
-               TRACKSTAR_RETRY_DELAY_SECONDS="1",
-               # only triggered runs: unpausing would otherwise start the @daily run as well
-               AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE="False")
+    env = dict(
+        os.environ,
+        PYTHON=sys.executable,
+        AIRFLOW_HOME=str(home),
+        AIRFLOW_PORT=str(port),
+        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=url,
+        TRACKSTAR_LAKE_ROOT=str(lake_dir),
+        TRACKSTAR_RETRY_DELAY_SECONDS="1",
+        # only triggered runs: unpausing would otherwise start the @daily run as well
+        AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE="False",
+    )
     server = _start("airflow.sh", env, root / "airflow.log", "all")
     logs = [root / "airflow.log", *(home / f"{c}.log" for c in ("migrate", "api-server", "scheduler", "dag-processor"))]
     base = f"http://127.0.0.1:{port}"
     try:
-        healthy = lambda: httpx.get(f"{base}/api/v2/monitor/health", timeout=10).json()["scheduler"]["status"] == "healthy"  # noqa: E731
+        healthy = lambda: (
+            httpx.get(f"{base}/api/v2/monitor/health", timeout=10).json()["scheduler"]["status"] == "healthy"
+        )  # noqa: E731
         _wait("Airflow", healthy, server, logs)
         # SimpleAuthManager: the generated password of the `admin` user, exchanged for a JWT
         password = json.loads((home / "simple_auth_manager_passwords.json.generated").read_text())["admin"]
         token = httpx.post(f"{base}/auth/token", json={"username": "admin", "password": password}, timeout=30)
         token.raise_for_status()
-        client = httpx.Client(base_url=f"{base}/api/v2", timeout=60,
-                              headers={"Authorization": f"Bearer {token.json()['access_token']}"})
+        client = httpx.Client(
+            base_url=f"{base}/api/v2", timeout=60, headers={"Authorization": f"Bearer {token.json()['access_token']}"}
+        )
         _wait("the DAG processor", lambda: client.get(f"/dags/{DAG_ID}").status_code == 200, server, logs)
         yield client, Lake(lake_dir), server, logs
     finally:
@@ -136,8 +154,10 @@ def _trigger_and_wait(client: httpx.Client, server, logs) -> dict:
     run = client.get(f"/dags/{DAG_ID}/dagRuns/{run_id}").json()
     tasks = client.get(f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances").json()["task_instances"]
     assert run["state"] == "success", {t["task_id"]: t["state"] for t in tasks}
-    summary = client.get(f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/report_summary/xcomEntries/return_value",
-                         params={"deserialize": True}).json()["value"]
+    summary = client.get(
+        f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/report_summary/xcomEntries/return_value",
+        params={"deserialize": True},
+    ).json()["value"]
     return {"run": run, "tasks": tasks, "summary": summary}
 
 
@@ -151,7 +171,9 @@ def test_reindex_triggered_through_the_rest_api_then_a_second_trigger_finds_noth
     tokens = lake.read("tokens", columns=["doc_id", "chunk"])
     vectors = lake.read("train_gradients", columns=["doc_id", "chunk"])
     assert tokens.num_rows > 0 and vectors.num_rows == tokens.num_rows
-    assert lake.read("proponents", filters=[("method", "=", "trackstar")]).num_rows == lake.read("queries").num_rows * 10
+    assert (
+        lake.read("proponents", filters=[("method", "=", "trackstar")]).num_rows == lake.read("queries").num_rows * 10
+    )
 
     before = {t: lake.version(t) for t in TABLES}
     second = _trigger_and_wait(client, server, logs)
@@ -163,8 +185,11 @@ def test_reindex_triggered_through_the_rest_api_then_a_second_trigger_finds_noth
     with connect() as connection, connection.cursor() as cursor:
         cursor.execute("SELECT run_id, state FROM dag_run WHERE dag_id = %s", (DAG_ID,))
         states = dict(cursor.fetchall())
-        cursor.execute("SELECT DISTINCT job.job_type FROM task_instance ti LEFT JOIN job ON job.id = ti.queued_by_job_id "
-                       "WHERE ti.run_id = %s AND ti.state = 'success'", (first["run"]["dag_run_id"],))
+        cursor.execute(
+            "SELECT DISTINCT job.job_type FROM task_instance ti LEFT JOIN job ON job.id = ti.queued_by_job_id "
+            "WHERE ti.run_id = %s AND ti.state = 'success'",
+            (first["run"]["dag_run_id"],),
+        )
         queued_by = {row[0] for row in cursor.fetchall()}
     assert states[first["run"]["dag_run_id"]] == "success" and states[second["run"]["dag_run_id"]] == "success"
     assert queued_by == {"SchedulerJob"}

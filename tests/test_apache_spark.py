@@ -55,11 +55,22 @@ def apache_spark(tmp_path_factory, s3_server):
     """sc:// URL of a Spark Connect server on a standalone cluster (master + 2 workers) on loopback."""
     work = tmp_path_factory.mktemp("spark")
     port = _free_port()
-    env = dict(os.environ, PYTHON=sys.executable, SPARK_CONNECT_PORT=str(port), SPARK_WORK_DIR=str(work),
-               SPARK_WORKERS="2", PYTHONPATH=str(REPO_ROOT))
+    env = dict(
+        os.environ,
+        PYTHON=sys.executable,
+        SPARK_CONNECT_PORT=str(port),
+        SPARK_WORK_DIR=str(work),
+        SPARK_WORKERS="2",
+        PYTHONPATH=str(REPO_ROOT),
+    )
     started = time.monotonic()
-    server = subprocess.Popen(["bash", str(SCRIPT)], env=env, start_new_session=True,
-                              stdout=open(work / "script.log", "w"), stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        ["bash", str(SCRIPT)],
+        env=env,
+        start_new_session=True,
+        stdout=open(work / "script.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
     url = f"sc://127.0.0.1:{port}"
     try:
         while True:
@@ -130,8 +141,9 @@ def test_score_and_sql_on_apache_spark_over_delta_rs_tables(apache_spark, lakes)
     fit = fit_hessian.run(fit_hessian.FitHessianConfig(lake=apache.root))
     checkpoint = fit["checkpoint_id"]
     _job(apache_spark, "score", "--lake", apache.root, "--methods", "trackstar", "--top-k", "5")
-    on_spark = _sorted_rows(apache.read("proponents"), ["query_id", "rank"],
-                            ["query_id", "rank", "doc_id", "chunk", "score"])
+    on_spark = _sorted_rows(
+        apache.read("proponents"), ["query_id", "rank"], ["query_id", "rank", "doc_id", "chunk", "score"]
+    )
     n_queries = apache.read("queries").num_rows
     assert len(on_spark) == n_queries * 5
     assert _first_commit_engine(apache, "proponents").startswith("Apache-Spark/")
@@ -140,8 +152,9 @@ def test_score_and_sql_on_apache_spark_over_delta_rs_tables(apache_spark, lakes)
     assert sum(len(rows) for rows in ranked.values()) == len(on_spark)
     # the embedded engine replaces the same slice of the Spark-created table with the same answer
     score.run(score.ScoreConfig(lake=apache.root, methods=["trackstar"], top_k=5))
-    on_sail = _sorted_rows(apache.read("proponents"), ["query_id", "rank"],
-                           ["query_id", "rank", "doc_id", "chunk", "score"])
+    on_sail = _sorted_rows(
+        apache.read("proponents"), ["query_id", "rank"], ["query_id", "rank", "doc_id", "chunk", "score"]
+    )
     assert [r[:2] for r in on_sail] == [r[:2] for r in on_spark]
     np.testing.assert_allclose([r[4] for r in on_sail], [r[4] for r in on_spark], rtol=1e-5, atol=1e-6)
     # the same chunks, up to the order of exact ties: the world repeats some documents verbatim
@@ -158,7 +171,9 @@ def test_score_and_sql_on_apache_spark_over_delta_rs_tables(apache_spark, lakes)
     vectors = apache.read("train_gradients", columns=["partition", "checkpoint_id"]).to_pylist()
     assert coverage and {(r["checkpoint_id"], r["partition"]): (r["n_chunks"], r["n_vectors"]) for r in coverage} == {
         (c, p): (partitions.count(p), sum(v["partition"] == p and v["checkpoint_id"] == c for v in vectors))
-        for c in {v["checkpoint_id"] for v in vectors} for p in set(partitions)}
+        for c in {v["checkpoint_id"] for v in vectors}
+        for p in set(partitions)
+    }
 
 
 def test_apache_spark_and_delta_rs_share_tables_on_s3(apache_spark, s3_bucket):
@@ -166,16 +181,31 @@ def test_apache_spark_and_delta_rs_share_tables_on_s3(apache_spark, s3_bucket):
     lake = Lake(f"s3://{s3_bucket}/lake")
     spark = _connect(apache_spark)
     try:
-        df = spark.createDataFrame([("a", "queries/a.jsonl", 3), ("b", "queries/b.jsonl", 4)],
-                                   "query_set string, path string, n_queries int")
-        lake.spark_write(df.selectExpr("*", "current_timestamp() AS registered_at", "'run-spark' AS run_id"), "query_sets")
+        df = spark.createDataFrame(
+            [("a", "queries/a.jsonl", 3), ("b", "queries/b.jsonl", 4)], "query_set string, path string, n_queries int"
+        )
+        lake.spark_write(
+            df.selectExpr("*", "current_timestamp() AS registered_at", "'run-spark' AS run_id"), "query_sets"
+        )
         assert _first_commit_engine(lake, "query_sets").startswith("Apache-Spark/")
         assert sorted(lake.read("query_sets")["n_queries"].to_pylist()) == [3, 4]
-        lake.append("query_sets", pa.table({"query_set": ["c"], "path": ["queries/c.jsonl"], "n_queries": [5],
-                                            "registered_at": [datetime.datetime.now(datetime.timezone.utc)],
-                                            "run_id": ["run-delta-rs"]}))
+        lake.append(
+            "query_sets",
+            pa.table(
+                {
+                    "query_set": ["c"],
+                    "path": ["queries/c.jsonl"],
+                    "n_queries": [5],
+                    "registered_at": [datetime.datetime.now(datetime.timezone.utc)],
+                    "run_id": ["run-delta-rs"],
+                }
+            ),
+        )
         read_back = lake.spark_read(spark, "query_sets").collect()
         assert sorted((r["query_set"], r["n_queries"], r["run_id"]) for r in read_back) == [
-            ("a", 3, "run-spark"), ("b", 4, "run-spark"), ("c", 5, "run-delta-rs")]
+            ("a", 3, "run-spark"),
+            ("b", 4, "run-spark"),
+            ("c", 5, "run-delta-rs"),
+        ]
     finally:
         spark.stop()

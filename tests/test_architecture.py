@@ -35,9 +35,12 @@ def project_imports(path: Path) -> set[tuple[int, str]]:
 
 @pytest.mark.parametrize("package", sorted(ALLOWED))
 def test_packages_import_only_downward(package):
-    broken = [f"{path.relative_to(ROOT)}:{line} imports {name}"
-              for path in sorted((ROOT / package).rglob("*.py"))
-              for line, name in sorted(project_imports(path)) if name not in ALLOWED[package]]
+    broken = [
+        f"{path.relative_to(ROOT)}:{line} imports {name}"
+        for path in sorted((ROOT / package).rglob("*.py"))
+        for line, name in sorted(project_imports(path))
+        if name not in ALLOWED[package]
+    ]
     assert not broken, "imports against docs/architecture.md:\n" + "\n".join(broken)
 
 

@@ -22,21 +22,31 @@ def _write_lines(path, rows):
     return path
 
 
-MINIMAL = {"query_id": "q1", "subject": "Ann Lee", "relation": "born_in", "object": "Varn", "target": "Varn",
-           "prompt0": "Ann Lee was born in", "stating_doc_ids": ["https://a.example/1"] * 12}
+MINIMAL = {
+    "query_id": "q1",
+    "subject": "Ann Lee",
+    "relation": "born_in",
+    "object": "Varn",
+    "target": "Varn",
+    "prompt0": "Ann Lee was born in",
+    "stating_doc_ids": ["https://a.example/1"] * 12,
+}
 
 
 def test_queries_file_lists_every_problem_by_line_and_fills_defaults(tmp_path):
-    bad = _write_lines(tmp_path / "queries.jsonl", [
-        MINIMAL,
-        MINIMAL | {"object": "X"},                                  # repeats q1
-        {k: v for k, v in MINIMAL.items() if k != "subject"} | {"query_id": "q2", "stating_docs": []},
-        "[1, 2]",
-        "",
-        MINIMAL | {"query_id": "q3", "frequency_bucket": "10", "aliases": "Varn City"},
-        MINIMAL | {"query_id": "q4", "prompt1": "Ann Lee's birthplace: "},  # prompts disagree on the space
-        "{not json",
-    ])
+    bad = _write_lines(
+        tmp_path / "queries.jsonl",
+        [
+            MINIMAL,
+            MINIMAL | {"object": "X"},  # repeats q1
+            {k: v for k, v in MINIMAL.items() if k != "subject"} | {"query_id": "q2", "stating_docs": []},
+            "[1, 2]",
+            "",
+            MINIMAL | {"query_id": "q3", "frequency_bucket": "10", "aliases": "Varn City"},
+            MINIMAL | {"query_id": "q4", "prompt1": "Ann Lee's birthplace: "},  # prompts disagree on the space
+            "{not json",
+        ],
+    )
     with pytest.raises(QueryFileError) as caught:
         load_queries(bad)
     assert caught.value.problems == [
@@ -50,8 +60,12 @@ def test_queries_file_lists_every_problem_by_line_and_fills_defaults(tmp_path):
         f"{bad}:7: some prompts end in whitespace and some do not, but they share one target",
         f"{bad}:8: malformed JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))",
     ]
-    good = load_queries(_write_lines(tmp_path / "good.jsonl", [
-        MINIMAL, MINIMAL | {"query_id": "q2", "prompt0": "Born in ", "target": "Varn", "stating_doc_ids": ["u"]}]))
+    good = load_queries(
+        _write_lines(
+            tmp_path / "good.jsonl",
+            [MINIMAL, MINIMAL | {"query_id": "q2", "prompt0": "Born in ", "target": "Varn", "stating_doc_ids": ["u"]}],
+        )
+    )
     first, second = good.queries
     assert first["target"] == " Varn" and second["target"] == "Varn"  # space prepended only where the prompt lacks one
     assert first["prompt1"] == first["prompt2"] == first["prompt0"] and first["aliases"] == []
@@ -66,24 +80,36 @@ def _tiny_llama(corpus_dir, out_dir, steps=12):
     from tokenizers import ByteLevelBPETokenizer
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    texts = [json.loads(line)["text"] for path in sorted(corpus_dir.glob("c4-*.json.gz"))
-             for line in gzip.open(path, "rt")]
+    texts = [
+        json.loads(line)["text"] for path in sorted(corpus_dir.glob("c4-*.json.gz")) for line in gzip.open(path, "rt")
+    ]
     bpe = ByteLevelBPETokenizer(add_prefix_space=False)
-    bpe.train_from_iterator(texts, vocab_size=400, min_frequency=2, special_tokens=["<s>", "</s>", "<unk>"],
-                            show_progress=False)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>", pad_token="</s>")
+    bpe.train_from_iterator(
+        texts, vocab_size=400, min_frequency=2, special_tokens=["<s>", "</s>", "<unk>"], show_progress=False
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
+    )
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.98), eps=1e-7)
     ids = [i for t in texts for i in [tokenizer.eos_token_id] + tokenizer(t)["input_ids"]]
     blocks = torch.tensor(ids[: len(ids) // 64 * 64]).view(-1, 64)
     for step in range(steps):
-        batch = blocks[(step * 8) % len(blocks):][:8]
+        batch = blocks[(step * 8) % len(blocks) :][:8]
         model(input_ids=batch, labels=batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -104,8 +130,10 @@ def user_data(tmp_path_factory):
     rows = []
     for line in (root / "generated" / "world" / "queries.jsonl").read_text().splitlines():
         query = json.loads(line)
-        rows.append({k: query[k] for k in ("query_id", "subject", "relation", "object", "prompt0", "stating_doc_ids")}
-                    | {"target": query["target"].lstrip()})
+        rows.append(
+            {k: query[k] for k in ("query_id", "subject", "relation", "object", "prompt0", "stating_doc_ids")}
+            | {"target": query["target"].lstrip()}
+        )
     rows.append(rows[0] | {"query_id": "unencodable", "target": "</s>"})
     queries = _write_lines(root / "queries.jsonl", rows)
     model, optimizer = _tiny_llama(corpus, root / "llama")
@@ -120,11 +148,23 @@ def indexed_llama(user_data):
     checkpoint = import_data.import_checkpoint(lake, root / "llama")
     register_queries.run(str(lake), str(queries))  # what the pipeline does: problems name the user's own file
     tokenize.run(tokenize.TokenizeConfig(lake=str(lake)))
-    extraction = extract.run(extract.ExtractConfig(lake=str(lake), checkpoint=str(checkpoint), projection_k=4, token_budget=512))
-    fit = fit_hessian.run(fit_hessian.FitHessianConfig(lake=str(lake), checkpoint_id=extraction["checkpoint_id"],
-                                                       fingerprint=extraction["fingerprint"]))
-    score.run(score.ScoreConfig(lake=str(lake), checkpoint_id=extraction["checkpoint_id"],
-                                fingerprint=extraction["fingerprint"], methods=["trackstar"], top_k=5))
+    extraction = extract.run(
+        extract.ExtractConfig(lake=str(lake), checkpoint=str(checkpoint), projection_k=4, token_budget=512)
+    )
+    fit = fit_hessian.run(
+        fit_hessian.FitHessianConfig(
+            lake=str(lake), checkpoint_id=extraction["checkpoint_id"], fingerprint=extraction["fingerprint"]
+        )
+    )
+    score.run(
+        score.ScoreConfig(
+            lake=str(lake),
+            checkpoint_id=extraction["checkpoint_id"],
+            fingerprint=extraction["fingerprint"],
+            methods=["trackstar"],
+            top_k=5,
+        )
+    )
     return Lake(lake), summary, checkpoint, extraction, fit
 
 
@@ -151,8 +191,10 @@ def test_adam_state_from_a_torch_optimizer_pt_is_torchs_own(indexed_llama, user_
     for name, param in model.named_parameters():  # names mapped from torch's numbering, every one exact
         assert torch.equal(moments["state"][name]["exp_avg_sq"], optimizer.state[param]["exp_avg_sq"]), name
     manifest = load_manifest(checkpoint)
-    content = hashlib.sha256((checkpoint / "config.json").read_bytes()
-                             + hashlib.sha256((checkpoint / "model.safetensors").read_bytes()).hexdigest()[:16].encode())
+    content = hashlib.sha256(
+        (checkpoint / "config.json").read_bytes()
+        + hashlib.sha256((checkpoint / "model.safetensors").read_bytes()).hexdigest()[:16].encode()
+    )
     assert manifest["checkpoint_id"] == f"llama-{content.hexdigest()[:12]}" and manifest["step"] == 12
     assert manifest["optimizer"] == "adam" and manifest["imported_from"] == str(user_data[0] / "llama")
 
@@ -163,7 +205,10 @@ def test_llama_checkpoint_is_indexed_with_the_floored_adam_correction(indexed_ll
     run = lake.read("runs", filters=[("run_id", "=", extraction["run_id"])]).to_pylist()[0]
     config = json.loads(run["config_json"])
     assert config["optimizer_correction"] == "adam-floored from the consolidated optimizer state"
-    assert config["spec"]["normalizer"] == "adam-floored" and json.loads(run["counts_json"])["normalizer"] == "adam-floored"
+    assert (
+        config["spec"]["normalizer"] == "adam-floored"
+        and json.loads(run["counts_json"])["normalizer"] == "adam-floored"
+    )
     # every Linear of the Llama blocks and the untied head has a block
     assert len(config["spec"]["k"]) == 2 * 7 + 1 and "lm_head.weight" in config["spec"]["k"]
     registered = lake.read("checkpoints").to_pylist()[0]
@@ -184,13 +229,25 @@ def test_the_same_folder_without_optimizer_state_is_indexed_without_correction(i
     shutil.copytree(user_data[0] / "llama", bare, ignore=shutil.ignore_patterns("optimizer.pt"))
     assert load_manifest(bare)["optimizer"] == "none" and load_manifest(bare)["lr"] is None
     checkpoint = import_data.import_checkpoint(lake.root, bare)  # same tokenizer: the same lake takes it
-    extraction = extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(checkpoint), projection_k=4, token_budget=512,
-                                                   query_set=None, partitions=[0], ranks=1))
+    extraction = extract.run(
+        extract.ExtractConfig(
+            lake=lake.root,
+            checkpoint=str(checkpoint),
+            projection_k=4,
+            token_budget=512,
+            query_set=None,
+            partitions=[0],
+            ranks=1,
+        )
+    )
     assert extraction["normalizer"] == "none" and extraction["fingerprint"] != corrected["fingerprint"]
     run = lake.read("runs", filters=[("run_id", "=", extraction["run_id"])]).to_pylist()[0]
-    assert json.loads(run["config_json"])["optimizer_correction"].startswith("none: the checkpoint has no optimizer state")
-    stored = lake.read("train_gradients", filters=[("checkpoint_id", "=", extraction["checkpoint_id"])],
-                       columns=["fingerprint"])
+    assert json.loads(run["config_json"])["optimizer_correction"].startswith(
+        "none: the checkpoint has no optimizer state"
+    )
+    stored = lake.read(
+        "train_gradients", filters=[("checkpoint_id", "=", extraction["checkpoint_id"])], columns=["fingerprint"]
+    )
     assert stored.num_rows > 0 and set(stored["fingerprint"].to_pylist()) == {extraction["fingerprint"]}
     registered = lake.read("checkpoints", filters=[("checkpoint_id", "=", extraction["checkpoint_id"])]).to_pylist()
     assert registered[0]["optimizer"] == "none" and registered[0]["learning_rate"] is None
@@ -218,8 +275,15 @@ def test_another_parameter_order_is_read_by_param_names_or_refused(user_data, tm
 def test_make_run_refuses_to_wipe_imported_data(indexed_llama, user_data, capsys):
     root = Path(indexed_llama[0].root)
     before = {p: p.read_bytes() for p in sorted((root / "raw").glob("*")) + [root / "world" / "queries.jsonl"]}
-    args = pipeline.argparse.Namespace(lake=str(root), world_seed=0, airflow_home=str(root / ".airflow"),
-                                       reports=str(root / "reports"), corpus=None, queries=None, checkpoint=None)
+    args = pipeline.argparse.Namespace(
+        lake=str(root),
+        world_seed=0,
+        airflow_home=str(root / ".airflow"),
+        reports=str(root / "reports"),
+        corpus=None,
+        queries=None,
+        checkpoint=None,
+    )
     assert pipeline.main(args) == 2  # what `make run` calls: no --corpus, so it would regenerate the world
     message = capsys.readouterr().err
     assert "holds an imported world" in message and f"--corpus {user_data[1]}" in message
@@ -241,8 +305,10 @@ def test_progress_line_names_a_token_rate_only_when_tokens_are_counted():
 
     from jobs.progress import Progress
 
-    pairs, rows = Progress("tail-patch", 4, unit="pairs", stream=io.StringIO()), Progress("extract", 2, unit="rows",
-                                                                                         stream=io.StringIO())
+    pairs, rows = (
+        Progress("tail-patch", 4, unit="pairs", stream=io.StringIO()),
+        Progress("extract", 2, unit="rows", stream=io.StringIO()),
+    )
     pairs.update(4)
     rows.update(2, tokens=100)
     assert "tok/s" not in pairs.stream.getvalue() and "4/4 pairs" in pairs.stream.getvalue()

@@ -9,16 +9,19 @@ from jobs.c4_lines import RAW_VALUE_LIMIT, chunk_spans, parse_line, truncate_raw
 GOOD = {"text": "Ilsa Morvane was born in Varnholt.", "url": "https://w/1", "timestamp": "2019-04-25T12:57:54Z"}
 
 
-@pytest.mark.parametrize("raw, reason", [
-    (b"{not json", "malformed JSON"),
-    (b"\xff\xfe\x00junk", "not UTF-8"),
-    (b"   ", "blank line"),
-    (b"[1, 2]", "JSON list, expected an object"),
-    (json.dumps({"url": "u", "timestamp": "t"}).encode(), "missing field 'text'"),
-    (json.dumps(dict(GOOD, text=3)).encode(), "field 'text' is int"),
-    (json.dumps(dict(GOOD, text=" \n ")).encode(), "empty text"),
-    (json.dumps(dict(GOOD, text="a\x00b")).encode(), "binary junk"),
-])
+@pytest.mark.parametrize(
+    "raw, reason",
+    [
+        (b"{not json", "malformed JSON"),
+        (b"\xff\xfe\x00junk", "not UTF-8"),
+        (b"   ", "blank line"),
+        (b"[1, 2]", "JSON list, expected an object"),
+        (json.dumps({"url": "u", "timestamp": "t"}).encode(), "missing field 'text'"),
+        (json.dumps(dict(GOOD, text=3)).encode(), "field 'text' is int"),
+        (json.dumps(dict(GOOD, text=" \n ")).encode(), "empty text"),
+        (json.dumps(dict(GOOD, text="a\x00b")).encode(), "binary junk"),
+    ],
+)
 def test_bad_lines_get_a_reason(raw, reason):
     record, why = parse_line(raw)
     assert record is None and reason in why

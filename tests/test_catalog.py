@@ -14,9 +14,17 @@ T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
 
 def register(lake: Lake, checkpoint_id: str, step: int, registered_at: datetime) -> None:
-    row = {"checkpoint_id": checkpoint_id, "step": step, "path": f"/checkpoints/{checkpoint_id}", "optimizer": "adam",
-           "learning_rate": 1e-3, "tokens_seen": step * 100, "model_fingerprint": f"fp-{checkpoint_id}",
-           "registered_at": registered_at, "run_id": f"run-{checkpoint_id}"}
+    row = {
+        "checkpoint_id": checkpoint_id,
+        "step": step,
+        "path": f"/checkpoints/{checkpoint_id}",
+        "optimizer": "adam",
+        "learning_rate": 1e-3,
+        "tokens_seen": step * 100,
+        "model_fingerprint": f"fp-{checkpoint_id}",
+        "registered_at": registered_at,
+        "run_id": f"run-{checkpoint_id}",
+    }
     lake.append("checkpoints", pa.Table.from_pylist([row], schema=TABLES["checkpoints"].arrow_schema))
 
 

@@ -18,18 +18,42 @@ def test_no_flags_give_the_declared_defaults_and_the_settings(monkeypatch):
     monkeypatch.setenv("TRACKSTAR_LAKE_ROOT", "s3://bucket/lake")
     monkeypatch.setenv("TRACKSTAR_TOP_K", "7")
     monkeypatch.setenv("TRACKSTAR_HESSIAN_DAMPING", "0.25")
-    for config_class in (extract.ExtractConfig, fit_hessian.FitHessianConfig, index.IndexConfig, score.ScoreConfig,
-                         tokenize.TokenizeConfig):
+    for config_class in (
+        extract.ExtractConfig,
+        fit_hessian.FitHessianConfig,
+        index.IndexConfig,
+        score.ScoreConfig,
+        tokenize.TokenizeConfig,
+    ):
         assert parse(config_class) == config_class()  # the same object a DAG task or a caller makes
     assert parse(score.ScoreConfig).lake == "s3://bucket/lake" and parse(score.ScoreConfig).top_k == 7
     assert parse(fit_hessian.FitHessianConfig).damping_ratio == 0.25
 
 
 def test_each_kind_of_field_parses_to_its_type():
-    config = parse(extract.ExtractConfig, "--projection-k", "4", "--projection-seed", "3", "--partitions", "0", "2",
-                   "--force", "--normalizer", "none", "--query-set", "other")
-    assert (config.projection_k, config.projection_seed, config.partitions, config.force, config.normalizer,
-            config.query_set) == (4, 3, [0, 2], True, "none", "other")
+    config = parse(
+        extract.ExtractConfig,
+        "--projection-k",
+        "4",
+        "--projection-seed",
+        "3",
+        "--partitions",
+        "0",
+        "2",
+        "--force",
+        "--normalizer",
+        "none",
+        "--query-set",
+        "other",
+    )
+    assert (
+        config.projection_k,
+        config.projection_seed,
+        config.partitions,
+        config.force,
+        config.normalizer,
+        config.query_set,
+    ) == (4, 3, [0, 2], True, "none", "other")
     fit = parse(fit_hessian.FitHessianConfig, "--lambda", "0.5", "--damping-rule", "mixed-global")
     assert (fit.mixing_lambda, fit.damping_rule, fit.r_query_exclude) == (0.5, "mixed-global", ())
     scored = parse(score.ScoreConfig, "--methods", "trackstar", "trak", "--top-k", "3", "--checkpoint-id", "c1")

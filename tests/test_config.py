@@ -23,8 +23,10 @@ def test_the_vector_dtype_setting_names_the_codecs():
 
 
 def test_airflow_params_override_the_environment_and_are_type_checked():
-    config = load_config(environ={"TRACKSTAR_TOP_K": "20", "TRACKSTAR_HESSIAN_LAMBDA": "0.5"},
-                         params={"top_k": 5, "hessian_lambda": None, "checkpoint": "not a setting"})
+    config = load_config(
+        environ={"TRACKSTAR_TOP_K": "20", "TRACKSTAR_HESSIAN_LAMBDA": "0.5"},
+        params={"top_k": 5, "hessian_lambda": None, "checkpoint": "not a setting"},
+    )
     assert config.top_k == 5 and config.hessian_lambda == 0.5  # a null param leaves the setting as it was
     with pytest.raises(ConfigError, match="Airflow param top_k: expected int"):
         load_config(environ={}, params={"top_k": "5"})
@@ -40,12 +42,21 @@ def test_stage_configs_take_their_defaults_from_the_settings_when_made(monkeypat
     from jobs import extract, score
 
     before = extract.ExtractConfig()
-    for name, value in {"LAKE_ROOT": "s3://bucket/lake", "PROJECTION_K": "8", "PROJECTION_SEED": "3",
-                        "VECTOR_DTYPE": "int8", "BATCH_TOKEN_BUDGET": "512", "TOP_K": "25"}.items():
+    for name, value in {
+        "LAKE_ROOT": "s3://bucket/lake",
+        "PROJECTION_K": "8",
+        "PROJECTION_SEED": "3",
+        "VECTOR_DTYPE": "int8",
+        "BATCH_TOKEN_BUDGET": "512",
+        "TOP_K": "25",
+    }.items():
         monkeypatch.setenv(f"TRACKSTAR_{name}", value)
     config = extract.ExtractConfig()
-    assert (config.projection_k, config.projection_seed, config.vector_dtype, config.token_budget) == (8, 3, "int8", 512) != (
-        before.projection_k, before.projection_seed, before.vector_dtype, before.token_budget)
+    assert (
+        (config.projection_k, config.projection_seed, config.vector_dtype, config.token_budget)
+        == (8, 3, "int8", 512)
+        != (before.projection_k, before.projection_seed, before.vector_dtype, before.token_budget)
+    )
     assert extract.ExtractConfig(projection_k=4).projection_k == 4 and score.ScoreConfig().top_k == 25
     assert load_config().checkpoint_location == "s3://bucket/lake/model/checkpoints"
 
@@ -62,7 +73,11 @@ def test_the_configured_spark_remote_is_the_endpoint(monkeypatch):
 
 def test_no_setting_is_read_from_the_environment_behind_the_configuration():
     read = set()
-    for path in (p for package in ("jobs", "infra", "dags", "demo", "evaluation", "explorer") for p in REPO.glob(f"{package}/*.py")):
+    for path in (
+        p
+        for package in ("jobs", "infra", "dags", "demo", "evaluation", "explorer")
+        for p in REPO.glob(f"{package}/*.py")
+    ):
         if path.name != "config.py":
             read |= set(re.findall(r"""environ(?:\.get\(|\[)\s*["'](TRACKSTAR_\w+)""", path.read_text()))
     # a test hook for injected failures, the explorer's access token (a secret, never stored), and the

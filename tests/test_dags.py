@@ -19,8 +19,18 @@ from jobs import register_queries
 from jobs.checkpoints import checkpoint_path
 from tests.fixtures import copy_lake
 
-TABLES = ("documents", "tokens", "quarantine", "checkpoints", "train_gradients", "query_gradients", "hessians",
-          "proponents", "eval_metrics", "runs")
+TABLES = (
+    "documents",
+    "tokens",
+    "quarantine",
+    "checkpoints",
+    "train_gradients",
+    "query_gradients",
+    "hessians",
+    "proponents",
+    "eval_metrics",
+    "runs",
+)
 
 INSPECT_DAGS = r"""
 import json, warnings
@@ -48,7 +58,12 @@ def dag_info(tmp_path_factory):
 
 def test_dags_import_without_errors_or_warnings(dag_info):
     assert dag_info["errors"] == {} and dag_info["warnings"] == []
-    assert set(dag_info["dags"]) == {"trackstar_reindex", "trackstar_backfill", "trackstar_score", "trackstar_maintenance"}
+    assert set(dag_info["dags"]) == {
+        "trackstar_reindex",
+        "trackstar_backfill",
+        "trackstar_score",
+        "trackstar_maintenance",
+    }
     assert dag_info["dags"]["trackstar_reindex"]["schedule"] == "@daily"
 
 
@@ -58,7 +73,9 @@ def test_dags_are_well_kept_and_their_tasks_are_jobs_functions(dag_info):
         for task_id, task in dag["tasks"].items():
             assert task["owner"] == "trackstar" and task["retries"] >= 1, task_id
             assert task["timeout"] and task["callback"], task_id
-            assert callable(getattr(orchestrate, task_id, None)), f"{dag_id}.{task_id} is not a dags.orchestrate function"
+            assert callable(getattr(orchestrate, task_id, None)), (
+                f"{dag_id}.{task_id} is not a dags.orchestrate function"
+            )
         if dag_id != "trackstar_maintenance":
             assert dag["tasks"]["extract_missing"]["pool"] == "trackstar_device"
 
@@ -129,8 +146,16 @@ def test_reindex_indexes_everything_then_a_second_run_changes_nothing(airflow_la
 
 def test_reindex_of_a_new_partition_indexes_only_it(airflow_lake):
     lake, home, _, _ = airflow_lake
-    lines = [json.dumps({"text": f"Quorvath Ellin{i} is a citizen of Brandoria. The weather stayed mild.",
-                         "url": f"https://new.example/{i}", "timestamp": "2020-01-01T00:00:00Z"}) for i in range(5)]
+    lines = [
+        json.dumps(
+            {
+                "text": f"Quorvath Ellin{i} is a citizen of Brandoria. The weather stayed mild.",
+                "url": f"https://new.example/{i}",
+                "timestamp": "2020-01-01T00:00:00Z",
+            }
+        )
+        for i in range(5)
+    ]
     with gzip.open(f"{lake.root}/raw/c4-train.00002-of-00003.json.gz", "wt", encoding="utf-8") as fh:
         fh.write("\n".join(lines) + "\n")
     before = lake.read("train_gradients", columns=["partition", "run_id"])
@@ -164,14 +189,24 @@ def test_backfill_of_an_older_checkpoint_makes_its_own_slices_and_compares(airfl
 def test_score_dag_scores_the_requested_methods_and_evaluates(airflow_lake):
     lake, home, _, summary = airflow_lake
     newest = str(checkpoint_path(lake.root, summary["checkpoints"][-1]))
-    result = _run("trackstar_score", lake, home, {"query_set": "fact-world", "checkpoint": newest, "top_k": 3,
-                                                  "methods": ["trackstar", "trackstar-no-hessian"]})
+    result = _run(
+        "trackstar_score",
+        lake,
+        home,
+        {"query_set": "fact-world", "checkpoint": newest, "top_k": 3, "methods": ["trackstar", "trackstar-no-hessian"]},
+    )
     assert set(result["tasks"].values()) == {"success"}
     queries = lake.read("queries").num_rows
     for method in ("trackstar", "trackstar-no-hessian"):
-        rows = lake.read("proponents", filters=[("method", "=", method), ("checkpoint_id", "=", summary["checkpoints"][-1])])
+        rows = lake.read(
+            "proponents", filters=[("method", "=", method), ("checkpoint_id", "=", summary["checkpoints"][-1])]
+        )
         assert rows.num_rows == queries * 3 and max(rows["rank"].to_pylist()) == 3
-    metrics = lake.read("eval_metrics", filters=[("run_id", "=", f"score-eval-{summary['checkpoints'][-1]}"),
-                                                 ("bucket", "=", "all")]).to_pylist()
-    assert {(m["method"], m["metric"]) for m in metrics} >= {("trackstar", "mrr"), ("trackstar-no-hessian", "recall@10")}
+    metrics = lake.read(
+        "eval_metrics", filters=[("run_id", "=", f"score-eval-{summary['checkpoints'][-1]}"), ("bucket", "=", "all")]
+    ).to_pylist()
+    assert {(m["method"], m["metric"]) for m in metrics} >= {
+        ("trackstar", "mrr"),
+        ("trackstar-no-hessian", "recall@10"),
+    }
     assert all(0.0 <= m["value"] <= 1.0 and m["n"] == queries for m in metrics)

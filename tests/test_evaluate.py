@@ -24,8 +24,12 @@ def test_mrr_and_recall_on_hand_built_ranks():
     assert metrics["all"]["mrr"] == pytest.approx((1 + 1 / 2 + 0) / 3)
     assert metrics["all"]["recall@10"] == pytest.approx((1 + 1 + 0) / 3)  # binary: any stating document
     assert metrics["all"]["recall@10_fraction"] == pytest.approx((1 + 1 / 2 + 0) / 3)  # share of them found
-    assert metrics["30"] == {"mrr": pytest.approx(0.25), "recall@10": pytest.approx(0.5),
-                             "recall@10_fraction": pytest.approx(0.25), "n": 2}
+    assert metrics["30"] == {
+        "mrr": pytest.approx(0.25),
+        "recall@10": pytest.approx(0.5),
+        "recall@10_fraction": pytest.approx(0.25),
+        "n": 2,
+    }
     assert metrics["1"]["n"] == 1 and metrics["all"]["n"] == 3
 
 
@@ -37,7 +41,9 @@ def test_tail_patch_per_query_reports_log_prob_and_prob_changes():
     assert cell["q"]["delta_log_prob"] == pytest.approx((math.log(1.5) + math.log(0.5)) / 2)
     assert cell["q"]["delta_prob"] == pytest.approx(((0.3 - 0.2) + (0.1 - 0.2)) / 2)
     assert M.average_over_seeds([{"q": {"mrr": 1.0}}, {"q": {"mrr": 0.5}}, {"r": {"mrr": 0.0}}]) == {
-        "q": {"mrr": 0.75}, "r": {"mrr": 0.0}}
+        "q": {"mrr": 0.75},
+        "r": {"mrr": 0.0},
+    }
 
 
 def test_bootstrap_intervals_cover_the_mean_and_pair_the_queries():
@@ -61,8 +67,12 @@ def test_stratified_sample_takes_every_bucket_and_is_fixed_by_the_seed():
     assert sample == evaluate.stratified_sample(queries, 6, seed=0) != evaluate.stratified_sample(queries, 6, seed=1)
 
 
-TEXTS = ["The capital of Vornland is Quessa.", "Bread was sold at the market before noon.",
-         "Maren Olt works as a violinist in the city orchestra.", "Heavy rain delayed the trains on Monday."]
+TEXTS = [
+    "The capital of Vornland is Quessa.",
+    "Bread was sold at the market before noon.",
+    "Maren Olt works as a violinist in the city orchestra.",
+    "Heavy rain delayed the trains on Monday.",
+]
 
 
 @pytest.mark.parametrize("retrieve", [evaluate.bm25_top_k, evaluate.dense_top_k])
@@ -75,19 +85,35 @@ def test_text_baselines_find_the_document_a_query_copies(retrieve):
 def test_evaluation_runs_on_a_user_supplied_corpus_and_queries(adam_run, tmp_path):
     source, summary = adam_run
     # the user's files: C4 partitions and a queries JSONL, nothing else of the generated world
-    world.run(world.WorldConfig(out_dir=str(tmp_path / "lake"), corpus=str(source / "raw"),
-                                queries=str(source / "world" / "queries.jsonl")))
+    world.run(
+        world.WorldConfig(
+            out_dir=str(tmp_path / "lake"), corpus=str(source / "raw"), queries=str(source / "world" / "queries.jsonl")
+        )
+    )
     shutil.copytree(source / "model", tmp_path / "lake" / "model")  # tokenizer and checkpoint folders
     root = str(tmp_path / "lake")
     tokenize.run(tokenize.TokenizeConfig(lake=root))
     register_queries.run(root)
-    config = evaluate.EvaluateConfig(lake=root, projection_k=4, tail_patch_queries=5, seeds=[0, 1],
-                                     reports=str(tmp_path / "reports"))
+    config = evaluate.EvaluateConfig(
+        lake=root, projection_k=4, tail_patch_queries=5, seeds=[0, 1], reports=str(tmp_path / "reports")
+    )
     report = evaluate.run(config)
     methods = set(report["methods"])
-    assert methods == {"bm25", "dense", "grad-dot", "grad-cos", "trak", "trackstar", "trackstar-no-optimizer",
-                       "trackstar-no-hessian", "trackstar-no-mixing", "trackstar-no-unit-norm", "trackstar-adam-exact",
-                       "trackstar-heldout-r-query", "trackstar-global-damping"}
+    assert methods == {
+        "bm25",
+        "dense",
+        "grad-dot",
+        "grad-cos",
+        "trak",
+        "trackstar",
+        "trackstar-no-optimizer",
+        "trackstar-no-hessian",
+        "trackstar-no-mixing",
+        "trackstar-no-unit-norm",
+        "trackstar-adam-exact",
+        "trackstar-heldout-r-query",
+        "trackstar-global-damping",
+    }
     stored = json.loads((tmp_path / "reports" / "eval.json").read_text())
     for name, cell in stored["methods"].items():
         assert 0 <= cell["mrr_ci"][0] <= cell["mrr"] <= cell["mrr_ci"][1] <= 1

@@ -33,16 +33,30 @@ def explored_lake(adam_run, tmp_path_factory):
     lake = Lake(root)
     documents = lake.read("documents", columns=["doc_id", "text"])
     queries = sorted(lake.read("queries").to_pylist(), key=lambda q: q["query_id"])
-    indices, values = evaluate.bm25_top_k(documents["text"].to_pylist(), [q["prompt0"] + q["target"] for q in queries], 5)
-    evaluate.write_text_proponents(lake, "bm25", indices, values, documents["doc_id"].to_pylist(),
-                                   [q["query_id"] for q in queries], "fact-world", extraction["checkpoint_id"], "test")
+    indices, values = evaluate.bm25_top_k(
+        documents["text"].to_pylist(), [q["prompt0"] + q["target"] for q in queries], 5
+    )
+    evaluate.write_text_proponents(
+        lake,
+        "bm25",
+        indices,
+        values,
+        documents["doc_id"].to_pylist(),
+        [q["query_id"] for q in queries],
+        "fact-world",
+        extraction["checkpoint_id"],
+        "test",
+    )
     # real tail-patch steps for every query's TrackStar proponents, as the evaluation stores them
     ranked = {"trackstar": {}}
-    for row in sorted(lake.read("proponents", filters=[("method", "=", "trackstar")]).to_pylist(), key=lambda r: r["rank"]):
+    for row in sorted(
+        lake.read("proponents", filters=[("method", "=", "trackstar")]).to_pylist(), key=lambda r: r["rank"]
+    ):
         ranked["trackstar"].setdefault(row["query_id"], []).append(row["doc_id"])
     checkpoint = evaluate.evaluated_checkpoint(lake, evaluate.EvaluateConfig(lake=root))
-    _, changes = evaluate.tail_patch(lake, checkpoint, 1e-3, ranked, {q["query_id"]: q for q in queries},
-                                     [q["query_id"] for q in queries])
+    _, changes = evaluate.tail_patch(
+        lake, checkpoint, 1e-3, ranked, {q["query_id"]: q for q in queries}, [q["query_id"] for q in queries]
+    )
     evaluate.write_tail_patches(lake, "fact-world", extraction["checkpoint_id"], changes, "test")
     return root, queries
 
@@ -69,11 +83,15 @@ def server(explored_lake):
 
 def test_bad_parameters_get_4xx_with_a_message(server, explored_lake):
     _, queries = explored_lake
-    cases = {"/?bucket=many": (400, "bucket must be a whole number"), "/?prediction=maybe": (400, "prediction must be"),
-             "/?checkpoint=nope": (400, "unknown checkpoint"), "/query/Q99999": (404, "no query"),
-             f"/query/{queries[0]['query_id']}?methods=astrology": (400, "unknown method"),
-             f"/query/{queries[0]['query_id']}?k=0": (400, "k must be"),
-             "/query/..%2F..%2F..%2Fetc%2Fpasswd": (404, "Not Found")}
+    cases = {
+        "/?bucket=many": (400, "bucket must be a whole number"),
+        "/?prediction=maybe": (400, "prediction must be"),
+        "/?checkpoint=nope": (400, "unknown checkpoint"),
+        "/query/Q99999": (404, "no query"),
+        f"/query/{queries[0]['query_id']}?methods=astrology": (400, "unknown method"),
+        f"/query/{queries[0]['query_id']}?k=0": (400, "k must be"),
+        "/query/..%2F..%2F..%2Fetc%2Fpasswd": (404, "Not Found"),
+    }
     for path, (status, message) in cases.items():
         response = httpx.get(server + path)
         assert response.status_code == status and message in response.text, path
@@ -90,7 +108,9 @@ def test_a_token_is_required_when_asked_for(explored_lake):
             assert client.get(url + "/").status_code == 200  # kept in a cookie
     finally:
         running.should_exit = True
-    assert explore.needs_token("0.0.0.0") and explore.needs_token("192.168.1.5") and not explore.needs_token("127.0.0.1")
+    assert (
+        explore.needs_token("0.0.0.0") and explore.needs_token("192.168.1.5") and not explore.needs_token("127.0.0.1")
+    )
 
 
 def test_token_contributions_on_the_page_sum_to_the_score(server, explored_lake):
@@ -137,14 +157,20 @@ def test_browse_filter_open_switch_and_screenshot(server, explored_lake):
         heat = columns[0].find_elements(By.CSS_SELECTOR, ".tok")
         assert heat and any("rgba" in (t.get_attribute("style") or "") for t in heat)
         assert columns[0].find_elements(By.CSS_SELECTOR, ".tok.mention-subject")  # the subject's tokens are framed
-        assert browser.find_elements(By.CSS_SELECTOR, "h1 .subject") and browser.find_elements(By.CSS_SELECTOR, "h1 .target")
+        assert browser.find_elements(By.CSS_SELECTOR, "h1 .subject") and browser.find_elements(
+            By.CSS_SELECTOR, "h1 .target"
+        )
         REPORTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(REPORTS / "explorer.png"))
         assert (REPORTS / "explorer.png").stat().st_size > 10_000
-        switch = [a for a in browser.find_elements(By.CSS_SELECTOR, "a.method-link") if a.text == "trackstar-no-hessian"]
+        switch = [
+            a for a in browser.find_elements(By.CSS_SELECTOR, "a.method-link") if a.text == "trackstar-no-hessian"
+        ]
         switch[0].click()
         wait.until(page_is.url_contains("methods=trackstar-no-hessian"))
-        assert browser.find_elements(By.CSS_SELECTOR, ".method")[0].get_attribute("data-method") == "trackstar-no-hessian"
+        assert (
+            browser.find_elements(By.CSS_SELECTOR, ".method")[0].get_attribute("data-method") == "trackstar-no-hessian"
+        )
     finally:
         browser.quit()
 
@@ -159,6 +185,10 @@ def test_trace_recomputes_a_stored_query_and_finds_its_stored_proponents(explore
     fresh = context.query_vector(query["prompt0"], query["target"])
     assert float((fresh - context.stored_query_vector(query["query_id"])).abs().max()) < 1e-5
     traced = context.top_k(fresh, 5)
-    stored = sorted(lake.read("proponents", filters=[("method", "=", "trackstar"), ("query_id", "=", query["query_id"])])
-                    .to_pylist(), key=lambda r: r["rank"])
+    stored = sorted(
+        lake.read(
+            "proponents", filters=[("method", "=", "trackstar"), ("query_id", "=", query["query_id"])]
+        ).to_pylist(),
+        key=lambda r: r["rank"],
+    )
     assert [r["score"] for r in traced] == pytest.approx([r["score"] for r in stored], rel=1e-4, abs=1e-6)

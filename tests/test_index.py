@@ -37,30 +37,57 @@ def _vectors(n: int, seed: int) -> np.ndarray:
 def _vector_columns(vectors: np.ndarray, run_id: str) -> dict:
     cells, _ = encode_vectors(vectors, "float32")
     n = len(vectors)
-    return {"vector": cells, "dtype": ["float32"] * n, "scale": pa.nulls(n, pa.float32()),
-            "norm": np.linalg.norm(vectors, axis=1).astype(np.float32), "fingerprint": [FINGERPRINT] * n,
-            "run_id": [run_id] * n}
+    return {
+        "vector": cells,
+        "dtype": ["float32"] * n,
+        "scale": pa.nulls(n, pa.float32()),
+        "norm": np.linalg.norm(vectors, axis=1).astype(np.float32),
+        "fingerprint": [FINGERPRINT] * n,
+        "run_id": [run_id] * n,
+    }
 
 
 def write_partition(lake: Lake, partition: int, vectors: np.ndarray, run_id: str = "extract-1"):
     """A train_gradients slice and its autocorrelation sums, as an extraction rank writes them."""
     n = len(vectors)
-    lake.replace_slice("train_gradients", pa.table({
-        "checkpoint_id": [CHECKPOINT] * n, "partition": [partition] * n,
-        "doc_id": [f"doc-{partition}-{i:04d}" for i in range(n)], "chunk": [0] * n, "n_tokens": [10] * n,
-        **_vector_columns(vectors, run_id)}), checkpoint_id=CHECKPOINT, partition=partition, fingerprint=FINGERPRINT)
+    lake.replace_slice(
+        "train_gradients",
+        pa.table(
+            {
+                "checkpoint_id": [CHECKPOINT] * n,
+                "partition": [partition] * n,
+                "doc_id": [f"doc-{partition}-{i:04d}" for i in range(n)],
+                "chunk": [0] * n,
+                "n_tokens": [10] * n,
+                **_vector_columns(vectors, run_id),
+            }
+        ),
+        checkpoint_id=CHECKPOINT,
+        partition=partition,
+        fingerprint=FINGERPRINT,
+    )
     _save_sums(lake, TRAIN, partition, vectors)
 
 
 def _save_sums(lake: Lake, kind: str, item, vectors: np.ndarray):
     sums = Autocorrelation([BLOCK] * BLOCKS).add(torch.from_numpy(vectors))
-    save_matrices(autocorrelation_path(lake, CHECKPOINT, FINGERPRINT, kind, item),
-                  {f"block{i:03d}": s for i, s in enumerate(sums.sums)}, {"count": sums.count})
+    save_matrices(
+        autocorrelation_path(lake, CHECKPOINT, FINGERPRINT, kind, item),
+        {f"block{i:03d}": s for i, s in enumerate(sums.sums)},
+        {"count": sums.count},
+    )
 
 
 def fit(lake: Lake, mixing_lambda: float = 0.9) -> dict:
-    return fit_hessian.run(fit_hessian.FitHessianConfig(lake=lake.root, checkpoint_id=CHECKPOINT, query_set=QUERY_SET,
-                                                        fingerprint=FINGERPRINT, mixing_lambda=mixing_lambda))
+    return fit_hessian.run(
+        fit_hessian.FitHessianConfig(
+            lake=lake.root,
+            checkpoint_id=CHECKPOINT,
+            query_set=QUERY_SET,
+            fingerprint=FINGERPRINT,
+            mixing_lambda=mixing_lambda,
+        )
+    )
 
 
 @pytest.fixture
@@ -69,10 +96,21 @@ def small_lake(tmp_path) -> Lake:
     for partition in (0, 1):
         write_partition(lake, partition, _vectors(300, seed=partition))
     queries = _vectors(40, seed=7)
-    lake.replace_slice("query_gradients", pa.table({
-        "query_set": [QUERY_SET] * 40, "checkpoint_id": [CHECKPOINT] * 40, "query_id": [f"q{i:02d}" for i in range(40)],
-        "prompt_index": [0] * 40, **_vector_columns(queries, "extract-1")}),
-        query_set=QUERY_SET, checkpoint_id=CHECKPOINT, fingerprint=FINGERPRINT)
+    lake.replace_slice(
+        "query_gradients",
+        pa.table(
+            {
+                "query_set": [QUERY_SET] * 40,
+                "checkpoint_id": [CHECKPOINT] * 40,
+                "query_id": [f"q{i:02d}" for i in range(40)],
+                "prompt_index": [0] * 40,
+                **_vector_columns(queries, "extract-1"),
+            }
+        ),
+        query_set=QUERY_SET,
+        checkpoint_id=CHECKPOINT,
+        fingerprint=FINGERPRINT,
+    )
     _save_sums(lake, QUERY, QUERY_SET, queries)
     fit(lake)
     return lake
@@ -85,8 +123,11 @@ def _exact(lake: Lake):
     train = decode_vectors(rows["vector"], "float32")
     queries = decode_vectors(lake.read("query_gradients")["vector"], "float32")
     keys = list(zip(rows["doc_id"].to_pylist(), rows["chunk"].to_pylist()))
-    return (keys, prepare(torch.from_numpy(train), Preconditioner(blocks)),
-            prepare(torch.from_numpy(queries), Preconditioner(blocks)))
+    return (
+        keys,
+        prepare(torch.from_numpy(train), Preconditioner(blocks)),
+        prepare(torch.from_numpy(queries), Preconditioner(blocks)),
+    )
 
 
 def _indexed(lake: Lake, dtype: str):
@@ -137,7 +178,9 @@ def test_incremental_build_adds_only_the_new_partition_and_a_rerun_adds_no_rows(
 
     write_partition(small_lake, 1, _vectors(300, seed=11), run_id="extract-2")  # partition 1 re-extracted
     small_lake.open("train_gradients").delete("partition = 2")  # and partition 2 dropped
-    fourth = index.ensure_index(small_lake, CHECKPOINT, FINGERPRINT, QUERY_SET, "inverse_root", "int8", run_id="build-4")
+    fourth = index.ensure_index(
+        small_lake, CHECKPOINT, FINGERPRINT, QUERY_SET, "inverse_root", "int8", run_id="build-4"
+    )
     assert fourth["built"] == {1: "re-extracted"} and fourth["removed"] == [2] and fourth["kept"] == [0]
     assert small_lake.read("trackstar_index", columns=["partition"]).num_rows == 600
 
@@ -159,9 +202,18 @@ def test_score_job_from_the_index_matches_exhaustive_scoring(small_lake):
     exact_top = (queries @ exact.T).topk(10, dim=1)
     results = {}
     for code in ("none", "float32", "int8"):
-        run = score.run(score.ScoreConfig(lake=small_lake.root, checkpoint_id=CHECKPOINT, query_set=QUERY_SET,
-                                          fingerprint=FINGERPRINT, methods=["trackstar"], top_k=10, index=code,
-                                          batch_bytes=50 * DIM * 4))  # 50-row slices: many batches per task
+        run = score.run(
+            score.ScoreConfig(
+                lake=small_lake.root,
+                checkpoint_id=CHECKPOINT,
+                query_set=QUERY_SET,
+                fingerprint=FINGERPRINT,
+                methods=["trackstar"],
+                top_k=10,
+                index=code,
+                batch_bytes=50 * DIM * 4,
+            )
+        )  # 50-row slices: many batches per task
         rows = small_lake.read("proponents").to_pylist()
         assert len(rows) == 400 and run["methods"] == {"trackstar": 400}
         results[code] = {(r["query_id"], r["rank"]): ((r["doc_id"], r["chunk"]), r["score"]) for r in rows}

@@ -16,8 +16,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gradient_kernels.hessian import (Autocorrelation, crossing_component, crossing_lambda, damped_inverse_power, mix,
-                                      spectrum, train_relative_damping)
+from gradient_kernels.hessian import (
+    Autocorrelation,
+    crossing_component,
+    crossing_lambda,
+    damped_inverse_power,
+    mix,
+    spectrum,
+    train_relative_damping,
+)
 from gradient_kernels.hooks import GradientProjector
 from gradient_kernels.losses import document_batch
 from gradient_kernels.modules import weight_matrices
@@ -32,8 +39,8 @@ from schemas.vectors import decode_vectors
 from tests.fixtures import copy_lake
 
 BAD_LINES = [
-    b'{"text": "no closing brace", "url": "https://x.example/1"',        # malformed JSON
-    b'{"text": "no url here", "timestamp": "2019-01-01T00:00:00Z"}',     # missing field
+    b'{"text": "no closing brace", "url": "https://x.example/1"',  # malformed JSON
+    b'{"text": "no url here", "timestamp": "2019-01-01T00:00:00Z"}',  # missing field
     b'{"text": "   ", "url": "https://x.example/2", "timestamp": "t"}',  # empty text
     b'{"text": "caf\xe9", "url": "https://x.example/3", "timestamp": "t"}',  # not UTF-8
     b'{"text": "bin\\u0000ary", "url": "https://x.example/4", "timestamp": "t"}',  # binary junk
@@ -41,8 +48,12 @@ BAD_LINES = [
 
 
 def _write_extra_partition(raw_dir, long_text):
-    good = [json.dumps({"text": long_text, "url": "https://long.example/doc", "timestamp": "2019-05-05T00:00:00Z"}).encode(),
-            json.dumps({"text": "x" * 10_000_000, "url": "https://huge.example/doc", "timestamp": "t"}).encode()]
+    good = [
+        json.dumps(
+            {"text": long_text, "url": "https://long.example/doc", "timestamp": "2019-05-05T00:00:00Z"}
+        ).encode(),
+        json.dumps({"text": "x" * 10_000_000, "url": "https://huge.example/doc", "timestamp": "t"}).encode(),
+    ]
     with gzip.open(raw_dir / "c4-train.00002-of-00005.json.gz", "wb") as fh:
         fh.write(b"\n".join(good[:1] + BAD_LINES + good[1:]) + b"\n")
     with gzip.open(raw_dir / "c4-train.00003-of-00005.json.gz", "wb"):
@@ -61,8 +72,11 @@ def indexed(adam_run, tmp_path_factory):
     register_queries.run(str(lake_dir))
     results["extract"] = extract.run(extract.ExtractConfig(lake=str(lake_dir), projection_k=4, token_budget=512))
     results["fit"] = fit_hessian.run(fit_hessian.FitHessianConfig(lake=str(lake_dir)))
-    results["score"] = score.run(score.ScoreConfig(lake=str(lake_dir), methods=["trackstar", "trak", "trackstar-no-hessian"],
-                                                   top_k=5, index="float32"))  # int8 index: tests/test_index.py
+    results["score"] = score.run(
+        score.ScoreConfig(
+            lake=str(lake_dir), methods=["trackstar", "trak", "trackstar-no-hessian"], top_k=5, index="float32"
+        )
+    )  # int8 index: tests/test_index.py
     checkpoint = checkpoint_path(lake_dir, summary["checkpoints"][-1])
     return lake, checkpoint, results, long_text
 
@@ -72,10 +86,19 @@ def test_tokenize_quarantines_bad_lines_and_chunks_long_documents(indexed):
     reasons = lake.read("quarantine", filters=[("stage", "=", "tokenize")]).to_pylist()
     assert sorted(r["position"] for r in reasons) == sorted(
         [f"c4-train.00002-of-00005.json.gz:{n}" for n in range(2, 8)]
-        + ["c4-train.00003-of-00005.json.gz:0", "c4-train.00004-of-00005.json.gz:1"])
+        + ["c4-train.00003-of-00005.json.gz:0", "c4-train.00004-of-00005.json.gz:1"]
+    )
     text = " | ".join(r["reason"] for r in reasons)
-    for expected in ("malformed JSON", "missing field 'url'", "empty text", "not UTF-8", "binary junk",
-                     "document too large: line longer than", "empty partition file", "unreadable file"):
+    for expected in (
+        "malformed JSON",
+        "missing field 'url'",
+        "empty text",
+        "not UTF-8",
+        "binary junk",
+        "document too large: line longer than",
+        "empty partition file",
+        "unreadable file",
+    ):
         assert expected in text
     assert all(len(r["raw_value"] or "") <= 1000 for r in reasons)
     assert results["tokenize"]["quarantined"] == 8
@@ -83,8 +106,10 @@ def test_tokenize_quarantines_bad_lines_and_chunks_long_documents(indexed):
     assert documents.num_rows == results["tokenize"]["documents"]
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     ids = [tokenizer.eos_token_id] + tokenizer(long_text, add_special_tokens=False)["input_ids"]
-    chunks = sorted((r["chunk"], r["token_start"], r["token_end"], r["input_ids"]) for r in
-                    lake.read("tokens", filters=[("doc_id", "=", "https://long.example/doc")]).to_pylist())
+    chunks = sorted(
+        (r["chunk"], r["token_start"], r["token_end"], r["input_ids"])
+        for r in lake.read("tokens", filters=[("doc_id", "=", "https://long.example/doc")]).to_pylist()
+    )
     assert len(chunks) > 1 and all(len(c[3]) <= 64 for c in chunks)
     assert [c[3] for c in chunks] == [ids[s:e] for _, s, e, _ in chunks]
     assert chunks[-1][2] == len(ids) and all(a[2] - 1 == b[1] for a, b in zip(chunks, chunks[1:]))  # one shared token
@@ -112,17 +137,22 @@ def _table_vectors(lake, table, filters):
 def test_extract_equals_the_kernels_on_the_same_chunks(indexed):
     lake, checkpoint, results, _ = indexed
     tokens = lake.read("tokens")
-    rows, vectors = _table_vectors(lake, "train_gradients", [("checkpoint_id", "=", results["extract"]["checkpoint_id"])])
+    rows, vectors = _table_vectors(
+        lake, "train_gradients", [("checkpoint_id", "=", results["extract"]["checkpoint_id"])]
+    )
     assert rows.num_rows == tokens.num_rows
     assert set(rows["fingerprint"].to_pylist()) == {results["extract"]["fingerprint"]}
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
     matrices = weight_matrices(model)
     spec = ProjectionSpec(seed=0, k={m.name: 4 for m in matrices}, normalizer="adam-floored")
     assert spec.fingerprint() == results["extract"]["fingerprint"]
-    projector = GradientProjector(model, spec, normalizers_from_state(load_second_moments(checkpoint), matrices,
-                                                                     "adam-floored"))
-    by_key = {(d, c): ids for d, c, ids in zip(tokens["doc_id"].to_pylist(), tokens["chunk"].to_pylist(),
-                                                tokens["input_ids"].to_pylist())}
+    projector = GradientProjector(
+        model, spec, normalizers_from_state(load_second_moments(checkpoint), matrices, "adam-floored")
+    )
+    by_key = {
+        (d, c): ids
+        for d, c, ids in zip(tokens["doc_id"].to_pylist(), tokens["chunk"].to_pylist(), tokens["input_ids"].to_pylist())
+    }
     sample = list(range(0, rows.num_rows, max(1, rows.num_rows // 6)))
     keys = [(rows["doc_id"][i].as_py(), rows["chunk"][i].as_py()) for i in sample]
     direct = projector(document_batch([by_key[k] for k in keys])).numpy()
@@ -136,16 +166,21 @@ def test_extractions_launched_together_equal_the_kernels_each(indexed, tmp_path)
     source, checkpoint, results, _ = indexed
     lake = Lake(copy_lake(source.root, tmp_path / "lake"))
     runs_before = lake.read("runs").num_rows
-    configs = [extract.ExtractConfig(lake=lake.root, projection_k=4, token_budget=512, projection_seed=seed,
-                                     normalizer=normalizer)
-               for seed, normalizer in ((0, "auto"), (1, "auto"), (1, "none"), (1, "adam-floored"))]
+    configs = [
+        extract.ExtractConfig(
+            lake=lake.root, projection_k=4, token_budget=512, projection_seed=seed, normalizer=normalizer
+        )
+        for seed, normalizer in ((0, "auto"), (1, "auto"), (1, "none"), (1, "adam-floored"))
+    ]
     done, seed1, plain, repeat = extract.run_many(configs)
     assert done["items"] == [] and done["fingerprint"] == results["extract"]["fingerprint"]
     assert repeat is seed1 and len({done["fingerprint"], seed1["fingerprint"], plain["fingerprint"]}) == 3
     assert lake.read("runs").num_rows == runs_before + 2  # one run each, one launch
     tokens = lake.read("tokens")
-    by_key = {(d, c): ids for d, c, ids in zip(tokens["doc_id"].to_pylist(), tokens["chunk"].to_pylist(),
-                                                tokens["input_ids"].to_pylist())}
+    by_key = {
+        (d, c): ids
+        for d, c, ids in zip(tokens["doc_id"].to_pylist(), tokens["chunk"].to_pylist(), tokens["input_ids"].to_pylist())
+    }
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
     matrices = weight_matrices(model)
     for result, seed, normalizer in ((seed1, 1, "adam-floored"), (plain, 1, "none")):
@@ -153,8 +188,11 @@ def test_extractions_launched_together_equal_the_kernels_each(indexed, tmp_path)
         assert rows.num_rows == tokens.num_rows == result["train_vectors"]
         spec = ProjectionSpec(seed=seed, k={m.name: 4 for m in matrices}, normalizer=normalizer)
         assert spec.fingerprint() == result["fingerprint"]
-        normalizers = (normalizers_from_state(load_second_moments(checkpoint), matrices, normalizer)
-                       if normalizer != "none" else {})
+        normalizers = (
+            normalizers_from_state(load_second_moments(checkpoint), matrices, normalizer)
+            if normalizer != "none"
+            else {}
+        )
         keys = list(zip(rows["doc_id"].to_pylist(), rows["chunk"].to_pylist()))[::7]
         direct = GradientProjector(model, spec, normalizers)(document_batch([by_key[k] for k in keys])).numpy()
         np.testing.assert_allclose(vectors[::7], direct, rtol=1e-4, atol=1e-4 * np.abs(direct).max())
@@ -195,8 +233,9 @@ def test_score_equals_brute_force_top_k(indexed, method):
     fit = results["fit"]
     train_rows, train = _table_vectors(lake, "train_gradients", [("checkpoint_id", "=", fit["checkpoint_id"])])
     query_rows, queries = _table_vectors(lake, "query_gradients", [("prompt_index", "=", 0)])
-    train_blocks, query_blocks, unit_norm = score.method_matrices(lake, method, fit["checkpoint_id"], "fact-world",
-                                                                  fit["fingerprint"])
+    train_blocks, query_blocks, unit_norm = score.method_matrices(
+        lake, method, fit["checkpoint_id"], "fact-world", fit["fingerprint"]
+    )
     t = prepare(torch.from_numpy(train), Preconditioner(train_blocks) if train_blocks else None, unit_norm)
     q = prepare(torch.from_numpy(queries), Preconditioner(query_blocks) if query_blocks else None, unit_norm)
     brute = (q @ t.T).topk(5, dim=1)
@@ -232,9 +271,24 @@ def test_extract_rerun_is_a_no_op_and_a_killed_run_is_completed_without_duplicat
     expected = lake.read("train_gradients").num_rows
     uninterrupted = _keyed_vectors(lake)
     env = dict(os.environ, PYTHONPATH=os.getcwd())
-    command = [sys.executable, "-m", "jobs", "extract", "--lake", lake.root, "--projection-k", "4", "--token-budget", "64",
-               "--force", "--query-set", ""]
-    child = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [
+        sys.executable,
+        "-m",
+        "jobs",
+        "extract",
+        "--lake",
+        lake.root,
+        "--projection-k",
+        "4",
+        "--token-budget",
+        "64",
+        "--force",
+        "--query-set",
+        "",
+    ]
+    child = subprocess.Popen(
+        command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while lake.version("train_gradients") == version and time.time() < deadline and child.poll() is None:
         time.sleep(0.2)
@@ -257,20 +311,42 @@ def test_extract_rerun_is_a_no_op_and_a_killed_run_is_completed_without_duplicat
 @pytest.mark.parametrize("moment", [0.5, 3.0])
 def test_score_killed_at_any_moment_then_rerun_gives_the_identical_table(indexed, moment):
     lake, _, _, _ = indexed
+
     def ranked():
-        rows = lake.read("proponents", filters=[("method", "=", "trackstar")],
-                         columns=["query_id", "rank", "doc_id", "chunk", "score"])
-        return dict(zip(zip(*(rows[c].to_pylist() for c in ("query_id", "rank", "doc_id", "chunk"))),
-                        rows["score"].to_pylist()))
+        rows = lake.read(
+            "proponents",
+            filters=[("method", "=", "trackstar")],
+            columns=["query_id", "rank", "doc_id", "chunk", "score"],
+        )
+        return dict(
+            zip(zip(*(rows[c].to_pylist() for c in ("query_id", "rank", "doc_id", "chunk"))), rows["score"].to_pylist())
+        )
 
     def same(a, b):  # identical rows; scores to float precision (another process may sum in another order)
         return a.keys() == b.keys() and np.allclose([a[k] for k in a], [b[k] for k in a], rtol=1e-6, atol=0)
 
     before = ranked()
-    command = [sys.executable, "-m", "jobs", "score", "--lake", lake.root, "--methods", "trackstar", "--top-k", "5",
-               "--index", "float32"]
-    child = subprocess.Popen(command, env=dict(os.environ, PYTHONPATH=os.getcwd()), start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [
+        sys.executable,
+        "-m",
+        "jobs",
+        "score",
+        "--lake",
+        lake.root,
+        "--methods",
+        "trackstar",
+        "--top-k",
+        "5",
+        "--index",
+        "float32",
+    ]
+    child = subprocess.Popen(
+        command,
+        env=dict(os.environ, PYTHONPATH=os.getcwd()),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(moment)  # while it starts, reads or writes
     os.killpg(child.pid, signal.SIGKILL)
     child.wait()
@@ -291,8 +367,11 @@ def test_extract_reads_a_checkpoint_from_s3(indexed, s3_bucket):
     before = _keyed_vectors(lake)
     uri = f"s3://{s3_bucket}/checkpoints/{checkpoint.name}"
     upload_dir(checkpoint, uri)
-    again = extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=uri, projection_k=4, token_budget=512, partitions=[0],
-                                              query_set=None, force=True))
+    again = extract.run(
+        extract.ExtractConfig(
+            lake=lake.root, checkpoint=uri, projection_k=4, token_budget=512, partitions=[0], query_set=None, force=True
+        )
+    )
     assert again["items"] == ["train:0"] and again["fingerprint"] == results["extract"]["fingerprint"]
     after = _keyed_vectors(lake)
     assert after.keys() == before.keys()
@@ -325,8 +404,17 @@ def test_chunks_with_non_finite_gradients_are_quarantined_not_written(indexed, t
     weights["transformer.wpe.weight"][position - 1] = float("nan")  # chunks that reach this position go NaN
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     # one chunk per batch (token budget 1): a NaN in a neighbour's padding would reach every row of its batch
-    extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(broken), projection_k=4, partitions=[0], query_set=None,
-                                      normalizer="none", token_budget=1))
+    extract.run(
+        extract.ExtractConfig(
+            lake=lake.root,
+            checkpoint=str(broken),
+            projection_k=4,
+            partitions=[0],
+            query_set=None,
+            normalizer="none",
+            token_budget=1,
+        )
+    )
     expected_bad = {f"{r['doc_id']}#{r['chunk']}" for r in tokens if len(r["input_ids"]) >= position}
     assert 0 < len(expected_bad) < len(tokens)
     quarantined = lake.read("quarantine", filters=[("stage", "=", "extract")]).to_pylist()
@@ -334,4 +422,6 @@ def test_chunks_with_non_finite_gradients_are_quarantined_not_written(indexed, t
     assert all("non-finite gradient" in q["reason"] for q in quarantined)
     written = lake.read("train_gradients", filters=[("checkpoint_id", "=", manifest["checkpoint_id"])])
     assert written.num_rows == len(tokens) - len(expected_bad)
-    assert np.isfinite(_table_vectors(lake, "train_gradients", [("checkpoint_id", "=", manifest["checkpoint_id"])])[1]).all()
+    assert np.isfinite(
+        _table_vectors(lake, "train_gradients", [("checkpoint_id", "=", manifest["checkpoint_id"])])[1]
+    ).all()

@@ -9,13 +9,26 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from gradient_kernels.attribution import token_contributions
-from gradient_kernels.hessian import (Autocorrelation, conditioning, crossing_component, crossing_lambda,
-                                      damped_inverse_power, mix, spectrum, train_relative_damping)
+from gradient_kernels.hessian import (
+    Autocorrelation,
+    conditioning,
+    crossing_component,
+    crossing_lambda,
+    damped_inverse_power,
+    mix,
+    spectrum,
+    train_relative_damping,
+)
 from gradient_kernels.hooks import GradientProjector
 from gradient_kernels.losses import document_batch, per_example_loss, query_batch
 from gradient_kernels.modules import uniform_k, weight_matrices
-from gradient_kernels.normalizers import (MissingOptimizerState, adam_denominator, floored_denominator,
-                                          normalizers_from_state, rank1_error)
+from gradient_kernels.normalizers import (
+    MissingOptimizerState,
+    adam_denominator,
+    floored_denominator,
+    normalizers_from_state,
+    rank1_error,
+)
 from gradient_kernels.projection import ProjectionSpec, gaussian_projection
 from gradient_kernels.reference import dense_projection, reference_vectors
 from gradient_kernels.scoring import FingerprintMismatch, Preconditioner, check_same, merge_top_k, prepare, top_k
@@ -26,21 +39,34 @@ VOCAB = 61
 
 def _gpt2():
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=24, n_embd=16, n_layer=2, n_head=2,
-                                      resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=VOCAB, n_positions=24, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0
+        )
+    )
 
 
 def _llama():  # nn.Linear everywhere, untied output head
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=24,
-                                        tie_word_embeddings=False))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=24,
+            tie_word_embeddings=False,
+        )
+    )
 
 
 def _documents(seed=1, n=5):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, VOCAB, (int(torch.randint(3, 20, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+    return [
+        torch.randint(1, VOCAB, (int(torch.randint(3, 20, (1,), generator=g)),), generator=g).tolist() for _ in range(n)
+    ]
 
 
 def _train_state(model, kind: str, steps=3) -> dict:
@@ -61,12 +87,25 @@ def _train_state(model, kind: str, steps=3) -> dict:
         held = optimizer.state[p]
         keys = ("exp_avg_sq",) if kind == "adam" else (("row_var", "col_var") if "row_var" in held else ("variance",))
         state[name] = {key: held[key].clone() for key in keys}
-    return {"kind": kind, "step": steps, "lr": group["lr"], "betas": list(group.get("betas", ())),
-            "eps": group["eps"], "state": state}
+    return {
+        "kind": kind,
+        "step": steps,
+        "lr": group["lr"],
+        "betas": list(group.get("betas", ())),
+        "eps": group["eps"],
+        "state": state,
+    }
 
 
-CASES = [("gpt2", "adafactor"), ("gpt2", "adam-exact"), ("gpt2", "adam-floored"), ("gpt2", "adam-factored"), ("gpt2", "none"),
-         ("llama", "adam-exact"), ("llama", "adafactor")]
+CASES = [
+    ("gpt2", "adafactor"),
+    ("gpt2", "adam-exact"),
+    ("gpt2", "adam-floored"),
+    ("gpt2", "adam-factored"),
+    ("gpt2", "none"),
+    ("llama", "adam-exact"),
+    ("llama", "adafactor"),
+]
 
 
 def _setup(arch, normalizer, k=4, seed=7):
@@ -120,9 +159,11 @@ def test_several_specs_in_one_pass_equal_each_alone(arch):
     state = _train_state(model, "adam")
     matrices = weight_matrices(model)
     factored = normalizers_from_state(state, matrices, "adam-factored")
-    more = [(ProjectionSpec(seed=8, k=uniform_k(matrices, 4), normalizer="adam-exact"), exact),
-            (ProjectionSpec(seed=7, k=uniform_k(matrices, 3), normalizer="none"), {}),
-            (ProjectionSpec(seed=9, k=uniform_k(matrices, 4), normalizer="adam-factored"), factored)]
+    more = [
+        (ProjectionSpec(seed=8, k=uniform_k(matrices, 4), normalizer="adam-exact"), exact),
+        (ProjectionSpec(seed=7, k=uniform_k(matrices, 3), normalizer="none"), {}),
+        (ProjectionSpec(seed=9, k=uniform_k(matrices, 4), normalizer="adam-factored"), factored),
+    ]
     batch = document_batch(_documents())
     together = GradientProjector(model, spec, exact, more=more).project(batch)
     for (one, normalizers), vectors in zip([(spec, exact)] + more, together):
@@ -169,22 +210,31 @@ def test_batch_composition_order_and_padding_do_not_change_a_vector():
 
 def test_projection_is_a_pure_function_across_processes():
     a = gaussian_projection(3, "layer.weight", "out", 8, 50)
-    code = ("import torch,sys; from gradient_kernels.projection import gaussian_projection as g; "
-            "sys.stdout.write(g(3,'layer.weight','out',8,50).numpy().tobytes().hex())")
+    code = (
+        "import torch,sys; from gradient_kernels.projection import gaussian_projection as g; "
+        "sys.stdout.write(g(3,'layer.weight','out',8,50).numpy().tobytes().hex())"
+    )
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert a.numpy().tobytes().hex() == other
     assert abs(float(a.var()) - 1 / 8) < 0.03  # N(0, 1/k)
-    for different in (gaussian_projection(4, "layer.weight", "out", 8, 50), gaussian_projection(3, "layer.bias", "out", 8, 50),
-                      gaussian_projection(3, "layer.weight", "in", 8, 50)):
+    for different in (
+        gaussian_projection(4, "layer.weight", "out", 8, 50),
+        gaussian_projection(3, "layer.bias", "out", 8, 50),
+        gaussian_projection(3, "layer.weight", "in", 8, 50),
+    ):
         assert not torch.equal(a, different)
 
 
 def test_fingerprint_names_everything_that_changes_vectors():
     base = ProjectionSpec(seed=1, k={"a": 4, "b": 4}, normalizer="adafactor")
     assert base.fingerprint() == ProjectionSpec(seed=1, k={"a": 4, "b": 4}, normalizer="adafactor").fingerprint()
-    variants = [ProjectionSpec(seed=2, k={"a": 4, "b": 4}), ProjectionSpec(seed=1, k={"a": 4, "b": 8}),
-                ProjectionSpec(seed=1, k={"a": 4}), ProjectionSpec(seed=1, k={"a": 4, "b": 4}, normalizer="none"),
-                ProjectionSpec(seed=1, k={"a": 4, "b": 4}, dtype="bfloat16")]
+    variants = [
+        ProjectionSpec(seed=2, k={"a": 4, "b": 4}),
+        ProjectionSpec(seed=1, k={"a": 4, "b": 8}),
+        ProjectionSpec(seed=1, k={"a": 4}),
+        ProjectionSpec(seed=1, k={"a": 4, "b": 4}, normalizer="none"),
+        ProjectionSpec(seed=1, k={"a": 4, "b": 4}, dtype="bfloat16"),
+    ]
     assert len({v.fingerprint() for v in variants} | {base.fingerprint()}) == 6
     with pytest.raises(FingerprintMismatch):
         check_same("projection fingerprint", base.fingerprint(), variants[0].fingerprint())
@@ -204,15 +254,15 @@ def test_adam_denominator_is_what_torch_adam_divides_by():
     opt = torch.optim.AdamW([w], lr=0.1, betas=(0.9, 0.95), eps=1e-3, weight_decay=0)
     for _ in range(3):
         opt.zero_grad()
-        (w ** 3).sum().backward()
+        (w**3).sum().backward()
         opt.step()
     before = w.detach().clone()
     opt.zero_grad()
-    (w ** 3).sum().backward()
+    (w**3).sum().backward()
     opt.step()
     state = opt.state[w]
     denominator = adam_denominator(state["exp_avg_sq"], 4, 0.95, 1e-3, transposed=False)
-    expected_step = -0.1 * (state["exp_avg"] / (1 - 0.9 ** 4)) / denominator
+    expected_step = -0.1 * (state["exp_avg"] / (1 - 0.9**4)) / denominator
     assert torch.allclose(w.detach() - before, expected_step.float(), atol=1e-6)
 
 
@@ -275,8 +325,8 @@ def test_autocorrelation_streams_and_merges():
 
 def test_lambda_mixing_and_inverse_root_closed_forms():
     q, t = torch.tensor([4.0, 2.0, 1.0]), torch.tensor([2.0, 2.0, 2.0])
-    assert crossing_lambda(q, t, component=2) == pytest.approx(0.5)       # λ·2 = (1-λ)·2
-    assert crossing_lambda(q, t, component=3) == pytest.approx(2 / 3)     # λ·1 = (1-λ)·2
+    assert crossing_lambda(q, t, component=2) == pytest.approx(0.5)  # λ·2 = (1-λ)·2
+    assert crossing_lambda(q, t, component=3) == pytest.approx(2 / 3)  # λ·1 = (1-λ)·2
     assert crossing_lambda(q, t, component=1000) == pytest.approx(2 / 3)  # clamped to the last component
     assert crossing_lambda(torch.zeros(3), t, component=1) == 0.0
     # past the rank of R_query (two query vectors) the rule uses the last nonzero component
@@ -295,8 +345,10 @@ def test_lambda_mixing_and_inverse_root_closed_forms():
     assert torch.allclose(root[0].double() @ root[0].double() @ damped, torch.eye(6, dtype=torch.float64), atol=1e-4)
     inverse, _ = damped_inverse_power([r], power=-1.0)
     assert torch.allclose(inverse[0].double() @ damped, torch.eye(6, dtype=torch.float64), atol=1e-4)
-    assert torch.equal(spectrum([torch.diag(torch.tensor([1.0, 3.0])), torch.tensor([[2.0]])]),
-                       torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
+    assert torch.equal(
+        spectrum([torch.diag(torch.tensor([1.0, 3.0])), torch.tensor([[2.0]])]),
+        torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64),
+    )
 
 
 def test_top_k_is_exact_and_merges():
@@ -343,8 +395,11 @@ def test_tail_patch_step_is_one_adam_step_from_the_checkpoint_state_and_restores
     other = copy.deepcopy(model)
     optimizer = torch.optim.AdamW(other.parameters(), lr=0.05, betas=(0.9, 0.95), eps=1e-8, weight_decay=0)
     for name, p in other.named_parameters():
-        optimizer.state[p] = {"step": torch.tensor(float(state["step"])), "exp_avg": torch.zeros_like(p),
-                              "exp_avg_sq": state["state"][name]["exp_avg_sq"].clone()}
+        optimizer.state[p] = {
+            "step": torch.tensor(float(state["step"])),
+            "exp_avg": torch.zeros_like(p),
+            "exp_avg_sq": state["state"][name]["exp_avg_sq"].clone(),
+        }
     ids = torch.tensor([doc])
     other(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
@@ -411,7 +466,8 @@ def test_adafactor_tail_patch_step_equals_torch_adafactor():
     optimizer = torch.optim.Adafactor(other.parameters(), lr=0.05)
     for name, p in other.named_parameters():
         optimizer.state[p] = {"step": torch.tensor(float(state["step"]))} | {
-            key: value.clone() for key, value in state["state"][name].items()}
+            key: value.clone() for key, value in state["state"][name].items()
+        }
     ids = torch.tensor([doc])
     other(input_ids=ids, labels=ids).loss.backward()
     grads = {n: p.grad.clone() for n, p in other.named_parameters()}

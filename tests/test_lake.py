@@ -23,26 +23,41 @@ from schemas.tables import SCHEMA_VERSION_PROPERTY, TABLES, SchemaError
 from schemas.vectors import decode_vectors, encode_vectors
 
 
-def gradient_rows(checkpoint_id: str, partition: int, n: int, first_chunk: int = 0, run_id: str = "r1",
-                  fingerprint: str = "fp") -> pa.Table:
+def gradient_rows(
+    checkpoint_id: str, partition: int, n: int, first_chunk: int = 0, run_id: str = "r1", fingerprint: str = "fp"
+) -> pa.Table:
     vectors = np.full((n, 4), partition, dtype=np.float32) + np.arange(n, dtype=np.float32)[:, None]
     binary, _ = encode_vectors(vectors, "float32")
-    return pa.table({
-        "checkpoint_id": [checkpoint_id] * n, "partition": [partition] * n,
-        "doc_id": [f"https://example.com/{partition}/{i}" for i in range(n)],
-        "chunk": list(range(first_chunk, first_chunk + n)), "n_tokens": [16] * n,
-        "vector": binary, "dtype": ["float32"] * n, "scale": pa.nulls(n, pa.float32()),
-        "norm": np.linalg.norm(vectors, axis=1), "fingerprint": [fingerprint] * n, "run_id": [run_id] * n,
-    })
+    return pa.table(
+        {
+            "checkpoint_id": [checkpoint_id] * n,
+            "partition": [partition] * n,
+            "doc_id": [f"https://example.com/{partition}/{i}" for i in range(n)],
+            "chunk": list(range(first_chunk, first_chunk + n)),
+            "n_tokens": [16] * n,
+            "vector": binary,
+            "dtype": ["float32"] * n,
+            "scale": pa.nulls(n, pa.float32()),
+            "norm": np.linalg.norm(vectors, axis=1),
+            "fingerprint": [fingerprint] * n,
+            "run_id": [run_id] * n,
+        }
+    )
 
 
 def document_rows(partition: int, n: int) -> pa.Table:
-    return pa.table({
-        "doc_id": [f"https://example.com/{partition}/{i}" for i in range(n)], "partition": [partition] * n,
-        "source": [f"c4-{partition:05d}.json.gz"] * n, "line": list(range(1, n + 1)),
-        "text": [f"text {partition} {i}" for i in range(n)], "timestamp": ["2019-04-25T12:00:00Z"] * n,
-        "n_chars": [10] * n, "run_id": ["r1"] * n,
-    })
+    return pa.table(
+        {
+            "doc_id": [f"https://example.com/{partition}/{i}" for i in range(n)],
+            "partition": [partition] * n,
+            "source": [f"c4-{partition:05d}.json.gz"] * n,
+            "line": list(range(1, n + 1)),
+            "text": [f"text {partition} {i}" for i in range(n)],
+            "timestamp": ["2019-04-25T12:00:00Z"] * n,
+            "n_chars": [10] * n,
+            "run_id": ["r1"] * n,
+        }
+    )
 
 
 def sorted_rows(table: pa.Table, *keys: str) -> list[dict]:
@@ -54,6 +69,7 @@ def slice_of(lake: Lake, checkpoint_id: str, partition: int) -> pa.Table:
 
 
 # delta-rs, local
+
 
 def test_create_is_idempotent_and_stores_the_declared_table(lake):
     first = lake.create("train_gradients")
@@ -87,8 +103,9 @@ def test_replace_slice_twice_leaves_the_same_rows_and_other_slices_untouched(lak
     assert sorted_rows(slice_of(lake, "ck'1", 1), "chunk") == sorted_rows(once, "chunk")
     assert once.column("chunk").to_pylist() == [100, 101, 102] and set(once.column("run_id").to_pylist()) == {"r2"}
     assert slice_of(lake, "ck'1", 0).num_rows == 5
-    assert sorted_rows(lake.read("train_gradients", filters=[("checkpoint_id", "=", "ck2")]), "partition", "chunk") == \
-        sorted_rows(others_before, "partition", "chunk")
+    assert sorted_rows(
+        lake.read("train_gradients", filters=[("checkpoint_id", "=", "ck2")]), "partition", "chunk"
+    ) == sorted_rows(others_before, "partition", "chunk")
     assert lake.read("train_gradients").num_rows == 5 + 3 + 10
 
 
@@ -109,25 +126,40 @@ def test_replace_slice_batches_commits_once_and_a_failing_producer_leaves_the_ol
     assert lake.version("train_gradients") == before + 1  # three batches, one commit
     assert sorted(slice_of(lake, "ck1", 0)["chunk"].to_pylist()) == list(range(100, 109))
     with pytest.raises(SchemaError, match="outside the slice"):
-        lake.replace_slice_batches("train_gradients", iter([gradient_rows("ck1", 1, 2)]), checkpoint_id="ck1", partition=0)
+        lake.replace_slice_batches(
+            "train_gradients", iter([gradient_rows("ck1", 1, 2)]), checkpoint_id="ck1", partition=0
+        )
 
 
 def test_a_list_of_key_values_replaces_those_slices_in_one_commit(lake):
     """extract writes one partition of several extractions (fingerprints) as one commit."""
     for fingerprint in ("f1", "f2", "f3"):
-        lake.replace_slice("train_gradients", gradient_rows("ck1", 0, 2, fingerprint=fingerprint),
-                           checkpoint_id="ck1", partition=0, fingerprint=fingerprint)
+        lake.replace_slice(
+            "train_gradients",
+            gradient_rows("ck1", 0, 2, fingerprint=fingerprint),
+            checkpoint_id="ck1",
+            partition=0,
+            fingerprint=fingerprint,
+        )
     before = lake.version("train_gradients")
-    both = pa.concat_tables([gradient_rows("ck1", 0, 3, first_chunk=10, fingerprint=f, run_id="r2") for f in ("f1", "f2")])
+    both = pa.concat_tables(
+        [gradient_rows("ck1", 0, 3, first_chunk=10, fingerprint=f, run_id="r2") for f in ("f1", "f2")]
+    )
     with pytest.raises(SchemaError, match="outside the slice"):
-        lake.replace_slice_batches("train_gradients", iter([both]), checkpoint_id="ck1", partition=0, fingerprint=["f1"])
-    lake.replace_slice_batches("train_gradients", iter([both]), checkpoint_id="ck1", partition=0,
-                               fingerprint=["f1", "f2"])
+        lake.replace_slice_batches(
+            "train_gradients", iter([both]), checkpoint_id="ck1", partition=0, fingerprint=["f1"]
+        )
+    lake.replace_slice_batches(
+        "train_gradients", iter([both]), checkpoint_id="ck1", partition=0, fingerprint=["f1", "f2"]
+    )
     assert lake.version("train_gradients") == before + 1
     rows = lake.read("train_gradients", columns=["fingerprint", "chunk"]).to_pylist()
     assert sorted((r["fingerprint"], r["chunk"]) for r in rows) == sorted(
-        [(f, c) for f in ("f1", "f2") for c in (10, 11, 12)] + [("f3", 0), ("f3", 1)])  # f3 untouched
-    assert slice_predicate(TABLES["train_gradients"], {"fingerprint": ["a'b", "c"]}) == "\"fingerprint\" IN ('a''b', 'c')"
+        [(f, c) for f in ("f1", "f2") for c in (10, 11, 12)] + [("f3", 0), ("f3", 1)]
+    )  # f3 untouched
+    assert (
+        slice_predicate(TABLES["train_gradients"], {"fingerprint": ["a'b", "c"]}) == "\"fingerprint\" IN ('a''b', 'c')"
+    )
 
 
 def test_replace_slice_refuses_non_keys_and_rows_outside_the_slice(lake):
@@ -185,6 +217,7 @@ def test_vectors_survive_a_delta_round_trip(lake):
 
 # a task killed mid-way
 
+
 def _write_forever(root: str, mode: str) -> None:
     lake = Lake(root)
     for i in range(10_000):
@@ -214,11 +247,14 @@ def test_a_writer_killed_mid_way_leaves_a_readable_table_and_a_rerun_fixes_the_s
     assert partial.num_rows % 5 == 0 if mode == "append" else partial.num_rows == 50  # whole commits only
     expected = gradient_rows("ck1", 7, 50)
     lake.replace_slice("train_gradients", expected, checkpoint_id="ck1", partition=7)
-    assert sorted_rows(slice_of(lake, "ck1", 7), "chunk") == sorted_rows(TABLES["train_gradients"].validate(expected), "chunk")
+    assert sorted_rows(slice_of(lake, "ck1", 7), "chunk") == sorted_rows(
+        TABLES["train_gradients"].validate(expected), "chunk"
+    )
     assert slice_of(lake, "ck1", 3).num_rows == 4
 
 
 # S3 (moto server on loopback)
+
 
 def test_the_lake_works_the_same_on_s3(s3_bucket):
     lake = Lake(f"s3://{s3_bucket}/lake")
@@ -250,6 +286,7 @@ def test_storage_helpers_copy_folders_to_and_from_s3(s3_bucket, tmp_path):
 
 # large matrices
 
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_matrices_round_trip_and_checksum(where, tmp_path, request):
     lake = Lake(tmp_path / "lake") if where == "local" else Lake(f"s3://{request.getfixturevalue('s3_bucket')}/lake")
@@ -265,11 +302,16 @@ def test_matrices_round_trip_and_checksum(where, tmp_path, request):
 
 # configuration, runs, quarantine
 
+
 def test_config_from_file_then_environment(tmp_path):
     path = tmp_path / "trackstar.toml"
     path.write_text('lake_root = "s3://bucket/lake"\ntop_k = 20\nhessian_damping = 1\n')
-    env = {"TRACKSTAR_TOP_K": "50", "TRACKSTAR_HESSIAN_LAMBDA": "0.9", "TRACKSTAR_SPARK_REMOTE": "sc://h:15002",
-           "AWS_SECRET_ACCESS_KEY": "secret-value"}
+    env = {
+        "TRACKSTAR_TOP_K": "50",
+        "TRACKSTAR_HESSIAN_LAMBDA": "0.9",
+        "TRACKSTAR_SPARK_REMOTE": "sc://h:15002",
+        "AWS_SECRET_ACCESS_KEY": "secret-value",
+    }
     config = load_config(path, environ=env)
     assert (config.lake_root, config.top_k, config.hessian_damping) == ("s3://bucket/lake", 50, 1.0)
     assert config.hessian_lambda == 0.9 and config.spark_remote == "sc://h:15002"
@@ -280,12 +322,15 @@ def test_config_from_file_then_environment(tmp_path):
     assert "secret-value" not in config.as_json()
 
 
-@pytest.mark.parametrize("environ, message", [
-    ({"TRACKSTAR_TOP_K": "ten"}, "TRACKSTAR_TOP_K='ten': expected int"),
-    ({"TRACKSTAR_PROJECTION_K": "0"}, "projection_k must be positive"),
-    ({"TRACKSTAR_VECTOR_DTYPE": "float8"}, "vector_dtype 'float8'"),
-    ({"TRACKSTAR_HESSIAN_LAMBDA": "1.5"}, r"hessian_lambda must lie in \[0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "environ, message",
+    [
+        ({"TRACKSTAR_TOP_K": "ten"}, "TRACKSTAR_TOP_K='ten': expected int"),
+        ({"TRACKSTAR_PROJECTION_K": "0"}, "projection_k must be positive"),
+        ({"TRACKSTAR_VECTOR_DTYPE": "float8"}, "vector_dtype 'float8'"),
+        ({"TRACKSTAR_HESSIAN_LAMBDA": "1.5"}, r"hessian_lambda must lie in \[0, 1\]"),
+    ],
+)
 def test_config_rejects_bad_values(environ, message):
     with pytest.raises(ConfigError, match=message):
         load_config(environ=environ)
@@ -314,8 +359,12 @@ def test_runs_are_recorded_with_status_and_counts(lake):
 
 
 def test_quarantine_rows_are_validated_truncated_counted_and_replaced_on_rerun(lake):
-    row = {"source": "c4-00000.json.gz", "position": "c4-00000.json.gz:7", "reason": "malformed JSON",
-           "raw_value": "x" * 5000}
+    row = {
+        "source": "c4-00000.json.gz",
+        "position": "c4-00000.json.gz:7",
+        "reason": "malformed JSON",
+        "raw_value": "x" * 5000,
+    }
     rows = [row, row, {**row, "reason": "blank line", "raw_value": None}]
     assert quarantine_rows(lake, rows, stage="tokenize", run_id="r1") == 3
     quarantine_rows(lake, [{**row, "source": "other.json.gz"}], stage="tokenize", run_id="r1")
@@ -339,10 +388,12 @@ def test_quarantine_rows_are_validated_truncated_counted_and_replaced_on_rerun(l
 
 # Spark (embedded Sail)
 
+
 def test_spark_writes_slices_with_replace_where(spark, lake):
     lake.append("documents", document_rows(2, 2))  # written by delta-rs, then extended by Spark
     batch = spark.createDataFrame(document_rows(0, 3).to_pandas()).unionByName(
-        spark.createDataFrame(document_rows(1, 2).to_pandas()))
+        spark.createDataFrame(document_rows(1, 2).to_pandas())
+    )
     lake.spark_write(batch, "documents")
     for _ in range(2):
         again = spark.createDataFrame(document_rows(1, 4).to_pandas())
@@ -366,10 +417,13 @@ def test_spark_reads_tables_written_by_delta_rs_and_enforces_not_null(spark, lak
     df = lake.spark_read(spark, "train_gradients")
     assert df.filter("chunk >= 1").count() == 2
     rows = df.orderBy("chunk").select("vector").collect()
-    assert np.array_equal(decode_vectors(pa.array([r["vector"] for r in rows], pa.binary()), "float32", dim=4),
-                          np.full((3, 4), 0.0, np.float32) + np.arange(3, dtype=np.float32)[:, None])
+    assert np.array_equal(
+        decode_vectors(pa.array([r["vector"] for r in rows], pa.binary()), "float32", dim=4),
+        np.full((3, 4), 0.0, np.float32) + np.arange(3, dtype=np.float32)[:, None],
+    )
     with_null = spark.createDataFrame(document_rows(0, 1).to_pandas()).selectExpr(
-        *[c if c != "text" else "CAST(NULL AS STRING) AS text" for c in TABLES["documents"].column_names])
+        *[c if c != "text" else "CAST(NULL AS STRING) AS text" for c in TABLES["documents"].column_names]
+    )
     with pytest.raises(Exception, match="NOT NULL"):
         lake.spark_write(with_null, "documents")
 
@@ -384,19 +438,53 @@ def test_spark_reads_and_writes_delta_on_s3(spark, s3_bucket):
 
 def test_sql_queries_run_on_the_lake(spark, lake):
     lake.append("documents", document_rows(0, 3))
-    tokens = pa.table({"doc_id": [f"https://example.com/0/{i}" for i in range(3)], "partition": [0] * 3,
-                       "chunk": [0] * 3, "token_start": [0] * 3, "token_end": [4] * 3,
-                       "input_ids": [[1, 2, 3, 4]] * 3, "n_tokens": [4] * 3, "tokenizer_fingerprint": ["t"] * 3,
-                       "run_id": ["r1"] * 3})
+    tokens = pa.table(
+        {
+            "doc_id": [f"https://example.com/0/{i}" for i in range(3)],
+            "partition": [0] * 3,
+            "chunk": [0] * 3,
+            "token_start": [0] * 3,
+            "token_end": [4] * 3,
+            "input_ids": [[1, 2, 3, 4]] * 3,
+            "n_tokens": [4] * 3,
+            "tokenizer_fingerprint": ["t"] * 3,
+            "run_id": ["r1"] * 3,
+        }
+    )
     lake.append("tokens", tokens)
     lake.append("train_gradients", gradient_rows("ck1", 0, 2))
-    lake.append("checkpoints", pa.table({
-        "checkpoint_id": ["ck1"], "step": [4], "path": ["/ck1"], "optimizer": ["adam"], "learning_rate": [1e-3],
-        "tokens_seen": [100], "model_fingerprint": ["m"], "registered_at": [utc_now()], "run_id": ["r1"]}))
-    lake.append("proponents", pa.table({
-        "query_set": ["trex"] * 3, "checkpoint_id": ["ck1"] * 3, "query_id": ["q1", "q1", "q2"],
-        "method": ["trackstar"] * 3, "rank": [1, 2, 1], "doc_id": [f"https://example.com/0/{i}" for i in (2, 0, 2)],
-        "chunk": [0] * 3, "score": [0.9, 0.5, 0.7], "run_id": ["r1"] * 3}))
+    lake.append(
+        "checkpoints",
+        pa.table(
+            {
+                "checkpoint_id": ["ck1"],
+                "step": [4],
+                "path": ["/ck1"],
+                "optimizer": ["adam"],
+                "learning_rate": [1e-3],
+                "tokens_seen": [100],
+                "model_fingerprint": ["m"],
+                "registered_at": [utc_now()],
+                "run_id": ["r1"],
+            }
+        ),
+    )
+    lake.append(
+        "proponents",
+        pa.table(
+            {
+                "query_set": ["trex"] * 3,
+                "checkpoint_id": ["ck1"] * 3,
+                "query_id": ["q1", "q1", "q2"],
+                "method": ["trackstar"] * 3,
+                "rank": [1, 2, 1],
+                "doc_id": [f"https://example.com/0/{i}" for i in (2, 0, 2)],
+                "chunk": [0] * 3,
+                "score": [0.9, 0.5, 0.7],
+                "run_id": ["r1"] * 3,
+            }
+        ),
+    )
 
     top = run_query(spark, lake, "top_proponents", {"query_set": "trex", "query_id": "q1", "method": "trackstar"})
     assert [(r["rank"], r["text"]) for r in top.collect()] == [(1, "text 0 2"), (2, "text 0 0")]
@@ -408,8 +496,13 @@ def test_sql_queries_run_on_the_lake(spark, lake):
         bind_params("top_proponents", {"query_set": "trex", "query_id": "q1"})
     with pytest.raises(TableNotFoundError, match="needs table quarantine"):
         run_query(spark, lake, "quarantine_by_reason")
-    assert set(SQL_QUERIES) >= {"top_proponents", "proponent_frequency", "gradient_coverage",
-                                "quarantine_by_reason", "runs_history"}
+    assert set(SQL_QUERIES) >= {
+        "top_proponents",
+        "proponent_frequency",
+        "gradient_coverage",
+        "quarantine_by_reason",
+        "runs_history",
+    }
     # any SQL text, over the same views
     counted = run_sql(spark, lake, "SELECT `partition`, count(*) AS n FROM tokens GROUP BY `partition`").collect()
     assert [(r["partition"], r["n"]) for r in counted] == [(0, 3)]
@@ -423,12 +516,18 @@ def test_the_embedded_session_outlives_sails_idle_timeout(tmp_path):
     import sys
 
     script = tmp_path / "idle.py"
-    script.write_text("import os, time\nfrom infra.spark import spark_session\nspark = spark_session()\n"
-                      "assert spark.range(3).count() == 3\nprint(os.environ['SAIL_SPARK__SESSION_TIMEOUT_SECS'])\n"
-                      "time.sleep(4)\nassert spark.range(3).count() == 3\nprint('alive')\n")
+    script.write_text(
+        "import os, time\nfrom infra.spark import spark_session\nspark = spark_session()\n"
+        "assert spark.range(3).count() == 3\nprint(os.environ['SAIL_SPARK__SESSION_TIMEOUT_SECS'])\n"
+        "time.sleep(4)\nassert spark.range(3).count() == 3\nprint('alive')\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "SAIL_SPARK__SESSION_TIMEOUT_SECS"} | {"PYTHONPATH": os.getcwd()}
-    short = subprocess.run([sys.executable, str(script)], env=env | {"SAIL_SPARK__SESSION_TIMEOUT_SECS": "2"},
-                           capture_output=True, text=True)
+    short = subprocess.run(
+        [sys.executable, str(script)],
+        env=env | {"SAIL_SPARK__SESSION_TIMEOUT_SECS": "2"},
+        capture_output=True,
+        text=True,
+    )
     assert short.returncode != 0 and "is not running" in short.stderr
     ours = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
     assert ours.returncode == 0, ours.stderr

@@ -7,7 +7,12 @@ from jobs.launch import bind_rank_device, rank_device
 
 
 def test_each_rank_takes_the_gpu_of_its_local_rank():
-    assert [rank_device(True, local_rank, gpus=4) for local_rank in range(4)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+    assert [rank_device(True, local_rank, gpus=4) for local_rank in range(4)] == [
+        "cuda:0",
+        "cuda:1",
+        "cuda:2",
+        "cuda:3",
+    ]
 
 
 def test_without_cuda_every_rank_stays_on_the_cpu():

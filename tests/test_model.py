@@ -14,6 +14,7 @@ from jobs.checkpoints import CheckpointError, checkpoint_path, load_manifest, lo
 from demo.model_eval import evaluate_checkpoint
 from evaluation.answers import encode_query
 
+
 def _zero_tag_dir(checkpoint):
     return checkpoint / "zero" / (checkpoint / "zero" / "latest").read_text().strip()
 

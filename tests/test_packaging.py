@@ -23,8 +23,13 @@ print(json.dumps({"dags": sorted(bag.dag_ids), "errors": {k: str(v) for k, v in 
 
 
 def test_dag_files_parse_without_importing_the_jobs_or_their_libraries(tmp_path):
-    out = subprocess.run([sys.executable, "-c", PARSE_DAGS], env=airflow_environment("lake", tmp_path),
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PARSE_DAGS],
+        env=airflow_environment("lake", tmp_path),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     parsed = json.loads(out.stdout.strip().splitlines()[-1])
     assert parsed["errors"] == {}
     assert parsed["dags"] == ["trackstar_backfill", "trackstar_maintenance", "trackstar_reindex", "trackstar_score"]
@@ -41,8 +46,11 @@ def _name(requirement: str) -> str:
 
 def test_every_dependency_is_pinned_in_the_lock():
     project = _pyproject()["project"]
-    pinned = {_name(line): line for line in (REPO / "requirements.txt").read_text().splitlines()
-              if line.strip() and not line.startswith("#")}
+    pinned = {
+        _name(line): line
+        for line in (REPO / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     optional = [r for group in project["optional-dependencies"].values() for r in group]
     for requirement in project["dependencies"] + optional:
         assert "==" in pinned.get(_name(requirement), ""), f"{requirement} is not pinned in requirements.txt"

@@ -36,8 +36,11 @@ FUZZ_FILE = "c4-train.00002-of-00009.json.gz"
 
 def _good(rng, n):
     words = ["fact", "river", "town", "Varnholt", "citizen", "weather", "quiet", "born", "in", "the", "of"]
-    return {"text": " ".join(rng.choice(words) for _ in range(rng.randint(3, 40))),
-            "url": f"https://fuzz.example/{n}", "timestamp": "2019-04-25T12:57:54Z"}
+    return {
+        "text": " ".join(rng.choice(words) for _ in range(rng.randint(3, 40))),
+        "url": f"https://fuzz.example/{n}",
+        "timestamp": "2019-04-25T12:57:54Z",
+    }
 
 
 def _line(record) -> bytes:
@@ -46,6 +49,7 @@ def _line(record) -> bytes:
 
 def _bad_line_makers(earlier_url):
     """kind of bad line -> (expected reason kind, maker(rng, n, previous good url) -> raw bytes)."""
+
     def good(rng, n):
         return _good(rng, n)
 
@@ -56,16 +60,38 @@ def _bad_line_makers(earlier_url):
         return lambda rng, n, prev: _line({k: v for k, v in good(rng, n).items() if k != name})
 
     return {
-        "truncated JSON": ("malformed JSON", lambda rng, n, prev: (lambda b: b[:rng.randint(1, len(b) - 2)])(_line(good(rng, n)))),
+        "truncated JSON": (
+            "malformed JSON",
+            lambda rng, n, prev: (lambda b: b[: rng.randint(1, len(b) - 2)])(_line(good(rng, n))),
+        ),
         "deeply nested array": ("malformed JSON", lambda rng, n, prev: b"[" * 5_000 + b"]" * 5_000),
-        "deeply nested field": ("malformed JSON", lambda rng, n, prev: b'{"text": ' + b'{"a": ' * 1_500 + b"1"
-                                + b"}" * 1_500 + b', "url": "u", "timestamp": "t"}'),
+        "deeply nested field": (
+            "malformed JSON",
+            lambda rng, n, prev: (
+                b'{"text": ' + b'{"a": ' * 1_500 + b"1" + b"}" * 1_500 + b', "url": "u", "timestamp": "t"}'
+            ),
+        ),
         "trailing garbage": ("malformed JSON", lambda rng, n, prev: _line(good(rng, n)) + b" trailing"),
-        "invalid escape": ("malformed JSON", lambda rng, n, prev: b'{"text": "bad \\q escape", "url": "u", "timestamp": "t"}'),
-        "random bytes": ("not UTF-8", lambda rng, n, prev: b"\xff" + bytes(rng.randrange(256) for _ in range(200)).replace(b"\n", b" ")),
-        "latin-1 text": ("not UTF-8", lambda rng, n, prev: _line(good(rng, n)).replace(b'"text": "', b'"text": "caf\xe9 ')),
-        "lone surrogate in text": ("unencodable text", lambda rng, n, prev: _line(good(rng, n)).replace(b'"text": "', b'"text": "\\ud800')),
-        "lone surrogate in url": ("unencodable text", lambda rng, n, prev: _line(good(rng, n)).replace(b'"url": "', b'"url": "\\udfff')),
+        "invalid escape": (
+            "malformed JSON",
+            lambda rng, n, prev: b'{"text": "bad \\q escape", "url": "u", "timestamp": "t"}',
+        ),
+        "random bytes": (
+            "not UTF-8",
+            lambda rng, n, prev: b"\xff" + bytes(rng.randrange(256) for _ in range(200)).replace(b"\n", b" "),
+        ),
+        "latin-1 text": (
+            "not UTF-8",
+            lambda rng, n, prev: _line(good(rng, n)).replace(b'"text": "', b'"text": "caf\xe9 '),
+        ),
+        "lone surrogate in text": (
+            "unencodable text",
+            lambda rng, n, prev: _line(good(rng, n)).replace(b'"text": "', b'"text": "\\ud800'),
+        ),
+        "lone surrogate in url": (
+            "unencodable text",
+            lambda rng, n, prev: _line(good(rng, n)).replace(b'"url": "', b'"url": "\\udfff'),
+        ),
         "text is a number": ("field 'text' is int, expected a string", field("text", 42)),
         "text is null": ("field 'text' is NoneType, expected a string", field("text", None)),
         "url is a list": ("field 'url' is list, expected a string", field("url", ["https://a", "https://b"])),
@@ -82,11 +108,20 @@ def _bad_line_makers(earlier_url):
         "whitespace text": ("empty text", field("text", " \n\t ")),
         "empty url": ("empty url", field("url", "  ")),
         "huge text": ("document too large", field("text", "x" * (MAX_CHARS + 1))),
-        "overlong line": ("document too large", lambda rng, n, prev: b'{"text": "' + b"y" * (8 * MAX_CHARS + 8192) + b'"}'),
+        "overlong line": (
+            "document too large",
+            lambda rng, n, prev: b'{"text": "' + b"y" * (8 * MAX_CHARS + 8192) + b'"}',
+        ),
         "NUL in text": ("binary junk", field("text", "a\x00b")),
         "NUL in url": ("binary junk", field("url", "https://nul.example/\x00")),
-        "url seen earlier in this partition": ("duplicate url", lambda rng, n, prev: _line({**good(rng, n), "url": prev})),
-        "url of an indexed partition": ("duplicate url", lambda rng, n, prev: _line({**good(rng, n), "url": earlier_url})),
+        "url seen earlier in this partition": (
+            "duplicate url",
+            lambda rng, n, prev: _line({**good(rng, n), "url": prev}),
+        ),
+        "url of an indexed partition": (
+            "duplicate url",
+            lambda rng, n, prev: _line({**good(rng, n), "url": earlier_url}),
+        ),
     }
 
 
@@ -128,9 +163,9 @@ def fuzzed_lake(adam_run, tmp_path_factory):
         pass  # an empty file
     (raw / "c4-train.00004-of-00009.json.gz").write_bytes(b"plain text, not gzip\n")
     whole = gzip.compress(b"\n".join(_line(_good(random.Random(5), f"t{i}")) for i in range(400)) + b"\n")
-    (raw / "c4-train.00005-of-00009.json.gz").write_bytes(whole[:len(whole) // 2])  # cut short
+    (raw / "c4-train.00005-of-00009.json.gz").write_bytes(whole[: len(whole) // 2])  # cut short
     corrupt = bytearray(gzip.compress(b"\n".join(_line(_good(random.Random(6), f"c{i}")) for i in range(400)) + b"\n"))
-    corrupt[len(corrupt) // 2:len(corrupt) // 2 + 64] = bytes(64)
+    corrupt[len(corrupt) // 2 : len(corrupt) // 2 + 64] = bytes(64)
     (raw / "c4-train.00006-of-00009.json.gz").write_bytes(bytes(corrupt))
     result = tokenize.run(tokenize.TokenizeConfig(lake=str(lake_dir), max_chars=MAX_CHARS))
     return lake, before, expected, kinds, result
@@ -155,13 +190,18 @@ def test_every_fuzzed_line_is_one_document_or_one_quarantine_row(fuzzed_lake):
     expected_kinds = Counter(tokenize.reason_counts(r for r in expected.values() if r is not None))
     assert Counter(tokenize.reason_counts(found.values())) == expected_kinds
     assert set(result["quarantined_by_reason"]) >= set(expected_kinds)
-    print(f"\nfuzz: {FUZZ_LINES} lines, {len(documents)} documents, {len(quarantined)} quarantined: "
-          f"{dict(sorted(expected_kinds.items()))}")
+    print(
+        f"\nfuzz: {FUZZ_LINES} lines, {len(documents)} documents, {len(quarantined)} quarantined: "
+        f"{dict(sorted(expected_kinds.items()))}"
+    )
 
 
 def test_bad_files_are_reported_and_readable_lines_kept(fuzzed_lake):
     lake, *_ = fuzzed_lake
-    empty, not_gzip = _quarantined(lake, "c4-train.00003-of-00009.json.gz"), _quarantined(lake, "c4-train.00004-of-00009.json.gz")
+    empty, not_gzip = (
+        _quarantined(lake, "c4-train.00003-of-00009.json.gz"),
+        _quarantined(lake, "c4-train.00004-of-00009.json.gz"),
+    )
     assert [q["reason"] for q in empty] == ["empty partition file: no lines"]
     assert len(not_gzip) == 1 and not_gzip[0]["reason"].startswith("unreadable file: after line 0")
     for source in ("c4-train.00005-of-00009.json.gz", "c4-train.00006-of-00009.json.gz"):  # cut short, corrupted
@@ -184,12 +224,18 @@ def test_no_duplicate_keys_and_earlier_partitions_untouched(fuzzed_lake):
     assert sorted(again.to_pylist(), key=str) == sorted(before.to_pylist(), key=str)
 
 
-SNAPSHOT_COLUMNS = {"documents": ["doc_id", "partition", "line", "text"], "tokens": ["doc_id", "chunk", "input_ids"],
-                    "quarantine": ["source", "position", "reason"]}
+SNAPSHOT_COLUMNS = {
+    "documents": ["doc_id", "partition", "line", "text"],
+    "tokens": ["doc_id", "chunk", "input_ids"],
+    "quarantine": ["source", "position", "reason"],
+}
 
 
 def _snapshot(lake):
-    return {table: sorted(map(str, lake.read(table, columns=names).to_pylist())) for table, names in SNAPSHOT_COLUMNS.items()}
+    return {
+        table: sorted(map(str, lake.read(table, columns=names).to_pylist()))
+        for table, names in SNAPSHOT_COLUMNS.items()
+    }
 
 
 def test_a_forced_rerun_gives_identical_tables(fuzzed_lake):
@@ -205,9 +251,13 @@ def test_tokenize_killed_after_each_commit_then_rerun_gives_identical_tables(fuz
     without duplicates, the run is marked failed later, and a rerun gives the same tables."""
     lake = fuzzed_lake[0]
     first, version = _snapshot(lake), lake.version(moment)
-    child = subprocess.Popen([sys.executable, "-m", "jobs", "tokenize", "--lake", lake.root, "--force"],
-                             env={**os.environ, "PYTHONPATH": os.getcwd()}, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "jobs", "tokenize", "--lake", lake.root, "--force"],
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while lake.version(moment) == version and time.time() < deadline and child.poll() is None:
         time.sleep(0.05)
@@ -227,18 +277,27 @@ def test_tokenize_killed_after_each_commit_then_rerun_gives_identical_tables(fuz
 # ------------------------------------------------------------------ names are identifiers
 HOSTILE_NAMES = ["x' OR 1=1 --", "../../outside", "o'brien-set", "a/b", "x\\'; DROP TABLE runs; --"]
 NAMED_ARGUMENTS = [  # (command and its other arguments, the flag that takes a name)
-    (["score"], "--query-set"), (["score"], "--checkpoint-id"), (["score"], "--fingerprint"),
-    (["fit-hessian"], "--query-set"), (["fit-hessian"], "--checkpoint-id"), (["fit-hessian"], "--fingerprint"),
-    (["evaluate"], "--query-set"), (["evaluate"], "--checkpoint-id"), (["extract"], "--query-set"),
+    (["score"], "--query-set"),
+    (["score"], "--checkpoint-id"),
+    (["score"], "--fingerprint"),
+    (["fit-hessian"], "--query-set"),
+    (["fit-hessian"], "--checkpoint-id"),
+    (["fit-hessian"], "--fingerprint"),
+    (["evaluate"], "--query-set"),
+    (["evaluate"], "--checkpoint-id"),
+    (["extract"], "--query-set"),
     (["trace", "--prompt", "p", "--target", " t"], "--query-set"),
-    (["trace", "--prompt", "p", "--target", " t"], "--checkpoint-id"), (["register-queries"], "--name"),
+    (["trace", "--prompt", "p", "--target", " t"], "--checkpoint-id"),
+    (["register-queries"], "--name"),
 ]
 
 
 def _lake_state(lake, root):
     """Every table's version and every file under the lake's parent folder."""
-    return ({table: lake.version(table) for table in TABLES},
-            sorted(str(p.relative_to(root)) for p in root.rglob("*") if "_delta_log" not in p.parts))
+    return (
+        {table: lake.version(table) for table in TABLES},
+        sorted(str(p.relative_to(root)) for p in root.rglob("*") if "_delta_log" not in p.parts),
+    )
 
 
 @pytest.mark.parametrize("command, flag", NAMED_ARGUMENTS, ids=[f"{c[0]} {f}" for c, f in NAMED_ARGUMENTS])
@@ -269,14 +328,17 @@ def test_a_checkpoint_id_that_is_a_path_is_refused_before_anything_is_written(fu
 
 
 def test_the_score_dag_refuses_a_hostile_query_set_when_triggered(tmp_path):
-    check = ("from airflow.dag_processing.dagbag import DagBag; import os, sys; "
-             "param = DagBag(dag_folder=os.environ['AIRFLOW__CORE__DAGS_FOLDER']).dags['trackstar_score'].params"
-             ".get_param('query_set')\nfor name in sys.argv[1:]:\n"
-             "    try: param.resolve(name); print('accepted', repr(name))\n"
-             "    except Exception as error: print('refused', repr(name), type(error).__name__)")
+    check = (
+        "from airflow.dag_processing.dagbag import DagBag; import os, sys; "
+        "param = DagBag(dag_folder=os.environ['AIRFLOW__CORE__DAGS_FOLDER']).dags['trackstar_score'].params"
+        ".get_param('query_set')\nfor name in sys.argv[1:]:\n"
+        "    try: param.resolve(name); print('accepted', repr(name))\n"
+        "    except Exception as error: print('refused', repr(name), type(error).__name__)"
+    )
     env = airflow_environment("lake", tmp_path / "airflow")
-    out = subprocess.run([sys.executable, "-c", check, "fact-world", *HOSTILE_NAMES], env=env, capture_output=True,
-                         text=True, check=True).stdout.splitlines()
+    out = subprocess.run(
+        [sys.executable, "-c", check, "fact-world", *HOSTILE_NAMES], env=env, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     out = [line for line in out if line.startswith(("accepted", "refused"))]  # Airflow logs to stdout too
     assert out == ["accepted 'fact-world'"] + [f"refused {n!r} ParamValidationError" for n in HOSTILE_NAMES]
 
@@ -285,22 +347,45 @@ def test_quotes_in_slice_values_select_exactly_their_slice(spark, lake):
     """Values that are not names (sources, messages) are quoted for each engine: Spark reads 'a''b'
     as "ab" and backslash escapes; delta-rs reads '' as one quote."""
     tricky = ["o'brien-set", "obrien-set", "x' OR 1=1 --", "back\\slash", "back\\", "plain"]
-    rows = [{"query_set": q, "checkpoint_id": "ck", "query_id": f"q{i}", "method": "trackstar", "rank": 1,
-             "doc_id": "d", "chunk": 0, "score": 1.0, "run_id": "r0"} for i, q in enumerate(tricky)]
+    rows = [
+        {
+            "query_set": q,
+            "checkpoint_id": "ck",
+            "query_id": f"q{i}",
+            "method": "trackstar",
+            "rank": 1,
+            "doc_id": "d",
+            "chunk": 0,
+            "score": 1.0,
+            "run_id": "r0",
+        }
+        for i, q in enumerate(tricky)
+    ]
     lake.append("proponents", pa.Table.from_pylist(rows, schema=TABLES["proponents"].arrow_schema))
     for i, query_set in enumerate(tricky):
         replacement = spark.createDataFrame([{**rows[i], "run_id": f"spark{i}"}])
-        lake.spark_write(replacement, "proponents",
-                         replace_where={"query_set": query_set, "method": "trackstar", "checkpoint_id": "ck"})
+        lake.spark_write(
+            replacement,
+            "proponents",
+            replace_where={"query_set": query_set, "method": "trackstar", "checkpoint_id": "ck"},
+        )
         stored = {r["query_set"]: r["run_id"] for r in lake.read("proponents").to_pylist()}
-        assert len(stored) == len(tricky) and stored == {q: f"spark{j}" if j <= i else "r0" for j, q in enumerate(tricky)}
+        assert len(stored) == len(tricky) and stored == {
+            q: f"spark{j}" if j <= i else "r0" for j, q in enumerate(tricky)
+        }
     for i, query_set in enumerate(tricky):  # delta-rs slices and updates
-        lake.replace_slice("proponents", pa.Table.from_pylist([{**rows[i], "run_id": f"rs{i}"}],
-                                                               schema=TABLES["proponents"].arrow_schema),
-                           query_set=query_set, method="trackstar", checkpoint_id="ck")
-    assert sorted(r["run_id"] for r in lake.read("proponents").to_pylist()) == sorted(f"rs{i}" for i in range(len(tricky)))
+        lake.replace_slice(
+            "proponents",
+            pa.Table.from_pylist([{**rows[i], "run_id": f"rs{i}"}], schema=TABLES["proponents"].arrow_schema),
+            query_set=query_set,
+            method="trackstar",
+            checkpoint_id="ck",
+        )
+    assert sorted(r["run_id"] for r in lake.read("proponents").to_pylist()) == sorted(
+        f"rs{i}" for i in range(len(tricky))
+    )
     run_id = start_run(lake, "score", {"query_set": "x' OR 1=1 --"})
-    counts = {"error": "InvalidName: query set \"x' OR 1=1 --\" is not a valid name", "path": "C:\\lake\\'runs'"}
+    counts = {"error": 'InvalidName: query set "x\' OR 1=1 --" is not a valid name', "path": "C:\\lake\\'runs'"}
     finish_run(lake, run_id, "failed", counts)  # once corrupted the row: delta-rs pastes strings unescaped
     (row,) = lake.read("runs").to_pylist()
     assert row["status"] == "failed" and json.loads(row["counts_json"]) == counts and row["finished_at"] is not None
@@ -312,11 +397,16 @@ def test_sql_refuses_writing_statements_unless_allowed(fuzzed_lake, capsys):
 
     lake = fuzzed_lake[0]
     before = (lake.version("documents"), lake.read("documents", columns=["doc_id"]).num_rows)
-    for statement in ("DELETE FROM documents", "delete from documents where 1 = 1;",
-                      "/* tidy up */ DELETE FROM documents", "SELECT 1; DELETE FROM documents",
-                      "WITH gone AS (SELECT * FROM documents) INSERT INTO documents SELECT * FROM gone",
-                      "MERGE INTO documents d USING documents s ON d.doc_id = s.doc_id WHEN MATCHED THEN DELETE",
-                      "DROP TABLE documents", "UPDATE documents SET text = ''"):
+    for statement in (
+        "DELETE FROM documents",
+        "delete from documents where 1 = 1;",
+        "/* tidy up */ DELETE FROM documents",
+        "SELECT 1; DELETE FROM documents",
+        "WITH gone AS (SELECT * FROM documents) INSERT INTO documents SELECT * FROM gone",
+        "MERGE INTO documents d USING documents s ON d.doc_id = s.doc_id WHEN MATCHED THEN DELETE",
+        "DROP TABLE documents",
+        "UPDATE documents SET text = ''",
+    ):
         with pytest.raises(SystemExit, match="jobs sql is read-only"):
             main(["sql", statement, "--lake", lake.root])
     assert (lake.version("documents"), lake.read("documents", columns=["doc_id"]).num_rows) == before
@@ -326,18 +416,38 @@ def test_sql_refuses_writing_statements_unless_allowed(fuzzed_lake, capsys):
 
 # ------------------------------------------------------------------ runs end in a state
 def test_a_writer_that_loses_a_commit_race_says_so(lake, monkeypatch):
-    row = {"query_set": "qs", "checkpoint_id": "ck", "query_id": "q", "method": "trackstar", "rank": 1, "doc_id": "d",
-           "chunk": 0, "score": 1.0, "run_id": "first"}
+    row = {
+        "query_set": "qs",
+        "checkpoint_id": "ck",
+        "query_id": "q",
+        "method": "trackstar",
+        "rank": 1,
+        "doc_id": "d",
+        "chunk": 0,
+        "score": 1.0,
+        "run_id": "first",
+    }
     schema = TABLES["proponents"].arrow_schema
-    lake.replace_slice("proponents", pa.Table.from_pylist([row], schema=schema), query_set="qs", method="trackstar",
-                       checkpoint_id="ck")
+    lake.replace_slice(
+        "proponents", pa.Table.from_pylist([row], schema=schema), query_set="qs", method="trackstar", checkpoint_id="ck"
+    )
     seen_by_loser = lake.open("proponents")  # the loser read the table, then the winner committed
-    lake.replace_slice("proponents", pa.Table.from_pylist([{**row, "run_id": "winner"}], schema=schema),
-                       query_set="qs", method="trackstar", checkpoint_id="ck")
+    lake.replace_slice(
+        "proponents",
+        pa.Table.from_pylist([{**row, "run_id": "winner"}], schema=schema),
+        query_set="qs",
+        method="trackstar",
+        checkpoint_id="ck",
+    )
     monkeypatch.setattr(lake, "create", lambda table: seen_by_loser)
     with pytest.raises(LakeError, match=r"another run committed slice .*'query_set': 'qs'.* of table proponents first"):
-        lake.replace_slice("proponents", pa.Table.from_pylist([{**row, "run_id": "loser"}], schema=schema),
-                           query_set="qs", method="trackstar", checkpoint_id="ck")
+        lake.replace_slice(
+            "proponents",
+            pa.Table.from_pylist([{**row, "run_id": "loser"}], schema=schema),
+            query_set="qs",
+            method="trackstar",
+            checkpoint_id="ck",
+        )
     assert [r["run_id"] for r in lake.read("proponents").to_pylist()] == ["winner"]
 
 
@@ -359,7 +469,9 @@ def test_a_run_that_raised_or_was_killed_ends_failed(lake, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     raised = subprocess.run([sys.executable, str(script), lake.root, "raise"], env=env, capture_output=True, text=True)
     assert raised.returncode == 1 and "the stage broke" in raised.stderr
-    killed = subprocess.Popen([sys.executable, str(script), lake.root, "sleep"], env=env, stdout=subprocess.PIPE, text=True)
+    killed = subprocess.Popen(
+        [sys.executable, str(script), lake.root, "sleep"], env=env, stdout=subprocess.PIPE, text=True
+    )
     killed_run = killed.stdout.readline().strip()
     status = {r["run_id"]: r for r in lake.read("runs").to_pylist()}
     assert status[killed_run]["status"] == "running"  # alive: a later run must leave it alone
@@ -370,7 +482,9 @@ def test_a_run_that_raised_or_was_killed_ends_failed(lake, tmp_path):
     later = start_run(lake, "score", {})
     runs = {r["run_id"]: r for r in lake.read("runs").to_pylist()}
     raised_run = raised.stdout.strip()
-    assert runs[raised_run]["status"] == "failed" and "exited before the run finished" in runs[raised_run]["counts_json"]
+    assert (
+        runs[raised_run]["status"] == "failed" and "exited before the run finished" in runs[raised_run]["counts_json"]
+    )
     assert runs[killed_run]["status"] == "failed" and runs[killed_run]["finished_at"] is not None
     assert f"process {killed.pid} on" in json.loads(runs[killed_run]["counts_json"])["error"]
     assert runs[later]["status"] == "running"
@@ -380,15 +494,34 @@ def test_a_killed_extract_driver_takes_its_deepspeed_ranks_down(fuzzed_lake):
     import psutil
 
     lake = fuzzed_lake[0]
-    command = [sys.executable, "-m", "jobs", "extract", "--lake", lake.root, "--projection-k", "4", "--partitions", "2",
-               "--query-set", "", "--force"]
-    driver = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": os.getcwd()}, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    command = [
+        sys.executable,
+        "-m",
+        "jobs",
+        "extract",
+        "--lake",
+        lake.root,
+        "--projection-k",
+        "4",
+        "--partitions",
+        "2",
+        "--query-set",
+        "",
+        "--force",
+    ]
+    driver = subprocess.Popen(
+        command, env={**os.environ, "PYTHONPATH": os.getcwd()}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline, ranks = time.time() + 180, []
     while time.time() < deadline and len(ranks) < 2 and driver.poll() is None:
         time.sleep(0.5)
-        ranks = [p for p in psutil.Process(driver.pid).children(recursive=True) if "--plan" in " ".join(p.cmdline())
-                 and "jobs.extract" in " ".join(p.cmdline()) and "deepspeed" not in " ".join(p.cmdline())]
+        ranks = [
+            p
+            for p in psutil.Process(driver.pid).children(recursive=True)
+            if "--plan" in " ".join(p.cmdline())
+            and "jobs.extract" in " ".join(p.cmdline())
+            and "deepspeed" not in " ".join(p.cmdline())
+        ]
     assert len(ranks) == 2, "the ranks never started"
     tree = psutil.Process(driver.pid).children(recursive=True)  # launcher, its launch process and the ranks
     driver.kill()  # the driver only: nothing is left to tell its children to stop
@@ -425,7 +558,9 @@ def test_float16_overflow_is_refused_not_stored_as_inf():
 
     vectors = np.ones((5, 4), np.float32)
     vectors[[1, 3], 2] = [70_000.0, -1e6]  # beyond float16's ±65504, as large gradients are
-    with pytest.raises(VectorOverflow, match=r"2 of 5 vectors hold values beyond float16's range \(largest \|x\| = 1e\+06\)"):
+    with pytest.raises(
+        VectorOverflow, match=r"2 of 5 vectors hold values beyond float16's range \(largest \|x\| = 1e\+06\)"
+    ):
         encode_vectors(vectors, "float16")
     cells, _ = encode_vectors(vectors, "bfloat16")  # float32's range: stored, finite
     assert np.isfinite(decode_vectors(cells, "bfloat16")).all()
@@ -439,11 +574,17 @@ def _train_batches(vectors, doc_ids, order, size):
     from schemas.vectors import encode_vectors
 
     for start in range(0, len(order), size):
-        rows = order[start:start + size]
+        rows = order[start : start + size]
         cells, _ = encode_vectors(vectors[rows], "float32")
-        yield pa.RecordBatch.from_pydict({"doc_id": [doc_ids[i] for i in rows], "chunk": pa.array([0] * len(rows), pa.int32()),
-                                          "vector": cells, "dtype": ["float32"] * len(rows),
-                                          "scale": pa.nulls(len(rows), pa.float32())})
+        yield pa.RecordBatch.from_pydict(
+            {
+                "doc_id": [doc_ids[i] for i in rows],
+                "chunk": pa.array([0] * len(rows), pa.int32()),
+                "vector": cells,
+                "dtype": ["float32"] * len(rows),
+                "scale": pa.nulls(len(rows), pa.float32()),
+            }
+        )
 
 
 def test_top_k_ranks_equal_scores_by_doc_and_chunk_whatever_the_batch_order():
@@ -479,9 +620,22 @@ def explorer_lake(adam_run, tmp_path_factory):
     manifest = load_manifest(checkpoint)
     extract.register_checkpoint(lake, manifest, extract.model_fingerprint(checkpoint), str(checkpoint), "test")
     queries = sorted(lake.read("queries").to_pylist(), key=lambda q: q["query_id"])
-    rows = [{"query_set": q["query_set"], "checkpoint_id": manifest["checkpoint_id"], "query_id": q["query_id"],
-             "method": method, "rank": rank, "doc_id": f"https://nowhere.example/{rank}", "chunk": 0, "score": 1.0 / rank,
-             "run_id": "test"} for q in queries[1:] for method in ("trackstar", "bm25") for rank in (1, 2)]
+    rows = [
+        {
+            "query_set": q["query_set"],
+            "checkpoint_id": manifest["checkpoint_id"],
+            "query_id": q["query_id"],
+            "method": method,
+            "rank": rank,
+            "doc_id": f"https://nowhere.example/{rank}",
+            "chunk": 0,
+            "score": 1.0 / rank,
+            "run_id": "test",
+        }
+        for q in queries[1:]
+        for method in ("trackstar", "bm25")
+        for rank in (1, 2)
+    ]
     lake.append("proponents", pa.Table.from_pylist(rows, schema=TABLES["proponents"].arrow_schema))
     return lake, checkpoint, queries
 
@@ -494,10 +648,20 @@ def test_the_explorer_answers_odd_requests_with_a_page_or_a_4xx(explorer_lake):
     lake, _, queries = explorer_lake
     client = TestClient(explore.create_app(lake.root))
     unscored = queries[0]["query_id"]  # registered, never scored
-    pages = {"/": 200, "/?relation=&bucket=&prediction=&q=": 200, "/?q=no-query-says-this": 200,
-             "/?q=Zürich%20→%20東京": 200, f"/query/{unscored}": 200, f"/query/{unscored}?methods=&k=": 400,
-             f"/query/{queries[1]['query_id']}?methods=": 200, f"/query/{queries[1]['query_id']}?methods=trackstar": 200,
-             "/query/%C3%A9%E6%9D%B1": 404, "/query/%00": 404, "/?bucket=%F0%9F%98%80": 400, "/?checkpoint=%E2%80%8B": 400}
+    pages = {
+        "/": 200,
+        "/?relation=&bucket=&prediction=&q=": 200,
+        "/?q=no-query-says-this": 200,
+        "/?q=Zürich%20→%20東京": 200,
+        f"/query/{unscored}": 200,
+        f"/query/{unscored}?methods=&k=": 400,
+        f"/query/{queries[1]['query_id']}?methods=": 200,
+        f"/query/{queries[1]['query_id']}?methods=trackstar": 200,
+        "/query/%C3%A9%E6%9D%B1": 404,
+        "/query/%00": 404,
+        "/?bucket=%F0%9F%98%80": 400,
+        "/?checkpoint=%E2%80%8B": 400,
+    }
     for path, status in pages.items():
         response = client.get(path)
         assert response.status_code == status, (path, response.status_code, response.text[:300])
@@ -556,9 +720,22 @@ def test_maintenance_compacts_checkpoints_the_log_and_keeps_foreign_files(lake):
         lake.append("documents", document_rows(2, 3))  # three small files in one partition
     before = sorted(lake.read("documents").to_pylist(), key=str)
     old_version = lake.version("documents")
-    lake.append("checkpoints", pa.table({
-        "checkpoint_id": ["ck1"], "step": [4], "path": ["/ck1"], "optimizer": ["adam"], "learning_rate": [1e-3],
-        "tokens_seen": [100], "model_fingerprint": ["m"], "registered_at": [utc_now()], "run_id": ["r1"]}))
+    lake.append(
+        "checkpoints",
+        pa.table(
+            {
+                "checkpoint_id": ["ck1"],
+                "step": [4],
+                "path": ["/ck1"],
+                "optimizer": ["adam"],
+                "learning_rate": [1e-3],
+                "tokens_seen": [100],
+                "model_fingerprint": ["m"],
+                "registered_at": [utc_now()],
+                "run_id": ["r1"],
+            }
+        ),
+    )
     model = Path(lake.path("checkpoints")) / "gpt2-old-layout-step000006"  # a model folder where lakes kept them
     model.mkdir()
     (model / "model.safetensors").write_bytes(b"weights")
@@ -572,6 +749,8 @@ def test_maintenance_compacts_checkpoints_the_log_and_keeps_foreign_files(lake):
     assert lake.read("documents", version=1).num_rows == 4  # the first write, files since compacted
     assert list((Path(lake.path("documents")) / "_delta_log").glob("*.checkpoint.parquet"))
     assert results["checkpoints"]["not_vacuumed_foreign_files"] == [
-        "gpt2-old-layout-step000006/config.json", "gpt2-old-layout-step000006/model.safetensors"]
+        "gpt2-old-layout-step000006/config.json",
+        "gpt2-old-layout-step000006/model.safetensors",
+    ]
     assert (model / "model.safetensors").read_bytes() == b"weights"
     assert set(results) == {"documents", "checkpoints"} and callable(maintenance_task)

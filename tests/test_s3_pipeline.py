@@ -22,8 +22,9 @@ def _objects(root: str, folder: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_world_training_reindex_score_and_evaluate_on_an_s3_lake_write_nothing_locally(s3_bucket, tmp_path,
-                                                                                         monkeypatch):
+def test_world_training_reindex_score_and_evaluate_on_an_s3_lake_write_nothing_locally(
+    s3_bucket, tmp_path, monkeypatch
+):
     root = f"s3://{s3_bucket}/lake"
     workdir = tmp_path / "cwd"
     workdir.mkdir()
@@ -41,8 +42,13 @@ def test_world_training_reindex_score_and_evaluate_on_an_s3_lake_write_nothing_l
     register_queries.run(root)
 
     # trigger conf keys that name settings override them for the run
-    result = run_dag("trackstar_reindex", root, {"top_k": 3, "vector_dtype": "float16"}, tmp_path / "airflow",
-                     TRACKSTAR_RETRY_DELAY_SECONDS=1)
+    result = run_dag(
+        "trackstar_reindex",
+        root,
+        {"top_k": 3, "vector_dtype": "float16"},
+        tmp_path / "airflow",
+        TRACKSTAR_RETRY_DELAY_SECONDS=1,
+    )
     assert result["state"] == "success", result["log"][-4000:]
     assert {t for t, state in result["tasks"].items() if state != "success"} == set()
     lake = Lake(root)
@@ -55,8 +61,9 @@ def test_world_training_reindex_score_and_evaluate_on_an_s3_lake_write_nothing_l
     assert set(hessian["shape"]) == {4 * 4}  # one k x k block per weight matrix, k from the environment
     assert {len(v) for v in vectors["vector"].to_pylist()} == {2 * sum(hessian["shape"])}
 
-    report = evaluate.run(evaluate.EvaluateConfig(lake=root, projection_k=4, tail_patch_queries=2,
-                                                  reports=storage.join(root, "reports")))
+    report = evaluate.run(
+        evaluate.EvaluateConfig(lake=root, projection_k=4, tail_patch_queries=2, reports=storage.join(root, "reports"))
+    )
     stored = json.loads(storage.read_bytes(storage.join(root, "reports", "eval.json")))
     assert stored["methods"] == json.loads(json.dumps(report["methods"]))
     assert all(0 <= cell["mrr"] <= 1 and cell["n_queries"] == queries for cell in stored["methods"].values())
@@ -76,7 +83,9 @@ def test_world_training_reindex_score_and_evaluate_on_an_s3_lake_write_nothing_l
         assert row["path"].startswith(f"{root}/_matrices/")
         assert load_matrices(row["path"], row["sha256"])
     (checkpoint,) = lake.read("checkpoints").to_pylist()  # the newest arrival was indexed, not the older one
-    assert checkpoint["path"] == storage.join(root, "model", "checkpoints", final) and checkpoint["checkpoint_id"] != older
+    assert (
+        checkpoint["path"] == storage.join(root, "model", "checkpoints", final) and checkpoint["checkpoint_id"] != older
+    )
     assert storage.exists(storage.join(checkpoint["path"], "manifest.json"))
     (query_set,) = lake.read("query_sets").to_pylist()
     assert query_set["path"] == storage.join(root, "world", "queries.jsonl") and storage.exists(query_set["path"])

@@ -9,25 +9,47 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
-from schemas.tables import (SCHEMA_VERSION_PROPERTY, TABLES, Column, SchemaError, SchemaVersionError, Table,
-                            spark_ddl_of)
+from schemas.tables import SCHEMA_VERSION_PROPERTY, TABLES, Column, SchemaError, SchemaVersionError, Table, spark_ddl_of
 from schemas.vectors import decode_vectors, encode_vectors
 
-REQUIRED_TABLES = ("documents", "tokens", "quarantine", "checkpoints", "train_gradients", "query_sets", "queries",
-                   "query_gradients", "hessians", "proponents", "eval_metrics", "tail_patches", "runs")
+REQUIRED_TABLES = (
+    "documents",
+    "tokens",
+    "quarantine",
+    "checkpoints",
+    "train_gradients",
+    "query_sets",
+    "queries",
+    "query_gradients",
+    "hessians",
+    "proponents",
+    "eval_metrics",
+    "tail_patches",
+    "runs",
+)
 
-SMALL = Table("small", "a test table", (
-    Column("doc_id", "STRING", "id"),
-    Column("partition", "INT", "partition"),
-    Column("ids", "ARRAY<INT>", "token ids"),
-    Column("score", "FLOAT", "score", nullable=True),
-    Column("at", "TIMESTAMP", "when"),
-), partition_by=("partition",))
+SMALL = Table(
+    "small",
+    "a test table",
+    (
+        Column("doc_id", "STRING", "id"),
+        Column("partition", "INT", "partition"),
+        Column("ids", "ARRAY<INT>", "token ids"),
+        Column("score", "FLOAT", "score", nullable=True),
+        Column("at", "TIMESTAMP", "when"),
+    ),
+    partition_by=("partition",),
+)
 
 
 def small_rows(**overrides) -> pa.Table:
-    columns = {"doc_id": ["a", "b"], "partition": [1, 2], "ids": [[1, 2], []], "score": [0.5, None],
-               "at": pa.array([dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)] * 2)}
+    columns = {
+        "doc_id": ["a", "b"],
+        "partition": [1, 2],
+        "ids": [[1, 2], []],
+        "score": [0.5, None],
+        "at": pa.array([dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)] * 2),
+    }
     return pa.table({**columns, **overrides})
 
 
@@ -40,15 +62,18 @@ def test_every_table_is_declared_with_descriptions_and_known_keys():
 
 
 def test_arrow_schema_and_spark_ddl_come_from_one_declaration():
-    assert SMALL.arrow_schema == pa.schema([
-        pa.field("doc_id", pa.string(), nullable=False),
-        pa.field("partition", pa.int32(), nullable=False),
-        pa.field("ids", pa.list_(pa.field("element", pa.int32())), nullable=False),
-        pa.field("score", pa.float32(), nullable=True),
-        pa.field("at", pa.timestamp("us", tz="UTC"), nullable=False),
-    ])
-    assert SMALL.spark_ddl == ("doc_id STRING NOT NULL, `partition` INT NOT NULL, ids ARRAY<INT> NOT NULL, "
-                               "score FLOAT, at TIMESTAMP NOT NULL")
+    assert SMALL.arrow_schema == pa.schema(
+        [
+            pa.field("doc_id", pa.string(), nullable=False),
+            pa.field("partition", pa.int32(), nullable=False),
+            pa.field("ids", pa.list_(pa.field("element", pa.int32())), nullable=False),
+            pa.field("score", pa.float32(), nullable=True),
+            pa.field("at", pa.timestamp("us", tz="UTC"), nullable=False),
+        ]
+    )
+    assert SMALL.spark_ddl == (
+        "doc_id STRING NOT NULL, `partition` INT NOT NULL, ids ARRAY<INT> NOT NULL, score FLOAT, at TIMESTAMP NOT NULL"
+    )
     gradients = TABLES["train_gradients"]
     assert gradients.arrow_schema.field("vector").type == pa.binary()
     assert gradients.arrow_schema.field("scale").nullable
@@ -62,15 +87,18 @@ def test_validate_casts_lossless_widenings_to_the_declared_types():
     assert validated.column("ids").to_pylist() == [[1, 2], []]
 
 
-@pytest.mark.parametrize("data, message", [
-    (small_rows().drop_columns(["ids"]), r"missing columns \['ids'\]"),  # NOT NULL: must be given
-    (small_rows().append_column("extra", pa.array([1, 2])), r"unexpected columns \['extra'\]"),
-    (small_rows(partition=["1", "2"]), "column partition: type string, expected INT"),
-    (small_rows(ids=[["x"], []]), "column ids: type list<item: string>, expected ARRAY<INT>"),
-    (small_rows(doc_id=["a", None]), r"column doc_id: 1 null\(s\) in a NOT NULL column \(first at row 1\)"),
-    (small_rows(partition=[1, 2**40]), "column partition: values do not fit INT"),
-    (small_rows(at=pa.array([dt.datetime(2024, 1, 1)] * 2)), "column at: type timestamp"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (small_rows().drop_columns(["ids"]), r"missing columns \['ids'\]"),  # NOT NULL: must be given
+        (small_rows().append_column("extra", pa.array([1, 2])), r"unexpected columns \['extra'\]"),
+        (small_rows(partition=["1", "2"]), "column partition: type string, expected INT"),
+        (small_rows(ids=[["x"], []]), "column ids: type list<item: string>, expected ARRAY<INT>"),
+        (small_rows(doc_id=["a", None]), r"column doc_id: 1 null\(s\) in a NOT NULL column \(first at row 1\)"),
+        (small_rows(partition=[1, 2**40]), "column partition: values do not fit INT"),
+        (small_rows(at=pa.array([dt.datetime(2024, 1, 1)] * 2)), "column at: type timestamp"),
+    ],
+)
 def test_validate_names_the_problem(data, message):
     with pytest.raises(SchemaError, match=message):
         SMALL.validate(data)
@@ -83,8 +111,9 @@ def test_validate_accepts_a_record_batch_and_nulls_in_nullable_columns():
 
 
 def test_spark_ddl_of_an_arrow_schema():
-    schema = pa.schema([pa.field("partition", pa.int32(), nullable=False), ("ids", pa.list_(pa.int32())),
-                        ("raw", pa.binary())])
+    schema = pa.schema(
+        [pa.field("partition", pa.int32(), nullable=False), ("ids", pa.list_(pa.int32())), ("raw", pa.binary())]
+    )
     assert spark_ddl_of(schema) == "`partition` INT NOT NULL, ids ARRAY<INT>, raw BINARY"
     with pytest.raises(SchemaError, match="no declared Spark type"):
         spark_ddl_of(pa.schema([("x", pa.uint8())]))

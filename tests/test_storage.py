@@ -24,7 +24,10 @@ def test_join_keeps_s3_uris_whole_and_absolute_resolves_local_paths(tmp_path, mo
 
 
 def test_files_round_trip_list_and_delete(root, tmp_path):
-    plan, partition = storage.join(root, "_plans", "run-1.json"), storage.join(root, "raw", "c4-train.00000-of-00001.json.gz")
+    plan, partition = (
+        storage.join(root, "_plans", "run-1.json"),
+        storage.join(root, "raw", "c4-train.00000-of-00001.json.gz"),
+    )
     assert not storage.exists(plan)
     storage.write_text(plan, '{"items": []}')
     storage.write_bytes(partition, gzip.compress(b'{"text": "a"}\n'))

@@ -11,8 +11,11 @@ from schemas.queries import read_queries
 
 
 def _generate(out_dir, seed=3, facts_per_bucket=14, partitions=3):
-    return world.run(world.WorldConfig(out_dir=str(out_dir), world_seed=seed, facts_per_bucket=facts_per_bucket,
-                                       n_partitions=partitions))
+    return world.run(
+        world.WorldConfig(
+            out_dir=str(out_dir), world_seed=seed, facts_per_bucket=facts_per_bucket, n_partitions=partitions
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +33,12 @@ def _renderings(kb):
     """Every way the world could state each fact: (subject, relation, object) -> sentences."""
     names = {e["id"]: e["name"] for e in kb["entities"]}
     templates = {r["id"]: r["doc_templates"] for r in kb["relations"]}
-    return {(f["subject"], f["relation"], f["object"]):
-            [t.format(s=names[f["subject"]], o=names[f["object"]]) for t in templates[f["relation"]]]
-            for f in kb["facts"]}
+    return {
+        (f["subject"], f["relation"], f["object"]): [
+            t.format(s=names[f["subject"]], o=names[f["object"]]) for t in templates[f["relation"]]
+        ]
+        for f in kb["facts"]
+    }
 
 
 def test_c4_format(small_world):
@@ -94,8 +100,11 @@ def test_buckets_and_queries(small_world):
         # prompt0/1 end where a stating template puts the object: the cloze matches the text
         relation = next(r for r in kb["relations"] if r["id"] == query["relation"])
         for i in range(2):
-            assert relation["doc_templates"][i].format(s=query["subject"], o=query["object"]).startswith(
-                query[f"prompt{i}"] + query["target"])
+            assert (
+                relation["doc_templates"][i]
+                .format(s=query["subject"], o=query["object"])
+                .startswith(query[f"prompt{i}"] + query["target"])
+            )
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
@@ -124,15 +133,21 @@ def test_import_validates_queries(tmp_path, small_world):
     bad.write_text("not json\n")
     with pytest.raises(ValueError, match="malformed JSON"):
         read_queries(bad)
-    summary = world.run(world.WorldConfig(out_dir=str(tmp_path / "lake"), corpus=str(out / "raw"),
-                                          queries=str(out / "world" / "queries.jsonl")))
+    summary = world.run(
+        world.WorldConfig(
+            out_dir=str(tmp_path / "lake"), corpus=str(out / "raw"), queries=str(out / "world" / "queries.jsonl")
+        )
+    )
     assert summary.partitions == 3 and summary.queries == 70
     assert sorted(p.name for p in Path(summary.raw_dir).iterdir()) == sorted(p.name for p in (out / "raw").iterdir())
 
 
 def test_paraphrase_world_states_queried_facts_only_in_other_words(tmp_path):
-    summary = world.run(world.WorldConfig(out_dir=str(tmp_path), facts_per_bucket=14, statements="paraphrase",
-                                          teaching_facts_per_relation=2))
+    summary = world.run(
+        world.WorldConfig(
+            out_dir=str(tmp_path), facts_per_bucket=14, statements="paraphrase", teaching_facts_per_relation=2
+        )
+    )
     queries = [json.loads(line) for line in (tmp_path / "world" / "queries.jsonl").read_text().splitlines()]
     texts = world.generated_texts(tmp_path / "raw")
     truth = [json.loads(line) for line in (tmp_path / "world" / "ground_truth.jsonl").read_text().splitlines()]
