@@ -91,32 +91,27 @@ def run(
     )
     if dag["state"] != "success":
         raise RuntimeError(f"trackstar_reindex ended {dag['state']}; see the task log above")
-    report, settings = None, load_config()
-    if optimizer_state_source(final_checkpoint):
-        report = stage(
-            "evaluate",
-            lambda: evaluate.run(
-                evaluate.EvaluateConfig(
-                    lake=lake,
-                    reports=reports,
-                    checkpoint=str(final_checkpoint),
-                    top_k=settings.top_k,
-                    projection_k=settings.projection_k,
-                )
-            ),
-        )
-    else:  # tail-patch steps with the checkpoint's own optimizer state
-        print(
-            f"\n[evaluate] skipped: {final_checkpoint.name} has no optimizer state, which the evaluation's "
-            "tail-patch needs; the DAG indexed and scored it without the optimizer correction"
-        )
+    settings = load_config()
+    # without optimizer state the index has no correction and the tail-patch steps by plain SGD (the report says so)
+    report = stage(
+        "evaluate",
+        lambda: evaluate.run(
+            evaluate.EvaluateConfig(
+                lake=lake,
+                reports=reports,
+                checkpoint=str(final_checkpoint),
+                top_k=settings.top_k,
+                projection_k=settings.projection_k,
+            )
+        ),
+    )
 
     summary = {
         "world": vars(world_summary),
         "checkpoint": str(final_checkpoint),
         "accuracy": accuracy.as_dict(),
         "dag": {k: v for k, v in dag.items() if k != "log"},
-        "evaluation": report["methods"] if report else None,
+        "evaluation": report["methods"],
         "seconds": {k: round(v, 1) for k, v in timings.items()},
     }
     storage.write_text(storage.join(lake, "pipeline_summary.json"), json.dumps(summary, indent=2, default=str))
@@ -130,13 +125,12 @@ def run(
     print(f"model:       {model_line}")
     print(accuracy.table())
     print(f"airflow:     trackstar_reindex {dag['state']}: " + ", ".join(f"{t} {s}" for t, s in dag["tasks"].items()))
-    if report:
-        print(
-            f"\nfact tracing on checkpoint {report['checkpoint_id']} (λ = {report['lambda']:.3f}; "
-            f"tail-patch over {report['tail_patch_queries']} queries):"
-        )
-        print(evaluate.table(report))
-        print(f"\nreport:      {storage.join(storage.absolute(reports), 'eval.html')}")
+    print(
+        f"\nfact tracing on checkpoint {report['checkpoint_id']} (λ = {report['lambda']:.3f}; "
+        f"tail-patch over {report['tail_patch_queries']} queries, {report['tail_patch_step']}):"
+    )
+    print(evaluate.table(report))
+    print(f"\nreport:      {storage.join(storage.absolute(reports), 'eval.html')}")
     print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     print("next:        .venv/bin/python -m jobs sql --list        (SQL over the Delta tables)")
     print("             make airflow-ui                            (the DAGs in the Airflow UI, 127.0.0.1:8080)")

@@ -62,6 +62,8 @@ REPORT_ORDER = (
     "trackstar",
 )
 CATEGORIES = ("states the fact", "look-alike name", "subject only", "object only", "same relation", "other")
+# the step size of a tail-patch on a checkpoint that records no learning rate (one trained elsewhere)
+DEFAULT_TAIL_PATCH_LR = 1e-3
 # the crossing component of the classic rule, kept fixed whatever the dimension (the variant measures it)
 CLASSIC_CROSSING_COMPONENT = 1000
 
@@ -81,6 +83,7 @@ class EvaluateConfig:
     baselines_every_seed: bool = False
     variants: list = field(default_factory=lambda: list(VARIANTS))
     tail_patch_queries: int = 100  # bucket-stratified sample, fixed by the seed
+    tail_patch_lr: float | None = None  # default: the checkpoint's (DEFAULT_TAIL_PATCH_LR if it records none)
     sample_seed: int = 0  # of the tail-patch sample and the bootstrap
     reports: str = "reports"
 
@@ -202,20 +205,33 @@ class Categorizer:
         return "other"
 
 
+def tail_patch_step(checkpoint_dir: Path, manifest: dict, learning_rate: float | None) -> tuple[object, float, str]:
+    """(step rule, learning rate, a line saying which): the checkpoint's optimizer with its state
+    and learning rate, or plain SGD where it has no state (a model trained elsewhere)."""
+    from gradient_kernels.tail_patch import optimizer_step
+    from jobs.checkpoints import load_second_moments, optimizer_state_source
+
+    source = optimizer_state_source(checkpoint_dir)
+    lr = learning_rate or manifest.get("lr") or DEFAULT_TAIL_PATCH_LR
+    if source is None:
+        return optimizer_step(None), float(lr), f"SGD at lr {float(lr):g}: the checkpoint has no optimizer state"
+    state = load_second_moments(checkpoint_dir)
+    return optimizer_step(state), float(lr), f"{state['kind']} with the {source} optimizer state, lr {float(lr):g}"
+
+
 def tail_patch(
-    lake: Lake, checkpoint_dir: Path, learning_rate: float, ranked: dict, queries: dict, sample: list[str]
+    lake: Lake, checkpoint_dir: Path, rule, learning_rate: float, ranked: dict, queries: dict, sample: list[str]
 ) -> tuple[dict, dict]:
     """({query: log p(target | prompt) before any step}, {(query, doc): Δ log p} of every pair of a
     sampled query and one of its proponents under any method)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gradient_kernels.tail_patch import TailPatcher, optimizer_step
-    from jobs.checkpoints import load_second_moments
+    from gradient_kernels.tail_patch import TailPatcher
     from jobs.progress import Progress
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint_dir)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
-    patcher = TailPatcher(model, optimizer_step(load_second_moments(checkpoint_dir)), learning_rate)
+    patcher = TailPatcher(model, rule, learning_rate)
     eos = tokenizer.eos_token_id
     prompts = {q: [eos] + tokenizer(queries[q]["prompt0"], add_special_tokens=False)["input_ids"] for q in sample}
     targets = {q: tokenizer(queries[q]["target"], add_special_tokens=False)["input_ids"] for q in sample}
@@ -473,7 +489,9 @@ def run(config: EvaluateConfig) -> dict:
     sample = stratified_sample(queries, config.tail_patch_queries, config.sample_seed)
     seeds_of = {m: [s for s in config.seeds if m in per_seed[s]] for m in methods}
     union = {f"{m}@{s}": per_seed[s][m] for m in methods for s in seeds_of[m]}
-    base, changes = tail_patch(lake, checkpoint_dir, float(manifest["lr"]), union, queries, sample)
+    rule, learning_rate, step_line = tail_patch_step(checkpoint_dir, manifest, config.tail_patch_lr)
+    print(f"[evaluate] tail-patch step: {step_line}", flush=True)
+    base, changes = tail_patch(lake, checkpoint_dir, rule, learning_rate, union, queries, sample)
     write_tail_patches(lake, config.query_set, checkpoint_id, changes, run_id)
 
     per_query = {
@@ -510,6 +528,8 @@ def run(config: EvaluateConfig) -> dict:
         diagnostics[config.seeds[0]],
     )
     report["seed_diagnostics"] = {str(s): d for s, d in diagnostics.items()}
+    report["tail_patch_step"] = step_line
+    report["findings"].append(f"tail-patch step: {step_line}")
     report["per_bucket"] = {
         m: {b: v for b, v in cells.items() if b != "all"}
         for m, cells in attribution_metrics(
@@ -786,6 +806,12 @@ def add_arguments(parser: argparse.ArgumentParser):
         help="also extract the plain-gradient baselines and the paper-exact correction for every seed",
     )
     parser.add_argument("--tail-patch-queries", type=int, default=defaults.tail_patch_queries)
+    parser.add_argument(
+        "--tail-patch-lr",
+        type=float,
+        default=None,
+        help=f"step size of the tail-patch (default: the checkpoint's, else {DEFAULT_TAIL_PATCH_LR})",
+    )
     parser.add_argument(
         "--sample-seed", type=int, default=defaults.sample_seed, help="of the tail-patch sample and the bootstrap"
     )

@@ -9,6 +9,7 @@ The step is the optimizer's own rule applied to that one gradient:
 - Adam: v' = β2·v + (1-β2)·g², m' = (1-β1)·g (the checkpoint keeps no first moment here: m = 0),
   Δθ = -lr · m̂' / (sqrt(v̂') + eps) with the bias corrections of step t+1. Folding g² into v
   bounds the step exactly as Adam does for a gradient it has never seen.
+- Without optimizer state: plain SGD, Δθ = -lr·g (`SGDStep`).
 - Adafactor (torch): g² folded into the factored row/column state, u = g / sqrt(V), clipped to
   RMS ≤ 1, times the relative step size max(eps2, RMS(θ)) · min(lr, 1/sqrt(t)); tested against
   torch.optim.Adafactor's own step.
@@ -70,8 +71,21 @@ class AdafactorStep:
         return -alpha * update
 
 
-def optimizer_step(state: dict):
-    """The step rule for a consolidated optimizer state (see jobs/checkpoints.py)."""
+class SGDStep:
+    """Plain gradient descent, for a checkpoint that carries no optimizer state: the one step the
+    checkpoint itself defines (Δθ = -lr·g). Its changes are smaller than an adaptive step's, so
+    compare methods under the same rule, not across checkpoints."""
+
+    v = None  # no state: covers every parameter
+
+    def delta(self, name: str, param: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:
+        return grad * -lr
+
+
+def optimizer_step(state: dict | None):
+    """The step rule for a consolidated optimizer state (see jobs/checkpoints.py); SGD without one."""
+    if state is None:
+        return SGDStep()
     return AdamStep(state) if state["kind"] == "adam" else AdafactorStep(state)
 
 
@@ -100,7 +114,7 @@ class TailPatcher:
     def __init__(self, model: nn.Module, rule, lr: float, memory_budget_bytes: int = 1 << 30):
         self.model, self.rule, self.lr = model.eval(), rule, lr
         self.params = {n: p.detach() for n, p in model.named_parameters()}
-        missing = sorted(set(self.params) - set(rule.v))
+        missing = sorted(set(self.params) - set(rule.v)) if rule.v is not None else []
         if missing:
             raise ValueError(f"no second moments for {missing[:3]}")
         # a group holds ~6 parameter-sized tensors per document (gradient, step, copies for its pairs)

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -253,6 +254,38 @@ def test_the_same_folder_without_optimizer_state_is_indexed_without_correction(i
     assert registered[0]["optimizer"] == "none" and registered[0]["learning_rate"] is None
     with pytest.raises(CheckpointError, match="needs the optimizer's state"):
         extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(checkpoint), normalizer="adam-exact"))
+
+
+def test_a_checkpoint_without_optimizer_state_is_evaluated_with_sgd_tail_patch(indexed_llama, user_data, tmp_path):
+    """No optimizer state and no learning rate: the evaluation still runs (no correction, the
+    tail-patch steps by plain SGD at the default rate) and its report says so."""
+    from evaluation import evaluate
+
+    source, *_ = indexed_llama
+    lake = Lake(shutil.copytree(source.root, tmp_path / "lake"))
+    bare = tmp_path / "llama-bare"
+    shutil.copytree(user_data[0] / "llama", bare, ignore=shutil.ignore_patterns("optimizer.pt"))
+    checkpoint = import_data.import_checkpoint(lake.root, bare)
+    report = evaluate.run(
+        evaluate.EvaluateConfig(
+            lake=lake.root,
+            checkpoint=str(checkpoint),
+            seeds=[0],
+            variants=[],
+            projection_k=4,
+            tail_patch_queries=6,
+            top_k=5,
+            reports=str(tmp_path / "reports"),
+        )
+    )
+    assert report["tail_patch_step"] == "SGD at lr 0.001: the checkpoint has no optimizer state"
+    assert report["findings"][-1] == f"tail-patch step: {report['tail_patch_step']}"
+    assert {"bm25", "trackstar", "trackstar-no-optimizer"} <= set(report["methods"])
+    patched = [cell["tail_patch"] for cell in report["methods"].values()]
+    assert all(np.isfinite(patched)) and any(value != 0 for value in patched)
+    fingerprint = report["hessian"]["fingerprint"]
+    runs = [json.loads(r["config_json"]) for r in lake.read("runs", filters=[("command", "=", "extract")]).to_pylist()]
+    assert any(r["fingerprint"] == fingerprint and r["spec"]["normalizer"] == "none" for r in runs)
 
 
 def test_another_parameter_order_is_read_by_param_names_or_refused(user_data, tmp_path):

@@ -32,7 +32,7 @@ from gradient_kernels.normalizers import (
 from gradient_kernels.projection import ProjectionSpec, gaussian_projection
 from gradient_kernels.reference import dense_projection, reference_vectors
 from gradient_kernels.scoring import FingerprintMismatch, Preconditioner, check_same, merge_top_k, prepare, top_k
-from gradient_kernels.tail_patch import AdafactorStep, AdamStep, TailPatcher
+from gradient_kernels.tail_patch import AdafactorStep, AdamStep, TailPatcher, optimizer_step
 
 VOCAB = 61
 
@@ -482,12 +482,12 @@ def test_adafactor_tail_patch_step_equals_torch_adafactor():
     assert moved > 5
 
 
-@pytest.mark.parametrize("kind", ["adam", "adafactor"])
+@pytest.mark.parametrize("kind", ["adam", "adafactor", "sgd"])
 def test_grouped_tail_patch_equals_one_document_at_a_time(kind):
     model = _gpt2()
     model.config.pad_token_id = 0  # as a trained model's config has: transformers then peeks for padding
-    state = _train_state(model, kind)
-    rule = AdamStep(state) if kind == "adam" else AdafactorStep(state)
+    state = _train_state(model, "adam" if kind == "sgd" else kind)
+    rule = {"adam": AdamStep, "adafactor": AdafactorStep, "sgd": lambda _: optimizer_step(None)}[kind](state)
     documents = dict(enumerate(_documents(seed=5, n=5)))  # different lengths: padding inside a group
     prompts, targets = {"a": [3, 9], "bb": [7, 2, 11], "ccc": [6]}, {"a": [4, 8], "bb": [5], "ccc": [9, 1, 2]}
     # documents with 0, 1 or 2 queries: groups mix counts (a document's queries run as one padded batch)
