@@ -466,16 +466,8 @@ def run(config: EvaluateConfig) -> dict:
     truth = {q: set(queries[q]["stating_doc_ids"] or ()) for q in query_ids}
 
     documents = lake.read("documents", columns=["doc_id", "text"])
-    doc_ids, texts = documents["doc_id"].to_pylist(), documents["text"].to_pylist()
-    asked = [queries[q]["prompt0"] + queries[q]["target"] for q in query_ids]  # the paper's attribution setting
-    text_ranked = {}
-    for method, retrieve in (("bm25", bm25_top_k), ("dense", dense_top_k)):
-        indices, values = retrieve(texts, asked, config.top_k)
-        write_text_proponents(
-            lake, method, indices, values, doc_ids, query_ids, config.query_set, checkpoint_id, run_id
-        )
-        text_ranked[method] = {q: [doc_ids[i] for i in indices[n]] for n, q in enumerate(query_ids)}
-        print(f"[evaluate] {method}: top-{config.top_k} written", flush=True)
+    by_doc = dict(zip(documents["doc_id"].to_pylist(), documents["text"].to_pylist()))
+    text_ranked = text_rankings(lake, config, by_doc, queries, checkpoint_id, run_id)
 
     wanted = extractions(config, checkpoint, manifest.get("optimizer", "adam"))
     extracted = dict(zip(wanted, extract.run_many(list(wanted.values()))))  # one start of the ranks for all
@@ -502,17 +494,7 @@ def run(config: EvaluateConfig) -> dict:
         m: M.average_over_seeds([M.tail_patch_per_query(per_seed[s][m], changes, base, sample) for s in seeds_of[m]])
         for m in methods
     }
-    seed_spread = {
-        m: float(
-            np.std(
-                [
-                    np.mean([c["mrr"] for c in M.attribution_per_query(per_seed[s][m], truth, config.top_k).values()])
-                    for s in seeds_of[m]
-                ]
-            )
-        )
-        for m in methods
-    }
+    seed_spread = {m: mrr_seed_spread([per_seed[s][m] for s in seeds_of[m]], truth, config.top_k) for m in methods}
     seeds_used = {m: 1 if m in TEXT_METHODS else len(seeds_of[m]) for m in methods}
     report = summarise(
         config,
@@ -540,36 +522,10 @@ def run(config: EvaluateConfig) -> dict:
         ).items()
     }
 
-    by_doc = dict(zip(doc_ids, texts))
     categorizer = Categorizer(storage.join(lake.root, "world"))
-    report["categories"] = {}
-    if categorizer.has_kb:  # without a knowledge base the shares would only mislead
-        for method in methods:
-            counts = Counter(
-                categorizer.category(d, by_doc.get(d, ""), queries[q])
-                for q, docs in per_seed[config.seeds[0]][method].items()
-                for d in docs
-            )
-            report["categories"][method] = {c: counts[c] / sum(counts.values()) for c in CATEGORIES}
-
+    report["categories"] = category_shares(categorizer, per_seed[config.seeds[0]], methods, queries, by_doc)
     write_metrics(lake, report, run_id)
-    reports = storage.absolute(config.reports)
-    storage.write_text(storage.join(reports, "eval.json"), json.dumps(report, indent=2))
-    spectra = storage.join(
-        lake.root,
-        "reports",
-        f"hessian_{checkpoint_id}_{config.query_set}_{diagnostics[config.seeds[0]].get('fingerprint')}.png",
-    )
-    page = render_html(
-        report,
-        per_seed[config.seeds[0]],
-        queries,
-        by_doc,
-        storage.read_bytes(spectra) if storage.exists(spectra) else None,
-        categorizer,
-        CATEGORIES,
-    )
-    storage.write_text(storage.join(reports, "eval.html"), page)
+    write_report(lake, config, report, per_seed[config.seeds[0]], queries, by_doc, categorizer)
     finish_run(
         lake,
         run_id,
@@ -584,8 +540,75 @@ def run(config: EvaluateConfig) -> dict:
     print(table(report))
     for line in report["findings"]:
         print(f"[evaluate] {line}")
-    print(f"[evaluate] report: {storage.join(reports, 'eval.html')}")
+    print(f"[evaluate] report: {storage.join(storage.absolute(config.reports), 'eval.html')}")
     return report
+
+
+def text_rankings(
+    lake: Lake, config: EvaluateConfig, by_doc: dict, queries: dict, checkpoint_id: str, run_id: str
+) -> dict:
+    """BM25 and dense retrieval of the queries' prompt + target (the paper's attribution setting),
+    written to `proponents`; method -> query -> [doc ids]."""
+    doc_ids, texts, query_ids = list(by_doc), list(by_doc.values()), sorted(queries)
+    asked = [queries[q]["prompt0"] + queries[q]["target"] for q in query_ids]
+    ranked = {}
+    for method, retrieve in (("bm25", bm25_top_k), ("dense", dense_top_k)):
+        indices, values = retrieve(texts, asked, config.top_k)
+        write_text_proponents(
+            lake, method, indices, values, doc_ids, query_ids, config.query_set, checkpoint_id, run_id
+        )
+        ranked[method] = {q: [doc_ids[i] for i in indices[n]] for n, q in enumerate(query_ids)}
+        print(f"[evaluate] {method}: top-{config.top_k} written", flush=True)
+    return ranked
+
+
+def mrr_seed_spread(rankings: list[dict], truth: dict, k: int) -> float:
+    """The standard deviation over seeds of a method's MRR."""
+    return float(np.std([np.mean([c["mrr"] for c in M.attribution_per_query(r, truth, k).values()]) for r in rankings]))
+
+
+def category_shares(categorizer: Categorizer, ranked: dict, methods: list, queries: dict, by_doc: dict) -> dict:
+    """method -> what share of its proponents is of each kind; empty without a knowledge base,
+    where the shares would only mislead."""
+    shares = {}
+    if categorizer.has_kb:
+        for method in methods:
+            counts = Counter(
+                categorizer.category(d, by_doc.get(d, ""), queries[q])
+                for q, docs in ranked[method].items()
+                for d in docs
+            )
+            shares[method] = {c: counts[c] / sum(counts.values()) for c in CATEGORIES}
+    return shares
+
+
+def write_report(
+    lake: Lake,
+    config: EvaluateConfig,
+    report: dict,
+    ranked: dict,
+    queries: dict,
+    by_doc: dict,
+    categorizer: Categorizer,
+) -> None:
+    """<reports>/eval.json and eval.html (with the Hessian's spectra plot when there is one)."""
+    reports = storage.absolute(config.reports)
+    storage.write_text(storage.join(reports, "eval.json"), json.dumps(report, indent=2))
+    spectra = storage.join(
+        lake.root,
+        "reports",
+        f"hessian_{report['checkpoint_id']}_{config.query_set}_{report['hessian'].get('fingerprint')}.png",
+    )
+    page = render_html(
+        report,
+        ranked,
+        queries,
+        by_doc,
+        storage.read_bytes(spectra) if storage.exists(spectra) else None,
+        categorizer,
+        CATEGORIES,
+    )
+    storage.write_text(storage.join(reports, "eval.html"), page)
 
 
 def summarise(
