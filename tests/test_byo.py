@@ -263,7 +263,7 @@ def test_a_checkpoint_without_optimizer_state_is_evaluated_with_sgd_tail_patch(i
 
     source, *_ = indexed_llama
     lake = Lake(shutil.copytree(source.root, tmp_path / "lake"))
-    bare = tmp_path / "llama-bare"
+    bare = tmp_path / "llama-without-state"  # not the other test's folder: its import is in the copied lake
     shutil.copytree(user_data[0] / "llama", bare, ignore=shutil.ignore_patterns("optimizer.pt"))
     checkpoint = import_data.import_checkpoint(lake.root, bare)
     report = evaluate.run(

@@ -54,8 +54,15 @@ def explored_lake(adam_run, tmp_path_factory):
     ):
         ranked["trackstar"].setdefault(row["query_id"], []).append(row["doc_id"])
     checkpoint = evaluate.evaluated_checkpoint(lake, evaluate.EvaluateConfig(lake=root))
+    rule, learning_rate, _ = evaluate.tail_patch_step(Path(checkpoint), {}, 1e-3)
     _, changes = evaluate.tail_patch(
-        lake, checkpoint, 1e-3, ranked, {q["query_id"]: q for q in queries}, [q["query_id"] for q in queries]
+        lake,
+        checkpoint,
+        rule,
+        learning_rate,
+        ranked,
+        {q["query_id"]: q for q in queries},
+        [q["query_id"] for q in queries],
     )
     evaluate.write_tail_patches(lake, "fact-world", extraction["checkpoint_id"], changes, "test")
     return root, queries
