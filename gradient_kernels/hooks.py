@@ -35,11 +35,11 @@ EXACT_CHUNK_BYTES = 4 * 2**20
 
 @dataclass
 class _Head:
-    """One spec's projections of one matrix; `denominator` set when its correction is exact."""
+    """One spec's projections of one matrix; `index`: the spec's place in `GradientProjector.specs`."""
 
+    index: int
     p_out: torch.Tensor
     p_in: torch.Tensor
-    denominator: torch.Tensor | None
 
 
 class GradientProjector:
@@ -56,12 +56,25 @@ class GradientProjector:
         self.specs = [spec] + [s for s, _ in more]
         by_name = {m.name: m for m in weight_matrices(model)}
         device = next(model.parameters()).device
-        # matrix name -> one head per spec using it (None where a spec leaves the matrix out)
-        self.heads: dict[str, list[_Head | None]] = {}
+        # matrix name -> the heads with their correction folded into the projections
+        self.factored: dict[str, list[_Head]] = {}
+        # matrix name -> [(denominator on the device, the heads dividing by it)]: one copy and one
+        # division per distinct denominator, however many specs share it
+        self.exact: dict[str, list[tuple[torch.Tensor, list[_Head]]]] = {}
+        shared: dict[int, list[_Head]] = {}
         for index, (one, its_normalizers) in enumerate([(spec, normalizers)] + list(more)):
-            for name, head in _heads(one, its_normalizers or {}, by_name, device).items():
-                self.heads.setdefault(name, [None] * len(self.specs))[index] = head
-        self.matrices: list[WeightMatrix] = [by_name[name] for name in self.heads]
+            for name, (p_out, p_in, denominator) in _projections(one, its_normalizers or {}, by_name).items():
+                head = _Head(index, p_out.to(device), p_in.to(device))
+                if denominator is None:
+                    self.factored.setdefault(name, []).append(head)
+                elif id(denominator) in shared:
+                    shared[id(denominator)].append(head)
+                else:
+                    shared[id(denominator)] = [head]
+                    self.exact.setdefault(name, []).append((denominator.to(device), shared[id(denominator)]))
+        self.matrices: list[WeightMatrix] = [
+            by_name[name] for name in by_name if name in self.factored or name in self.exact
+        ]
         self._blocks: list[dict] = []
 
     def __call__(self, batch: Batch) -> torch.Tensor:
@@ -106,8 +119,8 @@ class GradientProjector:
         def forward_hook(module, args, output):
             x = args[0].float().detach()
             # factored heads keep only k numbers per token; the inputs themselves only for exact ones
-            projected = [x @ head.p_in.T for _, head in self._factored(m.name)]
-            saved = x if self._exact(m.name) else None
+            projected = [x @ head.p_in.T for head in self.factored.get(m.name, ())]
+            saved = x if m.name in self.exact else None
             output.register_hook(lambda grad: self._add_block(m.name, grad.float(), projected, saved))
 
         return forward_hook
@@ -124,8 +137,8 @@ class GradientProjector:
         return forward_hook
 
     def _add_block(self, name: str, grad_out: torch.Tensor, projected_in: list, saved_in: torch.Tensor | None):
-        for (index, head), x in zip(self._factored(name), projected_in):
-            self._accumulate(index, name, torch.einsum("btk,btl->bkl", grad_out @ head.p_out.T, x))
+        for head, x in zip(self.factored.get(name, ()), projected_in):
+            self._accumulate(head.index, name, torch.einsum("btk,btl->bkl", grad_out @ head.p_out.T, x))
         if saved_in is not None:
             rows = self._exact_rows(name)
             self._add_exact(
@@ -133,11 +146,11 @@ class GradientProjector:
             )
 
     def _add_embedding_block(self, name: str, grad_embedding: torch.Tensor, token_ids: torch.Tensor):
-        for index, head in self._factored(name):
+        for head in self.factored.get(name, ()):
             out_side = head.p_out.T[token_ids]  # (B, T, k): column token(t) of P_out
-            self._accumulate(index, name, torch.einsum("btk,btl->bkl", out_side, grad_embedding @ head.p_in.T))
-        if self._exact(name):
-            vocabulary = next(h for _, h in self._exact(name)).p_out.shape[1]
+            self._accumulate(head.index, name, torch.einsum("btk,btl->bkl", out_side, grad_embedding @ head.p_in.T))
+        if name in self.exact:
+            vocabulary = self.exact[name][0][0].shape[0]
 
             def gradients():
                 rows = self._exact_rows(name)
@@ -151,38 +164,29 @@ class GradientProjector:
     def _add_exact(self, name: str, gradients):
         """Full per-example gradients, a chunk of examples at a time: each distinct denominator
         divides a chunk once, then every head sharing it projects the result."""
-        by_denominator: dict[int, list] = {}
-        for index, head in self._exact(name):
-            by_denominator.setdefault(id(head.denominator), []).append((index, head))
-        blocks: dict[int, list] = {index: [] for index, _ in self._exact(name)}
+        blocks: dict[int, list] = {}
         for gradient in gradients:
-            for heads in by_denominator.values():
-                corrected = gradient / heads[0][1].denominator
-                for index, head in heads:
-                    blocks[index].append(head.p_out @ corrected @ head.p_in.T)
+            for denominator, heads in self.exact[name]:
+                corrected = gradient / denominator
+                for head in heads:
+                    blocks.setdefault(head.index, []).append(head.p_out @ corrected @ head.p_in.T)
         for index, chunks in blocks.items():
             self._accumulate(index, name, torch.cat(chunks))
-
-    def _factored(self, name: str) -> list:
-        return [(i, h) for i, h in enumerate(self.heads[name]) if h is not None and h.denominator is None]
-
-    def _exact(self, name: str) -> list:
-        return [(i, h) for i, h in enumerate(self.heads[name]) if h is not None and h.denominator is not None]
 
     def _exact_rows(self, name: str) -> int:
         """Examples whose full gradients of this matrix are formed at once: few enough that they
         stay within EXACT_CHUNK_BYTES. Big tensors made and freed per batch cost more in page
         faults (kernel time) than the arithmetic: measured 2.5x slower with the whole batch at once."""
-        return max(1, EXACT_CHUNK_BYTES // (self._exact(name)[0][1].denominator.numel() * 4))
+        return max(1, EXACT_CHUNK_BYTES // (self.exact[name][0][0].numel() * 4))
 
     def _accumulate(self, index: int, name: str, block: torch.Tensor):
         found = self._blocks[index]
         found[name] = found[name] + block if name in found else block
 
 
-def _heads(spec: ProjectionSpec, normalizers: dict, by_name: dict, device) -> dict[str, _Head]:
-    """One spec's projection of each of its matrices, with its correction folded in (factored) or
-    kept as the exact denominator."""
+def _projections(spec: ProjectionSpec, normalizers: dict, by_name: dict) -> dict[str, tuple]:
+    """name -> (P_out, P_in, exact denominator or None) of each of the spec's matrices: a factored
+    correction folded into the projections, an exact one kept as its (shared) denominator."""
     unknown = [name for name in spec.k if name not in by_name]
     if unknown:
         raise ValueError(f"the model has no weight matrices named {unknown}")
@@ -191,7 +195,7 @@ def _heads(spec: ProjectionSpec, normalizers: dict, by_name: dict, device) -> di
         raise ValueError(
             f"normaliser {spec.normalizer!r} lacks state for {missing[:3]}{'...' if len(missing) > 3 else ''}"
         )
-    heads = {}
+    projections = {}
     for name, k in spec.k.items():
         m = by_name[name]
         p_out = gaussian_projection(spec.seed, m.name, "out", k, m.out_features)
@@ -200,9 +204,9 @@ def _heads(spec: ProjectionSpec, normalizers: dict, by_name: dict, device) -> di
         if isinstance(normalizer, FactoredNormalizer):
             p_out, p_in = p_out * normalizer.out_scale, p_in * normalizer.in_scale
         elif isinstance(normalizer, ExactNormalizer):
-            denominator = normalizer.denominator.to(device)
-        heads[name] = _Head(p_out.to(device), p_in.to(device), denominator)
-    return heads
+            denominator = normalizer.denominator
+        projections[name] = (p_out, p_in, denominator)
+    return projections
 
 
 @contextmanager

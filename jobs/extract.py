@@ -213,6 +213,7 @@ def run_many(configs: list[ExtractConfig]) -> list[dict]:
     checkpoint_dir = resolve_checkpoint(lake, first.checkpoint)
     manifest, weights = check_checkpoint(lake, checkpoint_dir, first.force)
     checkpoint_id = manifest["checkpoint_id"]
+    tokenized = sorted(set(lake.read("tokens", columns=["partition"])["partition"].to_pylist()))
     results, jobs, planned = [], [], {}
     for config in configs:
         spec = projection_spec(checkpoint_dir, config)
@@ -222,7 +223,7 @@ def run_many(configs: list[ExtractConfig]) -> list[dict]:
         check_complete(
             checkpoint_dir, config.optimizer_source if spec.normalizer != "none" else None
         )  # before registering
-        items = missing_items(lake, checkpoint_id, spec.fingerprint(), config)
+        items = missing_items(lake, checkpoint_id, spec.fingerprint(), config, tokenized)
         result = {
             "checkpoint_id": checkpoint_id,
             "fingerprint": spec.fingerprint(),
@@ -293,12 +294,10 @@ def run_many(configs: list[ExtractConfig]) -> list[dict]:
     return results
 
 
-def missing_items(lake: Lake, checkpoint_id: str, fingerprint: str, config: ExtractConfig) -> list:
+def missing_items(lake: Lake, checkpoint_id: str, fingerprint: str, config: ExtractConfig, tokenized: list) -> list:
     """The (kind, item) work items of this extraction: the query set first, then every tokenized
     partition (or those asked for), less those already extracted unless `force`."""
-    partitions = sorted(set(lake.read("tokens", columns=["partition"])["partition"].to_pylist()))
-    if config.partitions:
-        partitions = [p for p in partitions if p in set(config.partitions)]
+    partitions = [p for p in tokenized if p in set(config.partitions)] if config.partitions else tokenized
     if not partitions:
         raise ValueError(f"no tokenized partitions in {lake.path('tokens')}: run `python -m jobs tokenize` first")
     items = [(TRAIN, p) for p in partitions]
