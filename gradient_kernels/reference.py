@@ -46,8 +46,8 @@ def dense_projection(corrected: dict, spec: ProjectionSpec) -> torch.Tensor:
     blocks = []
     for name, k in spec.k.items():
         u = corrected[name]
-        p_out = gaussian_projection(spec.seed, name, "out", k, u.shape[1])
-        p_in = gaussian_projection(spec.seed, name, "in", k, u.shape[2])
+        p_out = gaussian_projection(spec.seed, name, "out", k, u.shape[1]).to(u.device)
+        p_in = gaussian_projection(spec.seed, name, "in", k, u.shape[2]).to(u.device)
         blocks.append((p_out @ u @ p_in.T).reshape(u.shape[0], -1))
     return torch.cat(blocks, dim=1)
 
