@@ -25,10 +25,12 @@ meant for vectors extracted with `--normalizer none` (`evaluation.evaluate` wire
 from __future__ import annotations
 
 import argparse
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from infra.lake import Lake
@@ -71,6 +73,13 @@ def _prepared_side(vectors: torch.Tensor, blocks, unit_norm: bool) -> torch.Tens
     from gradient_kernels.scoring import Preconditioner, prepare
 
     return prepare(vectors, Preconditioner(blocks) if blocks is not None else None, unit_norm)
+
+
+def _read_only_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over a read-only buffer (Arrow's), without the copy torch would ask for: only read."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 def method_matrices(lake: Lake, method: str, checkpoint_id: str, query_set: str, fingerprint: str):
@@ -129,24 +138,33 @@ def rank_in_memory(
 def score_batches(
     batches, queries: np.ndarray, train_blocks, unit_norm: bool, k: int, dim: int, batch_bytes: int = BATCH_BYTES
 ):
-    """mapInArrow body: batches of train vectors -> this task's top-k rows per query."""
-    from gradient_kernels.scoring import RunningTopK
-    from schemas.vectors import decode_vectors
+    """mapInArrow body: batches of train vectors -> this task's top-k rows per query. Rows that are
+    scored as stored (no preconditioner, no normalisation: the index) and stored as int8 are scored
+    by integer products against int8-coded queries, without decoding them."""
+    from gradient_kernels.scoring import Int8Queries, RunningTopK
+    from schemas.vectors import decode_vectors, stored_values
 
     q = torch.from_numpy(queries)
+    as_stored = train_blocks is None and not unit_norm
+    int8_queries = Int8Queries(q) if as_stored else None
     best, step = RunningTopK(len(queries), k), rows_per_batch(dim, batch_bytes)
     for batch in batches:
-        dtypes = set(batch.column("dtype").to_pylist())
+        dtypes = set(pc.unique(batch.column("dtype")).to_pylist())
         if len(dtypes) > 1:
             raise ValueError(f"mixed vector dtypes in one batch: {dtypes}")
+        dtype = next(iter(dtypes), "float32")
         for start in range(0, batch.num_rows, step):
             part = batch.slice(start, step)
-            train = torch.from_numpy(
-                decode_vectors(part.column("vector"), next(iter(dtypes)), part.column("scale"), dim)
-            )
+            if int8_queries is not None and dtype == "int8":
+                codes = _read_only_tensor(stored_values(part.column("vector"), dtype, dim))
+                scales = _read_only_tensor(part.column("scale").to_numpy(zero_copy_only=False))
+                scores = int8_queries.scores(codes, scales)
+            else:
+                train = torch.from_numpy(decode_vectors(part.column("vector"), dtype, part.column("scale"), dim))
+                scores = q @ _prepared_side(train, train_blocks, unit_norm).T
             doc_ids, chunks = part.column("doc_id"), part.column("chunk")
             best.add(
-                q @ _prepared_side(train, train_blocks, unit_norm).T,
+                scores,
                 lambda rows: zip(
                     doc_ids.take(pa.array(rows, pa.int64())).to_pylist(),
                     chunks.take(pa.array(rows, pa.int64())).to_pylist(),

@@ -50,6 +50,19 @@ def encode_vectors(array: np.ndarray, dtype: str) -> tuple[pa.BinaryArray, pa.Fl
 
 def decode_vectors(vectors: pa.Array | pa.ChunkedArray, dtype: str, scales=None, dim: int | None = None) -> np.ndarray:
     """The float32 [n, d] array of binary cells written by encode_vectors (one frombuffer, no loop)."""
+    stored = stored_values(vectors, dtype, dim)
+    if dtype == "bfloat16":
+        return (stored.astype(np.uint32) << 16).view(np.float32)
+    if dtype == "int8":
+        if scales is None:
+            raise ValueError("int8 vectors need their scales")
+        return stored.astype(np.float32) * _scale_column(scales)
+    return stored.astype(np.float32)
+
+
+def stored_values(vectors: pa.Array | pa.ChunkedArray, dtype: str, dim: int | None = None) -> np.ndarray:
+    """The [n, d] values as stored (int8 codes, float16, bfloat16 bits, float32): a read-only view
+    of the cells' buffer, no copy. int8 codes times their `scale` column are the vectors."""
     _check_dtype(dtype)
     vectors = _single_binary_array(vectors)
     width = _STORAGE[dtype].itemsize
@@ -64,14 +77,7 @@ def decode_vectors(vectors: pa.Array | pa.ChunkedArray, dtype: str, scales=None,
             f"vectors are not all {dim} x {dtype} ({dim * width} bytes): lengths {sorted(set(lengths.tolist()))}"
         )
     data = vectors.buffers()[2]
-    stored = np.frombuffer(data, dtype=_STORAGE[dtype], count=n * dim, offset=int(offsets[0])).reshape(n, dim)
-    if dtype == "bfloat16":
-        return (stored.astype(np.uint32) << 16).view(np.float32)
-    if dtype == "int8":
-        if scales is None:
-            raise ValueError("int8 vectors need their scales")
-        return stored.astype(np.float32) * _scale_column(scales)
-    return stored.astype(np.float32)
+    return np.frombuffer(data, dtype=_STORAGE[dtype], count=n * dim, offset=int(offsets[0])).reshape(n, dim)
 
 
 def encode_sign_sketch(array: np.ndarray) -> pa.BinaryArray:

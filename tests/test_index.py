@@ -20,7 +20,7 @@ from infra.lake import Lake
 from infra.matrices import save_matrices
 from jobs import catalog, fit_hessian, index, score
 from jobs.extract import QUERY, TRAIN, autocorrelation_path
-from schemas.vectors import decode_sign_sketch, decode_vectors, encode_sign_sketch, encode_vectors
+from schemas.vectors import decode_sign_sketch, decode_vectors, encode_sign_sketch, encode_vectors, stored_values
 
 CHECKPOINT, FINGERPRINT, QUERY_SET = "ck-test", "fp-test", "qs-test"
 BLOCKS, BLOCK = 4, 16
@@ -255,3 +255,26 @@ def test_sign_sketch_is_32x_smaller_and_two_stage_equals_exhaustive_with_every_c
     _, few = two_stage_top_k(queries, signs, train, candidates=10, k=10)  # the sketch alone: lossy
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(few.tolist(), exhaustive.indices.tolist())])
     assert 0.2 < recall < 1.0
+
+
+def test_int8_queries_score_the_integer_codes_exactly_and_the_floats_within_the_quantisation_bound(monkeypatch):
+    import gradient_kernels.scoring as scoring
+
+    g = torch.Generator().manual_seed(3)
+    queries, train = torch.randn(5, 300, generator=g), torch.randn(40, 300, generator=g)
+    cells, scales = encode_vectors(train.numpy(), "int8")
+    codes = torch.from_numpy(stored_values(cells, "int8", 300).copy())
+    row_scales = torch.from_numpy(scales.to_numpy())
+    coded = scoring.Int8Queries(queries)
+    scores = coded.scores(codes, row_scales)
+    integer = (coded.codes.double() @ codes.double().T) * coded.scale.double()[:, None] * row_scales.double()[None]
+    np.testing.assert_allclose(scores.numpy(), integer.numpy(), rtol=1e-6)
+    decoded = torch.from_numpy(decode_vectors(cells, "int8", scales, 300))
+    # each query coordinate is off by at most its scale / 2
+    bound = 300**0.5 * coded.scale[:, None] / 2 * decoded.norm(dim=1)[None]
+    difference = (scores - queries @ decoded.T).abs()
+    assert (difference <= bound + 1e-5).all() and difference.max() > 0
+    monkeypatch.setattr(scoring, "INT8_DOT_MAX_DIM", 7)  # int32 sums over 7 coordinates at a time
+    np.testing.assert_allclose(coded.scores(codes, row_scales).numpy(), scores.numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match="coordinates"):
+        coded.scores(codes[:, :299], row_scales)
