@@ -4,8 +4,8 @@ On the lake of `make run`: the rate of scoring every stored training vector agai
 (decode, precondition with R^(-1/2), normalise, dot products, running top-k: the score job's own
 `score_batches`) ÷ the rate of just reading and decoding the same vectors from the same table, in
 the same process. Aim: ratio ≥ 0.7. Then the same for the TrackStar index (`jobs.index`, int8, built
-first if missing): scoring it (decode + one matmul + top-k) ÷ just reading and decoding it (aim
-≥ 0.9; with 200 queries the matmul, not the reading, bounds it on a CPU: also shown for 16), and
+first if missing): scoring it (integer products of its int8 rows with int8-coded queries + top-k)
+÷ just reading and decoding it (aim ≥ 0.9; also shown for 16 queries), and
 index scoring ÷ the current scoring of the raw vectors (the speed-up). With
 `--extraction-scaling` it also times extraction of the same tokens with 1 and 2 CPU ranks
 (vectors/s per rank), in a scratch lake.
