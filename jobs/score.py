@@ -3,7 +3,8 @@
 The prepared query vectors (preconditioned, normalised: small) are shipped to every task. The
 methods that precondition both sides with a fitted matrix and unit-normalise (trackstar,
 -no-mixing, -no-optimizer) score the TrackStar index (`jobs.index`: the train side prepared once,
-int8 by default; built here first where missing or stale): decode + one matmul + top-k. The others
+int8 by default; built here first where missing or stale): one integer matrix product per batch
+against int8-coded queries (the rows are not decoded), then top-k. The others
 (and `--index none`) prepare the raw `train_gradients` vectors as they go. Arrow batches are cut
 into slices bounded in bytes (`--batch-bytes` of decoded float32), each decoded in one vectorised
 step and scored against all queries; only the running top-k per query is kept (ties broken by
