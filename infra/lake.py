@@ -12,8 +12,6 @@ duplicates rows, and a task killed mid-way leaves no partial commit behind.
 from __future__ import annotations
 
 import datetime as dt
-import queue
-import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,7 +21,12 @@ from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError
 
 from infra import storage
+from infra.slice_files import SliceFiles, copy_other_slices
 from schemas.tables import SchemaError, Table, table as declared
+
+
+# commits of a streamed slice tried before giving up, while other partitions' commits keep landing
+COMMIT_ATTEMPTS = 20
 
 
 class LakeError(RuntimeError):
@@ -116,49 +119,66 @@ class Lake:
         return self.version(table)
 
     def replace_slice_batches(self, table: str, batches, **keys) -> int:
-        """replace_slice for data that arrives in batches: each is validated and written as it
-        comes (delta-rs streams it into files), one commit at the end, so memory stays at a few
-        batches. The batches are produced in a thread of their own: the producer may itself read
-        the lake, which it cannot do from inside delta-rs' writer, and works while the writer writes."""
+        """replace_slice for data that arrives in batches, in memory that does not grow with the
+        slice (`infra.slice_files`): each batch is validated and written to Parquet as it comes,
+        and one Delta commit at the end removes the slice's old files and adds the new ones. Every
+        partition column must be a key, with one value. If the batches fail, nothing is committed
+        and the files already written are deleted."""
         spec = declared(table)
-        predicate = slice_predicate(spec, keys)
-        delta = self.create(table)
-        produced: queue.Queue = queue.Queue(maxsize=2)
-        done, failures = object(), []
-
-        def produce():
-            try:
-                for batch in batches:
-                    data = spec.validate(batch)
-                    _check_rows_in_slice(spec, data, keys)
-                    produced.put(data)
-                produced.put(done)
-            except BaseException as error:  # handed to the writer's side, which stops; raised below as it was
-                failures.append(error)
-                produced.put(error)
-
-        def received():
-            while (item := produced.get()) is not done:
-                if isinstance(item, BaseException):
-                    raise item
-                yield from item.to_batches()
-
-        producer = threading.Thread(target=produce, name=f"replace-slice-{table}", daemon=True)
-        producer.start()
-        try:
-            write_deltalake(
-                delta,
-                pa.RecordBatchReader.from_batches(spec.arrow_schema, received()),
-                mode="overwrite",
-                predicate=predicate,
+        slice_predicate(spec, keys)  # refuses keys that are neither partition columns nor slice keys
+        single = [c for c in spec.partition_by if c in keys and not isinstance(keys[c], (list, tuple))]
+        if len(single) != len(spec.partition_by):
+            missing = sorted(set(spec.partition_by) - set(single))
+            raise LakeError(
+                f"a streamed slice of {table} needs one value of each partition column; not given: {missing}"
             )
-        except Exception:
-            if failures:  # the producer's own error, not delta-rs' wrapping of it
-                raise failures[0] from None
+        partition_values = {column: str(keys[column]) for column in spec.partition_by}
+        other_keys = {
+            key: list(value) if isinstance(value, (list, tuple)) else [value]
+            for key, value in keys.items()
+            if key not in spec.partition_by
+        }
+        files = SliceFiles(self.create(table), spec.arrow_schema, partition_values, self.storage_options)
+        try:
+            for batch in batches:
+                data = spec.validate(batch)
+                _check_rows_in_slice(spec, data, keys)
+                files.write(data)
+            delta = self.open(table)  # the latest snapshot: the other slices are copied from it
+            copy_other_slices(files, delta, other_keys)
+            self._commit_partition(table, delta, files.finish(), partition_values)
+        except CommitFailedError as error:
+            files.discard()
+            raise LakeError(
+                f"another run committed slice {keys} of table {table} first; nothing of this write was "
+                f"committed: rerun it to replace the slice again ({error})"
+            ) from error
+        except BaseException:
+            files.discard()
             raise
-        finally:
-            producer.join()
         return self.version(table)
+
+    def _commit_partition(self, table: str, delta: DeltaTable, added: list, partition_values: dict) -> None:
+        """Commits `added` as the partition's only files. delta-rs refuses the commit when any other
+        commit landed since `delta`'s snapshot, even one in another partition (two ranks); the
+        commit is then retried on the new snapshot, as long as this partition's files are those
+        the slice was built from. A change to them is a real conflict (LakeError)."""
+        where = [(column, "=", value) for column, value in partition_values.items()]
+        spec, read_from = declared(table), set(delta.file_uris(where))
+        for attempt in range(COMMIT_ATTEMPTS):
+            try:
+                delta.create_write_transaction(
+                    added,
+                    mode="overwrite",
+                    schema=spec.arrow_schema,
+                    partition_by=list(spec.partition_by),
+                    partition_filters=where,
+                )
+                return
+            except CommitFailedError:
+                delta = self.open(table)
+                if attempt + 1 == COMMIT_ATTEMPTS or set(delta.file_uris(where)) != read_from:
+                    raise
 
     def update(self, table: str, keys: dict, values: dict) -> int:
         """Set `values` on the rows selected by `keys` (like replace_slice); returns rows updated."""
@@ -187,6 +207,19 @@ class Lake:
         dataset = self.open(table, version=version).to_pyarrow_dataset()
         # use_threads=False: threaded delta-rs reads have aborted the interpreter at exit here.
         return dataset.to_table(columns=columns, filter=_filter_expression(spec, filters), use_threads=False)
+
+    def read_batches(self, table: str, filters=None, columns: list[str] | None = None, rows: int = 8192):
+        """The rows of `read`, as tables of at most `rows` rows each, read as they are consumed."""
+        spec = declared(table)
+        if not self.exists(table):
+            return
+        dataset = self.open(table).to_pyarrow_dataset()
+        expression = _filter_expression(spec, filters)
+        for batch in dataset.to_batches(
+            columns=columns or spec.column_names, filter=expression, batch_size=rows, use_threads=False
+        ):
+            if batch.num_rows:
+                yield pa.Table.from_batches([batch])
 
     def version(self, table: str) -> int | None:
         """The latest version, None if the table has not been written yet."""

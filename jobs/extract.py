@@ -34,6 +34,8 @@ from infra.config import from_settings, load_config
 TRAIN, QUERY = "train", "query"
 # Queries are few and every score leans on them: never rounded to int8 or 16 bits with the corpus.
 QUERY_DTYPE = "float32"
+# a partition's chunks are read this many at a time (and batched by length within each window)
+TOKEN_WINDOW_ROWS = 8192
 
 
 @dataclass
@@ -381,68 +383,53 @@ class RankWorker:
         specs = [(e.spec, normalizers_for(e.spec.normalizer, e.config.optimizer_source)) for e in extractions]
         self.projector = GradientProjector(model, *specs[0], more=specs[1:])
 
-    def vectors(self, batches_of_batch, total_rows: int, label: str):
+    def vectors(self, batches_of_batch, progress):
         """Yields (row indices, [vectors of each extraction]) per batch, with progress."""
-        from jobs.progress import Progress
-
-        progress = Progress(f"extract rank {self.rank} {label}", total_rows, unit="rows")
         for indices, batch in batches_of_batch:
             vectors = [v.cpu() for v in self.projector.project(batch)]
             progress.update(len(indices), int(batch.attention_mask.sum()))
             yield indices, vectors
 
     def extract_partition(self, partition: int):
-        """Streams the partition: each batch's vectors are encoded and handed to the Delta writer
-        as soon as they are computed (one commit at the end), so a rank's memory does not grow with
-        the partition, and the writer writes while the next batch is computed."""
-        import numpy as np
-        import torch
-
+        """Streams the partition: its chunks are read in windows of TOKEN_WINDOW_ROWS (batched by
+        length within each), and each batch's vectors are encoded and written as soon as they are
+        computed (one commit at the end), so a rank's memory does not grow with the partition."""
         from gradient_kernels.hessian import Autocorrelation
         from gradient_kernels.losses import document_batch
+        from jobs.progress import Progress
 
-        rows = self.lake.read(
-            "tokens", filters=[("partition", "=", partition)], columns=["doc_id", "chunk", "input_ids", "n_tokens"]
-        )
-        ids = rows["input_ids"].to_pylist()
-        longest, positions = max(rows["n_tokens"].to_pylist(), default=0), self.model.config.max_position_embeddings
+        where = [("partition", "=", partition)]
+        lengths = self.lake.read("tokens", filters=where, columns=["n_tokens"])["n_tokens"]
+        longest, positions = max(lengths.to_pylist(), default=0), self.model.config.max_position_embeddings
         if longest > positions:
             raise ValueError(
                 f"partition {partition} holds chunks of {longest} tokens, the model takes {positions}: "
                 f"re-tokenize with `python -m jobs tokenize --context {positions} --force`"
             )
         pad = self.tokenizer.eos_token_id or 0
-        batches = (
-            (b, document_batch([ids[i] for i in b], pad))
-            for b in token_budget_batches(rows["n_tokens"].to_pylist(), self.token_budget)
+        progress = Progress(f"extract rank {self.rank} partition {partition}", len(lengths), unit="rows")
+        windows = self.lake.read_batches(
+            "tokens", filters=where, columns=["doc_id", "chunk", "input_ids", "n_tokens"], rows=TOKEN_WINDOW_ROWS
         )
         sums = [Autocorrelation(e.spec.block_sizes()) for e in self.extractions]
         nonfinite: list[list[str]] = [[] for _ in self.extractions]
 
+        def batches(rows: pa.Table):
+            ids = rows["input_ids"]
+            for b in token_budget_batches(rows["n_tokens"].to_pylist(), self.token_budget):
+                yield b, document_batch(ids.take(b).to_pylist(), pad)
+
         def encoded():  # one table per batch holding the rows of every extraction
-            for indices, per_extraction in self.vectors(batches, rows.num_rows, f"partition {partition}"):
-                tables = []
-                for e, batch_vectors, its_sums, its_nonfinite in zip(self.extractions, per_extraction, sums, nonfinite):
-                    vectors = batch_vectors.numpy()
-                    finite = np.isfinite(vectors).all(axis=1)
-                    its_nonfinite.extend(
-                        f"{rows['doc_id'][i].as_py()}#{rows['chunk'][i].as_py()}" for i in np.asarray(indices)[~finite]
+            for rows in windows:
+                for indices, per_extraction in self.vectors(batches(rows), progress):
+                    yield pa.concat_tables(
+                        [
+                            self._batch_rows(e, partition, rows.take(indices), vectors.numpy(), its_sums, its_nonfinite)
+                            for e, vectors, its_sums, its_nonfinite in zip(
+                                self.extractions, per_extraction, sums, nonfinite
+                            )
+                        ]
                     )
-                    kept, vectors = rows.take(pa.array(np.asarray(indices)[finite], pa.int64())), vectors[finite]
-                    its_sums.add(torch.from_numpy(vectors))
-                    tables.append(
-                        pa.table(
-                            {
-                                "checkpoint_id": [e.checkpoint_id] * len(kept),
-                                "partition": [partition] * len(kept),
-                                "doc_id": kept["doc_id"],
-                                "chunk": kept["chunk"],
-                                "n_tokens": kept["n_tokens"],
-                                **e.vector_columns(vectors),
-                            }
-                        )
-                    )
-                yield pa.concat_tables(tables)
 
         # the partition's slices of every extraction in one commit: all written, or none
         self.lake.replace_slice_batches(
@@ -456,12 +443,35 @@ class RankWorker:
             self._quarantine_nonfinite(e, its_nonfinite, f"train_gradients/partition={partition}")
             self._save_sums(e, TRAIN, partition, its_sums)
 
+    @staticmethod
+    def _batch_rows(e: Extraction, partition: int, chunks: pa.Table, vectors, sums, nonfinite: list) -> pa.Table:
+        """One extraction's rows of one batch (`chunks`, in the order of `vectors`): rows with
+        non-finite vectors are left out and named in `nonfinite`; the kept ones are added to `sums`."""
+        import numpy as np
+        import torch
+
+        finite = np.isfinite(vectors).all(axis=1)
+        nonfinite.extend(f"{row['doc_id']}#{row['chunk']}" for row in chunks.filter(pa.array(~finite)).to_pylist())
+        kept, vectors = chunks.filter(pa.array(finite)), vectors[finite]
+        sums.add(torch.from_numpy(vectors))
+        return pa.table(
+            {
+                "checkpoint_id": [e.checkpoint_id] * len(kept),
+                "partition": [partition] * len(kept),
+                "doc_id": kept["doc_id"],
+                "chunk": kept["chunk"],
+                "n_tokens": kept["n_tokens"],
+                **e.vector_columns(vectors),
+            }
+        )
+
     def extract_queries(self, query_set: str):
         import numpy as np
         import torch
 
         from gradient_kernels.hessian import Autocorrelation
         from gradient_kernels.losses import query_batch
+        from jobs.progress import Progress
 
         rows = self.lake.read("queries", filters=[("query_set", "=", query_set)])
         if rows.num_rows == 0:
@@ -479,7 +489,8 @@ class RankWorker:
             for b in token_budget_batches(lengths, self.token_budget)
         )
         vectors = [np.zeros((len(keys), e.spec.dim), dtype=np.float32) for e in self.extractions]
-        for indices, per_extraction in self.vectors(batches, len(keys), f"queries {query_set}"):
+        progress = Progress(f"extract rank {self.rank} queries {query_set}", len(keys), unit="rows")
+        for indices, per_extraction in self.vectors(batches, progress):
             for its_vectors, batch_vectors in zip(vectors, per_extraction):
                 its_vectors[indices] = batch_vectors.numpy()
         for e, its_vectors in zip(self.extractions, vectors):

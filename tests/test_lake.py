@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -129,6 +130,64 @@ def test_replace_slice_batches_commits_once_and_a_failing_producer_leaves_the_ol
         lake.replace_slice_batches(
             "train_gradients", iter([gradient_rows("ck1", 1, 2)]), checkpoint_id="ck1", partition=0
         )
+
+
+def test_a_streamed_slice_rolls_files_keeps_exact_stats_and_leaves_no_files_when_it_fails(lake, monkeypatch):
+    """replace_slice_batches writes its own Parquet files (infra/slice_files.py: delta-rs' writer
+    holds the whole stream in memory): files roll at FILE_BYTES, their statistics prune reads
+    exactly, a quoted partition value gets a hashed folder, and a failed stream deletes its files."""
+    import infra.slice_files as slice_files
+
+    monkeypatch.setattr(slice_files, "ROW_GROUP_BYTES", 1)  # a row group per batch
+    monkeypatch.setattr(slice_files, "FILE_BYTES", 300)  # a file every few batches
+    lake.replace_slice("train_gradients", gradient_rows("ck'1", 0, 5), checkpoint_id="ck'1", partition=0)
+    batches = [gradient_rows("ck'1", 0, 3, first_chunk=10 * i, fingerprint=f"f{i % 2}") for i in range(6)]
+    lake.replace_slice_batches("train_gradients", iter(batches), checkpoint_id="ck'1", partition=0)
+    uris = lake.open("train_gradients").file_uris()
+    assert len(uris) >= 3 and all("/slice-" in uri for uri in uris)
+    assert sorted(slice_of(lake, "ck'1", 0)["chunk"].to_pylist()) == sorted(
+        c for b in batches for c in b["chunk"].to_pylist()
+    )
+    for fingerprint in ("f0", "f1"):  # a filter on a non-partition column prunes files by their statistics
+        rows = lake.read("train_gradients", filters={"fingerprint": fingerprint}, columns=["chunk"])
+        assert sorted(rows["chunk"].to_pylist()) == sorted(
+            c for b in batches for c, f in zip(b["chunk"].to_pylist(), b["fingerprint"].to_pylist()) if f == fingerprint
+        )
+
+    def failing():
+        yield from batches
+        raise RuntimeError("rank died")
+
+    on_disk = set(Path(lake.path("train_gradients")).rglob("*.parquet"))
+    with pytest.raises(RuntimeError, match="rank died"):
+        lake.replace_slice_batches("train_gradients", failing(), checkpoint_id="ck'1", partition=0)
+    assert set(Path(lake.path("train_gradients")).rglob("*.parquet")) == on_disk  # its files are gone again
+    with pytest.raises(LakeError, match="one value of each partition column"):
+        lake.replace_slice_batches("train_gradients", iter(batches), checkpoint_id="ck'1")
+
+
+def test_streamed_slices_of_two_partitions_committed_at_once_both_land(lake):
+    import threading
+
+    lake.create("train_gradients")
+    errors = []
+
+    def write(partition: int):
+        try:
+            for round_ in range(3):
+                rows = gradient_rows("ck1", partition, 4, first_chunk=round_ * 10)
+                lake.replace_slice_batches("train_gradients", iter([rows]), checkpoint_id="ck1", partition=partition)
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=write, args=(p,)) for p in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    for partition in (0, 1):  # each partition holds its last slice, once
+        assert sorted(slice_of(lake, "ck1", partition)["chunk"].to_pylist()) == [20, 21, 22, 23]
 
 
 def test_a_list_of_key_values_replaces_those_slices_in_one_commit(lake):
