@@ -164,7 +164,7 @@ class Lake:
         commit is then retried on the new snapshot, as long as this partition's files are those
         the slice was built from. A change to them is a real conflict (LakeError)."""
         where = [(column, "=", value) for column, value in partition_values.items()]
-        spec, read_from = declared(table), set(delta.file_uris(where))
+        spec, read_from = declared(table), set(delta.file_uris(file_pruning_predicate=where))
         for attempt in range(COMMIT_ATTEMPTS):
             try:
                 delta.create_write_transaction(
@@ -177,7 +177,7 @@ class Lake:
                 return
             except CommitFailedError:
                 delta = self.open(table)
-                if attempt + 1 == COMMIT_ATTEMPTS or set(delta.file_uris(where)) != read_from:
+                if attempt + 1 == COMMIT_ATTEMPTS or set(delta.file_uris(file_pruning_predicate=where)) != read_from:
                     raise
 
     def update(self, table: str, keys: dict, values: dict) -> int:
