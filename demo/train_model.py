@@ -28,7 +28,7 @@ from pathlib import Path
 
 from infra import storage
 from jobs.checkpoints import checkpoint_location, checkpoint_path, checkpoints_root
-from jobs.launch import init_rank, launch_ranks, rank_arguments
+from jobs.launch import end_rank, init_rank, launch_ranks, rank_arguments
 from jobs.tokenize import EOS
 from infra.config import load_config
 
@@ -421,3 +421,4 @@ def main(args):
 
 if __name__ == "__main__":  # a DeepSpeed rank
     train_rank(rank_arguments().plan)
+    end_rank()

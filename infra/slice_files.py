@@ -27,7 +27,7 @@ from deltalake.transaction import AddAction
 
 # A file is closed once this many bytes went into it, and rows are written in row groups of this size.
 FILE_BYTES = 256 << 20
-ROW_GROUP_BYTES = 32 << 20
+ROW_GROUP_BYTES = 8 << 20
 _SAFE_FOLDER_VALUE = re.compile(r"^[A-Za-z0-9._-]+$")
 
 

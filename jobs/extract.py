@@ -27,7 +27,7 @@ import pyarrow as pa
 from infra import storage
 from infra.lake import Lake
 from infra.names import check_name, check_names
-from jobs.launch import bind_rank_device, init_rank, launch_ranks, rank_arguments
+from jobs.launch import end_rank, bind_rank_device, init_rank, launch_ranks, rank_arguments
 from infra.cli import add_config_arguments, config_from_args, option
 from infra.config import from_settings, load_config
 
@@ -598,3 +598,4 @@ def main(args):
 
 if __name__ == "__main__":  # a DeepSpeed rank
     extract_rank(rank_arguments().plan)
+    end_rank()
