@@ -1,5 +1,6 @@
 # `make run`  — install if needed, then run the whole pipeline on the embedded default (writes ./lake)
 # `make test` — install if needed, then lint and format check (ruff), type-check the kernels and schemas (mypy), run the test suite
+SHELL := /bin/bash
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
@@ -35,11 +36,18 @@ test: install
 	$(VENV)/bin/mypy
 	$(PYTHON) -m pytest -q
 
-# OMP_NUM_THREADS=1 and nice: the numbers are ratios measured in one process, on a shared CPU
-bench: install
-	for script in bench/extract_overhead.py bench/projection_fidelity.py bench/score_throughput.py bench/compression.py \
-	  bench/two_stage.py bench/scaling.py bench/bergson_compare.py; do \
-	  echo "== $$script"; OMP_NUM_THREADS=1 nice $(PYTHON) $$script || exit 1; done
+# OMP_NUM_THREADS=1 and nice: the numbers are ratios measured in one process, on a shared CPU. Needs
+# `make run`'s lake. Each script's output is kept in reports/bench/; every ratio is printed at the end.
+BENCH_SCRIPTS := extract_overhead projection_fidelity score_throughput compression two_stage scaling bergson_compare
+bench: install bench-setup
+	mkdir -p reports/bench
+	set -o pipefail; for name in $(BENCH_SCRIPTS); do \
+	  echo "== bench/$$name.py"; OMP_NUM_THREADS=1 nice $(PYTHON) bench/$$name.py 2>&1 | tee reports/bench/$$name.txt || exit 1; done
+	set -o pipefail; if nvidia-smi -L >/dev/null 2>&1; then \
+	  echo "== bench/gpu.py"; $(PYTHON) bench/gpu.py --out reports/bench/gpu.json 2>&1 | tee reports/bench/gpu.txt || exit 1; \
+	else echo "== bench/gpu.py: skipped, no GPU here (the last run, on an H200: docs/results/gpu-h200.txt)"; fi
+	@echo "== every ratio (reports/bench/<script>.txt)"
+	@grep -E "^[a-z0-9_]+=[-+0-9.]" reports/bench/*.txt | sed 's|reports/bench/||; s|\.txt:|: |'
 
 # the comparison venv for bench/bergson_compare.py (bergson 2.5.1, kept out of requirements.txt)
 bench-setup:

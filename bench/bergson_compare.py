@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from bench.common import latest_checkpoint  # noqa: E402
 from infra.lake import Lake  # noqa: E402
 
-BERGSON_VENV = Path(os.environ.get("BERGSON_VENV", "/work/bergson-venv"))
+BERGSON_VENV = Path(os.environ.get("BERGSON_VENV", Path(__file__).resolve().parents[1] / ".bergson-venv"))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
 

@@ -4,7 +4,7 @@
 # plus torchvision/torchaudio, so torch and transformers are pinned to the project's versions first
 # and bergson goes in with --no-deps (see ../shared/NOTES.md).
 set -euo pipefail
-VENV="${BERGSON_VENV:-/work/bergson-venv}"
+VENV="${BERGSON_VENV:-$(cd "$(dirname "$0")/.." && pwd)/.bergson-venv}"
 if [ -e "$VENV/.installed" ]; then echo "bergson venv ready: $VENV"; exit 0; fi
 python3 -m venv "$VENV"
 "$VENV/bin/pip" install --quiet --progress-bar off torch==2.13.0 transformers==5.23.0
