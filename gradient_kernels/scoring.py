@@ -80,11 +80,12 @@ class Int8Queries:
         """(Q, n) float32 scores of n int8 rows `codes` (n, d) with per-row `scales` (n,)."""
         if codes.shape[1] != self.codes.shape[1]:
             raise ValueError(f"index rows have {codes.shape[1]} coordinates, queries {self.codes.shape[1]}")
-        total = torch.zeros(len(self.codes), len(codes))
-        for start in range(0, codes.shape[1], INT8_DOT_MAX_DIM):
+        dim = codes.shape[1]
+        total = torch._int_mm(self.codes[:, :INT8_DOT_MAX_DIM].contiguous(), codes[:, :INT8_DOT_MAX_DIM].T).float()
+        for start in range(INT8_DOT_MAX_DIM, dim, INT8_DOT_MAX_DIM):
             stop = start + INT8_DOT_MAX_DIM
             total += torch._int_mm(self.codes[:, start:stop].contiguous(), codes[:, start:stop].T)
-        return total * self.scale[:, None] * scales[None, :]
+        return total.mul_(self.scale[:, None]).mul_(scales[None, :])
 
 
 def merge_top_k(values_a, indices_a, values_b, indices_b, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError
 
 from infra import storage
-from infra.slice_files import SliceFiles, copy_other_slices
+from infra.slice_files import SliceFiles, replaced_files
 from schemas.tables import SchemaError, Table, table as declared
 
 
@@ -144,9 +144,9 @@ class Lake:
                 data = spec.validate(batch)
                 _check_rows_in_slice(spec, data, keys)
                 files.write(data)
-            delta = self.open(table)  # the latest snapshot: the other slices are copied from it
-            copy_other_slices(files, delta, other_keys)
-            self._commit_partition(table, delta, files.finish(), partition_values)
+            delta = self.open(table)  # the latest snapshot: the files to replace are listed from it
+            removes = replaced_files(files, delta, other_keys)
+            self._commit_partition(table, delta, [*files.finish(), *removes], partition_values)
         except CommitFailedError as error:
             files.discard()
             raise LakeError(
@@ -158,21 +158,17 @@ class Lake:
             raise
         return self.version(table)
 
-    def _commit_partition(self, table: str, delta: DeltaTable, added: list, partition_values: dict) -> None:
-        """Commits `added` as the partition's only files. delta-rs refuses the commit when any other
-        commit landed since `delta`'s snapshot, even one in another partition (two ranks); the
-        commit is then retried on the new snapshot, as long as this partition's files are those
-        the slice was built from. A change to them is a real conflict (LakeError)."""
+    def _commit_partition(self, table: str, delta: DeltaTable, actions: list, partition_values: dict) -> None:
+        """Commits the slice's file actions. delta-rs refuses the commit when any other commit
+        landed since `delta`'s snapshot, even one in another partition (two ranks); it is then
+        retried on the new snapshot, as long as this partition's files are still those the actions
+        were built from. A change to them is a real conflict (LakeError)."""
         where = [(column, "=", value) for column, value in partition_values.items()]
         spec, read_from = declared(table), set(delta.file_uris(file_pruning_predicate=where))
         for attempt in range(COMMIT_ATTEMPTS):
             try:
                 delta.create_write_transaction(
-                    added,
-                    mode="overwrite",
-                    schema=spec.arrow_schema,
-                    partition_by=list(spec.partition_by),
-                    partition_filters=where,
+                    actions, mode="append", schema=spec.arrow_schema, partition_by=list(spec.partition_by)
                 )
                 return
             except CommitFailedError:

@@ -5,8 +5,8 @@ rows: 0.29 GB for 2,048 rows, 0.97 GB for 16,384, whatever its file and row-grou
 one partition of a C4-sized corpus would not fit a rank. `Lake.replace_slice_batches` therefore
 writes the files itself with pyarrow's ParquetWriter, whose memory is one row group, and commits
 them with delta-rs' `create_write_transaction`: the slice's old files out and the new ones in, in
-one commit. The partition's rows of other slices (other fingerprints) are copied into the new
-files first, since the commit replaces the whole partition.
+one commit. Rows of other slices (other fingerprints) in a file that is removed are copied into
+the new files first, as delta-rs' own predicate overwrite does.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
 from deltalake.fs import DeltaStorageHandler
-from deltalake.transaction import AddAction
+from deltalake.transaction import AddAction, RemoveAction
 
 # A file is closed once this many bytes went into it, and rows are written in row groups of this size.
 FILE_BYTES = 256 << 20
@@ -100,13 +100,11 @@ class SliceFiles:
         self._file = None
 
 
-def copy_other_slices(files: SliceFiles, delta: DeltaTable, other_keys: dict) -> None:
-    """Copies into `files` the rows of the partition that are not in the slice (non-partition key
-    -> list of values; with no such keys the slice is the whole partition): the commit replaces
-    every file of the partition, as an overwrite of its partition values, which is what keeps the
-    conflict check to this partition (concurrent writers of other partitions commit too)."""
-    if not other_keys:
-        return
+def replaced_files(files: SliceFiles, delta: DeltaTable, other_keys: dict) -> list[RemoveAction]:
+    """The RemoveActions of the slice's old files: every file of the partition holding a row of the
+    slice (non-partition key -> list of values; with no such keys, every file of the partition).
+    A file holding rows of other slices too (other fingerprints) is removed all the same, and those
+    rows are copied into `files` first; files holding only other slices are left alone."""
     in_slice = None
     for column, values in other_keys.items():
         condition = pc.field(column).isin(values)
@@ -114,9 +112,17 @@ def copy_other_slices(files: SliceFiles, delta: DeltaTable, other_keys: dict) ->
     dataset = delta.to_pyarrow_dataset(
         file_pruning_predicate=[(column, "=", value) for column, value in files.partition_values.items()]
     )
-    for batch in dataset.to_batches(columns=files.schema.names, filter=~in_slice, use_threads=False):
-        if batch.num_rows:
-            files.write(pa.Table.from_batches([batch]))
+    removes, now = [], int(time.time() * 1000)
+    for fragment in dataset.get_fragments():
+        if in_slice is not None:
+            matched = fragment.count_rows(filter=in_slice)
+            if matched == 0:
+                continue
+            if matched < fragment.count_rows():
+                for batch in fragment.to_batches(columns=files.schema.names, filter=~in_slice, use_threads=False):
+                    files.write(pa.Table.from_batches([batch]))
+        removes.append(RemoveAction(fragment.path, True, now, partition_values=files.partition_values))
+    return removes
 
 
 def _add_stats(stats: dict, rows: pa.Table) -> None:

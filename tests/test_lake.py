@@ -208,10 +208,12 @@ def test_a_list_of_key_values_replaces_those_slices_in_one_commit(lake):
         lake.replace_slice_batches(
             "train_gradients", iter([both]), checkpoint_id="ck1", partition=0, fingerprint=["f1"]
         )
+    files_before = set(lake.open("train_gradients").file_uris())
     lake.replace_slice_batches(
         "train_gradients", iter([both]), checkpoint_id="ck1", partition=0, fingerprint=["f1", "f2"]
     )
     assert lake.version("train_gradients") == before + 1
+    assert len(files_before & set(lake.open("train_gradients").file_uris())) == 1  # f3's own file is left alone
     rows = lake.read("train_gradients", columns=["fingerprint", "chunk"]).to_pylist()
     assert sorted((r["fingerprint"], r["chunk"]) for r in rows) == sorted(
         [(f, c) for f in ("f1", "f2") for c in (10, 11, 12)] + [("f3", 0), ("f3", 1)]
