@@ -47,7 +47,7 @@ bench: install bench-setup
 	  echo "== bench/gpu.py"; $(PYTHON) bench/gpu.py --out reports/bench/gpu.json 2>&1 | tee reports/bench/gpu.txt || exit 1; \
 	else echo "== bench/gpu.py: skipped, no GPU here (the last run, on an H200: docs/results/gpu-h200.txt)"; fi
 	@echo "== every ratio (reports/bench/<script>.txt)"
-	@grep -E "^[a-z0-9_]+=[-+0-9.]" reports/bench/*.txt | sed 's|reports/bench/||; s|\.txt:|: |'
+	@grep -E "^[A-Za-z0-9_]+=[-+0-9.]" reports/bench/*.txt | sed 's|reports/bench/||; s|\.txt:|: |'
 
 # the comparison venv for bench/bergson_compare.py (bergson 2.5.1, kept out of requirements.txt)
 bench-setup:

@@ -102,6 +102,7 @@ def main():
             f"k={k:>3} per matrix ({spec.dim:>6} dims): mean Spearman vs unprojected = {rho:.3f}, "
             f"top-10 overlap = {overlap:.2f}"
         )
+        print(f"spearman_k{k}={rho:.3f} top10_overlap_k{k}={overlap:.2f}")
 
     if state["kind"] == "adam":
         errors = []

@@ -264,7 +264,7 @@ def test_int8_queries_score_the_integer_codes_exactly_and_the_floats_within_the_
     queries, train = torch.randn(5, 300, generator=g), torch.randn(40, 300, generator=g)
     cells, scales = encode_vectors(train.numpy(), "int8")
     codes = torch.from_numpy(stored_values(cells, "int8", 300).copy())
-    row_scales = torch.from_numpy(scales.to_numpy())
+    row_scales = torch.from_numpy(scales.to_numpy().copy())
     coded = scoring.Int8Queries(queries)
     scores = coded.scores(codes, row_scales)
     integer = (coded.codes.double() @ codes.double().T) * coded.scale.double()[:, None] * row_scales.double()[None]
