@@ -22,6 +22,7 @@ from infra.config import load_config
 _lock = threading.Lock()
 _session: SparkSession | None = None
 _embedded = False  # whether _session is the embedded Sail engine
+ROWS_PER_BATCH = 256
 SESSION_TIMEOUT_SECONDS = 30 * 24 * 3600
 
 
@@ -58,6 +59,10 @@ def _start_sail() -> str:
     # for 900 s by default, and a long-lived process (a bench, the explorer) then fails with
     # "session ... is not running" on its next query.
     os.environ.setdefault("SAIL_SPARK__SESSION_TIMEOUT_SECS", str(SESSION_TIMEOUT_SECONDS))
+    # Rows per batch inside the engine. Our rows are vectors of kilobytes (17 KB in float32 at 4,352
+    # dims, 262 KB at 2^16): at Sail's default (8,192 rows a batch) scoring 16x the embedded corpus
+    # peaked at 3.0 GB against 1.7 GB at 1x; at 256 rows, 1.42 GB against 1.37 GB, and no slower.
+    os.environ.setdefault("SAIL_EXECUTION__BATCH_SIZE", str(ROWS_PER_BATCH))
     from pysail.spark import SparkConnectServer
 
     server = SparkConnectServer(ip="127.0.0.1", port=0)

@@ -593,3 +593,21 @@ def test_the_embedded_session_outlives_sails_idle_timeout(tmp_path):
     ours = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
     assert ours.returncode == 0, ours.stderr
     assert ours.stdout.split() == [str(30 * 24 * 3600), "alive"]
+
+
+def test_the_embedded_engine_hands_python_at_most_rows_per_batch_rows(tmp_path):
+    """Rows here are vectors of kilobytes: the embedded engine is started with SAIL_EXECUTION__BATCH_SIZE
+    = ROWS_PER_BATCH (Sail's default of 8,192 rows made scoring's memory grow with the corpus)."""
+    from infra.spark import ROWS_PER_BATCH, is_embedded, spark_session
+
+    spark = spark_session()
+    if not is_embedded(spark):
+        pytest.skip("an external Spark Connect server batches by its own settings")
+
+    def sizes(batches):
+        for batch in batches:
+            yield pa.RecordBatch.from_pydict({"rows": [batch.num_rows]})
+
+    spark.range(5000).write.parquet(str(tmp_path / "rows"))  # read back from files, as the tables are
+    found = [r["rows"] for r in spark.read.parquet(str(tmp_path / "rows")).mapInArrow(sizes, "rows long").collect()]
+    assert sum(found) == 5000 and max(found) <= ROWS_PER_BATCH
