@@ -24,7 +24,6 @@ import argparse
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from infra.cli import add_config_arguments, option
@@ -99,17 +98,16 @@ def indexed_batches(
 
     dim = sum(block.shape[0] for block in blocks)
     preconditioner = Preconditioner(blocks)
-    dataset = lake.open("train_gradients").to_pyarrow_dataset()
-    for batch in dataset.to_batches(
+    for batch in lake.read_batches(
+        "train_gradients",
+        filters=[
+            ("checkpoint_id", "=", checkpoint_id),
+            ("fingerprint", "=", fingerprint),
+            ("partition", "=", partition),
+        ],
         columns=["doc_id", "chunk", "vector", "dtype", "scale"],
-        use_threads=False,
-        batch_size=rows_per_batch(dim, batch_bytes),
-        filter=(pc.field("checkpoint_id") == checkpoint_id)
-        & (pc.field("fingerprint") == fingerprint)
-        & (pc.field("partition") == partition),
+        rows=rows_per_batch(dim, batch_bytes),
     ):
-        if batch.num_rows == 0:
-            continue
         dtypes = set(batch.column("dtype").to_pylist())
         if len(dtypes) != 1:
             raise ValueError(f"mixed vector dtypes in one batch of partition {partition}: {dtypes}")
