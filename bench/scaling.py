@@ -6,8 +6,8 @@ bigger corpora are made here:
   the partition grows with the scale: a rank's memory must not), extracted by one CPU rank;
 - index, score (index), score (raw): every stored train vector replicated 1x/4x/16x, each copy
   slightly perturbed (1% noise, so copies do not tie) and written as new partitions.
-Each stage runs in a fresh process; its peak RSS is the larger of that process's and its
-children's (the DeepSpeed rank, Sail's workers). Printed: seconds and peak RSS per stage and scale,
+Each stage runs in a fresh process; its peak RSS is sampled over that process and its descendants
+(the DeepSpeed launcher and rank) together. Printed: seconds and peak RSS per stage and scale,
 and each one's ratio to 1x (linear cost: time ratio ≈ scale; flat memory: RSS ratio ≈ 1).
 
     python bench/scaling.py [--lake lake] [--scales 1,4,16] [--extract-rows 128]
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -116,16 +115,31 @@ def run_stage(stage: str, lake: str, checkpoint: str, checkpoint_id: str, finger
 
 
 def measured(stage: str, lake: Path, context: dict) -> tuple[float, float]:
-    """(seconds, peak RSS in MB) of one stage in a fresh process."""
+    """(seconds, peak RSS in MB) of one stage in a fresh process. The RSS is sampled every 20 ms
+    and summed over the stage's process and all its descendants (the DeepSpeed launcher and rank):
+    getrusage's child maximum also counts short-lived forks, which show their parent's whole RSS."""
+    import psutil
+
     started = time.perf_counter()
-    output = subprocess.run(
+    child = subprocess.Popen(
         [sys.executable, __file__, "--stage", stage, "--scratch", str(lake), "--context", json.dumps(context)],
-        check=True,
-        capture_output=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
     )
-    seconds = time.perf_counter() - started
-    return seconds, json.loads(output.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    tree, peak = psutil.Process(child.pid), 0
+    while child.poll() is None:
+        total = 0
+        for process in [tree, *tree.children(recursive=True)]:
+            try:
+                total += process.memory_info().rss
+            except psutil.Error:  # ended between listing and reading
+                pass
+        peak = max(peak, total)
+        time.sleep(0.02)
+    if child.returncode:
+        raise RuntimeError(f"stage {stage} failed:\n{child.stderr.read()[-3000:]}")
+    return time.perf_counter() - started, peak / 2**20
 
 
 def main():
@@ -137,11 +151,8 @@ def main():
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
     parser.add_argument("--context", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.stage:  # a stage's own process: run it, report the peak memory
-        run_stage(args.stage, args.scratch, **json.loads(args.context))
-        peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-        print(json.dumps({"peak_rss_mb": peak / 1024}))
-        return
+    if args.stage:  # a stage's own process, measured from outside by `measured`
+        return run_stage(args.stage, args.scratch, **json.loads(args.context))
 
     from bench.common import latest_checkpoint
     from explorer.trace import TraceContext
