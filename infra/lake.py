@@ -19,9 +19,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError
+from deltalake.transaction import RemoveAction
 
 from infra import storage
-from infra.slice_files import SliceFiles, replaced_files
+from infra.slice_files import SliceFiles, partition_fragments, replaced_files, rows_of_slice_elsewhere
 from schemas.tables import SchemaError, Table, table as declared
 
 
@@ -146,7 +147,10 @@ class Lake:
                 files.write(data)
             delta = self.open(table)  # the latest snapshot: the files to replace are listed from it
             removes = replaced_files(files, delta, other_keys)
-            self._commit_partition(table, delta, [*files.finish(), *removes], partition_values)
+            kept = {f.path for f in partition_fragments(delta, partition_values)} - {r.path for r in removes}
+            added = files.finish()
+            self._commit_partition(table, delta, [*added, *removes], partition_values)
+            self._refuse_a_concurrent_write(table, files, other_keys, added, kept, keys)
         except CommitFailedError as error:
             files.discard()
             raise LakeError(
@@ -175,6 +179,29 @@ class Lake:
                 delta = self.open(table)
                 if attempt + 1 == COMMIT_ATTEMPTS or set(delta.file_uris(file_pruning_predicate=where)) != read_from:
                     raise
+
+    def _refuse_a_concurrent_write(self, table: str, files, other_keys: dict, added: list, kept: set, keys: dict):
+        """Two writers of one slice whose snapshots both predate the other's commit both commit when
+        neither removes a file the other removed (an empty partition): the slice would hold both
+        runs' rows. After the commit, rows of the slice in files this write neither kept nor added
+        mean exactly that: this write's files are taken out again and it fails (LakeError)."""
+        ours = {action.path for action in added}
+        latest = self.open(table)
+        if not ours <= {f.path for f in partition_fragments(latest, files.partition_values)}:
+            return  # a later write replaced this one: nothing doubled
+        if rows_of_slice_elsewhere(latest, files, other_keys, ours | kept) == 0:
+            return
+        now = int(dt.datetime.now(dt.timezone.utc).timestamp() * 1000)
+        latest.create_write_transaction(
+            [RemoveAction(path, True, now, partition_values=files.partition_values) for path in ours],
+            mode="append",
+            schema=declared(table).arrow_schema,
+            partition_by=list(declared(table).partition_by),
+        )
+        raise LakeError(
+            f"another run committed slice {keys} of table {table} at the same time; this run's rows were "
+            "taken out again, so the slice holds the other run's: rerun it to replace the slice"
+        )
 
     def update(self, table: str, keys: dict, values: dict) -> int:
         """Set `values` on the rows selected by `keys` (like replace_slice); returns rows updated."""

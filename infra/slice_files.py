@@ -100,20 +100,40 @@ class SliceFiles:
         self._file = None
 
 
+def slice_filter(other_keys: dict):
+    """The row filter of a slice's non-partition keys (key -> list of values); None: every row."""
+    in_slice = None
+    for column, values in other_keys.items():
+        condition = pc.field(column).isin(values)
+        in_slice = condition if in_slice is None else in_slice & condition
+    return in_slice
+
+
+def partition_fragments(delta: DeltaTable, partition_values: dict[str, str]):
+    """The partition's files as pyarrow fragments (`.path` as in the Delta log)."""
+    where = [(column, "=", value) for column, value in partition_values.items()]
+    return list(delta.to_pyarrow_dataset(file_pruning_predicate=where).get_fragments())
+
+
+def rows_of_slice_elsewhere(delta: DeltaTable, files: SliceFiles, other_keys: dict, known: set) -> int:
+    """Rows of the slice in the partition's files other than `known` paths: after a commit, rows
+    another writer added to the same slice at the same time (both commits would keep theirs)."""
+    in_slice = slice_filter(other_keys)
+    return sum(
+        fragment.count_rows(filter=in_slice) if in_slice is not None else fragment.count_rows()
+        for fragment in partition_fragments(delta, files.partition_values)
+        if fragment.path not in known
+    )
+
+
 def replaced_files(files: SliceFiles, delta: DeltaTable, other_keys: dict) -> list[RemoveAction]:
     """The RemoveActions of the slice's old files: every file of the partition holding a row of the
     slice (non-partition key -> list of values; with no such keys, every file of the partition).
     A file holding rows of other slices too (other fingerprints) is removed all the same, and those
     rows are copied into `files` first; files holding only other slices are left alone."""
-    in_slice = None
-    for column, values in other_keys.items():
-        condition = pc.field(column).isin(values)
-        in_slice = condition if in_slice is None else in_slice & condition
-    dataset = delta.to_pyarrow_dataset(
-        file_pruning_predicate=[(column, "=", value) for column, value in files.partition_values.items()]
-    )
+    in_slice = slice_filter(other_keys)
     removes, now = [], int(time.time() * 1000)
-    for fragment in dataset.get_fragments():
+    for fragment in partition_fragments(delta, files.partition_values):
         if in_slice is not None:
             matched = fragment.count_rows(filter=in_slice)
             if matched == 0:

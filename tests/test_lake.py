@@ -190,6 +190,29 @@ def test_streamed_slices_of_two_partitions_committed_at_once_both_land(lake):
         assert sorted(slice_of(lake, "ck1", partition)["chunk"].to_pylist()) == [20, 21, 22, 23]
 
 
+def test_a_streamed_slice_racing_another_writer_of_its_partition_commits_nothing(lake, monkeypatch):
+    """Two drivers writing the same (empty) partition at once: the second commit must fail, not
+    add its rows beside the first one's (no duplicates)."""
+    import infra.lake as lake_module
+
+    original = lake_module.replaced_files
+
+    def other_writer_commits_meanwhile(*args):
+        removes = original(*args)
+        lake.replace_slice(
+            "train_gradients", gradient_rows("ck1", 0, 2, run_id="other"), checkpoint_id="ck1", partition=0
+        )
+        return removes
+
+    lake.create("train_gradients")
+    monkeypatch.setattr(lake_module, "replaced_files", other_writer_commits_meanwhile)
+    with pytest.raises(LakeError, match="another run committed"):
+        lake.replace_slice_batches(
+            "train_gradients", iter([gradient_rows("ck1", 0, 3)]), checkpoint_id="ck1", partition=0
+        )
+    assert set(slice_of(lake, "ck1", 0)["run_id"].to_pylist()) == {"other"} and slice_of(lake, "ck1", 0).num_rows == 2
+
+
 def test_a_list_of_key_values_replaces_those_slices_in_one_commit(lake):
     """extract writes one partition of several extractions (fingerprints) as one commit."""
     for fingerprint in ("f1", "f2", "f3"):
