@@ -80,11 +80,16 @@ class Int8Queries:
         """(Q, n) float32 scores of n int8 rows `codes` (n, d) with per-row `scales` (n,)."""
         if codes.shape[1] != self.codes.shape[1]:
             raise ValueError(f"index rows have {codes.shape[1]} coordinates, queries {self.codes.shape[1]}")
-        dim = codes.shape[1]
-        total = torch._int_mm(self.codes[:, :INT8_DOT_MAX_DIM].contiguous(), codes[:, :INT8_DOT_MAX_DIM].T).float()
-        for start in range(INT8_DOT_MAX_DIM, dim, INT8_DOT_MAX_DIM):
-            stop = start + INT8_DOT_MAX_DIM
-            total += torch._int_mm(self.codes[:, start:stop].contiguous(), codes[:, start:stop].T)
+        pieces = (
+            torch._int_mm(
+                self.codes[:, start : start + INT8_DOT_MAX_DIM].contiguous(),
+                codes[:, start : start + INT8_DOT_MAX_DIM].T,
+            )
+            for start in range(0, codes.shape[1], INT8_DOT_MAX_DIM)
+        )
+        total = next(pieces).float()
+        for piece in pieces:  # only past INT8_DOT_MAX_DIM coordinates
+            total += piece
         return total.mul_(self.scale[:, None]).mul_(scales[None, :])
 
 

@@ -146,10 +146,12 @@ class Lake:
                 _check_rows_in_slice(spec, data, keys)
                 files.write(data)
             delta = self.open(table)  # the latest snapshot: the files to replace are listed from it
-            removes = replaced_files(files, delta, other_keys)
-            kept = {f.path for f in partition_fragments(delta, partition_values)} - {r.path for r in removes}
+            fragments = partition_fragments(delta, partition_values)
+            removes = replaced_files(files, fragments, other_keys)
+            listed = {fragment.path for fragment in fragments}
             added = files.finish()
-            self._commit_partition(table, delta, [*added, *removes], partition_values)
+            self._commit_partition(table, delta, [*added, *removes], partition_values, listed)
+            kept = listed - {remove.path for remove in removes}
             self._refuse_a_concurrent_write(table, files, other_keys, added, kept, keys)
         except CommitFailedError as error:
             files.discard()
@@ -162,13 +164,12 @@ class Lake:
             raise
         return self.version(table)
 
-    def _commit_partition(self, table: str, delta: DeltaTable, actions: list, partition_values: dict) -> None:
+    def _commit_partition(self, table: str, delta: DeltaTable, actions: list, partition_values: dict, listed: set):
         """Commits the slice's file actions. delta-rs refuses the commit when any other commit
         landed since `delta`'s snapshot, even one in another partition (two ranks); it is then
-        retried on the new snapshot, as long as this partition's files are still those the actions
-        were built from. A change to them is a real conflict (LakeError)."""
-        where = [(column, "=", value) for column, value in partition_values.items()]
-        spec, read_from = declared(table), set(delta.file_uris(file_pruning_predicate=where))
+        retried on the new snapshot, as long as this partition's files are still the `listed` ones
+        the actions were built from. A change to them is a real conflict (LakeError)."""
+        spec = declared(table)
         for attempt in range(COMMIT_ATTEMPTS):
             try:
                 delta.create_write_transaction(
@@ -177,7 +178,8 @@ class Lake:
                 return
             except CommitFailedError:
                 delta = self.open(table)
-                if attempt + 1 == COMMIT_ATTEMPTS or set(delta.file_uris(file_pruning_predicate=where)) != read_from:
+                now = {fragment.path for fragment in partition_fragments(delta, partition_values)}
+                if attempt + 1 == COMMIT_ATTEMPTS or now != listed:
                     raise
 
     def _refuse_a_concurrent_write(self, table: str, files, other_keys: dict, added: list, kept: set, keys: dict):
@@ -185,11 +187,11 @@ class Lake:
         neither removes a file the other removed (an empty partition): the slice would hold both
         runs' rows. After the commit, rows of the slice in files this write neither kept nor added
         mean exactly that: this write's files are taken out again and it fails (LakeError)."""
-        ours = {action.path for action in added}
-        latest = self.open(table)
-        if not ours <= {f.path for f in partition_fragments(latest, files.partition_values)}:
+        ours, latest = {action.path for action in added}, self.open(table)
+        fragments = partition_fragments(latest, files.partition_values)
+        if not ours <= {fragment.path for fragment in fragments}:
             return  # a later write replaced this one: nothing doubled
-        if rows_of_slice_elsewhere(latest, files, other_keys, ours | kept) == 0:
+        if rows_of_slice_elsewhere(fragments, other_keys, ours | kept) == 0:
             return
         now = int(dt.datetime.now(dt.timezone.utc).timestamp() * 1000)
         latest.create_write_transaction(

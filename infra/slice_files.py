@@ -115,25 +115,25 @@ def partition_fragments(delta: DeltaTable, partition_values: dict[str, str]):
     return list(delta.to_pyarrow_dataset(file_pruning_predicate=where).get_fragments())
 
 
-def rows_of_slice_elsewhere(delta: DeltaTable, files: SliceFiles, other_keys: dict, known: set) -> int:
-    """Rows of the slice in the partition's files other than `known` paths: after a commit, rows
-    another writer added to the same slice at the same time (both commits would keep theirs)."""
+def rows_of_slice_elsewhere(fragments: list, other_keys: dict, known: set) -> int:
+    """Rows of the slice in the partition's files (`fragments`) other than the `known` paths: after
+    a commit, rows another writer added to the same slice at the same time."""
     in_slice = slice_filter(other_keys)
     return sum(
         fragment.count_rows(filter=in_slice) if in_slice is not None else fragment.count_rows()
-        for fragment in partition_fragments(delta, files.partition_values)
+        for fragment in fragments
         if fragment.path not in known
     )
 
 
-def replaced_files(files: SliceFiles, delta: DeltaTable, other_keys: dict) -> list[RemoveAction]:
-    """The RemoveActions of the slice's old files: every file of the partition holding a row of the
-    slice (non-partition key -> list of values; with no such keys, every file of the partition).
+def replaced_files(files: SliceFiles, fragments: list, other_keys: dict) -> list[RemoveAction]:
+    """The RemoveActions of the slice's old files among the partition's `fragments`: every file
+    holding a row of the slice (non-partition key -> list of values; with no such keys, every file).
     A file holding rows of other slices too (other fingerprints) is removed all the same, and those
     rows are copied into `files` first; files holding only other slices are left alone."""
     in_slice = slice_filter(other_keys)
     removes, now = [], int(time.time() * 1000)
-    for fragment in partition_fragments(delta, files.partition_values):
+    for fragment in fragments:
         if in_slice is not None:
             matched = fragment.count_rows(filter=in_slice)
             if matched == 0:

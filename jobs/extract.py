@@ -27,7 +27,7 @@ import pyarrow as pa
 from infra import storage
 from infra.lake import Lake
 from infra.names import check_name, check_names
-from jobs.launch import end_rank, bind_rank_device, init_rank, launch_ranks, rank_arguments
+from jobs.launch import bind_rank_device, end_rank, init_rank, launch_ranks, rank_arguments
 from infra.cli import add_config_arguments, config_from_args, option
 from infra.config import from_settings, load_config
 
@@ -421,10 +421,12 @@ class RankWorker:
 
         def encoded():  # one table per batch holding the rows of every extraction
             for rows in windows:
+                keys = rows.select(["doc_id", "chunk", "n_tokens"])
                 for indices, per_extraction in self.vectors(batches(rows), progress):
+                    chunks = keys.take(indices)
                     yield pa.concat_tables(
                         [
-                            self._batch_rows(e, partition, rows.take(indices), vectors.numpy(), its_sums, its_nonfinite)
+                            self._batch_rows(e, partition, chunks, vectors.numpy(), its_sums, its_nonfinite)
                             for e, vectors, its_sums, its_nonfinite in zip(
                                 self.extractions, per_extraction, sums, nonfinite
                             )
