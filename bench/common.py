@@ -43,6 +43,25 @@ def fake_adam_state(model) -> dict:
     return {"kind": "adam", "step": 100, "lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8, "state": state}
 
 
+def peak_tree_rss_mb(process, interval: float = 0.02) -> float:
+    """Waits for a started `subprocess.Popen` and returns the peak RSS (MB) of it and all its
+    descendants together (a stage's launcher and DeepSpeed ranks), sampled every `interval` s:
+    getrusage's child maximum also counts short-lived forks, which show their parent's whole RSS."""
+    import psutil
+
+    tree, peak = psutil.Process(process.pid), 0
+    while process.poll() is None:
+        total = 0
+        for member in [tree, *tree.children(recursive=True)]:
+            try:
+                total += member.memory_info().rss
+            except psutil.Error:  # ended between listing and reading
+                pass
+        peak = max(peak, total)
+        time.sleep(interval)
+    return peak / 2**20
+
+
 def median_seconds(fn, repeats: int = 5) -> float:
     fn()  # warm-up
     times = []

@@ -1,18 +1,21 @@
-"""Extraction and index scoring on one GPU, for a 160M-parameter Pythia-shaped model.
+"""Extraction and index scoring on one GPU, for Pythia-shaped models (160M by default, or 1B).
 
-The model is GPT-NeoX with Pythia-160M's shape (12 layers, 768 wide, vocabulary 50,304), built
-from its config with random weights (no hub here) and a plausible Adam state. Same process, same
-batches of random tokens:
+The model is GPT-NeoX with Pythia-160M's shape (12 layers, 768 wide, vocabulary 50,304) or
+Pythia-1B's (`--shape pythia-1b`: 16 layers, 2,048 wide), built from its config with random weights
+(no hub here) and a plausible Adam state. Same process, same batches of random tokens:
 - plain forward+backward tokens/s (the baseline), then extraction tokens/s with the factored Adam
   correction (the default above 50M parameters) and the exact one, in float32 and in bfloat16
   autocast; each ÷ the baseline, and against bergson's published ~38k tokens/s for Pythia-160M;
 - the extraction checked on the GPU against the exact reference (full per-example gradients);
 - index scoring: int8 vectors copied from pinned host memory, decoded, scored against 200 queries
-  (one matmul) with a top-10; vectors/s ÷ only copying and decoding them.
+  (one matmul) with a top-10; vectors/s ÷ only copying and decoding them;
+- the 4N-FLOP limit: a bfloat16 matrix product's FLOP/s measured here, ÷ 4N (the forward and the
+  input-gradient backward of N parameters per token, what extraction needs at least): each
+  bfloat16 extraction's tokens/s as a share of it (`flop_share`).
 
 Needs CUDA (`--device cpu --tiny` runs the same code small, for a check without one).
 
-    python bench/gpu.py [--batch 16] [--length 1024] [--k 16] [--out gpu.json]
+    python bench/gpu.py [--shape pythia-160m|pythia-1b] [--batch 16] [--length 1024] [--k 16] [--out gpu.json]
 """
 
 from __future__ import annotations
@@ -41,17 +44,30 @@ from gradient_kernels.scoring import top_k  # noqa: E402
 BERGSON_PUBLISHED_TOKENS_PER_S = 38_000  # bergson's README, Pythia-160M on one GPU
 
 
-def pythia_160m(tiny: bool):
+SHAPES = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, vocab_size=512),
+    "pythia-160m": dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, vocab_size=50304
+    ),
+    "pythia-1b": dict(
+        hidden_size=2048, num_hidden_layers=16, num_attention_heads=8, intermediate_size=8192, vocab_size=50304
+    ),
+}
+
+
+def pythia(shape: str):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, vocab_size=512)
-    if not tiny:
-        shape = dict(
-            hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, vocab_size=50304
-        )
     torch.manual_seed(0)
-    config = GPTNeoXConfig(**shape, max_position_embeddings=2048, rotary_pct=0.25, tie_word_embeddings=False)
+    config = GPTNeoXConfig(**SHAPES[shape], max_position_embeddings=2048, rotary_pct=0.25, tie_word_embeddings=False)
     return GPTNeoXForCausalLM(config).eval()
+
+
+def matmul_flops_per_s(device, n: int = 8192) -> float:
+    """bfloat16 matrix-product FLOP/s on this device: the ceiling extraction is measured against."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    return 2 * n**3 / seconds_per_call(lambda: a @ b, device, repeats=10)
 
 
 def seconds_per_call(fn, device, repeats: int = 5) -> float:
@@ -168,6 +184,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model, for a check without a GPU")
+    parser.add_argument("--shape", default="pythia-160m", choices=[s for s in SHAPES if s != "tiny"])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--k", type=int, default=16)
@@ -177,7 +194,7 @@ def main():
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: run with --device cpu --tiny for a check")
-    model = pythia_160m(args.tiny)
+    model = pythia("tiny" if args.tiny else args.shape)
     state = fake_adam_state(model)
     model.to(device)
     batch = document_batch(random_documents(args.batch, args.length, model.config.vocab_size)).to(device)
@@ -190,28 +207,39 @@ def main():
     result = {
         "device": name,
         "torch": torch.__version__,
+        "shape": "tiny" if args.tiny else args.shape,
         "parameters": parameters,
         "batch": args.batch,
         "length": args.length,
+        "k": args.k,
+        "matmul_flops_per_s": matmul_flops_per_s(device, 512 if args.tiny else 8192),
     }
     result["fidelity"] = fidelity(model, device, batch, args.k, state)
     print(json.dumps(result["fidelity"]), flush=True)
     result["extraction"] = extraction(model, device, batch, args.k, state)
     for row, values in result["extraction"].items():
+        if row.endswith("bfloat16"):
+            values["flop_share"] = values["tokens_per_s"] * 4 * parameters / result["matmul_flops_per_s"]
         extra = "".join(
             f"  {key}={value:.3f}" for key, value in values.items() if key != "tokens_per_s" and key != "dim"
         )
         print(f"{row:26s} {values['tokens_per_s']:12,.0f} tok/s{extra}", flush=True)
     dim = result["extraction"]["adam-factored float32"]["dim"]
-    result["index"] = index_scoring(device, args.index_vectors, dim)
-    index = result["index"]
-    print(
-        f"index scoring: {index['vectors']:,} int8 vectors of {dim} dims x {index['queries']} queries: "
-        f"{index['score_vectors_per_s']:,.0f} vectors/s, copy + decode only {index['copy_decode_vectors_per_s']:,.0f}"
-    )
     best = max(v["tokens_per_s"] for key, v in result["extraction"].items() if key.startswith("adam-factored"))
-    print(f"extraction_vs_bergson_published={best / BERGSON_PUBLISHED_TOKENS_PER_S:.2f} (our tok/s ÷ 38k)")
-    print(f"gpu_index_ratio={index['index_ratio']:.3f}")
+    print(f"matmul bfloat16: {result['matmul_flops_per_s'] / 1e12:,.0f} TFLOP/s; d = {dim:,}")
+    print(
+        f"extraction_flop_share={result['extraction']['adam-factored bfloat16']['flop_share']:.3f} (÷ the 4N-FLOP limit)"
+    )
+    if args.shape == "pythia-160m" or args.tiny:
+        print(f"extraction_vs_bergson_published={best / BERGSON_PUBLISHED_TOKENS_PER_S:.2f} (our tok/s ÷ 38k)")
+    if args.index_vectors:
+        result["index"] = index_scoring(device, args.index_vectors, dim)
+        index = result["index"]
+        print(
+            f"index scoring: {index['vectors']:,} int8 vectors of {dim} dims x {index['queries']} queries: "
+            f"{index['score_vectors_per_s']:,.0f} vectors/s, copy + decode only {index['copy_decode_vectors_per_s']:,.0f}"
+        )
+        print(f"gpu_index_ratio={index['index_ratio']:.3f}")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
 

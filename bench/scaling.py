@@ -115,10 +115,8 @@ def run_stage(stage: str, lake: str, checkpoint: str, checkpoint_id: str, finger
 
 
 def measured(stage: str, lake: Path, context: dict) -> tuple[float, float]:
-    """(seconds, peak RSS in MB) of one stage in a fresh process. The RSS is sampled every 20 ms
-    and summed over the stage's process and all its descendants (the DeepSpeed launcher and rank):
-    getrusage's child maximum also counts short-lived forks, which show their parent's whole RSS."""
-    import psutil
+    """(seconds, peak RSS in MB of its process tree) of one stage in a fresh process."""
+    from bench.common import peak_tree_rss_mb
 
     started = time.perf_counter()
     child = subprocess.Popen(
@@ -127,19 +125,10 @@ def measured(stage: str, lake: Path, context: dict) -> tuple[float, float]:
         stderr=subprocess.PIPE,
         text=True,
     )
-    tree, peak = psutil.Process(child.pid), 0
-    while child.poll() is None:
-        total = 0
-        for process in [tree, *tree.children(recursive=True)]:
-            try:
-                total += process.memory_info().rss
-            except psutil.Error:  # ended between listing and reading
-                pass
-        peak = max(peak, total)
-        time.sleep(0.02)
+    peak = peak_tree_rss_mb(child)
     if child.returncode:
         raise RuntimeError(f"stage {stage} failed:\n{child.stderr.read()[-3000:]}")
-    return time.perf_counter() - started, peak / 2**20
+    return time.perf_counter() - started, peak
 
 
 def main():

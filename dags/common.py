@@ -11,7 +11,7 @@ import logging
 from datetime import timedelta
 from pathlib import Path
 
-from airflow.sdk import Asset, task
+from airflow.sdk import Asset, TriggerRule, task
 
 from infra import storage
 from infra.config import load_config
@@ -26,7 +26,8 @@ def orchestrate():
     return module
 
 
-# Extraction saturates a machine (all its GPUs, or all CPU cores with CPU ranks): one at a time.
+# One slot per extraction node: a mapped extract_group task uses all the GPUs (or cores) of its node.
+# Its size is the setting device_pool_slots (infra/airflow_local.py creates it).
 DEVICE_POOL = "trackstar_device"
 
 
@@ -67,6 +68,36 @@ def table_asset(table: str) -> Asset:
 @task
 def registered_query_sets() -> list[str]:
     return orchestrate().registered_query_sets()
+
+
+# The extraction fan-out: plan the missing slices in groups, one mapped task per group in the device
+# pool (a retry redoes only its group), then one summary that the Hessian fit and scoring wait for.
+@task(trigger_rule=TriggerRule.NONE_FAILED)
+def plan_extraction(checkpoint: str, query_sets: list[str], partitions: list[int] | None = None) -> dict:
+    return orchestrate().plan_extraction(checkpoint, query_sets, partitions)
+
+
+# its own task: Airflow maps only over a task's whole return value
+@task
+def extraction_groups(plan: dict) -> list[dict]:
+    return orchestrate().extraction_groups(plan)
+
+
+@task(pool=DEVICE_POOL, outlets=[table_asset("train_gradients"), table_asset("query_gradients")])
+def extract_group(group: dict) -> dict:
+    return orchestrate().extract_group(group)
+
+
+# none_failed: with nothing missing the mapping over no groups is skipped; the summary still follows
+@task(trigger_rule=TriggerRule.NONE_FAILED)
+def collect_extraction(plan: dict, groups: list | None) -> dict:
+    return orchestrate().collect_extraction(plan, groups)
+
+
+def fan_out_extraction(checkpoint, query_sets, partitions=None):
+    """Wires plan -> extract_group (mapped over the groups) -> collect; returns (plan, collected)."""
+    plan = plan_extraction(checkpoint, query_sets, partitions)
+    return plan, collect_extraction(plan, extract_group.expand(group=extraction_groups(plan)))
 
 
 @task(outlets=[table_asset("hessians")])

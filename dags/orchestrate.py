@@ -53,21 +53,59 @@ def tokenize_partition(partition: int) -> dict:
     return tokenize.run(tokenize.TokenizeConfig(lake=lake_root(), partitions=[partition]))
 
 
-def extract_missing(checkpoint: str, query_sets: list[str], partitions: list[int] | None = None) -> dict:
-    """Gradients for every (checkpoint, partition) slice and query set still missing; done ones are skipped."""
+def plan_extraction(checkpoint: str, query_sets: list[str], partitions: list[int] | None = None) -> dict:
+    """The slices of `checkpoint` still missing (all partitions, or `partitions`), in groups of
+    `extract_group_size` partitions: one mapped `extract_group` task each, so as many groups run
+    at once as the device pool has slots."""
+    settings = load_config()
+    config = extract.ExtractConfig(lake=settings.lake_root, checkpoint=checkpoint, partitions=list(partitions or []))
+    return extract.plan_groups(config, list(query_sets), settings.extract_group_size)
+
+
+def extraction_groups(plan: dict) -> list[dict]:
+    return plan["groups"]
+
+
+def extract_group(group: dict) -> dict:
+    """One group of the plan on this node's ranks: its partitions, then its query sets. A retry
+    redoes only the group's slices still missing; other groups are other tasks."""
     results = [
         extract.run(
             extract.ExtractConfig(
-                lake=lake_root(), checkpoint=checkpoint, query_set=query_set, partitions=list(partitions or [])
+                lake=lake_root(),
+                checkpoint=group["checkpoint"],
+                query_set=query_set,
+                partitions=list(group["partitions"]),
+                queries_only=not group["partitions"],
             )
         )
-        for query_set in (query_sets or [None])
+        for query_set in (group["query_sets"] or [None])
     ]
-    fail_once_if_injected("extract_missing")
+    fail_once_if_injected("extract_group")
+    return {"fingerprint": results[0]["fingerprint"], "extracted": sorted({i for r in results for i in r["items"]})}
+
+
+def collect_extraction(plan: dict, groups: list | None) -> dict:
+    """What every group extracted, for the Hessian fit and scoring that wait for all of them."""
+    # indexing, not iteration: Airflow's lazy sequence of mapped results asks for one item past its end
+    done = [groups[i] for i in range(len(groups))] if groups else []
+    stray = sorted({g["fingerprint"] for g in done} - {plan["fingerprint"]})
+    if stray:
+        raise ValueError(f"extraction groups wrote fingerprints {stray}, the plan was made for {plan['fingerprint']}")
     return {
-        "checkpoint_id": results[0]["checkpoint_id"],
-        "fingerprint": results[0]["fingerprint"],
-        "extracted": sorted({item for r in results for item in r["items"]}),
+        "checkpoint_id": plan["checkpoint_id"],
+        "fingerprint": plan["fingerprint"],
+        "extracted": sorted({item for g in done for item in g["extracted"]}),
+    }
+
+
+def extract_missing(checkpoint: str, query_set: str) -> dict:
+    """Gradients of one query set (and of any slice of `checkpoint` still missing) in one task."""
+    result = extract.run(extract.ExtractConfig(lake=lake_root(), checkpoint=checkpoint, query_set=query_set))
+    return {
+        "checkpoint_id": result["checkpoint_id"],
+        "fingerprint": result["fingerprint"],
+        "extracted": result["items"],
     }
 
 

@@ -13,7 +13,7 @@ from airflow.sdk import Param, dag, get_current_context, task
 
 from dags.common import (
     DEFAULT_ARGS,
-    DEVICE_POOL,
+    fan_out_extraction,
     orchestrate,
     refit_hessians,
     registered_query_sets,
@@ -43,16 +43,13 @@ def trackstar_backfill():
         params = get_current_context()["params"]
         return orchestrate().partitions_in_range(params["first_partition"], params["last_partition"])
 
-    @task(pool=DEVICE_POOL, outlets=[table_asset("train_gradients"), table_asset("query_gradients")])
-    def extract_missing(query_sets: list[str], partitions: list[int] | None) -> dict:
-        return orchestrate().extract_missing(get_current_context()["params"]["checkpoint"], query_sets, partitions)
-
     @task(outlets=[table_asset("eval_metrics")])
     def compare_with_previous(extraction: dict, query_sets: list[str]) -> list[dict]:
         return orchestrate().compare_with_previous(extraction, query_sets)
 
     query_sets = registered_query_sets()
-    extraction = extract_missing(query_sets, partitions_in_range())
+    # a task's arguments are templated: the plan gets the checkpoint param itself
+    _, extraction = fan_out_extraction("{{ params.checkpoint }}", query_sets, partitions_in_range())
     rescored = rescore_changed(extraction, query_sets)
     refit_hessians(extraction, query_sets) >> rescored >> compare_with_previous(extraction, query_sets)
 

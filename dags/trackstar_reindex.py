@@ -12,7 +12,7 @@ from airflow.sdk import TriggerRule, dag, task
 
 from dags.common import (
     DEFAULT_ARGS,
-    DEVICE_POOL,
+    fan_out_extraction,
     orchestrate,
     refit_hessians,
     registered_query_sets,
@@ -45,15 +45,6 @@ def trackstar_reindex():
     def tokenize_partition(partition: int) -> dict:
         return orchestrate().tokenize_partition(partition)
 
-    # none_failed: a night without new partitions maps tokenize over nothing (skipped); go on anyway
-    @task(
-        pool=DEVICE_POOL,
-        outlets=[table_asset("train_gradients"), table_asset("query_gradients")],
-        trigger_rule=TriggerRule.NONE_FAILED,
-    )
-    def extract_missing(checkpoint: str, query_sets: list[str]) -> dict:
-        return orchestrate().extract_missing(checkpoint, query_sets)
-
     @task(trigger_rule=TriggerRule.NONE_FAILED)
     def report_summary(tokenized: list | None, extraction: dict, refitted: list[str], rescored: list[str]) -> str:
         return orchestrate().report_summary(tokenized, extraction, refitted, rescored)
@@ -65,8 +56,10 @@ def trackstar_reindex():
     # "No tasks to run. unrunnable tasks" about a healthy run
     new_partitions >> [checkpoint, query_sets]
     tokenized = tokenize_partition.expand(partition=new_partitions)
-    extraction = extract_missing(checkpoint, query_sets)
-    tokenized >> extraction
+    # the plan waits for every tokenize task (none_failed: a night without new partitions maps
+    # tokenize over nothing, which is skipped); extraction then fans out over groups of partitions
+    plan, extraction = fan_out_extraction(checkpoint, query_sets)
+    tokenized >> plan
     refitted = refit_hessians(extraction, query_sets)
     rescored = rescore_changed(extraction, query_sets)
     refitted >> rescored

@@ -35,7 +35,7 @@ def trackstar_score():
     def extract_missing() -> dict:
         params = get_current_context()["params"]
         return orchestrate().extract_missing(
-            params["checkpoint"] or orchestrate().newest_checkpoint(), [params["query_set"]]
+            params["checkpoint"] or orchestrate().newest_checkpoint(), params["query_set"]
         )
 
     @task(outlets=[table_asset("hessians")])

@@ -22,7 +22,13 @@ from pathlib import Path
 from infra.config import load_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEVICE_POOL = ("trackstar_device", 1, "extraction saturates the machine: one extraction at a time")
+
+
+def device_pool() -> tuple[str, int, str]:
+    """(name, slots, description) of the pool every extraction task runs in: one slot per node that
+    may extract at once (the setting device_pool_slots)."""
+    slots = load_config().device_pool_slots
+    return ("trackstar_device", slots, "extraction tasks that run at once, each on all the GPUs (or cores) of its node")
 
 
 def airflow_environment(lake_root: str, home: str | os.PathLike = ".airflow", **extra) -> dict:
@@ -71,7 +77,7 @@ def _prepare_home() -> None:
     if not database.exists():
         subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
     subprocess.run(
-        [sys.executable, "-m", "airflow", "pools", "set", *map(str, DEVICE_POOL)], check=True, capture_output=True
+        [sys.executable, "-m", "airflow", "pools", "set", *map(str, device_pool())], check=True, capture_output=True
     )
 
 

@@ -57,6 +57,15 @@ class Config:
     projection_k: int = setting(16, "projection size per side: a k x k block per weight matrix")
     vector_dtype: VectorDtype = setting("float32", "storage encoding of gradient vectors")
     batch_token_budget: int = setting(4096, "padded tokens per gradient batch")
+    extract_ranks: int = setting(
+        0, "DeepSpeed ranks of one extraction task: 0 = one per GPU of its node, else 2 CPU ranks"
+    )
+    extract_group_size: int = setting(
+        8, "partitions per mapped extraction task of the reindex and backfill DAGs (one node's ranks each)"
+    )
+    device_pool_slots: int = setting(
+        1, "slots of the Airflow pool trackstar_device: extraction tasks (GPU nodes) that run at once"
+    )
     top_k: int = setting(10, "proponents kept per query")
     hessian_lambda: float | None = setting(None, "R_query weight in [0, 1]; none = chosen where the spectra cross")
     hessian_damping: float = setting(0.1, "damping = this x the mean eigenvalue of R")
@@ -67,10 +76,10 @@ class Config:
     def __post_init__(self):
         if self.vector_dtype not in typing.get_args(VectorDtype):
             raise ConfigError(f"vector_dtype {self.vector_dtype!r}: expected one of {typing.get_args(VectorDtype)}")
-        for name in ("projection_k", "batch_token_budget", "top_k"):
+        for name in ("projection_k", "batch_token_budget", "top_k", "extract_group_size", "device_pool_slots"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("task_retries", "retry_delay_seconds", "refit_threshold"):
+        for name in ("task_retries", "retry_delay_seconds", "refit_threshold", "extract_ranks"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.hessian_lambda is not None and not 0.0 <= self.hessian_lambda <= 1.0:

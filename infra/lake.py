@@ -253,6 +253,64 @@ class Lake:
             if batch.num_rows:
                 yield pa.Table.from_batches([batch])
 
+    def distinct(self, table: str, columns: list[str], filters=None) -> set[tuple]:
+        """The distinct values of `columns` among the rows `filters` select (as in `read`), taken from
+        the Delta log wherever it can tell (`_file_constants`): planning costs per file, not per row."""
+        constants, unresolved = self._file_constants(table, [*columns, *_filter_columns(filters)], filters)
+        found = set(zip(*(constants[c].to_pylist() for c in columns))) if constants.num_rows else set()
+        if unresolved is not None:
+            rows = unresolved.to_table(columns=columns, filter=_filter_expression(declared(table), filters))
+            found |= set(zip(*(rows[c].to_pylist() for c in columns)))
+        return found
+
+    def count_rows(self, table: str, filters=None) -> int:
+        """The number of rows `filters` select, from the Delta log's row counts wherever it can tell."""
+        constants, unresolved = self._file_constants(table, _filter_columns(filters), filters)
+        counted = sum(constants["_rows"].to_pylist())
+        if unresolved is not None:
+            counted += unresolved.count_rows(filter=_filter_expression(declared(table), filters))
+        return counted
+
+    def _file_constants(self, table: str, columns: list[str], filters) -> tuple[pa.Table, ds.Dataset | None]:
+        """(one row per data file whose `columns` are constant in it and that `filters` select, with its
+        row count `_rows`; a dataset of the files where some column varies, or None). A column is
+        constant in a file when it is a partition column, or when the log's statistics give it equal
+        min and max and no nulls, as they do for the one fingerprint or run of an extraction's file."""
+        spec = declared(table)
+        schema = pa.schema(
+            [spec.arrow_schema.field(c) for c in dict.fromkeys(columns)] + [pa.field("_rows", pa.int64())]
+        )
+        if not self.exists(table):
+            return schema.empty_table(), None
+        delta = self.open(table)
+        actions = pa.table(delta.get_add_actions(flatten=True)).to_pylist()
+        constant, varying = [], set()
+        for action in actions:
+            row = {"_rows": action["num_records"]}
+            for name in schema.names[:-1]:
+                low, high = action.get(f"min.{name}"), action.get(f"max.{name}")
+                if name in spec.partition_by:
+                    row[name] = action[f"partition.{name}"]
+                elif low is not None and low == high and action.get(f"null_count.{name}") == 0:
+                    row[name] = low
+                else:
+                    varying.add(action["path"])
+                    break
+            else:
+                if row["_rows"] is None:  # a file written without statistics: count its rows
+                    varying.add(action["path"])
+                else:
+                    constant.append(row)
+        constants = pa.Table.from_pylist(constant, schema=schema)
+        expression = _filter_expression(spec, filters)
+        if expression is not None and constants.num_rows:
+            constants = constants.filter(expression)
+        if not varying:
+            return constants, None
+        dataset = delta.to_pyarrow_dataset()
+        fragments = [f for f in dataset.get_fragments() if f.path in varying]
+        return constants, ds.FileSystemDataset(fragments, dataset.schema, dataset.format, dataset.filesystem)
+
     def version(self, table: str) -> int | None:
         """The latest version, None if the table has not been written yet."""
         return self.open(table).version() if self.exists(table) else None
@@ -397,6 +455,12 @@ _OPERATORS = {
     ">": "__gt__",
     ">=": "__ge__",
 }
+
+
+def _filter_columns(filters) -> list[str]:
+    if not filters:
+        return []
+    return list(filters) if isinstance(filters, dict) else [name for name, _, _ in filters]
 
 
 def _filter_expression(spec: Table, filters) -> ds.Expression | None:

@@ -123,11 +123,9 @@ def load_preconditioner(lake: Lake, checkpoint_id: str, query_set: str, fingerpr
 
 
 def train_vector_count(lake: Lake, checkpoint_id: str, fingerprint: str) -> int:
-    return lake.read(
-        "train_gradients",
-        filters=[("checkpoint_id", "=", checkpoint_id), ("fingerprint", "=", fingerprint)],
-        columns=["chunk"],
-    ).num_rows
+    return lake.count_rows(
+        "train_gradients", [("checkpoint_id", "=", checkpoint_id), ("fingerprint", "=", fingerprint)]
+    )
 
 
 def hessian_is_stale(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: str, threshold: float) -> bool:

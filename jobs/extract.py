@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,7 +26,7 @@ import pyarrow as pa
 from infra import storage
 from infra.lake import Lake
 from infra.names import check_name, check_names
-from jobs.launch import bind_rank_device, end_rank, init_rank, launch_ranks, rank_arguments
+from jobs.launch import bind_rank_device, end_rank, init_rank, launch_ranks, node_ranks, rank_arguments
 from infra.cli import add_config_arguments, config_from_args, option
 from infra.config import from_settings, load_config
 
@@ -51,11 +50,12 @@ class ExtractConfig:
     )
     vector_dtype: str = from_settings("vector_dtype", choices=["float32", "float16", "bfloat16", "int8"])
     token_budget: int = from_settings("batch_token_budget", help="padded tokens per batch")
-    ranks: int = option(2)
+    ranks: int = from_settings("extract_ranks", help="DeepSpeed ranks on this node (0: one per GPU, else 2 CPU ranks)")
     optimizer_source: str = option("auto", choices=["auto", "consolidated", "zero"])
     query_set: str | None = option("fact-world", help="also extract this registered query set's gradients")
     force: bool = option(False)
     partitions: list[int] = option(factory=list, help="restrict to these source partitions")
+    queries_only: bool = option(False, help="extract only the query set's gradients, no training partitions")
 
 
 # ------------------------------------------------------------------ shared by both sides
@@ -156,6 +156,16 @@ def check_checkpoint(lake: Lake, checkpoint_dir: Path, force: bool) -> tuple[dic
 
 
 def register_checkpoint(lake: Lake, manifest: dict, weights: str, source: str, run_id: str) -> None:
+    """The checkpoint's row in `checkpoints`, written only when it is missing or names other weights
+    or another place: concurrent extraction tasks of one checkpoint find it registered by their
+    plan and never race to rewrite it."""
+    known = lake.read(
+        "checkpoints",
+        filters=[("checkpoint_id", "=", manifest["checkpoint_id"])],
+        columns=["model_fingerprint", "path"],
+    ).to_pylist()
+    if known == [{"model_fingerprint": weights, "path": source}]:
+        return
     row = pa.table(
         {
             "checkpoint_id": [manifest["checkpoint_id"]],
@@ -175,21 +185,15 @@ def register_checkpoint(lake: Lake, manifest: dict, weights: str, source: str, r
 def done_items(lake: Lake, checkpoint_id: str, fingerprint: str, kind: str, query_set: str | None) -> set:
     """Work items whose rows and autocorrelation file exist for this fingerprint."""
     if kind == TRAIN:
-        rows = lake.read(
-            "train_gradients", filters=[("checkpoint_id", "=", checkpoint_id)], columns=["partition", "fingerprint"]
-        )
-        items = {p for p, f in zip(rows["partition"].to_pylist(), rows["fingerprint"].to_pylist()) if f == fingerprint}
+        where = [("checkpoint_id", "=", checkpoint_id), ("fingerprint", "=", fingerprint)]
+        items = {partition for (partition,) in lake.distinct("train_gradients", ["partition"], where)}
     else:
-        rows = lake.read(
-            "query_gradients",
-            filters=[
-                ("query_set", "=", query_set),
-                ("checkpoint_id", "=", checkpoint_id),
-                ("fingerprint", "=", fingerprint),
-            ],
-            columns=["fingerprint"],
-        )
-        items = {query_set} if fingerprint in set(rows["fingerprint"].to_pylist()) else set()
+        where = [
+            ("query_set", "=", query_set),
+            ("checkpoint_id", "=", checkpoint_id),
+            ("fingerprint", "=", fingerprint),
+        ]
+        items = {query_set} if lake.distinct("query_gradients", ["fingerprint"], where) else set()
     return {i for i in items if storage.exists(autocorrelation_path(lake, checkpoint_id, fingerprint, kind, i))}
 
 
@@ -215,7 +219,7 @@ def run_many(configs: list[ExtractConfig]) -> list[dict]:
     checkpoint_dir = resolve_checkpoint(lake, first.checkpoint)
     manifest, weights = check_checkpoint(lake, checkpoint_dir, first.force)
     checkpoint_id = manifest["checkpoint_id"]
-    tokenized = sorted(set(lake.read("tokens", columns=["partition"])["partition"].to_pylist()))
+    tokenized = tokenized_partitions(lake)
     results, jobs, planned = [], [], {}
     for config in configs:
         spec = projection_spec(checkpoint_dir, config)
@@ -270,14 +274,15 @@ def run_many(configs: list[ExtractConfig]) -> list[dict]:
             }
         ),
     )
+    # a rank per partition at most: the query set is small, and an idle rank's cores go unused
+    ranks = node_ranks(first.ranks, len({item for job in jobs for kind, item in job["items"] if kind == TRAIN}))
     print(
-        f"[extract] {sum(len(j['items']) for j in jobs)} slice(s) of {len(jobs)} extraction(s) on "
-        f"{first.ranks} rank(s)",
+        f"[extract] {sum(len(j['items']) for j in jobs)} slice(s) of {len(jobs)} extraction(s) on {ranks} rank(s)",
         flush=True,
     )
     launched = [r for r in planned.values() if "run_id" in r]
     try:
-        launch_ranks("jobs.extract", plan_path, first.ranks)
+        launch_ranks("jobs.extract", plan_path, ranks)
     except Exception:
         for result in launched:
             finish_run(lake, result["run_id"], "failed", result)
@@ -298,11 +303,13 @@ def run_many(configs: list[ExtractConfig]) -> list[dict]:
 
 def missing_items(lake: Lake, checkpoint_id: str, fingerprint: str, config: ExtractConfig, tokenized: list) -> list:
     """The (kind, item) work items of this extraction: the query set first, then every tokenized
-    partition (or those asked for), less those already extracted unless `force`."""
+    partition (or those asked for; none with `queries_only`), less those already extracted unless `force`."""
+    if config.queries_only and not config.query_set:
+        raise ValueError("--queries-only needs a --query-set")
     partitions = [p for p in tokenized if p in set(config.partitions)] if config.partitions else tokenized
-    if not partitions:
+    if not partitions and not config.queries_only:
         raise ValueError(f"no tokenized partitions in {lake.path('tokens')}: run `python -m jobs tokenize` first")
-    items = [(TRAIN, p) for p in partitions]
+    items = [] if config.queries_only else [(TRAIN, p) for p in partitions]
     if config.query_set:
         items.insert(0, (QUERY, config.query_set))
     if not config.force:
@@ -311,6 +318,62 @@ def missing_items(lake: Lake, checkpoint_id: str, fingerprint: str, config: Extr
             done |= {(QUERY, q) for q in done_items(lake, checkpoint_id, fingerprint, QUERY, config.query_set)}
         items = [item for item in items if item not in done]
     return items
+
+
+def plan_groups(config: ExtractConfig, query_sets: list[str], group_size: int) -> dict:
+    """The extraction's missing work split for fan-out: groups of at most `group_size` missing
+    partitions, each to be extracted by one task on one node's ranks (the DAGs map a task over
+    them, so N device-pool slots extract N groups at once); the missing query sets ride with the
+    first group, or form one alone. The checkpoint is registered here, once, so groups running at
+    the same time find it registered. Returns {checkpoint_id, fingerprint, groups: [{checkpoint,
+    partitions, query_sets}]}; no groups when nothing is missing."""
+    from dataclasses import replace
+
+    from infra.runs import finish_run, start_run
+    from jobs.checkpoints import check_complete
+
+    for query_set in query_sets:
+        check_names(query_set=query_set)
+    lake = Lake(config.lake)
+    checkpoint_dir = resolve_checkpoint(lake, config.checkpoint)
+    manifest, weights = check_checkpoint(lake, checkpoint_dir, config.force)
+    spec = projection_spec(checkpoint_dir, config)
+    check_complete(checkpoint_dir, config.optimizer_source if spec.normalizer != "none" else None)
+    checkpoint_id, fingerprint, source = (
+        manifest["checkpoint_id"],
+        spec.fingerprint(),
+        checkpoint_uri(lake, config.checkpoint),
+    )
+    tokenized = tokenized_partitions(lake)
+    partitions = [
+        p for _, p in missing_items(lake, checkpoint_id, fingerprint, replace(config, query_set=None), tokenized)
+    ]
+    queries = [
+        q
+        for q in query_sets
+        if missing_items(lake, checkpoint_id, fingerprint, replace(config, query_set=q, queries_only=True), tokenized)
+    ]
+    groups = [
+        {"checkpoint": source, "partitions": partitions[i : i + group_size], "query_sets": []}
+        for i in range(0, len(partitions), group_size)
+    ] or ([{"checkpoint": source, "partitions": [], "query_sets": []}] if queries else [])
+    if groups:
+        groups[0]["query_sets"] = queries
+        run_id = start_run(
+            lake, "extract-plan", asdict(config) | {"fingerprint": fingerprint, "group_size": group_size}
+        )
+        register_checkpoint(lake, manifest, weights, source, run_id)
+        finish_run(lake, run_id, "succeeded", {"groups": groups})
+    print(
+        f"[extract] {checkpoint_id} (fingerprint {fingerprint}): {len(partitions)} partition(s) and "
+        f"{len(queries)} query set(s) missing, in {len(groups)} group(s) of at most {group_size} partition(s)",
+        flush=True,
+    )
+    return {"checkpoint_id": checkpoint_id, "fingerprint": fingerprint, "groups": groups}
+
+
+def tokenized_partitions(lake: Lake) -> list[int]:
+    return sorted(set(lake.read("tokens", columns=["partition"])["partition"].to_pylist()))
 
 
 def optimizer_correction(checkpoint_dir: Path, config: ExtractConfig, spec) -> str:
@@ -554,7 +617,6 @@ class RankWorker:
 def extract_rank(plan_path: str):
     from functools import cache
 
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gradient_kernels.modules import weight_matrices
@@ -562,8 +624,7 @@ def extract_rank(plan_path: str):
     from jobs.checkpoints import load_second_moments
 
     plan = json.loads(storage.read_bytes(plan_path))
-    rank, world = init_rank()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    rank, world = init_rank()  # threads per rank: OMP_NUM_THREADS, set by launch_ranks on a CPU node
     checkpoint_dir = Path(plan["checkpoint_dir"])
     model = AutoModelForCausalLM.from_pretrained(checkpoint_dir).to(bind_rank_device()).eval()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)

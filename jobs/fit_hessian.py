@@ -55,8 +55,9 @@ class FitHessianConfig(SliceConfig):
 
 
 def only_fingerprint(lake: Lake, checkpoint_id: str) -> str:
-    rows = lake.read("train_gradients", filters=[("checkpoint_id", "=", checkpoint_id)], columns=["fingerprint"])
-    found = sorted(set(rows["fingerprint"].to_pylist()))
+    found = sorted(
+        f for (f,) in lake.distinct("train_gradients", ["fingerprint"], [("checkpoint_id", "=", checkpoint_id)])
+    )
     if len(found) != 1:
         raise ValueError(f"{checkpoint_id}: train_gradients hold fingerprints {found}; pass --fingerprint")
     return found[0]

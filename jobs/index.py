@@ -48,9 +48,10 @@ def rows_per_batch(dim: int, batch_bytes: int) -> int:
     return max(1, batch_bytes // (4 * max(dim, 1)))
 
 
-def _by_partition(rows: pa.Table, column: str) -> dict[int, set]:
+def _by_partition(pairs: set[tuple]) -> dict[int, set]:
+    """{partition: its values} of (partition, value) pairs."""
     found: dict[int, set] = {}
-    for partition, value in zip(rows["partition"].to_pylist(), rows[column].to_pylist()):
+    for partition, value in pairs:
         found.setdefault(partition, set()).add(value)
     return found
 
@@ -58,12 +59,11 @@ def _by_partition(rows: pa.Table, column: str) -> dict[int, set]:
 def plan(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: str, kind: str, dtype: str, sha256: str) -> dict:
     """{"build": partitions to (re)build with the reason, "remove": partitions to drop, "keep": up to date}."""
     sources = _by_partition(
-        lake.read(
+        lake.distinct(
             "train_gradients",
-            filters=[("checkpoint_id", "=", checkpoint_id), ("fingerprint", "=", fingerprint)],
-            columns=["partition", "run_id"],
-        ),
-        "run_id",
+            ["partition", "run_id"],
+            [("checkpoint_id", "=", checkpoint_id), ("fingerprint", "=", fingerprint)],
+        )
     )
     slice_filter = [
         ("checkpoint_id", "=", checkpoint_id),
@@ -72,10 +72,8 @@ def plan(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: str, kind:
         ("kind", "=", kind),
         ("dtype", "=", dtype),
     ]
-    indexed = lake.read(
-        "trackstar_index", filters=slice_filter, columns=["partition", "hessian_sha256", "source_run_id"]
-    )
-    hessians, indexed_sources = _by_partition(indexed, "hessian_sha256"), _by_partition(indexed, "source_run_id")
+    hessians = _by_partition(lake.distinct("trackstar_index", ["partition", "hessian_sha256"], slice_filter))
+    indexed_sources = _by_partition(lake.distinct("trackstar_index", ["partition", "source_run_id"], slice_filter))
     build, keep = {}, []
     for partition, run_ids in sorted(sources.items()):
         if partition not in hessians:
@@ -174,16 +172,15 @@ def ensure_index(
     }
     if work["build"]:
         sources = _by_partition(
-            lake.read(
+            lake.distinct(
                 "train_gradients",
-                filters=[
+                ["partition", "run_id"],
+                [
                     ("checkpoint_id", "=", checkpoint_id),
                     ("fingerprint", "=", fingerprint),
                     ("partition", "in", list(work["build"])),
                 ],
-                columns=["partition", "run_id"],
-            ),
-            "run_id",
+            )
         )
     rows = 0
     for partition, reason in work["build"].items():

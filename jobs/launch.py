@@ -23,10 +23,24 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _has_gpu() -> bool:
+def _gpu_count() -> int:
     import torch
 
-    return torch.cuda.is_available()
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def free_cores() -> int:
+    """The cores this process may run on (its affinity mask: what taskset, cgroups and a container
+    leave it), not every core of the machine."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def node_ranks(requested: int, work_items: int) -> int:
+    """How many ranks to start on this node: as asked, or for 0 one per GPU (2 CPU ranks where there
+    is none), but never more than there are work items: an idle rank holds a GPU, or on a CPU node
+    the cores the working ranks' threads would use."""
+    wanted = requested or _gpu_count() or 2
+    return max(1, min(wanted, work_items))
 
 
 def launch_ranks(module: str, plan: str, ranks: int):
@@ -41,9 +55,10 @@ def launch_ranks(module: str, plan: str, ranks: int):
         TRACKSTAR_DRIVER_PID=str(os.getpid()),
         PYTHONPATH=os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p),
     )
-    if not _has_gpu():
-        # one thread per rank: the ranks themselves are the parallelism on a CPU host
-        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
+    if not _gpu_count():
+        # the ranks share this process's free cores as threads, unless the user set OMP_NUM_THREADS
+        threads = env.get("OMP_NUM_THREADS") or str(max(1, free_cores() // ranks))
+        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=threads)
     world_info = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(ranks))}).encode()).decode()
     command = [
         sys.executable,

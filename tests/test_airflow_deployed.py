@@ -1,6 +1,10 @@
 """Airflow as deployed: PostgreSQL (Debian's package) as the metadata database; the API server,
-scheduler and DAG processor with the LocalExecutor; `trackstar_reindex` triggered through the REST
-API (v2) with a SimpleAuthManager token, on the same small lake as tests/test_dags.py.
+scheduler and DAG processor with the LocalExecutor running two tasks at once; `trackstar_reindex`
+triggered through the REST API (v2) with a SimpleAuthManager token, on the same small lake as
+tests/test_dags.py, locally and on S3 (the moto server). Extraction fans out: one mapped task per
+partition (extract_group_size 1) in a device pool of two slots, so the two partitions' extraction
+tasks write one lake at the same time; one of them has its DeepSpeed rank killed mid-way and is
+retried alone. The tables then equal a sequential extraction of the same lake.
 
 Both services start through the scripts docker-compose runs (infra/deploy/postgres.sh,
 infra/deploy/airflow.sh), each in its own process group, on 127.0.0.1 and free ports.
@@ -12,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import threading
 import shutil
 import signal
 import socket
@@ -22,11 +27,16 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
+import psutil
 import psycopg2
+import pyarrow as pa
 import pytest
 
+from infra import storage
 from infra.lake import Lake
-from jobs import register_queries
+from jobs import extract, register_queries, tokenize
+from schemas.vectors import decode_vectors
 from tests.fixtures import copy_lake
 
 pytestmark = pytest.mark.slow
@@ -106,8 +116,9 @@ def postgres():
 
 
 @pytest.fixture(scope="module")
-def airflow(postgres, adam_run, tmp_path_factory):
-    """(REST client with a bearer token, the lake) for Airflow serving this project's DAGs."""
+def airflow(postgres, adam_run, s3_server, tmp_path_factory):
+    """(REST client with a bearer token, the local lake, the server, its logs) for Airflow serving
+    this project's DAGs; its tasks see the S3 server too (an s3:// lake is chosen by trigger conf)."""
     url, _ = postgres
     root = tmp_path_factory.mktemp("deployed")
     lake_dir = copy_lake(adam_run[0], root / "lake")
@@ -121,6 +132,11 @@ def airflow(postgres, adam_run, tmp_path_factory):
         AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=url,
         TRACKSTAR_LAKE_ROOT=str(lake_dir),
         TRACKSTAR_RETRY_DELAY_SECONDS="1",
+        # the fan-out: one extraction task per partition, two at once, one CPU rank each
+        TRACKSTAR_EXTRACT_GROUP_SIZE="1",
+        TRACKSTAR_DEVICE_POOL_SLOTS="2",
+        TRACKSTAR_EXTRACT_RANKS="1",
+        AIRFLOW__CORE__PARALLELISM="2",
         # only triggered runs: unpausing would otherwise start the @daily run as well
         AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE="False",
     )
@@ -145,8 +161,8 @@ def airflow(postgres, adam_run, tmp_path_factory):
         _stop(server)
 
 
-def _trigger_and_wait(client: httpx.Client, server, logs) -> dict:
-    response = client.post(f"/dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": {}})
+def _trigger_and_wait(client: httpx.Client, server, logs, conf: dict | None = None) -> dict:
+    response = client.post(f"/dags/{DAG_ID}/dagRuns", json={"logical_date": None, "conf": conf or {}})
     assert response.status_code == 200, response.text
     run_id = response.json()["dag_run_id"]
     finished = lambda: client.get(f"/dags/{DAG_ID}/dagRuns/{run_id}").json()["state"] in ("success", "failed")  # noqa: E731
@@ -161,16 +177,111 @@ def _trigger_and_wait(client: httpx.Client, server, logs) -> dict:
     return {"run": run, "tasks": tasks, "summary": summary}
 
 
-def test_reindex_triggered_through_the_rest_api_then_a_second_trigger_finds_nothing_new(airflow, postgres):
+class RankKiller(threading.Thread):
+    """SIGKILLs, once, the DeepSpeed rank that extracts `partition` (an OOM kill, a lost node), a
+    second after it started: its task fails mid-way, with the run recorded and no slice committed."""
+
+    def __init__(self, partition: int):
+        super().__init__(daemon=True)
+        self.partition, self.killed, self.stop = partition, [], threading.Event()
+
+    def run(self):
+        while not self.stop.is_set() and not self.killed:
+            for process in psutil.process_iter(["pid", "cmdline", "create_time"]):
+                command = process.info["cmdline"] or []
+                # the rank is `python -u -m jobs.extract ... --plan P`; its launcher says `--module jobs.extract`
+                if "jobs.extract" not in command or command[command.index("jobs.extract") - 1] != "-m":
+                    continue
+                if time.time() - process.info["create_time"] < 1.0 or "--plan" not in command:
+                    continue
+                plan = json.loads(storage.read_bytes(command[command.index("--plan") + 1]))
+                if ["train", self.partition] in [item for job in plan["jobs"] for item in job["items"]]:
+                    process.kill()
+                    self.killed.append(process.pid)
+                    return
+            time.sleep(0.2)
+
+
+def _tries(client: httpx.Client, run_id: str, task_id: str, map_index: int) -> list[dict]:
+    response = client.get(f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/{map_index}/tries")
+    assert response.status_code == 200, response.text
+    return sorted(response.json()["task_instances"], key=lambda t: t["try_number"])
+
+
+def _vectors(lake: Lake, table: str, keys: list[str]) -> dict:
+    rows = lake.read(table, columns=[*keys, "vector", "dtype", "scale", "fingerprint"]).to_pylist()
+    found = {}
+    for row in rows:
+        key = tuple(row[k] for k in keys) + (row["fingerprint"],)
+        assert key not in found, f"{table}: duplicate row {key}"
+        found[key] = decode_vectors(
+            pa.array([row["vector"]], pa.binary()), row["dtype"], None if row["scale"] is None else [row["scale"]]
+        )[0]
+    return found
+
+
+def _sequential_reference(source: Path, root: str) -> Lake:
+    """The same lake extracted the plain way: every partition by one task, one after the other."""
+    if storage.is_s3(root):
+        storage.upload_dir(source, root)
+    else:
+        copy_lake(source, Path(root))
+    register_queries.run(root)
+    tokenize.run(tokenize.TokenizeConfig(lake=root))
+    extract.run(extract.ExtractConfig(lake=root, ranks=1))
+    return Lake(root)
+
+
+def _assert_same_vectors(lake: Lake, reference: Lake):
+    for table, keys in (
+        ("train_gradients", ["partition", "doc_id", "chunk"]),
+        ("query_gradients", ["query_id", "prompt_index"]),
+    ):
+        ours, theirs = _vectors(lake, table, keys), _vectors(reference, table, keys)
+        assert ours.keys() == theirs.keys() and ours, table
+        worst = max(np.linalg.norm(ours[k] - theirs[k]) / max(np.linalg.norm(theirs[k]), 1e-30) for k in ours)
+        assert worst < 1e-4, f"{table}: vectors differ from the sequential run by up to {worst:.2e}"
+
+
+def _run_with_one_extraction_killed(client, server, logs, lake: Lake, conf: dict | None = None) -> dict:
+    """Triggers the reindex while killing the rank of partition 1; checks the fan-out ran both
+    extraction tasks at the same time and retried only the killed one."""
+    killer = RankKiller(partition=1)
+    killer.start()
+    try:
+        result = _trigger_and_wait(client, server, logs, conf)
+    finally:
+        killer.stop.set()
+    assert killer.killed, "the rank of partition 1 was never seen running"
+    run_id = result["run"]["dag_run_id"]
+    groups = sorted((t for t in result["tasks"] if t["task_id"] == "extract_group"), key=lambda t: t["map_index"])
+    assert [t["state"] for t in groups] == ["success", "success"]
+    tries = [_tries(client, run_id, "extract_group", t["map_index"]) for t in groups]
+    plan = client.get(
+        f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/plan_extraction/xcomEntries/return_value",
+        params={"deserialize": True},
+    ).json()["value"]
+    killed = next(i for i, group in enumerate(plan["groups"]) if group["partitions"] == [1])
+    assert [len(t) for t in tries] == [2 if i == killed else 1 for i in range(2)]  # only the killed task retried
+    assert tries[killed][0]["state"] == "failed"
+    first = [t[0] for t in tries]
+    latest_start = max(t["start_date"] for t in first)
+    assert all(t["end_date"] > latest_start for t in first), "the two extraction tasks did not run at the same time"
+    runs = lake.read("runs", filters=[("command", "=", "extract")], columns=["status"])["status"].to_pylist()
+    assert sorted(runs) == ["failed", "succeeded", "succeeded"]  # the killed try is recorded as failed
+    return result
+
+
+def test_reindex_fans_extraction_out_over_concurrent_tasks_then_finds_nothing_new(
+    airflow, postgres, adam_run, tmp_path
+):
     client, lake, server, logs = airflow
     assert client.patch(f"/dags/{DAG_ID}", json={"is_paused": False}).status_code == 200
-    first = _trigger_and_wait(client, server, logs)
+    first = _run_with_one_extraction_killed(client, server, logs, lake)
     assert first["run"]["run_type"] == "manual"
     ran = {t["task_id"] for t in first["tasks"] if t["state"] == "success"}
-    assert {"tokenize_partition", "extract_missing", "report_summary"} <= ran
-    tokens = lake.read("tokens", columns=["doc_id", "chunk"])
-    vectors = lake.read("train_gradients", columns=["doc_id", "chunk"])
-    assert tokens.num_rows > 0 and vectors.num_rows == tokens.num_rows
+    assert {"tokenize_partition", "plan_extraction", "extract_group", "collect_extraction", "report_summary"} <= ran
+    _assert_same_vectors(lake, _sequential_reference(adam_run[0], str(tmp_path / "sequential")))
     assert (
         lake.read("proponents", filters=[("method", "=", "trackstar")]).num_rows == lake.read("queries").num_rows * 10
     )
@@ -179,6 +290,7 @@ def test_reindex_triggered_through_the_rest_api_then_a_second_trigger_finds_noth
     second = _trigger_and_wait(client, server, logs)
     assert second["summary"].startswith("nothing new"), second["summary"]
     assert {t: lake.version(t) for t in TABLES} == before
+    assert not [t for t in second["tasks"] if t["task_id"] == "extract_group" and t["state"] == "success"]
 
     # the runs live in PostgreSQL, Airflow's metadata database here, and the scheduler queued every task
     _, connect = postgres
@@ -193,3 +305,13 @@ def test_reindex_triggered_through_the_rest_api_then_a_second_trigger_finds_noth
         queued_by = {row[0] for row in cursor.fetchall()}
     assert states[first["run"]["dag_run_id"]] == "success" and states[second["run"]["dag_run_id"]] == "success"
     assert queued_by == {"SchedulerJob"}
+
+
+def test_concurrent_extraction_tasks_on_an_s3_lake_equal_a_sequential_run(airflow, adam_run, s3_bucket):
+    client, _, server, logs = airflow
+    root = f"s3://{s3_bucket}/lake"
+    storage.upload_dir(adam_run[0], root)
+    register_queries.run(root)
+    lake = Lake(root)
+    _run_with_one_extraction_killed(client, server, logs, lake, {"lake_root": root})
+    _assert_same_vectors(lake, _sequential_reference(adam_run[0], f"s3://{s3_bucket}/sequential"))

@@ -9,7 +9,7 @@ from gradient_kernels.losses import document_batch
 
 
 def test_gpu_bench_fidelity_and_rates_on_cpu():
-    model = gpu.pythia_160m(tiny=True)
+    model = gpu.pythia("tiny")
     state = fake_adam_state(model)
     batch = document_batch(random_documents(3, 32, model.config.vocab_size))
     device = torch.device("cpu")
@@ -24,3 +24,18 @@ def test_gpu_bench_fidelity_and_rates_on_cpu():
     assert all(row["tokens_per_s"] > 0 for row in rows.values())
     index = gpu.index_scoring(device, n=3000, dim=64, queries=8, batch_rows=1000)
     assert index["vectors"] == 3000 and 0 < index["index_ratio"]
+
+
+def test_gpu_bench_shapes_have_the_published_sizes():
+    from transformers import GPTNeoXConfig
+
+    # parameters from the config alone (no weights built): Pythia-160M and Pythia-1B as published
+    def parameters(shape: dict) -> int:
+        config = GPTNeoXConfig(**shape, tie_word_embeddings=False)
+        h, ff, v, layers = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
+        per_layer = 3 * h * h + 3 * h + h * h + h + 2 * h * ff + ff + h + 4 * h
+        return layers * per_layer + 2 * v * h + 2 * h
+
+    assert round(parameters(gpu.SHAPES["pythia-160m"]) / 1e6) == 162
+    assert round(parameters(gpu.SHAPES["pythia-1b"]) / 1e6) == 1012
+    assert gpu.matmul_flops_per_s(torch.device("cpu"), n=64) > 0

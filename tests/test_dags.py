@@ -76,8 +76,9 @@ def test_dags_are_well_kept_and_their_tasks_are_jobs_functions(dag_info):
             assert callable(getattr(orchestrate, task_id, None)), (
                 f"{dag_id}.{task_id} is not a dags.orchestrate function"
             )
+        extraction = {"trackstar_reindex": "extract_group", "trackstar_backfill": "extract_group"}
         if dag_id != "trackstar_maintenance":
-            assert dag["tasks"]["extract_missing"]["pool"] == "trackstar_device"
+            assert dag["tasks"][extraction.get(dag_id, "extract_missing")]["pool"] == "trackstar_device"
 
 
 def test_dags_have_no_cycles(dag_info):
@@ -123,8 +124,8 @@ def _versions(lake):
 def test_reindex_indexes_everything_then_a_second_run_changes_nothing(airflow_lake, tmp_path):
     lake, home, _, summary = airflow_lake
     marker = tmp_path / "failed-once"
-    first = _run("trackstar_reindex", lake, home, TRACKSTAR_FAIL_ONCE=f"extract_missing:{marker}")
-    assert marker.exists()  # extract_missing failed once after writing its slices, then succeeded on retry
+    first = _run("trackstar_reindex", lake, home, TRACKSTAR_FAIL_ONCE=f"extract_group:{marker}")
+    assert marker.exists()  # extract_group failed once after writing its slices, then succeeded on retry
     assert first["tasks"]["tokenize_partition[0]"] == "success" and first["tasks"]["tokenize_partition[1]"] == "success"
     tokens = lake.read("tokens", columns=["doc_id", "chunk"])
     vectors = lake.read("train_gradients", columns=["doc_id", "chunk"])

@@ -308,6 +308,41 @@ def test_extract_rerun_is_a_no_op_and_a_killed_run_is_completed_without_duplicat
         np.testing.assert_allclose(after[key], vector, rtol=1e-4, atol=1e-5 * np.abs(vector).max())
 
 
+def test_the_fan_out_plan_groups_the_missing_partitions_and_registers_the_checkpoint_once(indexed):
+    lake, checkpoint, results, _ = indexed
+    config = extract.ExtractConfig(lake=lake.root, projection_k=4, token_budget=512)
+    assert extract.plan_groups(config, ["fact-world"], group_size=2)["groups"] == []  # all extracted
+    plans = lake.read("runs", filters=[("command", "=", "extract-plan")]).num_rows
+    assert plans == 0  # nothing to do writes nothing
+
+    other_seed = extract.ExtractConfig(lake=lake.root, projection_k=4, token_budget=512, projection_seed=7)
+    plan = extract.plan_groups(other_seed, ["fact-world"], group_size=2)
+    assert plan["fingerprint"] != results["extract"]["fingerprint"]
+    tokenized = sorted(set(lake.read("tokens", columns=["partition"])["partition"].to_pylist()))
+    assert [g["partitions"] for g in plan["groups"]] == [tokenized[i : i + 2] for i in range(0, len(tokenized), 2)]
+    assert [g["query_sets"] for g in plan["groups"]] == [["fact-world"]] + [[]] * (len(plan["groups"]) - 1)
+    assert {g["checkpoint"] for g in plan["groups"]} == {str(checkpoint)}
+    (row,) = lake.read("runs", filters=[("command", "=", "extract-plan")]).to_pylist()
+    assert row["status"] == "succeeded" and json.loads(row["counts_json"])["groups"] == plan["groups"]
+    version = lake.version("checkpoints")
+    extract.plan_groups(other_seed, ["fact-world"], group_size=2)
+    assert lake.version("checkpoints") == version  # registered already: not rewritten
+
+    # only the query set missing: one group of the queries alone, extracted without any partition
+    lake.open("query_gradients").delete("query_set = 'fact-world'")
+    only = extract.plan_groups(config, ["fact-world"], group_size=8)
+    assert only["groups"] == [{"checkpoint": str(checkpoint), "partitions": [], "query_sets": ["fact-world"]}]
+    version = lake.version("train_gradients")
+    redo = extract.run(
+        extract.ExtractConfig(
+            lake=lake.root, projection_k=4, token_budget=512, query_set="fact-world", queries_only=True
+        )
+    )
+    assert redo["items"] == ["query:fact-world"] and lake.version("train_gradients") == version
+    with pytest.raises(ValueError, match="needs a --query-set"):
+        extract.run(extract.ExtractConfig(lake=lake.root, queries_only=True, query_set=None))
+
+
 @pytest.mark.parametrize("moment", [0.5, 3.0])
 def test_score_killed_at_any_moment_then_rerun_gives_the_identical_table(indexed, moment):
     lake, _, _, _ = indexed

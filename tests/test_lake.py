@@ -213,6 +213,50 @@ def test_a_streamed_slice_racing_another_writer_of_its_partition_commits_nothing
     assert set(slice_of(lake, "ck1", 0)["run_id"].to_pylist()) == {"other"} and slice_of(lake, "ck1", 0).num_rows == 2
 
 
+def test_distinct_and_count_rows_plan_from_the_log_and_equal_a_full_read(lake, monkeypatch):
+    def write(checkpoint_id, partition, fingerprints, run_id="r1"):
+        rows = pa.concat_tables(
+            gradient_rows(checkpoint_id, partition, 3, first_chunk=10 * i, run_id=run_id, fingerprint=f)
+            for i, f in enumerate(fingerprints)
+        )
+        lake.replace_slice_batches(
+            "train_gradients", iter([rows]), checkpoint_id=checkpoint_id, partition=partition, fingerprint=fingerprints
+        )
+
+    write("ck1", 0, ["fa"])
+    write("ck1", 1, ["fa", "fb"])  # one file holding two fingerprints: its own column must be read
+    write("ck2", 1, ["fb"], run_id="r2")
+    write("ck'3", 2, ["fa"])  # a quote in a partition value
+    cases = [
+        (["partition"], [("checkpoint_id", "=", "ck1"), ("fingerprint", "=", "fb")]),
+        (["partition", "fingerprint"], [("checkpoint_id", "=", "ck1")]),
+        (["fingerprint", "run_id"], None),
+        (["partition"], [("checkpoint_id", "=", "ck'3")]),
+        (["partition"], [("fingerprint", "=", "none")]),
+    ]
+    expected = []
+    for columns, filters in cases:
+        rows = lake.read("train_gradients", filters=filters, columns=columns)
+        expected.append(set(zip(*(rows[c].to_pylist() for c in columns))))
+        assert lake.count_rows("train_gradients", filters) == rows.num_rows
+    assert [lake.distinct("train_gradients", c, f) for c, f in cases] == expected
+    assert expected[0] == {(1,)} and expected[1] == {(0, "fa"), (1, "fa"), (1, "fb")}
+
+    # only the mixed file is opened: the homogeneous ones are answered by the log alone
+    opened = []
+    original = Lake._file_constants
+
+    def spy(self, table, columns, filters):
+        constants, varying = original(self, table, columns, filters)
+        opened.extend(f.path for f in (varying.get_fragments() if varying is not None else []))
+        return constants, varying
+
+    monkeypatch.setattr(Lake, "_file_constants", spy)
+    assert lake.distinct("train_gradients", ["partition"], [("fingerprint", "=", "fa")]) == {(0,), (1,), (2,)}
+    assert len(opened) == 1 and "partition=1" in opened[0]
+    assert lake.distinct("documents", ["partition"]) == set() and lake.count_rows("documents") == 0
+
+
 def test_a_list_of_key_values_replaces_those_slices_in_one_commit(lake):
     """extract writes one partition of several extractions (fingerprints) as one commit."""
     for fingerprint in ("f1", "f2", "f3"):

@@ -1,9 +1,11 @@
 """Which device a DeepSpeed rank binds: its own GPU on a GPU node, the CPU elsewhere (no GPU here,
 so the choice is tested as the pure function the ranks call)."""
 
+import os
+
 import pytest
 
-from jobs.launch import bind_rank_device, rank_device
+from jobs.launch import bind_rank_device, free_cores, node_ranks, rank_device
 
 
 def test_each_rank_takes_the_gpu_of_its_local_rank():
@@ -31,3 +33,31 @@ def test_a_rank_binds_the_device_of_its_local_rank(monkeypatch):
     assert bind_rank_device() == ("cuda:0" if torch.cuda.is_available() else "cpu")
     if torch.cuda.is_available():
         assert torch.cuda.current_device() == 0
+
+
+def test_a_node_starts_the_ranks_asked_for_but_never_one_without_work(monkeypatch):
+    import jobs.launch
+
+    monkeypatch.setattr(jobs.launch, "_gpu_count", lambda: 8)
+    assert node_ranks(0, work_items=20) == 8  # one per GPU
+    assert node_ranks(0, work_items=3) == 3  # a group of three partitions leaves five GPUs free
+    assert node_ranks(2, work_items=20) == 2
+    monkeypatch.setattr(jobs.launch, "_gpu_count", lambda: 0)
+    assert node_ranks(0, work_items=20) == 2 and node_ranks(0, work_items=1) == 1  # CPU ranks
+    assert 1 <= free_cores() <= (os.cpu_count() or 1)
+
+
+def test_cpu_ranks_share_the_free_cores_unless_the_user_set_threads(monkeypatch):
+    import subprocess
+
+    import jobs.launch
+
+    seen = []
+    monkeypatch.setattr(subprocess, "run", lambda command, env, check: seen.append(env["OMP_NUM_THREADS"]))
+    monkeypatch.setattr(jobs.launch, "_gpu_count", lambda: 0)
+    monkeypatch.setattr(jobs.launch, "free_cores", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    jobs.launch.launch_ranks("jobs.extract", "plan.json", 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    jobs.launch.launch_ranks("jobs.extract", "plan.json", 2)
+    assert seen == ["4", "3"]

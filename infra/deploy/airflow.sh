@@ -49,8 +49,8 @@ airflow() { "$PYTHON" -m airflow "$@"; }
 migrate() {
   echo "[airflow] migrating the metadata database"
   airflow db migrate >"$AIRFLOW_HOME/migrate.log" 2>&1 || { tail -n 40 "$AIRFLOW_HOME/migrate.log"; return 1; }
-  "$PYTHON" -c 'import subprocess, sys; from infra.airflow_local import DEVICE_POOL
-subprocess.run([sys.executable, "-m", "airflow", "pools", "set", *map(str, DEVICE_POOL)], check=True, stdout=subprocess.DEVNULL)'
+  "$PYTHON" -c 'import subprocess, sys; from infra.airflow_local import device_pool
+subprocess.run([sys.executable, "-m", "airflow", "pools", "set", *map(str, device_pool())], check=True, stdout=subprocess.DEVNULL)'
 }
 
 case "${1:-all}" in
