@@ -6,7 +6,7 @@ PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install run test bench bench-setup airflow-ui airflow-deployed clean
+.PHONY: install run test bench bench-sized bench-setup airflow-ui airflow-deployed clean
 
 install: $(INSTALLED)
 
@@ -38,7 +38,7 @@ test: install
 
 # OMP_NUM_THREADS=1 and nice: the numbers are ratios measured in one process, on a shared CPU. Needs
 # `make run`'s lake. Each script's output is kept in reports/bench/; every ratio is printed at the end.
-BENCH_SCRIPTS := extract_overhead projection_fidelity score_throughput compression two_stage scaling bergson_compare
+BENCH_SCRIPTS := extract_overhead projection_fidelity score_throughput compression two_stage scaling extract_workers bergson_compare
 bench: install bench-setup
 	mkdir -p reports/bench
 	set -o pipefail; for name in $(BENCH_SCRIPTS); do \
@@ -48,6 +48,14 @@ bench: install bench-setup
 	else echo "== bench/gpu.py: skipped, no GPU here (the last run, on an H200: docs/results/gpu-h200.txt)"; fi
 	@echo "== every ratio (reports/bench/<script>.txt)"
 	@grep -E "^[A-Za-z0-9_]+=[-+0-9.]" reports/bench/*.txt | sed 's|reports/bench/||; s|\.txt:|: |'
+
+# Sized runs (a C4-like partition, a GPT-2-small shape at d ~ 2^16; ~25 min on 2 cores, after `make run`),
+# then docs/capacity.md from their rates and the GPU runs in docs/results/
+bench-sized: install
+	mkdir -p reports/bench
+	set -o pipefail; $(PYTHON) bench/sized_runs.py --out reports/bench/sized_runs.json 2>&1 | tee reports/bench/sized_runs.txt
+	cp reports/bench/sized_runs.json docs/results/sized-cpu.json
+	$(PYTHON) bench/capacity.py
 
 # the comparison venv for bench/bergson_compare.py (bergson 2.5.1, kept out of requirements.txt)
 bench-setup:

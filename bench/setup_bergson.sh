@@ -2,7 +2,7 @@
 # The comparison venv for bench/bergson_compare.py: bergson 2.5.1, the only open TrackStar, kept
 # out of the project's requirements. A plain `pip install bergson` swaps torch for a CUDA 2.14 build
 # plus torchvision/torchaudio, so torch and transformers are pinned to the project's versions first
-# and bergson goes in with --no-deps (see ../shared/NOTES.md).
+# and bergson goes in with --no-deps, with the few packages it needs listed here.
 set -euo pipefail
 VENV="${BERGSON_VENV:-$(cd "$(dirname "$0")/.." && pwd)/.bergson-venv}"
 if [ -e "$VENV/.installed" ]; then echo "bergson venv ready: $VENV"; exit 0; fi

@@ -88,9 +88,8 @@ def extract_group(group: dict) -> dict:
     return orchestrate().extract_group(group)
 
 
-# none_failed: with nothing missing the mapping over no groups is skipped; the summary still follows
-@task(trigger_rule=TriggerRule.NONE_FAILED)
-def collect_extraction(plan: dict, groups: list | None) -> dict:
+@task
+def collect_extraction(plan: dict, groups: list) -> dict:
     return orchestrate().collect_extraction(plan, groups)
 
 

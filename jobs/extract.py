@@ -325,8 +325,8 @@ def plan_groups(config: ExtractConfig, query_sets: list[str], group_size: int) -
     partitions, each to be extracted by one task on one node's ranks (the DAGs map a task over
     them, so N device-pool slots extract N groups at once); the missing query sets ride with the
     first group, or form one alone. The checkpoint is registered here, once, so groups running at
-    the same time find it registered. Returns {checkpoint_id, fingerprint, groups: [{checkpoint,
-    partitions, query_sets}]}; no groups when nothing is missing."""
+    the same time find it registered. Returns {checkpoint_id, fingerprint, checkpoint (where it
+    lives), groups: [{checkpoint, partitions, query_sets}]}; no groups when nothing is missing."""
     from dataclasses import replace
 
     from infra.runs import finish_run, start_run
@@ -369,7 +369,7 @@ def plan_groups(config: ExtractConfig, query_sets: list[str], group_size: int) -
         f"{len(queries)} query set(s) missing, in {len(groups)} group(s) of at most {group_size} partition(s)",
         flush=True,
     )
-    return {"checkpoint_id": checkpoint_id, "fingerprint": fingerprint, "groups": groups}
+    return {"checkpoint_id": checkpoint_id, "fingerprint": fingerprint, "checkpoint": source, "groups": groups}
 
 
 def tokenized_partitions(lake: Lake) -> list[int]:

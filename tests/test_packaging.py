@@ -61,3 +61,38 @@ def test_every_dependency_is_pinned_in_the_lock():
 def test_the_package_holds_every_project_folder_the_pipeline_imports():
     folders = {p.parent.name for p in REPO.glob("*/__init__.py")} - {"tests", "bench"}
     assert set(_pyproject()["tool"]["setuptools"]["packages"]) == folders
+
+
+def test_the_helm_values_fan_extraction_out_over_gpu_pods_sized_by_the_settings(monkeypatch):
+    """No Kubernetes here: the values are checked for what the DAGs rely on, and the cluster policy
+    they carry is run against stand-ins of the kubernetes client models (a test double: the client
+    is not installed)."""
+    import types
+
+    import yaml
+
+    from infra.config import load_config
+
+    values = yaml.safe_load((REPO / "infra" / "deploy" / "helm" / "values.yaml").read_text())
+    assert values["executor"] == "KubernetesExecutor"
+    settings = {e["name"]: e["value"] for e in values["env"] if e["name"].startswith("TRACKSTAR_")}
+    config = load_config(environ=settings, params={})  # every TRACKSTAR_ variable is a valid setting
+    assert config.device_pool_slots == 4 and config.extract_group_size == 8 and config.extract_ranks == 0
+    assert values["migrateDatabaseJob"]["args"] == ["bash /opt/trackstar/infra/deploy/airflow.sh migrate"]
+
+    models = types.SimpleNamespace(
+        **{
+            name: lambda **kw: kw
+            for name in ("V1Pod", "V1PodSpec", "V1Container", "V1ResourceRequirements", "V1Toleration")
+        }
+    )
+    monkeypatch.setitem(sys.modules, "kubernetes", types.SimpleNamespace(client=types.SimpleNamespace(models=models)))
+    monkeypatch.setitem(sys.modules, "kubernetes.client", types.SimpleNamespace(models=models))
+    policy: dict = {}
+    exec(values["airflowLocalSettings"], policy)
+    extraction, other = types.SimpleNamespace(pool="trackstar_device"), types.SimpleNamespace(pool="default_pool")
+    policy["task_policy"](extraction)
+    policy["task_policy"](other)
+    (container,) = extraction.executor_config["pod_override"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert not hasattr(other, "executor_config")
