@@ -79,9 +79,10 @@ def replicate_vectors(source: Lake, scratch: Lake, copies: range, checkpoint_id:
             )
 
 
-def replicate_tokens(source: Lake, scratch: Lake, rows: int, scale: int):
-    """One partition (0) holding the first `rows` chunks of partition 0, `scale` times over."""
-    chunks = source.read("tokens", filters=[("partition", "=", 0)]).slice(0, rows)
+def replicate_tokens(source: Lake, scratch: Lake, rows: int | None, scale: int, partition: int = 0):
+    """`partition` holding its first `rows` chunks (None: all), `scale` times over (doc ids made distinct)."""
+    chunks = source.read("tokens", filters=[("partition", "=", partition)])
+    chunks = chunks if rows is None else chunks.slice(0, rows)
     copies = [
         chunks.set_column(
             chunks.schema.get_field_index("doc_id"),
@@ -90,7 +91,7 @@ def replicate_tokens(source: Lake, scratch: Lake, rows: int, scale: int):
         )
         for copy in range(scale)
     ]
-    scratch.replace_slice("tokens", pa.concat_tables(copies), partition=0)
+    scratch.replace_slice("tokens", pa.concat_tables(copies), partition=partition)
 
 
 def run_stage(stage: str, lake: str, checkpoint: str, checkpoint_id: str, fingerprint: str, query_set: str):

@@ -4,6 +4,8 @@
   median ~230 and mean ~410 words, from the embedded corpus's vocabulary) goes through tokenize ->
   extract -> fit-hessian -> index -> score with `make run`'s trained model, at --documents and at a
   tenth of that.
+- `tokenize`: tokenize alone on a partition of C4's size (--tokenize-documents, default 356,000: C4's
+  365M documents / 1,024 partitions) and a tenth, the stage a whole C4 partition can go through here.
 - `gpt2`: a GPT-2-small-shaped model (12 x 768, vocabulary 50,257: 124M parameters) built from its
   config and trained a few AdamW steps for an optimizer state (a checkpoint this project did not
   train: torch's own `optimizer.pt`, no manifest), at k = 37 per side (d = 49 x 37^2 = 67,081 ~ 2^16),
@@ -92,21 +94,21 @@ def folder_bytes(folder: Path) -> int:
 
 def measure_lake(lake_dir: Path, stages: dict) -> dict:
     lake = Lake(lake_dir)
-    vectors = lake.read("train_gradients", columns=["n_tokens", "vector"])
+    vectors = lake.read("train_gradients", columns=["vector"])
     return {
         "stages": stages,
         "documents": lake.count_rows("documents"),
         "chunks": lake.count_rows("tokens"),
-        "tokens": int(np.sum(vectors["n_tokens"].to_numpy())),
+        "tokens": int(np.sum(lake.read("tokens", columns=["n_tokens"])["n_tokens"].to_numpy())),
         "train_vectors": vectors.num_rows,
-        "vector_bytes": int(np.mean([len(v) for v in vectors["vector"].to_pylist()])),
+        "vector_bytes": int(np.mean([len(v) for v in vectors["vector"].to_pylist()])) if vectors.num_rows else 0,
         "table_bytes": {table: folder_bytes(lake_dir / table) for table in TABLES},
         "autocorrelation_bytes": folder_bytes(lake_dir / "_autocorrelation"),
         "hessian_bytes": folder_bytes(lake_dir / "_matrices"),
     }
 
 
-def run_c4(source: Path, documents: int, scratch: Path, vocabulary: list[str]) -> dict:
+def run_c4(source: Path, documents: int, scratch: Path, vocabulary: list[str], stages_to_run=None) -> dict:
     lake = scratch / f"c4-{documents}"
     (lake / "raw").mkdir(parents=True)
     (lake / "world").mkdir()
@@ -117,6 +119,8 @@ def run_c4(source: Path, documents: int, scratch: Path, vocabulary: list[str]) -
     shutil.copytree(source / "model" / "checkpoints" / final, lake / "model" / "checkpoints" / final)
     c4_like_partition(lake / "raw" / "c4-train.00000-of-01024.json.gz", documents, vocabulary, seed=documents)
     stages = {"tokenize": stage("tokenize", lake)}
+    if stages_to_run == ["tokenize"]:
+        return measure_lake(lake, stages)
     stage("register-queries", lake)
     stages["extract"] = stage("extract", lake, "--checkpoint", str(lake / "model" / "checkpoints" / final))
     stages["fit-hessian"] = stage("fit-hessian", lake)
@@ -187,7 +191,8 @@ def print_run(name: str, sized: dict) -> None:
             f"{y['peak_rss_mb'] / x['peak_rss_mb']:9.2f} {y['seconds'] / x['seconds']:10.2f}"
         )
     print("bytes: " + ", ".join(f"{t} {n / 2**20:,.1f} MB" for t, n in b["table_bytes"].items() if n))
-    print(f"bytes per train vector: {b['vector_bytes']:,}; Hessian files {b['hessian_bytes'] / 2**20:,.1f} MB")
+    if b["train_vectors"]:
+        print(f"bytes per train vector: {b['vector_bytes']:,}; Hessian files {b['hessian_bytes'] / 2**20:,.1f} MB")
     worst = max(b["stages"][s]["peak_rss_mb"] / a["stages"][s]["peak_rss_mb"] for s in b["stages"])
     print(f"{name}_worst_rss_ratio={worst:.2f} (largest stage peak RSS ÷ its tenth-size run; aim ≤ 1.2)")
 
@@ -195,9 +200,10 @@ def print_run(name: str, sized: dict) -> None:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--lake", default="lake", help="`make run`'s lake: its model, tokenizer and queries")
-    parser.add_argument("--runs", nargs="+", default=["c4", "gpt2"], choices=["c4", "gpt2"])
+    parser.add_argument("--runs", nargs="+", default=["c4", "tokenize", "gpt2"], choices=["c4", "tokenize", "gpt2"])
     parser.add_argument("--documents", type=int, default=3500, help="documents of the c4 run (and a tenth)")
     parser.add_argument("--gpt2-documents", type=int, default=100, help="documents of the gpt2 run (and a tenth)")
+    parser.add_argument("--tokenize-documents", type=int, default=356_000, help="documents of the tokenize run")
     parser.add_argument("--out", default="reports/bench/sized_runs.json")
     parser.add_argument("--keep", help="keep the lakes in this folder instead of a temporary one")
     args = parser.parse_args()
@@ -206,9 +212,13 @@ def main():
     results = {}
     with tempfile.TemporaryDirectory(prefix="sized-") as temporary:
         scratch = Path(args.keep or temporary)
+        runs = {
+            "c4": (args.documents, run_c4),
+            "tokenize": (args.tokenize_documents, lambda *a: run_c4(*a, stages_to_run=["tokenize"])),
+            "gpt2": (args.gpt2_documents, run_gpt2),
+        }
         for name in args.runs:
-            total = args.documents if name == "c4" else args.gpt2_documents
-            runner = run_c4 if name == "c4" else run_gpt2
+            total, runner = runs[name]
             results[name] = {}
             for documents in (max(1, total // 10), total):
                 print(f"[sized] {name}: {documents:,} documents", flush=True)

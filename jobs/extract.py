@@ -287,16 +287,10 @@ def run_many(configs: list[ExtractConfig]) -> list[dict]:
         for result in launched:
             finish_run(lake, result["run_id"], "failed", result)
         raise
-    counts = (
-        lake.read("train_gradients", filters=[("checkpoint_id", "=", checkpoint_id)], columns=["fingerprint"])[
-            "fingerprint"
-        ]
-        .value_counts()
-        .to_pylist()
-    )
-    per_fingerprint = {c["values"]: c["counts"] for c in counts}
     for result in launched:
-        result["train_vectors"] = per_fingerprint.get(result["fingerprint"], 0)
+        result["train_vectors"] = lake.count_rows(
+            "train_gradients", [("checkpoint_id", "=", checkpoint_id), ("fingerprint", "=", result["fingerprint"])]
+        )
         finish_run(lake, result["run_id"], "succeeded", result)
     return results
 

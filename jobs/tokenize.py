@@ -104,6 +104,8 @@ def tokenized_partitions(lake: Lake, fingerprint: str) -> set[int]:
 
 
 # ------------------------------------------------------------------ inside mapInArrow
+# raw lines per parsed batch: a C4 partition (~356k documents, ~0.8 GB of text) is never one batch
+PARSED_LINES_PER_BATCH = 4096
 PARSED_SCHEMA = pa.schema(
     [
         ("doc_id", pa.string()),
@@ -137,14 +139,16 @@ def raw_lines(path: str, max_line_bytes: int):
                 yield number, raw.rstrip(b"\n")
 
 
-def parse_files(batches, max_chars: int):
-    """(path, partition) rows -> one row per raw line: a document or a reason. An empty or
-    unreadable file gives one row with the reason, so it is reported, never silently skipped.
-    A line is parsed in isolation: nothing it holds can fail the file or the run."""
+def parse_files(batches, max_chars: int, lines_per_batch: int = PARSED_LINES_PER_BATCH):
+    """(path, partition) rows -> one row per raw line: a document or a reason, yielded in batches of
+    `lines_per_batch` lines, so a worker holds a batch of a partition, never the whole of it. An
+    empty or unreadable file gives one row with the reason, so it is reported, never silently
+    skipped. A line is parsed in isolation: nothing it holds can fail the file or the run."""
     max_line_bytes = 4 * max_chars + 4096  # UTF-8 needs at most 4 bytes a character, JSON a little more
     for batch in batches:
         for path, partition in zip(batch.column("path").to_pylist(), batch.column("partition").to_pylist()):
             rows = {name: [] for name in PARSED_SCHEMA.names}
+            seen = 0
 
             def add(number, record, reason, raw):
                 good = record is not None
@@ -171,11 +175,16 @@ def parse_files(batches, max_chars: int):
                     if record is not None and len(record["text"]) > max_chars:
                         record, reason = None, f"document too large: {len(record['text']):,} characters > {max_chars:,}"
                     add(number, record, reason, raw)
+                    if len(rows["line"]) == lines_per_batch:
+                        seen += lines_per_batch
+                        yield pa.RecordBatch.from_pydict(rows, schema=PARSED_SCHEMA)
+                        rows = {name: [] for name in PARSED_SCHEMA.names}
             except (OSError, EOFError, zlib.error) as error:  # not gzip, truncated, corrupt: keep what was read
                 add(number + 1, None, f"unreadable file: after line {number}: {error}", None)
-            if number == 0 and not rows["line"]:
+            if number == 0 and not rows["line"] and not seen:
                 add(0, None, "empty partition file: no lines", None)
-            yield pa.RecordBatch.from_pydict(rows, schema=PARSED_SCHEMA)
+            if rows["line"]:
+                yield pa.RecordBatch.from_pydict(rows, schema=PARSED_SCHEMA)
 
 
 TOKEN_SCHEMA = pa.schema(

@@ -51,3 +51,29 @@ def test_chunks_cover_every_prediction_exactly_once(n_tokens):
 def test_too_short_documents_are_refused():
     with pytest.raises(ValueError, match="no next-token prediction"):
         chunk_spans(1, 128)
+
+
+def test_a_partition_is_parsed_in_batches_of_lines_never_whole(tmp_path):
+    import gzip
+
+    import pyarrow as pa
+
+    from jobs.tokenize import parse_files
+
+    lines = [json.dumps({"text": f"doc {i}", "url": f"https://x.example/{i}", "timestamp": "t"}) for i in range(9)]
+    lines.insert(5, "{not json")
+    path = tmp_path / "c4-train.00000-of-00001.json.gz"
+    with gzip.open(path, "wt") as out:
+        out.write("\n".join(lines) + "\n")
+    files = pa.RecordBatch.from_pydict({"path": [str(path)], "partition": [0]})
+    batches = list(parse_files([files], max_chars=1000, lines_per_batch=4))
+    assert [b.num_rows for b in batches] == [4, 4, 2]
+    rows = pa.Table.from_batches(batches).to_pylist()
+    assert [r["line"] for r in rows] == list(range(1, 11))  # every line once, in order
+    assert [r["line"] for r in rows if r["reason"]] == [6] and rows[5]["raw_value"] == "{not json"
+
+    empty = tmp_path / "c4-train.00001-of-00002.json.gz"
+    with gzip.open(empty, "wt"):
+        pass
+    (only,) = parse_files([pa.RecordBatch.from_pydict({"path": [str(empty)], "partition": [1]})], 1000, 4)
+    assert only.to_pylist()[0]["reason"] == "empty partition file: no lines"
