@@ -43,6 +43,22 @@ def fake_adam_state(model) -> dict:
     return {"kind": "adam", "step": 100, "lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8, "state": state}
 
 
+def train_like_a_user(model, tokenizer, optimizer, texts: list[str], out_dir: Path, steps: int, block: int, rows: int):
+    """`steps` steps of a plain torch loop over `texts` (each after an end-of-text token, cut into
+    blocks of `block` tokens, `rows` blocks a step), saved as a user would: save_pretrained, the
+    tokenizer, and the optimizer's own `state_dict()` as optimizer.pt. A checkpoint made elsewhere."""
+    ids = [i for text in texts for i in [tokenizer.eos_token_id or 0] + tokenizer(text)["input_ids"]]
+    blocks = torch.tensor(ids[: len(ids) // block * block]).view(-1, block)
+    for step in range(steps):
+        batch = blocks[(step * rows) % len(blocks) :][:rows]
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    torch.save(optimizer.state_dict(), Path(out_dir) / "optimizer.pt")
+
+
 def peak_tree_rss_mb(process, interval: float = 0.02) -> float:
     """Waits for a started `subprocess.Popen` and returns the peak RSS (MB) of it and all its
     descendants together (a stage's launcher and DeepSpeed ranks), sampled every `interval` s:

@@ -135,21 +135,13 @@ def gpt2_small_checkpoint(folder: Path, tokenizer_dir: Path, texts: list[str], s
     import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
+    from bench.common import train_like_a_user
+
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(**GPT2_SMALL))
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    ids = [i for text in texts for i in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id or 0]]
-    blocks = torch.tensor(ids[: (len(ids) // 256) * 256]).view(-1, 256)
     optimizer = torch.optim.AdamW(model.named_parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    for step in range(steps):
-        batch = blocks[(step * 4) % len(blocks) :][:4]
-        model(input_ids=batch, labels=batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_dir / name, folder / name)
-    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    train_like_a_user(model, tokenizer, optimizer, texts, folder, steps, block=256, rows=4)
     return sum(p.numel() for p in model.parameters())
 
 

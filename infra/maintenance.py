@@ -5,13 +5,17 @@
 Per table: small files are compacted into bigger ones (a new version, the same rows), files no
 version younger than the table's retention (Delta's default, 7 days) references are vacuumed, the
 log is checkpointed and expired log entries are cleaned up. A vacuum deletes every file of the
-table folder the log does not know, so a table whose folder holds foreign files (a model
-checkpoint folder, say, as lakes did before checkpoints moved to `model/checkpoints`) is not
-vacuumed: its files are named in the result instead.
+table folder the log does not know (a full vacuum: the data files of writers killed before their
+commit too, once older than the retention, with the half-written `<file>.parquet#N` a writer killed
+mid-file leaves on a local disk), so a table whose folder holds foreign files (a model checkpoint
+folder, say, as lakes did before checkpoints moved to `model/checkpoints`) is not vacuumed: its
+files are named in the result instead.
 """
 
 from __future__ import annotations
 
+import re
+import time
 from pathlib import Path
 
 from infra.lake import Lake
@@ -19,6 +23,9 @@ from schemas.tables import TABLES
 
 TABLE_FILE_SUFFIXES = (".parquet", ".crc", ".bin")  # data files, checksums, deletion vectors
 TABLE_FOLDERS = ("_delta_log", "_change_data")
+# what a local write killed mid-file leaves: the data file's temporary name (the rename never came)
+INTERRUPTED_WRITE = re.compile(r"\.parquet#\d+$")
+RETENTION_HOURS = 168  # Delta's default delta.deletedFileRetentionDuration (7 days)
 
 
 def foreign_files(lake: Lake, table: str) -> list[str]:
@@ -32,16 +39,31 @@ def foreign_files(lake: Lake, table: str) -> list[str]:
         if path.is_file()
         and path.relative_to(root).parts[0] not in TABLE_FOLDERS
         and not path.name.endswith(TABLE_FILE_SUFFIXES)
+        and not INTERRUPTED_WRITE.search(path.name)
     )
+
+
+def remove_interrupted_writes(lake: Lake, table: str, older_than_hours: float = RETENTION_HOURS) -> list[str]:
+    """Deletes the half-written files of killed writers older than the retention (local tables;
+    an object store never shows a file before its upload completes)."""
+    if lake.is_s3:
+        return []
+    root, cutoff = Path(lake.path(table)), time.time() - older_than_hours * 3600
+    stale = [p for p in root.rglob("*.parquet#*") if INTERRUPTED_WRITE.search(p.name) and p.stat().st_mtime < cutoff]
+    for path in stale:
+        path.unlink()
+    return sorted(str(p.relative_to(root)) for p in stale)
 
 
 def maintain_table(lake: Lake, table: str) -> dict:
     """Compact, vacuum (default retention, unless foreign files are present), checkpoint the log."""
     compacted = lake.open(table).optimize.compact()
     foreign = foreign_files(lake, table)
-    vacuumed = (
-        [] if foreign else lake.open(table).vacuum(retention_hours=None, dry_run=False, enforce_retention_duration=True)
-    )
+    vacuumed = []
+    if not foreign:
+        vacuumed = lake.open(table).vacuum(
+            retention_hours=None, dry_run=False, enforce_retention_duration=True, full=True
+        ) + remove_interrupted_writes(lake, table)
     delta = lake.open(table)
     delta.create_checkpoint()
     delta.cleanup_metadata()

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.common import train_like_a_user
 from infra.lake import Lake
 from demo import import_data, pipeline, world
 from jobs import extract, fit_hessian, register_queries, score, tokenize
@@ -107,16 +108,7 @@ def _tiny_llama(corpus_dir, out_dir, steps=12):
     )
     model = LlamaForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.98), eps=1e-7)
-    ids = [i for t in texts for i in [tokenizer.eos_token_id] + tokenizer(t)["input_ids"]]
-    blocks = torch.tensor(ids[: len(ids) // 64 * 64]).view(-1, 64)
-    for step in range(steps):
-        batch = blocks[(step * 8) % len(blocks) :][:8]
-        model(input_ids=batch, labels=batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    torch.save(optimizer.state_dict(), out_dir / "optimizer.pt")
+    train_like_a_user(model, tokenizer, optimizer, texts, out_dir, steps, block=64, rows=8)
     return model, optimizer
 
 

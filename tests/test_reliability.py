@@ -754,3 +754,32 @@ def test_maintenance_compacts_checkpoints_the_log_and_keeps_foreign_files(lake):
     ]
     assert (model / "model.safetensors").read_bytes() == b"weights"
     assert set(results) == {"documents", "checkpoints"} and callable(maintenance_task)
+
+
+def test_maintenance_vacuums_what_killed_writers_left_once_older_than_the_retention(lake):
+    """A writer killed before its commit leaves data files the log never named, and one killed
+    mid-file a half-written `<file>.parquet#1`: neither blocks the vacuum, both go once older than
+    the retention, and younger ones (a write still running) stay."""
+    import os
+    import time
+
+    from infra.maintenance import foreign_files, maintain_table
+    from tests.test_lake import gradient_rows
+
+    lake.replace_slice_batches("train_gradients", iter([gradient_rows("ck1", 0, 4)]), checkpoint_id="ck1", partition=0)
+    folder = Path(lake.path("train_gradients")) / "checkpoint_id=ck1" / "partition=0"
+    left = {
+        name: folder / name
+        for name in ("part-old.snappy.parquet", "part-old2.snappy.parquet#1", "part-new.snappy.parquet#1")
+    }
+    eight_days_ago = time.time() - 8 * 86400
+    for name, path in left.items():
+        path.write_bytes(b"x" * 1000)
+        if "old" in name:
+            os.utime(path, (eight_days_ago, eight_days_ago))
+    assert foreign_files(lake, "train_gradients") == []
+    result = maintain_table(lake, "train_gradients")
+    assert result["vacuumed"] == 2 and result["not_vacuumed_foreign_files"] == []
+    assert not left["part-old.snappy.parquet"].exists() and not left["part-old2.snappy.parquet#1"].exists()
+    assert left["part-new.snappy.parquet#1"].exists()
+    assert lake.read("train_gradients").num_rows == 4
