@@ -49,7 +49,7 @@ bench: install bench-setup
 	@echo "== every ratio (reports/bench/<script>.txt)"
 	@grep -E "^[A-Za-z0-9_]+=[-+0-9.]" reports/bench/*.txt | sed 's|reports/bench/||; s|\.txt:|: |'
 
-# Sized runs (a C4-like partition, a GPT-2-small shape at d ~ 2^16; ~25 min on 2 cores, after `make run`),
+# Sized runs (a C4-like partition, a GPT-2-small shape at d ~ 2^16; ~1 hour on 2 cores, after `make run`),
 # then docs/capacity.md from their rates and the GPU runs in docs/results/
 bench-sized: install
 	mkdir -p reports/bench

@@ -16,7 +16,7 @@ peak RSS of its process tree (launcher and DeepSpeed ranks included) are measure
 every table after the run. Printed as tables with each stage's RSS ratio to the tenth-size run (aim
 <= 1.2: memory flat in the corpus size), and written as JSON (--out) for bench/capacity.py.
 
-    python bench/sized_runs.py [--lake lake] [--runs c4 gpt2] [--documents 3500] [--gpt2-documents 100]
+    python bench/sized_runs.py [--lake lake] [--runs c4 tokenize gpt2] [--documents 35000] [--gpt2-documents 100]
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--lake", default="lake", help="`make run`'s lake: its model, tokenizer and queries")
     parser.add_argument("--runs", nargs="+", default=["c4", "tokenize", "gpt2"], choices=["c4", "tokenize", "gpt2"])
-    parser.add_argument("--documents", type=int, default=3500, help="documents of the c4 run (and a tenth)")
+    parser.add_argument("--documents", type=int, default=35_000, help="documents of the c4 run (and a tenth)")
     parser.add_argument("--gpt2-documents", type=int, default=100, help="documents of the gpt2 run (and a tenth)")
     parser.add_argument("--tokenize-documents", type=int, default=356_000, help="documents of the tokenize run")
     parser.add_argument("--out", default="reports/bench/sized_runs.json")

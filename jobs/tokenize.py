@@ -236,18 +236,24 @@ def tokenize_documents(batches, tokenizer_json: str, context: int, eos_token: st
         yield pa.RecordBatch.from_pydict(rows, schema=TOKEN_SCHEMA)
 
 
-def good_lines(batches):
-    """mapInArrow body: only the lines that became documents."""
+def good_lines(batches, refused: set[tuple[int, int]] = frozenset()):
+    """mapInArrow body: only the lines that became documents: no reason of their own, and not among
+    the `refused` (partition, line) pairs (duplicate urls, found on the narrow rows)."""
     import pyarrow.compute as pc
 
     for batch in batches:
-        yield batch.filter(pc.is_null(batch.column("reason")))
+        keep = pc.is_null(batch.column("reason"))
+        if refused:
+            pairs = zip(batch.column("partition").to_pylist(), batch.column("line").to_pylist())
+            keep = pc.and_(keep, pa.array([pair not in refused for pair in pairs]))
+        yield batch.filter(keep)
 
 
 def with_duplicate_urls(spark, lake: Lake, parsed, pending: list[int]):
     """Parsed lines with a reason added to every document whose url (its doc_id) is already taken:
     by a partition the lake holds and this run does not rewrite, or by an earlier line of this run
-    (in partition, line order). One url, one document: the first one wins."""
+    (in partition, line order). One url, one document: the first one wins. Given the lines without
+    their text: the window sorts every line of the run, which must not mean every document's text."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -275,7 +281,7 @@ def with_duplicate_urls(spark, lake: Lake, parsed, pending: list[int]):
     return (
         lines.withColumn("raw_value", F.when(duplicate, F.col("doc_id")).otherwise(F.col("raw_value")))
         .withColumn("reason", reason)
-        .select(*PARSED_SCHEMA.names)
+        .select(*parsed.columns)
     )
 
 
@@ -336,11 +342,16 @@ def run(config: TokenizeConfig) -> dict:
         tokenizer_json, storage.read_bytes(tokenizer_config) if storage.exists(tokenizer_config) else None
     )
     parsed = files.mapInArrow(lambda it: parse_files(it, max_chars), spark_ddl_of(PARSED_SCHEMA))
-    lines = with_duplicate_urls(spark, lake, parsed, sorted(pending))
+    # Every refused line with its reason, duplicate urls found over the lines without their text:
+    # a partition's texts (~0.8 GB for C4's) never pass through the sort, only stream to the writers.
+    lines = with_duplicate_urls(spark, lake, parsed.drop("text"), sorted(pending))
+    bad = lines.filter(F.col("reason").isNotNull()).select("partition", "source", "line", "reason", "raw_value")
+    bad = bad.collect()
+    duplicates = {(r["partition"], r["line"]) for r in bad if r["reason"].startswith("duplicate url")}
     # The filter runs in Python, not as a Spark filter: Sail checks the table's NOT NULL
     # constraints on rows a Spark filter has not removed yet (a bad line's null doc_id).
     documents = (
-        lines.mapInArrow(good_lines, spark_ddl_of(PARSED_SCHEMA))
+        parsed.mapInArrow(lambda it: good_lines(it, duplicates), spark_ddl_of(PARSED_SCHEMA))
         .drop("reason", "raw_value")
         .withColumn("run_id", F.lit(run_id))
     )
@@ -354,7 +365,6 @@ def run(config: TokenizeConfig) -> dict:
     in_pending = f"partition IN ({', '.join(str(p) for p in sorted(pending))})"
     lake.spark_write(documents, "documents", replace_where=in_pending)
     lake.spark_write(tokens, "tokens", replace_where=in_pending)
-    bad = lines.filter(F.col("reason").isNotNull()).select("source", "line", "reason", "raw_value").collect()
     quarantined = quarantine_rows(
         lake,
         [
