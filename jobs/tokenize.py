@@ -17,7 +17,6 @@ import argparse
 import gzip
 import hashlib
 import json
-import os
 import re
 import zlib
 from collections import Counter
@@ -104,8 +103,11 @@ def tokenized_partitions(lake: Lake, fingerprint: str) -> set[int]:
 
 
 # ------------------------------------------------------------------ inside mapInArrow
-# raw lines per parsed batch: a C4 partition (~356k documents, ~0.8 GB of text) is never one batch
+# raw lines per parsed batch, and per slice of a partition file (one Spark task each): a C4
+# partition (~356k documents, ~0.8 GB of text) is never one batch, nor one task's output
 PARSED_LINES_PER_BATCH = 4096
+LINES_PER_SLICE = 32_768
+SLICE_COLUMNS = ("path", "partition", "first_line", "last_line")
 PARSED_SCHEMA = pa.schema(
     [
         ("doc_id", pa.string()),
@@ -139,16 +141,37 @@ def raw_lines(path: str, max_line_bytes: int):
                 yield number, raw.rstrip(b"\n")
 
 
+def count_lines(path: str) -> int:
+    """Lines of a gzip partition file (what is readable of it): one streamed pass, nothing held."""
+    lines = 0
+    try:
+        with storage.open_read(path) as stored, gzip.open(stored, "rb") as fh:
+            while block := fh.read(1 << 22):
+                lines += block.count(b"\n")
+    except (OSError, EOFError, zlib.error):  # the parse reports it, with the line where it happens
+        pass
+    return lines
+
+
+def line_slices(path: str, partition: int, lines: int, per_slice: int = LINES_PER_SLICE) -> list[tuple]:
+    """(path, partition, first line, last line or None for the end) slices of a partition file:
+    Sail holds all a Python UDF yields for its input before passing it on, so one input row must
+    not stand for a whole partition (at C4's size that held 4.2 GB; a slice of 32,768 lines ~0.3 GB)."""
+    firsts = range(1, max(lines, 1) + 1, per_slice)
+    return [(path, partition, first, None if first == firsts[-1] else first + per_slice - 1) for first in firsts]
+
+
 def parse_files(batches, max_chars: int, lines_per_batch: int = PARSED_LINES_PER_BATCH):
-    """(path, partition) rows -> one row per raw line: a document or a reason, yielded in batches of
-    `lines_per_batch` lines, so a worker holds a batch of a partition, never the whole of it. An
-    empty or unreadable file gives one row with the reason, so it is reported, never silently
-    skipped. A line is parsed in isolation: nothing it holds can fail the file or the run."""
+    """(path, partition, first_line, last_line) slices -> one row per raw line of the slice: a
+    document or a reason, yielded in batches of `lines_per_batch` lines. Each slice reads its file
+    from the start and skips to its first line (decompressing is cheap next to parsing). An empty
+    or unreadable file gives one row with the reason (from the slice where it shows), so it is
+    reported, never silently skipped. A line is parsed in isolation: nothing it holds can fail the
+    file or the run."""
     max_line_bytes = 4 * max_chars + 4096  # UTF-8 needs at most 4 bytes a character, JSON a little more
     for batch in batches:
-        for path, partition in zip(batch.column("path").to_pylist(), batch.column("partition").to_pylist()):
+        for path, partition, first, last in zip(*(batch.column(c).to_pylist() for c in SLICE_COLUMNS)):
             rows = {name: [] for name in PARSED_SCHEMA.names}
-            seen = 0
 
             def add(number, record, reason, raw):
                 good = record is not None
@@ -165,6 +188,10 @@ def parse_files(batches, max_chars: int, lines_per_batch: int = PARSED_LINES_PER
             number = 0
             try:
                 for number, raw in raw_lines(path, max_line_bytes):
+                    if number < first:
+                        continue
+                    if last is not None and number > last:
+                        break
                     if raw is None:
                         add(number, None, f"document too large: line longer than {max_line_bytes:,} bytes", None)
                         continue
@@ -176,12 +203,12 @@ def parse_files(batches, max_chars: int, lines_per_batch: int = PARSED_LINES_PER
                         record, reason = None, f"document too large: {len(record['text']):,} characters > {max_chars:,}"
                     add(number, record, reason, raw)
                     if len(rows["line"]) == lines_per_batch:
-                        seen += lines_per_batch
                         yield pa.RecordBatch.from_pydict(rows, schema=PARSED_SCHEMA)
                         rows = {name: [] for name in PARSED_SCHEMA.names}
             except (OSError, EOFError, zlib.error) as error:  # not gzip, truncated, corrupt: keep what was read
-                add(number + 1, None, f"unreadable file: after line {number}: {error}", None)
-            if number == 0 and not rows["line"] and not seen:
+                if number + 1 >= first and (last is None or number + 1 <= last):
+                    add(number + 1, None, f"unreadable file: after line {number}: {error}", None)
+            if number == 0 and first == 1 and not rows["line"]:
                 add(0, None, "empty partition file: no lines", None)
             if rows["line"]:
                 yield pa.RecordBatch.from_pydict(rows, schema=PARSED_SCHEMA)
@@ -333,9 +360,11 @@ def run(config: TokenizeConfig) -> dict:
 
     run_id = start_run(lake, "tokenize", asdict(config) | {"tokenizer_fingerprint": fingerprint})
     spark = spark_session()
-    files = spark.createDataFrame(
-        [(uri, p) for p, uri in sorted(pending.items())], "path string, partition int"
-    ).repartition(min(len(pending), os.cpu_count() or 1))
+    slices = [s for p, uri in sorted(pending.items()) for s in line_slices(uri, p, count_lines(uri))]
+    # one slice a Spark partition: a task's output is one slice's lines
+    files = spark.createDataFrame(slices, "path string, partition int, first_line int, last_line int").repartition(
+        len(slices)
+    )
     max_chars, tokenizer_json = config.max_chars, tokenizer_json.decode("utf-8")
     tokenizer_config = storage.join(tokenizer_dir, "tokenizer_config.json")
     eos_token = end_of_text(

@@ -678,3 +678,24 @@ def test_the_embedded_engine_hands_python_at_most_rows_per_batch_rows(tmp_path):
     spark.range(5000).write.parquet(str(tmp_path / "rows"))  # read back from files, as the tables are
     found = [r["rows"] for r in spark.read.parquet(str(tmp_path / "rows")).mapInArrow(sizes, "rows long").collect()]
     assert sum(found) == 5000 and max(found) <= ROWS_PER_BATCH
+
+
+def test_the_embedded_engine_writes_row_groups_of_at_most_rows_per_row_group(tmp_path):
+    """A Parquet row group is held in memory until written: the embedded engine is started with
+    SAIL_PARQUET__MAX_ROW_GROUP_SIZE = ROWS_PER_ROW_GROUP (Sail's default of 1,048,576 rows held a
+    whole C4-sized partition of documents)."""
+    import pyarrow.parquet as pq
+
+    from infra.spark import ROWS_PER_ROW_GROUP, is_embedded, spark_session
+
+    spark = spark_session()
+    if not is_embedded(spark):
+        pytest.skip("an external Spark Connect server sizes row groups by its own settings")
+    rows = 3 * ROWS_PER_ROW_GROUP
+    spark.range(rows).coalesce(1).write.parquet(str(tmp_path / "groups"))
+    sizes = [
+        metadata.row_group(i).num_rows
+        for metadata in (pq.ParquetFile(f).metadata for f in sorted((tmp_path / "groups").glob("*.parquet")))
+        for i in range(metadata.num_row_groups)
+    ]
+    assert sum(sizes) == rows and max(sizes) <= ROWS_PER_ROW_GROUP
