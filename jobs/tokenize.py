@@ -17,6 +17,7 @@ import argparse
 import gzip
 import hashlib
 import json
+import os
 import re
 import zlib
 from collections import Counter
@@ -103,11 +104,8 @@ def tokenized_partitions(lake: Lake, fingerprint: str) -> set[int]:
 
 
 # ------------------------------------------------------------------ inside mapInArrow
-# raw lines per parsed batch, and per slice of a partition file (one Spark task each): a C4
-# partition (~356k documents, ~0.8 GB of text) is never one batch, nor one task's output
+# raw lines per parsed batch: a C4 partition (~356k documents, ~0.8 GB of text) is never one batch
 PARSED_LINES_PER_BATCH = 4096
-LINES_PER_SLICE = 32_768
-SLICE_COLUMNS = ("path", "partition", "first_line", "last_line")
 PARSED_SCHEMA = pa.schema(
     [
         ("doc_id", pa.string()),
@@ -141,37 +139,16 @@ def raw_lines(path: str, max_line_bytes: int):
                 yield number, raw.rstrip(b"\n")
 
 
-def count_lines(path: str) -> int:
-    """Lines of a gzip partition file (what is readable of it): one streamed pass, nothing held."""
-    lines = 0
-    try:
-        with storage.open_read(path) as stored, gzip.open(stored, "rb") as fh:
-            while block := fh.read(1 << 22):
-                lines += block.count(b"\n")
-    except (OSError, EOFError, zlib.error):  # the parse reports it, with the line where it happens
-        pass
-    return lines
-
-
-def line_slices(path: str, partition: int, lines: int, per_slice: int = LINES_PER_SLICE) -> list[tuple]:
-    """(path, partition, first line, last line or None for the end) slices of a partition file:
-    Sail holds all a Python UDF yields for its input before passing it on, so one input row must
-    not stand for a whole partition (at C4's size that held 4.2 GB; a slice of 32,768 lines ~0.3 GB)."""
-    firsts = range(1, max(lines, 1) + 1, per_slice)
-    return [(path, partition, first, None if first == firsts[-1] else first + per_slice - 1) for first in firsts]
-
-
 def parse_files(batches, max_chars: int, lines_per_batch: int = PARSED_LINES_PER_BATCH):
-    """(path, partition, first_line, last_line) slices -> one row per raw line of the slice: a
-    document or a reason, yielded in batches of `lines_per_batch` lines. Each slice reads its file
-    from the start and skips to its first line (decompressing is cheap next to parsing). An empty
-    or unreadable file gives one row with the reason (from the slice where it shows), so it is
-    reported, never silently skipped. A line is parsed in isolation: nothing it holds can fail the
-    file or the run."""
+    """(path, partition) rows -> one row per raw line: a document or a reason, yielded in batches of
+    `lines_per_batch` lines, so a worker holds a batch of a partition, never the whole of it. An
+    empty or unreadable file gives one row with the reason, so it is reported, never silently
+    skipped. A line is parsed in isolation: nothing it holds can fail the file or the run."""
     max_line_bytes = 4 * max_chars + 4096  # UTF-8 needs at most 4 bytes a character, JSON a little more
     for batch in batches:
-        for path, partition, first, last in zip(*(batch.column(c).to_pylist() for c in SLICE_COLUMNS)):
+        for path, partition in zip(batch.column("path").to_pylist(), batch.column("partition").to_pylist()):
             rows = {name: [] for name in PARSED_SCHEMA.names}
+            seen = 0
 
             def add(number, record, reason, raw):
                 good = record is not None
@@ -188,10 +165,6 @@ def parse_files(batches, max_chars: int, lines_per_batch: int = PARSED_LINES_PER
             number = 0
             try:
                 for number, raw in raw_lines(path, max_line_bytes):
-                    if number < first:
-                        continue
-                    if last is not None and number > last:
-                        break
                     if raw is None:
                         add(number, None, f"document too large: line longer than {max_line_bytes:,} bytes", None)
                         continue
@@ -203,12 +176,12 @@ def parse_files(batches, max_chars: int, lines_per_batch: int = PARSED_LINES_PER
                         record, reason = None, f"document too large: {len(record['text']):,} characters > {max_chars:,}"
                     add(number, record, reason, raw)
                     if len(rows["line"]) == lines_per_batch:
+                        seen += lines_per_batch
                         yield pa.RecordBatch.from_pydict(rows, schema=PARSED_SCHEMA)
                         rows = {name: [] for name in PARSED_SCHEMA.names}
             except (OSError, EOFError, zlib.error) as error:  # not gzip, truncated, corrupt: keep what was read
-                if number + 1 >= first and (last is None or number + 1 <= last):
-                    add(number + 1, None, f"unreadable file: after line {number}: {error}", None)
-            if number == 0 and first == 1 and not rows["line"]:
+                add(number + 1, None, f"unreadable file: after line {number}: {error}", None)
+            if number == 0 and not rows["line"] and not seen:
                 add(0, None, "empty partition file: no lines", None)
             if rows["line"]:
                 yield pa.RecordBatch.from_pydict(rows, schema=PARSED_SCHEMA)
@@ -263,24 +236,18 @@ def tokenize_documents(batches, tokenizer_json: str, context: int, eos_token: st
         yield pa.RecordBatch.from_pydict(rows, schema=TOKEN_SCHEMA)
 
 
-def good_lines(batches, refused: set[tuple[int, int]] = frozenset()):
-    """mapInArrow body: only the lines that became documents: no reason of their own, and not among
-    the `refused` (partition, line) pairs (duplicate urls, found on the narrow rows)."""
+def good_lines(batches):
+    """mapInArrow body: only the lines that became documents."""
     import pyarrow.compute as pc
 
     for batch in batches:
-        keep = pc.is_null(batch.column("reason"))
-        if refused:
-            pairs = zip(batch.column("partition").to_pylist(), batch.column("line").to_pylist())
-            keep = pc.and_(keep, pa.array([pair not in refused for pair in pairs]))
-        yield batch.filter(keep)
+        yield batch.filter(pc.is_null(batch.column("reason")))
 
 
 def with_duplicate_urls(spark, lake: Lake, parsed, pending: list[int]):
     """Parsed lines with a reason added to every document whose url (its doc_id) is already taken:
     by a partition the lake holds and this run does not rewrite, or by an earlier line of this run
-    (in partition, line order). One url, one document: the first one wins. Given the lines without
-    their text: the window sorts every line of the run, which must not mean every document's text."""
+    (in partition, line order). One url, one document: the first one wins."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -308,7 +275,7 @@ def with_duplicate_urls(spark, lake: Lake, parsed, pending: list[int]):
     return (
         lines.withColumn("raw_value", F.when(duplicate, F.col("doc_id")).otherwise(F.col("raw_value")))
         .withColumn("reason", reason)
-        .select(*parsed.columns)
+        .select(*PARSED_SCHEMA.names)
     )
 
 
@@ -360,27 +327,20 @@ def run(config: TokenizeConfig) -> dict:
 
     run_id = start_run(lake, "tokenize", asdict(config) | {"tokenizer_fingerprint": fingerprint})
     spark = spark_session()
-    slices = [s for p, uri in sorted(pending.items()) for s in line_slices(uri, p, count_lines(uri))]
-    # one slice a Spark partition: a task's output is one slice's lines
-    files = spark.createDataFrame(slices, "path string, partition int, first_line int, last_line int").repartition(
-        len(slices)
-    )
+    files = spark.createDataFrame(
+        [(uri, p) for p, uri in sorted(pending.items())], "path string, partition int"
+    ).repartition(min(len(pending), os.cpu_count() or 1))
     max_chars, tokenizer_json = config.max_chars, tokenizer_json.decode("utf-8")
     tokenizer_config = storage.join(tokenizer_dir, "tokenizer_config.json")
     eos_token = end_of_text(
         tokenizer_json, storage.read_bytes(tokenizer_config) if storage.exists(tokenizer_config) else None
     )
     parsed = files.mapInArrow(lambda it: parse_files(it, max_chars), spark_ddl_of(PARSED_SCHEMA))
-    # Every refused line with its reason, duplicate urls found over the lines without their text:
-    # a partition's texts (~0.8 GB for C4's) never pass through the sort, only stream to the writers.
-    lines = with_duplicate_urls(spark, lake, parsed.drop("text"), sorted(pending))
-    bad = lines.filter(F.col("reason").isNotNull()).select("partition", "source", "line", "reason", "raw_value")
-    bad = bad.collect()
-    duplicates = {(r["partition"], r["line"]) for r in bad if r["reason"].startswith("duplicate url")}
+    lines = with_duplicate_urls(spark, lake, parsed, sorted(pending))
     # The filter runs in Python, not as a Spark filter: Sail checks the table's NOT NULL
     # constraints on rows a Spark filter has not removed yet (a bad line's null doc_id).
     documents = (
-        parsed.mapInArrow(lambda it: good_lines(it, duplicates), spark_ddl_of(PARSED_SCHEMA))
+        lines.mapInArrow(good_lines, spark_ddl_of(PARSED_SCHEMA))
         .drop("reason", "raw_value")
         .withColumn("run_id", F.lit(run_id))
     )
@@ -394,6 +354,7 @@ def run(config: TokenizeConfig) -> dict:
     in_pending = f"partition IN ({', '.join(str(p) for p in sorted(pending))})"
     lake.spark_write(documents, "documents", replace_where=in_pending)
     lake.spark_write(tokens, "tokens", replace_where=in_pending)
+    bad = lines.filter(F.col("reason").isNotNull()).select("source", "line", "reason", "raw_value").collect()
     quarantined = quarantine_rows(
         lake,
         [

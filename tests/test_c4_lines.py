@@ -53,41 +53,27 @@ def test_too_short_documents_are_refused():
         chunk_spans(1, 128)
 
 
-def test_a_partition_is_parsed_in_slices_and_batches_of_lines_never_whole(tmp_path):
+def test_a_partition_is_parsed_in_batches_of_lines_never_whole(tmp_path):
     import gzip
 
     import pyarrow as pa
 
-    from jobs.tokenize import SLICE_COLUMNS, count_lines, line_slices, parse_files
-
-    def parse(slices, lines_per_batch=4):
-        table = pa.RecordBatch.from_pylist([dict(zip(SLICE_COLUMNS, s)) for s in slices])
-        return list(parse_files([table], max_chars=1000, lines_per_batch=lines_per_batch))
+    from jobs.tokenize import parse_files
 
     lines = [json.dumps({"text": f"doc {i}", "url": f"https://x.example/{i}", "timestamp": "t"}) for i in range(9)]
     lines.insert(5, "{not json")
     path = tmp_path / "c4-train.00000-of-00001.json.gz"
     with gzip.open(path, "wt") as out:
         out.write("\n".join(lines) + "\n")
-    assert count_lines(str(path)) == 10
-    slices = line_slices(str(path), 0, 10, per_slice=4)
-    assert [s[2:] for s in slices] == [(1, 4), (5, 8), (9, None)]
-    per_slice = [parse([s]) for s in slices]
-    assert [[b.num_rows for b in batches] for batches in per_slice] == [[4], [4], [2]]
-    rows = pa.Table.from_batches([b for batches in per_slice for b in batches]).to_pylist()
+    files = pa.RecordBatch.from_pydict({"path": [str(path)], "partition": [0]})
+    batches = list(parse_files([files], max_chars=1000, lines_per_batch=4))
+    assert [b.num_rows for b in batches] == [4, 4, 2]
+    rows = pa.Table.from_batches(batches).to_pylist()
     assert [r["line"] for r in rows] == list(range(1, 11))  # every line once, in order
     assert [r["line"] for r in rows if r["reason"]] == [6] and rows[5]["raw_value"] == "{not json"
-    assert [b.num_rows for b in parse(line_slices(str(path), 0, 10, per_slice=100), 3)] == [3, 3, 3, 1]
 
     empty = tmp_path / "c4-train.00001-of-00002.json.gz"
     with gzip.open(empty, "wt"):
         pass
-    (only,) = parse(line_slices(str(empty), 1, count_lines(str(empty))))
+    (only,) = parse_files([pa.RecordBatch.from_pydict({"path": [str(empty)], "partition": [1]})], 1000, 4)
     assert only.to_pylist()[0]["reason"] == "empty partition file: no lines"
-
-    truncated = tmp_path / "c4-train.00002-of-00003.json.gz"
-    truncated.write_bytes(path.read_bytes()[:-20])  # the gzip stream breaks in its last lines
-    readable = count_lines(str(truncated))
-    rows = [r for s in line_slices(str(truncated), 2, readable, per_slice=3) for b in parse([s]) for r in b.to_pylist()]
-    unreadable = [r for r in rows if r["reason"] and r["reason"].startswith("unreadable file")]
-    assert len(unreadable) == 1 and [r["line"] for r in rows] == list(range(1, len(rows) + 1))
