@@ -89,7 +89,8 @@ def render(measured: dict) -> str:
         f"d = {k37['dim']:,} {k37['tokens_per_s']:,.0f} (the projections cost k·(in+out) per token and matrix, "
         "against in·out for the model), so the hours above hold for d = 2^12…2^16. The last column is the fan-out "
         "of the reindex DAG with 4 device-pool slots of one 8-GPU node each (`extract_group_size` partitions per "
-        "task); it assumes the linear speed-up `bench/extract_workers.py` measures for concurrent tasks.",
+        "task), divided linearly; on the 2-core CPU two concurrent tasks gave 1.71× one "
+        "(`bench/extract_workers.py`), so count up to 15% more where tasks share a machine's memory.",
         "",
         "## Storage of the index",
         "",
@@ -111,8 +112,9 @@ def render(measured: dict) -> str:
         f"Measured on disk (2-core CPU runs): {gpt2['vector_bytes']:,} bytes per stored float32 vector at d = "
         f"{gpt2['vector_bytes'] // 4:,} (GPT-2 small shape, {gpt2['parameters'] / 1e6:,.0f}M parameters, k = "
         f"{gpt2['k']}); the Hessian files of that run (R_train, R_query, the inverse root: one k²×k² block "
-        f"per weight matrix) take {human_bytes(hessian)} whatever the corpus size; the autocorrelation sums "
-        f"{human_bytes(gpt2['autocorrelation_bytes'])} per partition.",
+        f"per weight matrix) take {human_bytes(hessian)} whatever the corpus size; the float64 autocorrelation "
+        f"sums Σ p pᵀ that extraction keeps per partition d·k²·8 bytes = "
+        f"{human_bytes(gpt2['vector_bytes'] // 4 * gpt2['k'] ** 2 * 8)} ({human_bytes(gpt2['vector_bytes'] // 4 * gpt2['k'] ** 2 * 8 * C4_PARTITIONS)} for C4).",
         "",
         f"## Scoring a batch of {QUERY_BATCH} queries over the whole index",
         "",
@@ -141,7 +143,7 @@ def render(measured: dict) -> str:
     ]
     for stage, figures in c4["stages"].items():
         a = small["stages"][stage]
-        per_thousand = (figures["seconds"] - a["seconds"]) / (c4["documents"] - small["documents"]) * 1000
+        per_thousand = max(0.0, (figures["seconds"] - a["seconds"]) / (c4["documents"] - small["documents"]) * 1000)
         lines.append(
             f"| {stage} | {a['seconds']:,.0f} s, {a['peak_rss_mb']:,.0f} MB | {figures['seconds']:,.0f} s, "
             f"{figures['peak_rss_mb']:,.0f} MB | {per_thousand:,.1f} s | {figures['peak_rss_mb'] / a['peak_rss_mb']:.2f} |"
@@ -149,7 +151,15 @@ def render(measured: dict) -> str:
     extract_rate = (c4["stages"]["extract"]["seconds"] - small["stages"]["extract"]["seconds"]) / (
         c4["documents"] - small["documents"]
     )
+    tenth, whole = (cpu["tokenize"][n]["stages"]["tokenize"] for n in sorted(cpu["tokenize"], key=int))
+    documents = max(cpu["tokenize"], key=int)
     lines += [
+        "",
+        f"Tokenize on a whole C4-sized partition ({int(documents):,} documents, "
+        f"{cpu['tokenize'][documents]['tokens'] / 1e6:,.0f}M tokens): {whole['seconds']:,.0f} s and "
+        f"{whole['peak_rss_mb']:,.0f} MB peak, against {tenth['seconds']:,.0f} s and {tenth['peak_rss_mb']:,.0f} MB for a "
+        f"tenth: linear in time, but its memory grows with the partition ({whole['peak_rss_mb'] / tenth['peak_rss_mb']:.1f}×; "
+        "the embedded engine holds all a Python UDF yields for one input row, here a partition file).",
         "",
         f"A C4 partition (~{C4_DOCUMENTS / C4_PARTITIONS / 1e3:,.0f}k documents) would take "
         f"~{extract_rate * C4_DOCUMENTS / C4_PARTITIONS / 3600:,.1f} hours to extract here; the GPT-2-small shape "
