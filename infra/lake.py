@@ -24,6 +24,10 @@ from deltalake.transaction import RemoveAction
 from infra import storage
 from infra.slice_files import SliceFiles, partition_fragments, replaced_files, rows_of_slice_elsewhere
 from schemas.tables import SchemaError, Table, table as declared
+from schemas.vectors import CorruptVector, check_vectors
+
+# Parquet page CRCs (written by `infra.slice_files`) are checked by every pyarrow read.
+VERIFY_PAGES = ds.ParquetFragmentScanOptions(page_checksum_verification=True)
 
 
 # commits of a streamed slice tried before giving up, while other partitions' commits keep landing
@@ -91,8 +95,30 @@ class Lake:
                 f"table {table}: stored partition columns {metadata.partition_columns}, "
                 f"declared {list(spec.partition_by)}"
             )
-        spec.check_column_names([f.name for f in delta.schema().fields])
+        stored = [f.name for f in delta.schema().fields]
+        added = [c for c in spec.columns if c.name not in stored and c.nullable]
+        if added and version is None:
+            delta = self._add_columns(table, delta, added)
+            stored = [f.name for f in delta.schema().fields]
+        spec.check_column_names(stored)
         return delta
+
+    def _add_columns(self, table: str, delta: DeltaTable, columns: list) -> DeltaTable:
+        """A table written by an older version gains the declared nullable columns it lacks (one
+        metadata-only commit; its rows read null there). Two processes may race to do it."""
+        from deltalake.schema import Field, PrimitiveType
+
+        delta_types = {"BIGINT": "long", "INT": "integer", "FLOAT": "float", "DOUBLE": "double", "STRING": "string"}
+        fields = [Field(c.name, PrimitiveType(delta_types[c.type]), nullable=True) for c in columns]
+        try:
+            delta.alter.add_columns(fields)
+        except Exception as error:  # noqa: BLE001 - delta-rs raises several kinds; retry on the latest state
+            delta = DeltaTable(self.path(table), storage_options=self.storage_options)
+            if any(c.name not in [f.name for f in delta.schema().fields] for c in columns):
+                raise LakeError(f"table {table}: could not add the new column(s) {[c.name for c in columns]}: {error}")
+            return delta
+        print(f"[lake] table {table}: added column(s) {[c.name for c in columns]} (rows written before hold null)")
+        return DeltaTable(self.path(table), storage_options=self.storage_options)
 
     def append(self, table: str, data: pa.Table | pa.RecordBatch) -> int:
         """Validate and append rows; returns the new table version."""
@@ -218,7 +244,8 @@ class Lake:
 
     def read(self, table: str, filters=None, columns: list[str] | None = None, version: int | None = None) -> pa.Table:
         """Rows of the table (at `version`) as Arrow, in declared column order; no rows if the
-        table has not been written yet (asking for a version of it is an error).
+        table has not been written yet (asking for a version of it is an error). Vectors read are
+        checked against their checksums; a failure names the table, the file and the row (LakeError).
 
         filters: {column: value} for equality, or [(column, op, value), ...] with op one of
         = != < <= > >= in not in; all must hold.
@@ -230,28 +257,81 @@ class Lake:
         if version is None and not self.exists(table):
             return spec.arrow_schema.empty_table().select(columns)
         dataset = self.open(table, version=version).to_pyarrow_dataset()
-        # use_threads=False: threaded delta-rs reads have aborted the interpreter at exit here.
-        return dataset.to_table(columns=columns, filter=_filter_expression(spec, filters), use_threads=False)
+        reading, expression = _with_checksum_columns(spec, columns), _filter_expression(spec, filters)
+        try:
+            # use_threads=False: threaded delta-rs reads have aborted the interpreter at exit here.
+            rows = dataset.to_table(
+                columns=reading, filter=expression, use_threads=False, fragment_scan_options=VERIFY_PAGES
+            )
+            if reading != columns:
+                check_vectors(rows, f"table {table}")
+        except (OSError, pa.ArrowException, CorruptVector) as error:
+            self.raise_file_problems(table, filters, error)
+            raise LakeError(f"table {table}: {error}") from error
+        return rows.select(columns)
 
     def read_batches(self, table: str, filters=None, columns: list[str] | None = None, rows: int = 8192):
-        """The rows of `read`, as tables of at most `rows` rows each, read as they are consumed
-        (without pyarrow's read-ahead: over 1.9 GB of vectors it held 0.78 GB; without, 0.31 GB,
-        at the same speed)."""
+        """The rows of `read`, as tables of at most `rows` rows each, read as they are consumed,
+        file by file (without pyarrow's read-ahead: over 1.9 GB of vectors it held 0.78 GB; without,
+        0.31 GB, at the same speed), checked like `read`'s."""
         spec = declared(table)
         if not self.exists(table):
             return
+        columns = columns or spec.column_names
+        reading, expression = _with_checksum_columns(spec, columns), _filter_expression(spec, filters)
         dataset = self.open(table).to_pyarrow_dataset()
-        expression = _filter_expression(spec, filters)
-        for batch in dataset.to_batches(
-            columns=columns or spec.column_names,
-            filter=expression,
-            batch_size=rows,
-            use_threads=False,
-            batch_readahead=0,
-            fragment_readahead=0,
-        ):
-            if batch.num_rows:
-                yield pa.Table.from_batches([batch])
+        for fragment in dataset.get_fragments(filter=expression):
+            where = f"table {table}, file {fragment.path}"
+            try:
+                for batch in fragment.to_batches(
+                    schema=dataset.schema,
+                    columns=reading,
+                    filter=expression,
+                    batch_size=rows,
+                    use_threads=False,
+                    batch_readahead=0,
+                    fragment_scan_options=VERIFY_PAGES,
+                ):
+                    if batch.num_rows:
+                        if reading != columns:
+                            check_vectors(batch, where)
+                        yield pa.Table.from_batches([batch]).select(columns)
+            except CorruptVector as error:
+                raise LakeError(str(error)) from error
+            except (OSError, pa.ArrowException) as error:
+                raise LakeError(f"{where}: cannot be read ({error}); run `python -m jobs verify`") from error
+
+    def raise_file_problems(self, table: str, filters, error: Exception) -> None:
+        """After `error` in a read of the table (`filters` as in `read`), raises a LakeError naming
+        the file and row behind it (`file_problems`' first finding); returns if every file reads."""
+        problems = self.file_problems(table, filters)
+        if problems:
+            more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+            raise LakeError(f"{problems[0]}{more}; run `python -m jobs verify`") from error
+
+    def file_problems(self, table: str, filters=None) -> list[str]:
+        """Reads every file of the table (that `filters` can select) whole, checking Parquet page
+        CRCs and vector checksums; one line per file that fails, naming the table, file and row."""
+        spec = declared(table)
+        dataset = self.open(table).to_pyarrow_dataset()
+        expression, problems = _filter_expression(spec, filters), []
+        for fragment in dataset.get_fragments(filter=expression):
+            where = f"table {table}, file {fragment.path}"
+            try:
+                for batch in fragment.to_batches(
+                    schema=dataset.schema,
+                    batch_size=4096,
+                    use_threads=False,
+                    batch_readahead=0,
+                    fragment_scan_options=VERIFY_PAGES,
+                ):
+                    if "checksum" in spec.column_names:
+                        check_vectors(batch, where)
+            except CorruptVector as corrupt:
+                problems.append(str(corrupt))
+            except (OSError, pa.ArrowException) as failed:
+                problems.append(f"{where}: cannot be read ({failed})")
+        return problems
 
     def distinct(self, table: str, columns: list[str], filters=None) -> set[tuple]:
         """The distinct values of `columns` among the rows `filters` select (as in `read`), taken from
@@ -455,6 +535,13 @@ _OPERATORS = {
     ">": "__gt__",
     ">=": "__ge__",
 }
+
+
+def _with_checksum_columns(spec: Table, columns: list[str]) -> list[str]:
+    """`columns`, plus what checking the vectors among them needs (their checksum and scale)."""
+    if "vector" not in columns or "checksum" not in spec.column_names:
+        return columns
+    return [*columns, *(c for c in ("scale", "checksum") if c not in columns)]
 
 
 def _filter_columns(filters) -> list[str]:

@@ -80,7 +80,8 @@ class SliceFiles:
         if self._file is None:
             path = f"{self.folder}/part-{uuid.uuid4()}.snappy.parquet"
             sink = self.fs.open_output_stream(path)
-            self._file = {"path": path, "sink": sink, "writer": pq.ParquetWriter(sink, self.schema), "bytes": 0}
+            writer = pq.ParquetWriter(sink, self.schema, write_page_checksum=True)
+            self._file = {"path": path, "sink": sink, "writer": writer, "bytes": 0}
             self._file["stats"] = {"numRecords": 0, "minValues": {}, "maxValues": {}, "nullCount": {}}
         self._file["writer"].write_table(rows, row_group_size=max(1, rows.num_rows))
         self._file["bytes"] += rows.nbytes

@@ -411,7 +411,7 @@ class Extraction:
     def vector_columns(self, vectors, dtype: str | None = None) -> dict:
         import numpy as np
 
-        from schemas.vectors import decode_vectors, encode_vectors
+        from schemas.vectors import decode_vectors, encode_vectors, vector_checksums
 
         dtype, n = dtype or self.config.vector_dtype, len(vectors)
         cells, scales = encode_vectors(vectors, dtype)
@@ -422,6 +422,7 @@ class Extraction:
             "scale": scales if scales is not None else pa.nulls(n, pa.float32()),
             "norm": np.linalg.norm(stored, axis=1).astype(np.float32),
             "fingerprint": [self.fingerprint] * n,
+            "checksum": vector_checksums(cells, scales),
             "run_id": [self.run_id] * n,
         }
 

@@ -118,6 +118,8 @@ def build_partition(
     lake: Lake, keys: dict, partition: int, blocks: list, sha256: str, source_run_id: str, run_id: str, batch_bytes: int
 ) -> int:
     """Write one partition's index slice (atomic replace, streamed); returns the rows written."""
+    from schemas.vectors import vector_checksums
+
     written = 0
 
     def batches():
@@ -138,6 +140,7 @@ def build_partition(
                     "vector": cells,
                     "scale": scales if scales is not None else pa.nulls(n, pa.float32()),
                     "sketch": sketches,
+                    "checksum": vector_checksums(cells, scales),
                     "run_id": [run_id] * n,
                 }
             )

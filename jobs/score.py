@@ -143,7 +143,7 @@ def score_batches(
     scored as stored (no preconditioner, no normalisation: the index) and stored as int8 are scored
     by integer products against int8-coded queries, without decoding them."""
     from gradient_kernels.scoring import Int8Queries, RunningTopK
-    from schemas.vectors import decode_vectors, stored_values
+    from schemas.vectors import check_vectors, decode_vectors, stored_values
 
     q = torch.from_numpy(queries)
     as_stored = train_blocks is None and not unit_norm
@@ -154,6 +154,8 @@ def score_batches(
         if len(dtypes) > 1:
             raise ValueError(f"mixed vector dtypes in one batch: {dtypes}")
         dtype = next(iter(dtypes), "float32")
+        if "checksum" in batch.schema.names:
+            check_vectors(batch, "the vectors scored")
         for start in range(0, batch.num_rows, step):
             part = batch.slice(start, step)
             if int8_queries is not None and dtype == "int8":
@@ -247,9 +249,8 @@ def run(config: ScoreConfig) -> dict:
     run_id = start_run(lake, "score", asdict(config) | {"checkpoint_id": checkpoint_id, "fingerprint": fingerprint})
     query_ids, raw_queries, dim = query_vectors(lake, config.query_set, checkpoint_id, fingerprint, config.prompt_index)
     spark = spark_session()
-    train_gradients = lake.spark_read(spark, "train_gradients").filter(
-        (F.col("checkpoint_id") == checkpoint_id) & (F.col("fingerprint") == fingerprint)
-    )
+    train_keys = {"checkpoint_id": checkpoint_id, "fingerprint": fingerprint}
+    train_gradients = lake.spark_read(spark, "train_gradients").filter(_where(train_keys))
     ids = spark.createDataFrame([(i, q) for i, q in enumerate(query_ids)], "query_index int, query_id string")
     written, indexes = {}, {}
     for method in config.methods:
@@ -269,15 +270,10 @@ def run(config: ScoreConfig) -> dict:
                 run_id,
                 config.batch_bytes,
             )
-            train = lake.spark_read(spark, "trackstar_index").filter(
-                (F.col("checkpoint_id") == checkpoint_id)
-                & (F.col("fingerprint") == fingerprint)
-                & (F.col("query_set") == config.query_set)
-                & (F.col("kind") == METHODS[method][0])
-                & (F.col("dtype") == config.index)
-            )
+            index_keys = train_keys | {"query_set": config.query_set, "kind": METHODS[method][0], "dtype": config.index}
+            train = lake.spark_read(spark, "trackstar_index").filter(_where(index_keys))
             train_blocks, unit_norm = None, False  # the index holds the prepared train side
-        train = train.select("doc_id", "chunk", "vector", "dtype", "scale")
+        train = train.select("doc_id", "chunk", "vector", "dtype", "scale", "checksum")
         k, batch_bytes = config.top_k, config.batch_bytes
 
         def local_top_k(batches, queries=queries, train_blocks=train_blocks, unit_norm=unit_norm):
@@ -302,11 +298,16 @@ def run(config: ScoreConfig) -> dict:
                 F.lit(run_id).alias("run_id"),
             )
         )
-        lake.spark_write(
-            proponents,
-            "proponents",
-            replace_where={"query_set": config.query_set, "method": method, "checkpoint_id": checkpoint_id},
-        )
+        try:
+            lake.spark_write(
+                proponents,
+                "proponents",
+                replace_where={"query_set": config.query_set, "method": method, "checkpoint_id": checkpoint_id},
+            )
+        except Exception as error:  # the engine's error has no table or file: find them
+            scored = ("trackstar_index", index_keys) if method in indexes else ("train_gradients", train_keys)
+            lake.raise_file_problems(*scored, error)
+            raise
         written[method] = len(query_ids) * k
         print(f"[score] {method}: top-{k} of {config.query_set} × {checkpoint_id} written", flush=True)
     result = {
@@ -321,6 +322,15 @@ def run(config: ScoreConfig) -> dict:
     }
     finish_run(lake, run_id, "succeeded", result)
     return result
+
+
+def _where(keys: dict):
+    """The Spark filter of rows whose columns equal `keys`' values."""
+    from functools import reduce
+
+    from pyspark.sql import functions as F
+
+    return reduce(lambda a, b: a & b, (F.col(column) == value for column, value in keys.items()))
 
 
 def add_arguments(parser: argparse.ArgumentParser):

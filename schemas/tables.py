@@ -223,6 +223,13 @@ VECTOR_COLUMNS = (
     Column("scale", "FLOAT", "int8 only: value = int8 * scale (max|x|/127); null otherwise", nullable=True),
     Column("norm", "FLOAT", "L2 norm of the vector before encoding"),
     FINGERPRINT,
+    Column(
+        "checksum",
+        "BIGINT",
+        "CRC-32 of the vector's bytes (and its int8 scale), checked by every reader that scores; null in rows "
+        "written before checksums existed",
+        nullable=True,
+    ),
 )
 
 
@@ -413,6 +420,12 @@ TABLES: dict[str, Table] = {
                     "sketch",
                     "BINARY",
                     "1-bit sign sketch of the vector, bits packed 8 per byte (first-stage retrieval)",
+                ),
+                Column(
+                    "checksum",
+                    "BIGINT",
+                    "CRC-32 of the vector's bytes (and its int8 scale); null in rows written before checksums existed",
+                    nullable=True,
                 ),
                 RUN_ID,
             ),

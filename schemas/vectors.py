@@ -6,14 +6,21 @@ float16    2            ~1e-3 relative; a vector beyond ±65504 is refused (Vect
 bfloat16   2            ~4e-3 relative (float32's range; upper 16 bits, rounded to nearest even)
 int8       1            |x - x'| <= scale/2 with scale = max|x| / 127 per vector (the `scale` column)
 
+Each stored vector carries a checksum (`vector_checksums`: CRC-32 of its cell, and of its int8 scale),
+checked by every reader that scores (`check_vectors`): a changed byte fails with the row, never
+becomes an answer. Rows written before checksums existed hold null and are not checked.
+
 A sign sketch (`encode_sign_sketch`) keeps 1 bit per value (32x smaller than float32): the sign,
 bits packed 8 per byte. It ranks by q · sign(t), a cheap first stage before an exact rerank.
 """
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 DTYPES = ("float32", "float16", "bfloat16", "int8")
 _STORAGE: dict[str, np.dtype] = {
@@ -26,6 +33,10 @@ _STORAGE: dict[str, np.dtype] = {
 
 class VectorOverflow(ValueError):
     """Finite vectors that the chosen dtype would store as inf."""
+
+
+class CorruptVector(ValueError):
+    """Stored vector bytes that no longer match the checksum written with them."""
 
 
 def encode_vectors(array: np.ndarray, dtype: str) -> tuple[pa.BinaryArray, pa.FloatArray | None]:
@@ -78,6 +89,42 @@ def stored_values(vectors: pa.Array | pa.ChunkedArray, dtype: str, dim: int | No
         )
     data = vectors.buffers()[2]
     return np.frombuffer(data, dtype=_STORAGE[dtype], count=n * dim, offset=int(offsets[0])).reshape(n, dim)
+
+
+def vector_checksums(vectors: pa.Array | pa.ChunkedArray, scales=None) -> pa.Int64Array:
+    """CRC-32 of each binary cell, continued over its float32 scale where it has one (int8)."""
+    vectors = _single_binary_array(vectors)
+    offsets = np.frombuffer(vectors.buffers()[1], dtype=np.int32, count=len(vectors) + 1, offset=vectors.offset * 4)
+    data = memoryview(vectors.buffers()[2]) if len(vectors) else memoryview(b"")
+    sums = [zlib.crc32(data[start:end]) for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+    if scales is not None:
+        scales = pa.chunked_array([scales]) if isinstance(scales, pa.Array) else scales
+        if not isinstance(scales, pa.ChunkedArray):
+            scales = pa.chunked_array([pa.array(np.asarray(scales, dtype=np.float32))])
+        for i, scale in enumerate(scales.cast(pa.float32()).to_pylist()):
+            if scale is not None:
+                sums[i] = zlib.crc32(np.float32(scale).astype("<f4").tobytes(), sums[i])
+    return pa.array(sums, pa.int64())
+
+
+ROW_NAMES = ("query_set", "query_id", "prompt_index", "partition", "doc_id", "chunk")
+
+
+def check_vectors(rows: pa.Table | pa.RecordBatch, where: str) -> None:
+    """Raises CorruptVector unless every row's `vector` (and `scale`) matches its `checksum`;
+    `where` names the table (and file), the row is named by its ROW_NAMES columns."""
+    checksums = rows.column("checksum")
+    if checksums.null_count == len(checksums):
+        return
+    actual = vector_checksums(rows.column("vector"), rows.column("scale"))
+    bad = np.flatnonzero(pc.fill_null(pc.not_equal(actual, checksums), False).to_numpy(zero_copy_only=False))
+    if len(bad):
+        first = rows.slice(int(bad[0]), 1).select([c for c in ROW_NAMES if c in rows.column_names]).to_pylist()[0]
+        raise CorruptVector(
+            f"{where}: {len(bad)} of {len(actual)} stored vector(s) do not match their checksum (first: "
+            f"{', '.join(f'{c} {v!r}' for c, v in first.items())}); the bytes changed after they were "
+            "written: run `python -m jobs verify` and re-extract the slice (`--force`)"
+        )
 
 
 def encode_sign_sketch(array: np.ndarray) -> pa.BinaryArray:

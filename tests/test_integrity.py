@@ -1,0 +1,156 @@
+"""Corrupted bytes never become answers: every stored vector carries a checksum checked by each
+reader that scores, Parquet pages written here carry CRCs, and a failed read names its table, file
+and row. `jobs verify` reads a whole lake back. Real lakes (Delta tables written by the jobs), real
+corruption (bytes changed in the files on disk)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from deltalake import DeltaTable, write_deltalake
+
+from infra.lake import Lake, LakeError
+from jobs import extract, fit_hessian, register_queries, score, tokenize, verify
+from schemas.tables import TABLES
+from schemas.vectors import CorruptVector, check_vectors, encode_vectors, vector_checksums
+from tests.fixtures import copy_lake
+
+
+@pytest.fixture(scope="module")
+def scored(adam_run, tmp_path_factory):
+    source, _ = adam_run
+    root = copy_lake(source, tmp_path_factory.mktemp("integrity") / "lake")
+    tokenize.run(tokenize.TokenizeConfig(lake=str(root)))
+    register_queries.run(str(root))
+    extract.run(extract.ExtractConfig(lake=str(root), projection_k=4, token_budget=512))
+    fit_hessian.run(fit_hessian.FitHessianConfig(lake=str(root)))
+    score.run(score.ScoreConfig(lake=str(root), methods=["trackstar"], top_k=5, index="int8"))
+    return root
+
+
+def _corrupted_copy(scored, tmp_path, table: str) -> tuple[Lake, str]:
+    """A copy of the lake with 3 bytes changed in the middle of the vector column of one file of `table`."""
+    lake = Lake(copy_lake(scored, tmp_path / "lake"))
+    path = sorted(lake.open(table).file_uris())[0]
+    meta = pq.ParquetFile(path).metadata
+    names = [meta.schema.column(i).name for i in range(meta.num_columns)]
+    column = meta.row_group(0).column(names.index("vector"))
+    start = column.dictionary_page_offset if column.has_dictionary_page else column.data_page_offset
+    middle = start + column.total_compressed_size // 2
+    data = bytearray(open(path, "rb").read())
+    for i in range(3):
+        data[middle + i] ^= 0x5A
+    open(path, "wb").write(bytes(data))
+    return lake, path
+
+
+def test_a_changed_byte_fails_the_checksum_and_names_the_row():
+    vectors = np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)
+    for dtype in ("float32", "int8"):
+        cells, scales = encode_vectors(vectors, dtype)
+        rows = pa.table(
+            {
+                "doc_id": ["a", "b", "c", "d"],
+                "chunk": [0, 0, 1, 0],
+                "vector": cells,
+                "scale": scales if scales is not None else pa.nulls(4, pa.float32()),
+                "checksum": vector_checksums(cells, scales),
+            }
+        )
+        check_vectors(rows, "table t")  # intact: passes
+        changed = bytearray(cells.buffers()[2].to_pybytes())
+        changed[2 * len(changed) // 4 + 3] ^= 1  # one bit of row "c"
+        broken = rows.set_column(
+            2,
+            "vector",
+            pa.array(
+                [bytes(changed[i * len(changed) // 4 : (i + 1) * len(changed) // 4]) for i in range(4)], pa.binary()
+            ),
+        )
+        with pytest.raises(CorruptVector, match=r"table t: 1 of 4 .*doc_id 'c', chunk 1"):
+            check_vectors(broken, "table t")
+    # an int8 scale that changed is caught too; rows from before checksums (null) are not checked
+    cells, scales = encode_vectors(vectors, "int8")
+    rows = pa.table(
+        {"vector": cells, "scale": pa.array(scales.to_numpy() * 2), "checksum": vector_checksums(cells, scales)}
+    )
+    with pytest.raises(CorruptVector):
+        check_vectors(rows, "table t")
+    check_vectors(rows.set_column(2, "checksum", pa.nulls(4, pa.int64())), "table t")
+
+
+def test_every_stored_vector_has_its_checksum(scored):
+    lake = Lake(scored)
+    for table in ("train_gradients", "query_gradients", "trackstar_index"):
+        rows = lake.read(table, columns=["checksum"])
+        assert rows.num_rows and rows["checksum"].null_count == 0, table
+    assert verify.run(verify.VerifyConfig(lake=str(scored))) == {
+        name: [] for name in sorted(TABLES) if lake.exists(name)
+    }
+
+
+@pytest.mark.parametrize("table,index", [("train_gradients", "none"), ("trackstar_index", "int8")])
+def test_corrupted_vector_bytes_fail_score_naming_table_file_and_row(scored, tmp_path, capsys, table, index):
+    lake, path = _corrupted_copy(scored, tmp_path, table)
+    before = lake.read("proponents").sort_by([("query_id", "ascending"), ("rank", "ascending")])
+    with pytest.raises(
+        LakeError, match=rf"table {table}, file .*{path.rsplit('/', 1)[-1]}.*(checksum|CRC|cannot be read)"
+    ):
+        score.run(score.ScoreConfig(lake=lake.root, methods=["trackstar"], top_k=5, index=index))
+    after = lake.read("proponents").sort_by([("query_id", "ascending"), ("rank", "ascending")])
+    assert after.equals(before)  # nothing written from corrupted vectors
+    assert verify.main(verify_args(lake.root)) == 1
+    assert path.rsplit("/", 1)[-1] in capsys.readouterr().out
+
+
+def verify_args(root):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    verify.add_arguments(parser)
+    return parser.parse_args(["--lake", root])
+
+
+def test_a_truncated_file_is_named_by_every_reader(scored, tmp_path):
+    lake = Lake(copy_lake(scored, tmp_path / "lake"))
+    path = sorted(lake.open("query_gradients").file_uris())[0]
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(LakeError, match=rf"table query_gradients, file .*{path.rsplit('/', 1)[-1]}: cannot be read"):
+        score.run(score.ScoreConfig(lake=lake.root, methods=["trackstar"], top_k=5, index="int8"))
+    problems = verify.run(verify.VerifyConfig(lake=lake.root, tables=["query_gradients"]))
+    assert len(problems["query_gradients"]) == 1
+
+
+def test_a_table_written_before_checksums_gains_the_column_and_still_reads(lake):
+    old_schema = pa.schema([f for f in TABLES["train_gradients"].arrow_schema if f.name != "checksum"])
+    cells, _ = encode_vectors(np.ones((2, 3), np.float32), "float32")
+    rows = pa.table(
+        {
+            "checkpoint_id": ["c", "c"],
+            "partition": [0, 0],
+            "doc_id": ["a", "b"],
+            "chunk": [0, 0],
+            "n_tokens": [3, 3],
+            "vector": cells,
+            "dtype": ["float32"] * 2,
+            "scale": pa.nulls(2, pa.float32()),
+            "norm": [1.7, 1.7],
+            "fingerprint": ["f", "f"],
+            "run_id": ["r", "r"],
+        },
+        schema=old_schema,
+    )
+    old = DeltaTable.create(  # as an older version of Lake.create made it
+        lake.path("train_gradients"),
+        old_schema,
+        partition_by=["checkpoint_id", "partition"],
+        configuration=TABLES["train_gradients"].table_properties,
+        raise_if_key_not_exists=False,
+    )
+    write_deltalake(old, rows, mode="append")
+    read = lake.read("train_gradients", columns=["doc_id", "vector", "checksum"])
+    assert read["checksum"].null_count == 2 and read.num_rows == 2
+    assert "checksum" in [f.name for f in lake.open("train_gradients").schema().fields]
