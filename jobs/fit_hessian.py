@@ -81,7 +81,7 @@ def query_autocorrelation(
 ):
     """Σ p pᵀ over the stored query vectors of the set, leaving out the `exclude` query ids."""
     from gradient_kernels.hessian import Autocorrelation
-    from schemas.vectors import decode_vectors
+    from schemas.vectors import decode_rows
 
     rows = lake.read(
         "query_gradients",
@@ -96,12 +96,7 @@ def query_autocorrelation(
         raise ValueError(
             f"no query vectors of {query_set!r} are left for R_query after excluding {len(exclude)} queries"
         )
-    dtypes = set(kept["dtype"].to_pylist())
-    if len(dtypes) != 1:
-        raise ValueError(f"mixed vector dtypes among the query vectors: {sorted(dtypes)}")
-    vectors = decode_vectors(
-        kept["vector"], dtypes.pop(), kept["scale"].to_numpy(zero_copy_only=False), sum(block_sizes)
-    )
+    vectors = decode_rows(kept, sum(block_sizes))
     return Autocorrelation(block_sizes).add(torch.from_numpy(vectors))
 
 

@@ -92,7 +92,7 @@ def indexed_batches(
 ):
     """(keys, encoded Ḡ, sketches) per byte-bounded batch of one partition's train vectors."""
     from gradient_kernels.scoring import Preconditioner, prepare
-    from schemas.vectors import decode_vectors, encode_sign_sketch, encode_vectors
+    from schemas.vectors import decode_rows, encode_sign_sketch, encode_vectors
 
     dim = sum(block.shape[0] for block in blocks)
     preconditioner = Preconditioner(blocks)
@@ -106,10 +106,7 @@ def indexed_batches(
         columns=["doc_id", "chunk", "vector", "dtype", "scale"],
         rows=rows_per_batch(dim, batch_bytes),
     ):
-        dtypes = set(batch.column("dtype").to_pylist())
-        if len(dtypes) != 1:
-            raise ValueError(f"mixed vector dtypes in one batch of partition {partition}: {dtypes}")
-        raw = decode_vectors(batch.column("vector"), dtypes.pop(), batch.column("scale"), dim)
+        raw = decode_rows(batch, dim)
         prepared = prepare(torch.from_numpy(raw), preconditioner, unit_norm=True).numpy()
         yield batch.select(["doc_id", "chunk"]), encode_vectors(prepared, dtype), encode_sign_sketch(prepared)
 

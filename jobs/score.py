@@ -149,30 +149,27 @@ def score_batches(
     as_stored = train_blocks is None and not unit_norm
     int8_queries = Int8Queries(q) if as_stored else None
     best, step = RunningTopK(len(queries), k), rows_per_batch(dim, batch_bytes)
-    for batch in batches:
-        dtypes = set(pc.unique(batch.column("dtype")).to_pylist())
-        if len(dtypes) > 1:
-            raise ValueError(f"mixed vector dtypes in one batch: {dtypes}")
-        dtype = next(iter(dtypes), "float32")
-        if "checksum" in batch.schema.names:
-            check_vectors(batch, "the vectors scored")
-        for start in range(0, batch.num_rows, step):
-            part = batch.slice(start, step)
-            if int8_queries is not None and dtype == "int8":
-                codes = _read_only_tensor(stored_values(part.column("vector"), dtype, dim))
-                scales = _read_only_tensor(part.column("scale").to_numpy(zero_copy_only=False))
-                scores = int8_queries.scores(codes, scales)
-            else:
-                train = torch.from_numpy(decode_vectors(part.column("vector"), dtype, part.column("scale"), dim))
-                scores = q @ _prepared_side(train, train_blocks, unit_norm).T
-            doc_ids, chunks = part.column("doc_id"), part.column("chunk")
-            best.add(
-                scores,
-                lambda rows: zip(
-                    doc_ids.take(pa.array(rows, pa.int64())).to_pylist(),
-                    chunks.take(pa.array(rows, pa.int64())).to_pylist(),
-                ),
-            )
+    for mixed in batches:
+        if "checksum" in mixed.schema.names:
+            check_vectors(mixed, "the vectors scored")
+        for dtype, batch in _by_dtype(mixed):  # a slice re-extracted with another --vector-dtype mixes them
+            for start in range(0, batch.num_rows, step):
+                part = batch.slice(start, step)
+                if int8_queries is not None and dtype == "int8":
+                    codes = _read_only_tensor(stored_values(part.column("vector"), dtype, dim))
+                    scales = _read_only_tensor(part.column("scale").to_numpy(zero_copy_only=False))
+                    scores = int8_queries.scores(codes, scales)
+                else:
+                    train = torch.from_numpy(decode_vectors(part.column("vector"), dtype, part.column("scale"), dim))
+                    scores = q @ _prepared_side(train, train_blocks, unit_norm).T
+                doc_ids, chunks = part.column("doc_id"), part.column("chunk")
+                best.add(
+                    scores,
+                    lambda rows: zip(
+                        doc_ids.take(pa.array(rows, pa.int64())).to_pylist(),
+                        chunks.take(pa.array(rows, pa.int64())).to_pylist(),
+                    ),
+                )
     ranked = [(query, score, key) for query, found in enumerate(best.ranked()) for score, key in found]
     if not ranked:
         return
@@ -210,7 +207,7 @@ def query_vectors(lake: Lake, query_set: str, checkpoint_id: str, fingerprint: s
     import pyarrow.compute as pc
 
     from gradient_kernels.scoring import check_same
-    from schemas.vectors import decode_vectors
+    from schemas.vectors import decode_rows
 
     rows = lake.read(
         "query_gradients",
@@ -225,7 +222,7 @@ def query_vectors(lake: Lake, query_set: str, checkpoint_id: str, fingerprint: s
     matching = rows.filter(pc.equal(rows["fingerprint"], fingerprint))
     if matching.num_rows == 0:  # the train side was extracted otherwise: never compare across projections
         check_same("projection fingerprint", fingerprint, *set(rows["fingerprint"].to_pylist()))
-    vectors = decode_vectors(matching["vector"], matching["dtype"][0].as_py(), matching["scale"])
+    vectors = decode_rows(matching)
     return matching["query_id"].to_pylist(), torch.from_numpy(vectors), vectors.shape[1]
 
 
@@ -322,6 +319,16 @@ def run(config: ScoreConfig) -> dict:
     }
     finish_run(lake, run_id, "succeeded", result)
     return result
+
+
+def _by_dtype(batch: pa.RecordBatch):
+    """(dtype, the batch's rows of that dtype) for each dtype the batch holds."""
+    dtypes = pc.unique(batch.column("dtype")).to_pylist()
+    if len(dtypes) == 1:
+        yield dtypes[0], batch
+        return
+    for dtype in dtypes:
+        yield dtype, batch.filter(pc.equal(batch.column("dtype"), dtype))
 
 
 def _where(keys: dict):

@@ -71,6 +71,24 @@ def decode_vectors(vectors: pa.Array | pa.ChunkedArray, dtype: str, scales=None,
     return stored.astype(np.float32)
 
 
+def decode_rows(rows: pa.Table | pa.RecordBatch, dim: int | None = None) -> np.ndarray:
+    """The float32 [n, d] vectors of rows holding `vector`, `dtype` and `scale`, in row order,
+    whatever mix of dtypes they hold (a slice re-extracted with another --vector-dtype)."""
+    dtypes = rows.column("dtype")
+    kinds = pc.unique(dtypes).to_pylist()
+    if len(kinds) == 1:
+        return decode_vectors(rows.column("vector"), kinds[0], rows.column("scale"), dim)
+    out = None
+    for kind in kinds:
+        where = pc.equal(dtypes, kind)
+        part = rows.filter(where)
+        decoded = decode_vectors(part.column("vector"), kind, part.column("scale"), dim)
+        if out is None:
+            out = np.empty((rows.num_rows, decoded.shape[1]), np.float32)
+        out[np.flatnonzero(where.to_numpy(zero_copy_only=False))] = decoded
+    return out if out is not None else np.empty((0, dim or 0), np.float32)
+
+
 def stored_values(vectors: pa.Array | pa.ChunkedArray, dtype: str, dim: int | None = None) -> np.ndarray:
     """The [n, d] values as stored (int8 codes, float16, bfloat16 bits, float32): a read-only view
     of the cells' buffer, no copy. int8 codes times their `scale` column are the vectors."""

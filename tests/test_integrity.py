@@ -154,3 +154,19 @@ def test_a_table_written_before_checksums_gains_the_column_and_still_reads(lake)
     read = lake.read("train_gradients", columns=["doc_id", "vector", "checksum"])
     assert read["checksum"].null_count == 2 and read.num_rows == 2
     assert "checksum" in [f.name for f in lake.open("train_gradients").schema().fields]
+
+
+def test_a_slice_re_extracted_in_another_dtype_scores_like_the_rest(scored, tmp_path):
+    lake = Lake(copy_lake(scored, tmp_path / "lake"))
+    before = {r["query_id"]: r["doc_id"] for r in lake.read("proponents").to_pylist() if r["rank"] == 1}
+    extract.run(
+        extract.ExtractConfig(
+            lake=lake.root, projection_k=4, token_budget=512, vector_dtype="float16", force=True, partitions=[0]
+        )
+    )
+    dtypes = lake.distinct("train_gradients", ["partition", "dtype"])
+    assert {d for p, d in dtypes if p == 0} == {"float16"} and {d for p, d in dtypes if p != 0} == {"float32"}
+    for index in ("none", "int8"):
+        score.run(score.ScoreConfig(lake=lake.root, methods=["trackstar"], top_k=5, index=index))
+        after = {r["query_id"]: r["doc_id"] for r in lake.read("proponents").to_pylist() if r["rank"] == 1}
+        assert after == before, index
