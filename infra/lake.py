@@ -50,6 +50,20 @@ class Lake:
     def __repr__(self) -> str:
         return f"Lake({self.root!r})"
 
+    def relative(self, location: str | Path) -> str:
+        """`location` as the lake's tables store it: relative to the root when it lies inside the
+        lake, so a lake copied or moved to another folder or bucket finds its files; else absolute."""
+        absolute = storage.absolute(location)
+        if absolute.startswith(self.root + "/"):
+            return absolute[len(self.root) + 1 :]
+        return absolute
+
+    def resolve(self, stored: str) -> str:
+        """A location read from the lake's tables (see `relative`), made absolute."""
+        if storage.is_s3(stored) or Path(stored).is_absolute():
+            return stored
+        return storage.join(self.root, stored)
+
     @property
     def is_s3(self) -> bool:
         return storage.is_s3(self.root)

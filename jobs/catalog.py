@@ -77,7 +77,7 @@ def checkpoint_location(lake: Lake, checkpoint_id: str) -> str:
     rows = lake.read("checkpoints", filters=[("checkpoint_id", "=", checkpoint_id)], columns=["path"])
     if rows.num_rows == 0:
         raise LookupError(f"checkpoint {checkpoint_id!r} is not registered")
-    return rows["path"][0].as_py()
+    return lake.resolve(rows["path"][0].as_py())
 
 
 def checkpoint_folder(lake: Lake, checkpoint_id: str) -> Path:
@@ -118,7 +118,7 @@ def load_preconditioner(lake: Lake, checkpoint_id: str, query_set: str, fingerpr
     if rows.num_rows != 1:
         raise FileNotFoundError(f"no {kind} registered for {checkpoint_id}/{query_set}/{fingerprint}: run fit-hessian")
     row = rows.to_pylist()[0]
-    tensors = load_matrices(row["path"], row["sha256"])
+    tensors = load_matrices(lake.resolve(row["path"]), row["sha256"])
     return [tensors[k] for k in sorted(tensors)], row
 
 

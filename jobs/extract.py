@@ -164,6 +164,7 @@ def register_checkpoint(lake: Lake, manifest: dict, weights: str, source: str, r
         filters=[("checkpoint_id", "=", manifest["checkpoint_id"])],
         columns=["model_fingerprint", "path"],
     ).to_pylist()
+    source = lake.relative(source)
     if known == [{"model_fingerprint": weights, "path": source}]:
         return
     row = pa.table(

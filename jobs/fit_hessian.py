@@ -242,7 +242,7 @@ def run(config: FitHessianConfig) -> dict:
             ("query_set", config.query_set),
             ("fingerprint", fingerprint),
             ("kind", kind),
-            ("path", str(path)),
+            ("path", lake.relative(path)),
             ("shape", [b.shape[0] for b in blocks]),
             ("sha256", sha),
             ("lambda", kind_lambda),

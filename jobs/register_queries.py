@@ -57,7 +57,7 @@ def run(
         pa.table(
             {
                 "query_set": [name],
-                "path": [path],
+                "path": [lake.relative(path)],
                 "n_queries": [len(queries)],
                 "registered_at": [datetime.now(timezone.utc)],
                 "run_id": [run_id],

@@ -45,7 +45,7 @@ def hessian_file_problems(lake: Lake) -> list[str]:
     problems = []
     for row in lake.read("hessians", columns=["path", "sha256"]).to_pylist():
         try:
-            load_matrices(row["path"], row["sha256"])
+            load_matrices(lake.resolve(row["path"]), row["sha256"])
         except (ChecksumMismatch, OSError) as error:
             problems.append(f"table hessians, file {row['path']}: {error}")
     return problems

@@ -293,7 +293,11 @@ TABLES: dict[str, Table] = {
             (
                 CHECKPOINT_ID,
                 Column("step", "BIGINT", "training step of the checkpoint"),
-                Column("path", "STRING", "checkpoint folder, local or s3://"),
+                Column(
+                    "path",
+                    "STRING",
+                    "checkpoint folder: relative to the lake's root when inside it, else absolute or s3://",
+                ),
                 Column("optimizer", "STRING", "optimizer kind: adam, adafactor, or none (no optimizer state)"),
                 Column(
                     "learning_rate",
@@ -328,7 +332,9 @@ TABLES: dict[str, Table] = {
             "registered query sets",
             (
                 QUERY_SET,
-                Column("path", "STRING", "file the query set was loaded from"),
+                Column(
+                    "path", "STRING", "file the query set was loaded from (relative to the lake's root when inside it)"
+                ),
                 Column("n_queries", "INT", "number of queries in the set"),
                 _created_at("registered_at"),
                 RUN_ID,
@@ -383,7 +389,7 @@ TABLES: dict[str, Table] = {
                 ),
                 FINGERPRINT,
                 Column("kind", "STRING", "r_train, r_query or inverse_root"),
-                Column("path", "STRING", "safetensors file holding the matrix"),
+                Column("path", "STRING", "safetensors file holding the matrix, relative to the lake's root"),
                 Column("shape", "ARRAY<BIGINT>", "shape of the matrix"),
                 Column("sha256", "STRING", "checksum of the safetensors file"),
                 Column("lambda", "DOUBLE", "mixing weight of R_query in R (inverse_root only)", nullable=True),

@@ -5,6 +5,8 @@ corruption (bytes changed in the files on disk)."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -170,3 +172,38 @@ def test_a_slice_re_extracted_in_another_dtype_scores_like_the_rest(scored, tmp_
         score.run(score.ScoreConfig(lake=lake.root, methods=["trackstar"], top_k=5, index=index))
         after = {r["query_id"]: r["doc_id"] for r in lake.read("proponents").to_pylist() if r["rank"] == 1}
         assert after == before, index
+
+
+def _answers(lake: Lake) -> list:
+    rows = lake.read("proponents", columns=["query_id", "method", "rank", "doc_id", "chunk", "score"])
+    return sorted(rows.to_pylist(), key=lambda r: (r["method"], r["query_id"], r["rank"]))
+
+
+@pytest.mark.parametrize("destination", ["folder", "s3"])
+def test_a_moved_lake_scores_identically(scored, tmp_path, s3_bucket, destination):
+    from infra import storage
+    from jobs.catalog import checkpoint_folder, load_preconditioner
+
+    moved_from = copy_lake(scored, tmp_path / "before")
+    before = _answers(Lake(moved_from))
+    if destination == "folder":
+        root = str(shutil.move(moved_from, tmp_path / "elsewhere" / "lake"))
+    else:
+        root = f"s3://{s3_bucket}/moved/lake"
+        storage.upload_dir(moved_from, root)
+        shutil.rmtree(moved_from)  # nothing may be read from the old place
+    lake = Lake(root)
+    stored = {
+        r["path"] for t in ("checkpoints", "hessians", "query_sets") for r in lake.read(t, columns=["path"]).to_pylist()
+    }
+    assert stored and not any(p.startswith(("/", "s3://")) for p in stored), stored
+    checkpoint_id = lake.read("checkpoints", columns=["checkpoint_id"])["checkpoint_id"][0].as_py()
+    assert checkpoint_folder(lake, checkpoint_id).exists()
+    fingerprint = lake.read("hessians", columns=["fingerprint"])["fingerprint"][0].as_py()
+    load_preconditioner(lake, checkpoint_id, "fact-world", fingerprint, "inverse_root")  # checksum-verified
+    score.run(score.ScoreConfig(lake=root, methods=["trackstar"], top_k=5, index="int8"))
+    after = _answers(lake)
+    assert [(r["query_id"], r["rank"], r["doc_id"]) for r in after] == [
+        (r["query_id"], r["rank"], r["doc_id"]) for r in before
+    ]
+    np.testing.assert_allclose([r["score"] for r in after], [r["score"] for r in before], rtol=1e-6)
