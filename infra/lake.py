@@ -12,6 +12,7 @@ duplicates rows, and a task killed mid-way leaves no partial commit behind.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -29,6 +30,12 @@ from schemas.vectors import CorruptVector, check_vectors
 # Parquet page CRCs (written by `infra.slice_files`) are checked by every pyarrow read.
 VERIFY_PAGES = ds.ParquetFragmentScanOptions(page_checksum_verification=True)
 
+
+# How Sail ("Failed to commit transaction", "Missing commit file") and Delta on Apache Spark
+# (Concurrent*Exception) report a commit that lost to another writer's.
+_LOST_COMMIT = re.compile(
+    r"Failed to commit transaction|Missing commit file|Concurrent\w*Exception|ConcurrentModification"
+)
 
 # commits of a streamed slice tried before giving up, while other partitions' commits keep landing
 COMMIT_ATTEMPTS = 20
@@ -460,7 +467,17 @@ class Lake:
         if replace_where:
             predicate = replace_where if isinstance(replace_where, str) else slice_predicate(spec, replace_where, "`")
             writer = writer.option("replaceWhere", predicate)
-        writer.save(self.path(table))
+        try:
+            writer.save(self.path(table))
+        except Exception as error:  # noqa: BLE001 - the engines raise their own classes; the text tells a lost race
+            if not _LOST_COMMIT.search(str(error)):
+                raise
+            raise LakeError(
+                f"another run committed to table {table} at the same time{f' (slice {replace_where})' if replace_where else ''}; "
+                "nothing of this write was committed: rerun it. The files it had written are referenced by no "
+                "version and `maintenance` vacuums them after the retention (deleting them now could delete a "
+                "third writer's files before its commit)"
+            ) from error
 
     def spark_create(self, spark, table: str) -> None:
         """Create the table with its declared schema, partitioning and properties through Spark SQL."""

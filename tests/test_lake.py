@@ -540,6 +540,52 @@ def test_spark_writes_slices_with_replace_where(spark, lake):
     assert lake.read("documents", filters={"partition": 2}).num_rows == 1
 
 
+def _proponent(run_id: str) -> pa.Table:
+    return pa.table(
+        {
+            "query_set": ["q"],
+            "checkpoint_id": ["c"],
+            "query_id": ["a"],
+            "method": ["m"],
+            "rank": [1],
+            "doc_id": ["d"],
+            "chunk": [0],
+            "score": [1.0],
+            "run_id": [run_id],
+        }
+    )
+
+
+def test_a_spark_writer_that_loses_a_commit_race_fails_with_lake_error(spark, lake):
+    """A real second writer (delta-rs) commits the same slice while the Spark write runs: it
+    commits from inside the Spark job, after the job read its snapshot, so the race is certain."""
+    keys = {"query_set": "q", "method": "m", "checkpoint_id": "c"}
+    lake.replace_slice("proponents", _proponent("first"), **keys)
+    root = lake.root
+
+    def commit_meanwhile(batches):
+        Lake(root).replace_slice("proponents", _proponent("winner"), **keys)
+        yield from batches
+
+    frame = spark.createDataFrame(_proponent("loser").to_pandas())
+    frame = frame.mapInArrow(commit_meanwhile, frame.schema)
+    first = set(Path(lake.path("proponents")).rglob("*.parquet"))
+    with pytest.raises(LakeError, match="another run committed to table proponents at the same time"):
+        lake.spark_write(frame, "proponents", replace_where=keys)
+    assert lake.read("proponents", columns=["run_id"])["run_id"].to_pylist() == ["winner"]
+    # the loser's file is referenced by no version; maintenance vacuums it once older than the retention
+    referenced = {Path(uri) for uri in lake.open("proponents").file_uris()}
+    orphans = set(Path(lake.path("proponents")).rglob("*.parquet")) - referenced - first
+    assert len(orphans) == 1
+    from infra.maintenance import maintain_table
+
+    eight_days_ago = time.time() - 8 * 86400
+    os.utime(*orphans, (eight_days_ago, eight_days_ago))
+    maintain_table(lake, "proponents")
+    assert not any(path.exists() for path in orphans)
+    assert lake.read("proponents", columns=["run_id"])["run_id"].to_pylist() == ["winner"]
+
+
 def test_spark_reads_tables_written_by_delta_rs_and_enforces_not_null(spark, lake):
     lake.append("train_gradients", gradient_rows("ck1", 0, 3))
     df = lake.spark_read(spark, "train_gradients")
