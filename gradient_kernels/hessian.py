@@ -40,6 +40,11 @@ class Autocorrelation:
         self.count += vectors.shape[0]
         return self
 
+    def subtract(self, vectors: torch.Tensor) -> "Autocorrelation":
+        """Takes vectors that were added back out (exact up to float64 rounding): the sums of the rest."""
+        negated = Autocorrelation(self.block_sizes, [-s for s in self.sums]).add(vectors)
+        return Autocorrelation(self.block_sizes, [-s for s in negated.sums], self.count - vectors.shape[0])
+
     def merge(self, other: "Autocorrelation") -> "Autocorrelation":
         if other.block_sizes != self.block_sizes:
             raise ValueError("cannot merge autocorrelations with different block layouts")

@@ -69,6 +69,13 @@ class Config:
     top_k: int = setting(10, "proponents kept per query")
     hessian_lambda: float | None = setting(None, "R_query weight in [0, 1]; none = chosen where the spectra cross")
     hessian_damping: float = setting(0.1, "damping = this x the mean eigenvalue of R")
+    hessian_outlier_z: float = setting(
+        4.0,
+        "train chunks whose log gradient norm lies this many robust deviations above the median are left out of R_train",
+    )
+    hessian_alarm_factor: float = setting(
+        100.0, "fit-hessian warns when λ or the damping moved by more than this factor since the last fit"
+    )
     refit_threshold: float = setting(0.1, "refit the Hessian when the training sample changed by more than this share")
     task_retries: int = setting(2, "Airflow retries of every task (exponential backoff)")
     retry_delay_seconds: float = setting(60.0, "Airflow delay before the first retry")

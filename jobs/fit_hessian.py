@@ -49,6 +49,12 @@ class FitHessianConfig(SliceConfig):
         choices=["train-block", "mixed-global"],
         help="per block relative to R_train (default), or the classic global rule on the mixed R",
     )
+    outlier_z: float = from_settings(
+        "hessian_outlier_z", help="leave train chunks this many robust deviations above the median norm out of R_train"
+    )
+    alarm_factor: float = from_settings(
+        "hessian_alarm_factor", help="warn when λ or the damping moved by more than this factor since the last fit"
+    )
     r_query_exclude: tuple = option(
         (), cli=False
     )  # query ids left out of R_query (fit it on a split the scoring does not use)
@@ -184,6 +190,67 @@ def extracted_sums(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: 
     return train, query
 
 
+def without_outliers(lake: Lake, checkpoint_id: str, fingerprint: str, train, z: float):
+    """(R_train's sums without the outlier chunks, the outliers' rows for `train_outliers`). Their
+    outer products are subtracted exactly where the vectors are stored as float32 (what extraction
+    summed); for a lossy dtype the sums of the other chunks are rebuilt from the stored vectors."""
+    import numpy as np
+    import torch
+
+    from gradient_kernels.hessian import Autocorrelation
+    from gradient_kernels.robust import outlier_threshold
+    from schemas.vectors import decode_rows
+
+    where = [("checkpoint_id", "=", checkpoint_id), ("fingerprint", "=", fingerprint)]
+    rows = lake.read("train_gradients", filters=where, columns=["partition", "doc_id", "chunk", "norm", "dtype"])
+    norms = rows["norm"].to_numpy()
+    threshold = outlier_threshold(norms, z)
+    median = float(np.median(norms)) if len(norms) else 0.0
+    outliers = rows.filter(pa.array(norms > threshold))
+    table = pa.table(
+        {
+            "checkpoint_id": [checkpoint_id] * outliers.num_rows,
+            "fingerprint": [fingerprint] * outliers.num_rows,
+            "partition": outliers["partition"],
+            "doc_id": outliers["doc_id"],
+            "chunk": outliers["chunk"],
+            "norm": outliers["norm"],
+            "median_norm": [median] * outliers.num_rows,
+            "threshold": [threshold] * outliers.num_rows,
+        }
+    )
+    if outliers.num_rows == 0:
+        return train, table
+    keys = set(zip(outliers["partition"].to_pylist(), outliers["doc_id"].to_pylist(), outliers["chunk"].to_pylist()))
+    exact = set(outliers["dtype"].to_pylist()) == {"float32"}
+    scope = where + ([("partition", "in", sorted({p for p, _, _ in keys}))] if exact else [])
+    columns = ["partition", "doc_id", "chunk", "vector", "dtype", "scale"]
+    dim, rest = sum(train.block_sizes), Autocorrelation(train.block_sizes)
+    for batch in lake.read_batches("train_gradients", filters=scope, columns=columns):
+        named = zip(batch["partition"].to_pylist(), batch["doc_id"].to_pylist(), batch["chunk"].to_pylist())
+        is_outlier = pa.array([key in keys for key in named])
+        if exact:
+            train = train.subtract(torch.from_numpy(decode_rows(batch.filter(is_outlier), dim)))
+        else:
+            rest = rest.add(torch.from_numpy(decode_rows(batch.filter(pc.invert(is_outlier)), dim)))
+    return (train if exact else rest), table
+
+
+def alarms(lake: Lake, query_set: str, lam: float, damping: float, factor: float) -> list[str]:
+    """What moved by more than `factor` (either way) since the last fit of the query set."""
+    from jobs.catalog import runs_of
+
+    earlier = [result for _, _, result in runs_of(lake, "fit-hessian") if result.get("query_set") == query_set]
+    if not earlier:
+        return []
+    last, found = earlier[-1], []
+    for name, now in (("lambda", lam), ("damping", damping)):
+        before = last.get(name)
+        if before and now and max(now / before, before / now) > factor:
+            found.append(f"{name} moved from {before:.3g} to {now:.3g} since run {last.get('run_id')}")
+    return found
+
+
 def run(config: FitHessianConfig) -> dict:
     from infra.names import check_names
     from infra.runs import finish_run, start_run
@@ -196,6 +263,22 @@ def run(config: FitHessianConfig) -> dict:
         lake, "fit-hessian", asdict(config) | {"checkpoint_id": checkpoint_id, "fingerprint": fingerprint}
     )
     train, query = extracted_sums(lake, checkpoint_id, fingerprint, config.query_set, config.r_query_exclude)
+    train, outliers = without_outliers(lake, checkpoint_id, fingerprint, train, config.outlier_z)
+    lake.replace_slice(
+        "train_outliers",
+        outliers.append_column("run_id", pa.array([run_id] * outliers.num_rows, pa.string())).append_column(
+            "created_at", pa.array([datetime.now(timezone.utc)] * outliers.num_rows, pa.timestamp("us", tz="UTC"))
+        ),
+        checkpoint_id=checkpoint_id,
+        fingerprint=fingerprint,
+    )
+    if outliers.num_rows:
+        print(
+            f"[fit-hessian] {outliers.num_rows:,} train chunk(s) left out of R_train: gradient norm above "
+            f"{outliers['threshold'][0].as_py():.3g} ({outliers['threshold'][0].as_py() / outliers['median_norm'][0].as_py():.3g}× "
+            f"the median); listed in table train_outliers",
+            flush=True,
+        )
     fitted = fit(train, query, config)
     lam, component, dampings, diagnostics = fitted.lam, fitted.component, fitted.dampings, fitted.diagnostics
     if diagnostics["blocks_damped_above_train_top"]:
@@ -262,7 +345,11 @@ def run(config: FitHessianConfig) -> dict:
         component,
         diagnostics,
         storage.join(lake.root, "reports", f"hessian_{checkpoint_id}_{config.query_set}_{fingerprint}.png"),
+        outliers.num_rows,
     )
+    moved = alarms(lake, config.query_set, lam, sum(dampings) / len(dampings), config.alarm_factor)
+    for alarm in moved:
+        print(f"[fit-hessian] ALARM: {alarm}; look at the spectra plot and table train_outliers", flush=True)
     result = {
         "checkpoint_id": checkpoint_id,
         "query_set": config.query_set,
@@ -274,6 +361,8 @@ def run(config: FitHessianConfig) -> dict:
         "dampings": dampings,
         "n_train": train.count,
         "n_query": query.count,
+        "train_outliers": outliers.num_rows,
+        "alarms": moved,
         "dim": sum(train.block_sizes),
         "blocks": len(train.block_sizes),
         "figure": str(figure),
@@ -301,7 +390,9 @@ def dampings_for(config: FitHessianConfig, r_train: list, blocks: list) -> list[
     raise ValueError(f"damping rule must be train-block or mixed-global, not {config.damping_rule!r}")
 
 
-def plot_spectra(query_spectrum, train_spectrum, lam: float, component: int, diagnostics: dict, path: str) -> str:
+def plot_spectra(
+    query_spectrum, train_spectrum, lam: float, component: int, diagnostics: dict, path: str, outliers: int = 0
+) -> str:
     import io
 
     import matplotlib
@@ -319,8 +410,10 @@ def plot_spectra(query_spectrum, train_spectrum, lam: float, component: int, dia
     )
     ax.set_xlabel("component (sorted)")
     ax.set_ylabel("eigenvalue")
+    left_out = f"\n{outliers:,} outlier train chunk(s) left out of R_train (table train_outliers)" if outliers else ""
     ax.set_title(
-        f"Task-mixed Hessian: scaled spectra (condition ≤ {diagnostics['condition_number_max']:.2g})", fontsize=10
+        f"Task-mixed Hessian: scaled spectra (condition ≤ {diagnostics['condition_number_max']:.2g}){left_out}",
+        fontsize=10,
     )
     ax.legend()
     fig.tight_layout()

@@ -68,6 +68,9 @@ class ScoreConfig(SliceConfig):
         help=f"code of the TrackStar index for {', '.join(INDEXED_METHODS)} ('none': score raw vectors)",
     )
     batch_bytes: int = option(BATCH_BYTES, help="decoded bytes per scoring batch")
+    include_outliers: bool = option(
+        False, help="propose train chunks fit-hessian flagged as outliers (table train_outliers) too"
+    )
 
 
 def _prepared_side(vectors: torch.Tensor, blocks, unit_norm: bool) -> torch.Tensor:
@@ -271,6 +274,9 @@ def run(config: ScoreConfig) -> dict:
             train = lake.spark_read(spark, "trackstar_index").filter(_where(index_keys))
             train_blocks, unit_norm = None, False  # the index holds the prepared train side
         train = train.select("doc_id", "chunk", "vector", "dtype", "scale", "checksum")
+        if not config.include_outliers and lake.exists("train_outliers"):
+            flagged = lake.spark_read(spark, "train_outliers").filter(_where(train_keys)).select("doc_id", "chunk")
+            train = train.join(flagged, ["doc_id", "chunk"], "left_anti")
         k, batch_bytes = config.top_k, config.batch_bytes
 
         def local_top_k(batches, queries=queries, train_blocks=train_blocks, unit_norm=unit_norm):

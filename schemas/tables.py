@@ -401,6 +401,23 @@ TABLES: dict[str, Table] = {
             slice_keys=("checkpoint_id", "query_set", "fingerprint", "kind"),
         ),
         Table(
+            "train_outliers",
+            "train chunks fit-hessian left out of R_train: gradient norms far above the corpus's (gradient_kernels.robust)",
+            (
+                CHECKPOINT_ID,
+                FINGERPRINT,
+                PARTITION,
+                DOC_ID,
+                CHUNK,
+                Column("norm", "FLOAT", "L2 norm of the chunk's stored vector"),
+                Column("median_norm", "FLOAT", "median norm of the checkpoint's train vectors"),
+                Column("threshold", "FLOAT", "the norm above which a chunk is an outlier"),
+                RUN_ID,
+                _created_at(),
+            ),
+            slice_keys=("checkpoint_id", "fingerprint"),
+        ),
+        Table(
             "trackstar_index",
             "train vectors preconditioned by R^(-1/2) and unit-normalised once, for scoring",
             (

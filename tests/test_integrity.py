@@ -5,6 +5,7 @@ corruption (bytes changed in the files on disk)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -16,7 +17,7 @@ from deltalake import DeltaTable, write_deltalake
 from infra.lake import Lake, LakeError
 from jobs import extract, fit_hessian, register_queries, score, tokenize, verify
 from schemas.tables import TABLES
-from schemas.vectors import CorruptVector, check_vectors, encode_vectors, vector_checksums
+from schemas.vectors import CorruptVector, check_vectors, decode_rows, encode_vectors, vector_checksums
 from tests.fixtures import copy_lake
 
 
@@ -207,3 +208,129 @@ def test_a_moved_lake_scores_identically(scored, tmp_path, s3_bucket, destinatio
         (r["query_id"], r["rank"], r["doc_id"]) for r in before
     ]
     np.testing.assert_allclose([r["score"] for r in after], [r["score"] for r in before], rtol=1e-6)
+
+
+def _junk_partition(root, n_documents: int = 30) -> None:
+    """Documents of one rare letter pair repeated to fill the model's context, as junk in a real C4
+    partition is: their gradients (Adam-corrected, where the model saw little) are ~16x the corpus's
+    median norm here, whose own chunks span 0.36-1.8x."""
+    import gzip
+    import json
+
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(root / "model" / "tokenizer" / "tokenizer.json"))
+    rng, lines = np.random.default_rng(7), []
+    for i in range(n_documents):
+        pair, text = "".join(rng.choice(list("qxzjkvw"), 2)), ""
+        while len(tokenizer.encode(text + pair).ids) < 60:  # one chunk of nearly the whole context (64)
+            text += pair
+        lines.append(
+            json.dumps({"text": text, "url": f"https://junk.example/{i}", "timestamp": "2019-04-25T00:00:00Z"})
+        )
+    with gzip.open(root / "raw" / "c4-train.00002-of-00003.json.gz", "wt", encoding="utf-8") as out:
+        out.write("\n".join(lines) + "\n")
+
+
+def _mrr(lake: Lake, method: str = "trackstar") -> float:
+    from evaluation.metrics import attribution_per_query
+
+    truth = {r["query_id"]: set(r["stating_doc_ids"] or ()) for r in lake.read("queries").to_pylist()}
+    ranked: dict = {}
+    for r in sorted(lake.read("proponents", filters=[("method", "=", method)]).to_pylist(), key=lambda r: r["rank"]):
+        ranked.setdefault(r["query_id"], []).append(r["doc_id"])
+    return float(np.mean([m["mrr"] for m in attribution_per_query(ranked, truth, 5).values()]))
+
+
+def test_junk_documents_are_left_out_of_the_hessian_and_do_not_move_the_answers(scored, adam_run, tmp_path, capsys):
+    clean = Lake(scored)
+    clean_fit = [r for r in clean.read("runs").to_pylist() if r["command"] == "fit-hessian"][-1]
+    root = copy_lake(adam_run[0], tmp_path / "lake")
+    _junk_partition(root)
+    tokenize.run(tokenize.TokenizeConfig(lake=str(root)))
+    register_queries.run(str(root))
+    extract.run(extract.ExtractConfig(lake=str(root), projection_k=4, token_budget=512))
+    lake = Lake(root)
+    norms = lake.read("train_gradients", columns=["partition", "norm"])
+    junk = np.array([n for p, n in zip(norms["partition"].to_pylist(), norms["norm"].to_pylist()) if p == 2])
+    median = float(np.median(norms["norm"].to_numpy()))
+    print("junk / median", sorted((junk / median).round(1)))
+
+    trusting = fit_hessian.run(fit_hessian.FitHessianConfig(lake=str(root), outlier_z=float("inf")))
+    score.run(score.ScoreConfig(lake=str(root), methods=["trackstar"], top_k=5, index="none"))
+    mrr_trusting = _mrr(lake)
+    robust = fit_hessian.run(fit_hessian.FitHessianConfig(lake=str(root), alarm_factor=10.0))
+    score.run(score.ScoreConfig(lake=str(root), methods=["trackstar"], top_k=5, index="none"))
+    mrr_robust, mrr_clean = _mrr(lake), _mrr(clean)
+    print(
+        f"λ: clean {json.loads(clean_fit['counts_json'])['lambda']:.4g}, junk trusted {trusting['lambda']:.4g}, "
+        f"junk left out {robust['lambda']:.4g}; damping ×{trusting['damping'] / robust['damping']:.3g} when trusted; "
+        f"MRR clean {mrr_clean:.3f}, junk trusted {mrr_trusting:.3f}, junk left out {mrr_robust:.3f}"
+    )
+
+    outliers = lake.read("train_outliers").to_pylist()
+    print(
+        "junk proponents",
+        sum("junk.example" in r["doc_id"] for r in lake.read("proponents").to_pylist()),
+        "λ",
+        trusting["lambda"],
+        robust["lambda"],
+    )
+    print(f"{len(outliers)} outliers, threshold {outliers[0]['threshold'] / median if outliers else None}")
+    assert {r["partition"] for r in outliers} == {2}  # junk only: no chunk of the corpus is left out
+    assert len(outliers) == int((junk > outliers[0]["threshold"]).sum())
+    assert robust["n_train"] == trusting["n_train"] - len(outliers)
+    assert abs(mrr_robust - mrr_clean) <= 0.01 and mrr_trusting < mrr_clean - 0.1  # the junk did move the answers
+    assert robust["lambda"] == pytest.approx(json.loads(clean_fit["counts_json"])["lambda"], rel=1e-6)
+    assert not {"junk.example" in r["doc_id"] for r in lake.read("proponents").to_pylist()} - {False}
+    assert any(a.startswith("damping moved") for a in robust["alarms"]), robust["alarms"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_outliers_come_out_of_the_sums_exactly_whatever_the_dtype(lake, dtype):
+    """float32 rows: the outliers' outer products are subtracted from the extraction's sums; a lossy
+    dtype: the other rows' sums are rebuilt from the stored vectors. Either equals the sums of the
+    rest computed directly."""
+    import torch
+
+    from gradient_kernels.hessian import Autocorrelation
+    from gradient_kernels.robust import outlier_threshold
+
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((200, 6)).astype(np.float32) * rng.uniform(0.5, 2.0, (200, 1)).astype(np.float32)
+    vectors[[5, 77, 150]] *= 1e4  # three junk chunks
+    cells, scales = encode_vectors(vectors, dtype)
+    scale = scales if scales is not None else pa.nulls(200, pa.float32())
+    stored = decode_rows(pa.table({"vector": cells, "dtype": [dtype] * 200, "scale": scale}))
+    rows = pa.table(
+        {
+            "checkpoint_id": ["c"] * 200,
+            "partition": [i % 2 for i in range(200)],
+            "doc_id": [f"d{i}" for i in range(200)],
+            "chunk": [0] * 200,
+            "n_tokens": [8] * 200,
+            "vector": cells,
+            "dtype": [dtype] * 200,
+            "scale": scale,
+            "norm": np.linalg.norm(stored, axis=1),
+            "fingerprint": ["f"] * 200,
+            "checksum": vector_checksums(cells, scales),
+            "run_id": ["r"] * 200,
+        }
+    )
+    for partition in (0, 1):
+        lake.replace_slice_batches(
+            "train_gradients",
+            iter([rows.filter(pa.array([p == partition for p in rows["partition"].to_pylist()]))]),
+            checkpoint_id="c",
+            partition=partition,
+        )
+    summed = Autocorrelation([2, 4]).add(torch.from_numpy(vectors))  # what extraction summed (float32)
+    assert outlier_threshold(np.linalg.norm(stored, axis=1)) < 1e3
+    trimmed, flagged = fit_hessian.without_outliers(lake, "c", "f", summed, z=4.0)
+    assert sorted(flagged["doc_id"].to_pylist()) == ["d150", "d5", "d77"]
+    rest = np.delete(stored if dtype != "float32" else vectors, [5, 77, 150], axis=0)
+    expected = Autocorrelation([2, 4]).add(torch.from_numpy(rest))
+    assert trimmed.count == 197
+    for got, want in zip(trimmed.sums, expected.sums):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-9, atol=1e-6 * float(want.abs().max()))

@@ -4,6 +4,7 @@ import copy
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -507,3 +508,16 @@ def test_grouped_tail_patch_equals_one_document_at_a_time(kind):
         with torch.no_grad():
             after = -per_example_loss(other(input_ids=batch.input_ids).logits, batch)[0]
         assert changes[(query, doc)] == pytest.approx(float(after) - base[query], rel=1e-4, abs=1e-6)
+
+
+def test_the_outlier_threshold_leaves_a_log_normal_corpus_alone_and_takes_junk_out():
+    from gradient_kernels.robust import outlier_threshold
+
+    rng = np.random.default_rng(0)
+    corpus = np.exp(rng.normal(10.0, 0.5, 100_000))
+    threshold = outlier_threshold(corpus)
+    assert (corpus > threshold).mean() < 1e-3  # z = 4: ~3e-5 of a log-normal corpus
+    junk = np.median(corpus) * np.array([50.0, 1e3, 1e4])
+    assert (junk > outlier_threshold(np.concatenate([corpus, np.repeat(junk, 1000)]))).all()  # 3% junk: still out
+    assert outlier_threshold(np.full(10, 7.0)) == pytest.approx(28.0)  # no spread: the 4x floor
+    assert outlier_threshold(np.array([])) == float("inf")
