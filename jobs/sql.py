@@ -5,8 +5,10 @@
     python -m jobs sql top_proponents --param query_set=trex --param query_id=q17 --lake lake
 
 Each table the query names is registered as a temp view over its Delta folder; parameters are
-bound as Spark SQL named parameters (`:name`), never pasted into the text. SQL text is read-only
-(one SELECT-like statement) unless `--allow-writes` is given. The queries:
+bound as Spark SQL named parameters (`:name`), never pasted into the text. Unless `--allow-writes`
+is given, SQL text is parsed (sqlglot) and must be one SELECT/WITH, DESCRIBE, EXPLAIN or SHOW
+TABLES/VIEWS/COLUMNS whose sources are all lake tables: no path (text.`/etc/hostname`), table
+function, catalog table or second statement; what runs is the parsed statement printed back. The queries:
 
 - top_proponents(query_set, query_id, method): a query's top-ranked training chunks with the text
   of their documents (proponents joined with documents), per checkpoint.
@@ -19,8 +21,14 @@ bound as Spark SQL named parameters (`:name`), never pasted into the text. SQL t
 
 from __future__ import annotations
 
+import logging
 import re
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
+
+import sqlglot
+from sqlglot import exp
+from sqlglot.dialects.spark import Spark
+from sqlglot.errors import SqlglotError
 
 from infra.config import load_config
 from infra.lake import Lake, TableNotFoundError
@@ -115,60 +123,121 @@ def run_query(spark, lake: Lake, name: str, params: dict[str, str] | None = None
     return run_sql(spark, lake, query.sql, bind_params(name, params or {}), what=f"query {name}")
 
 
-READ_KEYWORDS = ("SELECT", "WITH", "VALUES", "EXPLAIN", "SHOW", "DESCRIBE", "DESC", "TABLE", "FROM")
-WRITE_KEYWORDS = (
-    "INSERT",
-    "UPDATE",
-    "DELETE",
-    "MERGE",
-    "DROP",
-    "CREATE",
-    "ALTER",
-    "TRUNCATE",
-    "OVERWRITE",
-    "VACUUM",
-    "OPTIMIZE",
-    "RESTORE",
-    "CACHE",
-    "UNCACHE",
-    "REFRESH",
-    "SET",
-    "RESET",
-    "LOAD",
-    "MSCK",
-    "CALL",
-    "USE",
-    "ADD",
-    "GRANT",
-    "REVOKE",
-)
-_COMMENTS_AND_STRINGS = re.compile(r"--[^\n]*|/\*.*?\*/|'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|`[^`]*`", re.DOTALL)
-
-
 class WriteRefused(PermissionError):
-    """A statement that could change the lake, sent without allow_writes."""
+    """SQL text refused without allow_writes: anything but one reading statement over the lake's tables."""
 
 
-def check_read_only(sql: str) -> None:
-    """Refuse anything but one reading statement: the first word must read (SELECT, WITH, ...), no
-    word outside quotes and comments may write (a CTE can end in an INSERT), and no second statement."""
-    code = _COMMENTS_AND_STRINGS.sub(" ", sql).strip().rstrip(";")
-    words = re.findall(r"[A-Za-z_]+", code.upper())
-    writing = sorted(set(words) & set(WRITE_KEYWORDS))
-    if not words or words[0] not in READ_KEYWORDS or writing or ";" in code:
-        raise WriteRefused(
-            f"jobs sql is read-only: refused {' '.join(sql.split())[:80]!r}"
-            f"{' (it writes: ' + ', '.join(writing) + ')' if writing else ''}; "
-            "only one SELECT-like statement runs unless --allow-writes is given"
-        )
+class ReadQuery(NamedTuple):
+    sql: str  # the statement as parsed, printed back without comments: the engine runs what was checked
+    tables: list[str]  # the lake tables it reads
+
+
+EXPLAIN_MODES = ("EXTENDED", "CODEGEN", "COST", "FORMATTED", "LOGICAL")
+# Spark functions that call Java static methods (environment, system properties); Sail has none
+JVM_FUNCTIONS = {"reflect", "java_method", "try_reflect"}
+# what a LATERAL may join: a subquery or a generator over the row, never another table function
+LATERAL_SOURCES = (exp.Subquery, exp.Explode, exp.Inline, exp.Stack)
+logging.getLogger("sqlglot").setLevel(logging.ERROR)  # SHOW and EXPLAIN parse as a Command, with a warning
+
+
+def check_read_only(sql: str) -> ReadQuery:
+    """The one reading statement in sql (SELECT or WITH, DESCRIBE, EXPLAIN, SHOW TABLES/VIEWS/COLUMNS)
+    whose tables are all lake tables, or WriteRefused naming what was refused. The text is parsed
+    (sqlglot, Spark dialect), so comments, strings, raw strings and backquotes hide nothing."""
+    if "${" in sql:  # Apache Spark substitutes ${env:NAME}, ${spark:key} in the raw text, quotes or not
+        _refuse(sql, "variable substitution ${...}")
+    try:
+        statements = [statement for statement in sqlglot.parse(sql, read="spark") if statement is not None]
+    except SqlglotError as error:
+        _refuse(sql, f"SQL that does not parse ({str(error).splitlines()[0]})")
+    if len(statements) != 1:
+        _refuse(sql, f"{len(statements)} statements")
+    statement = statements[0]
+    if isinstance(statement, exp.Command):
+        return _check_command(sql, statement)
+    if isinstance(statement, exp.Describe):
+        table = statement.this
+        if not isinstance(table, exp.Table) or statement.args.get("kind") not in (None, "TABLE"):
+            _refuse(sql, f"DESCRIBE {statement.args.get('kind') or ''} {table.sql('spark')}")
+        tables, style = _lake_tables(sql, table), statement.args.get("style")
+        # Sail wants the TABLE keyword, which sqlglot leaves out
+        return ReadQuery(f"DESCRIBE TABLE {style + ' ' if style else ''}{table.sql('spark')}", tables)
+    if not isinstance(statement, exp.Query):
+        _refuse(sql, f"a {statement.key.upper()} statement")
+    for node in statement.walk():
+        if isinstance(node, (exp.DML, exp.DDL, exp.Command)):  # a write nested in a CTE or subquery
+            _refuse(sql, f"a nested {node.key.upper()}")
+        if isinstance(node, exp.Anonymous) and node.name.lower() in JVM_FUNCTIONS:
+            _refuse(sql, f"function {node.name}")
+        if isinstance(node, exp.Lateral) and not isinstance(node.this, LATERAL_SOURCES):  # LATERAL read_files(...)
+            _refuse(sql, f"LATERAL {node.this.sql('spark')} (only a subquery, explode, inline or stack)")
+    tables = _lake_tables(sql, statement)
+    return ReadQuery(statement.sql(dialect="spark", comments=False), tables)
+
+
+def _lake_tables(sql: str, statement: exp.Expression) -> list[str]:
+    """The lake tables the statement reads; any other source (a path such as text.`/etc/hostname`, a
+    table-valued function, a catalog table) is refused. A name a WITH around it defines is a CTE.
+    Lake table names are lowercased in the statement: the views are, and Sail's names are case-sensitive."""
+    tables = set()
+    for table in statement.find_all(exp.Table):
+        if table.find_ancestor(exp.Hint):  # /*+ BROADCAST(d) */ names an alias, reads nothing
+            continue
+        if table.db or table.catalog or not isinstance(table.this, exp.Identifier):
+            _refuse(sql, f"source {table.sql('spark')} (not a lake table)")
+        name = table.name.lower()
+        if _defined_by_with(table, name):
+            continue
+        if name not in TABLES:
+            _refuse(sql, f"table {table.name} (not a lake table: {', '.join(TABLES)})")
+        table.set("this", exp.to_identifier(name))
+        tables.add(name)
+    return sorted(tables)
+
+
+def _defined_by_with(table: exp.Table, name: str) -> bool:
+    node = table.parent
+    while node is not None:
+        ctes = node.args.get("with_")
+        if ctes and any(cte.alias.lower() == name for cte in ctes.expressions):
+            return True
+        node = node.parent
+    return False
+
+
+def _check_command(sql: str, command: exp.Command) -> ReadQuery:
+    """EXPLAIN [mode] of a checked statement; SHOW TABLES, SHOW VIEWS, SHOW COLUMNS FROM a lake table.
+    The text that runs is rebuilt here, never the given one."""
+    keyword, rest = command.name.upper(), command.expression.name
+    if keyword == "EXPLAIN":
+        mode = re.match(rf"({'|'.join(EXPLAIN_MODES)})\s", rest, re.IGNORECASE)
+        inner = check_read_only(rest[mode.end() :] if mode else rest)
+        return ReadQuery(f"EXPLAIN {mode.group(1).upper() + ' ' if mode else ''}{inner.sql}", inner.tables)
+    if keyword == "SHOW":
+        words = [token.text for token in Spark().tokenize(rest)]  # comments dropped, quotes removed
+        kind = [word.upper() for word in words[:2]]
+        if kind in (["TABLES"], ["VIEWS"]) and len(words) == 1:
+            return ReadQuery(f"SHOW {kind[0]}", [])
+        if kind in (["COLUMNS", "FROM"], ["COLUMNS", "IN"]) and len(words) == 3 and words[2].lower() in TABLES:
+            return ReadQuery(f"SHOW COLUMNS FROM `{words[2].lower()}`", [words[2].lower()])
+    _refuse(sql, f"{keyword} {' '.join(rest.split())}"[:80])
+
+
+def _refuse(sql: str, what: str) -> NoReturn:
+    raise WriteRefused(
+        f"jobs sql is read-only: refused {' '.join(what.split())} in {' '.join(sql.split())[:80]!r}; only one SELECT, WITH, "
+        "DESCRIBE, EXPLAIN or SHOW over the lake's tables runs unless --allow-writes is given"
+    )
 
 
 def run_sql(spark, lake: Lake, sql: str, args: dict | None = None, what: str = "the query", allow_writes: bool = False):
     """Any SQL over the lake: each table it names becomes a temp view over its Delta folder.
     Read-only unless allow_writes: on Sail a DELETE through such a view deletes from the table."""
-    if not allow_writes:
-        check_read_only(sql)
-    for table in tables_used(sql):
+    if allow_writes:
+        tables = tables_used(sql)
+    else:
+        sql, tables = check_read_only(sql)
+    for table in tables:
         if not lake.exists(table):
             raise TableNotFoundError(f"{what} needs table {table}, which does not exist under {lake.root} yet")
         lake.spark_read(spark, table).createOrReplaceTempView(table)
@@ -190,7 +259,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--allow-writes",
         action="store_true",
-        help="let SQL text change tables (INSERT, DELETE, MERGE, ...); refused otherwise",
+        help="run SQL text as given: it may change tables (INSERT, DELETE, MERGE, ...) and read paths",
     )
 
 
