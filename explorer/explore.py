@@ -1,16 +1,22 @@
 """explore: a web page for looking at proponents, served straight from the lake's Delta tables.
 
-    python -m jobs explore [--lake lake] [--host 127.0.0.1] [--port 8765]
+    python -m jobs explore [--lake lake] [--host 127.0.0.1] [--port 8765] [--allowed-host NAME ...] [--openapi]
 
 `/` lists the queries with filters (relation, frequency bucket, correct/incorrect prediction, text
 search) and the metrics of every method over the filtered queries; `/query/<id>` shows the prompt
 with subject and target marked, the model's prediction and probability, and the top proponents of
 the chosen methods side by side, each with its score, whether it states the fact, its kind, and
-its text with a per-token heat map of its TrackStar attribution. The state (checkpoint, methods,
+its text with a per-token heat map of its TrackStar attribution. `/trace?prompt=...&target=...`
+(the form on `/`) scores a new prompt against the lake as `python -m jobs trace` does, with the
+model, tokenizer and preconditioner kept loaded between requests. The state (checkpoint, methods,
 filters) lives in the URL. Every request reads the tables (delta-rs); nothing is copied.
 
 Bound to 127.0.0.1 by default. On any other address an access token is required (printed at
-start, or set with TRACKSTAR_EXPLORER_TOKEN) as `?token=` once, then kept in a cookie.
+start, or set with TRACKSTAR_EXPLORER_TOKEN) as `?token=` once, then kept in a cookie. Requests
+naming another host than localhost, 127.0.0.1, [::1], the bound address or an `--allowed-host`
+are refused (400), so that a web page whose name resolves to 127.0.0.1 (DNS rebinding) cannot read
+the explorer. Every reply carries `X-Content-Type-Options: nosniff` and a Content-Security-Policy
+that allows no script at all. No OpenAPI schema is served unless `--openapi` is given.
 """
 
 from __future__ import annotations
@@ -22,9 +28,10 @@ import ipaddress
 import os
 import re
 import secrets
+import threading
 from collections import defaultdict
 from pathlib import Path
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from infra import storage
 from infra.config import load_config
@@ -33,7 +40,19 @@ from jobs import catalog
 from jobs.tokenize import EOS
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")  # as a Host header names them (any port)
 PREDICTIONS = ("correct", "incorrect")
+MAX_TRACE_CHARACTERS = 2000  # prompt + target of /trace: a forward and backward pass each
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    # the pages use no script at all and take their styles from /style.css
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'none'; object-src 'none'; base-uri 'none'; "
+        "form-action 'self'; frame-ancestors 'none'"
+    ),
+}
+SECURITY_HEADER_LINES = [(name.lower().encode(), value.encode()) for name, value in SECURITY_HEADERS.items()]
+HOST_REFUSED = "unknown Host header: the explorer answers loopback names and those given with --allowed-host\n"
 
 
 class BadRequest(ValueError):
@@ -44,6 +63,8 @@ class BadRequest(ValueError):
 class Explorer:
     def __init__(self, lake_root: str):
         self.lake = Lake(lake_root)
+        # one gradient computation at a time: a tracer's projector keeps per-call state in its model's hooks
+        self.tracing = threading.Lock()
 
     def checkpoints(self) -> list[str]:
         """The scored checkpoints, lowest step first (the last one is the latest: `jobs.catalog`)."""
@@ -64,6 +85,15 @@ class Explorer:
 
     def queries(self) -> dict:
         return {q["query_id"]: q for q in self.lake.read("queries").to_pylist()}
+
+    def query_set(self, requested: str | None) -> str:
+        """The query set whose preconditioner a new query is traced with (default: fact-world, or the first)."""
+        known = sorted(set(self.lake.read("queries", columns=["query_set"])["query_set"].to_pylist()))
+        if requested and requested not in known:
+            raise BadRequest(f"unknown query set {requested!r}; registered: {', '.join(known)}")
+        if not known:
+            raise LookupError("no queries registered in this lake yet")
+        return requested or ("fact-world" if "fact-world" in known else known[0])
 
     def ranked(self, checkpoint: str, query_ids=None) -> dict:
         """method -> query -> [proponent rows by rank]."""
@@ -120,8 +150,37 @@ class Explorer:
     @functools.lru_cache(maxsize=256)
     def heat_map(self, checkpoint: str, query_set: str, query_id: str, doc_id: str, chunk: int):
         """[(token text, contribution)] of one proponent chunk to its TrackStar score."""
-        tracer = self.tracer(checkpoint, query_set)
-        return tracer.token_contributions(tracer.stored_query_vector(query_id), doc_id, chunk)
+        with self.tracing:
+            tracer = self.tracer(checkpoint, query_set)
+            return tracer.token_contributions(tracer.stored_query_vector(query_id), doc_id, chunk)
+
+    def warm(self):
+        """Load the latest checkpoint's model, tokenizer and preconditioner before the first trace asks."""
+        try:
+            checkpoint, query_set = self.checkpoint(None), self.query_set(None)
+            with self.tracing:
+                tracer = self.tracer(checkpoint, query_set)
+                tracer.projector, tracer.preconditioner
+        except Exception as error:  # a lake not scored yet, say: the pages tell why when asked
+            print(f"[explore] nothing loaded ahead of the first trace: {error}")
+
+    def trace(self, checkpoint: str, query_set: str, prompt: str, target: str | None, k: int):
+        """(target, [proponent rows with their token contributions]) of a new prompt, as `jobs trace`
+        scores it; without a target, the model's own continuation is traced."""
+        with self.tracing:
+            tracer = self.tracer(checkpoint, query_set)  # kept: model, tokenizer and R^(-1/2) stay loaded
+            try:
+                target = target or tracer.greedy_target(prompt)
+                query = tracer.query_vector(prompt, target)
+            except ValueError as error:  # longer than the model reads, or nothing to trace
+                raise BadRequest(str(error)) from None
+            try:
+                top = tracer.top_k(query, k)
+            except StopIteration:  # no training vectors of this checkpoint at all
+                top = []
+            for row in top:
+                row["tokens"] = tracer.token_contributions(query, row["doc_id"], row["chunk"])
+        return target, top
 
 
 # ------------------------------------------------------------------ metrics
@@ -150,13 +209,28 @@ def link(path: str, **params) -> str:
     return path + ("?" + urlencode(clean) if clean else "")
 
 
+def query_path(query_id: str) -> str:
+    """/query/<id> with every character of the id escaped (`/`, `?`, `#`, quotes, spaces, non-ASCII)."""
+    return "/query/" + quote(query_id, safe="")
+
+
+def _top(k: str) -> int:
+    try:
+        k = int(k)
+        if not 1 <= k <= 50:
+            raise ValueError
+    except ValueError:
+        raise BadRequest(f"k must be a whole number from 1 to 50, got {k!r}") from None
+    return k
+
+
 @functools.cache
 def templates():
     """The pages' Jinja2 templates (explorer/templates/), every value HTML-escaped unless marked safe."""
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
     env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"), autoescape=select_autoescape())
-    env.globals["link"] = link
+    env.globals.update(link=link, query_path=query_path)
     return env
 
 
@@ -211,26 +285,26 @@ def _marked(text: str, query: dict) -> str:
     return out
 
 
-def _heat(tokens, query: dict) -> list[dict]:
-    """Tokens coloured by contribution; tokens inside a mention of the subject or object are framed."""
+HEAT_LEVELS = 10  # shades per sign: classes heat-p0..10 (adds) and heat-n0..10 (takes away), in style.css
+
+
+def _heat(tokens, query: dict | None = None) -> list[dict]:
+    """Tokens shaded by contribution (a class per level: the CSP allows no inline style); tokens inside
+    a mention of the query's subject or object are framed."""
     top = max((abs(v) for _, v in tokens), default=0) or 1.0
     text = "".join(t for t, _ in tokens)
-    mentions = [
-        (m.start(), m.end(), css)
-        for name, css in ((query["subject"], "subject"), (query["object"], "target"))
-        for m in re.finditer(re.escape(name), text)
-    ]
+    names = ((query["subject"], "subject"), (query["object"], "target")) if query else ()
+    mentions = [(m.start(), m.end(), css) for name, css in names if name for m in re.finditer(re.escape(name), text)]
     spans, offset = [], 0
     for piece, value in tokens:
-        alpha = min(1.0, abs(value) / top)
-        colour = f"rgba(220,60,40,{alpha:.2f})" if value > 0 else f"rgba(40,90,220,{alpha:.2f})"
+        shade = f"heat-{'p' if value > 0 else 'n'}{round(HEAT_LEVELS * min(1.0, abs(value) / top))}"
         inside = next(
             (css for start, end, css in mentions if start < offset + len(piece) and offset < end and piece.strip()),
             None,
         )
         if piece != EOS:  # the end-of-text token the chunk starts with is never predicted: not shown
             spans.append(
-                {"piece": piece, "value": value, "colour": colour, "frame": f" mention-{inside}" if inside else ""}
+                {"piece": piece, "value": value, "shade": shade, "frame": f" mention-{inside}" if inside else ""}
             )
         offset += len(piece)
     return spans
@@ -241,12 +315,7 @@ def query_page(explorer: Explorer, query_id: str, checkpoint=None, methods=None,
     queries = explorer.queries()
     if query_id not in queries:
         raise LookupError(f"no query {query_id!r}")
-    try:
-        k = int(k)
-        if not 1 <= k <= 50:
-            raise ValueError
-    except ValueError:
-        raise BadRequest(f"k must be a whole number from 1 to 50, got {k!r}") from None
+    k = _top(k)
     available = explorer.methods(checkpoint)
     chosen = (
         [m for m in (methods or "").split(",") if m]
@@ -304,14 +373,79 @@ def query_page(explorer: Explorer, query_id: str, checkpoint=None, methods=None,
     )
 
 
+def trace_page(explorer: Explorer, prompt=None, target=None, checkpoint=None, query_set=None, k: str = "5") -> str:
+    """A new prompt (and target, else the model's own continuation) traced against the lake."""
+    checkpoint, query_set, k = explorer.checkpoint(checkpoint), explorer.query_set(query_set), _top(k)
+    if not prompt or not prompt.strip():
+        raise BadRequest("type a prompt to trace")
+    if len(prompt) + len(target or "") > MAX_TRACE_CHARACTERS:
+        raise BadRequest(f"prompt and target are longer than {MAX_TRACE_CHARACTERS} characters together")
+    given = bool(target)
+    target, top = explorer.trace(checkpoint, query_set, prompt, target, k)
+    cards = [{**row, "rank": rank, "heat": _heat(row["tokens"])} for rank, row in enumerate(top, start=1)]
+    return (
+        templates()
+        .get_template("trace.html")
+        .render(prompt=prompt, target=target, given=given, checkpoint=checkpoint, query_set=query_set, cards=cards)
+    )
+
+
 # ------------------------------------------------------------------ the web app
-def create_app(lake_root: str, token: str | None = None):
+def host_of(value: str) -> str | None:
+    """The host a Host header (or an --allowed-host) names, lower-case and without its port:
+    `LocalHost:8765` -> `localhost`, `[::1]:8765` and `::1` -> `[::1]`; None if it names none."""
+    value = value.strip().lower()
+    if value.count(":") > 1 and not value.startswith("["):  # a bare IPv6 address (a flag, not a header)
+        value = f"[{value}]"
+    match = re.fullmatch(r"(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(:[0-9]+)?", value)
+    return match.group(1) if match else None
+
+
+class Guard:
+    """The app's outermost layer, around FastAPI's own error handling. A request naming another host
+    than the allowed ones is refused before any page is read: a page on evil.example whose name
+    was made to resolve to 127.0.0.1 (DNS rebinding) sends `Host: evil.example`. Every reply, the
+    refusals and FastAPI's own 404 and 500 included, carries SECURITY_HEADERS."""
+
+    def __init__(self, app, allowed_hosts):
+        self.app, self.allowed_hosts = app, frozenset(allowed_hosts)
+
+    async def __call__(self, scope, receive, send):
+        from fastapi.responses import PlainTextResponse
+
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_secured(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *SECURITY_HEADER_LINES]
+            await send(message)
+
+        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+        if host_of(host) not in self.allowed_hosts:
+            return await PlainTextResponse(HOST_REFUSED, status_code=400)(scope, receive, send_secured)
+        await self.app(scope, receive, send_secured)
+
+
+def create_app(lake_root: str, token: str | None = None, allowed_hosts=(), openapi: bool = False, warm: bool = False):
+    """The explorer as an ASGI app. It answers requests for loopback names and `allowed_hosts`
+    (names or addresses, with or without a port), serves /openapi.json only if `openapi`, and with
+    `warm` loads the model for /trace in the background at once (else on the first trace)."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, PlainTextResponse
+    from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 
     from jobs.extract import CheckpointMismatch
 
-    explorer, app = Explorer(lake_root), FastAPI(title="TrackStar explorer", docs_url=None, redoc_url=None)
+    hosts = {host_of(h) for h in allowed_hosts}
+    if None in hosts:
+        raise ValueError(f"allowed hosts must be host names or addresses, got {list(allowed_hosts)}")
+    explorer = Explorer(lake_root)
+    if warm:
+        threading.Thread(target=explorer.warm, daemon=True).start()
+    # the interactive /docs and /redoc pages need scripts from a CDN, which the CSP forbids: never served
+    app = FastAPI(
+        title="TrackStar explorer", docs_url=None, redoc_url=None, openapi_url="/openapi.json" if openapi else None
+    )
 
     @app.middleware("http")
     async def require_token(request: Request, call_next):
@@ -343,11 +477,25 @@ def create_app(lake_root: str, token: str | None = None):
     ):
         return answer(list_page, checkpoint, relation or None, bucket or None, prediction or None, q or None)
 
-    @app.get("/query/{query_id}")
+    @app.get("/query/{query_id:path}")  # `path`: an id may hold any character, `/` included
     def query(query_id: str, checkpoint: str | None = None, methods: str | None = None, k: str = "5"):
         return answer(query_page, query_id, checkpoint, methods, k)
 
-    return app
+    @app.get("/trace")
+    def trace(
+        prompt: str | None = None,
+        target: str | None = None,
+        checkpoint: str | None = None,
+        query_set: str | None = None,
+        k: str = "5",
+    ):
+        return answer(trace_page, prompt, target or None, checkpoint or None, query_set or None, k)
+
+    @app.get("/style.css")
+    def style():
+        return Response(templates().get_template("style.css").render(levels=HEAT_LEVELS), media_type="text/css")
+
+    return Guard(app, LOOPBACK_HOSTS + tuple(hosts))
 
 
 def needs_token(host: str) -> bool:
@@ -363,6 +511,22 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--lake", default=load_config().lake_root)
     parser.add_argument("--host", default="127.0.0.1", help="bind address (a token is required off loopback)")
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name the explorer is reached by, besides loopback and the bound address (repeatable)",
+    )
+    parser.add_argument("--openapi", action="store_true", help="serve the API schema at /openapi.json")
+
+
+def bound_name(host: str) -> list[str]:
+    """The bound address as a name to answer to: none for 0.0.0.0 or ::, which no request names."""
+    try:
+        return [] if ipaddress.ip_address(host).is_unspecified else [host]
+    except ValueError:  # a host name
+        return [host]
 
 
 def main(args):
@@ -372,5 +536,12 @@ def main(args):
     if needs_token(args.host):
         token = os.environ.get("TRACKSTAR_EXPLORER_TOKEN") or secrets.token_urlsafe(16)
         print(f"[explore] bound to {args.host}: open with ?token={token}")
+    hosts = bound_name(args.host) + args.allowed_host
+    try:
+        app = create_app(args.lake, token, hosts, args.openapi, warm=True)
+    except ValueError as error:
+        raise SystemExit(f"explore: {error}") from None
     print(f"[explore] http://{args.host}:{args.port}/  (lake {Lake(args.lake).root})")
-    uvicorn.run(create_app(args.lake, token), host=args.host, port=args.port, log_level="warning")
+    names = ", ".join(dict.fromkeys(LOOPBACK_HOSTS + tuple(hosts)))
+    print(f"[explore] answers requests for {names} (--allowed-host adds a name)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

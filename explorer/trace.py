@@ -1,17 +1,19 @@
 """trace: the proponents of any prompt and target, scored on the fly against the indexed lake.
 
-    python -m jobs trace --prompt "Nagam Thifabairk is a citizen of" --target " Sadon" [--top-k 5]
+    python -m jobs trace --prompt "Nagam Thifabairk is a citizen of" [--target " Sadon"] [--top-k 5]
 
 The query's vector is computed with the same projection, optimizer correction and R^(-1/2) the
 checkpoint's TrackStar scores used (found through the `runs` and `hessians` tables), every
 `train_gradients` batch is scored with the score job's own vectorised code, and the top
-proponents are printed with their text and the words that carry the most attribution.
-`TraceContext` is also what the explorer uses for its heat maps.
+proponents are printed with their text and the words that carry the most attribution. Without a
+target, the model's own greedy continuation (to the end of the sentence) is traced. `TraceContext`
+is also what the explorer uses for its heat maps and its trace page.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 from functools import cached_property
 from pathlib import Path
 
@@ -88,8 +90,37 @@ class TraceContext:
         from gradient_kernels.scoring import prepare
 
         prompt_ids, target_ids = encode_query(self.tokenizer, prompt, target)
+        if not target_ids:
+            raise ValueError("the target is empty: nothing to trace")
+        self._check_length(len(prompt_ids) + len(target_ids))
         batch = query_batch([prompt_ids], [target_ids], self.tokenizer.eos_token_id)
         return prepare(self.projector(batch), self.preconditioner)[0]
+
+    def _check_length(self, tokens: int):
+        limit = getattr(self.projector.model.config, "max_position_embeddings", None)
+        if limit and tokens > limit:
+            raise ValueError(f"prompt and target are {tokens} tokens; the model reads at most {limit}")
+
+    def greedy_target(self, prompt: str, max_tokens: int = 8) -> str:
+        """The model's greedy continuation of `prompt`: its next token, then more up to the end of the
+        sentence (what it answers)."""
+        from evaluation.answers import encode_query
+
+        model = self.projector.model
+        ids, _ = encode_query(self.tokenizer, prompt, "")
+        device, new = next(model.parameters()).device, []
+        with torch.no_grad():
+            while len(new) < max_tokens:
+                self._check_length(len(ids) + len(new) + 1)
+                inputs = torch.tensor([ids + new], device=device)
+                token = int(model(input_ids=inputs, attention_mask=torch.ones_like(inputs)).logits[0, -1].argmax())
+                ends = token == self.tokenizer.eos_token_id or re.search(r"[.!?\n]", self.tokenizer.decode([token]))
+                if new and ends:
+                    break
+                new.append(token)
+                if ends:  # the model ends the sentence at once: that is its answer
+                    break
+        return self.tokenizer.decode(new)
 
     def stored_query_vector(self, query_id: str) -> torch.Tensor:
         from gradient_kernels.scoring import prepare
@@ -123,7 +154,9 @@ class TraceContext:
 
 def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--target", required=True, help="the continuation to trace (mind its leading space)")
+    parser.add_argument(
+        "--target", help="the continuation to trace (mind its leading space); default: the model's own answer"
+    )
     parser.add_argument("--lake", default=load_config().lake_root)
     parser.add_argument("--checkpoint-id", default=None)
     parser.add_argument("--query-set", default="fact-world", help="whose task-mixed R to precondition with")
@@ -133,11 +166,12 @@ def add_arguments(parser: argparse.ArgumentParser):
 def main(args):
     lake = Lake(args.lake)
     context = TraceContext(lake, args.checkpoint_id, args.query_set)
-    query = context.query_vector(args.prompt, args.target)
+    target = args.target or context.greedy_target(args.prompt)
+    query = context.query_vector(args.prompt, target)
     top = context.top_k(query, args.top_k)
     texts = lake.read("documents", filters=[("doc_id", "in", [r["doc_id"] for r in top])], columns=["doc_id", "text"])
     texts = dict(zip(texts["doc_id"].to_pylist(), texts["text"].to_pylist()))
-    print(f"{args.prompt!r} → {args.target!r}: top {len(top)} proponents on {context.checkpoint_id}")
+    print(f"{args.prompt!r} → {target!r}: top {len(top)} proponents on {context.checkpoint_id}")
     for rank, row in enumerate(top, start=1):
         words = sorted(context.token_contributions(query, row["doc_id"], row["chunk"]), key=lambda t: -t[1])[:3]
         print(f"\n#{rank} score {row['score']:.4f}  {row['doc_id']} (chunk {row['chunk']})")
