@@ -17,7 +17,7 @@ import re
 from functools import cached_property
 from pathlib import Path
 
-import pyarrow.compute as pc
+import pyarrow as pa
 import torch
 
 from infra.config import load_config
@@ -133,11 +133,18 @@ class TraceContext:
         """Exact top-k over every stored training vector, with the score job's batch code."""
         from jobs.score import score_batches
 
-        dataset = self.lake.open("train_gradients").to_pyarrow_dataset()
-        batches = dataset.to_batches(
-            columns=["doc_id", "chunk", "vector", "dtype", "scale"],
-            use_threads=False,
-            filter=(pc.field("checkpoint_id") == self.checkpoint_id) & (pc.field("fingerprint") == self.fingerprint),
+        where = [("checkpoint_id", "=", self.checkpoint_id), ("fingerprint", "=", self.fingerprint)]
+        flagged = self.lake.read("train_outliers", filters=where, columns=["doc_id", "chunk"])
+        left_out = set(zip(flagged["doc_id"].to_pylist(), flagged["chunk"].to_pylist()))  # as score leaves them out
+        batches = (
+            batch.filter(
+                pa.array([key not in left_out for key in zip(batch["doc_id"].to_pylist(), batch["chunk"].to_pylist())])
+            )
+            if left_out
+            else batch
+            for batch in self.lake.read_batches(
+                "train_gradients", filters=where, columns=["doc_id", "chunk", "vector", "dtype", "scale"]
+            )
         )
         best = next(score_batches(batches, query[None].numpy(), self.preconditioner.blocks, True, k, query.shape[0]))
         return sorted(best.to_pylist(), key=lambda r: (-r["score"], r["doc_id"], r["chunk"]))

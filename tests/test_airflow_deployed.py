@@ -181,9 +181,9 @@ class RankKiller(threading.Thread):
     """SIGKILLs, once, the DeepSpeed rank that extracts `partition` (an OOM kill, a lost node), a
     second after it started: its task fails mid-way, with the run recorded and no slice committed."""
 
-    def __init__(self, partition: int):
+    def __init__(self, partition: int, lake_root: str):
         super().__init__(daemon=True)
-        self.partition, self.killed, self.stop = partition, [], threading.Event()
+        self.partition, self.lake_root, self.killed, self.stop = partition, lake_root, [], threading.Event()
 
     def run(self):
         while not self.stop.is_set() and not self.killed:
@@ -195,6 +195,8 @@ class RankKiller(threading.Thread):
                 if time.time() - process.info["create_time"] < 1.0 or "--plan" not in command:
                     continue
                 plan = json.loads(storage.read_bytes(command[command.index("--plan") + 1]))
+                if plan["lake"] != self.lake_root:
+                    continue  # another lake's extraction (another test, another user): not ours to kill
                 if ["train", self.partition] in [item for job in plan["jobs"] for item in job["items"]]:
                     process.kill()
                     self.killed.append(process.pid)
@@ -246,7 +248,7 @@ def _assert_same_vectors(lake: Lake, reference: Lake):
 def _run_with_one_extraction_killed(client, server, logs, lake: Lake, conf: dict | None = None) -> dict:
     """Triggers the reindex while killing the rank of partition 1; checks the fan-out ran both
     extraction tasks at the same time and retried only the killed one."""
-    killer = RankKiller(partition=1)
+    killer = RankKiller(partition=1, lake_root=lake.root)
     killer.start()
     try:
         result = _trigger_and_wait(client, server, logs, conf)

@@ -647,7 +647,7 @@ def test_the_explorer_answers_odd_requests_with_a_page_or_a_4xx(explorer_lake):
     from explorer import explore
 
     lake, _, queries = explorer_lake
-    client = TestClient(explore.create_app(lake.root))
+    client = TestClient(explore.create_app(lake.root), base_url="http://127.0.0.1")
     unscored = queries[0]["query_id"]  # registered, never scored
     pages = {
         "/": 200,
@@ -668,7 +668,7 @@ def test_the_explorer_answers_odd_requests_with_a_page_or_a_4xx(explorer_lake):
         assert response.status_code == status, (path, response.status_code, response.text[:300])
     assert "no proponents" in client.get(f"/query/{unscored}").text
     assert "Metrics over these 0 queries" in client.get("/?q=no-query-says-this").text
-    guarded = TestClient(explore.create_app(lake.root, token="s3cret"))
+    guarded = TestClient(explore.create_app(lake.root, token="s3cret"), base_url="http://127.0.0.1")
     for token in ("é", "\u200b", "s3cret\u00e9", ""):  # non-ASCII tokens crashed the comparison
         assert guarded.get("/", params={"token": token}).status_code == 401, token
     assert guarded.get("/", params={"token": "s3cret"}).status_code == 200
@@ -693,7 +693,7 @@ def test_trace_and_the_explorer_refuse_a_checkpoint_whose_weights_changed(explor
     try:
         with pytest.raises(extract.CheckpointMismatch, match="was indexed with weights .* re-extract it"):
             checkpoint_folder(lake, checkpoint_id)  # what TraceContext, evaluate and the explorer load through
-        response = TestClient(explore.create_app(lake.root)).get("/")
+        response = TestClient(explore.create_app(lake.root), base_url="http://127.0.0.1").get("/")
         assert response.status_code == 409 and "was indexed with weights" in response.text
     finally:
         (checkpoint / "model.safetensors").write_bytes(original)
