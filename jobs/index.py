@@ -203,10 +203,12 @@ def ensure_index(
 
 
 def run(config: IndexConfig) -> dict:
+    from infra.names import check_names
     from infra.runs import finish_run, start_run
     from jobs.catalog import latest_checkpoint_id
     from jobs.fit_hessian import only_fingerprint
 
+    check_names(query_set=config.query_set, checkpoint_id=config.checkpoint_id, fingerprint=config.fingerprint)
     lake = Lake(config.lake)
     checkpoint_id = config.checkpoint_id or latest_checkpoint_id(lake)
     fingerprint = config.fingerprint or only_fingerprint(lake, checkpoint_id)

@@ -311,13 +311,23 @@ def run(config: TokenizeConfig) -> dict:
     tokenizer_json = storage.read_bytes(tokenizer_file)
     context = config.context or model_context(lake.root)
     fingerprint = tokenizer_fingerprint_of(tokenizer_json, context)
-    partitions = chosen_partitions(config.raw or storage.join(lake.root, "raw"), config.partitions)
-    done = set() if config.force else tokenized_partitions(lake, fingerprint)
+    raw_dir = config.raw or storage.join(lake.root, "raw")
+    partitions = chosen_partitions(raw_dir, config.partitions)
+    tokenized = tokenized_partitions(lake, fingerprint)
+    done = set() if config.force else tokenized
     pending = {p: path for p, path in partitions.items() if p not in done}
+    gone = sorted(tokenized - set(raw_partitions(raw_dir)))
+    if gone:
+        print(
+            f"[tokenize] WARNING: partition(s) {gone} are tokenized in the lake but their raw files are gone from "
+            f"{raw_dir}; their documents stay (they were indexed from files that no longer exist)",
+            flush=True,
+        )
     result = {
         "partitions": len(partitions),
         "skipped": sorted(set(partitions) - set(pending)),
         "tokenized": sorted(pending),
+        "raw_missing": gone,
     }
     if not pending:
         print(

@@ -334,3 +334,11 @@ def test_outliers_come_out_of_the_sums_exactly_whatever_the_dtype(lake, dtype):
     assert trimmed.count == 197
     for got, want in zip(trimmed.sums, expected.sums):
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-9, atol=1e-6 * float(want.abs().max()))
+
+
+def test_a_tokenized_raw_file_that_disappears_is_reported(scored, tmp_path, capsys):
+    root = copy_lake(scored, tmp_path / "lake")
+    (root / "raw" / "c4-train.00001-of-00002.json.gz").unlink()
+    result = tokenize.run(tokenize.TokenizeConfig(lake=str(root)))
+    assert result["raw_missing"] == [1] and result["tokenized"] == []
+    assert "partition(s) [1] are tokenized in the lake but their raw files are gone" in capsys.readouterr().out
