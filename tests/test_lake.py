@@ -46,6 +46,23 @@ def gradient_rows(
     )
 
 
+def proponent_rows() -> pa.Table:
+    """Three proponents of two queries, pointing at documents of document_rows(0, 3)."""
+    return pa.table(
+        {
+            "query_set": ["trex"] * 3,
+            "checkpoint_id": ["ck1"] * 3,
+            "query_id": ["q1", "q1", "q2"],
+            "method": ["trackstar"] * 3,
+            "rank": [1, 2, 1],
+            "doc_id": [f"https://example.com/0/{i}" for i in (2, 0, 2)],
+            "chunk": [0] * 3,
+            "score": [0.9, 0.5, 0.7],
+            "run_id": ["r1"] * 3,
+        }
+    )
+
+
 def document_rows(partition: int, n: int) -> pa.Table:
     return pa.table(
         {
@@ -643,22 +660,7 @@ def test_sql_queries_run_on_the_lake(spark, lake):
             }
         ),
     )
-    lake.append(
-        "proponents",
-        pa.table(
-            {
-                "query_set": ["trex"] * 3,
-                "checkpoint_id": ["ck1"] * 3,
-                "query_id": ["q1", "q1", "q2"],
-                "method": ["trackstar"] * 3,
-                "rank": [1, 2, 1],
-                "doc_id": [f"https://example.com/0/{i}" for i in (2, 0, 2)],
-                "chunk": [0] * 3,
-                "score": [0.9, 0.5, 0.7],
-                "run_id": ["r1"] * 3,
-            }
-        ),
-    )
+    lake.append("proponents", proponent_rows())
 
     top = run_query(spark, lake, "top_proponents", {"query_set": "trex", "query_id": "q1", "method": "trackstar"})
     assert [(r["rank"], r["text"]) for r in top.collect()] == [(1, "text 0 2"), (2, "text 0 0")]

@@ -9,28 +9,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.sql import WriteRefused, run_query, run_sql
-from tests.test_lake import document_rows
+from tests.test_lake import document_rows, proponent_rows
 
 
 @pytest.fixture
 def small_lake(lake, tmp_path):
     lake.append("documents", document_rows(0, 3))
-    lake.append(
-        "proponents",
-        pa.table(
-            {
-                "query_set": ["trex"] * 3,
-                "checkpoint_id": ["ck1"] * 3,
-                "query_id": ["q1", "q1", "q2"],
-                "method": ["trackstar"] * 3,
-                "rank": [1, 2, 1],
-                "doc_id": [f"https://example.com/0/{i}" for i in (2, 0, 2)],
-                "chunk": [0] * 3,
-                "score": [0.9, 0.5, 0.7],
-                "run_id": ["r1"] * 3,
-            }
-        ),
-    )
+    lake.append("proponents", proponent_rows())
     secret = tmp_path / "secret.txt"
     secret.write_text("outside the lake\n")
     pq.write_table(pa.table({"x": [1]}), tmp_path / "outside.parquet")
