@@ -7,6 +7,7 @@ runs, through `orchestrate()`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from datetime import timedelta
 from pathlib import Path
@@ -58,10 +59,12 @@ DEFAULT_ARGS = {
 
 
 def table_asset(table: str) -> Asset:
-    """The Delta table as an Airflow asset, so downstream DAGs can be triggered by its updates."""
+    """The Delta table as an Airflow asset, so downstream DAGs can be triggered by its updates.
+    Its name carries a hash of the lake's root: Airflow keeps one active asset per name, so one
+    Airflow serving two lakes (one after the other) would find the first lake's assets inactive."""
     root = storage.absolute(load_config().lake_root)
-    uri = root if storage.is_s3(root) else Path(root).as_uri()
-    return Asset(name=f"trackstar.{table}", uri=f"{uri.rstrip('/')}/{table}")
+    uri = f"{(root if storage.is_s3(root) else Path(root).as_uri()).rstrip('/')}/{table}"
+    return Asset(name=f"trackstar.{table}.{hashlib.sha256(uri.encode()).hexdigest()[:8]}", uri=uri)
 
 
 # ------------------------------------------------------------------ tasks more than one DAG uses

@@ -211,3 +211,16 @@ def test_score_dag_scores_the_requested_methods_and_evaluates(airflow_lake):
         ("trackstar-no-hessian", "recall@10"),
     }
     assert all(0.0 <= m["value"] <= 1.0 and m["n"] == queries for m in metrics)
+
+
+def test_one_airflow_serves_a_second_lake(airflow_lake, tmp_path):
+    """The same Airflow home (database) running the DAGs for another lake: a copy of the indexed one,
+    which holds everything (its paths are relative to its root), so the reindex finds nothing new."""
+    import shutil
+
+    lake, home, _, _ = airflow_lake
+    other = Lake(shutil.copytree(lake.root, tmp_path / "other-lake"))
+    before = _versions(other)
+    result = _run("trackstar_reindex", other, home)
+    assert "nothing new" in result["log"] and _versions(other) == before
+    assert "inactive" not in result["log"]
