@@ -222,7 +222,7 @@ def test_fit_hessian_equals_the_autocorrelation_of_the_stored_vectors(indexed, t
     assert sorted(kinds) == sorted(fit_hessian.KINDS)
     assert os.path.exists(fit["figure"])
     changed = tmp_path / "changed.safetensors"
-    changed.write_bytes(open(row["path"], "rb").read()[:-4] + b"\x00\x00\x00\x01")
+    changed.write_bytes(open(lake.resolve(row["path"]), "rb").read()[:-4] + b"\x00\x00\x00\x01")
     with pytest.raises(ChecksumMismatch):  # a changed file is refused, not silently used
         load_matrices(changed, row["sha256"])
 

@@ -78,14 +78,14 @@ def test_world_training_reindex_score_and_evaluate_on_an_s3_lake_write_nothing_l
     page = storage.read_text(storage.join(root, "reports", "eval.html"))
     assert 'spectra, λ and damping</h2><img src="data:image/png;base64,iVBOR' in page  # the plot read back from S3
 
-    # every stored path is an s3:// URI that resolves, from this or any other working directory
+    # every stored path is relative to the lake's root and resolves to an s3:// URI under it, from this
+    # or any other working directory
     for row in lake.read("hessians").to_pylist():
-        assert row["path"].startswith(f"{root}/_matrices/")
-        assert load_matrices(row["path"], row["sha256"])
+        assert row["path"].startswith("_matrices/") and lake.resolve(row["path"]).startswith(f"{root}/_matrices/")
+        assert load_matrices(lake.resolve(row["path"]), row["sha256"])
     (checkpoint,) = lake.read("checkpoints").to_pylist()  # the newest arrival was indexed, not the older one
-    assert (
-        checkpoint["path"] == storage.join(root, "model", "checkpoints", final) and checkpoint["checkpoint_id"] != older
-    )
-    assert storage.exists(storage.join(checkpoint["path"], "manifest.json"))
+    location = lake.resolve(checkpoint["path"])
+    assert location == storage.join(root, "model", "checkpoints", final) and checkpoint["checkpoint_id"] != older
+    assert storage.exists(storage.join(location, "manifest.json"))
     (query_set,) = lake.read("query_sets").to_pylist()
-    assert query_set["path"] == storage.join(root, "world", "queries.jsonl") and storage.exists(query_set["path"])
+    assert query_set["path"] == "world/queries.jsonl" and storage.exists(lake.resolve(query_set["path"]))
