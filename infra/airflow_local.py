@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from infra.config import load_config
@@ -96,6 +98,30 @@ def _run_here(dag_id: str, conf: dict) -> dict:
     return {"dag_id": dag_id, "run_id": run.run_id, "state": str(run.state), "tasks": tasks}
 
 
+def _run_in_child(argv: list[str], grace_seconds: float = 3.0) -> int:
+    """Runs the DAG in a child process group that a SIGTERM or Ctrl-C here ends within
+    `grace_seconds`, task processes (DeepSpeed ranks) included: `dag.test()` itself lets a running
+    task finish first. The lake needs no clean-up: a killed writer commits nothing."""
+    child = subprocess.Popen([sys.executable, "-m", "infra.airflow_local", *argv], start_new_session=True)
+    stopping: list[tuple[int, float]] = []
+
+    def stop(signum, _frame):
+        if not stopping:
+            stopping.append((signum, time.monotonic()))
+            os.killpg(child.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while child.poll() is None:  # polled: a handler cannot wait on a child the main thread waits on
+        if stopping and time.monotonic() - stopping[0][1] > grace_seconds:
+            os.killpg(child.pid, signal.SIGKILL)
+        time.sleep(0.1)
+    if stopping:
+        print(f"\nstopped by {signal.Signals(stopping[0][0]).name}", file=sys.stderr, flush=True)
+        return 128 + stopping[0][0]
+    return child.returncode
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m infra.airflow_local")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +129,7 @@ def main(argv=None) -> int:
     run.add_argument("dag_id")
     run.add_argument("--conf", default="{}", help="DAG run conf / params as JSON")
     run.add_argument("--result-line", action="store_true", help="also print a machine-readable result line")
+    run.add_argument("--here", action="store_true", help=argparse.SUPPRESS)  # the child that runs the DAG
     args = parser.parse_args(argv)
     if "AIRFLOW_HOME" not in os.environ:
         os.execve(
@@ -110,6 +137,8 @@ def main(argv=None) -> int:
             [sys.executable, "-m", "infra.airflow_local", *(argv or sys.argv[1:])],
             airflow_environment(load_config().lake_root),
         )
+    if not args.here:
+        return _run_in_child([*(argv or sys.argv[1:]), "--here"])
     result = _run_here(args.dag_id, json.loads(args.conf))
     print(f"\n{result['dag_id']} run {result['run_id']}: {result['state']}")
     for task_id, state in result["tasks"].items():

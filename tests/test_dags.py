@@ -224,3 +224,29 @@ def test_one_airflow_serves_a_second_lake(airflow_lake, tmp_path):
     result = _run("trackstar_reindex", other, home)
     assert "nothing new" in result["log"] and _versions(other) == before
     assert "inactive" not in result["log"]
+
+
+def test_a_local_dag_run_stops_at_once_on_sigterm(adam_run, tmp_path):
+    """`airflow_local run` ended mid-task (a SIGTERM from a terminal, a supervisor or CI) stops within
+    seconds, its task processes with it, instead of finishing the running task first."""
+    import signal
+    import time
+
+    import psutil
+
+    lake = Lake(copy_lake(adam_run[0], tmp_path / "lake"))
+    command = [sys.executable, "-m", "infra.airflow_local", "run", "trackstar_reindex"]
+    env = airflow_environment(lake.root, tmp_path / "airflow")
+    run = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not any(r["status"] == "running" for r in lake.read("runs").to_pylist()):  # the tokenize task started
+        assert run.poll() is None and time.monotonic() < deadline, run.stderr.read()[-2000:]
+        time.sleep(0.5)
+    family = psutil.Process(run.pid).children(recursive=True)
+    sent = time.monotonic()
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=30) == 128 + signal.SIGTERM
+    print(f"stopped {time.monotonic() - sent:.2f}s after SIGTERM")
+    assert time.monotonic() - sent < 5
+    time.sleep(0.5)
+    assert [p.pid for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
