@@ -51,10 +51,6 @@ def load_metadata(path: str | Path) -> dict[str, str]:
     return header.get("__metadata__", {})
 
 
-def sha256_of(path: str | Path) -> str:
-    return hashlib.sha256(storage.read_bytes(str(path))).hexdigest()
-
-
 def _as_tensor(value) -> torch.Tensor:
     tensor = torch.from_numpy(np.asarray(value)) if isinstance(value, np.ndarray) else value
     return tensor.detach().cpu().contiguous()

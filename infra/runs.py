@@ -17,7 +17,6 @@ import os
 import socket
 import sys
 import uuid
-from dataclasses import dataclass, field
 
 import pyarrow as pa
 
@@ -25,12 +24,6 @@ from infra.lake import Lake, LakeError, utc_now
 from schemas.tables import TABLES
 
 SECRET_WORDS = ("secret", "password", "access_key", "api_key", "session_token", "credential")
-
-
-@dataclass
-class Run:
-    run_id: str
-    counts: dict = field(default_factory=dict)
 
 
 def new_run_id(command: str) -> str:
