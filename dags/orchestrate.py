@@ -301,6 +301,17 @@ def evaluate_if_ground_truth(extraction: dict, query_set: str) -> dict | None:
     return {method: cells["all"] for method, cells in metrics.items()}
 
 
+def take_down_requested() -> dict:
+    """The pending `takedown_requests` carried out in one takedown run (jobs/takedown.py), before
+    maintenance vacuums: their rows are gone from every table, R_train corrected, Hessians refitted
+    and proponents rescored; the files of the versions before go at the vacuum past the retention."""
+    from jobs import takedown
+
+    result = takedown.run_pending(Lake(lake_root()))
+    summary = ("pending", "run_id", "urls", "urls_found", "deleted", "not_rescored", "seconds")
+    return {key: result[key] for key in summary if key in result}
+
+
 def maintain_lake() -> dict:
     """Compaction, vacuum with Delta's default retention and log checkpoints of every table."""
     from infra.maintenance import maintain_lake as maintain

@@ -1,6 +1,8 @@
-"""Weekly lake maintenance: compact small files, vacuum with Delta's default retention (7 days,
-so time travel within a week keeps working), checkpoint each table's log. Tables whose folder holds
-files Delta does not know are compacted but not vacuumed (see infra/maintenance.py).
+"""Weekly lake maintenance: first the pending takedown requests (`jobs takedown --queue`, table
+takedown_requests) are carried out and committed, then small files are compacted, tables vacuumed
+with Delta's default retention (7 days, so time travel within a week keeps working) and each
+table's log checkpointed. Tables whose folder holds files Delta does not know are compacted but
+not vacuumed (see infra/maintenance.py).
 """
 
 from __future__ import annotations
@@ -25,10 +27,14 @@ from dags.common import DEFAULT_ARGS, orchestrate
 )
 def trackstar_maintenance():
     @task
+    def take_down_requested() -> dict:
+        return orchestrate().take_down_requested()
+
+    @task
     def maintain_lake() -> dict:
         return orchestrate().maintain_lake()
 
-    maintain_lake()
+    take_down_requested() >> maintain_lake()  # committed before the vacuum
 
 
 trackstar_maintenance()

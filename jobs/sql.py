@@ -42,6 +42,29 @@ class SqlQuery(NamedTuple):
     params: dict[str, type] = {}
 
 
+# The published views: influence of a query set's proponents at one checkpoint, grouped by a property
+# of their documents (docs/sql-views.md). A proponent slot is one row of `proponents`: one (query,
+# rank). Documents missing from `documents` (taken down, or never tokenized here) group under NULL.
+INFLUENCE_PARAMS = {"query_set": str, "checkpoint_id": str, "method": str}
+# a url's host as urllib's urlsplit(url).hostname gives it: after the scheme and any user@, before
+# any port, path, query or fragment, lowercased; NULL for an id that is not such a url
+URL_HOST = "nullif(lower(regexp_extract(p.doc_id, '^[A-Za-z][A-Za-z0-9+.-]*://(?:[^/?#]*@)?([^/?#:]*)', 1)), '')"
+
+
+def _influence_sql(group: str, expression: str) -> str:
+    return f"""
+        WITH slots AS (
+            SELECT {expression} AS {group}, p.query_id, p.doc_id, p.score, p.`rank`
+            FROM proponents p LEFT JOIN documents d ON d.doc_id = p.doc_id
+            WHERE p.query_set = :query_set AND p.checkpoint_id = :checkpoint_id AND p.method = :method
+        )
+        SELECT {group}, count(*) AS n_slots, sum(score) AS total_score, avg(`rank`) AS mean_rank,
+               count(DISTINCT query_id) AS n_queries, count(DISTINCT doc_id) AS n_documents
+        FROM slots GROUP BY {group}
+        ORDER BY total_score DESC, {group}
+        """
+
+
 SQL_QUERIES: dict[str, SqlQuery] = {
     "top_proponents": SqlQuery(
         "a query's top-ranked training chunks with their document text, per checkpoint",
@@ -87,6 +110,62 @@ SQL_QUERIES: dict[str, SqlQuery] = {
         FROM quarantine GROUP BY run_id, stage, reason
         ORDER BY n DESC, run_id, stage, reason
         """,
+    ),
+    "influence_by_host": SqlQuery(
+        "a query set's proponent slots at one checkpoint per url host: count, sum of scores, mean rank, queries",
+        _influence_sql("host", URL_HOST),
+        INFLUENCE_PARAMS,
+    ),
+    "influence_by_crawl_month": SqlQuery(
+        "a query set's proponent slots at one checkpoint per crawl month (documents.timestamp, YYYY-MM)",
+        _influence_sql("crawl_month", "substr(d.`timestamp`, 1, 7)"),
+        INFLUENCE_PARAMS,
+    ),
+    "influence_by_partition": SqlQuery(
+        "a query set's proponent slots at one checkpoint per source partition of their documents",
+        _influence_sql("`partition`", "d.`partition`"),
+        INFLUENCE_PARAMS,
+    ),
+    "proponent_drift": SqlQuery(
+        "per query and overall: how a query set's top-k proponent documents moved from checkpoint_a to "
+        "checkpoint_b (overlap, entered, left, rank correlation over the shared documents)",
+        """
+        WITH a AS (SELECT query_id, doc_id, min(`rank`) AS r FROM proponents
+                   WHERE query_set = :query_set AND method = :method AND checkpoint_id = :checkpoint_a
+                     AND `rank` <= :k
+                   GROUP BY query_id, doc_id),
+             b AS (SELECT query_id, doc_id, min(`rank`) AS r FROM proponents
+                   WHERE query_set = :query_set AND method = :method AND checkpoint_id = :checkpoint_b
+                     AND `rank` <= :k
+                   GROUP BY query_id, doc_id),
+             pairs AS (SELECT coalesce(a.query_id, b.query_id) AS query_id, coalesce(a.doc_id, b.doc_id) AS doc_id,
+                              a.r AS rank_a, b.r AS rank_b,
+                              a.r IS NOT NULL AND b.r IS NOT NULL AS shared
+                       FROM a FULL OUTER JOIN b ON a.query_id = b.query_id AND a.doc_id = b.doc_id),
+             per_query AS (
+                 SELECT query_id, count(rank_a) AS n_a, count(rank_b) AS n_b,
+                        count(CASE WHEN shared THEN 1 END) AS n_shared,
+                        sort_array(collect_list(CASE WHEN rank_a IS NULL THEN doc_id END)) AS entered,
+                        sort_array(collect_list(CASE WHEN rank_b IS NULL THEN doc_id END)) AS left_docs,
+                        corr(CASE WHEN shared THEN rank_a END, CASE WHEN shared THEN rank_b END) AS rank_corr
+                 FROM pairs GROUP BY query_id),
+             queries AS (
+                 SELECT query_id, n_a, n_b, n_shared, n_shared / greatest(n_a, n_b) AS overlap,
+                        size(entered) AS n_entered, size(left_docs) AS n_left, entered, left_docs,
+                        CASE WHEN n_shared >= 2 THEN rank_corr END AS rank_correlation
+                 FROM per_query)
+        SELECT 'query' AS scope, query_id, n_a, n_b, n_shared, overlap, n_entered, n_left, entered, left_docs,
+               rank_correlation, 1 AS n_queries
+        FROM queries
+        UNION ALL
+        SELECT 'overall' AS scope, NULL AS query_id, sum(n_a), sum(n_b), sum(n_shared),
+               avg(CASE WHEN n_a > 0 AND n_b > 0 THEN overlap END), sum(n_entered), sum(n_left),
+               CAST(NULL AS ARRAY<STRING>), CAST(NULL AS ARRAY<STRING>), avg(rank_correlation),
+               count(CASE WHEN n_a > 0 AND n_b > 0 THEN 1 END)
+        FROM queries
+        ORDER BY scope DESC, query_id
+        """,
+        {"query_set": str, "method": str, "checkpoint_a": str, "checkpoint_b": str, "k": int},
     ),
     "runs_history": SqlQuery(
         "every run, newest first, with status and counts",

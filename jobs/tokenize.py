@@ -244,10 +244,25 @@ def good_lines(batches):
         yield batch.filter(pc.is_null(batch.column("reason")))
 
 
+def taken_down_urls(spark, lake: Lake):
+    """(doc_id, takedown_reason) of every url the `takedowns` table names (its latest reason), or
+    None when nothing was ever taken down (jobs/takedown.py)."""
+    from pyspark.sql import functions as F
+
+    if not lake.exists("takedowns"):
+        return None
+    return (
+        lake.spark_read(spark, "takedowns")
+        .groupBy(F.col("url").alias("doc_id"))
+        .agg(F.max_by("reason", "taken_at").alias("takedown_reason"))
+    )
+
+
 def with_duplicate_urls(spark, lake: Lake, parsed, pending: list[int]):
-    """Parsed lines with a reason added to every document whose url (its doc_id) is already taken:
-    by a partition the lake holds and this run does not rewrite, or by an earlier line of this run
-    (in partition, line order). One url, one document: the first one wins."""
+    """Parsed lines with a reason added to every document whose url (its doc_id) is taken down
+    ("taken down: <reason>") or already taken: by a partition the lake holds and this run does not
+    rewrite, or by an earlier line of this run (in partition, line order). One url, one document:
+    the first one wins. A refused document keeps its url as raw value, never its text."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -264,8 +279,19 @@ def with_duplicate_urls(spark, lake: Lake, parsed, pending: list[int]):
         )
         lines, earlier = lines.join(indexed, "doc_id", "left"), F.col("indexed_at")
     is_document = F.col("reason").isNull()
+    taken_down = taken_down_urls(spark, lake)
+    refused = []
+    if taken_down is not None:
+        lines = lines.join(taken_down, "doc_id", "left")
+        refused = [
+            F.when(
+                is_document & F.col("takedown_reason").isNotNull(),
+                F.concat(F.lit("taken down: "), F.col("takedown_reason")),
+            )
+        ]
     reason = F.coalesce(
         F.col("reason"),
+        *refused,
         F.when(is_document & earlier.isNotNull(), F.concat(F.lit("duplicate url: first seen at "), earlier)),
         F.when(
             is_document & (F.col("occurrence") > 1), F.concat(F.lit("duplicate url: first seen at "), F.col("first_at"))

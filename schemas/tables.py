@@ -505,6 +505,35 @@ TABLES: dict[str, Table] = {
             slice_keys=("checkpoint_id",),
         ),
         Table(
+            "takedowns",
+            "documents taken down (jobs/takedown.py): one row per url and takedown run, with what it removed",
+            (
+                Column("url", "STRING", "the document's url: its doc_id in every other table"),
+                Column("reason", "STRING", "why it was taken down, as given"),
+                Column(
+                    "request_id",
+                    "STRING",
+                    "the takedown_requests run_id carried out; null when run from the command line",
+                    nullable=True,
+                ),
+                Column("counts_json", "STRING", 'rows deleted per table as JSON, e.g. {"documents": 1, ...}'),
+                RUN_ID,
+                _created_at("taken_at"),
+            ),
+            slice_keys=("run_id",),
+        ),
+        Table(
+            "takedown_requests",
+            "urls filed for takedown (`jobs takedown --queue`); the maintenance DAG carries out the pending ones",
+            (
+                Column("url", "STRING", "the document's url (its doc_id)"),
+                Column("reason", "STRING", "why it is to be taken down"),
+                Column("run_id", "STRING", "the run that filed the request: the request's id (takedowns.request_id)"),
+                _created_at("requested_at"),
+            ),
+            slice_keys=("run_id",),
+        ),
+        Table(
             "runs",
             "one row per pipeline run with its full configuration",
             (
