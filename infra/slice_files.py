@@ -101,13 +101,27 @@ class SliceFiles:
         self._file = None
 
 
-def slice_filter(other_keys: dict):
-    """The row filter of a slice's non-partition keys (key -> list of values); None: every row."""
-    in_slice = None
+def in_slice(rows: pa.Table, other_keys: dict) -> pa.ChunkedArray | None:
+    """Which of `rows` (holding the key columns) belong to the slice (non-partition key -> list of
+    values); None: every row. Computed on the rows as read, not as a scan filter: a file that
+    delta-rs rewrote (update, delete) stores strings as string_view, which pyarrow's filters reject."""
+    mask = None
     for column, values in other_keys.items():
-        condition = pc.field(column).isin(values)
-        in_slice = condition if in_slice is None else in_slice & condition
-    return in_slice
+        keys = rows[column]
+        if pa.types.is_string_view(keys.type):
+            keys = keys.cast(pa.string())
+        condition = pc.is_in(keys, pa.array(values, keys.type))
+        mask = condition if mask is None else pc.and_(mask, condition)
+    return mask
+
+
+def _rows_in_slice(fragment, other_keys: dict) -> tuple[int, int]:
+    """(rows of the slice, all rows) of one file."""
+    total = fragment.count_rows()
+    if not other_keys:
+        return total, total
+    mask = in_slice(fragment.to_table(columns=list(other_keys), use_threads=False), other_keys)
+    return pc.sum(mask).as_py() or 0, total
 
 
 def partition_fragments(delta: DeltaTable, partition_values: dict[str, str]):
@@ -119,12 +133,7 @@ def partition_fragments(delta: DeltaTable, partition_values: dict[str, str]):
 def rows_of_slice_elsewhere(fragments: list, other_keys: dict, known: set) -> int:
     """Rows of the slice in the partition's files (`fragments`) other than the `known` paths: after
     a commit, rows another writer added to the same slice at the same time."""
-    in_slice = slice_filter(other_keys)
-    return sum(
-        fragment.count_rows(filter=in_slice) if in_slice is not None else fragment.count_rows()
-        for fragment in fragments
-        if fragment.path not in known
-    )
+    return sum(_rows_in_slice(fragment, other_keys)[0] for fragment in fragments if fragment.path not in known)
 
 
 def replaced_files(files: SliceFiles, fragments: list, other_keys: dict) -> list[RemoveAction]:
@@ -132,16 +141,15 @@ def replaced_files(files: SliceFiles, fragments: list, other_keys: dict) -> list
     holding a row of the slice (non-partition key -> list of values; with no such keys, every file).
     A file holding rows of other slices too (other fingerprints) is removed all the same, and those
     rows are copied into `files` first; files holding only other slices are left alone."""
-    in_slice = slice_filter(other_keys)
     removes, now = [], int(time.time() * 1000)
     for fragment in fragments:
-        if in_slice is not None:
-            matched = fragment.count_rows(filter=in_slice)
-            if matched == 0:
-                continue
-            if matched < fragment.count_rows():
-                for batch in fragment.to_batches(columns=files.schema.names, filter=~in_slice, use_threads=False):
-                    files.write(pa.Table.from_batches([batch]))
+        matched, total = _rows_in_slice(fragment, other_keys)
+        if matched == 0 and other_keys:
+            continue
+        if matched < total:
+            for batch in fragment.to_batches(columns=files.schema.names, use_threads=False):
+                rows = pa.Table.from_batches([batch]).cast(files.schema)  # string_view back to string
+                files.write(rows.filter(pc.invert(in_slice(rows, other_keys))))
         removes.append(RemoveAction(fragment.path, True, now, partition_values=files.partition_values))
     return removes
 

@@ -17,6 +17,11 @@ function, catalog table or second statement; what runs is the parsed statement p
   against vectors in `train_gradients`; coverage below 1 means extraction has not finished that slice.
 - quarantine_by_reason(): refused input rows per run, stage and reason.
 - runs_history(): every run, newest first, with status and counts.
+- influence_by_host / influence_by_crawl_month / influence_by_partition(query_set, checkpoint_id,
+  method): proponent slots, summed scores, mean rank and distinct queries per url host, crawl month
+  or partition (docs/sql-views.md).
+- proponent_drift(query_set, method, checkpoint_a, checkpoint_b, k): per query, the overlap of two
+  checkpoints' top-k, the documents that entered or left, and the correlation of shared ranks.
 """
 
 from __future__ import annotations

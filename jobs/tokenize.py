@@ -3,7 +3,8 @@
 Raw files are read as bytes line by line inside `mapInArrow` (a JSON reader would fail the whole
 file on one malformed line); every line is validated (`jobs.c4_lines`), good ones become
 documents, bad ones quarantine rows with the reason; a url already taken (by a partition the lake
-holds, or an earlier line of this run) is quarantined as a duplicate: one url, one document. Documents are tokenized with the
+holds, or an earlier line of this run) is quarantined as a duplicate: one url, one document; a url
+taken down (`jobs takedown`) is quarantined with "taken down: <reason>". Documents are tokenized with the
 checkpoint's fast tokenizer, prefixed with the end-of-text token the model saw before every
 training document, and cut into chunks no longer than the context.
 

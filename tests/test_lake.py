@@ -747,3 +747,36 @@ def test_the_embedded_engine_writes_row_groups_of_at_most_rows_per_row_group(tmp
         for i in range(metadata.num_row_groups)
     ]
     assert sum(sizes) == rows and max(sizes) <= ROWS_PER_ROW_GROUP
+
+
+def test_a_streamed_slice_replaces_files_delta_rs_rewrote_with_string_views(lake):
+    """delta-rs' own update and delete rewrite files with string_view columns, which pyarrow's scan
+    filters reject: the next streamed write of the partition must still tell its slice's rows."""
+    import pyarrow.parquet as pq
+
+    lake.replace_slice_batches(
+        "train_gradients", iter([gradient_rows("ck1", 0, 3, fingerprint="a")]), checkpoint_id="ck1", partition=0
+    )
+    lake.replace_slice_batches(
+        "train_gradients",
+        iter([gradient_rows("ck1", 0, 2, first_chunk=10, fingerprint="b")]),
+        checkpoint_id="ck1",
+        partition=0,
+        fingerprint="b",
+    )
+    lake.open("train_gradients").update(updates={"run_id": "'rewritten'"}, predicate="fingerprint = 'a'")
+    assert any(
+        pa.types.is_string_view(f.type) for uri in lake.open("train_gradients").file_uris() for f in pq.read_schema(uri)
+    )
+    lake.replace_slice_batches(
+        "train_gradients",
+        iter([gradient_rows("ck1", 0, 4, first_chunk=20, fingerprint="b")]),
+        checkpoint_id="ck1",
+        partition=0,
+        fingerprint="b",
+    )
+    rows = lake.read("train_gradients", columns=["fingerprint", "chunk", "run_id"]).to_pylist()
+    assert sorted((r["fingerprint"], r["chunk"]) for r in rows) == [("a", 0), ("a", 1), ("a", 2)] + [
+        ("b", c) for c in range(20, 24)
+    ]
+    assert {r["run_id"] for r in rows if r["fingerprint"] == "a"} == {"rewritten"}
