@@ -209,9 +209,10 @@ def link(path: str, **params) -> str:
     return path + ("?" + urlencode(clean) if clean else "")
 
 
-def query_path(query_id: str) -> str:
-    """/query/<id> with every character of the id escaped (`/`, `?`, `#`, quotes, spaces, non-ASCII)."""
-    return "/query/" + quote(query_id, safe="")
+def query_path(query_id: str, page: str = "query") -> str:
+    """/query/<id> (or /drift/<id>) with every character of the id escaped (`/`, `?`, `#`, quotes,
+    spaces, non-ASCII)."""
+    return f"/{page}/" + quote(query_id, safe="")
 
 
 def _top(k: str) -> int:
@@ -368,7 +369,59 @@ def query_page(explorer: Explorer, query_id: str, checkpoint=None, methods=None,
             guess=guess,
             available=available,
             columns=columns,
+            compared=len(explorer.checkpoints()) > 1,
             marked=lambda text: _marked(text, query),
+        )
+    )
+
+
+def drift_page(explorer: Explorer, query_id: str, a=None, b=None, method: str = "trackstar", k: str = "5") -> str:
+    """One query's top-k under two checkpoints side by side (default: the two latest), each
+    proponent marked kept, entered or left, with the overlap of the two lists."""
+    known = explorer.checkpoints()
+    if len(known) < 2 and not (a and b):
+        raise LookupError("drift needs two scored checkpoints; this lake has " + (", ".join(known) or "none"))
+    a, b = explorer.checkpoint(a or known[-2]), explorer.checkpoint(b or known[-1])
+    queries, k = explorer.queries(), _top(k)
+    if query_id not in queries:
+        raise LookupError(f"no query {query_id!r}")
+    lists = {c: explorer.ranked(c, [query_id]).get(method, {}).get(query_id, [])[:k] for c in (a, b)}
+    if not lists[a] and not lists[b]:
+        raise LookupError(f"no {method} proponents of {query_id!r} on {a} or {b}")
+    docs = {c: [row["doc_id"] for row in rows] for c, rows in lists.items()}
+    shared = set(docs[a]) & set(docs[b])
+    texts = explorer.texts(docs[a] + docs[b])
+    stating = set(queries[query_id]["stating_doc_ids"] or ())
+    columns = [
+        (
+            checkpoint,
+            [
+                {
+                    "rank": row["rank"],
+                    "score": row["score"],
+                    "doc_id": row["doc_id"],
+                    "text": texts.get(row["doc_id"], ""),
+                    "states": row["doc_id"] in stating,
+                    "change": "kept" if row["doc_id"] in shared else ("left" if checkpoint == a else "entered"),
+                }
+                for row in lists[checkpoint]
+            ],
+        )
+        for checkpoint in (a, b)
+    ]
+    return (
+        templates()
+        .get_template("drift.html")
+        .render(
+            query=queries[query_id],
+            method=method,
+            checkpoints=known,
+            a=a,
+            b=b,
+            k=k,
+            overlap=len(shared) / max(len(docs[a]), len(docs[b]), 1),
+            columns=columns,
+            marked=lambda text: _marked(text, queries[query_id]),
         )
     )
 
@@ -480,6 +533,10 @@ def create_app(lake_root: str, token: str | None = None, allowed_hosts=(), opena
     @app.get("/query/{query_id:path}")  # `path`: an id may hold any character, `/` included
     def query(query_id: str, checkpoint: str | None = None, methods: str | None = None, k: str = "5"):
         return answer(query_page, query_id, checkpoint, methods, k)
+
+    @app.get("/drift/{query_id:path}")
+    def drift(query_id: str, a: str | None = None, b: str | None = None, method: str = "trackstar", k: str = "5"):
+        return answer(drift_page, query_id, a or None, b or None, method, k)
 
     @app.get("/trace")
     def trace(

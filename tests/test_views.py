@@ -197,3 +197,35 @@ def test_views_are_listed_and_bind_their_parameters_as_values(spark, viewed, cap
     params = [f"--param={k}={v}" for k, v in (("query_set", "fact-world"), ("checkpoint_id", checkpoint_id))]
     assert main(["sql", "influence_by_partition", *params, "--param=method=trackstar", "--lake", lake.root]) == 0
     assert "n_slots" in capsys.readouterr().out
+
+
+def test_the_explorer_drift_page_shows_both_checkpoints_top_k_side_by_side(indexed_lake):
+    from fastapi.testclient import TestClient
+
+    from explorer import explore
+    from explorer.explore import query_path
+
+    lake, results, _ = indexed_lake
+    older, newer = results["older"]["extract"]["checkpoint_id"], results["newer"]["extract"]["checkpoint_id"]
+    client = TestClient(explore.create_app(lake.root), base_url="http://127.0.0.1")
+    rows = lake.read("proponents", filters=[("method", "=", "trackstar")]).to_pylist()
+    query_id = sorted({r["query_id"] for r in rows})[0]
+    top = {
+        c: [
+            r["doc_id"]
+            for r in sorted(rows, key=lambda r: r["rank"])
+            if r["query_id"] == query_id and r["checkpoint_id"] == c
+        ][:5]
+        for c in (older, newer)
+    }
+    page = client.get(query_path(query_id, "drift"), params={"k": 5})
+    assert page.status_code == 200, page.text
+    html = page.text
+    assert html.index(f"data-checkpoint='{older}'") < html.index(f"data-checkpoint='{newer}'")  # older on the left
+    shared = set(top[older]) & set(top[newer])
+    assert html.count("data-change='kept'") == 2 * len(shared)
+    assert html.count("data-change='left'") == len(set(top[older]) - shared)
+    assert html.count("data-change='entered'") == len(set(top[newer]) - shared)
+    assert f"{len(shared) / max(len(top[older]), len(top[newer])):.2f}</b>" in html
+    assert "drift-link" in client.get(query_path(query_id), params={"checkpoint": newer}).text
+    assert client.get(query_path("no-such-query", "drift")).status_code == 404
