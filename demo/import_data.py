@@ -451,6 +451,8 @@ def repair_import(lake_root: str | Path) -> list[str]:
     """Move aside what no import recorded: partitions in raw/ the marker does not list (and the world
     files of an import that never wrote its marker), into `<lake>/import-repair/<time>/`; nothing is
     deleted. Refused (ImportRefused) when the lake tokenized one of them: its documents would stay."""
+    if str(lake_root).startswith("s3://"):  # imports go to folders (check_import): none half-written on S3
+        return [f"{lake_root}: imports are written to folders only, so there is no half-written import to repair"]
     root = Path(lake_root)
     raw_dir, world_dir = root / "raw", root / "world"
     if (world_dir / "kb.json").exists():

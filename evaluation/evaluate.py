@@ -606,6 +606,9 @@ def point_latest(lake: Lake, run_id: str) -> None:
         storage.write_text(storage.join(reports, "latest.txt"), run_id + "\n")
         return
     link, part = Path(reports) / "latest", Path(reports) / f".latest-{run_id}"
+    if link.exists() and not link.is_symlink():
+        print(f"[evaluate] {link} is not a link this job made; left as it is", flush=True)
+        return
     part.symlink_to(run_id, target_is_directory=True)
     os.replace(part, link)
 

@@ -542,3 +542,14 @@ def test_names_flow_from_the_pipeline_into_tables_and_the_report(user_files, tmp
     second = reports / os.readlink(reports / "latest")
     assert second != first and Path(again["report_dir"]) == second and (second / "eval.html").exists()
     assert (first / "eval.html").read_bytes() == before  # never overwritten
+
+
+def test_latest_names_the_newest_report_on_s3(s3_bucket):
+    from evaluation import evaluate
+    from infra import storage
+    from infra.lake import Lake
+
+    lake = Lake(f"s3://{s3_bucket}/lake")
+    for run_id in ("evaluate-1", "evaluate-2"):
+        evaluate.point_latest(lake, run_id)
+    assert storage.read_text(f"s3://{s3_bucket}/lake/reports/latest.txt") == "evaluate-2\n"
