@@ -871,13 +871,14 @@ def write_metrics(lake: Lake, report: dict, run_id: str):
 
 
 def table(report: dict) -> str:
-    lines = [f"{'method':<26} {'MRR':>17} {'recall@10':>17} {'tail-patch Δlog p':>26} {'Δp':>12}"]
+    """The console table: MRR and recall@10 (in [0, 1]) to 3 decimals, tail-patch at its magnitude."""
+    lines = [f"{'method':<26} {'MRR':>17} {'recall@10':>17}  {'tail-patch Δlog p':<30} {'Δp':>10}"]
     for method, c in report["methods"].items():
+        patched = f"{signed(c['tail_patch']):>9} [{signed(c['tail_patch_ci'][0])}, {signed(c['tail_patch_ci'][1])}]"
         lines.append(
             f"{method:<26} {c['mrr']:>6.3f} [{c['mrr_ci'][0]:.2f},{c['mrr_ci'][1]:.2f}] "
-            f"{c['recall@10']:>6.3f} [{c['recall@10_ci'][0]:.2f},{c['recall@10_ci'][1]:.2f}] "
-            f"{signed(c['tail_patch']):>9} [{signed(c['tail_patch_ci'][0])},{signed(c['tail_patch_ci'][1])}] "
-            f"{signed(c['tail_patch_delta_prob']):>12}"
+            f"{c['recall@10']:>6.3f} [{c['recall@10_ci'][0]:.2f},{c['recall@10_ci'][1]:.2f}]  "
+            f"{patched:<30} {signed(c['tail_patch_delta_prob']):>10}"
         )
     return "\n".join(lines)
 
