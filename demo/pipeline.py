@@ -1,13 +1,20 @@
 """The whole pipeline, end to end: on the embedded default (`make run`) or on a user's own data.
 
     python -m jobs pipeline                                              # the embedded fact world
-    python -m jobs pipeline --corpus DIR --queries FILE [--checkpoint DIR]   # your own data
+    python -m jobs pipeline --corpus DIR --queries FILE [--checkpoint DIR] [--name NAME]   # your own data
+    python -m jobs pipeline --lake LAKE --repair-import                  # a lake an import left half-written
 
-Build the fact world, or import the user's C4 partitions and queries (`demo.import_data`); train
-the small model, unless a checkpoint folder is given (then it is linked into the lake with its
+Build the fact world, or import the user's C4 partitions and queries (`demo.import_data`: every
+check runs before anything is written, so a refused import leaves the lake as it was); train the
+small model, unless a checkpoint folder is given (then it is linked into the lake with its
 tokenizer); register the queries; run the nightly `trackstar_reindex` DAG with a project-local
 Airflow (`.airflow/`, SQLite): tokenize → extract → fit the Hessian → score; then the evaluation
-(all methods, MRR, recall@10, tail-patch, report). A second run finds nothing new to index.
+(all methods, MRR, recall@10, tail-patch, report under `<lake>/reports/<run>/`, `latest` pointing
+at the newest). A second run finds nothing new to index.
+
+Names come from the user: `--name` (default: the corpus folder's name made a valid name, or
+`fact-world` for the embedded world) names the query set, prefixes the trained checkpoints
+(`gpt2-<name>-s0-step…`) and titles the report.
 
 Nothing the pipeline did not create is deleted: on a lake holding imported data, the embedded
 default refuses to run (it would regenerate the world over it) and says how to rerun on that data.
@@ -17,52 +24,71 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from infra import storage
 from demo import import_data, model_eval, train_model, world
 from evaluation import evaluate
+from evaluation.report import magnitude
 from jobs import register_queries
 from jobs.checkpoints import optimizer_state_source
 from infra.config import load_config
+
+EMBEDDED_NAME = "fact-world"
 
 
 def run(
     lake: str,
     world_seed: int = 0,
     airflow_home: str = ".airflow",
-    reports: str = "reports",
+    reports: str = "",
     corpus: str | None = None,
     queries: str | None = None,
     checkpoint: str | None = None,
+    name: str | None = None,
+    train_overrides: dict | None = None,
+    evaluate_overrides: dict | None = None,
 ) -> dict:
+    """`reports`: the report's folder (default `<lake>/reports/<run>/`); `train_overrides` and
+    `evaluate_overrides`: fields of TrainConfig / EvaluateConfig (smaller runs, tests)."""
     from infra.airflow_local import run_dag
 
     timings = {}
 
-    def stage(name, fn):
+    def stage(stage_name, fn):
         started = time.time()
-        print(f"\n--- {name}", flush=True)
+        print(f"\n--- {stage_name}", flush=True)
         result = fn()
-        timings[name] = time.time() - started
+        timings[stage_name] = time.time() - started
         return result
 
-    if corpus or queries:
-        if not (corpus and queries):
-            raise ValueError("your own data needs both --corpus and --queries")
-        world_summary = stage("import", lambda: import_data.import_world(lake, corpus, queries))
+    if (corpus or queries) and not (corpus and queries):
+        raise import_data.ImportRefused(lake, ["your own data needs both --corpus and --queries"])
+    name = import_data.check_name(
+        name or (import_data.name_from(Path(corpus).resolve().name) if corpus else EMBEDDED_NAME)
+    )
+    linked = None
+    if corpus:
+        # every check first (corpus, queries, urls, checkpoint, tokenizer): a refusal writes nothing
+        plan = stage(
+            "check-import", lambda: import_data.check_import(lake, corpus, queries, checkpoint=checkpoint, name=name)
+        )
+        linked = plan.checkpoint
+        world_summary = stage("import", lambda: import_data.write_import(plan))
         for note in world_summary.notes:
             print(f"[import] {note}")
     else:
+        if checkpoint:
+            linked = import_data.check_checkpoint(lake, checkpoint)
         world_summary = stage("world", lambda: world.run(world.WorldConfig(out_dir=lake, world_seed=world_seed)))
     print(
         f"[{'import' if corpus else 'world'}] {world_summary.documents:,} documents in {world_summary.partitions} "
-        f"partitions, {world_summary.queries} queries"
+        f"partitions, {world_summary.queries} queries; name {name!r}"
     )
     if checkpoint:
-        final_checkpoint = stage("import-checkpoint", lambda: import_data.import_checkpoint(lake, checkpoint))
+        final_checkpoint = stage("import-checkpoint", lambda: import_data.link_checkpoint(linked, lake))
         state = optimizer_state_source(final_checkpoint)
         model_line = (
             f"{final_checkpoint.name}, linked from {Path(checkpoint).resolve()}; optimizer state: "
@@ -70,7 +96,9 @@ def run(
         )
         print(f"[import-checkpoint] {model_line}")
     else:
-        trained = stage("train-model", lambda: train_model.run(train_model.TrainConfig(lake=lake, seed=world_seed)))
+        train_config = train_model.TrainConfig(lake=lake, seed=world_seed, **(train_overrides or {}))
+        train_config = replace(train_config, model_tag=model_tag(lake, name, train_config))
+        trained = stage("train-model", lambda: train_model.run(train_config))
         final_checkpoint = train_model.final_checkpoint(lake, trained)
         model_line = (
             f"GPT-2, {trained['parameters']:,} parameters, {trained['steps']} steps in "
@@ -80,7 +108,7 @@ def run(
     queries_file = storage.join(lake, "world", "queries.jsonl")
     accuracy = stage("model-accuracy", lambda: model_eval.evaluate_checkpoint(final_checkpoint, queries_file))
     # the user's own file, so that refusals name its lines
-    stage("register-queries", lambda: register_queries.run(lake, queries))
+    stage("register-queries", lambda: register_queries.run(lake, queries, name=name))
     dag = stage(
         "airflow: trackstar_reindex", lambda: run_dag("trackstar_reindex", storage.absolute(lake), home=airflow_home)
     )
@@ -96,12 +124,16 @@ def run(
     report = stage(
         "evaluate",
         lambda: evaluate.run(
-            evaluate.EvaluateConfig(
-                lake=lake,
-                reports=reports,
-                checkpoint=str(final_checkpoint),
-                top_k=settings.top_k,
-                projection_k=settings.projection_k,
+            replace(
+                evaluate.EvaluateConfig(
+                    lake=lake,
+                    reports=reports,
+                    checkpoint=str(final_checkpoint),
+                    query_set=name,
+                    top_k=settings.top_k,
+                    projection_k=settings.projection_k,
+                ),
+                **(evaluate_overrides or {}),
             )
         ),
     )
@@ -126,11 +158,11 @@ def run(
     print(accuracy.table())
     print(f"airflow:     trackstar_reindex {dag['state']}: " + ", ".join(f"{t} {s}" for t, s in dag["tasks"].items()))
     print(
-        f"\nfact tracing on checkpoint {report['checkpoint_id']} (λ = {report['lambda']:.3f}; "
+        f"\nfact tracing on checkpoint {report['checkpoint_id']} (λ = {magnitude(report['lambda'])}; "
         f"tail-patch over {report['tail_patch_queries']} queries, {report['tail_patch_step']}):"
     )
     print(evaluate.table(report))
-    print(f"\nreport:      {storage.join(storage.absolute(reports), 'eval.html')}")
+    print(f"\nreport:      {storage.join(report['report_dir'], 'eval.html')}")
     print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     print("next:        .venv/bin/python -m jobs sql --list        (SQL over the Delta tables)")
     print("             make airflow-ui                            (the DAGs in the Airflow UI, 127.0.0.1:8080)")
@@ -138,19 +170,86 @@ def run(
     return summary
 
 
+def model_tag(lake: str, name: str, config: train_model.TrainConfig) -> str:
+    """What the trained checkpoints' ids start with: `gpt2-<name>`; when the lake holds checkpoints of
+    that name trained on another corpus (a rerun that added partitions), `gpt2-<name>-v002`, `-v003`, ...:
+    the retrained model's checkpoints are new checkpoints beside the old ones (never the old ids
+    with other weights, which extract refuses) and, at the same step, sort after them, so the DAG's
+    newest checkpoint is the retrained one. A rerun with nothing new keeps the model and its tag."""
+    import re
+
+    from jobs.checkpoints import checkpoints_root
+
+    base = f"gpt2-{name}"
+    summary = Path(lake) / "model" / "train_summary.json"
+    if storage.is_s3(lake) or not summary.exists():
+        return base
+    previous = json.loads(summary.read_text())
+    last = re.sub(r"-s\d+-step\d+$", "", (previous.get("checkpoints") or [base])[-1])
+    if last == base or re.fullmatch(rf"{re.escape(base)}-v\d{{3}}", last):
+        if previous.get("input_digest") == train_model.input_digest(
+            Path(lake) / "raw", replace(config, model_tag=last)
+        ):
+            return last  # trained on this very corpus and configuration: train-model keeps it
+    ours = re.compile(rf"{re.escape(base)}(?:-v(\d{{3}}))?-s\d+-step\d+")
+    versions = [int(m.group(1) or 1) for p in checkpoints_root(lake).glob("*") if (m := ours.fullmatch(p.name))]
+    return f"{base}-v{max(versions) + 1:03d}" if versions else base
+
+
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, where it has one (not for an empty or absent value)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == "":
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("--lake", default=load_config().lake_root)
-    parser.add_argument("--world-seed", type=int, default=load_config().world_seed)
-    parser.add_argument("--airflow-home", default=".airflow")
-    parser.add_argument("--reports", default="reports")
-    parser.add_argument("--corpus", help="your own C4 partitions (a folder of c4-*.json.gz) instead of the world")
-    parser.add_argument("--queries", help="your own queries JSONL (format: schemas/queries.py, README)")
+    parser.formatter_class = DefaultsHelp
+    settings = load_config()
+    parser.add_argument(
+        "--lake", default=settings.lake_root, help="lake root: a folder, or s3://bucket/prefix for the embedded world"
+    )
+    parser.add_argument("--world-seed", type=int, default=settings.world_seed, help="seed of the embedded world")
+    parser.add_argument("--airflow-home", default=".airflow", help="the project-local Airflow's home")
+    parser.add_argument(
+        "--reports", default="", help="folder of the report (empty: <lake>/reports/<run>/, with <lake>/reports/latest)"
+    )
+    parser.add_argument(
+        "--corpus", help="your own C4 partitions (a folder of c4-*.json.gz) instead of the embedded world"
+    )
+    parser.add_argument("--queries", help="your own queries JSONL (format: README, 'Your own data')")
     parser.add_argument("--checkpoint", help="a Hugging Face causal LM folder to index instead of training one")
+    parser.add_argument(
+        "--name",
+        help="names the query set, the trained checkpoints (gpt2-<name>-...) and the report "
+        f"(empty: the corpus folder's name made a valid name, or {EMBEDDED_NAME!r} for the embedded world)",
+    )
+    parser.add_argument(
+        "--repair-import",
+        action="store_true",
+        help="move aside the raw partitions no import recorded (an interrupted or refused import), then stop",
+    )
 
 
 def main(args):
-    try:
-        run(args.lake, args.world_seed, args.airflow_home, args.reports, args.corpus, args.queries, args.checkpoint)
-    except import_data.ImportedDataError as refusal:
-        print(f"pipeline refused: {refusal}", file=sys.stderr)
-        return 2
+    """Refusals (ImportRefused, ImportedDataError, a bad --name) reach `python -m jobs`, which prints
+    them in one line plus their problems and exits 2."""
+    if args.repair_import:
+        if args.corpus or args.queries or args.checkpoint:
+            raise import_data.ImportRefused(args.lake, ["--repair-import runs alone: repair, then rerun your import"])
+        for line in import_data.repair_import(args.lake):
+            print(f"[repair-import] {line}")
+        return 0
+    run(
+        args.lake,
+        args.world_seed,
+        args.airflow_home,
+        args.reports,
+        args.corpus,
+        args.queries,
+        args.checkpoint,
+        name=args.name,
+    )
+    return 0

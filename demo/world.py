@@ -19,7 +19,6 @@ import argparse
 import gzip
 import json
 import random
-import sys
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta, timezone
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from infra import storage
 from infra.config import load_config
-from demo.import_data import ImportedDataError, WorldSummary, import_world, refuse_to_overwrite
+from demo.import_data import WorldSummary, import_world, refuse_to_overwrite
 from schemas.queries import FREQUENCY_BUCKETS
 
 # --------------------------------------------------------------------------------------- relations
@@ -620,11 +619,8 @@ def add_arguments(parser: argparse.ArgumentParser):
 
 
 def main(args):
-    try:
-        summary = run(WorldConfig(**{k: v for k, v in vars(args).items()}))
-    except ImportedDataError as refusal:
-        print(f"world refused: {refusal}", file=sys.stderr)
-        return 2
+    # a refusal (ImportedDataError, ImportRefused) reaches `python -m jobs`: one line and its problems, exit 2
+    summary = run(WorldConfig(**{k: v for k, v in vars(args).items()}))
     print(
         f"[world] {summary.documents:,} documents ({summary.words:,} words) in {summary.partitions} partitions, "
         f"{summary.facts} facts, {summary.queries} queries -> {summary.raw_dir}, {summary.world_dir}"

@@ -16,13 +16,17 @@ TrackStar and the TrackStar/BM25 tail-patch ratio are paired. What the pipeline 
 reused: the first seed's extraction, Hessian and proponents come from the DAG when their inputs are
 unchanged; other seeds and variants are scored in memory and never overwrite `proponents`.
 
-Writes `eval_metrics` rows, `tail_patches`, `<reports>/eval.json` and `<reports>/eval.html`.
+Writes `eval_metrics` rows, `tail_patches`, `eval.json` and `eval.html` into the report's folder:
+`<lake>/reports/<run_id>/` (a new folder per run, never overwritten; `<lake>/reports/latest` links
+to the newest, or on S3 `<lake>/reports/latest.txt` names it), or `--reports DIR` when given.
+Its title names the query set ("Fact tracing on <query set>"), which the pipeline's `--name` names.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
@@ -33,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from evaluation import metrics as M
-from evaluation.report import render_html
+from evaluation.report import magnitude, render_html, signed
 from infra import storage
 from infra.config import load_config
 from infra.lake import Lake
@@ -85,7 +89,7 @@ class EvaluateConfig:
     tail_patch_queries: int = 100  # bucket-stratified sample, fixed by the seed
     tail_patch_lr: float | None = None  # default: the checkpoint's (DEFAULT_TAIL_PATCH_LR if it records none)
     sample_seed: int = 0  # of the tail-patch sample and the bootstrap
-    reports: str = "reports"
+    reports: str = ""  # the report's folder; "": <lake>/reports/<run_id>/, and <lake>/reports/latest points at it
 
 
 # ------------------------------------------------------------------ text baselines
@@ -511,7 +515,7 @@ def run(config: EvaluateConfig) -> dict:
     )
     report["seed_diagnostics"] = {str(s): d for s, d in diagnostics.items()}
     report["tail_patch_step"] = step_line
-    report["findings"].append(f"tail-patch step: {step_line}")
+    report["findings"].append(f"The tail-patch step: {step_line}.")
     report["per_bucket"] = {
         m: {b: v for b, v in cells.items() if b != "all"}
         for m, cells in attribution_metrics(
@@ -525,7 +529,11 @@ def run(config: EvaluateConfig) -> dict:
     categorizer = Categorizer(storage.join(lake.root, "world"))
     report["categories"] = category_shares(categorizer, per_seed[config.seeds[0]], methods, queries, by_doc)
     write_metrics(lake, report, run_id)
-    write_report(lake, config, report, per_seed[config.seeds[0]], queries, by_doc, categorizer)
+    folder = report_folder(lake, config, run_id)
+    write_report(lake, config, report, per_seed[config.seeds[0]], queries, by_doc, categorizer, folder)
+    if not config.reports:
+        point_latest(lake, run_id)
+    report["report_dir"] = folder  # where it was written (not stored in eval.json: the lake may move)
     finish_run(
         lake,
         run_id,
@@ -540,7 +548,7 @@ def run(config: EvaluateConfig) -> dict:
     print(table(report))
     for line in report["findings"]:
         print(f"[evaluate] {line}")
-    print(f"[evaluate] report: {storage.join(storage.absolute(config.reports), 'eval.html')}")
+    print(f"[evaluate] report: {storage.join(folder, 'eval.html')}")
     return report
 
 
@@ -582,6 +590,29 @@ def category_shares(categorizer: Categorizer, ranked: dict, methods: list, queri
     return shares
 
 
+REPORTS = "reports"  # <lake>/reports/: one folder per evaluation run, `latest` (or latest.txt) the newest
+
+
+def report_folder(lake: Lake, config: EvaluateConfig, run_id: str) -> str:
+    """The run's own folder under the lake (`<lake>/reports/<run_id>`), or the one asked for."""
+    return storage.absolute(config.reports) if config.reports else storage.join(lake.root, REPORTS, run_id)
+
+
+def point_latest(lake: Lake, run_id: str) -> None:
+    """Point `<lake>/reports/latest` at the run's folder: a relative link replaced in one rename (the
+    lake can move), or on S3 (no links) `<lake>/reports/latest.txt` holding the folder's name."""
+    reports = storage.join(lake.root, REPORTS)
+    if storage.is_s3(reports):
+        storage.write_text(storage.join(reports, "latest.txt"), run_id + "\n")
+        return
+    link, part = Path(reports) / "latest", Path(reports) / f".latest-{run_id}"
+    if link.exists() and not link.is_symlink():
+        print(f"[evaluate] {link} is not a link this job made; left as it is", flush=True)
+        return
+    part.symlink_to(run_id, target_is_directory=True)
+    os.replace(part, link)
+
+
 def write_report(
     lake: Lake,
     config: EvaluateConfig,
@@ -590,9 +621,9 @@ def write_report(
     queries: dict,
     by_doc: dict,
     categorizer: Categorizer,
+    reports: str,
 ) -> None:
     """<reports>/eval.json and eval.html (with the Hessian's spectra plot when there is one)."""
-    reports = storage.absolute(config.reports)
     storage.write_text(storage.join(reports, "eval.json"), json.dumps(report, indent=2))
     spectra = storage.join(
         lake.root,
@@ -687,48 +718,92 @@ def summarise(
     return report
 
 
+# ablation or variant -> (the component full TrackStar has and it lacks, the variant in words)
 COMPONENTS = {
-    "trackstar-no-optimizer": "the optimizer correction",
-    "trackstar-no-hessian": "the Hessian (R^-1/2)",
-    "trackstar-no-mixing": "task mixing (R_query)",
-    "trackstar-no-unit-norm": "unit normalisation",
-    "trackstar-adam-exact": "flooring the Adam correction (vs the paper-exact one)",
-    "trackstar-heldout-r-query": "fitting R_query on the scored queries (vs a held-out half)",
-    "trackstar-global-damping": "per-block train-relative damping (vs the classic global one)",
+    "trackstar-no-optimizer": ("The optimizer correction", "TrackStar without it"),
+    "trackstar-no-hessian": ("The Hessian preconditioner (R^-1/2)", "TrackStar without it"),
+    "trackstar-no-mixing": ("Task mixing (R_query mixed into the Hessian)", "TrackStar without it"),
+    "trackstar-no-unit-norm": ("Unit normalisation", "TrackStar without it"),
+    "trackstar-adam-exact": ("Flooring the Adam correction", "TrackStar with the paper's exact correction"),
+    "trackstar-heldout-r-query": (
+        "Fitting R_query on the scored queries",
+        "TrackStar with R_query fitted on a held-out half of the queries",
+    ),
+    "trackstar-global-damping": (
+        "Per-block damping relative to R_train",
+        "TrackStar with the classic global damping of the mixed R",
+    ),
 }
+
+
+def _interval(low, high, format=signed) -> str:
+    return f"95% interval {format(low)} to {format(high)}"
 
 
 def findings(report: dict) -> list[str]:
     """One sentence per TrackStar component: does full TrackStar's tail-patch beat the variant
-    without it (paired 95% CI of the difference), and the headline comparisons with BM25."""
+    without it (paired 95% CI of the difference), and the headline comparisons with BM25; numbers at
+    their magnitude, components named in words."""
     lines = []
-    for method, component in COMPONENTS.items():
+    for method, (component, variant) in COMPONENTS.items():
         if method not in report["trackstar_minus"]:
             continue
         mean, low, high = report["trackstar_minus"][method]["tail_patch"]
-        verdict = "helps" if low > 0 else "hurts" if high < 0 else "makes no measurable difference"
-        lines.append(
-            f"{component} {verdict}: TrackStar − {method} tail-patch Δlog p = {mean:+.4f} [{low:+.4f}, {high:+.4f}]"
-        )
+        row = f"Table 1 row {method}"
+        if low > 0:
+            lines.append(
+                f"{component} helps: TrackStar's proponents raise the target's log-probability by {magnitude(mean)} "
+                f"more per tail-patch step than those of {variant} ({_interval(low, high, magnitude)}; {row})."
+            )
+        elif high < 0:
+            lines.append(
+                f"{component} hurts: TrackStar's proponents raise the target's log-probability by "
+                f"{magnitude(-mean)} less per tail-patch step than those of {variant} "
+                f"({_interval(-high, -low, magnitude)}; {row})."
+            )
+        else:
+            lines.append(
+                f"{component} makes no measurable difference here: per tail-patch step, TrackStar's proponents "
+                f"change the target's log-probability by {signed(mean)} relative to those of {variant} "
+                f"({_interval(low, high)}, which includes 0; {row})."
+            )
     if "bm25" in report["trackstar_minus"]:
         mean, low, high = report["trackstar_minus"]["bm25"]["mrr"]
-        lines.append(
-            f"MRR: TrackStar − BM25 = {mean:+.3f} [{low:+.3f}, {high:+.3f}] "
-            f"({'BM25 finds stating documents better' if high < 0 else 'no clear winner' if low <= 0 else 'TrackStar ranks stating documents better'})"
-        )
+        if high < 0:
+            lines.append(
+                f"BM25 finds the documents that state a fact better: TrackStar's MRR is {magnitude(-mean)} lower "
+                f"({_interval(-high, -low, magnitude)})."
+            )
+        elif low > 0:
+            lines.append(
+                f"TrackStar ranks the documents that state a fact better than BM25: its MRR is {magnitude(mean)} "
+                f"higher ({_interval(low, high, magnitude)})."
+            )
+        else:
+            lines.append(
+                f"Neither TrackStar nor BM25 ranks the documents that state a fact measurably better: TrackStar's "
+                f"MRR differs by {signed(mean)} ({_interval(low, high)}, which includes 0)."
+            )
+        what = {"delta_log_prob": "log-probability (Δlog p)", "delta_prob": "probability (Δp)"}
         for metric, (ratio, low, high) in report["trackstar_over_bm25_tail_patch"].items():
-            lines.append(f"tail-patch {metric}: TrackStar / BM25 = {ratio:.2f} [{low:.2f}, {high:.2f}]")
+            lines.append(
+                f"TrackStar's proponents change the target's {what.get(metric, metric)} {magnitude(ratio)}× as much "
+                f"as BM25's in one tail-patch step (95% interval {magnitude(low)}× to {magnitude(high)}×)."
+            )
     h = report["hessian"]
     if h:
         lines.append(
-            f"Hessian fit: λ = {h['lambda']:.3f} at component {h['crossing_component']}, dampings "
-            f"{h['damping_min']:.3g}..{h['damping_max']:.3g}, condition number ≤ {h['condition_number_max']:.3g}, "
-            f"R_query/R_train trace = {h['query_to_train_trace']:.3g}"
+            f"The Hessian fit: λ = {magnitude(h['lambda'])} (where the spectra cross, at eigenvalue number "
+            f"{h['crossing_component']}), dampings from {magnitude(h['damping_min'])} to "
+            f"{magnitude(h['damping_max'])}, condition number at most {magnitude(h['condition_number_max'])}; "
+            f"the query gradients' second moment R_query has {magnitude(h['query_to_train_trace'])}× the trace "
+            "of the training gradients' R_train"
             + (
-                f"; damping above R_train's top eigenvalue in blocks {h['blocks_damped_above_train_top']}"
+                f"; the damping lies above R_train's largest eigenvalue in blocks {h['blocks_damped_above_train_top']}"
                 if h["blocks_damped_above_train_top"]
                 else ""
             )
+            + "."
         )
     return lines
 
@@ -796,13 +871,14 @@ def write_metrics(lake: Lake, report: dict, run_id: str):
 
 
 def table(report: dict) -> str:
-    lines = [f"{'method':<26} {'MRR':>17} {'recall@10':>17} {'tail-patch Δlog p':>26} {'Δp':>12}"]
+    """The console table: MRR and recall@10 (in [0, 1]) to 3 decimals, tail-patch at its magnitude."""
+    lines = [f"{'method':<26} {'MRR':>17} {'recall@10':>17}  {'tail-patch Δlog p':<30} {'Δp':>10}"]
     for method, c in report["methods"].items():
+        patched = f"{signed(c['tail_patch']):>9} [{signed(c['tail_patch_ci'][0])}, {signed(c['tail_patch_ci'][1])}]"
         lines.append(
             f"{method:<26} {c['mrr']:>6.3f} [{c['mrr_ci'][0]:.2f},{c['mrr_ci'][1]:.2f}] "
-            f"{c['recall@10']:>6.3f} [{c['recall@10_ci'][0]:.2f},{c['recall@10_ci'][1]:.2f}] "
-            f"{c['tail_patch']:>+8.4f} [{c['tail_patch_ci'][0]:+.3f},{c['tail_patch_ci'][1]:+.3f}] "
-            f"{c['tail_patch_delta_prob']:>+12.5f}"
+            f"{c['recall@10']:>6.3f} [{c['recall@10_ci'][0]:.2f},{c['recall@10_ci'][1]:.2f}]  "
+            f"{patched:<30} {signed(c['tail_patch_delta_prob']):>10}"
         )
     return "\n".join(lines)
 
@@ -838,7 +914,11 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument(
         "--sample-seed", type=int, default=defaults.sample_seed, help="of the tail-patch sample and the bootstrap"
     )
-    parser.add_argument("--reports", default=defaults.reports)
+    parser.add_argument(
+        "--reports",
+        default=defaults.reports,
+        help="folder of the report (default: a new <lake>/reports/<run_id>/, with <lake>/reports/latest)",
+    )
 
 
 def main(args):

@@ -52,8 +52,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The errors that refuse a user's input or the lake's state (never a bug's): module -> class names.
+# A class counts only once its module is imported (no error of it can exist before), so `--help` stays fast.
+REFUSALS = {
+    "infra.names": ("InvalidName",),
+    "infra.lake": ("LakeError", "TableNotFoundError"),
+    "infra.config": ("ConfigError",),
+    "infra.matrices": ("ChecksumMismatch",),
+    "schemas.queries": ("QueryFileError",),
+    "schemas.tables": ("SchemaVersionError",),
+    "schemas.vectors": ("CorruptVector", "VectorOverflow"),
+    "jobs.checkpoints": ("CheckpointError",),
+    "jobs.extract": ("CheckpointMismatch",),
+    "gradient_kernels.scoring": ("FingerprintMismatch",),
+    "demo.import_data": ("ImportRefused", "ImportedDataError"),
+}
+
+
+def is_refusal(error: BaseException) -> bool:
+    """A project refusal (REFUSALS), or a FileNotFoundError the project raised with its own sentence
+    (no errno: a missing input it looked for); a missing file the OS reported keeps its traceback."""
+    if isinstance(error, FileNotFoundError) and error.errno is None:
+        return True
+    classes = [
+        getattr(sys.modules[module], name)
+        for module, names in REFUSALS.items()
+        if module in sys.modules
+        for name in names
+        if hasattr(sys.modules[module], name)
+    ]
+    return isinstance(error, tuple(classes))
+
+
+def report_refusal(command: str, error: BaseException) -> None:
+    """`error: <one line>` on stderr, then the list of problems (the error's `problems`, else the rest
+    of its message), each on its own line."""
+    first, *rest = str(error).splitlines() or [type(error).__name__]
+    problems = getattr(error, "problems", None) or [line.strip() for line in rest if line.strip()]
+    lines = [f"error: {command}: {first.rstrip(':')}"] + [f"  - {problem}" for problem in problems]
+    print("\n".join(lines + ["(python -m jobs --debug ... shows the traceback)"]), file=sys.stderr)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug, anywhere before a `--`: refusals keep their traceback
+    end = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:end]
+    argv = [a for i, a in enumerate(argv) if not (i < end and a == "--debug")]
     parser = build_parser()
     if not argv or argv[0] not in COMMANDS:
         parser.parse_args(argv)  # prints help or a usage error and exits
@@ -66,7 +111,14 @@ def main(argv=None) -> int:
     try:
         return module.main(args) or 0
     except InvalidName as error:  # a usage error, not a crash: no traceback
+        if debug:
+            raise
         command_parser.error(str(error))
+    except Exception as error:  # a refusal is one line and its problems; anything else is a bug: traceback
+        if debug or not is_refusal(error):
+            raise
+        report_refusal(name, error)
+        return 2
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ import torch
 
 from bench.common import train_like_a_user
 from infra.lake import Lake
-from demo import import_data, pipeline, world
+from demo import import_data, world
+from jobs.__main__ import main as jobs_main
 from jobs import extract, fit_hessian, register_queries, score, tokenize
 from jobs.checkpoints import CheckpointError, load_manifest, load_second_moments
 from schemas.queries import QueryFileError, load_queries
@@ -271,7 +272,7 @@ def test_a_checkpoint_without_optimizer_state_is_evaluated_with_sgd_tail_patch(i
         )
     )
     assert report["tail_patch_step"] == "SGD at lr 0.001: the checkpoint has no optimizer state"
-    assert report["findings"][-1] == f"tail-patch step: {report['tail_patch_step']}"
+    assert report["findings"][-1] == f"The tail-patch step: {report['tail_patch_step']}."
     assert {"bm25", "trackstar", "trackstar-no-optimizer"} <= set(report["methods"])
     patched = [cell["tail_patch"] for cell in report["methods"].values()]
     assert all(np.isfinite(patched)) and any(value != 0 for value in patched)
@@ -300,17 +301,10 @@ def test_another_parameter_order_is_read_by_param_names_or_refused(user_data, tm
 def test_make_run_refuses_to_wipe_imported_data(indexed_llama, user_data, capsys):
     root = Path(indexed_llama[0].root)
     before = {p: p.read_bytes() for p in sorted((root / "raw").glob("*")) + [root / "world" / "queries.jsonl"]}
-    args = pipeline.argparse.Namespace(
-        lake=str(root),
-        world_seed=0,
-        airflow_home=str(root / ".airflow"),
-        reports=str(root / "reports"),
-        corpus=None,
-        queries=None,
-        checkpoint=None,
-    )
-    assert pipeline.main(args) == 2  # what `make run` calls: no --corpus, so it would regenerate the world
+    # what `make run` calls: no --corpus, so it would regenerate the world
+    assert jobs_main(["pipeline", "--lake", str(root), "--airflow-home", str(root / ".airflow")]) == 2
     message = capsys.readouterr().err
+    assert message.startswith("error: pipeline: ") and "Traceback" not in message
     assert "holds an imported world" in message and f"--corpus {user_data[1]}" in message
     with pytest.raises(import_data.ImportedDataError):
         world.run(world.WorldConfig(out_dir=str(root)))

@@ -124,7 +124,7 @@ def test_evaluation_runs_on_a_user_supplied_corpus_and_queries(adam_run, tmp_pat
         assert cell["seeds"] == (1 if name in once else 2)
     assert set(stored["trackstar_minus"]) == methods - {"trackstar"}
     assert set(stored["trackstar_over_bm25_tail_patch"]) == {"delta_log_prob", "delta_prob"}
-    assert any(line.startswith("the Hessian (R^-1/2)") for line in stored["findings"])
+    assert any(line.startswith("The Hessian preconditioner (R^-1/2) ") for line in stored["findings"])
     assert stored["categories"] == {}  # no knowledge base was supplied: no categories, and no crash
     page = (tmp_path / "reports" / "eval.html").read_text()
     assert "Table 1" in page and page.count("data:image/png;base64,") >= 2 and "no category plot" in page
