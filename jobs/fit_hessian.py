@@ -236,11 +236,17 @@ def without_outliers(lake: Lake, checkpoint_id: str, fingerprint: str, train, z:
     return (train if exact else rest), table
 
 
-def alarms(lake: Lake, query_set: str, lam: float, damping: float, factor: float) -> list[str]:
-    """What moved by more than `factor` (either way) since the last fit of the query set."""
+def alarms(lake: Lake, query_set: str, fingerprint: str, lam: float, damping: float, factor: float) -> list[str]:
+    """What moved by more than `factor` (either way) since the last fit of the query set with the same
+    projection and normaliser (fingerprint): the last checkpoint's, on a nightly run; fits of other
+    projections (an evaluation's seeds) have scales of their own."""
     from jobs.catalog import runs_of
 
-    earlier = [result for _, _, result in runs_of(lake, "fit-hessian") if result.get("query_set") == query_set]
+    earlier = [
+        result
+        for _, _, result in runs_of(lake, "fit-hessian")
+        if result.get("query_set") == query_set and result.get("fingerprint") == fingerprint
+    ]
     if not earlier:
         return []
     last, found = earlier[-1], []
@@ -347,7 +353,7 @@ def run(config: FitHessianConfig) -> dict:
         storage.join(lake.root, "reports", f"hessian_{checkpoint_id}_{config.query_set}_{fingerprint}.png"),
         outliers.num_rows,
     )
-    moved = alarms(lake, config.query_set, lam, sum(dampings) / len(dampings), config.alarm_factor)
+    moved = alarms(lake, config.query_set, fingerprint, lam, sum(dampings) / len(dampings), config.alarm_factor)
     for alarm in moved:
         print(f"[fit-hessian] ALARM: {alarm}; look at the spectra plot and table train_outliers", flush=True)
     result = {

@@ -292,6 +292,7 @@ NAMED_ARGUMENTS = [  # (command and its other arguments, the flag that takes a n
     (["trace", "--prompt", "p", "--target", " t"], "--query-set"),
     (["trace", "--prompt", "p", "--target", " t"], "--checkpoint-id"),
     (["register-queries"], "--name"),
+    (["pipeline"], "--name"),
 ]
 
 
