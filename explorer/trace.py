@@ -134,8 +134,9 @@ class TraceContext:
         from jobs.score import score_batches
 
         where = [("checkpoint_id", "=", self.checkpoint_id), ("fingerprint", "=", self.fingerprint)]
-        flagged = self.lake.read("train_outliers", filters=where, columns=["doc_id", "chunk"])
-        left_out = set(zip(flagged["doc_id"].to_pylist(), flagged["chunk"].to_pylist()))  # as score leaves them out
+        ratio = load_config().outlier_proponent_ratio
+        flagged = self.lake.read("train_outliers", filters=where).to_pylist()
+        left_out = {(r["doc_id"], r["chunk"]) for r in flagged if r["norm"] >= ratio * r["median_norm"]}  # as score
         batches = (
             batch.filter(
                 pa.array([key not in left_out for key in zip(batch["doc_id"].to_pylist(), batch["chunk"].to_pylist())])

@@ -73,6 +73,10 @@ class Config:
         4.0,
         "train chunks whose log gradient norm lies this many robust deviations above the median are left out of R_train",
     )
+    outlier_proponent_ratio: float = setting(
+        100.0,
+        "score does not propose train outliers this many times the median norm or more (junk; the corpus's own tail stays)",
+    )
     hessian_alarm_factor: float = setting(
         100.0, "fit-hessian warns when λ or the damping moved by more than this factor since the last fit"
     )

@@ -68,8 +68,9 @@ class ScoreConfig(SliceConfig):
         help=f"code of the TrackStar index for {', '.join(INDEXED_METHODS)} ('none': score raw vectors)",
     )
     batch_bytes: int = option(BATCH_BYTES, help="decoded bytes per scoring batch")
-    include_outliers: bool = option(
-        False, help="propose train chunks fit-hessian flagged as outliers (table train_outliers) too"
+    outlier_proponent_ratio: float = from_settings(
+        "outlier_proponent_ratio",
+        help="never propose train outliers (table train_outliers) this many times the median norm or more",
     )
 
 
@@ -274,9 +275,10 @@ def run(config: ScoreConfig) -> dict:
             train = lake.spark_read(spark, "trackstar_index").filter(_where(index_keys))
             train_blocks, unit_norm = None, False  # the index holds the prepared train side
         train = train.select("doc_id", "chunk", "vector", "dtype", "scale", "checksum")
-        if not config.include_outliers and lake.exists("train_outliers"):
-            flagged = lake.spark_read(spark, "train_outliers").filter(_where(train_keys)).select("doc_id", "chunk")
-            train = train.join(flagged, ["doc_id", "chunk"], "left_anti")
+        if lake.exists("train_outliers"):  # junk, far beyond the corpus's own tail (see the setting)
+            junk = F.col("norm") >= F.col("median_norm") * config.outlier_proponent_ratio
+            flagged = lake.spark_read(spark, "train_outliers").filter(_where(train_keys) & junk)
+            train = train.join(flagged.select("doc_id", "chunk"), ["doc_id", "chunk"], "left_anti")
         k, batch_bytes = config.top_k, config.batch_bytes
 
         def local_top_k(batches, queries=queries, train_blocks=train_blocks, unit_norm=unit_norm):

@@ -242,7 +242,11 @@ def _mrr(lake: Lake, method: str = "trackstar") -> float:
     return float(np.mean([m["mrr"] for m in attribution_per_query(ranked, truth, 5).values()]))
 
 
-def test_junk_documents_are_left_out_of_the_hessian_and_do_not_move_the_answers(scored, adam_run, tmp_path, capsys):
+def test_junk_documents_are_left_out_of_the_hessian_and_do_not_move_the_answers(scored, adam_run, tmp_path):
+    """Junk chunks leave R_train at the default threshold; score leaves out of the proponents only
+    outliers `outlier_proponent_ratio` times the median norm or more (default 100: real junk, ~10^4
+    times here in C4-like data; the corpus's own tail, up to ~40x on the embedded world, stays a
+    candidate). This world's junk is 6-60x, so the test lowers that ratio to 5 to see it work."""
     clean = Lake(scored)
     clean_fit = [r for r in clean.read("runs").to_pylist() if r["command"] == "fit-hessian"][-1]
     root = copy_lake(adam_run[0], tmp_path / "lake")
@@ -253,37 +257,33 @@ def test_junk_documents_are_left_out_of_the_hessian_and_do_not_move_the_answers(
     lake = Lake(root)
     norms = lake.read("train_gradients", columns=["partition", "norm"])
     junk = np.array([n for p, n in zip(norms["partition"].to_pylist(), norms["norm"].to_pylist()) if p == 2])
-    median = float(np.median(norms["norm"].to_numpy()))
-    print("junk / median", sorted((junk / median).round(1)))
+    junk_proponents = lambda: sum("junk.example" in r["doc_id"] for r in lake.read("proponents").to_pylist())  # noqa: E731
 
     trusting = fit_hessian.run(fit_hessian.FitHessianConfig(lake=str(root), outlier_z=float("inf")))
     score.run(score.ScoreConfig(lake=str(root), methods=["trackstar"], top_k=5, index="none"))
     mrr_trusting = _mrr(lake)
     robust = fit_hessian.run(fit_hessian.FitHessianConfig(lake=str(root), alarm_factor=10.0))
     score.run(score.ScoreConfig(lake=str(root), methods=["trackstar"], top_k=5, index="none"))
+    mrr_default, junk_default = _mrr(lake), junk_proponents()
+    score.run(
+        score.ScoreConfig(lake=str(root), methods=["trackstar"], top_k=5, index="none", outlier_proponent_ratio=5.0)
+    )
     mrr_robust, mrr_clean = _mrr(lake), _mrr(clean)
     print(
         f"λ: clean {json.loads(clean_fit['counts_json'])['lambda']:.4g}, junk trusted {trusting['lambda']:.4g}, "
         f"junk left out {robust['lambda']:.4g}; damping ×{trusting['damping'] / robust['damping']:.3g} when trusted; "
-        f"MRR clean {mrr_clean:.3f}, junk trusted {mrr_trusting:.3f}, junk left out {mrr_robust:.3f}"
+        f"MRR clean {mrr_clean:.3f}, junk trusted {mrr_trusting:.3f}, junk out of R_train {mrr_default:.3f} "
+        f"({junk_default} junk proponents), and out of the proponents {mrr_robust:.3f}"
     )
 
     outliers = lake.read("train_outliers").to_pylist()
-    print(
-        "junk proponents",
-        sum("junk.example" in r["doc_id"] for r in lake.read("proponents").to_pylist()),
-        "λ",
-        trusting["lambda"],
-        robust["lambda"],
-    )
-    print(f"{len(outliers)} outliers, threshold {outliers[0]['threshold'] / median if outliers else None}")
     assert {r["partition"] for r in outliers} == {2}  # junk only: no chunk of the corpus is left out
-    assert len(outliers) == int((junk > outliers[0]["threshold"]).sum())
+    assert len(outliers) == int((junk > outliers[0]["threshold"]).sum()) == len(junk)
     assert robust["n_train"] == trusting["n_train"] - len(outliers)
-    assert abs(mrr_robust - mrr_clean) <= 0.01 and mrr_trusting < mrr_clean - 0.1  # the junk did move the answers
     assert robust["lambda"] == pytest.approx(json.loads(clean_fit["counts_json"])["lambda"], rel=1e-6)
-    assert not {"junk.example" in r["doc_id"] for r in lake.read("proponents").to_pylist()} - {False}
     assert any(a.startswith("damping moved") for a in robust["alarms"]), robust["alarms"]
+    assert mrr_trusting < mrr_clean - 0.1 < mrr_default  # the junk did move the answers; its Hessian, most of it
+    assert abs(mrr_robust - mrr_clean) <= 0.01 and junk_proponents() == 0
 
 
 @pytest.mark.parametrize("dtype", ["float32", "int8"])
