@@ -12,6 +12,15 @@ Airflow (`.airflow/`, SQLite): tokenize → extract → fit the Hessian → scor
 (all methods, MRR, recall@10, tail-patch, report under `<lake>/reports/<run>/`, `latest` pointing
 at the newest). A second run finds nothing new to index.
 
+Reruns are incremental (`demo.reruns`): the model the lake holds is kept (its tokenizer and
+checkpoints), so a rerun that added partitions tokenizes only those and extracts only their slices
+for the same checkpoint, then refits and rescores. `--retrain` trains a new model on the whole
+corpus (new checkpoint ids, `gpt2-<name>-v002-...`, indexed from scratch with its own tokenizer);
+then `--keep-checkpoints N` (default 2; 0: all) keeps the vectors of the newest N checkpoints and
+drops the others', and says so (on a run without a new model only when given: a rerun never drops
+what a backfill extracted unasked). The run ends with the coverage per tokenizer and checkpoint: chunks
+retokenized by another tokenizer are never counted as covered by an older checkpoint's vectors.
+
 Names come from the user: `--name` (default: the corpus folder's name made a valid name, or
 `fact-world` for the embedded world) names the query set, prefixes the trained checkpoints
 (`gpt2-<name>-s0-step…`) and titles the report.
@@ -29,10 +38,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from infra import storage
-from demo import import_data, model_eval, train_model, world
+from demo import import_data, model_eval, reruns, train_model, world
 from evaluation import evaluate
 from evaluation.report import magnitude
 from jobs import register_queries
+from jobs.catalog import newest_checkpoint_folder
 from jobs.checkpoints import optimizer_state_source
 from infra.config import load_config
 
@@ -50,9 +60,14 @@ def run(
     name: str | None = None,
     train_overrides: dict | None = None,
     evaluate_overrides: dict | None = None,
+    retrain: bool = False,
+    keep_checkpoints: int | None = None,
 ) -> dict:
     """`reports`: the report's folder (default `<lake>/reports/<run>/`); `train_overrides` and
-    `evaluate_overrides`: fields of TrainConfig / EvaluateConfig (smaller runs, tests)."""
+    `evaluate_overrides`: fields of TrainConfig / EvaluateConfig (smaller runs, tests); `retrain`:
+    train a new model even though the lake holds one; `keep_checkpoints`: the retention policy
+    (`demo.reruns.keep_newest`, 0 keeps every checkpoint's vectors), applied when this run trains or
+    links a new model (None: reruns.DEFAULT_KEEP), or on any run when given."""
     from infra.airflow_local import run_dag
 
     timings = {}
@@ -66,6 +81,12 @@ def run(
 
     if (corpus or queries) and not (corpus and queries):
         raise import_data.ImportRefused(lake, ["your own data needs both --corpus and --queries"])
+    if retrain and checkpoint:
+        raise import_data.ImportRefused(
+            lake, ["--retrain trains the small model; --checkpoint indexes yours: not both"]
+        )
+    if keep_checkpoints is not None and keep_checkpoints < 0:
+        raise import_data.ImportRefused(lake, [f"--keep-checkpoints {keep_checkpoints}: give 0 (keep all) or more"])
     name = import_data.check_name(
         name or (import_data.name_from(Path(corpus).resolve().name) if corpus else EMBEDDED_NAME)
     )
@@ -88,27 +109,47 @@ def run(
         f"partitions, {world_summary.queries} queries; name {name!r}"
     )
     if checkpoint:
+        new_model = not linked["target"].exists()  # a checkpoint folder this lake did not index before
         final_checkpoint = stage("import-checkpoint", lambda: import_data.link_checkpoint(linked, lake))
         state = optimizer_state_source(final_checkpoint)
         model_line = (
             f"{final_checkpoint.name}, linked from {Path(checkpoint).resolve()}; optimizer state: "
             f"{state or 'none (indexed without the optimizer correction)'}"
         )
+        model_note = f"linked from {Path(checkpoint).resolve()}"
         print(f"[import-checkpoint] {model_line}")
     else:
-        train_config = train_model.TrainConfig(lake=lake, seed=world_seed, **(train_overrides or {}))
-        train_config = replace(train_config, model_tag=model_tag(lake, name, train_config))
-        trained = stage("train-model", lambda: train_model.run(train_config))
+        choice = reruns.model_choice(lake, retrain)
+        print(f"[train-model] {choice.reason}", flush=True)
+        if choice.reuse:
+            trained = choice.summary
+            if reruns.restore_tokenizer(lake, trained["checkpoints"][-1]):
+                print(f"[train-model] the lake's tokenizer was not {trained['checkpoints'][-1]}'s: restored from it")
+        else:
+            train_config = train_model.TrainConfig(lake=lake, seed=world_seed, **(train_overrides or {}))
+            train_config = replace(train_config, model_tag=model_tag(lake, name, train_config))
+            trained = stage("train-model", lambda: train_model.run(train_config))
+        new_model = trained["checkpoints"] != (choice.summary or {}).get("checkpoints")
+        model_note = choice.reason if new_model or choice.reuse else "the model was already trained on this corpus"
         final_checkpoint = train_model.final_checkpoint(lake, trained)
         model_line = (
             f"GPT-2, {trained['parameters']:,} parameters, {trained['steps']} steps in "
             f"{trained['train_seconds']}s on 2 CPU ranks (DeepSpeed ZeRO-2); checkpoints "
-            f"{', '.join(trained['checkpoints'])}"
+            f"{', '.join(trained['checkpoints'])}" + (" (kept from an earlier run)" if choice.reuse else "")
         )
     queries_file = storage.join(lake, "world", "queries.jsonl")
     accuracy = stage("model-accuracy", lambda: model_eval.evaluate_checkpoint(final_checkpoint, queries_file))
     # the user's own file, so that refusals name its lines
     stage("register-queries", lambda: register_queries.run(lake, queries, name=name))
+    dag_checkpoint = storage.name(
+        newest_checkpoint_folder(load_config().checkpoints or storage.join(lake, "model", "checkpoints"))
+    )
+    if dag_checkpoint != final_checkpoint.name:  # e.g. a retrained model with fewer steps than the old one
+        print(
+            f"[pipeline] WARNING: the reindex DAG indexes the checkpoint with the highest step, {dag_checkpoint}; "
+            f"the evaluation below extracts {final_checkpoint.name} on its own",
+            flush=True,
+        )
     dag = stage(
         "airflow: trackstar_reindex", lambda: run_dag("trackstar_reindex", storage.absolute(lake), home=airflow_home)
     )
@@ -138,12 +179,26 @@ def run(
         ),
     )
 
+    keep = reruns.DEFAULT_KEEP if keep_checkpoints is None else keep_checkpoints
+    retention = stage(
+        "keep-checkpoints",
+        lambda: reruns.keep_newest(
+            lake, keep, report["checkpoint_id"], applied=new_model or keep_checkpoints is not None
+        ),
+    )
+    for line in reruns.retention_lines(retention):
+        print(f"[keep-checkpoints] {line}")
+    coverage = reruns.coverage(lake)
+
     summary = {
         "world": vars(world_summary),
         "checkpoint": str(final_checkpoint),
+        "model": {"new": new_model, "why": model_note},
         "accuracy": accuracy.as_dict(),
         "dag": {k: v for k, v in dag.items() if k != "log"},
         "evaluation": report["methods"],
+        "retention": retention,
+        "coverage": coverage,
         "seconds": {k: round(v, 1) for k, v in timings.items()},
     }
     storage.write_text(storage.join(lake, "pipeline_summary.json"), json.dumps(summary, indent=2, default=str))
@@ -163,6 +218,10 @@ def run(
     )
     print(evaluate.table(report))
     print(f"\nreport:      {storage.join(report['report_dir'], 'eval.html')}")
+    print("retention:   " + "\n             ".join(reruns.retention_lines(retention)))
+    print("coverage:    train chunks with a vector, per tokenizer and checkpoint")
+    for line in reruns.coverage_lines(coverage):
+        print(f"             {line}")
     print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     print("next:        .venv/bin/python -m jobs sql --list        (SQL over the Delta tables)")
     print("             make airflow-ui                            (the DAGs in the Airflow UI, 127.0.0.1:8080)")
@@ -172,7 +231,7 @@ def run(
 
 def model_tag(lake: str, name: str, config: train_model.TrainConfig) -> str:
     """What the trained checkpoints' ids start with: `gpt2-<name>`; when the lake holds checkpoints of
-    that name trained on another corpus (a rerun that added partitions), `gpt2-<name>-v002`, `-v003`, ...:
+    that name trained on another corpus (`--retrain` after partitions were added), `gpt2-<name>-v002`, `-v003`, ...:
     the retrained model's checkpoints are new checkpoints beside the old ones (never the old ids
     with other weights, which extract refuses) and, at the same step, sort after them, so the DAG's
     newest checkpoint is the retrained one. A rerun with nothing new keeps the model and its tag."""
@@ -227,6 +286,21 @@ def add_arguments(parser: argparse.ArgumentParser):
         f"(empty: the corpus folder's name made a valid name, or {EMBEDDED_NAME!r} for the embedded world)",
     )
     parser.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train a new model on the whole corpus (new checkpoint ids), although the lake holds one; "
+        "without it a rerun keeps the model and indexes only what is new",
+    )
+    parser.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        metavar="N",
+        help="after the run, keep the vectors of the newest N checkpoints (the one just indexed first) and drop "
+        "the others' (train_gradients, query_gradients, trackstar_index, train_outliers, hessians, proponents); "
+        f"0 keeps all. Default: {reruns.DEFAULT_KEEP}, applied when the run trains or links a new model; given, "
+        "applied on any run",
+    )
+    parser.add_argument(
         "--repair-import",
         action="store_true",
         help="move aside the raw partitions no import recorded (an interrupted or refused import), then stop",
@@ -251,5 +325,7 @@ def main(args):
         args.queries,
         args.checkpoint,
         name=args.name,
+        retrain=args.retrain,
+        keep_checkpoints=args.keep_checkpoints,
     )
     return 0

@@ -155,6 +155,15 @@ def input_digest(raw_dir: Path, config: TrainConfig) -> str:
     return digest.hexdigest()
 
 
+def trained_partitions(raw_dir: Path) -> dict[str, str]:
+    """{partition file name: sha256} of the raw partitions a training run reads, kept in its summary so
+    that a rerun can tell partitions added since (indexed with the model, not trained on) from a
+    corpus that changed under it (`demo.reruns.model_choice`)."""
+    from jobs.checkpoints import sha256_file
+
+    return {path.name: sha256_file(path) for path in sorted(raw_dir.glob("c4-*.json.gz"))}
+
+
 def run(config: TrainConfig) -> dict:
     """Tokenizer + packed data on this side, then `deepspeed` with `config.ranks` CPU ranks."""
     import torch
@@ -204,7 +213,11 @@ def run(config: TrainConfig) -> dict:
 
     summary = json.loads((model_dir / "train_summary.json").read_text())
     summary.update(
-        n_documents=len(texts), n_tokens=n_tokens, wall_seconds=round(time.time() - started, 1), input_digest=digest
+        n_documents=len(texts),
+        n_tokens=n_tokens,
+        wall_seconds=round(time.time() - started, 1),
+        input_digest=digest,
+        partitions=trained_partitions(Path(config.lake) / "raw"),
     )
     (model_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary

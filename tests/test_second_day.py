@@ -553,3 +553,288 @@ def test_latest_names_the_newest_report_on_s3(s3_bucket):
     for run_id in ("evaluate-1", "evaluate-2"):
         evaluate.point_latest(lake, run_id)
     assert storage.read_text(f"s3://{s3_bucket}/lake/reports/latest.txt") == "evaluate-2\n"
+
+
+# ------------------------------------------------------------------ reruns: incremental, --retrain, retention, coverage
+def _table_rows(table: str, n: int, **values) -> pa.Table:
+    """`n` rows of a table, every column given a plain value of its type unless set in `values`."""
+    from datetime import datetime, timezone
+
+    from schemas.tables import TABLES
+
+    plain = {
+        "STRING": "x",
+        "INT": 0,
+        "BIGINT": 0,
+        "FLOAT": 1.0,
+        "DOUBLE": 1.0,
+        "BINARY": b"\0\0\0\0",
+        "TIMESTAMP": datetime.now(timezone.utc),
+        "ARRAY<INT>": [1],
+        "ARRAY<BIGINT>": [1],
+        "ARRAY<STRING>": ["x"],
+    }
+    spec = TABLES[table]
+    rows = [
+        {c.name: values.get(c.name, i if c.name in ("chunk", "rank") else plain[c.type]) for c in spec.columns}
+        for i in range(n)
+    ]
+    return pa.Table.from_pylist(rows, schema=spec.arrow_schema)
+
+
+def _fake_registered_checkpoint(lake, checkpoint_id: str, step: int, tokenizer: bytes) -> None:
+    """A checkpoint folder as far as coverage reads it (config.json, tokenizer.json) and its row."""
+    folder = Path(lake.root) / "model" / "checkpoints" / checkpoint_id
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"n_positions": 64}')
+    (folder / "tokenizer.json").write_bytes(tokenizer)
+    lake.append(
+        "checkpoints",
+        _table_rows(
+            "checkpoints", 1, checkpoint_id=checkpoint_id, step=step, path=f"model/checkpoints/{checkpoint_id}"
+        ),
+    )
+
+
+def _string_views(lake, table: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    found = []
+    for uri in lake.open(table).file_uris():
+        found += [f"{uri}: {f.name}" for f in pq.read_schema(uri) if pa.types.is_string_view(f.type)]
+    return found
+
+
+def test_keep_checkpoints_drops_the_older_vectors_and_coverage_counts_only_the_checkpoints_tokenizer(tmp_path):
+    """Two checkpoints, `old` (tokenizer T1) and `new` (T2), with rows in every vector table (several
+    tables hold both in one file); every partition is tokenized with T2 now. Coverage counts none of
+    old's vectors; keeping 1 drops old's rows and files, leaves new's rows as they were, written by the
+    project's writer (no string_view), and says so in a runs row."""
+    from demo import reruns
+    from infra.lake import Lake
+    from jobs.tokenize import tokenizer_fingerprint_of
+
+    lake = Lake(tmp_path / "lake")
+    _fake_registered_checkpoint(lake, "old", 8, b'{"t": 1}')
+    _fake_registered_checkpoint(lake, "new", 6, b'{"t": 2}')  # fewer steps: the one just indexed still comes first
+    t2 = tokenizer_fingerprint_of(b'{"t": 2}', 64)
+    for partition, chunks in ((0, 3), (1, 2)):
+        lake.append("tokens", _table_rows("tokens", chunks, partition=partition, tokenizer_fingerprint=t2))
+    for checkpoint, partitions in (("old", (0, 1)), ("new", (0,))):
+        for partition in partitions:
+            rows = _table_rows("train_gradients", 2 if checkpoint == "old" else 3, checkpoint_id=checkpoint)
+            lake.replace_slice_batches(
+                "train_gradients",
+                [rows.set_column(1, "partition", pa.array([partition] * rows.num_rows, pa.int32()))],
+                checkpoint_id=checkpoint,
+                partition=partition,
+                fingerprint="x",
+            )
+        for kind in ("_autocorrelation", "_matrices/hessians"):
+            (Path(lake.root) / kind / checkpoint / "f").mkdir(parents=True)
+            (Path(lake.root) / kind / checkpoint / "f" / "m.safetensors").write_bytes(b"m")
+    for table in ("query_gradients", "trackstar_index", "train_outliers", "hessians", "proponents"):
+        rows = pa.concat_tables([_table_rows(table, 2, checkpoint_id=c) for c in ("old", "new")])
+        lake.append(table, rows)  # one file holding both checkpoints' rows where checkpoint_id is no partition column
+
+    rows = {r["checkpoint_id"]: r for r in reruns.coverage(lake.root)}
+    assert (rows["new"]["chunks"], rows["new"]["vectors"], rows["new"]["coverage"]) == (5, 3, 0.6)
+    assert rows["new"]["stale_vectors"] == 0 and rows["new"]["partitions"] == [0, 1]
+    assert (rows["old"]["chunks"], rows["old"]["vectors"], rows["old"]["stale_vectors"]) == (0, 0, 4)
+    assert rows["old"]["tokenizer"] == tokenizer_fingerprint_of(b'{"t": 1}', 64) != t2
+    lines = reruns.coverage_lines(reruns.coverage(lake.root))
+    assert f"tokenizer {t2}: 5 chunks in 2 partition(s) (0, 1)" in lines
+    assert "  new: 3 / 5 chunks covered (60.0%), each of its 1 projection fingerprints" in lines
+    assert any(
+        line.startswith("  old: 0 / 0 chunks covered") and "4 vector(s) of partition(s) 0, 1" in line for line in lines
+    )
+
+    assert reruns.keep_newest(lake.root, 0, "new")["dropped"] == []  # 0: keep every checkpoint's vectors
+    assert reruns.keep_newest(lake.root, 2, "new")["dropped"] == []
+    before = {t: lake.read(t, filters=[("checkpoint_id", "=", "new")]) for t in reruns.VECTOR_TABLES}
+    result = reruns.keep_newest(lake.root, 1, "new")
+    assert (result["kept"], result["dropped"]) == (["new"], ["old"])
+    assert result["rows"] == {
+        "train_gradients": 4,
+        "query_gradients": 2,
+        "trackstar_index": 2,
+        "train_outliers": 2,
+        "hessians": 2,
+        "proponents": 2,
+    }
+    for table in reruns.VECTOR_TABLES:
+        assert lake.count_rows(table, [("checkpoint_id", "=", "old")]) == 0, table
+        after = lake.read(table, filters=[("checkpoint_id", "=", "new")])
+        assert after.sort_by("chunk" if "chunk" in after.column_names else "run_id").equals(
+            before[table].sort_by("chunk" if "chunk" in after.column_names else "run_id")
+        ), table
+        assert _string_views(lake, table) == [], table
+    assert not any((Path(lake.root) / "_autocorrelation" / "old").rglob("*.safetensors"))
+    assert not any((Path(lake.root) / "_matrices" / "hessians" / "old").rglob("*.safetensors"))
+    assert (Path(lake.root) / "_autocorrelation" / "new" / "f" / "m.safetensors").exists()
+    assert (Path(lake.root) / "model" / "checkpoints" / "old").is_dir()  # the model itself stays
+    (run,) = lake.read("runs", filters=[("command", "=", "keep-checkpoints")]).to_pylist()
+    assert run["status"] == "succeeded" and json.loads(run["counts_json"])["dropped"] == ["old"]
+    assert "dropped the vectors of old: rows train_gradients 4, query_gradients 2" in reruns.retention_lines(result)[1]
+    assert [r["checkpoint_id"] for r in reruns.coverage(lake.root)] == ["new"]
+    # a streamed replace of the rewritten files still works (it filters the slice key)
+    lake.replace_slice_batches("proponents", [], query_set="x", method="x", checkpoint_id="new")
+    assert lake.count_rows("proponents") == 0
+
+
+def test_a_rerun_keeps_the_model_unless_its_corpus_changed_or_retrain_is_asked(user_files, tmp_path):
+    from demo import reruns, train_model
+
+    _, corpus, _, imported = user_files
+    lake = tmp_path / "lake"
+    shutil.copytree(imported, lake)
+    assert not reruns.model_choice(str(lake), retrain=False).reuse  # nothing trained yet
+    (lake / "model" / "tokenizer").mkdir(parents=True)
+    (lake / "model" / "tokenizer" / "tokenizer.json").write_text("{}")
+    (lake / "model" / "checkpoints" / "gpt2-n-s0-step000006").mkdir(parents=True)
+    (lake / "model" / "checkpoints" / "gpt2-n-s0-step000006" / "config.json").write_text("{}")
+    (lake / "model" / "checkpoints" / "gpt2-n-s0-step000006" / "tokenizer.json").write_text("{}")
+    summary = {"checkpoints": ["gpt2-n-s0-step000006"], "partitions": train_model.trained_partitions(lake / "raw")}
+    (lake / "model" / "train_summary.json").write_text(json.dumps(summary))
+
+    choice = reruns.model_choice(str(lake), retrain=False)
+    assert choice.reuse and choice.added == [] and "trained on this very corpus" in choice.reason
+    assert not reruns.restore_tokenizer(str(lake), "gpt2-n-s0-step000006")
+    (lake / "model" / "tokenizer" / "tokenizer.json").write_text('{"of": "a training that failed"}')
+    assert reruns.restore_tokenizer(str(lake), "gpt2-n-s0-step000006")  # the kept checkpoint's tokenizer again
+    assert (lake / "model" / "tokenizer" / "tokenizer.json").read_text() == "{}"
+    assert not reruns.model_choice(str(lake), retrain=True).reuse
+    grown = _corpus_with(tmp_path, corpus, "c4-train.00002-of-00003.json.gz", ONE_LINE)
+    import_data.import_world(lake, grown, user_files[2])
+    choice = reruns.model_choice(str(lake), retrain=False)
+    assert choice.reuse and choice.added == ["c4-train.00002-of-00003.json.gz"]
+    assert "1 partition(s) added since are indexed with it, not trained on; --retrain" in choice.reason
+    del summary["partitions"]  # a model trained before summaries listed them: an import never changes a partition
+    (lake / "model" / "train_summary.json").write_text(json.dumps(summary))
+    assert reruns.model_choice(str(lake), retrain=False).reuse
+
+    generated = tmp_path / "generated"  # the generated world, regenerated with other bytes: a new model
+    shutil.copytree(corpus, generated / "raw")
+    shutil.copytree(lake / "model", generated / "model")
+    summary["partitions"] = train_model.trained_partitions(generated / "raw")
+    (generated / "model" / "train_summary.json").write_text(json.dumps(summary))
+    assert reruns.model_choice(str(generated), retrain=False).reuse
+    first = sorted((generated / "raw").glob("c4-*.json.gz"))[0]
+    _gzip_lines(first, ONE_LINE)
+    choice = reruns.model_choice(str(generated), retrain=False)
+    assert not choice.reuse and f"partition(s) {first.name} changed or are gone" in choice.reason
+
+
+def _grown_corpus(corpus: Path, folder: Path) -> Path:
+    """The user's corpus plus a third partition: the first partition's documents again, under new urls
+    (a new crawl of the same sites)."""
+    shutil.copytree(corpus, folder)
+    with gzip.open(sorted(corpus.glob("c4-*.json.gz"))[0], "rt", encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh]
+    lines = [json.dumps(row | {"url": row["url"] + "?crawl=2"}) for row in rows]
+    _gzip_lines(folder / "c4-train.00002-of-00003.json.gz", lines)
+    return folder
+
+
+def _slices(tables, table: str, keys: list[str]) -> dict:
+    """{key values: sorted run ids} of a table's rows."""
+    rows = tables.read(table, columns=[*keys, "run_id"])
+    found: dict = {}
+    for row in rows.to_pylist():
+        found.setdefault(tuple(row[k] for k in keys), set()).add(row["run_id"])
+    return {key: sorted(runs) for key, runs in found.items()}
+
+
+@pytest.mark.slow
+def test_a_second_day_indexes_only_the_new_partition_and_retrain_drops_the_old_vectors(
+    user_files, tmp_path, monkeypatch
+):
+    """Day 1: `pipeline --corpus` (2 partitions) trains the tiny model and indexes everything. Day 2: one
+    more partition: the same model and checkpoint, only partition 2 tokenized and extracted (every row of
+    partitions 0 and 1 keeps its day-1 run id), then fit and score; coverage 100% on one tokenizer.
+    Day 3: `--retrain --keep-checkpoints 1`: a new model (new ids, new tokenizer, every partition
+    retokenized and extracted), and the old checkpoint's vectors dropped from every vector table."""
+    from infra.lake import Lake
+    from tests.fixtures import TINY
+
+    _, corpus, queries, _ = user_files
+    monkeypatch.setenv("TRACKSTAR_PROJECTION_K", "4")
+    lake, home = tmp_path / "lake", str(tmp_path / ".airflow")
+    small = dict(seeds=[0], variants=[], tail_patch_queries=2, projection_k=4)
+
+    def day(corpus_dir, **options):
+        return pipeline.run(
+            str(lake),
+            airflow_home=home,
+            corpus=str(corpus_dir),
+            queries=str(queries),
+            name="days",
+            train_overrides=TINY,
+            evaluate_overrides=small,
+            **options,
+        )
+
+    first = day(corpus)
+    tables = Lake(lake)
+    checkpoint = Path(first["checkpoint"]).name
+    assert first["model"]["new"] and checkpoint.startswith("gpt2-days-s0-step")
+    trained = (lake / "model" / "train_summary.json").read_bytes()
+    folders = sorted(p.name for p in (lake / "model" / "checkpoints").iterdir())
+    tokens, documents = _slices(tables, "tokens", ["partition"]), _slices(tables, "documents", ["partition"])
+    vectors = _slices(tables, "train_gradients", ["checkpoint_id", "fingerprint", "partition"])
+    runs = {r["run_id"] for r in tables.read("runs", columns=["run_id"]).to_pylist()}
+    assert sorted(tokens) == [(0,), (1,)] and {p for _, _, p in vectors} == {0, 1}
+
+    second = day(_grown_corpus(corpus, tmp_path / "grown"))
+    assert not second["model"]["new"] and "1 partition(s) added since" in second["model"]["why"]
+    assert Path(second["checkpoint"]).name == checkpoint
+    assert (lake / "model" / "train_summary.json").read_bytes() == trained
+    assert sorted(p.name for p in (lake / "model" / "checkpoints").iterdir()) == folders
+    assert tables.distinct("checkpoints", ["checkpoint_id"]) == {(checkpoint,)}
+    new_runs = [r for r in tables.read("runs").to_pylist() if r["run_id"] not in runs]
+    (tokenize,) = [r for r in new_runs if r["command"] == "tokenize"]
+    assert json.loads(tokenize["counts_json"])["tokenized"] == [2]
+    extracted = [json.loads(r["counts_json"]) for r in new_runs if r["command"] == "extract"]
+    assert extracted and all([i for i in c["items"] if i.startswith("train:")] == ["train:2"] for c in extracted)
+    assert not [r for r in new_runs if r["command"] == "train-model"]
+    # partitions 0 and 1: every row keeps its day-1 run; partition 2: one new run per table
+    now = _slices(tables, "tokens", ["partition"])
+    assert {k: v for k, v in now.items() if k != (2,)} == tokens and now[(2,)] == [tokenize["run_id"]]
+    now = _slices(tables, "documents", ["partition"])
+    assert {k: v for k, v in now.items() if k != (2,)} == documents and now[(2,)] == [tokenize["run_id"]]
+    now = _slices(tables, "train_gradients", ["checkpoint_id", "fingerprint", "partition"])
+    assert {k: v for k, v in now.items() if k[2] != 2} == vectors
+    assert {k[:2] for k in now if k[2] == 2} == {k[:2] for k in vectors}  # every fingerprint got partition 2
+    assert all(set(v) <= {r["run_id"] for r in new_runs} for k, v in now.items() if k[2] == 2)
+    (row,) = [r for r in second["coverage"] if r["fingerprint"] == second["coverage"][0]["fingerprint"]]
+    assert row["checkpoint_id"] == checkpoint and row["partitions"] == [0, 1, 2] and row["coverage"] == 1.0
+    assert all(r["coverage"] == 1.0 and not r["stale_vectors"] for r in second["coverage"])
+    assert not second["retention"]["applied"] and second["retention"]["dropped"] == []
+    print(f"\nday 1 stages: {first['seconds']}\nday 2 stages: {second['seconds']}")
+
+    third = day(tmp_path / "grown", retrain=True, keep_checkpoints=1)
+    retrained = Path(third["checkpoint"]).name
+    assert third["model"]["new"] and retrained.startswith("gpt2-days-v002-s0-step")
+    assert third["retention"]["kept"] == [retrained] and third["retention"]["dropped"] == [checkpoint]
+    for table in ("train_gradients", "query_gradients", "trackstar_index", "proponents", "hessians"):
+        assert tables.count_rows(table, [("checkpoint_id", "=", checkpoint)]) == 0, table
+        assert tables.count_rows(table, [("checkpoint_id", "=", retrained)]) > 0, table
+    assert not any((lake / "_autocorrelation" / checkpoint).rglob("*.safetensors"))
+    assert (lake / "model" / "checkpoints" / checkpoint).is_dir()
+    fingerprints = {f for (f,) in tables.distinct("tokens", ["tokenizer_fingerprint"])}
+    assert len(fingerprints) == 1 and {r["tokenizer"] for r in third["coverage"]} == fingerprints
+    assert {r["checkpoint_id"] for r in third["coverage"]} == {retrained}
+    assert all(r["coverage"] == 1.0 for r in third["coverage"])
+
+
+@pytest.mark.parametrize(
+    "options, problem",
+    [
+        (["--retrain", "--checkpoint", "elsewhere"], "--retrain trains the small model; --checkpoint indexes yours"),
+        (["--keep-checkpoints", "-1"], "--keep-checkpoints -1: give 0 (keep all) or more"),
+    ],
+)
+def test_retrain_and_keep_checkpoints_refuse_what_they_cannot_do(user_files, tmp_path, capsys, options, problem):
+    _, corpus, queries, _ = user_files
+    err = _refused(capsys, tmp_path / "lake", "--corpus", corpus, "--queries", queries, *options)
+    assert problem in err and not (tmp_path / "lake").exists()
