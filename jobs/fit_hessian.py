@@ -69,15 +69,19 @@ def only_fingerprint(lake: Lake, checkpoint_id: str) -> str:
     return found[0]
 
 
-def summed_autocorrelation(files: list[str]):
+def stored_autocorrelation(path: str):
+    """The Autocorrelation an extraction (or a takedown) saved to `path`."""
     from gradient_kernels.hessian import Autocorrelation
 
+    tensors = load_matrices(path)
+    blocks = [tensors[k] for k in sorted(tensors)]
+    return Autocorrelation([b.shape[0] for b in blocks], blocks, int(load_metadata(path)["count"]))
+
+
+def summed_autocorrelation(files: list[str]):
     total = None
     for path in files:
-        tensors = load_matrices(path)
-        blocks = [tensors[k] for k in sorted(tensors)]
-        count = int(load_metadata(path)["count"])
-        part = Autocorrelation([b.shape[0] for b in blocks], blocks, count)
+        part = stored_autocorrelation(path)
         total = part if total is None else total.merge(part)
     return total
 

@@ -396,8 +396,9 @@ def correct_partition_sums(lake: Lake, checkpoint_id: str, fingerprint: str, par
     import torch
 
     from gradient_kernels.hessian import Autocorrelation
-    from infra.matrices import load_matrices, load_metadata, save_matrices
+    from infra.matrices import load_metadata, save_matrices
     from jobs.extract import TRAIN, autocorrelation_path
+    from jobs.fit_hessian import stored_autocorrelation
     from schemas.vectors import decode_rows
 
     where = [("checkpoint_id", "=", checkpoint_id), ("fingerprint", "=", fingerprint), ("partition", "=", partition)]
@@ -412,9 +413,7 @@ def correct_partition_sums(lake: Lake, checkpoint_id: str, fingerprint: str, par
     path = autocorrelation_path(lake, checkpoint_id, fingerprint, TRAIN, partition)
     if not storage.exists(path):  # never completed extraction: fit-hessian refuses it until re-extracted
         return entry | {"how": "no sums file"}
-    tensors, metadata = load_matrices(path), load_metadata(path)
-    blocks = [tensors[name] for name in sorted(tensors)]
-    sums = Autocorrelation([b.shape[0] for b in blocks], blocks, int(metadata["count"]))
+    sums, metadata = stored_autocorrelation(path), load_metadata(path)
     ledger = set(json.loads(metadata.get(LEDGER_KEY, "[]")))
     keys = [chunk_key(d, c) for d, c in zip(removed["doc_id"].to_pylist(), removed["chunk"].to_pylist())]
     dim = sum(sums.block_sizes)
