@@ -67,7 +67,7 @@ def run(
     `evaluate_overrides`: fields of TrainConfig / EvaluateConfig (smaller runs, tests); `retrain`:
     train a new model even though the lake holds one; `keep_checkpoints`: the retention policy
     (`demo.reruns.keep_newest`, 0 keeps every checkpoint's vectors), applied when this run trains or
-    links a new model (None: reruns.DEFAULT_KEEP), or on any run when given."""
+    links a new model (None: the setting keep_checkpoints), or on any run when given."""
     from infra.airflow_local import run_dag
 
     timings = {}
@@ -179,7 +179,7 @@ def run(
         ),
     )
 
-    keep = reruns.DEFAULT_KEEP if keep_checkpoints is None else keep_checkpoints
+    keep = load_config().keep_checkpoints if keep_checkpoints is None else keep_checkpoints
     retention = stage(
         "keep-checkpoints",
         lambda: reruns.keep_newest(
@@ -255,17 +255,7 @@ def model_tag(lake: str, name: str, config: train_model.TrainConfig) -> str:
     return f"{base}-v{max(versions) + 1:03d}" if versions else base
 
 
-class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each option's default, where it has one (not for an empty or absent value)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default == "":
-            return action.help
-        return super()._get_help_string(action)
-
-
 def add_arguments(parser: argparse.ArgumentParser):
-    parser.formatter_class = DefaultsHelp
     settings = load_config()
     parser.add_argument(
         "--lake", default=settings.lake_root, help="lake root: a folder, or s3://bucket/prefix for the embedded world"
@@ -297,7 +287,8 @@ def add_arguments(parser: argparse.ArgumentParser):
         metavar="N",
         help="after the run, keep the vectors of the newest N checkpoints (the one just indexed first) and drop "
         "the others' (train_gradients, query_gradients, trackstar_index, train_outliers, hessians, proponents); "
-        f"0 keeps all. Default: {reruns.DEFAULT_KEEP}, applied when the run trains or links a new model; given, "
+        f"0 keeps all. Default: the setting keep_checkpoints ({settings.keep_checkpoints}), applied when the run "
+        "trains or links a new model; given, "
         "applied on any run",
     )
     parser.add_argument(

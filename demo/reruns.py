@@ -32,7 +32,6 @@ from infra.lake import Lake
 
 # every table holding rows of a checkpoint's vectors or what was computed from them alone
 VECTOR_TABLES = ("train_gradients", "query_gradients", "trackstar_index", "train_outliers", "hessians", "proponents")
-DEFAULT_KEEP = 2
 CHECKPOINT_FILES = ("config.json", "tokenizer.json")  # what a kept checkpoint needs here (extract checks the rest)
 
 

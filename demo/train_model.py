@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import gzip
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from infra import storage
 from jobs.checkpoints import checkpoint_location, checkpoint_path, checkpoints_root
 from jobs.launch import end_rank, init_rank, launch_ranks, rank_arguments
 from jobs.tokenize import EOS
-from infra.config import load_config
+from infra.config import from_settings, load_config
 
 
 @dataclass
@@ -53,6 +52,7 @@ class TrainConfig:
     epochs: float = 16.0
     checkpoint_fractions: tuple = (0.5, 0.75, 1.0)  # save a checkpoint after these shares of training
     ranks: int = 2
+    cpu_threads: int = from_settings("cpu_threads")  # per rank; 0: the idle cores split among the ranks
     max_steps: int | None = None  # caps the step count (tests)
 
     @property
@@ -209,7 +209,7 @@ def run(config: TrainConfig) -> dict:
         flush=True,
     )
 
-    launch_ranks("demo.train_model", str(model_dir / "plan.json"), config.ranks)
+    launch_ranks("demo.train_model", str(model_dir / "plan.json"), config.ranks, config.cpu_threads)
 
     summary = json.loads((model_dir / "train_summary.json").read_text())
     summary.update(
@@ -338,7 +338,6 @@ def train_rank(plan_path: str):
     config = TrainConfig(**{k: v for k, v in plan["config"].items() if k in fields})
     rank, world = init_rank()
     torch.manual_seed(config.seed)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 
     tokenizer_dir = config.model_dir / "tokenizer"
     from transformers import AutoTokenizer

@@ -29,7 +29,7 @@ import json
 import os
 import random
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -39,10 +39,12 @@ import pyarrow as pa
 from evaluation import metrics as M
 from evaluation.report import magnitude, render_html, signed
 from infra import storage
-from infra.config import load_config
+from infra.cli import add_config_arguments, config_from_args, option
+from infra.config import from_settings
 from infra.lake import Lake
 from jobs import extract, fit_hessian, score
 from jobs.checkpoints import load_manifest
+from jobs.threads import use_cpu_threads
 from schemas.tables import TABLES
 
 TEXT_METHODS = ("bm25", "dense")
@@ -74,22 +76,33 @@ CLASSIC_CROSSING_COMPONENT = 1000
 
 @dataclass
 class EvaluateConfig:
-    lake: str = "lake"
-    checkpoint_id: str = ""  # a registered checkpoint ...
-    checkpoint: str = ""  # ... or a checkpoint folder / s3:// prefix
-    query_set: str = "fact-world"
-    top_k: int = 10
-    projection_k: int = 16
-    seeds: list = field(default_factory=lambda: [0, 1, 2])  # projection seeds; the first is the pipeline's
+    lake: str = from_settings("lake_root", help="lake root: a folder or s3://bucket/prefix")
+    checkpoint_id: str = option("", help="a registered checkpoint (default: the newest)")
+    checkpoint: str = option("", help="or a checkpoint folder / s3:// prefix")
+    query_set: str = option("fact-world")
+    top_k: int = from_settings("top_k", help="proponents kept per query")
+    projection_k: int = from_settings("projection_k")
+    seeds: list[int] = option(
+        factory=lambda: [0, 1, 2], nargs="+", help="projection seeds; the first is the pipeline's"
+    )
     # TrackStar and the variants computed from its vectors run for every seed; the methods that need
     # extractions of their own (plain-gradient baselines, the paper-exact correction) for the first
     # only, unless this is set (it triples the evaluation's extraction time)
-    baselines_every_seed: bool = False
-    variants: list = field(default_factory=lambda: list(VARIANTS))
-    tail_patch_queries: int = 100  # bucket-stratified sample, fixed by the seed
-    tail_patch_lr: float | None = None  # default: the checkpoint's (DEFAULT_TAIL_PATCH_LR if it records none)
-    sample_seed: int = 0  # of the tail-patch sample and the bootstrap
-    reports: str = ""  # the report's folder; "": <lake>/reports/<run_id>/, and <lake>/reports/latest points at it
+    baselines_every_seed: bool = option(
+        False, help="also extract the plain-gradient baselines and the paper-exact correction for every seed"
+    )
+    variants: list[str] = option(factory=lambda: list(VARIANTS), choices=VARIANTS)
+    tail_patch_queries: int = option(
+        100, help="queries of the tail-patch: a bucket-stratified sample, fixed by the seed"
+    )
+    tail_patch_lr: float | None = option(
+        None, help=f"step size of the tail-patch (default: the checkpoint's, else {DEFAULT_TAIL_PATCH_LR})"
+    )
+    sample_seed: int = option(0, help="of the tail-patch sample and the bootstrap")
+    reports: str = option(
+        "", help="folder of the report (default: a new <lake>/reports/<run_id>/, with <lake>/reports/latest)"
+    )
+    cpu_threads: int = from_settings("cpu_threads", help="CPU threads (0: the cores idle at the start)")
 
 
 # ------------------------------------------------------------------ text baselines
@@ -457,6 +470,7 @@ def run(config: EvaluateConfig) -> dict:
     from infra.runs import finish_run, start_run
 
     check_names(query_set=config.query_set, checkpoint_id=config.checkpoint_id)
+    use_cpu_threads(config.cpu_threads, "evaluate")
     lake = Lake(config.lake)
     checkpoint = evaluated_checkpoint(lake, config)
     checkpoint_dir = extract.resolve_checkpoint(lake, checkpoint)
@@ -486,6 +500,7 @@ def run(config: EvaluateConfig) -> dict:
     seeds_of = {m: [s for s in config.seeds if m in per_seed[s]] for m in methods}
     union = {f"{m}@{s}": per_seed[s][m] for m in methods for s in seeds_of[m]}
     rule, learning_rate, step_line = tail_patch_step(checkpoint_dir, manifest, config.tail_patch_lr)
+    use_cpu_threads(config.cpu_threads, "evaluate tail-patch")  # the cores idle now, after minutes of other stages
     print(f"[evaluate] tail-patch step: {step_line}", flush=True)
     base, changes = tail_patch(lake, checkpoint_dir, rule, learning_rate, union, queries, sample)
     write_tail_patches(lake, config.query_set, checkpoint_id, changes, run_id)
@@ -884,42 +899,8 @@ def table(report: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser):
-    defaults = EvaluateConfig()
-    parser.add_argument("--lake", default=load_config().lake_root)
-    parser.add_argument("--checkpoint-id", default="", help="a registered checkpoint (default: the newest)")
-    parser.add_argument("--checkpoint", default="", help="or a checkpoint folder / s3:// prefix")
-    parser.add_argument("--query-set", default=defaults.query_set)
-    parser.add_argument("--top-k", type=int, default=load_config().top_k)
-    parser.add_argument("--projection-k", type=int, default=load_config().projection_k)
-    parser.add_argument(
-        "--seeds",
-        type=int,
-        nargs="+",
-        default=defaults.seeds,
-        help="projection seeds; the first is the pipeline's (default 0 1 2)",
-    )
-    parser.add_argument("--variants", nargs="*", default=defaults.variants, choices=VARIANTS)
-    parser.add_argument(
-        "--baselines-every-seed",
-        action="store_true",
-        help="also extract the plain-gradient baselines and the paper-exact correction for every seed",
-    )
-    parser.add_argument("--tail-patch-queries", type=int, default=defaults.tail_patch_queries)
-    parser.add_argument(
-        "--tail-patch-lr",
-        type=float,
-        default=None,
-        help=f"step size of the tail-patch (default: the checkpoint's, else {DEFAULT_TAIL_PATCH_LR})",
-    )
-    parser.add_argument(
-        "--sample-seed", type=int, default=defaults.sample_seed, help="of the tail-patch sample and the bootstrap"
-    )
-    parser.add_argument(
-        "--reports",
-        default=defaults.reports,
-        help="folder of the report (default: a new <lake>/reports/<run_id>/, with <lake>/reports/latest)",
-    )
+    add_config_arguments(parser, EvaluateConfig)
 
 
 def main(args):
-    run(EvaluateConfig(**vars(args)))
+    run(config_from_args(EvaluateConfig, args))

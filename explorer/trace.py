@@ -23,7 +23,7 @@ import torch
 from infra.config import load_config
 from infra.lake import Lake
 from infra.names import check_names
-from jobs.catalog import checkpoint_folder, latest_checkpoint_id, runs_of
+from jobs.catalog import NotInLake, checkpoint_folder, latest_checkpoint_id, runs_of
 
 
 class TraceContext:
@@ -39,7 +39,7 @@ class TraceContext:
         for _, config, counts in runs_of(self.lake, "score"):  # newest first
             if "trackstar" in config.get("methods", ()) and counts.get("checkpoint_id") == self.checkpoint_id:
                 return counts["fingerprint"]
-        raise LookupError(f"no TrackStar scoring of {self.checkpoint_id} recorded in runs: run the score job first")
+        raise NotInLake(f"no TrackStar scoring of {self.checkpoint_id} recorded in runs: run the score job first")
 
     @cached_property
     def checkpoint_dir(self) -> Path:

@@ -31,6 +31,15 @@ def option(default=dataclasses.MISSING, *, factory=dataclasses.MISSING, **cli):
     return dataclasses.field(default=default, default_factory=factory, metadata=cli)
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, where it has one (not for an empty or absent value)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == "":
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
     defaults, hints = config_class(), typing.get_type_hints(config_class)
     for spec in dataclasses.fields(config_class):

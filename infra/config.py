@@ -66,6 +66,9 @@ class Config:
     device_pool_slots: int = setting(
         1, "slots of the Airflow pool trackstar_device: extraction tasks (GPU nodes) that run at once"
     )
+    cpu_threads: int = setting(
+        0, "threads of a CPU process (per rank): 0 = the cores idle when it starts; OMP_NUM_THREADS, when set, wins"
+    )
     top_k: int = setting(10, "proponents kept per query")
     hessian_lambda: float | None = setting(None, "R_query weight in [0, 1]; none = chosen where the spectra cross")
     hessian_damping: float = setting(0.1, "damping = this x the mean eigenvalue of R")
@@ -81,6 +84,9 @@ class Config:
         100.0, "fit-hessian warns when λ or the damping moved by more than this factor since the last fit"
     )
     refit_threshold: float = setting(0.1, "refit the Hessian when the training sample changed by more than this share")
+    keep_checkpoints: int = setting(
+        2, "a pipeline run that brings a new model keeps the vectors of the newest N checkpoints (0: all)"
+    )
     task_retries: int = setting(2, "Airflow retries of every task (exponential backoff)")
     retry_delay_seconds: float = setting(60.0, "Airflow delay before the first retry")
 
@@ -90,7 +96,14 @@ class Config:
         for name in ("projection_k", "batch_token_budget", "top_k", "extract_group_size", "device_pool_slots"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("task_retries", "retry_delay_seconds", "refit_threshold", "extract_ranks"):
+        for name in (
+            "task_retries",
+            "retry_delay_seconds",
+            "refit_threshold",
+            "extract_ranks",
+            "cpu_threads",
+            "keep_checkpoints",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.hessian_lambda is not None and not 0.0 <= self.hessian_lambda <= 1.0:

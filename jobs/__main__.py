@@ -9,6 +9,7 @@ import importlib
 import os
 import sys
 
+from infra.cli import DefaultsHelp
 from infra.names import InvalidName
 
 # Nothing can be fetched from a model hub here: fail fast instead of retrying the network.
@@ -63,6 +64,8 @@ REFUSALS = {
     "schemas.tables": ("SchemaVersionError",),
     "schemas.vectors": ("CorruptVector", "VectorOverflow"),
     "jobs.checkpoints": ("CheckpointError",),
+    "jobs.catalog": ("NotInLake",),
+    "jobs.tokenize": ("RawPartitionError",),
     "jobs.extract": ("CheckpointMismatch",),
     "gradient_kernels.scoring": ("FingerprintMismatch",),
     "demo.import_data": ("ImportRefused", "ImportedDataError"),
@@ -105,7 +108,9 @@ def main(argv=None) -> int:
     name, rest = argv[0], argv[1:]
     module_name, help_text = COMMANDS[name]
     module = importlib.import_module(module_name)
-    command_parser = argparse.ArgumentParser(prog=f"python -m jobs {name}", description=help_text)
+    command_parser = argparse.ArgumentParser(
+        prog=f"python -m jobs {name}", description=help_text, formatter_class=DefaultsHelp
+    )
     module.add_arguments(command_parser)
     args = command_parser.parse_args(rest)
     try:

@@ -19,6 +19,10 @@ from infra.config import from_settings
 from infra.lake import Lake
 
 
+class NotInLake(LookupError):
+    """What a command was asked for (a checkpoint, a scoring) is not recorded in the lake: a refusal."""
+
+
 @dataclass
 class SliceConfig:
     """Which vectors of the lake a stage works on: the fields fit-hessian, index and score share
@@ -30,6 +34,7 @@ class SliceConfig:
     fingerprint: str = option(
         "", help="projection fingerprint (default: the one train_gradients holds for the checkpoint)"
     )
+    cpu_threads: int = from_settings("cpu_threads", help="CPU threads (0: the cores idle at the start)")
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -76,7 +81,7 @@ def checkpoint_location(lake: Lake, checkpoint_id: str) -> str:
     """Where a registered checkpoint lives (absolute path or s3:// URI), as the `checkpoints` table says."""
     rows = lake.read("checkpoints", filters=[("checkpoint_id", "=", checkpoint_id)], columns=["path"])
     if rows.num_rows == 0:
-        raise LookupError(f"checkpoint {checkpoint_id!r} is not registered")
+        raise NotInLake(f"checkpoint {checkpoint_id!r} is not registered")
     return lake.resolve(rows["path"][0].as_py())
 
 
@@ -90,7 +95,7 @@ def checkpoint_folder(lake: Lake, checkpoint_id: str) -> Path:
         "checkpoints", filters=[("checkpoint_id", "=", checkpoint_id)], columns=["path", "model_fingerprint"]
     )
     if rows.num_rows == 0:
-        raise LookupError(f"checkpoint {checkpoint_id!r} is not registered")
+        raise NotInLake(f"checkpoint {checkpoint_id!r} is not registered")
     folder = resolve_checkpoint(lake, checkpoint_location(lake, checkpoint_id))
     registered, found = rows["model_fingerprint"][0].as_py(), model_fingerprint(folder)
     if found != registered:

@@ -51,6 +51,9 @@ class ExtractConfig:
     vector_dtype: str = from_settings("vector_dtype", choices=["float32", "float16", "bfloat16", "int8"])
     token_budget: int = from_settings("batch_token_budget", help="padded tokens per batch")
     ranks: int = from_settings("extract_ranks", help="DeepSpeed ranks on this node (0: one per GPU, else 2 CPU ranks)")
+    cpu_threads: int = from_settings(
+        "cpu_threads", help="CPU threads per rank (0: the idle cores split among the ranks; OMP_NUM_THREADS wins)"
+    )
     optimizer_source: str = option("auto", choices=["auto", "consolidated", "zero"])
     query_set: str | None = option("fact-world", help="also extract this registered query set's gradients")
     force: bool = option(False)
@@ -211,7 +214,7 @@ def run_many(configs: list[ExtractConfig]) -> list[dict]:
     from jobs.checkpoints import check_complete
 
     first = configs[0]
-    shared = {"lake", "checkpoint", "ranks", "query_set", "force", "token_budget"}
+    shared = {"lake", "checkpoint", "ranks", "cpu_threads", "query_set", "force", "token_budget"}
     differing = sorted(f for f in shared for c in configs if getattr(c, f) != getattr(first, f))
     if differing:
         raise ValueError(f"extractions launched together must share {sorted(shared)}; these differ: {differing}")
@@ -283,7 +286,7 @@ def run_many(configs: list[ExtractConfig]) -> list[dict]:
     )
     launched = [r for r in planned.values() if "run_id" in r]
     try:
-        launch_ranks("jobs.extract", plan_path, ranks)
+        launch_ranks("jobs.extract", plan_path, ranks, first.cpu_threads)
     except Exception:
         for result in launched:
             finish_run(lake, result["run_id"], "failed", result)

@@ -28,6 +28,7 @@ from infra.lake import Lake
 from infra.matrices import load_matrices, load_metadata, save_matrices
 from infra.cli import add_config_arguments, option
 from infra.config import from_settings
+from jobs.threads import use_cpu_threads
 from jobs.catalog import SliceConfig, latest_checkpoint_id
 
 KINDS = ("r_train", "r_query", "inverse_root", "inverse_root_train_only", "inverse_train")
@@ -266,6 +267,7 @@ def run(config: FitHessianConfig) -> dict:
     from infra.runs import finish_run, start_run
 
     check_names(query_set=config.query_set, checkpoint_id=config.checkpoint_id, fingerprint=config.fingerprint)
+    use_cpu_threads(config.cpu_threads, "fit-hessian")
     lake = Lake(config.lake)
     checkpoint_id = config.checkpoint_id or latest_checkpoint_id(lake)
     fingerprint = config.fingerprint or only_fingerprint(lake, checkpoint_id)

@@ -28,6 +28,7 @@ import torch
 
 from infra.cli import add_config_arguments, option
 from infra.lake import Lake, slice_predicate
+from jobs.threads import use_cpu_threads
 from jobs.catalog import SliceConfig
 from schemas.tables import table
 
@@ -209,6 +210,7 @@ def run(config: IndexConfig) -> dict:
     from jobs.fit_hessian import only_fingerprint
 
     check_names(query_set=config.query_set, checkpoint_id=config.checkpoint_id, fingerprint=config.fingerprint)
+    use_cpu_threads(config.cpu_threads, "index")
     lake = Lake(config.lake)
     checkpoint_id = config.checkpoint_id or latest_checkpoint_id(lake)
     fingerprint = config.fingerprint or only_fingerprint(lake, checkpoint_id)

@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+from jobs.threads import cpu_threads
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -29,12 +31,6 @@ def _gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def free_cores() -> int:
-    """The cores this process may run on (its affinity mask: what taskset, cgroups and a container
-    leave it), not every core of the machine."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def node_ranks(requested: int, work_items: int) -> int:
     """How many ranks to start on this node: as asked, or for 0 one per GPU (2 CPU ranks where there
     is none), but never more than there are work items: an idle rank holds a GPU, or on a CPU node
@@ -43,7 +39,7 @@ def node_ranks(requested: int, work_items: int) -> int:
     return max(1, min(wanted, work_items))
 
 
-def launch_ranks(module: str, plan: str, ranks: int):
+def launch_ranks(module: str, plan: str, ranks: int, cpu_threads_setting: int = 0):
     """Starts DeepSpeed's node launcher (`deepspeed.launcher.launch`) for this host's ranks and waits.
     It is what the `deepspeed` runner starts on each node; on one node the runner only encodes the
     rank list and adds the working directory to PYTHONPATH, at the cost of one more Python and
@@ -56,9 +52,9 @@ def launch_ranks(module: str, plan: str, ranks: int):
         PYTHONPATH=os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p),
     )
     if not _gpu_count():
-        # the ranks share this process's free cores as threads, unless the user set OMP_NUM_THREADS
-        threads = env.get("OMP_NUM_THREADS") or str(max(1, free_cores() // ranks))
-        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=threads)
+        # the ranks share the idle cores as threads (jobs.threads), unless the user set OMP_NUM_THREADS
+        threads = cpu_threads(cpu_threads_setting, share=ranks, environ=env)
+        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads))
     world_info = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(ranks))}).encode()).decode()
     command = [
         sys.executable,

@@ -19,7 +19,7 @@ from infra import storage
 from infra.lake import Lake
 from infra.names import check_names
 from infra.quarantine import quarantine_rows
-from schemas.queries import check_targets, load_queries
+from schemas.queries import QueryFileError, check_targets, load_queries
 from schemas.tables import TABLES
 from infra.config import load_config
 
@@ -100,7 +100,7 @@ def checked_against_tokenizer(lake: Lake, path: Path, query_file, tokenizer_dir:
     dropped = {i for i, _ in refused}
     kept = [q for i, q in enumerate(query_file.queries) if i not in dropped]
     if not kept:
-        raise ValueError(f"{path}: the tokenizer at {tokenizer_dir} can encode none of the targets")
+        raise QueryFileError(path, [f"the tokenizer at {tokenizer_dir} can encode none of the targets"])
     return kept
 
 

@@ -38,6 +38,7 @@ from infra.lake import Lake
 from infra.names import check_names
 from infra.cli import add_config_arguments, option
 from infra.config import from_settings
+from jobs.threads import use_cpu_threads
 from jobs.catalog import SliceConfig, train_vector_count
 from jobs.index import BATCH_BYTES, rows_per_batch
 
@@ -241,6 +242,7 @@ def run(config: ScoreConfig) -> dict:
     from jobs.fit_hessian import only_fingerprint
 
     check_names(query_set=config.query_set, checkpoint_id=config.checkpoint_id, fingerprint=config.fingerprint)
+    use_cpu_threads(config.cpu_threads, "score")
     lake = Lake(config.lake)
     checkpoint_id = config.checkpoint_id or latest_checkpoint_id(lake)
     fingerprint = config.fingerprint or only_fingerprint(lake, checkpoint_id)

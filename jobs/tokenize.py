@@ -75,6 +75,10 @@ def model_context(lake_root: str) -> int:
     return int(config.get("n_positions") or config["max_position_embeddings"])
 
 
+class RawPartitionError(ValueError):
+    """A file under raw/ the tokenize job cannot take as a C4 partition: a refusal, not a bug."""
+
+
 def raw_partitions(raw_dir: str) -> dict[int, str]:
     """partition number -> location of the c4-*.json.gz files directly under raw_dir."""
     found, raw_dir = {}, storage.absolute(raw_dir)
@@ -84,7 +88,7 @@ def raw_partitions(raw_dir: str) -> dict[int, str]:
             continue
         match = PARTITION_NAME.search(name)
         if not match:
-            raise ValueError(f"{name}: not a C4 partition name (c4-<split>.NNNNN-of-MMMMM.json.gz)")
+            raise RawPartitionError(f"{name}: not a C4 partition name (c4-<split>.NNNNN-of-MMMMM.json.gz)")
         found[int(match.group(1))] = uri
     return found
 

@@ -5,6 +5,7 @@ import argparse
 import pytest
 
 from infra.cli import add_config_arguments, config_from_args
+from evaluation import evaluate
 from jobs import extract, fit_hessian, index, score, tokenize
 
 
@@ -18,7 +19,9 @@ def test_no_flags_give_the_declared_defaults_and_the_settings(monkeypatch):
     monkeypatch.setenv("TRACKSTAR_LAKE_ROOT", "s3://bucket/lake")
     monkeypatch.setenv("TRACKSTAR_TOP_K", "7")
     monkeypatch.setenv("TRACKSTAR_HESSIAN_DAMPING", "0.25")
+    monkeypatch.setenv("TRACKSTAR_CPU_THREADS", "3")
     for config_class in (
+        evaluate.EvaluateConfig,
         extract.ExtractConfig,
         fit_hessian.FitHessianConfig,
         index.IndexConfig,
@@ -28,6 +31,10 @@ def test_no_flags_give_the_declared_defaults_and_the_settings(monkeypatch):
         assert parse(config_class) == config_class()  # the same object a DAG task or a caller makes
     assert parse(score.ScoreConfig).lake == "s3://bucket/lake" and parse(score.ScoreConfig).top_k == 7
     assert parse(fit_hessian.FitHessianConfig).damping_ratio == 0.25
+    # the evaluation reads the settings too (it had its own lake, top_k and projection_k)
+    assert (parse(evaluate.EvaluateConfig).lake, parse(evaluate.EvaluateConfig).top_k) == ("s3://bucket/lake", 7)
+    assert parse(evaluate.EvaluateConfig, "--seeds", "4", "5").seeds == [4, 5]
+    assert {parse(c).cpu_threads for c in (evaluate.EvaluateConfig, extract.ExtractConfig, score.ScoreConfig)} == {3}
 
 
 def test_each_kind_of_field_parses_to_its_type():

@@ -1,11 +1,9 @@
 """Which device a DeepSpeed rank binds: its own GPU on a GPU node, the CPU elsewhere (no GPU here,
 so the choice is tested as the pure function the ranks call)."""
 
-import os
-
 import pytest
 
-from jobs.launch import bind_rank_device, free_cores, node_ranks, rank_device
+from jobs.launch import bind_rank_device, node_ranks, rank_device
 
 
 def test_each_rank_takes_the_gpu_of_its_local_rank():
@@ -44,20 +42,25 @@ def test_a_node_starts_the_ranks_asked_for_but_never_one_without_work(monkeypatc
     assert node_ranks(2, work_items=20) == 2
     monkeypatch.setattr(jobs.launch, "_gpu_count", lambda: 0)
     assert node_ranks(0, work_items=20) == 2 and node_ranks(0, work_items=1) == 1  # CPU ranks
-    assert 1 <= free_cores() <= (os.cpu_count() or 1)
 
 
-def test_cpu_ranks_share_the_free_cores_unless_the_user_set_threads(monkeypatch):
+def test_cpu_ranks_share_the_idle_cores_unless_threads_are_set(monkeypatch):
+    """A test double for the machine: 8 allowed cores, all idle (this one has 2)."""
     import subprocess
 
     import jobs.launch
+    import jobs.threads
 
     seen = []
     monkeypatch.setattr(subprocess, "run", lambda command, env, check: seen.append(env["OMP_NUM_THREADS"]))
     monkeypatch.setattr(jobs.launch, "_gpu_count", lambda: 0)
-    monkeypatch.setattr(jobs.launch, "free_cores", lambda: 8)
+    monkeypatch.setattr(jobs.threads, "allowed_cores", lambda: set(range(8)))
+    monkeypatch.setattr(jobs.threads, "idle_cores", lambda: 7.6)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     jobs.launch.launch_ranks("jobs.extract", "plan.json", 2)
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    jobs.launch.launch_ranks("jobs.extract", "plan.json", 2, cpu_threads_setting=3)  # the setting: per rank
+    monkeypatch.setattr(jobs.threads, "idle_cores", lambda: 2.7)  # five cores busy elsewhere
     jobs.launch.launch_ranks("jobs.extract", "plan.json", 2)
-    assert seen == ["4", "3"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")  # the user's wins over the setting
+    jobs.launch.launch_ranks("jobs.extract", "plan.json", 2, cpu_threads_setting=3)
+    assert seen == ["4", "3", "1", "5"]

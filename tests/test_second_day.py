@@ -335,6 +335,43 @@ def test_refusals_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys
         jobs_main(["pipeline"])
 
 
+def test_the_stages_refusals_are_one_line_too(tmp_path, monkeypatch, capsys):
+    """A file under raw/ that is no C4 partition name and an unregistered checkpoint, raised by the
+    real functions, print one line (they printed a traceback)."""
+    from demo import pipeline as module
+    from infra.lake import Lake
+    from jobs import catalog, tokenize
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "c4-train.first-of-two.json.gz").write_bytes(b"")
+    lake = Lake(str(tmp_path / "lake"))
+    lake.create("checkpoints")
+    expected = {
+        "error: pipeline: c4-train.first-of-two.json.gz: not a C4 partition name": lambda: tokenize.raw_partitions(
+            str(raw)
+        ),
+        "error: pipeline: checkpoint 'nope' is not registered": lambda: catalog.checkpoint_location(lake, "nope"),
+    }
+    for line, call in expected.items():
+        with pytest.raises(Exception) as caught:
+            call()
+
+        def main(args, error=caught.value):
+            raise error
+
+        monkeypatch.setattr(module, "main", main)
+        assert jobs_main(["pipeline"]) == 2
+        assert capsys.readouterr().err.splitlines()[0].startswith(line)
+
+
+def test_help_shows_the_defaults_of_every_command(capsys):
+    with pytest.raises(SystemExit):
+        jobs_main(["score", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "proponents kept per query (default: 10)" in text and "(default: int8)" in text
+
+
 def test_pipeline_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
         jobs_main(["pipeline", "--help"])
