@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import gzip
 import json
+from datetime import datetime, timezone
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -322,6 +323,8 @@ def save_checkpoint(engine, model, tokenizer_dir: Path, config: TrainConfig, ste
             "zero_stage": 2 if config.optimizer == "adam" else 0,
             "zero_tag": f"step{step}",
             "world_size": dist.get_world_size(),
+            # breaks a tie of steps with the checkpoints of an earlier model (a retrain)
+            "saved_at": datetime.now(timezone.utc).isoformat(),
         }
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
         print(f"[train-model] saved checkpoint {checkpoint_id} (lr={group['lr']:.2e})", flush=True)

@@ -58,15 +58,19 @@ def latest_checkpoint_id(lake: Lake, among: set[str] | None = None) -> str:
 
 def checkpoint_folders_by_step(location: str) -> list[str]:
     """Checkpoint folders directly under `location` (a folder or an s3:// prefix) that hold a
-    manifest.json, lowest manifest step first (ties: folder name)."""
+    manifest.json, lowest manifest step first (ties: the manifest's `saved_at` where it has one, so a
+    retrained model's checkpoints come after an older model's at the same step, then folder name)."""
     location = storage.absolute(location)
     manifests = [
         m
         for m in storage.list_objects(location, suffix="manifest.json")
         if m.count("/") - location.rstrip("/").count("/") == 2
     ]
-    steps = [(json.loads(storage.read_bytes(m))["step"], m.rsplit("/", 1)[0]) for m in manifests]
-    return [folder for _, folder in sorted(steps)]
+    order = []
+    for uri in manifests:
+        manifest = json.loads(storage.read_bytes(uri))
+        order.append((manifest["step"], manifest.get("saved_at", ""), uri.rsplit("/", 1)[0]))
+    return [folder for *_, folder in sorted(order)]
 
 
 def newest_checkpoint_folder(location: str) -> str:

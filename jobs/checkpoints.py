@@ -100,6 +100,11 @@ def check_complete(checkpoint_dir: Path, optimizer_source: str | None) -> None:
         raise CheckpointError(f"{checkpoint_dir}: incomplete checkpoint, missing or empty: {', '.join(missing)}")
 
 
+def tokenizer_id(tokenizer_json: bytes) -> str:
+    """Names a tokenizer by its tokenizer.json; the tokens table's `tokenizer_fingerprint` starts with it."""
+    return hashlib.sha256(tokenizer_json).hexdigest()[:16]
+
+
 def weights_files(checkpoint_dir: Path) -> list[Path]:
     checkpoint_dir = Path(checkpoint_dir)
     for pattern in ("model.safetensors", "model-*-of-*.safetensors", "pytorch_model.bin", "pytorch_model-*-of-*.bin"):

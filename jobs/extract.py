@@ -223,7 +223,7 @@ def run_many(configs: list[ExtractConfig]) -> list[dict]:
     checkpoint_dir = resolve_checkpoint(lake, first.checkpoint)
     manifest, weights = check_checkpoint(lake, checkpoint_dir, first.force)
     checkpoint_id = manifest["checkpoint_id"]
-    tokenized = tokenized_partitions(lake)
+    tokenized = tokenized_partitions(lake, checkpoint_dir)
     results, jobs, planned = [], [], {}
     for config in configs:
         spec = projection_spec(checkpoint_dir, config)
@@ -342,7 +342,7 @@ def plan_groups(config: ExtractConfig, query_sets: list[str], group_size: int) -
         spec.fingerprint(),
         checkpoint_uri(lake, config.checkpoint),
     )
-    tokenized = tokenized_partitions(lake)
+    tokenized = tokenized_partitions(lake, checkpoint_dir)
     partitions = [
         p for _, p in missing_items(lake, checkpoint_id, fingerprint, replace(config, query_set=None), tokenized)
     ]
@@ -370,8 +370,23 @@ def plan_groups(config: ExtractConfig, query_sets: list[str], group_size: int) -
     return {"checkpoint_id": checkpoint_id, "fingerprint": fingerprint, "checkpoint": source, "groups": groups}
 
 
-def tokenized_partitions(lake: Lake) -> list[int]:
-    return sorted(set(lake.read("tokens", columns=["partition"])["partition"].to_pylist()))
+def tokenized_partitions(lake: Lake, checkpoint_dir: Path) -> list[int]:
+    """The tokenized partitions, refused (CheckpointMismatch) when some of them were cut by another
+    tokenizer than the checkpoint's: their vectors would be of token ids the model never read."""
+    from jobs.checkpoints import tokenizer_id
+
+    cut_by = lake.distinct("tokens", ["partition", "tokenizer_fingerprint"])
+    tokenizer_file = checkpoint_dir / "tokenizer.json"
+    if tokenizer_file.exists():
+        own = tokenizer_id(tokenizer_file.read_bytes())
+        other = sorted({p for p, tokenizer in cut_by if not tokenizer.startswith(own + "-")})
+        if other:
+            raise CheckpointMismatch(
+                f"partition(s) {other} were tokenized by another tokenizer than checkpoint {checkpoint_dir.name}'s "
+                f"({own}): tokenize them again with it (python -m jobs tokenize --force --tokenizer "
+                f"{checkpoint_dir}) or extract a checkpoint of their tokenizer"
+            )
+    return sorted({p for p, _ in cut_by})
 
 
 def optimizer_correction(checkpoint_dir: Path, config: ExtractConfig, spec) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import json
 import os
 import re
@@ -32,6 +31,7 @@ from infra.quarantine import quarantine_rows
 from infra.runs import finish_run, start_run
 from schemas.tables import spark_ddl_of
 from jobs import c4_lines
+from jobs.checkpoints import tokenizer_id
 from infra.cli import add_config_arguments, config_from_args, option
 from infra.config import from_settings
 
@@ -56,7 +56,7 @@ def tokenizer_fingerprint(tokenizer_dir: str, context: int) -> str:
 
 
 def tokenizer_fingerprint_of(tokenizer_json: bytes, context: int) -> str:
-    return hashlib.sha256(tokenizer_json).hexdigest()[:16] + f"-ctx{context}"
+    return tokenizer_id(tokenizer_json) + f"-ctx{context}"
 
 
 def model_context(lake_root: str) -> int:

@@ -52,3 +52,8 @@ def test_the_newest_checkpoint_folder_is_judged_by_its_manifest_step(tmp_path):
     assert catalog.newest_checkpoint_folder(str(tmp_path)).endswith("/b-late")
     with pytest.raises(FileNotFoundError, match="no checkpoints"):
         catalog.newest_checkpoint_folder(str(tmp_path / "not-a-checkpoint"))
+    # a retrained model at the same step: the later save wins, whatever the folder names
+    for name, saved in (("z-first-model", "2026-01-01T00:00:00+00:00"), ("a-retrained", "2026-02-01T00:00:00+00:00")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(json.dumps({"step": 300, "saved_at": saved}))
+    assert catalog.newest_checkpoint_folder(str(tmp_path)).endswith("/a-retrained")

@@ -397,6 +397,15 @@ def _keyed_vectors(lake):
     return dict(zip(zip(rows["doc_id"].to_pylist(), rows["chunk"].to_pylist()), vectors))
 
 
+def test_extract_refuses_partitions_another_tokenizer_cut(indexed, tmp_path):
+    lake = Lake(copy_lake(indexed[0].root, tmp_path / "lake"))
+    lake.update("tokens", {"partition": 1}, {"tokenizer_fingerprint": "0123456789abcdef-ctx64"})
+    version = lake.version("train_gradients")
+    with pytest.raises(extract.CheckpointMismatch, match=r"partition\(s\) \[1\] were tokenized by another tokenizer"):
+        extract.run(extract.ExtractConfig(lake=lake.root, projection_k=4, token_budget=512, force=True))
+    assert lake.version("train_gradients") == version  # refused before any rank started
+
+
 def test_extract_reads_a_checkpoint_from_s3(indexed, s3_bucket):
     from infra.storage import upload_dir
 
