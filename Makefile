@@ -6,7 +6,7 @@ PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install run test bench bench-sized bench-setup airflow-ui airflow-deployed clean
+.PHONY: install run test test-fast bench bench-sized bench-setup airflow-ui airflow-deployed clean
 
 install: $(INSTALLED)
 
@@ -35,6 +35,11 @@ test: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(PYTHON) -m pytest -q
+
+# the unit tier: every test that needs no trained lake and no end-to-end service (tests/conftest.py)
+test-fast: install
+	$(VENV)/bin/ruff check .
+	$(PYTHON) -m pytest -q -m "not slow"
 
 # OMP_NUM_THREADS=1 and nice: the numbers are ratios measured in one process, on a shared CPU. Needs
 # `make run`'s lake. Each script's output is kept in reports/bench/; every ratio is printed at the end.

@@ -90,3 +90,15 @@ def spark():
 @pytest.fixture
 def lake(tmp_path) -> Lake:
     return Lake(tmp_path / "lake")
+
+
+# the session's trained lakes: a test that needs one (directly or through another fixture) is slow
+TRAINED_LAKES = {"adam_run", "adafactor_run"}
+
+
+def pytest_collection_modifyitems(items):
+    """Marks every test that needs a trained lake `slow`, so `make test-fast` (-m "not slow") is the
+    unit tier: the kernels, schemas, configs and one-table checks, without DeepSpeed training."""
+    for item in items:
+        if TRAINED_LAKES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
