@@ -12,6 +12,7 @@ import pytest
 from deltalake import TableFeatures
 from deltalake.transaction import RemoveAction
 
+from dags.orchestrate import describe_document_changes
 from infra.lake import Lake, utc_now
 from jobs import document_changes as changes_job
 from jobs.document_changes import FeedUnavailable, document_changes, read_since_last_run
@@ -129,6 +130,10 @@ def test_the_nightly_read_records_a_baseline_then_the_changes_and_a_quiet_night_
     assert (second["new"], second["changed"], second["deleted"]) == (2, 1, 0)
     assert second["changed_examples"] == [url(0, 1)] and second["partitions_to_reextract"] == [0]
     assert second["since_version"] == first["version"] and changes_job.last_read_version(lake) == second["version"]
+    assert describe_document_changes(second) == (
+        f"documents since version {first['version']}: 2 new, 1 changed, 0 deleted (0 by a takedown); partition(s) "
+        "[0] hold gradients of other documents: `python -m jobs extract --partitions 0 --force`"
+    )
 
     take_down(lake, [url(1, 1)])
     cli = argparse.ArgumentParser()
