@@ -150,18 +150,13 @@ def read_since_last_run(lake: Lake) -> dict:
     version, since = lake.version("documents"), last_read_version(lake)
     if version is None or version == since:
         return {"since_version": since, "version": version, "new": 0, "changed": 0, "deleted": 0, "baseline": False}
-    run_id = start_run(lake, COMMAND, {"lake": lake.root, "since_version": since})
-    try:
-        if since is None:
-            result = {"since_version": None, "version": version, "baseline": True}
-        else:
-            try:
-                result = document_changes(lake, since, version).summary() | {"baseline": False}
-            except FeedUnavailable as error:
-                result = {"since_version": since, "version": version, "baseline": True, "feed_unavailable": str(error)}
-    except BaseException as error:
-        finish_run(lake, run_id, "failed", {"error": str(error)})
-        raise
+    run_id = start_run(lake, COMMAND, {"lake": lake.root, "since_version": since})  # failed at exit if this raises
+    result: dict = {"since_version": since, "version": version, "baseline": True}
+    if since is not None:
+        try:
+            result = document_changes(lake, since, version).summary() | {"baseline": False}
+        except FeedUnavailable as error:
+            result["feed_unavailable"] = str(error)
     finish_run(lake, run_id, "succeeded", result)
     return result
 
