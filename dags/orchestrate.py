@@ -352,7 +352,8 @@ def report_summary(
     # len(), never list(): iterating Airflow's lazy sequence of mapped results asks for one item past
     # its end, which Airflow's API client logs as "[error] XCom not found" in a successful run
     tokenized = len(tokenized) if tokenized else 0
-    documents_changed = changes["version"] != changes["since_version"]
+    # a compaction moves the version and changes no document: not worth a line
+    documents_changed = changes["baseline"] or any(changes[kind] for kind in ("new", "changed", "deleted"))
     if not tokenized and not documents_changed and not extraction["extracted"] and not refitted and not rescored:
         message = (
             f"nothing new: every raw partition is tokenized, every slice of {extraction['checkpoint_id']} is "

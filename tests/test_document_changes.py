@@ -12,7 +12,7 @@ import pytest
 from deltalake import TableFeatures
 from deltalake.transaction import RemoveAction
 
-from dags.orchestrate import describe_document_changes
+from dags.orchestrate import describe_document_changes, report_summary
 from infra.lake import Lake, utc_now
 from jobs import document_changes as changes_job
 from jobs.document_changes import FeedUnavailable, document_changes, read_since_last_run
@@ -141,6 +141,19 @@ def test_the_nightly_read_records_a_baseline_then_the_changes_and_a_quiet_night_
     changes_job.main(cli.parse_args(["--lake", lake.root]))
     printed = capsys.readouterr().out
     assert f"deleted (1):\n  1\t{url(1, 1)}  (taken down)" in printed and "partitions to re-extract: none" in printed
+
+
+def test_a_night_after_a_compaction_reports_nothing_new(spark, lake):
+    """Maintenance's OPTIMIZE moves the documents version without changing a document: the next
+    night's read records the new version, and the report still says nothing new."""
+    lake.append("documents", document_rows(0, 1))
+    lake.append("documents", document_rows(0, 2).slice(1))
+    read_since_last_run(lake)
+    lake.optimize("documents")
+    changes = read_since_last_run(lake)
+    assert (changes["new"], changes["changed"], changes["deleted"], changes["baseline"]) == (0, 0, 0, False)
+    nothing = {"checkpoint_id": "ck1", "extracted": []}
+    assert report_summary(None, changes, nothing, [], []).startswith("nothing new")
 
 
 def test_a_feed_that_cannot_be_read_is_refused_and_the_nightly_read_starts_again(spark, lake):
