@@ -11,17 +11,18 @@ A document is its url (doc_id); it is "changed" when its text or its partition d
 what its chunks and gradients are made from. The nightly reindex reads the changes since the
 version the previous night read up to (`read_since_last_run`, recorded as a `changes` run).
 
-What the feed holds. `documents` does not set `delta.enableChangeDataFeed`: Sail 0.7.2, the
-default engine tokenize writes it with, refuses to write a table that does ("Unsupported table
-features required: [ChangeDataFeed]"). delta-rs reads the feed of such a table from the log: every
-file a commit added reads as inserted rows, every file it removed as deleted rows. That is also all
-the property would give here, since neither writer of `documents` writes `_change_data` files
-(tokenize's Sail cannot, takedown's own writer does not). A re-tokenized partition therefore reads
-as all its old rows deleted and its new ones inserted, a takedown as the rows of each file it
-rewrote deleted and inserted again less the taken-down ones; `net_changes` turns both back into
-documents. Compaction (OPTIMIZE: no data change) reads as nothing. The removed files must still
-exist: once maintenance has vacuumed them (after 7 days), the feed over those versions cannot be
-read (FeedUnavailable).
+What the feed holds (docs/delta-features.md). `documents` does not set
+`delta.enableChangeDataFeed`: Sail 0.7.2, the default engine tokenize writes it with, refuses to
+write a table that does ("Unsupported table features required: [ChangeDataFeed]"). delta-rs reads
+the feed of such a table from the log: every file a commit added reads as inserted rows, every file
+it removed as deleted rows. That is also all the property would give here, since no writer of
+`documents` writes `_change_data` files (Sail cannot write the table; delta-spark's replaceWhere
+and the takedown's own writer write none). A re-tokenized partition therefore reads as all its old
+rows deleted and its new ones inserted, a takedown as the rows of each file it rewrote deleted and
+inserted again less the taken-down ones; `first_and_last_changes` turns both back into documents.
+Compaction (OPTIMIZE: no data change) reads as nothing. The removed files must still exist: once
+maintenance has vacuumed them (after 7 days), the feed over those versions cannot be read
+(FeedUnavailable).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import argparse
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from infra.cli import add_config_arguments, config_from_args, option
 from infra.config import from_settings
@@ -88,38 +90,49 @@ def document_changes(lake: Lake, since_version: int, version: int | None = None)
             f"the change feed of documents after version {since_version} cannot be read ({error}); a vacuum "
             "removes the files of versions older than the retention (7 days)"
         ) from error
-    before, after = net_changes(feed)
-    new = sorted((doc_id, row[0]) for doc_id, row in after.items() if doc_id not in before)
-    deleted = sorted((doc_id, row[0]) for doc_id, row in before.items() if doc_id not in after)
-    changed = sorted((doc_id, row[0]) for doc_id, row in after.items() if before.get(doc_id, row) != row)
+    documents = first_and_last_changes(feed)
+    was_there, is_there = pc.invert(documents["inserted_first"]), documents["inserted_last"]
+    differs = pc.or_(
+        pc.not_equal(documents["partition_first"], documents["partition_last"]),
+        pc.not_equal(documents["text_first"], documents["text_last"]),
+    )
+    new = _doc_ids(documents.filter(pc.and_(pc.invert(was_there), is_there)), "partition_last")
+    deleted = _doc_ids(documents.filter(pc.and_(was_there, pc.invert(is_there))), "partition_first")
+    changed_documents = documents.filter(pc.and_(pc.and_(was_there, is_there), differs))
+    changed = _doc_ids(changed_documents, "partition_last")
     taken_down = sorted(_taken_down(lake, [doc_id for doc_id, _ in deleted]))
-    held = _partitions_at(lake, since_version)
     by_takedown = set(taken_down)
-    touched = {before[doc_id][0] for doc_id, _ in changed} | {after[doc_id][0] for doc_id, _ in new + changed}
+    touched = set(changed_documents["partition_first"].to_pylist()) | {partition for _, partition in new + changed}
     touched |= {partition for doc_id, partition in deleted if doc_id not in by_takedown}
+    held = _partitions_at(lake, since_version)
     return DocumentChanges(since_version, version, new, changed, deleted, taken_down, sorted(touched & held))
 
 
-def net_changes(feed: pa.Table) -> tuple[dict[str, tuple], dict[str, tuple]]:
-    """({doc_id: (partition, text)} of the documents the feed's first version found, the same of
-    those its last version left), for each doc_id the feed names. Read in commit order, a commit's
-    deletes before its inserts (a rewritten file is removed and its rows added again): a document's
-    first change, when a delete, is its row before; its last, when an insert, its row after."""
-    rows = feed.select(FEED_COLUMNS).to_pylist()
-    rows.sort(key=lambda row: (row["_commit_version"], row["_change_type"] in INSERTED))
-    before: dict[str, tuple] = {}
-    after: dict[str, tuple] = {}
-    seen: set[str] = set()
-    for row in rows:
-        doc_id, value = row["doc_id"], (row["partition"], row["text"])
-        if doc_id not in seen and row["_change_type"] in DELETED:
-            before[doc_id] = value
-        seen.add(doc_id)
-        if row["_change_type"] in INSERTED:
-            after[doc_id] = value
-        elif row["_change_type"] in DELETED:
-            after.pop(doc_id, None)
-    return before, after
+def first_and_last_changes(feed: pa.Table) -> pa.Table:
+    """One row per doc_id the feed names: its first change and its last (`inserted_first`,
+    `partition_first`, `text_first`; the same `_last`), in commit order and within a commit deletes
+    before inserts (a rewritten file is removed and its rows added again). A document whose first
+    change is a delete was there before, with that row; one whose last change is an insert is there
+    after, with that row. Computed in Arrow: the texts never become Python strings."""
+    inserted = pc.is_in(feed["_change_type"].cast(pa.string()), pa.array(sorted(INSERTED)))
+    changes = pa.table(
+        {
+            "doc_id": feed["doc_id"].cast(pa.large_string()),  # group_by has no string_view kernels
+            "partition": feed["partition"],
+            "text": feed["text"].cast(pa.large_string()),
+            "inserted": inserted,
+            "commit": feed["_commit_version"],
+        }
+    ).sort_by([("commit", "ascending"), ("inserted", "ascending")])
+    values = ["inserted", "partition", "text"]
+    # use_threads=False keeps the rows' order, which "first" and "last" follow
+    return changes.group_by("doc_id", use_threads=False).aggregate(
+        [(name, "first") for name in values] + [(name, "last") for name in values]
+    )
+
+
+def _doc_ids(documents: pa.Table, partition: str) -> list[tuple[str, int]]:
+    return sorted(zip(documents["doc_id"].to_pylist(), documents[partition].to_pylist()))
 
 
 def _taken_down(lake: Lake, doc_ids: list[str]) -> set[str]:
