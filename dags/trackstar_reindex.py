@@ -63,7 +63,7 @@ def trackstar_reindex():
     # "No tasks to run. unrunnable tasks" about a healthy run
     new_partitions >> [checkpoint, query_sets]
     tokenized = tokenize_partition.expand(partition=new_partitions)
-    changes = find_document_changes()  # after tonight's tokenize (none_failed: skipped when there was none)
+    changes = find_document_changes()  # after tonight's tokenize; none_failed: also on a night without any
     tokenized >> changes
     # the plan waits for every tokenize task (none_failed: a night without new partitions maps
     # tokenize over nothing, which is skipped); extraction then fans out over groups of partitions
