@@ -319,11 +319,42 @@ def maintain_lake() -> dict:
     return maintain(Lake(lake_root()))
 
 
-def report_summary(tokenized: list | None, extraction: dict, refitted: list[str], rescored: list[str]) -> str:
+def find_document_changes() -> dict:
+    """The documents new, changed and deleted since the previous night's read, from the table's
+    change feed (jobs/document_changes.py); the version read up to is recorded for the next night."""
+    from jobs.document_changes import read_since_last_run
+
+    return read_since_last_run(Lake(lake_root()))
+
+
+def describe_document_changes(changes: dict) -> str:
+    """One sentence of the nightly report: what the documents' change feed said."""
+    if changes["baseline"]:
+        why = f" (the feed could not be read: {changes['feed_unavailable']})" if "feed_unavailable" in changes else ""
+        return f"documents: change feed read from version {changes['version']} on{why}"
+    message = (
+        f"documents since version {changes['since_version']}: {changes['new']} new, {changes['changed']} changed, "
+        f"{changes['deleted']} deleted ({changes.get('taken_down', 0)} by a takedown)"
+    )
+    partitions = changes.get("partitions_to_reextract")
+    if partitions:
+        listed = " ".join(map(str, partitions))
+        message += (
+            f"; partition(s) {partitions} hold gradients of other documents: "
+            f"`python -m jobs extract --partitions {listed} --force`"
+        )
+    return message
+
+
+def report_summary(
+    tokenized: list | None, changes: dict, extraction: dict, refitted: list[str], rescored: list[str]
+) -> str:
     # len(), never list(): iterating Airflow's lazy sequence of mapped results asks for one item past
     # its end, which Airflow's API client logs as "[error] XCom not found" in a successful run
     tokenized = len(tokenized) if tokenized else 0
-    if not tokenized and not extraction["extracted"] and not refitted and not rescored:
+    # a compaction moves the version and changes no document: not worth a line
+    documents_changed = changes["baseline"] or any(changes[kind] for kind in ("new", "changed", "deleted"))
+    if not tokenized and not documents_changed and not extraction["extracted"] and not refitted and not rescored:
         message = (
             f"nothing new: every raw partition is tokenized, every slice of {extraction['checkpoint_id']} is "
             f"extracted, Hessians are current and scores are up to date; no table was changed"
@@ -333,5 +364,7 @@ def report_summary(tokenized: list | None, extraction: dict, refitted: list[str]
             f"tokenized {tokenized} partition(s); extracted {extraction['extracted'] or 'nothing'} for "
             f"{extraction['checkpoint_id']}; refitted {refitted or 'nothing'}; rescored {rescored or 'nothing'}"
         )
+        if documents_changed:
+            message += f"; {describe_document_changes(changes)}"
     print(f"[reindex] {message}")
     return message

@@ -1,4 +1,5 @@
-"""Nightly reindex: tokenize new raw partitions, extract missing gradient slices for the newest
+"""Nightly reindex: tokenize new raw partitions, read which documents are new, changed or deleted
+since the last night from the documents' change feed, extract missing gradient slices for the newest
 checkpoint, refit the Hessian when the training sample changed enough, rescore what changed.
 
 Every step is idempotent: a night with nothing new changes no table and says so.
@@ -46,8 +47,14 @@ def trackstar_reindex():
         return orchestrate().tokenize_partition(partition)
 
     @task(trigger_rule=TriggerRule.NONE_FAILED)
-    def report_summary(tokenized: list | None, extraction: dict, refitted: list[str], rescored: list[str]) -> str:
-        return orchestrate().report_summary(tokenized, extraction, refitted, rescored)
+    def find_document_changes() -> dict:
+        return orchestrate().find_document_changes()
+
+    @task(trigger_rule=TriggerRule.NONE_FAILED)
+    def report_summary(
+        tokenized: list | None, changes: dict, extraction: dict, refitted: list[str], rescored: list[str]
+    ) -> str:
+        return orchestrate().report_summary(tokenized, changes, extraction, refitted, rescored)
 
     new_partitions = find_new_partitions()
     checkpoint, query_sets = newest_checkpoint(), registered_query_sets()
@@ -56,6 +63,8 @@ def trackstar_reindex():
     # "No tasks to run. unrunnable tasks" about a healthy run
     new_partitions >> [checkpoint, query_sets]
     tokenized = tokenize_partition.expand(partition=new_partitions)
+    changes = find_document_changes()  # after tonight's tokenize; none_failed: also on a night without any
+    tokenized >> changes
     # the plan waits for every tokenize task (none_failed: a night without new partitions maps
     # tokenize over nothing, which is skipped); extraction then fans out over groups of partitions
     plan, extraction = fan_out_extraction(checkpoint, query_sets)
@@ -63,7 +72,7 @@ def trackstar_reindex():
     refitted = refit_hessians(extraction, query_sets)
     rescored = rescore_changed(extraction, query_sets)
     refitted >> rescored
-    report_summary(tokenized, extraction, refitted, rescored)
+    report_summary(tokenized, changes, extraction, refitted, rescored)
 
 
 trackstar_reindex()

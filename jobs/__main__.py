@@ -35,6 +35,10 @@ COMMANDS = {
     ),
     "evaluate": ("evaluation.evaluate", "MRR, recall@10, tail-patch and proponent categories per method; HTML report"),
     "takedown": ("jobs.takedown", "remove documents by url from every derived table; correct R_train, refit, rescore"),
+    "changes": (
+        "jobs.document_changes",
+        "documents new, changed and deleted since a version of the table (its Delta change feed)",
+    ),
     "verify": ("jobs.verify", "read every table and matrix file back in full; name each corrupted file and row"),
     "sql": ("jobs.sql", "run a documented SQL query over the lake's Delta tables with Spark (--list to see them)"),
     "explore": ("explorer.explore", "web page of queries and their proponents, served from the lake (127.0.0.1)"),

@@ -284,10 +284,12 @@ def delete_rows(lake: Lake, table: str, urls: list[str], found: pa.Table, run_id
 
     delta = lake.open(table)
     dataset = delta.to_pyarrow_dataset()
+    adds = pa.table(delta.get_add_actions(flatten=True)).to_pylist()
     partition_of = {
-        action["path"]: {column: str(action[f"partition.{column}"]) for column in spec.partition_by}
-        for action in pa.table(delta.get_add_actions(flatten=True)).to_pylist()
+        action["path"]: {column: str(action[f"partition.{column}"]) for column in spec.partition_by} for action in adds
     }
+    # the change feed (delta-rs `load_cdf`, jobs/document_changes.py) refuses a remove without its size
+    size_of = {action["path"]: action["size_bytes"] for action in adds}
     holding = set(map(str, found["partition"].to_pylist())) if "partition" in found.column_names else None
     match = ds.field("doc_id").isin(urls)
     stored = [name for name in spec.column_names if name not in spec.partition_by]
@@ -307,7 +309,7 @@ def delete_rows(lake: Lake, table: str, urls: list[str], found: pa.Table, run_id
                 files[key] = SliceFiles(delta, spec.arrow_schema, values, lake.storage_options)
             for batch in fragment.to_batches(columns=stored, filter=~match, batch_size=4096, **scan):
                 files[key].write(pa.Table.from_batches([batch]).cast(files[key].schema))
-            removes.append(RemoveAction(fragment.path, True, now, partition_values=values))
+            removes.append(RemoveAction(fragment.path, True, now, size=size_of[fragment.path], partition_values=values))
             deleted += matched
         added = [action for written in files.values() for action in written.finish()]
         delta.create_write_transaction(

@@ -163,6 +163,7 @@ def test_reindex_of_a_new_partition_indexes_only_it(airflow_lake):
     result = _run("trackstar_reindex", lake, home)
     assert [t for t in result["tasks"] if t.startswith("tokenize_partition")] == ["tokenize_partition[0]"]
     assert "extracted ['train:2']" in result["log"]
+    assert "5 new, 0 changed, 0 deleted" in result["log"]  # the documents' change feed since the last night
     after = lake.read("train_gradients", columns=["partition", "run_id"])
     assert sorted(set(after["partition"].to_pylist())) == [0, 1, 2]
     old = {(p, r) for p, r in zip(before["partition"].to_pylist(), before["run_id"].to_pylist())}

@@ -788,3 +788,29 @@ def test_maintenance_vacuums_what_killed_writers_left_once_older_than_the_retent
     assert not left["part-old.snappy.parquet"].exists() and not left["part-old2.snappy.parquet#1"].exists()
     assert left["part-new.snappy.parquet#1"].exists()
     assert lake.read("train_gradients").num_rows == 4
+
+
+def test_maintenance_compacts_the_vector_tables_and_the_streaming_writer_replaces_a_slice_after(lake):
+    """maintain_lake compacts every declared table, the vector tables (train_gradients,
+    query_gradients, trackstar_index) among them: two extractions of one partition (two
+    fingerprints, one file each) become one file whose vectors read back checked, and a later
+    re-extraction of one fingerprint (the streaming writer) replaces only its rows in that file."""
+    from infra.maintenance import maintain_lake
+    from tests.test_lake import gradient_rows
+
+    assert {"train_gradients", "query_gradients", "trackstar_index"} <= set(TABLES)
+    for fingerprint in ("fp1", "fp2"):
+        rows = gradient_rows("ck1", 0, 3, fingerprint=fingerprint)
+        lake.replace_slice_batches(
+            "train_gradients", iter([rows]), checkpoint_id="ck1", partition=0, fingerprint=fingerprint
+        )
+    before = lake.read("train_gradients").sort_by([("fingerprint", "ascending"), ("chunk", "ascending")])
+    result = maintain_lake(lake)["train_gradients"]
+    assert (result["files_removed"], result["files_added"]) == (2, 1)
+    assert len(lake.open("train_gradients").file_uris()) == 1
+    assert lake.read("train_gradients").sort_by([("fingerprint", "ascending"), ("chunk", "ascending")]).equals(before)
+
+    again = gradient_rows("ck1", 0, 2, run_id="r2", fingerprint="fp2")
+    lake.replace_slice_batches("train_gradients", iter([again]), checkpoint_id="ck1", partition=0, fingerprint="fp2")
+    rows = lake.read("train_gradients", columns=["fingerprint", "run_id"]).to_pylist()
+    assert sorted((r["fingerprint"], r["run_id"]) for r in rows) == [("fp1", "r1")] * 3 + [("fp2", "r2")] * 2
