@@ -11,8 +11,6 @@ projection_k, projection_seed, vector_dtype, batch_token_budget, hessian_*, top_
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 from infra import storage
 from infra.lake import Lake
@@ -87,7 +85,6 @@ def extract_group(group: dict) -> dict:
         )
         for query_set in (group["query_sets"] or [None])
     ]
-    fail_once_if_injected("extract_group")
     return {"fingerprint": results[0]["fingerprint"], "extracted": sorted({i for r in results for i in r["items"]})}
 
 
@@ -162,17 +159,6 @@ def rescore_changed(
         )
         rescored.append(query_set)
     return rescored
-
-
-def fail_once_if_injected(task_id: str) -> None:
-    """Fault injection for retry tests: TRACKSTAR_FAIL_ONCE="<task_id>:<marker file>" makes the task
-    fail once, after its work is written, so the retry must cope with its own earlier output."""
-    wanted = os.environ.get("TRACKSTAR_FAIL_ONCE", "")
-    if wanted.partition(":")[0] == task_id:
-        marker = Path(wanted.partition(":")[2])
-        if not marker.exists():
-            marker.write_text("failed once")
-            raise RuntimeError(f"injected failure of {task_id} (TRACKSTAR_FAIL_ONCE)")
 
 
 # ------------------------------------------------------------------ comparing checkpoints

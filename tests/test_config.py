@@ -80,6 +80,6 @@ def test_no_setting_is_read_from_the_environment_behind_the_configuration():
     ):
         if path.name != "config.py":
             read |= set(re.findall(r"""environ(?:\.get\(|\[)\s*["'](TRACKSTAR_\w+)""", path.read_text()))
-    # a test hook for injected failures, the explorer's access token (a secret, never stored), and the
-    # pid of the driver that launched a stage's ranks (process plumbing, not a setting)
-    assert read == {"TRACKSTAR_FAIL_ONCE", "TRACKSTAR_EXPLORER_TOKEN", "TRACKSTAR_DRIVER_PID"}
+    # the explorer's access token (a secret, never stored) and the pid of the driver that launched a
+    # stage's ranks (process plumbing, not a setting)
+    assert read == {"TRACKSTAR_EXPLORER_TOKEN", "TRACKSTAR_DRIVER_PID"}

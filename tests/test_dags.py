@@ -6,6 +6,7 @@ no scheduler), so its configuration never leaks into the test process.
 
 import gzip
 import json
+import os
 import subprocess
 from pathlib import Path
 import sys
@@ -18,6 +19,9 @@ from dags import orchestrate
 from jobs import register_queries
 from jobs.checkpoints import checkpoint_path
 from tests.fixtures import copy_lake
+
+# test-only Airflow local settings that make a task fail once (tests/airflow_faults/)
+FAULTS = Path(__file__).resolve().parent / "airflow_faults"
 
 TABLES = (
     "documents",
@@ -124,7 +128,13 @@ def _versions(lake):
 def test_reindex_indexes_everything_then_a_second_run_changes_nothing(airflow_lake, tmp_path):
     lake, home, _, summary = airflow_lake
     marker = tmp_path / "failed-once"
-    first = _run("trackstar_reindex", lake, home, TRACKSTAR_FAIL_ONCE=f"extract_group:{marker}")
+    first = _run(
+        "trackstar_reindex",
+        lake,
+        home,
+        TRACKSTAR_TEST_FAIL_ONCE=f"extract_group:{marker}",
+        PYTHONPATH=os.pathsep.join([str(FAULTS), os.environ["PYTHONPATH"]]),
+    )
     assert marker.exists()  # extract_group failed once after writing its slices, then succeeded on retry
     assert first["tasks"]["tokenize_partition[0]"] == "success" and first["tasks"]["tokenize_partition[1]"] == "success"
     tokens = lake.read("tokens", columns=["doc_id", "chunk"])
