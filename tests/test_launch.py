@@ -57,10 +57,10 @@ def test_cpu_ranks_share_the_idle_cores_unless_threads_are_set(monkeypatch):
     monkeypatch.setattr(jobs.threads, "allowed_cores", lambda: set(range(8)))
     monkeypatch.setattr(jobs.threads, "idle_cores", lambda: 7.6)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    jobs.launch.launch_ranks("jobs.extract", "plan.json", 2)
-    jobs.launch.launch_ranks("jobs.extract", "plan.json", 2, cpu_threads_setting=3)  # the setting: per rank
+    jobs.launch.launch_ranks("jobs.extract_rank", "plan.json", 2)
+    jobs.launch.launch_ranks("jobs.extract_rank", "plan.json", 2, cpu_threads_setting=3)  # the setting: per rank
     monkeypatch.setattr(jobs.threads, "idle_cores", lambda: 2.7)  # five cores busy elsewhere
-    jobs.launch.launch_ranks("jobs.extract", "plan.json", 2)
+    jobs.launch.launch_ranks("jobs.extract_rank", "plan.json", 2)
     monkeypatch.setenv("OMP_NUM_THREADS", "5")  # the user's wins over the setting
-    jobs.launch.launch_ranks("jobs.extract", "plan.json", 2, cpu_threads_setting=3)
+    jobs.launch.launch_ranks("jobs.extract_rank", "plan.json", 2, cpu_threads_setting=3)
     assert seen == ["4", "3", "1", "5"]
