@@ -42,7 +42,8 @@ test-fast: install
 	$(PYTHON) -m pytest -q -m "not slow"
 
 # OMP_NUM_THREADS=1 and nice: the numbers are ratios measured in one process, on a shared CPU. Needs
-# `make run`'s lake. Each script's output is kept in reports/bench/; every ratio is printed at the end.
+# `make run`'s lake. Each script's output is kept in reports/bench/; every ratio and every aim (a line
+# `aim: <what> ≥ <aim>: measured <value> (met|not met)`) are printed at the end.
 BENCH_SCRIPTS := extract_overhead projection_fidelity score_throughput compression two_stage scaling extract_workers bergson_compare tail_patch_threads
 bench: install bench-setup
 	mkdir -p reports/bench
@@ -53,6 +54,8 @@ bench: install bench-setup
 	else echo "== bench/gpu.py: skipped, no GPU here (the last run, on an H200: docs/results/gpu-h200.txt)"; fi
 	@echo "== every ratio (reports/bench/<script>.txt)"
 	@grep -E "^[A-Za-z0-9_]+=[-+0-9.]" reports/bench/*.txt | sed 's|reports/bench/||; s|\.txt:|: |'
+	@echo "== every aim, with its measured value"
+	@grep -h "^aim: " reports/bench/*.txt
 
 # Sized runs (a C4-like partition, a GPT-2-small shape at d ~ 2^16; ~1 hour on 2 cores, after `make run`),
 # then docs/capacity.md from their rates and the GPU runs in docs/results/

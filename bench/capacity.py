@@ -17,7 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from schemas.vectors import SKETCH_BLOCK  # noqa: E402
 
 C4_DOCUMENTS, C4_PARTITIONS, C4_TOKENS = 365_000_000, 1024, 156_000_000_000  # C4 en (train)
 DIMS = (2**12, 2**14, 2**16)
@@ -44,6 +49,11 @@ def rates(measured: dict) -> dict:
         "1B": (large["extraction"][row]["tokens_per_s"], "measured"),
         "8B": (share * large["matmul_flops_per_s"] / (4 * 8e9), f"1B's {share:.0%} of the 4N-FLOP limit"),
     }
+
+
+def sketch_bytes(d: int) -> int:
+    """Bytes of one vector's sign sketch: its signs, then a float16 scale per SKETCH_BLOCK coordinates."""
+    return (d + 7) // 8 + 2 * -(-d // SKETCH_BLOCK)
 
 
 def human_bytes(n: float) -> str:
@@ -94,8 +104,9 @@ def render(measured: dict) -> str:
         "",
         "## Storage of the index",
         "",
-        "Per vector: float32 4·d bytes; int8 d bytes + a 4-byte scale; the 1-bit sign sketch d/8 bytes. The",
-        "TrackStar index stores int8 and the sketch together.",
+        "Per vector: float32 4·d bytes; int8 d bytes + a 4-byte scale; the 1-bit sign sketch d/8 bytes of",
+        f"signs and 2 bytes per {SKETCH_BLOCK} coordinates (its block scales). The TrackStar index stores int8 and",
+        "the sketch together.",
         "",
         "| d | float32, one partition | float32, all C4 | int8 + sketch, all C4 | sketch alone, all C4 |",
         "|---|---|---|---|---|",
@@ -104,7 +115,7 @@ def render(measured: dict) -> str:
         per_partition = vectors / C4_PARTITIONS
         lines.append(
             f"| 2^{d.bit_length() - 1} = {d:,} | {human_bytes(4 * d * per_partition)} | {human_bytes(4 * d * vectors)} | "
-            f"{human_bytes((d + 4 + d / 8) * vectors)} | {human_bytes(d / 8 * vectors)} |"
+            f"{human_bytes((d + 4 + sketch_bytes(d)) * vectors)} | {human_bytes(sketch_bytes(d) * vectors)} |"
         )
     hessian = gpt2["hessian_bytes"]
     lines += [

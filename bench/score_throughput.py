@@ -5,7 +5,8 @@ On the lake of `make run`: the rate of scoring every stored training vector agai
 `score_batches`) ÷ the rate of just reading and decoding the same vectors from the same table, in
 the same process. Aim: ratio ≥ 0.7. Then the same for the TrackStar index (`jobs.index`, int8, built
 first if missing): scoring it (integer products of its int8 rows with int8-coded queries + top-k)
-÷ just reading and decoding it (aim ≥ 0.9; also shown for 16 queries), and
+÷ just reading and decoding it to float32 (aim ≥ 1.5 with 200 queries; also shown for 16 queries,
+and with the time to open the table, a fixed cost in both, taken out), and
 index scoring ÷ the current scoring of the raw vectors (the speed-up). With
 `--extraction-scaling` it also times extraction of the same tokens with 1 and 2 CPU ranks
 (vectors/s per rank), in a scratch lake.
@@ -32,6 +33,8 @@ from jobs.score import score_batches  # noqa: E402
 from explorer.trace import TraceContext  # noqa: E402
 from schemas.vectors import decode_vectors  # noqa: E402
 
+INDEX_RATIO_AIM = 1.5
+
 
 def batches(context: TraceContext, table: str = "train_gradients", dtype: str = "int8"):
     dataset = context.lake.open(table).to_pyarrow_dataset()
@@ -46,13 +49,16 @@ def batches(context: TraceContext, table: str = "train_gradients", dtype: str = 
     return dataset.to_batches(columns=["doc_id", "chunk", "vector", "dtype", "scale"], use_threads=False, filter=where)
 
 
-def timed(fn, repeats: int = 3) -> float:
-    times = []
+def timed(*fns, repeats: int = 3) -> list[float]:
+    """The fastest of `repeats` runs of each of `fns`, run in turn (a, b, a, b...) so that a change in
+    the load of a shared machine falls on both sides of a ratio."""
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
+        for fn, kept in zip(fns, times):
+            started = time.perf_counter()
+            fn()
+            kept.append(time.perf_counter() - started)
+    return [min(kept) for kept in times]
 
 
 def extraction_scaling(lake: Lake):
@@ -104,9 +110,14 @@ def main():
         f"int8 index: {len(built['built'])} partition(s) built, {len(built['kept'])} up to date, "
         f"{time.perf_counter() - started:.1f}s"
     )
-    read_seconds, score_seconds = timed(decode_only), timed(score_all)
-    index_read_seconds, index_seconds = timed(lambda: decode_only("trackstar_index")), timed(score_index)
-    few_queries_seconds = timed(lambda: score_index(queries[:16]))  # the matmul shrinks, the reading does not
+    read_seconds, score_seconds = timed(decode_only, score_all)
+    index_read_seconds, index_seconds, few_queries_seconds, open_seconds = timed(
+        lambda: decode_only("trackstar_index"),
+        score_index,
+        lambda: score_index(queries[:16]),  # the matmul shrinks, the reading does not
+        lambda: batches(context, "trackstar_index"),  # the table's log and the dataset, nothing read
+        repeats=7,  # ~50 ms each: more runs to find the quiet moments of a shared machine
+    )
     print(f"{n:,} vectors of {dim} dims x {len(queries)} queries, checkpoint {context.checkpoint_id}")
     print(f"read + decode:                {n / read_seconds:12,.0f} vectors/s")
     print(
@@ -121,10 +132,23 @@ def main():
     if args.extraction_scaling:
         extraction_scaling(lake)
     print(f"index (int8), 16 queries:     {n / few_queries_seconds:12,.0f} vectors/s")
-    print(f"index_ratio={index_read_seconds / index_seconds:.3f} (index scoring ÷ index read + decode; aim ≥ 0.9)")
+    print(
+        f"index open (log + dataset):   {open_seconds * 1e3:9.1f} ms of the {index_read_seconds * 1e3:.1f} ms of "
+        f"read + decode, {index_seconds * 1e3:.1f} ms of scoring (a fixed cost, large on a small corpus)"
+    )
+    index_ratio = index_read_seconds / index_seconds
+    print(f"index_ratio={index_ratio:.3f} (index scoring ÷ index read + decode)")
     print(f"index_ratio_16_queries={index_read_seconds / few_queries_seconds:.3f} (the same with 16 queries)")
+    print(
+        f"index_ratio_past_open={(index_read_seconds - open_seconds) / (index_seconds - open_seconds):.3f} "
+        "(the same, the time to open the table taken from both)"
+    )
     print(f"index_speedup={score_seconds / index_seconds:.2f} (index scoring ÷ scoring the raw vectors)")
     print(f"ratio={read_seconds / score_seconds:.3f}")
+    print(
+        f"aim: int8 index scoring ÷ index read + decode, {len(queries)} queries ≥ {INDEX_RATIO_AIM}: measured "
+        f"{index_ratio:.3f} ({'met' if index_ratio >= INDEX_RATIO_AIM else 'not met'})"
+    )
 
 
 if __name__ == "__main__":

@@ -104,48 +104,93 @@ def merge_top_k(values_a, indices_a, values_b, indices_b, k: int) -> tuple[torch
 class RunningTopK:
     """Exact top-k per query over streamed batches, in the order score descending, then key
     ascending (key = (doc_id, chunk)): ties are decided by the key, so the result does not depend
-    on how the rows were split into batches. Holds at most k candidates per query, never the corpus.
+    on how the rows were split into batches. Holds about k candidates per query, never the corpus.
+
+    Streaming stays in torch (a Python loop over each batch's candidates was ~20% of index scoring
+    on small corpora): per query it holds every row scoring at least its k-th best so far (k rows;
+    more only when rows tie with the k-th), as scores and ids into a store of keys. A batch is
+    looked at only where it reaches the held k-th; keys are fetched only for rows that enter the
+    held set and compared only once, in `ranked`. 200 queries, batches of 1,724 rows: as fast as
+    the loop over 4 batches, 2x faster over 40.
     """
 
     def __init__(self, n_queries: int, k: int):
         self.k = k
-        self.best: list[list[tuple]] = [[] for _ in range(n_queries)]  # per query: [(-score, key)], sorted, at most k
-        self.floor = torch.full((n_queries,), -float("inf"))  # k-th best so far (-inf until k are held)
+        self.scores = torch.empty(n_queries, 0)
+        self.ids = torch.empty(n_queries, 0, dtype=torch.int64)  # into self.keys
+        self.keys: list = []
 
     def add(self, scores: torch.Tensor, key_of):
-        """scores (Q, n) of n rows; key_of(row indices) -> their keys. Only rows that reach the
-        batch's k-th best and the running k-th best are looked at (ties included)."""
+        """scores (Q, n) of n rows; key_of(row indices) -> their keys, called once per batch for
+        the rows that enter the held set."""
         if scores.shape[1] == 0:
             return
-        kth = scores.topk(min(self.k, scores.shape[1]), dim=1).values[:, -1]
-        threshold = torch.maximum(kth, self.floor.to(scores.dtype))
-        queries, rows = torch.nonzero(scores >= threshold[:, None], as_tuple=True)
-        if len(rows) == 0:
-            return
-        found: dict[int, list[tuple]] = {}
-        for q, value, key in zip(queries.tolist(), scores[queries, rows].tolist(), key_of(rows.tolist())):
-            found.setdefault(q, []).append((-value, key))
-        floor = self.floor.tolist()
-        for q, candidates in found.items():
-            self.best[q] = sorted(self.best[q] + candidates)[: self.k]
-            if len(self.best[q]) == self.k:
-                floor[q] = -self.best[q][-1][0]
-        self.floor = torch.tensor(floor)
+        if not scores.sum().isfinite():  # one cheap pass; topk would rank NaN above every score
+            raise ValueError("NaN or infinite scores: a stored vector or a query is not finite")
+        if self.scores.shape[1] < self.k:  # fewer than k held: the batch's own k best may all enter
+            values, rows = _with_ties_at_kth(scores, self.k)
+        else:  # only rows reaching the held k-th can enter: usually a few, found by one comparison
+            values, rows = _reaching(scores, self.scores[:, self.k - 1])
+            if values.shape[1] == 0:  # the usual batch, once the held scores are high
+                return
+        stored = len(self.keys)
+        merged, where = torch.cat([self.scores.to(values.dtype), values], dim=1).sort(dim=1, descending=True)
+        ids = torch.cat([self.ids, rows + stored], dim=1).gather(1, where)  # the batch's rows: ids past the store
+        kth = min(self.k, merged.shape[1]) - 1
+        held = int((merged >= merged[:, kth : kth + 1]).sum(dim=1).max())  # k, or more where rows tie the k-th
+        self.scores, ids = merged[:, :held], ids[:, :held]
+        entering = ids >= stored
+        if entering.any():
+            new_rows = (ids[entering] - stored).unique()  # sorted
+            ids[entering] = stored + torch.searchsorted(new_rows, ids[entering] - stored)
+            self.keys.extend(key_of(new_rows.tolist()))
+        if len(self.keys) > 2 * ids.numel():  # rows pushed out since: keep the store about the held size
+            kept = ids.unique()
+            self.keys = [self.keys[i] for i in kept.tolist()]
+            ids = torch.searchsorted(kept, ids.contiguous())
+        self.ids = ids
 
     def ranked(self) -> list[list[tuple[float, tuple]]]:
         """Per query, [(score, key)] best first."""
-        return [[(-negative, key) for negative, key in best] for best in self.best]
+        kth = min(self.k, self.scores.shape[1]) - 1
+        held = (self.scores >= self.scores[:, kth : kth + 1]).sum(dim=1).tolist() if kth >= 0 else [0] * len(self.ids)
+        return [
+            [(-negative, key) for negative, key in sorted((-value, self.keys[i]) for value, i in zip(values[:n], ids))][
+                : self.k
+            ]
+            for values, ids, n in zip(self.scores.tolist(), self.ids.tolist(), held)
+        ]
 
 
-def two_stage_top_k(queries: torch.Tensor, signs: torch.Tensor, exact: torch.Tensor, candidates: int, k: int):
+def _with_ties_at_kth(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, columns) per row of `scores`, best first: its k best and every column tied with
+    its k-th (as wide as the row with most such ties; the others' extra columns rank below)."""
+    values, columns = scores.topk(min(k, scores.shape[1]), dim=1)
+    width = int((scores >= values[:, -1:]).sum(dim=1).max())
+    return (values, columns) if width == values.shape[1] else scores.topk(width, dim=1)
+
+
+def _reaching(scores: torch.Tensor, floor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, columns) per row of `scores`, best first: its columns scoring at least its `floor`,
+    padded with -inf to the widest row's count. Only columns where some row reaches are sorted."""
+    columns = ((scores - floor[:, None]).amax(dim=0) >= 0).nonzero()[:, 0]
+    values = scores[:, columns]
+    width = int((values >= floor[:, None]).sum(dim=1).max())
+    best, where = values.masked_fill_(values < floor[:, None], -float("inf")).topk(width, dim=1)
+    return best, columns[where]
+
+
+def two_stage_top_k(queries: torch.Tensor, sketch: torch.Tensor, exact: torch.Tensor, candidates: int, k: int):
     """(scores, indices) of the top k per query among the `candidates` best by the 1-bit sketch.
 
-    Stage 1 ranks every row by q · sign(t) (the sketch keeps one bit per value); stage 2 rescores
-    only those candidates with the exact vectors. Equals exhaustive top-k when candidates = n.
+    Stage 1 ranks every row by the float query against its sketch vector (`decode_sign_sketch`:
+    signs times block scales; the query is not quantised, which costs no storage); stage 2
+    rescores only those candidates with the exact vectors, ties broken by the lower row index (as
+    a stable sort of exhaustive scores does). Equals exhaustive top-k when candidates = n.
     """
-    shortlist = (queries @ signs.T).topk(min(candidates, signs.shape[0]), dim=1).indices  # (Q, N)
+    shortlist = (queries @ sketch.T).topk(min(candidates, sketch.shape[0]), dim=1).indices.sort(dim=1).values
     exact_scores = torch.stack(
         [exact[rows] @ query for query, rows in zip(queries, shortlist)]
     )  # one query at a time: (N, d) each
-    values, where = exact_scores.topk(min(k, shortlist.shape[1]), dim=1)
-    return values, shortlist.gather(1, where)
+    values, where = exact_scores.sort(dim=1, descending=True, stable=True)
+    return values[:, :k], shortlist.gather(1, where[:, :k])

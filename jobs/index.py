@@ -5,8 +5,10 @@ For a (checkpoint, fingerprint, query set) and one fitted matrix (`inverse_root`
 Ḡ = R^(-1/2) p / ‖R^(-1/2) p‖ depends only on the stored vector and the matrix. Scoring used to
 recompute it for every vector on every run (256 multiply-adds per coordinate); the index stores it
 once in `trackstar_index`, in a compact code (int8 with a per-vector scale by default; float16,
-bfloat16 or float32 on request) with a 1-bit sign sketch beside it (a cheap first stage), so
-scoring is decode + one matmul + top-k.
+bfloat16 or float32 on request) with a 1-bit sign sketch beside it (a cheap first stage: signs and
+a scale per block of coordinates, `schemas.vectors`), so scoring is decode + one matmul + top-k. A
+partition indexed before the sketch had block scales keeps its signs-only sketch (still read, as
+±1) until it is rebuilt.
 
 Incremental: a partition is (re)built only when it is missing from the index, its
 `train_gradients` rows come from another extraction run than the ones indexed, or the matrix's

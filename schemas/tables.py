@@ -442,7 +442,8 @@ TABLES: dict[str, Table] = {
                 Column(
                     "sketch",
                     "BINARY",
-                    "1-bit sign sketch of the vector, bits packed 8 per byte (first-stage retrieval)",
+                    "1-bit sign sketch of the vector, bits packed 8 per byte, then a float16 mean |value| per 256 "
+                    "coordinates (first-stage retrieval; schemas.vectors)",
                 ),
                 Column(
                     "checksum",

@@ -10,8 +10,12 @@ Each stored vector carries a checksum (`vector_checksums`: CRC-32 of its cell, a
 checked by every reader that scores (`check_vectors`): a changed byte fails with the row, never
 becomes an answer. Rows written before checksums existed hold null and are not checked.
 
-A sign sketch (`encode_sign_sketch`) keeps 1 bit per value (32x smaller than float32): the sign,
-bits packed 8 per byte. It ranks by q · sign(t), a cheap first stage before an exact rerank.
+A sign sketch (`encode_sign_sketch`) keeps 1 bit per value, the sign (bits packed 8 per byte), and
+a float16 mean |value| per block of SKETCH_BLOCK coordinates (d/8 + d/128 bytes: ~30x smaller than
+float32). It ranks by q · t' with t' = sign(t) × its block's mean |t|, a cheap first stage before an
+exact rerank: the block scales keep how a vector's weight is spread over its layers, which the
+signs alone lose (bench/two_stage.py: recall of the exact top-10 after a rerank of 1,000, 0.970 →
+0.993 on the embedded world).
 """
 
 from __future__ import annotations
@@ -145,26 +149,46 @@ def check_vectors(rows: pa.Table | pa.RecordBatch, where: str) -> None:
         )
 
 
+SKETCH_BLOCK = 256  # coordinates per float16 scale (k² for the default k = 16: one layer's block)
+
+
 def encode_sign_sketch(array: np.ndarray) -> pa.BinaryArray:
-    """One binary cell of ceil(d / 8) bytes per row: bit set where the value is > 0 (numpy bit order)."""
+    """One binary cell per row: ceil(d / 8) bytes of signs (bit set where the value is > 0, numpy
+    bit order), then one little-endian float16 per SKETCH_BLOCK coordinates: their mean |value|."""
     array = np.asarray(array, dtype=np.float32)
     if array.ndim != 2:
         raise ValueError(f"expected a [n, d] array, got shape {array.shape}")
-    return _rows_as_binary(np.ascontiguousarray(np.packbits(array > 0, axis=1)))
+    bits = np.packbits(array > 0, axis=1)
+    scales = np.stack([np.abs(block).mean(axis=1) for block in _sketch_blocks(array)], axis=1).astype("<f2")
+    return _rows_as_binary(np.ascontiguousarray(np.concatenate([bits, scales.view(np.uint8)], axis=1)))
 
 
 def decode_sign_sketch(cells: pa.Array | pa.ChunkedArray, dim: int) -> np.ndarray:
-    """The float32 [n, dim] array of ±1 signs of binary cells written by encode_sign_sketch."""
+    """The float32 [n, dim] sketch vectors of cells written by encode_sign_sketch: each sign times
+    its block's mean |value|. Cells of signs alone (indexes built before the block scales) decode
+    as ±1 until the index is rebuilt."""
     cells = _single_binary_array(cells)
-    n, width = len(cells), (dim + 7) // 8
+    n, bits_width, blocks = len(cells), (dim + 7) // 8, -(-dim // SKETCH_BLOCK)
     offsets = np.frombuffer(cells.buffers()[1], dtype=np.int32, count=n + 1, offset=cells.offset * 4)
-    if n and not (np.diff(offsets) == width).all():
-        raise ValueError(f"sketches are not all {width} bytes ({dim} bits)")
+    lengths = np.diff(offsets)
+    width = int(lengths[0]) if n else bits_width
+    if width not in (bits_width, bits_width + 2 * blocks) or not (lengths == width).all():
+        raise ValueError(f"sketches are not all {bits_width + 2 * blocks} bytes ({dim} bits and {blocks} scales)")
     packed = np.frombuffer(cells.buffers()[2], dtype=np.uint8, count=n * width, offset=int(offsets[0])).reshape(
         n, width
     )
-    bits = np.unpackbits(packed, axis=1, count=dim)
-    return bits.astype(np.float32) * 2.0 - 1.0
+    sketch = np.unpackbits(packed[:, :bits_width], axis=1, count=dim).astype(np.float32) * 2.0 - 1.0  # the signs
+    if width == bits_width:
+        return sketch
+    scales = np.ascontiguousarray(packed[:, bits_width:]).view("<f2").astype(np.float32)
+    for block, scale in zip(_sketch_blocks(sketch), scales.T):
+        block *= scale[:, None]
+    return sketch
+
+
+def _sketch_blocks(array: np.ndarray) -> list[np.ndarray]:
+    """Views of consecutive SKETCH_BLOCK columns of `array` (the last one may be narrower)."""
+    return [array[:, start : start + SKETCH_BLOCK] for start in range(0, array.shape[1], SKETCH_BLOCK)]
 
 
 def _check_dtype(dtype: str) -> None:

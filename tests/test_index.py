@@ -20,7 +20,14 @@ from infra.lake import Lake
 from infra.matrices import save_matrices
 from jobs import catalog, fit_hessian, index, score
 from jobs.extract import QUERY, TRAIN, autocorrelation_path
-from schemas.vectors import decode_sign_sketch, decode_vectors, encode_sign_sketch, encode_vectors, stored_values
+from schemas.vectors import (
+    SKETCH_BLOCK,
+    decode_sign_sketch,
+    decode_vectors,
+    encode_sign_sketch,
+    encode_vectors,
+    stored_values,
+)
 
 CHECKPOINT, FINGERPRINT, QUERY_SET = "ck-test", "fp-test", "qs-test"
 BLOCKS, BLOCK = 4, 16
@@ -242,19 +249,66 @@ def test_running_top_k_breaks_ties_by_key_whatever_the_batches():
         assert [[(-s, k) for s, k in found] for found in best.ranked()] == expected
 
 
-def test_sign_sketch_is_32x_smaller_and_two_stage_equals_exhaustive_with_every_candidate():
+def test_running_top_k_equals_a_full_sort_over_many_batches_with_duplicates():
+    g = torch.Generator().manual_seed(1)
+    n = 600
+    scores = torch.randint(0, 50, (5, n), generator=g).float() / 7  # duplicates: ties at every rank
+    keys = [(f"doc-{i % 97:03d}", i // 97) for i in range(n)]
+    for k in (1, 10, 700):  # 700: more than the rows, every row kept
+        expected = [sorted((-float(s), key) for s, key in zip(row, keys))[:k] for row in scores]
+        order, start, best = torch.randperm(n, generator=g), 0, RunningTopK(5, k)
+        while start < n:  # batches of 0 to 80 rows
+            part = order[start : start + int(torch.randint(0, 80, (1,), generator=g))]
+            best.add(scores[:, part], lambda rows, part=part: [keys[part[r]] for r in rows])
+            start += len(part)
+        assert [[(-s, key) for s, key in found] for found in best.ranked()] == expected, k
+        assert len(best.keys) <= 2 * best.ids.numel() + n  # the key store stays about the held set's size
+
+
+def test_running_top_k_refuses_nan_scores():
+    best = RunningTopK(2, 3)
+    with pytest.raises(ValueError, match="NaN"):
+        best.add(torch.tensor([[1.0, float("nan")], [0.0, 2.0]]), lambda rows: [("d", r) for r in rows])
+
+
+def test_sign_sketch_keeps_signs_and_block_scales_and_two_stage_equals_exhaustive_with_every_candidate():
     g = torch.Generator().manual_seed(0)
-    train, queries = torch.randn(500, 128, generator=g), torch.randn(8, 128, generator=g)
+    dim = 2 * SKETCH_BLOCK + 64  # a narrower last block
+    train, queries = torch.randn(500, dim, generator=g), torch.randn(8, dim, generator=g)
+    train[250:300] = train[200:250]  # duplicates: exact ties, broken by the lower row as in a stable sort
     cells = encode_sign_sketch(train.numpy())
-    assert len(cells[0].as_py()) * 32 == len(encode_vectors(train.numpy(), "float32")[0][0].as_py()) == 128 * 4
-    signs = torch.from_numpy(decode_sign_sketch(cells, 128))
-    assert torch.equal(signs, torch.where(train > 0, 1.0, -1.0))
-    exhaustive = (queries @ train.T).topk(10, dim=1)
-    values, indices = two_stage_top_k(queries, signs, train, candidates=500, k=10)
-    assert torch.equal(indices, exhaustive.indices) and torch.allclose(values, exhaustive.values)
-    _, few = two_stage_top_k(queries, signs, train, candidates=10, k=10)  # the sketch alone: lossy
-    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(few.tolist(), exhaustive.indices.tolist())])
+    assert len(cells[0].as_py()) == dim // 8 + 2 * 3  # bits, then three float16 block scales
+    sketch = torch.from_numpy(decode_sign_sketch(cells, dim))
+    assert torch.equal(sketch.sign(), torch.where(train > 0, 1.0, -1.0))
+    block_means = torch.cat(
+        [b.abs().mean(1, keepdim=True).expand(-1, b.shape[1]) for b in train.split(SKETCH_BLOCK, 1)], 1
+    )
+    torch.testing.assert_close(sketch.abs(), block_means, rtol=1e-3, atol=0)  # float16 scales
+    exhaustive = (queries @ train.T).sort(dim=1, descending=True, stable=True)
+    values, indices = two_stage_top_k(queries, sketch, train, candidates=500, k=10)
+    assert torch.equal(indices, exhaustive.indices[:, :10]) and torch.allclose(values, exhaustive.values[:, :10])
+    _, few = two_stage_top_k(queries, sketch, train, candidates=10, k=10)  # the sketch alone: lossy
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(few.tolist(), exhaustive.indices[:, :10].tolist())])
     assert 0.2 < recall < 1.0
+    signs_only = pa.array([cell.as_py()[: dim // 8] for cell in cells], pa.binary())  # an index built before the scales
+    assert torch.equal(torch.from_numpy(decode_sign_sketch(signs_only, dim)), torch.where(train > 0, 1.0, -1.0))
+
+
+def test_block_scales_find_what_signs_alone_miss_when_weight_is_uneven_across_blocks():
+    g = torch.Generator().manual_seed(2)
+    blocks = 8
+    gains = torch.rand(2000, blocks, 1, generator=g) ** 3  # each vector's weight spread unevenly over its blocks
+    train = (torch.randn(2000, blocks, SKETCH_BLOCK, generator=g) * gains).reshape(2000, -1)
+    train = train / train.norm(dim=1, keepdim=True)
+    queries = train[:50] + 0.05 * torch.randn(50, train.shape[1], generator=g)
+    exhaustive = (queries @ train.T).topk(10, dim=1).indices
+    sketch = torch.from_numpy(decode_sign_sketch(encode_sign_sketch(train.numpy()), train.shape[1]))
+
+    def recall(first_stage):
+        _, found = two_stage_top_k(queries, first_stage, train, candidates=50, k=10)
+        return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found.tolist(), exhaustive.tolist())])
+
+    assert recall(sketch) > recall(sketch.sign()) + 0.05
 
 
 def test_int8_queries_score_the_integer_codes_exactly_and_the_floats_within_the_quantisation_bound(monkeypatch):
