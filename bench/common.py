@@ -7,8 +7,7 @@ import time
 from pathlib import Path
 
 import torch
-
-from jobs.checkpoints import checkpoint_path
+from infra import layout
 
 LAKE = Path("lake")
 
@@ -23,10 +22,10 @@ def embedded_model(seed: int = 0):
 
 def latest_checkpoint(lake: Path = LAKE) -> Path | None:
     """The newest checkpoint folder of `make run`, if one exists."""
-    summary = lake / "model" / "train_summary.json"
+    summary = Path(layout.train_summary(lake))
     if not summary.exists():
         return None
-    return checkpoint_path(lake, json.loads(summary.read_text())["checkpoints"][-1])
+    return layout.checkpoint_path(lake, json.loads(summary.read_text())["checkpoints"][-1])
 
 
 def random_documents(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:

@@ -1,6 +1,6 @@
 """Compression of the TrackStar index: how much smaller, and what it costs in ranking quality.
 
-On the lake of `make run`: the index (`jobs.index`) is built in each code (int8, bfloat16,
+On the lake of `make run`: the index (`jobs.trackstar_index`) is built in each code (int8, bfloat16,
 float16, float32) and the 1-bit sign sketch beside it; every query is scored against every train
 chunk from each, and compared with exact float32 scoring of the same Ḡ computed here: bytes per
 vector (and on disk), top-10 overlap with the exact ranking, MRR and recall@10 against the
@@ -23,7 +23,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from bench.common import overlap_at, ranking_metrics, trackstar_inputs  # noqa: E402
-from jobs.index import DTYPES, ensure_index  # noqa: E402
+from jobs.trackstar_index import DTYPES, ensure_index  # noqa: E402
 from gradient_kernels.scoring import Int8Queries  # noqa: E402
 from schemas.vectors import decode_sign_sketch, decode_vectors, stored_values  # noqa: E402
 

@@ -96,12 +96,12 @@ def replicate_tokens(source: Lake, scratch: Lake, rows: int | None, scale: int, 
 
 def run_stage(stage: str, lake: str, checkpoint: str, checkpoint_id: str, fingerprint: str, query_set: str):
     """Runs in the stage's own process."""
-    from jobs import extract, index, score
+    from jobs import extract, score, trackstar_index
 
     if stage == "extract":
         extract.run(extract.ExtractConfig(lake=lake, checkpoint=checkpoint, ranks=1, query_set=None, force=True))
     elif stage == "index":
-        index.ensure_index(Lake(lake), checkpoint_id, fingerprint, query_set, "inverse_root", "int8")
+        trackstar_index.ensure_index(Lake(lake), checkpoint_id, fingerprint, query_set, "inverse_root", "int8")
     else:
         score.run(
             score.ScoreConfig(

@@ -3,7 +3,7 @@
 On the lake of `make run`: the rate of scoring every stored training vector against every query
 (decode, precondition with R^(-1/2), normalise, dot products, running top-k: the score job's own
 `score_batches`) ÷ the rate of just reading and decoding the same vectors from the same table, in
-the same process. Aim: ratio ≥ 0.7. Then the same for the TrackStar index (`jobs.index`, int8, built
+the same process. Aim: ratio ≥ 0.7. Then the same for the TrackStar index (`jobs.trackstar_index`, int8, built
 first if missing): scoring it (integer products of its int8 rows with int8-coded queries + top-k)
 ÷ just reading and decoding it to float32 (aim ≥ 1.5 with 200 queries; also shown for 16 queries,
 and with the time to open the table, a fixed cost in both, taken out), and
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pyarrow.compute as pc  # noqa: E402
 
 from infra.lake import Lake  # noqa: E402
-from jobs.index import ensure_index  # noqa: E402
+from jobs.trackstar_index import ensure_index  # noqa: E402
 from jobs.score import score_batches  # noqa: E402
 from explorer.trace import TraceContext  # noqa: E402
 from schemas.vectors import decode_vectors  # noqa: E402

@@ -12,12 +12,12 @@ projection_k, projection_seed, vector_dtype, batch_token_budget, hessian_*, top_
 from __future__ import annotations
 
 
-from infra import storage
 from infra.lake import Lake
 from infra.names import NAME_PATTERN  # noqa: F401  (the DAGs' name params)
 from jobs import catalog, extract, fit_hessian, score, tokenize
 from jobs.catalog import hessian_is_stale, last_scored_inputs
 from infra.config import load_config
+from infra import layout
 
 DEFAULT_METHODS = ("trackstar",)
 
@@ -36,10 +36,10 @@ def newest_checkpoint(location: str | None = None) -> str:
 def find_new_partitions(tokenizer_dir: str | None = None) -> list[int]:
     """Raw partitions not yet tokenized with the current tokenizer."""
     lake = Lake(lake_root())
-    tokenizer_dir = tokenizer_dir or storage.join(lake.root, "model", "tokenizer")
+    tokenizer_dir = tokenizer_dir or layout.tokenizer(lake.root)
     fingerprint = tokenize.tokenizer_fingerprint(tokenizer_dir, tokenize.model_context(lake.root))
     done = tokenize.tokenized_partitions(lake, fingerprint)
-    return sorted(set(tokenize.raw_partitions(storage.join(lake.root, "raw"))) - done)
+    return sorted(set(tokenize.raw_partitions(layout.raw(lake.root))) - done)
 
 
 def registered_query_sets() -> list[str]:

@@ -32,8 +32,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from jobs import c4_lines
-from jobs.checkpoints import CheckpointError, checkpoints_root, sha256_file
+from jobs.checkpoints import CheckpointError, sha256_file
 from schemas.queries import QueryFile, QueryFileError, load_queries
+from infra import layout
 
 MARKER = "import.json"
 REPAIR_COMMAND = "python -m jobs pipeline --lake {lake} --repair-import"
@@ -111,7 +112,7 @@ def refuse_to_overwrite(lake_root: str | Path) -> None:
     if marker:
         linked = [
             json.loads(m.read_text()).get("imported_from")
-            for m in sorted(Path(checkpoints_root(root)).glob("*/manifest.json"))
+            for m in sorted(Path(layout.checkpoints_path(root)).glob("*/manifest.json"))
         ]
         checkpoint = "".join(f" --checkpoint {folder}" for folder in linked[-1:] if folder)
         name = f" --name {marker['name']}" if marker.get("name") else ""
@@ -122,7 +123,7 @@ def refuse_to_overwrite(lake_root: str | Path) -> None:
             f"{checkpoint}{name}`, "
             "or generate into another lake (--lake / --out)"
         )
-    if any((root / "raw").glob("c4-*.json.gz")) and not (root / "world" / "kb.json").exists():
+    if any(Path(layout.raw(root)).glob("c4-*.json.gz")) and not Path(layout.world(root, "kb.json")).exists():
         raise ImportedDataError(
             f"{(root / 'raw').resolve()} holds C4 partitions the generator did not write; "
             "generating the embedded world would delete them. Use another lake (--lake / --out), or, if an "
@@ -347,7 +348,7 @@ def _check_checkpoint(root: Path, folder: Path, problems: list[str]) -> dict | N
     except CheckpointError as error:
         problems.append(str(error))
         return None
-    target = Path(checkpoints_root(root)) / manifest["checkpoint_id"]
+    target = Path(layout.checkpoints_path(root)) / manifest["checkpoint_id"]
     if target.exists():
         known = json.loads((target / "manifest.json").read_text()) if (target / "manifest.json").exists() else {}
         if known.get("imported_from") != str(folder):

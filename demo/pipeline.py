@@ -45,6 +45,7 @@ from jobs import register_queries
 from jobs.catalog import newest_checkpoint_folder
 from jobs.checkpoints import optimizer_state_source
 from infra.config import load_config
+from infra import layout
 
 EMBEDDED_NAME = "fact-world"
 
@@ -137,13 +138,11 @@ def run(
             f"{trained['train_seconds']}s on 2 CPU ranks (DeepSpeed ZeRO-2); checkpoints "
             f"{', '.join(trained['checkpoints'])}" + (" (kept from an earlier run)" if choice.reuse else "")
         )
-    queries_file = storage.join(lake, "world", "queries.jsonl")
+    queries_file = layout.world(lake, "queries.jsonl")
     accuracy = stage("model-accuracy", lambda: model_eval.evaluate_checkpoint(final_checkpoint, queries_file))
     # the user's own file, so that refusals name its lines
     stage("register-queries", lambda: register_queries.run(lake, queries, name=name))
-    dag_checkpoint = storage.name(
-        newest_checkpoint_folder(load_config().checkpoints or storage.join(lake, "model", "checkpoints"))
-    )
+    dag_checkpoint = storage.name(newest_checkpoint_folder(load_config().checkpoints or layout.checkpoints(lake)))
     if dag_checkpoint != final_checkpoint.name:  # e.g. a retrained model with fewer steps than the old one
         print(
             f"[pipeline] WARNING: the reindex DAG indexes the checkpoint with the highest step, {dag_checkpoint}; "
@@ -237,10 +236,8 @@ def model_tag(lake: str, name: str, config: train_model.TrainConfig) -> str:
     newest checkpoint is the retrained one. A rerun with nothing new keeps the model and its tag."""
     import re
 
-    from jobs.checkpoints import checkpoints_root
-
     base = f"gpt2-{name}"
-    summary = Path(lake) / "model" / "train_summary.json"
+    summary = Path(layout.train_summary(lake))
     if storage.is_s3(lake) or not summary.exists():
         return base
     previous = json.loads(summary.read_text())
@@ -251,7 +248,7 @@ def model_tag(lake: str, name: str, config: train_model.TrainConfig) -> str:
         ):
             return last  # trained on this very corpus and configuration: train-model keeps it
     ours = re.compile(rf"{re.escape(base)}(?:-v(\d{{3}}))?-s\d+-step\d+")
-    versions = [int(m.group(1) or 1) for p in checkpoints_root(lake).glob("*") if (m := ours.fullmatch(p.name))]
+    versions = [int(m.group(1) or 1) for p in layout.checkpoints_path(lake).glob("*") if (m := ours.fullmatch(p.name))]
     return f"{base}-v{max(versions) + 1:03d}" if versions else base
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from infra import storage
 from infra.lake import Lake
+from infra import layout
 
 # every table holding rows of a checkpoint's vectors or what was computed from them alone
 VECTOR_TABLES = ("train_gradients", "query_gradients", "trackstar_index", "train_outliers", "hessians", "proponents")
@@ -52,7 +53,7 @@ def current_partitions(lake_root: str) -> dict[str, str]:
     marker = None if storage.is_s3(lake_root) else imported_world(lake_root)
     if marker:
         return dict(marker["partitions"])
-    raw = storage.absolute(storage.join(lake_root, "raw"))
+    raw = storage.absolute(layout.raw(lake_root))
     return {
         storage.name(uri): hashlib.sha256(storage.read_bytes(uri)).hexdigest()
         for uri in storage.list_objects(raw, suffix=".json.gz")
@@ -62,9 +63,8 @@ def current_partitions(lake_root: str) -> dict[str, str]:
 
 def model_choice(lake_root: str, retrain: bool) -> ModelChoice:
     """Whether the pipeline keeps the lake's trained model or trains one, and why (one sentence)."""
-    from jobs.checkpoints import checkpoint_location
 
-    summary_file = storage.join(lake_root, "model", "train_summary.json")
+    summary_file = layout.train_summary(lake_root)
     if not storage.exists(summary_file):
         return ModelChoice(False, "no trained model in the lake yet: training one")
     summary = json.loads(storage.read_bytes(summary_file))
@@ -72,9 +72,9 @@ def model_choice(lake_root: str, retrain: bool) -> ModelChoice:
     absent = [
         c
         for c in checkpoints
-        if not all(storage.exists(storage.join(checkpoint_location(lake_root, c), f)) for f in CHECKPOINT_FILES)
+        if not all(storage.exists(storage.join(layout.checkpoint(lake_root, c), f)) for f in CHECKPOINT_FILES)
     ]
-    if not checkpoints or absent or not storage.exists(storage.join(lake_root, "model", "tokenizer", "tokenizer.json")):
+    if not checkpoints or absent or not storage.exists(storage.join(layout.tokenizer(lake_root), "tokenizer.json")):
         return ModelChoice(
             False, "the lake's trained model is incomplete (checkpoints or tokenizer missing): training one", summary
         )
@@ -85,7 +85,7 @@ def model_choice(lake_root: str, retrain: bool) -> ModelChoice:
     current = current_partitions(lake_root)
     trained_on = summary.get("partitions")
     if trained_on is None:  # trained before summaries listed their partitions
-        if storage.is_s3(lake_root) or not (storage.exists(storage.join(lake_root, "world", "import.json"))):
+        if storage.is_s3(lake_root) or not (storage.exists(layout.world(lake_root, "import.json"))):
             # the generated world: train-model keeps the model when the corpus and configuration are unchanged
             return ModelChoice(False, "a model trained before reruns were incremental: train-model decides", summary)
         return ModelChoice(
@@ -117,9 +117,8 @@ def restore_tokenizer(lake_root: str, checkpoint_id: str) -> bool:
     checkpoint's own again, when it differs: a training that wrote its tokenizer and then failed
     leaves the lake's tokenizer out of step with the checkpoints its summary names. True if restored."""
     from demo.import_data import TOKENIZER_FILES
-    from jobs.checkpoints import checkpoint_location
 
-    folder, tokenizer_dir = checkpoint_location(lake_root, checkpoint_id), storage.join(lake_root, "model", "tokenizer")
+    folder, tokenizer_dir = layout.checkpoint(lake_root, checkpoint_id), layout.tokenizer(lake_root)
     if storage.read_bytes(storage.join(folder, "tokenizer.json")) == storage.read_bytes(
         storage.join(tokenizer_dir, "tokenizer.json")
     ):
@@ -176,8 +175,8 @@ def drop_rows(lake: Lake, table: str, checkpoint_ids: list[str]) -> int:
 def checkpoint_files(lake: Lake, checkpoint_id: str) -> list[str]:
     """Files of the lake computed from a checkpoint's vectors: autocorrelation sums, Hessian matrices."""
     folders = [
-        storage.join(lake.root, "_autocorrelation", checkpoint_id),
-        storage.join(lake.root, "_matrices", "hessians", checkpoint_id),
+        layout.autocorrelation(lake.root, checkpoint_id),
+        layout.hessians(lake.root, checkpoint_id),
     ]
     return [uri for folder in folders for uri in storage.list_objects(folder)]
 
@@ -234,11 +233,11 @@ def retention_lines(result: dict) -> list[str]:
 def checkpoint_tokenizer(lake: Lake, checkpoint_id: str) -> str | None:
     """The tokenizer fingerprint (tokenizer.json, context) of a registered checkpoint's folder; None
     when it is not registered or its folder is gone."""
-    from jobs.catalog import checkpoint_location
+    from jobs.catalog import registered_location
     from jobs.tokenize import tokenizer_fingerprint_of
 
     try:
-        folder = checkpoint_location(lake, checkpoint_id)
+        folder = registered_location(lake, checkpoint_id)
         config = json.loads(storage.read_bytes(storage.join(folder, "config.json")))
         tokenizer = storage.read_bytes(storage.join(folder, "tokenizer.json"))
     except (LookupError, FileNotFoundError, OSError):

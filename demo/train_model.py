@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra import storage
-from jobs.checkpoints import checkpoint_location, checkpoint_path, checkpoints_root
 from jobs.launch import end_rank, init_rank, launch_ranks, rank_arguments
 from jobs.tokenize import EOS
 from infra.config import from_settings, load_config
+from infra import layout
 
 
 @dataclass
@@ -58,7 +58,7 @@ class TrainConfig:
 
     @property
     def model_dir(self) -> Path:
-        return Path(self.lake) / "model"
+        return Path(layout.model(self.lake))
 
 
 def read_corpus(raw_dir: Path) -> tuple[list[str], int]:
@@ -174,11 +174,13 @@ def run(config: TrainConfig) -> dict:
     started = time.time()
     model_dir = config.model_dir
     digest = input_digest(Path(config.lake) / "raw", config)
-    previous = model_dir / "train_summary.json"
+    previous = Path(layout.train_summary(config.lake))
     if (
         previous.exists()
         and json.loads(previous.read_text()).get("input_digest") == digest
-        and all(checkpoint_path(config.lake, c).exists() for c in json.loads(previous.read_text())["checkpoints"])
+        and all(
+            layout.checkpoint_path(config.lake, c).exists() for c in json.loads(previous.read_text())["checkpoints"]
+        )
     ):
         print(
             f"[train-model] already trained on this corpus with this configuration ({digest[:12]}); "
@@ -186,8 +188,8 @@ def run(config: TrainConfig) -> dict:
             flush=True,
         )
         return json.loads(previous.read_text())
-    texts, bad_lines = read_corpus(Path(config.lake) / "raw")
-    tokenizer = train_tokenizer(texts, config.vocab_size, model_dir / "tokenizer")
+    texts, bad_lines = read_corpus(Path(layout.raw(config.lake)))
+    tokenizer = train_tokenizer(texts, config.vocab_size, Path(layout.tokenizer(config.lake)))
     blocks, n_tokens = pack_blocks(tokenizer, texts, config.context)
     torch.save(blocks, model_dir / "train_blocks.pt")
     steps_per_epoch = max(1, len(blocks) // (config.micro_batch * config.ranks))
@@ -212,15 +214,15 @@ def run(config: TrainConfig) -> dict:
 
     launch_ranks("demo.train_model", str(model_dir / "plan.json"), config.ranks, config.cpu_threads)
 
-    summary = json.loads((model_dir / "train_summary.json").read_text())
+    summary = json.loads(Path(layout.train_summary(config.lake)).read_text())
     summary.update(
         n_documents=len(texts),
         n_tokens=n_tokens,
         wall_seconds=round(time.time() - started, 1),
         input_digest=digest,
-        partitions=trained_partitions(Path(config.lake) / "raw"),
+        partitions=trained_partitions(Path(layout.raw(config.lake))),
     )
-    (model_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    Path(layout.train_summary(config.lake)).write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -228,13 +230,11 @@ def _train_for_s3(config: TrainConfig) -> dict:
     """Train in a local copy of the lake (DeepSpeed writes local files) kept under the cache, then
     upload the tokenizer, the training summary and the checkpoints beside the lake's tables."""
     local = storage.cache_path(config.lake, load_config().cache_dir) / "train"
-    storage.download_prefix(storage.join(config.lake, "raw"), local / "raw")
+    storage.download_prefix(layout.raw(config.lake), layout.raw(local))
     summary = run(dataclasses.replace(config, lake=str(local)))
     for folder in ("model/tokenizer", "model/checkpoints"):
         storage.upload_dir(local / folder, storage.join(config.lake, folder))
-    storage.upload_file(
-        local / "model" / "train_summary.json", storage.join(config.lake, "model", "train_summary.json")
-    )
+    storage.upload_file(layout.train_summary(local), layout.train_summary(config.lake))
     return summary
 
 
@@ -291,7 +291,7 @@ def save_checkpoint(engine, model, tokenizer_dir: Path, config: TrainConfig, ste
     import torch.distributed as dist
 
     checkpoint_id = f"{config.model_tag}-s{config.seed}-step{step:06d}"
-    out = checkpoints_root(config.lake) / checkpoint_id
+    out = layout.checkpoints_path(config.lake) / checkpoint_id
     engine.save_checkpoint(str(out / "zero"), tag=f"step{step}")
     moments = second_moments(engine, model, config)
     if dist.get_rank() == 0:
@@ -342,7 +342,7 @@ def train_rank(plan_path: str):
     rank, world = init_rank()
     torch.manual_seed(config.seed)
 
-    tokenizer_dir = config.model_dir / "tokenizer"
+    tokenizer_dir = Path(layout.tokenizer(config.lake))
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -387,7 +387,7 @@ def train_rank(plan_path: str):
             "parameters": sum(p.numel() for p in model.parameters()),
             "final_loss": loss.item(),
         }
-        (config.model_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        Path(layout.train_summary(config.lake)).write_text(json.dumps(summary, indent=2))
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -417,16 +417,14 @@ def config_from_args(args) -> TrainConfig:
 
 def final_checkpoint(lake: str, summary: dict) -> Path:
     """A local folder holding the last checkpoint of a training run (copied from S3 if it lives there)."""
-    return storage.local_folder(checkpoint_location(lake, summary["checkpoints"][-1]), load_config().cache_dir)
+    return storage.local_folder(layout.checkpoint(lake, summary["checkpoints"][-1]), load_config().cache_dir)
 
 
 def main(args):
     from demo.model_eval import evaluate_checkpoint
 
     summary = run(config_from_args(args))
-    accuracy = evaluate_checkpoint(
-        final_checkpoint(args.lake, summary), storage.join(args.lake, "world", "queries.jsonl")
-    )
+    accuracy = evaluate_checkpoint(final_checkpoint(args.lake, summary), layout.world(args.lake, "queries.jsonl"))
     print(
         f"[train-model] {summary['parameters']:,} parameters, {summary['steps']} steps in "
         f"{summary['train_seconds']}s; checkpoints: {', '.join(summary['checkpoints'])}"

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from infra import storage
 from infra.config import load_config
+from infra import layout
 from demo.import_data import WorldSummary, import_world, refuse_to_overwrite
 from schemas.queries import FREQUENCY_BUCKETS
 
@@ -594,12 +595,10 @@ def _run_to_s3(config: WorldConfig) -> WorldSummary:
     world files on S3 with it."""
     with tempfile.TemporaryDirectory(prefix="trackstar-world-") as local:
         summary = run(replace(config, out_dir=local))
-        for old in storage.list_objects(storage.join(config.out_dir, "raw"), suffix=".json.gz"):
+        for old in storage.list_objects(layout.raw(config.out_dir), suffix=".json.gz"):
             storage.delete(old)
         storage.upload_dir(local, config.out_dir)
-    return replace(
-        summary, raw_dir=storage.join(config.out_dir, "raw"), world_dir=storage.join(config.out_dir, "world")
-    )
+    return replace(summary, raw_dir=layout.raw(config.out_dir), world_dir=layout.world(config.out_dir))
 
 
 def add_arguments(parser: argparse.ArgumentParser):

@@ -42,7 +42,9 @@ from infra import storage
 from infra.cli import add_config_arguments, config_from_args, option
 from infra.config import from_settings
 from infra.lake import Lake
+from infra import layout
 from jobs import extract, fit_hessian, score
+from jobs.catalog import resolve_checkpoint
 from jobs.checkpoints import load_manifest
 from jobs.threads import use_cpu_threads
 from schemas.tables import TABLES
@@ -298,15 +300,15 @@ def evaluated_checkpoint(lake: Lake, config: EvaluateConfig) -> str:
     """The checkpoint's location (absolute path or s3:// URI): the one named (path or registered id),
     else the newest registered, else the newest the lake trained (a fresh lake with a user's corpus
     has none registered yet)."""
-    from jobs.catalog import checkpoint_location, latest_checkpoint_id
+    from jobs.catalog import checkpoint_uri, latest_checkpoint_id, registered_location
 
     if config.checkpoint:
-        return extract.checkpoint_uri(lake, config.checkpoint)
+        return checkpoint_uri(lake, config.checkpoint)
     if config.checkpoint_id:
-        return checkpoint_location(lake, config.checkpoint_id)
+        return registered_location(lake, config.checkpoint_id)
     if lake.read("checkpoints", columns=["checkpoint_id"]).num_rows:
-        return checkpoint_location(lake, latest_checkpoint_id(lake))
-    return extract.checkpoint_uri(lake, "")
+        return registered_location(lake, latest_checkpoint_id(lake))
+    return checkpoint_uri(lake, "")
 
 
 def pipeline_rankings(lake: Lake, config: EvaluateConfig, checkpoint_id: str, fingerprint: str, methods) -> dict:
@@ -473,7 +475,7 @@ def run(config: EvaluateConfig) -> dict:
     use_cpu_threads(config.cpu_threads, "evaluate")
     lake = Lake(config.lake)
     checkpoint = evaluated_checkpoint(lake, config)
-    checkpoint_dir = extract.resolve_checkpoint(lake, checkpoint)
+    checkpoint_dir = resolve_checkpoint(lake, checkpoint)
     manifest = load_manifest(checkpoint_dir)
     checkpoint_id = manifest["checkpoint_id"]
     run_id = start_run(lake, "evaluate", asdict(config) | {"checkpoint_id": checkpoint_id})
@@ -541,7 +543,7 @@ def run(config: EvaluateConfig) -> dict:
         ).items()
     }
 
-    categorizer = Categorizer(storage.join(lake.root, "world"))
+    categorizer = Categorizer(layout.world(lake.root))
     report["categories"] = category_shares(categorizer, per_seed[config.seeds[0]], methods, queries, by_doc)
     write_metrics(lake, report, run_id)
     folder = report_folder(lake, config, run_id)

@@ -33,9 +33,9 @@ from collections import defaultdict
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
-from infra import storage
 from infra.config import load_config
 from infra.lake import Lake
+from infra import layout
 from jobs import catalog
 from jobs.tokenize import EOS
 
@@ -118,7 +118,7 @@ class Explorer:
     def categorizer(self):
         from evaluation.evaluate import Categorizer
 
-        return Categorizer(storage.join(self.lake.root, "world"))
+        return Categorizer(layout.world(self.lake.root))
 
     def texts(self, doc_ids) -> dict:
         rows = self.lake.read("documents", filters=[("doc_id", "in", sorted(set(doc_ids)))], columns=["doc_id", "text"])
@@ -487,7 +487,7 @@ def create_app(lake_root: str, token: str | None = None, allowed_hosts=(), opena
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 
-    from jobs.extract import CheckpointMismatch
+    from jobs.checkpoints import CheckpointMismatch
 
     hosts = {host_of(h) for h in allowed_hosts}
     if None in hosts:

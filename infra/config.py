@@ -111,9 +111,9 @@ class Config:
 
     @property
     def checkpoint_location(self) -> str:
-        from infra.storage import join
+        from infra import layout
 
-        return self.checkpoints or join(self.lake_root, "model", "checkpoints")
+        return self.checkpoints or layout.checkpoints(self.lake_root)
 
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)

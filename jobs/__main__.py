@@ -67,10 +67,9 @@ REFUSALS = {
     "schemas.queries": ("QueryFileError",),
     "schemas.tables": ("SchemaVersionError",),
     "schemas.vectors": ("CorruptVector", "VectorOverflow"),
-    "jobs.checkpoints": ("CheckpointError",),
+    "jobs.checkpoints": ("CheckpointError", "CheckpointMismatch"),
     "jobs.catalog": ("NotInLake",),
     "jobs.tokenize": ("RawPartitionError",),
-    "jobs.extract": ("CheckpointMismatch",),
     "gradient_kernels.scoring": ("FingerprintMismatch",),
     "demo.import_data": ("ImportRefused", "ImportedDataError"),
 }

@@ -13,9 +13,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra import storage
+from infra import layout, storage
 from infra.cli import option
-from infra.config import from_settings
+from infra.config import from_settings, load_config
 from infra.lake import Lake
 
 
@@ -81,7 +81,7 @@ def newest_checkpoint_folder(location: str) -> str:
     return folders[-1]
 
 
-def checkpoint_location(lake: Lake, checkpoint_id: str) -> str:
+def registered_location(lake: Lake, checkpoint_id: str) -> str:
     """Where a registered checkpoint lives (absolute path or s3:// URI), as the `checkpoints` table says."""
     rows = lake.read("checkpoints", filters=[("checkpoint_id", "=", checkpoint_id)], columns=["path"])
     if rows.num_rows == 0:
@@ -93,15 +93,15 @@ def checkpoint_folder(lake: Lake, checkpoint_id: str) -> Path:
     """A local folder holding a registered checkpoint (downloaded if it was registered from S3),
     refused (CheckpointMismatch) if its weights changed since registration, as extract refuses:
     scores from other weights than the stored vectors' would be silently wrong."""
-    from jobs.extract import CheckpointMismatch, model_fingerprint, resolve_checkpoint  # extract reads folders
+    from jobs.checkpoints import CheckpointMismatch, weights_fingerprint
 
     rows = lake.read(
         "checkpoints", filters=[("checkpoint_id", "=", checkpoint_id)], columns=["path", "model_fingerprint"]
     )
     if rows.num_rows == 0:
         raise NotInLake(f"checkpoint {checkpoint_id!r} is not registered")
-    folder = resolve_checkpoint(lake, checkpoint_location(lake, checkpoint_id))
-    registered, found = rows["model_fingerprint"][0].as_py(), model_fingerprint(folder)
+    folder = resolve_checkpoint(lake, registered_location(lake, checkpoint_id))
+    registered, found = rows["model_fingerprint"][0].as_py(), weights_fingerprint(folder)
     if found != registered:
         raise CheckpointMismatch(
             f"checkpoint {checkpoint_id!r} was indexed with weights {registered}, but {folder} now "
@@ -173,3 +173,28 @@ def last_scored_inputs(lake: Lake, checkpoint_id: str, fingerprint: str, query_s
         ) and method in config.get("methods", ()):
             return counts.get("inputs")
     return None
+
+
+def checkpoint_uri(lake: Lake, checkpoint: str) -> str:
+    """Where the checkpoint lives, as it resolves from anywhere (absolute path or s3:// URI): as
+    given, or the newest one the lake's model was trained to."""
+    if checkpoint:
+        return storage.absolute(checkpoint)
+    summary = layout.train_summary(lake.root)
+    if not storage.exists(summary):
+        raise FileNotFoundError(f"no checkpoint given and no trained model under {lake.root}")
+    return layout.checkpoint(lake.root, json.loads(storage.read_bytes(summary))["checkpoints"][-1])
+
+
+def resolve_checkpoint(lake: Lake, checkpoint: str) -> Path:
+    """A local folder holding the checkpoint (one on S3 is downloaded into the cache first)."""
+    return storage.local_folder(checkpoint_uri(lake, checkpoint), load_config().cache_dir)
+
+
+def only_fingerprint(lake: Lake, checkpoint_id: str) -> str:
+    found = sorted(
+        f for (f,) in lake.distinct("train_gradients", ["fingerprint"], [("checkpoint_id", "=", checkpoint_id)])
+    )
+    if len(found) != 1:
+        raise ValueError(f"{checkpoint_id}: train_gradients hold fingerprints {found}; pass --fingerprint")
+    return found[0]

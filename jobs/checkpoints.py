@@ -30,37 +30,14 @@ import json
 import re
 from pathlib import Path
 
-from infra import storage
-
 
 class CheckpointError(ValueError):
     """A checkpoint folder lacks something the pipeline needs."""
 
 
-def checkpoints_location(lake_root) -> str:
-    """Where trained checkpoint folders live: <lake>/model/checkpoints (a folder or an s3:// prefix),
-    outside every Delta table's folder (inside the `checkpoints` table's, a vacuum deleted them)."""
-    return storage.join(str(lake_root), "model", "checkpoints")
-
-
-def checkpoint_location(lake_root, checkpoint_id: str) -> str:
-    """A trained checkpoint's folder or s3:// prefix; lakes written before the move keep it in
-    <lake>/checkpoints/."""
-    path = storage.join(checkpoints_location(lake_root), checkpoint_id)
-    legacy = storage.join(str(lake_root), "checkpoints", checkpoint_id)
-    if not storage.exists(storage.join(path, "config.json")) and storage.exists(storage.join(legacy, "config.json")):
-        return legacy
-    return path
-
-
-def checkpoints_root(lake_root) -> Path:
-    """`checkpoints_location` of a local lake, as a Path."""
-    return Path(checkpoints_location(lake_root))
-
-
-def checkpoint_path(lake_root, checkpoint_id: str) -> Path:
-    """`checkpoint_location` of a local lake, as a Path."""
-    return Path(checkpoint_location(lake_root, checkpoint_id))
+class CheckpointMismatch(ValueError):
+    """A checkpoint id already indexed with other weights, or tokens another tokenizer cut: vectors
+    of it would be silently wrong."""
 
 
 def load_manifest(checkpoint_dir: Path) -> dict:

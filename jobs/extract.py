@@ -26,9 +26,12 @@ from infra.lake import Lake
 from infra.names import check_name, check_names
 from jobs.launch import launch_ranks, node_ranks
 from infra.cli import add_config_arguments, config_from_args, option
-from infra.config import from_settings, load_config
+from infra.config import from_settings
+from infra import layout
+from infra.layout import QUERY, TRAIN
+from jobs.catalog import checkpoint_uri, resolve_checkpoint
+from jobs.checkpoints import CheckpointMismatch
 
-TRAIN, QUERY = "train", "query"
 # Queries are few and every score leans on them: never rounded to int8 or 16 bits with the corpus.
 QUERY_DTYPE = "float32"
 
@@ -55,25 +58,6 @@ class ExtractConfig:
     force: bool = option(False)
     partitions: list[int] = option(factory=list, help="restrict to these source partitions")
     queries_only: bool = option(False, help="extract only the query set's gradients, no training partitions")
-
-
-# ------------------------------------------------------------------ shared by both sides
-def checkpoint_uri(lake: Lake, checkpoint: str) -> str:
-    """Where the checkpoint lives, as it resolves from anywhere (absolute path or s3:// URI): as
-    given, or the newest one the lake's model was trained to."""
-    if checkpoint:
-        return storage.absolute(checkpoint)
-    summary = storage.join(lake.root, "model", "train_summary.json")
-    if not storage.exists(summary):
-        raise FileNotFoundError(f"no checkpoint given and no trained model under {lake.root}")
-    from jobs.checkpoints import checkpoint_location
-
-    return checkpoint_location(lake.root, json.loads(storage.read_bytes(summary))["checkpoints"][-1])
-
-
-def resolve_checkpoint(lake: Lake, checkpoint: str) -> Path:
-    """A local folder holding the checkpoint (one on S3 is downloaded into the cache first)."""
-    return storage.local_folder(checkpoint_uri(lake, checkpoint), load_config().cache_dir)
 
 
 def projection_spec(checkpoint_dir: Path, config: ExtractConfig):
@@ -120,29 +104,14 @@ def auto_normalizer(optimizer: str, parameters: int) -> str:
     return "adam-floored" if parameters <= EXACT_ADAM_MAX_PARAMETERS else "adam-factored"
 
 
-def autocorrelation_path(lake: Lake, checkpoint_id: str, fingerprint: str, kind: str, item) -> str:
-    name = f"partition={item:05d}" if kind == TRAIN else f"query_set={item}"
-    return storage.join(lake.root, "_autocorrelation", checkpoint_id, fingerprint, kind, f"{name}.safetensors")
-
-
-def model_fingerprint(checkpoint_dir: Path) -> str:
-    from jobs.checkpoints import weights_fingerprint
-
-    return weights_fingerprint(checkpoint_dir)
-
-
 # ------------------------------------------------------------------ launcher side
-class CheckpointMismatch(ValueError):
-    """A checkpoint id already indexed with other weights: its vectors would be silently wrong."""
-
-
 def check_checkpoint(lake: Lake, checkpoint_dir: Path, force: bool) -> tuple[dict, str]:
     """(manifest, weights fingerprint); refuses a known checkpoint id whose weights changed."""
-    from jobs.checkpoints import load_manifest
+    from jobs.checkpoints import load_manifest, weights_fingerprint
 
     manifest = load_manifest(checkpoint_dir)
     check_name(manifest.get("checkpoint_id"), f"checkpoint id in {checkpoint_dir}/manifest.json")
-    weights = model_fingerprint(checkpoint_dir)
+    weights = weights_fingerprint(checkpoint_dir)
     known = lake.read(
         "checkpoints", filters=[("checkpoint_id", "=", manifest["checkpoint_id"])], columns=["model_fingerprint"]
     )["model_fingerprint"].to_pylist()
@@ -194,7 +163,9 @@ def done_items(lake: Lake, checkpoint_id: str, fingerprint: str, kind: str, quer
             ("fingerprint", "=", fingerprint),
         ]
         items = {query_set} if lake.distinct("query_gradients", ["fingerprint"], where) else set()
-    return {i for i in items if storage.exists(autocorrelation_path(lake, checkpoint_id, fingerprint, kind, i))}
+    return {
+        i for i in items if storage.exists(layout.autocorrelation_file(lake.root, checkpoint_id, fingerprint, kind, i))
+    }
 
 
 def run(config: ExtractConfig) -> dict:
@@ -262,7 +233,7 @@ def run_many(configs: list[ExtractConfig]) -> list[dict]:
     if not jobs:
         return results
     register_checkpoint(lake, manifest, weights, checkpoint_uri(lake, first.checkpoint), jobs[0]["run_id"])
-    plan_path = storage.join(lake.root, "_plans", f"{jobs[0]['run_id']}.json")
+    plan_path = layout.plan(lake.root, jobs[0]["run_id"])
     storage.write_text(
         plan_path,
         json.dumps(

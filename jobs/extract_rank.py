@@ -14,7 +14,9 @@ import pyarrow as pa
 
 from infra import storage
 from infra.lake import Lake
-from jobs.extract import ExtractConfig, QUERY, QUERY_DTYPE, TRAIN, autocorrelation_path
+from infra import layout
+from infra.layout import QUERY, TRAIN
+from jobs.extract import ExtractConfig, QUERY_DTYPE
 from jobs.launch import bind_rank_device, end_rank, init_rank, rank_arguments
 
 # a partition's chunks are read this many at a time (and batched by length within each window)
@@ -238,12 +240,10 @@ class RankWorker:
             )
 
     def _save_sums(self, e: Extraction, kind: str, item, sums):
-        from infra.matrices import save_matrices
+        from jobs.autocorrelation import save_autocorrelation
 
-        save_matrices(
-            autocorrelation_path(self.lake, e.checkpoint_id, e.fingerprint, kind, item),
-            {f"block{i:03d}": s for i, s in enumerate(sums.sums)},
-            {"count": sums.count},
+        save_autocorrelation(
+            layout.autocorrelation_file(self.lake.root, e.checkpoint_id, e.fingerprint, kind, item), sums
         )
 
 

@@ -25,11 +25,13 @@ import torch
 
 from infra import storage
 from infra.lake import Lake
-from infra.matrices import load_matrices, load_metadata, save_matrices
+from infra.matrices import save_matrices
 from infra.cli import add_config_arguments, option
 from infra.config import from_settings
+from infra import layout
 from jobs.threads import use_cpu_threads
-from jobs.catalog import SliceConfig, latest_checkpoint_id
+from jobs.autocorrelation import summed_autocorrelation, without_chunks
+from jobs.catalog import SliceConfig, latest_checkpoint_id, only_fingerprint
 
 KINDS = ("r_train", "r_query", "inverse_root", "inverse_root_train_only", "inverse_train")
 
@@ -59,32 +61,6 @@ class FitHessianConfig(SliceConfig):
     r_query_exclude: tuple = option(
         (), cli=False
     )  # query ids left out of R_query (fit it on a split the scoring does not use)
-
-
-def only_fingerprint(lake: Lake, checkpoint_id: str) -> str:
-    found = sorted(
-        f for (f,) in lake.distinct("train_gradients", ["fingerprint"], [("checkpoint_id", "=", checkpoint_id)])
-    )
-    if len(found) != 1:
-        raise ValueError(f"{checkpoint_id}: train_gradients hold fingerprints {found}; pass --fingerprint")
-    return found[0]
-
-
-def stored_autocorrelation(path: str):
-    """The Autocorrelation an extraction (or a takedown) saved to `path`."""
-    from gradient_kernels.hessian import Autocorrelation
-
-    tensors = load_matrices(path)
-    blocks = [tensors[k] for k in sorted(tensors)]
-    return Autocorrelation([b.shape[0] for b in blocks], blocks, int(load_metadata(path)["count"]))
-
-
-def summed_autocorrelation(files: list[str]):
-    total = None
-    for path in files:
-        part = stored_autocorrelation(path)
-        total = part if total is None else total.merge(part)
-    return total
 
 
 def query_autocorrelation(
@@ -167,7 +143,7 @@ def fit(train, query, config: FitHessianConfig) -> Fit:
 
 def extracted_sums(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: str, r_query_exclude=()):
     """(train, query) autocorrelation sums of an extraction; R_query leaves out `r_query_exclude`."""
-    from jobs.extract import QUERY, TRAIN, autocorrelation_path
+    from infra.layout import QUERY, TRAIN
 
     partitions = sorted(
         set(
@@ -178,8 +154,8 @@ def extracted_sums(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: 
             )["partition"].to_pylist()
         )
     )
-    train_files = [autocorrelation_path(lake, checkpoint_id, fingerprint, TRAIN, p) for p in partitions]
-    query_file = autocorrelation_path(lake, checkpoint_id, fingerprint, QUERY, query_set)
+    train_files = [layout.autocorrelation_file(lake.root, checkpoint_id, fingerprint, TRAIN, p) for p in partitions]
+    query_file = layout.autocorrelation_file(lake.root, checkpoint_id, fingerprint, QUERY, query_set)
     missing = [f for f in train_files + [query_file] if not storage.exists(f)]
     if not partitions or missing:
         raise FileNotFoundError(
@@ -200,11 +176,8 @@ def without_outliers(lake: Lake, checkpoint_id: str, fingerprint: str, train, z:
     outer products are subtracted exactly where the vectors are stored as float32 (what extraction
     summed); for a lossy dtype the sums of the other chunks are rebuilt from the stored vectors."""
     import numpy as np
-    import torch
 
-    from gradient_kernels.hessian import Autocorrelation
     from gradient_kernels.robust import outlier_threshold
-    from schemas.vectors import decode_rows
 
     where = [("checkpoint_id", "=", checkpoint_id), ("fingerprint", "=", fingerprint)]
     rows = lake.read("train_gradients", filters=where, columns=["partition", "doc_id", "chunk", "norm", "dtype"])
@@ -229,16 +202,12 @@ def without_outliers(lake: Lake, checkpoint_id: str, fingerprint: str, train, z:
     keys = set(zip(outliers["partition"].to_pylist(), outliers["doc_id"].to_pylist(), outliers["chunk"].to_pylist()))
     exact = set(outliers["dtype"].to_pylist()) == {"float32"}
     scope = where + ([("partition", "in", sorted({p for p, _, _ in keys}))] if exact else [])
-    columns = ["partition", "doc_id", "chunk", "vector", "dtype", "scale"]
-    dim, rest = sum(train.block_sizes), Autocorrelation(train.block_sizes)
-    for batch in lake.read_batches("train_gradients", filters=scope, columns=columns):
+
+    def is_outlier(batch):
         named = zip(batch["partition"].to_pylist(), batch["doc_id"].to_pylist(), batch["chunk"].to_pylist())
-        is_outlier = pa.array([key in keys for key in named])
-        if exact:
-            train = train.subtract(torch.from_numpy(decode_rows(batch.filter(is_outlier), dim)))
-        else:
-            rest = rest.add(torch.from_numpy(decode_rows(batch.filter(pc.invert(is_outlier)), dim)))
-    return (train if exact else rest), table
+        return pa.array([key in keys for key in named])
+
+    return without_chunks(lake, train, scope, is_outlier, exact), table
 
 
 def alarms(lake: Lake, query_set: str, fingerprint: str, lam: float, damping: float, factor: float) -> list[str]:
@@ -301,7 +270,7 @@ def run(config: FitHessianConfig) -> dict:
             flush=True,
         )
 
-    folder = storage.join(lake.root, "_matrices", "hessians", checkpoint_id, config.query_set, fingerprint)
+    folder = layout.hessians(lake.root, checkpoint_id, config.query_set, fingerprint)
     lineage = {
         "r_train": (None, None, train.count),
         "r_query": (None, None, query.count),
@@ -356,7 +325,7 @@ def run(config: FitHessianConfig) -> dict:
         lam,
         component,
         diagnostics,
-        storage.join(lake.root, "reports", f"hessian_{checkpoint_id}_{config.query_set}_{fingerprint}.png"),
+        layout.reports(lake.root, f"hessian_{checkpoint_id}_{config.query_set}_{fingerprint}.png"),
         outliers.num_rows,
     )
     moved = alarms(lake, config.query_set, fingerprint, lam, sum(dampings) / len(dampings), config.alarm_factor)

@@ -22,6 +22,7 @@ from infra.quarantine import quarantine_rows
 from schemas.queries import QueryFileError, check_targets, load_queries
 from schemas.tables import TABLES
 from infra.config import load_config
+from infra import layout
 
 DEFAULT_QUERY_SET = "fact-world"
 
@@ -35,11 +36,11 @@ def run(
 ) -> int:
     check_names(query_set=name, run_id=run_id)
     lake = Lake(lake_root)
-    path = storage.absolute(path or storage.join(lake.root, "world", "queries.jsonl"))
+    path = storage.absolute(path or layout.world(lake.root, "queries.jsonl"))
     query_file = load_queries(path, storage.read_text(path))
     for note in query_file.notes:
         print(f"[register-queries] note: {note}")
-    tokenizer = tokenizer or storage.join(lake.root, "model", "tokenizer")
+    tokenizer = tokenizer or layout.tokenizer(lake.root)
     local_tokenizer = (
         storage.local_folder(tokenizer, load_config().cache_dir)
         if storage.exists(storage.join(tokenizer, "tokenizer.json"))

@@ -2,7 +2,7 @@
 
 The prepared query vectors (preconditioned, normalised: small) are shipped to every task. The
 methods that precondition both sides with a fitted matrix and unit-normalise (trackstar,
--no-mixing, -no-optimizer) score the TrackStar index (`jobs.index`: the train side prepared once,
+-no-mixing, -no-optimizer) score the TrackStar index (`jobs.trackstar_index`: the train side prepared once,
 int8 by default; built here first where missing or stale): one integer matrix product per batch
 against int8-coded queries (the rows are not decoded), then top-k. The others
 (and `--index none`) prepare the raw `train_gradients` vectors as they go. Arrow batches are cut
@@ -40,7 +40,7 @@ from infra.cli import add_config_arguments, option
 from infra.config import from_settings
 from jobs.threads import use_cpu_threads
 from jobs.catalog import SliceConfig, train_vector_count
-from jobs.index import BATCH_BYTES, rows_per_batch
+from jobs.trackstar_index import BATCH_BYTES, rows_per_batch
 
 # method -> (registered matrix kind or None, power applied to it, unit norm, on both sides)
 METHODS = {
@@ -237,9 +237,9 @@ def run(config: ScoreConfig) -> dict:
 
     from infra.runs import finish_run, start_run
     from infra.spark import spark_session
-    from jobs.index import ensure_index
+    from jobs.trackstar_index import ensure_index
     from jobs.catalog import latest_checkpoint_id
-    from jobs.fit_hessian import only_fingerprint
+    from jobs.catalog import only_fingerprint
 
     check_names(query_set=config.query_set, checkpoint_id=config.checkpoint_id, fingerprint=config.fingerprint)
     use_cpu_threads(config.cpu_threads, "score")

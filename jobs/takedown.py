@@ -10,7 +10,7 @@ A url is a document's `doc_id`. One `runs` row (command `takedown`) covers the w
    train_gradients, train_outliers, trackstar_index, proponents, tail_patches (`DOC_TABLES`).
 2. R_train's sums lose the documents exactly, without re-extraction: for each extracted
    (checkpoint, fingerprint, partition) holding one of them, the partition's autocorrelation file
-   (`jobs.extract.autocorrelation_path`) gets the stored vectors' outer products subtracted (read
+   (`infra.layout.autocorrelation_file`) gets the stored vectors' outer products subtracted (read
    BEFORE the rows are deleted). Stored float32 vectors are exactly what extraction summed; for a
    lossy dtype (float16, bfloat16, int8) the partition's sums are rebuilt from its remaining stored
    vectors. The file records which chunks it no longer holds (hashed keys), so a run killed between
@@ -54,6 +54,7 @@ from infra import storage
 from infra.cli import add_config_arguments, config_from_args, option
 from infra.config import from_settings
 from infra.lake import Lake, LakeError, utc_now
+from infra import layout
 from schemas.tables import TABLES
 
 # every table whose rows name a document (doc_id), in the order their rows are deleted: what is
@@ -224,7 +225,7 @@ def take_down(lake: Lake, items: list[Item], config: dict | None = None) -> dict
 
 
 def _plans_folder(lake: Lake) -> str:
-    return storage.join(lake.root, "_takedown_plans")
+    return layout.takedown_plans(lake.root)
 
 
 def write_plan(lake: Lake, run_id: str, items: list[Item], per_url: dict, sums: list, to_score: dict) -> str:
@@ -395,48 +396,39 @@ def correct_partition_sums(lake: Lake, checkpoint_id: str, fingerprint: str, par
     """The partition's autocorrelation file without the urls' chunks: their stored float32 vectors
     subtracted (exactly what extraction summed), or, for a lossy dtype, the sums of the remaining
     stored vectors. Chunks the file's ledger already names (an earlier, killed run) are not subtracted again."""
-    import torch
-
-    from gradient_kernels.hessian import Autocorrelation
-    from infra.matrices import load_metadata, save_matrices
-    from jobs.extract import TRAIN, autocorrelation_path
-    from jobs.fit_hessian import stored_autocorrelation
-    from schemas.vectors import decode_rows
+    from infra.layout import TRAIN
+    from infra.matrices import load_metadata
+    from jobs.autocorrelation import save_autocorrelation, stored_autocorrelation, without_chunks
 
     where = [("checkpoint_id", "=", checkpoint_id), ("fingerprint", "=", fingerprint), ("partition", "=", partition)]
-    columns = ["doc_id", "chunk", "vector", "dtype", "scale"]
-    removed = lake.read("train_gradients", filters=[*where, ("doc_id", "in", urls)], columns=columns)
+    removed = lake.read(
+        "train_gradients", filters=[*where, ("doc_id", "in", urls)], columns=["doc_id", "chunk", "dtype"]
+    )
     entry = {
         "checkpoint_id": checkpoint_id,
         "fingerprint": fingerprint,
         "partition": partition,
         "vectors": removed.num_rows,
     }
-    path = autocorrelation_path(lake, checkpoint_id, fingerprint, TRAIN, partition)
+    path = layout.autocorrelation_file(lake.root, checkpoint_id, fingerprint, TRAIN, partition)
     if not storage.exists(path):  # never completed extraction: fit-hessian refuses it until re-extracted
         return entry | {"how": "no sums file"}
     sums, metadata = stored_autocorrelation(path), load_metadata(path)
     ledger = set(json.loads(metadata.get(LEDGER_KEY, "[]")))
     keys = [chunk_key(d, c) for d, c in zip(removed["doc_id"].to_pylist(), removed["chunk"].to_pylist())]
-    dim = sum(sums.block_sizes)
-    if set(removed["dtype"].to_pylist()) == {"float32"}:
-        todo = pa.array([key not in ledger for key in keys])
-        if not any(todo.to_pylist()):
-            return entry | {"how": "already subtracted"}
-        sums = sums.subtract(torch.from_numpy(decode_rows(removed.filter(todo), dim)))
-        how = "subtracted"
-    else:
-        sums = Autocorrelation(sums.block_sizes)
-        for batch in lake.read_batches(
-            "train_gradients", filters=[*where, ("doc_id", "not in", urls)], columns=columns[2:]
-        ):
-            sums.add(torch.from_numpy(decode_rows(batch, dim)))
-        how = "rebuilt from the remaining stored vectors"
-    save_matrices(
-        path,
-        {f"block{i:03d}": block for i, block in enumerate(sums.sums)},
-        {"count": sums.count, LEDGER_KEY: json.dumps(sorted(ledger | set(keys)))},
-    )
+    exact = set(removed["dtype"].to_pylist()) == {"float32"}
+    if exact and all(key in ledger for key in keys):
+        return entry | {"how": "already subtracted"}
+
+    def taken_down(batch):
+        named = zip(batch["doc_id"].to_pylist(), batch["chunk"].to_pylist())
+        wanted = set(urls)  # an exact subtraction skips what the ledger says is out already
+        return pa.array([d in wanted and not (exact and chunk_key(d, c) in ledger) for d, c in named])
+
+    scope = [*where, ("doc_id", "in", urls)] if exact else where
+    sums = without_chunks(lake, sums, scope, taken_down, exact)
+    how = "subtracted" if exact else "rebuilt from the remaining stored vectors"
+    save_autocorrelation(path, sums, {LEDGER_KEY: json.dumps(sorted(ledger | set(keys)))})
     return entry | {"how": how, "count": sums.count}
 
 

@@ -34,6 +34,7 @@ from jobs import c4_lines
 from jobs.checkpoints import tokenizer_id
 from infra.cli import add_config_arguments, config_from_args, option
 from infra.config import from_settings
+from infra import layout
 
 PARTITION_NAME = re.compile(r"c4-[\w-]+\.(\d+)-of-(\d+)\.json\.gz$")
 EOS = "<|endoftext|>"
@@ -62,11 +63,10 @@ def tokenizer_fingerprint_of(tokenizer_json: bytes, context: int) -> str:
 def model_context(lake_root: str) -> int:
     """The context of the lake's newest checkpoint (the chunks must fit it)."""
     from jobs.catalog import checkpoint_folders_by_step
-    from jobs.checkpoints import checkpoints_location
 
     roots = [
-        checkpoints_location(lake_root),
-        storage.join(lake_root, "checkpoints"),
+        layout.checkpoints(lake_root),
+        layout.legacy_checkpoints(lake_root),
     ]  # and the folder lakes used before
     folders = next((found for found in map(checkpoint_folders_by_step, roots) if found), None)
     if not folders:
@@ -335,14 +335,14 @@ def run(config: TokenizeConfig) -> dict:
     from infra.spark import spark_session
 
     lake = Lake(config.lake)
-    tokenizer_dir = config.tokenizer or storage.join(lake.root, "model", "tokenizer")
+    tokenizer_dir = config.tokenizer or layout.tokenizer(lake.root)
     tokenizer_file = storage.join(tokenizer_dir, "tokenizer.json")
     if not storage.exists(tokenizer_file):
         raise FileNotFoundError(f"no {tokenizer_file} (train the model first, or pass --tokenizer)")
     tokenizer_json = storage.read_bytes(tokenizer_file)
     context = config.context or model_context(lake.root)
     fingerprint = tokenizer_fingerprint_of(tokenizer_json, context)
-    raw_dir = config.raw or storage.join(lake.root, "raw")
+    raw_dir = config.raw or layout.raw(lake.root)
     partitions = chosen_partitions(raw_dir, config.partitions)
     tokenized = tokenized_partitions(lake, fingerprint)
     done = set() if config.force else tokenized

@@ -13,8 +13,8 @@ import time
 import pytest
 
 from infra.lake import Lake
+from infra import layout
 from jobs import extract, fit_hessian, register_queries, score, tokenize
-from jobs.checkpoints import checkpoint_path
 
 QUOTED_URL = "https://quote.example/o'brien/\"it's\"\\page?q='1'"
 EXTRA_DOCS = [
@@ -58,7 +58,7 @@ def built_indexed_lake(adam_run, tmp_path_factory):
     started = time.perf_counter()
     tokenize.run(tokenize.TokenizeConfig(lake=str(lake_dir)))
     register_queries.run(str(lake_dir))
-    older, newer = (checkpoint_path(lake_dir, c) for c in summary["checkpoints"])
+    older, newer = (layout.checkpoint_path(lake_dir, c) for c in summary["checkpoints"])
     results = {"newer": index_checkpoint(lake_dir, newer)}
     build_seconds = time.perf_counter() - started
     results["older"] = index_checkpoint(lake_dir, older)

@@ -39,7 +39,7 @@ def test_a_backfilled_older_checkpoint_does_not_become_the_latest(tmp_path):
     assert catalog.latest_checkpoint_id(lake, among={"step-0100", "step-0200"}) == "step-0200"
     with pytest.raises(ValueError, match="no registered checkpoints"):
         catalog.latest_checkpoint_id(lake, among={"unknown"})
-    assert catalog.checkpoint_location(lake, "step-0200") == "/checkpoints/step-0200"
+    assert catalog.registered_location(lake, "step-0200") == "/checkpoints/step-0200"
 
 
 def test_the_newest_checkpoint_folder_is_judged_by_its_manifest_step(tmp_path):

@@ -15,9 +15,9 @@ import pytest
 
 from infra.airflow_local import airflow_environment, run_dag
 from infra.lake import Lake
+from infra import layout
 from dags import orchestrate
 from jobs import register_queries
-from jobs.checkpoints import checkpoint_path
 from tests.fixtures import copy_lake
 
 # test-only Airflow local settings that make a task fail once (tests/airflow_faults/)
@@ -110,7 +110,7 @@ def airflow_lake(adam_run, tmp_path_factory):
     lake_dir = copy_lake(source, root / "lake")
     # only the final checkpoint has "arrived"; the older one is backfilled later
     older = summary["checkpoints"][0]
-    Path(checkpoint_path(lake_dir, older)).rename(root / older)
+    Path(layout.checkpoint_path(lake_dir, older)).rename(root / older)
     register_queries.run(str(lake_dir))
     return Lake(lake_dir), root / "airflow", root / older, summary
 
@@ -200,7 +200,7 @@ def test_backfill_of_an_older_checkpoint_makes_its_own_slices_and_compares(airfl
 
 def test_score_dag_scores_the_requested_methods_and_evaluates(airflow_lake):
     lake, home, _, summary = airflow_lake
-    newest = str(checkpoint_path(lake.root, summary["checkpoints"][-1]))
+    newest = str(layout.checkpoint_path(lake.root, summary["checkpoints"][-1]))
     result = _run(
         "trackstar_score",
         lake,

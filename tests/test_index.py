@@ -18,8 +18,9 @@ from gradient_kernels.hessian import Autocorrelation
 from gradient_kernels.scoring import Preconditioner, RunningTopK, prepare, two_stage_top_k
 from infra.lake import Lake
 from infra.matrices import save_matrices
-from jobs import catalog, fit_hessian, index, score
-from jobs.extract import QUERY, TRAIN, autocorrelation_path
+from infra import layout
+from jobs import catalog, fit_hessian, score, trackstar_index
+from infra.layout import QUERY, TRAIN
 from schemas.vectors import (
     SKETCH_BLOCK,
     decode_sign_sketch,
@@ -79,7 +80,7 @@ def write_partition(lake: Lake, partition: int, vectors: np.ndarray, run_id: str
 def _save_sums(lake: Lake, kind: str, item, vectors: np.ndarray):
     sums = Autocorrelation([BLOCK] * BLOCKS).add(torch.from_numpy(vectors))
     save_matrices(
-        autocorrelation_path(lake, CHECKPOINT, FINGERPRINT, kind, item),
+        layout.autocorrelation_file(lake.root, CHECKPOINT, FINGERPRINT, kind, item),
         {f"block{i:03d}": s for i, s in enumerate(sums.sums)},
         {"count": sums.count},
     )
@@ -148,7 +149,7 @@ def test_index_scores_equal_exact_float32_scoring_within_the_int8_bound(small_la
     exact_scores = (queries @ exact.T).numpy()
     exact_top = np.argsort(-exact_scores, axis=1)[:, :10]
     for dtype in ("float32", "int8"):
-        index.ensure_index(small_lake, CHECKPOINT, FINGERPRINT, QUERY_SET, "inverse_root", dtype)
+        trackstar_index.ensure_index(small_lake, CHECKPOINT, FINGERPRINT, QUERY_SET, "inverse_root", dtype)
         indexed_keys, vectors, _ = _indexed(small_lake, dtype)
         order = [indexed_keys.index(k) for k in keys]
         scores = queries.numpy() @ vectors[order].T
@@ -166,15 +167,21 @@ def test_index_scores_equal_exact_float32_scoring_within_the_int8_bound(small_la
 
 
 def test_incremental_build_adds_only_the_new_partition_and_a_rerun_adds_no_rows(small_lake):
-    first = index.ensure_index(small_lake, CHECKPOINT, FINGERPRINT, QUERY_SET, "inverse_root", "int8", run_id="build-1")
+    first = trackstar_index.ensure_index(
+        small_lake, CHECKPOINT, FINGERPRINT, QUERY_SET, "inverse_root", "int8", run_id="build-1"
+    )
     assert first["built"] == {0: "new partition", 1: "new partition"} and first["rows_written"] == 600
     version = small_lake.version("trackstar_index")
-    again = index.ensure_index(small_lake, CHECKPOINT, FINGERPRINT, QUERY_SET, "inverse_root", "int8", run_id="build-2")
+    again = trackstar_index.ensure_index(
+        small_lake, CHECKPOINT, FINGERPRINT, QUERY_SET, "inverse_root", "int8", run_id="build-2"
+    )
     assert again["built"] == {} and again["kept"] == [0, 1]
     assert small_lake.version("trackstar_index") == version  # nothing written, not even an empty commit
 
     write_partition(small_lake, 2, _vectors(50, seed=2))
-    third = index.ensure_index(small_lake, CHECKPOINT, FINGERPRINT, QUERY_SET, "inverse_root", "int8", run_id="build-3")
+    third = trackstar_index.ensure_index(
+        small_lake, CHECKPOINT, FINGERPRINT, QUERY_SET, "inverse_root", "int8", run_id="build-3"
+    )
     assert third["built"] == {2: "new partition"} and third["kept"] == [0, 1] and third["rows_written"] == 50
     rows = small_lake.read("trackstar_index", columns=["partition", "doc_id", "run_id"])
     by_partition = {}
@@ -185,7 +192,7 @@ def test_incremental_build_adds_only_the_new_partition_and_a_rerun_adds_no_rows(
 
     write_partition(small_lake, 1, _vectors(300, seed=11), run_id="extract-2")  # partition 1 re-extracted
     small_lake.open("train_gradients").delete("partition = 2")  # and partition 2 dropped
-    fourth = index.ensure_index(
+    fourth = trackstar_index.ensure_index(
         small_lake, CHECKPOINT, FINGERPRINT, QUERY_SET, "inverse_root", "int8", run_id="build-4"
     )
     assert fourth["built"] == {1: "re-extracted"} and fourth["removed"] == [2] and fourth["kept"] == [0]
@@ -193,12 +200,15 @@ def test_incremental_build_adds_only_the_new_partition_and_a_rerun_adds_no_rows(
 
 
 def test_a_new_hessian_fit_rebuilds_the_index(small_lake):
-    index.ensure_index(small_lake, CHECKPOINT, FINGERPRINT, QUERY_SET, "inverse_root", "int8")
+    trackstar_index.ensure_index(small_lake, CHECKPOINT, FINGERPRINT, QUERY_SET, "inverse_root", "int8")
     same = fit(small_lake)  # the same inputs give the same matrix: nothing to rebuild
-    assert index.ensure_index(small_lake, CHECKPOINT, FINGERPRINT, QUERY_SET, "inverse_root", "int8")["built"] == {}
+    assert (
+        trackstar_index.ensure_index(small_lake, CHECKPOINT, FINGERPRINT, QUERY_SET, "inverse_root", "int8")["built"]
+        == {}
+    )
     refit = fit(small_lake, mixing_lambda=0.3)
     assert refit["lambda"] != same["lambda"]
-    rebuilt = index.ensure_index(small_lake, CHECKPOINT, FINGERPRINT, QUERY_SET, "inverse_root", "int8")
+    rebuilt = trackstar_index.ensure_index(small_lake, CHECKPOINT, FINGERPRINT, QUERY_SET, "inverse_root", "int8")
     assert rebuilt["built"] == {0: "Hessian changed", 1: "Hessian changed"}
     stored = small_lake.read("trackstar_index", columns=["hessian_sha256"])
     assert set(stored["hessian_sha256"].to_pylist()) == {rebuilt["hessian"]} and stored.num_rows == 600

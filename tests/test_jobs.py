@@ -33,8 +33,9 @@ from gradient_kernels.projection import ProjectionSpec
 from gradient_kernels.scoring import FingerprintMismatch, Preconditioner, prepare
 from infra.lake import Lake
 from infra.matrices import ChecksumMismatch, load_matrices
+from infra import layout
 from jobs import catalog, extract, fit_hessian, register_queries, score, tokenize
-from jobs.checkpoints import checkpoint_path, load_second_moments
+from jobs.checkpoints import CheckpointMismatch, load_second_moments
 from schemas.vectors import decode_vectors
 from tests.fixtures import copy_lake
 
@@ -77,7 +78,7 @@ def indexed(adam_run, tmp_path_factory):
             lake=str(lake_dir), methods=["trackstar", "trak", "trackstar-no-hessian"], top_k=5, index="float32"
         )
     )  # int8 index: tests/test_index.py
-    checkpoint = checkpoint_path(lake_dir, summary["checkpoints"][-1])
+    checkpoint = layout.checkpoint_path(lake_dir, summary["checkpoints"][-1])
     return lake, checkpoint, results, long_text
 
 
@@ -401,7 +402,7 @@ def test_extract_refuses_partitions_another_tokenizer_cut(indexed, tmp_path):
     lake = Lake(copy_lake(indexed[0].root, tmp_path / "lake"))
     lake.update("tokens", {"partition": 1}, {"tokenizer_fingerprint": "0123456789abcdef-ctx64"})
     version = lake.version("train_gradients")
-    with pytest.raises(extract.CheckpointMismatch, match=r"partition\(s\) \[1\] were tokenized by another tokenizer"):
+    with pytest.raises(CheckpointMismatch, match=r"partition\(s\) \[1\] were tokenized by another tokenizer"):
         extract.run(extract.ExtractConfig(lake=lake.root, projection_k=4, token_budget=512, force=True))
     assert lake.version("train_gradients") == version  # refused before any rank started
 
@@ -433,7 +434,7 @@ def test_a_checkpoint_id_with_other_weights_is_refused(indexed, tmp_path):
     first = sorted(weights)[0]
     weights[first] = weights[first] + 1
     save_file(weights, changed / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(extract.CheckpointMismatch, match="pass --force"):
+    with pytest.raises(CheckpointMismatch, match="pass --force"):
         extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(changed), projection_k=4))
 
 

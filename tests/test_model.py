@@ -10,9 +10,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from demo import train_model
-from jobs.checkpoints import CheckpointError, checkpoint_path, load_manifest, load_second_moments
+from jobs.checkpoints import CheckpointError, load_manifest, load_second_moments
 from demo.model_eval import evaluate_checkpoint
 from evaluation.answers import encode_query
+from infra import layout
 
 
 def _zero_tag_dir(checkpoint):
@@ -23,18 +24,18 @@ def test_checkpoints_saved_at_the_planned_steps_with_manifests(adam_run):
     lake, summary = adam_run
     assert summary["steps"] == 6
     assert summary["checkpoints"] == ["gpt2-fact-world-s0-step000003", "gpt2-fact-world-s0-step000006"]
-    manifest = load_manifest(checkpoint_path(lake, summary["checkpoints"][-1]))
+    manifest = load_manifest(layout.checkpoint_path(lake, summary["checkpoints"][-1]))
     assert manifest["step"] == 6 and manifest["optimizer"] == "adam" and manifest["world_size"] == 2
     # 6 steps x 2 ranks x 4 sequences x 64 tokens
     assert manifest["data_seen_tokens"] == 6 * 2 * 4 * 64
     # WarmupCosineLR: past the 2 warm-up steps the rate decays from its peak
-    first = load_manifest(checkpoint_path(lake, summary["checkpoints"][0]))
+    first = load_manifest(layout.checkpoint_path(lake, summary["checkpoints"][0]))
     assert 0 < manifest["lr"] < first["lr"] <= train_model.TrainConfig().lr
 
 
 def test_checkpoint_reloads_to_identical_logits(adam_run):
     lake, summary = adam_run
-    checkpoint = checkpoint_path(lake, summary["checkpoints"][-1])
+    checkpoint = layout.checkpoint_path(lake, summary["checkpoints"][-1])
     reloaded = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
     # the DeepSpeed checkpoint's own copy of the weights is an independent record of the trained module
     module_state = torch.load(_zero_tag_dir(checkpoint) / "mp_rank_00_model_states.pt", weights_only=False)["module"]
@@ -47,7 +48,7 @@ def test_checkpoint_reloads_to_identical_logits(adam_run):
 
 def test_adam_second_moments_match_the_zero_shards(adam_run):
     lake, summary = adam_run
-    checkpoint = checkpoint_path(lake, summary["checkpoints"][-1])
+    checkpoint = layout.checkpoint_path(lake, summary["checkpoints"][-1])
     consolidated = load_second_moments(checkpoint, source="consolidated")
     from_shards = load_second_moments(checkpoint, source="zero")
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
@@ -66,7 +67,7 @@ def test_adam_second_moments_match_the_zero_shards(adam_run):
 
 def test_adafactor_second_moments_are_factored_and_match_the_optimizer_state(adafactor_run):
     lake, summary = adafactor_run
-    checkpoint = checkpoint_path(lake, summary["checkpoints"][-1])
+    checkpoint = layout.checkpoint_path(lake, summary["checkpoints"][-1])
     consolidated = load_second_moments(checkpoint)
     assert consolidated["kind"] == "adafactor"
     # ZeRO stage 0 keeps the client optimizer's own state dict in the model-states file
@@ -92,7 +93,7 @@ def test_missing_optimizer_state_is_a_clear_error(adam_run, tmp_path):
 
 def test_accuracy_is_exact_greedy_decoding(adam_run, tmp_path):
     lake, summary = adam_run
-    checkpoint = checkpoint_path(lake, summary["checkpoints"][-1])
+    checkpoint = layout.checkpoint_path(lake, summary["checkpoints"][-1])
     queries = [json.loads(line) for line in (lake / "world" / "queries.jsonl").read_text().splitlines()]
     accuracy = evaluate_checkpoint(checkpoint, lake / "world" / "queries.jsonl")
     assert sum(accuracy.counts[b]["prompt0"][1] for b in accuracy.counts) == len(queries)

@@ -23,9 +23,10 @@ import pytest
 from infra.airflow_local import airflow_environment
 from infra.lake import Lake, LakeError, utc_now
 from infra.names import InvalidName
+from infra import layout
 from infra.runs import finish_run, start_run
 from jobs import extract, tokenize
-from jobs.checkpoints import checkpoint_path
+from jobs.checkpoints import CheckpointMismatch, weights_fingerprint
 from schemas.tables import TABLES
 from tests.fixtures import copy_lake
 
@@ -322,7 +323,7 @@ def test_hostile_names_are_refused_by_every_cli_argument_and_change_nothing(fuzz
 def test_a_checkpoint_id_that_is_a_path_is_refused_before_anything_is_written(fuzzed_lake, adam_run, tmp_path):
     lake, source, summary = fuzzed_lake[0], *adam_run
     hostile = tmp_path / "ck"
-    shutil.copytree(checkpoint_path(source, summary["checkpoints"][-1]), hostile)
+    shutil.copytree(layout.checkpoint_path(source, summary["checkpoints"][-1]), hostile)
     manifest = json.loads((hostile / "manifest.json").read_text())
     (hostile / "manifest.json").write_text(json.dumps({**manifest, "checkpoint_id": "../../../escaped"}))
     before = _lake_state(lake, Path(lake.root).parent)
@@ -547,7 +548,7 @@ def test_an_incomplete_checkpoint_is_refused_before_it_is_registered(fuzzed_lake
 
     lake, (source, summary) = fuzzed_lake[0], adam_run
     incomplete = tmp_path / "incomplete"
-    shutil.copytree(checkpoint_path(source, summary["checkpoints"][-1]), incomplete)
+    shutil.copytree(layout.checkpoint_path(source, summary["checkpoints"][-1]), incomplete)
     manifest = json.loads((incomplete / "manifest.json").read_text())
     (incomplete / "manifest.json").write_text(json.dumps({**manifest, "checkpoint_id": "incomplete-step6"}))
     (incomplete / "optimizer.pt").write_bytes(b"")  # a copy cut short: the file is there, empty
@@ -621,9 +622,9 @@ def explorer_lake(adam_run, tmp_path_factory):
     lake_dir = copy_lake(source, tmp_path_factory.mktemp("explorer") / "lake")
     lake = Lake(lake_dir)
     register_queries.run(str(lake_dir))
-    checkpoint = checkpoint_path(lake_dir, summary["checkpoints"][-1])
+    checkpoint = layout.checkpoint_path(lake_dir, summary["checkpoints"][-1])
     manifest = load_manifest(checkpoint)
-    extract.register_checkpoint(lake, manifest, extract.model_fingerprint(checkpoint), str(checkpoint), "test")
+    extract.register_checkpoint(lake, manifest, weights_fingerprint(checkpoint), str(checkpoint), "test")
     queries = sorted(lake.read("queries").to_pylist(), key=lambda q: q["query_id"])
     rows = [
         {
@@ -695,7 +696,7 @@ def test_trace_and_the_explorer_refuse_a_checkpoint_whose_weights_changed(explor
     weights[first] = weights[first] + 1
     save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
     try:
-        with pytest.raises(extract.CheckpointMismatch, match="was indexed with weights .* re-extract it"):
+        with pytest.raises(CheckpointMismatch, match="was indexed with weights .* re-extract it"):
             checkpoint_folder(lake, checkpoint_id)  # what TraceContext, evaluate and the explorer load through
         response = TestClient(explore.create_app(lake.root), base_url="http://127.0.0.1").get("/")
         assert response.status_code == 409 and "was indexed with weights" in response.text
@@ -705,10 +706,9 @@ def test_trace_and_the_explorer_refuse_a_checkpoint_whose_weights_changed(explor
 
 # ------------------------------------------------------------------ maintenance cannot delete models
 def test_checkpoint_folders_live_outside_every_table_folder(adam_run):
-    from jobs.checkpoints import checkpoints_root
 
     source, summary = adam_run
-    assert sorted(p.name for p in Path(checkpoints_root(source)).iterdir()) == sorted(summary["checkpoints"])
+    assert sorted(p.name for p in Path(layout.checkpoints_path(source)).iterdir()) == sorted(summary["checkpoints"])
     assert not (source / "checkpoints").exists()  # the `checkpoints` table's folder
     assert all(not (source / table).exists() or table == "model" for table in TABLES)
 

@@ -15,8 +15,9 @@ from gradient_kernels.hessian import Autocorrelation
 from gradient_kernels.scoring import Preconditioner, prepare
 from infra.lake import Lake
 from infra.matrices import load_matrices, load_metadata
+from infra import layout
 from jobs import catalog, score, takedown, tokenize
-from jobs.extract import TRAIN, autocorrelation_path
+from infra.layout import TRAIN
 from schemas.tables import TABLES
 from schemas.vectors import decode_rows, encode_vectors, vector_checksums
 from tests.fixtures import copy_lake
@@ -218,7 +219,7 @@ def test_sums_are_never_subtracted_twice_and_lossy_slices_are_rebuilt(indexed_la
     where = [("checkpoint_id", "=", checkpoint), ("fingerprint", "=", fingerprint), ("partition", "=", 0)]
     rows = lake.read("train_gradients", filters=where)
     urls = sorted(set(rows["doc_id"].to_pylist()))[:2]
-    path = autocorrelation_path(lake, checkpoint, fingerprint, TRAIN, 0)
+    path = layout.autocorrelation_file(lake.root, checkpoint, fingerprint, TRAIN, 0)
 
     def sums():
         tensors = load_matrices(path)
