@@ -369,7 +369,7 @@ def _check_targets(root: Path, query_file: QueryFile, path: Path, linked: dict |
         refused, _warnings = check_targets(query_file.queries, AutoTokenizer.from_pretrained(linked["folder"]))
         tokenizer = f"the tokenizer of {linked['folder']}"
     else:
-        from jobs.tokenize import EOS
+        from jobs.c4_batches import EOS
 
         refused = [
             (i, f"target {q['target']!r} holds the end-of-text token {EOS}")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from infra import storage
 from jobs.launch import end_rank, init_rank, launch_ranks, rank_arguments
-from jobs.tokenize import EOS
+from jobs.c4_batches import EOS
 from infra.config import from_settings, load_config
 from infra import layout
 

@@ -37,7 +37,7 @@ from infra.config import load_config
 from infra.lake import Lake
 from infra import layout
 from jobs import catalog
-from jobs.tokenize import EOS
+from jobs.c4_batches import EOS
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")  # as a Host header names them (any port)

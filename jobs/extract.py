@@ -177,9 +177,6 @@ def run_many(configs: list[ExtractConfig]) -> list[dict]:
     start of the ranks: each config is its own run with its own fingerprint and slices, and the
     ranks share the work items of all of them (the model and optimizer state load once per rank).
     Returns one result per config, as `run` does."""
-    from infra.runs import finish_run, start_run
-    from jobs.checkpoints import check_complete
-
     first = configs[0]
     shared = {"lake", "checkpoint", "ranks", "cpu_threads", "query_set", "force", "token_budget"}
     differing = sorted(f for f in shared for c in configs if getattr(c, f) != getattr(first, f))
@@ -189,69 +186,76 @@ def run_many(configs: list[ExtractConfig]) -> list[dict]:
     lake = Lake(first.lake)
     checkpoint_dir = resolve_checkpoint(lake, first.checkpoint)
     manifest, weights = check_checkpoint(lake, checkpoint_dir, first.force)
-    checkpoint_id = manifest["checkpoint_id"]
     tokenized = tokenized_partitions(lake, checkpoint_dir)
     results, jobs, planned = [], [], {}
     for config in configs:
-        spec = projection_spec(checkpoint_dir, config)
-        if spec.fingerprint() in planned:  # e.g. "auto" resolving to "none" for a checkpoint without optimizer state
-            results.append(planned[spec.fingerprint()])
-            continue
-        check_complete(
-            checkpoint_dir, config.optimizer_source if spec.normalizer != "none" else None
-        )  # before registering
-        items = missing_items(lake, checkpoint_id, spec.fingerprint(), config, tokenized)
-        result = {
-            "checkpoint_id": checkpoint_id,
-            "fingerprint": spec.fingerprint(),
-            "dim": spec.dim,
-            "normalizer": spec.normalizer,
-            "items": [f"{kind}:{item}" for kind, item in items],
-        }
+        result, job = planned_extraction(lake, checkpoint_dir, manifest["checkpoint_id"], config, tokenized, planned)
         results.append(result)
-        planned[result["fingerprint"]] = result
-        if not items:  # nothing to do: write nothing, not even a runs row
-            print(
-                f"[extract] every slice of {checkpoint_id} is already extracted (fingerprint {result['fingerprint']}); "
-                f"nothing to do"
-            )
-            continue
-        correction = optimizer_correction(checkpoint_dir, config, spec)
-        print(f"[extract] optimizer correction: {correction}", flush=True)
-        result["run_id"] = start_run(
-            lake,
-            "extract",
-            asdict(config)
-            | {"fingerprint": result["fingerprint"], "spec": spec.as_dict(), "optimizer_correction": correction},
-        )
-        print(
-            f"[extract] {checkpoint_id}: {len(items)} slice(s), {spec.dim} dims ({len(spec.k)} matrices, "
-            f"k={config.projection_k}, seed {config.projection_seed}, {spec.normalizer}), fingerprint {result['fingerprint']}",
-            flush=True,
-        )
-        jobs.append({"config": asdict(config), "spec": spec.as_dict(), "run_id": result["run_id"], "items": items})
+        jobs += [job] if job else []
     if not jobs:
         return results
     register_checkpoint(lake, manifest, weights, checkpoint_uri(lake, first.checkpoint), jobs[0]["run_id"])
-    plan_path = layout.plan(lake.root, jobs[0]["run_id"])
-    storage.write_text(
-        plan_path,
-        json.dumps(
-            {
-                "checkpoint_dir": str(checkpoint_dir.resolve()),
-                "lake": lake.root,
-                "checkpoint_id": checkpoint_id,
-                "jobs": jobs,
-            }
-        ),
+    launched = [r for r in planned.values() if "run_id" in r]
+    launch(lake, checkpoint_dir, manifest["checkpoint_id"], jobs, launched, first)
+    return results
+
+
+def planned_extraction(
+    lake: Lake, checkpoint_dir: Path, checkpoint_id: str, config: ExtractConfig, tokenized: list, planned: dict
+) -> tuple[dict, dict | None]:
+    """(the extraction's result, its job for the ranks, None when nothing is missing); `planned`
+    (fingerprint -> result) makes two configs that resolve to one fingerprint one extraction."""
+    from infra.runs import start_run
+    from jobs.checkpoints import check_complete
+
+    spec = projection_spec(checkpoint_dir, config)
+    if spec.fingerprint() in planned:  # e.g. "auto" resolving to "none" for a checkpoint without optimizer state
+        return planned[spec.fingerprint()], None
+    check_complete(checkpoint_dir, config.optimizer_source if spec.normalizer != "none" else None)  # before registering
+    items = missing_items(lake, checkpoint_id, spec.fingerprint(), config, tokenized)
+    result = {
+        "checkpoint_id": checkpoint_id,
+        "fingerprint": spec.fingerprint(),
+        "dim": spec.dim,
+        "normalizer": spec.normalizer,
+        "items": [f"{kind}:{item}" for kind, item in items],
+    }
+    planned[result["fingerprint"]] = result
+    if not items:  # nothing to do: write nothing, not even a runs row
+        print(
+            f"[extract] every slice of {checkpoint_id} is already extracted (fingerprint {result['fingerprint']}); "
+            f"nothing to do"
+        )
+        return result, None
+    correction = optimizer_correction(checkpoint_dir, config, spec)
+    print(f"[extract] optimizer correction: {correction}", flush=True)
+    result["run_id"] = start_run(
+        lake,
+        "extract",
+        asdict(config)
+        | {"fingerprint": result["fingerprint"], "spec": spec.as_dict(), "optimizer_correction": correction},
     )
+    print(
+        f"[extract] {checkpoint_id}: {len(items)} slice(s), {spec.dim} dims ({len(spec.k)} matrices, "
+        f"k={config.projection_k}, seed {config.projection_seed}, {spec.normalizer}), fingerprint {result['fingerprint']}",
+        flush=True,
+    )
+    return result, {"config": asdict(config), "spec": spec.as_dict(), "run_id": result["run_id"], "items": items}
+
+
+def launch(lake: Lake, checkpoint_dir: Path, checkpoint_id: str, jobs: list, launched: list, first: ExtractConfig):
+    """Writes the plan, starts the ranks on it and waits; every launched run ends failed or succeeded."""
+    from infra.runs import finish_run
+
+    plan_path = layout.plan(lake.root, jobs[0]["run_id"])
+    plan = {"checkpoint_dir": str(checkpoint_dir.resolve()), "lake": lake.root, "checkpoint_id": checkpoint_id}
+    storage.write_text(plan_path, json.dumps(plan | {"jobs": jobs}))
     # a rank per partition at most: the query set is small, and an idle rank's cores go unused
     ranks = node_ranks(first.ranks, len({item for job in jobs for kind, item in job["items"] if kind == TRAIN}))
     print(
         f"[extract] {sum(len(j['items']) for j in jobs)} slice(s) of {len(jobs)} extraction(s) on {ranks} rank(s)",
         flush=True,
     )
-    launched = [r for r in planned.values() if "run_id" in r]
     try:
         launch_ranks("jobs.extract_rank", plan_path, ranks, first.cpu_threads)
     except Exception:
@@ -263,7 +267,6 @@ def run_many(configs: list[ExtractConfig]) -> list[dict]:
             "train_gradients", [("checkpoint_id", "=", checkpoint_id), ("fingerprint", "=", result["fingerprint"])]
         )
         finish_run(lake, result["run_id"], "succeeded", result)
-    return results
 
 
 def missing_items(lake: Lake, checkpoint_id: str, fingerprint: str, config: ExtractConfig, tokenized: list) -> list:

@@ -32,6 +32,8 @@ from infra import layout
 from jobs.threads import use_cpu_threads
 from jobs.autocorrelation import summed_autocorrelation, without_chunks
 from jobs.catalog import SliceConfig, latest_checkpoint_id, only_fingerprint
+from jobs.spectra_plot import plot_spectra
+from schemas.tables import table
 
 KINDS = ("r_train", "r_query", "inverse_root", "inverse_root_train_only", "inverse_train")
 
@@ -245,80 +247,11 @@ def run(config: FitHessianConfig) -> dict:
     )
     train, query = extracted_sums(lake, checkpoint_id, fingerprint, config.query_set, config.r_query_exclude)
     train, outliers = without_outliers(lake, checkpoint_id, fingerprint, train, config.outlier_z)
-    lake.replace_slice(
-        "train_outliers",
-        outliers.append_column("run_id", pa.array([run_id] * outliers.num_rows, pa.string())).append_column(
-            "created_at", pa.array([datetime.now(timezone.utc)] * outliers.num_rows, pa.timestamp("us", tz="UTC"))
-        ),
-        checkpoint_id=checkpoint_id,
-        fingerprint=fingerprint,
-    )
-    if outliers.num_rows:
-        print(
-            f"[fit-hessian] {outliers.num_rows:,} train chunk(s) left out of R_train: gradient norm above "
-            f"{outliers['threshold'][0].as_py():.3g} ({outliers['threshold'][0].as_py() / outliers['median_norm'][0].as_py():.3g}× "
-            f"the median); listed in table train_outliers",
-            flush=True,
-        )
+    record_outliers(lake, outliers, checkpoint_id, fingerprint, run_id)
     fitted = fit(train, query, config)
     lam, component, dampings, diagnostics = fitted.lam, fitted.component, fitted.dampings, fitted.diagnostics
-    if diagnostics["blocks_damped_above_train_top"]:
-        print(
-            f"[fit-hessian] WARNING: the damping exceeds R_train's top eigenvalue in blocks "
-            f"{diagnostics['blocks_damped_above_train_top'][:10]}: there R^(-1/2) is nearly constant on training "
-            f"vectors (the preconditioner does nothing); lower --damping-ratio or use --damping-rule train-block",
-            flush=True,
-        )
-
-    folder = layout.hessians(lake.root, checkpoint_id, config.query_set, fingerprint)
-    lineage = {
-        "r_train": (None, None, train.count),
-        "r_query": (None, None, query.count),
-        "inverse_root": (lam, dampings, train.count + query.count),
-        "inverse_root_train_only": (0.0, fitted.train_dampings, train.count),
-        "inverse_train": (0.0, fitted.train_dampings, train.count),
-    }
-    rows = {
-        name: []
-        for name in (
-            "checkpoint_id",
-            "query_set",
-            "fingerprint",
-            "kind",
-            "path",
-            "shape",
-            "sha256",
-            "lambda",
-            "damping",
-            "n_samples",
-            "run_id",
-            "created_at",
-        )
-    }
-    for kind, (kind_lambda, kind_damping, n) in lineage.items():
-        blocks = fitted.matrices[kind]
-        path = storage.join(folder, f"{kind}.safetensors")
-        # one metadata key: safetensors writes several in no fixed order, and the checksum must be stable
-        sha = save_matrices(path, {f"block{i:03d}": b.float() for i, b in enumerate(blocks)}, {"count": n})
-        mean_damping = sum(kind_damping) / len(kind_damping) if kind_damping else None
-        for name, value in (
-            ("checkpoint_id", checkpoint_id),
-            ("query_set", config.query_set),
-            ("fingerprint", fingerprint),
-            ("kind", kind),
-            ("path", lake.relative(path)),
-            ("shape", [b.shape[0] for b in blocks]),
-            ("sha256", sha),
-            ("lambda", kind_lambda),
-            ("damping", mean_damping),
-            ("n_samples", n),
-            ("run_id", run_id),
-            ("created_at", datetime.now(timezone.utc)),
-        ):
-            rows[name].append(value)
-    lake.replace_slice(
-        "hessians", pa.table(rows), checkpoint_id=checkpoint_id, query_set=config.query_set, fingerprint=fingerprint
-    )
+    warn_if_damping_hides_r_train(diagnostics)
+    save_hessians(lake, fitted, train.count, query.count, (checkpoint_id, config.query_set, fingerprint), run_id)
     figure = plot_spectra(
         fitted.query_spectrum,
         fitted.train_spectrum,
@@ -360,6 +293,78 @@ def run(config: FitHessianConfig) -> dict:
     return result
 
 
+def record_outliers(lake: Lake, outliers: pa.Table, checkpoint_id: str, fingerprint: str, run_id: str) -> None:
+    """The chunks left out of R_train, into `train_outliers` (replacing the last fit's), and a line."""
+    lake.replace_slice(
+        "train_outliers",
+        outliers.append_column("run_id", pa.array([run_id] * outliers.num_rows, pa.string())).append_column(
+            "created_at", pa.array([datetime.now(timezone.utc)] * outliers.num_rows, pa.timestamp("us", tz="UTC"))
+        ),
+        checkpoint_id=checkpoint_id,
+        fingerprint=fingerprint,
+    )
+    if outliers.num_rows:
+        threshold, median = outliers["threshold"][0].as_py(), outliers["median_norm"][0].as_py()
+        print(
+            f"[fit-hessian] {outliers.num_rows:,} train chunk(s) left out of R_train: gradient norm above "
+            f"{threshold:.3g} ({threshold / median:.3g}× the median); listed in table train_outliers",
+            flush=True,
+        )
+
+
+def warn_if_damping_hides_r_train(diagnostics: dict) -> None:
+    if diagnostics["blocks_damped_above_train_top"]:
+        print(
+            f"[fit-hessian] WARNING: the damping exceeds R_train's top eigenvalue in blocks "
+            f"{diagnostics['blocks_damped_above_train_top'][:10]}: there R^(-1/2) is nearly constant on training "
+            f"vectors (the preconditioner does nothing); lower --damping-ratio or use --damping-rule train-block",
+            flush=True,
+        )
+
+
+def save_hessians(lake: Lake, fitted: Fit, n_train: int, n_query: int, keys: tuple[str, str, str], run_id: str):
+    """Every fitted matrix to its safetensors file under the lake, and one `hessians` row each (the
+    slice of (checkpoint, query set, fingerprint) replaced)."""
+    checkpoint_id, query_set, fingerprint = keys
+    folder = layout.hessians(lake.root, checkpoint_id, query_set, fingerprint)
+    lineage = {  # kind -> (λ, per-block dampings, samples)
+        "r_train": (None, None, n_train),
+        "r_query": (None, None, n_query),
+        "inverse_root": (fitted.lam, fitted.dampings, n_train + n_query),
+        "inverse_root_train_only": (0.0, fitted.train_dampings, n_train),
+        "inverse_train": (0.0, fitted.train_dampings, n_train),
+    }
+    rows = []
+    for kind, (kind_lambda, kind_damping, n) in lineage.items():
+        blocks = fitted.matrices[kind]
+        path = storage.join(folder, f"{kind}.safetensors")
+        # one metadata key: safetensors writes several in no fixed order, and the checksum must be stable
+        sha = save_matrices(path, {f"block{i:03d}": b.float() for i, b in enumerate(blocks)}, {"count": n})
+        rows.append(
+            {
+                "checkpoint_id": checkpoint_id,
+                "query_set": query_set,
+                "fingerprint": fingerprint,
+                "kind": kind,
+                "path": lake.relative(path),
+                "shape": [b.shape[0] for b in blocks],
+                "sha256": sha,
+                "lambda": kind_lambda,
+                "damping": sum(kind_damping) / len(kind_damping) if kind_damping else None,
+                "n_samples": n,
+                "run_id": run_id,
+                "created_at": datetime.now(timezone.utc),
+            }
+        )
+    lake.replace_slice(
+        "hessians",
+        pa.Table.from_pylist(rows, schema=table("hessians").arrow_schema),
+        checkpoint_id=checkpoint_id,
+        query_set=query_set,
+        fingerprint=fingerprint,
+    )
+
+
 def dampings_for(config: FitHessianConfig, r_train: list, blocks: list) -> list[float]:
     """Per-block dampings for the inverse root of `blocks` under the configured rule."""
     from gradient_kernels.hessian import global_damping, train_relative_damping
@@ -369,40 +374,6 @@ def dampings_for(config: FitHessianConfig, r_train: list, blocks: list) -> list[
     if config.damping_rule == "mixed-global":  # the classic rule, kept to measure against
         return [global_damping(blocks, config.damping_ratio)] * len(blocks)
     raise ValueError(f"damping rule must be train-block or mixed-global, not {config.damping_rule!r}")
-
-
-def plot_spectra(
-    query_spectrum, train_spectrum, lam: float, component: int, diagnostics: dict, path: str, outliers: int = 0
-) -> str:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ranks = torch.arange(1, len(train_spectrum) + 1)
-    ax.loglog(ranks, (lam * query_spectrum).clamp(min=1e-30), label=f"λ·R_query (λ={lam:.3f})")
-    ax.loglog(ranks, ((1 - lam) * train_spectrum).clamp(min=1e-30), label="(1-λ)·R_train")
-    ax.axvline(min(component, len(ranks)), color="grey", linestyle=":", label=f"crossing target ({component})")
-    ax.axhspan(
-        diagnostics["damping_min"], diagnostics["damping_max"], color="orange", alpha=0.2, label="dampings (per block)"
-    )
-    ax.set_xlabel("component (sorted)")
-    ax.set_ylabel("eigenvalue")
-    left_out = f"\n{outliers:,} outlier train chunk(s) left out of R_train (table train_outliers)" if outliers else ""
-    ax.set_title(
-        f"Task-mixed Hessian: scaled spectra (condition ≤ {diagnostics['condition_number_max']:.2g}){left_out}",
-        fontsize=10,
-    )
-    ax.legend()
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=110)
-    plt.close(fig)
-    storage.write_bytes(path, png.getvalue())
-    return path
 
 
 def add_arguments(parser: argparse.ArgumentParser):

@@ -231,15 +231,29 @@ def query_vectors(lake: Lake, query_set: str, checkpoint_id: str, fingerprint: s
     return matching["query_id"].to_pylist(), torch.from_numpy(vectors), vectors.shape[1]
 
 
-def run(config: ScoreConfig) -> dict:
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
+@dataclass
+class ScoringRun:
+    """What every method of one score run shares."""
 
+    lake: Lake
+    spark: object
+    config: ScoreConfig
+    checkpoint_id: str
+    fingerprint: str
+    run_id: str
+    query_ids: list
+    raw_queries: torch.Tensor
+    dim: int
+
+    @property
+    def train_keys(self) -> dict:
+        return {"checkpoint_id": self.checkpoint_id, "fingerprint": self.fingerprint}
+
+
+def run(config: ScoreConfig) -> dict:
     from infra.runs import finish_run, start_run
     from infra.spark import spark_session
-    from jobs.trackstar_index import ensure_index
-    from jobs.catalog import latest_checkpoint_id
-    from jobs.catalog import only_fingerprint
+    from jobs.catalog import latest_checkpoint_id, only_fingerprint
 
     check_names(query_set=config.query_set, checkpoint_id=config.checkpoint_id, fingerprint=config.fingerprint)
     use_cpu_threads(config.cpu_threads, "score")
@@ -251,72 +265,14 @@ def run(config: ScoreConfig) -> dict:
         raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
     run_id = start_run(lake, "score", asdict(config) | {"checkpoint_id": checkpoint_id, "fingerprint": fingerprint})
     query_ids, raw_queries, dim = query_vectors(lake, config.query_set, checkpoint_id, fingerprint, config.prompt_index)
-    spark = spark_session()
-    train_keys = {"checkpoint_id": checkpoint_id, "fingerprint": fingerprint}
-    train_gradients = lake.spark_read(spark, "train_gradients").filter(_where(train_keys))
-    ids = spark.createDataFrame([(i, q) for i, q in enumerate(query_ids)], "query_index int, query_id string")
+    scoring = ScoringRun(lake, spark_session(), config, checkpoint_id, fingerprint, run_id, query_ids, raw_queries, dim)
     written, indexes = {}, {}
     for method in config.methods:
-        train_blocks, query_blocks, unit_norm = method_matrices(
-            lake, method, checkpoint_id, config.query_set, fingerprint
-        )
-        queries = _prepared_side(raw_queries, query_blocks, unit_norm).numpy()
-        train = train_gradients
-        if config.index != "none" and method in INDEXED_METHODS:
-            indexes[method] = ensure_index(
-                lake,
-                checkpoint_id,
-                fingerprint,
-                config.query_set,
-                METHODS[method][0],
-                config.index,
-                run_id,
-                config.batch_bytes,
-            )
-            index_keys = train_keys | {"query_set": config.query_set, "kind": METHODS[method][0], "dtype": config.index}
-            train = lake.spark_read(spark, "trackstar_index").filter(_where(index_keys))
-            train_blocks, unit_norm = None, False  # the index holds the prepared train side
-        train = train.select("doc_id", "chunk", "vector", "dtype", "scale", "checksum")
-        if lake.exists("train_outliers"):  # junk, far beyond the corpus's own tail (see the setting)
-            junk = F.col("norm") >= F.col("median_norm") * config.outlier_proponent_ratio
-            flagged = lake.spark_read(spark, "train_outliers").filter(_where(train_keys) & junk)
-            train = train.join(flagged.select("doc_id", "chunk"), ["doc_id", "chunk"], "left_anti")
-        k, batch_bytes = config.top_k, config.batch_bytes
-
-        def local_top_k(batches, queries=queries, train_blocks=train_blocks, unit_norm=unit_norm):
-            return score_batches(batches, queries, train_blocks, unit_norm, k, dim, batch_bytes)
-
-        local = train.mapInArrow(local_top_k, "query_index int, doc_id string, chunk int, score double")
-        ranked = local.withColumn(
-            "rank", F.row_number().over(Window.partitionBy("query_index").orderBy(F.desc("score"), "doc_id", "chunk"))
-        )
-        proponents = (
-            ranked.filter(F.col("rank") <= k)
-            .join(ids, "query_index")
-            .select(
-                F.lit(config.query_set).alias("query_set"),
-                F.lit(checkpoint_id).alias("checkpoint_id"),
-                "query_id",
-                F.lit(method).alias("method"),
-                "rank",
-                "doc_id",
-                "chunk",
-                "score",
-                F.lit(run_id).alias("run_id"),
-            )
-        )
-        try:
-            lake.spark_write(
-                proponents,
-                "proponents",
-                replace_where={"query_set": config.query_set, "method": method, "checkpoint_id": checkpoint_id},
-            )
-        except Exception as error:  # the engine's error has no table or file: find them
-            scored = ("trackstar_index", index_keys) if method in indexes else ("train_gradients", train_keys)
-            lake.raise_file_problems(*scored, error)
-            raise
-        written[method] = len(query_ids) * k
-        print(f"[score] {method}: top-{k} of {config.query_set} × {checkpoint_id} written", flush=True)
+        index = score_method(scoring, method)
+        if index is not None:
+            indexes[method] = index
+        written[method] = len(query_ids) * config.top_k
+        print(f"[score] {method}: top-{config.top_k} of {config.query_set} × {checkpoint_id} written", flush=True)
     result = {
         "checkpoint_id": checkpoint_id,
         "query_set": config.query_set,
@@ -329,6 +285,89 @@ def run(config: ScoreConfig) -> dict:
     }
     finish_run(lake, run_id, "succeeded", result)
     return result
+
+
+def score_method(scoring: ScoringRun, method: str) -> dict | None:
+    """One method's top-k per query into `proponents` (its slice replaced); returns what
+    `ensure_index` did when the method scores the TrackStar index, else None."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    lake, config = scoring.lake, scoring.config
+    train_blocks, query_blocks, unit_norm = method_matrices(
+        lake, method, scoring.checkpoint_id, config.query_set, scoring.fingerprint
+    )
+    queries = _prepared_side(scoring.raw_queries, query_blocks, unit_norm).numpy()
+    index, scored = None, ("train_gradients", scoring.train_keys)
+    if config.index != "none" and method in INDEXED_METHODS:
+        index, scored = index_side(scoring, method)
+        train_blocks, unit_norm = None, False  # the index holds the prepared train side
+    train = lake.spark_read(scoring.spark, scored[0]).filter(_where(scored[1]))
+    train = without_junk(scoring, train.select("doc_id", "chunk", "vector", "dtype", "scale", "checksum"))
+    k, batch_bytes, dim = config.top_k, config.batch_bytes, scoring.dim
+
+    def local_top_k(batches):
+        return score_batches(batches, queries, train_blocks, unit_norm, k, dim, batch_bytes)
+
+    local = train.mapInArrow(local_top_k, "query_index int, doc_id string, chunk int, score double")
+    ranked = local.withColumn(
+        "rank", F.row_number().over(Window.partitionBy("query_index").orderBy(F.desc("score"), "doc_id", "chunk"))
+    )
+    ids = scoring.spark.createDataFrame(
+        [(i, q) for i, q in enumerate(scoring.query_ids)], "query_index int, query_id string"
+    )
+    proponents = (
+        ranked.filter(F.col("rank") <= k)
+        .join(ids, "query_index")
+        .select(
+            F.lit(config.query_set).alias("query_set"),
+            F.lit(scoring.checkpoint_id).alias("checkpoint_id"),
+            "query_id",
+            F.lit(method).alias("method"),
+            "rank",
+            "doc_id",
+            "chunk",
+            "score",
+            F.lit(scoring.run_id).alias("run_id"),
+        )
+    )
+    slice_keys = {"query_set": config.query_set, "method": method, "checkpoint_id": scoring.checkpoint_id}
+    try:
+        lake.spark_write(proponents, "proponents", replace_where=slice_keys)
+    except Exception as error:  # the engine's error has no table or file: find them
+        lake.raise_file_problems(*scored, error)
+        raise
+    return index
+
+
+def index_side(scoring: ScoringRun, method: str) -> tuple[dict, tuple[str, dict]]:
+    """Brings the method's TrackStar index up to date; (what ensure_index did, (its table, its keys))."""
+    from jobs.trackstar_index import ensure_index
+
+    config, kind = scoring.config, METHODS[method][0]
+    index = ensure_index(
+        scoring.lake,
+        scoring.checkpoint_id,
+        scoring.fingerprint,
+        config.query_set,
+        kind,
+        config.index,
+        scoring.run_id,
+        config.batch_bytes,
+    )
+    keys = scoring.train_keys | {"query_set": config.query_set, "kind": kind, "dtype": config.index}
+    return index, ("trackstar_index", keys)
+
+
+def without_junk(scoring: ScoringRun, train):
+    """The train side without the outliers far beyond the corpus's own tail (`outlier_proponent_ratio`)."""
+    from pyspark.sql import functions as F
+
+    if not scoring.lake.exists("train_outliers"):
+        return train
+    junk = F.col("norm") >= F.col("median_norm") * scoring.config.outlier_proponent_ratio
+    flagged = scoring.lake.spark_read(scoring.spark, "train_outliers").filter(_where(scoring.train_keys) & junk)
+    return train.join(flagged.select("doc_id", "chunk"), ["doc_id", "chunk"], "left_anti")
 
 
 def _by_dtype(batch: pa.RecordBatch):

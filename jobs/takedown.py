@@ -16,7 +16,7 @@ A url is a document's `doc_id`. One `runs` row (command `takedown`) covers the w
    vectors. The file records which chunks it no longer holds (hashed keys), so a run killed between
    this and the deletes never subtracts twice when rerun.
 3. The rows are deleted, one Delta commit per table carrying the run id in its commit metadata:
-   the files holding them are rewritten without them (`delete_rows`). The urls are values of a
+   the files holding them are rewritten without them (`infra/row_deletes.py`). The urls are values of a
    pyarrow filter, never pasted into SQL, so quotes and backslashes in them are data.
 4. Every Hessian fitted on the changed sums is refitted (`jobs.fit_hessian.run`, with its last
    fit's settings), then every (checkpoint, query set, method) scored from them or whose proponents
@@ -40,21 +40,20 @@ time travel still reads until `maintenance` vacuums them after Delta's retention
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
 from infra import storage
 from infra.cli import add_config_arguments, config_from_args, option
 from infra.config import from_settings
 from infra.lake import Lake, LakeError, utc_now
-from infra import layout
+from infra.row_deletes import delete_rows
+from jobs.autocorrelation import correct_sums
+from jobs.takedown_plans import unfinished_plans, with_owed_work, write_plan
 from schemas.tables import TABLES
 
 # every table whose rows name a document (doc_id), in the order their rows are deleted: what is
@@ -77,7 +76,6 @@ _CONTEXT = {
     "tokens": ["partition"],
     "documents": ["partition"],
 }
-LEDGER_KEY = "taken_down"  # metadata of an autocorrelation file: hashed (doc_id, chunk) keys no longer summed
 
 
 @dataclass
@@ -161,36 +159,37 @@ def take_down(lake: Lake, items: list[Item], config: dict | None = None) -> dict
     """Removes the items' documents from every derived table, corrects R_train's sums, refits and
     rescores what they changed, and records one `takedowns` row per item (module docstring).
 
-    Before its first delete a run writes its plan (`<lake>/_takedown_plans/<run_id>.json`: the
-    items, the rows found per url, the sums corrected, the scorings to redo); the next takedown run
-    takes over the plans of runs that failed or were killed, so the refits and rescorings a dead run
-    owed are done even though their rows are gone, and their takedowns rows count what it removed."""
+    Before its first delete a run writes its plan (`jobs/takedown_plans.py`: the items, the rows
+    found per url, the sums corrected, the scorings to redo); the next takedown run takes over the
+    plans of runs that failed or were killed, so the refits and rescorings a dead run owed are done
+    even though their rows are gone, and their takedowns rows count what it removed."""
     from infra.runs import finish_run, start_run
 
     seconds, started = {}, time.perf_counter()
+
+    def lap(step: str) -> None:
+        seconds[step] = time.perf_counter() - started - sum(seconds.values())
+
     run_id = start_run(lake, "takedown", (config or {}) | {"urls": len({item.url for item in items})})
     try:
         owed = unfinished_plans(lake)
         items = list(dict.fromkeys([*items, *(Item(*item) for plan in owed for item in plan["items"])]))
         urls = list(dict.fromkeys(item.url for item in items))
         found = {table: rows_of(lake, table, urls) for table in DOC_TABLES}
-        seconds["count"] = time.perf_counter() - started
+        lap("count")
         sums = correct_sums(lake, found["train_gradients"], urls)
-        seconds["sums"] = time.perf_counter() - started - sum(seconds.values())
-        to_score = scorings_to_redo(lake, found, sums)
-        per_url = counts_per_url(found, urls)
-        for plan in owed:  # what a dead run found and may have deleted already
-            sums += [entry for entry in plan["sums"] if entry not in sums]
-            to_score |= {tuple(key): settings for key, settings in plan["to_score"]}
-            for url, counts in plan["per_url"].items():
-                per_url[url] = per_url[url] | {t: max(n, per_url[url].get(t, 0)) for t, n in counts.items()}
+        lap("sums")
+        sums, to_score, per_url = with_owed_work(
+            owed, sums, scorings_to_redo(lake, found, sums), counts_per_url(found, urls)
+        )
         plan_file = write_plan(lake, run_id, items, per_url, sums, to_score)
-        deleted = {table: delete_rows(lake, table, urls, found[table], run_id) for table in DOC_TABLES}
-        seconds["delete"] = time.perf_counter() - started - sum(seconds.values())
+        metadata = {"trackstar.takedown_run": run_id}
+        deleted = {table: delete_rows(lake, table, "doc_id", urls, found[table], metadata) for table in DOC_TABLES}
+        lap("delete")
         refitted = refit(lake, sums)
-        seconds["refit"] = time.perf_counter() - started - sum(seconds.values())
+        lap("refit")
         rescored, not_rescored = rescore(lake, to_score)
-        seconds["rescore"] = time.perf_counter() - started - sum(seconds.values())
+        lap("rescore")
         left = {table: n for table in DOC_TABLES if (n := rows_of(lake, table, urls).num_rows)}
         if left:
             raise LakeError(
@@ -224,127 +223,12 @@ def take_down(lake: Lake, items: list[Item], config: dict | None = None) -> dict
     return result
 
 
-def _plans_folder(lake: Lake) -> str:
-    return layout.takedown_plans(lake.root)
-
-
-def write_plan(lake: Lake, run_id: str, items: list[Item], per_url: dict, sums: list, to_score: dict) -> str:
-    """The run's plan, written before its first delete; deleted when the run succeeded."""
-    path = storage.join(_plans_folder(lake), f"{run_id}.json")
-    plan = {
-        "run_id": run_id,
-        "items": [list(item) for item in items],
-        "per_url": per_url,
-        "sums": sums,
-        "to_score": [[list(key), settings] for key, settings in to_score.items()],
-    }
-    storage.write_text(path, json.dumps(plan, default=str))
-    return path
-
-
-def unfinished_plans(lake: Lake) -> list[dict]:
-    """The plans of takedown runs that failed or were killed (`start_run` has marked the killed ones
-    failed); those of runs still running are theirs."""
-    plans = []
-    for path in storage.list_objects(_plans_folder(lake), suffix=".json"):
-        plan = json.loads(storage.read_text(path))
-        status = lake.read("runs", filters=[("run_id", "=", plan["run_id"])], columns=["status"])["status"].to_pylist()
-        if status != ["running"]:
-            plans.append(plan | {"file": path})
-    return plans
-
-
 def rows_of(lake: Lake, table: str, urls: list[str]) -> pa.Table:
     """The table's rows naming one of the urls (doc_id and the columns a takedown needs)."""
     columns = ["doc_id", *_CONTEXT.get(table, [])]
     if not lake.exists(table):
         return TABLES[table].arrow_schema.empty_table().select(columns)
     return lake.read(table, filters=[("doc_id", "in", urls)], columns=columns)
-
-
-def delete_rows(lake: Lake, table: str, urls: list[str], found: pa.Table, run_id: str) -> int:
-    """Deletes the urls' rows (`found`: what `rows_of` read) in one commit; returns the rows deleted.
-
-    Not delta-rs' `DeltaTable.delete`: the files it rewrites declare their strings as Arrow
-    string_view, and pyarrow's `is_in` has no kernel for those, so the next streamed slice replace of
-    the partition (`Lake.replace_slice_batches`: extract --force, the index) would fail on them.
-    Here each file holding one of the rows is rewritten with the project's own writer
-    (`infra.slice_files`: declared types, page checksums, exact statistics) without them, and the
-    old files are removed, all in one transaction carrying the run id."""
-    if found.num_rows == 0:
-        return 0
-    spec = TABLES[table]
-    if not spec.partition_by:
-        return _delete_by_slices(lake, table, urls, found)
-    from deltalake import CommitProperties
-    from deltalake.exceptions import CommitFailedError
-    from deltalake.transaction import RemoveAction
-
-    from infra.lake import VERIFY_PAGES
-    from infra.slice_files import SliceFiles
-
-    delta = lake.open(table)
-    dataset = delta.to_pyarrow_dataset()
-    adds = pa.table(delta.get_add_actions(flatten=True)).to_pylist()
-    partition_of = {
-        action["path"]: {column: str(action[f"partition.{column}"]) for column in spec.partition_by} for action in adds
-    }
-    # the change feed (delta-rs `load_cdf`, jobs/document_changes.py) refuses a remove without its size
-    size_of = {action["path"]: action["size_bytes"] for action in adds}
-    holding = set(map(str, found["partition"].to_pylist())) if "partition" in found.column_names else None
-    match = ds.field("doc_id").isin(urls)
-    stored = [name for name in spec.column_names if name not in spec.partition_by]
-    files: dict[str, SliceFiles] = {}
-    removes, deleted, now = [], 0, int(time.time() * 1000)
-    try:
-        for fragment in dataset.get_fragments():
-            values = partition_of[fragment.path]
-            if holding is not None and values.get("partition") not in holding:
-                continue  # data skipping: the partition holds none of them
-            scan = {"schema": dataset.schema, "use_threads": False, "fragment_scan_options": VERIFY_PAGES}
-            matched = fragment.scanner(columns=["doc_id"], filter=match, **scan).count_rows()
-            if matched == 0:
-                continue
-            key = json.dumps(values, sort_keys=True)
-            if key not in files:
-                files[key] = SliceFiles(delta, spec.arrow_schema, values, lake.storage_options)
-            for batch in fragment.to_batches(columns=stored, filter=~match, batch_size=4096, **scan):
-                files[key].write(pa.Table.from_batches([batch]).cast(files[key].schema))
-            removes.append(RemoveAction(fragment.path, True, now, size=size_of[fragment.path], partition_values=values))
-            deleted += matched
-        added = [action for written in files.values() for action in written.finish()]
-        delta.create_write_transaction(
-            [*removes, *added],
-            mode="append",
-            schema=spec.arrow_schema,
-            partition_by=list(spec.partition_by),
-            commit_properties=CommitProperties(custom_metadata={"trackstar.takedown_run": run_id}),
-        )
-    except CommitFailedError as error:
-        for written in files.values():
-            written.discard()
-        raise LakeError(f"another run committed to {table} during the takedown: rerun it ({error})") from error
-    except BaseException:
-        for written in files.values():
-            written.discard()
-        raise
-    print(f"[takedown] {table}: {deleted} row(s) deleted ({len(removes)} file(s) rewritten)", flush=True)
-    return deleted
-
-
-def _delete_by_slices(lake: Lake, table: str, urls: list[str], found: pa.Table) -> int:
-    """An unpartitioned table (train_outliers: small) loses the rows by replacing each of its
-    slices that holds one with the slice's other rows."""
-    keys = list(TABLES[table].slice_keys)
-    deleted = 0
-    for values in sorted(set(zip(*(found[key].to_pylist() for key in keys)))):
-        where = dict(zip(keys, values))
-        rows = lake.read(table, filters=where)
-        kept = rows.filter(pc.invert(pc.is_in(rows["doc_id"], pa.array(urls, pa.string()))))
-        lake.replace_slice(table, kept, **where)
-        deleted += rows.num_rows - kept.num_rows
-    print(f"[takedown] {table}: {deleted} row(s) deleted", flush=True)
-    return deleted
 
 
 def counts_per_url(found: dict[str, pa.Table], urls: list[str]) -> dict[str, dict[str, int]]:
@@ -373,65 +257,6 @@ def record(lake: Lake, items: list[Item], per_url: dict, run_id: str) -> None:
 
 
 # ------------------------------------------------------------------ R_train's sums
-def chunk_key(doc_id: str, chunk: int) -> str:
-    """A train chunk as an autocorrelation file's ledger names it (hashed: the url is not copied there)."""
-    return hashlib.sha256(f"{doc_id}\0{chunk}".encode()).hexdigest()[:24]
-
-
-def correct_sums(lake: Lake, found: pa.Table, urls: list[str]) -> list[dict]:
-    """Takes the urls' vectors out of the autocorrelation file of every (checkpoint, fingerprint,
-    partition) holding them; one entry each: {checkpoint_id, fingerprint, partition, vectors, how}."""
-    slices = sorted(
-        set(zip(found["checkpoint_id"].to_pylist(), found["fingerprint"].to_pylist(), found["partition"].to_pylist()))
-        if found.num_rows
-        else ()
-    )
-    return [
-        correct_partition_sums(lake, checkpoint_id, fingerprint, partition, urls)
-        for checkpoint_id, fingerprint, partition in slices
-    ]
-
-
-def correct_partition_sums(lake: Lake, checkpoint_id: str, fingerprint: str, partition: int, urls: list[str]) -> dict:
-    """The partition's autocorrelation file without the urls' chunks: their stored float32 vectors
-    subtracted (exactly what extraction summed), or, for a lossy dtype, the sums of the remaining
-    stored vectors. Chunks the file's ledger already names (an earlier, killed run) are not subtracted again."""
-    from infra.layout import TRAIN
-    from infra.matrices import load_metadata
-    from jobs.autocorrelation import save_autocorrelation, stored_autocorrelation, without_chunks
-
-    where = [("checkpoint_id", "=", checkpoint_id), ("fingerprint", "=", fingerprint), ("partition", "=", partition)]
-    removed = lake.read(
-        "train_gradients", filters=[*where, ("doc_id", "in", urls)], columns=["doc_id", "chunk", "dtype"]
-    )
-    entry = {
-        "checkpoint_id": checkpoint_id,
-        "fingerprint": fingerprint,
-        "partition": partition,
-        "vectors": removed.num_rows,
-    }
-    path = layout.autocorrelation_file(lake.root, checkpoint_id, fingerprint, TRAIN, partition)
-    if not storage.exists(path):  # never completed extraction: fit-hessian refuses it until re-extracted
-        return entry | {"how": "no sums file"}
-    sums, metadata = stored_autocorrelation(path), load_metadata(path)
-    ledger = set(json.loads(metadata.get(LEDGER_KEY, "[]")))
-    keys = [chunk_key(d, c) for d, c in zip(removed["doc_id"].to_pylist(), removed["chunk"].to_pylist())]
-    exact = set(removed["dtype"].to_pylist()) == {"float32"}
-    if exact and all(key in ledger for key in keys):
-        return entry | {"how": "already subtracted"}
-
-    def taken_down(batch):
-        named = zip(batch["doc_id"].to_pylist(), batch["chunk"].to_pylist())
-        wanted = set(urls)  # an exact subtraction skips what the ledger says is out already
-        return pa.array([d in wanted and not (exact and chunk_key(d, c) in ledger) for d, c in named])
-
-    scope = [*where, ("doc_id", "in", urls)] if exact else where
-    sums = without_chunks(lake, sums, scope, taken_down, exact)
-    how = "subtracted" if exact else "rebuilt from the remaining stored vectors"
-    save_autocorrelation(path, sums, {LEDGER_KEY: json.dumps(sorted(ledger | set(keys)))})
-    return entry | {"how": how, "count": sums.count}
-
-
 # ------------------------------------------------------------------ refit and rescore
 def _config_of(config_class, stored: dict, **overrides):
     """A stage config from a run's stored configuration (fields it lacks keep their defaults)."""

@@ -15,29 +15,25 @@ Incremental: a partition already tokenized with the same tokenizer fingerprint i
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import re
-import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass
 
-import pyarrow as pa
 
 from infra import storage
 from infra.lake import Lake
 from infra.quarantine import quarantine_rows
 from infra.runs import finish_run, start_run
 from schemas.tables import spark_ddl_of
-from jobs import c4_lines
+from jobs.c4_batches import PARSED_SCHEMA, TOKEN_SCHEMA, end_of_text, good_lines, parse_files, tokenize_documents
 from jobs.checkpoints import tokenizer_id
 from infra.cli import add_config_arguments, config_from_args, option
 from infra.config import from_settings
 from infra import layout
 
 PARTITION_NAME = re.compile(r"c4-[\w-]+\.(\d+)-of-(\d+)\.json\.gz$")
-EOS = "<|endoftext|>"
 
 
 @dataclass
@@ -106,147 +102,6 @@ def tokenized_partitions(lake: Lake, fingerprint: str) -> set[int]:
         if config.get("tokenizer_fingerprint") == fingerprint:
             done |= set(counts.get("tokenized", ()))
     return done
-
-
-# ------------------------------------------------------------------ inside mapInArrow
-# raw lines per parsed batch: a C4 partition (~356k documents, ~0.8 GB of text) is never one batch
-PARSED_LINES_PER_BATCH = 4096
-PARSED_SCHEMA = pa.schema(
-    [
-        ("doc_id", pa.string()),
-        ("partition", pa.int32()),
-        ("source", pa.string()),
-        ("line", pa.int32()),
-        ("text", pa.string()),
-        ("timestamp", pa.string()),
-        ("n_chars", pa.int32()),
-        ("reason", pa.string()),
-        ("raw_value", pa.string()),
-    ]
-)
-
-
-def raw_lines(path: str, max_line_bytes: int):
-    """(line number, bytes) of a gzip file; a line longer than max_line_bytes comes back as None
-    (read past, never held in memory whole). `path` is a local file or an s3:// URI."""
-    with storage.open_read(path) as stored, gzip.open(stored, "rb") as fh:
-        number = 0
-        while True:
-            raw = fh.readline(max_line_bytes + 1)
-            if not raw:
-                return
-            number += 1
-            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
-                while raw and not raw.endswith(b"\n"):
-                    raw = fh.readline(max_line_bytes)
-                yield number, None
-            else:
-                yield number, raw.rstrip(b"\n")
-
-
-def parse_files(batches, max_chars: int, lines_per_batch: int = PARSED_LINES_PER_BATCH):
-    """(path, partition) rows -> one row per raw line: a document or a reason, yielded in batches of
-    `lines_per_batch` lines, so a worker holds a batch of a partition, never the whole of it. An
-    empty or unreadable file gives one row with the reason, so it is reported, never silently
-    skipped. A line is parsed in isolation: nothing it holds can fail the file or the run."""
-    max_line_bytes = 4 * max_chars + 4096  # UTF-8 needs at most 4 bytes a character, JSON a little more
-    for batch in batches:
-        for path, partition in zip(batch.column("path").to_pylist(), batch.column("partition").to_pylist()):
-            rows = {name: [] for name in PARSED_SCHEMA.names}
-            seen = 0
-
-            def add(number, record, reason, raw):
-                good = record is not None
-                rows["doc_id"].append(record["url"] if good else None)
-                rows["partition"].append(partition)
-                rows["source"].append(storage.name(path))
-                rows["line"].append(number)
-                rows["text"].append(record["text"] if good else None)
-                rows["timestamp"].append(record["timestamp"] if good else None)
-                rows["n_chars"].append(len(record["text"]) if good else None)
-                rows["reason"].append(reason)
-                rows["raw_value"].append(None if good or raw is None else c4_lines.truncate_raw(raw))
-
-            number = 0
-            try:
-                for number, raw in raw_lines(path, max_line_bytes):
-                    if raw is None:
-                        add(number, None, f"document too large: line longer than {max_line_bytes:,} bytes", None)
-                        continue
-                    try:
-                        record, reason = c4_lines.parse_line(raw)
-                    except Exception as error:  # a defect in validation must cost one line, not the run
-                        record, reason = None, f"unexpected error: {type(error).__name__}: {error}"
-                    if record is not None and len(record["text"]) > max_chars:
-                        record, reason = None, f"document too large: {len(record['text']):,} characters > {max_chars:,}"
-                    add(number, record, reason, raw)
-                    if len(rows["line"]) == lines_per_batch:
-                        seen += lines_per_batch
-                        yield pa.RecordBatch.from_pydict(rows, schema=PARSED_SCHEMA)
-                        rows = {name: [] for name in PARSED_SCHEMA.names}
-            except (OSError, EOFError, zlib.error) as error:  # not gzip, truncated, corrupt: keep what was read
-                add(number + 1, None, f"unreadable file: after line {number}: {error}", None)
-            if number == 0 and not rows["line"] and not seen:
-                add(0, None, "empty partition file: no lines", None)
-            if rows["line"]:
-                yield pa.RecordBatch.from_pydict(rows, schema=PARSED_SCHEMA)
-
-
-TOKEN_SCHEMA = pa.schema(
-    [
-        ("doc_id", pa.string()),
-        ("partition", pa.int32()),
-        ("chunk", pa.int32()),
-        ("token_start", pa.int32()),
-        ("token_end", pa.int32()),
-        ("input_ids", pa.list_(pa.int32())),
-        ("n_tokens", pa.int32()),
-    ]
-)
-_tokenizers = {}
-
-
-def end_of_text(tokenizer_json: str, tokenizer_config: bytes | None) -> str:
-    """The tokenizer's own end-of-text token (`</s>` for Llama-style ones), default GPT-2's."""
-    eos = json.loads(tokenizer_config).get("eos_token") if tokenizer_config else None
-    return (eos.get("content") if isinstance(eos, dict) else eos) or EOS
-
-
-def tokenize_documents(batches, tokenizer_json: str, context: int, eos_token: str = EOS):
-    """documents -> chunk rows; the fast (Rust) tokenizer encodes a whole batch at once. The
-    tokenizer travels as its JSON text, so Spark workers need no access to the lake's files."""
-    from tokenizers import Tokenizer
-
-    if tokenizer_json not in _tokenizers:
-        _tokenizers[tokenizer_json] = Tokenizer.from_str(tokenizer_json)
-    tokenizer = _tokenizers[tokenizer_json]
-    eos = tokenizer.token_to_id(eos_token)
-    if eos is None:
-        raise ValueError(f"the tokenizer has no id for the end-of-text token {eos_token!r}")
-    for batch in batches:
-        rows = {name: [] for name in TOKEN_SCHEMA.names}
-        encodings = tokenizer.encode_batch(batch.column("text").to_pylist(), add_special_tokens=False)
-        for doc_id, partition, encoding in zip(
-            batch.column("doc_id").to_pylist(), batch.column("partition").to_pylist(), encodings
-        ):
-            ids = [eos] + encoding.ids
-            for chunk, (start, end) in enumerate(c4_lines.chunk_spans(len(ids), context)):
-                rows["doc_id"].append(doc_id)
-                rows["partition"].append(partition)
-                rows["chunk"].append(chunk)
-                rows["token_start"].append(start)
-                rows["token_end"].append(end)
-                rows["input_ids"].append(ids[start:end])
-                rows["n_tokens"].append(end - start)
-        yield pa.RecordBatch.from_pydict(rows, schema=TOKEN_SCHEMA)
-
-
-def good_lines(batches):
-    """mapInArrow body: only the lines that became documents."""
-    import pyarrow.compute as pc
-
-    for batch in batches:
-        yield batch.filter(pc.is_null(batch.column("reason")))
 
 
 def taken_down_urls(spark, lake: Lake):
@@ -330,10 +185,6 @@ def chosen_partitions(raw_dir: str, wanted: list[int] | None) -> dict[int, str]:
 
 
 def run(config: TokenizeConfig) -> dict:
-    from pyspark.sql import functions as F
-
-    from infra.spark import spark_session
-
     lake = Lake(config.lake)
     tokenizer_dir = config.tokenizer or layout.tokenizer(lake.root)
     tokenizer_file = storage.join(tokenizer_dir, "tokenizer.json")
@@ -367,15 +218,59 @@ def run(config: TokenizeConfig) -> dict:
         return result | {"documents": 0, "chunks": 0, "quarantined": 0}
 
     run_id = start_run(lake, "tokenize", asdict(config) | {"tokenizer_fingerprint": fingerprint})
+    tokenizer = TokenizerText(tokenizer_json.decode("utf-8"), tokenizer_dir, context, fingerprint)
+    result |= tokenize_partitions(lake, pending, tokenizer, config.max_chars, run_id)
+    finish_run(lake, run_id, "succeeded", result)
+    print(
+        f"[tokenize] {len(pending)} partition(s): {result['documents']:,} documents, {result['chunks']:,} chunks, "
+        f"{result['tokens']:,} tokens; {result['quarantined']} line(s) quarantined; skipped {result['skipped'] or 'none'}"
+    )
+    return result
+
+
+@dataclass(frozen=True)
+class TokenizerText:
+    """The tokenizer as the Spark job ships it: its JSON text, where it came from, the chunk length."""
+
+    json: str
+    folder: str
+    context: int
+    fingerprint: str
+
+    def end_of_text(self) -> str:
+        config = storage.join(self.folder, "tokenizer_config.json")
+        return end_of_text(self.json, storage.read_bytes(config) if storage.exists(config) else None)
+
+
+def quarantine_bad_lines(lake: Lake, lines, run_id: str) -> tuple[int, dict[str, int]]:
+    """Every refused line into `quarantine` with its reason: (rows written, count per reason)."""
+    from pyspark.sql import functions as F
+
+    bad = lines.filter(F.col("reason").isNotNull()).select("source", "line", "reason", "raw_value").collect()
+    rows = [
+        {
+            "source": r["source"],
+            "position": f"{r['source']}:{r['line']}",
+            "reason": r["reason"],
+            "raw_value": r["raw_value"],
+        }
+        for r in bad
+    ]
+    return quarantine_rows(lake, rows, stage="tokenize", run_id=run_id), reason_counts(r["reason"] for r in bad)
+
+
+def tokenize_partitions(lake: Lake, pending: dict[int, str], tokenizer: TokenizerText, max_chars: int, run_id: str):
+    """The Spark job: `pending` partitions' lines into `documents` and `tokens` (their slices
+    replaced) and bad lines into `quarantine`; returns the counts of what it wrote."""
+    from pyspark.sql import functions as F
+
+    from infra.spark import spark_session
+
     spark = spark_session()
     files = spark.createDataFrame(
         [(uri, p) for p, uri in sorted(pending.items())], "path string, partition int"
     ).repartition(min(len(pending), os.cpu_count() or 1))
-    max_chars, tokenizer_json = config.max_chars, tokenizer_json.decode("utf-8")
-    tokenizer_config = storage.join(tokenizer_dir, "tokenizer_config.json")
-    eos_token = end_of_text(
-        tokenizer_json, storage.read_bytes(tokenizer_config) if storage.exists(tokenizer_config) else None
-    )
+    text, context, eos_token = tokenizer.json, tokenizer.context, tokenizer.end_of_text()
     parsed = files.mapInArrow(lambda it: parse_files(it, max_chars), spark_ddl_of(PARSED_SCHEMA))
     lines = with_duplicate_urls(spark, lake, parsed, sorted(pending))
     # The filter runs in Python, not as a Spark filter: Sail checks the table's NOT NULL
@@ -386,30 +281,14 @@ def run(config: TokenizeConfig) -> dict:
         .withColumn("run_id", F.lit(run_id))
     )
     tokens = (
-        documents.mapInArrow(
-            lambda it: tokenize_documents(it, tokenizer_json, context, eos_token), spark_ddl_of(TOKEN_SCHEMA)
-        )
-        .withColumn("tokenizer_fingerprint", F.lit(fingerprint))
+        documents.mapInArrow(lambda it: tokenize_documents(it, text, context, eos_token), spark_ddl_of(TOKEN_SCHEMA))
+        .withColumn("tokenizer_fingerprint", F.lit(tokenizer.fingerprint))
         .withColumn("run_id", F.lit(run_id))
     )
     in_pending = f"partition IN ({', '.join(str(p) for p in sorted(pending))})"
     lake.spark_write(documents, "documents", replace_where=in_pending)
     lake.spark_write(tokens, "tokens", replace_where=in_pending)
-    bad = lines.filter(F.col("reason").isNotNull()).select("source", "line", "reason", "raw_value").collect()
-    quarantined = quarantine_rows(
-        lake,
-        [
-            {
-                "source": r["source"],
-                "position": f"{r['source']}:{r['line']}",
-                "reason": r["reason"],
-                "raw_value": r["raw_value"],
-            }
-            for r in bad
-        ],
-        stage="tokenize",
-        run_id=run_id,
-    )
+    quarantined, reasons = quarantine_bad_lines(lake, lines, run_id)
     counts = (
         lake.spark_read(spark, "tokens")
         .filter(F.expr(in_pending))
@@ -420,20 +299,14 @@ def run(config: TokenizeConfig) -> dict:
         )
         .first()
     )
-    result |= {
+    return {
         "documents": counts["documents"],
         "chunks": counts["chunks"],
         "tokens": counts["tokens"],
         "quarantined": quarantined,
-        "quarantined_by_reason": reason_counts(r["reason"] for r in bad),
+        "quarantined_by_reason": reasons,
         "run_id": run_id,
     }
-    finish_run(lake, run_id, "succeeded", result)
-    print(
-        f"[tokenize] {len(pending)} partition(s): {counts['documents']:,} documents, {counts['chunks']:,} chunks, "
-        f"{counts['tokens']:,} tokens; {quarantined} line(s) quarantined; skipped {result['skipped'] or 'none'}"
-    )
-    return result
 
 
 def add_arguments(parser: argparse.ArgumentParser):

@@ -58,7 +58,7 @@ def test_a_partition_is_parsed_in_batches_of_lines_never_whole(tmp_path):
 
     import pyarrow as pa
 
-    from jobs.tokenize import parse_files
+    from jobs.c4_batches import parse_files
 
     lines = [json.dumps({"text": f"doc {i}", "url": f"https://x.example/{i}", "timestamp": "t"}) for i in range(9)]
     lines.insert(5, "{not json")

@@ -1,6 +1,6 @@
 """`jobs/document_changes.py` on real Delta tables written by the lake's writers of `documents`:
 Sail (`Lake.spark_write` with replaceWhere, as tokenize writes) and the takedown's own file
-rewrite (`jobs.takedown.delete_rows`). Each change is checked by exact doc ids."""
+rewrite (`infra.row_deletes.delete_rows`). Each change is checked by exact doc ids."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from dags.orchestrate import describe_document_changes, report_summary
 from infra.lake import Lake, utc_now
 from jobs import document_changes as changes_job
 from jobs.document_changes import FeedUnavailable, document_changes, read_since_last_run
-from jobs.takedown import delete_rows, rows_of
+from infra.row_deletes import delete_rows
+from jobs.takedown import rows_of
 from schemas.tables import TABLES
 from tests.test_lake import document_rows
 
@@ -39,7 +40,9 @@ def url(partition: int, i: int) -> str:
 
 def take_down(lake: Lake, urls: list[str]) -> None:
     """What `jobs takedown` does to `documents` and records: the rows deleted, a takedowns row per url."""
-    delete_rows(lake, "documents", urls, rows_of(lake, "documents", urls), "takedown-1")
+    delete_rows(
+        lake, "documents", "doc_id", urls, rows_of(lake, "documents", urls), {"trackstar.takedown_run": "takedown-1"}
+    )
     audit = [
         {
             "url": u,

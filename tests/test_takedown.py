@@ -18,6 +18,7 @@ from infra.matrices import load_matrices, load_metadata
 from infra import layout
 from jobs import catalog, score, takedown, tokenize
 from infra.layout import TRAIN
+from infra.row_deletes import delete_rows
 from schemas.tables import TABLES
 from schemas.vectors import decode_rows, encode_vectors, vector_checksums
 from tests.fixtures import copy_lake
@@ -314,7 +315,7 @@ def test_deletes_take_urls_as_data_and_leave_files_a_streamed_replace_reads(tmp_
     lake.append("documents", documents(urls))
     found = takedown.rows_of(lake, "documents", HOSTILE)
     assert sorted(found["doc_id"].to_pylist()) == sorted(HOSTILE)
-    assert takedown.delete_rows(lake, "documents", HOSTILE, found, "run-x") == len(HOSTILE)
+    assert delete_rows(lake, "documents", "doc_id", HOSTILE, found, {"trackstar.takedown_run": "run-x"}) == len(HOSTILE)
     assert sorted(lake.read("documents")["doc_id"].to_pylist()) == urls[-2:]
     assert lake.history("documents", limit=1)[0].get("trackstar.takedown_run") == "run-x"
     # a partition whose files the takedown rewrote takes a streamed slice replace (as extract --force
