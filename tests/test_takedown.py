@@ -19,6 +19,7 @@ from infra import layout
 from jobs import catalog, score, takedown, tokenize
 from infra.layout import TRAIN
 from infra.row_deletes import delete_rows
+from jobs.autocorrelation import correct_partition_sums
 from schemas.tables import TABLES
 from schemas.vectors import decode_rows, encode_vectors, vector_checksums
 from tests.fixtures import copy_lake
@@ -232,7 +233,7 @@ def test_sums_are_never_subtracted_twice_and_lossy_slices_are_rebuilt(indexed_la
         torch.from_numpy(decode_rows(removed))
     )
     for attempt in range(2):  # the second is the rerun of a killed run: the rows are still there
-        done = takedown.correct_partition_sums(lake, checkpoint, fingerprint, 0, urls)
+        done = correct_partition_sums(lake, checkpoint, fingerprint, 0, urls)
         assert done["how"] == ("subtracted", "already subtracted")[attempt]
         now, n = sums()
         assert n == count - removed.num_rows == expected.count
@@ -247,7 +248,7 @@ def test_sums_are_never_subtracted_twice_and_lossy_slices_are_rebuilt(indexed_la
     lossy = lossy.set_column(lossy.schema.get_field_index("checksum"), "checksum", vector_checksums(cells))
     lake.replace_slice("train_gradients", lossy, checkpoint_id=checkpoint, partition=0, fingerprint=fingerprint)
     urls = sorted(set(rows["doc_id"].to_pylist()))[2:4]
-    assert takedown.correct_partition_sums(lake, checkpoint, fingerprint, 0, urls)["how"].startswith("rebuilt")
+    assert correct_partition_sums(lake, checkpoint, fingerprint, 0, urls)["how"].startswith("rebuilt")
     kept = lossy.filter(pa.compute.invert(pa.compute.is_in(lossy["doc_id"], pa.array(urls))))
     reference = Autocorrelation([b.shape[0] for b in original]).add(torch.from_numpy(decode_rows(kept)))
     now, n = sums()
