@@ -271,7 +271,9 @@ def score_query_set(extraction: dict, query_set: str, methods: list[str], top_k:
 
 def evaluate_if_ground_truth(extraction: dict, query_set: str) -> dict | None:
     """MRR and recall@10 of every scored method, when the query set names its stating documents."""
-    from evaluation.evaluate import attribution_metrics, ranked_proponents, write_attribution_metrics
+    from evaluation.metric_rows import write_attribution_metrics
+    from evaluation.metrics import attribution_metrics
+    from evaluation.rankings import ranked_proponents
 
     lake = Lake(lake_root())
     queries = lake.read("queries", filters=[("query_set", "=", query_set)]).to_pylist()
