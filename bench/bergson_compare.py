@@ -189,7 +189,7 @@ def run_ours(source: Lake, folder: Path, checkpoint: Path, queries: list, tokens
 
 
 def metrics(scores: np.ndarray, queries: list, doc_ids: list) -> dict:
-    from evaluation.evaluate import attribution_metrics
+    from evaluation.metrics import attribution_metrics
 
     ranked = {
         q["query_id"]: [doc_ids[i] for i in np.argsort(-scores[:, j], kind="stable")[:10]]

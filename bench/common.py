@@ -121,7 +121,7 @@ def trackstar_inputs(lake_path: str = "lake") -> dict:
 
 def ranking_metrics(inputs: dict, top: torch.Tensor) -> dict:
     """MRR and recall@10 (the evaluation's own definitions) of train indices ranked per query."""
-    from evaluation.evaluate import attribution_metrics
+    from evaluation.metrics import attribution_metrics
 
     ranked = {query_id: [inputs["keys"][i][0] for i in row] for query_id, row in zip(inputs["query_ids"], top.tolist())}
     return attribution_metrics({"m": ranked}, inputs["truth"], inputs["buckets"], 10)["m"]["all"]

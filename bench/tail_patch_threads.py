@@ -25,7 +25,8 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from evaluation.evaluate import ranked_proponents, tail_patch, tail_patch_step  # noqa: E402
+from evaluation.rankings import ranked_proponents  # noqa: E402
+from evaluation.tail_patching import tail_patch, tail_patch_step  # noqa: E402
 from infra.lake import Lake  # noqa: E402
 from jobs import threads  # noqa: E402
 from jobs.catalog import checkpoint_folder, latest_checkpoint_id  # noqa: E402

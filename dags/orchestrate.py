@@ -30,7 +30,7 @@ def lake_root() -> str:
 def newest_checkpoint(location: str | None = None) -> str:
     """The checkpoint folder with the highest manifest step under `location` (default: the configured
     checkpoints folder or s3:// prefix)."""
-    return catalog.newest_checkpoint_folder(location or load_config().checkpoint_location)
+    return catalog.newest_checkpoint_folder(location or load_config().checkpoints_folder)
 
 
 def find_new_partitions(tokenizer_dir: str | None = None) -> list[int]:
@@ -271,7 +271,9 @@ def score_query_set(extraction: dict, query_set: str, methods: list[str], top_k:
 
 def evaluate_if_ground_truth(extraction: dict, query_set: str) -> dict | None:
     """MRR and recall@10 of every scored method, when the query set names its stating documents."""
-    from evaluation.evaluate import attribution_metrics, ranked_proponents, write_attribution_metrics
+    from evaluation.metric_rows import write_attribution_metrics
+    from evaluation.metrics import attribution_metrics
+    from evaluation.rankings import ranked_proponents
 
     lake = Lake(lake_root())
     queries = lake.read("queries", filters=[("query_set", "=", query_set)]).to_pylist()

@@ -41,6 +41,7 @@ from infra import storage
 from demo import import_data, model_eval, reruns, train_model, world
 from evaluation import evaluate
 from evaluation.report import magnitude
+from evaluation.summary import table
 from jobs import register_queries
 from jobs.catalog import newest_checkpoint_folder
 from jobs.checkpoints import optimizer_state_source
@@ -215,7 +216,7 @@ def run(
         f"\nfact tracing on checkpoint {report['checkpoint_id']} (λ = {magnitude(report['lambda'])}; "
         f"tail-patch over {report['tail_patch_queries']} queries, {report['tail_patch_step']}):"
     )
-    print(evaluate.table(report))
+    print(table(report))
     print(f"\nreport:      {storage.join(report['report_dir'], 'eval.html')}")
     print("retention:   " + "\n             ".join(reruns.retention_lines(retention)))
     print("coverage:    train chunks with a vector, per tokenizer and checkpoint")

@@ -93,3 +93,18 @@ def paired_ratio(a, b, seed: int = 0, level: float = 0.95) -> tuple[float, float
 
 def aligned(per_query: dict, metric: str, queries: list) -> np.ndarray:
     return np.asarray([per_query[q][metric] for q in queries], dtype=np.float64)
+
+
+def attribution_metrics(ranked: dict, truth: dict, buckets: dict, k: int) -> dict:
+    """method -> bucket ("all" or N) -> {mrr, recall@10, recall@10_fraction, n}; ranked: method ->
+    query -> [doc ids by rank]. recall@10 is binary per query (any stating document in the top k)."""
+    out = {}
+    for method, per_query in ranked.items():
+        cells = defaultdict(lambda: defaultdict(float))
+        for query_id, values in attribution_per_query(per_query, truth, k).items():
+            for bucket in ("all", str(buckets[query_id])):
+                for metric, value in values.items():
+                    cells[bucket][metric] += value
+                cells[bucket]["n"] += 1
+        out[method] = {b: {m: (v / c["n"] if m != "n" else int(v)) for m, v in c.items()} for b, c in cells.items()}
+    return out

@@ -110,7 +110,8 @@ class Config:
             raise ConfigError(f"hessian_lambda must lie in [0, 1], got {self.hessian_lambda}")
 
     @property
-    def checkpoint_location(self) -> str:
+    def checkpoints_folder(self) -> str:
+        """Where new checkpoints arrive: the setting `checkpoints`, else the lake's model/checkpoints."""
         from infra import layout
 
         return self.checkpoints or layout.checkpoints(self.lake_root)

@@ -157,12 +157,8 @@ def run_pending(lake: Lake) -> dict:
 # ------------------------------------------------------------------ the takedown
 def take_down(lake: Lake, items: list[Item], config: dict | None = None) -> dict:
     """Removes the items' documents from every derived table, corrects R_train's sums, refits and
-    rescores what they changed, and records one `takedowns` row per item (module docstring).
-
-    Before its first delete a run writes its plan (`jobs/takedown_plans.py`: the items, the rows
-    found per url, the sums corrected, the scorings to redo); the next takedown run takes over the
-    plans of runs that failed or were killed, so the refits and rescorings a dead run owed are done
-    even though their rows are gone, and their takedowns rows count what it removed."""
+    rescores what they changed, and records one `takedowns` row per item (module docstring); a plan
+    written before the first delete lets the next run finish what this one owed (jobs/takedown_plans.py)."""
     from infra.runs import finish_run, start_run
 
     seconds, started = {}, time.perf_counter()
@@ -190,11 +186,7 @@ def take_down(lake: Lake, items: list[Item], config: dict | None = None) -> dict
         lap("refit")
         rescored, not_rescored = rescore(lake, to_score)
         lap("rescore")
-        left = {table: n for table in DOC_TABLES if (n := rows_of(lake, table, urls).num_rows)}
-        if left:
-            raise LakeError(
-                f"rows of the taken-down urls are back in {left} (a concurrent write re-added them): rerun the takedown"
-            )
+        refuse_rows_back(lake, urls)
         record(lake, items, per_url, run_id)
     except BaseException as error:
         finish_run(lake, run_id, "failed", {"error": f"{type(error).__name__}: {error}"})
@@ -221,6 +213,15 @@ def take_down(lake: Lake, items: list[Item], config: dict | None = None) -> dict
         flush=True,
     )
     return result
+
+
+def refuse_rows_back(lake: Lake, urls: list[str]) -> None:
+    """Fails the run when a table holds the urls again (a concurrent write re-added them)."""
+    left = {table: n for table in DOC_TABLES if (n := rows_of(lake, table, urls).num_rows)}
+    if left:
+        raise LakeError(
+            f"rows of the taken-down urls are back in {left} (a concurrent write re-added them): rerun the takedown"
+        )
 
 
 def rows_of(lake: Lake, table: str, urls: list[str]) -> pa.Table:

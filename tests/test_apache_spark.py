@@ -27,7 +27,7 @@ import pytest
 from deltalake import DeltaTable
 
 from infra.lake import Lake
-from explorer import explore
+from explorer.data import Explorer
 from jobs import extract, fit_hessian, register_queries, score, tokenize
 from jobs.sql import run_query
 from tests.fixtures import copy_lake
@@ -148,7 +148,7 @@ def test_score_and_sql_on_apache_spark_over_delta_rs_tables(apache_spark, lakes)
     assert len(on_spark) == n_queries * 5
     assert _first_commit_engine(apache, "proponents").startswith("Apache-Spark/")
     # the explorer reads what Apache Spark wrote
-    ranked = explore.Explorer(apache.root).ranked(checkpoint)["trackstar"]
+    ranked = Explorer(apache.root).ranked(checkpoint)["trackstar"]
     assert sum(len(rows) for rows in ranked.values()) == len(on_spark)
     # the embedded engine replaces the same slice of the Spark-created table with the same answer
     score.run(score.ScoreConfig(lake=apache.root, methods=["trackstar"], top_k=5))

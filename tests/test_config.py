@@ -58,7 +58,7 @@ def test_stage_configs_take_their_defaults_from_the_settings_when_made(monkeypat
         != (before.projection_k, before.projection_seed, before.vector_dtype, before.token_budget)
     )
     assert extract.ExtractConfig(projection_k=4).projection_k == 4 and score.ScoreConfig().top_k == 25
-    assert load_config().checkpoint_location == "s3://bucket/lake/model/checkpoints"
+    assert load_config().checkpoints_folder == "s3://bucket/lake/model/checkpoints"
 
 
 def test_the_configured_spark_remote_is_the_endpoint(monkeypatch):

@@ -13,6 +13,8 @@ from evaluation import metrics as M
 from infra.lake import Lake
 from demo import world
 from evaluation import evaluate
+from evaluation.baselines import bm25_top_k, dense_top_k
+from evaluation.tail_patching import stratified_sample
 from jobs import register_queries, tokenize
 
 
@@ -20,7 +22,7 @@ def test_mrr_and_recall_on_hand_built_ranks():
     truth = {"q1": {"a"}, "q2": {"b", "c"}, "q3": {"z"}}
     buckets = {"q1": 1, "q2": 30, "q3": 30}
     ranked = {"m": {"q1": ["a", "x", "y"], "q2": ["x", "b", "y"], "q3": ["x", "y", "w"]}}
-    metrics = evaluate.attribution_metrics(ranked, truth, buckets, k=3)["m"]
+    metrics = M.attribution_metrics(ranked, truth, buckets, k=3)["m"]
     assert metrics["all"]["mrr"] == pytest.approx((1 + 1 / 2 + 0) / 3)
     assert metrics["all"]["recall@10"] == pytest.approx((1 + 1 + 0) / 3)  # binary: any stating document
     assert metrics["all"]["recall@10_fraction"] == pytest.approx((1 + 1 / 2 + 0) / 3)  # share of them found
@@ -62,9 +64,9 @@ def test_bootstrap_intervals_cover_the_mean_and_pair_the_queries():
 
 def test_stratified_sample_takes_every_bucket_and_is_fixed_by_the_seed():
     queries = {f"q{i}": {"frequency_bucket": b} for i, b in enumerate([1] * 10 + [3] * 10 + [10] * 10)}
-    sample = evaluate.stratified_sample(queries, 6, seed=0)
+    sample = stratified_sample(queries, 6, seed=0)
     assert sorted(queries[q]["frequency_bucket"] for q in sample) == [1, 1, 3, 3, 10, 10]
-    assert sample == evaluate.stratified_sample(queries, 6, seed=0) != evaluate.stratified_sample(queries, 6, seed=1)
+    assert sample == stratified_sample(queries, 6, seed=0) != stratified_sample(queries, 6, seed=1)
 
 
 TEXTS = [
@@ -75,7 +77,7 @@ TEXTS = [
 ]
 
 
-@pytest.mark.parametrize("retrieve", [evaluate.bm25_top_k, evaluate.dense_top_k])
+@pytest.mark.parametrize("retrieve", [bm25_top_k, dense_top_k])
 def test_text_baselines_find_the_document_a_query_copies(retrieve):
     indices, scores = retrieve(TEXTS, ["Maren Olt works as a violinist", "The capital of Vornland is Quessa"], 2)
     assert indices[0][0] == 2 and indices[1][0] == 0

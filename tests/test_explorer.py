@@ -18,7 +18,11 @@ from fastapi.testclient import TestClient
 
 from infra.lake import Lake
 from evaluation import evaluate
+from evaluation.baselines import bm25_top_k, write_text_proponents
+from evaluation.rankings import evaluated_checkpoint
+from evaluation.tail_patching import tail_patch, tail_patch_step, write_tail_patches
 from explorer import explore
+from explorer.data import Explorer
 from jobs import extract, fit_hessian, register_queries, score, tokenize
 from schemas.tables import TABLES
 from tests.fixtures import copy_lake
@@ -39,10 +43,8 @@ def explored_lake(adam_run, tmp_path_factory):
     lake = Lake(root)
     documents = lake.read("documents", columns=["doc_id", "text"])
     queries = sorted(lake.read("queries").to_pylist(), key=lambda q: q["query_id"])
-    indices, values = evaluate.bm25_top_k(
-        documents["text"].to_pylist(), [q["prompt0"] + q["target"] for q in queries], 5
-    )
-    evaluate.write_text_proponents(
+    indices, values = bm25_top_k(documents["text"].to_pylist(), [q["prompt0"] + q["target"] for q in queries], 5)
+    write_text_proponents(
         lake,
         "bm25",
         indices,
@@ -59,9 +61,9 @@ def explored_lake(adam_run, tmp_path_factory):
         lake.read("proponents", filters=[("method", "=", "trackstar")]).to_pylist(), key=lambda r: r["rank"]
     ):
         ranked["trackstar"].setdefault(row["query_id"], []).append(row["doc_id"])
-    checkpoint = evaluate.evaluated_checkpoint(lake, evaluate.EvaluateConfig(lake=root))
-    rule, learning_rate, _ = evaluate.tail_patch_step(Path(checkpoint), {}, 1e-3)
-    _, changes = evaluate.tail_patch(
+    checkpoint = evaluated_checkpoint(lake, evaluate.EvaluateConfig(lake=root))
+    rule, learning_rate, _ = tail_patch_step(Path(checkpoint), {}, 1e-3)
+    _, changes = tail_patch(
         lake,
         checkpoint,
         rule,
@@ -70,7 +72,7 @@ def explored_lake(adam_run, tmp_path_factory):
         {q["query_id"]: q for q in queries},
         [q["query_id"] for q in queries],
     )
-    evaluate.write_tail_patches(lake, "fact-world", extraction["checkpoint_id"], changes, "test")
+    write_tail_patches(lake, "fact-world", extraction["checkpoint_id"], changes, "test")
     return root, queries
 
 
@@ -235,7 +237,7 @@ def test_a_new_prompt_is_traced_from_the_page(server, explored_lake):
         assert shown == pytest.approx([r["score"] for r in stored], abs=2e-4)  # as the score job found them
         assert re.search(r"class='tok heat-p(10|[1-9])", page.text)  # heat maps of the new query
     print(f"\n[explorer] /trace on the test lake: first request {times[0]:.2f} s, second (warm) {times[1]:.2f} s")
-    ahead = explore.Explorer(root)
+    ahead = Explorer(root)
     ahead.warm()  # what `jobs explore` starts in the background
     loaded = ahead.tracer.cache_info().misses
     ahead.tracer(ahead.checkpoint(None), "fact-world")
@@ -255,7 +257,7 @@ def test_a_new_prompt_is_traced_from_the_page(server, explored_lake):
 
 def test_token_contributions_on_the_page_sum_to_the_score(server, explored_lake):
     root, queries = explored_lake
-    explorer = explore.Explorer(root)
+    explorer = Explorer(root)
     checkpoint = explorer.checkpoint(None)
     query = queries[0]
     top = explorer.ranked(checkpoint, [query["query_id"]])["trackstar"][query["query_id"]][0]

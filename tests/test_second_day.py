@@ -351,7 +351,7 @@ def test_the_stages_refusals_are_one_line_too(tmp_path, monkeypatch, capsys):
         "error: pipeline: c4-train.first-of-two.json.gz: not a C4 partition name": lambda: tokenize.raw_partitions(
             str(raw)
         ),
-        "error: pipeline: checkpoint 'nope' is not registered": lambda: catalog.checkpoint_location(lake, "nope"),
+        "error: pipeline: checkpoint 'nope' is not registered": lambda: catalog.registered_location(lake, "nope"),
     }
     for line, call in expected.items():
         with pytest.raises(Exception) as caught:
@@ -403,6 +403,8 @@ def test_numbers_are_printed_at_their_magnitude():
 def _hand_built_report(seeds: list[int]) -> dict:
     """A report as evaluate.run makes it, with numbers of every magnitude (no lake needed)."""
     from evaluation import evaluate
+    from evaluation.categories import CATEGORIES
+    from evaluation.findings import findings
 
     def cell(i, n_seeds):
         return {
@@ -451,17 +453,17 @@ def _hand_built_report(seeds: list[int]) -> dict:
         "trackstar_minus": versus,
         "trackstar_over_bm25_tail_patch": {"delta_log_prob": [1.8, 1.52, 2.22], "delta_prob": [1.37, 1.26, 1.51]},
         "per_bucket": {m: {"1": {"mrr": 0.5, "recall@10": 0.6}, "10": {"mrr": 0.7, "recall@10": 0.8}} for m in methods},
-        "categories": {m: dict(zip(evaluate.CATEGORIES, [0.5, 0.1, 0.1, 0.1, 0.1, 0.1])) for m in methods},
+        "categories": {m: dict(zip(CATEGORIES, [0.5, 0.1, 0.1, 0.1, 0.1, 0.1])) for m in methods},
     }
-    report["findings"] = evaluate.findings(report) + ["The tail-patch step: SGD at lr 0.001."]
+    report["findings"] = findings(report) + ["The tail-patch step: SGD at lr 0.001."]
     return report
 
 
 def _page(report: dict) -> str:
-    from evaluation import evaluate
+    from evaluation.categories import CATEGORIES, Categorizer
     from evaluation.report import render_html
 
-    return render_html(report, {}, {}, {}, None, evaluate.Categorizer("/nonexistent"), evaluate.CATEGORIES)
+    return render_html(report, {}, {}, {}, None, Categorizer("/nonexistent"), CATEGORIES)
 
 
 def test_the_report_prints_magnitudes_a_safe_key_and_sentences(tmp_path):

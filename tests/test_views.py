@@ -203,7 +203,7 @@ def test_the_explorer_drift_page_shows_both_checkpoints_top_k_side_by_side(index
     from fastapi.testclient import TestClient
 
     from explorer import explore
-    from explorer.explore import query_path
+    from explorer.pages import query_path
 
     lake, results, _ = indexed_lake
     older, newer = results["older"]["extract"]["checkpoint_id"], results["newer"]["extract"]["checkpoint_id"]
