@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from airflow.sdk import Param, dag, get_current_context, task
 
 from infra.names import NAME_PATTERN
+from infra.config import load_config
 from dags.common import DEFAULT_ARGS, DEVICE_POOL, orchestrate, table_asset
 
 
@@ -24,7 +25,7 @@ from dags.common import DEFAULT_ARGS, DEVICE_POOL, orchestrate, table_asset
     doc_md=__doc__,
     dagrun_timeout=timedelta(hours=6),
     params={
-        "query_set": Param("fact-world", type="string", pattern=NAME_PATTERN),
+        "query_set": Param(load_config().query_set, type="string", pattern=NAME_PATTERN),
         "checkpoint": Param("", type="string", description="default: the newest checkpoint"),
         "top_k": Param(10, type="integer", minimum=1, maximum=1000),
         "methods": Param(["trackstar"], type="array", description="see jobs/score.py"),

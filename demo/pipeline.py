@@ -48,8 +48,6 @@ from jobs.checkpoints import optimizer_state_source
 from infra.config import load_config
 from infra import layout
 
-EMBEDDED_NAME = "fact-world"
-
 
 def run(
     lake: str,
@@ -90,7 +88,7 @@ def run(
     if keep_checkpoints is not None and keep_checkpoints < 0:
         raise import_data.ImportRefused(lake, [f"--keep-checkpoints {keep_checkpoints}: give 0 (keep all) or more"])
     name = import_data.check_name(
-        name or (import_data.name_from(Path(corpus).resolve().name) if corpus else EMBEDDED_NAME)
+        name or (import_data.name_from(Path(corpus).resolve().name) if corpus else load_config().query_set)
     )
     linked = None
     if corpus:
@@ -271,7 +269,7 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument(
         "--name",
         help="names the query set, the trained checkpoints (gpt2-<name>-...) and the report "
-        f"(empty: the corpus folder's name made a valid name, or {EMBEDDED_NAME!r} for the embedded world)",
+        f"(empty: the corpus folder's name made a valid name, or the setting query_set ({load_config().query_set!r}) for the embedded world)",
     )
     parser.add_argument(
         "--retrain",

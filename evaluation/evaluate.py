@@ -79,7 +79,7 @@ class EvaluateConfig:
     lake: str = from_settings("lake_root", help="lake root: a folder or s3://bucket/prefix")
     checkpoint_id: str = option("", help="a registered checkpoint (default: the newest)")
     checkpoint: str = option("", help="or a checkpoint folder / s3:// prefix")
-    query_set: str = option("fact-world")
+    query_set: str = from_settings("query_set")
     top_k: int = from_settings("top_k", help="proponents kept per query")
     projection_k: int = from_settings("projection_k")
     seeds: list[int] = option(

@@ -9,6 +9,7 @@ import threading
 from collections import defaultdict
 
 from infra.lake import Lake
+from infra.config import load_config
 from infra import layout
 from jobs import catalog
 
@@ -50,7 +51,8 @@ class Explorer:
             raise BadRequest(f"unknown query set {requested!r}; registered: {', '.join(known)}")
         if not known:
             raise LookupError("no queries registered in this lake yet")
-        return requested or ("fact-world" if "fact-world" in known else known[0])
+        default = load_config().query_set
+        return requested or (default if default in known else known[0])
 
     def ranked(self, checkpoint: str, query_ids=None) -> dict:
         """method -> query -> [proponent rows by rank]."""

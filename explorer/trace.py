@@ -29,7 +29,8 @@ from jobs.catalog import NotInLake, checkpoint_folder, latest_checkpoint_id, run
 class TraceContext:
     """Everything needed to score a new query exactly as `score --methods trackstar` did."""
 
-    def __init__(self, lake: Lake, checkpoint_id: str | None = None, query_set: str = "fact-world"):
+    def __init__(self, lake: Lake, checkpoint_id: str | None = None, query_set: str | None = None):
+        query_set = query_set or load_config().query_set
         check_names(checkpoint_id=checkpoint_id, query_set=query_set)
         self.lake, self.query_set = lake, query_set
         self.checkpoint_id = checkpoint_id or latest_checkpoint_id(lake)
@@ -167,7 +168,7 @@ def add_arguments(parser: argparse.ArgumentParser):
     )
     parser.add_argument("--lake", default=load_config().lake_root)
     parser.add_argument("--checkpoint-id", default=None)
-    parser.add_argument("--query-set", default="fact-world", help="whose task-mixed R to precondition with")
+    parser.add_argument("--query-set", default=load_config().query_set, help="whose task-mixed R to precondition with")
     parser.add_argument("--top-k", type=int, default=5)
 
 

@@ -53,6 +53,9 @@ class Config:
     cache_dir: str = setting("~/.cache/trackstar", "local folder for copies of s3:// checkpoints and tokenizers")
     spark_remote: str | None = setting(None, "Spark Connect URL (also SPARK_REMOTE); none = the embedded Sail engine")
     world_seed: int = setting(0, "the generated demo world and the demo model's training shuffles")
+    query_set: str = setting(
+        "fact-world", "the query set a command or DAG run works on when none is given (the embedded world's)"
+    )
     projection_seed: int = setting(0, "seed of the projection matrices")
     projection_k: int = setting(16, "projection size per side: a k x k block per weight matrix")
     vector_dtype: VectorDtype = setting("float32", "storage encoding of gradient vectors")

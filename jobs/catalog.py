@@ -30,7 +30,7 @@ class SliceConfig:
 
     lake: str = from_settings("lake_root", help="lake root: a folder or s3://bucket/prefix")
     checkpoint_id: str = option("", help="a registered checkpoint (default: the latest, by step)")
-    query_set: str = option("fact-world")
+    query_set: str = from_settings("query_set")
     fingerprint: str = option(
         "", help="projection fingerprint (default: the one train_gradients holds for the checkpoint)"
     )

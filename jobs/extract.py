@@ -29,8 +29,10 @@ from infra.cli import add_config_arguments, config_from_args, option
 from infra.config import from_settings
 from infra import layout
 from infra.layout import QUERY, TRAIN
+from gradient_kernels.projection import NORMALIZER_KINDS
 from jobs.catalog import checkpoint_uri, resolve_checkpoint
 from jobs.checkpoints import CheckpointMismatch
+from schemas.vectors import DTYPES
 
 # Queries are few and every score leans on them: never rounded to int8 or 16 bits with the corpus.
 QUERY_DTYPE = "float32"
@@ -44,17 +46,15 @@ class ExtractConfig:
         "projection_k", help="projection size per side of every weight matrix (block k × k)"
     )
     projection_seed: int = from_settings("projection_seed")
-    normalizer: str = option(
-        "auto", choices=["auto", "adafactor", "adam-floored", "adam-factored", "adam-exact", "none"]
-    )
-    vector_dtype: str = from_settings("vector_dtype", choices=["float32", "float16", "bfloat16", "int8"])
+    normalizer: str = option("auto", choices=["auto", *NORMALIZER_KINDS])
+    vector_dtype: str = from_settings("vector_dtype", choices=list(DTYPES))
     token_budget: int = from_settings("batch_token_budget", help="padded tokens per batch")
     ranks: int = from_settings("extract_ranks", help="DeepSpeed ranks on this node (0: one per GPU, else 2 CPU ranks)")
     cpu_threads: int = from_settings(
         "cpu_threads", help="CPU threads per rank (0: the idle cores split among the ranks; OMP_NUM_THREADS wins)"
     )
     optimizer_source: str = option("auto", choices=["auto", "consolidated", "zero"])
-    query_set: str | None = option("fact-world", help="also extract this registered query set's gradients")
+    query_set: str | None = from_settings("query_set", help="also extract this registered query set's gradients")
     force: bool = option(False)
     partitions: list[int] = option(factory=list, help="restrict to these source partitions")
     queries_only: bool = option(False, help="extract only the query set's gradients, no training partitions")

@@ -24,16 +24,15 @@ from schemas.tables import TABLES
 from infra.config import load_config
 from infra import layout
 
-DEFAULT_QUERY_SET = "fact-world"
-
 
 def run(
     lake_root: str,
     path: str | None = None,
-    name: str = DEFAULT_QUERY_SET,
+    name: str | None = None,
     run_id: str = "manual",
     tokenizer: str | None = None,
 ) -> int:
+    name = name or load_config().query_set
     check_names(query_set=name, run_id=run_id)
     lake = Lake(lake_root)
     path = storage.absolute(path or layout.world(lake.root, "queries.jsonl"))
@@ -108,7 +107,7 @@ def checked_against_tokenizer(lake: Lake, path: Path, query_file, tokenizer_dir:
 def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--lake", default=load_config().lake_root)
     parser.add_argument("--path", help="queries JSONL (default <lake>/world/queries.jsonl)")
-    parser.add_argument("--name", default=DEFAULT_QUERY_SET, help="query set name")
+    parser.add_argument("--name", default=load_config().query_set, help="query set name")
     parser.add_argument("--tokenizer", help="folder of the model's tokenizer (default <lake>/model/tokenizer)")
 
 

@@ -41,6 +41,7 @@ from infra.config import from_settings
 from jobs.threads import use_cpu_threads
 from jobs.catalog import SliceConfig, train_vector_count
 from jobs.trackstar_index import BATCH_BYTES, rows_per_batch
+from schemas.vectors import DTYPES
 
 # method -> (registered matrix kind or None, power applied to it, unit norm, on both sides)
 METHODS = {
@@ -65,7 +66,7 @@ class ScoreConfig(SliceConfig):
     prompt_index: int = option(0, choices=[0, 1, 2])
     index: str = option(
         "int8",
-        choices=["int8", "float16", "bfloat16", "float32", "none"],
+        choices=[*DTYPES, "none"],
         help=f"code of the TrackStar index for {', '.join(INDEXED_METHODS)} ('none': score raw vectors)",
     )
     batch_bytes: int = option(BATCH_BYTES, help="decoded bytes per scoring batch")

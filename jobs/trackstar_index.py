@@ -28,9 +28,9 @@ import torch
 
 from infra.lake import Lake, slice_predicate
 from schemas.tables import table
+from schemas.vectors import DTYPES
 
 KINDS = ("inverse_root", "inverse_root_train_only")
-DTYPES = ("int8", "float16", "bfloat16", "float32")
 BATCH_BYTES = 64 << 20  # decoded float32 bytes per batch while building or scoring
 
 
