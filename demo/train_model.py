@@ -29,32 +29,38 @@ from pathlib import Path
 from infra import storage
 from jobs.launch import end_rank, init_rank, launch_ranks, rank_arguments
 from jobs.c4_batches import EOS
+from infra.cli import add_config_arguments, config_from_args, option
 from infra.config import from_settings, load_config
 from infra import layout
 
 
 @dataclass
 class TrainConfig:
-    lake: str = "lake"
-    model_tag: str = "gpt2-fact-world"
-    seed: int = 0
+    lake: str = from_settings("lake_root", help="lake root: a folder or s3://bucket/prefix")
+    model_tag: str = option("gpt2-fact-world", cli=False)  # the checkpoint ids' prefix (the pipeline's --name)
+    seed: int = from_settings("world_seed", help="seed of the model's initialisation and the training shuffles")
     # model size (GPT-2 style)
-    n_layer: int = 4
-    n_embd: int = 128
-    n_head: int = 4
-    context: int = 128
-    vocab_size: int = 4096
+    n_layer: int = option(4, flags=["--layers"])
+    n_embd: int = option(128, flags=["--width"])
+    n_head: int = option(4, flags=["--heads"])
+    context: int = option(128, help="tokens per training sequence (the chunks' length)")
+    vocab_size: int = option(4096)
     # optimisation
-    optimizer: str = "adam"  # "adam" (AdamW, ZeRO-2) or "adafactor" (torch Adafactor, ZeRO-0)
-    lr: float = 3e-3
-    warmup_steps: int = 30
-    weight_decay: float = 0.0
-    micro_batch: int = 16  # sequences of `context` tokens per rank and step
-    epochs: float = 16.0
-    checkpoint_fractions: tuple = (0.5, 0.75, 1.0)  # save a checkpoint after these shares of training
-    ranks: int = 2
-    cpu_threads: int = from_settings("cpu_threads")  # per rank; 0: the idle cores split among the ranks
-    max_steps: int | None = None  # caps the step count (tests)
+    optimizer: str = option(
+        "adam", choices=["adam", "adafactor"], help="adam: AdamW, ZeRO-2; adafactor: torch's, ZeRO-0"
+    )
+    lr: float = option(3e-3)
+    warmup_steps: int = option(30)
+    weight_decay: float = option(0.0)
+    micro_batch: int = option(16, help="sequences of `context` tokens per rank and step")
+    epochs: float = option(16.0)
+    # save a checkpoint after these shares of training
+    checkpoint_fractions: tuple = option((0.5, 0.75, 1.0), cli=False)
+    ranks: int = option(2, help="DeepSpeed ranks")
+    cpu_threads: int = from_settings(
+        "cpu_threads", help="CPU threads per rank (0: the idle cores split among the ranks)"
+    )
+    max_steps: int | None = option(None, help="caps the step count")
 
     @property
     def model_dir(self) -> Path:
@@ -394,25 +400,7 @@ def train_rank(plan_path: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser):
-    defaults = TrainConfig()
-    parser.add_argument("--lake", default=load_config().lake_root)
-    parser.add_argument("--optimizer", choices=["adam", "adafactor"], default=defaults.optimizer)
-    parser.add_argument("--epochs", type=float, default=defaults.epochs)
-    parser.add_argument("--ranks", type=int, default=defaults.ranks)
-    parser.add_argument("--layers", dest="n_layer", type=int, default=defaults.n_layer)
-    parser.add_argument("--width", dest="n_embd", type=int, default=defaults.n_embd)
-    parser.add_argument("--heads", dest="n_head", type=int, default=defaults.n_head)
-    parser.add_argument("--context", type=int, default=defaults.context)
-    parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--micro-batch", type=int, default=defaults.micro_batch)
-    parser.add_argument("--seed", type=int, default=load_config().world_seed)
-    parser.add_argument("--max-steps", type=int, default=None)
-
-
-def config_from_args(args) -> TrainConfig:
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    add_config_arguments(parser, TrainConfig)
 
 
 def final_checkpoint(lake: str, summary: dict) -> Path:
@@ -423,8 +411,9 @@ def final_checkpoint(lake: str, summary: dict) -> Path:
 def main(args):
     from demo.model_eval import evaluate_checkpoint
 
-    summary = run(config_from_args(args))
-    accuracy = evaluate_checkpoint(final_checkpoint(args.lake, summary), layout.world(args.lake, "queries.jsonl"))
+    config = config_from_args(TrainConfig, args)
+    summary = run(config)
+    accuracy = evaluate_checkpoint(final_checkpoint(config.lake, summary), layout.world(config.lake, "queries.jsonl"))
     print(
         f"[train-model] {summary['parameters']:,} parameters, {summary['steps']} steps in "
         f"{summary['train_seconds']}s; checkpoints: {', '.join(summary['checkpoints'])}"

@@ -47,7 +47,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) ->
         if not meta.get("cli", True):
             continue
         flags = meta.get("flags") or ["--" + spec.name.replace("_", "-")]
-        options = {"dest": spec.name, "default": getattr(defaults, spec.name), "help": meta.get("help")}
+        default = getattr(defaults, spec.name)
+        # a flag without help still shows its default (argparse prints no line for a flag without help)
+        shown = None if default is None or default is False or default == "" else "(default: %(default)s)"
+        options = {"dest": spec.name, "default": default, "help": meta.get("help") or shown}
         if "choices" in meta:
             options["choices"] = meta["choices"]
         kind, element = _kind(hints[spec.name])
