@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
-from infra import layout
 
 LAKE = Path("lake")
 
@@ -21,11 +19,14 @@ def embedded_model(seed: int = 0):
 
 
 def latest_checkpoint(lake: Path = LAKE) -> Path | None:
-    """The newest checkpoint folder of `make run`, if one exists."""
-    summary = Path(layout.train_summary(lake))
-    if not summary.exists():
+    """The newest checkpoint folder of `make run` (as the stages choose it), if the lake has one."""
+    from infra.lake import Lake
+    from jobs.catalog import checkpoint_uri
+
+    try:
+        return Path(checkpoint_uri(Lake(lake), ""))
+    except FileNotFoundError:  # no trained model in this lake
         return None
-    return layout.checkpoint_path(lake, json.loads(summary.read_text())["checkpoints"][-1])
 
 
 def random_documents(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
