@@ -280,7 +280,7 @@ def delete_rows(lake: Lake, table: str, urls: list[str], found: pa.Table, run_id
     from deltalake.exceptions import CommitFailedError
     from deltalake.transaction import RemoveAction
 
-    from infra.lake import VERIFY_PAGES
+    from infra.lake_reads import VERIFY_PAGES
     from infra.slice_files import SliceFiles
 
     delta = lake.open(table)

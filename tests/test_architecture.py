@@ -121,7 +121,6 @@ MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 60
 SIZED = ("jobs", "evaluation", "explorer", "infra")  # packages whose files stay under MAX_FILE_LINES
 # what is still larger, with the reason; the list only shrinks
 LARGE_FILES = {
-    "infra/lake.py": "the Delta lake's one interface (create, open, slices, reads, Spark); split is issue 29's next step",
     "jobs/takedown.py": "one audited run over seven tables; its sums correction moved to autocorrelation.py",
     "jobs/tokenize.py": "validation, the Spark job and its bookkeeping; to split next",
     "jobs/fit_hessian.py": "the fit, its outliers and alarms; to split next",
