@@ -36,6 +36,9 @@ COMMIT_ATTEMPTS = 20
 
 
 class Lake(LakeReads, LakeSpark):
+    """The lake under `root`: its writes here, reads from `LakeReads`, Spark from `LakeSpark`, and
+    where tables live, `create` and `open` from their base `LakeTables`."""
+
     def append(self, table: str, data: pa.Table | pa.RecordBatch) -> int:
         """Validate and append rows; returns the new table version."""
         spec, delta = declared(table), self.create(table)

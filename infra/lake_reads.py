@@ -175,17 +175,22 @@ def _with_checksum_columns(spec: Table, columns: list[str]) -> list[str]:
     return [*columns, *(c for c in ("scale", "checksum") if c not in columns)]
 
 
-def _filter_columns(filters) -> list[str]:
+def _conditions(filters) -> list[tuple]:
+    """`filters` (as in `LakeReads.read`) as [(column, op, value), ...]."""
     if not filters:
         return []
-    return list(filters) if isinstance(filters, dict) else [name for name, _, _ in filters]
+    return [(name, "=", value) for name, value in filters.items()] if isinstance(filters, dict) else list(filters)
+
+
+def _filter_columns(filters) -> list[str]:
+    return [name for name, _, _ in _conditions(filters)]
 
 
 def _filter_expression(spec: Table, filters) -> ds.Expression | None:
-    """`filters` (as in `LakeReads.read`) as a pyarrow expression, after checking that their columns exist."""
-    if not filters:
+    """`filters` as a pyarrow expression, after checking that their columns exist."""
+    conditions = _conditions(filters)
+    if not conditions:
         return None
-    conditions = [(name, "=", value) for name, value in filters.items()] if isinstance(filters, dict) else filters
     for name, _, _ in conditions:
         spec.column(name)
     return pq.filters_to_expression(conditions)

@@ -126,8 +126,6 @@ LARGE_FILES = {
     "jobs/fit_hessian.py": "the fit, its outliers and alarms; to split next",
 }
 LONG_FUNCTIONS = {
-    "demo/pipeline.py:run": "the embedded default end to end, stage by stage; to split next",
-    "demo/import_data.py:check_import": "every check of an import in one place, so all problems are listed at once",
     "jobs/fit_hessian.py:run": "to split next",
     "jobs/tokenize.py:run": "to split next",
     "jobs/score.py:run": "to split next",
