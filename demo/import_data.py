@@ -211,16 +211,39 @@ def check_import(
     name: str | None = None,
 ) -> ImportPlan:
     """Every check of an import, before anything is written: ImportRefused listing every problem, or
-    the plan. Reads the inputs and the lake, writes nothing (not even a folder)."""
-    from jobs.tokenize import PARTITION_NAME
-
+    the plan. Reads the inputs and the lake, writes nothing (not even a folder). Each check adds
+    what it finds to `problems` and the checks go on, so that one refusal lists them all."""
     root, corpus, queries = Path(lake_root), Path(corpus), Path(queries)
     problems: list[str] = []
     name = name or name_from(corpus.resolve().name)
-    raw_dir, world_dir = root / "raw", root / "world"
+    previous = imported_world(root) or {"partitions": {}}
+    _check_lake(str(lake_root), root, previous, problems)
+    checksums, added, count = _check_corpus(root, corpus, previous, problems)
+    notes = _corpus_notes(count)
 
-    # the lake
-    if str(lake_root).startswith("s3://"):
+    # the queries, then their stating documents against the corpus
+    query_file = _load_query_file(queries, problems)
+    if query_file is not None and count.documents:
+        missing, partial = _check_ground_truth(queries, query_file, count.urls)
+        problems += missing
+        notes += query_file.notes + partial
+
+    # the checkpoint, its tokenizer against the lake's, and the targets against its tokenizer
+    linked = None
+    if checkpoint is not None:
+        linked = _check_checkpoint(root, Path(checkpoint), problems)
+    if query_file is not None:
+        notes += _check_targets(root, query_file, queries, linked, problems)
+
+    if problems:
+        raise ImportRefused(root, problems)
+    return ImportPlan(root, corpus, queries, name, query_file, previous, checksums, added, count, notes, linked)
+
+
+def _check_lake(lake_root: str, root: Path, previous: dict, problems: list[str]) -> None:
+    """The lake can take an import: a local folder, no generated world, no partitions no import recorded."""
+    raw_dir, world_dir = root / "raw", root / "world"
+    if lake_root.startswith("s3://"):
         problems.append(
             f"{lake_root}: importing your own data into an s3:// lake is not supported yet; import into a folder, "
             "then copy the lake to S3 (stored paths are relative to the lake's root)"
@@ -230,7 +253,6 @@ def check_import(
             f"{root.resolve()} holds the generated world: import your data into a fresh lake (--lake) rather "
             "than mixing the two corpora"
         )
-    previous = imported_world(root) or {"partitions": {}}
     unknown = sorted(p.name for p in raw_dir.glob("c4-*.json.gz") if p.name not in previous["partitions"])
     if unknown and not (world_dir / "kb.json").exists():
         problems.append(
@@ -240,7 +262,11 @@ def check_import(
             "aside, deleting nothing), or import into a fresh lake"
         )
 
-    # the corpus: partition names, their numbers, changed bytes, then every line
+
+def _check_corpus(root: Path, corpus: Path, previous: dict, problems: list[str]) -> tuple[dict, list, CorpusCount]:
+    """(sha256 of each partition of the corpus folder, the partitions the lake does not hold yet, the
+    count of the lake's partitions once imported): partition names, their numbers, changed bytes,
+    then every line."""
     if not corpus.is_dir():
         problems.append(f"{corpus}: the corpus folder does not exist")
         sources = []
@@ -248,8 +274,32 @@ def check_import(
         sources = sorted(corpus.glob("c4-*.json.gz"))
         if not sources:
             problems.append(f"{corpus}: no c4-*.json.gz partitions to import")
+    _check_partition_numbers(corpus, sorted({p.name for p in sources} | set(previous["partitions"])), problems)
+    checksums = {path.name: sha256_file(path) for path in sources}
+    changed = sorted(n for n, s in checksums.items() if previous["partitions"].get(n, s) != s)
+    if changed:
+        problems.append(
+            f"partition(s) {', '.join(changed[:3])} of {corpus} differ from the ones imported into "
+            f"{root.resolve()} before: tokens and gradients of the old bytes would stay. Give changed data a new "
+            "partition name, or import into a fresh lake"
+        )
+    added = [p for p in sources if p.name not in previous["partitions"]]
+    kept = [root / "raw" / n for n in sorted(previous["partitions"]) if (root / "raw" / n).exists()]
+    count = _count_corpus(sorted(kept + added, key=lambda p: p.name))
+    if sources and not count.documents:
+        problems.append(
+            f"{corpus}: no readable document in the corpus ({count.unreadable_lines} unreadable line(s)); each "
+            'line must be a JSON object with the strings "text", "url" and "timestamp"'
+        )
+    return checksums, added, count
+
+
+def _check_partition_numbers(corpus: Path, file_names: list[str], problems: list[str]) -> None:
+    """Every partition (the corpus's and the lake's) has a C4 partition name, and its own number."""
+    from jobs.tokenize import PARTITION_NAME
+
     numbers: dict[int, str] = {}
-    for file_name in sorted({p.name for p in sources} | set(previous["partitions"])):
+    for file_name in file_names:
         match = PARTITION_NAME.search(file_name)
         if not match:
             problems.append(f"{corpus / file_name}: not a C4 partition name (c4-<split>.NNNNN-of-MMMMM.json.gz)")
@@ -260,22 +310,10 @@ def check_import(
             )
         else:
             numbers[int(match.group(1))] = file_name
-    checksums = {path.name: sha256_file(path) for path in sources}
-    changed = sorted(n for n, s in checksums.items() if previous["partitions"].get(n, s) != s)
-    if changed:
-        problems.append(
-            f"partition(s) {', '.join(changed[:3])} of {corpus} differ from the ones imported into "
-            f"{root.resolve()} before: tokens and gradients of the old bytes would stay. Give changed data a new "
-            "partition name, or import into a fresh lake"
-        )
-    added = [p for p in sources if p.name not in previous["partitions"]]
-    kept = [raw_dir / n for n in sorted(previous["partitions"]) if (raw_dir / n).exists()]
-    count = _count_corpus(sorted(kept + added, key=lambda p: p.name))
-    if sources and not count.documents:
-        problems.append(
-            f"{corpus}: no readable document in the corpus ({count.unreadable_lines} unreadable line(s)); each "
-            'line must be a JSON object with the strings "text", "url" and "timestamp"'
-        )
+
+
+def _corpus_notes(count: CorpusCount) -> list[str]:
+    """What the tokenize job will quarantine: unreadable lines and repeated urls (no refusal)."""
     notes = []
     if count.unreadable_lines:
         notes.append(
@@ -292,31 +330,19 @@ def check_import(
             f"{count.duplicate_urls} document(s) repeat the url of an earlier one: the tokenize job keeps the first "
             "and quarantines the others (one url, one document)"
         )
+    return notes
 
-    # the queries, then their stating documents against the corpus
-    query_file = None
+
+def _load_query_file(queries: Path, problems: list[str]) -> QueryFile | None:
+    """The queries file validated as a whole, else None (its problems added, by line)."""
     if not queries.is_file():
         problems.append(f"{queries}: the queries file does not exist")
-    else:
-        try:
-            query_file = load_queries(queries)
-        except QueryFileError as error:
-            problems += error.problems
-    if query_file is not None and count.documents:
-        missing, partial = _check_ground_truth(queries, query_file, count.urls)
-        problems += missing
-        notes += query_file.notes + partial
-
-    # the checkpoint, its tokenizer against the lake's, and the targets against its tokenizer
-    linked = None
-    if checkpoint is not None:
-        linked = _check_checkpoint(root, Path(checkpoint), problems)
-    if query_file is not None:
-        notes += _check_targets(root, query_file, queries, linked, problems)
-
-    if problems:
-        raise ImportRefused(root, problems)
-    return ImportPlan(root, corpus, queries, name, query_file, previous, checksums, added, count, notes, linked)
+        return None
+    try:
+        return load_queries(queries)
+    except QueryFileError as error:
+        problems += error.problems
+        return None
 
 
 def _check_checkpoint(root: Path, folder: Path, problems: list[str]) -> dict | None:

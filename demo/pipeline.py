@@ -34,7 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from infra import storage
@@ -68,17 +68,73 @@ def run(
     train a new model even though the lake holds one; `keep_checkpoints`: the retention policy
     (`demo.reruns.keep_newest`, 0 keeps every checkpoint's vectors), applied when this run trains or
     links a new model (None: the setting keep_checkpoints), or on any run when given."""
-    from infra.airflow_local import run_dag
+    refuse_option_clashes(lake, corpus, queries, checkpoint, retrain, keep_checkpoints)
+    name = import_data.check_name(
+        name or (import_data.name_from(Path(corpus).resolve().name) if corpus else load_config().query_set)
+    )
+    stages = Stages()
+    world_summary, linked = build_corpus(stages, lake, world_seed, corpus, queries, checkpoint, name)
+    if checkpoint:
+        model = link_model(stages, lake, checkpoint, linked)
+    else:
+        model = train_or_keep_model(stages, lake, world_seed, name, retrain, train_overrides)
+    queries_file = layout.world(lake, "queries.jsonl")
+    accuracy = stages("model-accuracy", lambda: model_eval.evaluate_checkpoint(model.checkpoint, queries_file))
+    # the user's own file, so that refusals name its lines
+    stages("register-queries", lambda: register_queries.run(lake, queries, name=name))
+    dag = reindex(stages, lake, model.checkpoint, airflow_home)
+    report = stages("evaluate", lambda: evaluation_report(lake, reports, model.checkpoint, name, evaluate_overrides))
+    keep = load_config().keep_checkpoints if keep_checkpoints is None else keep_checkpoints
+    applied = model.new or keep_checkpoints is not None
+    retention = stages(
+        "keep-checkpoints", lambda: reruns.keep_newest(lake, keep, report["checkpoint_id"], applied=applied)
+    )
+    for line in reruns.retention_lines(retention):
+        print(f"[keep-checkpoints] {line}")
+    coverage = reruns.coverage(lake)
 
-    timings = {}
+    summary = {
+        "world": vars(world_summary),
+        "checkpoint": str(model.checkpoint),
+        "model": {"new": model.new, "why": model.why},
+        "accuracy": accuracy.as_dict(),
+        "dag": {k: v for k, v in dag.items() if k != "log"},
+        "evaluation": report["methods"],
+        "retention": retention,
+        "coverage": coverage,
+        "seconds": {k: round(v, 1) for k, v in stages.seconds.items()},
+    }
+    storage.write_text(storage.join(lake, "pipeline_summary.json"), json.dumps(summary, indent=2, default=str))
+    print(f"\n=== TrackStar lake: {'your data' if corpus else 'embedded run'} ===")
+    print_summary(lake, world_summary, model, accuracy, dag, report, retention, coverage, stages.seconds)
+    return summary
 
-    def stage(stage_name, fn):
+
+class Stages:
+    """Runs the pipeline's stages one at a time, printing each one's name and keeping its seconds."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, stage_name: str, fn):
         started = time.time()
         print(f"\n--- {stage_name}", flush=True)
         result = fn()
-        timings[stage_name] = time.time() - started
+        self.seconds[stage_name] = time.time() - started
         return result
 
+
+@dataclass
+class Model:
+    """The model a run indexes: its final checkpoint, whether this run trained or linked it, why."""
+
+    checkpoint: Path
+    new: bool
+    why: str
+    line: str  # the summary's line about it
+
+
+def refuse_option_clashes(lake, corpus, queries, checkpoint, retrain: bool, keep_checkpoints: int | None) -> None:
     if (corpus or queries) and not (corpus and queries):
         raise import_data.ImportRefused(lake, ["your own data needs both --corpus and --queries"])
     if retrain and checkpoint:
@@ -87,60 +143,73 @@ def run(
         )
     if keep_checkpoints is not None and keep_checkpoints < 0:
         raise import_data.ImportRefused(lake, [f"--keep-checkpoints {keep_checkpoints}: give 0 (keep all) or more"])
-    name = import_data.check_name(
-        name or (import_data.name_from(Path(corpus).resolve().name) if corpus else load_config().query_set)
-    )
+
+
+def build_corpus(stages: Stages, lake: str, world_seed: int, corpus, queries, checkpoint, name: str):
+    """(the world's or the import's summary, the checkpoint folder to link as `check_checkpoint` found
+    it, or None): the user's data imported, or the embedded world built."""
     linked = None
     if corpus:
         # every check first (corpus, queries, urls, checkpoint, tokenizer): a refusal writes nothing
-        plan = stage(
+        plan = stages(
             "check-import", lambda: import_data.check_import(lake, corpus, queries, checkpoint=checkpoint, name=name)
         )
         linked = plan.checkpoint
-        world_summary = stage("import", lambda: import_data.write_import(plan))
+        world_summary = stages("import", lambda: import_data.write_import(plan))
         for note in world_summary.notes:
             print(f"[import] {note}")
     else:
         if checkpoint:
             linked = import_data.check_checkpoint(lake, checkpoint)
-        world_summary = stage("world", lambda: world.run(world.WorldConfig(out_dir=lake, world_seed=world_seed)))
+        world_summary = stages("world", lambda: world.run(world.WorldConfig(out_dir=lake, world_seed=world_seed)))
     print(
         f"[{'import' if corpus else 'world'}] {world_summary.documents:,} documents in {world_summary.partitions} "
         f"partitions, {world_summary.queries} queries; name {name!r}"
     )
-    if checkpoint:
-        new_model = not linked["target"].exists()  # a checkpoint folder this lake did not index before
-        final_checkpoint = stage("import-checkpoint", lambda: import_data.link_checkpoint(linked, lake))
-        state = optimizer_state_source(final_checkpoint)
-        model_line = (
-            f"{final_checkpoint.name}, linked from {Path(checkpoint).resolve()}; optimizer state: "
-            f"{state or 'none (indexed without the optimizer correction)'}"
-        )
-        model_note = f"linked from {Path(checkpoint).resolve()}"
-        print(f"[import-checkpoint] {model_line}")
+    return world_summary, linked
+
+
+def link_model(stages: Stages, lake: str, checkpoint: str, linked: dict) -> Model:
+    """The user's checkpoint folder, linked into the lake with its tokenizer."""
+    new_model = not linked["target"].exists()  # a checkpoint folder this lake did not index before
+    final_checkpoint = stages("import-checkpoint", lambda: import_data.link_checkpoint(linked, lake))
+    state = optimizer_state_source(final_checkpoint)
+    model_line = (
+        f"{final_checkpoint.name}, linked from {Path(checkpoint).resolve()}; optimizer state: "
+        f"{state or 'none (indexed without the optimizer correction)'}"
+    )
+    print(f"[import-checkpoint] {model_line}")
+    return Model(final_checkpoint, new_model, f"linked from {Path(checkpoint).resolve()}", model_line)
+
+
+def train_or_keep_model(
+    stages: Stages, lake: str, world_seed: int, name: str, retrain: bool, train_overrides: dict | None
+) -> Model:
+    """The small model: the lake's own kept (`demo.reruns.model_choice`), else a new one trained."""
+    choice = reruns.model_choice(lake, retrain)
+    print(f"[train-model] {choice.reason}", flush=True)
+    if choice.reuse:
+        trained = choice.summary
+        if reruns.restore_tokenizer(lake, trained["checkpoints"][-1]):
+            print(f"[train-model] the lake's tokenizer was not {trained['checkpoints'][-1]}'s: restored from it")
     else:
-        choice = reruns.model_choice(lake, retrain)
-        print(f"[train-model] {choice.reason}", flush=True)
-        if choice.reuse:
-            trained = choice.summary
-            if reruns.restore_tokenizer(lake, trained["checkpoints"][-1]):
-                print(f"[train-model] the lake's tokenizer was not {trained['checkpoints'][-1]}'s: restored from it")
-        else:
-            train_config = train_model.TrainConfig(lake=lake, seed=world_seed, **(train_overrides or {}))
-            train_config = replace(train_config, model_tag=model_tag(lake, name, train_config))
-            trained = stage("train-model", lambda: train_model.run(train_config))
-        new_model = trained["checkpoints"] != (choice.summary or {}).get("checkpoints")
-        model_note = choice.reason if new_model or choice.reuse else "the model was already trained on this corpus"
-        final_checkpoint = train_model.final_checkpoint(lake, trained)
-        model_line = (
-            f"GPT-2, {trained['parameters']:,} parameters, {trained['steps']} steps in "
-            f"{trained['train_seconds']}s on 2 CPU ranks (DeepSpeed ZeRO-2); checkpoints "
-            f"{', '.join(trained['checkpoints'])}" + (" (kept from an earlier run)" if choice.reuse else "")
-        )
-    queries_file = layout.world(lake, "queries.jsonl")
-    accuracy = stage("model-accuracy", lambda: model_eval.evaluate_checkpoint(final_checkpoint, queries_file))
-    # the user's own file, so that refusals name its lines
-    stage("register-queries", lambda: register_queries.run(lake, queries, name=name))
+        train_config = train_model.TrainConfig(lake=lake, seed=world_seed, **(train_overrides or {}))
+        train_config = replace(train_config, model_tag=model_tag(lake, name, train_config))
+        trained = stages("train-model", lambda: train_model.run(train_config))
+    new_model = trained["checkpoints"] != (choice.summary or {}).get("checkpoints")
+    model_line = (
+        f"GPT-2, {trained['parameters']:,} parameters, {trained['steps']} steps in "
+        f"{trained['train_seconds']}s on 2 CPU ranks (DeepSpeed ZeRO-2); checkpoints "
+        f"{', '.join(trained['checkpoints'])}" + (" (kept from an earlier run)" if choice.reuse else "")
+    )
+    why = choice.reason if new_model or choice.reuse else "the model was already trained on this corpus"
+    return Model(train_model.final_checkpoint(lake, trained), new_model, why, model_line)
+
+
+def reindex(stages: Stages, lake: str, final_checkpoint: Path, airflow_home: str) -> dict:
+    """The nightly `trackstar_reindex` DAG run once by the project-local Airflow; raises unless it succeeded."""
+    from infra.airflow_local import run_dag
+
     dag_checkpoint = storage.name(newest_checkpoint_folder(load_config().checkpoints or layout.checkpoints(lake)))
     if dag_checkpoint != final_checkpoint.name:  # e.g. a retrained model with fewer steps than the old one
         print(
@@ -148,7 +217,7 @@ def run(
             f"the evaluation below extracts {final_checkpoint.name} on its own",
             flush=True,
         )
-    dag = stage(
+    dag = stages(
         "airflow: trackstar_reindex", lambda: run_dag("trackstar_reindex", storage.absolute(lake), home=airflow_home)
     )
     print(
@@ -158,56 +227,33 @@ def run(
     )
     if dag["state"] != "success":
         raise RuntimeError(f"trackstar_reindex ended {dag['state']}; see the task log above")
+    return dag
+
+
+def evaluation_report(lake: str, reports: str, final_checkpoint: Path, name: str, overrides: dict | None) -> dict:
+    """The evaluation's report on the run's checkpoint, with the settings' top_k and projection_k.
+    Without optimizer state the index has no correction and the tail-patch steps by plain SGD (the
+    report says so)."""
     settings = load_config()
-    # without optimizer state the index has no correction and the tail-patch steps by plain SGD (the report says so)
-    report = stage(
-        "evaluate",
-        lambda: evaluate.run(
-            replace(
-                evaluate.EvaluateConfig(
-                    lake=lake,
-                    reports=reports,
-                    checkpoint=str(final_checkpoint),
-                    query_set=name,
-                    top_k=settings.top_k,
-                    projection_k=settings.projection_k,
-                ),
-                **(evaluate_overrides or {}),
-            )
-        ),
+    config = evaluate.EvaluateConfig(
+        lake=lake,
+        reports=reports,
+        checkpoint=str(final_checkpoint),
+        query_set=name,
+        top_k=settings.top_k,
+        projection_k=settings.projection_k,
     )
+    return evaluate.run(replace(config, **(overrides or {})))
 
-    keep = load_config().keep_checkpoints if keep_checkpoints is None else keep_checkpoints
-    retention = stage(
-        "keep-checkpoints",
-        lambda: reruns.keep_newest(
-            lake, keep, report["checkpoint_id"], applied=new_model or keep_checkpoints is not None
-        ),
-    )
-    for line in reruns.retention_lines(retention):
-        print(f"[keep-checkpoints] {line}")
-    coverage = reruns.coverage(lake)
 
-    summary = {
-        "world": vars(world_summary),
-        "checkpoint": str(final_checkpoint),
-        "model": {"new": new_model, "why": model_note},
-        "accuracy": accuracy.as_dict(),
-        "dag": {k: v for k, v in dag.items() if k != "log"},
-        "evaluation": report["methods"],
-        "retention": retention,
-        "coverage": coverage,
-        "seconds": {k: round(v, 1) for k, v in timings.items()},
-    }
-    storage.write_text(storage.join(lake, "pipeline_summary.json"), json.dumps(summary, indent=2, default=str))
-
-    print(f"\n=== TrackStar lake: {'your data' if corpus else 'embedded run'} ===")
+def print_summary(lake, world_summary, model: Model, accuracy, dag, report, retention, coverage, seconds) -> None:
+    """What the run built, its model, the evaluation, retention and coverage, and what to do next."""
     print(f"lake:        {storage.absolute(lake)}")
     print(
         f"corpus:      {world_summary.documents:,} documents ({world_summary.words:,} words) in "
         f"{world_summary.partitions} C4 partitions; {world_summary.facts} facts, {world_summary.queries} queries"
     )
-    print(f"model:       {model_line}")
+    print(f"model:       {model.line}")
     print(accuracy.table())
     print(f"airflow:     trackstar_reindex {dag['state']}: " + ", ".join(f"{t} {s}" for t, s in dag["tasks"].items()))
     print(
@@ -220,11 +266,10 @@ def run(
     print("coverage:    train chunks with a vector, per tokenizer and checkpoint")
     for line in reruns.coverage_lines(coverage):
         print(f"             {line}")
-    print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+    print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()))
     print("next:        .venv/bin/python -m jobs sql --list        (SQL over the Delta tables)")
     print("             make airflow-ui                            (the DAGs in the Airflow UI, 127.0.0.1:8080)")
     print(f"explorer:    .venv/bin/python -m jobs explore --lake {lake}   (then open http://127.0.0.1:8765/)")
-    return summary
 
 
 def model_tag(lake: str, name: str, config: train_model.TrainConfig) -> str:

@@ -62,7 +62,7 @@ def _rewrite_files_holding(lake: Lake, delta, table: str, match, holding: set | 
     one SliceFiles per partition); returns (the remove actions of the old files, rows left out)."""
     from deltalake.transaction import RemoveAction
 
-    from infra.lake import VERIFY_PAGES
+    from infra.lake_reads import VERIFY_PAGES
     from infra.slice_files import SliceFiles
 
     spec, dataset = TABLES[table], delta.to_pyarrow_dataset()

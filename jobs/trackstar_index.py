@@ -26,7 +26,8 @@ from __future__ import annotations
 import pyarrow as pa
 import torch
 
-from infra.lake import Lake, slice_predicate
+from infra.lake import Lake
+from infra.predicates import slice_predicate
 from schemas.tables import table
 from schemas.vectors import DTYPES
 

@@ -15,8 +15,9 @@ import pytest
 
 from infra import storage
 from infra.config import Config, ConfigError, load_config
-from infra.lake import Lake, LakeError, TableNotFoundError, slice_predicate, utc_now
+from infra.lake import Lake, LakeError, TableNotFoundError, utc_now
 from infra.matrices import ChecksumMismatch, load_matrices, save_matrices
+from infra.predicates import slice_predicate
 from infra.quarantine import count_by_reason, quarantine_rows
 from infra.runs import finish_run, start_run
 from jobs.sql import SQL_QUERIES, bind_params, run_query, run_sql
