@@ -25,8 +25,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from infra import storage
-from infra.config import load_config
 from infra import layout
+from infra.config import from_settings
+from infra.cli import add_config_arguments, config_from_args, option
 from demo.import_data import WorldSummary, import_world, refuse_to_overwrite
 from schemas.queries import FREQUENCY_BUCKETS
 
@@ -234,23 +235,27 @@ BUCKETS = FREQUENCY_BUCKETS
 
 @dataclass
 class WorldConfig:
-    out_dir: str = "lake"
-    world_seed: int = 0
-    n_partitions: int = 4
-    facts_per_bucket: int = 40
-    buckets: tuple = BUCKETS
-    subject_only_docs_per_fact: float = 1.5  # mentions the subject, not the fact
-    object_only_docs_per_fact: float = 1.0  # mentions the object, not the subject
-    lookalike_docs_per_fact: float = 0.5  # a look-alike of the subject or object name
-    filler_share: float = 0.08  # of all documents: no entity at all
+    out_dir: str = from_settings("lake_root", flags=["--out"], help="lake root to write under")
+    world_seed: int = from_settings("world_seed")
+    n_partitions: int = option(4, flags=["--partitions"])
+    facts_per_bucket: int = option(40)
+    buckets: tuple = option(BUCKETS, cli=False)
+    subject_only_docs_per_fact: float = option(1.5, cli=False)  # mentions the subject, not the fact
+    object_only_docs_per_fact: float = option(1.0, cli=False)  # mentions the object, not the subject
+    lookalike_docs_per_fact: float = option(0.5, cli=False)  # a look-alike of the subject or object name
+    filler_share: float = option(0.08, cli=False)  # of all documents: no entity at all
     # "copy": stating documents may use the query prompts' own templates (BM25's easy case);
     # "paraphrase": a queried fact is stated only in other words, while extra facts of the same
     # relation (never queried) teach the prompt templates, so the model must learn facts, not strings
-    statements: str = "copy"
-    teaching_facts_per_relation: int = 8
-    teaching_docs_per_fact: int = 3
-    corpus: str | None = None  # an existing folder of c4-*.json.gz partitions to import instead
-    queries: str | None = None  # an existing queries JSONL (same schema) to import instead
+    statements: str = option(
+        "copy",
+        choices=["copy", "paraphrase"],
+        help="paraphrase: queried facts are stated only in words that differ from the prompts",
+    )
+    teaching_facts_per_relation: int = option(8, cli=False)
+    teaching_docs_per_fact: int = option(3, cli=False)
+    corpus: str | None = option(None, help="import this folder of c4-*.json.gz partitions instead of generating")
+    queries: str | None = option(None, help="import this queries JSONL (with --corpus)")
 
 
 class NameMaker:
@@ -602,24 +607,12 @@ def _run_to_s3(config: WorldConfig) -> WorldSummary:
 
 
 def add_arguments(parser: argparse.ArgumentParser):
-    defaults = WorldConfig()
-    parser.add_argument("--out", dest="out_dir", default=defaults.out_dir, help="lake root to write under")
-    parser.add_argument("--world-seed", type=int, default=load_config().world_seed)
-    parser.add_argument("--partitions", dest="n_partitions", type=int, default=defaults.n_partitions)
-    parser.add_argument("--facts-per-bucket", type=int, default=defaults.facts_per_bucket)
-    parser.add_argument(
-        "--statements",
-        choices=["copy", "paraphrase"],
-        default=defaults.statements,
-        help="paraphrase: queried facts are stated only in words that differ from the prompts",
-    )
-    parser.add_argument("--corpus", help="import this folder of c4-*.json.gz partitions instead of generating")
-    parser.add_argument("--queries", help="import this queries JSONL (with --corpus)")
+    add_config_arguments(parser, WorldConfig)
 
 
 def main(args):
     # a refusal (ImportedDataError, ImportRefused) reaches `python -m jobs`: one line and its problems, exit 2
-    summary = run(WorldConfig(**{k: v for k, v in vars(args).items()}))
+    summary = run(config_from_args(WorldConfig, args))
     print(
         f"[world] {summary.documents:,} documents ({summary.words:,} words) in {summary.partitions} partitions, "
         f"{summary.facts} facts, {summary.queries} queries -> {summary.raw_dir}, {summary.world_dir}"

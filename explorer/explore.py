@@ -30,10 +30,12 @@ import os
 import re
 import secrets
 import threading
+from dataclasses import dataclass
 
 from explorer.data import BadRequest, Explorer
 from explorer.pages import HEAT_LEVELS, drift_page, list_page, query_page, templates, trace_page
-from infra.config import load_config
+from infra.cli import add_config_arguments, config_from_args, option
+from infra.config import from_settings
 from infra.lake import Lake
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -187,18 +189,21 @@ def needs_token(host: str) -> bool:
         return True
 
 
-def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("--lake", default=load_config().lake_root)
-    parser.add_argument("--host", default="127.0.0.1", help="bind address (a token is required off loopback)")
-    parser.add_argument("--port", type=int, default=8765)
-    parser.add_argument(
-        "--allowed-host",
+@dataclass
+class ExploreConfig:
+    lake: str = from_settings("lake_root", help="lake root: a folder or s3://bucket/prefix")
+    host: str = option("127.0.0.1", help="bind address (a token is required off loopback)")
+    port: int = option(8765)
+    allowed_host: list[str] = option(
+        factory=list,
         action="append",
-        default=[],
-        metavar="NAME",
         help="a host name the explorer is reached by, besides loopback and the bound address (repeatable)",
     )
-    parser.add_argument("--openapi", action="store_true", help="serve the API schema at /openapi.json")
+    openapi: bool = option(False, help="serve the API schema at /openapi.json")
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    add_config_arguments(parser, ExploreConfig)
 
 
 def bound_name(host: str) -> list[str]:
@@ -212,6 +217,7 @@ def bound_name(host: str) -> list[str]:
 def main(args):
     import uvicorn
 
+    args = config_from_args(ExploreConfig, args)
     token = None
     if needs_token(args.host):
         token = os.environ.get("TRACKSTAR_EXPLORER_TOKEN") or secrets.token_urlsafe(16)

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import argparse
 import re
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import pyarrow as pa
 import torch
 
-from infra.config import load_config
+from infra.cli import add_config_arguments, config_from_args, option
+from infra.config import from_settings, load_config
 from infra.lake import Lake
 from infra.names import check_names
 from jobs.catalog import NotInLake, checkpoint_folder, latest_checkpoint_id, runs_of
@@ -161,18 +163,26 @@ class TraceContext:
         return [(self.tokenizer.decode([token]), value) for token, value in zip(ids, values)]
 
 
-def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument(
-        "--target", help="the continuation to trace (mind its leading space); default: the model's own answer"
+@dataclass
+class TraceConfig:
+    prompt: str = option("", help="the prompt to trace (required)")
+    target: str | None = option(
+        None, help="the continuation to trace (mind its leading space); default: the model's own answer"
     )
-    parser.add_argument("--lake", default=load_config().lake_root)
-    parser.add_argument("--checkpoint-id", default=None)
-    parser.add_argument("--query-set", default=load_config().query_set, help="whose task-mixed R to precondition with")
-    parser.add_argument("--top-k", type=int, default=5)
+    lake: str = from_settings("lake_root", help="lake root: a folder or s3://bucket/prefix")
+    checkpoint_id: str | None = option(None, help="a scored checkpoint (default: the latest)")
+    query_set: str = from_settings("query_set", help="whose task-mixed R to precondition with")
+    top_k: int = option(5)
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    add_config_arguments(parser, TraceConfig)
 
 
 def main(args):
+    args = config_from_args(TraceConfig, args)
+    if not args.prompt:
+        raise SystemExit("trace: give the prompt to trace (--prompt)")
     lake = Lake(args.lake)
     context = TraceContext(lake, args.checkpoint_id, args.query_set)
     target = args.target or context.greedy_target(args.prompt)

@@ -14,7 +14,8 @@
 Every field becomes `--field-name` (underscores as dashes), typed by its annotation, with its default
 taken from a fresh instance (so `from_settings` defaults come from infra.config when the parser is
 built). Field metadata may add `help`, `choices`, `flags` (the spellings, when not `--field-name`)
-`nargs` (default `*` for a list) and `cli: False` (a field only code sets). A `bool` is a switch; a
+`nargs` (default `*` for a list), `action` (`append`: a list flag given once per value) and `cli: False`
+(a field only code sets). A `bool` is a switch; a
 `list[int]` takes several whole numbers.
 """
 
@@ -54,7 +55,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) ->
         if "choices" in meta:
             options["choices"] = meta["choices"]
         kind, element = _kind(hints[spec.name])
-        if kind is bool:
+        if "action" in meta:  # e.g. "append": a flag given once per value
+            options.update(action=meta["action"], type=element)
+        elif kind is bool:
             options["action"] = "store_true"
         elif kind in (list, tuple):
             options.update(nargs=meta.get("nargs", "*"), type=element)

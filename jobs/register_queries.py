@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 import pyarrow as pa
@@ -21,7 +22,8 @@ from infra.names import check_names
 from infra.quarantine import quarantine_rows
 from schemas.queries import QueryFileError, check_targets, load_queries
 from schemas.tables import TABLES
-from infra.config import load_config
+from infra.cli import add_config_arguments, config_from_args, option
+from infra.config import from_settings, load_config
 from infra import layout
 
 
@@ -104,12 +106,18 @@ def checked_against_tokenizer(lake: Lake, path: Path, query_file, tokenizer_dir:
     return kept
 
 
+@dataclass
+class RegisterQueriesConfig:
+    lake: str = from_settings("lake_root", help="lake root: a folder or s3://bucket/prefix")
+    path: str | None = option(None, help="queries JSONL (default <lake>/world/queries.jsonl)")
+    name: str = from_settings("query_set", help="query set name")
+    tokenizer: str | None = option(None, help="folder of the model's tokenizer (default <lake>/model/tokenizer)")
+
+
 def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("--lake", default=load_config().lake_root)
-    parser.add_argument("--path", help="queries JSONL (default <lake>/world/queries.jsonl)")
-    parser.add_argument("--name", default=load_config().query_set, help="query set name")
-    parser.add_argument("--tokenizer", help="folder of the model's tokenizer (default <lake>/model/tokenizer)")
+    add_config_arguments(parser, RegisterQueriesConfig)
 
 
 def main(args):
-    run(args.lake, args.path, args.name, tokenizer=args.tokenizer)
+    config = config_from_args(RegisterQueriesConfig, args)
+    run(config.lake, config.path, config.name, tokenizer=config.tokenizer)
