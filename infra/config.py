@@ -201,38 +201,40 @@ def _from_toml(path: Path) -> dict:
 
 
 def _base_type(name: str) -> tuple[type, bool]:
-    """(the field's type, whether it may be None); a Literal of strings is a str."""
+    """(the field's type, whether it may be None); a Literal of strings is a str (checked by Config)."""
     hint = _field_types()[name]
     if typing.get_origin(hint) is typing.Literal:
         return str, False
     if isinstance(hint, types.UnionType):
-        non_none = [t for t in typing.get_args(hint) if t is not type(None)]
-        return non_none[0], True
+        return next(t for t in typing.get_args(hint) if t is not type(None)), True
     return hint, False
 
 
 def _check_type(name: str, value, where: str):
+    """A TOML or Airflow value, which carries its own type: validated strictly by pydantic (an int is
+    a float, a bool is no int, a string no number)."""
+    from pydantic import TypeAdapter, ValidationError
+
     expected, optional = _base_type(name)
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, expected) and (expected is bool or not isinstance(value, bool)):
-        return value
-    raise ConfigError(f"{where}: expected {expected.__name__}{' or null' if optional else ''}, got {value!r}")
+    try:
+        return TypeAdapter(expected | None if optional else expected).validate_python(value, strict=True)
+    except ValidationError:
+        raise ConfigError(
+            f"{where}: expected {expected.__name__}{' or null' if optional else ''}, got {value!r}"
+        ) from None
 
 
 def _parse(name: str, text: str, where: str):
-    """A typed value from an environment string: ints, floats, booleans, 'none' for optional fields."""
+    """An environment string parsed by pydantic (numbers, true/false/yes/no/on/off/1/0); 'none',
+    'null' or nothing for an optional setting."""
+    from pydantic import TypeAdapter, ValidationError
+
     expected, optional = _base_type(name)
     if optional and text.strip().lower() in ("", "none", "null"):
         return None
-    if expected is bool:
-        lowered = text.strip().lower()
-        if lowered not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            raise ConfigError(f"{where}={text!r}: expected a boolean (true/false)")
-        return lowered in ("1", "true", "yes", "on")
     try:
-        return expected(text.strip()) if expected in (int, float) else text
-    except ValueError:
+        return TypeAdapter(expected).validate_strings(text.strip() if expected is not str else text)
+    except ValidationError:
         raise ConfigError(f"{where}={text!r}: expected {expected.__name__}") from None
 
 
