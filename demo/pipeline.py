@@ -34,7 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from infra import storage
@@ -45,7 +45,8 @@ from evaluation.summary import table
 from jobs import register_queries
 from jobs.catalog import newest_checkpoint_folder
 from jobs.checkpoints import optimizer_state_source
-from infra.config import load_config
+from infra.cli import add_config_arguments, config_from_args, option
+from infra.config import from_settings, load_config
 from infra import layout
 
 
@@ -296,68 +297,54 @@ def model_tag(lake: str, name: str, config: train_model.TrainConfig) -> str:
     return f"{base}-v{max(versions) + 1:03d}" if versions else base
 
 
-def add_arguments(parser: argparse.ArgumentParser):
-    settings = load_config()
-    parser.add_argument(
-        "--lake", default=settings.lake_root, help="lake root: a folder, or s3://bucket/prefix for the embedded world"
+@dataclass
+class PipelineConfig:
+    """The command line of `pipeline` (`run` takes the same as arguments, and more for tests)."""
+
+    lake: str = from_settings("lake_root", help="lake root: a folder, or s3://bucket/prefix for the embedded world")
+    world_seed: int = from_settings("world_seed", help="seed of the embedded world")
+    airflow_home: str = option(".airflow", help="the project-local Airflow's home")
+    reports: str = option("", help="folder of the report (empty: <lake>/reports/<run>/, with <lake>/reports/latest)")
+    corpus: str | None = option(
+        None, help="your own C4 partitions (a folder of c4-*.json.gz) instead of the embedded world"
     )
-    parser.add_argument("--world-seed", type=int, default=settings.world_seed, help="seed of the embedded world")
-    parser.add_argument("--airflow-home", default=".airflow", help="the project-local Airflow's home")
-    parser.add_argument(
-        "--reports", default="", help="folder of the report (empty: <lake>/reports/<run>/, with <lake>/reports/latest)"
+    queries: str | None = option(None, help="your own queries JSONL (format: README, 'Your own data')")
+    checkpoint: str | None = option(None, help="a Hugging Face causal LM folder to index instead of training one")
+    name: str | None = option(
+        None,
+        help="names the query set, the trained checkpoints (gpt2-<name>-...) and the report (empty: the corpus "
+        "folder's name made a valid name, or the setting query_set for the embedded world)",
     )
-    parser.add_argument(
-        "--corpus", help="your own C4 partitions (a folder of c4-*.json.gz) instead of the embedded world"
-    )
-    parser.add_argument("--queries", help="your own queries JSONL (format: README, 'Your own data')")
-    parser.add_argument("--checkpoint", help="a Hugging Face causal LM folder to index instead of training one")
-    parser.add_argument(
-        "--name",
-        help="names the query set, the trained checkpoints (gpt2-<name>-...) and the report "
-        f"(empty: the corpus folder's name made a valid name, or the setting query_set ({load_config().query_set!r}) for the embedded world)",
-    )
-    parser.add_argument(
-        "--retrain",
-        action="store_true",
+    retrain: bool = option(
+        False,
         help="train a new model on the whole corpus (new checkpoint ids), although the lake holds one; "
         "without it a rerun keeps the model and indexes only what is new",
     )
-    parser.add_argument(
-        "--keep-checkpoints",
-        type=int,
-        metavar="N",
+    keep_checkpoints: int | None = option(
+        None,
         help="after the run, keep the vectors of the newest N checkpoints (the one just indexed first) and drop "
         "the others' (train_gradients, query_gradients, trackstar_index, train_outliers, hessians, proponents); "
-        f"0 keeps all. Default: the setting keep_checkpoints ({settings.keep_checkpoints}), applied when the run "
-        "trains or links a new model; given, "
-        "applied on any run",
+        "0 keeps all. Default: the setting keep_checkpoints, applied when the run trains or links a new model; "
+        "given, applied on any run",
     )
-    parser.add_argument(
-        "--repair-import",
-        action="store_true",
-        help="move aside the raw partitions no import recorded (an interrupted or refused import), then stop",
+    repair_import: bool = option(
+        False, help="move aside the raw partitions no import recorded (an interrupted or refused import), then stop"
     )
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    add_config_arguments(parser, PipelineConfig)
 
 
 def main(args):
     """Refusals (ImportRefused, ImportedDataError, a bad --name) reach `python -m jobs`, which prints
     them in one line plus their problems and exits 2."""
-    if args.repair_import:
-        if args.corpus or args.queries or args.checkpoint:
-            raise import_data.ImportRefused(args.lake, ["--repair-import runs alone: repair, then rerun your import"])
-        for line in import_data.repair_import(args.lake):
+    config = config_from_args(PipelineConfig, args)
+    if config.repair_import:
+        if config.corpus or config.queries or config.checkpoint:
+            raise import_data.ImportRefused(config.lake, ["--repair-import runs alone: repair, then rerun your import"])
+        for line in import_data.repair_import(config.lake):
             print(f"[repair-import] {line}")
         return 0
-    run(
-        args.lake,
-        args.world_seed,
-        args.airflow_home,
-        args.reports,
-        args.corpus,
-        args.queries,
-        args.checkpoint,
-        name=args.name,
-        retrain=args.retrain,
-        keep_checkpoints=args.keep_checkpoints,
-    )
+    run(**{name: value for name, value in asdict(config).items() if name != "repair_import"})
     return 0

@@ -14,7 +14,8 @@
 Every field becomes `--field-name` (underscores as dashes), typed by its annotation, with its default
 taken from a fresh instance (so `from_settings` defaults come from infra.config when the parser is
 built). Field metadata may add `help`, `choices`, `flags` (the spellings, when not `--field-name`)
-`nargs` (default `*` for a list), `action` (`append`: a list flag given once per value) and `cli: False`
+`nargs` (default `*` for a list), `action` (`append`: a list flag given once per value), `positional` (an optional argument without
+a flag) and `cli: False`
 (a field only code sets). A `bool` is a switch; a
 `list[int]` takes several whole numbers.
 """
@@ -46,6 +47,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) ->
     for spec in dataclasses.fields(config_class):
         meta = spec.metadata
         if not meta.get("cli", True):
+            continue
+        if meta.get("positional"):  # e.g. the query of `sql`: given without a flag, optional
+            parser.add_argument(spec.name, nargs="?", default=getattr(defaults, spec.name), help=meta.get("help"))
             continue
         flags = meta.get("flags") or ["--" + spec.name.replace("_", "-")]
         default = getattr(defaults, spec.name)

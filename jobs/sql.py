@@ -27,6 +27,7 @@ function, catalog table or second statement; what runs is the parsed statement p
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 import re
 from typing import NamedTuple, NoReturn
 
@@ -35,7 +36,8 @@ from sqlglot import exp
 from sqlglot.dialects.spark import Spark
 from sqlglot.errors import SqlglotError
 
-from infra.config import load_config
+from infra.cli import add_config_arguments, config_from_args, option
+from infra.config import from_settings, load_config
 from infra.lake import Lake, TableNotFoundError
 from infra.spark import spark_session
 from schemas.tables import TABLES
@@ -334,29 +336,34 @@ def _query(name: str) -> SqlQuery:
     return SQL_QUERIES[name]
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("name", nargs="?", help=f"a documented query ({', '.join(SQL_QUERIES)}) or any SQL text")
-    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="query parameter")
-    parser.add_argument("--lake", help="lake root (default: the configured lake_root)")
-    parser.add_argument("--rows", type=int, default=50, help="rows to print")
-    parser.add_argument("--list", action="store_true", help="list the queries and their parameters")
-    parser.add_argument(
-        "--allow-writes",
-        action="store_true",
-        help="run SQL text as given: it may change tables (INSERT, DELETE, MERGE, ...) and read paths",
+@dataclass
+class SqlConfig:
+    name: str | None = option(
+        None, positional=True, help=f"a documented query ({', '.join(SQL_QUERIES)}) or any SQL text"
+    )
+    param: list[str] = option(factory=list, action="append", help="a query parameter, KEY=VALUE (repeatable)")
+    lake: str = from_settings("lake_root", help="lake root: a folder or s3://bucket/prefix")
+    rows: int = option(50, help="rows to print")
+    list_queries: bool = option(False, flags=["--list"], help="list the queries and their parameters")
+    allow_writes: bool = option(
+        False, help="run SQL text as given: it may change tables (INSERT, DELETE, MERGE, ...) and read paths"
     )
 
 
+def add_arguments(parser) -> None:
+    add_config_arguments(parser, SqlConfig)
+
+
 def main(args) -> int:
-    if args.list or not args.name:
+    args = config_from_args(SqlConfig, args)
+    if args.list_queries or not args.name:
         for name, query in SQL_QUERIES.items():
             usage = " ".join([name, *(f"--param {key}=..." for key in query.params)])
             print(f"{usage}\n    {query.description}")
         return 0
     params = dict(_key_value(item) for item in args.param)
-    config = load_config()
-    lake = Lake(args.lake or config.lake_root)
-    spark = spark_session(config.spark_remote)
+    lake = Lake(args.lake)
+    spark = spark_session(load_config().spark_remote)
     if args.name in SQL_QUERIES:
         result = run_query(spark, lake, args.name, params)
     elif " " in args.name.strip():  # SQL text, e.g. "SELECT method, count(*) FROM proponents GROUP BY method"

@@ -377,7 +377,7 @@ def test_pipeline_help_shows_the_defaults(capsys):
         jobs_main(["pipeline", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: .airflow)" in text and "(default: 0)" in text and "--repair-import" in text
-    assert "('fact-world') for the embedded world" in text and "(default: None)" not in text
+    assert "the setting query_set for the embedded world" in text and "(default: None)" not in text
 
 
 def test_every_field_of_a_queries_message_is_documented():
