@@ -30,17 +30,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from evaluation.baselines import text_rankings
 from evaluation.categories import CATEGORIES, Categorizer, category_shares
 from evaluation.metric_rows import write_metrics
-from evaluation.rankings import VARIANTS, evaluated_checkpoint, rankings_per_seed
+from evaluation.config import EvaluateConfig
+from evaluation.rankings import evaluated_checkpoint, rankings_per_seed
 from evaluation.report import render_html
 from evaluation.summary import summarise, table
 from evaluation.tail_patching import (
-    DEFAULT_TAIL_PATCH_LR,
     TailPatches,
     stratified_sample,
     tail_patch,
@@ -48,8 +48,7 @@ from evaluation.tail_patching import (
     write_tail_patches,
 )
 from infra import storage
-from infra.cli import add_config_arguments, config_from_args, option
-from infra.config import from_settings
+from infra.cli import add_config_arguments, config_from_args
 from infra.lake import Lake
 from infra import layout
 from jobs.catalog import resolve_checkpoint
@@ -72,37 +71,6 @@ REPORT_ORDER = (
     "trackstar-no-unit-norm",
     "trackstar",
 )
-
-
-@dataclass
-class EvaluateConfig:
-    lake: str = from_settings("lake_root", help="lake root: a folder or s3://bucket/prefix")
-    checkpoint_id: str = option("", help="a registered checkpoint (default: the newest)")
-    checkpoint: str = option("", help="or a checkpoint folder / s3:// prefix")
-    query_set: str = from_settings("query_set")
-    top_k: int = from_settings("top_k", help="proponents kept per query")
-    projection_k: int = from_settings("projection_k")
-    seeds: list[int] = option(
-        factory=lambda: [0, 1, 2], nargs="+", help="projection seeds; the first is the pipeline's"
-    )
-    # TrackStar and the variants computed from its vectors run for every seed; the methods that need
-    # extractions of their own (plain-gradient baselines, the paper-exact correction) for the first
-    # only, unless this is set (it triples the evaluation's extraction time)
-    baselines_every_seed: bool = option(
-        False, help="also extract the plain-gradient baselines and the paper-exact correction for every seed"
-    )
-    variants: list[str] = option(factory=lambda: list(VARIANTS), choices=VARIANTS)
-    tail_patch_queries: int = option(
-        100, help="queries of the tail-patch: a bucket-stratified sample, fixed by the seed"
-    )
-    tail_patch_lr: float | None = option(
-        None, help=f"step size of the tail-patch (default: the checkpoint's, else {DEFAULT_TAIL_PATCH_LR})"
-    )
-    sample_seed: int = option(0, help="of the tail-patch sample and the bootstrap")
-    reports: str = option(
-        "", help="folder of the report (default: a new <lake>/reports/<run_id>/, with <lake>/reports/latest)"
-    )
-    cpu_threads: int = from_settings("cpu_threads", help="CPU threads (0: the cores idle at the start)")
 
 
 def run(config: EvaluateConfig) -> dict:

@@ -8,17 +8,14 @@ unchanged); other seeds and the variants are fitted and scored in memory and nev
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import TYPE_CHECKING
 
+from evaluation.config import EvaluateConfig
 from infra.lake import Lake
 from jobs import extract, fit_hessian, score
 
-if TYPE_CHECKING:
-    from evaluation.evaluate import EvaluateConfig
 
 # scored on vectors extracted with the optimizer correction; score.PLAIN_METHODS on vectors without it
 CORRECTED_METHODS = ("trackstar", "trackstar-no-hessian", "trackstar-no-mixing", "trackstar-no-unit-norm")
-VARIANTS = ("trackstar-adam-exact", "trackstar-heldout-r-query", "trackstar-global-damping")
 # the crossing component of the classic rule, kept fixed whatever the dimension (the variant measures it)
 CLASSIC_CROSSING_COMPONENT = 1000
 

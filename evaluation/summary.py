@@ -4,7 +4,6 @@ attribution of the first seed; and the console table of them."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -13,9 +12,8 @@ from evaluation.baselines import TEXT_METHODS
 from evaluation.findings import findings
 from evaluation.report import signed
 from evaluation.tail_patching import TailPatches
+from evaluation.config import EvaluateConfig
 
-if TYPE_CHECKING:
-    from evaluation.evaluate import EvaluateConfig
 
 ATTRIBUTION_METRICS = ("mrr", "recall@10", "recall@10_fraction")
 # a per-query tail-patch value -> the report cell's key for its mean
