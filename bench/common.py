@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -131,3 +135,17 @@ def ranking_metrics(inputs: dict, top: torch.Tensor) -> dict:
 def overlap_at(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> float:
     """Mean share of each row's first k indices of `a` found among the first k of `b`."""
     return sum(len(set(x[:k]) & set(y[:k])) / k for x, y in zip(a.tolist(), b.tolist())) / len(a)
+
+
+@contextlib.contextmanager
+def busy_process(threads: int):
+    """Another torch process multiplying matrices with `threads` threads while the block runs: what a
+    concurrent job or test run is to the process being measured."""
+    code = "import torch, time\na = torch.randn(768, 768)\nend = time.time() + 3600\nwhile time.time() < end:\n    a = torch.tanh(a @ a)\n"
+    competitor = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+    try:
+        time.sleep(3)  # its torch import and first products
+        yield competitor
+    finally:
+        competitor.kill()
+        competitor.wait()

@@ -14,8 +14,6 @@ sets to 1) does not decide them here.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,20 +23,13 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import busy_process  # noqa: E402
 from evaluation.rankings import ranked_proponents  # noqa: E402
 from evaluation.tail_patching import tail_patch, tail_patch_step  # noqa: E402
 from infra.lake import Lake  # noqa: E402
 from jobs import threads  # noqa: E402
 from jobs.catalog import checkpoint_folder, latest_checkpoint_id  # noqa: E402
 from jobs.checkpoints import load_manifest  # noqa: E402
-
-COMPETITOR = (
-    "import torch, time\n"
-    "a = torch.randn(768, 768)\n"
-    "end = time.time() + 600\n"
-    "while time.time() < end:\n"
-    "    a = torch.tanh(a @ a)\n"
-)
 
 
 def pairs_per_second(patch, pairs: int, repeats: int) -> float:
@@ -82,15 +73,10 @@ def main() -> None:
     patch()  # warm-up: imports, the model's first load
     alone = measure("alone, torch default", cores)
     alone_idle = measure("alone, from idle cores", threads.cpu_threads(0, environ={}))
-    competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR], env=dict(os.environ, OMP_NUM_THREADS=str(cores)))
-    try:
-        time.sleep(3)  # its torch import and first products
+    with busy_process(threads=cores):
         shared = measure("beside a busy process, torch default", cores)
         chosen = threads.cpu_threads(0, environ={})
         shared_idle = measure("beside a busy process, from idle cores", chosen)
-    finally:
-        competitor.kill()
-        competitor.wait()
     print(f"alone_pairs_per_s={alone:.1f}")
     print(f"alone_idle_threads_pairs_per_s={alone_idle:.1f}")
     print(f"shared_default_threads_pairs_per_s={shared:.1f}")
