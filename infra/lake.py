@@ -14,6 +14,7 @@ duplicates rows, and a task killed mid-way leaves no partial commit behind.
 from __future__ import annotations
 
 import datetime as dt
+import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -35,14 +36,28 @@ __all__ = ["Lake", "LakeError", "TableNotFoundError", "utc_now"]
 COMMIT_ATTEMPTS = 20
 
 
+def _on_a_fresh_snapshot(commit):
+    """Runs `commit` (an append, or an update of rows chosen by keys) again on the latest snapshot
+    when delta-rs refuses it for another writer's commit in between: neither depends on rows that
+    commit changed (two extraction tasks appending and finishing `runs` rows at once hit this), and
+    a refused commit wrote nothing to the log."""
+    for attempt in range(COMMIT_ATTEMPTS):
+        try:
+            return commit()
+        except CommitFailedError:
+            if attempt + 1 == COMMIT_ATTEMPTS:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
 class Lake(LakeReads, LakeSpark):
     """The lake under `root`: its writes here, reads from `LakeReads`, Spark from `LakeSpark`, and
     where tables live, `create` and `open` from their base `LakeTables`."""
 
     def append(self, table: str, data: pa.Table | pa.RecordBatch) -> int:
         """Validate and append rows; returns the new table version."""
-        spec, delta = declared(table), self.create(table)
-        write_deltalake(delta, spec.validate(data), mode="append")
+        data = declared(table).validate(data)
+        _on_a_fresh_snapshot(lambda: write_deltalake(self.create(table), data, mode="append"))
         return self.version(table)
 
     def replace_slice(self, table: str, data: pa.Table | pa.RecordBatch, **keys) -> int:
@@ -158,7 +173,8 @@ class Lake(LakeReads, LakeSpark):
             raise SchemaError(f"table {table} has no columns {invalid}")
         # SQL expressions built here: delta-rs's own `new_values` pastes strings between quotes unescaped
         updates = {name: update_value(spec.column(name).type, value) for name, value in values.items()}
-        metrics = self.open(table).update(updates=updates, predicate=slice_predicate(spec, keys))
+        predicate = slice_predicate(spec, keys)
+        metrics = _on_a_fresh_snapshot(lambda: self.open(table).update(updates=updates, predicate=predicate))
         return metrics["num_updated_rows"]
 
     def optimize(self, table: str) -> dict:

@@ -208,6 +208,29 @@ def test_streamed_slices_of_two_partitions_committed_at_once_both_land(lake):
         assert sorted(slice_of(lake, "ck1", partition)["chunk"].to_pylist()) == [20, 21, 22, 23]
 
 
+def test_an_append_refused_for_another_writers_commit_is_made_again_on_the_new_snapshot(lake, monkeypatch):
+    """A run starting (append to `runs`) while another task finishes its own (an update: its file
+    rewritten). The other commit is real; only its timing is forced, between this append's snapshot
+    and its commit, where delta-rs refuses the append."""
+    import infra.lake as lake_module
+    from deltalake import write_deltalake
+
+    first = start_run(lake, "extract", {"partitions": [0]})
+    calls = []
+
+    def append_after_a_concurrent_finish(table, data, **options):
+        calls.append(table.version())
+        if len(calls) == 1:
+            finish_run(Lake(lake.root), first, "succeeded", {"rows": 1})  # another process's commit
+        return write_deltalake(table, data, **options)
+
+    monkeypatch.setattr(lake_module, "write_deltalake", append_after_a_concurrent_finish)
+    second = start_run(lake, "extract", {"partitions": [1]})
+    assert len(calls) == 2 and calls[1] > calls[0]  # refused once, then made on the newer snapshot
+    status = {r["run_id"]: r["status"] for r in lake.read("runs").to_pylist()}
+    assert status == {first: "succeeded", second: "running"}
+
+
 def test_a_streamed_slice_racing_another_writer_of_its_partition_commits_nothing(lake, monkeypatch):
     """Two drivers writing the same (empty) partition at once: the second commit must fail, not
     add its rows beside the first one's (no duplicates)."""
