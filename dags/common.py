@@ -15,6 +15,7 @@ from pathlib import Path
 from airflow.sdk import Asset, TriggerRule, task
 
 from infra import storage
+from infra.airflow_local import DEVICE_POOL
 from infra.config import load_config
 
 log = logging.getLogger(__name__)
@@ -27,9 +28,8 @@ def orchestrate():
     return module
 
 
-# One slot per extraction node: a mapped extract_group task uses all the GPUs (or cores) of its node.
-# Its size is the setting device_pool_slots (infra/airflow_local.py creates it).
-DEVICE_POOL = "trackstar_device"
+# One slot per extraction node (DEVICE_POOL): a mapped extract_group task uses all the GPUs (or cores)
+# of its node. Its size is the setting device_pool_slots (infra/airflow_local.py creates it).
 
 
 def log_failure(context) -> None:

@@ -26,11 +26,15 @@ from infra.config import load_config
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+# the Airflow pool every extraction task runs in (dags/common.py puts the tasks there)
+DEVICE_POOL = "trackstar_device"
+
+
 def device_pool() -> tuple[str, int, str]:
     """(name, slots, description) of the pool every extraction task runs in: one slot per node that
     may extract at once (the setting device_pool_slots)."""
     slots = load_config().device_pool_slots
-    return ("trackstar_device", slots, "extraction tasks that run at once, each on all the GPUs (or cores) of its node")
+    return (DEVICE_POOL, slots, "extraction tasks that run at once, each on all the GPUs (or cores) of its node")
 
 
 def airflow_environment(lake_root: str, home: str | os.PathLike = ".airflow", **extra) -> dict:
