@@ -109,9 +109,10 @@ def correct_partition_sums(lake: Lake, checkpoint_id: str, fingerprint: str, par
     if exact and all(key in ledger for key in keys):
         return entry | {"how": "already subtracted"}
 
-    def taken_down(batch):
+    wanted = set(urls)
+
+    def taken_down(batch):  # an exact subtraction skips what the ledger says is out already
         named = zip(batch["doc_id"].to_pylist(), batch["chunk"].to_pylist())
-        wanted = set(urls)  # an exact subtraction skips what the ledger says is out already
         return pa.array([d in wanted and not (exact and chunk_key(d, c) in ledger) for d, c in named])
 
     scope = [*where, ("doc_id", "in", urls)] if exact else where

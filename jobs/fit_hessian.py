@@ -26,7 +26,7 @@ import torch
 from infra import storage
 from infra.lake import Lake
 from infra.matrices import save_matrices
-from infra.cli import add_config_arguments, option
+from infra.cli import add_config_arguments, config_from_args, option
 from infra.config import from_settings
 from infra import layout
 from jobs.threads import use_cpu_threads
@@ -381,4 +381,4 @@ def add_arguments(parser: argparse.ArgumentParser):
 
 
 def main(args):
-    run(FitHessianConfig(**{k: v for k, v in vars(args).items()}))
+    run(config_from_args(FitHessianConfig, args))

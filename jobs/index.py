@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass
 
-from infra.cli import add_config_arguments, option
+from infra.cli import add_config_arguments, config_from_args, option
 from infra.lake import Lake
 from jobs.catalog import SliceConfig
 from jobs.threads import use_cpu_threads
@@ -63,4 +63,4 @@ def add_arguments(parser: argparse.ArgumentParser):
 def main(args):
     import json
 
-    print(json.dumps(run(IndexConfig(**vars(args))), indent=1, default=str))
+    print(json.dumps(run(config_from_args(IndexConfig, args)), indent=1, default=str))

@@ -36,7 +36,7 @@ import torch
 
 from infra.lake import Lake
 from infra.names import check_names
-from infra.cli import add_config_arguments, option
+from infra.cli import add_config_arguments, config_from_args, option
 from infra.config import from_settings
 from jobs.threads import use_cpu_threads
 from jobs.catalog import SliceConfig, train_vector_count
@@ -395,4 +395,4 @@ def add_arguments(parser: argparse.ArgumentParser):
 
 
 def main(args):
-    run(ScoreConfig(**vars(args)))
+    run(config_from_args(ScoreConfig, args))
