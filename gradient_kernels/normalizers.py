@@ -15,6 +15,11 @@ for free; an *exact* one divides elementwise and needs the per-example gradient 
   has an estimate, no boost where it has none. The fast path for big models ("adam-factored") is
   the rank-1 Adafactor-style fit V̂ ≈ r cᵀ / Σr (r, c the row and column sums: the fit Adafactor
   itself would keep) of the floored denominator, whose error `rank1_error` measures.
+- Data (gradient_kernels/second_moments.py): V = E[g²], the mean squared per-example gradient over
+  a training sample, estimated at the checkpoint itself and needing no optimizer state.
+  "data-floored" divides by max(sqrt(V), floor) with the same floor rule as Adam's;
+  "data-factored" by its rank-1 fit (or Adafactor's rule where only row and column means are
+  kept: matrices too big to store whole).
 """
 
 from __future__ import annotations
@@ -102,12 +107,13 @@ def normalizers_from_state(optimizer_state: dict, matrices: list[WeightMatrix], 
     """name -> normaliser, from a consolidated optimizer state (see jobs/checkpoints.py).
 
     kind: "adafactor" (needs an Adafactor state), "adam-floored", "adam-exact" or "adam-factored"
-    (need Adam's exp_avg_sq), "none" (no correction: plain gradients).
+    (need Adam's exp_avg_sq), "data-floored" or "data-factored" (need a data estimate,
+    gradient_kernels/second_moments.py), "none" (no correction: plain gradients).
     """
     if kind == "none":
         return {}
     saved_kind = optimizer_state.get("kind")
-    wanted = "adafactor" if kind == "adafactor" else "adam"
+    wanted = kind.split("-")[0]
     if saved_kind != wanted:
         raise ValueError(f"normaliser {kind!r} needs a {wanted} optimizer state, the checkpoint has {saved_kind!r}")
     state = optimizer_state["state"]
@@ -116,6 +122,9 @@ def normalizers_from_state(optimizer_state: dict, matrices: list[WeightMatrix], 
         if m.name not in state:
             raise MissingOptimizerState(f"optimizer state has no second moment for {m.name!r}")
         held = state[m.name]
+        if wanted == "data":
+            normalizers[m.name] = data_normalizer(held, kind, m.stored_transposed)
+            continue
         if kind == "adafactor":
             if "row_var" not in held:
                 raise MissingOptimizerState(f"{m.name!r}: Adafactor state has no factored row_var/col_var")
@@ -140,3 +149,14 @@ def normalizers_from_state(optimizer_state: dict, matrices: list[WeightMatrix], 
             ExactNormalizer(floored.float()) if kind == "adam-floored" else rank1_fit(floored, optimizer_state["eps"])
         )
     return normalizers
+
+
+def data_normalizer(held: dict, kind: str, transposed: bool) -> ExactNormalizer | FactoredNormalizer:
+    """From one matrix's data estimate: its whole E[g²] ("mean_sq"), or only its row and column
+    means, which give Adafactor's factored rule whatever the kind asked for."""
+    if "mean_sq" not in held:
+        return adafactor_normalizer(held["row_var"], held["col_var"], None, transposed)
+    v = held["mean_sq"].t() if transposed else held["mean_sq"]
+    # a coordinate no sampled example moved (nor any other of its matrix) gets 0 / tiny = 0, not NaN
+    floored = floored_denominator(v.double().sqrt(), 0.0).clamp(min=torch.finfo(torch.float32).tiny)
+    return ExactNormalizer(floored.float()) if kind == "data-floored" else rank1_fit(floored, 0.0)

@@ -18,7 +18,7 @@ import torch
 # Bump when a change to the kernels changes the vectors they produce: old vectors stop matching.
 KERNEL_VERSION = "2"  # 2: adam-factored fits the floored denominator
 
-NORMALIZER_KINDS = ("none", "adafactor", "adam-floored", "adam-exact", "adam-factored")
+NORMALIZER_KINDS = ("none", "adafactor", "adam-floored", "adam-exact", "adam-factored", "data-floored", "data-factored")
 
 
 def _generator_seed(seed: int, name: str, side: str, k: int, width: int) -> int:
@@ -43,10 +43,14 @@ class ProjectionSpec:
     normalizer: str = "adafactor"  # which optimizer correction was applied
     dtype: str = "float32"  # compute dtype of the projections
     code_version: str = KERNEL_VERSION
+    # the data-estimated second moments' content hash (data-* normalisers only; jobs/second_moments.py)
+    moments: str = ""
 
     def __post_init__(self):
         if self.normalizer not in NORMALIZER_KINDS:
             raise ValueError(f"normalizer must be one of {NORMALIZER_KINDS}, not {self.normalizer!r}")
+        if self.normalizer.startswith("data-") != bool(self.moments):
+            raise ValueError(f"normalizer {self.normalizer!r}: `moments` names the data estimate, for data-* only")
 
     @property
     def modules(self) -> list[str]:
@@ -60,7 +64,10 @@ class ProjectionSpec:
         return [k * k for k in self.k.values()]
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        held = asdict(self)
+        if not self.moments:  # left out, so specs without data moments keep their fingerprints
+            del held["moments"]
+        return held
 
     def fingerprint(self) -> str:
         """Short stable hash; vectors with different fingerprints must never be compared."""

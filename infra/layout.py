@@ -8,6 +8,7 @@
     <root>/model/train_summary.json                   what the demo training produced
     <root>/_autocorrelation/<checkpoint>/<fingerprint>/<kind>/<item>.safetensors   Σ p pᵀ per slice
     <root>/_matrices/hessians/<checkpoint>/<query set>/<fingerprint>/              fitted Hessians
+    <root>/_second_moments/<checkpoint>/<hash>.pt     data-estimated second moments (+ sample-<n>.json)
     <root>/_plans/<run id>.json                       an extraction's plan for its ranks
     <root>/_takedown_plans/<run id>.json              a takedown's plan, taken over if it dies
     <root>/reports/                                   evaluation reports, Hessian spectra
@@ -95,6 +96,12 @@ def hessians(root: str | Path, checkpoint_id: str, query_set: str | None = None,
 
 def takedown_plans(root: str | Path) -> str:
     return storage.join(root, "_takedown_plans")
+
+
+def second_moments(root: str | Path, checkpoint_id: str, name: str) -> str:
+    """A checkpoint's data-estimated second moments (`<hash>.pt`) or the record of its sample
+    (`sample-<chunks>.json`)."""
+    return storage.join(root, "_second_moments", checkpoint_id, name)
 
 
 def plan(root: str | Path, run_id: str) -> str:

@@ -60,8 +60,13 @@ class ExtractConfig:
     queries_only: bool = option(False, help="extract only the query set's gradients, no training partitions")
 
 
-def projection_spec(checkpoint_dir: Path, config: ExtractConfig):
-    """The spec (hence fingerprint) for this checkpoint's architecture, built on the meta device."""
+def uses_optimizer_state(normalizer: str) -> bool:
+    return normalizer not in ("none", "data-floored", "data-factored")
+
+
+def projection_spec(lake: Lake, checkpoint_dir: Path, config: ExtractConfig):
+    """The spec (hence fingerprint) for this checkpoint's architecture, built on the meta device; a
+    data-* normaliser's second moments are estimated here the first time (jobs/second_moments.py)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -79,16 +84,22 @@ def projection_spec(checkpoint_dir: Path, config: ExtractConfig):
             load_manifest(checkpoint_dir)["optimizer"] if has_state else "none",
             sum(p.numel() for p in model.parameters()),
         )
-    elif normalizer != "none" and not has_state:
+    elif uses_optimizer_state(normalizer) and not has_state:
         raise CheckpointError(
             f"{checkpoint_dir}: normaliser {normalizer!r} needs the optimizer's state "
-            f"({config.optimizer_source}), and the folder has none; use --normalizer none or auto"
+            f"({config.optimizer_source}), and the folder has none; use --normalizer none, data-floored or auto"
         )
+    moments = ""
+    if normalizer.startswith("data-"):
+        from jobs.second_moments import data_moments
+
+        moments = data_moments(lake, checkpoint_dir, load_manifest(checkpoint_dir)["checkpoint_id"])
     return ProjectionSpec(
         seed=config.projection_seed,
         k=uniform_k(weight_matrices(model), config.projection_k),
         normalizer=normalizer,
         dtype="float32",
+        moments=moments,
     )
 
 
@@ -208,10 +219,12 @@ def planned_extraction(
     from infra.runs import start_run
     from jobs.checkpoints import check_complete
 
-    spec = projection_spec(checkpoint_dir, config)
+    spec = projection_spec(lake, checkpoint_dir, config)
     if spec.fingerprint() in planned:  # e.g. "auto" resolving to "none" for a checkpoint without optimizer state
         return planned[spec.fingerprint()], None
-    check_complete(checkpoint_dir, config.optimizer_source if spec.normalizer != "none" else None)  # before registering
+    check_complete(
+        checkpoint_dir, config.optimizer_source if uses_optimizer_state(spec.normalizer) else None
+    )  # before registering
     items = missing_items(lake, checkpoint_id, spec.fingerprint(), config, tokenized)
     result = {
         "checkpoint_id": checkpoint_id,
@@ -305,8 +318,8 @@ def plan_groups(config: ExtractConfig, query_sets: list[str], group_size: int) -
     lake = Lake(config.lake)
     checkpoint_dir = resolve_checkpoint(lake, config.checkpoint)
     manifest, weights = check_checkpoint(lake, checkpoint_dir, config.force)
-    spec = projection_spec(checkpoint_dir, config)
-    check_complete(checkpoint_dir, config.optimizer_source if spec.normalizer != "none" else None)
+    spec = projection_spec(lake, checkpoint_dir, config)
+    check_complete(checkpoint_dir, config.optimizer_source if uses_optimizer_state(spec.normalizer) else None)
     checkpoint_id, fingerprint, source = (
         manifest["checkpoint_id"],
         spec.fingerprint(),
@@ -364,6 +377,8 @@ def optimizer_correction(checkpoint_dir: Path, config: ExtractConfig, spec) -> s
     from jobs.checkpoints import optimizer_state_source
 
     source = optimizer_state_source(checkpoint_dir, config.optimizer_source)
+    if spec.normalizer.startswith("data-"):
+        return f"{spec.normalizer} from E[g²] over a sample of training chunks (second moments {spec.moments})"
     if spec.normalizer != "none":
         return f"{spec.normalizer} from the {source} optimizer state"
     if source is None:

@@ -78,7 +78,9 @@ class RankWorker:
         self.lake, self.extractions, self.rank = lake, extractions, rank
         self.model, self.tokenizer = model, tokenizer
         self.token_budget = extractions[0].config.token_budget
-        specs = [(e.spec, normalizers_for(e.spec.normalizer, e.config.optimizer_source)) for e in extractions]
+        specs = [
+            (e.spec, normalizers_for(e.spec.normalizer, e.config.optimizer_source, e.spec.moments)) for e in extractions
+        ]
         self.projector = GradientProjector(model, *specs[0], more=specs[1:])
 
     def vectors(self, batches_of_batch, progress):
@@ -255,6 +257,7 @@ def extract_rank(plan_path: str):
     from gradient_kernels.modules import weight_matrices
     from gradient_kernels.normalizers import normalizers_from_state
     from jobs.checkpoints import load_second_moments
+    from jobs.second_moments import load_data_moments
 
     plan = json.loads(storage.read_bytes(plan_path))
     rank, world = init_rank()  # threads per rank: OMP_NUM_THREADS, set by launch_ranks on a CPU node
@@ -263,10 +266,15 @@ def extract_rank(plan_path: str):
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
 
     @cache  # one normaliser object per kind: extractions sharing it share its division (GradientProjector)
-    def normalizers_for(normalizer: str, source: str) -> dict:
+    def normalizers_for(normalizer: str, source: str, moments: str) -> dict:
         if normalizer == "none":
             return {}
-        return normalizers_from_state(load_second_moments(checkpoint_dir, source), weight_matrices(model), normalizer)
+        state = (
+            load_data_moments(plan["lake"], plan["checkpoint_id"], moments)
+            if moments
+            else load_second_moments(checkpoint_dir, source)
+        )
+        return normalizers_from_state(state, weight_matrices(model), normalizer)
 
     extractions = [Extraction(job, plan["checkpoint_id"]) for job in plan["jobs"]]
     needed: dict[tuple, list[int]] = {}  # work item -> the extractions that need it

@@ -76,6 +76,7 @@ JOB_LIBRARIES = {
     "checkpoints",
     "launch",
     "progress",
+    "second_moments",
     "spectra_plot",
     "takedown_plans",
     "threads",

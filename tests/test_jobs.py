@@ -33,9 +33,10 @@ from gradient_kernels.projection import ProjectionSpec
 from gradient_kernels.scoring import FingerprintMismatch, Preconditioner, prepare
 from infra.lake import Lake
 from infra.matrices import ChecksumMismatch, load_matrices
-from infra import layout
+from infra import layout, storage
 from jobs import catalog, extract, fit_hessian, register_queries, score, tokenize
 from jobs.checkpoints import CheckpointMismatch, load_second_moments
+from jobs.second_moments import SAMPLE_CHUNKS, load_data_moments
 from schemas.vectors import decode_vectors
 from tests.fixtures import copy_lake
 
@@ -472,3 +473,39 @@ def test_chunks_with_non_finite_gradients_are_quarantined_not_written(indexed, t
     assert np.isfinite(
         _table_vectors(lake, "train_gradients", [("checkpoint_id", "=", manifest["checkpoint_id"])])[1]
     ).all()
+
+
+def test_extract_with_data_moments_needs_no_optimizer_state_and_estimates_once(indexed, tmp_path):
+    source, checkpoint, _, _ = indexed
+    lake = Lake(copy_lake(source.root, tmp_path / "lake"))
+    stateless = tmp_path / "stateless"
+    shutil.copytree(checkpoint, stateless, ignore=shutil.ignore_patterns("optimizer.pt", "zero*"))
+    config = extract.ExtractConfig(
+        lake=lake.root, checkpoint=str(stateless), projection_k=4, token_budget=512, normalizer="data-floored"
+    )
+    first = extract.run(config)
+    run = lake.read("runs", filters=[("run_id", "=", first["run_id"])]).to_pylist()[0]
+    spec = json.loads(run["config_json"])["spec"]
+    checkpoint_id = first["checkpoint_id"]
+    record = json.loads(
+        storage.read_text(layout.second_moments(lake.root, checkpoint_id, f"sample-{SAMPLE_CHUNKS}.json"))
+    )
+    tokens = lake.read("tokens")
+    assert record["hash"] == spec["moments"] and record["examples"] == min(SAMPLE_CHUNKS, tokens.num_rows)
+    assert len({tuple(c) for c in record["chunks"]}) == record["examples"]
+
+    again = extract.run(config)  # the estimate is reused: same fingerprint, nothing to do
+    assert again["fingerprint"] == first["fingerprint"] and again["items"] == []
+
+    model = AutoModelForCausalLM.from_pretrained(stateless)
+    matrices = weight_matrices(model)
+    estimate = load_data_moments(lake.root, checkpoint_id, spec["moments"])
+    projector = GradientProjector(
+        model, ProjectionSpec(**spec), normalizers_from_state(estimate, matrices, "data-floored")
+    )
+    rows, stored = _table_vectors(lake, "train_gradients", [("fingerprint", "=", first["fingerprint"])])
+    assert rows.num_rows == tokens.num_rows
+    by_key = {(d, c): ids for d, c, ids in zip(*(tokens[n].to_pylist() for n in ("doc_id", "chunk", "input_ids")))}
+    keys = list(zip(rows["doc_id"].to_pylist(), rows["chunk"].to_pylist()))[::9]
+    direct = projector(document_batch([by_key[k] for k in keys])).numpy()
+    np.testing.assert_allclose(stored[::9], direct, rtol=1e-4, atol=1e-4 * np.abs(direct).max())
