@@ -8,8 +8,15 @@ from evaluation.tail_patching import DEFAULT_TAIL_PATCH_LR
 from infra.cli import option
 from infra.config import from_settings
 
+# TrackStar with another optimizer correction than its default -> that correction's normaliser; each
+# needs an extraction of its own, and one that resolves to the default's vectors is not repeated
+CORRECTION_VARIANTS = {
+    "trackstar-adam-exact": "adam-exact",
+    "trackstar-adam-floored": "adam-floored",
+    "trackstar-data-moments": "data-floored",
+}
 # variants that measure this implementation's own choices (evaluation/evaluate.py's docstring)
-VARIANTS = ("trackstar-adam-exact", "trackstar-heldout-r-query", "trackstar-global-damping")
+VARIANTS = (*CORRECTION_VARIANTS, "trackstar-heldout-r-query", "trackstar-global-damping")
 
 
 @dataclass

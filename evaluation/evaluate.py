@@ -64,6 +64,8 @@ REPORT_ORDER = (
     "trak",
     "trackstar-no-optimizer",
     "trackstar-adam-exact",
+    "trackstar-adam-floored",
+    "trackstar-data-moments",
     "trackstar-no-hessian",
     "trackstar-no-mixing",
     "trackstar-heldout-r-query",

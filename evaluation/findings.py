@@ -12,7 +12,12 @@ COMPONENTS = {
     "trackstar-no-hessian": ("The Hessian preconditioner (R^-1/2)", "TrackStar without it"),
     "trackstar-no-mixing": ("Task mixing (R_query mixed into the Hessian)", "TrackStar without it"),
     "trackstar-no-unit-norm": ("Unit normalisation", "TrackStar without it"),
-    "trackstar-adam-exact": ("Flooring the Adam correction", "TrackStar with the paper's exact correction"),
+    "trackstar-adam-exact": ("The default correction", "TrackStar with the paper's exact Adam correction"),
+    "trackstar-adam-floored": ("The default correction", "TrackStar with the floored Adam correction"),
+    "trackstar-data-moments": (
+        "The default correction",
+        "TrackStar corrected by second moments estimated from data",
+    ),
     "trackstar-heldout-r-query": (
         "Fitting R_query on the scored queries",
         "TrackStar with R_query fitted on a held-out half of the queries",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from evaluation.config import EvaluateConfig
+from evaluation.config import CORRECTION_VARIANTS, EvaluateConfig
 from infra.lake import Lake
 from jobs import extract, fit_hessian, score
 
@@ -62,15 +62,19 @@ def rankings_per_seed(
 
 def extractions(config: EvaluateConfig, checkpoint: str, optimizer: str) -> dict:
     """(seed, normalizer) -> the extraction's config, for every seed: TrackStar's own ("auto") on
-    each, the plain-gradient baselines ("none") and the paper-exact correction on the first only
-    (each needs an extraction of its own) unless `baselines_every_seed`."""
+    each, the plain-gradient baselines ("none") and the other corrections (CORRECTION_VARIANTS; the
+    adam-* ones for Adam checkpoints) on the first only (each needs an extraction of its own) unless
+    `baselines_every_seed`."""
     wanted = {}
     for seed in config.seeds:
         normalizers = ["auto"]
         if seed == config.seeds[0] or config.baselines_every_seed:
             normalizers.append("none")
-            if "trackstar-adam-exact" in config.variants and optimizer == "adam":
-                normalizers.append("adam-exact")
+            normalizers += [
+                CORRECTION_VARIANTS[v]
+                for v in config.variants
+                if v in CORRECTION_VARIANTS and (optimizer == "adam" or not CORRECTION_VARIANTS[v].startswith("adam-"))
+            ]
         for normalizer in normalizers:
             wanted[seed, normalizer] = extract.ExtractConfig(
                 lake=config.lake,
@@ -90,17 +94,21 @@ def seed_rankings(
     fit diagnostics of its TrackStar Hessian. `extracted`: (seed, normalizer) -> extraction result."""
     first = seed == config.seeds[0]
     ranked, diagnostics = {}, {}
-    methods_of = {"auto": CORRECTED_METHODS, "none": score.PLAIN_METHODS, "adam-exact": ("trackstar",)}
+    methods_of = {"auto": CORRECTED_METHODS, "none": score.PLAIN_METHODS}
+    variant_of = {normalizer: variant for variant, normalizer in CORRECTION_VARIANTS.items()}
+    default = extracted[seed, "auto"]["fingerprint"]
     for (of_seed, normalizer), extraction in extracted.items():
         if of_seed != seed:
             continue
-        fingerprint, methods = extraction["fingerprint"], methods_of[normalizer]
-        if normalizer == "adam-exact":
-            exact, _ = memory_rankings(
-                lake, config, checkpoint_id, fingerprint, methods, fit_hessian.FitHessianConfig()
-            )
-            ranked["trackstar-adam-exact"] = exact["trackstar"]
+        fingerprint = extraction["fingerprint"]
+        if normalizer in variant_of:  # TrackStar with another correction; none if it is the default's
+            if fingerprint != default:
+                other, _ = memory_rankings(
+                    lake, config, checkpoint_id, fingerprint, ["trackstar"], fit_hessian.FitHessianConfig()
+                )
+                ranked[variant_of[normalizer]] = other["trackstar"]
             continue
+        methods = methods_of[normalizer]
         if first:
             found, fitted = pipeline_rankings(lake, config, checkpoint_id, fingerprint, methods), None
         else:

@@ -29,6 +29,8 @@ METHOD_COLORS = {
     "trak": "#882E72",
     "trackstar-no-optimizer": "#F4A736",
     "trackstar-adam-exact": "#E8601C",
+    "trackstar-adam-floored": "#F1932D",
+    "trackstar-data-moments": "#A5170E",
     "trackstar-no-hessian": "#4EB265",
     "trackstar-no-mixing": "#90C987",
     "trackstar-heldout-r-query": "#CAE0AB",

@@ -8,10 +8,13 @@ with causal attention, no real token depends on it, so it contributes nothing.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 @dataclass
@@ -64,3 +67,16 @@ def per_example_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     labels = batch.input_ids[:, 1:]
     nll = F.cross_entropy(predicted.reshape(-1, predicted.shape[-1]), labels.reshape(-1), reduction="none")
     return (nll.view(labels.shape) * batch.target_mask[:, 1:]).sum(1)
+
+
+@contextmanager
+def no_padding_check(model: nn.Module):
+    """transformers peeks at the input ids for a pad token when no attention mask is given (a
+    data-dependent branch vmap refuses); our right padding is harmless under causal attention."""
+    config: Any = model.config  # a transformers PretrainedConfig
+    pad = config.pad_token_id
+    config.pad_token_id = None
+    try:
+        yield
+    finally:
+        config.pad_token_id = pad

@@ -20,15 +20,13 @@ documents are processed in vmapped groups (`TailPatcher`).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from gradient_kernels.losses import Batch, document_batch, per_example_loss, query_batch
+from gradient_kernels.losses import Batch, document_batch, no_padding_check, per_example_loss, query_batch
 
 
 class AdamStep:
@@ -89,19 +87,6 @@ def optimizer_step(state: dict | None):
     return AdamStep(state) if state["kind"] == "adam" else AdafactorStep(state)
 
 
-@contextmanager
-def _no_padding_check(model: nn.Module):
-    """transformers peeks at the input ids for a pad token when no attention mask is given (a
-    data-dependent branch vmap refuses); our right padding is harmless under causal attention."""
-    config: Any = model.config  # a transformers PretrainedConfig
-    pad = config.pad_token_id
-    config.pad_token_id = None
-    try:
-        yield
-    finally:
-        config.pad_token_id = pad
-
-
 class TailPatcher:
     """One optimizer step per document, evaluated on that document's queries, many documents at once.
 
@@ -143,7 +128,7 @@ class TailPatcher:
         self, documents: list[list[int]], asked: list[list[tuple[list[int], list[int]]]]
     ) -> list[list[float]]:
         """log p(target | prompt) after one step on documents[i], for each (prompt, target) in asked[i]."""
-        with _no_padding_check(self.model):
+        with no_padding_check(self.model):
             return self._stepped_log_probs(documents, asked)
 
     def _stepped_log_probs(self, documents, asked) -> list[list[float]]:
