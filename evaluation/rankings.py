@@ -125,6 +125,7 @@ def seed_rankings(
             "crossing_component": fitted.component,
             **fitted.diagnostics,
             "fingerprint": fingerprint,
+            "optimizer_correction": extraction["optimizer_correction"],
         }
         ranked |= variant_rankings(lake, config, checkpoint_id, extraction, query_ids)
     return ranked, diagnostics

@@ -67,7 +67,11 @@ def summarise(
         "trackstar_minus": trackstar_minus(per_query, patched, query_ids, patched_queries, config.sample_seed),
         "trackstar_over_bm25_tail_patch": trackstar_over_bm25(patched, patched_queries, config.sample_seed),
     }
-    report["findings"] = findings(report) + [f"The tail-patch step: {patches.step}."]
+    report["optimizer_correction"] = diagnostics[first].get("optimizer_correction", "")
+    report["findings"] = findings(report) + [
+        f"TrackStar's optimizer correction: {report['optimizer_correction']}.",
+        f"The tail-patch step: {patches.step}.",
+    ]
     report["seed_diagnostics"] = {str(s): d for s, d in diagnostics.items()}
     report["tail_patch_step"] = patches.step
     report["per_bucket"] = per_bucket(per_seed[first], methods, queries, truth, config.top_k)

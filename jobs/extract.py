@@ -226,11 +226,13 @@ def planned_extraction(
         checkpoint_dir, config.optimizer_source if uses_optimizer_state(spec.normalizer) else None
     )  # before registering
     items = missing_items(lake, checkpoint_id, spec.fingerprint(), config, tokenized)
+    correction = optimizer_correction(checkpoint_dir, config, spec)
     result = {
         "checkpoint_id": checkpoint_id,
         "fingerprint": spec.fingerprint(),
         "dim": spec.dim,
         "normalizer": spec.normalizer,
+        "optimizer_correction": correction,
         "items": [f"{kind}:{item}" for kind, item in items],
     }
     planned[result["fingerprint"]] = result
@@ -240,7 +242,6 @@ def planned_extraction(
             f"nothing to do"
         )
         return result, None
-    correction = optimizer_correction(checkpoint_dir, config, spec)
     print(f"[extract] optimizer correction: {correction}", flush=True)
     result["run_id"] = start_run(
         lake,
