@@ -363,16 +363,25 @@ def report(out: Path, summary: dict, details: dict) -> None:
     for method, cell in summary.items():
         print(f"{method:<36} {cell['mean']:7.3f} [{cell['low']:7.3f}, {cell['high']:7.3f}]")
     (out / "lds.json").write_text(json.dumps({"summary": summary, **details}, indent=2))
-    plot(out / "lds.png", {m: c for m, c in summary.items() if "−" not in m})
+    figure = plot(out, {m: c for m, c in summary.items() if "−" not in m})
     difference = summary.get(f"{REFERENCE} − {BERGSON}")
     if difference:
         met = "met" if difference["mean"] >= 0 else "not met"
         print(f"aim: LDS TrackStar − bergson TrackStar ≥ 0: measured {difference['mean']:+.3f} ({met})")
-    print(f"written: {out / 'lds.json'}, {out / 'lds.png'}")
+    print(f"written: {out / 'lds.json'}, {figure}")
 
 
-def plot(path: Path, summary: dict) -> None:
-    import matplotlib
+def plot(out: Path, summary: dict) -> Path:
+    """lds.png (bars with their CIs), or lds.html (a table) where matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        cells = "".join(
+            f"<tr><td>{m}</td><td>{c['mean']:.3f}</td><td>[{c['low']:.3f}, {c['high']:.3f}]</td></tr>"
+            for m, c in summary.items()
+        )
+        (out / "lds.html").write_text(f"<table><tr><th>method</th><th>LDS</th><th>95% CI</th></tr>{cells}</table>")
+        return out / "lds.html"
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -389,8 +398,9 @@ def plot(path: Path, summary: dict) -> None:
     axes.invert_yaxis()
     axes.set_xlabel("LDS: mean Spearman over subsets (95% bootstrap CI over queries)")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(out / "lds.png", dpi=120)
     plt.close(figure)
+    return out / "lds.png"
 
 
 # ----------------------------------------------------------------------------- main
