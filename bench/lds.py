@@ -325,7 +325,7 @@ def actual_log_probs(lake: Path, out: Path, corpus: Corpus, membership: np.ndarr
     found = {"all": subset_log_probs(out / "subsets", base, "all", lambda: measured(corpus.texts))}
     for i, row in enumerate(membership):
         chosen = [t for t, keep in zip(corpus.texts, row) if keep]
-        digest = hashlib.sha256((base + "".join(np.flatnonzero(row).astype(str))).encode()).hexdigest()
+        digest = hashlib.sha256((base + " " + ",".join(np.flatnonzero(row).astype(str))).encode()).hexdigest()
         found[i] = subset_log_probs(out / "subsets", digest, f"subset{i:03d}", lambda chosen=chosen: measured(chosen))
     return found
 
@@ -410,9 +410,9 @@ def chosen_queries(lake: Path, n: int | None) -> tuple[str, list]:
     """(query set, its queries) — a bucket-stratified sample of n when n is given."""
     from evaluation.tail_patching import stratified_sample
 
-    lake_ = Lake(lake)
-    query_set = lake_.read("query_sets")["query_set"][0].as_py()
-    rows = {q["query_id"]: q for q in lake_.read("queries", filters=[("query_set", "=", query_set)]).to_pylist()}
+    tables = Lake(lake)
+    query_set = tables.read("query_sets")["query_set"][0].as_py()
+    rows = {q["query_id"]: q for q in tables.read("queries", filters=[("query_set", "=", query_set)]).to_pylist()}
     ids = sorted(rows) if not n or n >= len(rows) else stratified_sample(rows, n, seed=0)
     return query_set, [rows[q] for q in ids]
 
