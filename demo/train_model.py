@@ -118,6 +118,27 @@ def pack_blocks(tokenizer, texts: list[str], context: int):
     return torch.tensor(ids[: n_blocks * context], dtype=torch.int32).view(n_blocks, context), len(ids)
 
 
+def step_count(config: TrainConfig, n_blocks: int) -> int:
+    """Optimizer steps of a run on `n_blocks` packed blocks: `epochs` passes of micro_batch × ranks blocks a step."""
+    steps_per_epoch = max(1, n_blocks // (config.micro_batch * config.ranks))
+    total_steps = max(1, int(round(config.epochs * steps_per_epoch)))
+    return min(total_steps, config.max_steps) if config.max_steps else total_steps
+
+
+def step_rows(n_blocks: int, total_steps: int, per_step: int, seed: int):
+    """(step, rows of the packed blocks it trains on, all ranks together) for every step: a new
+    shuffle each epoch, drawn from one generator seeded with `seed` (the same on every rank)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    order, cursor = torch.randperm(n_blocks, generator=generator), 0
+    for step in range(1, total_steps + 1):
+        if cursor + per_step > len(order):
+            order, cursor = torch.randperm(n_blocks, generator=generator), 0
+        yield step, order[cursor : cursor + per_step]
+        cursor += per_step
+
+
 def deepspeed_config(config: TrainConfig, total_steps: int) -> dict:
     ds = {
         "train_micro_batch_size_per_gpu": config.micro_batch,
@@ -198,10 +219,7 @@ def run(config: TrainConfig) -> dict:
     tokenizer = train_tokenizer(texts, config.vocab_size, Path(layout.tokenizer(config.lake)))
     blocks, n_tokens = pack_blocks(tokenizer, texts, config.context)
     torch.save(blocks, model_dir / "train_blocks.pt")
-    steps_per_epoch = max(1, len(blocks) // (config.micro_batch * config.ranks))
-    total_steps = max(1, int(round(config.epochs * steps_per_epoch)))
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps)
+    total_steps = step_count(config, len(blocks))
     plan = {
         "config": dataclasses.asdict(config),
         "total_steps": total_steps,
@@ -363,15 +381,10 @@ def train_rank(plan_path: str):
     blocks = torch.load(config.model_dir / "train_blocks.pt").long()
     total_steps = plan["total_steps"]
     save_at = sorted({max(1, int(round(f * total_steps))) for f in config.checkpoint_fractions})
-    generator = torch.Generator().manual_seed(config.seed)
-    order = torch.randperm(len(blocks), generator=generator)
     per_step = config.micro_batch * world
-    cursor, saved, started = 0, [], time.time()
-    for step in range(1, total_steps + 1):
-        if cursor + per_step > len(order):  # new epoch, new shuffle (same on every rank)
-            order, cursor = torch.randperm(len(blocks), generator=generator), 0
-        batch = blocks[order[cursor + rank * config.micro_batch : cursor + (rank + 1) * config.micro_batch]]
-        cursor += per_step
+    saved, started = [], time.time()
+    for step, rows in step_rows(len(blocks), total_steps, per_step, config.seed):
+        batch = blocks[rows[rank * config.micro_batch : (rank + 1) * config.micro_batch]]
         loss = engine(input_ids=batch, labels=batch).loss
         engine.backward(loss)
         engine.step()
