@@ -8,7 +8,7 @@ TrackStar / BM25 tail-patch ratio; writes everything to <out>/fidelity.json.
 
     .venv/bin/python bench/fidelity_seeds.py --optimizers adam adafactor --seeds 0 1 2   # ~6 min a model
 
-The project is installed as a package (`make install`), so the script runs from the repository root.
+Run it from the repository root: the training ranks import the project from the working directory.
 """
 
 from __future__ import annotations

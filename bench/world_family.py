@@ -17,7 +17,8 @@ The worlds are smaller than the embedded default so that one world, its model an
 take about 2-3 minutes on 2 idle cores: 16 facts per bucket (80 queries, ~2,800-4,000 documents),
 16 epochs as `make run` trains, one projection seed (the world's), 40 tail-patch queries and no
 variants of the evaluation (pass `-- --variants ...` to measure them). A world whose eval.json
-exists is kept (rerun to resume); `--from-json` only re-renders.
+exists is kept (rerun to resume); `--from-json` only re-renders. Run it from the repository root:
+the training ranks import the project from the working directory.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def world_row(preset: str, seed: int, optimizer: str, report: dict) -> dict:
         "mrr_bm25": methods["bm25"]["mrr"],
         "trackstar_tail_patch": full,
         "trackstar_below": [m for m in rivals if methods[m]["tail_patch"] > full],
+        "trackstar_at_least_ablations_and_trak": all(methods[m]["tail_patch"] <= full for m in rivals),
     }
 
 

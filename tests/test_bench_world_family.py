@@ -28,13 +28,14 @@ def test_a_world_row_and_the_aims():
     assert good["trackstar_over_bm25_delta_prob"] == [2.5, 2.0, 3.0]
     assert (good["mrr_trackstar"], good["mrr_bm25"]) == (0.4, 0.7)
     assert good["trackstar_below"] == []  # the variant above it is not an ablation
+    assert good["trackstar_at_least_ablations_and_trak"]
     lines = world_family.aims([good])
     assert len(lines) == 4 and all(line.startswith("aim: ") and line.endswith("(met)") for line in lines)
 
     bad = world_family.world_row(
         "alt-vocab", 104, "adafactor", _report(correction=(-0.01, -0.02, 0.0), ratios=(1.5, 1.0, 2.0), trak=0.4)
     )
-    assert bad["trackstar_below"] == ["trak"]
+    assert bad["trackstar_below"] == ["trak"] and not bad["trackstar_at_least_ablations_and_trak"]
     lines = world_family.aims([good, bad])
     assert all(line.endswith("(not met)") for line in lines[:3]) and lines[3].endswith("(met)")
     assert "measured -0.0200" in lines[0] and "measured +1.5000" in lines[1]
