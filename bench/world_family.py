@@ -8,13 +8,14 @@ ratios in Δlog p and Δp (with their intervals), the MRR of TrackStar and of BM
 TrackStar's tail-patch Δlog p is at least every ablation's (`trackstar-no-*`) and TRAK's. Prints a
 table and `aim:` lines, writes <out>/world_family.json and <out>/world_family.png.
 
-    .venv/bin/python bench/world_family.py                       # 5 worlds x 2 optimizers, ~25 min
+    .venv/bin/python bench/world_family.py                       # 5 worlds x 2 optimizers, ~35 min
     .venv/bin/python bench/world_family.py --worlds 1 --optimizers adam          # one world
     .venv/bin/python bench/world_family.py -- --variants trackstar-adam-exact     # after --: evaluate's
     .venv/bin/python bench/world_family.py --from-json reports/world-family/world_family.json
 
 The worlds are smaller than the embedded default so that one world, its model and its evaluation
-take about 2-3 minutes on 2 idle cores: 16 facts per bucket (80 queries, ~2,800-4,000 documents),
+take about 3 minutes on 2 cores (mixed-heavy-distractors, the largest, 3.9 min: 2.4 training, 1.5
+the rest): 16 facts per bucket (80 queries, ~2,800-4,000 documents),
 16 epochs as `make run` trains, one projection seed (the world's), 40 tail-patch queries and no
 variants of the evaluation (pass `-- --variants ...` to measure them). A world whose eval.json
 exists is kept (rerun to resume); `--from-json` only re-renders. Run it from the repository root:
@@ -190,6 +191,14 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_args(own), evaluate_args
 
 
+def previous_seconds(path: Path) -> dict:
+    """(preset, seed, optimizer) -> the seconds a world, its model and evaluation took when it was made
+    (a resumed run keeps them)."""
+    if not path.exists():
+        return {}
+    return {(r["preset"], r["seed"], r["optimizer"]): r.get("seconds") for r in json.loads(path.read_text())["worlds"]}
+
+
 def main(argv: list[str] | None = None) -> None:
     args, evaluate_args = parse(sys.argv[1:] if argv is None else argv)
     if args.from_json:
@@ -198,12 +207,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, earlier = [], previous_seconds(out / "world_family.json")
     for preset, seed, optimizer in family(args):
         resumed = (world_lake(out, preset, seed, optimizer) / "reports" / "eval.json").exists()
         started = time.time()
         report = evaluate_world(out, preset, seed, optimizer, args.facts_per_bucket, evaluate_args)
-        seconds = None if resumed else round(time.time() - started, 1)  # world + model + evaluation
+        seconds = earlier.get((preset, seed, optimizer)) if resumed else round(time.time() - started, 1)
         rows.append(world_row(preset, seed, optimizer, report) | {"seconds": seconds})
         # written after every world: an interrupted family still has what it measured
         (out / "world_family.json").write_text(json.dumps({"worlds": rows}, indent=2))
