@@ -8,37 +8,55 @@ TrackStar / BM25 tail-patch ratio; writes everything to <out>/fidelity.json.
 
     .venv/bin/python bench/fidelity_seeds.py --optimizers adam adafactor --seeds 0 1 2   # ~6 min a model
 
-The project is installed as a package (`make install`), so the script runs from the repository root.
+Run it from the repository root: the training ranks import the project from the working directory.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from demo import train_model, world
-from evaluation import evaluate
-from jobs import register_queries, tokenize
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from demo import train_model, world  # noqa: E402
+from evaluation import evaluate  # noqa: E402
+from jobs import register_queries, tokenize  # noqa: E402
 
 METRICS = ("mrr", "recall@10", "tail_patch", "tail_patch_delta_prob")
 
 
-def evaluate_one(out: Path, optimizer: str, seed: int, tail_patch_queries: int) -> dict:
-    lake = out / f"{optimizer}-s{seed}"
-    summary = lake / "reports" / "eval.json"
-    if summary.exists():  # resumable: a finished run is kept
+def evaluate_lake(
+    world_config: world.WorldConfig, train_config: train_model.TrainConfig, evaluate_config: evaluate.EvaluateConfig
+) -> dict:
+    """A world, a model trained on it, its tokens and queries and the full evaluation, all in one lake
+    of its own (the three configs name it; the report goes to `evaluate_config.reports`). Resumable:
+    a lake whose eval.json exists is kept; a lake an interrupted run left without one is made afresh
+    (a half-trained model or half-written tables must not leak into the new run)."""
+    lake, summary = Path(world_config.out_dir), Path(evaluate_config.reports) / "eval.json"
+    if summary.exists():
         return json.loads(summary.read_text())
-    world.run(world.WorldConfig(out_dir=str(lake), world_seed=0))
-    train_model.run(train_model.TrainConfig(lake=str(lake), seed=seed, optimizer=optimizer))
+    if lake.exists():
+        shutil.rmtree(lake)
+    world.run(world_config)
+    train_model.run(train_config)
     tokenize.run(tokenize.TokenizeConfig(lake=str(lake)))
     register_queries.run(str(lake))
-    return evaluate.run(
+    return evaluate.run(evaluate_config)
+
+
+def evaluate_one(out: Path, optimizer: str, seed: int, tail_patch_queries: int) -> dict:
+    lake = out / f"{optimizer}-s{seed}"
+    return evaluate_lake(
+        world.WorldConfig(out_dir=str(lake), world_seed=0),
+        train_model.TrainConfig(lake=str(lake), seed=seed, optimizer=optimizer),
         evaluate.EvaluateConfig(
             lake=str(lake), seeds=[seed], tail_patch_queries=tail_patch_queries, reports=str(lake / "reports")
-        )
+        ),
     )
 
 

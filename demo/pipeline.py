@@ -63,18 +63,19 @@ def run(
     evaluate_overrides: dict | None = None,
     retrain: bool = False,
     keep_checkpoints: int | None = None,
+    world_options: dict | None = None,
 ) -> dict:
-    """`reports`: the report's folder (default `<lake>/reports/<run>/`); `train_overrides` and
-    `evaluate_overrides`: fields of TrainConfig / EvaluateConfig (smaller runs, tests); `retrain`:
-    train a new model even though the lake holds one; `keep_checkpoints`: the retention policy
-    (`demo.reruns.keep_newest`, 0 keeps every checkpoint's vectors), applied when this run trains or
-    links a new model (None: the setting keep_checkpoints), or on any run when given."""
-    refuse_option_clashes(lake, corpus, queries, checkpoint, retrain, keep_checkpoints)
+    """`reports`: the report's folder (default `<lake>/reports/<run>/`); `train_overrides`,
+    `evaluate_overrides`, `world_options`: fields of TrainConfig / EvaluateConfig / WorldOptions (the
+    embedded world's kind); `retrain`: train a new model even though the lake holds one;
+    `keep_checkpoints`: the retention policy (`demo.reruns.keep_newest`, 0 keeps every checkpoint's
+    vectors), applied when this run trains or links a new model (None: the setting), or when given."""
+    refuse_option_clashes(lake, corpus, queries, checkpoint, retrain, keep_checkpoints, world_options)
     name = import_data.check_name(
         name or (import_data.name_from(Path(corpus).resolve().name) if corpus else load_config().query_set)
     )
     stages = Stages()
-    world_summary, linked = build_corpus(stages, lake, world_seed, corpus, queries, checkpoint, name)
+    world_summary, linked = build_corpus(stages, lake, world_seed, corpus, queries, checkpoint, name, world_options)
     if checkpoint:
         model = link_model(stages, lake, checkpoint, linked)
     else:
@@ -135,7 +136,11 @@ class Model:
     line: str  # the summary's line about it
 
 
-def refuse_option_clashes(lake, corpus, queries, checkpoint, retrain: bool, keep_checkpoints: int | None) -> None:
+def refuse_option_clashes(
+    lake, corpus, queries, checkpoint, retrain: bool, keep_checkpoints: int | None, world_options: dict | None = None
+) -> None:
+    if corpus and world_options and world.WorldOptions(**world_options) != world.WorldOptions():
+        raise import_data.ImportRefused(lake, ["the world's options shape the embedded world, not your own data"])
     if (corpus or queries) and not (corpus and queries):
         raise import_data.ImportRefused(lake, ["your own data needs both --corpus and --queries"])
     if retrain and checkpoint:
@@ -146,9 +151,18 @@ def refuse_option_clashes(lake, corpus, queries, checkpoint, retrain: bool, keep
         raise import_data.ImportRefused(lake, [f"--keep-checkpoints {keep_checkpoints}: give 0 (keep all) or more"])
 
 
-def build_corpus(stages: Stages, lake: str, world_seed: int, corpus, queries, checkpoint, name: str):
+def build_corpus(
+    stages: Stages,
+    lake: str,
+    world_seed: int,
+    corpus,
+    queries,
+    checkpoint,
+    name: str,
+    world_options: dict | None = None,
+):
     """(the world's or the import's summary, the checkpoint folder to link as `check_checkpoint` found
-    it, or None): the user's data imported, or the embedded world built."""
+    it, or None): the user's data imported, or the embedded world built (of `world_options`' kind)."""
     linked = None
     if corpus:
         # every check first (corpus, queries, urls, checkpoint, tokenizer): a refusal writes nothing
@@ -162,7 +176,8 @@ def build_corpus(stages: Stages, lake: str, world_seed: int, corpus, queries, ch
     else:
         if checkpoint:
             linked = import_data.check_checkpoint(lake, checkpoint)
-        world_summary = stages("world", lambda: world.run(world.WorldConfig(out_dir=lake, world_seed=world_seed)))
+        world_config = world.WorldConfig(out_dir=lake, world_seed=world_seed, **(world_options or {}))
+        world_summary = stages("world", lambda: world.run(world_config))
     print(
         f"[{'import' if corpus else 'world'}] {world_summary.documents:,} documents in {world_summary.partitions} "
         f"partitions, {world_summary.queries} queries; name {name!r}"
@@ -334,6 +349,7 @@ class PipelineConfig:
 
 def add_arguments(parser: argparse.ArgumentParser):
     add_config_arguments(parser, PipelineConfig)
+    add_config_arguments(parser.add_argument_group("the embedded world's kind (demo/world.py)"), world.WorldOptions)
 
 
 def main(args):
@@ -346,5 +362,9 @@ def main(args):
         for line in import_data.repair_import(config.lake):
             print(f"[repair-import] {line}")
         return 0
-    run(**{name: value for name, value in asdict(config).items() if name != "repair_import"})
+    world_options = asdict(config_from_args(world.WorldOptions, args))
+    run(
+        **{name: value for name, value in asdict(config).items() if name != "repair_import"},
+        world_options=world_options,
+    )
     return 0

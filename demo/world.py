@@ -11,6 +11,11 @@ Facts are stated through several paraphrase templates per relation. Distractor d
 fact's subject without the fact, its object without the subject, or a look-alike name (a person
 "Varnholt Berrick" beside the city "Varnholt"); filler documents mention no entity. A fact is
 stated in about 1, 3, 10, 30 or 100 documents (its frequency bucket), as in the paper's analysis.
+
+A family of worlds (WorldOptions, `--preset`): how queried facts are stated (copy, paraphrase,
+mixed), the wording of the relations (`--templates`), the names' shape (`--vocabulary`; both in
+demo/world_wording.py) and how many distractors there are. A preset bundles them; a flag given
+explicitly wins over its preset. The default preset is the world as it always was, byte for byte.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from infra import layout
 from infra.config import from_settings
 from infra.cli import add_config_arguments, config_from_args, option
 from demo.import_data import WorldSummary, import_world, refuse_to_overwrite
+from demo.world_wording import ALT_PARAPHRASES, ALT_RELATIONS, ALT_VOCABULARY, Vocabulary
 from schemas.queries import FREQUENCY_BUCKETS
 
 # --------------------------------------------------------------------------------------- relations
@@ -232,26 +238,100 @@ VOWELS = ["a", "e", "i", "o", "u", "ai", "ei", "ou"]
 SYLLABLES_END = ["", "", "n", "r", "l", "s", "th", "nd", "rk", "lt", "m"]
 BUCKETS = FREQUENCY_BUCKETS
 
+VOCABULARIES = {
+    "default": Vocabulary(
+        onsets=tuple(SYLLABLES_START),
+        vowels=tuple(VOWELS),
+        codas=tuple(SYLLABLES_END),
+        organisation_kinds=("Institute", "Group", "Society", "Guild"),
+        work_kinds=("Letters", "Chronicle", "Garden", "Voyage"),
+        language_suffix="ese",
+    ),
+    "alt": ALT_VOCABULARY,
+}
+# templates name -> (relations, each relation's paraphrases that no prompt uses)
+WORDINGS = {"default": (RELATIONS, PARAPHRASES), "alt": (ALT_RELATIONS, ALT_PARAPHRASES)}
+
+# the world the options describe when neither a flag nor the preset sets them
+BASE_WORLD = {
+    "statements": "copy",
+    "vocabulary": "default",
+    "templates": "default",
+    "subject_only_docs_per_fact": 1.5,
+    "object_only_docs_per_fact": 1.0,
+    "lookalike_docs_per_fact": 0.5,
+    "filler_share": 0.08,
+}
+HEAVY_DISTRACTORS = {
+    "subject_only_docs_per_fact": 4.5,
+    "object_only_docs_per_fact": 3.0,
+    "lookalike_docs_per_fact": 1.5,
+    "filler_share": 0.25,
+}
+PRESETS = {
+    "default": {},
+    "paraphrase": {"statements": "paraphrase"},
+    "mixed": {"statements": "mixed"},
+    "heavy-distractors": HEAVY_DISTRACTORS,
+    "mixed-heavy-distractors": {"statements": "mixed", **HEAVY_DISTRACTORS},
+    "alt-vocab": {"vocabulary": "alt"},
+    "alt-templates": {"templates": "alt"},
+    "alt-paraphrase": {"statements": "paraphrase", "vocabulary": "alt", "templates": "alt"},
+}
+
 
 @dataclass
-class WorldConfig:
+class WorldOptions:
+    """What kind of world is generated; None: the preset's value, else BASE_WORLD's (see `resolved`).
+    The pipeline's command line takes them too."""
+
+    preset: str = option("default", choices=list(PRESETS), help="a bundle of the options below; a flag given wins")
+    # "copy": stating documents may use the query prompts' own templates (BM25's easy case);
+    # "paraphrase": a queried fact is stated only in other words, while extra facts of the same
+    # relation (never queried) teach the prompt templates, so the model must learn facts, not strings;
+    # "mixed": a queried fact's stating documents alternate between the two, so both kinds of
+    # evidence exist for every fact stated more than once
+    statements: str | None = option(
+        None,
+        choices=["copy", "paraphrase", "mixed"],
+        help="paraphrase: queried facts are stated only in words that differ from the prompts; mixed: in "
+        "both, alternately (default: the preset's, else copy)",
+    )
+    vocabulary: str | None = option(
+        None, choices=list(VOCABULARIES), help="the invented names' syllables and shape (default: the preset's)"
+    )
+    templates: str | None = option(
+        None, choices=list(WORDINGS), help="the relations' wording: statements and prompts (default: the preset's)"
+    )
+    subject_only_docs_per_fact: float | None = option(
+        None, help="distractors per fact that mention its subject, not the fact (default: the preset's, else 1.5)"
+    )
+    object_only_docs_per_fact: float | None = option(
+        None, help="distractors per fact that mention its object, not the subject (default: the preset's, else 1.0)"
+    )
+    lookalike_docs_per_fact: float | None = option(
+        None, help="distractors per fact that mention a look-alike of a name (default: the preset's, else 0.5)"
+    )
+    filler_share: float | None = option(
+        None, help="share of all documents that mention no entity (default: the preset's, else 0.08)"
+    )
+
+
+def resolved(options: WorldOptions) -> WorldOptions:
+    """The options with every unset one taken from the preset, else from the base world."""
+    if options.preset not in PRESETS:
+        raise ValueError(f"unknown world preset {options.preset!r}; known: {', '.join(PRESETS)}")
+    chosen = BASE_WORLD | PRESETS[options.preset]
+    return replace(options, **{k: v if getattr(options, k) is None else getattr(options, k) for k, v in chosen.items()})
+
+
+@dataclass
+class WorldConfig(WorldOptions):
     out_dir: str = from_settings("lake_root", flags=["--out"], help="lake root to write under")
     world_seed: int = from_settings("world_seed")
     n_partitions: int = option(4, flags=["--partitions"])
     facts_per_bucket: int = option(40)
     buckets: tuple = option(BUCKETS, cli=False)
-    subject_only_docs_per_fact: float = option(1.5, cli=False)  # mentions the subject, not the fact
-    object_only_docs_per_fact: float = option(1.0, cli=False)  # mentions the object, not the subject
-    lookalike_docs_per_fact: float = option(0.5, cli=False)  # a look-alike of the subject or object name
-    filler_share: float = option(0.08, cli=False)  # of all documents: no entity at all
-    # "copy": stating documents may use the query prompts' own templates (BM25's easy case);
-    # "paraphrase": a queried fact is stated only in other words, while extra facts of the same
-    # relation (never queried) teach the prompt templates, so the model must learn facts, not strings
-    statements: str = option(
-        "copy",
-        choices=["copy", "paraphrase"],
-        help="paraphrase: queried facts are stated only in words that differ from the prompts",
-    )
     teaching_facts_per_relation: int = option(8, cli=False)
     teaching_docs_per_fact: int = option(3, cli=False)
     corpus: str | None = option(None, help="import this folder of c4-*.json.gz partitions instead of generating")
@@ -262,21 +342,23 @@ class NameMaker:
     """Unique, pronounceable invented words; none is a substring of another, so a mention of one
     entity never looks like a mention of another unless made so on purpose (look-alikes)."""
 
-    def __init__(self, rng: random.Random):
-        self.rng, self.used = rng, []
+    def __init__(self, rng: random.Random, vocabulary: Vocabulary = VOCABULARIES["default"]):
+        self.rng, self.used, self.vocabulary = rng, [], vocabulary
 
     def word(self, syllables=(2, 3)) -> str:
+        v = self.vocabulary
         while True:
             n = self.rng.randint(*syllables)
-            w = "".join(self.rng.choice(SYLLABLES_START) + self.rng.choice(VOWELS) for _ in range(n))
-            w = (w + self.rng.choice(SYLLABLES_END)).capitalize()
+            w = "".join(self.rng.choice(v.onsets) + self.rng.choice(v.vowels) for _ in range(n))
+            w = (w + self.rng.choice(v.codas)).capitalize()
             if len(w) >= 5 and not any(w.lower() in u.lower() or u.lower() in w.lower() for u in self.used):
                 self.used.append(w)
                 return w
 
 
 def build_kb(config: WorldConfig, rng: random.Random) -> dict:
-    names = NameMaker(rng)
+    """`config`: resolved (every option set)."""
+    names = NameMaker(rng, VOCABULARIES[config.vocabulary])
     entities: dict = {}
 
     def add(kind: str, name: str, aliases=()):
@@ -287,16 +369,16 @@ def build_kb(config: WorldConfig, rng: random.Random) -> dict:
     def person() -> str:
         return add("person", f"{names.word()} {names.word()}")
 
-    pools = _entity_pools(add, names, rng)
+    pools = _entity_pools(add, names, rng, VOCABULARIES[config.vocabulary])
     relations = [
         {"id": rid, "subject_type": st, "object_type": ot, "doc_templates": docs, "prompts": prompts}
-        for rid, st, ot, docs, prompts in RELATIONS
+        for rid, st, ot, docs, prompts in WORDINGS[config.templates][0]
     ]
     facts, used_pairs = _queried_facts(config, rng, add, person, pools, relations)
     if config.statements == "paraphrase":
         _add_teaching_facts(config, rng, add, person, pools, relations, facts, used_pairs)
-    elif config.statements != "copy":
-        raise ValueError(f"statements must be copy or paraphrase, not {config.statements!r}")
+    elif config.statements not in ("copy", "mixed"):  # mixed: the copied statements teach the prompts
+        raise ValueError(f"statements must be copy, paraphrase or mixed, not {config.statements!r}")
 
     # look-alikes: a new person whose name contains a fact entity's name
     lookalikes = {}
@@ -308,7 +390,7 @@ def build_kb(config: WorldConfig, rng: random.Random) -> dict:
     return {"entities": entities, "relations": relations, "facts": facts, "lookalikes": lookalikes}
 
 
-def _entity_pools(add, names: NameMaker, rng: random.Random) -> dict[str, list[str]]:
+def _entity_pools(add, names: NameMaker, rng: random.Random, vocabulary: Vocabulary) -> dict[str, list[str]]:
     """Entity ids per type (persons are made per fact, so their pool starts empty)."""
     return {
         "city": [add("city", n, [f"{n} City"]) for n in (names.word() for _ in range(POOL_SIZES["city"]))],
@@ -316,17 +398,16 @@ def _entity_pools(add, names: NameMaker, rng: random.Random) -> dict[str, list[s
             add("country", n, [f"Republic of {n}"]) for n in (names.word() for _ in range(POOL_SIZES["country"]))
         ],
         "organisation": [
-            add("organisation", f"{names.word()} {rng.choice(['Institute', 'Group', 'Society', 'Guild'])}")
+            add("organisation", f"{names.word()} {rng.choice(vocabulary.organisation_kinds)}")
             for _ in range(POOL_SIZES["organisation"])
         ],
         "language": [
             add("language", n, [f"the {n} language"])
-            for n in (names.word((2, 2)) + "ese" for _ in range(POOL_SIZES["language"]))
+            for n in (names.word((2, 2)) + vocabulary.language_suffix for _ in range(POOL_SIZES["language"]))
         ],
         "continent": [add("continent", n) for n in (names.word((3, 3)) for _ in range(POOL_SIZES["continent"]))],
         "work": [
-            add("work", f"The {names.word()} {rng.choice(['Letters', 'Chronicle', 'Garden', 'Voyage'])}")
-            for _ in range(POOL_SIZES["work"])
+            add("work", f"The {names.word()} {rng.choice(vocabulary.work_kinds)}") for _ in range(POOL_SIZES["work"])
         ],
         "occupation": [add("occupation", o) for o in OCCUPATIONS],
         "genre": [add("genre", g) for g in GENRES],
@@ -412,26 +493,43 @@ def _stated_count(bucket: int, rng: random.Random) -> int:
     return max(4, round(bucket * rng.uniform(0.7, 1.3)))
 
 
-def render_fact(fact: dict, kb: dict, rng: random.Random, statements: str = "copy") -> str:
+def render_fact(
+    fact: dict, kb: dict, rng: random.Random, statements: str = "copy", paraphrases: dict = PARAPHRASES
+) -> str:
     """One sentence stating the fact. In the paraphrase world a queried fact never uses a prompt's
-    template (the first two) and a teaching fact uses only those."""
+    template (the first two) and a teaching fact uses only those. `statements` may also name the way
+    of one mixed-world document: "copied" (a prompt's template) or "paraphrased" (any other)."""
     relation = next(r for r in kb["relations"] if r["id"] == fact["relation"])
     templates = relation["doc_templates"]
-    if statements == "paraphrase":
-        templates = templates[:2] if fact.get("teaching") else templates[2:] + PARAPHRASES[relation["id"]]
+    if statements == "copied" or (statements == "paraphrase" and fact.get("teaching")):
+        templates = templates[:2]
+    elif statements in ("paraphrase", "paraphrased"):
+        templates = templates[2:] + paraphrases[relation["id"]]
     template = rng.choice(templates)
     s, o = kb["entities"][fact["subject"]]["name"], kb["entities"][fact["object"]]["name"]
     return template.format(s=s, o=o)
 
 
+def statement_ways(statements: str, n_docs: int, rng: random.Random) -> list[str]:
+    """How each of a fact's n stating documents states it. In the mixed world they alternate between
+    a prompt's template and a paraphrase from a random first one, so a fact stated twice or more is
+    stated both ways; other worlds state every document the world's one way (no draw: the copy and
+    paraphrase worlds stay as they were)."""
+    if statements != "mixed":
+        return [statements] * n_docs
+    first = rng.randrange(2)
+    return [("copied", "paraphrased")[(first + i) % 2] for i in range(n_docs)]
+
+
 def build_documents(config: WorldConfig, kb: dict, rng: random.Random) -> list[dict]:
-    """Documents as {text, facts, category}; shuffled, not yet assigned to partitions."""
+    """Documents as {text, facts, category}; shuffled, not yet assigned to partitions. `config`: resolved."""
     entities, docs = kb["entities"], []
+    paraphrases = WORDINGS[config.templates][1]
     for fact in kb["facts"]:
         teaching = fact.get("teaching", False)
         fact["n_stating_docs"] = config.teaching_docs_per_fact if teaching else _stated_count(fact["bucket"], rng)
-        for _ in range(fact["n_stating_docs"]):
-            sentences = [render_fact(fact, kb, rng, config.statements)] + rng.sample(FILLER, rng.randint(0, 2))
+        for way in statement_ways(config.statements, fact["n_stating_docs"], rng):
+            sentences = [render_fact(fact, kb, rng, way, paraphrases)] + rng.sample(FILLER, rng.randint(0, 2))
             docs.append({"sentences": sentences, "facts": [fact], "category": "teaching" if teaching else "fact"})
 
     def mentions(kind: str, per_fact: float, pick):
@@ -536,6 +634,7 @@ def _write_jsonl(path: Path, rows) -> None:
 
 
 def run(config: WorldConfig) -> WorldSummary:
+    config = resolved(config)
     if storage.is_s3(config.out_dir):
         return _run_to_s3(config)
     if config.corpus or config.queries:
