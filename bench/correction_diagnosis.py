@@ -55,7 +55,11 @@ def variances(adam_state: dict, data_state: dict, matrices) -> dict:
     found = {}
     for m in matrices:
         denominator = adam_denominator(
-            adam_state["state"][m.name]["exp_avg_sq"], adam_state["step"], adam_state["betas"][1], 0.0, m.stored_transposed
+            adam_state["state"][m.name]["exp_avg_sq"],
+            adam_state["step"],
+            adam_state["betas"][1],
+            0.0,
+            m.stored_transposed,
         )
         data = data_state["state"][m.name]["mean_sq"]
         found[m.name] = {"adam": denominator.square(), "data": data.t() if m.stored_transposed else data}
@@ -146,7 +150,9 @@ def print_summary(results: list[dict]) -> None:
         print(f"  share of ‖u‖² in the tied embedding ({r['embedding_name']}), and query ÷ train norm:")
         for correction, shares in r["norm_shares"].items():
             train, query = shares["train"][r["embedding_name"]], shares["query"][r["embedding_name"]]
-            print(f"    {correction:13} train {train:.3f}  query {query:.3f}  query/train norm {shares['query_over_train']:.3g}")
+            print(
+                f"    {correction:13} train {train:.3f}  query {query:.3f}  query/train norm {shares['query_over_train']:.3g}"
+            )
             tag = correction.replace("-", "_")
             print(f"step{r['step']}_{tag}_embedding_share_train={train:.3f}")
             print(f"step{r['step']}_{tag}_embedding_share_query={query:.3f}")
@@ -165,7 +171,9 @@ def plot(results: list[dict], path: Path) -> None:
     for r in results:
         for kind, style in (("adam", "-o"), ("data", "--s")):
             bands = r["embedding"][kind]["bands"]
-            axes[0].plot(list(bands), [b["median_row_v"] for b in bands.values()], style, label=f"{kind}, step {r['step']}")
+            axes[0].plot(
+                list(bands), [b["median_row_v"] for b in bands.values()], style, label=f"{kind}, step {r['step']}"
+            )
     axes[0].set(yscale="log", xlabel="token's occurrences in training", ylabel="median row mean of V (tied embedding)")
     axes[0].set_title("Second moment of embedding rows by token frequency")
     axes[0].legend(fontsize=8)
@@ -177,7 +185,12 @@ def plot(results: list[dict], path: Path) -> None:
             offset = (2 * i + j - 2.5) * width
             values = [shares[kind][m] for m in matrices]
             axes[1].bar([x + offset for x in range(len(matrices))], values, width, label=f"{correction} {kind}")
-    axes[1].set_xticks(range(len(matrices)), [m.replace("transformer.", "").replace(".weight", "") for m in matrices], rotation=90, fontsize=6)
+    axes[1].set_xticks(
+        range(len(matrices)),
+        [m.replace("transformer.", "").replace(".weight", "") for m in matrices],
+        rotation=90,
+        fontsize=6,
+    )
     axes[1].set(ylabel="share of ‖u‖²", title=f"Norm share per matrix, step {results[-1]['step']}")
     axes[1].legend(fontsize=7)
     fig.tight_layout()

@@ -65,6 +65,7 @@ REPORT_ORDER = (
     "trackstar-no-optimizer",
     "trackstar-adam-exact",
     "trackstar-adam-floored",
+    "trackstar-adafactor",
     "trackstar-data-moments",
     "trackstar-no-hessian",
     "trackstar-no-mixing",

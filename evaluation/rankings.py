@@ -62,8 +62,8 @@ def rankings_per_seed(
 
 def extractions(config: EvaluateConfig, checkpoint: str, optimizer: str) -> dict:
     """(seed, normalizer) -> the extraction's config, for every seed: TrackStar's own ("auto") on
-    each, the plain-gradient baselines ("none") and the other corrections (CORRECTION_VARIANTS; the
-    adam-* ones for Adam checkpoints) on the first only (each needs an extraction of its own) unless
+    each, the plain-gradient baselines ("none") and the other corrections (CORRECTION_VARIANTS, those
+    the checkpoint's optimizer state allows) on the first only (each needs an extraction of its own) unless
     `baselines_every_seed`."""
     wanted = {}
     for seed in config.seeds:
@@ -73,7 +73,7 @@ def extractions(config: EvaluateConfig, checkpoint: str, optimizer: str) -> dict
             normalizers += [
                 CORRECTION_VARIANTS[v]
                 for v in config.variants
-                if v in CORRECTION_VARIANTS and (optimizer == "adam" or not CORRECTION_VARIANTS[v].startswith("adam-"))
+                if v in CORRECTION_VARIANTS and applies(CORRECTION_VARIANTS[v], optimizer)
             ]
         for normalizer in normalizers:
             wanted[seed, normalizer] = extract.ExtractConfig(
@@ -85,6 +85,12 @@ def extractions(config: EvaluateConfig, checkpoint: str, optimizer: str) -> dict
                 projection_seed=seed,
             )
     return wanted
+
+
+def applies(normalizer: str, optimizer: str) -> bool:
+    """Can this correction be applied to a checkpoint trained by `optimizer`? adam-* need Adam's
+    state, adafactor Adafactor's; data-* and none need none."""
+    return not extract.uses_optimizer_state(normalizer) or normalizer.split("-")[0] == optimizer
 
 
 def seed_rankings(

@@ -153,6 +153,33 @@ def write_bytes(uri: str, data: bytes) -> None:
     os.replace(partial, path)
 
 
+def create_bytes(uri: str, data: bytes) -> bool:
+    """Write an object only where none exists yet (S3: a conditional put; locally: a hard link of
+    the finished file, which fails if the name is taken); False when another writer was first."""
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3_uri(uri)
+        try:
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
+        return True
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_bytes(data)
+    try:
+        os.link(partial, path)
+    except FileExistsError:
+        return False
+    finally:
+        partial.unlink()
+    return True
+
+
 def read_bytes(uri: str) -> bytes:
     with open_read(uri) as fh:
         return fh.read()

@@ -45,7 +45,10 @@ def data_moments(lake: Lake, checkpoint_dir: Path, checkpoint_id: str, chunks: i
         "chunks": [[doc_id, chunk] for doc_id, chunk in zip(sample["doc_id"].to_pylist(), sample["chunk"].to_pylist())],
         "estimated_at": datetime.now(timezone.utc).isoformat(),
     }
-    storage.write_text(record, json.dumps(lineage))  # last: a killed estimate leaves no record
+    # last (a killed estimate leaves no record), and only if no concurrent extraction recorded its
+    # own first: every extraction of the checkpoint then uses the one recorded
+    if not storage.create_bytes(record, json.dumps(lineage).encode()):
+        return json.loads(storage.read_text(record))["hash"]
     print(f"[extract] second moments of {checkpoint_id} estimated from {estimate['examples']} chunks: {digest}")
     return digest
 

@@ -14,6 +14,7 @@ from infra.lake import Lake
 from demo import world
 from evaluation import evaluate
 from evaluation.baselines import bm25_top_k, dense_top_k
+from evaluation.config import CORRECTION_VARIANTS
 from evaluation.tail_patching import stratified_sample
 from jobs import register_queries, tokenize
 
@@ -113,6 +114,7 @@ def test_evaluation_runs_on_a_user_supplied_corpus_and_queries(adam_run, tmp_pat
         "trackstar-no-mixing",
         "trackstar-no-unit-norm",
         "trackstar-adam-exact",
+        "trackstar-adam-floored",
         "trackstar-heldout-r-query",
         "trackstar-global-damping",
     }
@@ -122,7 +124,7 @@ def test_evaluation_runs_on_a_user_supplied_corpus_and_queries(adam_run, tmp_pat
         assert 0 <= cell["recall@10_fraction"] <= 1 and cell["n_queries"] == 10
         assert cell["tail_patch_ci"][0] <= cell["tail_patch"] <= cell["tail_patch_ci"][1]
         # the methods with extractions of their own run on the first seed; TrackStar's family on both
-        once = {"bm25", "dense", "grad-dot", "grad-cos", "trak", "trackstar-no-optimizer", "trackstar-adam-exact"}
+        once = {"bm25", "dense", "grad-dot", "grad-cos", "trak", "trackstar-no-optimizer", *CORRECTION_VARIANTS}
         assert cell["seeds"] == (1 if name in once else 2)
     assert set(stored["trackstar_minus"]) == methods - {"trackstar"}
     assert set(stored["trackstar_over_bm25_tail_patch"]) == {"delta_log_prob", "delta_prob"}

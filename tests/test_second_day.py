@@ -13,6 +13,7 @@ import pyarrow as pa
 import pytest
 
 from demo import import_data, pipeline, world
+from evaluation.config import CORRECTION_VARIANTS
 from jobs.__main__ import main as jobs_main
 from tests.fixtures import WORLD
 
@@ -423,7 +424,7 @@ def _hand_built_report(seeds: list[int]) -> dict:
             "tail_patch_delta_prob_ci": [-1e-07, 6e-07],
         }
 
-    once = {"bm25", "dense", "grad-dot", "grad-cos", "trak", "trackstar-no-optimizer", "trackstar-adam-exact"}
+    once = {"bm25", "dense", "grad-dot", "grad-cos", "trak", "trackstar-no-optimizer", *CORRECTION_VARIANTS}
     methods = {m: cell(i, 1 if m in once else len(seeds)) for i, m in enumerate(evaluate.REPORT_ORDER)}
     versus = {
         m: {"mrr": [-0.2, -0.3, -0.1], "tail_patch": [1.2e-05, 0.4e-05, 2e-05], "tail_patch_delta_prob": [0, -1, 1]}

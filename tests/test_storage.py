@@ -42,6 +42,15 @@ def test_files_round_trip_list_and_delete(root, tmp_path):
         storage.read_bytes(plan)
 
 
+def test_create_writes_only_where_nothing_is(root):
+    """Two extractions estimating one checkpoint's second moments at once: the first record stays."""
+    record = storage.join(root, "_second_moments", "c", "sample-512.json")
+    assert storage.create_bytes(record, b"first")
+    assert not storage.create_bytes(record, b"second")
+    assert storage.read_bytes(record) == b"first"
+    assert storage.list_objects(root) == [record]  # no partial file left behind
+
+
 def test_a_folder_on_s3_is_copied_into_the_cache_for_local_readers(root, tmp_path):
     storage.write_text(storage.join(root, "checkpoints", "c1", "config.json"), "{}")
     storage.write_text(storage.join(root, "checkpoints", "c1", "zero", "latest"), "step6")
