@@ -40,7 +40,8 @@ from jobs.checkpoints import load_second_moments  # noqa: E402
 from jobs.second_moments import estimate_moments, sampled_chunks  # noqa: E402
 
 CORRECTIONS = ("none", "adam-floored", "data-floored")
-BANDS = ((0, 0), (1, 9), (10, 99), (100, 999), (1000, 10**12))  # token occurrences in training
+# token occurrences in training: label -> (lowest, highest)
+BANDS = {"0": (0, 0), "1-9": (1, 9), "10-99": (10, 99), "100-999": (100, 999), ">=1000": (1000, 10**12)}
 
 
 def token_counts(lake: Lake, vocabulary: int) -> torch.Tensor:
@@ -85,10 +86,10 @@ def embedding_rows(found: dict, embedding: str, counts: torch.Tensor) -> dict:
     for kind, values in found[embedding].items():
         row_mean = values.mean(1).float()
         bands = {}
-        for low, high in BANDS:
+        for label, (low, high) in BANDS.items():
             rows = (counts >= low) & (counts <= high)
             if rows.any():
-                bands[f"{low}-{high}"] = {"rows": int(rows.sum()), "median_row_v": float(row_mean[rows].median())}
+                bands[label] = {"rows": int(rows.sum()), "median_row_v": float(row_mean[rows].median())}
         result[kind] = {"spearman_vs_count": spearman(row_mean, counts.double()), "bands": bands}
     return result
 

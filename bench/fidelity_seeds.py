@@ -28,6 +28,7 @@ from evaluation import evaluate  # noqa: E402
 from jobs import register_queries, tokenize  # noqa: E402
 
 METRICS = ("mrr", "recall@10", "tail_patch", "tail_patch_delta_prob")
+PREPARED = ".prepared"  # marks a bench lake whose world, model, tokens and queries are complete
 
 
 def evaluate_lake(
@@ -35,17 +36,21 @@ def evaluate_lake(
 ) -> dict:
     """A world, a model trained on it, its tokens and queries and the full evaluation, all in one lake
     of its own (the three configs name it; the report goes to `evaluate_config.reports`). Resumable:
-    a lake whose eval.json exists is kept; a lake an interrupted run left without one is made afresh
-    (a half-trained model or half-written tables must not leak into the new run)."""
+    a lake whose eval.json exists is kept; one that is prepared (PREPARED: trained, tokenized, queries
+    registered) but has none is only evaluated (again: remove eval.json to re-evaluate a lake with
+    other code); any other lake an interrupted run left is made afresh (a half-trained model or
+    half-written tables must not leak into the new run)."""
     lake, summary = Path(world_config.out_dir), Path(evaluate_config.reports) / "eval.json"
     if summary.exists():
         return json.loads(summary.read_text())
-    if lake.exists():
-        shutil.rmtree(lake)
-    world.run(world_config)
-    train_model.run(train_config)
-    tokenize.run(tokenize.TokenizeConfig(lake=str(lake)))
-    register_queries.run(str(lake))
+    if not (lake / PREPARED).exists():
+        if lake.exists():
+            shutil.rmtree(lake)
+        world.run(world_config)
+        train_model.run(train_config)
+        tokenize.run(tokenize.TokenizeConfig(lake=str(lake)))
+        register_queries.run(str(lake))
+        (lake / PREPARED).touch()
     return evaluate.run(evaluate_config)
 
 

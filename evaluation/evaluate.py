@@ -2,14 +2,16 @@
 
 Methods, all compared on the same queries: BM25 and dense retrieval (text), plain gradient
 dot/cosine and TRAK (vectors extracted without optimizer correction), TrackStar and its ablations
-(see `jobs.score.METHODS`), and three variants that measure this implementation's own choices:
-the paper-exact Adam correction (`trackstar-adam-exact`, Adam checkpoints), R_query fitted on the
-other half of the queries (`trackstar-heldout-r-query`, 2-fold cross-fit) and the classic global
-damping with a fixed crossing component (`trackstar-global-damping`).
+(see `jobs.score.METHODS`), and variants that measure this implementation's own choices:
+TrackStar with another optimizer correction than the default (`evaluation.config.CORRECTION_VARIANTS`:
+the paper-exact or floored Adam correction, Adafactor's own, second moments estimated from data;
+each where the checkpoint's optimizer state allows it), R_query fitted on the other half of the
+queries (`trackstar-heldout-r-query`, 2-fold cross-fit) and the classic global damping with a fixed
+crossing component (`trackstar-global-damping`).
 
 TrackStar, its ablations and the variants computed from its vectors run for several projection
 seeds (`seeds`); the methods that need an extraction of their own (plain-gradient baselines, the
-paper-exact correction) for the first seed, or every seed with `baselines_every_seed`. Metrics are computed per
+other corrections) for the first seed, or every seed with `baselines_every_seed`. Metrics are computed per
 query (evaluation/metrics.py: MRR, binary recall@10 and its fraction, tail-patch Δlog p and Δp),
 averaged over seeds, and given bootstrap confidence intervals over queries; differences to
 TrackStar and the TrackStar/BM25 tail-patch ratio are paired. What the pipeline already made is

@@ -77,9 +77,14 @@ def projection_spec(lake: Lake, checkpoint_dir: Path, config: ExtractConfig):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint_dir))
     normalizer = config.normalizer
+    has_state = optimizer_state_source(checkpoint_dir, config.optimizer_source) is not None
     if normalizer == "auto":
-        normalizer = auto_normalizer(sum(p.numel() for p in model.parameters()))
-    elif uses_optimizer_state(normalizer) and optimizer_state_source(checkpoint_dir, config.optimizer_source) is None:
+        # no optimizer state: index without the correction (recorded in the fingerprint and the run)
+        normalizer = auto_normalizer(
+            load_manifest(checkpoint_dir)["optimizer"] if has_state else "none",
+            sum(p.numel() for p in model.parameters()),
+        )
+    elif uses_optimizer_state(normalizer) and not has_state:
         raise CheckpointError(
             f"{checkpoint_dir}: normaliser {normalizer!r} needs the optimizer's state "
             f"({config.optimizer_source}), and the folder has none; use --normalizer auto, data-floored or none"
@@ -101,13 +106,16 @@ def projection_spec(lake: Lake, checkpoint_dir: Path, config: ExtractConfig):
 EXACT_MAX_PARAMETERS = 50_000_000
 
 
-def auto_normalizer(parameters: int) -> str:
-    """Second moments estimated from the training data, for every checkpoint, with or without
-    optimizer state: measured across the world family, they are the one correction that does not
-    hurt TrackStar's tail-patch (docs/optimizer-correction.md), and they need no optimizer state.
-    Applied exactly (per-example gradients) on small models, through the rank-1 fit on big ones,
-    where per-example gradients would not fit."""
-    return "data-floored" if parameters <= EXACT_MAX_PARAMETERS else "data-factored"
+def auto_normalizer(optimizer: str, parameters: int) -> str:
+    """The checkpoint's own optimizer state: Adafactor's is factored already; Adam's is applied
+    exactly (with its floor on untrained coordinates: gradient_kernels/normalizers.py) on small
+    models and through the rank-1 fit on big ones, where per-example gradients would not fit.
+    Without optimizer state: none. Chosen by measurement over the world family: second moments
+    estimated from data (data-*) were better on one world and worse on others
+    (docs/optimizer-correction.md)."""
+    if optimizer in ("adafactor", "none"):
+        return optimizer
+    return "adam-floored" if parameters <= EXACT_MAX_PARAMETERS else "adam-factored"
 
 
 # ------------------------------------------------------------------ launcher side
@@ -373,11 +381,11 @@ def optimizer_correction(checkpoint_dir: Path, config: ExtractConfig, spec) -> s
     from jobs.checkpoints import optimizer_state_source
 
     source = optimizer_state_source(checkpoint_dir, config.optimizer_source)
-    chosen = " (the default: docs/optimizer-correction.md)" if config.normalizer == "auto" else ""
+    chosen = ", the default (docs/optimizer-correction.md)" if config.normalizer == "auto" else ", asked for"
     if spec.normalizer.startswith("data-"):
         return f"{spec.normalizer} from E[g²] over a sample of training chunks, second moments {spec.moments}{chosen}"
     if spec.normalizer != "none":
-        return f"{spec.normalizer} from the {source} optimizer state"
+        return f"{spec.normalizer} from the {source} optimizer state{chosen}"
     if source is None:
         return "none: the checkpoint has no optimizer state (neither optimizer.pt nor zero/latest)"
     return "none: asked for (--normalizer none)"

@@ -3,7 +3,6 @@ elsewhere (a small Llama with plain torch AdamW, saved by `transformers`) indexe
 
 import gzip
 import hashlib
-from dataclasses import replace
 import json
 import shutil
 from pathlib import Path
@@ -194,17 +193,18 @@ def test_adam_state_from_a_torch_optimizer_pt_is_torchs_own(indexed_llama, user_
     assert manifest["optimizer"] == "adam" and manifest["imported_from"] == str(user_data[0] / "llama")
 
 
-def test_llama_checkpoint_is_indexed_with_second_moments_from_its_data(indexed_llama):
+def test_llama_checkpoint_is_indexed_with_the_floored_adam_correction(indexed_llama):
     lake, _, checkpoint, extraction, fit = indexed_llama
-    assert extraction["normalizer"] == "data-floored"
+    assert extraction["normalizer"] == "adam-floored"
     run = lake.read("runs", filters=[("run_id", "=", extraction["run_id"])]).to_pylist()[0]
     config = json.loads(run["config_json"])
-    moments = config["spec"]["moments"]
     assert config["optimizer_correction"] == (
-        f"data-floored from E[g²] over a sample of training chunks, second moments {moments} "
-        "(the default: docs/optimizer-correction.md)"
+        "adam-floored from the consolidated optimizer state, the default (docs/optimizer-correction.md)"
     )
-    assert json.loads(run["counts_json"])["normalizer"] == "data-floored"
+    assert (
+        config["spec"]["normalizer"] == "adam-floored"
+        and json.loads(run["counts_json"])["normalizer"] == "adam-floored"
+    )
     # every Linear of the Llama blocks and the untied head has a block
     assert len(config["spec"]["k"]) == 2 * 7 + 1 and "lm_head.weight" in config["spec"]["k"]
     registered = lake.read("checkpoints").to_pylist()[0]
@@ -219,30 +219,33 @@ def test_llama_checkpoint_is_indexed_with_second_moments_from_its_data(indexed_l
     assert fit["checkpoint_id"] == extraction["checkpoint_id"]
 
 
-def test_the_same_folder_without_optimizer_state_gets_the_same_correction(indexed_llama, user_data, tmp_path):
-    """The default correction comes from the data, not the optimizer state: the same weights without
-    it are the same vectors (nothing to extract again); a correction that needs the state is refused."""
+def test_the_same_folder_without_optimizer_state_is_indexed_without_correction(indexed_llama, user_data, tmp_path):
     lake, _, _, corrected, _ = indexed_llama
     bare = tmp_path / "llama-bare"
     shutil.copytree(user_data[0] / "llama", bare, ignore=shutil.ignore_patterns("optimizer.pt"))
     assert load_manifest(bare)["optimizer"] == "none" and load_manifest(bare)["lr"] is None
     checkpoint = import_data.import_checkpoint(lake.root, bare)  # same tokenizer: the same lake takes it
-    config = extract.ExtractConfig(
-        lake=lake.root, checkpoint=str(checkpoint), projection_k=4, token_budget=512, query_set=None, ranks=1
+    extraction = extract.run(
+        extract.ExtractConfig(
+            lake=lake.root,
+            checkpoint=str(checkpoint),
+            projection_k=4,
+            token_budget=512,
+            query_set=None,
+            partitions=[0],
+            ranks=1,
+        )
     )
-    extraction = extract.run(config)
-    assert extraction["normalizer"] == "data-floored" and extraction["fingerprint"] == corrected["fingerprint"]
-    assert extraction["items"] == []
-    plain = extract.run(replace(config, normalizer="none", partitions=[0]))
-    run = lake.read("runs", filters=[("run_id", "=", plain["run_id"])]).to_pylist()[0]
+    assert extraction["normalizer"] == "none" and extraction["fingerprint"] != corrected["fingerprint"]
+    run = lake.read("runs", filters=[("run_id", "=", extraction["run_id"])]).to_pylist()[0]
     assert json.loads(run["config_json"])["optimizer_correction"].startswith(
         "none: the checkpoint has no optimizer state"
     )
     stored = lake.read(
-        "train_gradients", filters=[("checkpoint_id", "=", plain["checkpoint_id"])], columns=["fingerprint"]
+        "train_gradients", filters=[("checkpoint_id", "=", extraction["checkpoint_id"])], columns=["fingerprint"]
     )
-    assert plain["fingerprint"] in set(stored["fingerprint"].to_pylist())
-    registered = lake.read("checkpoints", filters=[("checkpoint_id", "=", plain["checkpoint_id"])]).to_pylist()
+    assert stored.num_rows > 0 and set(stored["fingerprint"].to_pylist()) == {extraction["fingerprint"]}
+    registered = lake.read("checkpoints", filters=[("checkpoint_id", "=", extraction["checkpoint_id"])]).to_pylist()
     assert registered[0]["optimizer"] == "none" and registered[0]["learning_rate"] is None
     with pytest.raises(CheckpointError, match="needs the optimizer's state"):
         extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(checkpoint), normalizer="adam-exact"))
@@ -277,7 +280,7 @@ def test_a_checkpoint_without_optimizer_state_is_evaluated_with_sgd_tail_patch(i
     assert all(np.isfinite(patched)) and any(value != 0 for value in patched)
     fingerprint = report["hessian"]["fingerprint"]
     runs = [json.loads(r["config_json"]) for r in lake.read("runs", filters=[("command", "=", "extract")]).to_pylist()]
-    assert any(r["fingerprint"] == fingerprint and r["spec"]["normalizer"] == "data-floored" for r in runs)
+    assert any(r["fingerprint"] == fingerprint and r["spec"]["normalizer"] == "none" for r in runs)
 
 
 def test_another_parameter_order_is_read_by_param_names_or_refused(user_data, tmp_path):

@@ -35,7 +35,7 @@ from infra.lake import Lake
 from infra.matrices import ChecksumMismatch, load_matrices
 from infra import layout, storage
 from jobs import catalog, extract, fit_hessian, register_queries, score, tokenize
-from jobs.checkpoints import CheckpointMismatch
+from jobs.checkpoints import CheckpointMismatch, load_second_moments
 from jobs.second_moments import SAMPLE_CHUNKS, load_data_moments
 from schemas.vectors import decode_vectors
 from tests.fixtures import copy_lake
@@ -136,16 +136,6 @@ def _table_vectors(lake, table, filters):
     return rows, decode_vectors(rows["vector"], "float32", None, dim)
 
 
-def _data_correction(lake, checkpoint_id, matrices, seed):
-    """The default spec (data-floored, the lake's recorded estimate) and its normalisers."""
-    digest = json.loads(
-        storage.read_text(layout.second_moments(lake.root, checkpoint_id, f"sample-{SAMPLE_CHUNKS}.json"))
-    )
-    estimate = load_data_moments(lake.root, checkpoint_id, digest["hash"])
-    spec = ProjectionSpec(seed=seed, k={m.name: 4 for m in matrices}, normalizer="data-floored", moments=digest["hash"])
-    return spec, normalizers_from_state(estimate, matrices, "data-floored")
-
-
 def test_extract_equals_the_kernels_on_the_same_chunks(indexed):
     lake, checkpoint, results, _ = indexed
     tokens = lake.read("tokens")
@@ -156,9 +146,11 @@ def test_extract_equals_the_kernels_on_the_same_chunks(indexed):
     assert set(rows["fingerprint"].to_pylist()) == {results["extract"]["fingerprint"]}
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
     matrices = weight_matrices(model)
-    spec, normalizers = _data_correction(lake, results["extract"]["checkpoint_id"], matrices, seed=0)
+    spec = ProjectionSpec(seed=0, k={m.name: 4 for m in matrices}, normalizer="adam-floored")
     assert spec.fingerprint() == results["extract"]["fingerprint"]
-    projector = GradientProjector(model, spec, normalizers)
+    projector = GradientProjector(
+        model, spec, normalizers_from_state(load_second_moments(checkpoint), matrices, "adam-floored")
+    )
     by_key = {
         (d, c): ids
         for d, c, ids in zip(tokens["doc_id"].to_pylist(), tokens["chunk"].to_pylist(), tokens["input_ids"].to_pylist())
@@ -180,7 +172,7 @@ def test_extractions_launched_together_equal_the_kernels_each(indexed, tmp_path)
         extract.ExtractConfig(
             lake=lake.root, projection_k=4, token_budget=512, projection_seed=seed, normalizer=normalizer
         )
-        for seed, normalizer in ((0, "auto"), (1, "auto"), (1, "none"), (1, "data-floored"))
+        for seed, normalizer in ((0, "auto"), (1, "auto"), (1, "none"), (1, "adam-floored"))
     ]
     done, seed1, plain, repeat = extract.run_many(configs)
     assert done["items"] == [] and done["fingerprint"] == results["extract"]["fingerprint"]
@@ -193,15 +185,16 @@ def test_extractions_launched_together_equal_the_kernels_each(indexed, tmp_path)
     }
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
     matrices = weight_matrices(model)
-    for result, corrected in ((seed1, True), (plain, False)):
+    for result, seed, normalizer in ((seed1, 1, "adam-floored"), (plain, 1, "none")):
         rows, vectors = _table_vectors(lake, "train_gradients", [("fingerprint", "=", result["fingerprint"])])
         assert rows.num_rows == tokens.num_rows == result["train_vectors"]
-        spec, normalizers = (
-            _data_correction(lake, result["checkpoint_id"], matrices, seed=1)
-            if corrected
-            else (ProjectionSpec(seed=1, k={m.name: 4 for m in matrices}, normalizer="none"), {})
-        )
+        spec = ProjectionSpec(seed=seed, k={m.name: 4 for m in matrices}, normalizer=normalizer)
         assert spec.fingerprint() == result["fingerprint"]
+        normalizers = (
+            normalizers_from_state(load_second_moments(checkpoint), matrices, normalizer)
+            if normalizer != "none"
+            else {}
+        )
         keys = list(zip(rows["doc_id"].to_pylist(), rows["chunk"].to_pylist()))[::7]
         direct = GradientProjector(model, spec, normalizers)(document_batch([by_key[k] for k in keys])).numpy()
         np.testing.assert_allclose(vectors[::7], direct, rtol=1e-4, atol=1e-4 * np.abs(direct).max())
@@ -482,18 +475,13 @@ def test_chunks_with_non_finite_gradients_are_quarantined_not_written(indexed, t
     ).all()
 
 
-def test_extract_with_data_moments_needs_no_optimizer_state_and_reuses_the_estimate(indexed, tmp_path):
+def test_extract_with_data_moments_needs_no_optimizer_state_and_estimates_once(indexed, tmp_path):
     source, checkpoint, _, _ = indexed
     lake = Lake(copy_lake(source.root, tmp_path / "lake"))
     stateless = tmp_path / "stateless"
     shutil.copytree(checkpoint, stateless, ignore=shutil.ignore_patterns("optimizer.pt", "zero*"))
-    config = extract.ExtractConfig(  # seed 3: vectors the lake does not hold yet, with its recorded estimate
-        lake=lake.root,
-        checkpoint=str(stateless),
-        projection_k=4,
-        projection_seed=3,
-        token_budget=512,
-        normalizer="data-floored",
+    config = extract.ExtractConfig(
+        lake=lake.root, checkpoint=str(stateless), projection_k=4, token_budget=512, normalizer="data-floored"
     )
     first = extract.run(config)
     run = lake.read("runs", filters=[("run_id", "=", first["run_id"])]).to_pylist()[0]
