@@ -37,7 +37,7 @@ from gradient_kernels.reference import corrected_gradients, per_example_gradient
 from infra import layout  # noqa: E402
 from infra.lake import Lake  # noqa: E402
 from jobs.checkpoints import load_second_moments  # noqa: E402
-from jobs.second_moments import estimate_moments, sampled_chunks  # noqa: E402
+from jobs.second_moments import SAMPLE_CHUNKS, estimate_moments, sampled_chunks  # noqa: E402
 
 CORRECTIONS = ("none", "adam-floored", "data-floored")
 # token occurrences in training: label -> (lowest, highest)
@@ -80,9 +80,12 @@ def matrix_rows(found: dict, eps: float) -> list[dict]:
     return rows
 
 
-def embedding_rows(found: dict, embedding: str, counts: torch.Tensor) -> dict:
-    """Row means of V of the tied embedding against the tokens' training counts."""
-    result = {}
+def embedding_rows(found: dict, embedding: str, counts: torch.Tensor, in_sample: torch.Tensor) -> dict:
+    """Row means of V of the tied embedding against the tokens' training counts; and, for the rows
+    of tokens the training data holds, V of those the data estimate's sample missed against those
+    it saw (the estimate knows a missed token only through the output head)."""
+    trained, seen = counts > 0, in_sample > 0
+    result: dict = {"tokens_in_training": int(trained.sum()), "missed_by_sample": int((trained & ~seen).sum())}
     for kind, values in found[embedding].items():
         row_mean = values.mean(1).float()
         bands = {}
@@ -91,6 +94,9 @@ def embedding_rows(found: dict, embedding: str, counts: torch.Tensor) -> dict:
             if rows.any():
                 bands[label] = {"rows": int(rows.sum()), "median_row_v": float(row_mean[rows].median())}
         result[kind] = {"spearman_vs_count": spearman(row_mean, counts.double()), "bands": bands}
+        if (trained & ~seen).any():
+            missed, hit = row_mean[trained & ~seen].median(), row_mean[trained & seen].median()
+            result[kind]["missed_over_seen_median_v"] = float(missed / hit)
     return result
 
 
@@ -116,7 +122,9 @@ def diagnose(lake: Lake, checkpoint: Path, docs, queries, counts) -> dict:
     model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
     matrices = weight_matrices(model)
     adam = load_second_moments(checkpoint)
-    data = estimate_moments(checkpoint, sampled_chunks(lake, 512))
+    sample = sampled_chunks(lake, SAMPLE_CHUNKS)
+    data = estimate_moments(checkpoint, sample)
+    in_sample = torch.bincount(torch.tensor(sum(sample["input_ids"].to_pylist(), [])), minlength=len(counts))
     found = variances(adam, data, matrices)
     embedding = next(m.name for m in matrices if m.tied_embedding is not None)
     normalizers = {"none": {}, "adam-floored": normalizers_from_state(adam, matrices, "adam-floored")}
@@ -124,7 +132,7 @@ def diagnose(lake: Lake, checkpoint: Path, docs, queries, counts) -> dict:
     return {
         "step": adam["step"],
         "matrices": matrix_rows(found, adam["eps"]),
-        "embedding": embedding_rows(found, embedding, counts),
+        "embedding": embedding_rows(found, embedding, counts, in_sample),
         "norm_shares": norm_shares(model, docs, queries, matrices, normalizers),
         "embedding_name": embedding,
     }
@@ -160,6 +168,9 @@ def print_summary(results: list[dict]) -> None:
             print(f"step{r['step']}_{tag}_query_over_train_norm={shares['query_over_train']:.4g}")
         for kind in ("adam", "data"):
             print(f"step{r['step']}_{kind}_row_v_spearman_vs_count={e[kind]['spearman_vs_count']:.3f}")
+            if "missed_over_seen_median_v" in e[kind]:
+                print(f"step{r['step']}_{kind}_missed_over_seen_median_v={e[kind]['missed_over_seen_median_v']:.3g}")
+        print(f"  the data sample missed {e['missed_by_sample']} of the {e['tokens_in_training']} tokens in training")
 
 
 def plot(results: list[dict], path: Path) -> None:

@@ -164,14 +164,15 @@ def runs_of(lake: Lake, command: str, succeeded_only: bool = True) -> list[tuple
 
 
 def last_scored_inputs(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: str, method: str) -> dict | None:
-    """The inputs the newest successful scoring of (checkpoint, fingerprint, query set) by `method` saw."""
+    """The inputs the stored proponents of (checkpoint, query set, method) were scored from, if they
+    are this fingerprint's: a scoring of another fingerprint (another projection seed or correction)
+    replaced them since, so only the newest scoring of the three counts."""
     for _, config, counts in runs_of(lake, "score"):
-        if (counts.get("checkpoint_id"), counts.get("fingerprint"), config.get("query_set")) == (
+        if (counts.get("checkpoint_id"), config.get("query_set")) == (
             checkpoint_id,
-            fingerprint,
             query_set,
         ) and method in config.get("methods", ()):
-            return counts.get("inputs")
+            return counts.get("inputs") if counts.get("fingerprint") == fingerprint else None
     return None
 
 

@@ -509,3 +509,24 @@ def test_extract_with_data_moments_needs_no_optimizer_state_and_estimates_once(i
     keys = list(zip(rows["doc_id"].to_pylist(), rows["chunk"].to_pylist()))[::9]
     direct = projector(document_batch([by_key[k] for k in keys])).numpy()
     np.testing.assert_allclose(stored[::9], direct, rtol=1e-4, atol=1e-4 * np.abs(direct).max())
+
+
+def test_proponents_scored_from_another_fingerprint_are_not_taken_for_this_ones(indexed, tmp_path):
+    """Scoring a second projection seed replaces the stored proponents of the first: an evaluation
+    asking for the first seed's must find them stale (before the fix it read the second's as its own)."""
+    from jobs.catalog import last_scored_inputs
+
+    source, _, results, _ = indexed
+    lake = Lake(copy_lake(source.root, tmp_path / "lake"))
+    first, query_set = results["extract"]["fingerprint"], results["score"]["query_set"]
+    checkpoint_id = results["extract"]["checkpoint_id"]
+    assert last_scored_inputs(lake, checkpoint_id, first, query_set, "trackstar") is not None
+    second = extract.run(
+        extract.ExtractConfig(lake=lake.root, projection_k=4, token_budget=512, projection_seed=1, query_set=query_set)
+    )["fingerprint"]
+    keys = {"lake": lake.root, "checkpoint_id": checkpoint_id, "fingerprint": second, "query_set": query_set}
+    fit_hessian.run(fit_hessian.FitHessianConfig(**keys))
+    score.run(score.ScoreConfig(**keys, methods=["trackstar"], top_k=5, index="float32"))
+    assert last_scored_inputs(lake, checkpoint_id, second, query_set, "trackstar") is not None
+    assert last_scored_inputs(lake, checkpoint_id, first, query_set, "trackstar") is None
+    assert last_scored_inputs(lake, checkpoint_id, first, query_set, "trak") is not None  # not rescored
