@@ -230,9 +230,13 @@ NAMES = {"bm25": "BM25", "dense": "dense (MiniLM)", "trak": "TRAK-style", "track
 def markdown_table(report: dict) -> str:
     """The headline table of an eval.json as Markdown (README): means over seeds, 95% intervals."""
     lines = ["| method | MRR | recall@10 | tail-patch Δlog p | tail-patch Δp |", "|---|---|---|---|---|"]
+    correction = report.get("optimizer_correction", "").split(" from ")[0]  # the normaliser's name
     for method, c in report["methods"].items():
+        name = NAMES.get(method, method)
+        if method == "trackstar" and correction:
+            name = f"**TrackStar** (correction: {correction})"
         lines.append(
-            f"| {NAMES.get(method, method)} | {c['mrr']:.3f} [{c['mrr_ci'][0]:.2f}, {c['mrr_ci'][1]:.2f}] | "
+            f"| {name} | {c['mrr']:.3f} [{c['mrr_ci'][0]:.2f}, {c['mrr_ci'][1]:.2f}] | "
             f"{c['recall@10']:.3f} | {c['tail_patch']:+.4f} [{c['tail_patch_ci'][0]:+.3f}, "
             f"{c['tail_patch_ci'][1]:+.3f}] | {c['tail_patch_delta_prob']:+.5f} |"
         )
