@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.fidelity_seeds import evaluate_lake  # noqa: E402
 from demo import train_model, world  # noqa: E402
 from evaluation import evaluate  # noqa: E402
+from evaluation.config import CORRECTION_VARIANTS  # noqa: E402
 from infra.cli import config_from_args  # noqa: E402
 
 # one world per preset by default: the wording, the names, the statements and the distractors varied
@@ -81,6 +82,13 @@ def world_row(preset: str, seed: int, optimizer: str, report: dict) -> dict:
         "mrr_trackstar": methods["trackstar"]["mrr"],
         "mrr_bm25": methods["bm25"]["mrr"],
         "trackstar_tail_patch": full,
+        # other corrections measured as variants: (mean, low, high) of variant − TrackStar's default
+        "variants_minus_default": {
+            m: [-versus[m]["tail_patch"][0], -versus[m]["tail_patch"][2], -versus[m]["tail_patch"][1]]
+            for m in CORRECTION_VARIANTS
+            if m in versus
+        },
+        "optimizer_correction": report.get("optimizer_correction", ""),
         "trackstar_below": [m for m in rivals if methods[m]["tail_patch"] > full],
         "trackstar_at_least_ablations_and_trak": all(methods[m]["tail_patch"] <= full for m in rivals),
     }
@@ -124,6 +132,8 @@ def table(rows: list[dict]) -> str:
             f"{r['trackstar_over_bm25_delta_log_prob'][0]:>15.2f} {r['trackstar_over_bm25_delta_prob'][0]:>11.2f} "
             f"{r['mrr_trackstar']:>7.3f} {r['mrr_bm25']:>8.3f}  {', '.join(r['trackstar_below']) or 'none'}"
         )
+        for variant, (v_mean, v_low, v_high) in r.get("variants_minus_default", {}).items():
+            lines.append(f"{'':<24} {variant} − default: {v_mean:+.4f} [{v_low:+.4f}, {v_high:+.4f}]")
     return "\n".join(lines)
 
 

@@ -17,7 +17,10 @@ def _report(correction=(0.02, 0.001, 0.04), ratios=(3.0, 2.5, 3.5), mrr=(0.4, 0.
     }
     return {
         "methods": methods,
-        "trackstar_minus": {"trackstar-no-optimizer": {"tail_patch": list(correction)}},
+        "trackstar_minus": {
+            "trackstar-no-optimizer": {"tail_patch": list(correction)},
+            "trackstar-adam-exact": {"tail_patch": [-0.2, -0.3, -0.1]},
+        },
         "trackstar_over_bm25_tail_patch": {"delta_log_prob": list(ratios), "delta_prob": [r - 0.5 for r in ratios]},
     }
 
@@ -29,6 +32,9 @@ def test_a_world_row_and_the_aims():
     assert (good["mrr_trackstar"], good["mrr_bm25"]) == (0.4, 0.7)
     assert good["trackstar_below"] == []  # the variant above it is not an ablation
     assert good["trackstar_at_least_ablations_and_trak"]
+    # a variant's difference is turned around: the variant − the default, its interval with it
+    assert good["variants_minus_default"] == {"trackstar-adam-exact": [0.2, 0.1, 0.3]}
+    assert "trackstar-adam-exact − default: +0.2000 [+0.1000, +0.3000]" in world_family.table([good])
     lines = world_family.aims([good])
     assert len(lines) == 4 and all(line.startswith("aim: ") and line.endswith("(met)") for line in lines)
 
