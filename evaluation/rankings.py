@@ -210,8 +210,11 @@ def memory_rankings(
     fit_config: fit_hessian.FitHessianConfig,
     exclude=(),
 ) -> tuple[dict, fit_hessian.Fit]:
-    """Rankings of `methods` under an unregistered fit (another seed, or a variant's settings)."""
+    """Rankings of `methods` under an unregistered fit (another seed, or a variant's settings); R_train
+    leaves out the same outlier chunks the fit-hessian job does, so these rankings and the
+    pipeline's (the first seed's) are the same estimator."""
     train, query = fit_hessian.extracted_sums(lake, checkpoint_id, fingerprint, config.query_set, exclude)
+    train, _ = fit_hessian.without_outliers(lake, checkpoint_id, fingerprint, train, fit_config.outlier_z)
     fitted = fit_hessian.fit(train, query, fit_config)
     return {
         m: score.rank_in_memory(lake, m, checkpoint_id, config.query_set, fingerprint, fitted.matrices, config.top_k)

@@ -530,3 +530,26 @@ def test_proponents_scored_from_another_fingerprint_are_not_taken_for_this_ones(
     assert last_scored_inputs(lake, checkpoint_id, second, query_set, "trackstar") is not None
     assert last_scored_inputs(lake, checkpoint_id, first, query_set, "trackstar") is None
     assert last_scored_inputs(lake, checkpoint_id, first, query_set, "trak") is not None  # not rescored
+
+
+def test_the_evaluations_in_memory_fit_is_the_fit_hessian_jobs(indexed, tmp_path):
+    """Other seeds and the variants are fitted in memory: with the same settings the fit must equal the
+    job's, outlier chunks left out alike (before, the memory fit kept them: its top-10 shared 0.85
+    with the pipeline's on the embedded world)."""
+    from evaluation.config import EvaluateConfig
+    from evaluation.rankings import memory_rankings
+    from jobs.catalog import load_preconditioner
+
+    source, _, results, _ = indexed
+    lake = Lake(copy_lake(source.root, tmp_path / "lake"))
+    keys = {"checkpoint_id": results["extract"]["checkpoint_id"], "fingerprint": results["extract"]["fingerprint"]}
+    query_set = results["score"]["query_set"]
+    strict = fit_hessian.FitHessianConfig(lake=lake.root, query_set=query_set, outlier_z=0.5, **keys)
+    assert fit_hessian.run(strict)["train_outliers"] > 0  # the job leaves some chunks out
+    _, fitted = memory_rankings(
+        lake, EvaluateConfig(lake=lake.root, query_set=query_set), **keys, methods=[], fit_config=strict
+    )
+    for kind in fit_hessian.KINDS:
+        stored, _ = load_preconditioner(lake, keys["checkpoint_id"], query_set, keys["fingerprint"], kind)
+        for mine, theirs in zip(fitted.matrices[kind], stored):
+            torch.testing.assert_close(mine.float(), theirs.float(), rtol=1e-4, atol=1e-6 * float(theirs.abs().max()))
