@@ -179,15 +179,18 @@ def our_scores(lake: Path, checkpoint: Path, query_set: str, groups: dict, token
 
 def fingerprint_scores(lake: Lake, extraction: dict, query_set: str, methods, tokens) -> tuple[list, dict]:
     """(query ids, {method: every chunk's score}) of one extraction, under a Hessian fitted in memory
-    as the score job's matrices (not only the top-k the job keeps)."""
+    as the fit-hessian job fits it, scored as the score job's matrices (every chunk, not only the
+    top-k the job keeps)."""
     from gradient_kernels.scoring import Preconditioner, prepare
     from jobs import fit_hessian, score
     from schemas.vectors import decode_vectors
 
     checkpoint_id, fingerprint = extraction["checkpoint_id"], extraction["fingerprint"]
-    fitted = fit_hessian.fit(
-        *fit_hessian.extracted_sums(lake, checkpoint_id, fingerprint, query_set), fit_hessian.FitHessianConfig()
-    )
+    config = fit_hessian.FitHessianConfig()
+    train_sums, query_sums = fit_hessian.extracted_sums(lake, checkpoint_id, fingerprint, query_set)
+    # R_train without the outlier chunks, as the fit-hessian job fits it
+    train_sums, _ = fit_hessian.without_outliers(lake, checkpoint_id, fingerprint, train_sums, config.outlier_z)
+    fitted = fit_hessian.fit(train_sums, query_sums, config)
     query_ids, raw_queries, _ = score.query_vectors(lake, query_set, checkpoint_id, fingerprint, 0)
     rows = lake.read(
         "train_gradients",
