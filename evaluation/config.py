@@ -17,7 +17,12 @@ CORRECTION_VARIANTS = {
     "trackstar-data-moments": "data-floored",
 }
 # variants that measure this implementation's own choices (evaluation/evaluate.py's docstring)
-VARIANTS = (*CORRECTION_VARIANTS, "trackstar-heldout-r-query", "trackstar-global-damping")
+VARIANTS = (
+    *CORRECTION_VARIANTS,
+    "trackstar-heldout-r-query",
+    "trackstar-global-damping",
+    "trackstar-every-chunk",
+)
 
 
 @dataclass

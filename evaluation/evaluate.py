@@ -6,8 +6,9 @@ dot/cosine and TRAK (vectors extracted without optimizer correction), TrackStar 
 TrackStar with another optimizer correction than the default (`evaluation.config.CORRECTION_VARIANTS`:
 the paper-exact or floored Adam correction, Adafactor's own, second moments estimated from data;
 each where the checkpoint's optimizer state allows it), R_query fitted on the other half of the
-queries (`trackstar-heldout-r-query`, 2-fold cross-fit) and the classic global damping with a fixed
-crossing component (`trackstar-global-damping`).
+queries (`trackstar-heldout-r-query`, 2-fold cross-fit), the classic global damping with a fixed
+crossing component (`trackstar-global-damping`) and R_train of every chunk, the outliers the
+fit-hessian job leaves out kept in (`trackstar-every-chunk`).
 
 TrackStar, its ablations and the variants computed from its vectors run for several projection
 seeds (`seeds`); the methods that need an extraction of their own (plain-gradient baselines, the
@@ -73,6 +74,7 @@ REPORT_ORDER = (
     "trackstar-no-mixing",
     "trackstar-heldout-r-query",
     "trackstar-global-damping",
+    "trackstar-every-chunk",
     "trackstar-no-unit-norm",
     "trackstar",
 )

@@ -23,6 +23,10 @@ COMPONENTS = {
         "Fitting R_query on the scored queries",
         "TrackStar with R_query fitted on a held-out half of the queries",
     ),
+    "trackstar-every-chunk": (
+        "Leaving the outlier chunks out of R_train",
+        "TrackStar with every training chunk in R_train",
+    ),
     "trackstar-global-damping": (
         "Per-block damping relative to R_train",
         "TrackStar with the classic global damping of the mixed R",

@@ -138,8 +138,8 @@ def seed_rankings(
 
 
 def variant_rankings(lake: Lake, config: EvaluateConfig, checkpoint_id: str, extraction: dict, query_ids: list) -> dict:
-    """The variants computed from TrackStar's own vectors: R_query fitted on held-out queries, and
-    the classic global damping."""
+    """The variants computed from TrackStar's own vectors: R_query fitted on held-out queries, the
+    classic global damping, and R_train of every chunk (no outliers left out)."""
     fingerprint, ranked = extraction["fingerprint"], {}
     if "trackstar-heldout-r-query" in config.variants:
         ranked["trackstar-heldout-r-query"] = heldout_rankings(lake, config, checkpoint_id, fingerprint, query_ids)
@@ -149,6 +149,10 @@ def variant_rankings(lake: Lake, config: EvaluateConfig, checkpoint_id: str, ext
         )
         old, _ = memory_rankings(lake, config, checkpoint_id, fingerprint, ["trackstar"], classic)
         ranked["trackstar-global-damping"] = old["trackstar"]
+    if "trackstar-every-chunk" in config.variants:
+        every = fit_hessian.FitHessianConfig(outlier_z=float("inf"))
+        kept, _ = memory_rankings(lake, config, checkpoint_id, fingerprint, ["trackstar"], every)
+        ranked["trackstar-every-chunk"] = kept["trackstar"]
     return ranked
 
 

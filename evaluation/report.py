@@ -36,6 +36,7 @@ METHOD_COLORS = {
     "trackstar-no-mixing": "#90C987",
     "trackstar-heldout-r-query": "#CAE0AB",
     "trackstar-global-damping": "#F7F056",
+    "trackstar-every-chunk": "#B8DDA0",
     "trackstar-no-unit-norm": "#5289C7",
     "trackstar": "#DC050C",
 }

@@ -117,6 +117,7 @@ def test_evaluation_runs_on_a_user_supplied_corpus_and_queries(adam_run, tmp_pat
         "trackstar-data-moments",
         "trackstar-heldout-r-query",
         "trackstar-global-damping",
+        "trackstar-every-chunk",
     }
     stored = json.loads((tmp_path / "reports" / "eval.json").read_text())
     for name, cell in stored["methods"].items():
