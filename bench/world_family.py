@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.fidelity_seeds import evaluate_lake  # noqa: E402
 from demo import train_model, world  # noqa: E402
 from evaluation import evaluate  # noqa: E402
-from evaluation.config import CORRECTION_VARIANTS  # noqa: E402
+from evaluation.config import VARIANTS  # noqa: E402
 from infra.cli import config_from_args  # noqa: E402
 
 # one world per preset by default: the wording, the names, the statements and the distractors varied
@@ -82,10 +82,10 @@ def world_row(preset: str, seed: int, optimizer: str, report: dict) -> dict:
         "mrr_trackstar": methods["trackstar"]["mrr"],
         "mrr_bm25": methods["bm25"]["mrr"],
         "trackstar_tail_patch": full,
-        # other corrections measured as variants: (mean, low, high) of variant − TrackStar's default
+        # the variants measured (other corrections, R_train of every chunk...): (mean, low, high) of variant − default
         "variants_minus_default": {
             m: [-versus[m]["tail_patch"][0], -versus[m]["tail_patch"][2], -versus[m]["tail_patch"][1]]
-            for m in CORRECTION_VARIANTS
+            for m in VARIANTS
             if m in versus
         },
         "optimizer_correction": report.get("optimizer_correction", ""),
