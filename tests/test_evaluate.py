@@ -114,7 +114,6 @@ def test_evaluation_runs_on_a_user_supplied_corpus_and_queries(adam_run, tmp_pat
         "trackstar-no-mixing",
         "trackstar-no-unit-norm",
         "trackstar-adam-exact",
-        "trackstar-data-moments",
         "trackstar-heldout-r-query",
         "trackstar-global-damping",
         "trackstar-every-chunk",
