@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.bergson_compare import query_ids_and_labels  # noqa: E402
 from bench.projection_fidelity import spearman  # noqa: E402
+from evaluation.answers import encode_query  # noqa: E402
 from gradient_kernels.losses import document_batch, query_batch  # noqa: E402
 from gradient_kernels.modules import weight_matrices  # noqa: E402
 from gradient_kernels.normalizers import adam_denominator, normalizers_from_state  # noqa: E402
@@ -143,10 +143,8 @@ def sample_batches(lake: Lake, tokenizer, n_docs: int, n_queries: int, seed: int
     ids = lake.read("tokens", columns=["input_ids"])["input_ids"].to_pylist()
     docs = document_batch(rng.sample([i for i in ids if len(i) >= 2], n_docs))
     chosen = rng.sample(lake.read("queries").to_pylist(), n_queries)
-    pairs = [query_ids_and_labels(tokenizer, q) for q in chosen]  # as extraction feeds them
-    prompts = [[t for t, label in zip(ids, labels) if label == -100] for ids, labels in pairs]
-    targets = [[label for label in labels if label != -100] for _, labels in pairs]
-    return docs, query_batch(prompts, targets)
+    prompts, targets = zip(*(encode_query(tokenizer, q["prompt0"], q["target"]) for q in chosen))
+    return docs, query_batch(list(prompts), list(targets))
 
 
 def print_summary(results: list[dict]) -> None:

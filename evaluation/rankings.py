@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from evaluation.config import CORRECTION_VARIANTS, EvaluateConfig
+from gradient_kernels.projection import state_kind
 from infra.lake import Lake
 from jobs import extract, fit_hessian, score
 
@@ -90,7 +91,7 @@ def extractions(config: EvaluateConfig, checkpoint: str, optimizer: str) -> dict
 def applies(normalizer: str, optimizer: str) -> bool:
     """Can this correction be applied to a checkpoint trained by `optimizer`? adam-* need Adam's
     state, adafactor Adafactor's; data-* and none need none."""
-    return not extract.uses_optimizer_state(normalizer) or normalizer.split("-")[0] == optimizer
+    return state_kind(normalizer) in (None, "data", optimizer)
 
 
 def seed_rankings(

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from gradient_kernels.modules import WeightMatrix
+from gradient_kernels.projection import state_kind
 
 
 class MissingOptimizerState(KeyError):
@@ -113,7 +114,7 @@ def normalizers_from_state(optimizer_state: dict, matrices: list[WeightMatrix], 
     if kind == "none":
         return {}
     saved_kind = optimizer_state.get("kind")
-    wanted = kind.split("-")[0]
+    wanted = state_kind(kind)
     if saved_kind != wanted:
         raise ValueError(f"normaliser {kind!r} needs a {wanted} optimizer state, the checkpoint has {saved_kind!r}")
     state = optimizer_state["state"]

@@ -21,6 +21,12 @@ KERNEL_VERSION = "2"  # 2: adam-factored fits the floored denominator
 NORMALIZER_KINDS = ("none", "adafactor", "adam-floored", "adam-exact", "adam-factored", "data-floored", "data-factored")
 
 
+def state_kind(normalizer: str) -> str | None:
+    """The second moments a normaliser reads: "adam" or "adafactor" (the optimizer's state), "data"
+    (estimated from training data: jobs/second_moments.py), None for "none"."""
+    return None if normalizer == "none" else normalizer.split("-")[0]
+
+
 def _generator_seed(seed: int, name: str, side: str, k: int, width: int) -> int:
     digest = hashlib.sha256(f"{seed}|{name}|{side}|{k}|{width}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
@@ -49,7 +55,7 @@ class ProjectionSpec:
     def __post_init__(self):
         if self.normalizer not in NORMALIZER_KINDS:
             raise ValueError(f"normalizer must be one of {NORMALIZER_KINDS}, not {self.normalizer!r}")
-        if self.normalizer.startswith("data-") != bool(self.moments):
+        if (state_kind(self.normalizer) == "data") != bool(self.moments):
             raise ValueError(f"normalizer {self.normalizer!r}: `moments` names the data estimate, for data-* only")
 
     @property

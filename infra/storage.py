@@ -147,10 +147,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         s3_client().put_object(Bucket=bucket, Key=key, Body=data)
         return
     path = Path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
+    os.replace(_written_beside(path, data), path)
 
 
 def create_bytes(uri: str, data: bytes) -> bool:
@@ -168,9 +165,7 @@ def create_bytes(uri: str, data: bytes) -> bool:
             raise
         return True
     path = Path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_bytes(data)
+    partial = _written_beside(path, data)
     try:
         os.link(partial, path)
     except FileExistsError:
@@ -178,6 +173,14 @@ def create_bytes(uri: str, data: bytes) -> bool:
     finally:
         partial.unlink()
     return True
+
+
+def _written_beside(path: Path, data: bytes) -> Path:
+    """`data` in a hidden file beside `path` (its folder made), to be moved or linked into place whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_bytes(data)
+    return partial
 
 
 def read_bytes(uri: str) -> bytes:

@@ -29,7 +29,7 @@ from infra.cli import add_config_arguments, config_from_args, option
 from infra.config import from_settings
 from infra import layout
 from infra.layout import QUERY, TRAIN
-from gradient_kernels.projection import NORMALIZER_KINDS
+from gradient_kernels.projection import NORMALIZER_KINDS, state_kind
 from jobs.catalog import checkpoint_uri, resolve_checkpoint
 from jobs.checkpoints import CheckpointMismatch
 from schemas.vectors import DTYPES
@@ -61,7 +61,7 @@ class ExtractConfig:
 
 
 def uses_optimizer_state(normalizer: str) -> bool:
-    return normalizer not in ("none", "data-floored", "data-factored")
+    return state_kind(normalizer) in ("adam", "adafactor")
 
 
 def projection_spec(lake: Lake, checkpoint_dir: Path, config: ExtractConfig):
@@ -90,7 +90,7 @@ def projection_spec(lake: Lake, checkpoint_dir: Path, config: ExtractConfig):
             f"({config.optimizer_source}), and the folder has none; use --normalizer auto, data-floored or none"
         )
     moments = ""
-    if normalizer.startswith("data-"):
+    if state_kind(normalizer) == "data":
         from jobs.second_moments import data_moments
 
         moments = data_moments(lake, checkpoint_dir, load_manifest(checkpoint_dir)["checkpoint_id"])
@@ -382,7 +382,7 @@ def optimizer_correction(checkpoint_dir: Path, config: ExtractConfig, spec) -> s
 
     source = optimizer_state_source(checkpoint_dir, config.optimizer_source)
     chosen = ", the default (docs/optimizer-correction.md)" if config.normalizer == "auto" else ", asked for"
-    if spec.normalizer.startswith("data-"):
+    if state_kind(spec.normalizer) == "data":
         return f"{spec.normalizer} from E[g²] over a sample of training chunks, second moments {spec.moments}{chosen}"
     if spec.normalizer != "none":
         return f"{spec.normalizer} from the {source} optimizer state{chosen}"
