@@ -276,7 +276,7 @@ def timed_runs(folder: Path, source: Lake, checkpoint: Path, context: int, queri
     shutil.rmtree(folder / "run", ignore_errors=True)
     first, bergson_scores = run_bergson(folder, checkpoint, context, seed=0)
     print(f"[bergson] {label}: trackstar end to end {first:.1f}s", flush=True)
-    scratch = folder.parent / label.replace(" ", "-")
+    scratch = folder / label.replace(" ", "-")  # inside the bench's temporary folder: fresh lakes every run
     ours = {seed: run_ours(source, scratch, checkpoint, queries, tokens, seed) for seed in (0, 1)}
     shutil.rmtree(folder / "run")
     second, _ = run_bergson(folder, checkpoint, context, seed=0)

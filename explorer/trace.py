@@ -147,7 +147,7 @@ class TraceContext:
             if left_out
             else batch
             for batch in self.lake.read_batches(
-                "train_gradients", filters=where, columns=["doc_id", "chunk", "vector", "dtype", "scale"]
+                "train_gradients", filters=where, columns=["doc_id", "chunk", "vector", "dtype", "scale"], ahead=True
             )
         )
         best = next(score_batches(batches, query[None].numpy(), self.preconditioner.blocks, True, k, query.shape[0]))

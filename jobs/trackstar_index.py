@@ -97,6 +97,7 @@ def indexed_batches(
         ],
         columns=["doc_id", "chunk", "vector", "dtype", "scale"],
         rows=rows_per_batch(dim, batch_bytes),
+        ahead=True,  # the next batch is read while this one is preconditioned and encoded
     ):
         raw = decode_rows(batch, dim)
         prepared = prepare(torch.from_numpy(raw), preconditioner, unit_norm=True).numpy()

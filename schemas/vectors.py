@@ -20,11 +20,10 @@ signs alone lose (bench/two_stage.py: recall of the exact top-10 after a rerank 
 
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from isal.isal_zlib import crc32  # ISA-L's CRC-32: zlib's values, ~4x faster on 4-KB cells
 
 DTYPES = ("float32", "float16", "bfloat16", "int8")
 _STORAGE: dict[str, np.dtype] = {
@@ -118,15 +117,22 @@ def vector_checksums(vectors: pa.Array | pa.ChunkedArray, scales=None) -> pa.Int
     vectors = _single_binary_array(vectors)
     offsets = np.frombuffer(vectors.buffers()[1], dtype=np.int32, count=len(vectors) + 1, offset=vectors.offset * 4)
     data = memoryview(vectors.buffers()[2]) if len(vectors) else memoryview(b"")
-    sums = [zlib.crc32(data[start:end]) for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
-    if scales is not None:
-        scales = pa.chunked_array([scales]) if isinstance(scales, pa.Array) else scales
-        if not isinstance(scales, pa.ChunkedArray):
-            scales = pa.chunked_array([pa.array(np.asarray(scales, dtype=np.float32))])
-        for i, scale in enumerate(scales.cast(pa.float32()).to_pylist()):
-            if scale is not None:
-                sums[i] = zlib.crc32(np.float32(scale).astype("<f4").tobytes(), sums[i])
-    return pa.array(sums, pa.int64())
+    cells = [data[start:end] for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+    if scales is None:
+        return pa.array([crc32(cell) for cell in cells], pa.int64())
+    scales = pa.chunked_array([scales]) if isinstance(scales, pa.Array) else scales
+    if not isinstance(scales, pa.ChunkedArray):
+        scales = pa.chunked_array([pa.array(np.asarray(scales, dtype=np.float32))])
+    scales = scales.cast(pa.float32())
+    scale_bytes = memoryview(scales.fill_null(0).to_numpy().astype("<f4").tobytes()).cast("B")
+    has_scale = scales.is_valid().to_numpy(zero_copy_only=False).tolist()
+    return pa.array(
+        [
+            crc32(scale_bytes[4 * i : 4 * i + 4], crc32(cell)) if scaled else crc32(cell)
+            for i, (cell, scaled) in enumerate(zip(cells, has_scale))
+        ],
+        pa.int64(),
+    )
 
 
 ROW_NAMES = ("query_set", "query_id", "prompt_index", "partition", "doc_id", "chunk")

@@ -342,3 +342,19 @@ def test_a_tokenized_raw_file_that_disappears_is_reported(scored, tmp_path, caps
     result = tokenize.run(tokenize.TokenizeConfig(lake=str(root)))
     assert result["raw_missing"] == [1] and result["tokenized"] == []
     assert "partition(s) [1] are tokenized in the lake but their raw files are gone" in capsys.readouterr().out
+
+
+def test_batches_read_ahead_are_the_same_and_a_readers_error_reaches_the_caller(scored, tmp_path):
+    import threading
+
+    lake = Lake(scored)
+    read = dict(table="train_gradients", columns=["doc_id", "chunk", "vector"], rows=64)
+    assert pa.concat_tables(lake.read_batches(**read, ahead=True)).equals(pa.concat_tables(lake.read_batches(**read)))
+    batches = lake.read_batches(**read, ahead=True)
+    next(batches)
+    batches.close()  # a caller that stops early stops the reading thread
+    assert not [t for t in threading.enumerate() if t.name == "read-ahead"]
+    corrupted, path = _corrupted_copy(scored, tmp_path, "train_gradients")
+    with pytest.raises(LakeError, match=rf"table train_gradients, file .*{path.rsplit('/', 1)[-1]}"):
+        for _ in corrupted.read_batches(**read, ahead=True):
+            pass
