@@ -13,6 +13,7 @@ from infra.config import from_settings
 CORRECTION_VARIANTS = {
     "trackstar-adam-exact": "adam-exact",
     "trackstar-adam-floored": "adam-floored",
+    "trackstar-adam-factored": "adam-factored",
     "trackstar-adafactor": "adafactor",
     "trackstar-data-moments": "data-floored",
 }

@@ -68,6 +68,7 @@ REPORT_ORDER = (
     "trackstar-no-optimizer",
     "trackstar-adam-exact",
     "trackstar-adam-floored",
+    "trackstar-adam-factored",
     "trackstar-adafactor",
     "trackstar-data-moments",
     "trackstar-no-hessian",

@@ -14,6 +14,7 @@ COMPONENTS = {
     "trackstar-no-unit-norm": ("Unit normalisation", "TrackStar without it"),
     "trackstar-adam-exact": ("The default correction", "TrackStar with the paper's exact Adam correction"),
     "trackstar-adam-floored": ("The default correction", "TrackStar with the floored Adam correction"),
+    "trackstar-adam-factored": ("The default correction", "TrackStar with the rank-1 (factored) Adam correction"),
     "trackstar-adafactor": ("The default correction", "TrackStar with Adafactor's own correction"),
     "trackstar-data-moments": (
         "The default correction",

@@ -30,6 +30,7 @@ METHOD_COLORS = {
     "trackstar-no-optimizer": "#F4A736",
     "trackstar-adam-exact": "#E8601C",
     "trackstar-adam-floored": "#F1932D",
+    "trackstar-adam-factored": "#EE8026",
     "trackstar-adafactor": "#F6C141",
     "trackstar-data-moments": "#A5170E",
     "trackstar-no-hessian": "#4EB265",

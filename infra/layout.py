@@ -9,7 +9,7 @@
     <root>/_autocorrelation/<checkpoint>/<fingerprint>/<kind>/<item>.safetensors   Σ p pᵀ per slice
     <root>/_matrices/hessians/<checkpoint>/<query set>/<fingerprint>/              fitted Hessians
     <root>/_second_moments/<checkpoint>/<hash>.pt     data-estimated second moments (+ sample-<n>.json)
-    <root>/_plans/<run id>.json                       an extraction's plan for its ranks
+    <root>/_plans/extract-<time>-<id>.json            an extraction's plan for its ranks
     <root>/_takedown_plans/<run id>.json              a takedown's plan, taken over if it dies
     <root>/reports/                                   evaluation reports, Hessian spectra
 
@@ -104,8 +104,8 @@ def second_moments(root: str | Path, checkpoint_id: str, name: str) -> str:
     return storage.join(root, "_second_moments", checkpoint_id, name)
 
 
-def plan(root: str | Path, run_id: str) -> str:
-    return storage.join(root, "_plans", f"{run_id}.json")
+def plan(root: str | Path, name: str) -> str:
+    return storage.join(root, "_plans", f"{name}.json")
 
 
 def reports(root: str | Path, *name: str) -> str:

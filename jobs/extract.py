@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from subprocess import Popen
 
 import pyarrow as pa
 
 from infra import storage
 from infra.lake import Lake
 from infra.names import check_name, check_names
-from jobs.launch import launch_ranks, node_ranks
+from jobs.launch import node_ranks, start_ranks, stop_ranks, wait_ranks
 from infra.cli import add_config_arguments, config_from_args, option
 from infra.config import from_settings
 from infra import layout
@@ -190,7 +192,9 @@ def run_many(configs: list[ExtractConfig]) -> list[dict]:
     """Several extractions of one checkpoint (other projection seeds, sizes or normalisers) with one
     start of the ranks: each config is its own run with its own fingerprint and slices, and the
     ranks share the work items of all of them (the model and optimizer state load once per rank).
-    Returns one result per config, as `run` does."""
+    The ranks start first and load the model while the specs and the missing slices are worked out
+    (~2 s of planning, most of it importing the model's code); they are stopped if nothing is
+    missing. Returns one result per config, as `run` does."""
     first = configs[0]
     shared = {"lake", "checkpoint", "ranks", "cpu_threads", "query_set", "force", "token_budget"}
     differing = sorted(f for f in shared for c in configs if getattr(c, f) != getattr(first, f))
@@ -201,16 +205,38 @@ def run_many(configs: list[ExtractConfig]) -> list[dict]:
     checkpoint_dir = resolve_checkpoint(lake, first.checkpoint)
     manifest, weights = check_checkpoint(lake, checkpoint_dir, first.force)
     tokenized = tokenized_partitions(lake, checkpoint_dir)
+    # a rank per partition at most: the query set is small, and an idle rank's cores go unused
+    partitions = [] if first.queries_only else [p for p in tokenized if not first.partitions or p in first.partitions]
+    plan_path = layout.plan(lake.root, f"extract-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}")
+    rank_count = node_ranks(first.ranks, len(partitions))
+    ranks = start_ranks(
+        "jobs.extract_rank",
+        plan_path,
+        rank_count,
+        first.cpu_threads,
+        ["--checkpoint-dir", str(checkpoint_dir.resolve())],
+    )
     results, jobs, planned = [], [], {}
-    for config in configs:
-        result, job = planned_extraction(lake, checkpoint_dir, manifest["checkpoint_id"], config, tokenized, planned)
-        results.append(result)
-        jobs += [job] if job else []
+    try:
+        for config in configs:
+            result, job = planned_extraction(
+                lake, checkpoint_dir, manifest["checkpoint_id"], config, tokenized, planned
+            )
+            results.append(result)
+            jobs += [job] if job else []
+    except BaseException:
+        stop_ranks(ranks)
+        raise
     if not jobs:
+        stop_ranks(ranks)
         return results
     register_checkpoint(lake, manifest, weights, checkpoint_uri(lake, first.checkpoint), jobs[0]["run_id"])
     launched = [r for r in planned.values() if "run_id" in r]
-    launch(lake, checkpoint_dir, manifest["checkpoint_id"], jobs, launched, first)
+    print(
+        f"[extract] {sum(len(j['items']) for j in jobs)} slice(s) of {len(jobs)} extraction(s) on {rank_count} rank(s)",
+        flush=True,
+    )
+    run_plan(lake, checkpoint_dir, manifest["checkpoint_id"], jobs, launched, plan_path, ranks)
     return results
 
 
@@ -260,22 +286,19 @@ def planned_extraction(
     return result, {"config": asdict(config), "spec": spec.as_dict(), "run_id": result["run_id"], "items": items}
 
 
-def launch(lake: Lake, checkpoint_dir: Path, checkpoint_id: str, jobs: list, launched: list, first: ExtractConfig):
-    """Writes the plan, starts the ranks on it and waits; every launched run ends failed or succeeded."""
+def run_plan(
+    lake: Lake, checkpoint_dir: Path, checkpoint_id: str, jobs: list, launched: list, plan_path: str, ranks: Popen
+):
+    """Writes the plan the started ranks wait for and waits for them; every launched run ends
+    failed or succeeded."""
     from infra.runs import finish_run
 
-    plan_path = layout.plan(lake.root, jobs[0]["run_id"])
     plan = {"checkpoint_dir": str(checkpoint_dir.resolve()), "lake": lake.root, "checkpoint_id": checkpoint_id}
-    storage.write_text(plan_path, json.dumps(plan | {"jobs": jobs}))
-    # a rank per partition at most: the query set is small, and an idle rank's cores go unused
-    ranks = node_ranks(first.ranks, len({item for job in jobs for kind, item in job["items"] if kind == TRAIN}))
-    print(
-        f"[extract] {sum(len(j['items']) for j in jobs)} slice(s) of {len(jobs)} extraction(s) on {ranks} rank(s)",
-        flush=True,
-    )
     try:
-        launch_ranks("jobs.extract_rank", plan_path, ranks, first.cpu_threads)
-    except Exception:
+        storage.write_text(plan_path, json.dumps(plan | {"jobs": jobs}))
+        wait_ranks(ranks)
+    except BaseException:
+        stop_ranks(ranks)
         for result in launched:
             finish_run(lake, result["run_id"], "failed", result)
         raise

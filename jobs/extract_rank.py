@@ -7,17 +7,15 @@ slice, with the autocorrelation sums of the slice beside the tables.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pyarrow as pa
 
-from infra import storage
 from infra.lake import Lake
 from infra import layout
 from infra.layout import QUERY, TRAIN
 from jobs.extract import ExtractConfig, QUERY_DTYPE
-from jobs.launch import bind_rank_device, end_rank, init_rank, rank_arguments
+from jobs.launch import bind_rank_device, end_rank, init_rank, rank_arguments, share_threads, wait_for_plan
 
 # a partition's chunks are read this many at a time (and batched by length within each window)
 TOKEN_WINDOW_ROWS = 8192
@@ -249,7 +247,9 @@ class RankWorker:
         )
 
 
-def extract_rank(plan_path: str):
+def extract_rank(plan_path: str, checkpoint_dir: str):
+    """Runs this rank's share of the plan. The rank starts while the driver still plans: it loads
+    the model of `checkpoint_dir` meanwhile, then waits for the plan."""
     from functools import cache
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -259,11 +259,14 @@ def extract_rank(plan_path: str):
     from jobs.checkpoints import load_second_moments
     from jobs.second_moments import load_data_moments
 
-    plan = json.loads(storage.read_bytes(plan_path))
     rank, world = init_rank()  # threads per rank: OMP_NUM_THREADS, set by launch_ranks on a CPU node
-    checkpoint_dir = Path(plan["checkpoint_dir"])
     model = AutoModelForCausalLM.from_pretrained(checkpoint_dir).to(bind_rank_device()).eval()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
+    plan = wait_for_plan(plan_path)
+    if plan["checkpoint_dir"] != str(checkpoint_dir):
+        raise ValueError(f"plan {plan_path} is for {plan['checkpoint_dir']}, this rank loaded {checkpoint_dir}")
+    share_threads(min(world, len({item for job in plan["jobs"] for item in map(tuple, job["items"])})))
+    checkpoint_dir = Path(checkpoint_dir)
 
     @cache  # one normaliser object per kind: extractions sharing it share its division (GradientProjector)
     def normalizers_for(normalizer: str, source: str, moments: str) -> dict:
@@ -293,5 +296,6 @@ def extract_rank(plan_path: str):
 
 
 if __name__ == "__main__":  # a DeepSpeed rank
-    extract_rank(rank_arguments().plan)
+    arguments = rank_arguments()
+    extract_rank(arguments.plan, arguments.checkpoint_dir)
     end_rank()

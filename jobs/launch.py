@@ -1,6 +1,7 @@
 """Starting a stage's ranks with the DeepSpeed launcher.
 
-A stage writes its plan (a JSON file) and calls `launch_ranks(module, plan, ranks)`; every rank runs
+A stage writes its plan (a JSON file) and calls `launch_ranks(module, plan, ranks)`, or starts the
+ranks first (`start_ranks`) and writes the plan while they start; every rank runs
 `python -m <module> --plan <plan>` and ends with `end_rank()`. Where no GPU exists the ranks are CPU processes
 (`DS_ACCELERATOR=cpu`, gloo); the same command runs GPU ranks on a GPU node, each bound to the GPU
 of its local rank (`bind_rank_device`).
@@ -40,10 +41,17 @@ def node_ranks(requested: int, work_items: int) -> int:
 
 
 def launch_ranks(module: str, plan: str, ranks: int, cpu_threads_setting: int = 0):
-    """Starts DeepSpeed's node launcher (`deepspeed.launcher.launch`) for this host's ranks and waits.
-    It is what the `deepspeed` runner starts on each node; on one node the runner only encodes the
-    rank list and adds the working directory to PYTHONPATH, at the cost of one more Python and
-    torch start and exit (~1.5 s per launch, measured), so it is done here instead."""
+    """Starts this host's ranks on a written plan and waits (`start_ranks`, `wait_ranks`)."""
+    wait_ranks(start_ranks(module, plan, ranks, cpu_threads_setting))
+
+
+def start_ranks(module: str, plan: str, ranks: int, cpu_threads_setting: int = 0, arguments=()) -> subprocess.Popen:
+    """Starts DeepSpeed's node launcher (`deepspeed.launcher.launch`) for this host's ranks, each
+    `python -m <module> --plan <plan> <arguments>`, and returns at once. It is what the `deepspeed`
+    runner starts on each node; on one node the runner only encodes the rank list and adds the
+    working directory to PYTHONPATH, at the cost of one more Python and torch start and exit (~1.5 s
+    per launch, measured), so it is done here instead. The plan may be written after this returns:
+    ranks that start first wait for it (`wait_for_plan`)."""
     env = dict(
         os.environ,
         TRANSFORMERS_VERBOSITY="error",
@@ -54,6 +62,8 @@ def launch_ranks(module: str, plan: str, ranks: int, cpu_threads_setting: int = 
     if not _gpu_count():
         # the ranks share the idle cores as threads (jobs.threads), unless the user set OMP_NUM_THREADS
         threads = cpu_threads(cpu_threads_setting, share=ranks, environ=env)
+        if not cpu_threads_setting and "OMP_NUM_THREADS" not in os.environ:  # chosen here: ranks may re-share them
+            env[SHARED_THREADS] = str(threads * ranks)
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads))
     world_info = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(ranks))}).encode()).decode()
     command = [
@@ -69,8 +79,46 @@ def launch_ranks(module: str, plan: str, ranks: int, cpu_threads_setting: int = 
         module,
         "--plan",
         str(plan),
+        *arguments,
     ]
-    subprocess.run(command, env=env, check=True)
+    return subprocess.Popen(command, env=env)
+
+
+def wait_ranks(launcher: subprocess.Popen) -> None:
+    """Waits for the ranks of `start_ranks`; a failed rank fails the launch (CalledProcessError)."""
+    if launcher.wait():
+        raise subprocess.CalledProcessError(launcher.returncode, launcher.args)
+
+
+def stop_ranks(launcher: subprocess.Popen) -> None:
+    """Stops the ranks of `start_ranks` (DeepSpeed's launcher kills its ranks on SIGTERM) and waits."""
+    if launcher.poll() is None:
+        launcher.terminate()
+    launcher.wait()
+
+
+# the cores a node's CPU ranks were given in all, when launch chose the count (not the user)
+SHARED_THREADS = "TRACKSTAR_SHARED_THREADS"
+
+
+def share_threads(working_ranks: int) -> None:
+    """On a CPU node whose thread count launch chose: the cores of every rank started go to the
+    ranks that have work (a rank started before the plan said how many partitions were missing)."""
+    shared = os.environ.get(SHARED_THREADS)
+    if shared and working_ranks > 0:
+        import torch
+
+        torch.set_num_threads(max(1, int(shared) // working_ranks))
+
+
+def wait_for_plan(plan: str, poll_seconds: float = 0.05) -> dict:
+    """The plan at `plan` once its driver has written it (ranks start while the driver plans; a
+    driver that dies meanwhile ends them: `exit_with_driver`)."""
+    from infra import storage
+
+    while not storage.exists(plan):
+        time.sleep(poll_seconds)
+    return json.loads(storage.read_bytes(plan))
 
 
 def end_rank() -> None:
@@ -155,5 +203,6 @@ def rank_arguments():
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--plan", required=True, help="the plan's path or s3:// URI")
+    parser.add_argument("--checkpoint-dir", help="the model to load while the driver writes the plan")
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the launcher
     return parser.parse_args()

@@ -47,3 +47,17 @@ def copy_lake(source, destination):
     """A private copy of a trained lake (world, model, checkpoints) for a test that writes tables."""
     shutil.copytree(source, destination)
     return destination
+
+
+def running_ranks() -> list:
+    """This process's extraction ranks and DeepSpeed launchers still alive (none once a job returned)."""
+    import psutil
+
+    def is_rank(process):
+        try:
+            command = " ".join(process.cmdline())
+        except psutil.NoSuchProcess:
+            return False
+        return "jobs.extract_rank" in command or "deepspeed.launcher.launch" in command
+
+    return [p for p in psutil.Process().children(recursive=True) if is_rank(p)]

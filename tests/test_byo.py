@@ -18,6 +18,7 @@ from jobs.__main__ import main as jobs_main
 from jobs import extract, fit_hessian, register_queries, score, tokenize
 from jobs.checkpoints import CheckpointError, load_manifest, load_second_moments
 from schemas.queries import QueryFileError, load_queries
+from tests.fixtures import running_ranks
 
 
 def _write_lines(path, rows):
@@ -249,6 +250,7 @@ def test_the_same_folder_without_optimizer_state_is_indexed_without_correction(i
     assert registered[0]["optimizer"] == "none" and registered[0]["learning_rate"] is None
     with pytest.raises(CheckpointError, match="needs the optimizer's state"):
         extract.run(extract.ExtractConfig(lake=lake.root, checkpoint=str(checkpoint), normalizer="adam-exact"))
+    assert running_ranks() == []  # a plan that fails stops the ranks started meanwhile
 
 
 def test_a_checkpoint_without_optimizer_state_is_evaluated_with_sgd_tail_patch(indexed_llama, user_data, tmp_path):

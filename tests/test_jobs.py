@@ -38,7 +38,7 @@ from jobs import catalog, extract, fit_hessian, register_queries, score, tokeniz
 from jobs.checkpoints import CheckpointMismatch, load_second_moments
 from jobs.second_moments import SAMPLE_CHUNKS, load_data_moments
 from schemas.vectors import decode_vectors
-from tests.fixtures import copy_lake
+from tests.fixtures import copy_lake, running_ranks
 
 BAD_LINES = [
     b'{"text": "no closing brace", "url": "https://x.example/1"',  # malformed JSON
@@ -494,8 +494,11 @@ def test_extract_with_data_moments_needs_no_optimizer_state_and_estimates_once(i
     assert record["hash"] == spec["moments"] and record["examples"] == min(SAMPLE_CHUNKS, tokens.num_rows)
     assert len({tuple(c) for c in record["chunks"]}) == record["examples"]
 
+    plans = storage.list_objects(storage.join(lake.root, "_plans"))
     again = extract.run(config)  # the estimate is reused: same fingerprint, nothing to do
     assert again["fingerprint"] == first["fingerprint"] and again["items"] == []
+    # the ranks started while it planned are stopped, and no plan is written for them
+    assert running_ranks() == [] and storage.list_objects(storage.join(lake.root, "_plans")) == plans
 
     model = AutoModelForCausalLM.from_pretrained(stateless)
     matrices = weight_matrices(model)

@@ -45,14 +45,24 @@ def test_a_node_starts_the_ranks_asked_for_but_never_one_without_work(monkeypatc
 
 
 def test_cpu_ranks_share_the_idle_cores_unless_threads_are_set(monkeypatch):
-    """A test double for the machine: 8 allowed cores, all idle (this one has 2)."""
+    """A test double for the machine: 8 allowed cores, all idle (this one has 2), and for the
+    launcher process (only its environment is looked at)."""
     import subprocess
 
     import jobs.launch
     import jobs.threads
 
     seen = []
-    monkeypatch.setattr(subprocess, "run", lambda command, env, check: seen.append(env["OMP_NUM_THREADS"]))
+
+    class Launched:
+        def __init__(self, command, env):
+            seen.append((env["OMP_NUM_THREADS"], env.get(jobs.launch.SHARED_THREADS)))
+            self.args, self.returncode = command, 0
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", Launched)
     monkeypatch.setattr(jobs.launch, "_gpu_count", lambda: 0)
     monkeypatch.setattr(jobs.threads, "allowed_cores", lambda: set(range(8)))
     monkeypatch.setattr(jobs.threads, "idle_cores", lambda: 7.6)
@@ -63,4 +73,24 @@ def test_cpu_ranks_share_the_idle_cores_unless_threads_are_set(monkeypatch):
     jobs.launch.launch_ranks("jobs.extract_rank", "plan.json", 2)
     monkeypatch.setenv("OMP_NUM_THREADS", "5")  # the user's wins over the setting
     jobs.launch.launch_ranks("jobs.extract_rank", "plan.json", 2, cpu_threads_setting=3)
-    assert seen == ["4", "3", "1", "5"]
+    # the cores launch chose may be re-shared by the ranks that have work; a user's count never is
+    assert seen == [("4", "8"), ("3", None), ("1", "2"), ("5", None)]
+
+
+def test_ranks_with_work_take_the_cores_of_ranks_without(monkeypatch):
+    import torch
+
+    from jobs.launch import SHARED_THREADS, share_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv(SHARED_THREADS, "2")
+        share_threads(working_ranks=1)  # two ranks started, one partition missing
+        assert torch.get_num_threads() == 2
+        share_threads(working_ranks=2)
+        assert torch.get_num_threads() == 1
+        monkeypatch.delenv(SHARED_THREADS)
+        share_threads(working_ranks=1)  # the user's or the setting's count: left alone
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
