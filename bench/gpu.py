@@ -4,7 +4,7 @@ The model is GPT-NeoX with Pythia-160M's shape (12 layers, 768 wide, vocabulary 
 Pythia-1B's (`--shape pythia-1b`: 16 layers, 2,048 wide), built from its config with random weights
 (no hub here) and a plausible Adam state. Same process, same batches of random tokens:
 - plain forward+backward tokens/s (the baseline), then extraction tokens/s with the factored Adam
-  correction (the default above 50M parameters) and the exact one, in float32 and in bfloat16
+  correction (the default) and the exact floored one, in float32 and in bfloat16
   autocast; each ÷ the baseline, and against bergson's published ~38k tokens/s for Pythia-160M;
 - the extraction checked on the GPU against the exact reference (full per-example gradients);
 - index scoring: int8 vectors copied from pinned host memory, decoded, scored against 200 queries

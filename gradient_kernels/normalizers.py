@@ -9,12 +9,13 @@ for free; an *exact* one divides elementwise and needs the per-example gradient 
 - Adam/AdamW: V̂ = exp_avg_sq / (1 - β2^t) and the update divides by sqrt(V̂) + eps, exactly as
   torch's Adam ("adam-exact", the paper's correction). Coordinates the optimizer never trained
   (embedding rows of tokens absent from the training data) keep V̂ ≈ 0, so dividing by eps boosts
-  them ~10^4x over trained ones, and a query that contains such a token dominates R_query. The
-  default "adam-floored" divides by max(sqrt(V̂) + eps, floor), the floor being a low quantile
+  them ~10^4x over trained ones, and a query that contains such a token dominates R_query.
+  "adam-floored" divides by max(sqrt(V̂) + eps, floor), the floor being a low quantile
   (FLOOR_QUANTILE) of the matrix's trained coordinates: the same correction wherever the optimizer
-  has an estimate, no boost where it has none. The fast path for big models ("adam-factored") is
-  the rank-1 Adafactor-style fit V̂ ≈ r cᵀ / Σr (r, c the row and column sums: the fit Adafactor
-  itself would keep) of the floored denominator, whose error `rank1_error` measures.
+  has an estimate, no boost where it has none. The default, "adam-factored", is the rank-1
+  Adafactor-style fit V̂ ≈ r cᵀ / Σr (r, c the row and column sums: the fit Adafactor itself would
+  keep) of the floored denominator, whose error `rank1_error` measures: free (it folds into the
+  projections) and level with the floored one in tail-patch (docs/optimizer-correction.md).
 - Data (gradient_kernels/second_moments.py): V = E[g²], the mean squared per-example gradient over
   a training sample, estimated at the checkpoint itself and needing no optimizer state.
   "data-floored" divides by max(sqrt(V), floor) with the same floor rule as Adam's;

@@ -194,17 +194,17 @@ def test_adam_state_from_a_torch_optimizer_pt_is_torchs_own(indexed_llama, user_
     assert manifest["optimizer"] == "adam" and manifest["imported_from"] == str(user_data[0] / "llama")
 
 
-def test_llama_checkpoint_is_indexed_with_the_floored_adam_correction(indexed_llama):
+def test_llama_checkpoint_is_indexed_with_the_factored_adam_correction(indexed_llama):
     lake, _, checkpoint, extraction, fit = indexed_llama
-    assert extraction["normalizer"] == "adam-floored"
+    assert extraction["normalizer"] == "adam-factored"
     run = lake.read("runs", filters=[("run_id", "=", extraction["run_id"])]).to_pylist()[0]
     config = json.loads(run["config_json"])
     assert config["optimizer_correction"] == (
-        "adam-floored from the consolidated optimizer state, the default (docs/optimizer-correction.md)"
+        "adam-factored from the consolidated optimizer state, the default (docs/optimizer-correction.md)"
     )
     assert (
-        config["spec"]["normalizer"] == "adam-floored"
-        and json.loads(run["counts_json"])["normalizer"] == "adam-floored"
+        config["spec"]["normalizer"] == "adam-factored"
+        and json.loads(run["counts_json"])["normalizer"] == "adam-factored"
     )
     # every Linear of the Llama blocks and the untied head has a block
     assert len(config["spec"]["k"]) == 2 * 7 + 1 and "lm_head.weight" in config["spec"]["k"]
