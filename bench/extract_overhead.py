@@ -4,7 +4,7 @@ Same model (the embedded default's shape), same batch, same process. The extract
 fast path (Adam's rank-1 fit folded into the projections, k=16 per matrix, Σk² dims); the
 baseline computes the ordinary batch gradient. Peak memory is measured per phase in a fresh
 child process (peak RSS above the RSS after set-up). Also checks the fast path against the exact
-reference on a few examples. Target on CPU: ratio ≤ 1.3.
+reference on a few examples. Aim on CPU: ratio ≤ 1.0 (an `aim:` line).
 
     python bench/extract_overhead.py [--batch 16] [--k 16]
 """
@@ -28,6 +28,8 @@ from gradient_kernels.losses import document_batch, per_example_loss  # noqa: E4
 from gradient_kernels.modules import uniform_k, weight_matrices  # noqa: E402
 from gradient_kernels.normalizers import normalizers_from_state  # noqa: E402
 from gradient_kernels.projection import ProjectionSpec  # noqa: E402
+
+RATIO_AIM = 1.0  # no weight gradient is formed: the extraction should cost no more than a plain pass
 from gradient_kernels.reference import reference_vectors  # noqa: E402
 
 
@@ -113,6 +115,10 @@ def main():
     )
     print(f"max_rel_err_vs_exact={error:.2e}")
     print(f"ratio={extract / baseline:.3f}")
+    met = "met" if extract / baseline <= RATIO_AIM else "not met"
+    print(
+        f"aim: extraction (the default, adam-factored) ÷ plain forward+backward ≤ {RATIO_AIM}: measured {extract / baseline:.3f} ({met})"
+    )
 
 
 if __name__ == "__main__":
