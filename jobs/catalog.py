@@ -138,7 +138,8 @@ def train_vector_count(lake: Lake, checkpoint_id: str, fingerprint: str) -> int:
 
 
 def hessian_is_stale(lake: Lake, checkpoint_id: str, fingerprint: str, query_set: str, threshold: float) -> bool:
-    """No R_train fitted yet, or the training sample changed by more than `threshold` (a share) since."""
+    """No R_train fitted yet, or the training sample changed by more than `threshold` (a share) since.
+    The fit's sample is what R_train summed plus the outlier chunks it left out (`train_outliers`)."""
     fitted = lake.read(
         "hessians",
         filters=[
@@ -151,8 +152,10 @@ def hessian_is_stale(lake: Lake, checkpoint_id: str, fingerprint: str, query_set
     )["n_samples"].to_pylist()
     if not fitted:
         return True
+    keys = [("checkpoint_id", "=", checkpoint_id), ("fingerprint", "=", fingerprint)]
+    sample = fitted[0] + (lake.count_rows("train_outliers", keys) if lake.exists("train_outliers") else 0)
     now = train_vector_count(lake, checkpoint_id, fingerprint)
-    return abs(now - fitted[0]) > threshold * fitted[0]
+    return abs(now - sample) > threshold * sample
 
 
 # ------------------------------------------------------------------ runs

@@ -555,6 +555,8 @@ def test_the_evaluations_in_memory_fit_is_the_fit_hessian_jobs(indexed, tmp_path
     keys = {"checkpoint_id": floored["checkpoint_id"], "fingerprint": floored["fingerprint"]}
     strict = fit_hessian.FitHessianConfig(lake=lake.root, query_set=query_set, outlier_z=0.5, **keys)
     assert fit_hessian.run(strict)["train_outliers"] > 0  # the job leaves some chunks out
+    # ... and its fit is not stale for them: the evaluation refitted every time it ran
+    assert not catalog.hessian_is_stale(lake, **keys, query_set=query_set, threshold=0.0)
     _, fitted = memory_rankings(
         lake, EvaluateConfig(lake=lake.root, query_set=query_set), **keys, methods=[], fit_config=strict
     )
