@@ -31,8 +31,9 @@ from infra.cli import add_config_arguments, config_from_args, option
 from infra.config import from_settings
 from infra import layout
 from infra.layout import QUERY, TRAIN
-from gradient_kernels.projection import NORMALIZER_KINDS, state_kind
+from gradient_kernels.projection import NORMALIZER_KINDS
 from jobs.catalog import checkpoint_uri, resolve_checkpoint
+from jobs.corrections import optimizer_correction, projection_spec, uses_optimizer_state
 from jobs.checkpoints import CheckpointMismatch
 from schemas.vectors import DTYPES
 
@@ -60,56 +61,6 @@ class ExtractConfig:
     force: bool = option(False)
     partitions: list[int] = option(factory=list, help="restrict to these source partitions")
     queries_only: bool = option(False, help="extract only the query set's gradients, no training partitions")
-
-
-def uses_optimizer_state(normalizer: str) -> bool:
-    return state_kind(normalizer) in ("adam", "adafactor")
-
-
-def projection_spec(lake: Lake, checkpoint_dir: Path, config: ExtractConfig):
-    """The spec (hence fingerprint) for this checkpoint's architecture, built on the meta device; a
-    data-* normaliser's second moments are estimated here the first time (jobs/second_moments.py)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from gradient_kernels.modules import uniform_k, weight_matrices
-    from gradient_kernels.projection import ProjectionSpec
-    from jobs.checkpoints import CheckpointError, load_manifest, optimizer_state_source
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint_dir))
-    normalizer = config.normalizer
-    has_state = optimizer_state_source(checkpoint_dir, config.optimizer_source) is not None
-    if normalizer == "auto":
-        # no optimizer state: index without the correction (recorded in the fingerprint and the run)
-        normalizer = auto_normalizer(load_manifest(checkpoint_dir)["optimizer"] if has_state else "none")
-    elif uses_optimizer_state(normalizer) and not has_state:
-        raise CheckpointError(
-            f"{checkpoint_dir}: normaliser {normalizer!r} needs the optimizer's state "
-            f"({config.optimizer_source}), and the folder has none; use --normalizer auto, data-floored or none"
-        )
-    moments = ""
-    if state_kind(normalizer) == "data":
-        from jobs.second_moments import data_moments
-
-        moments = data_moments(lake, checkpoint_dir, load_manifest(checkpoint_dir)["checkpoint_id"])
-    return ProjectionSpec(
-        seed=config.projection_seed,
-        k=uniform_k(weight_matrices(model), config.projection_k),
-        normalizer=normalizer,
-        dtype="float32",
-        moments=moments,
-    )
-
-
-def auto_normalizer(optimizer: str) -> str:
-    """The checkpoint's own optimizer state: Adafactor's is factored already; Adam's through the
-    rank-1 fit of its floored V (`adam-factored`), folded into the projections, so no per-example
-    gradient is formed. Without optimizer state: none. Chosen by measurement
-    (docs/optimizer-correction.md): the rank-1 fit's tail-patch is level with the exact floored
-    correction's on five AdamW worlds and above it on the embedded one, for ~40% less extraction
-    compute; second moments estimated from data (data-*) were below both everywhere."""
-    return optimizer if optimizer in ("adafactor", "none") else "adam-factored"
 
 
 # ------------------------------------------------------------------ launcher side
@@ -389,21 +340,6 @@ def tokenized_partitions(lake: Lake, checkpoint_dir: Path) -> list[int]:
                 f"{checkpoint_dir}) or extract a checkpoint of their tokenizer"
             )
     return sorted({p for p, _ in cut_by})
-
-
-def optimizer_correction(checkpoint_dir: Path, config: ExtractConfig, spec) -> str:
-    """One line for the run's lineage: which correction the vectors carry, and why."""
-    from jobs.checkpoints import optimizer_state_source
-
-    source = optimizer_state_source(checkpoint_dir, config.optimizer_source)
-    chosen = ", the default (docs/optimizer-correction.md)" if config.normalizer == "auto" else ", asked for"
-    if state_kind(spec.normalizer) == "data":
-        return f"{spec.normalizer} from E[g²] over a sample of training chunks, second moments {spec.moments}{chosen}"
-    if spec.normalizer != "none":
-        return f"{spec.normalizer} from the {source} optimizer state{chosen}"
-    if source is None:
-        return "none: the checkpoint has no optimizer state (neither optimizer.pt nor zero/latest)"
-    return "none: asked for (--normalizer none)"
 
 
 def add_arguments(parser: argparse.ArgumentParser):

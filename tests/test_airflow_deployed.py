@@ -194,7 +194,10 @@ class RankKiller(threading.Thread):
                     continue
                 if time.time() - process.info["create_time"] < 1.0 or "--plan" not in command:
                     continue
-                plan = json.loads(storage.read_bytes(command[command.index("--plan") + 1]))
+                plan_path = command[command.index("--plan") + 1]
+                if not storage.exists(plan_path):
+                    continue  # ranks start while their driver still plans: not yet known whose they are
+                plan = json.loads(storage.read_bytes(plan_path))
                 if plan["lake"] != self.lake_root:
                     continue  # another lake's extraction (another test, another user): not ours to kill
                 if ["train", self.partition] in [item for job in plan["jobs"] for item in job["items"]]:

@@ -74,6 +74,7 @@ JOB_LIBRARIES = {
     "c4_lines",
     "catalog",
     "checkpoints",
+    "corrections",
     "launch",
     "progress",
     "second_moments",

@@ -521,12 +521,13 @@ def test_a_killed_extract_driver_takes_its_deepspeed_ranks_down(fuzzed_lake):
     deadline, ranks = time.time() + 180, []
     while time.time() < deadline and len(ranks) < 2 and driver.poll() is None:
         time.sleep(0.5)
-        ranks = [
+        ranks = [  # ranks that have their plan (they start while the driver still plans)
             p
             for p in psutil.Process(driver.pid).children(recursive=True)
-            if "--plan" in " ".join(p.cmdline())
+            if "--plan" in p.cmdline()
             and "jobs.extract" in " ".join(p.cmdline())
             and "deepspeed" not in " ".join(p.cmdline())
+            and os.path.exists(p.cmdline()[p.cmdline().index("--plan") + 1])
         ]
     assert len(ranks) == 2, "the ranks never started"
     tree = psutil.Process(driver.pid).children(recursive=True)  # launcher, its launch process and the ranks
