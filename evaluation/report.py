@@ -3,7 +3,7 @@ category plots, the Hessian's spectra, and BM25 vs TrackStar examples (templates
 
 Numbers are printed at their magnitude (`magnitude`: three significant digits, scientific notation
 below 10^-3, so λ = 1.50e-05 never reads 0.000). Every method keeps one colour in every plot and in
-Table 1's key, from Paul Tol's colour-blind-safe "discrete rainbow" (13 colours); categories use the
+Table 1's key, from Paul Tol's colour-blind-safe "discrete rainbow" scheme; categories use the
 Okabe-Ito palette; legends sit outside the plotting area, never over the data.
 """
 
@@ -19,8 +19,8 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 TEMPLATES = Path(__file__).parent / "templates"
 
-# Paul Tol's discrete rainbow for 13 colours (colours 3, 6, 9, 10, 12, 14, 15, 16, 17, 18, 21, 24, 26 of
-# his scheme), readable with the common colour-vision deficiencies; TrackStar red, BM25 dark blue
+# colours of Paul Tol's discrete rainbow scheme, readable with the common colour-vision deficiencies;
+# TrackStar red, BM25 dark blue
 METHOD_COLORS = {
     "bm25": "#1965B0",
     "dense": "#7BAFDE",
