@@ -173,13 +173,16 @@ def run_many(configs: list[ExtractConfig]) -> list[dict]:
     if not jobs:
         stop_ranks(ranks)
         return results
-    register_checkpoint(lake, manifest, weights, checkpoint_uri(lake, first.checkpoint), jobs[0]["run_id"])
     launched = [r for r in planned.values() if "run_id" in r]
     print(
         f"[extract] {sum(len(j['items']) for j in jobs)} slice(s) of {len(jobs)} extraction(s) on {rank_count} rank(s)",
         flush=True,
     )
-    run_plan(lake, checkpoint_dir, manifest["checkpoint_id"], jobs, launched, plan_path, ranks)
+
+    def register():
+        register_checkpoint(lake, manifest, weights, checkpoint_uri(lake, first.checkpoint), jobs[0]["run_id"])
+
+    run_plan(lake, checkpoint_dir, manifest["checkpoint_id"], jobs, launched, plan_path, ranks, register)
     return results
 
 
@@ -230,14 +233,23 @@ def planned_extraction(
 
 
 def run_plan(
-    lake: Lake, checkpoint_dir: Path, checkpoint_id: str, jobs: list, launched: list, plan_path: str, ranks: Popen
+    lake: Lake,
+    checkpoint_dir: Path,
+    checkpoint_id: str,
+    jobs: list,
+    launched: list,
+    plan_path: str,
+    ranks: Popen,
+    register,
 ):
-    """Writes the plan the started ranks wait for and waits for them; every launched run ends
-    failed or succeeded."""
+    """Registers the checkpoint (`register()`), writes the plan the started ranks wait for and
+    waits for them; on any failure the ranks are stopped, and every launched run ends failed or
+    succeeded."""
     from infra.runs import finish_run
 
     plan = {"checkpoint_dir": str(checkpoint_dir.resolve()), "lake": lake.root, "checkpoint_id": checkpoint_id}
     try:
+        register()
         storage.write_text(plan_path, json.dumps(plan | {"jobs": jobs}))
         wait_ranks(ranks)
     except BaseException:
