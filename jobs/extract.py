@@ -148,10 +148,9 @@ def run_many(configs: list[ExtractConfig]) -> list[dict]:
     checkpoint_dir = resolve_checkpoint(lake, first.checkpoint)
     manifest, weights = check_checkpoint(lake, checkpoint_dir, first.force)
     tokenized = tokenized_partitions(lake, checkpoint_dir)
-    # a rank per partition at most: the query set is small, and an idle rank's cores go unused
-    partitions = [] if first.queries_only else [p for p in tokenized if not first.partitions or p in first.partitions]
     plan_path = layout.plan(lake.root, f"extract-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}")
-    rank_count = node_ranks(first.ranks, len(partitions))
+    # a rank per partition at most: the query set is small, and an idle rank's cores go unused
+    rank_count = node_ranks(first.ranks, 0 if first.queries_only else len(asked_partitions(first, tokenized)))
     ranks = start_ranks(
         "jobs.extract_rank",
         plan_path,
@@ -159,30 +158,24 @@ def run_many(configs: list[ExtractConfig]) -> list[dict]:
         first.cpu_threads,
         ["--checkpoint-dir", str(checkpoint_dir.resolve())],
     )
-    results, jobs, planned = [], [], {}
-    try:
+    try:  # the ranks are stopped unless they ran the plan to its end: nothing missing, or any failure
+        results, jobs, planned = [], [], {}
         for config in configs:
             result, job = planned_extraction(
                 lake, checkpoint_dir, manifest["checkpoint_id"], config, tokenized, planned
             )
             results.append(result)
             jobs += [job] if job else []
-    except BaseException:
+        if jobs:
+            print(
+                f"[extract] {sum(len(j['items']) for j in jobs)} slice(s) of {len(jobs)} extraction(s) on "
+                f"{rank_count} rank(s)",
+                flush=True,
+            )
+            source = checkpoint_uri(lake, first.checkpoint)
+            run_plan(lake, checkpoint_dir, manifest, weights, source, jobs, list(planned.values()), plan_path, ranks)
+    finally:
         stop_ranks(ranks)
-        raise
-    if not jobs:
-        stop_ranks(ranks)
-        return results
-    launched = [r for r in planned.values() if "run_id" in r]
-    print(
-        f"[extract] {sum(len(j['items']) for j in jobs)} slice(s) of {len(jobs)} extraction(s) on {rank_count} rank(s)",
-        flush=True,
-    )
-
-    def register():
-        register_checkpoint(lake, manifest, weights, checkpoint_uri(lake, first.checkpoint), jobs[0]["run_id"])
-
-    run_plan(lake, checkpoint_dir, manifest["checkpoint_id"], jobs, launched, plan_path, ranks, register)
     return results
 
 
@@ -235,25 +228,25 @@ def planned_extraction(
 def run_plan(
     lake: Lake,
     checkpoint_dir: Path,
-    checkpoint_id: str,
+    manifest: dict,
+    weights: str,
+    source: str,
     jobs: list,
-    launched: list,
+    planned: list,
     plan_path: str,
     ranks: Popen,
-    register,
 ):
-    """Registers the checkpoint (`register()`), writes the plan the started ranks wait for and
-    waits for them; on any failure the ranks are stopped, and every launched run ends failed or
-    succeeded."""
+    """Registers the checkpoint, writes the plan the started ranks wait for and waits for them;
+    every launched run (the `planned` results with a run id) ends failed or succeeded."""
     from infra.runs import finish_run
 
+    checkpoint_id, launched = manifest["checkpoint_id"], [r for r in planned if "run_id" in r]
     plan = {"checkpoint_dir": str(checkpoint_dir.resolve()), "lake": lake.root, "checkpoint_id": checkpoint_id}
     try:
-        register()
+        register_checkpoint(lake, manifest, weights, source, jobs[0]["run_id"])
         storage.write_text(plan_path, json.dumps(plan | {"jobs": jobs}))
         wait_ranks(ranks)
     except BaseException:
-        stop_ranks(ranks)
         for result in launched:
             finish_run(lake, result["run_id"], "failed", result)
         raise
@@ -264,12 +257,17 @@ def run_plan(
         finish_run(lake, result["run_id"], "succeeded", result)
 
 
+def asked_partitions(config: ExtractConfig, tokenized: list[int]) -> list[int]:
+    """The tokenized partitions this extraction covers: those asked for (`--partitions`), else all."""
+    return [p for p in tokenized if p in set(config.partitions)] if config.partitions else tokenized
+
+
 def missing_items(lake: Lake, checkpoint_id: str, fingerprint: str, config: ExtractConfig, tokenized: list) -> list:
     """The (kind, item) work items of this extraction: the query set first, then every tokenized
     partition (or those asked for; none with `queries_only`), less those already extracted unless `force`."""
     if config.queries_only and not config.query_set:
         raise ValueError("--queries-only needs a --query-set")
-    partitions = [p for p in tokenized if p in set(config.partitions)] if config.partitions else tokenized
+    partitions = asked_partitions(config, tokenized)
     if not partitions and not config.queries_only:
         raise ValueError(f"no tokenized partitions in {lake.path('tokens')}: run `python -m jobs tokenize` first")
     items = [] if config.queries_only else [(TRAIN, p) for p in partitions]

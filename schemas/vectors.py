@@ -124,7 +124,7 @@ def vector_checksums(vectors: pa.Array | pa.ChunkedArray, scales=None) -> pa.Int
     if not isinstance(scales, pa.ChunkedArray):
         scales = pa.chunked_array([pa.array(np.asarray(scales, dtype=np.float32))])
     scales = scales.cast(pa.float32())
-    scale_bytes = memoryview(scales.fill_null(0).to_numpy().astype("<f4").tobytes()).cast("B")
+    scale_bytes = memoryview(scales.fill_null(0).to_numpy().astype("<f4").tobytes())
     has_scale = scales.is_valid().to_numpy(zero_copy_only=False).tolist()
     return pa.array(
         [
