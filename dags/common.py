@@ -12,7 +12,7 @@ import logging
 from datetime import timedelta
 from pathlib import Path
 
-from airflow.sdk import Asset, TriggerRule, task
+from airflow.sdk import Asset, Param, TriggerRule, get_current_context, task
 
 from infra import storage
 from infra.airflow_local import DEVICE_POOL
@@ -73,11 +73,23 @@ def registered_query_sets() -> list[str]:
     return orchestrate().registered_query_sets()
 
 
+# The extraction DAGs' param: other projections of the same slices, extracted by the same start of
+# the ranks (e.g. the evaluation's seeds and corrections, which `make run` passes); they are not scored.
+ALSO_EXTRACT = Param(
+    [],
+    type="array",
+    items={"type": "object"},
+    description='other projections of the slices extracted, by the same ranks: [{"projection_seed": 1, '
+    '"normalizer": "none"}, ...] (keys: projection_seed, projection_k, normalizer); stored, not scored',
+)
+
+
 # The extraction fan-out: plan the missing slices in groups, one mapped task per group in the device
 # pool (a retry redoes only its group), then one summary that the Hessian fit and scoring wait for.
 @task(trigger_rule=TriggerRule.NONE_FAILED)
 def plan_extraction(checkpoint: str, query_sets: list[str], partitions: list[int] | None = None) -> dict:
-    return orchestrate().plan_extraction(checkpoint, query_sets, partitions)
+    also = get_current_context()["params"].get("also_extract") or []
+    return orchestrate().plan_extraction(checkpoint, query_sets, partitions, also)
 
 
 # its own task: Airflow maps only over a task's whole return value

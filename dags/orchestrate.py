@@ -11,6 +11,7 @@ projection_k, projection_seed, vector_dtype, batch_token_budget, hessian_*, top_
 
 from __future__ import annotations
 
+from dataclasses import replace
 
 from infra.lake import Lake
 from infra.names import NAME_PATTERN  # noqa: F401  (the DAGs' name params)
@@ -51,13 +52,27 @@ def tokenize_partition(partition: int) -> dict:
     return tokenize.run(tokenize.TokenizeConfig(lake=lake_root(), partitions=[partition]))
 
 
-def plan_extraction(checkpoint: str, query_sets: list[str], partitions: list[int] | None = None) -> dict:
+# what an `also_extract` entry may set: the fields that make another projection of the same slices
+OTHER_PROJECTION_FIELDS = ("projection_seed", "projection_k", "normalizer")
+
+
+def plan_extraction(
+    checkpoint: str, query_sets: list[str], partitions: list[int] | None = None, also: list[dict] | None = None
+) -> dict:
     """The slices of `checkpoint` still missing (all partitions, or `partitions`), in groups of
     `extract_group_size` partitions: one mapped `extract_group` task each, so as many groups run
-    at once as the device pool has slots."""
+    at once as the device pool has slots. `also`: other projections (OTHER_PROJECTION_FIELDS) each
+    group extracts of its slices with the same ranks (the DAGs' `also_extract` param)."""
+    for other in also or []:
+        unknown = sorted(set(other) - set(OTHER_PROJECTION_FIELDS))
+        if unknown:
+            raise ValueError(f"also_extract entry {other}: unknown key(s) {unknown}; known: {OTHER_PROJECTION_FIELDS}")
     settings = load_config()
     config = extract.ExtractConfig(lake=settings.lake_root, checkpoint=checkpoint, partitions=list(partitions or []))
-    return extract.plan_groups(config, list(query_sets), settings.extract_group_size)
+    plan = extract.plan_groups(config, list(query_sets), settings.extract_group_size)
+    for group in plan["groups"]:
+        group["also"] = list(also or [])
+    return plan
 
 
 def extraction_groups(plan: dict) -> list[dict]:
@@ -68,24 +83,27 @@ def extraction_groups(plan: dict) -> list[dict]:
 
 
 def extract_group(group: dict) -> dict:
-    """One group of the plan on this node's ranks: its partitions, then its query sets. A retry
-    redoes only the group's slices still missing; other groups are other tasks."""
+    """One group of the plan on this node's ranks, started once: its partitions and its query sets,
+    projected as the index is (its result) and as the group's `also` asks. A retry redoes only the
+    group's slices still missing; other groups are other tasks."""
     if not group["partitions"] and not group["query_sets"]:
         print("[extract] nothing missing: no ranks started")
         return {"fingerprint": None, "extracted": []}
-    results = [
-        extract.run(
-            extract.ExtractConfig(
-                lake=lake_root(),
-                checkpoint=group["checkpoint"],
-                query_set=query_set,
-                partitions=list(group["partitions"]),
-                queries_only=not group["partitions"],
-            )
-        )
-        for query_set in (group["query_sets"] or [None])
-    ]
-    return {"fingerprint": results[0]["fingerprint"], "extracted": sorted({i for r in results for i in r["items"]})}
+    own = extract.ExtractConfig(
+        lake=lake_root(),
+        checkpoint=group["checkpoint"],
+        partitions=list(group["partitions"]),
+        queries_only=not group["partitions"],
+    )
+    results = extract.run_many(
+        [
+            replace(own, query_set=query_set, **projection)
+            for projection in [{}, *group.get("also", [])]  # the index's own first
+            for query_set in (group["query_sets"] or [None])
+        ]
+    )
+    index = results[: len(group["query_sets"] or [None])]  # the index's own; the others are not scored
+    return {"fingerprint": index[0]["fingerprint"], "extracted": sorted({i for r in index for i in r["items"]})}
 
 
 def collect_extraction(plan: dict, groups: list) -> dict:

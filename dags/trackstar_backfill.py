@@ -2,7 +2,8 @@
 range, then compare its proponents with the previous checkpoint's.
 
 Resumable: re-triggering after a failure only does the slices still missing.
-Params: `checkpoint` (folder or s3:// prefix), optional `first_partition` / `last_partition`.
+Params: `checkpoint` (folder or s3:// prefix), optional `first_partition` / `last_partition`, and
+`also_extract` (other projections of the same slices, by the same ranks: dags/common.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from datetime import datetime, timedelta
 from airflow.sdk import Param, dag, get_current_context, task
 
 from dags.common import (
+    ALSO_EXTRACT,
     DEFAULT_ARGS,
     fan_out_extraction,
     orchestrate,
@@ -35,6 +37,7 @@ from dags.common import (
         "checkpoint": Param("", type="string", description="checkpoint folder or s3:// prefix"),
         "first_partition": Param(None, type=["null", "integer"], minimum=0),
         "last_partition": Param(None, type=["null", "integer"], minimum=0),
+        "also_extract": ALSO_EXTRACT,
     },
 )
 def trackstar_backfill():

@@ -2,7 +2,8 @@
 since the last night from the documents' change feed, extract missing gradient slices for the newest
 checkpoint, refit the Hessian when the training sample changed enough, rescore what changed.
 
-Every step is idempotent: a night with nothing new changes no table and says so.
+Every step is idempotent: a night with nothing new changes no table and says so. Param
+`also_extract`: other projections of the same slices, by the same ranks (dags/common.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from datetime import datetime, timedelta
 from airflow.sdk import TriggerRule, dag, task
 
 from dags.common import (
+    ALSO_EXTRACT,
     DEFAULT_ARGS,
     fan_out_extraction,
     orchestrate,
@@ -32,6 +34,7 @@ from dags.common import (
     tags=["trackstar", "index"],
     doc_md=__doc__,
     dagrun_timeout=timedelta(hours=12),
+    params={"also_extract": ALSO_EXTRACT},
 )
 def trackstar_reindex():
     @task

@@ -40,6 +40,7 @@ from pathlib import Path
 from infra import storage
 from demo import import_data, model_eval, reruns, train_model, world
 from evaluation import evaluate
+from evaluation.rankings import projections
 from evaluation.report import magnitude
 from evaluation.summary import table
 from jobs import register_queries
@@ -84,8 +85,9 @@ def run(
     accuracy = stages("model-accuracy", lambda: model_eval.evaluate_checkpoint(model.checkpoint, queries_file))
     # the user's own file, so that refusals name its lines
     stages("register-queries", lambda: register_queries.run(lake, queries, name=name))
-    dag = reindex(stages, lake, model.checkpoint, airflow_home)
-    report = stages("evaluate", lambda: evaluation_report(lake, reports, model.checkpoint, name, evaluate_overrides))
+    evaluation = evaluation_config(lake, reports, model.checkpoint, name, evaluate_overrides)
+    dag = reindex(stages, lake, model.checkpoint, airflow_home, projections(evaluation, model.checkpoint))
+    report = stages("evaluate", lambda: evaluate.run(evaluation))
     keep = load_config().keep_checkpoints if keep_checkpoints is None else keep_checkpoints
     applied = model.new or keep_checkpoints is not None
     retention = stages(
@@ -222,8 +224,9 @@ def train_or_keep_model(
     return Model(train_model.final_checkpoint(lake, trained), new_model, why, model_line)
 
 
-def reindex(stages: Stages, lake: str, final_checkpoint: Path, airflow_home: str) -> dict:
-    """The nightly `trackstar_reindex` DAG run once by the project-local Airflow; raises unless it succeeded."""
+def reindex(stages: Stages, lake: str, final_checkpoint: Path, airflow_home: str, also: list[dict]) -> dict:
+    """The nightly `trackstar_reindex` DAG run once by the project-local Airflow; raises unless it
+    succeeded. `also`: the evaluation's other projections, extracted by the DAG's ranks with the index."""
     from infra.airflow_local import run_dag
 
     dag_checkpoint = storage.name(newest_checkpoint_folder(load_config().checkpoints or layout.checkpoints(lake)))
@@ -233,8 +236,11 @@ def reindex(stages: Stages, lake: str, final_checkpoint: Path, airflow_home: str
             f"the evaluation below extracts {final_checkpoint.name} on its own",
             flush=True,
         )
+        also = []
+    conf = {"also_extract": also}
     dag = stages(
-        "airflow: trackstar_reindex", lambda: run_dag("trackstar_reindex", storage.absolute(lake), home=airflow_home)
+        "airflow: trackstar_reindex",
+        lambda: run_dag("trackstar_reindex", storage.absolute(lake), conf=conf, home=airflow_home),
     )
     print(
         "\n".join(
@@ -246,10 +252,12 @@ def reindex(stages: Stages, lake: str, final_checkpoint: Path, airflow_home: str
     return dag
 
 
-def evaluation_report(lake: str, reports: str, final_checkpoint: Path, name: str, overrides: dict | None) -> dict:
-    """The evaluation's report on the run's checkpoint, with the settings' top_k and projection_k.
-    Without optimizer state the index has no correction and the tail-patch steps by plain SGD (the
-    report says so)."""
+def evaluation_config(
+    lake: str, reports: str, final_checkpoint: Path, name: str, overrides: dict | None
+) -> evaluate.EvaluateConfig:
+    """The evaluation of the run's checkpoint, with the settings' top_k and projection_k. Without
+    optimizer state the index has no correction and the tail-patch steps by plain SGD (the report
+    says so)."""
     settings = load_config()
     config = evaluate.EvaluateConfig(
         lake=lake,
@@ -259,7 +267,7 @@ def evaluation_report(lake: str, reports: str, final_checkpoint: Path, name: str
         top_k=settings.top_k,
         projection_k=settings.projection_k,
     )
-    return evaluate.run(replace(config, **(overrides or {})))
+    return replace(config, **(overrides or {}))
 
 
 def print_summary(lake, world_summary, model: Model, accuracy, dag, report, retention, coverage, seconds) -> None:

@@ -14,6 +14,7 @@ CORRECTION_VARIANTS = {
     "trackstar-adam-exact": "adam-exact",
     "trackstar-adam-floored": "adam-floored",
     "trackstar-adam-factored": "adam-factored",
+    "trackstar-adam-half": "adam-half",
     "trackstar-adafactor": "adafactor",
     "trackstar-data-moments": "data-floored",
 }

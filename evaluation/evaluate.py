@@ -69,6 +69,7 @@ REPORT_ORDER = (
     "trackstar-adam-exact",
     "trackstar-adam-floored",
     "trackstar-adam-factored",
+    "trackstar-adam-half",
     "trackstar-adafactor",
     "trackstar-data-moments",
     "trackstar-no-hessian",

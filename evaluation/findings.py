@@ -15,6 +15,10 @@ COMPONENTS = {
     "trackstar-adam-exact": ("The default correction", "TrackStar with the paper's exact Adam correction"),
     "trackstar-adam-floored": ("The default correction", "TrackStar with the floored Adam correction"),
     "trackstar-adam-factored": ("The default correction", "TrackStar with the rank-1 (factored) Adam correction"),
+    "trackstar-adam-half": (
+        "The default correction",
+        "TrackStar with half of the rank-1 Adam correction on each side (V^1/4)",
+    ),
     "trackstar-adafactor": ("The default correction", "TrackStar with Adafactor's own correction"),
     "trackstar-data-moments": (
         "The default correction",

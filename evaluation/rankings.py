@@ -88,6 +88,19 @@ def extractions(config: EvaluateConfig, checkpoint: str, optimizer: str) -> dict
     return wanted
 
 
+def projections(config: EvaluateConfig, checkpoint_dir) -> list[dict]:
+    """Every projection the evaluation of this checkpoint extracts, as the extraction DAGs'
+    `also_extract` param: `make run` passes them to the reindex DAG, so one start of the ranks
+    extracts them with the index (the evaluation then finds them done)."""
+    from jobs.checkpoints import load_manifest
+
+    wanted = extractions(config, str(checkpoint_dir), load_manifest(checkpoint_dir).get("optimizer", "adam"))
+    return [
+        {"projection_seed": c.projection_seed, "projection_k": c.projection_k, "normalizer": c.normalizer}
+        for c in wanted.values()
+    ]
+
+
 def applies(normalizer: str, optimizer: str) -> bool:
     """Can this correction be applied to a checkpoint trained by `optimizer`? adam-* need Adam's
     state, adafactor Adafactor's; data-* and none need none."""

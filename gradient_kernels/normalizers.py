@@ -16,6 +16,10 @@ for free; an *exact* one divides elementwise and needs the per-example gradient 
   Adafactor-style fit V̂ ≈ r cᵀ / Σr (r, c the row and column sums: the fit Adafactor itself would
   keep) of the floored denominator, whose error `rank1_error` measures: free (it folds into the
   projections) and level with the floored one in tail-patch (docs/optimizer-correction.md).
+  "adam-half" takes the square root of that fit's scalings (u = g / V^(1/4)): the correction is
+  applied to both sides of the dot product, so only half of it on each side makes u_q · u_z =
+  g_q · g_z / sqrt(V), the first-order change of the query's loss under one Adam step on the
+  training chunk (the tail-patch), where the full correction on both sides weighs by 1/V.
 - Data (gradient_kernels/second_moments.py): V = E[g²], the mean squared per-example gradient over
   a training sample, estimated at the checkpoint itself and needing no optimizer state.
   "data-floored" divides by max(sqrt(V), floor) with the same floor rule as Adam's;
@@ -97,6 +101,11 @@ def rank1_fit(denominator: torch.Tensor, eps: float) -> FactoredNormalizer:
     return FactoredNormalizer(r.rsqrt().float(), (r.sum().sqrt() * c.rsqrt()).float())
 
 
+def half_strength(normalizer: FactoredNormalizer) -> FactoredNormalizer:
+    """The square root of a factored correction: 1/V^(1/4) instead of 1/sqrt(V)."""
+    return FactoredNormalizer(normalizer.out_scale.sqrt(), normalizer.in_scale.sqrt())
+
+
 def rank1_error(denominator: torch.Tensor, eps: float) -> float:
     """Relative Frobenius error of the rank-1 fit of 1/(sqrt(V̂)+eps), the factor gradients get."""
     exact = 1 / denominator.double()
@@ -108,8 +117,8 @@ def rank1_error(denominator: torch.Tensor, eps: float) -> float:
 def normalizers_from_state(optimizer_state: dict, matrices: list[WeightMatrix], kind: str) -> dict:
     """name -> normaliser, from a consolidated optimizer state (see jobs/checkpoints.py).
 
-    kind: "adafactor" (needs an Adafactor state), "adam-floored", "adam-exact" or "adam-factored"
-    (need Adam's exp_avg_sq), "data-floored" or "data-factored" (need a data estimate,
+    kind: "adafactor" (needs an Adafactor state), "adam-floored", "adam-exact", "adam-factored" or
+    "adam-half" (need Adam's exp_avg_sq), "data-floored" or "data-factored" (need a data estimate,
     gradient_kernels/second_moments.py), "none" (no correction: plain gradients).
     """
     if kind == "none":
@@ -147,9 +156,11 @@ def normalizers_from_state(optimizer_state: dict, matrices: list[WeightMatrix], 
             normalizers[m.name] = ExactNormalizer(denominator.float())
             continue
         floored = floored_denominator(denominator, optimizer_state["eps"])
-        normalizers[m.name] = (
-            ExactNormalizer(floored.float()) if kind == "adam-floored" else rank1_fit(floored, optimizer_state["eps"])
-        )
+        if kind == "adam-floored":
+            normalizers[m.name] = ExactNormalizer(floored.float())
+            continue
+        fit = rank1_fit(floored, optimizer_state["eps"])
+        normalizers[m.name] = half_strength(fit) if kind == "adam-half" else fit
     return normalizers
 
 

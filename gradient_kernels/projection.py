@@ -18,7 +18,16 @@ import torch
 # Bump when a change to the kernels changes the vectors they produce: old vectors stop matching.
 KERNEL_VERSION = "2"  # 2: adam-factored fits the floored denominator
 
-NORMALIZER_KINDS = ("none", "adafactor", "adam-floored", "adam-exact", "adam-factored", "data-floored", "data-factored")
+NORMALIZER_KINDS = (
+    "none",
+    "adafactor",
+    "adam-floored",
+    "adam-exact",
+    "adam-factored",
+    "adam-half",
+    "data-floored",
+    "data-factored",
+)
 
 
 def state_kind(normalizer: str) -> str | None:

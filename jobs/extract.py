@@ -132,18 +132,20 @@ def run(config: ExtractConfig) -> dict:
 
 
 def run_many(configs: list[ExtractConfig]) -> list[dict]:
-    """Several extractions of one checkpoint (other projection seeds, sizes or normalisers) with one
-    start of the ranks: each config is its own run with its own fingerprint and slices, and the
+    """Several extractions of one checkpoint (other projection seeds, sizes, normalisers or query
+    sets) with one start of the ranks: each fingerprint is its own run with its own slices, and the
     ranks share the work items of all of them (the model and optimizer state load once per rank).
+    Configs of one fingerprint (other query sets of one extraction) are one run.
     The ranks start first and load the model while the specs and the missing slices are worked out
     (~2 s of planning, most of it importing the model's code); they are stopped if nothing is
     missing. Returns one result per config, as `run` does."""
     first = configs[0]
-    shared = {"lake", "checkpoint", "ranks", "cpu_threads", "query_set", "force", "token_budget"}
-    differing = sorted(f for f in shared for c in configs if getattr(c, f) != getattr(first, f))
+    shared = {"lake", "checkpoint", "ranks", "cpu_threads", "force", "token_budget"}
+    differing = sorted({f for f in shared for c in configs if getattr(c, f) != getattr(first, f)})
     if differing:
         raise ValueError(f"extractions launched together must share {sorted(shared)}; these differ: {differing}")
-    check_names(query_set=first.query_set)
+    for config in configs:
+        check_names(query_set=config.query_set)
     lake = Lake(first.lake)
     checkpoint_dir = resolve_checkpoint(lake, first.checkpoint)
     manifest, weights = check_checkpoint(lake, checkpoint_dir, first.force)
@@ -173,7 +175,8 @@ def run_many(configs: list[ExtractConfig]) -> list[dict]:
                 flush=True,
             )
             source = checkpoint_uri(lake, first.checkpoint)
-            run_plan(lake, checkpoint_dir, manifest, weights, source, jobs, list(planned.values()), plan_path, ranks)
+            results_planned = [result for result, _ in planned.values()]
+            run_plan(lake, checkpoint_dir, manifest, weights, source, jobs, results_planned, plan_path, ranks)
     finally:
         stop_ranks(ranks)
     return results
@@ -183,17 +186,25 @@ def planned_extraction(
     lake: Lake, checkpoint_dir: Path, checkpoint_id: str, config: ExtractConfig, tokenized: list, planned: dict
 ) -> tuple[dict, dict | None]:
     """(the extraction's result, its job for the ranks, None when nothing is missing); `planned`
-    (fingerprint -> result) makes two configs that resolve to one fingerprint one extraction."""
+    (fingerprint -> (result, job)) makes configs that resolve to one fingerprint ("auto" resolving
+    to "none", another query set of the same vectors) one extraction: a later config's missing
+    items join the earlier one's job."""
     from infra.runs import start_run
     from jobs.checkpoints import check_complete
 
     spec = projection_spec(lake, checkpoint_dir, config)
-    if spec.fingerprint() in planned:  # e.g. "auto" resolving to "none" for a checkpoint without optimizer state
-        return planned[spec.fingerprint()], None
     check_complete(
         checkpoint_dir, config.optimizer_source if uses_optimizer_state(spec.normalizer) else None
     )  # before registering
     items = missing_items(lake, checkpoint_id, spec.fingerprint(), config, tokenized)
+    if spec.fingerprint() in planned:
+        result, job = planned[spec.fingerprint()]
+        more = [item for item in items if job is None or item not in job["items"]]
+        if job is not None:
+            job["items"] += more
+            result["items"] += [f"{kind}:{item}" for kind, item in more]
+        if job is not None or not more:  # else: the earlier config had nothing missing, this one has
+            return result, None
     correction = optimizer_correction(checkpoint_dir, config, spec)
     result = {
         "checkpoint_id": checkpoint_id,
@@ -203,7 +214,7 @@ def planned_extraction(
         "optimizer_correction": correction,
         "items": [f"{kind}:{item}" for kind, item in items],
     }
-    planned[result["fingerprint"]] = result
+    planned[result["fingerprint"]] = (result, None)
     if not items:  # nothing to do: write nothing, not even a runs row
         print(
             f"[extract] every slice of {checkpoint_id} is already extracted (fingerprint {result['fingerprint']}); "
@@ -222,7 +233,9 @@ def planned_extraction(
         f"k={config.projection_k}, seed {config.projection_seed}, {spec.normalizer}), fingerprint {result['fingerprint']}",
         flush=True,
     )
-    return result, {"config": asdict(config), "spec": spec.as_dict(), "run_id": result["run_id"], "items": items}
+    job = {"config": asdict(config), "spec": spec.as_dict(), "run_id": result["run_id"], "items": items}
+    planned[result["fingerprint"]] = (result, job)
+    return result, job
 
 
 def run_plan(

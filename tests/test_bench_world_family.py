@@ -5,7 +5,9 @@ import json
 from bench import world_family
 
 
-def _report(correction=(0.02, 0.001, 0.04), ratios=(3.0, 2.5, 3.5), mrr=(0.4, 0.7), trak=0.1):
+def _report(
+    correction=(0.02, 0.001, 0.04), ratios=(3.0, 2.5, 3.5), mrr=(0.4, 0.7), trak=0.1, trak_minus=(0.2, 0.1, 0.3)
+):
     """The parts of an eval.json the bench reads: TrackStar's tail-patch is 0.3."""
     methods = {
         "bm25": {"mrr": mrr[1], "tail_patch": 0.1},
@@ -19,6 +21,7 @@ def _report(correction=(0.02, 0.001, 0.04), ratios=(3.0, 2.5, 3.5), mrr=(0.4, 0.
         "methods": methods,
         "trackstar_minus": {
             "trackstar-no-optimizer": {"tail_patch": list(correction)},
+            "trak": {"tail_patch": list(trak_minus)},
             "trackstar-adam-exact": {"tail_patch": [-0.2, -0.3, -0.1]},
         },
         "trackstar_over_bm25_tail_patch": {"delta_log_prob": list(ratios), "delta_prob": [r - 0.5 for r in ratios]},
@@ -31,21 +34,30 @@ def test_a_world_row_and_the_aims():
     assert good["trackstar_over_bm25_delta_prob"] == [2.5, 2.0, 3.0]
     assert (good["mrr_trackstar"], good["mrr_bm25"]) == (0.4, 0.7)
     assert good["trackstar_below"] == []  # the variant above it is not an ablation
-    assert good["trackstar_at_least_ablations_and_trak"]
+    assert good["trackstar_at_least_ablations_and_trak"] and good["significantly_above_trackstar"] == []
     # a variant's difference is turned around: the variant − the default, its interval with it
     assert good["variants_minus_default"] == {"trackstar-adam-exact": [0.2, 0.1, 0.3]}
     assert "trackstar-adam-exact − default: +0.2000 [+0.1000, +0.3000]" in world_family.table([good])
     lines = world_family.aims([good])
-    assert len(lines) == 4 and all(line.startswith("aim: ") and line.endswith("(met)") for line in lines)
+    assert len(lines) == 5 and all(line.startswith("aim: ") and line.endswith("(met)") for line in lines)
 
     bad = world_family.world_row(
-        "alt-vocab", 104, "adafactor", _report(correction=(-0.01, -0.02, 0.0), ratios=(1.5, 1.0, 2.0), trak=0.4)
+        "alt-vocab",
+        104,
+        "adafactor",
+        _report(correction=(-0.01, -0.02, 0.0), ratios=(1.5, 1.0, 2.0), trak=0.4, trak_minus=(-0.1, -0.15, -0.05)),
     )
     assert bad["trackstar_below"] == ["trak"] and not bad["trackstar_at_least_ablations_and_trak"]
+    assert bad["significantly_above_trackstar"] == ["trak"]
     lines = world_family.aims([good, bad])
-    assert all(line.endswith("(not met)") for line in lines[:3]) and lines[3].endswith("(met)")
+    assert all(line.endswith("(not met)") for line in lines[:4]) and lines[4].endswith("(met)")
     assert "measured -0.0200" in lines[0] and "measured +1.5000" in lines[1]
-    assert world_family.aims([good, world_family.world_row("x", 1, "adam", _report(mrr=(0.8, 0.7)))])[3].endswith(
+    assert "measured 1 of 2 (by point estimate: 1)" in lines[3]
+    # above by its point estimate only (the paired interval holds 0): not beyond the interval
+    level = world_family.world_row("x", 1, "adam", _report(trak=0.4, trak_minus=(-0.1, -0.2, 0.01)))
+    assert level["trackstar_below"] == ["trak"] and level["significantly_above_trackstar"] == []
+    assert world_family.aims([good, level])[3].endswith("(met)")
+    assert world_family.aims([good, world_family.world_row("x", 1, "adam", _report(mrr=(0.8, 0.7)))])[4].endswith(
         "(not met)"
     )
 
@@ -76,5 +88,5 @@ def test_rendering_from_json_prints_the_table_aims_and_draws_the_picture(tmp_pat
     world_family.main(["--from-json", str(tmp_path / "world_family.json")])
     printed = capsys.readouterr().out
     assert "paraphrase" in printed and "+0.0200 [+0.0010, +0.0400]" in printed
-    assert printed.count("aim: ") == 4
+    assert printed.count("aim: ") == 5
     assert (tmp_path / "world_family.png").stat().st_size > 1000

@@ -11,6 +11,7 @@ import sys
 import time
 
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -160,6 +161,55 @@ def test_extract_equals_the_kernels_on_the_same_chunks(indexed):
     direct = projector(document_batch([by_key[k] for k in keys])).numpy()
     np.testing.assert_allclose(vectors[sample], direct, rtol=1e-4, atol=1e-4 * np.abs(direct).max())
     np.testing.assert_allclose(rows["norm"].to_numpy(), np.linalg.norm(vectors, axis=1), rtol=1e-5)
+
+
+def test_an_extraction_group_extracts_every_query_set_and_other_projections_in_one_launch(
+    indexed, tmp_path, monkeypatch
+):
+    """The DAGs' extract_group: its partitions, two query sets and the
+    `also_extract` projections, from one start of the ranks (one plan file); one run per
+    fingerprint; its result and "extracted" are the index's own."""
+    from dags import orchestrate
+
+    source, checkpoint, results, _ = indexed
+    lake = Lake(copy_lake(source.root, tmp_path / "lake"))
+    register_queries.run(lake.root, name="second-set")
+    monkeypatch.setenv("TRACKSTAR_LAKE_ROOT", lake.root)
+    monkeypatch.setenv("TRACKSTAR_PROJECTION_K", "3")  # not yet extracted: every slice is missing
+    monkeypatch.setenv("TRACKSTAR_BATCH_TOKEN_BUDGET", "512")
+    query_sets, also = ["fact-world", "second-set"], [{"projection_seed": 1, "normalizer": "none"}]
+    with pytest.raises(ValueError, match="unknown key"):
+        orchestrate.plan_extraction(str(checkpoint), query_sets, None, [{"seed": 1}])
+    plan = orchestrate.plan_extraction(str(checkpoint), query_sets, None, also)
+    (group,) = plan["groups"]
+    assert group["query_sets"] == query_sets and group["also"] == also
+    plans_before, runs_before = storage.list_objects(storage.join(lake.root, "_plans")), lake.read("runs")
+    done = orchestrate.extract_group(group)
+
+    assert len(storage.list_objects(storage.join(lake.root, "_plans"))) == len(plans_before) + 1  # one launch
+    partitions = sorted(set(lake.read("tokens", columns=["partition"])["partition"].to_pylist()))
+    assert done["fingerprint"] == plan["fingerprint"]
+    assert done["extracted"] == sorted([f"query:{q}" for q in query_sets] + [f"train:{p}" for p in partitions])
+    runs = (
+        lake.read("runs", filters=[("command", "=", "extract")]).num_rows
+        - runs_before.filter(pc.equal(runs_before["command"], "extract")).num_rows
+    )
+    assert runs == 2  # the index's own and the other projection
+    fingerprints = set(lake.read("query_gradients", columns=["fingerprint"])["fingerprint"].to_pylist())
+    prompts = source.count_rows("query_gradients", [("fingerprint", "=", results["extract"]["fingerprint"])])
+    other = ProjectionSpec(
+        seed=1,
+        k={m.name: 3 for m in weight_matrices(AutoModelForCausalLM.from_pretrained(checkpoint))},
+        normalizer="none",
+    ).fingerprint()
+    for fingerprint in (plan["fingerprint"], other):
+        assert fingerprint in fingerprints
+        for query_set in query_sets:
+            where = [("fingerprint", "=", fingerprint), ("query_set", "=", query_set)]
+            assert lake.count_rows("query_gradients", where) == prompts  # the second set holds the same queries
+        train = lake.count_rows("train_gradients", [("fingerprint", "=", fingerprint)])
+        assert train == lake.read("tokens", columns=["doc_id"]).num_rows
+    assert orchestrate.extract_group(group)["extracted"] == []  # a retry: nothing left to do
 
 
 def test_extractions_launched_together_equal_the_kernels_each(indexed, tmp_path):

@@ -103,6 +103,7 @@ CASES = [
     ("gpt2", "adam-exact"),
     ("gpt2", "adam-floored"),
     ("gpt2", "adam-factored"),
+    ("gpt2", "adam-half"),
     ("gpt2", "none"),
     ("llama", "adam-exact"),
     ("llama", "adafactor"),
@@ -285,6 +286,23 @@ def test_rank1_fit_error_is_zero_for_rank1_and_measured_otherwise():
     exact_rank1 = (r[:, None] * c[None, :]).sqrt().double()
     assert rank1_error(exact_rank1, 0.0) < 1e-6
     assert rank1_error(torch.rand(5, 4).double() + 0.01, 0.0) > 1e-3
+
+
+def test_half_correction_weighs_a_dot_product_by_one_over_sqrt_v():
+    """adam-half on both sides of a dot product weighs each coordinate by the rank-1 fit's
+    1/sqrt(V̂) once (the first-order effect of one Adam step), where adam-factored weighs by 1/V̂."""
+    model = _gpt2()
+    state = _train_state(model, "adam")
+    matrices = weight_matrices(model)
+    full = normalizers_from_state(state, matrices, "adam-factored")
+    half = normalizers_from_state(state, matrices, "adam-half")
+    for m in matrices:
+        g_query, g_train = torch.randn(2, *full[m.name].out_scale.shape, *full[m.name].in_scale.shape).double()
+        one_adam_step = (full[m.name].divide(g_query.float()).double() * g_train).sum()
+        halves = (half[m.name].divide(g_query.float()) * half[m.name].divide(g_train.float())).double().sum()
+        assert abs(halves - one_adam_step) <= 1e-4 * abs(one_adam_step) + 1e-6
+        both_sides = (full[m.name].divide(g_query.float()) * full[m.name].divide(g_train.float())).double().sum()
+        assert abs(both_sides - one_adam_step) > 1e-2 * abs(one_adam_step)  # the full correction squares it
 
 
 def test_missing_or_wrong_optimizer_state_is_a_clear_error():
