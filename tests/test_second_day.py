@@ -552,6 +552,7 @@ def test_names_flow_from_the_pipeline_into_tables_and_the_report(user_files, tmp
     """`pipeline --name day-two` on a tiny imported world (model trained, DAG, evaluation): every table
     and the report carry the name; each evaluation writes a new report folder and moves `latest`."""
     from evaluation import evaluate
+    from infra import storage
     from infra.lake import Lake
     from tests.fixtures import TINY
 
@@ -573,6 +574,11 @@ def test_names_flow_from_the_pipeline_into_tables_and_the_report(user_files, tmp
         assert set(tables.read(table, columns=["query_set"])["query_set"].to_pylist()) == {"day-two"}, table
     checkpoints = tables.read("checkpoints", columns=["checkpoint_id"])["checkpoint_id"].to_pylist()
     assert checkpoints and all(c.startswith("gpt2-day-two-s0-step") for c in checkpoints)
+    # the evaluation's plain-gradient vectors came from the DAG's start of the ranks (also_extract):
+    # two fingerprints, one extraction plan in the whole run
+    assert len(set(tables.read("train_gradients", columns=["fingerprint"])["fingerprint"].to_pylist())) == 2
+    plans = [p for p in storage.list_objects(storage.join(str(lake), "_plans")) if "extract-" in p]
+    assert len(plans) == 1, plans
     assert Path(summary["checkpoint"]).name.startswith("gpt2-day-two-s0-step")
 
     reports = lake / "reports"
