@@ -150,6 +150,29 @@ def test_replace_slice_batches_commits_once_and_a_failing_producer_leaves_the_ol
         )
 
 
+def test_streamed_vector_cells_are_stored_plain_and_still_page_checked(lake):
+    """Vector cells (binary columns) neither compress nor repeat: the streamed writer stores them
+    uncompressed without a dictionary, the other columns snappy; every page keeps its CRC, so a
+    flipped byte in a cell still fails the read."""
+    import pyarrow.parquet as pq
+
+    rows = gradient_rows("ck1", 0, 40)
+    lake.replace_slice_batches("train_gradients", iter([rows]), checkpoint_id="ck1", partition=0)
+    (path,) = Path(lake.path("train_gradients")).rglob("*.parquet")
+    group = pq.ParquetFile(path).metadata.row_group(0)
+    columns = {group.column(i).path_in_schema: group.column(i) for i in range(group.num_columns)}
+    assert columns["vector"].compression == "UNCOMPRESSED" and "RLE_DICTIONARY" not in columns["vector"].encodings
+    assert columns["doc_id"].compression == "SNAPPY"
+    assert slice_of(lake, "ck1", 0)["vector"].to_pylist() == rows["vector"].to_pylist()
+    data = bytearray(path.read_bytes())
+    cell = rows["vector"][7].as_py()
+    at = bytes(data).index(cell)
+    data[at + len(cell) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(LakeError):
+        lake.read("train_gradients", columns=["vector"])
+
+
 def test_a_streamed_slice_rolls_files_keeps_exact_stats_and_leaves_no_files_when_it_fails(lake, monkeypatch):
     """replace_slice_batches writes its own Parquet files (infra/slice_files.py: delta-rs' writer
     holds the whole stream in memory): files roll at FILE_BYTES, their statistics prune reads
