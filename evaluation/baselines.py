@@ -77,8 +77,11 @@ def text_rankings(
     lake: Lake, by_doc: dict, queries: dict, query_set: str, top_k: int, checkpoint_id: str, run_id: str
 ) -> dict:
     """BM25 and dense retrieval of the queries' prompt + target (the paper's attribution setting),
-    written to `proponents`; method -> query -> [doc ids]."""
-    doc_ids, texts, query_ids = list(by_doc), list(by_doc.values()), sorted(queries)
+    written to `proponents`; method -> query -> [doc ids]. Documents go in doc-id order: both
+    retrievers break score ties (duplicated statements tie exactly) by position, and the order the
+    lake returns rows in depends on its files."""
+    doc_ids, query_ids = sorted(by_doc), sorted(queries)
+    texts = [by_doc[d] for d in doc_ids]
     asked = [queries[q]["prompt0"] + queries[q]["target"] for q in query_ids]
     ranked = {}
     for method, retrieve in (("bm25", bm25_top_k), ("dense", dense_top_k)):

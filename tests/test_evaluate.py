@@ -85,6 +85,20 @@ def test_text_baselines_find_the_document_a_query_copies(retrieve):
     assert scores[0][0] > scores[0][1]
 
 
+def test_text_rankings_do_not_depend_on_the_order_the_lake_returns_documents(lake):
+    """Duplicated documents tie exactly; which of them are ranked depends on the doc ids only, not
+    on the order of the rows read (a rebuilt lake returns them in another order)."""
+    from evaluation.baselines import text_rankings
+
+    texts = {f"doc-{i}": TEXTS[2] if i % 3 == 0 else TEXTS[i % len(TEXTS)] for i in range(12)}
+    queries = {"q1": {"prompt0": "Maren Olt works as a", "target": " violinist"}}
+    forward = text_rankings(lake, texts, queries, "s", 3, "ck", "r1")
+    backward = text_rankings(lake, dict(reversed(list(texts.items()))), queries, "s", 3, "ck", "r2")
+    assert forward == backward
+    stating = {d for d, text in texts.items() if text == TEXTS[2]}  # six exact copies, tied: 3 of them ranked
+    assert set(forward["bm25"]["q1"]) < stating and set(forward["dense"]["q1"]) < stating
+
+
 def test_evaluation_runs_on_a_user_supplied_corpus_and_queries(adam_run, tmp_path):
     source, summary = adam_run
     # the user's files: C4 partitions and a queries JSONL, nothing else of the generated world
