@@ -99,7 +99,9 @@ class Lake(LakeReads, LakeSpark):
             for key, value in keys.items()
             if key not in spec.partition_by
         }
-        files = SliceFiles(self.create(table), spec.arrow_schema, partition_values, self.storage_options)
+        files = SliceFiles(
+            self.create(table), spec.arrow_schema, partition_values, self.storage_options, split_by=spec.slice_keys
+        )
         try:
             for batch in batches:
                 data = spec.validate(batch)

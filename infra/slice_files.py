@@ -16,6 +16,7 @@ import json
 import re
 import time
 import uuid
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -32,39 +33,51 @@ _SAFE_FOLDER_VALUE = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
 class SliceFiles:
-    """Parquet files of one partition of a table (partition columns not stored, as Delta does)."""
+    """Parquet files of one partition of a table (partition columns not stored, as Delta does).
+    `split_by`: slice-key columns (e.g. the fingerprint) whose every value gets files of its own, so
+    that the files' statistics skip the others exactly: one commit of several extractions' rows
+    would otherwise mix them in every row group, and a read of one would read them all."""
 
-    def __init__(self, delta: DeltaTable, schema: pa.Schema, partition_values: dict[str, str], options: dict):
+    def __init__(
+        self,
+        delta: DeltaTable,
+        schema: pa.Schema,
+        partition_values: dict[str, str],
+        options: dict,
+        split_by: tuple[str, ...] = (),
+    ):
         self.fs = pafs.PyFileSystem(DeltaStorageHandler(delta.table_uri, options))
         self.partition_values = partition_values
         self.schema = pa.schema([f for f in schema if f.name not in partition_values])
+        self.split_by = [c for c in split_by if c in self.schema.names]
         self.folder = _folder(partition_values)
         self.added: list[AddAction] = []
-        self._pending: list[pa.Table] = []
-        self._pending_bytes = 0
-        self._file: dict | None = None
+        self._streams: dict[tuple, _Stream] = {}  # value of split_by -> its pending rows and open file
 
     def write(self, rows: pa.Table) -> None:
         """Rows of the slice, with or without the partition columns."""
-        rows = rows.select(self.schema.names)
-        self._pending.append(rows)
-        self._pending_bytes += rows.nbytes
-        if self._pending_bytes >= ROW_GROUP_BYTES:
-            self._flush()
+        for value, part in _split(rows.select(self.schema.names), self.split_by):
+            stream = self._streams.setdefault(value, _Stream())
+            stream.pending.append(part)
+            stream.pending_bytes += part.nbytes
+            if stream.pending_bytes >= ROW_GROUP_BYTES:
+                self._flush(stream)
 
     def finish(self) -> list[AddAction]:
-        self._flush()
-        self._close_file()
+        for stream in self._streams.values():
+            self._flush(stream)
+            self._close_file(stream)
         return self.added
 
     def discard(self) -> None:
         """Deletes every file written (none of them was committed)."""
         paths = [action.path for action in self.added]
-        if self._file is not None:
-            self._file["writer"].close()
-            self._file["sink"].close()
-            paths.append(self._file["path"])
-            self._file = None
+        for stream in self._streams.values():
+            if stream.file is not None:
+                stream.file["writer"].close()
+                stream.file["sink"].close()
+                paths.append(stream.file["path"])
+                stream.file = None
         for path in paths:
             try:
                 self.fs.delete_file(path)
@@ -72,12 +85,12 @@ class SliceFiles:
                 pass
         self.added = []
 
-    def _flush(self) -> None:
-        if not self._pending:
+    def _flush(self, stream: _Stream) -> None:
+        if not stream.pending:
             return
-        rows = pa.concat_tables(self._pending).combine_chunks()
-        self._pending, self._pending_bytes = [], 0
-        if self._file is None:
+        rows = pa.concat_tables(stream.pending).combine_chunks()
+        stream.pending, stream.pending_bytes = [], 0
+        if stream.file is None:
             path = f"{self.folder}/part-{uuid.uuid4()}.snappy.parquet"
             sink = self.fs.open_output_stream(path)
             cells = [f.name for f in self.schema if pa.types.is_binary(f.type)]
@@ -90,24 +103,46 @@ class SliceFiles:
                 compression={f.name: "none" if f.name in cells else "snappy" for f in self.schema},
                 use_dictionary=[f.name for f in self.schema if f.name not in cells],
             )
-            self._file = {"path": path, "sink": sink, "writer": writer, "bytes": 0}
-            self._file["stats"] = {"numRecords": 0, "minValues": {}, "maxValues": {}, "nullCount": {}}
-        self._file["writer"].write_table(rows, row_group_size=max(1, rows.num_rows))
-        self._file["bytes"] += rows.nbytes
-        _add_stats(self._file["stats"], rows)
-        if self._file["bytes"] >= FILE_BYTES:
-            self._close_file()
+            stream.file = {"path": path, "sink": sink, "writer": writer, "bytes": 0}
+            stream.file["stats"] = {"numRecords": 0, "minValues": {}, "maxValues": {}, "nullCount": {}}
+        stream.file["writer"].write_table(rows, row_group_size=max(1, rows.num_rows))
+        stream.file["bytes"] += rows.nbytes
+        _add_stats(stream.file["stats"], rows)
+        if stream.file["bytes"] >= FILE_BYTES:
+            self._close_file(stream)
 
-    def _close_file(self) -> None:
-        if self._file is None:
+    def _close_file(self, stream: _Stream) -> None:
+        if stream.file is None:
             return
-        self._file["writer"].close()
-        self._file["sink"].close()
-        path = self._file["path"]
+        stream.file["writer"].close()
+        stream.file["sink"].close()
+        path = stream.file["path"]
         size = self.fs.get_file_info(path).size
         now = int(time.time() * 1000)
-        self.added.append(AddAction(path, size, self.partition_values, now, True, json.dumps(self._file["stats"])))
-        self._file = None
+        self.added.append(AddAction(path, size, self.partition_values, now, True, json.dumps(stream.file["stats"])))
+        stream.file = None
+
+
+@dataclass
+class _Stream:
+    """The rows of one split_by value: pending until a row group's worth, then its open file."""
+
+    pending: list = field(default_factory=list)
+    pending_bytes: int = 0
+    file: dict | None = None
+
+
+def _split(rows: pa.Table, columns: list[str]):
+    """(value of `columns`, its rows) for each value in `rows`; one part when there are no columns."""
+    if not columns or rows.num_rows == 0:
+        yield (), rows
+        return
+    for value in rows.select(columns).group_by(columns).aggregate([]).to_pylist():
+        mask = None
+        for column, wanted in value.items():
+            match = pc.is_null(rows[column]) if wanted is None else pc.equal(rows[column], wanted)
+            mask = match if mask is None else pc.and_(mask, match)
+        yield tuple(value[c] for c in columns), rows.filter(mask)
 
 
 def in_slice(rows: pa.Table, other_keys: dict) -> pa.ChunkedArray | None:

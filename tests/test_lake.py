@@ -150,6 +150,37 @@ def test_replace_slice_batches_commits_once_and_a_failing_producer_leaves_the_ol
         )
 
 
+def test_a_streamed_commit_of_several_fingerprints_writes_a_file_for_each(lake, monkeypatch):
+    """One commit of several extractions (extract_rank writes a partition of all of them at once)
+    and the rows of other slices carried over from a replaced file: each fingerprint in files of
+    its own, so a read of one is answered from its files' statistics without opening the others."""
+    import infra.slice_files as slice_files
+
+    monkeypatch.setattr(slice_files, "ROW_GROUP_BYTES", 1)  # a row group per batch and fingerprint
+    mixed = pa.concat_tables(gradient_rows("ck1", 0, 3, first_chunk=10 * i, fingerprint=f) for i, f in enumerate("abc"))
+    lake.replace_slice("train_gradients", mixed, checkpoint_id="ck1", partition=0, fingerprint=["a", "b", "c"])
+    assert len(lake.open("train_gradients").file_uris()) == 1  # delta-rs' writer: one mixed file
+    batches = [gradient_rows("ck1", 0, 2, first_chunk=100 + 10 * i, fingerprint=f) for i, f in enumerate("ab" * 2)]
+    lake.replace_slice_batches(
+        "train_gradients", iter(batches), checkpoint_id="ck1", partition=0, fingerprint=["a", "b"]
+    )
+    adds = pa.table(lake.open("train_gradients").get_add_actions(flatten=True)).to_pylist()
+    held = sorted((a["min.fingerprint"], a["max.fingerprint"], a["num_records"]) for a in adds)
+    # "a" and "b" replaced by their 4 new rows each, "c" carried over from the removed mixed file
+    assert held == [("a", "a", 4), ("b", "b", 4), ("c", "c", 3)]
+    assert sorted(slice_of(lake, "ck1", 0)["chunk"].to_pylist()) == [20, 21, 22, 100, 101, 110, 111, 120, 121, 130, 131]
+    opened = []
+    original = Lake._file_constants
+
+    def spy(self, table, columns, filters):
+        constants, varying = original(self, table, columns, filters)
+        opened.extend(f.path for f in (varying.get_fragments() if varying is not None else []))
+        return constants, varying
+
+    monkeypatch.setattr(Lake, "_file_constants", spy)
+    assert lake.distinct("train_gradients", ["partition"], [("fingerprint", "=", "b")]) == {(0,)} and opened == []
+
+
 def test_streamed_vector_cells_are_stored_plain_and_still_page_checked(lake):
     """Vector cells (binary columns) neither compress nor repeat: the streamed writer stores them
     uncompressed without a dictionary, the other columns snappy; every page keeps its CRC, so a
@@ -283,8 +314,14 @@ def test_distinct_and_count_rows_plan_from_the_log_and_equal_a_full_read(lake, m
             gradient_rows(checkpoint_id, partition, 3, first_chunk=10 * i, run_id=run_id, fingerprint=f)
             for i, f in enumerate(fingerprints)
         )
-        lake.replace_slice_batches(
-            "train_gradients", iter([rows]), checkpoint_id=checkpoint_id, partition=partition, fingerprint=fingerprints
+        # streamed slices get a file per fingerprint; delta-rs' own writer (replace_slice) mixes them
+        write_slice = lake.replace_slice_batches if len(fingerprints) == 1 else lake.replace_slice
+        write_slice(
+            "train_gradients",
+            iter([rows]) if len(fingerprints) == 1 else rows,
+            checkpoint_id=checkpoint_id,
+            partition=partition,
+            fingerprint=fingerprints,
         )
 
     write("ck1", 0, ["fa"])
