@@ -88,13 +88,7 @@ def run(
     evaluation = evaluation_config(lake, reports, model.checkpoint, name, evaluate_overrides)
     dag = reindex(stages, lake, model.checkpoint, airflow_home, projections(evaluation, model.checkpoint))
     report = stages("evaluate", lambda: evaluate.run(evaluation))
-    keep = load_config().keep_checkpoints if keep_checkpoints is None else keep_checkpoints
-    applied = model.new or keep_checkpoints is not None
-    retention = stages(
-        "keep-checkpoints", lambda: reruns.keep_newest(lake, keep, report["checkpoint_id"], applied=applied)
-    )
-    for line in reruns.retention_lines(retention):
-        print(f"[keep-checkpoints] {line}")
+    retention = keep_checkpoints_stage(stages, lake, keep_checkpoints, model, report["checkpoint_id"])
     coverage = reruns.coverage(lake)
 
     summary = {
@@ -112,6 +106,17 @@ def run(
     print(f"\n=== TrackStar lake: {'your data' if corpus else 'embedded run'} ===")
     print_summary(lake, world_summary, model, accuracy, dag, report, retention, coverage, stages.seconds)
     return summary
+
+
+def keep_checkpoints_stage(stages, lake: str, keep_checkpoints: int | None, model, checkpoint_id: str) -> dict:
+    """The retention policy (the setting unless given), applied when this run trained or linked a
+    new model, or when it was given."""
+    keep = load_config().keep_checkpoints if keep_checkpoints is None else keep_checkpoints
+    applied = model.new or keep_checkpoints is not None
+    retention = stages("keep-checkpoints", lambda: reruns.keep_newest(lake, keep, checkpoint_id, applied=applied))
+    for line in reruns.retention_lines(retention):
+        print(f"[keep-checkpoints] {line}")
+    return retention
 
 
 class Stages:

@@ -129,6 +129,7 @@ def test_evaluation_runs_on_a_user_supplied_corpus_and_queries(adam_run, tmp_pat
         "trackstar-no-unit-norm",
         "trackstar-adam-exact",
         "trackstar-adam-floored",  # the default, trackstar-adam-factored, is TrackStar's own row
+        "trackstar-adam-half",
         "trackstar-heldout-r-query",
         "trackstar-global-damping",
         "trackstar-every-chunk",
