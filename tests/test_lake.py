@@ -90,6 +90,20 @@ def slice_of(lake: Lake, checkpoint_id: str, partition: int) -> pa.Table:
 # delta-rs, local
 
 
+def files_opened(monkeypatch) -> list:
+    """The data files `Lake.distinct`/`count_rows` open from now on (the rest they answer from the log)."""
+    opened = []
+    original = Lake._file_constants
+
+    def spy(self, table, columns, filters):
+        constants, varying = original(self, table, columns, filters)
+        opened.extend(f.path for f in (varying.get_fragments() if varying is not None else []))
+        return constants, varying
+
+    monkeypatch.setattr(Lake, "_file_constants", spy)
+    return opened
+
+
 def test_create_is_idempotent_and_stores_the_declared_table(lake):
     first = lake.create("train_gradients")
     second = lake.create("train_gradients")
@@ -169,15 +183,7 @@ def test_a_streamed_commit_of_several_fingerprints_writes_a_file_for_each(lake, 
     # "a" and "b" replaced by their 4 new rows each, "c" carried over from the removed mixed file
     assert held == [("a", "a", 4), ("b", "b", 4), ("c", "c", 3)]
     assert sorted(slice_of(lake, "ck1", 0)["chunk"].to_pylist()) == [20, 21, 22, 100, 101, 110, 111, 120, 121, 130, 131]
-    opened = []
-    original = Lake._file_constants
-
-    def spy(self, table, columns, filters):
-        constants, varying = original(self, table, columns, filters)
-        opened.extend(f.path for f in (varying.get_fragments() if varying is not None else []))
-        return constants, varying
-
-    monkeypatch.setattr(Lake, "_file_constants", spy)
+    opened = files_opened(monkeypatch)
     assert lake.distinct("train_gradients", ["partition"], [("fingerprint", "=", "b")]) == {(0,)} and opened == []
 
 
@@ -344,15 +350,7 @@ def test_distinct_and_count_rows_plan_from_the_log_and_equal_a_full_read(lake, m
     assert expected[0] == {(1,)} and expected[1] == {(0, "fa"), (1, "fa"), (1, "fb")}
 
     # only the mixed file is opened: the homogeneous ones are answered by the log alone
-    opened = []
-    original = Lake._file_constants
-
-    def spy(self, table, columns, filters):
-        constants, varying = original(self, table, columns, filters)
-        opened.extend(f.path for f in (varying.get_fragments() if varying is not None else []))
-        return constants, varying
-
-    monkeypatch.setattr(Lake, "_file_constants", spy)
+    opened = files_opened(monkeypatch)
     assert lake.distinct("train_gradients", ["partition"], [("fingerprint", "=", "fa")]) == {(0,), (1,), (2,)}
     assert len(opened) == 1 and "partition=1" in opened[0]
     assert lake.distinct("documents", ["partition"]) == set() and lake.count_rows("documents") == 0
