@@ -116,7 +116,7 @@ def aims(rows: list[dict]) -> list[str]:
         lines.append(
             line(f"TrackStar / BM25 tail-patch {name}, every world", f"≥ {RATIO_AIM}", worst, worst >= RATIO_AIM)
         )
-    above = sum(bool(r.get("significantly_above_trackstar")) for r in rows)
+    above = sum(bool(r["significantly_above_trackstar"]) for r in rows)
     by_point = sum(not r["trackstar_at_least_ablations_and_trak"] for r in rows)
     lines.append(
         f"aim: worlds where an ablation or TRAK is above full TrackStar's tail-patch beyond the paired 95% "

@@ -50,6 +50,14 @@ class SliceFiles:
         self.partition_values = partition_values
         self.schema = pa.schema([f for f in schema if f.name not in partition_values])
         self.split_by = [c for c in split_by if c in self.schema.names]
+        # vector cells neither compress (snappy: 6.59 MB of int8 cells in, 6.59 MB out) nor repeat:
+        # stored plain, they skip a codec pass and a dictionary attempt on every read and write
+        cells = {f.name for f in self.schema if pa.types.is_binary(f.type)}
+        self._writer_options = {
+            "write_page_checksum": True,
+            "compression": {f.name: "none" if f.name in cells else "snappy" for f in self.schema},
+            "use_dictionary": [f.name for f in self.schema if f.name not in cells],
+        }
         self.folder = _folder(partition_values)
         self.added: list[AddAction] = []
         self._streams: dict[tuple, _Stream] = {}  # value of split_by -> its pending rows and open file
@@ -93,16 +101,7 @@ class SliceFiles:
         if stream.file is None:
             path = f"{self.folder}/part-{uuid.uuid4()}.snappy.parquet"
             sink = self.fs.open_output_stream(path)
-            cells = [f.name for f in self.schema if pa.types.is_binary(f.type)]
-            writer = pq.ParquetWriter(
-                sink,
-                self.schema,
-                write_page_checksum=True,
-                # vector cells neither compress (snappy: 6.59 MB of int8 cells in, 6.59 MB out) nor
-                # repeat: stored plain, they skip a codec pass and a dictionary attempt on every read and write
-                compression={f.name: "none" if f.name in cells else "snappy" for f in self.schema},
-                use_dictionary=[f.name for f in self.schema if f.name not in cells],
-            )
+            writer = pq.ParquetWriter(sink, self.schema, **self._writer_options)
             stream.file = {"path": path, "sink": sink, "writer": writer, "bytes": 0}
             stream.file["stats"] = {"numRecords": 0, "minValues": {}, "maxValues": {}, "nullCount": {}}
         stream.file["writer"].write_table(rows, row_group_size=max(1, rows.num_rows))
