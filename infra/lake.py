@@ -14,6 +14,7 @@ duplicates rows, and a task killed mid-way leaves no partial commit behind.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 
 import pyarrow as pa
@@ -22,12 +23,19 @@ from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError
 from deltalake.transaction import RemoveAction
 
-from infra.lake_reads import LakeReads
+from infra.lake_reads import VERIFY_PAGES, LakeReads
 from infra.lake_spark import LakeSpark
 from infra.lake_tables import LakeError, TableNotFoundError
 from infra.predicates import slice_predicate, update_value
-from infra.slice_files import SliceFiles, partition_fragments, replaced_files, rows_of_slice_elsewhere
+from infra.slice_files import (
+    SliceFiles,
+    files_to_compact,
+    partition_fragments,
+    replaced_files,
+    rows_of_slice_elsewhere,
+)
 from schemas.tables import SchemaError, Table, table as declared
+from schemas.vectors import CorruptVector, check_vectors
 
 # what callers import from here: the lake and the errors its methods raise
 __all__ = ["Lake", "LakeError", "TableNotFoundError", "utc_now"]
@@ -100,7 +108,7 @@ class Lake(LakeReads, LakeSpark):
             if key not in spec.partition_by
         }
         files = SliceFiles(
-            self.create(table), spec.arrow_schema, partition_values, self.storage_options, split_by=spec.slice_keys
+            self.create(table), spec.arrow_schema, partition_values, self.storage_options, split_by=spec.files_per_slice
         )
         try:
             for batch in batches:
@@ -180,8 +188,64 @@ class Lake(LakeReads, LakeSpark):
         return metrics["num_updated_rows"]
 
     def optimize(self, table: str) -> dict:
-        """Compact small files into bigger ones (a new version; old files stay until vacuum)."""
-        return self.open(table).optimize.compact()
+        """Compact small files into bigger ones: a new version with the same rows (the old files stay
+        until vacuum). A table whose slices keep files of their own (`files_per_slice`: the vector
+        tables, by fingerprint) is compacted partition by partition so that they still do: a slice's
+        small files are merged and files mixing slices are split (delta-rs' bin-packing would mix
+        them). Others by delta-rs. Returns the numbers of files removed and added, as delta-rs."""
+        spec = declared(table)
+        if not spec.files_per_slice:
+            return self.open(table).optimize.compact()
+        delta = self.open(table)
+        by_partition: dict[str, tuple[dict, list]] = {}
+        for action in pa.table(delta.get_add_actions(flatten=True)).to_pylist():
+            values = {column: str(action[f"partition.{column}"]) for column in spec.partition_by}
+            by_partition.setdefault(json.dumps(values, sort_keys=True), (values, []))[1].append(action)
+        removed = added = skipped = 0
+        for values, actions in by_partition.values():
+            chosen = files_to_compact(actions, spec.files_per_slice)
+            if chosen:
+                sizes = {a["path"]: a["size_bytes"] for a in actions if a["path"] in chosen}
+                counts = self._rewrite_files(table, delta, values, sizes)
+                removed, added, skipped = removed + counts[0], added + counts[1], skipped + (counts == (0, 0))
+        return {"numFilesRemoved": removed, "numFilesAdded": added, "partitionsSkipped": skipped}
+
+    def _rewrite_files(self, table: str, delta: DeltaTable, partition_values: dict, sizes: dict) -> tuple[int, int]:
+        """Rewrites the partition's files `sizes` names (path -> bytes) with the same rows, each value
+        of the table's `files_per_slice` in files of its own, in one commit of actions marked as no
+        change of data (change-feed readers skip it). (files removed, added); (0, 0) when another
+        writer changed the partition meanwhile: nothing is committed, the next compaction tries again.
+        A file whose pages or vectors fail their checks is not rewritten (LakeError naming it)."""
+        spec = declared(table)
+        files = SliceFiles(delta, spec.arrow_schema, partition_values, self.storage_options, spec.files_per_slice)
+        fragments, schema = partition_fragments(delta, partition_values), delta.to_pyarrow_dataset().schema
+        where = f"table {table}"
+        try:
+            for fragment in fragments:
+                if fragment.path not in sizes:
+                    continue
+                where = f"table {table}, file {fragment.path}"
+                for batch in fragment.to_batches(
+                    schema=schema, columns=files.schema.names, use_threads=False, fragment_scan_options=VERIFY_PAGES
+                ):
+                    check_vectors(batch, where)
+                    files.write(pa.Table.from_batches([batch]).cast(files.schema))  # string_view back to string
+            now = int(time.time() * 1000)
+            removes = [RemoveAction(p, False, now, size=n, partition_values=partition_values) for p, n in sizes.items()]
+            added = files.finish(data_change=False)
+            self._commit_partition(table, delta, [*added, *removes], partition_values, {f.path for f in fragments})
+        except CommitFailedError:
+            files.discard()
+            return 0, 0
+        except (OSError, pa.ArrowException, CorruptVector) as error:
+            files.discard()
+            raise LakeError(
+                f"{where}: not compacted, it does not read back whole ({error}); run `python -m jobs verify`"
+            )
+        except BaseException:
+            files.discard()
+            raise
+        return len(removes), len(added)
 
     def vacuum(self, table: str, retention_hours: int) -> list[str]:
         """Delete files no longer referenced by versions newer than retention_hours; returns them.

@@ -2,9 +2,10 @@
 
     maintain_lake(Lake("lake"))   # what the `trackstar_maintenance` DAG runs weekly
 
-Per table: small files are compacted into bigger ones (a new version, the same rows), files no
-version younger than the table's retention (Delta's default, 7 days) references are vacuumed, the
-log is checkpointed and expired log entries are cleaned up. A vacuum deletes every file of the
+Per table: small files are compacted into bigger ones (a new version, the same rows; in the vector
+tables each fingerprint keeps files of its own, `Lake.optimize`), files no version younger than the
+table's retention (Delta's default, 7 days) references are vacuumed, the log is checkpointed and
+expired log entries are cleaned up. A vacuum deletes every file of the
 table folder the log does not know (a full vacuum: the data files of writers killed before their
 commit too, once older than the retention, with the half-written `<file>.parquet#N` a writer killed
 mid-file leaves on a local disk), so a table whose folder holds foreign files (a model checkpoint
@@ -57,7 +58,7 @@ def remove_interrupted_writes(lake: Lake, table: str, older_than_hours: float = 
 
 def maintain_table(lake: Lake, table: str) -> dict:
     """Compact, vacuum (default retention, unless foreign files are present), checkpoint the log."""
-    compacted = lake.open(table).optimize.compact()
+    compacted = lake.optimize(table)
     foreign = foreign_files(lake, table)
     vacuumed = []
     if not foreign:

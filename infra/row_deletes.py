@@ -82,7 +82,9 @@ def _rewrite_files_holding(lake: Lake, delta, table: str, match, holding: set | 
             continue
         key = json.dumps(values, sort_keys=True)
         if key not in files:
-            files[key] = SliceFiles(delta, spec.arrow_schema, values, lake.storage_options, split_by=spec.slice_keys)
+            files[key] = SliceFiles(
+                delta, spec.arrow_schema, values, lake.storage_options, split_by=spec.files_per_slice
+            )
         for batch in fragment.to_batches(columns=stored, filter=~match, batch_size=4096, **scan):
             files[key].write(pa.Table.from_batches([batch]).cast(files[key].schema))
         removes.append(RemoveAction(fragment.path, True, now, size=size_of[fragment.path], partition_values=values))

@@ -29,6 +29,8 @@ from deltalake.transaction import AddAction, RemoveAction
 # A file is closed once this many bytes went into it, and rows are written in row groups of this size.
 FILE_BYTES = 256 << 20
 ROW_GROUP_BYTES = 8 << 20
+# compaction merges a slice's files below this size (delta-rs' bin-packing aims at 100 MB files)
+SMALL_FILE_BYTES = 64 << 20
 _SAFE_FOLDER_VALUE = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
@@ -71,10 +73,13 @@ class SliceFiles:
             if stream.pending_bytes >= ROW_GROUP_BYTES:
                 self._flush(stream)
 
-    def finish(self) -> list[AddAction]:
+    def finish(self, data_change: bool = True) -> list[AddAction]:
+        """The files' add actions; `data_change=False` for a rewrite of the same rows (compaction)."""
         for stream in self._streams.values():
             self._flush(stream)
             self._close_file(stream)
+        for action in self.added:
+            action.data_change = data_change
         return self.added
 
     def discard(self) -> None:
@@ -195,6 +200,35 @@ def replaced_files(files: SliceFiles, fragments: list, other_keys: dict) -> list
                 files.write(rows.filter(pc.invert(in_slice(rows, other_keys))))
         removes.append(RemoveAction(fragment.path, True, now, partition_values=files.partition_values))
     return removes
+
+
+def files_to_compact(files: list[dict], split_by: tuple[str, ...], small_bytes: int = SMALL_FILE_BYTES) -> list[str]:
+    """Which of one partition's files (flattened Delta add actions) compaction rewrites so that each
+    value of `split_by` ends in files of its own: every file that mixes values (or has no statistics
+    to tell), and a value's small files when there is another file to merge them with (a second
+    small file of the value, or a mixed file that may hold its rows). Full files of one value stay."""
+    mixed, small_by_value = [], {}
+    for action in files:
+        value = tuple(_constant(action, column) for column in split_by)
+        if any(v is _VARIES for v in value):
+            mixed.append(action["path"])
+        elif action["size_bytes"] < small_bytes:
+            small_by_value.setdefault(value, []).append(action["path"])
+    merged = [path for paths in small_by_value.values() if len(paths) + bool(mixed) >= 2 for path in paths]
+    return sorted(mixed + merged)
+
+
+_VARIES = object()
+
+
+def _constant(action: dict, column: str):
+    """The file's one value of `column` by its statistics (None when every row is null), or _VARIES."""
+    low, high, nulls = action.get(f"min.{column}"), action.get(f"max.{column}"), action.get(f"null_count.{column}")
+    if nulls is not None and nulls == action.get("num_records"):
+        return None
+    if low is None or low != high or nulls != 0:
+        return _VARIES
+    return low
 
 
 def _add_stats(stats: dict, rows: pa.Table) -> None:

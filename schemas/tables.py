@@ -114,6 +114,13 @@ class Table:
     def key_columns(self) -> tuple[str, ...]:
         return (*self.partition_by, *self.slice_keys)
 
+    @property
+    def files_per_slice(self) -> tuple[str, ...]:
+        """Slice keys whose every value keeps files of its own, as written and as compacted: the
+        vector tables' (the fingerprint), read one value at a time. A file mixing values would make
+        each such read read them all: the files' min/max statistics would cover every value."""
+        return self.slice_keys if "vector" in self.column_names else ()
+
     def check_version(self, properties: dict[str, str]) -> None:
         """Raise SchemaVersionError unless stored table properties carry this schema version."""
         found = properties.get(SCHEMA_VERSION_PROPERTY)

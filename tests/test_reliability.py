@@ -530,7 +530,7 @@ def test_a_killed_extract_driver_takes_its_deepspeed_ranks_down(fuzzed_lake):
             and os.path.exists(p.cmdline()[p.cmdline().index("--plan") + 1])
         ]
     assert len(ranks) == 2, "the ranks never started"
-    tree = psutil.Process(driver.pid).children(recursive=True)  # launcher, its launch process and the ranks
+    tree = psutil.Process(driver.pid).children(recursive=True)  # the ranks
     driver.kill()  # the driver only: nothing is left to tell its children to stop
     driver.wait()
     gone, alive = psutil.wait_procs(tree, timeout=60)  # the ranks alone would work for minutes
@@ -791,27 +791,78 @@ def test_maintenance_vacuums_what_killed_writers_left_once_older_than_the_retent
     assert lake.read("train_gradients").num_rows == 4
 
 
-def test_maintenance_compacts_the_vector_tables_and_the_streaming_writer_replaces_a_slice_after(lake):
-    """maintain_lake compacts every declared table, the vector tables (train_gradients,
-    query_gradients, trackstar_index) among them: two extractions of one partition (two
-    fingerprints, one file each) become one file whose vectors read back checked, and a later
-    re-extraction of one fingerprint (the streaming writer) replaces only its rows in that file."""
+def _fingerprints_per_file(lake: Lake, table: str) -> list[tuple]:
+    """Per data file of the table, its fingerprints as the Delta log's statistics tell them."""
+    actions = pa.table(lake.open(table).get_add_actions(flatten=True)).to_pylist()
+    return sorted((a["min.fingerprint"], a["max.fingerprint"]) for a in actions)
+
+
+def test_maintenance_keeps_each_fingerprint_in_files_of_its_own_and_the_streaming_writer_replaces_one_after(lake):
+    """maintain_lake compacts the vector tables (train_gradients, query_gradients, trackstar_index)
+    without mixing fingerprints: a file mixing two (as delta-rs writes them) is split, one
+    fingerprint's small files are merged, and every file then holds one fingerprint, so a read of
+    one reads one file. The rows do not change, the commit says so (dataChange false), and a second
+    run finds nothing to do. A later re-extraction of one fingerprint replaces only its rows."""
     from infra.maintenance import maintain_lake
     from tests.test_lake import gradient_rows
 
-    assert {"train_gradients", "query_gradients", "trackstar_index"} <= set(TABLES)
-    for fingerprint in ("fp1", "fp2"):
-        rows = gradient_rows("ck1", 0, 3, fingerprint=fingerprint)
-        lake.replace_slice_batches(
-            "train_gradients", iter([rows]), checkpoint_id="ck1", partition=0, fingerprint=fingerprint
-        )
-    before = lake.read("train_gradients").sort_by([("fingerprint", "ascending"), ("chunk", "ascending")])
-    result = maintain_lake(lake)["train_gradients"]
-    assert (result["files_removed"], result["files_added"]) == (2, 1)
-    assert len(lake.open("train_gradients").file_uris()) == 1
-    assert lake.read("train_gradients").sort_by([("fingerprint", "ascending"), ("chunk", "ascending")]).equals(before)
+    assert all(TABLES[name].files_per_slice == ("fingerprint",) for name in ("train_gradients", "query_gradients"))
+    assert TABLES["trackstar_index"].files_per_slice == ("fingerprint",)
+    mixed = pa.concat_tables([gradient_rows("ck1", 0, 3, fingerprint=f) for f in ("fp1", "fp2")])
+    lake.replace_slice("train_gradients", mixed, checkpoint_id="ck1", partition=0)  # delta-rs: one file, both
+    for first in (0, 10):  # two small files of a third fingerprint, as two appends leave them
+        lake.append("train_gradients", gradient_rows("ck1", 0, 2, first_chunk=first, fingerprint="fp3"))
+    lake.replace_slice_batches("train_gradients", iter([gradient_rows("ck1", 1, 2)]), checkpoint_id="ck1", partition=1)
+    assert _fingerprints_per_file(lake, "train_gradients") == [
+        ("fp", "fp"),
+        ("fp1", "fp2"),
+        ("fp3", "fp3"),
+        ("fp3", "fp3"),
+    ]
+    order = [("fingerprint", "ascending"), ("partition", "ascending"), ("chunk", "ascending")]
+    before, version = lake.read("train_gradients").sort_by(order), lake.version("train_gradients")
 
-    again = gradient_rows("ck1", 0, 2, run_id="r2", fingerprint="fp2")
-    lake.replace_slice_batches("train_gradients", iter([again]), checkpoint_id="ck1", partition=0, fingerprint="fp2")
+    result = maintain_lake(lake)["train_gradients"]
+    assert (result["files_removed"], result["files_added"]) == (3, 3)  # partition 1's one file is left alone
+    assert _fingerprints_per_file(lake, "train_gradients") == [(f, f) for f in ("fp", "fp1", "fp2", "fp3")]
+    assert lake.read("train_gradients").sort_by(order).equals(before)
+    commit = (Path(lake.path("train_gradients")) / "_delta_log" / f"{version + 1:020d}.json").read_text()
+    actions = [json.loads(line) for line in commit.splitlines()]
+    assert {a["add"]["dataChange"] for a in actions if "add" in a} == {False}
+    assert {a["remove"]["dataChange"] for a in actions if "remove" in a} == {False}
+    fp2 = (
+        lake.open("train_gradients").to_pyarrow_dataset().get_fragments(filter=pa.compute.field("fingerprint") == "fp2")
+    )
+    assert len([f for f in fp2 if f.count_rows(filter=pa.compute.field("fingerprint") == "fp2")]) == 1
+    again = maintain_lake(lake)["train_gradients"]
+    assert (again["files_removed"], again["files_added"]) == (0, 0)
+
+    rerun = gradient_rows("ck1", 0, 2, run_id="r2", fingerprint="fp2")
+    lake.replace_slice_batches("train_gradients", iter([rerun]), checkpoint_id="ck1", partition=0, fingerprint="fp2")
     rows = lake.read("train_gradients", columns=["fingerprint", "run_id"]).to_pylist()
-    assert sorted((r["fingerprint"], r["run_id"]) for r in rows) == [("fp1", "r1")] * 3 + [("fp2", "r2")] * 2
+    assert Counter((r["fingerprint"], r["run_id"]) for r in rows) == {
+        ("fp", "r1"): 2,
+        ("fp1", "r1"): 3,
+        ("fp2", "r2"): 2,
+        ("fp3", "r1"): 4,
+    }
+
+
+def test_maintenance_does_not_rewrite_a_file_whose_vectors_fail_their_checksum(lake):
+    """A corrupted vector in a file compaction would rewrite: the compaction stops naming the file
+    and commits nothing (rewriting it would give the bad bytes a fresh Parquet CRC)."""
+    from infra.maintenance import maintain_table
+    from schemas.vectors import vector_checksums
+    from tests.test_lake import gradient_rows
+
+    for first in (0, 10):  # two small files of one fingerprint: compaction merges them
+        lake.append("train_gradients", gradient_rows("ck1", 0, 2, first_chunk=first))
+    rows = gradient_rows("ck1", 0, 2, first_chunk=20)
+    cells = rows["vector"].to_pylist()
+    cells[0] = bytes([cells[0][0] ^ 1]) + cells[0][1:]  # one bit flipped after the checksum was taken
+    rows = rows.append_column("checksum", vector_checksums(rows["vector"], rows["scale"]))
+    lake.append("train_gradients", rows.set_column(rows.schema.get_field_index("vector"), "vector", pa.array(cells)))
+    version = lake.version("train_gradients")
+    with pytest.raises(LakeError, match=r"table train_gradients, file .*\.parquet: not compacted.*checksum"):
+        maintain_table(lake, "train_gradients")
+    assert lake.version("train_gradients") == version
