@@ -1,7 +1,7 @@
 """Train the embedded model: a byte-level BPE tokenizer and a small GPT-2, with DeepSpeed.
 
 No weights can be downloaded here, so the embedded default trains its own model on the fact world.
-`run(config)` (the launcher side) trains the tokenizer, packs the corpus into token blocks and starts
+`run(config)` (the driver side) trains the tokenizer, packs the corpus into token blocks and starts
 `deepspeed` with CPU ranks; each rank runs `train_rank` (this module as `__main__`). Checkpoints are
 saved at several steps in Hugging Face format with the optimizer state next to them:
 

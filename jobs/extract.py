@@ -1,9 +1,9 @@
 """extract (DeepSpeed): `tokens` × one checkpoint -> `train_gradients`; `queries` -> `query_gradients`.
 
-This is the launcher side: it resolves the checkpoint (a local folder, or `s3://` downloaded with
+This is the driver side: it resolves the checkpoint (a local folder, or `s3://` downloaded with
 boto3), registers it, works out which slices are missing (a slice = one (checkpoint, partition) for a
-given projection fingerprint; `--force` redoes them), writes the plan and starts the ranks with the
-DeepSpeed launcher. The ranks (`jobs/extract_rank.py`) compute the projected vectors and write each
+given projection fingerprint; `--force` redoes them), writes the plan and starts the DeepSpeed ranks
+(`jobs.launch`). The ranks (`jobs/extract_rank.py`) compute the projected vectors and write each
 work item as one idempotent slice, with the autocorrelation sums Σ p pᵀ of each slice beside the
 tables, so the Hessian fit needs no second pass over the data: a killed rank's partition is simply
 redone.
@@ -63,7 +63,7 @@ class ExtractConfig:
     queries_only: bool = option(False, help="extract only the query set's gradients, no training partitions")
 
 
-# ------------------------------------------------------------------ launcher side
+# ------------------------------------------------------------------ driver side
 def check_checkpoint(lake: Lake, checkpoint_dir: Path, force: bool) -> tuple[dict, str]:
     """(manifest, weights fingerprint); refuses a known checkpoint id whose weights changed."""
     from jobs.checkpoints import load_manifest, weights_fingerprint
@@ -247,7 +247,7 @@ def run_plan(
     jobs: list,
     planned: list,
     plan_path: str,
-    ranks: Popen,
+    ranks: list[Popen],
 ):
     """Registers the checkpoint, writes the plan the started ranks wait for and waits for them;
     every launched run (the `planned` results with a run id) ends failed or succeeded."""

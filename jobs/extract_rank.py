@@ -1,5 +1,5 @@
-"""The rank side of extract (`python -m jobs.extract_rank --plan <plan>`, started by the DeepSpeed
-launcher from `jobs/extract.py`): each rank takes every world_size-th work item of the plan (the query
+"""The rank side of extract (`python -m jobs.extract_rank --plan <plan>`, a DeepSpeed rank
+started by `jobs/extract.py`): each rank takes every world_size-th work item of the plan (the query
 set or a partition), loads the model and the optimizer's second moments, computes projected vectors
 with `gradient_kernels` in batches sized by a token budget, and writes each item as one idempotent
 slice, with the autocorrelation sums of the slice beside the tables.

@@ -1,4 +1,4 @@
-"""Starting a stage's ranks with the DeepSpeed launcher.
+"""Starting a stage's DeepSpeed ranks on this node.
 
 A stage writes its plan (a JSON file) and calls `launch_ranks(module, plan, ranks)`, or starts the
 ranks first (`start_ranks`) and writes the plan while they start; every rank runs
@@ -9,7 +9,6 @@ of its local rank (`bind_rank_device`).
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import socket
@@ -45,19 +44,30 @@ def launch_ranks(module: str, plan: str, ranks: int, cpu_threads_setting: int = 
     wait_ranks(start_ranks(module, plan, ranks, cpu_threads_setting))
 
 
-def start_ranks(module: str, plan: str, ranks: int, cpu_threads_setting: int = 0, arguments=()) -> subprocess.Popen:
-    """Starts DeepSpeed's node launcher (`deepspeed.launcher.launch`) for this host's ranks, each
-    `python -m <module> --plan <plan> <arguments>`, and returns at once. It is what the `deepspeed`
-    runner starts on each node; on one node the runner only encodes the rank list and adds the
-    working directory to PYTHONPATH, at the cost of one more Python and torch start and exit (~1.5 s
-    per launch, measured), so it is done here instead. The plan may be written after this returns:
-    ranks that start first wait for it (`wait_for_plan`)."""
+def start_ranks(
+    module: str, plan: str, ranks: int, cpu_threads_setting: int = 0, arguments=()
+) -> list[subprocess.Popen]:
+    """Starts this host's ranks, each `python -m <module> --local_rank=<i> --plan <plan> <arguments>`,
+    and returns them at once. They get the environment DeepSpeed's node launcher
+    (`deepspeed.launcher.launch`) would give them (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT,
+    LOCAL_SIZE, CROSS_RANK/SIZE) and join DeepSpeed's process group (`init_rank`), but are started
+    here: the launcher cost one more Python and torch start before them (1.6 s), and after the last
+    rank ended its once-a-second poll and its own teardown (2.4 s), on every launch (measured on the
+    bergson bench, whose whole extraction took 13 s). A user's CUDA_VISIBLE_DEVICES is kept; each rank
+    takes the GPU of its local rank among them (`bind_rank_device`). The plan may be written after
+    this returns: ranks that start first wait for it (`wait_for_plan`)."""
     env = dict(
         os.environ,
         TRANSFORMERS_VERBOSITY="error",
         PYTHONWARNINGS="ignore::FutureWarning",
         TRACKSTAR_DRIVER_PID=str(os.getpid()),
         PYTHONPATH=os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        WORLD_SIZE=str(ranks),
+        LOCAL_SIZE=str(ranks),
+        CROSS_RANK="0",
+        CROSS_SIZE="1",
     )
     if not _gpu_count():
         # the ranks share the idle cores as threads (jobs.threads), unless the user set OMP_NUM_THREADS
@@ -65,36 +75,46 @@ def start_ranks(module: str, plan: str, ranks: int, cpu_threads_setting: int = 0
         if not cpu_threads_setting and "OMP_NUM_THREADS" not in os.environ:  # chosen here: ranks may re-share them
             env[SHARED_THREADS] = str(threads * ranks)
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads))
-    world_info = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(ranks))}).encode()).decode()
-    command = [
-        sys.executable,
-        "-u",
-        "-m",
-        "deepspeed.launcher.launch",
-        f"--world_info={world_info}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
-        "--log_level=warning",
-        "--module",
-        module,
-        "--plan",
-        str(plan),
-        *arguments,
-    ]
-    return subprocess.Popen(command, env=env)
+    started = []
+    try:
+        for rank in range(ranks):
+            command = [sys.executable, "-u", "-m", module, f"--local_rank={rank}", "--plan", str(plan), *arguments]
+            started.append(subprocess.Popen(command, env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank))))
+    except BaseException:
+        stop_ranks(started)
+        raise
+    return started
 
 
-def wait_ranks(launcher: subprocess.Popen) -> None:
-    """Waits for the ranks of `start_ranks`; a failed rank fails the launch (CalledProcessError)."""
-    if launcher.wait():
-        raise subprocess.CalledProcessError(launcher.returncode, launcher.args)
+def wait_ranks(ranks: list[subprocess.Popen], poll_seconds: float = 0.05) -> None:
+    """Waits for the ranks of `start_ranks`. The first to fail stops the others and fails the launch
+    (CalledProcessError), as DeepSpeed's launcher does."""
+    running = list(ranks)
+    while running:
+        for rank in list(running):
+            code = rank.poll()
+            if code is None:
+                continue
+            running.remove(rank)
+            if code:
+                stop_ranks(running)
+                raise subprocess.CalledProcessError(code, rank.args)
+        if running:
+            time.sleep(poll_seconds)
 
 
-def stop_ranks(launcher: subprocess.Popen) -> None:
-    """Stops the ranks of `start_ranks` (DeepSpeed's launcher kills its ranks on SIGTERM) and waits."""
-    if launcher.poll() is None:
-        launcher.terminate()
-    launcher.wait()
+def stop_ranks(ranks: list[subprocess.Popen], grace_seconds: float = 10.0) -> None:
+    """Stops the ranks of `start_ranks` still running (SIGTERM, then SIGKILL after `grace_seconds`)
+    and waits for them."""
+    for rank in ranks:
+        if rank.poll() is None:
+            rank.terminate()
+    for rank in ranks:
+        try:
+            rank.wait(timeout=grace_seconds)
+        except subprocess.TimeoutExpired:
+            rank.kill()
+            rank.wait()
 
 
 # the cores a node's CPU ranks were given in all, when launch chose the count (not the user)
@@ -135,8 +155,8 @@ def end_rank() -> None:
 
 
 def exit_with_driver(poll_seconds: float = 1.0) -> None:
-    """Ends this rank when the driver that launched it is gone. A killed driver gets no chance to
-    stop the DeepSpeed launcher, whose ranks would otherwise keep writing slices for a dead run."""
+    """Ends this rank when the driver that started it is gone. A killed driver gets no chance to
+    stop its ranks, which would otherwise keep writing slices for a dead run."""
     import threading
 
     driver = int(os.environ.get("TRACKSTAR_DRIVER_PID", "0"))
@@ -149,7 +169,7 @@ def exit_with_driver(poll_seconds: float = 1.0) -> None:
                 os.kill(driver, 0)
             except ProcessLookupError:
                 print(f"[rank {os.getpid()}] driver process {driver} is gone: exiting", file=sys.stderr, flush=True)
-                os._exit(1)  # the launcher sees a failed rank and stops the others
+                os._exit(1)
             time.sleep(poll_seconds)
 
     threading.Thread(target=watch, name="exit-with-driver", daemon=True).start()
@@ -157,7 +177,7 @@ def exit_with_driver(poll_seconds: float = 1.0) -> None:
 
 def rank_device(cuda_available: bool, local_rank: int, gpus: int) -> str:
     """The device of the rank with this local rank: its own GPU `cuda:<local_rank>` on a GPU node
-    (the launcher starts one rank per GPU), else the CPU."""
+    (`start_ranks` starts at most one rank per GPU), else the CPU."""
     if not cuda_available:
         return "cpu"
     if not 0 <= local_rank < gpus:
@@ -166,7 +186,7 @@ def rank_device(cuda_available: bool, local_rank: int, gpus: int) -> str:
 
 
 def bind_rank_device() -> str:
-    """This rank's device (`rank_device` for $LOCAL_RANK, set by the launcher); on a GPU node it also
+    """This rank's device (`rank_device` for $LOCAL_RANK, set by `start_ranks`); on a GPU node it also
     becomes the rank's current CUDA device, so collectives and `.cuda()` calls stay off GPU 0."""
     import torch
 
@@ -204,5 +224,5 @@ def rank_arguments():
     parser = argparse.ArgumentParser()
     parser.add_argument("--plan", required=True, help="the plan's path or s3:// URI")
     parser.add_argument("--checkpoint-dir", help="the model to load while the driver writes the plan")
-    parser.add_argument("--local_rank", type=int, default=0)  # passed by the launcher
+    parser.add_argument("--local_rank", type=int, default=0)  # as DeepSpeed's launcher passes it
     return parser.parse_args()

@@ -50,7 +50,7 @@ def copy_lake(source, destination):
 
 
 def running_ranks() -> list:
-    """This process's extraction ranks and DeepSpeed launchers still alive (none once a job returned)."""
+    """This process's extraction ranks still alive (none once a job returned)."""
     import psutil
 
     def is_rank(process):
@@ -58,6 +58,6 @@ def running_ranks() -> list:
             command = " ".join(process.cmdline())
         except psutil.NoSuchProcess:
             return False
-        return "jobs.extract_rank" in command or "deepspeed.launcher.launch" in command
+        return "jobs.extract_rank" in command
 
     return [p for p in psutil.Process().children(recursive=True) if is_rank(p)]

@@ -189,7 +189,7 @@ class RankKiller(threading.Thread):
         while not self.stop.is_set() and not self.killed:
             for process in psutil.process_iter(["pid", "cmdline", "create_time"]):
                 command = process.info["cmdline"] or []
-                # the rank is `python -u -m jobs.extract_rank ... --plan P`; its launcher says `--module jobs.extract_rank`
+                # the rank is `python -u -m jobs.extract_rank ... --plan P`
                 if "jobs.extract_rank" not in command or command[command.index("jobs.extract_rank") - 1] != "-m":
                     continue
                 if time.time() - process.info["create_time"] < 1.0 or "--plan" not in command:

@@ -85,7 +85,7 @@ JOB_LIBRARIES = {
 }
 # (stage, stage it may import): the reason, one line each
 STAGE_EXCEPTIONS = {
-    ("extract_rank", "extract"): "the ranks of extract read the plan its launcher wrote (ExtractConfig)",
+    ("extract_rank", "extract"): "the ranks of extract read the plan its driver wrote (ExtractConfig)",
     ("takedown", "fit_hessian"): "a takedown refits the Hessians whose sums it corrected, in its one audited run",
     ("takedown", "score"): "a takedown rescores what the removed documents ranked in, in its one audited run",
 }
