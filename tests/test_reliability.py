@@ -866,3 +866,33 @@ def test_maintenance_does_not_rewrite_a_file_whose_vectors_fail_their_checksum(l
     with pytest.raises(LakeError, match=r"table train_gradients, file .*\.parquet: not compacted.*checksum"):
         maintain_table(lake, "train_gradients")
     assert lake.version("train_gradients") == version
+
+
+def test_a_compaction_racing_a_re_extraction_commits_nothing_and_the_new_rows_stand(lake, monkeypatch):
+    """A re-extraction of a fingerprint commits while the maintenance is rewriting the partition's
+    files: the compaction's commit would remove files that are gone and re-add the old rows, so it
+    is dropped (the partition counted as skipped, its files deleted) and the slice holds exactly the
+    re-extraction's rows, once. The race is made certain by committing the other write from inside
+    the compaction, just before its commit."""
+    from infra.slice_files import SliceFiles
+    from tests.test_lake import gradient_rows
+
+    mixed = pa.concat_tables([gradient_rows("ck1", 0, 3, fingerprint=f) for f in ("fp1", "fp2")])
+    lake.replace_slice("train_gradients", mixed, checkpoint_id="ck1", partition=0)  # one file, both: to be split
+    finish = SliceFiles.finish
+
+    def finish_after_another_commit(self, data_change=True):
+        if not data_change:  # the compaction's files, written and not yet committed
+            rerun = gradient_rows("ck1", 0, 2, run_id="r2", fingerprint="fp2")
+            lake.replace_slice_batches(
+                "train_gradients", iter([rerun]), checkpoint_id="ck1", partition=0, fingerprint="fp2"
+            )
+        return finish(self, data_change)
+
+    monkeypatch.setattr(SliceFiles, "finish", finish_after_another_commit)
+    files_before = set(Path(lake.path("train_gradients")).rglob("*.parquet"))
+    assert lake.optimize("train_gradients") == {"numFilesRemoved": 0, "numFilesAdded": 0, "partitionsSkipped": 1}
+    rows = lake.read("train_gradients", columns=["fingerprint", "run_id"]).to_pylist()
+    assert Counter((r["fingerprint"], r["run_id"]) for r in rows) == {("fp1", "r1"): 3, ("fp2", "r2"): 2}
+    written = set(Path(lake.path("train_gradients")).rglob("*.parquet")) - files_before
+    assert len(written) == 2  # the re-extraction's two files (fp2, and fp1 carried over); the compaction's are gone
