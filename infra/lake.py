@@ -219,17 +219,10 @@ class Lake(LakeReads, LakeSpark):
         spec = declared(table)
         files = SliceFiles(delta, spec.arrow_schema, partition_values, self.storage_options, spec.files_per_slice)
         fragments, schema = partition_fragments(delta, partition_values), delta.to_pyarrow_dataset().schema
-        where = f"table {table}"
         try:
             for fragment in fragments:
-                if fragment.path not in sizes:
-                    continue
-                where = f"table {table}, file {fragment.path}"
-                for batch in fragment.to_batches(
-                    schema=schema, columns=files.schema.names, use_threads=False, fragment_scan_options=VERIFY_PAGES
-                ):
-                    check_vectors(batch, where)
-                    files.write(pa.Table.from_batches([batch]).cast(files.schema))  # string_view back to string
+                if fragment.path in sizes:
+                    self._copy_checked(table, fragment, schema, files)
             now = int(time.time() * 1000)
             removes = [RemoveAction(p, False, now, size=n, partition_values=partition_values) for p, n in sizes.items()]
             added = files.finish(data_change=False)
@@ -237,15 +230,29 @@ class Lake(LakeReads, LakeSpark):
         except CommitFailedError:
             files.discard()
             return 0, 0
-        except (OSError, pa.ArrowException, CorruptVector) as error:
-            files.discard()
-            raise LakeError(
-                f"{where}: not compacted, it does not read back whole ({error}); run `python -m jobs verify`"
-            )
         except BaseException:
             files.discard()
             raise
         return len(removes), len(added)
+
+    @staticmethod
+    def _copy_checked(table: str, fragment, schema: pa.Schema, files: SliceFiles) -> None:
+        """The file's rows into `files`, its Parquet pages and vectors checked on the way."""
+        where = f"table {table}, file {fragment.path}"
+        batches = fragment.to_batches(
+            schema=schema, columns=files.schema.names, use_threads=False, fragment_scan_options=VERIFY_PAGES
+        )
+        while True:
+            try:  # a failed read names the file; a failed write (files.write) is the writer's own error
+                batch = next(batches, None)
+                if batch is None:
+                    return
+                check_vectors(batch, where)
+            except (OSError, pa.ArrowException, CorruptVector) as error:
+                raise LakeError(
+                    f"{where}: not compacted, it does not read back whole ({error}); run `python -m jobs verify`"
+                ) from error
+            files.write(pa.Table.from_batches([batch]).cast(files.schema))  # string_view back to string
 
     def vacuum(self, table: str, retention_hours: int) -> list[str]:
         """Delete files no longer referenced by versions newer than retention_hours; returns them.
