@@ -72,6 +72,8 @@ def maintain_table(lake: Lake, table: str) -> dict:
         "version": delta.version(),
         "files_removed": compacted["numFilesRemoved"],
         "files_added": compacted["numFilesAdded"],
+        # partitions a writer changed while they were being compacted: left for the next run
+        "partitions_left_for_next_run": compacted.get("partitionsSkipped", 0),
         "vacuumed": len(vacuumed),
         "not_vacuumed_foreign_files": foreign[:20],
     }
