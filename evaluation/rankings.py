@@ -51,7 +51,8 @@ def rankings_per_seed(
     """seed -> method -> query -> [doc ids] for every gradient method, and seed -> the fit
     diagnostics of its TrackStar Hessian."""
     wanted = extractions(config, checkpoint, manifest.get("optimizer", "adam"))
-    extracted = dict(zip(wanted, extract.run_many(list(wanted.values()))))  # one start of the ranks for all
+    # one start of the ranks for all, and none where the DAG extracted them already (its `also_extract`)
+    extracted = dict(zip(wanted, extract.run_many(list(wanted.values()), ranks_before_plan=False)))
     ranked, diagnostics = {}, {}
     for seed in config.seeds:
         ranked[seed], diagnostics[seed] = seed_rankings(

@@ -131,14 +131,16 @@ def run(config: ExtractConfig) -> dict:
     return run_many([config])[0]
 
 
-def run_many(configs: list[ExtractConfig]) -> list[dict]:
+def run_many(configs: list[ExtractConfig], ranks_before_plan: bool = True) -> list[dict]:
     """Several extractions of one checkpoint (other projection seeds, sizes, normalisers or query
     sets) with one start of the ranks: each fingerprint is its own run with its own slices, and the
     ranks share the work items of all of them (the model and optimizer state load once per rank).
     Configs of one fingerprint (other query sets of one extraction) are one run.
     The ranks start first and load the model while the specs and the missing slices are worked out
     (~2 s of planning, most of it importing the model's code); they are stopped if nothing is
-    missing. Returns one result per config, as `run` does."""
+    missing. A caller that expects nothing to be missing (the evaluation, after the DAG extracted
+    its projections) passes `ranks_before_plan=False`: the ranks then start only once the plan
+    shows work, and a run with nothing to do starts none. Returns one result per config, as `run` does."""
     first = configs[0]
     shared = {"lake", "checkpoint", "ranks", "cpu_threads", "force", "token_budget"}
     differing = sorted({f for f in shared for c in configs if getattr(c, f) != getattr(first, f)})
@@ -153,13 +155,17 @@ def run_many(configs: list[ExtractConfig]) -> list[dict]:
     plan_path = layout.plan(lake.root, f"extract-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}")
     # a rank per partition at most: the query set is small, and an idle rank's cores go unused
     rank_count = node_ranks(first.ranks, 0 if first.queries_only else len(asked_partitions(first, tokenized)))
-    ranks = start_ranks(
-        "jobs.extract_rank",
-        plan_path,
-        rank_count,
-        first.cpu_threads,
-        ["--checkpoint-dir", str(checkpoint_dir.resolve())],
-    )
+
+    def started():
+        return start_ranks(
+            "jobs.extract_rank",
+            plan_path,
+            rank_count,
+            first.cpu_threads,
+            ["--checkpoint-dir", str(checkpoint_dir.resolve())],
+        )
+
+    ranks = started() if ranks_before_plan else []
     try:  # the ranks are stopped unless they ran the plan to its end: nothing missing, or any failure
         results, jobs, planned = [], [], {}
         for config in configs:
@@ -176,6 +182,7 @@ def run_many(configs: list[ExtractConfig]) -> list[dict]:
             )
             source = checkpoint_uri(lake, first.checkpoint)
             results_planned = [result for result, _ in planned.values()]
+            ranks = ranks or started()
             run_plan(lake, checkpoint_dir, manifest, weights, source, jobs, results_planned, plan_path, ranks)
     finally:
         stop_ranks(ranks)

@@ -35,7 +35,7 @@ from gradient_kernels.scoring import FingerprintMismatch, Preconditioner, prepar
 from infra.lake import Lake
 from infra.matrices import ChecksumMismatch, load_matrices
 from infra import layout, storage
-from jobs import catalog, extract, fit_hessian, register_queries, score, tokenize
+from jobs import catalog, extract, fit_hessian, launch, register_queries, score, tokenize
 from jobs.checkpoints import CheckpointMismatch, load_second_moments
 from jobs.second_moments import SAMPLE_CHUNKS, load_data_moments
 from schemas.vectors import decode_vectors
@@ -525,7 +525,7 @@ def test_chunks_with_non_finite_gradients_are_quarantined_not_written(indexed, t
     ).all()
 
 
-def test_extract_with_data_moments_needs_no_optimizer_state_and_estimates_once(indexed, tmp_path):
+def test_extract_with_data_moments_needs_no_optimizer_state_and_estimates_once(indexed, tmp_path, monkeypatch):
     source, checkpoint, _, _ = indexed
     lake = Lake(copy_lake(source.root, tmp_path / "lake"))
     stateless = tmp_path / "stateless"
@@ -549,6 +549,10 @@ def test_extract_with_data_moments_needs_no_optimizer_state_and_estimates_once(i
     assert again["fingerprint"] == first["fingerprint"] and again["items"] == []
     # the ranks started while it planned are stopped, and no plan is written for them
     assert running_ranks() == [] and storage.list_objects(storage.join(lake.root, "_plans")) == plans
+    started = []  # a spy on the real start: the evaluation's way, ranks only once the plan shows work
+    monkeypatch.setattr(extract, "start_ranks", lambda *a, **k: started.append(a) or launch.start_ranks(*a, **k))
+    (late,) = extract.run_many([config], ranks_before_plan=False)
+    assert late["items"] == [] and started == []
 
     model = AutoModelForCausalLM.from_pretrained(stateless)
     matrices = weight_matrices(model)
