@@ -196,9 +196,8 @@ class Lake(LakeReads, LakeSpark):
         spec = declared(table)
         if not spec.files_per_slice:
             return self.open(table).optimize.compact()
-        delta = self.open(table)
         by_partition: dict[str, tuple[dict, list]] = {}
-        for action in pa.table(delta.get_add_actions(flatten=True)).to_pylist():
+        for action in pa.table(self.open(table).get_add_actions(flatten=True)).to_pylist():
             values = {column: str(action[f"partition.{column}"]) for column in spec.partition_by}
             by_partition.setdefault(json.dumps(values, sort_keys=True), (values, []))[1].append(action)
         removed = added = skipped = 0
@@ -206,19 +205,23 @@ class Lake(LakeReads, LakeSpark):
             chosen = files_to_compact(actions, spec.files_per_slice)
             if chosen:
                 sizes = {a["path"]: a["size_bytes"] for a in actions if a["path"] in chosen}
-                counts = self._rewrite_files(table, delta, values, sizes)
+                counts = self._rewrite_files(table, values, sizes)
                 removed, added, skipped = removed + counts[0], added + counts[1], skipped + (counts == (0, 0))
         return {"numFilesRemoved": removed, "numFilesAdded": added, "partitionsSkipped": skipped}
 
-    def _rewrite_files(self, table: str, delta: DeltaTable, partition_values: dict, sizes: dict) -> tuple[int, int]:
+    def _rewrite_files(self, table: str, partition_values: dict, sizes: dict) -> tuple[int, int]:
         """Rewrites the partition's files `sizes` names (path -> bytes) with the same rows, each value
         of the table's `files_per_slice` in files of its own, in one commit of actions marked as no
         change of data (change-feed readers skip it). (files removed, added); (0, 0) when another
         writer changed the partition meanwhile: nothing is committed, the next compaction tries again.
         A file whose pages or vectors fail their checks is not rewritten (LakeError naming it)."""
         spec = declared(table)
-        files = SliceFiles(delta, spec.arrow_schema, partition_values, self.storage_options, spec.files_per_slice)
+        # the latest snapshot: a snapshot older than the previous partition's commit would be refused
+        delta = self.open(table)
         fragments, schema = partition_fragments(delta, partition_values), delta.to_pyarrow_dataset().schema
+        if not set(sizes) <= {fragment.path for fragment in fragments}:
+            return 0, 0  # a writer replaced some of them since they were chosen
+        files = SliceFiles(delta, spec.arrow_schema, partition_values, self.storage_options, spec.files_per_slice)
         try:
             for fragment in fragments:
                 if fragment.path in sizes:

@@ -85,12 +85,7 @@ class SliceFiles:
     def discard(self) -> None:
         """Deletes every file written (none of them was committed)."""
         paths = [action.path for action in self.added]
-        for stream in self._streams.values():
-            if stream.file is not None:
-                stream.file["writer"].close()
-                stream.file["sink"].close()
-                paths.append(stream.file["path"])
-                stream.file = None
+        paths += [self._end_file(stream)["path"] for stream in self._streams.values() if stream.file is not None]
         for path in paths:
             try:
                 self.fs.delete_file(path)
@@ -118,13 +113,18 @@ class SliceFiles:
     def _close_file(self, stream: _Stream) -> None:
         if stream.file is None:
             return
-        stream.file["writer"].close()
-        stream.file["sink"].close()
-        path = stream.file["path"]
-        size = self.fs.get_file_info(path).size
+        ended = self._end_file(stream)
+        size = self.fs.get_file_info(ended["path"]).size
         now = int(time.time() * 1000)
-        self.added.append(AddAction(path, size, self.partition_values, now, True, json.dumps(stream.file["stats"])))
-        stream.file = None
+        self.added.append(AddAction(ended["path"], size, self.partition_values, now, True, json.dumps(ended["stats"])))
+
+    @staticmethod
+    def _end_file(stream: _Stream) -> dict:
+        """Closes the stream's open file (its writer, then its sink) and returns what it held."""
+        ended, stream.file = stream.file, None
+        ended["writer"].close()
+        ended["sink"].close()
+        return ended
 
 
 @dataclass
