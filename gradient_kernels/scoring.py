@@ -108,10 +108,11 @@ class RunningTopK:
 
     Streaming stays in torch (a Python loop over each batch's candidates was ~20% of index scoring
     on small corpora): per query it holds every row scoring at least its k-th best so far (k rows;
-    more only when rows tie with the k-th), as scores and ids into a store of keys. A batch is
-    looked at only where it reaches the held k-th; keys are fetched only for rows that enter the
-    held set and compared only once, in `ranked`. 200 queries, batches of 1,724 rows: as fast as
-    the loop over 4 batches, 2x faster over 40.
+    more only when rows tie with the k-th), as scores and ids into a store of keys. Of a batch,
+    only each query's entries reaching its held k-th (the batch's own k-th at first) are gathered
+    and merged; keys are fetched only for rows that enter the held set and compared only once, in
+    `ranked`. On the embedded index (200 queries, 4 batches of ~1,700 rows): 7.3 ms with `ranked`,
+    against 9.2 ms when every column some query reached was gathered and 30 ms of integer products.
     """
 
     def __init__(self, n_queries: int, k: int):
@@ -127,12 +128,13 @@ class RunningTopK:
             return
         if not scores.sum().isfinite():  # one cheap pass; topk would rank NaN above every score
             raise ValueError("NaN or infinite scores: a stored vector or a query is not finite")
-        if self.scores.shape[1] < self.k:  # fewer than k held: the batch's own k best may all enter
-            values, rows = _with_ties_at_kth(scores, self.k)
+        if self.scores.shape[1] < self.k:  # fewer than k held: the batch's own k best (and ties) may all enter
+            floor = scores.topk(min(self.k, scores.shape[1]), dim=1).values[:, -1]
         else:  # only rows reaching the held k-th can enter: usually a few, found by one comparison
-            values, rows = _reaching(scores, self.scores[:, self.k - 1])
-            if values.shape[1] == 0:  # the usual batch, once the held scores are high
-                return
+            floor = self.scores[:, self.k - 1]
+        values, rows = _reaching(scores, floor)
+        if values.shape[1] == 0:  # the usual batch, once the held scores are high
+            return
         stored = len(self.keys)
         merged, where = torch.cat([self.scores.to(values.dtype), values], dim=1).sort(dim=1, descending=True)
         ids = torch.cat([self.ids, rows + stored], dim=1).gather(1, where)  # the batch's rows: ids past the store
@@ -162,22 +164,19 @@ class RunningTopK:
         ]
 
 
-def _with_ties_at_kth(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, columns) per row of `scores`, best first: its k best and every column tied with
-    its k-th (as wide as the row with most such ties; the others' extra columns rank below)."""
-    values, columns = scores.topk(min(k, scores.shape[1]), dim=1)
-    width = int((scores >= values[:, -1:]).sum(dim=1).max())
-    return (values, columns) if width == values.shape[1] else scores.topk(width, dim=1)
-
-
 def _reaching(scores: torch.Tensor, floor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, columns) per row of `scores`, best first: its columns scoring at least its `floor`,
-    padded with -inf to the widest row's count. Only columns where some row reaches are sorted."""
-    columns = ((scores - floor[:, None]).amax(dim=0) >= 0).nonzero()[:, 0]
-    values = scores[:, columns]
-    width = int((values >= floor[:, None]).sum(dim=1).max())
-    best, where = values.masked_fill_(values < floor[:, None], -float("inf")).topk(width, dim=1)
-    return best, columns[where]
+    """(values, columns) per row of `scores`: its columns scoring at least its `floor`, in column
+    order, padded with -inf to the widest row's count. Only each row's own entries are gathered
+    (one comparison and one nonzero over the batch), not every column some row reaches."""
+    rows, columns = (scores >= floor[:, None]).nonzero(as_tuple=True)
+    counts = torch.bincount(rows, minlength=scores.shape[0])
+    width = int(counts.max()) if len(rows) else 0
+    slots = torch.arange(len(rows)) - (counts.cumsum(0) - counts)[rows]  # place within its row
+    values = scores.new_full((scores.shape[0], width), -float("inf"))
+    values[rows, slots] = scores[rows, columns]
+    where = torch.zeros((scores.shape[0], width), dtype=torch.int64)
+    where[rows, slots] = columns
+    return values, where
 
 
 def two_stage_top_k(queries: torch.Tensor, sketch: torch.Tensor, exact: torch.Tensor, candidates: int, k: int):
