@@ -5,7 +5,11 @@ bigger corpora are made here:
 - extract: the first --extract-rows token chunks, replicated 1x/4x/16x into ONE partition (so
   the partition grows with the scale: a rank's memory must not), extracted by one CPU rank;
 - index, score (index), score (raw): every stored train vector replicated 1x/4x/16x, each copy
-  slightly perturbed (1% noise, so copies do not tie) and written as new partitions.
+  slightly perturbed (1% noise, so copies do not tie) and written as new partitions;
+- compact: every stored train vector replicated 1x/4x/16x into ONE partition as small files (one
+  append of ~15 MB each, alternately under two fingerprints, as a lake holding two projections of a
+  slice), then the weekly maintenance's compaction (`Lake.optimize`) of that partition: the
+  partition grows with the scale, the compaction's memory must not.
 Each stage runs in a fresh process; its peak RSS is sampled over that process and its descendants
 (the DeepSpeed launcher and rank) together. Printed: seconds and peak RSS per stage and scale,
 and each one's ratio to 1x (linear cost: time ratio ≈ scale; flat memory: RSS ratio ≈ 1).
@@ -31,12 +35,13 @@ import pyarrow as pa  # noqa: E402
 
 from infra.lake import Lake  # noqa: E402
 
-STAGES = ("extract", "index", "score (index)", "score (raw)")
+STAGES = ("extract", "index", "score (index)", "score (raw)", "compact")
+ROWS_PER_SMALL_FILE = 862  # ~15 MB of float32 vectors at d = 4,352: a file compaction merges
 
 
 def replicate_vectors(source: Lake, scratch: Lake, copies: range, checkpoint_id: str, fingerprint: str):
     """Write copies `copies` of every train_gradients partition into scratch as partitions copy*1000 + p."""
-    from schemas.vectors import decode_vectors, encode_vectors
+    from schemas.vectors import decode_vectors, encode_vectors, vector_checksums
 
     partitions = sorted(set(source.read("train_gradients", columns=["partition"])["partition"].to_pylist()))
     for partition in partitions:
@@ -57,19 +62,13 @@ def replicate_vectors(source: Lake, scratch: Lake, copies: range, checkpoint_id:
                 else vectors
             )
             cells, scales = encode_vectors(perturbed, rows["dtype"][0].as_py())
-            table = rows.set_column(rows.schema.get_field_index("vector"), "vector", cells)
-            table = table.set_column(
-                table.schema.get_field_index("partition"),
-                "partition",
-                pa.array([copy * 1000 + partition] * rows.num_rows, pa.int32()),
-            )
-            table = table.set_column(
-                table.schema.get_field_index("doc_id"),
-                "doc_id",
-                pa.array([f"{d}#copy{copy}" if copy else d for d in rows["doc_id"].to_pylist()]),
+            table = as_copy(
+                rows.set_column(rows.schema.get_field_index("vector"), "vector", cells), copy, copy * 1000 + partition
             )
             if scales is not None:
                 table = table.set_column(table.schema.get_field_index("scale"), "scale", scales)
+            checksums = vector_checksums(table["vector"], table["scale"])  # of the perturbed vectors
+            table = table.set_column(table.schema.get_field_index("checksum"), "checksum", checksums)
             scratch.replace_slice(
                 "train_gradients",
                 table,
@@ -77,6 +76,31 @@ def replicate_vectors(source: Lake, scratch: Lake, copies: range, checkpoint_id:
                 partition=copy * 1000 + partition,
                 fingerprint=fingerprint,
             )
+
+
+def as_copy(rows: pa.Table, copy: int, partition: int) -> pa.Table:
+    """`rows` moved to `partition`, their doc ids made distinct for each copy but the first."""
+    rows = rows.set_column(
+        rows.schema.get_field_index("partition"), "partition", pa.array([partition] * rows.num_rows, pa.int32())
+    )
+    doc_ids = [f"{d}#copy{copy}" if copy else d for d in rows["doc_id"].to_pylist()]
+    return rows.set_column(rows.schema.get_field_index("doc_id"), "doc_id", pa.array(doc_ids))
+
+
+def replicate_as_small_files(source: Lake, scratch: Lake, scale: int, checkpoint_id: str, fingerprint: str):
+    """`scale` copies of the fingerprint's train vectors in partition 0 of scratch, one append (one
+    small file) per ROWS_PER_SMALL_FILE rows, every other append under a second fingerprint."""
+    rows = source.read(
+        "train_gradients", filters=[("checkpoint_id", "=", checkpoint_id), ("fingerprint", "=", fingerprint)]
+    )
+    for copy in range(scale):
+        table = as_copy(rows, copy, 0)
+        for piece, start in enumerate(range(0, table.num_rows, ROWS_PER_SMALL_FILE)):
+            part = table.slice(start, ROWS_PER_SMALL_FILE)
+            if piece % 2:
+                second = pa.array([f"{fingerprint}-second"] * part.num_rows)
+                part = part.set_column(part.schema.get_field_index("fingerprint"), "fingerprint", second)
+            scratch.append("train_gradients", part)
 
 
 def replicate_tokens(source: Lake, scratch: Lake, rows: int | None, scale: int, partition: int = 0):
@@ -100,6 +124,10 @@ def run_stage(stage: str, lake: str, checkpoint: str, checkpoint_id: str, finger
 
     if stage == "extract":
         extract.run(extract.ExtractConfig(lake=lake, checkpoint=checkpoint, ranks=1, query_set=None, force=True))
+    elif stage == "compact":
+        compacted = Lake(lake).optimize("train_gradients")
+        if not compacted["numFilesAdded"]:
+            raise RuntimeError(f"nothing was compacted: {compacted}")
     elif stage == "index":
         trackstar_index.ensure_index(Lake(lake), checkpoint_id, fingerprint, query_set, "inverse_root", "int8")
     else:
@@ -159,7 +187,10 @@ def main():
     results = {}
     with tempfile.TemporaryDirectory(prefix="scaling-") as scratch_dir:
         vectors_lake, tokens_lake = Path(scratch_dir) / "vectors", Path(scratch_dir) / "tokens"
-        for table in ("checkpoints", "hessians", "queries", "query_sets", "query_gradients", "runs"):
+        compact_lake = Path(scratch_dir) / "compact"
+        lakes = {"extract": tokens_lake, "compact": compact_lake}
+        # the tables scoring reads, and the fitted Hessians' files the hessians table points to
+        for table in ("checkpoints", "hessians", "queries", "query_sets", "query_gradients", "runs", "_matrices"):
             shutil.copytree(Path(source.root) / table, vectors_lake / table)
         done = 0
         for scale in scales:
@@ -172,9 +203,11 @@ def main():
             done = scale
             shutil.rmtree(tokens_lake, ignore_errors=True)
             replicate_tokens(source, Lake(tokens_lake), args.extract_rows, scale)
+            shutil.rmtree(compact_lake, ignore_errors=True)  # small files only, none compacted before
+            replicate_as_small_files(source, Lake(compact_lake), scale, trace.checkpoint_id, trace.fingerprint)
             shutil.rmtree(vectors_lake / "trackstar_index", ignore_errors=True)  # a full build at every scale
             for stage in STAGES:
-                results[(stage, scale)] = measured(stage, tokens_lake if stage == "extract" else vectors_lake, context)
+                results[(stage, scale)] = measured(stage, lakes.get(stage, vectors_lake), context)
                 seconds, rss = results[(stage, scale)]
                 print(f"[scaling] {scale}x {stage}: {seconds:.1f}s, peak RSS {rss:,.0f} MB", flush=True)
     n_vectors = (
@@ -188,7 +221,7 @@ def main():
     )
     print(
         f"\nscales: extract {args.extract_rows} chunks x scale (one partition, 1 rank); index and score "
-        f"{n_vectors:,} vectors x scale"
+        f"{n_vectors:,} vectors x scale; compact {n_vectors:,} vectors x scale in one partition of small files"
     )
     print(
         f"{'stage':<14} "

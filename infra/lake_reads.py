@@ -84,7 +84,7 @@ class LakeReads(LakeTables):
             rows = dataset.to_table(
                 columns=reading, filter=expression, use_threads=False, fragment_scan_options=VERIFY_PAGES
             )
-            if reading != columns:
+            if _checks_vectors(reading):
                 check_vectors(rows, f"table {table}")
         except (OSError, pa.ArrowException, CorruptVector) as error:
             self.raise_file_problems(table, filters, error)
@@ -121,7 +121,7 @@ class LakeReads(LakeTables):
                     fragment_scan_options=VERIFY_PAGES,
                 ):
                     if batch.num_rows:
-                        if reading != columns:
+                        if _checks_vectors(reading):
                             check_vectors(batch, where)
                         yield pa.Table.from_batches([batch]).select(columns)
             except CorruptVector as error:
@@ -225,6 +225,12 @@ def _with_checksum_columns(spec: Table, columns: list[str]) -> list[str]:
     if "vector" not in columns or "checksum" not in spec.column_names:
         return columns
     return [*columns, *(c for c in ("scale", "checksum") if c not in columns)]
+
+
+def _checks_vectors(reading: list[str]) -> bool:
+    """Whether a read of `reading` (`_with_checksum_columns`' list) checks vectors against their
+    checksums: whenever it reads both, also when the caller asked for every column."""
+    return "vector" in reading and "checksum" in reading
 
 
 def _conditions(filters) -> list[tuple]:

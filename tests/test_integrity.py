@@ -127,6 +127,23 @@ def test_a_truncated_file_is_named_by_every_reader(scored, tmp_path):
     assert len(problems["query_gradients"]) == 1
 
 
+def test_a_stale_checksum_fails_every_read_of_the_vectors_also_of_every_column(lake):
+    """Vectors changed after their checksum was taken (pages written, and CRC'd, afterwards): a read
+    of some columns and a read of every column (which already names the checksum) both refuse."""
+    from tests.test_lake import gradient_rows
+
+    rows = gradient_rows("ck1", 0, 4)
+    checksums = vector_checksums(rows["vector"], rows["scale"]).to_pylist()
+    checksums[2] ^= 1  # row 2's vector no longer matches
+    lake.append("train_gradients", rows.append_column("checksum", pa.array(checksums, pa.int64())))
+    for columns in (None, ["doc_id", "vector"], ["doc_id", "chunk", "vector", "scale", "checksum"]):
+        with pytest.raises(LakeError, match=r"1 of 4 .*doc_id 'https://example.com/0/2'"):
+            lake.read("train_gradients", columns=columns)
+        with pytest.raises(LakeError, match=r"1 of 4 .*doc_id 'https://example.com/0/2'"):
+            list(lake.read_batches("train_gradients", columns=columns))
+    assert lake.read("train_gradients", columns=["doc_id", "checksum"]).num_rows == 4  # no vectors: nothing to check
+
+
 def test_a_table_written_before_checksums_gains_the_column_and_still_reads(lake):
     old_schema = pa.schema([f for f in TABLES["train_gradients"].arrow_schema if f.name != "checksum"])
     cells, _ = encode_vectors(np.ones((2, 3), np.float32), "float32")
