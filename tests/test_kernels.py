@@ -33,7 +33,7 @@ from gradient_kernels.normalizers import (
 from gradient_kernels.projection import ProjectionSpec, gaussian_projection
 from gradient_kernels.reference import dense_projection, reference_vectors
 from gradient_kernels.scoring import FingerprintMismatch, Preconditioner, check_same, merge_top_k, prepare, top_k
-from gradient_kernels.tail_patch import AdafactorStep, AdamStep, TailPatcher, optimizer_step
+from gradient_kernels.tail_patch import STACKED_PARAMETER_BYTES, AdafactorStep, AdamStep, TailPatcher, optimizer_step
 
 VOCAB = 61
 
@@ -499,6 +499,15 @@ def test_adafactor_tail_patch_step_equals_torch_adafactor():
         assert torch.allclose(ours, expected, rtol=1e-4, atol=1e-7), name
         moved += int(expected.abs().max() > 0)
     assert moved > 5
+
+
+def test_tail_patch_groups_keep_the_stacked_largest_parameter_under_the_allocators_heap_blocks():
+    small = TailPatcher(_gpt2(), optimizer_step(None), lr=0.05)
+    assert small.group == 32  # a tiny model: 32 copies of its largest parameter are small
+    wide = GPT2LMHeadModel(GPT2Config(vocab_size=16384, n_positions=32, n_embd=64, n_layer=1, n_head=2))
+    embedding_bytes = 16384 * 64 * 4  # the largest parameter (tied with the output layer)
+    assert TailPatcher(wide, optimizer_step(None), lr=0.05).group == STACKED_PARAMETER_BYTES // embedding_bytes == 5
+    assert TailPatcher(wide, optimizer_step(None), lr=0.05, memory_budget_bytes=32 << 20).group == 1  # budget first
 
 
 @pytest.mark.parametrize("kind", ["adam", "adafactor", "sgd"])
