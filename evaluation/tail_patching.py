@@ -60,7 +60,8 @@ def tail_patch(
     from gradient_kernels.tail_patch import TailPatcher
     from jobs.progress import Progress
 
-    model = AutoModelForCausalLM.from_pretrained(checkpoint_dir)
+    # eager attention: vmap has no batching rule for the CPU flash kernel (it falls back to a loop, warning)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint_dir, attn_implementation="eager")
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
     patcher = TailPatcher(model, rule, learning_rate)
     eos = tokenizer.eos_token_id

@@ -142,13 +142,15 @@ class Table:
         Lossless widenings are accepted (int64 values into INT when they fit, float64 into FLOAT,
         large_string into STRING) and a nullable column may be left out (it is filled with nulls);
         a different kind of value (text in a number column), a missing NOT NULL column, an
-        unexpected column, or a null in a NOT NULL column is an error naming the column.
+        unexpected column, or a null in a NOT NULL column is an error naming the column. A vector
+        table's rows without a checksum get one.
         """
         data = pa.Table.from_batches([data]) if isinstance(data, pa.RecordBatch) else data
         self.check_column_names(data.column_names + [c.name for c in self.columns if c.nullable])
-        return pa.Table.from_arrays(
+        rows = pa.Table.from_arrays(
             [self._conform(c, _column_or_nulls(data, c)) for c in self.columns], schema=self.arrow_schema
         )
+        return _with_checksums(rows) if "checksum" in self.column_names else rows
 
     def _conform(self, column: Column, values: pa.ChunkedArray) -> pa.ChunkedArray:
         where = f"table {self.name}, column {column.name}"
@@ -162,6 +164,19 @@ class Table:
             return values.cast(target, safe=True)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
             raise SchemaError(f"{where}: values do not fit {column.type}: {error}") from error
+
+
+def _with_checksums(rows: pa.Table) -> pa.Table:
+    """Rows of a vector table, each vector without a checksum given one (from a writer that did not
+    compute it, or rewritten from before checksums existed): from here on a changed byte is seen."""
+    from schemas.vectors import vector_checksums
+
+    checksums = rows.column("checksum")
+    if not checksums.null_count:
+        return rows
+    computed = vector_checksums(rows.column("vector"), rows.column("scale"))
+    filled = pc.if_else(pc.is_null(checksums), computed, checksums)
+    return rows.set_column(rows.schema.get_field_index("checksum"), rows.schema.field("checksum"), filled)
 
 
 def _column_or_nulls(data: pa.Table, column: Column) -> pa.ChunkedArray:

@@ -144,6 +144,29 @@ def test_a_stale_checksum_fails_every_read_of_the_vectors_also_of_every_column(l
     assert lake.read("train_gradients", columns=["doc_id", "checksum"]).num_rows == 4  # no vectors: nothing to check
 
 
+def test_vectors_written_without_checksums_get_them_and_a_later_change_is_seen(lake):
+    """A writer that leaves the checksum out (null) does not leave its vectors unprotected: the lake
+    computes each missing one as it writes (int8 rows over their scale too) and keeps given ones."""
+    from tests.test_lake import gradient_rows
+
+    float_rows = gradient_rows("ck1", 0, 3)  # no checksum column
+    cells, scales = encode_vectors(np.arange(12, dtype=np.float32).reshape(3, 4), "int8")
+    int8_rows = gradient_rows("ck1", 1, 3).set_column(5, "vector", cells).set_column(7, "scale", scales)
+    int8_rows = int8_rows.set_column(6, "dtype", pa.array(["int8"] * 3))
+    given = vector_checksums(int8_rows["vector"], int8_rows["scale"]).to_pylist()
+    int8_rows = int8_rows.append_column("checksum", pa.array([given[0], None, given[2]], pa.int64()))
+    lake.append("train_gradients", pa.concat_tables([float_rows, int8_rows], promote_options="default"))
+    stored = lake.read("train_gradients").sort_by([("partition", "ascending"), ("chunk", "ascending")])
+    assert stored["checksum"].null_count == 0
+    assert stored["checksum"].to_pylist() == [
+        *vector_checksums(float_rows["vector"], None).to_pylist(),
+        *given,
+    ]
+    changed = stored.set_column(5, "vector", pa.array([b"\1" * 16] + stored["vector"].to_pylist()[1:], pa.binary()))
+    with pytest.raises(CorruptVector, match="1 of 6"):
+        check_vectors(changed, "table train_gradients")
+
+
 def test_a_table_written_before_checksums_gains_the_column_and_still_reads(lake):
     old_schema = pa.schema([f for f in TABLES["train_gradients"].arrow_schema if f.name != "checksum"])
     cells, _ = encode_vectors(np.ones((2, 3), np.float32), "float32")
