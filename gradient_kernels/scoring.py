@@ -171,10 +171,10 @@ def _reaching(scores: torch.Tensor, floor: torch.Tensor) -> tuple[torch.Tensor, 
     rows, columns = (scores >= floor[:, None]).nonzero(as_tuple=True)
     counts = torch.bincount(rows, minlength=scores.shape[0])
     width = int(counts.max()) if len(rows) else 0
-    slots = torch.arange(len(rows)) - (counts.cumsum(0) - counts)[rows]  # place within its row
+    slots = torch.arange(len(rows), device=rows.device) - (counts.cumsum(0) - counts)[rows]  # place in its row
     values = scores.new_full((scores.shape[0], width), -float("inf"))
     values[rows, slots] = scores[rows, columns]
-    where = torch.zeros((scores.shape[0], width), dtype=torch.int64)
+    where = torch.zeros((scores.shape[0], width), dtype=torch.int64, device=scores.device)
     where[rows, slots] = columns
     return values, where
 
