@@ -58,9 +58,24 @@ class Autocorrelation:
         return [s / self.count for s in self.sums]
 
 
-def spectrum(blocks: list) -> torch.Tensor:
-    """All eigenvalues of a block-diagonal matrix, largest first."""
-    return torch.cat([torch.linalg.eigvalsh(b.double()) for b in blocks]).clamp(min=0).sort(descending=True).values
+class Decomposed:
+    """A block-diagonal symmetric matrix with each block's eigendecomposition (float64), made once:
+    its spectrum, extreme eigenvalues and damped powers all come from it. A fit asks for R_train's
+    three times and the mixed R's twice (nine decompositions of three matrices before)."""
+
+    def __init__(self, blocks: list):
+        self.blocks = blocks
+        self.eigen = [torch.linalg.eigh(b.double()) for b in blocks]  # (values ascending, vectors)
+
+
+def decomposed(matrix: list | Decomposed) -> Decomposed:
+    return matrix if isinstance(matrix, Decomposed) else Decomposed(matrix)
+
+
+def spectrum(matrix: list | Decomposed) -> torch.Tensor:
+    """All eigenvalues of a block-diagonal matrix (its blocks, or `Decomposed`), largest first."""
+    values = [v for v, _ in decomposed(matrix).eigen]
+    return torch.cat(values).clamp(min=0).sort(descending=True).values
 
 
 def crossing_component(dim: int, fraction: float = 0.015) -> int:
@@ -119,36 +134,39 @@ def global_damping(blocks: list, ratio: float = 0.1) -> float:
 
 
 def damped_inverse_power(
-    blocks: list, damping: float | list | None = None, damping_ratio: float = 0.1, power: float = -0.5
+    matrix: list | Decomposed, damping: float | list | None = None, damping_ratio: float = 0.1, power: float = -0.5
 ) -> tuple[list, list]:
-    """(R + d_b·I)^power per block b, by eigendecomposition in float64. `damping` is one value for
-    every block, or one per block; if None, the global rule (`train_relative_damping` is the
-    pipeline's). Returns the blocks (float32) and the per-block dampings used."""
-    decompositions = [torch.linalg.eigh(b.double()) for b in blocks]
+    """(R + d_b·I)^power per block b of R (its blocks, or `Decomposed`), by eigendecomposition in
+    float64. `damping` is one value for every block, or one per block; if None, the global rule
+    (`train_relative_damping` is the pipeline's). Returns the blocks (float32) and the dampings used."""
+    matrix = decomposed(matrix)
     if damping is None:
-        damping = global_damping(blocks, damping_ratio)
-    dampings = [float(damping)] * len(blocks) if isinstance(damping, (int, float)) else [float(d) for d in damping]
-    if len(dampings) != len(blocks):
-        raise ValueError(f"{len(dampings)} dampings for {len(blocks)} blocks")
+        damping = global_damping(matrix.blocks, damping_ratio)
+    n = len(matrix.blocks)
+    dampings = [float(damping)] * n if isinstance(damping, (int, float)) else [float(d) for d in damping]
+    if len(dampings) != n:
+        raise ValueError(f"{len(dampings)} dampings for {n} blocks")
     if min(dampings) <= 0:
         raise ValueError("damping must be positive (R is singular when fewer vectors than coordinates)")
     out = []
-    for (values, vectors), d in zip(decompositions, dampings):
+    for (values, vectors), d in zip(matrix.eigen, dampings):
         scaled = (values.clamp(min=0) + d) ** power
         out.append(((vectors * scaled) @ vectors.T).float())
     return out, dampings
 
 
-def conditioning(train_blocks: list, query_blocks: list, mixed_blocks: list, dampings: list) -> dict:
+def conditioning(train: list | Decomposed, query: list | Decomposed, mixed: list | Decomposed, dampings: list) -> dict:
     """What the fit did to the spectra, for the run's lineage and the diagnostic: top eigenvalues,
     condition numbers of the damped matrices, and the blocks whose damping exceeds R_train's top
     eigenvalue (there R^(-1/2) is nearly constant on training vectors: the preconditioner is off)."""
+    train, query, mixed = decomposed(train), decomposed(query), decomposed(mixed)
+    train_blocks, query_blocks = train.blocks, query.blocks
 
-    def top(blocks):
-        return [float(torch.linalg.eigvalsh(b.double())[-1].clamp(min=0)) for b in blocks]
+    def extreme(matrix: Decomposed, at: int) -> list[float]:
+        return [float(values[at].clamp(min=0)) for values, _ in matrix.eigen]
 
-    train_top, query_top, mixed_top = top(train_blocks), top(query_blocks), top(mixed_blocks)
-    mixed_min = [float(torch.linalg.eigvalsh(b.double())[0].clamp(min=0)) for b in mixed_blocks]
+    train_top, query_top, mixed_top = extreme(train, -1), extreme(query, -1), extreme(mixed, -1)
+    mixed_min = extreme(mixed, 0)
     condition = [(t + d) / (m + d) for t, m, d in zip(mixed_top, mixed_min, dampings)]
     over = [i for i, (t, d) in enumerate(zip(train_top, dampings)) if d > t]
     return {

@@ -106,6 +106,7 @@ class Fit:
 def fit(train, query, config: FitHessianConfig) -> Fit:
     """R_train, R_query, λ and the damped inverse roots from two `Autocorrelation` sums."""
     from gradient_kernels.hessian import (
+        Decomposed,
         conditioning,
         crossing_component,
         crossing_lambda,
@@ -115,7 +116,8 @@ def fit(train, query, config: FitHessianConfig) -> Fit:
     )
 
     r_train, r_query = train.mean(), query.mean()
-    train_spectrum, query_spectrum = spectrum(r_train), spectrum(r_query)
+    train_eigen, query_eigen = Decomposed(r_train), Decomposed(r_query)  # each decomposed once, used throughout
+    train_spectrum, query_spectrum = spectrum(train_eigen), spectrum(query_eigen)
     component = crossing_component(sum(train.block_sizes), config.crossing_fraction)
     lam = (
         config.mixing_lambda
@@ -123,13 +125,14 @@ def fit(train, query, config: FitHessianConfig) -> Fit:
         else crossing_lambda(query_spectrum, train_spectrum, component)
     )
     mixed = mix(r_query, r_train, lam)
+    mixed_eigen = Decomposed(mixed)
     dampings, train_dampings = dampings_for(config, r_train, mixed), dampings_for(config, r_train, r_train)
     matrices = {
         "r_train": r_train,
         "r_query": r_query,
-        "inverse_root": damped_inverse_power(mixed, dampings)[0],
-        "inverse_root_train_only": damped_inverse_power(r_train, train_dampings)[0],
-        "inverse_train": damped_inverse_power(r_train, train_dampings, power=-1.0)[0],
+        "inverse_root": damped_inverse_power(mixed_eigen, dampings)[0],
+        "inverse_root_train_only": damped_inverse_power(train_eigen, train_dampings)[0],
+        "inverse_train": damped_inverse_power(train_eigen, train_dampings, power=-1.0)[0],
     }
     return Fit(
         lam,
@@ -137,7 +140,7 @@ def fit(train, query, config: FitHessianConfig) -> Fit:
         dampings,
         train_dampings,
         matrices,
-        conditioning(r_train, r_query, mixed, dampings),
+        conditioning(train_eigen, query_eigen, mixed_eigen, dampings),
         train_spectrum,
         query_spectrum,
     )
