@@ -235,10 +235,10 @@ def memory_rankings(
     train, query = fit_hessian.extracted_sums(lake, checkpoint_id, fingerprint, config.query_set, exclude)
     train, _ = fit_hessian.without_outliers(lake, checkpoint_id, fingerprint, train, fit_config.outlier_z)
     fitted = fit_hessian.fit(train, query, fit_config)
-    return {
-        m: score.rank_in_memory(lake, m, checkpoint_id, config.query_set, fingerprint, fitted.matrices, config.top_k)
-        for m in methods
-    }, fitted
+    ranked = score.rank_in_memory(
+        lake, list(methods), checkpoint_id, config.query_set, fingerprint, fitted.matrices, config.top_k
+    )
+    return ranked, fitted
 
 
 def heldout_rankings(lake: Lake, config: EvaluateConfig, checkpoint_id: str, fingerprint: str, query_ids: list) -> dict:

@@ -110,7 +110,7 @@ def method_blocks(method: str, matrices: dict):
 
 def rank_in_memory(
     lake: Lake,
-    method: str,
+    methods: list[str],
     checkpoint_id: str,
     query_set: str,
     fingerprint: str,
@@ -118,28 +118,34 @@ def rank_in_memory(
     k: int,
     prompt_index: int = 0,
 ) -> dict:
-    """query id -> [doc ids, best first]: what `run` computes, in this process and without writing,
-    for evaluations that compare other preconditioners or projection seeds."""
-    train_blocks, query_blocks, unit_norm = method_blocks(method, matrices)
+    """method -> query id -> [doc ids, best first]: what `run` computes, in this process and without
+    writing, for evaluations that compare other preconditioners or projection seeds. The vectors
+    are read once for all the methods."""
+    if not methods:
+        return {}
     query_ids, raw_queries, dim = query_vectors(lake, query_set, checkpoint_id, fingerprint, prompt_index)
-    queries = _prepared_side(raw_queries, query_blocks, unit_norm).numpy()
     train = lake.read(
         "train_gradients",
         filters=[("checkpoint_id", "=", checkpoint_id), ("fingerprint", "=", fingerprint)],
         columns=["doc_id", "chunk", "vector", "dtype", "scale"],
     )
-    ranked = {q: [] for q in query_ids}
-    for batch in score_batches(train.to_batches(max_chunksize=2048), queries, train_blocks, unit_norm, k, dim):
-        rows = sorted(
-            zip(
-                batch.column("query_index").to_pylist(),
-                (-s for s in batch.column("score").to_pylist()),
-                batch.column("doc_id").to_pylist(),
+    found = {}
+    for method in methods:
+        train_blocks, query_blocks, unit_norm = method_blocks(method, matrices)
+        queries = _prepared_side(raw_queries, query_blocks, unit_norm).numpy()
+        ranked: dict[str, list] = {q: [] for q in query_ids}
+        for batch in score_batches(train.to_batches(max_chunksize=2048), queries, train_blocks, unit_norm, k, dim):
+            rows = sorted(
+                zip(
+                    batch.column("query_index").to_pylist(),
+                    (-s for s in batch.column("score").to_pylist()),
+                    batch.column("doc_id").to_pylist(),
+                )
             )
-        )
-        for query_index, _, doc_id in rows:
-            ranked[query_ids[query_index]].append(doc_id)
-    return ranked
+            for query_index, _, doc_id in rows:
+                ranked[query_ids[query_index]].append(doc_id)
+        found[method] = ranked
+    return found
 
 
 def score_batches(

@@ -589,6 +589,32 @@ def test_proponents_scored_from_another_fingerprint_are_not_taken_for_this_ones(
     assert last_scored_inputs(lake, checkpoint_id, first, query_set, "trak") is not None  # not rescored
 
 
+def test_ranking_in_memory_reads_the_vectors_once_and_ranks_as_the_score_job(indexed, monkeypatch):
+    """The evaluation ranks other seeds and variants in memory: several methods from one read of
+    the train vectors, each ranked as the score job (Spark) ranked it."""
+    from evaluation.rankings import ranked_proponents
+    from jobs.catalog import load_preconditioner
+
+    lake, _, results, _ = indexed
+    keys = {k: results["score"][k] for k in ("checkpoint_id", "query_set", "fingerprint")}
+    matrices = {kind: load_preconditioner(lake, **keys, kind=kind)[0] for kind in fit_hessian.KINDS}
+    reads = []
+    original_read = Lake.read
+    monkeypatch.setattr(
+        Lake, "read", lambda self, table, *a, **kw: reads.append(table) or original_read(self, table, *a, **kw)
+    )
+    methods = ["trak", "trackstar-no-hessian", "trackstar"]
+    ranked = score.rank_in_memory(lake, methods, **keys, matrices=matrices, k=5)
+    assert reads.count("train_gradients") == 1
+    stored = ranked_proponents(lake, keys["query_set"], keys["checkpoint_id"])
+    for method in ("trak", "trackstar-no-hessian"):  # the raw vectors scored alike on both paths
+        assert ranked[method] == stored[method], method
+    # trackstar: the job scored its float32 index (prepared once), memory the raw vectors
+    same = [set(ranked["trackstar"][q]) == set(found) for q, found in stored["trackstar"].items()]
+    assert sum(same) >= 0.95 * len(same)
+    assert score.rank_in_memory(lake, [], **keys, matrices=matrices, k=5) == {}
+
+
 def test_the_evaluations_in_memory_fit_is_the_fit_hessian_jobs(indexed, tmp_path):
     """Other seeds and the variants are fitted in memory: with the same settings the fit must equal the
     job's, outlier chunks left out alike (before, the memory fit kept them: its top-10 shared 0.85
