@@ -135,14 +135,8 @@ def rank_in_memory(
         queries = _prepared_side(raw_queries, query_blocks, unit_norm).numpy()
         ranked: dict[str, list] = {q: [] for q in query_ids}
         for batch in score_batches(train.to_batches(max_chunksize=2048), queries, train_blocks, unit_norm, k, dim):
-            rows = sorted(
-                zip(
-                    batch.column("query_index").to_pylist(),
-                    (-s for s in batch.column("score").to_pylist()),
-                    batch.column("doc_id").to_pylist(),
-                )
-            )
-            for query_index, _, doc_id in rows:
+            best = pa.Table.from_batches([batch]).sort_by([("query_index", "ascending"), ("score", "descending")])
+            for query_index, doc_id in zip(best["query_index"].to_pylist(), best["doc_id"].to_pylist()):
                 ranked[query_ids[query_index]].append(doc_id)
         found[method] = ranked
     return found
