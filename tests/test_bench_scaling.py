@@ -1,25 +1,19 @@
 """The scaling bench's corpora: replicated vectors read back through the verified reader (their
-checksums match the perturbed bytes), and the small files its compaction stage compacts."""
+checksums match the perturbed bytes; the source rows get theirs as the lake writes them), and the
+small files its compaction stage compacts."""
 
 import numpy as np
 import pyarrow as pa
 
 from bench import scaling
 from infra.lake import Lake
-from schemas.vectors import decode_vectors, vector_checksums
+from schemas.vectors import decode_vectors
 from tests.test_lake import gradient_rows
-
-
-def checksummed(rows: pa.Table) -> pa.Table:
-    """Rows as extraction writes them: with each vector's checksum (the test rows have none)."""
-    return rows.append_column("checksum", vector_checksums(rows["vector"], rows["scale"]))
 
 
 def test_replicated_vectors_are_perturbed_copies_that_pass_the_checksum_checks(tmp_path):
     source, scratch = Lake(tmp_path / "source"), Lake(tmp_path / "scratch")
-    source.append(
-        "train_gradients", checksummed(pa.concat_tables([gradient_rows("ck1", 0, 5), gradient_rows("ck1", 1, 3)]))
-    )
+    source.append("train_gradients", pa.concat_tables([gradient_rows("ck1", 0, 5), gradient_rows("ck1", 1, 3)]))
     scaling.replicate_vectors(source, scratch, range(0, 3), "ck1", "fp")
     rows = scratch.read("train_gradients")  # checks every vector against its checksum
     assert sorted(set(rows["partition"].to_pylist())) == [0, 1, 1000, 1001, 2000, 2001]
@@ -38,7 +32,7 @@ def test_replicated_vectors_are_perturbed_copies_that_pass_the_checksum_checks(t
 def test_small_files_of_two_fingerprints_in_one_partition_compact_per_fingerprint(tmp_path, monkeypatch):
     monkeypatch.setattr(scaling, "ROWS_PER_SMALL_FILE", 2)
     source, scratch = Lake(tmp_path / "source"), Lake(tmp_path / "scratch")
-    source.append("train_gradients", checksummed(gradient_rows("ck1", 3, 7)))
+    source.append("train_gradients", gradient_rows("ck1", 3, 7))
     scaling.replicate_as_small_files(source, scratch, 2, "ck1", "fp")
     before = scratch.read("train_gradients")
     assert set(before["partition"].to_pylist()) == {0} and before.num_rows == 14

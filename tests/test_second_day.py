@@ -626,17 +626,14 @@ def _table_rows(table: str, n: int, **values) -> pa.Table:
         "ARRAY<STRING>": ["x"],
     }
     spec = TABLES[table]
-    rows = [
-        {c.name: values.get(c.name, i if c.name in ("chunk", "rank") else plain[c.type]) for c in spec.columns}
-        for i in range(n)
-    ]
-    table = pa.Table.from_pylist(rows, schema=spec.arrow_schema)
-    if "checksum" in spec.column_names and "checksum" not in values:  # as the writers store it
-        from schemas.vectors import vector_checksums
 
-        checksums = vector_checksums(table["vector"], table["scale"] if "scale" in spec.column_names else None)
-        table = table.set_column(table.schema.get_field_index("checksum"), "checksum", checksums)
-    return table
+    def value(column, i: int):
+        if column.name in ("chunk", "rank"):
+            return i
+        return None if column.name == "checksum" else plain[column.type]  # the lake computes checksums
+
+    rows = [{c.name: values.get(c.name, value(c, i)) for c in spec.columns} for i in range(n)]
+    return pa.Table.from_pylist(rows, schema=spec.arrow_schema)
 
 
 def _fake_registered_checkpoint(lake, checkpoint_id: str, step: int, tokenizer: bytes) -> None:
