@@ -44,7 +44,7 @@ test-fast: install
 # OMP_NUM_THREADS=1 and nice: the numbers are ratios measured in one process, on a shared CPU. Needs
 # `make run`'s lake. Each script's output is kept in reports/bench/; every ratio and every aim (a line
 # `aim: <what> ≥ <aim>: measured <value> (met|not met)`) are printed at the end.
-BENCH_SCRIPTS := extract_overhead projection_fidelity correction_diagnosis score_throughput compression two_stage scaling extract_workers bergson_compare tail_patch_threads
+BENCH_SCRIPTS := extract_overhead projection_fidelity correction_diagnosis score_throughput compression two_stage scaling file_count extract_workers bergson_compare tail_patch_threads
 bench: install bench-setup
 	mkdir -p reports/bench
 	set -o pipefail; for name in $(BENCH_SCRIPTS); do \

@@ -218,7 +218,8 @@ class Lake(LakeReads, LakeSpark):
         spec = declared(table)
         # the latest snapshot: a snapshot older than the previous partition's commit would be refused
         delta = self.open(table)
-        fragments, schema = partition_fragments(delta, partition_values), delta.to_pyarrow_dataset().schema
+        # the schema from the log: a dataset of the whole table would make a fragment per file
+        fragments, schema = partition_fragments(delta, partition_values), pa.schema(delta.schema().to_arrow())
         if not set(sizes) <= {fragment.path for fragment in fragments}:
             return 0, 0  # a writer replaced some of them since they were chosen
         files = SliceFiles(delta, spec.arrow_schema, partition_values, self.storage_options, spec.files_per_slice)

@@ -77,7 +77,7 @@ class LakeReads(LakeTables):
             spec.column(name)
         if version is None and not self.exists(table):
             return spec.arrow_schema.empty_table().select(columns)
-        dataset = self.open(table, version=version).to_pyarrow_dataset()
+        dataset = self._dataset(table, filters, version)
         reading, expression = _with_checksum_columns(spec, columns), _filter_expression(spec, filters)
         try:
             # use_threads=False: threaded delta-rs reads have aborted the interpreter at exit here.
@@ -107,7 +107,7 @@ class LakeReads(LakeTables):
             return
         columns = columns or spec.column_names
         reading, expression = _with_checksum_columns(spec, columns), _filter_expression(spec, filters)
-        dataset = self.open(table).to_pyarrow_dataset()
+        dataset = self._dataset(table, filters)
         for fragment in dataset.get_fragments(filter=expression):
             where = f"table {table}, file {fragment.path}"
             try:
@@ -141,7 +141,7 @@ class LakeReads(LakeTables):
         """Reads every file of the table (that `filters` can select) whole, checking Parquet page
         CRCs and vector checksums; one line per file that fails, naming the table, file and row."""
         spec = declared(table)
-        dataset = self.open(table).to_pyarrow_dataset()
+        dataset = self._dataset(table, filters)
         expression, problems = _filter_expression(spec, filters), []
         for fragment in dataset.get_fragments(filter=expression):
             where = f"table {table}, file {fragment.path}"
@@ -160,6 +160,14 @@ class LakeReads(LakeTables):
             except (OSError, pa.ArrowException) as failed:
                 problems.append(f"{where}: cannot be read ({failed})")
         return problems
+
+    def _dataset(self, table: str, filters, version: int | None = None) -> ds.Dataset:
+        """The table (at `version`) as a pyarrow dataset of only the files in the partitions that
+        `filters` can select: delta-rs prunes the log's file list before it makes a fragment per file,
+        which costs ~60 µs a file (4,096 files: 242 ms for every read, against 5 ms for one
+        partition's files). The rows are still filtered exactly by the caller."""
+        pruning = _partition_conditions(declared(table), filters)
+        return self.open(table, version=version).to_pyarrow_dataset(file_pruning_predicate=pruning or None)
 
     def distinct(self, table: str, columns: list[str], filters=None) -> set[tuple]:
         """The distinct values of `columns` among the rows `filters` select (as in `read`), taken from
@@ -191,9 +199,12 @@ class LakeReads(LakeTables):
         if not self.exists(table):
             return schema.empty_table(), None
         delta = self.open(table)
-        actions = pa.table(delta.get_add_actions(flatten=True)).to_pylist()
+        actions = pa.table(delta.get_add_actions(flatten=True))
+        pruning = _partition_conditions(spec, filters)
+        if pruning:  # only the selected partitions' actions reach Python
+            actions = actions.filter(pq.filters_to_expression([(f"partition.{c}", op, v) for c, op, v in pruning]))
         constant, varying = [], set()
-        for action in actions:
+        for action in actions.to_pylist():
             row = {"_rows": action["num_records"]}
             for name in schema.names[:-1]:
                 low, high = action.get(f"min.{name}"), action.get(f"max.{name}")
@@ -215,7 +226,7 @@ class LakeReads(LakeTables):
             constants = constants.filter(expression)
         if not varying:
             return constants, None
-        dataset = delta.to_pyarrow_dataset()
+        dataset = delta.to_pyarrow_dataset(file_pruning_predicate=pruning or None)
         fragments = [f for f in dataset.get_fragments() if f.path in varying]
         return constants, ds.FileSystemDataset(fragments, dataset.schema, dataset.format, dataset.filesystem)
 
@@ -238,6 +249,22 @@ def _conditions(filters) -> list[tuple]:
     if not filters:
         return []
     return [(name, "=", value) for name, value in filters.items()] if isinstance(filters, dict) else list(filters)
+
+
+def _partition_conditions(spec: Table, filters) -> list[tuple]:
+    """The conditions of `filters` on partition columns with plain values, which delta-rs can apply
+    to the log. A null or empty value is left to the row filter alone: the Delta log writes an empty
+    partition value as null, so delta-rs would match the two alike."""
+
+    def plain(value) -> bool:
+        return isinstance(value, (str, int, float)) and value != ""
+
+    return [
+        (name, op, value)
+        for name, op, value in _conditions(filters)
+        if name in spec.partition_by
+        and (all(map(plain, value)) if op in ("in", "not in") else plain(value))
+    ]
 
 
 def _filter_columns(filters) -> list[str]:

@@ -356,6 +356,57 @@ def test_distinct_and_count_rows_plan_from_the_log_and_equal_a_full_read(lake, m
     assert lake.distinct("documents", ["partition"]) == set() and lake.count_rows("documents") == 0
 
 
+def test_reads_make_fragments_only_for_the_partitions_their_filters_select(lake, monkeypatch):
+    """A read used to build a pyarrow fragment for every file of the table before filtering (~60 µs
+    a file: a quarter of a second per read at 4,096 files); now delta-rs prunes the log's file list
+    by the filters on partition columns first. Same rows as filtering a full read."""
+    import pyarrow.parquet as pq
+    from deltalake import DeltaTable
+
+    keys = ("checkpoint_id", "partition", "chunk", "fingerprint")
+    for checkpoint_id in ("ck1", "ck'3"):  # a quote in a partition value
+        for partition in range(4):
+            for fingerprint in ("fa", "fb"):  # two appends: two files per partition
+                lake.append("train_gradients", gradient_rows(checkpoint_id, partition, 2, fingerprint=fingerprint))
+    version = lake.version("train_gradients")
+    lake.append("train_gradients", gradient_rows("ck1", 9, 2))  # after `version`
+    everything = lake.read("train_gradients")
+
+    fragments = []
+    original = DeltaTable.to_pyarrow_dataset
+
+    def counting(self, *args, **kwargs):
+        dataset = original(self, *args, **kwargs)
+        fragments.append(len(list(dataset.get_fragments())))
+        return dataset
+
+    monkeypatch.setattr(DeltaTable, "to_pyarrow_dataset", counting)
+    cases = [  # (filters, files the read may touch)
+        ([("checkpoint_id", "=", "ck'3"), ("partition", "=", 2)], 2),
+        ([("checkpoint_id", "=", "ck1"), ("partition", "in", [0, 3])], 4),
+        ([("checkpoint_id", "=", "ck1"), ("partition", ">", 2), ("fingerprint", "=", "fb")], 3),
+        ([("checkpoint_id", "!=", "ck1")], 8),
+        ({"checkpoint_id": "ck1", "partition": 9}, 1),
+        ([("fingerprint", "=", "fa")], 17),  # not a partition column: every file
+        ([("checkpoint_id", "=", "")], 17),  # empty values are left to the row filter
+    ]
+    for filters, files in cases:
+        conditions = [(c, "=", v) for c, v in filters.items()] if isinstance(filters, dict) else filters
+        expected = sorted_rows(everything.filter(pq.filters_to_expression(conditions)), *keys)
+        assert expected or conditions == [("checkpoint_id", "=", "")]  # the others select rows
+        fragments.clear()
+        assert sorted_rows(lake.read("train_gradients", filters=filters), *keys) == expected
+        assert fragments == [files], filters
+        fragments.clear()
+        batches = list(lake.read_batches("train_gradients", filters=filters, rows=3))
+        assert sum(b.num_rows for b in batches) == len(expected) and fragments == [files]
+        assert lake.count_rows("train_gradients", filters) == len(expected)
+        assert lake.file_problems("train_gradients", filters) == []
+    fragments.clear()
+    old = lake.read("train_gradients", filters={"checkpoint_id": "ck1", "partition": 9}, version=version)
+    assert old.num_rows == 0 and fragments == [0]
+
+
 def test_a_list_of_key_values_replaces_those_slices_in_one_commit(lake):
     """extract writes one partition of several extractions (fingerprints) as one commit."""
     for fingerprint in ("f1", "f2", "f3"):
