@@ -87,7 +87,9 @@ def main():
             one.append("train_gradients", rows_of([READ_PARTITION], append))
             print(f"[file_count] append {append + 1}/{args.files}: {time.perf_counter() - started:.0f}s", flush=True)
         files = len(many.open("train_gradients").file_uris())
-        print(f"{files:,} files in {args.partitions:,} partitions; reading partition {READ_PARTITION} ({args.files} files)")
+        print(
+            f"{files:,} files in {args.partitions:,} partitions; reading partition {READ_PARTITION} ({args.files} files)"
+        )
         for name, read_many in reads(many).items():
             # alternate so that a change in the machine's load falls on both sides of the ratio
             both = [fastest(read_many), fastest(reads(one)[name])]

@@ -73,24 +73,33 @@ class Int8Queries:
     moved 1.4% of the top-10 places on the embedded world, MRR +0.0002 (bench/compression.py)."""
 
     def __init__(self, queries: torch.Tensor):
-        self.scale = queries.abs().amax(dim=1).clamp(min=1e-30) / 127
-        self.codes = torch.round(queries / self.scale[:, None]).to(torch.int8)
+        largest = torch.maximum(queries.amax(dim=1), queries.amin(dim=1).neg())  # no |q| temporary
+        self.scale = largest.clamp(min=1e-30) / 127
+        # coded 16 queries at a time: float temporaries under glibc's 32 MiB mmap threshold do not
+        # fault in fresh pages (200 queries at d = 2^16: 80 -> 18 ms)
+        codes = [
+            torch.div(queries[start : start + 16], self.scale[start : start + 16, None]).round_().to(torch.int8)
+            for start in range(0, len(queries), 16)
+        ]
+        # stored coordinate-major: rows (n, d) @ codes (d, Q) runs ~15% faster at d = 2^16 than the
+        # other way round, and needs no copy of either side per batch
+        self.by_coordinate = torch.cat(codes).T.contiguous()
+        self.codes = self.by_coordinate.T  # (Q, d)
 
     def scores(self, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """(Q, n) float32 scores of n int8 rows `codes` (n, d) with per-row `scales` (n,)."""
-        if codes.shape[1] != self.codes.shape[1]:
-            raise ValueError(f"index rows have {codes.shape[1]} coordinates, queries {self.codes.shape[1]}")
+        if codes.shape[1] != self.by_coordinate.shape[0]:
+            raise ValueError(f"index rows have {codes.shape[1]} coordinates, queries {self.by_coordinate.shape[0]}")
         pieces = (
             torch._int_mm(
-                self.codes[:, start : start + INT8_DOT_MAX_DIM].contiguous(),
-                codes[:, start : start + INT8_DOT_MAX_DIM].T,
+                codes[:, start : start + INT8_DOT_MAX_DIM], self.by_coordinate[start : start + INT8_DOT_MAX_DIM]
             )
             for start in range(0, codes.shape[1], INT8_DOT_MAX_DIM)
         )
         total = next(pieces).float()
         for piece in pieces:  # only past INT8_DOT_MAX_DIM coordinates
             total += piece
-        return total.mul_(self.scale[:, None]).mul_(scales[None, :])
+        return total.T.mul(self.scale[:, None]).mul_(scales[None, :])
 
 
 def merge_top_k(values_a, indices_a, values_b, indices_b, k: int) -> tuple[torch.Tensor, torch.Tensor]:
