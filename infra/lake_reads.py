@@ -262,8 +262,7 @@ def _partition_conditions(spec: Table, filters) -> list[tuple]:
     return [
         (name, op, value)
         for name, op, value in _conditions(filters)
-        if name in spec.partition_by
-        and (all(map(plain, value)) if op in ("in", "not in") else plain(value))
+        if name in spec.partition_by and (all(map(plain, value)) if op in ("in", "not in") else plain(value))
     ]
 
 
