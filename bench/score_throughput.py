@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
+import torch  # noqa: E402
 
 from infra.lake import Lake  # noqa: E402
 from jobs.trackstar_index import ensure_index  # noqa: E402
@@ -245,6 +246,25 @@ def main():
             unit = np.random.default_rng(1).standard_normal((len(queries), args.synthetic_dim), dtype=np.float32)
             unit /= np.linalg.norm(unit, axis=1, keepdims=True)
             index_measures(Lake(scratch), where, unit, args.synthetic_dim, suffix=f"_d{args.synthetic_dim}")
+        preconditioner_at(args.synthetic_dim)
+
+
+def preconditioner_at(dim: int, k: int = 37, rows: int = 256):
+    """R^(-1/2) applied to one score batch of raw vectors at `dim` (one k² block per weight matrix,
+    as the fit makes them), against stacking the blocks again for each batch as the score job did."""
+    from gradient_kernels.scoring import Preconditioner
+
+    blocks = [torch.randn(k * k, k * k) for _ in range(dim // (k * k))]
+    vectors = torch.randn(rows, len(blocks) * k * k)
+    preconditioner = Preconditioner(blocks)
+    once, each_batch = timed(
+        lambda: preconditioner.apply(vectors), lambda: Preconditioner(blocks).apply(vectors), repeats=3
+    )
+    print(
+        f"R^(-1/2) on {rows} raw vectors of {vectors.shape[1]:,} dims ({len(blocks)} blocks of {k * k:,}): "
+        f"{once * 1e3:.0f} ms, {each_batch * 1e3:.0f} ms stacking the blocks again"
+    )
+    print(f"preconditioner_stacked_once_speedup={each_batch / once:.2f}")
 
 
 if __name__ == "__main__":

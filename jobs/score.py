@@ -148,10 +148,11 @@ def score_batches(
     """mapInArrow body: batches of train vectors -> this task's top-k rows per query. Rows that are
     scored as stored (no preconditioner, no normalisation: the index) and stored as int8 are scored
     by integer products against int8-coded queries, without decoding them."""
-    from gradient_kernels.scoring import Int8Queries, RunningTopK
+    from gradient_kernels.scoring import Int8Queries, Preconditioner, RunningTopK, prepare
     from schemas.vectors import check_vectors, decode_vectors, stored_values
 
     q = torch.from_numpy(queries)
+    train_side = Preconditioner(train_blocks) if train_blocks is not None else None  # one for every batch
     as_stored = train_blocks is None and not unit_norm
     int8_queries = Int8Queries(q) if as_stored else None
     best, step = RunningTopK(len(queries), k), rows_per_batch(dim, batch_bytes)
@@ -167,7 +168,7 @@ def score_batches(
                     scores = int8_queries.scores(codes, scales)
                 else:
                     train = torch.from_numpy(decode_vectors(part.column("vector"), dtype, part.column("scale"), dim))
-                    scores = q @ _prepared_side(train, train_blocks, unit_norm).T
+                    scores = q @ prepare(train, train_side, unit_norm).T
                 doc_ids, chunks = part.column("doc_id"), part.column("chunk")
                 best.add(
                     scores,

@@ -398,6 +398,27 @@ def test_token_contributions_sum_to_the_score():
     assert contributions.abs().max() > 0
 
 
+def test_the_preconditioner_applies_each_block_and_stacks_equal_blocks_once_per_dtype(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    blocks = [torch.randn(6, 6, generator=g) for _ in range(3)]
+    vectors = torch.randn(5, 18, generator=g)
+    expected = torch.cat([vectors[:, 6 * i : 6 * i + 6] @ block for i, block in enumerate(blocks)], dim=1)
+    stacks = []
+    original_stack = torch.stack
+    monkeypatch.setattr(torch, "stack", lambda *a, **k: stacks.append(1) or original_stack(*a, **k))
+    preconditioner = Preconditioner(blocks)
+    for _ in range(3):  # the score job's batches
+        torch.testing.assert_close(preconditioner.apply(vectors), expected)
+    assert len(stacks) == 1
+    in_float64 = preconditioner.apply(vectors.double())  # another dtype: its own stack, not the float32 one
+    assert in_float64.dtype == torch.float64 and len(stacks) == 2
+    torch.testing.assert_close(in_float64, expected.double(), rtol=1e-5, atol=1e-5)
+    unequal = Preconditioner([blocks[0], torch.randn(12, 12, generator=g)])
+    torch.testing.assert_close(
+        unequal.apply(vectors), torch.cat([vectors[:, :6] @ blocks[0], vectors[:, 6:] @ unequal.blocks[1]], dim=1)
+    )
+
+
 def test_documents_too_short_for_a_loss_are_refused():
     with pytest.raises(ValueError, match="at least 2 tokens"):
         document_batch([[1, 2], [3]])
