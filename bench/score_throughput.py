@@ -252,7 +252,7 @@ def main():
 def preconditioner_at(dim: int, k: int = 37, rows: int = 256):
     """R^(-1/2) applied to one score batch of raw vectors at `dim` (one k² block per weight matrix,
     as the fit makes them), against stacking the blocks again for each batch as the score job did."""
-    from gradient_kernels.scoring import Preconditioner
+    from gradient_kernels.scoring import Preconditioner, prepare
 
     blocks = [torch.randn(k * k, k * k) for _ in range(dim // (k * k))]
     vectors = torch.randn(rows, len(blocks) * k * k)
@@ -265,6 +265,17 @@ def preconditioner_at(dim: int, k: int = 37, rows: int = 256):
         f"{once * 1e3:.0f} ms, {each_batch * 1e3:.0f} ms stacking the blocks again"
     )
     print(f"preconditioner_stacked_once_speedup={each_batch / once:.2f}")
+    from schemas.vectors import encode_sign_sketch, encode_vectors
+
+    prepared = prepare(vectors, preconditioner).numpy()
+    int8_seconds, sketch_seconds = timed(
+        lambda: encode_vectors(prepared, "int8"), lambda: encode_sign_sketch(prepared), repeats=3
+    )
+    print(
+        f"the index build's encoding of that batch: int8 {int8_seconds * 1e3:.0f} ms, 1-bit sketch "
+        f"{sketch_seconds * 1e3:.0f} ms (R^(-1/2) {once * 1e3:.0f} ms)"
+    )
+    print(f"index_build_encoding_share={(int8_seconds + sketch_seconds) / once:.2f} (encoding ÷ R^(-1/2))")
 
 
 if __name__ == "__main__":
