@@ -49,6 +49,8 @@ bench: install bench-setup
 	mkdir -p reports/bench
 	set -o pipefail; for name in $(BENCH_SCRIPTS); do \
 	  echo "== bench/$$name.py"; OMP_NUM_THREADS=1 nice $(PYTHON) bench/$$name.py 2>&1 | tee reports/bench/$$name.txt || exit 1; done
+	set -o pipefail; echo "== bench/extract_overhead.py at GPT-2 small (124M parameters, d = 67,081; ~4 minutes)"; \
+	  OMP_NUM_THREADS=1 nice $(PYTHON) bench/extract_overhead.py --model gpt2-small --batch 2 --k 37 2>&1 | tee reports/bench/extract_overhead_gpt2.txt
 	set -o pipefail; if nvidia-smi -L >/dev/null 2>&1; then \
 	  echo "== bench/gpu.py"; $(PYTHON) bench/gpu.py --out reports/bench/gpu.json 2>&1 | tee reports/bench/gpu.txt || exit 1; \
 	else echo "== bench/gpu.py: skipped, no GPU here (the last run, on an H200: docs/results/gpu-h200.txt)"; fi
