@@ -164,8 +164,8 @@ class LakeReads(LakeTables):
     def _dataset(self, table: str, filters, version: int | None = None) -> ds.Dataset:
         """The table (at `version`) as a pyarrow dataset of only the files in the partitions that
         `filters` can select: delta-rs prunes the log's file list before it makes a fragment per file,
-        which costs ~60 µs a file (4,096 files: 242 ms for every read, against 5 ms for one
-        partition's files). The rows are still filtered exactly by the caller."""
+        which costs up to ~0.35 ms a file (a train_gradients of 4,096 files: 1.45 s for every read,
+        against 6 ms for one partition's; `bench/file_count.py`). The caller still filters the rows."""
         pruning = _partition_conditions(declared(table), filters)
         return self.open(table, version=version).to_pyarrow_dataset(file_pruning_predicate=pruning or None)
 
@@ -252,18 +252,25 @@ def _conditions(filters) -> list[tuple]:
 
 
 def _partition_conditions(spec: Table, filters) -> list[tuple]:
-    """The conditions of `filters` on partition columns with plain values, which delta-rs can apply
-    to the log. A null or empty value is left to the row filter alone: the Delta log writes an empty
-    partition value as null, so delta-rs would match the two alike."""
+    """The conditions of `filters` on partition columns with string or integer values, which delta-rs
+    can apply to the log (a list for `in`: it refuses sets). Other values are left to the row filter
+    alone: delta-rs fails to parse 2.0 as an integer partition value, and the Delta log writes an
+    empty partition value as null, so delta-rs would match the two alike."""
 
     def plain(value) -> bool:
-        return isinstance(value, (str, int, float)) and value != ""
+        return type(value) in (str, int) and value != ""
 
-    return [
-        (name, op, value)
-        for name, op, value in _conditions(filters)
-        if name in spec.partition_by and (all(map(plain, value)) if op in ("in", "not in") else plain(value))
-    ]
+    kept = []
+    for name, op, value in _conditions(filters):
+        if name not in spec.partition_by:
+            continue
+        if op in ("in", "not in"):
+            values = list(value)
+            if values and all(map(plain, values)):
+                kept.append((name, op, values))
+        elif plain(value):
+            kept.append((name, op, value))
+    return kept
 
 
 def _filter_columns(filters) -> list[str]:
