@@ -11,11 +11,15 @@ thread, as the engine reads ahead in the job) ÷ just reading and decoding it to
 with 200 queries; also shown for 16 queries, and with the time to open the table, a fixed cost in
 both, taken out), the bound on that ratio (read + decode ÷ the slower of reading alone and scoring
 rows already in memory: no overlap does better), and index scoring ÷ the current scoring of the raw
-vectors (the speed-up). With
+vectors (the speed-up). Then the index ratios again (names ending `_d65536`) on a random int8
+index of --synthetic-rows unit vectors at --synthetic-dim coordinates (default 65,536, the
+dimension of 100M+ parameter models), written as the index job writes its rows, and, at that
+dimension, R^(-1/2) on one batch of raw vectors and the index build's encoding of it. With
 `--extraction-scaling` it also times extraction of the same tokens with 1 and 2 CPU ranks
 (vectors/s per rank), in a scratch lake.
 
-    python bench/score_throughput.py [--lake lake] [--extraction-scaling]
+    python bench/score_throughput.py [--lake lake] [--synthetic-dim 65536] [--synthetic-rows 4096]
+                                     [--extraction-scaling]
 """
 
 from __future__ import annotations
