@@ -190,9 +190,10 @@ def render(rows: list[dict], out: Path) -> None:
 
 
 def family(args) -> list[tuple[str, int, str]]:
-    """(preset, seed, optimizer) of every run: world i is preset i (cycling) with seed i."""
+    """(preset, seed, optimizer) of every run: world i is preset i (cycling) with seed i, each
+    (preset, seed) once (one preset and one seed given: one world, not --worlds copies of it)."""
     seeds = args.seeds or [FIRST_SEED + i for i in range(args.worlds)]
-    worlds = [(args.presets[i % len(args.presets)], seeds[i % len(seeds)]) for i in range(args.worlds)]
+    worlds = dict.fromkeys((args.presets[i % len(args.presets)], seeds[i % len(seeds)]) for i in range(args.worlds))
     return [(preset, seed, optimizer) for preset, seed in worlds for optimizer in args.optimizers]
 
 

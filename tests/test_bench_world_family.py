@@ -70,6 +70,8 @@ def test_the_family_and_the_evaluation_arguments(tmp_path):
         ("mixed-heavy-distractors", 103, "adam"),
     ]
     assert evaluate_args == ["--variants", "x"]
+    one, _ = world_family.parse(["--presets", "default", "--seeds", "106", "--optimizers", "adam"])
+    assert world_family.family(one) == [("default", 106, "adam")]  # not five copies of it
     config = world_family.evaluate_config(tmp_path, 101, [])
     assert (config.seeds, config.variants, config.tail_patch_queries) == ([101], [], 40)
     assert config.reports == str(tmp_path / "reports")
