@@ -82,6 +82,18 @@ def peak_tree_rss_mb(process, interval: float = 0.02) -> float:
     return peak / 2**20
 
 
+def timed(*fns, repeats: int = 3) -> list[float]:
+    """The fastest of `repeats` runs of each of `fns`, run in turn (a, b, a, b...) so that a change in
+    the load of a shared machine falls on both sides of a ratio."""
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, kept in zip(fns, times):
+            started = time.perf_counter()
+            fn()
+            kept.append(time.perf_counter() - started)
+    return [min(kept) for kept in times]
+
+
 def median_seconds(fn, repeats: int = 5) -> float:
     fn()  # warm-up
     times = []

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
+from bench.common import timed  # noqa: E402
 from infra.lake import Lake  # noqa: E402
 from schemas.vectors import encode_vectors  # noqa: E402
 
@@ -65,15 +66,6 @@ def reads(lake: Lake) -> dict:
     }
 
 
-def fastest(fn, repeats: int = 5) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--partitions", type=int, default=1024)
@@ -91,14 +83,14 @@ def main():
             f"{files:,} files in {args.partitions:,} partitions; reading partition {READ_PARTITION} ({args.files} files)"
         )
         for name, read_many in reads(many).items():
-            # alternate so that a change in the machine's load falls on both sides of the ratio
-            both = [fastest(read_many), fastest(reads(one)[name])]
+            both = timed(read_many, reads(one)[name], repeats=5)
             print(
                 f"{name}_ratio={both[0] / both[1]:.2f} ({both[0] * 1e3:.1f} ms in the table of {files:,} files, "
                 f"{both[1] * 1e3:.1f} ms in the one of {args.files})"
             )
-        whole = fastest(lambda: many.open("train_gradients").to_pyarrow_dataset())
-        opened = fastest(lambda: many.open("train_gradients"))
+        whole, opened = timed(
+            lambda: many.open("train_gradients").to_pyarrow_dataset(), lambda: many.open("train_gradients"), repeats=5
+        )
         print(f"a dataset of the whole table (what each read built before): {whole * 1e3:.1f} ms")
         print(f"opening the table (delta-rs replays its log; a Delta checkpoint shortens it): {opened * 1e3:.1f} ms")
 

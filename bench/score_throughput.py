@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
+from bench.common import timed  # noqa: E402
 from infra.lake import Lake  # noqa: E402
 from jobs.trackstar_index import ensure_index  # noqa: E402
 from jobs.score import BATCH_BYTES, rows_per_batch, score_batches  # noqa: E402
@@ -58,18 +59,6 @@ def batches(context: TraceContext, dim: int, table: str = "train_gradients", dty
 def vector_batches(lake: Lake, table: str, where: list, dim: int, ahead: bool = False):
     columns = ["doc_id", "chunk", "vector", "dtype", "scale"]
     return lake.read_batches(table, filters=where, columns=columns, rows=rows_per_batch(dim, BATCH_BYTES), ahead=ahead)
-
-
-def timed(*fns, repeats: int = 3) -> list[float]:
-    """The fastest of `repeats` runs of each of `fns`, run in turn (a, b, a, b...) so that a change in
-    the load of a shared machine falls on both sides of a ratio."""
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, kept in zip(fns, times):
-            started = time.perf_counter()
-            fn()
-            kept.append(time.perf_counter() - started)
-    return [min(kept) for kept in times]
 
 
 def extraction_scaling(lake: Lake):

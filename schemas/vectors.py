@@ -229,7 +229,7 @@ def _to_bfloat16_bits(array: np.ndarray) -> np.ndarray:
 
 def _to_int8(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # one float temporary, rounded and clipped in place: at d = 2^16 each temporary of a batch is
-    # 64 MB of fresh pages (the build's quantisation: 340 -> 130 ms per 512 rows)
+    # 64 MB of fresh pages (256 rows at d = 64,343: 42 -> 21 ms, the same codes)
     largest = np.maximum(array.max(axis=1, initial=0.0), -array.min(axis=1, initial=0.0))
     scales = largest / 127.0
     safe = np.where(scales > 0, scales, 1.0)[:, None]  # all-zero rows stay zero
