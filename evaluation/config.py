@@ -15,6 +15,7 @@ CORRECTION_VARIANTS = {
     "trackstar-adam-floored": "adam-floored",
     "trackstar-adam-factored": "adam-factored",
     "trackstar-adam-half": "adam-half",
+    "trackstar-adam-flat-vocab": "adam-flat-vocab",
     "trackstar-adafactor": "adafactor",
     "trackstar-data-moments": "data-floored",
 }
@@ -25,9 +26,10 @@ VARIANTS = (
     "trackstar-global-damping",
     "trackstar-every-chunk",
 )
-# all but the data estimate: a whole extraction more, and far below the default on every world
-# measured (docs/optimizer-correction.md); ask for it with --variants
-DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v != "trackstar-data-moments")
+# all but the data estimate (a whole extraction more, and far below the default on every world
+# measured) and the flat vocabulary rows (a diagnosis of the correction): docs/optimizer-correction.md;
+# ask for them with --variants
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v not in ("trackstar-data-moments", "trackstar-adam-flat-vocab"))
 
 
 @dataclass

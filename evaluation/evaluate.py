@@ -70,6 +70,7 @@ REPORT_ORDER = (
     "trackstar-adam-floored",
     "trackstar-adam-factored",
     "trackstar-adam-half",
+    "trackstar-adam-flat-vocab",
     "trackstar-adafactor",
     "trackstar-data-moments",
     "trackstar-no-hessian",

@@ -19,6 +19,10 @@ COMPONENTS = {
         "The default correction",
         "TrackStar with half of the rank-1 Adam correction on each side (V^1/4)",
     ),
+    "trackstar-adam-flat-vocab": (
+        "The default correction",
+        "TrackStar with the rank-1 Adam correction, its vocabulary rows left flat",
+    ),
     "trackstar-adafactor": ("The default correction", "TrackStar with Adafactor's own correction"),
     "trackstar-data-moments": (
         "The default correction",

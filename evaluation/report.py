@@ -32,6 +32,7 @@ METHOD_COLORS = {
     "trackstar-adam-floored": "#F1932D",
     "trackstar-adam-factored": "#EE8026",
     "trackstar-adam-half": "#72190E",
+    "trackstar-adam-flat-vocab": "#E65518",
     "trackstar-adafactor": "#F6C141",
     "trackstar-data-moments": "#A5170E",
     "trackstar-no-hessian": "#4EB265",

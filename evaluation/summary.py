@@ -12,7 +12,7 @@ from evaluation.baselines import TEXT_METHODS
 from evaluation.findings import findings
 from evaluation.report import signed
 from evaluation.tail_patching import TailPatches
-from evaluation.config import EvaluateConfig
+from evaluation.config import CORRECTION_VARIANTS, EvaluateConfig
 
 
 ATTRIBUTION_METRICS = ("mrr", "recall@10", "recall@10_fraction")
@@ -66,6 +66,7 @@ def summarise(
         "methods": cells,
         "trackstar_minus": trackstar_minus(per_query, patched, query_ids, patched_queries, config.sample_seed),
         "trackstar_over_bm25_tail_patch": trackstar_over_bm25(patched, patched_queries, config.sample_seed),
+        "correction_effects": correction_effects(patched, patched_queries, config.sample_seed),
     }
     report["optimizer_correction"] = diagnostics[first].get("optimizer_correction", "")
     report["findings"] = findings(report) + [
@@ -115,6 +116,18 @@ def trackstar_minus(per_query: dict, patched: dict, query_ids: list, patched_que
                 seed,
             )
     return versus
+
+
+def correction_effects(patched: dict, patched_queries: list, seed: int) -> dict:
+    """TrackStar's correction (its row) and each correction variant -> its own effect: its tail-patch
+    Δlog p minus TrackStar's without any correction, paired; empty without that ablation."""
+    if "trackstar-no-optimizer" not in patched:
+        return {}
+    corrected = [m for m in patched if m == "trackstar" or m in CORRECTION_VARIANTS]
+    none = M.aligned(patched["trackstar-no-optimizer"], "delta_log_prob", patched_queries)
+    return {
+        m: M.paired_difference(M.aligned(patched[m], "delta_log_prob", patched_queries), none, seed) for m in corrected
+    }
 
 
 def trackstar_over_bm25(patched: dict, patched_queries: list, seed: int) -> dict:

@@ -29,12 +29,14 @@ class WeightMatrix:
     in_features: int
     stored_transposed: bool  # Conv1D: weight is (in, out)
     tied_embedding: nn.Embedding | None = None  # the embedding sharing this weight, if any
+    output_head: bool = False  # its out side is the vocabulary (the LM head, tied or not)
 
 
 def weight_matrices(model: nn.Module) -> list[WeightMatrix]:
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=True)}
     embeddings = {id(m.weight): m for m in model.modules() if isinstance(m, nn.Embedding)}
     conv1d = _conv1d_type()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     found = []
     for module in model.modules():
         if isinstance(module, nn.Linear):
@@ -52,6 +54,7 @@ def weight_matrices(model: nn.Module) -> list[WeightMatrix]:
                 in_features,
                 transposed,
                 embeddings.get(id(module.weight)),
+                module is head or id(module.weight) in embeddings,
             )
         )
     if not found:

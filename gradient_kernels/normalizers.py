@@ -12,14 +12,17 @@ for free; an *exact* one divides elementwise and needs the per-example gradient 
   them ~10^4x over trained ones, and a query that contains such a token dominates R_query.
   "adam-floored" divides by max(sqrt(V̂) + eps, floor), the floor being a low quantile
   (FLOOR_QUANTILE) of the matrix's trained coordinates: the same correction wherever the optimizer
-  has an estimate, no boost where it has none. The default, "adam-factored", is the rank-1
-  Adafactor-style fit V̂ ≈ r cᵀ / Σr (r, c the row and column sums: the fit Adafactor itself would
-  keep) of the floored denominator, whose error `rank1_error` measures: free (it folds into the
-  projections) and level with the floored one in tail-patch (docs/optimizer-correction.md).
-  "adam-half" takes the square root of that fit's scalings (u = g / V^(1/4)): the correction is
-  applied to both sides of the dot product, so only half of it on each side makes u_q · u_z =
-  g_q · g_z / sqrt(V), the first-order change of the query's loss under one Adam step on the
-  training chunk (the tail-patch), where the full correction on both sides weighs by 1/V.
+  has an estimate, no boost where it has none. "adam-factored" is the rank-1 Adafactor-style fit
+  V̂ ≈ r cᵀ / Σr (r, c the row and column sums: the fit Adafactor itself would keep) of the floored
+  denominator, whose error `rank1_error` measures: free (it folds into the projections) and level
+  with the floored one in tail-patch. The default, "adam-half", takes the square root of that fit's
+  scalings (u = g / V^(1/4)): the correction is applied to both sides of the dot product, so only
+  half of it on each side makes u_q · u_z = g_q · g_z / sqrt(V), the first-order change of the
+  query's loss under one Adam step on the training chunk (the tail-patch), where the full
+  correction on both sides weighs by 1/V (docs/optimizer-correction.md has the measurements).
+  "adam-flat-vocab" is the rank-1 fit with the output head's row scaling (one per vocabulary token)
+  made flat: rare tokens' rows have tiny V̂, and the full fit boosts them, so a query's corrected
+  vector is dominated by its target token's row (docs/optimizer-correction.md, the diagnosis).
 - Data (gradient_kernels/second_moments.py): V = E[g²], the mean squared per-example gradient over
   a training sample, estimated at the checkpoint itself and needing no optimizer state.
   "data-floored" divides by max(sqrt(V), floor) with the same floor rule as Adam's;
@@ -106,6 +109,11 @@ def half_strength(normalizer: FactoredNormalizer) -> FactoredNormalizer:
     return FactoredNormalizer(normalizer.out_scale.sqrt(), normalizer.in_scale.sqrt())
 
 
+def flat_rows(normalizer: FactoredNormalizer) -> FactoredNormalizer:
+    """The same column scaling, every row scaled alike (by the mean row scale, to keep magnitudes)."""
+    return FactoredNormalizer(normalizer.out_scale.mean().expand_as(normalizer.out_scale).clone(), normalizer.in_scale)
+
+
 def rank1_error(denominator: torch.Tensor, eps: float) -> float:
     """Relative Frobenius error of the rank-1 fit of 1/(sqrt(V̂)+eps), the factor gradients get."""
     exact = 1 / denominator.double()
@@ -117,8 +125,8 @@ def rank1_error(denominator: torch.Tensor, eps: float) -> float:
 def normalizers_from_state(optimizer_state: dict, matrices: list[WeightMatrix], kind: str) -> dict:
     """name -> normaliser, from a consolidated optimizer state (see jobs/checkpoints.py).
 
-    kind: "adafactor" (needs an Adafactor state), "adam-floored", "adam-exact", "adam-factored" or
-    "adam-half" (need Adam's exp_avg_sq), "data-floored" or "data-factored" (need a data estimate,
+    kind: "adafactor" (needs an Adafactor state), "adam-floored", "adam-exact", "adam-factored",
+    "adam-half" or "adam-flat-vocab" (need Adam's exp_avg_sq), "data-floored" or "data-factored" (need a data estimate,
     gradient_kernels/second_moments.py), "none" (no correction: plain gradients).
     """
     if kind == "none":
@@ -160,7 +168,11 @@ def normalizers_from_state(optimizer_state: dict, matrices: list[WeightMatrix], 
             normalizers[m.name] = ExactNormalizer(floored.float())
             continue
         fit = rank1_fit(floored, optimizer_state["eps"])
-        normalizers[m.name] = half_strength(fit) if kind == "adam-half" else fit
+        if kind == "adam-half":
+            fit = half_strength(fit)
+        elif kind == "adam-flat-vocab" and m.output_head:
+            fit = flat_rows(fit)
+        normalizers[m.name] = fit
     return normalizers
 
 

@@ -25,6 +25,7 @@ NORMALIZER_KINDS = (
     "adam-exact",
     "adam-factored",
     "adam-half",
+    "adam-flat-vocab",
     "data-floored",
     "data-factored",
 )

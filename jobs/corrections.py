@@ -53,13 +53,15 @@ def projection_spec(lake: Lake, checkpoint_dir: Path, config):
 
 
 def auto_normalizer(optimizer: str) -> str:
-    """The checkpoint's own optimizer state: Adafactor's is factored already; Adam's through the
-    rank-1 fit of its floored V (`adam-factored`), folded into the projections, so no per-example
+    """The checkpoint's own optimizer state: Adafactor's is factored already; Adam's through half of
+    the rank-1 fit of its floored V on each side (`adam-half`: the dot product weighs by 1/sqrt(V)
+    once, as the Adam step of the tail-patch does), folded into the projections, so no per-example
     gradient is formed. Without optimizer state: none. Chosen by measurement
-    (docs/optimizer-correction.md): the rank-1 fit's tail-patch is level with the exact floored
-    correction's on five AdamW worlds and above it on the embedded one, for ~40% less extraction
-    compute; second moments estimated from data (data-*) were below both everywhere."""
-    return optimizer if optimizer in ("adafactor", "none") else "adam-factored"
+    (docs/optimizer-correction.md): over seven AdamW worlds the half correction's effect is never
+    below no correction beyond its interval, where the full rank-1 fit's is, on the two largest
+    worlds, and its harm grows with the corpus; second moments estimated from data (data-*) were
+    below both everywhere."""
+    return optimizer if optimizer in ("adafactor", "none") else "adam-half"
 
 
 def optimizer_correction(checkpoint_dir: Path, config, spec) -> str:

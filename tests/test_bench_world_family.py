@@ -60,6 +60,18 @@ def test_a_world_row_and_the_aims():
     assert world_family.aims([good, world_family.world_row("x", 1, "adam", _report(mrr=(0.8, 0.7)))])[4].endswith(
         "(not met)"
     )
+    # a correction variant's own effect (against no correction) is shown and judged by the same aim
+    report = _report() | {
+        "correction_effects": {"trackstar": [0.02, 0.001, 0.04], "trackstar-adam-exact": [0.22, -0.01, 0.4]}
+    }
+    measured = world_family.world_row("default", 101, "adam", report)
+    assert measured["correction_effects"] == {"trackstar-adam-exact": [0.22, -0.01, 0.4]}
+    assert "its own correction effect +0.2200 [-0.0100, +0.4000]" in world_family.table([measured])
+    lines = world_family.aims([good, measured])
+    assert lines[4] == (
+        "aim: trackstar-adam-exact's own correction effect, 95% lower bound, the 1 world(s) measuring it ≥ -0.005: "
+        "measured -0.0100 (not met)"
+    )
 
 
 def test_the_family_and_the_evaluation_arguments(tmp_path):

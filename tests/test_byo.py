@@ -196,16 +196,13 @@ def test_adam_state_from_a_torch_optimizer_pt_is_torchs_own(indexed_llama, user_
 
 def test_llama_checkpoint_is_indexed_with_the_factored_adam_correction(indexed_llama):
     lake, _, checkpoint, extraction, fit = indexed_llama
-    assert extraction["normalizer"] == "adam-factored"
+    assert extraction["normalizer"] == "adam-half"
     run = lake.read("runs", filters=[("run_id", "=", extraction["run_id"])]).to_pylist()[0]
     config = json.loads(run["config_json"])
     assert config["optimizer_correction"] == (
-        "adam-factored from the consolidated optimizer state, the default (docs/optimizer-correction.md)"
+        "adam-half from the consolidated optimizer state, the default (docs/optimizer-correction.md)"
     )
-    assert (
-        config["spec"]["normalizer"] == "adam-factored"
-        and json.loads(run["counts_json"])["normalizer"] == "adam-factored"
-    )
+    assert config["spec"]["normalizer"] == "adam-half" and json.loads(run["counts_json"])["normalizer"] == "adam-half"
     # every Linear of the Llama blocks and the untied head has a block
     assert len(config["spec"]["k"]) == 2 * 7 + 1 and "lm_head.weight" in config["spec"]["k"]
     registered = lake.read("checkpoints").to_pylist()[0]

@@ -128,8 +128,8 @@ def test_evaluation_runs_on_a_user_supplied_corpus_and_queries(adam_run, tmp_pat
         "trackstar-no-mixing",
         "trackstar-no-unit-norm",
         "trackstar-adam-exact",
-        "trackstar-adam-floored",  # the default, trackstar-adam-factored, is TrackStar's own row
-        "trackstar-adam-half",
+        "trackstar-adam-floored",
+        "trackstar-adam-factored",  # the default, trackstar-adam-half, is TrackStar's own row
         "trackstar-heldout-r-query",
         "trackstar-global-damping",
         "trackstar-every-chunk",
@@ -144,6 +144,12 @@ def test_evaluation_runs_on_a_user_supplied_corpus_and_queries(adam_run, tmp_pat
         assert cell["seeds"] == (1 if name in once else 2)
     assert set(stored["trackstar_minus"]) == methods - {"trackstar"}
     assert set(stored["trackstar_over_bm25_tail_patch"]) == {"delta_log_prob", "delta_prob"}
+    # each correction's own effect is measured against TrackStar without any correction
+    effects = stored["correction_effects"]
+    assert set(effects) == {"trackstar", *(methods & set(CORRECTION_VARIANTS))}
+    for name, (mean, low, high) in effects.items():
+        alone = stored["methods"][name]["tail_patch"] - stored["methods"]["trackstar-no-optimizer"]["tail_patch"]
+        assert low <= mean <= high and mean == pytest.approx(alone, abs=1e-9)
     assert any(line.startswith("The Hessian preconditioner (R^-1/2) ") for line in stored["findings"])
     assert stored["categories"] == {}  # no knowledge base was supplied: no categories, and no crash
     page = (tmp_path / "reports" / "eval.html").read_text()

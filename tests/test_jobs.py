@@ -147,10 +147,10 @@ def test_extract_equals_the_kernels_on_the_same_chunks(indexed):
     assert set(rows["fingerprint"].to_pylist()) == {results["extract"]["fingerprint"]}
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
     matrices = weight_matrices(model)
-    spec = ProjectionSpec(seed=0, k={m.name: 4 for m in matrices}, normalizer="adam-factored")
+    spec = ProjectionSpec(seed=0, k={m.name: 4 for m in matrices}, normalizer="adam-half")
     assert spec.fingerprint() == results["extract"]["fingerprint"]
     projector = GradientProjector(
-        model, spec, normalizers_from_state(load_second_moments(checkpoint), matrices, "adam-factored")
+        model, spec, normalizers_from_state(load_second_moments(checkpoint), matrices, "adam-half")
     )
     by_key = {
         (d, c): ids
@@ -222,7 +222,7 @@ def test_extractions_launched_together_equal_the_kernels_each(indexed, tmp_path)
         extract.ExtractConfig(
             lake=lake.root, projection_k=4, token_budget=512, projection_seed=seed, normalizer=normalizer
         )
-        for seed, normalizer in ((0, "auto"), (1, "auto"), (1, "none"), (1, "adam-factored"))
+        for seed, normalizer in ((0, "auto"), (1, "auto"), (1, "none"), (1, "adam-half"))
     ]
     done, seed1, plain, repeat = extract.run_many(configs)
     assert done["items"] == [] and done["fingerprint"] == results["extract"]["fingerprint"]
@@ -235,7 +235,7 @@ def test_extractions_launched_together_equal_the_kernels_each(indexed, tmp_path)
     }
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
     matrices = weight_matrices(model)
-    for result, seed, normalizer in ((seed1, 1, "adam-factored"), (plain, 1, "none")):
+    for result, seed, normalizer in ((seed1, 1, "adam-half"), (plain, 1, "none")):
         rows, vectors = _table_vectors(lake, "train_gradients", [("fingerprint", "=", result["fingerprint"])])
         assert rows.num_rows == tokens.num_rows == result["train_vectors"]
         spec = ProjectionSpec(seed=seed, k={m.name: 4 for m in matrices}, normalizer=normalizer)
@@ -589,30 +589,37 @@ def test_proponents_scored_from_another_fingerprint_are_not_taken_for_this_ones(
     assert last_scored_inputs(lake, checkpoint_id, first, query_set, "trak") is not None  # not rescored
 
 
-def test_ranking_in_memory_reads_the_vectors_once_and_ranks_as_the_score_job(indexed, monkeypatch):
+def test_ranking_in_memory_reads_the_vectors_once_and_ranks_as_the_score_job(indexed, monkeypatch, tmp_path):
     """The evaluation ranks other seeds and variants in memory: several methods from one read of
     the train vectors, each ranked as the score job (Spark) ranked it."""
     from evaluation.rankings import ranked_proponents
     from jobs.catalog import load_preconditioner
 
-    lake, _, results, _ = indexed
+    source, _, results, _ = indexed
+    lake = Lake(copy_lake(source.root, tmp_path / "lake"))
     keys = {k: results["score"][k] for k in ("checkpoint_id", "query_set", "fingerprint")}
     matrices = {kind: load_preconditioner(lake, **keys, kind=kind)[0] for kind in fit_hessian.KINDS}
+    methods = ["trak", "trackstar-no-hessian", "trackstar"]
+    # the index and the proponents of the vectors as they are now (earlier tests re-extract slices,
+    # which leaves index rows of the same keys as they were: equal to float noise, enough to swap ties)
+    shutil.rmtree(os.path.join(lake.root, "trackstar_index"))
+    score.run(score.ScoreConfig(lake=lake.root, **keys, methods=methods, top_k=5, index="float32"))
     reads = []
     original_read = Lake.read
     monkeypatch.setattr(
         Lake, "read", lambda self, table, *a, **kw: reads.append(table) or original_read(self, table, *a, **kw)
     )
-    methods = ["trak", "trackstar-no-hessian", "trackstar"]
     ranked = score.rank_in_memory(lake, methods, **keys, matrices=matrices, k=5)
     assert reads.count("train_gradients") == 1
     stored = ranked_proponents(lake, keys["query_set"], keys["checkpoint_id"])
     for method in ("trak", "trackstar-no-hessian"):  # the raw vectors scored alike on both paths
         assert ranked[method] == stored[method], method
-    # trackstar: the job scored its float32 index (prepared once), memory the raw vectors: near-ties
-    # at the 5th place may swap
-    shared = [len(set(ranked["trackstar"][q]) & set(found)) / 5 for q, found in stored["trackstar"].items()]
-    assert sum(shared) / len(shared) >= 0.9
+    # trackstar: the job scored its float32 index (prepared once), memory the raw vectors; the toy
+    # corpus repeats documents word for word, and such exact ties may come out in either order
+    texts = dict(zip(*(lake.read("documents", columns=["doc_id", "text"])[c].to_pylist() for c in ("doc_id", "text"))))
+    assert stored["trackstar"].keys() == ranked["trackstar"].keys()
+    for q, found in stored["trackstar"].items():
+        assert sorted(texts[d] for d in ranked["trackstar"][q]) == sorted(texts[d] for d in found), q
     assert score.rank_in_memory(lake, [], **keys, matrices=matrices, k=5) == {}
 
 

@@ -104,9 +104,11 @@ CASES = [
     ("gpt2", "adam-floored"),
     ("gpt2", "adam-factored"),
     ("gpt2", "adam-half"),
+    ("gpt2", "adam-flat-vocab"),
     ("gpt2", "none"),
     ("llama", "adam-exact"),
     ("llama", "adafactor"),
+    ("llama", "adam-flat-vocab"),
 ]
 
 
@@ -303,6 +305,26 @@ def test_half_correction_weighs_a_dot_product_by_one_over_sqrt_v():
         assert abs(halves - one_adam_step) <= 1e-4 * abs(one_adam_step) + 1e-6
         both_sides = (full[m.name].divide(g_query.float()) * full[m.name].divide(g_train.float())).double().sum()
         assert abs(both_sides - one_adam_step) > 1e-2 * abs(one_adam_step)  # the full correction squares it
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_flat_vocab_correction_leaves_only_the_heads_token_rows_flat(arch):
+    """adam-flat-vocab is the rank-1 fit everywhere but on the output head's vocabulary side (tied to
+    the embedding in GPT-2, its own lm_head in Llama), whose row scales are all alike there."""
+    model = _gpt2() if arch == "gpt2" else _llama()
+    state = _train_state(model, "adam")
+    matrices = weight_matrices(model)
+    fit = normalizers_from_state(state, matrices, "adam-factored")
+    flat = normalizers_from_state(state, matrices, "adam-flat-vocab")
+    heads = [m for m in matrices if m.output_head]
+    assert len(heads) == 1 and heads[0].out_features == model.config.vocab_size
+    for m in matrices:
+        assert torch.equal(flat[m.name].in_scale, fit[m.name].in_scale)
+        if m.output_head:
+            assert fit[m.name].out_scale.std() > 0.1 * fit[m.name].out_scale.mean()  # the fit does vary by token
+            assert torch.allclose(flat[m.name].out_scale, fit[m.name].out_scale.mean().expand(m.out_features))
+        else:
+            assert torch.equal(flat[m.name].out_scale, fit[m.name].out_scale)
 
 
 def test_missing_or_wrong_optimizer_state_is_a_clear_error():
