@@ -9,6 +9,7 @@
     <root>/_autocorrelation/<checkpoint>/<fingerprint>/<kind>/<item>.safetensors   Σ p pᵀ per slice
     <root>/_matrices/hessians/<checkpoint>/<query set>/<fingerprint>/              fitted Hessians
     <root>/_second_moments/<checkpoint>/<hash>.pt     data-estimated second moments (+ sample-<n>.json)
+    <root>/_text_embeddings/<key>.npy                  dense retrieval's document embeddings, by their texts
     <root>/_plans/extract-<time>-<id>.json            an extraction's plan for its ranks
     <root>/_takedown_plans/<run id>.json              a takedown's plan, taken over if it dies
     <root>/reports/                                   evaluation reports, Hessian spectra
@@ -102,6 +103,11 @@ def second_moments(root: str | Path, checkpoint_id: str, name: str) -> str:
     """A checkpoint's data-estimated second moments (`<hash>.pt`) or the record of its sample
     (`sample-<chunks>.json`)."""
     return storage.join(root, "_second_moments", checkpoint_id, name)
+
+
+def text_embeddings(root: str | Path, key: str) -> str:
+    """The dense baseline's embeddings of one set of document texts (`key`: their hash and the model's)."""
+    return storage.join(root, "_text_embeddings", f"{key}.npy")
 
 
 def plan(root: str | Path, name: str) -> str:

