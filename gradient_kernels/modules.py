@@ -36,7 +36,8 @@ def weight_matrices(model: nn.Module) -> list[WeightMatrix]:
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=True)}
     embeddings = {id(m.weight): m for m in model.modules() if isinstance(m, nn.Embedding)}
     conv1d = _conv1d_type()
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output_embeddings = getattr(model, "get_output_embeddings", None)  # transformers' models have it
+    head = output_embeddings() if callable(output_embeddings) else None
     found = []
     for module in model.modules():
         if isinstance(module, nn.Linear):

@@ -135,6 +135,8 @@ def normalizers_from_state(optimizer_state: dict, matrices: list[WeightMatrix], 
     wanted = state_kind(kind)
     if saved_kind != wanted:
         raise ValueError(f"normaliser {kind!r} needs a {wanted} optimizer state, the checkpoint has {saved_kind!r}")
+    if kind == "adam-flat-vocab" and not any(m.output_head for m in matrices):
+        raise ValueError("normaliser 'adam-flat-vocab' needs the model's output head among its weight matrices")
     state = optimizer_state["state"]
     normalizers: dict[str, ExactNormalizer | FactoredNormalizer] = {}
     for m in matrices:

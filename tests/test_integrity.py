@@ -298,9 +298,11 @@ def test_junk_documents_are_left_out_of_the_hessian_and_do_not_move_the_answers(
     """Junk chunks leave R_train at the default threshold; score leaves out of the proponents only
     outliers `outlier_proponent_ratio` times the median norm or more (default 100: real junk, ~10^4
     times here in C4-like data; the corpus's own tail, up to ~40x on the embedded world, stays a
-    candidate). This world's junk is 6-35x the median norm under the default correction (the rank-1
-    fit; 6-60x under the exact floored one), so the test lowers that ratio to 5 and the R_train
-    threshold to z = 3 (the default z put it at 6.7x: 3 of the 30 junk chunks stayed) to see them work."""
+    candidate). This world's junk is a few to tens of times the median norm (6-35x under the full
+    rank-1 correction, 6-60x under the exact floored one), so the test lowers that ratio to 5 and the
+    R_train threshold to z = 3 (the default z put it at 6.7x: 3 of the 30 junk chunks stayed) to see
+    them work. Trusted, the junk costs 0.067 of MRR under the default half correction (more than 0.1 under
+    the full one); left out of R_train, none."""
     clean = Lake(scored)
     clean_fit = [r for r in clean.read("runs").to_pylist() if r["command"] == "fit-hessian"][-1]
     root = copy_lake(adam_run[0], tmp_path / "lake")
@@ -336,7 +338,7 @@ def test_junk_documents_are_left_out_of_the_hessian_and_do_not_move_the_answers(
     assert robust["n_train"] == trusting["n_train"] - len(outliers)
     assert robust["lambda"] == pytest.approx(json.loads(clean_fit["counts_json"])["lambda"], rel=1e-6)
     assert any(a.startswith("damping moved") for a in robust["alarms"]), robust["alarms"]
-    assert mrr_trusting < mrr_clean - 0.1 < mrr_default  # the junk did move the answers; its Hessian, most of it
+    assert mrr_trusting < mrr_clean - 0.05 < mrr_default  # the junk did move the answers; its Hessian, most of it
     assert abs(mrr_robust - mrr_clean) <= 0.01 and junk_proponents() == 0
 
 

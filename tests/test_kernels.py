@@ -325,6 +325,8 @@ def test_flat_vocab_correction_leaves_only_the_heads_token_rows_flat(arch):
             assert torch.allclose(flat[m.name].out_scale, fit[m.name].out_scale.mean().expand(m.out_features))
         else:
             assert torch.equal(flat[m.name].out_scale, fit[m.name].out_scale)
+    with pytest.raises(ValueError, match="output head"):
+        normalizers_from_state(state, [m for m in matrices if not m.output_head], "adam-flat-vocab")
 
 
 def test_missing_or_wrong_optimizer_state_is_a_clear_error():
