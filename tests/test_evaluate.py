@@ -181,6 +181,8 @@ def test_evaluation_runs_on_a_user_supplied_corpus_and_queries(adam_run, tmp_pat
     assert stored["categories"] == {}  # no knowledge base was supplied: no categories, and no crash
     page = (tmp_path / "reports" / "eval.html").read_text()
     assert "Table 1" in page and page.count("data:image/png;base64,") >= 2 and "no category plot" in page
+    effects_table = page.split("<h2>Each optimizer correction against none</h2>")[1].split("</table>")[0]
+    assert effects_table.count("<tr><td>") == len(effects) and "<td>trackstar-adam-exact</td>" in effects_table
     # every measured step is stored; the report's tail-patch is their mean per query, then over queries
     # (BM25 does not depend on the projection seed, so its value is the plain mean of the stored steps)
     patches = {(p["query_id"], p["doc_id"]): p["delta_log_prob"] for p in Lake(root).read("tail_patches").to_pylist()}
