@@ -104,17 +104,9 @@ def trackstar_minus(per_query: dict, patched: dict, query_ids: list, patched_que
     for m in per_query:
         if m == "trackstar":
             continue
-        versus[m] = {
-            "mrr": M.paired_difference(
-                M.aligned(per_query["trackstar"], "mrr", query_ids), M.aligned(per_query[m], "mrr", query_ids), seed
-            )
-        }
+        versus[m] = {"mrr": _minus(per_query["trackstar"], per_query[m], "mrr", query_ids, seed)}
         for metric, name in TAIL_PATCH_METRICS.items():
-            versus[m][name] = M.paired_difference(
-                M.aligned(patched["trackstar"], metric, patched_queries),
-                M.aligned(patched[m], metric, patched_queries),
-                seed,
-            )
+            versus[m][name] = _minus(patched["trackstar"], patched[m], metric, patched_queries, seed)
     return versus
 
 
@@ -123,11 +115,17 @@ def correction_effects(patched: dict, patched_queries: list, seed: int) -> dict:
     Δlog p minus TrackStar's without any correction, paired; empty without that ablation."""
     if "trackstar-no-optimizer" not in patched:
         return {}
-    corrected = [m for m in patched if m == "trackstar" or m in CORRECTION_VARIANTS]
-    none = M.aligned(patched["trackstar-no-optimizer"], "delta_log_prob", patched_queries)
+    none = patched["trackstar-no-optimizer"]
     return {
-        m: M.paired_difference(M.aligned(patched[m], "delta_log_prob", patched_queries), none, seed) for m in corrected
+        m: _minus(patched[m], none, "delta_log_prob", patched_queries, seed)
+        for m in patched
+        if m == "trackstar" or m in CORRECTION_VARIANTS
     }
+
+
+def _minus(first: dict, second: dict, metric: str, query_ids: list, seed: int) -> tuple[float, float, float]:
+    """(mean, low, high) of first − second in `metric`, paired over `query_ids` (query -> cells)."""
+    return M.paired_difference(M.aligned(first, metric, query_ids), M.aligned(second, metric, query_ids), seed)
 
 
 def trackstar_over_bm25(patched: dict, patched_queries: list, seed: int) -> dict:
