@@ -71,7 +71,7 @@ def test_world_training_reindex_score_and_evaluate_on_an_s3_lake_write_nothing_l
 
     # nothing beside the tables went anywhere but S3
     assert sorted(p.name for p in workdir.iterdir()) == []
-    assert _objects(root, "_plans") and _objects(root, "_autocorrelation")
+    assert _objects(root, "_plans") and _objects(root, "_autocorrelation") and _objects(root, "_text_embeddings")
     reports = _objects(root, "reports")
     assert {"reports/eval.html", "reports/eval.json"} <= set(reports)
     plot = next(r for r in reports if r.startswith("reports/hessian_") and r.endswith(".png"))
